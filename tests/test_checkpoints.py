@@ -1,0 +1,318 @@
+"""Checkpoint resolution, safe loading, tokenizer checks and fingerprints, incl. an offline hub cache."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tokenizer, save_checkpoint
+from huggingface_hub import constants as hub_constants
+from transformers import GPT2Config
+
+from tokendyn.checkpoints import (
+    check_tokenizers,
+    count_params,
+    load_model,
+    load_tokenizer,
+    max_context,
+    parse_dtype,
+    resolve,
+    tokenizer_fingerprint,
+    weights_fingerprint,
+)
+from tokendyn.errors import TokendynError
+from tokendyn.suite import Checkpoint, load_suite
+
+EVAL = '[eval]\nfiles = ["valid.txt"]\nseq_len = 16\n'
+
+
+def local(path: Path, step: int = 0) -> Checkpoint:
+    return Checkpoint(model="m", step=step, path=path, hub_id=None, revision=None, tokens_seen=None)
+
+
+def hub(hub_id: str, revision: str, step: int = 1000) -> Checkpoint:
+    return Checkpoint(model="h", step=step, path=None, hub_id=hub_id, revision=revision, tokens_seen=None)
+
+
+def logits(model, tokenizer) -> torch.Tensor:
+    ids = tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        return model(ids).logits
+
+
+def write_suite_toml(root: Path, models: str) -> Path:
+    (root / "valid.txt").write_text("The quick brown fox.\n")
+    path = root / "suite.toml"
+    path.write_text(EVAL + models)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, tokenizer):
+    """Source models and their directories: GPT-NeoX seeds 0 and 1, seed 0 saved twice, and an OPT one."""
+    root = tmp_path_factory.mktemp("ckpts")
+    models = {name: save_checkpoint(root / name, family, tokenizer, seed=seed)
+              for name, family, seed in [("neox0", "gpt_neox", 0), ("neox0_again", "gpt_neox", 0),
+                                         ("neox1", "gpt_neox", 1), ("opt", "opt", 2)]}
+    return root, models
+
+
+def copy_of(ckpts, name: str, tmp_path: Path) -> Path:
+    target = tmp_path / name
+    shutil.copytree(ckpts[0] / name, target)
+    return target
+
+
+def test_load_model_matches_saved_weights(ckpts, tokenizer):
+    root, models = ckpts
+    model = load_model(local(root / "neox0"))
+    assert not model.training and model.dtype == torch.float32
+    torch.testing.assert_close(logits(model, tokenizer), logits(models["neox0"], tokenizer), rtol=0, atol=1e-6)
+    half = load_model(local(root / "neox0"), dtype=parse_dtype("bfloat16"))
+    assert half.dtype == torch.bfloat16 and not half.training
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(TokendynError, match=r"checkpoint directory .*gone \(model 'm', step 0\) does not exist"):
+        load_model(local(tmp_path / "gone"))
+
+
+def test_no_config(ckpts, tmp_path):
+    folder = copy_of(ckpts, "neox0", tmp_path)
+    (folder / "config.json").unlink()
+    with pytest.raises(TokendynError, match="no config.json in .*save_pretrained"):
+        load_model(local(folder))
+
+
+@pytest.mark.parametrize("keep", [0, 5, 0.5])
+def test_corrupted_weights(ckpts, tmp_path, keep):
+    folder = copy_of(ckpts, "neox0", tmp_path)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: int(len(data) * keep) if isinstance(keep, float) else keep])
+    with pytest.raises(TokendynError, match=f"corrupted weights file {weights} .*re-download or re-save") as info:
+        load_model(local(folder))
+    assert "\n" not in str(info.value)
+
+
+def test_no_weights(ckpts, tmp_path):
+    folder = copy_of(ckpts, "neox0", tmp_path)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(TokendynError, match="no weights in"):
+        load_model(local(folder))
+
+
+def test_pickle_refused_unless_allowed(ckpts, tmp_path, tokenizer):
+    root, models = ckpts
+    folder = copy_of(ckpts, "neox1", tmp_path)
+    (folder / "model.safetensors").unlink()
+    torch.save(models["neox1"].state_dict(), folder / "pytorch_model.bin")
+    expected = (f"refusing pickle checkpoint {folder / 'pytorch_model.bin'} (arbitrary code on load); "
+                "convert to safetensors or pass --allow-pickle if you trust it")
+    with pytest.raises(TokendynError) as info:
+        load_model(local(folder))
+    assert str(info.value) == expected
+    model = load_model(local(folder), allow_pickle=True)
+    torch.testing.assert_close(logits(model, tokenizer), logits(models["neox1"], tokenizer), rtol=0, atol=1e-6)
+
+
+def test_weights_missing_from_file(ckpts, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = copy_of(ckpts, "neox0", tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["gpt_neox.final_layer_norm.weight"]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(TokendynError, match="lacks weights for 1 parameters .*final_layer_norm.weight.*left random"):
+        load_model(local(folder))
+
+
+def test_weights_fingerprint(ckpts, tmp_path):
+    root, _ = ckpts
+    first, again, other = (weights_fingerprint(local(root / n)) for n in ("neox0", "neox0_again", "neox1"))
+    assert first == again  # same weights saved twice: the defect the fingerprint must reveal
+    assert first != other
+    file_hash = hashlib.sha256((root / "neox0" / "model.safetensors").read_bytes()).hexdigest()
+    assert first == hashlib.sha256(f"model.safetensors:{file_hash}\n".encode()).hexdigest()
+
+
+def test_count_params_by_hand(ckpts):
+    root, models = ckpts
+    c = models["neox0"].config
+    v, h, i, n = c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    per_layer = (2 * 2 * h            # two layer norms (weight, bias)
+                 + 3 * h * h + 3 * h  # query/key/value projection
+                 + h * h + h          # attention output
+                 + h * i + i + i * h + h)  # MLP
+    nonembed = n * per_layer + 2 * h  # + final layer norm
+    assert count_params(models["neox0"]) == (nonembed + 2 * v * h, nonembed)  # untied input and output
+    opt = models["opt"]  # tied input and output embeddings: the shared matrix counts once
+    c = opt.config
+    v, h, f, n, p = c.vocab_size, c.hidden_size, c.ffn_dim, c.num_hidden_layers, c.max_position_embeddings
+    assert opt.get_output_embeddings().weight is opt.get_input_embeddings().weight
+    per_layer = (4 * (h * h + h)      # q, k, v, out projections
+                 + 2 * 2 * h          # two layer norms
+                 + h * f + f + f * h + h)  # MLP
+    nonembed = n * per_layer + (p + 2) * h + 2 * h  # + learned positions (OPT offsets them by 2), final norm
+    assert count_params(opt) == (nonembed + v * h, nonembed)
+
+
+def test_max_context_and_dtypes(ckpts):
+    _, models = ckpts
+    assert max_context(models["neox0"].config) == 64
+    assert max_context(GPT2Config(n_positions=77)) == 77
+    assert max_context(object()) is None
+    assert parse_dtype("float16") is torch.float16 and parse_dtype("float32") is torch.float32
+    with pytest.raises(TokendynError, match="unknown dtype 'fp8'; use one of float32, bfloat16, float16"):
+        parse_dtype("fp8")
+
+
+def test_tokenizer_fingerprint(tokenizer):
+    assert tokenizer_fingerprint(build_tokenizer()) == tokenizer_fingerprint(tokenizer)
+    assert tokenizer_fingerprint(build_tokenizer(vocab_size=280)) != tokenizer_fingerprint(tokenizer)
+    extended = build_tokenizer()
+    extended.add_special_tokens({"additional_special_tokens": ["<extra>"]})
+    assert tokenizer_fingerprint(extended) != tokenizer_fingerprint(tokenizer)
+
+
+def test_check_tokenizers_on_tiny_suite(tiny_suite, tokenizer):
+    suite = load_suite(tiny_suite)
+    assert tokenizer_fingerprint(load_tokenizer(suite)) == tokenizer_fingerprint(tokenizer)
+    assert check_tokenizers(suite) == tokenizer_fingerprint(tokenizer)
+
+
+def test_tokenizer_mismatch_names_both_checkpoints(ckpts, tmp_path):
+    root, _ = ckpts
+    save_checkpoint(tmp_path / "other", "gpt_neox", build_tokenizer(vocab_size=280), seed=5)
+    suite = load_suite(write_suite_toml(tmp_path, f'[[models]]\nname = "a"\ncheckpoints = [{{ step = 1, path = '
+                                                  f'"{root / "neox0"}" }}, {{ step = 2, path = "other" }}]\n'))
+    with pytest.raises(TokendynError) as info:
+        check_tokenizers(suite)
+    assert str(info.value) == (f"the tokenizer of {tmp_path / 'other'} (model 'a', step 2) differs from that of "
+                               f"{root / 'neox0'} (model 'a', step 1); all checkpoints of a suite must share one "
+                               "tokenizer: split the suite")
+
+
+def test_checkpoint_without_tokenizer_files(ckpts, tmp_path, tokenizer):
+    root, _ = ckpts
+    save_checkpoint(tmp_path / "bare", "gpt_neox", tokenizer, seed=6)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "bare" / name).unlink()
+    expected = tokenizer_fingerprint(tokenizer)
+    both = f'[[models]]\nname = "a"\ncheckpoints = [{{ step = 1, path = "{root / "neox0"}" }}, {{ step = 2, path = "bare" }}]\n'
+    assert check_tokenizers(load_suite(write_suite_toml(tmp_path, both))) == expected
+    bare_only = '[[models]]\nname = "a"\ncheckpoints = [{ step = 2, path = "bare" }]\n'
+    with pytest.raises(TokendynError, match=r"no tokenizer files in .*bare .*set \[eval\] tokenizer"):
+        check_tokenizers(load_suite(write_suite_toml(tmp_path, bare_only)))
+    suite = write_suite_toml(tmp_path, bare_only)
+    suite.write_text(suite.read_text().replace("seq_len", f'tokenizer = "{root / "neox0"}"\nseq_len'))
+    assert check_tokenizers(load_suite(suite)) == expected
+
+
+def test_vocab_too_small_for_tokenizer(ckpts, tmp_path):
+    root, _ = ckpts
+    save_checkpoint(tmp_path / "small", "gpt_neox", build_tokenizer(vocab_size=280), seed=5)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "small" / name).unlink()
+    models = f'[[models]]\nname = "a"\ncheckpoints = [{{ step = 1, path = "{root / "neox0"}" }}, {{ step = 2, path = "small" }}]\n'
+    with pytest.raises(TokendynError, match="has vocab_size 280 but the tokenizer of .* has 300 tokens"):
+        check_tokenizers(load_suite(write_suite_toml(tmp_path, models)))
+
+
+# ---- the Hugging Face cache, offline -------------------------------------------------------------
+
+def make_hub_cache(cache: Path, repo_id: str, snapshots: dict[str, Path]) -> None:
+    """Lay out `cache` as huggingface_hub does: refs/<revision> -> commit, snapshots/<commit>/ -> blobs/."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for revision, source in snapshots.items():
+        commit = hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+        (repo / "refs" / revision).write_text(commit)
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        for file in source.iterdir():
+            data = file.read_bytes()
+            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.write_bytes(data)
+            (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch, ckpts) -> Path:
+    """An offline HF_HOME whose cache holds org/name at step1000 and step2000 and pythia-70m at step1000."""
+    home = tmp_path / "hf"
+    cache = home / "hub"
+    root, _ = ckpts
+    make_hub_cache(cache, "org/name", {"step1000": root / "neox0", "step2000": root / "neox1"})
+    make_hub_cache(cache, "EleutherAI/pythia-70m", {"step1000": root / "neox1"})
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads these at import; snapshot_download looks them up at call time.
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+def test_offline_hub_revision_resolves_and_loads(hub_cache, ckpts, tmp_path, tokenizer):
+    root, models = ckpts
+    suite = load_suite(write_suite_toml(tmp_path, '[[models]]\nname = "n"\nhub_id = "org/name"\n'
+                                                  'revisions = ["step1000"]\ntokens_per_step = 10\n'))
+    (ckpt,) = suite.models[0].checkpoints
+    assert (ckpt.step, ckpt.source, ckpt.tokens_seen) == (1000, "org/name@step1000", 10000.0)
+    commit = (hub_cache / "models--org--name" / "refs" / "step1000").read_text()
+    assert resolve(ckpt) == hub_cache / "models--org--name" / "snapshots" / commit
+    assert check_tokenizers(suite) == tokenizer_fingerprint(tokenizer)
+    model = load_model(ckpt)
+    torch.testing.assert_close(logits(model, tokenizer), logits(models["neox0"], tokenizer), rtol=0, atol=1e-6)
+    # The cache names blobs by their sha256: the fingerprint equals that of the same bytes on disk.
+    assert weights_fingerprint(ckpt) == weights_fingerprint(local(root / "neox0"))
+    assert weights_fingerprint(hub("org/name", "step2000", 2000)) == weights_fingerprint(local(root / "neox1"))
+
+
+def test_offline_pythia_preset(hub_cache, ckpts, tmp_path, tokenizer):
+    root, models = ckpts
+    suite = load_suite(write_suite_toml(tmp_path, '[[models]]\npreset = "pythia"\nsize = "70m"\nsteps = [1000]\n'))
+    (ckpt,) = suite.models[0].checkpoints
+    assert (ckpt.source, ckpt.tokens_seen) == ("EleutherAI/pythia-70m@step1000", 1000 * 2097152)
+    torch.testing.assert_close(logits(load_model(ckpt), tokenizer), logits(models["neox1"], tokenizer), rtol=0, atol=1e-6)
+
+
+def test_offline_missing_revision(hub_cache):
+    with pytest.raises(TokendynError) as info:
+        load_model(hub("org/name", "step3000", 3000))
+    assert str(info.value) == (
+        f"org/name@step3000 (model 'h', step 3000) is not (completely) in the Hugging Face cache {hub_cache} "
+        "and HF_HUB_OFFLINE=1 is set; download it with network access, or point HF_HOME / HF_HUB_CACHE at a "
+        "cache that has this revision")
+    with pytest.raises(TokendynError, match="org/other@step1000 .* is not .* in the Hugging Face cache"):
+        resolve(hub("org/other", "step1000"))
+
+
+def test_offline_cache_from_hf_home_in_a_fresh_process(ckpts, tmp_path):
+    """The user's path: only HF_HOME and HF_HUB_OFFLINE set before Python starts."""
+    root, _ = ckpts
+    make_hub_cache(tmp_path / "hf" / "hub", "org/name", {"step1000": root / "neox0"})
+    suite = write_suite_toml(tmp_path, '[[models]]\nname = "n"\nhub_id = "org/name"\nrevisions = ["step1000"]\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME")}
+    env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    script = textwrap.dedent(f"""
+        from tokendyn.suite import load_suite
+        from tokendyn.checkpoints import check_tokenizers, load_model, resolve
+        suite = load_suite({str(suite)!r})
+        ckpt = suite.models[0].checkpoints[0]
+        check_tokenizers(suite)
+        load_model(ckpt)
+        print(resolve(ckpt))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()).parent == tmp_path / "hf" / "hub" / "models--org--name" / "snapshots"

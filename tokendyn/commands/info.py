@@ -1,0 +1,58 @@
+"""`tokendyn info STORE`: what a store holds and how far its extraction got."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("info", help="summarise a store: models, checkpoints done/missing, tokens, size",
+                              description="Print the models of a store with their done and missing "
+                                          "checkpoints, the evaluation sets and their tokens, and the size on disk.")
+    p.add_argument("store", type=Path, help="store path")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    print(describe(args.store))
+
+
+def describe(path: Path) -> str:
+    from tokendyn.store import list_sets, open_store, read_attrs
+
+    attrs = read_attrs(path)
+    ds = open_store(path)
+    lines = [f"store     {path}  ({_size(path)} on disk, tokendyn {attrs['tokendyn_version']})",
+             f"metrics   {', '.join(attrs['metrics'])}  stored as {attrs['store_dtype']}"]
+    for name in ["main", *list_sets(path)]:
+        s = ds if name == "main" else open_store(path, set=name)
+        n_tokens = int((s.token_id[:, 1:] != -1).sum())
+        lines.append(f"set       {name}: {s.sizes['seq']} sequences x {s.sizes['pos']} positions, "
+                     f"{n_tokens} scored tokens")
+    done = ds.done.values
+    steps = ds.step.values
+    for m, model in enumerate(ds.model.values):
+        present = np.isfinite(steps[m])
+        missing = [int(s) for s in steps[m][present & ~done[m]]]
+        ppl = ds.val_ppl.values[m][present & done[m]]
+        last = f", val_ppl {ppl[-1]:.2f} at the last done" if len(ppl) else ""
+        lines.append(f"model     {model} ({int(ds.n_params.values[m]):,} params): "
+                     f"{int((present & done[m]).sum())}/{int(present.sum())} checkpoints done{last}"
+                     + (f"; missing steps {_short(missing)}" if missing else ""))
+    return "\n".join(lines)
+
+
+def _short(values: list[int], most: int = 8) -> str:
+    shown = ", ".join(map(str, values[:most]))
+    return shown + (f", ... ({len(values)} in all)" if len(values) > most else "")
+
+
+def _size(path: Path) -> str:
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024

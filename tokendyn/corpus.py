@@ -1,0 +1,225 @@
+"""Read evaluation documents, tokenize them with the suite's tokenizer and pack them into fixed-length sequences.
+
+Packing policies (parameter `packing` of an evaluation set):
+
+- ``"document"`` (default): every document starts a new sequence, beginning with the tokenizer's
+  BOS token when `bos` is true. A document longer than `seq_len` continues in the next sequence
+  (its first token there has no context, so no prediction). The tail of a sequence is padding.
+  Contexts never cross documents.
+- ``"concat"``: documents are joined into one stream, each one starting with BOS (when `bos`) and
+  ending with EOS, and the stream is cut into consecutive `seq_len` windows, as in pre-training.
+  Contexts cross document boundaries.
+
+Document sources: ``.txt`` files hold one document per blank-line-separated block (a file without
+blank lines is one document); ``.jsonl`` files hold one JSON object per line with a ``"text"``
+field, optional ``"spans"`` (character spans ``{"start", "end", <field>: value, ...}`` whose fields
+become per-token coordinates) and any other keys (document-level coordinates). Sets of kind
+``"pairs"`` read ``{"true": ..., "false": ...}`` lines and yield two documents per pair with the
+fields ``pair`` (pair index) and ``is_true``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tokendyn.errors import TokendynError
+from tokendyn.suite import EvalSet
+
+PAD = -1
+
+
+@dataclass
+class Document:
+    text: str
+    fields: dict = field(default_factory=dict)
+    spans: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class PackedSet:
+    """One evaluation set, tokenized and packed. Arrays are (seq, pos) unless stated."""
+
+    name: str
+    token_id: np.ndarray
+    token_doc: np.ndarray
+    token_fields: dict[str, np.ndarray]
+    doc_fields: dict[str, np.ndarray]  # (seq,): the field of the sequence's first document
+    params: dict
+
+    @property
+    def n_seq(self) -> int:
+        return self.token_id.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.token_id.shape[1]
+
+    @property
+    def n_predicted(self) -> int:
+        """Tokens that get a prediction: not padding and not the first of their sequence."""
+        return int((self.token_id[:, 1:] != PAD).sum())
+
+    @property
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.params, sort_keys=True).encode())
+        digest.update(np.ascontiguousarray(self.token_id).tobytes())
+        digest.update(np.ascontiguousarray(self.token_doc).tobytes())
+        return digest.hexdigest()[:16]
+
+
+def read_documents(spec: EvalSet) -> list[Document]:
+    """All documents of an evaluation set, in file order."""
+    docs: list[Document] = []
+    for path in spec.files:
+        text = _read_text(path)
+        if spec.kind == "pairs":
+            docs += _pair_documents(path, text)
+        elif path.suffix == ".jsonl":
+            docs += _jsonl_documents(path, text)
+        else:
+            docs += [Document(block.strip()) for block in text.split("\n\n") if block.strip()]
+    if not docs:
+        raise TokendynError(f"evaluation set '{spec.name}' has no documents (files: "
+                            f"{', '.join(map(str, spec.files))}); add text to them")
+    return docs
+
+
+def _read_text(path: Path) -> str:
+    if not path.is_file():
+        raise TokendynError(f"evaluation file {path} does not exist; fix the path in the suite TOML")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise TokendynError(f"evaluation file {path} is not UTF-8 (byte {err.start}); "
+                            "re-encode it as UTF-8") from None
+
+
+def _json_lines(path: Path, text: str):
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise TokendynError(f"{path}:{number}: not valid JSON ({err.msg}); one JSON object per line") from None
+        if not isinstance(record, dict):
+            raise TokendynError(f"{path}:{number}: expected a JSON object per line")
+        yield number, record
+
+
+def _jsonl_documents(path: Path, text: str) -> list[Document]:
+    docs = []
+    for number, record in _json_lines(path, text):
+        if not isinstance(record.get("text"), str):
+            raise TokendynError(f'{path}:{number}: missing string field "text"')
+        fields = {k: v for k, v in record.items() if k not in ("text", "spans")}
+        docs.append(Document(record["text"], fields, record.get("spans", [])))
+    return docs
+
+
+def _pair_documents(path: Path, text: str) -> list[Document]:
+    docs = []
+    for pair, (number, record) in enumerate(_json_lines(path, text)):
+        if not isinstance(record.get("true"), str) or not isinstance(record.get("false"), str):
+            raise TokendynError(f'{path}:{number}: a pair needs string fields "true" and "false"')
+        fields = {k: v for k, v in record.items() if k not in ("true", "false")}
+        docs.append(Document(record["true"], {**fields, "pair": pair, "is_true": True}))
+        docs.append(Document(record["false"], {**fields, "pair": pair, "is_true": False}))
+    return docs
+
+
+def pack(spec: EvalSet, tokenizer, documents: list[Document] | None = None) -> PackedSet:
+    """Tokenize and pack an evaluation set (documents read from its files unless given)."""
+    docs = read_documents(spec) if documents is None else documents
+    encoded = tokenizer([d.text for d in docs], add_special_tokens=False, return_offsets_mapping=True)
+    bos = [tokenizer.bos_token_id] if spec.bos and tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if spec.packing == "concat" and tokenizer.eos_token_id is not None else []
+    span_keys = sorted({k for d in docs for s in d.spans for k in s if k not in ("start", "end")})
+
+    pieces = []  # per document: (ids, per-token span fields), BOS/EOS included
+    for doc, ids, offsets in zip(docs, encoded["input_ids"], encoded["offset_mapping"]):
+        values = _span_values(doc.spans, span_keys, np.asarray(offsets, dtype=np.int64).reshape(-1, 2))
+        extra = len(bos), len(eos)
+        pieces.append((np.asarray(bos + list(ids) + eos, dtype=np.int64),
+                       {k: np.concatenate([_blank(v, extra[0]), v, _blank(v, extra[1])]) for k, v in values.items()}))
+
+    if spec.packing == "document":
+        windows = [(d, start) for d, (ids, _) in enumerate(pieces) for start in range(0, len(ids), spec.seq_len)]
+        stream = None
+    elif spec.packing == "concat":
+        stream = np.concatenate([ids for ids, _ in pieces])
+        windows = [(None, start) for start in range(0, len(stream), spec.seq_len)]
+    else:
+        raise TokendynError(f"unknown packing '{spec.packing}' in set '{spec.name}'; use 'document' or 'concat'")
+    if spec.max_sequences is not None:
+        windows = windows[: spec.max_sequences]
+    if not windows:
+        raise TokendynError(f"evaluation set '{spec.name}' tokenized to nothing; check its files")
+
+    shape = (len(windows), spec.seq_len)
+    token_id = np.full(shape, PAD, dtype=np.int32)
+    token_doc = np.full(shape, PAD, dtype=np.int32)
+    token_fields = {k: np.full(shape, *_fill(pieces[0][1][k])) for k in span_keys}
+    if stream is None:
+        for row, (d, start) in enumerate(windows):
+            ids, values = pieces[d]
+            piece = slice(start, start + spec.seq_len)
+            n = len(ids[piece])
+            token_id[row, :n] = ids[piece]
+            token_doc[row, :n] = d
+            for k in span_keys:
+                token_fields[k][row, :n] = values[k][piece]
+    else:
+        doc_of = np.concatenate([np.full(len(ids), d) for d, (ids, _) in enumerate(pieces)])
+        flat = {k: np.concatenate([v[k] for _, v in pieces]) for k in span_keys}
+        n = min(len(stream), token_id.size)
+        token_id.reshape(-1)[:n] = stream[:n]
+        token_doc.reshape(-1)[:n] = doc_of[:n]
+        for k in span_keys:
+            token_fields[k].reshape(-1)[:n] = flat[k][:n]
+
+    first_doc = token_doc[:, 0]
+    doc_keys = sorted({k for d in docs for k in d.fields})
+    doc_fields = {k: np.asarray([docs[d].fields.get(k, _missing_like(docs, k)) for d in first_doc]) for k in doc_keys}
+    params = {"name": spec.name, "seq_len": spec.seq_len, "packing": spec.packing, "bos": spec.bos,
+              "max_sequences": spec.max_sequences, "kind": spec.kind}
+    return PackedSet(spec.name, token_id, token_doc, token_fields, doc_fields, params)
+
+
+def _span_values(spans: list[dict], keys: list[str], offsets: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-token values of span fields: a token takes the span that contains its first character."""
+    out = {}
+    starts = offsets[:, 0]
+    for key in keys:
+        example = next((s[key] for s in spans if key in s), "")
+        values = np.full(len(offsets), *_fill(np.asarray([example])))
+        for span in spans:
+            if key in span:
+                values[(starts >= span["start"]) & (starts < span["end"])] = span[key]
+        out[key] = values
+    return out
+
+
+def _fill(example: np.ndarray) -> tuple:
+    """Fill value and dtype for a field: -1 for integers, NaN for floats, "" for anything else."""
+    if np.issubdtype(example.dtype, np.integer) or example.dtype == bool:
+        return -1, np.int64
+    if np.issubdtype(example.dtype, np.floating):
+        return np.nan, np.float64
+    return "", object
+
+
+def _blank(values: np.ndarray, n: int) -> np.ndarray:
+    return np.full(n, *_fill(values))
+
+
+def _missing_like(docs: list[Document], key: str):
+    example = next(d.fields[key] for d in docs if key in d.fields)
+    if isinstance(example, (bool, int)):
+        return -1
+    return np.nan if isinstance(example, float) else ""
