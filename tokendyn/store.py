@@ -126,8 +126,7 @@ def _check_compatible(path: Path, root: zarr.Group, layout: Layout, sets: dict[s
     attrs = root.attrs
     if attrs["tokenizer_fingerprint"] != layout.tokenizer_fingerprint:
         raise TokendynError(f"store {path} was made with a different tokenizer; write to a new --out")
-    stored_suite = json.loads(attrs["suite"])
-    if stored_suite["models"] != layout.suite["models"]:
+    if _checkpoint_grid(json.loads(attrs["suite"])) != _checkpoint_grid(layout.suite):
         raise TokendynError(f"store {path} was made for different models or checkpoints; write to a new --out")
     if tuple(attrs["metrics"]) != layout.metrics:
         raise TokendynError(f"store {path} holds metrics {','.join(attrs['metrics'])}, not "
@@ -143,6 +142,11 @@ def _check_compatible(path: Path, root: zarr.Group, layout: Layout, sets: dict[s
         if group.attrs["corpus_fingerprint"] != packed.fingerprint:
             what = "evaluation corpus" if name == "main" else f"text for set '{name}'"
             raise TokendynError(f"store {path} was made from a different {what}; write to a new --out")
+
+
+def _checkpoint_grid(suite: dict) -> list:
+    """Model names and steps: what the store's layout depends on (folders may move)."""
+    return [(m["name"], [c["step"] for c in m["checkpoints"]]) for m in suite["models"]]
 
 
 def _group_attrs(layout: Layout, packed: PackedSet, version: str) -> dict:

@@ -1,0 +1,155 @@
+"""Bad input: a one-line error naming the problem and the fix, and an existing store left untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub import constants as hub_constants
+
+import tokendyn
+from tokendyn.cli import main
+
+from conftest import build_tokenizer, save_checkpoint, write_suite
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A small suite and a complete store made from it."""
+    root = tmp_path_factory.mktemp("made")
+    suite = write_suite(root, families=("opt",), steps=(0, 10))
+    assert main(["extract", str(suite), "--out", str(root / "s.zarr"), "--no-progress"]) == 0
+    return root, suite
+
+
+@pytest.fixture
+def workspace(made, tmp_path):
+    """A private copy of the suite folder and its store."""
+    root, suite = made
+    shutil.copytree(root, tmp_path, dirs_exist_ok=True)
+    return tmp_path, tmp_path / suite.name, tmp_path / "s.zarr"
+
+
+def digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(file.relative_to(path)).encode())
+        h.update(file.read_bytes())
+    return h.hexdigest()
+
+
+def run_error(capsys, *args) -> str:
+    assert main(["extract", *map(str, args), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tokendyn: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def edit(suite: Path, old: str, new: str) -> None:
+    text = suite.read_text()
+    assert old in text
+    suite.write_text(text.replace(old, new))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_dir", "does not exist"),
+    ("seq_len", "exceeds the context"),
+    ("empty", "has no documents"),
+    ("not_utf8", "is not UTF-8"),
+    ("other_corpus", "different evaluation corpus"),
+    ("other_tokenizer", "different tokenizer"),
+    ("metric", "unknown metric 'perplexity'"),
+    ("dtype", "float8"),
+    ("store_metrics", "holds metrics loss"),
+])
+def test_refused_and_store_untouched(capsys, workspace, case, message):
+    folder, suite, store = workspace
+    before = digest(store)
+    extra = []
+    if case == "missing_dir":
+        edit(suite, "ckpts/opt/step10", "ckpts/opt/step99")
+    elif case == "seq_len":
+        edit(suite, "seq_len = 16", "seq_len = 100")  # the tiny models have 64 positions
+    elif case == "empty":
+        (folder / "data" / "valid.txt").write_text("\n\n")
+    elif case == "not_utf8":
+        (folder / "data" / "valid.txt").write_bytes(b"caf\xe9 au lait\n")
+    elif case == "other_corpus":
+        (folder / "data" / "valid.txt").write_text("A different text.\n\nAnother document.\n")
+    elif case == "other_tokenizer":
+        other = build_tokenizer(vocab_size=280)
+        for step in (0, 10):
+            save_checkpoint(folder / f"ckpts/opt/step{step}", "opt", other, seed=step)
+    elif case == "metric":
+        extra = ["--metrics", "loss,perplexity"]
+    elif case == "dtype":
+        extra = ["--dtype", "float8"]
+    elif case == "store_metrics":
+        extra = ["--metrics", "loss,entropy"]
+    err = run_error(capsys, suite, "--out", store, *extra)
+    assert message in err
+    assert digest(store) == before
+
+
+def test_missing_hub_revision(capsys, tmp_path, monkeypatch):
+    cache = tmp_path / "hf" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    (tmp_path / "valid.txt").write_text("some text\n")
+    suite = tmp_path / "suite.toml"
+    suite.write_text('[eval]\nfiles = ["valid.txt"]\nseq_len = 16\n\n'
+                     '[[models]]\nname = "p"\nhub_id = "org/absent"\nrevisions = ["step1000"]\n')
+    err = run_error(capsys, suite, "--out", tmp_path / "s.zarr")
+    assert "org/absent" in err and "step1000" in err
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_unwritable_output(capsys, workspace):
+    folder, suite, _ = workspace
+    (folder / "a_file").write_text("")
+    err = run_error(capsys, suite, "--out", folder / "a_file" / "s.zarr")
+    assert "cannot write the store" in err
+
+
+def test_corrupted_weights_lose_nothing(capsys, made, tmp_path):
+    """A corrupted checkpoint stops the run with a clear error; checkpoints done before it stay done."""
+    root, _ = made
+    suite = write_suite(tmp_path, families=("opt",), steps=(0, 10, 20))
+    weights = tmp_path / "ckpts/opt/step10/model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 3])
+    store = tmp_path / "s.zarr"
+    err = run_error(capsys, suite, "--out", store)
+    assert "corrupted weights file" in err and "step10" in err
+    ds = tokendyn.open_store(store)
+    assert ds.done.values.tolist() == [[True, False, False]]
+    first = ds.loss.isel(ckpt=0).values
+    weights.write_bytes(good)
+    assert main(["extract", str(suite), "--out", str(store), "--no-progress"]) == 0
+    ds = tokendyn.open_store(store)
+    assert bool(ds.done.all())
+    np.testing.assert_array_equal(ds.loss.isel(ckpt=0).values, first)
+
+
+def test_pickle_checkpoint_needs_opt_in(capsys, tmp_path):
+    suite = write_suite(tmp_path, families=("opt",), steps=(0,))
+    folder = tmp_path / "ckpts/opt/step0"
+    from safetensors.torch import load_file
+
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    err = run_error(capsys, suite, "--out", tmp_path / "s.zarr")
+    assert "pickle" in err and "--allow-pickle" in err
+    assert main(["extract", str(suite), "--out", str(tmp_path / "s.zarr"), "--allow-pickle", "--no-progress"]) == 0
+
+
+def test_debug_shows_traceback(capsys, workspace):
+    _, suite, store = workspace
+    assert main(["--debug", "extract", str(suite), "--out", str(store), "--metrics", "bogus"]) == 2
+    assert "Traceback" in capsys.readouterr().err
