@@ -16,6 +16,10 @@ field, optional ``"spans"`` (character spans ``{"start", "end", <field>: value, 
 become per-token coordinates) and any other keys (document-level coordinates). Sets of kind
 ``"pairs"`` read ``{"true": ..., "false": ...}`` lines and yield two documents per pair with the
 fields ``pair`` (pair index) and ``is_true``.
+
+Corruption (``corrupt = r``): after tokenization and before BOS/EOS are added, round(r * n) of the
+set's n document tokens are replaced by uniformly random non-special vocabulary tokens other than
+the original, positions and replacements drawn from the set's `seed` (see `corrupt_tokens`).
 """
 
 from __future__ import annotations
@@ -58,6 +62,11 @@ class PackedSet:
     @property
     def seq_len(self) -> int:
         return self.token_id.shape[1]
+
+    @property
+    def doc(self) -> np.ndarray:
+        """(seq,): the document of each sequence's first token."""
+        return self.token_doc[:, 0]
 
     @property
     def n_predicted(self) -> int:
@@ -137,16 +146,20 @@ def pack(spec: EvalSet, tokenizer, documents: list[Document] | None = None) -> P
     """Tokenize and pack an evaluation set (documents read from its files unless given)."""
     docs = read_documents(spec) if documents is None else documents
     encoded = tokenizer([d.text for d in docs], add_special_tokens=False, return_offsets_mapping=True)
+    token_ids = encoded["input_ids"]
+    if spec.corrupt is not None:
+        token_ids = corrupt_tokens(token_ids, spec.corrupt, spec.seed, tokenizer)
     bos = [tokenizer.bos_token_id] if spec.bos and tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if spec.packing == "concat" and tokenizer.eos_token_id is not None else []
     span_keys = sorted({k for d in docs for s in d.spans for k in s if k not in ("start", "end")})
+    span_fill = {k: _fill(np.asarray([next(s[k] for d in docs for s in d.spans if k in s)])) for k in span_keys}
 
     pieces = []  # per document: (ids, per-token span fields), BOS/EOS included
-    for doc, ids, offsets in zip(docs, encoded["input_ids"], encoded["offset_mapping"]):
-        values = _span_values(doc.spans, span_keys, np.asarray(offsets, dtype=np.int64).reshape(-1, 2))
-        extra = len(bos), len(eos)
+    for doc, ids, offsets in zip(docs, token_ids, encoded["offset_mapping"]):
+        values = _span_values(doc.spans, span_fill, np.asarray(offsets, dtype=np.int64).reshape(-1, 2))
         pieces.append((np.asarray(bos + list(ids) + eos, dtype=np.int64),
-                       {k: np.concatenate([_blank(v, extra[0]), v, _blank(v, extra[1])]) for k, v in values.items()}))
+                       {k: np.concatenate([np.full(len(bos), *span_fill[k]), v, np.full(len(eos), *span_fill[k])])
+                        for k, v in values.items()}))
 
     if spec.packing == "document":
         windows = [(d, start) for d, (ids, _) in enumerate(pieces) for start in range(0, len(ids), spec.seq_len)]
@@ -164,7 +177,7 @@ def pack(spec: EvalSet, tokenizer, documents: list[Document] | None = None) -> P
     shape = (len(windows), spec.seq_len)
     token_id = np.full(shape, PAD, dtype=np.int32)
     token_doc = np.full(shape, PAD, dtype=np.int32)
-    token_fields = {k: np.full(shape, *_fill(pieces[0][1][k])) for k in span_keys}
+    token_fields = {k: np.full(shape, *span_fill[k]) for k in span_keys}
     if stream is None:
         for row, (d, start) in enumerate(windows):
             ids, values = pieces[d]
@@ -185,24 +198,56 @@ def pack(spec: EvalSet, tokenizer, documents: list[Document] | None = None) -> P
 
     first_doc = token_doc[:, 0]
     doc_keys = sorted({k for d in docs for k in d.fields})
-    doc_fields = {k: np.asarray([docs[d].fields.get(k, _missing_like(docs, k)) for d in first_doc]) for k in doc_keys}
+    doc_fields = {k: _field_array([docs[d].fields.get(k, _missing_like(docs, k)) for d in first_doc]) for k in doc_keys}
     params = {"name": spec.name, "seq_len": spec.seq_len, "packing": spec.packing, "bos": spec.bos,
               "max_sequences": spec.max_sequences, "kind": spec.kind}
+    if spec.corrupt is not None:
+        params.update(corrupt=spec.corrupt, seed=spec.seed)
     return PackedSet(spec.name, token_id, token_doc, token_fields, doc_fields, params)
 
 
-def _span_values(spans: list[dict], keys: list[str], offsets: np.ndarray) -> dict[str, np.ndarray]:
+def corrupt_tokens(token_ids: list[list[int]], rate: float, seed: int, tokenizer) -> list[np.ndarray]:
+    """Replace round(rate * n) of the n tokens of all documents by random other non-special tokens.
+
+    One random permutation of the token positions and one replacement draw per position come from
+    `numpy.random.default_rng(seed)`; rate r replaces the first round(r * n) positions of the
+    permutation. So the result is deterministic, and for one seed a lower rate's replaced tokens
+    are a subset of a higher rate's, with the same replacements. Each replacement is drawn
+    uniformly from the non-special vocabulary without the original token, so exactly
+    round(r * n) tokens change.
+    """
+    lengths = [len(ids) for ids in token_ids]
+    flat = np.concatenate([np.asarray(ids, dtype=np.int64) for ids in token_ids])
+    pool = np.setdiff1d(np.arange(len(tokenizer)), tokenizer.all_special_ids)
+    slot = np.searchsorted(pool, flat)
+    in_pool = pool[np.minimum(slot, len(pool) - 1)] == flat
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(flat))
+    draw = rng.integers(0, len(pool) - in_pool[order])  # one draw per position, in permutation order
+    draw += in_pool[order] & (draw >= slot[order])  # skip over the original token
+    chosen = order[: round(rate * len(flat))]
+    corrupted = flat.copy()
+    corrupted[chosen] = pool[draw[: len(chosen)]]
+    return np.split(corrupted, np.cumsum(lengths)[:-1])
+
+
+def _span_values(spans: list[dict], fill: dict[str, tuple], offsets: np.ndarray) -> dict[str, np.ndarray]:
     """Per-token values of span fields: a token takes the span that contains its first character."""
     out = {}
     starts = offsets[:, 0]
-    for key in keys:
-        example = next((s[key] for s in spans if key in s), "")
-        values = np.full(len(offsets), *_fill(np.asarray([example])))
+    for key, key_fill in fill.items():
+        values = np.full(len(offsets), *key_fill)
         for span in spans:
             if key in span:
                 values[(starts >= span["start"]) & (starts < span["end"])] = span[key]
         out[key] = values
     return out
+
+
+def _field_array(values: list) -> np.ndarray:
+    """Document-level field values; strings as objects (variable-length strings in Zarr, like the span fields)."""
+    array = np.asarray(values)
+    return array.astype(object) if array.dtype.kind == "U" else array
 
 
 def _fill(example: np.ndarray) -> tuple:
@@ -213,9 +258,6 @@ def _fill(example: np.ndarray) -> tuple:
         return np.nan, np.float64
     return "", object
 
-
-def _blank(values: np.ndarray, n: int) -> np.ndarray:
-    return np.full(n, *_fill(values))
 
 
 def _missing_like(docs: list[Document], key: str):

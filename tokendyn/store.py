@@ -106,7 +106,7 @@ def prepare(path: Path, layout: Layout, sets: dict[str, PackedSet], model_coords
                              zarr_format=3)
             root = zarr.open_group(path, mode="r+")
     _consolidate(root)
-    return root
+    return zarr.open_group(path, mode="r+")  # reopened, so that its consolidated metadata lists new sets
 
 
 def _check_writable(path: Path) -> None:
@@ -171,7 +171,7 @@ def _template(packed: PackedSet, layout: Layout, model_coords: dict, vocab_text:
         "source": (("model", "ckpt"), model_coords["source"]),
         "token_id": (("seq", "pos"), packed.token_id),
         "token_doc": (("seq", "pos"), packed.token_doc),
-        "doc": ("seq", packed.token_doc[:, 0]),
+        "doc": ("seq", packed.doc),
         **{k: (("seq", "pos"), v) for k, v in packed.token_fields.items()},
         **{k: ("seq", v) for k, v in packed.doc_fields.items()},
     }
