@@ -16,6 +16,13 @@ from tokendyn.errors import TokendynError
 COMMANDS = [
     "extract",
     "info",
+    "toy",
+    "analyze",
+    "generate",
+    "tasks",
+    "passuntil",
+    "report",
+    "demo",
 ]
 
 

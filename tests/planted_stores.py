@@ -1,0 +1,151 @@
+"""Synthetic stores in the store contract layout (README, "The store") with planted trajectories.
+
+`write_store` writes any loss array as a contract store with `ds.to_zarr` and reopens it with
+`xr.open_zarr`, so the analyses run on lazy dask arrays as they do on real stores.
+`planted_suite` builds a three-size suite whose token losses are functions of a per-model
+"progress" h in [0, h_max]: every token's loss depends on training only through h, validation
+perplexity falls monotonically in h, so the sizes coincide at matched perplexity; the sizes reach
+different h at the same step, so they differ at matched step.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+import tokendyn
+
+KINDS = ("stagnating", "downward", "upward", "double_descent")
+PROPORTIONS = (0.2, 0.55, 0.15, 0.1)
+# name: (n_params, final progress h_max, number of checkpoints)
+SIZES = {"small": (1e6, 0.55, 16), "medium": (1e7, 0.8, 20), "large": (1e8, 1.0, 24)}
+FINAL_STEP = 10_000
+TOKENS_PER_STEP = 1000
+# Double-descent shape: fall to h = 0.3, rise to h = 0.55, fall again until 0.8.
+DD_H = [0.0, 0.3, 0.55, 0.8, 1.0]
+DD_G = [1.0, 0.0, 0.75, -0.25, -0.25]
+# Token ids by kind, so that the dominant tokens of a cluster are known.
+KIND_TOKENS = {"stagnating": [10, 11], "downward": list(range(20, 30)), "upward": [40, 41, 42],
+               "double_descent": [50, 51]}
+
+
+def write_store(path: Path, loss: np.ndarray, steps: np.ndarray, *, models=None, n_params=None,
+                tokens_seen=None, token_id=None, seq_chunk: int = 8) -> xr.Dataset:
+    """Write loss (model, ckpt, seq, pos) and steps (model, ckpt; NaN = no such checkpoint) as a store.
+
+    Applies the contract's NaNs (position 0, padding where token_id == -1, missing checkpoints),
+    derives val_ppl = exp(mean loss) per checkpoint, and returns the reopened lazy dataset.
+    """
+    loss = np.array(loss, dtype=np.float32)
+    steps = np.asarray(steps, dtype=float)
+    n_models, n_ckpt, n_seq, n_pos = loss.shape
+    models = models or [f"m{i}" for i in range(n_models)]
+    n_params = np.asarray(n_params if n_params is not None else [1e6 * 10**i for i in range(n_models)], float)
+    token_id = np.asarray(token_id if token_id is not None else np.full((n_seq, n_pos), 7), dtype=np.int64)
+    done = np.isfinite(steps)
+    loss[:, :, :, 0] = np.nan
+    loss[:, :, token_id < 0] = np.nan
+    loss[~done] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # missing checkpoints: mean of nothing
+        mean = np.nanmean(loss.reshape(n_models, n_ckpt, -1).astype(np.float64), axis=-1)
+    ds = xr.Dataset(
+        {"loss": (("model", "ckpt", "seq", "pos"), loss), "done": (("model", "ckpt"), done)},
+        coords={
+            "model": np.array(models, dtype=np.dtypes.StringDType()), "ckpt": np.arange(n_ckpt),
+            "step": (("model", "ckpt"), steps),
+            "val_ppl": (("model", "ckpt"), np.where(done, np.exp(mean), np.nan)),
+            "tokens_seen": (("model", "ckpt"), steps * TOKENS_PER_STEP if tokens_seen is None else tokens_seen),
+            "n_params": ("model", n_params), "n_params_nonembed": ("model", n_params / 2),
+            "token_id": (("seq", "pos"), token_id),
+            "token_doc": (("seq", "pos"), np.where(token_id >= 0, np.arange(n_seq)[:, None], -1)),
+            "doc": ("seq", np.arange(n_seq)),
+        },
+    )
+    ds.attrs["tokendyn_version"] = tokendyn.__version__  # what `tokendyn.open_store` checks for
+    ds.chunk({"model": 1, "ckpt": 1, "seq": seq_chunk, "pos": -1}).to_zarr(path, mode="w", consolidated=True)
+    return xr.open_zarr(path)
+
+
+def planted_loss(kind: str, base: np.ndarray, amp: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Noise-free loss of tokens of one kind at progress h (broadcasting)."""
+    if kind == "stagnating":
+        return base + 0 * h
+    if kind == "downward":
+        return base + amp * (1 - h)
+    if kind == "upward":
+        return base + amp * h
+    return base + amp * np.interp(h, DD_H, DD_G)
+
+
+def progress(step: np.ndarray, h_max: float) -> np.ndarray:
+    """Training progress of a model at `step`: larger models get further in the same steps."""
+    return h_max * np.sqrt(step / FINAL_STEP)
+
+
+def planted_suite(path: Path, n_seq: int = 24, seq_len: int = 32, noise: float = 0.005,
+                  seed: int = 0) -> tuple[xr.Dataset, dict]:
+    """The three-size planted suite; returns (lazy dataset, truth).
+
+    truth: "kind" (seq, pos) index into KINDS (-1 where no prediction), "base", "amp" (seq, pos),
+    "h" (model, ckpt) progress (NaN where the model has fewer checkpoints), "h_max" per model.
+    """
+    rng = np.random.default_rng(seed)
+    n_ckpt = max(c for _, _, c in SIZES.values())
+    kind = rng.choice(len(KINDS), size=(n_seq, seq_len), p=PROPORTIONS)
+    base = rng.uniform(1, 4, size=kind.shape)
+    amp = np.select([kind == 1, kind == 2, kind == 3],
+                    [rng.uniform(2, 3, kind.shape), rng.uniform(1.5, 2.5, kind.shape),
+                     rng.uniform(1.5, 2.5, kind.shape)], 0)
+    token_id = np.zeros(kind.shape, dtype=np.int64)
+    for k, name in enumerate(KINDS):
+        token_id[kind == k] = rng.choice(KIND_TOKENS[name], size=int((kind == k).sum()))
+    token_id[-1, seq_len // 2:] = -1  # padding at the end of the last sequence
+    steps = np.full((len(SIZES), n_ckpt), np.nan)
+    h = np.full_like(steps, np.nan)
+    loss = np.zeros((len(SIZES), n_ckpt, n_seq, seq_len))
+    for m, (_, h_max, count) in enumerate(SIZES.values()):
+        steps[m, :count] = np.linspace(0, FINAL_STEP, count)
+        h[m, :count] = progress(steps[m, :count], h_max)
+        for k, name in enumerate(KINDS):
+            curve = planted_loss(name, base[None], amp[None], h[m, :count, None, None])
+            loss[m, :count] = np.where(kind[None] == k, curve, loss[m, :count])
+    loss += rng.normal(0, noise, loss.shape)
+    ds = write_store(path, loss, steps, models=list(SIZES), n_params=[v[0] for v in SIZES.values()],
+                     token_id=token_id)
+    valid = (token_id >= 0) & (np.arange(seq_len) > 0)[None, :]
+    truth = {"kind": np.where(valid, kind, -1), "base": base, "amp": amp, "h": h,
+             "h_max": np.array([v[1] for v in SIZES.values()])}
+    return ds, truth
+
+
+def write_tiled_store(path: Path, row_loss: np.ndarray, steps: np.ndarray, n_seq: int,
+                      seq_chunk: int = 256) -> xr.Dataset:
+    """A large store whose every sequence repeats row_loss (model, ckpt, pos), written chunk by chunk.
+
+    The loss array never exists in memory here, and repeated rows compress to almost nothing on
+    disk, so a store far larger than a memory cap is quick to write.
+    """
+    import dask.array as dsa
+
+    row_loss = np.array(row_loss, dtype=np.float32)
+    row_loss[:, :, 0] = np.nan
+    n_models, n_ckpt, n_pos = row_loss.shape
+    shape = (n_models, n_ckpt, n_seq, n_pos)
+    loss = dsa.broadcast_to(dsa.from_array(row_loss[:, :, None, :], chunks=(1, 1, 1, n_pos)), shape)
+    ds = xr.Dataset(
+        {"loss": (("model", "ckpt", "seq", "pos"), loss.rechunk((1, 1, seq_chunk, n_pos))),
+         "done": (("model", "ckpt"), np.isfinite(steps))},
+        coords={"model": np.array([f"m{i}" for i in range(n_models)], dtype=np.dtypes.StringDType()),
+                "ckpt": np.arange(n_ckpt),
+                "step": (("model", "ckpt"), steps), "tokens_seen": (("model", "ckpt"), steps * TOKENS_PER_STEP),
+                "val_ppl": (("model", "ckpt"), np.exp(np.nanmean(row_loss, axis=-1))),
+                "n_params": ("model", 1e6 * 10 ** np.arange(n_models)),
+                "token_id": (("seq", "pos"), dsa.full((n_seq, n_pos), 7, dtype=np.int32, chunks=(seq_chunk, n_pos)))},
+    )
+    ds.attrs["tokendyn_version"] = tokendyn.__version__
+    ds.to_zarr(path, mode="w", consolidated=True)
+    return xr.open_zarr(path)

@@ -1,0 +1,116 @@
+"""`tokendyn report`: one figure per study the store has data for, the skipped ones with their reason,
+files beside the page, token text escaped, and the command line."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+
+import pandas as pd
+
+import analyses
+from tokendyn.cli import main
+from tokendyn.report import write_report
+
+from conftest import write_suite
+from report_stores import HOSTILE, planted_report
+
+SET_STUDIES = ("sequence_perplexity", "pair_preference", "downstream")
+
+
+class Page(HTMLParser):
+    """Start tags, the text, img sources and section ids of a page."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.tags, self.data, self.images, self.sections = [], [], [], []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self.tags.append(tag)
+        if tag == "img":
+            self.images.append(attrs["src"])
+        if tag == "section":
+            self.sections.append(attrs["id"])
+
+    def handle_data(self, data):
+        self.data.append(data)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.data)
+
+
+def _check_layout(index, ran: list[str]) -> Page:
+    """One section with one embedded PNG per study that ran, in order, and its files beside the page."""
+    page = Page(index.read_text(encoding="utf-8"))
+    assert [s for s in page.sections if s != "skipped"] == ran
+    assert len(page.images) == len(ran)
+    assert all(src.startswith("data:image/png;base64,") for src in page.images)
+    for name in ran:
+        folder = index.parent / name
+        assert (folder / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "<svg" in (folder / "figure.svg").read_text()[:2000]
+        assert list(folder.glob("*.csv")) and (folder / "findings.txt").read_text().strip()
+    return page
+
+
+def test_planted_report_has_a_figure_per_trajectory_study_and_skips_the_set_studies(tmp_path_factory):
+    index = planted_report(tmp_path_factory) / "report" / "index.html"
+    trajectory = [s for s in analyses.STUDIES if s not in SET_STUDIES]
+    page = _check_layout(index, trajectory)
+    skipped = page.text.split("Skipped studies")[-1]
+    for name, reason in (("sequence_perplexity", "no named evaluation sets"), ("pair_preference", "pairs"),
+                         ("downstream", "no multiple-choice tasks")):
+        assert re.search(f"{name}: [^\\n]*{reason}", skipped), skipped
+
+
+def test_token_text_is_escaped_everywhere(tmp_path_factory):
+    index = planted_report(tmp_path_factory) / "report" / "index.html"
+    source = index.read_text(encoding="utf-8")
+    page = Page(source)
+    assert "script" not in page.tags
+    assert page.tags.count("b") == len(SET_STUDIES)  # the skipped studies' names; none from token text
+    assert "<script>alert(1)</script>" not in source and "&lt;script&gt;alert(1)&lt;/script&gt;" in source
+    for text in HOSTILE.values():  # shown as written, in the double-descent examples and the cluster tokens
+        assert text in page.text
+    assert "&amp;amp;" in source  # the token "&amp;" itself, escaped once
+
+
+def test_report_on_a_store_with_sets_pairs_and_tasks(tmp_path):
+    suite = write_suite(tmp_path, families=("opt", "llama"), steps=(0, 10), seq_len=24)
+    pairs = tmp_path / "facts.jsonl"
+    pairs.write_text("".join(json.dumps(p) + "\n" for p in [
+        {"true": "Alice was born in Paris.", "false": "Alice was born in Berlin."},
+        {"true": "Bob lives in Berlin.", "false": "Bob lives in Paris."}]))
+    task = tmp_path / "colours.jsonl"
+    task.write_text("".join(json.dumps(t) + "\n" for t in [
+        {"question": "The fox is", "choices": ["brown", "green"], "answer": 0},
+        {"question": "Bob's colour is", "choices": ["brown", "green"], "answer": 1},
+        {"question": "The dog is", "choices": ["lazy", "quick"], "answer": 0}]))
+    store = tmp_path / "s.zarr"
+    assert main(["extract", str(suite), "--set", f"noisy:0.5={tmp_path / 'data' / 'valid.txt'}", "--pairs", str(pairs),
+                 "--out", str(store), "--no-progress"]) == 0
+    assert main(["tasks", str(suite), "--task", str(task), "--shots", "1", "--out", str(store), "--no-progress"]) == 0
+    lines = []
+    index = write_report(store, tmp_path / "report", studies=SET_STUDIES, progress=False, echo=lines.append)
+    page = _check_layout(index, list(SET_STUDIES))
+    assert "Set noisy-0.5" in page.text and "Set facts (2 pairs)" in page.text and "Task colours" in page.text
+    ppl = pd.read_csv(index.parent / "sequence_perplexity" / "sequence_ppl.csv")
+    assert set(ppl["set"]) == {"noisy-0.5", "facts"}  # task sets belong to the downstream study
+    assert [line.split(":")[0] for line in lines] == list(SET_STUDIES)
+    assert not any("skipped" in line for line in lines)
+
+
+def test_report_command(tmp_path_factory, tmp_path, capsys):
+    store = planted_report(tmp_path_factory) / "p.zarr"
+    assert main(["report", str(store), "--out", str(tmp_path / "r"), "--studies", "perplexity,downstream",
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "perplexity: 3 findings" in out and "downstream: skipped (the store has no multiple-choice tasks" in out
+    assert f"report written: {tmp_path / 'r' / 'index.html'}" in out
+    _check_layout(tmp_path / "r" / "index.html", ["perplexity"])
+    assert main(["report", str(store), "--studies", "nonsense"]) == 2
+    assert "unknown study nonsense" in capsys.readouterr().err

@@ -1,0 +1,97 @@
+"""The report in a real browser: headless Chromium loads index.html, every figure decodes (no broken
+image) and the page logs no error. Skipped where Chromium is missing, except in CI (CI set), where
+that fails: .ci/run installs it."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from report_stores import planted_report
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--hide-scrollbars", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000"]
+# Injected into a copy of the page: records errors (scripts, failed loads, console.error) and, once
+# everything has loaded, writes what it saw into the DOM for --dump-dom to show.
+HOOK = """<script>
+window.__errors = [];
+window.addEventListener("error", function (e) {
+  window.__errors.push(e.message || ("failed to load " + (e.target && (e.target.src || e.target.href))));
+}, true);
+var __consoleError = console.error;
+console.error = function () { window.__errors.push(Array.prototype.join.call(arguments, " ")); };
+window.addEventListener("load", function () {
+  var images = Array.prototype.slice.call(document.images);
+  var broken = images.filter(function (i) { return !(i.complete && i.naturalWidth > 0); });
+  var out = document.createElement("pre");
+  out.id = "browser-check";
+  out.textContent = JSON.stringify({images: images.length, broken: broken.map(function (i) { return i.alt; }),
+                                    sizes: images.map(function (i) { return [i.naturalWidth, i.naturalHeight]; }),
+                                    errors: window.__errors});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; .ci/run installs it (apt-get install -y chromium)")
+        pytest.skip("chromium is not installed (apt-get install -y chromium); in CI this fails instead")
+    return path
+
+
+def browse(chromium: str, page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", *args, page.as_uri()],
+                          capture_output=True, text=True, timeout=180)
+
+
+def check_page(chromium: str, page: Path, profile: Path) -> tuple[dict, list[str]]:
+    """What the hook saw in a copy of `page` (beside it, so relative links resolve), and the
+    browser's console lines."""
+    checked = page.with_name("browser-check.html")
+    checked.write_text(page.read_text(encoding="utf-8").replace("<head>", "<head>" + HOOK, 1), encoding="utf-8")
+    done = browse(chromium, checked, profile, "--dump-dom")
+    found = re.search(r'<pre id="browser-check">(.*?)</pre>', done.stdout, re.S)
+    assert found, f"the page did not finish loading:\n{done.stderr[-2000:]}"
+    seen = json.loads(html.unescape(found.group(1)))
+    return seen, [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+
+
+def test_the_check_catches_a_broken_image_and_a_script_error(chromium, tmp_path):
+    page = tmp_path / "bad.html"
+    page.write_text('<!DOCTYPE html><html><head><meta charset="utf-8"></head><body>'
+                    '<img src="data:image/png;base64,AAAA" alt="bad"><script>notDefined();</script></body></html>')
+    seen, console = check_page(chromium, page, tmp_path / "profile")
+    assert seen["broken"] == ["bad"]
+    assert any("notDefined" in e for e in seen["errors"]) and any("Uncaught" in line for line in console)
+
+
+def test_every_figure_of_the_report_loads_without_errors(chromium, tmp_path_factory, tmp_path):
+    index = planted_report(tmp_path_factory) / "report" / "index.html"
+    n_figures = index.read_text(encoding="utf-8").count('<img src="data:image/png;base64,')
+    seen, console = check_page(chromium, index, tmp_path / "profile")
+    assert seen["images"] == n_figures >= 7
+    assert seen["broken"] == [] and seen["errors"] == [], seen
+    assert console == [], console
+    assert all(width > 300 and height > 150 for width, height in seen["sizes"])
+
+    shot = tmp_path / "report.png"
+    done = browse(chromium, index, tmp_path / "profile", "--window-size=1200,2400", f"--screenshot={shot}")
+    assert shot.is_file(), done.stderr[-2000:]
+    pixels = imread(shot)
+    assert pixels.shape[:2] == (2400, 1200)
+    colours = np.unique((pixels[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0)
+    assert len(colours) > 100  # text, tables and plotted lines, not a blank page

@@ -1,0 +1,160 @@
+"""PassUntil on real tiny models: estimates against the exact pass probability from the model's own
+logits, censoring at the cap, resume, user checkers, the CLI and the accessor methods."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import zarr
+from transformers import AutoModelForCausalLM
+
+import tokendyn
+from tokendyn import downstream
+from tokendyn.cli import main
+from tokendyn.errors import TokendynError
+from tokendyn.passuntil import ScalingFit
+from tokendyn.sampling import cut_at_stop, read_generation_task, read_runs, run_pass_until
+from tokendyn.suite import load_suite
+
+from conftest import build_tokenizer, write_suite
+
+# Prompts and answers of one token in the tiny BPE vocabulary (" the", " and", " in", " a"); a random
+# tiny model passes with probability about 2/300 (the answer with and without its leading space).
+INSTANCES = [("The quick brown fox jumps over", "the"), ("Alice was born in 1970", "and"),
+             ("Alice was born", "in"), ("A cat sat on", "a")]
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    return write_suite(tmp_path_factory.mktemp("pu"), families=("opt", "llama"), steps=(0, 10))
+
+
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gen") / "recall.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "answer": a, "skills": ["s1", "s2"], "level": i})
+                            + "\n" for i, (p, a) in enumerate(INSTANCES)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def store(suite, task_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("store") / "s.zarr"
+    run_pass_until(suite, out, task_file, passes=8, max_samples=20_000, batch_size=1024, seed=1, progress=False)
+    return out
+
+
+def _pass_probability(model_dir, prompt: str, answer: str) -> float:
+    """Exact probability that one sampled token decodes to the answer (up to surrounding whitespace)."""
+    tokenizer = build_tokenizer()
+    ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(prompt, add_special_tokens=False)["input_ids"]]])
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=ids).logits[0, -1, : len(tokenizer)].double(), -1).numpy()
+    matches = [t for t in range(len(tokenizer)) if tokenizer.decode([t]).strip() == answer]
+    return float(probs[matches].sum())
+
+
+def test_estimates_match_the_models_pass_probability(store, suite):
+    runs = read_runs(store, "recall")
+    assert runs["done"].values.all() and (runs["new_tokens"].values == 1).all()
+    passes, samples, drawn = (runs[k].values for k in ("passes", "samples", "drawn"))
+    assert (passes == 8).all()  # p ~ 1/150 reaches 8 passes well within the cap
+    assert ((samples <= drawn) & (drawn - samples < 1024)).all()  # K counts up to the 8th pass; the batch finishes
+    rates = downstream.pass_until(store, "recall")
+    np.testing.assert_allclose(rates["rate"].values, 7 / (samples - 1))
+    spec = load_suite(suite)
+    truth = np.array([[[_pass_probability(ckpt.path, p, a) for p, a in INSTANCES] for ckpt in model.checkpoints]
+                      for model in spec.models])
+    assert 1 / 600 < truth.mean() < 1 / 50
+    # (r - 1) / (K - 1) is unbiased with relative sd <= 1 / sqrt(r - 2) per run: over 16 runs the mean
+    # ratio lies within +-0.3 of 1 (3 standard errors); the seed makes the run reproducible
+    assert np.mean(rates["rate"].values / truth) == pytest.approx(1.0, abs=0.3)
+
+
+def test_cap_censors_and_reports_upper_bounds(store, suite, task_file):
+    run_pass_until(suite, store, read_generation_task(task_file, "capped"), passes=2, max_samples=50,
+                   batch_size=32, progress=False)
+    result = downstream.pass_until(store, "capped")
+    passes, samples, drawn = (result[k].values for k in ("passes", "samples", "drawn"))
+    capped = passes < 2
+    assert capped.sum() >= 10  # p ~ 1/150: two passes in 50 samples are rare
+    assert (samples[capped] == 50).all() and (drawn == np.where(capped, 50, drawn)).all()
+    assert np.isnan(result["rate"].values[capped]).all() and result["censored"].values[capped].all()
+    upper = result["upper"].values[capped & (passes == 0)]
+    np.testing.assert_allclose(upper, 1 - 0.05 ** (1 / 50))  # one-sided 95% Clopper-Pearson bound, r = 0
+    assert ((result["task_upper"] >= result["task_estimate"]) | result["task_estimate"].isnull()).all()
+    assert result["task_drawn"].dims == ("model", "ckpt") and float(result["task_seconds"].sum()) > 0
+
+
+def test_resume_gives_the_uninterrupted_result(store, suite, task_file):
+    before = read_runs(store, "recall")
+    group = zarr.open_group(store, mode="r+")["passuntil/recall"]
+    group["done"][1, 1] = False  # as if killed during this checkpoint after its second instance
+    group["samples"][1, 1, 2:] = -1
+    group["passes"][1, 1, 2:] = 0
+    run_pass_until(suite, store, task_file, passes=8, max_samples=20_000, batch_size=1024, seed=1, progress=False)
+    after = read_runs(store, "recall")
+    for name in ("passes", "samples", "drawn", "batches", "done"):
+        np.testing.assert_array_equal(after[name].values, before[name].values)
+    with pytest.raises(TokendynError, match=r"passes = 8 \(now 3\).*--force"):
+        run_pass_until(suite, store, task_file, passes=3, max_samples=20_000, batch_size=1024, seed=1,
+                       progress=False)
+
+
+def test_user_checker_by_dotted_name(store, suite, task_file, tmp_path, monkeypatch):
+    (tmp_path / "lenient.py").write_text("def anything(completion, instance):\n"
+                                         "    assert instance['level'] in (0, 1, 2, 3)\n"
+                                         "    return bool(completion)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    run_pass_until(suite, store, read_generation_task(task_file, "lenient"), passes=2, max_samples=100,
+                   batch_size=8, checker="lenient:anything", progress=False)
+    runs = read_runs(store, "lenient")
+    assert runs.attrs["params"]["checker"] == "lenient:anything"
+    assert (runs["passes"] == 2).all() and (runs["samples"] <= 3).all()  # almost every completion passes
+    with pytest.raises(TokendynError, match="cannot import checker"):
+        run_pass_until(suite, store, task_file, checker="lenient:missing", progress=False)
+    assert cut_at_stop("Paris\nand more", ["\n"]) == "Paris" and cut_at_stop("a;b.c", [".", ";"]) == "a"
+
+
+def test_accessor_methods_return_the_right_dims(store):
+    ds = tokendyn.open_store(store)
+    one = ds.tokendyn.pass_until("recall")
+    assert one["rate"].dims == ("model", "ckpt", "instance") and one["task_estimate"].dims == ("model", "ckpt")
+    assert list(one["skills"].values) == ["s1|s2"] * 4 and list(one["level"].values) == [0, 1, 2, 3]
+    every = ds.tokendyn.pass_until()
+    assert "task" in every.dims and "recall" in every["task"].values
+    fit = ds.tokendyn.task_scaling_fit("recall")
+    assert isinstance(fit, ScalingFit) and fit.n_points == 2 and np.isfinite(fit.slope)
+    assert fit.instances.slope.shape == (len(INSTANCES),)
+    by_loss = ds.tokendyn.task_scaling_fit("recall", x="excess_loss", irreducible=0.0)
+    assert isinstance(by_loss, ScalingFit) and np.isfinite(by_loss.slope)
+    with pytest.raises(TokendynError, match="name the PassUntil task"):
+        ds.tokendyn.task_scaling_fit()
+
+
+def test_analyze_writes_passuntil_tables(store, tmp_path):
+    from tokendyn.analyze import analyze
+
+    lines = analyze(tokendyn.open_store(store), tmp_path / "a", only=["tasks", "passuntil"], progress=False)
+    table = pd.read_csv(tmp_path / "a" / "passuntil.csv")
+    assert set(table["task"]) >= {"recall", "capped"} and (table.groupby("task").size() == 4).all()
+    assert {"task_estimate", "task_ci_low", "task_upper", "task_drawn"} <= set(table.columns)
+    assert any(line.startswith("tasks: skipped") for line in lines)
+    assert any("passuntil: task recall: 0 of 4 checkpoints with no instance passing" in line for line in lines)
+
+
+def test_passuntil_cli(suite, task_file, tmp_path, capsys):
+    out = tmp_path / "cli.zarr"
+    args = ["passuntil", str(suite), "--task", str(task_file), "--passes", "2", "--max-samples", "64",
+            "--batch-size", "64", "--top-p", "0.9", "--stop", "\\n", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    assert "4 instances x 4 checkpoints" in capsys.readouterr().out
+    runs = read_runs(out, "recall")
+    assert runs.attrs["params"]["top_p"] == 0.9 and runs.attrs["params"]["stop"] == ["\n"]
+    assert main([*args[:4], "--passes", "1", *args[6:]]) == 2
+    assert "passes >= 2" in capsys.readouterr().err

@@ -1,0 +1,149 @@
+"""Matched perplexity and x axes, subset curves, the double-descent detector and cross-size agreement
+(methods.md §1.1, §1.3), on planted stores and against direct numpy computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from planted_stores import KINDS, TOKENS_PER_STEP, planted_suite, write_store
+from tokendyn.errors import TokendynError
+from tokendyn.trajectories import (agreement, at_axis, at_perplexity, detect_double_descent, double_descent,
+                                   falls_rises_falls, perplexity_grid, subset_curve, x_axis)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    return planted_suite(tmp_path_factory.mktemp("trajectories") / "planted.zarr", n_seq=24)
+
+
+def test_x_axes(planted):
+    ds, _ = planted
+    steps = ds["step"].values
+    assert np.array_equal(x_axis(ds, "step").values, steps, equal_nan=True)
+    flops = 6 * ds["n_params"].values[:, None] * steps * TOKENS_PER_STEP
+    np.testing.assert_allclose(x_axis(ds, "flops").values, flops)
+    np.testing.assert_allclose(x_axis(ds, "flops", params="n_params_nonembed").values, flops / 2)
+    with pytest.raises(TokendynError, match="unknown x axis"):
+        x_axis(ds, "epochs")
+
+
+def test_sizes_coincide_at_matched_perplexity_not_at_matched_step(planted):
+    ds, truth = planted
+    grid = at_perplexity(ds, n_levels=8)
+    assert grid.dims == ("model", "val_ppl", "seq", "pos")
+    loss = grid.values
+    valid = truth["kind"] >= 0
+    assert np.isfinite(loss[..., valid]).all()
+    at_ppl = np.abs(loss[0] - loss[2])[:, valid].mean()
+    by_step = at_axis(ds, "step", np.linspace(2000, 10000, 8)).values
+    at_step = np.abs(by_step[0] - by_step[2])[:, valid].mean()
+    assert at_ppl < 0.03 < 0.3 < at_step
+    # The larger model reaches each perplexity at an earlier step.
+    reached = grid["step"].values
+    assert (reached[2, 1:] < reached[0, 1:]).all()
+
+
+def test_interpolation_is_linear_in_log_ppl_on_the_envelope(tmp_path):
+    # val_ppl = exp(mean loss) of one token per sequence: 100, 50, 60 (worse), 20, 25 (worse), 10.
+    ppl = np.array([100, 50, 60, 20, 25, 10.0])
+    loss = np.full((1, 6, 3, 2), np.nan)
+    loss[0, :, :, 1] = np.log(ppl)[:, None] + np.array([0.0, 0.3, -0.3])  # per-seq offsets cancel in the mean
+    ds = write_store(tmp_path / "s.zarr", loss, np.array([[1, 2, 3, 4, 5, 6.0]]))
+    stored_ppl, stored_loss = ds["val_ppl"].values[0], ds["loss"].values[0, :, :, 1]
+    np.testing.assert_allclose(stored_ppl, ppl, rtol=1e-5)
+    levels = np.array([150, stored_ppl[0], 70, 55, 30, 22, 12, stored_ppl[5], 9])
+    got = at_perplexity(ds, levels).values[0, :, :, 1]
+    envelope = [0, 1, 3, 5]  # checkpoints that set a new running minimum
+    reachable = np.array([False] + [True] * 7 + [False])
+    for s in range(3):
+        expected = np.interp(-np.log(levels), -np.log(stored_ppl[envelope]), stored_loss[envelope, s])
+        np.testing.assert_allclose(got[reachable, s], expected[reachable], rtol=1e-6)
+        assert np.isnan(got[~reachable, s]).all()
+
+
+def test_levels_not_reached_by_every_model_are_missing(tmp_path):
+    loss = np.zeros((2, 3, 2, 3))
+    loss[0] = np.log([[[50.0]], [[30.0]], [[20.0]]])
+    loss[1] = np.log([[[40.0]], [[10.0]], [[5.0]]])
+    ds = write_store(tmp_path / "s.zarr", loss, np.array([[1, 2, 3], [1, 2, 3.0]]))
+    grid = perplexity_grid(ds, 3)
+    np.testing.assert_allclose(grid, [40, np.sqrt(40 * 20), 20], rtol=1e-5)
+    got = at_perplexity(ds, [45, 8]).values[:, :, 0, 1]
+    assert np.isfinite(got[0, 0]) and np.isnan(got[1, 0]) and np.isnan(got[0, 1]) and np.isfinite(got[1, 1])
+    loss[1] = np.log([[[15.0]], [[10.0]], [[5.0]]])
+    ds = write_store(tmp_path / "t.zarr", loss, np.array([[1, 2, 3], [1, 2, 3.0]]))
+    with pytest.raises(TokendynError, match="no validation perplexity is reached by every model"):
+        perplexity_grid(ds)
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice")  # missing checkpoints of the smaller models
+def test_subset_curve_matches_numpy(planted):
+    ds, truth = planted
+    mask = ds["token_id"].isin([40, 41, 42])  # the planted upward tokens
+    curve = subset_curve(ds, mask)
+    loss = ds["loss"].values
+    expected = np.exp(np.nanmean(np.where(mask.values, loss, np.nan), axis=(-2, -1)))
+    np.testing.assert_allclose(curve.values, expected, rtol=1e-5)
+    assert "val_ppl" in curve.coords and curve.dims == ("model", "ckpt")
+    # Upward tokens rise as validation perplexity falls.
+    done = np.isfinite(curve.values[2])
+    assert np.all(np.diff(curve.values[2][done]) > 0)
+
+
+@pytest.mark.parametrize("curve,expected", [
+    ([3, 2, 1, 2, 3, 2, 1], True),    # fall, rise, fall
+    ([3, 2, 1, 2, 3, 3, 3], False),   # fall and rise only
+    ([1, 2, 3, 2, 1, 1, 1], False),   # rise then fall, no first descent
+    ([3, 2, 1, 1.2, 1.4, 1.2, 1], False),  # rise below the tolerance
+    ([3, 2, 1, np.nan, 3, 2, 1], True),    # a missing point is skipped
+])
+def test_falls_rises_falls(curve, expected):
+    assert bool(falls_rises_falls(np.array(curve, float), tol=0.5)) is expected
+
+
+def test_planted_double_descent_is_detected(planted):
+    ds, truth = planted
+    flags = double_descent(ds).values
+    kind = truth["kind"]
+    dd = kind == KINDS.index("double_descent")
+    assert not flags[0, dd].any()  # the small model stops at the peak: no second descent
+    assert flags[1:, dd].all()
+    assert not flags[:, (kind >= 0) & ~dd].any()
+
+
+def test_detector_smoothing_removes_single_point_noise():
+    import xarray as xr
+
+    noisy = xr.DataArray(np.array([3, 2, 1, 1.8, 1, 0.9, 0.8]), dims="ckpt")
+    assert bool(detect_double_descent(noisy, tol=0.5, window=1))
+    assert not bool(detect_double_descent(noisy, tol=0.5, window=3))
+
+
+def _reference_pairs(a, b, top):
+    both = np.isfinite(a) & np.isfinite(b)
+    a, b = a[both], b[both]
+    k = round(top * len(a))
+    top_a = set(np.argsort(-a, kind="stable")[:k])
+    top_b = set(np.argsort(-b, kind="stable")[:k])
+    return scipy.stats.spearmanr(a, b).statistic, len(top_a & top_b) / len(top_a | top_b)
+
+
+def test_agreement_matched_perplexity_beats_matched_step(planted):
+    ds, _ = planted
+    table = agreement(ds, levels=[50, 32], top=0.1)
+    assert set(table["axis"]) == {"val_ppl", "step", "tokens_seen"}
+    by_axis = table.groupby("axis")[["spearman", "jaccard"]].min()
+    assert by_axis.loc["val_ppl", "spearman"] > 0.95 and by_axis.loc["val_ppl", "jaccard"] > 0.8
+    assert by_axis.loc["step", "spearman"] < by_axis.loc["val_ppl", "spearman"] - 0.2
+    # The numbers are the plain Spearman and Jaccard of the drops between the two levels.
+    grid = at_perplexity(ds, [50, 32]).values
+    drops = (grid[:, 0] - grid[:, 1]).reshape(3, -1)
+    row = table[(table["axis"] == "val_ppl") & (table["model_a"] == "small") & (table["model_b"] == "large")].iloc[0]
+    spearman, jaccard = _reference_pairs(drops[0], drops[2], 0.1)
+    assert row["spearman"] == pytest.approx(spearman) and row["jaccard"] == pytest.approx(jaccard)
+    # Matched steps: the mean over models of where each reaches the two levels.
+    reached = at_perplexity(ds, [50, 32])["step"].values
+    step_row = table[table["axis"] == "step"].iloc[0]
+    assert [step_row["from_level"], step_row["to_level"]] == pytest.approx(reached.mean(axis=0))

@@ -1,0 +1,69 @@
+"""`tokendyn demo`: the whole job on the built-in suite, from nothing to findings, in one call.
+
+build (or reuse) the toy suite -> generate the contrastive sets -> extract every evaluation set ->
+analyze -> report -> print the findings and where the files are. Every stage reuses what an
+earlier run left: the build is cached by its parameters, generated text is kept next to the store,
+extraction resumes, and the analyses and the report are redone only when the store changed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hashlib
+
+from tokendyn import __version__, analyze, extract, generate, report, store
+from tokendyn.suite import EvalSet, load_suite
+from tokendyn.toy import build, findings
+
+CORRUPT_RATES = (0.2, 0.4, 0.8)
+
+
+def stores_dir() -> Path:
+    return build.cache_dir() / "stores"
+
+
+def run_demo(preset: str = "default", seed: int = 0, progress: bool = True) -> dict:
+    """Run every stage; return the paths written and the summary lines."""
+    suite_path = build.build(preset=preset, seed=seed, progress=progress)
+    suite = load_suite(suite_path)
+    out = stores_dir() / f"toy-{suite_path.parent.name}.zarr"
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    generated = out.with_name(out.name.removesuffix(".zarr") + ".generated.jsonl")
+    if not generated.is_file():
+        records = generate.generate(suite, prompts=50, new_tokens=50, seed=seed, progress=progress)
+        generate.write_jsonl(records, generated)
+    extra = [EvalSet(name="hallucinated", files=(generated,), seq_len=suite.eval.seq_len)]
+    extra += [EvalSet(name=f"corrupted-{rate}", files=suite.eval.files, seq_len=suite.eval.seq_len,
+                      corrupt=rate, seed=seed) for rate in CORRUPT_RATES]
+    extract.extract(suite, out, extra_sets=extra, progress=progress)
+
+    folder = analyze.default_folder(out)
+    report_dir = out.with_name(out.name.removesuffix(".zarr") + ".report")
+    stamp = _stamp(out)
+    summary_file = folder / "summary.txt"
+    if _stamp_file(folder).is_file() and _stamp_file(folder).read_text() == stamp:
+        lines = summary_file.read_text().splitlines()
+    else:
+        lines = analyze.analyze(store.open_store(out), folder, progress=progress)
+        summary_file.write_text("\n".join(lines) + "\n")
+        _stamp_file(folder).write_text(stamp)
+    index = report_dir / "index.html"
+    if not (index.is_file() and _stamp_file(report_dir).is_file() and _stamp_file(report_dir).read_text() == stamp):
+        index = report.write_report(out, report_dir, progress=progress)
+        _stamp_file(report_dir).write_text(stamp)
+    return {"suite": suite_path, "store": out, "analysis": folder, "analysis_lines": lines,
+            "findings": findings.summary(out), "report": index}
+
+
+def _stamp(out: Path) -> str:
+    """Changes whenever the store gains results or sets (their metadata is rewritten), or tokendyn changes."""
+    digest = hashlib.sha256(__version__.encode())
+    for meta in sorted(out.glob("**/zarr.json")):
+        digest.update(meta.read_bytes())
+    return digest.hexdigest()
+
+
+def _stamp_file(folder: Path) -> Path:
+    return folder / ".demo-stamp"

@@ -1,0 +1,252 @@
+"""Build the built-in suite: world, tokenizer, evaluation sets, and a few OPT sizes trained on it.
+
+`build()` writes a suite directory that `tokendyn extract` reads:
+
+    suite.toml                  [eval] (validation set), [[sets]] (filler, facts), [[models]]
+    data/valid.jsonl            held-out template combinations of every entity's facts
+    data/filler.jsonl           filler sentences (natural text without facts)
+    data/pairs.jsonl            true/false statement pairs (kind "pairs")
+    data/world.json             the entities and their facts
+    ckpts/<size>/step<N>/       Hugging Face checkpoints (safetensors) with the tokenizer
+    toy-build.json              the parameters, their key and the build's timings (written last)
+
+A build is keyed by all of its parameters; `build()` reuses a finished build with the same key
+and rebuilds when any parameter changes. It is written to `<out>.partial` and renamed into
+place at the end, so an interrupted build never looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
+
+from tokendyn.errors import TokendynError
+from tokendyn.toy import world as toy_world
+from tokendyn.toy.tokenizer import train_tokenizer
+from tokendyn.toy.train import ModelSize, TrainConfig, train
+
+BUILD_VERSION = 1  # bump when the builder's output changes for the same parameters
+MANIFEST = "toy-build.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Everything a build depends on besides the seed: world, training, sequence length, sizes."""
+
+    world: toy_world.WorldConfig
+    train: TrainConfig
+    seq_len: int
+    sizes: dict[str, ModelSize]
+
+
+PRESETS = {
+    # ~300 entities x 5 Zipf(1.2) attributes, 160 exposures per fact; the smallest model cannot
+    # memorise the facts, the largest can (see the README's section on the built-in suite).
+    "default": Preset(
+        world=toy_world.WorldConfig(),
+        train=TrainConfig(),
+        seq_len=128,
+        sizes={"S": ModelSize(hidden=48, layers=2, heads=2, lr=3e-3),
+               "M": ModelSize(hidden=96, layers=3, heads=2, lr=2e-3),
+               "L": ModelSize(hidden=192, layers=4, heads=3, lr=1e-3)},
+    ),
+    # Seconds to build: what the tests use.
+    "quick": Preset(
+        world=toy_world.WorldConfig(n_entities=24, n_values=8, exposures=6, filler_rate=1.0, n_filler_docs=8),
+        train=TrainConfig(batch_size=4, warmup_steps=4, log_checkpoints=3, linear_checkpoints=3,
+                          switch_fraction=0.25),
+        seq_len=128,
+        sizes={"S": ModelSize(hidden=8, layers=1, heads=1, lr=1e-2),
+               "M": ModelSize(hidden=16, layers=1, heads=2, lr=1e-2),
+               "L": ModelSize(hidden=32, layers=2, heads=2, lr=1e-2)},
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where tokendyn caches builds: `$TOKENDYN_CACHE`, else `cache/` in the working directory."""
+    return Path(os.environ.get("TOKENDYN_CACHE", "cache"))
+
+
+def build_parameters(preset: str = "default", sizes: Sequence[str] | None = None, seed: int = 0,
+                     threads: int = 1) -> dict:
+    """The resolved parameters of a build (what its cache key covers)."""
+    if preset not in PRESETS:
+        raise TokendynError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    chosen = PRESETS[preset]
+    names = list(chosen.sizes) if sizes is None else list(sizes)
+    unknown = [n for n in names if n not in chosen.sizes]
+    if unknown or not names:
+        raise TokendynError(f"unknown or no sizes {unknown or names}; preset {preset!r} has "
+                            f"{', '.join(chosen.sizes)}")
+    return {
+        "version": BUILD_VERSION, "preset": preset, "seed": seed, "threads": threads,
+        "seq_len": chosen.seq_len, "world": dataclasses.asdict(chosen.world),
+        "train": dataclasses.asdict(chosen.train),
+        "sizes": {n: dataclasses.asdict(chosen.sizes[n]) for n in names},
+    }
+
+
+def build_key(params: dict) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def build(out: str | Path | None = None, preset: str = "default", sizes: Sequence[str] | None = None,
+          seed: int = 0, progress: bool = True, threads: int = 1) -> Path:
+    """Build the suite (or reuse a finished build with the same parameters); return its suite.toml.
+
+    out: the suite directory; default `<cache>/suites/<preset>-<key>`. An existing directory is
+        replaced only if it holds an earlier toy build.
+    preset: "default" or "quick" (see PRESETS).
+    sizes: names of the preset's model sizes to train (default: all).
+    seed: seeds the world, the text, the evaluation sets and the initial weights.
+    threads: torch's CPU thread count during training (pinned: results depend on it).
+    """
+    params = build_parameters(preset, sizes, seed, threads)
+    key = build_key(params)
+    out = Path(out) if out is not None else cache_dir() / "suites" / f"{preset}-{key}"
+    if _manifest_key(out) == key:
+        return out / "suite.toml"
+    if out.exists() and any(out.iterdir()) and _manifest_key(out) is None:
+        raise TokendynError(f"{out} exists and is not a toy suite; choose an empty or new --out directory")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    with _pinned_threads(threads), _quiet_transformers():
+        timings = _write_suite(partial, params, key, progress)
+    (partial / MANIFEST).write_text(json.dumps({"key": key, "parameters": params, "seconds": timings},
+                                               indent=1) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return out / "suite.toml"
+
+
+@contextlib.contextmanager
+def _pinned_threads(threads: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' per-checkpoint "Writing model shards" bars under our own bar."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _manifest_key(out: Path) -> str | None:
+    try:
+        return json.loads((out / MANIFEST).read_text())["key"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _write_suite(root: Path, params: dict, key: str, progress: bool) -> dict[str, float]:
+    seed, seq_len = params["seed"], params["seq_len"]
+    world_cfg = toy_world.WorldConfig(**params["world"])
+    train_cfg = TrainConfig(**params["train"])
+    started = time.perf_counter()
+    world = toy_world.make_world(world_cfg, seed=f"{seed}:world")
+    docs = toy_world.training_documents(world, seed=f"{seed}:train")
+    tokenizer = train_tokenizer((d["text"] for d in docs), max_length=seq_len)
+    tokens = token_stream([d["text"] for d in docs], tokenizer, seq_len)
+    valid = toy_world.validation_documents(world, seed=f"{seed}:valid")
+    filler = toy_world.filler_documents(world, seed=f"{seed}:filler")
+    pairs = toy_world.fact_pairs(world, seed=f"{seed}:pairs")
+    eval_sets = {  # name -> (file, rows, texts)
+        "main": ("valid.jsonl", valid, [d["text"] for d in valid]),
+        "filler": ("filler.jsonl", filler, [d["text"] for d in filler]),
+        "facts": ("pairs.jsonl", pairs, [p[k] for p in pairs for k in ("true", "false")]),
+    }
+    (root / "data").mkdir(parents=True)
+    set_lengths = {}
+    for name, (file, rows, texts) in eval_sets.items():
+        _check_seen_in_training(tokenizer, texts)
+        _write_jsonl(root / "data" / file, rows)
+        set_lengths[name] = _fitting_length(tokenizer, texts, seq_len)
+    (root / "data" / "world.json").write_text(json.dumps(_describe(world), indent=1) + "\n")
+    timings = {"data": time.perf_counter() - started}
+
+    steps_per_model = len(tokens) // train_cfg.batch_size
+    saved = {}
+    with tqdm(total=steps_per_model * len(params["sizes"]), disable=not progress, unit="step",
+              desc="training toy suite") as bar:
+        for name, size in params["sizes"].items():
+            def on_step(loss: float) -> None:
+                bar.update()
+                bar.set_postfix(model=name, loss=f"{loss:.3f}", refresh=False)
+
+            started = time.perf_counter()
+            saved[name] = train(ModelSize(**size), tokens, tokenizer, train_cfg, root / "ckpts" / name,
+                                seed=seed, on_step=on_step)
+            timings[name] = time.perf_counter() - started
+    _write_toml(root / "suite.toml", params, key, saved, set_lengths, tokens_per_step=train_cfg.batch_size * seq_len)
+    return timings
+
+
+def token_stream(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
+    """All documents as one stream, each preceded by BOS, cut into (n_sequences, seq_len)."""
+    ids = [[tokenizer.bos_token_id, *e.ids] for e in tokenizer.backend_tokenizer.encode_batch(texts)]
+    stream = torch.tensor([i for doc in ids for i in doc], dtype=torch.long)
+    n = len(stream) // seq_len
+    return stream[: n * seq_len].view(n, seq_len)
+
+
+def _check_seen_in_training(tokenizer, texts: list[str]) -> None:
+    """Evaluation text may only use words of the training text (whose words are the vocabulary)."""
+    unseen = {text[start:end] for text, e in zip(texts, tokenizer.backend_tokenizer.encode_batch(texts))
+              for token_id, (start, end) in zip(e.ids, e.offsets) if token_id == tokenizer.unk_token_id}
+    if unseen:
+        raise ValueError(f"evaluation words never seen in training: {sorted(unseen)}; "
+                         "render more training text (exposures, filler_rate)")
+
+
+def _fitting_length(tokenizer, texts: list[str], seq_len: int) -> int:
+    """The shortest multiple of 8 that holds every text with its BOS (at most `seq_len`): less padding."""
+    longest = 1 + max(len(e.ids) for e in tokenizer.backend_tokenizer.encode_batch(texts))
+    return min(seq_len, -(-longest // 8) * 8)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _describe(world: toy_world.World) -> dict:
+    return {"values": world.values,
+            "entities": [{"name": n, **{a: world.values[a][v] for a, v in f.items()}}
+                         for n, f in zip(world.names, world.facts)]}
+
+
+def _write_toml(path: Path, params: dict, key: str, saved: dict[str, list[int]], set_lengths: dict[str, int],
+                tokens_per_step: int) -> None:
+    lines = [f"# Built by `tokendyn toy build --preset {params['preset']} --seed {params['seed']}` "
+             f"(key {key}; parameters in {MANIFEST}).",
+             "[eval]", 'files = ["data/valid.jsonl"]', f"seq_len = {set_lengths['main']}", "",
+             "[[sets]]", 'name = "filler"', 'files = ["data/filler.jsonl"]', f"seq_len = {set_lengths['filler']}", "",
+             "[[sets]]", 'name = "facts"', 'files = ["data/pairs.jsonl"]', 'kind = "pairs"',
+             f"seq_len = {set_lengths['facts']}"]
+    for name, steps in saved.items():
+        lines += ["", "[[models]]", f'name = "toy-{name}"', f"tokens_per_step = {tokens_per_step}",
+                  "checkpoints = ["]
+        lines += [f'  {{ step = {s}, path = "ckpts/{name}/step{s}" }},' for s in steps]
+        lines.append("]")
+    path.write_text("\n".join(lines) + "\n")

@@ -1,0 +1,95 @@
+"""What the built-in suite is designed to show, measured on an extracted store of it.
+
+Three findings (issue 3), each a tidy table per model (models in the suite's order, smallest first):
+
+- `pair_preference_table`: the share of true/false pairs where the true statement has the lower
+  total loss, at the first, best and last checkpoint.
+- `false_statement_table`: the loss per token of the false statements over training (nats): where
+  it starts, its minimum, where it ends; `fall` = start - minimum, `rise` = end - minimum.
+- `double_descent_table`: the share of attribute-value tokens whose loss falls, rises and falls
+  again (`trajectories.double_descent`), for rare values (frequency rank above `rare_rank`) and
+  frequent ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from tokendyn import sequences, trajectories
+from tokendyn.store import open_store
+
+PAIRS_SET = "facts"
+
+
+def pair_preference_table(store: str | Path) -> pd.DataFrame:
+    preference = sequences.pair_preference(store, sets=[PAIRS_SET]).squeeze(drop=True)
+    rows = []
+    for model in preference["model"].values:
+        curve = _done(preference.sel(model=model))
+        rows.append({"model": str(model), "first": float(curve[0]), "best": float(np.max(curve)),
+                     "last": float(curve[-1])})
+    return pd.DataFrame(rows)
+
+
+def false_statement_table(store: str | Path) -> pd.DataFrame:
+    scores = sequences.pair_scores(open_store(store, set=PAIRS_SET)).sel(side="false")
+    false_loss = (scores["total"].sum("pair") / scores["n_tokens"].sum("pair")).compute()
+    rows = []
+    for model in false_loss["model"].values:
+        curve = _done(false_loss.sel(model=model))
+        low = float(np.min(curve))
+        rows.append({"model": str(model), "start": float(curve[0]), "minimum": low, "end": float(curve[-1]),
+                     "fall": float(curve[0]) - low, "rise": float(curve[-1]) - low})
+    return pd.DataFrame(rows)
+
+
+def double_descent_table(store: str | Path, rare_rank: int = 10, tol: float = 0.5, window: int = 3) -> pd.DataFrame:
+    ds = open_store(store)
+    flagged = trajectories.double_descent(ds, tol=tol, window=window).compute()
+    is_value = (ds["role"] == "value").compute()
+    rare = (ds["value_rank"] > rare_rank).compute()
+    rows = []
+    for model in flagged["model"].values:
+        dd = flagged.sel(model=model)
+        row = {"model": str(model)}
+        for name, group in (("rare", is_value & rare), ("frequent", is_value & ~rare)):
+            row[f"{name}_values"] = int(group.sum())
+            row[f"{name}_dd_share"] = float(dd.where(group).mean()) if bool(group.any()) else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _done(curve: xr.DataArray) -> np.ndarray:
+    values = curve.values
+    return values[np.isfinite(values)]
+
+
+def summary(store: str | Path) -> list[str]:
+    """The findings as sentences, each saying whether the design target holds."""
+    prefs = pair_preference_table(store)
+    small, large = prefs.iloc[0], prefs.iloc[-1]
+    lines = [f"true/false pairs: the largest model ({large.model}) prefers the true statement in "
+             f"{large.best:.0%} of pairs at best ({large['last']:.0%} at the end), the smallest ({small.model}) "
+             f"in {small.best:.0%} at best (target: largest above 95%, smallest below 75%: "
+             f"{'met' if large.best > 0.95 and small.best < 0.75 else 'NOT met'})"]
+    false = false_statement_table(store)
+    falls = bool((false["fall"] > 0).all())
+    grows = bool(false["rise"].iloc[-1] > 2 * false["rise"].iloc[:-1].max())
+    lines.append("false statements: loss per token falls first in every size (" +
+                 ", ".join(f"{r.model} -{r.fall:.2f}" for r in false.itertuples()) + "), then rises by " +
+                 ", ".join(f"{r.model} +{r.rise:.2f}" for r in false.itertuples()) +
+                 f" nats (target: falls everywhere, rises far most in the largest: "
+                 f"{'met' if falls and grows else 'NOT met'})")
+    dd = double_descent_table(store)
+    concentrated = bool((dd["rare_dd_share"] > dd["frequent_dd_share"]).all())
+    increasing = bool(dd["rare_dd_share"].iloc[-1] > dd["rare_dd_share"].iloc[0])
+    lines.append("double descent among attribute values: rare " +
+                 ", ".join(f"{r.model} {r.rare_dd_share:.1%}" for r in dd.itertuples()) + "; frequent " +
+                 ", ".join(f"{r.model} {r.frequent_dd_share:.1%}" for r in dd.itertuples()) +
+                 f" (target: more on rare values, and more in larger models: "
+                 f"{'met' if concentrated and increasing else 'NOT met'})")
+    return lines

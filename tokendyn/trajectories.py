@@ -1,0 +1,415 @@
+"""Token loss trajectories on comparable x axes (methods.md §1.1, §1.3).
+
+A trajectory is one token's loss over the checkpoints of one model. To compare models of different
+sizes, trajectories are read off at common x values: training step, tokens seen, training FLOPs
+(6 N D) or validation perplexity ("matched perplexity"). This module also holds subset curves (the
+perplexity of a token mask in every model), the per-token double-descent detector and the
+cross-size agreement of per-token loss drops.
+
+Conventions used throughout tokendyn's analyses:
+- only checkpoints marked `done` with a finite `step` take part, in step order;
+- per-token results stay lazy (dask); small summaries (curves, tables) are computed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+import xarray as xr
+
+from tokendyn.errors import TokendynError
+
+AXES = ("step", "tokens_seen", "flops", "val_ppl")
+TOKEN_DIMS = ("seq", "pos")
+CHUNK_MB = 64  # loss data per dask chunk of the per-token computations (ckpt whole, seq chunked)
+SLICE_TOKENS = 2**15  # tokens per slice inside a kernel: bounds its float64 temporaries
+
+
+# --- selecting checkpoints -------------------------------------------------------------------------
+
+def load_small(ds: xr.Dataset) -> xr.Dataset:
+    """A shallow copy of ds with every variable without token dims (step, val_ppl, done, ...) in memory.
+
+    They are tiny, and reading them once saves many small dask computations.
+    """
+    ds = ds.copy()
+    for variable in ds.variables.values():
+        if not set(variable.dims) & set(TOKEN_DIMS):
+            variable.load()
+    return ds
+
+
+def model_index(ds: xr.Dataset, model: int | str) -> int:
+    """Position of `model` (a name or an index) along the model dimension."""
+    if isinstance(model, (int, np.integer)):
+        return int(model)
+    names = [str(name) for name in ds["model"].values]
+    if model not in names:
+        raise TokendynError(f"unknown model {model!r}; the store has {', '.join(names)}")
+    return names.index(model)
+
+
+def done_checkpoints(ds: xr.Dataset, model: int | str) -> np.ndarray:
+    """Indices along `ckpt` of the model's done checkpoints with a finite step, in step order."""
+    m = model_index(ds, model)
+    step = np.asarray(ds["step"].values[m], dtype=float)
+    done = np.asarray(ds["done"].values[m], dtype=bool) if "done" in ds else np.ones_like(step, bool)
+    idx = np.flatnonzero(done & np.isfinite(step))
+    return idx[np.argsort(step[idx], kind="stable")]
+
+
+def chunk_tokens(da: xr.DataArray, chunk_mb: float = CHUNK_MB) -> xr.DataArray:
+    """Rechunk so that `ckpt` is whole and a chunk holds about chunk_mb of data.
+
+    Other dims keep their chunks (the store's: one model, whole positions); the seq chunk is a
+    multiple of the stored one (at least one), so no stored chunk is split. Kernels bound their
+    own working memory with `over_token_slices`.
+    """
+    if da.chunks is None:
+        return da.chunk({"ckpt": -1} if "ckpt" in da.dims else {})
+    sizes = {dim: (da.sizes[dim] if dim == "ckpt" else max(chunks)) for dim, chunks in zip(da.dims, da.chunks)}
+    per_seq = da.dtype.itemsize * math.prod(size for dim, size in sizes.items() if dim != "seq")
+    stored = sizes["seq"]
+    n_seq = max(1, int(chunk_mb * 2**20 // per_seq) // stored) * stored
+    return da.chunk({"ckpt": -1, "seq": n_seq} if "ckpt" in da.dims else {"seq": n_seq})
+
+
+def over_token_slices(func, block: np.ndarray, slice_tokens: int = SLICE_TOKENS, **kwargs) -> np.ndarray:
+    """Apply func to (ckpt, tokens) slices of a (..., ckpt) block of at most `slice_tokens` tokens.
+
+    func returns (tokens, ...) per slice; the result is (..., ...) over the block's leading dims.
+    The float64 temporaries of a kernel then stay small whatever the chunk size.
+    """
+    lead, n = block.shape[:-1], block.shape[-1]
+    flat = np.moveaxis(block, -1, 0).reshape(n, -1)
+    parts = [func(np.ascontiguousarray(flat[:, i:i + slice_tokens]), **kwargs)
+             for i in range(0, flat.shape[1], slice_tokens)]
+    out = np.concatenate(parts, axis=0) if parts else func(flat, **kwargs)
+    return out.reshape(lead + out.shape[1:])
+
+
+def token_loss(ds: xr.Dataset) -> xr.DataArray:
+    """`loss` with NaN outside done checkpoints, without the per-checkpoint coordinates."""
+    loss = ds["loss"]
+    if "done" in ds:
+        loss = loss.where(ds["done"])
+    return loss.drop_vars([name for name in loss.coords if "ckpt" in loss[name].dims and name != "ckpt"])
+
+
+def model_loss(ds: xr.Dataset, model: int | str, chunk_mb: float = CHUNK_MB) -> xr.DataArray:
+    """One model's loss over its done checkpoints as (ckpt, seq, pos), ckpt in a single chunk.
+
+    The `step` coordinate of the selected checkpoints is kept.
+    """
+    m = model_index(ds, model)
+    idx = done_checkpoints(ds, m)
+    contiguous = len(idx) > 0 and np.array_equal(idx, np.arange(idx[0], idx[0] + len(idx)))
+    loss = ds["loss"].isel(model=m, ckpt=slice(idx[0], idx[-1] + 1) if contiguous else idx)
+    return chunk_tokens(loss.reset_coords(drop=True).assign_coords(step=("ckpt", loss["step"].values)),
+                        chunk_mb)
+
+
+def valid_tokens(ds: xr.Dataset) -> xr.DataArray:
+    """Tokens that have a prediction: not padding and not the first position of a sequence.
+
+    In memory (a byte per token), so it never imposes its chunks on the lazy per-token results.
+    """
+    valid = ds["pos"] > 0
+    if "token_id" in ds.coords:
+        valid = valid & (ds["token_id"] >= 0)
+    return valid.reset_coords(drop=True).compute()
+
+
+# --- x axes ----------------------------------------------------------------------------------------
+
+def x_axis(ds: xr.Dataset, axis: str = "step", params: str = "n_params") -> xr.DataArray:
+    """Values of an x axis per (model, ckpt).
+
+    axis: "step", "tokens_seen", "val_ppl", or "flops" = 6 * ds[params] * tokens_seen (training
+    compute; `params` is "n_params" (default, as in methods.md) or "n_params_nonembed").
+    """
+    if axis not in AXES:
+        raise TokendynError(f"unknown x axis {axis!r}; choose one of {', '.join(AXES)}")
+    if axis == "flops":
+        if params not in ds.coords:
+            raise TokendynError(f"the store has no {params!r} coordinate; FLOPs need parameter counts")
+        values = 6.0 * ds[params] * ds["tokens_seen"]
+    else:
+        values = ds[axis]
+    values = values.astype(float).reset_coords(drop=True).compute()
+    if axis in ("tokens_seen", "flops") and not np.isfinite(values.values).any():
+        raise TokendynError(f"the store has no tokens_seen values, so no {axis!r} axis; "
+                            "set tokens_per_step in the suite and re-extract")
+    return values.rename(axis)
+
+
+def _envelope(ppl: np.ndarray) -> np.ndarray:
+    """Mask of the checkpoints that set a new running minimum of validation perplexity."""
+    previous_min = np.minimum.accumulate(np.concatenate([[np.inf], ppl[:-1]]))
+    return ppl < previous_min
+
+
+def _axis_points(ds: xr.Dataset, axis: str, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """(checkpoint indices, increasing x) that one model's trajectories are interpolated on.
+
+    For val_ppl the points are the running-minimum envelope and x = -log(val_ppl).
+    """
+    idx = done_checkpoints(ds, m)
+    x = x_axis(ds, axis).values[m, idx]
+    idx, x = idx[np.isfinite(x)], x[np.isfinite(x)]
+    if axis == "val_ppl":
+        keep = _envelope(x)
+        return idx[keep], -np.log(x[keep])
+    if np.any(np.diff(x) <= 0):
+        raise TokendynError(f"{axis} of model {ds['model'].values[m]} is not increasing over its checkpoints")
+    return idx, x
+
+
+def _brackets(x: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For increasing x: (lo, hi, weight of hi, reachable) of linear interpolation at targets."""
+    if len(x) == 0:
+        zeros = np.zeros(len(targets), int)
+        return zeros, zeros, np.zeros(len(targets)), np.zeros(len(targets), bool)
+    slack = 1e-9 * (1 + np.abs(x).max())  # a level equal to an end up to rounding is reached
+    reachable = (targets >= x[0] - slack) & (targets <= x[-1] + slack)
+    if len(x) == 1:
+        zeros = np.zeros(len(targets), int)
+        return zeros, zeros, np.zeros(len(targets)), reachable
+    hi = np.clip(np.searchsorted(x, targets, side="right"), 1, len(x) - 1)
+    lo = hi - 1
+    weight = np.clip((targets - x[lo]) / (x[hi] - x[lo]), 0.0, 1.0)
+    return lo, hi, weight, reachable
+
+
+def _interpolation(ds: xr.Dataset, axis: str, levels: np.ndarray) -> list[tuple]:
+    """Per model: (ckpt of lo, ckpt of hi, weight, reachable) at `levels` of `axis`."""
+    targets = -np.log(levels) if axis == "val_ppl" else levels
+    plans = []
+    for m in range(ds.sizes["model"]):
+        idx, x = _axis_points(ds, axis, m)
+        lo, hi, weight, reachable = _brackets(x, targets)
+        safe = idx if len(idx) else np.zeros(1, int)
+        plans.append((safe[lo], safe[hi], weight, reachable))
+    return plans
+
+
+def reach(ds: xr.Dataset, axis: str, levels: Sequence[float], of: str = "step") -> xr.DataArray:
+    """Value of axis `of` where each model reaches each level of `axis` (model, axis); NaN if never.
+
+    Interpolated with the same checkpoints and weights as the losses in `at_axis`.
+    """
+    ds = load_small(ds)
+    levels = np.asarray(levels, dtype=float)
+    values = x_axis(ds, of).values
+    rows = []
+    for m, (lo, hi, weight, reachable) in enumerate(_interpolation(ds, axis, levels)):
+        rows.append(np.where(reachable, values[m, lo] + weight * (values[m, hi] - values[m, lo]), np.nan))
+    return xr.DataArray(np.array(rows), dims=("model", axis), coords={"model": ds["model"].values, axis: levels})
+
+
+def at_axis(ds: xr.Dataset, axis: str, levels: Sequence[float]) -> xr.DataArray:
+    """Loss of every token in every model at given levels of an x axis: (model, axis, seq, pos).
+
+    Linear interpolation between the two checkpoints that bracket each level; for "val_ppl" it is
+    linear in log(val_ppl) on the running-minimum envelope (the checkpoints that set a new lowest
+    validation perplexity), so a later checkpoint that got worse is skipped. Levels a model never
+    reaches (outside its first..last value) are NaN, never extrapolated. Lazy. A `step`
+    coordinate (model, axis) gives the (interpolated) step at which each model is read.
+    """
+    ds = load_small(ds)
+    levels = np.asarray(levels, dtype=float)
+    if levels.ndim != 1 or len(levels) == 0:
+        raise TokendynError("levels must be a non-empty list of numbers")
+    loss = token_loss(ds)
+    per_model = []
+    for m, (lo, hi, weight, reachable) in enumerate(_interpolation(ds, axis, levels)):
+        model = loss.isel(model=m)
+        a = model.isel(ckpt=xr.DataArray(lo, dims=axis))
+        b = model.isel(ckpt=xr.DataArray(hi, dims=axis))
+        w = xr.DataArray(weight, dims=axis)
+        per_model.append((a + w * (b - a)).where(xr.DataArray(reachable, dims=axis)))
+    out = xr.concat(per_model, dim="model", coords="minimal", compat="override").drop_vars("ckpt")
+    model_coords = {name: coord for name, coord in ds.coords.items() if coord.dims == ("model",)}
+    out = out.assign_coords({axis: levels, **model_coords}).transpose("model", axis, *TOKEN_DIMS)
+    if axis != "step":
+        out = out.assign_coords(step=reach(ds, axis, levels, "step"))
+    return out.rename("loss")
+
+
+def perplexity_range(ds: xr.Dataset) -> tuple[float, float]:
+    """(highest, lowest) validation perplexity that every model reaches on its envelope."""
+    ds = load_small(ds)
+    highs, lows = [], []
+    for m in range(ds.sizes["model"]):
+        idx, x = _axis_points(ds, "val_ppl", m)
+        if len(idx) == 0:
+            raise TokendynError(f"model {ds['model'].values[m]} has no done checkpoint with a validation "
+                                "perplexity; run extraction first")
+        highs.append(np.exp(-x[0]))
+        lows.append(np.exp(-x[-1]))
+    high, low = min(highs), max(lows)
+    if low > high:
+        raise TokendynError(f"no validation perplexity is reached by every model (the common range "
+                            f"[{low:.4g}, {high:.4g}] is empty); pass levels explicitly or drop a model")
+    return high, low
+
+
+def perplexity_grid(ds: xr.Dataset, n_levels: int = 20) -> np.ndarray:
+    """`n_levels` perplexities evenly spaced in log between the common range's ends, descending."""
+    high, low = perplexity_range(ds)
+    return np.geomspace(high, low, n_levels)
+
+
+def at_perplexity(ds: xr.Dataset, levels: Sequence[float] | None = None, n_levels: int = 20) -> xr.DataArray:
+    """Loss at matched validation perplexity: (model, val_ppl, seq, pos); see `at_axis`.
+
+    levels: perplexities to read at; default `perplexity_grid(ds, n_levels)`, the levels every
+    model reaches.
+    """
+    return at_axis(ds, "val_ppl", perplexity_grid(ds, n_levels) if levels is None else levels)
+
+
+# --- subsets and double descent --------------------------------------------------------------------
+
+def subset_curve(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
+    """Perplexity of a token subset in every model and checkpoint: exp(mean loss over the mask).
+
+    mask: boolean (seq, pos), e.g. `cats.sel(model="m", start=0.2) == "upward"`; chosen on one
+    model, tracked in all. Extra dims (other than model/ckpt) give one curve each, computed in one
+    pass. Returns (..., model, ckpt) with the `val_ppl` and `step` coordinates, so it plots
+    against validation perplexity directly; NaN for an empty subset. Computed.
+    """
+    ds = load_small(ds)
+    mask = mask.reset_coords(drop=True)
+    if not set(TOKEN_DIMS) <= set(mask.dims) or set(mask.dims) & {"model", "ckpt"}:
+        raise TokendynError(f"the mask must have dims (seq, pos) and no model/ckpt dims, not {mask.dims}; "
+                            "select one model (and start) first")
+    loss = ds["loss"].where(ds["done"]) if "done" in ds else ds["loss"]
+    weight = mask.astype(float)
+    total = xr.dot(loss.fillna(0), weight, dim=TOKEN_DIMS)
+    count = xr.dot(loss.notnull().astype(float), weight, dim=TOKEN_DIMS)
+    return np.exp(total / count.where(count > 0)).rename("subset_ppl").compute()
+
+
+def moving_average(y: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average along axis 0 over `window` points, skipping NaN (fewer points at the
+    ends, like a rolling mean with min_periods=1); NaN points stay NaN."""
+    n, half = len(y), window // 2
+    total, count = np.zeros(y.shape), np.zeros(y.shape)
+    for offset in range(-half, window - half):
+        source = y[max(offset, 0): n + min(offset, 0)]
+        target = slice(max(-offset, 0), n - max(offset, 0))
+        total[target] += np.nan_to_num(source)
+        count[target] += ~np.isnan(source)
+    return np.where(np.isnan(y), np.nan, total / np.maximum(count, 1))
+
+
+def falls_rises_falls(y: np.ndarray, tol: float) -> np.ndarray:
+    """Along axis 0: a fall >= tol to a point, a rise >= tol above it, then a fall >= tol."""
+    after_fall = np.fmax.accumulate(y, axis=0) - y >= tol
+    lowest = np.fmin.accumulate(np.where(after_fall, y, np.inf), axis=0)
+    peak = y - lowest >= tol
+    falls_later = y - np.fmin.accumulate(y[::-1], axis=0)[::-1] >= tol
+    return (peak & falls_later).any(axis=0)
+
+
+def detect_double_descent(curve: xr.DataArray, dim: str = "ckpt", tol: float = 0.5, window: int = 3) -> xr.DataArray:
+    """Per-trajectory double descent along `dim` (boolean; any other dims are kept).
+
+    After a centred moving average over `window` points (1 = none), a trajectory is flagged when
+    it falls by at least `tol` to some point, later rises at least `tol` above that point, and
+    later still falls at least `tol` below that peak. `tol` is in the curve's units (nats for
+    loss). NaN points are skipped.
+    """
+    if getattr(curve.data, "chunks", None) is not None:
+        curve = curve.chunk({dim: -1})
+    return xr.apply_ufunc(partial(over_token_slices, _smoothed_double_descent), curve, input_core_dims=[[dim]],
+                          kwargs={"tol": tol, "window": window}, dask="parallelized",
+                          output_dtypes=[bool]).rename("double_descent")
+
+
+def _smoothed_double_descent(y: np.ndarray, tol: float, window: int) -> np.ndarray:
+    return falls_rises_falls(moving_average(y, window), tol)
+
+
+def double_descent(ds: xr.Dataset, tol: float = 0.5, window: int = 3, chunk_mb: float = CHUNK_MB) -> xr.DataArray:
+    """Per-token double descent over each model's checkpoints: (model, seq, pos), lazy.
+
+    See `detect_double_descent` for `tol` (nats) and `window` (checkpoints).
+    """
+    ds = load_small(ds)
+    loss = chunk_tokens(token_loss(ds), chunk_mb)
+    return detect_double_descent(loss, "ckpt", tol, window) & valid_tokens(ds)
+
+
+def token_share(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
+    """Percentage of the valid tokens where `mask` holds, over (seq, pos). Computed."""
+    valid = valid_tokens(ds)
+    return (100 * (mask & valid).sum(TOKEN_DIMS) / valid.sum(TOKEN_DIMS)).compute()
+
+
+# --- cross-size agreement --------------------------------------------------------------------------
+
+def _pair_rows(drops: np.ndarray, models: Sequence[str], top: float) -> list[dict]:
+    """Spearman and top-k Jaccard of per-token drops (model, token) for every model pair."""
+    rows = []
+    for a, b in itertools.combinations(range(len(models)), 2):
+        both = np.isfinite(drops[a]) & np.isfinite(drops[b])
+        da, db = drops[a][both], drops[b][both]
+        n = int(both.sum())
+        k = max(1, round(top * n)) if top < 1 else int(top)
+        row = {"model_a": models[a], "model_b": models[b], "n_tokens": n, "top_k": k,
+               "spearman": np.nan, "jaccard": np.nan, "jaccard_chance": k / (2 * n - k) if n >= k else np.nan}
+        if n >= 3 and k <= n:
+            row["spearman"] = scipy.stats.spearmanr(da, db).statistic
+            top_a = np.argpartition(-da, k - 1)[:k]
+            top_b = np.argpartition(-db, k - 1)[:k]
+            inter = len(np.intersect1d(top_a, top_b))
+            row["jaccard"] = inter / (2 * k - inter)
+        rows.append(row)
+    return rows
+
+
+def agreement(ds: xr.Dataset, levels: Sequence[float] | None = None, top: float = 0.1,
+              axes: Sequence[str] = ("step", "tokens_seen")) -> pd.DataFrame:
+    """Do the same tokens drop most in every model between two matched perplexities?
+
+    For each model, the per-token loss drop = loss at levels[0] - loss at levels[1] (validation
+    perplexities, levels[0] > levels[1]; default: the points 10% and 90% of the way through the
+    common perplexity range in log). For every pair of models: Spearman rank correlation of the
+    drops, and the Jaccard overlap of their top `top` tokens by drop (a fraction of the tokens if
+    < 1, else a count), with `jaccard_chance` = what independent choices would give.
+    The same numbers follow at matched steps (and tokens seen, where known): the two levels on
+    those axes are the mean over models of where each model reaches the two perplexities, and
+    every model is read there (a model that does not span them gives NaN for its pairs).
+    Returns a tidy table: axis, from_level, to_level, model_a, model_b, n_tokens, top_k,
+    spearman, jaccard, jaccard_chance.
+    """
+    ds = load_small(ds)
+    if levels is None:
+        high, low = perplexity_range(ds)
+        levels = [high * (low / high) ** 0.1, high * (low / high) ** 0.9]
+    levels = np.asarray(levels, dtype=float)
+    if levels.shape != (2,) or not levels[0] > levels[1]:
+        raise TokendynError("agreement needs two perplexity levels, the higher first (e.g. levels=[100, 50])")
+    models = [str(name) for name in ds["model"].values]
+    valid = valid_tokens(ds)
+    matched = {"val_ppl": levels}
+    for axis in axes:
+        try:
+            matched[axis] = np.nanmean(reach(ds, "val_ppl", levels, of=axis).values, axis=0)
+        except TokendynError:
+            continue  # tokens seen unknown: that comparison is left out
+    rows = []
+    for axis, pair in matched.items():
+        grid = at_axis(ds, axis, pair).where(valid)
+        drops = (grid.isel({axis: 0}) - grid.isel({axis: 1})).values.reshape(len(models), -1)
+        for row in _pair_rows(drops, models, top):
+            rows.append({"axis": axis, "from_level": pair[0], "to_level": pair[1], **row})
+    return pd.DataFrame(rows)
