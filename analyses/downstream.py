@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from analyses.findings import verdict
-from analyses.sequence_perplexity import TASK_PREFIX
+from tokendyn.store import TASK_SET_PREFIX
 from analyses.study import Result, Skip, main, models_by_size, open_source, require
 from analyses.style import model_colors, model_legend, new_figure
 from tokendyn.sequences import store_path
@@ -44,7 +44,7 @@ def run(source, metric: str = "accuracy", max_panels: int = 8) -> Result:
     ds = open_source(source)
     require(ds, "loss", "val_ppl")
     path = store_path(ds)
-    if path is None or not any(name.startswith(TASK_PREFIX) for name in list_sets(path)):
+    if path is None or not any(name.startswith(TASK_SET_PREFIX) for name in list_sets(path)):
         raise Skip("the store has no multiple-choice tasks (add some with tokendyn tasks)")
     from tokendyn import downstream  # imported here: it loads torch and transformers
 

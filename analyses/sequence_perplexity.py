@@ -13,11 +13,10 @@ from analyses.findings import direction, verdict
 from analyses.study import Result, Skip, main, models_by_size, open_source, require
 from analyses.style import log_scale, model_colors, model_legend, new_figure, perplexity_axis
 from tokendyn.sequences import sequence_ppl, store_path, turning_points
-from tokendyn.store import list_sets
+from tokendyn.store import TASK_SET_PREFIX, list_sets
 
 TITLE = "Perplexity of the evaluation sets over training"
 INVERSE_MIXTURE = "1,-1"  # text decoded from p_small - p_large (methods.md §1.4)
-TASK_PREFIX = "task."  # tokendyn.tasks.SET_PREFIX, not imported: tokendyn.tasks loads transformers
 
 
 def named_sets(ds: xr.Dataset) -> tuple[Path, list[str]]:
@@ -25,7 +24,7 @@ def named_sets(ds: xr.Dataset) -> tuple[Path, list[str]]:
     path = store_path(ds)
     if path is None:
         raise Skip("spans the store's evaluation sets; open the store from disk (tokendyn.open_store)")
-    names = [n for n in list_sets(path) if not n.startswith(TASK_PREFIX)]
+    names = [n for n in list_sets(path) if not n.startswith(TASK_SET_PREFIX)]
     if not names:
         raise Skip("the store has no named evaluation sets (add some with tokendyn extract --set / --pairs)")
     return Path(path), names

@@ -238,11 +238,6 @@ def test_findings_helpers():
     assert verdict([True, False]) == "partly reproduces" and verdict([]) == "cannot be checked here"
 
 
-def test_task_prefix_is_the_one_tokendyn_tasks_uses():
-    from tokendyn.tasks import SET_PREFIX
-    assert sequence_perplexity.TASK_PREFIX == SET_PREFIX
-
-
 def test_a_study_runs_alone_from_the_command_line(planted, capsys, tmp_path):
     assert main(perplexity.run, "perplexity", [planted.ds.encoding["source"], "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out

@@ -1,7 +1,7 @@
 """`tokendyn demo`: the whole job on the built-in suite, from nothing to findings, in one call.
 
 build (or reuse) the toy suite -> generate the contrastive sets -> extract every evaluation set ->
-analyze -> report -> print the findings and where the files are. Every stage reuses what an
+score the world's multiple-choice tasks and run PassUntil on its recall questions -> analyze -> report -> print the findings and where the files are. Every stage reuses what an
 earlier run left: the build is cached by its parameters, generated text is kept next to the store,
 extraction resumes, and the analyses and the report are redone only when the store changed.
 """
@@ -12,11 +12,16 @@ from pathlib import Path
 
 import hashlib
 
-from tokendyn import __version__, analyze, extract, generate, report, store
+from tokendyn import __version__, analyze, extract, generate, report, sampling, store, tasks
 from tokendyn.suite import EvalSet, load_suite
 from tokendyn.toy import build, findings
+from tokendyn.toy import tasks as toy_tasks
 
 CORRUPT_RATES = (0.2, 0.4, 0.8)
+# PassUntil samples under every checkpoint of every model: a few recall questions with a small cap
+# keep the demo to minutes (the estimator reports capped runs as censored bounds).
+RECALL_INSTANCES = 8
+RECALL_CAP = 100
 
 
 def stores_dir() -> Path:
@@ -38,6 +43,14 @@ def run_demo(preset: str = "default", seed: int = 0, progress: bool = True) -> d
     extra += [EvalSet(name=f"corrupted-{rate}", files=suite.eval.files, seq_len=suite.eval.seq_len,
                       corrupt=rate, seed=seed) for rate in CORRUPT_RATES]
     extract.extract(suite, out, extra_sets=extra, progress=progress)
+
+    task_files = toy_tasks.write_tasks(suite_path.parent, out.with_name(out.name.removesuffix(".zarr") + ".toy-tasks"),
+                                       n_recall=RECALL_INSTANCES, seed=seed)
+    choice = [tasks.read_task(t["path"]) for t in task_files.values() if t["kind"] == "choice"]
+    tasks.score_tasks(suite, out, choice, shots=2, seed=seed, progress=progress)
+    for task in (t for t in task_files.values() if t["kind"] == "generation"):
+        sampling.run_pass_until(suite, out, task["path"], passes=2, max_samples=RECALL_CAP, batch_size=RECALL_CAP,
+                                seed=seed, progress=progress)
 
     folder = analyze.default_folder(out)
     report_dir = out.with_name(out.name.removesuffix(".zarr") + ".report")

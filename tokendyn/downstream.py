@@ -28,8 +28,8 @@ import xarray as xr
 
 from tokendyn import choices, emergence as emergence_module, passuntil, sampling, skills
 from tokendyn.errors import TokendynError
-from tokendyn.store import list_sets, open_store
-from tokendyn.tasks import ITEM_FIELDS, OPTION_FIELD, SET_PREFIX
+from tokendyn.store import TASK_SET_PREFIX, list_sets, open_store
+from tokendyn.tasks import ITEM_FIELDS, OPTION_FIELD
 
 CHECKPOINT_COORDS = ("step", "val_ppl", "tokens_seen")
 METRICS = (*choices.METRICS, "correct_ppl", "incorrect_ppl")
@@ -52,7 +52,7 @@ def _main(source) -> xr.Dataset:
 
 def task_names(source) -> list[str]:
     """The multiple-choice tasks of a store (its sets named task.<name>)."""
-    return [name.removeprefix(SET_PREFIX) for name in list_sets(store_path(source)) if name.startswith(SET_PREFIX)]
+    return [name.removeprefix(TASK_SET_PREFIX) for name in list_sets(store_path(source)) if name.startswith(TASK_SET_PREFIX)]
 
 
 def _check_task(source, task: str) -> None:
@@ -67,7 +67,7 @@ def option_scores(source, task: str) -> xr.Dataset:
     of the option's tokens (NaN where the checkpoint is not done or the item has fewer options);
     `length` (item, option) in tokens; `answer` (item); `done` (model, ckpt); item fields as coordinates."""
     _check_task(source, task)
-    ds = open_store(store_path(source), set=SET_PREFIX + task)
+    ds = open_store(store_path(source), set=TASK_SET_PREFIX + task)
     in_option = ds[OPTION_FIELD] == 1
     logprob = -ds["loss"].where(ds["done"]).where(in_option).astype(np.float64).sum("pos", min_count=1)
     logprob, length = logprob.compute().values, in_option.sum("pos").values
@@ -303,7 +303,7 @@ def task_scaling_fit(source, task: str | None = None, *, x: str = "n_params", po
 def skill_tasks(source) -> list[str]:
     """The multiple-choice tasks whose items name the skills they need (an item field `skills`)."""
     path = store_path(source)
-    return [t for t in task_names(path) if "skills" in open_store(path, set=SET_PREFIX + t).coords]
+    return [t for t in task_names(path) if "skills" in open_store(path, set=TASK_SET_PREFIX + t).coords]
 
 
 def skill_curves(source, k: Sequence[int] = (1, 2, 3), tasks: Sequence[str] | None = None, *, beta: float = 2.0,

@@ -26,7 +26,7 @@ import xarray as xr
 from tokendyn import trajectories
 from tokendyn.corpus import PAD
 from tokendyn.errors import TokendynError
-from tokendyn.store import list_sets, open_store
+from tokendyn.store import TASK_SET_PREFIX, list_sets, open_store
 
 TOKEN_DIMS = ("seq", "pos")
 CHECKPOINT_COORDS = ("step", "val_ppl", "tokens_seen")
@@ -50,13 +50,16 @@ def set_params(ds: xr.Dataset) -> dict:
 
 
 def open_sets(source: str | Path | xr.Dataset, sets: Sequence[str] | None = None) -> dict[str, xr.Dataset]:
-    """name -> dataset of the store's sets (default: main and every named set)."""
+    """name -> dataset of the store's sets (default: main and every named set except task sets)."""
     if isinstance(source, xr.Dataset):
         path = store_path(source)
         if path is None:
             return {set_params(source)["name"]: source}
         source = path
-    names = ["main", *list_sets(source)] if sets is None else list(sets)
+    if sets is None:
+        names = ["main", *(name for name in list_sets(source) if not name.startswith(TASK_SET_PREFIX))]
+    else:
+        names = list(sets)
     return {name: open_store(source, set=name) for name in names}
 
 

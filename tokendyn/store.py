@@ -26,6 +26,7 @@ from tokendyn.corpus import PackedSet
 from tokendyn.errors import TokendynError
 
 SETS_GROUP = "sets"
+TASK_SET_PREFIX = "task."  # named sets holding multiple-choice tasks (tokendyn.tasks), not evaluation text
 CHUNK_VALUES = 2**18  # values per (1, 1, seq_chunk, pos) chunk: 1 MiB in float32
 METRICS = ("loss", "entropy", "rank")
 STORE_DTYPES = ("float32", "float16")

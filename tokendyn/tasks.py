@@ -42,9 +42,9 @@ from transformers import AutoConfig
 
 from tokendyn import checkpoints
 from tokendyn.errors import TokendynError
+from tokendyn.store import TASK_SET_PREFIX
 from tokendyn.suite import EvalSet, Suite, load_suite
 
-SET_PREFIX = "task."
 OPTION_FIELD = "in_option"
 ITEM_FIELDS = ("item", "option", "answer", "n_options")
 # Store coordinates an item field must not shadow.
@@ -238,7 +238,7 @@ def task_set(task: ChoiceTask, tokenizer, folder: str | Path, *, shots: int = 2,
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{task.name}.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return EvalSet(name=SET_PREFIX + task.name, files=(path,), seq_len=max(seq_len, 2), bos=bos)
+    return EvalSet(name=TASK_SET_PREFIX + task.name, files=(path,), seq_len=max(seq_len, 2), bos=bos)
 
 
 def suite_context(suite: Suite, trust_remote_code: bool = False) -> int | None:
