@@ -23,13 +23,14 @@ def _n_clusters(text: str) -> int | str:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "analyze", help="run the token-trajectory analyses on a store and write tables and labels next to it",
+        "analyze", help="run every analysis the store has data for and write tables and labels next to it",
         description="Run every analysis the store has data for (matched perplexity, trend categories and "
                     "subset curves, double descent, cross-size agreement, per-token curve measures, Rho-1 "
-                    "classes, trajectory clusters) and write them to a folder beside the store "
+                    "classes, trajectory clusters; the perplexity of every evaluation set and true/false pairs; task metrics, "
+                    "emergence thresholds, PassUntil and skill curves) and write them to a folder beside the store "
                     "(toy.zarr -> toy.analysis/): tidy CSV tables, and labels.zarr with one group of "
                     "per-token results per analysis. Prints a short summary; steps whose data the store "
-                    "lacks are reported as skipped. Methods: ../shared/methods.md sections 1.1-1.3 and 5.")
+                    "lacks are reported as skipped. Methods: ../shared/methods.md.")
     p.add_argument("store", type=Path, help="store path (from `tokendyn extract`)")
     p.add_argument("--set", default="main", help="evaluation set to analyse (default: main)")
     p.add_argument("--out", type=Path, help="output folder (default: beside the store, STORE.analysis; "
@@ -45,6 +46,11 @@ def register(subparsers) -> None:
     p.add_argument("--dd-tol", type=float, help="double-descent tolerance in nats (default 0.5)")
     p.add_argument("--n-clusters", type=_n_clusters, help="number of clusters or 'auto' (default auto)")
     p.add_argument("--cluster-method", choices=["kmeans", "gmm"], help="clustering estimator (default kmeans)")
+    p.add_argument("--turn-tol", type=float,
+                   help="a set's perplexity curve turns when it rises this much (in log) above its minimum "
+                        "(default 0.05)")
+    p.add_argument("--sequence-by", help="split a set's perplexity by this document field (default: mixture, "
+                                         "one curve per generation mixture); 'none' to keep sets whole")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -56,7 +62,8 @@ def run(args: argparse.Namespace) -> None:
     ds = open_store(args.store, set=args.set)
     folder = args.out or default_folder(args.store, args.set)
     options = {"start": args.start, "trend_x": args.trend_x, "levels": args.levels, "dd_tol": args.dd_tol,
-               "n_clusters": args.n_clusters, "cluster_method": args.cluster_method}
+               "n_clusters": args.n_clusters, "cluster_method": args.cluster_method, "turn_tol": args.turn_tol,
+               "sequence_by": "" if args.sequence_by == "none" else args.sequence_by}
     lines = analyze(ds, folder, options, only=args.steps, progress=not args.quiet)
     print("\n".join(lines))
     print(f"results written to {folder}")

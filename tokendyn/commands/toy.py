@@ -7,8 +7,6 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    from tokendyn.toy.build import PRESETS
-
     p = subparsers.add_parser(
         "toy", help="the built-in suite: tiny OPT models trained offline on a synthetic world",
         description="Work with the built-in suite: a seeded synthetic world of entities and facts, a word-level "
@@ -23,7 +21,8 @@ def register(subparsers) -> None:
                     "laptop CPU, 'quick' takes seconds.")
     b.add_argument("--out", type=Path, default=None,
                    help="suite directory (default: cache/suites/<preset>-<key>, or under $TOKENDYN_CACHE)")
-    b.add_argument("--preset", default="default", choices=sorted(PRESETS), help="size of the build (default: default)")
+    b.add_argument("--preset", default="default",
+                   help="size of the build: default (the demo's) or quick (seconds; what the tests use)")
     b.add_argument("--sizes", nargs="+", default=None, metavar="SIZE",
                    help="model sizes to train, e.g. S L (default: all sizes of the preset)")
     b.add_argument("--seed", type=int, default=0, help="seeds the world, the text and the weights (default: 0)")

@@ -45,7 +45,7 @@ def sequence_ppl_step(ds: xr.Dataset, out: Output) -> list[str]:
     """Perplexity of every set per model and checkpoint (sequence_ppl.csv), at matched validation
     perplexity (sequence_ppl_matched.csv) and each curve's turning point (sequence_turns.csv)."""
     _named_sets(ds)
-    curve = sequences.sequence_ppl(ds, by=_option(out, "sequence_by"))
+    curve = sequences.sequence_ppl(ds, by=_option(out, "sequence_by") or None)
     columns = ["set", "source_set", "group", "kind", "corrupt", "model", "ckpt", "step", "val_ppl", "sequence_ppl"]
     table = _table(curve, columns).dropna(subset=["sequence_ppl"])
     out.write_table("sequence_ppl", table)
