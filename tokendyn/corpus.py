@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,13 +86,12 @@ def read_documents(spec: EvalSet) -> list[Document]:
     """All documents of an evaluation set, in file order."""
     docs: list[Document] = []
     for path in spec.files:
-        text = _read_text(path)
         if spec.kind == "pairs":
-            docs += _pair_documents(path, text)
+            docs += _pair_documents(path)
         elif path.suffix == ".jsonl":
-            docs += _jsonl_documents(path, text)
+            docs += _jsonl_documents(path)
         else:
-            docs += [Document(block.strip()) for block in text.split("\n\n") if block.strip()]
+            docs += [Document(block.strip()) for block in _read_text(path).split("\n\n") if block.strip()]
     if not docs:
         raise TokendynError(f"evaluation set '{spec.name}' has no documents (files: "
                             f"{', '.join(map(str, spec.files))}); add text to them")
@@ -100,16 +100,18 @@ def read_documents(spec: EvalSet) -> list[Document]:
 
 def _read_text(path: Path) -> str:
     if not path.is_file():
-        raise TokendynError(f"evaluation file {path} does not exist; fix the path in the suite TOML")
+        raise TokendynError(f"file {path} does not exist; fix the path (in the suite TOML or the command)")
     try:
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
-        raise TokendynError(f"evaluation file {path} is not UTF-8 (byte {err.start}); "
+        raise TokendynError(f"file {path} is not UTF-8 (byte {err.start}); "
                             "re-encode it as UTF-8") from None
 
 
-def _json_lines(path: Path, text: str):
-    for number, line in enumerate(text.splitlines(), 1):
+def json_lines(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a UTF-8 JSONL file; one-line errors otherwise."""
+    path = Path(path)
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -121,9 +123,9 @@ def _json_lines(path: Path, text: str):
         yield number, record
 
 
-def _jsonl_documents(path: Path, text: str) -> list[Document]:
+def _jsonl_documents(path: Path) -> list[Document]:
     docs = []
-    for number, record in _json_lines(path, text):
+    for number, record in json_lines(path):
         if not isinstance(record.get("text"), str):
             raise TokendynError(f'{path}:{number}: missing string field "text"')
         fields = {k: v for k, v in record.items() if k not in ("text", "spans")}
@@ -131,9 +133,9 @@ def _jsonl_documents(path: Path, text: str) -> list[Document]:
     return docs
 
 
-def _pair_documents(path: Path, text: str) -> list[Document]:
+def _pair_documents(path: Path) -> list[Document]:
     docs = []
-    for pair, (number, record) in enumerate(_json_lines(path, text)):
+    for pair, (number, record) in enumerate(json_lines(path)):
         if not isinstance(record.get("true"), str) or not isinstance(record.get("false"), str):
             raise TokendynError(f'{path}:{number}: a pair needs string fields "true" and "false"')
         fields = {k: v for k, v in record.items() if k not in ("true", "false")}

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from tokendyn import checkpoints, store
-from tokendyn.corpus import PAD
+from tokendyn.corpus import PAD, json_lines
 from tokendyn.errors import TokendynError
 from tokendyn.generate import decode
 from tokendyn.passuntil import pass_until
@@ -92,17 +92,9 @@ class GenerationTask:
 def read_generation_task(path: str | Path, name: str | None = None) -> GenerationTask:
     """A JSONL of {"prompt": ..., "answer": ...} lines; name defaults to the file name without extension."""
     path = Path(path)
-    if not path.is_file():
-        raise TokendynError(f"task file {path} does not exist; fix the path")
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TokendynError(f"{path}:{number}: not valid JSON ({err.msg}); one JSON object per line") from None
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str) \
+    for number, record in json_lines(path):
+        if not isinstance(record.get("prompt"), str) \
                 or not isinstance(record.get("answer"), str) or not record["answer"].strip():
             raise TokendynError(f'{path}:{number}: needs string fields "prompt" and "answer" (non-empty)')
         for key in record:

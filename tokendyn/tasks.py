@@ -41,6 +41,7 @@ import numpy as np
 from transformers import AutoConfig
 
 from tokendyn import checkpoints
+from tokendyn.corpus import json_lines
 from tokendyn.errors import TokendynError
 from tokendyn.store import TASK_SET_PREFIX
 from tokendyn.suite import EvalSet, Suite, load_suite
@@ -128,15 +129,9 @@ def read_jsonl_task(path: str | Path) -> ChoiceTask:
     """A JSONL task: lines {"question": ..., "choices": [...], "answer": index or choice text}."""
     path = Path(path)
     items = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TokendynError(f"{path}:{number}: not valid JSON ({err.msg}); one JSON object per line") from None
-        choices = record.get("choices") if isinstance(record, dict) else None
-        if (not isinstance(record, dict) or not isinstance(record.get("question"), str)
+    for number, record in json_lines(path):
+        choices = record.get("choices")
+        if (not isinstance(record.get("question"), str)
                 or not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices)):
             raise TokendynError(f'{path}:{number}: needs "question" (a string) and "choices" (two or more strings)')
         answer = record.get("answer")

@@ -1,0 +1,23 @@
+"""One module per command (see `tokendyn.cli`). Shared here: the options of every command that runs models."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--device, --dtype, --allow-pickle, --trust-remote-code and --no-progress."""
+    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or mps (default: cpu)")
+    p.add_argument("--dtype", default="float32",
+                   help="model precision: float32, bfloat16 or float16 (default: float32)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load pickle checkpoints (pytorch_model.bin); only for weights you trust")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run model code shipped with a hub checkpoint; only for code you trust")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments that `add_model_options` collects, as the library functions take them."""
+    return dict(device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
+                trust_remote_code=args.trust_remote_code, progress=not args.no_progress)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from tokendyn import store
+from tokendyn.commands import add_model_options, model_options
 from tokendyn.errors import TokendynError
 from tokendyn.suite import SET_KEYS, EvalSet, _parse_set, _Table, load_suite
 
@@ -29,17 +30,11 @@ def register(subparsers) -> None:
                    help="seed of the random token replacement of NAME:R sets (default: 0)")
     p.add_argument("--metrics", default=None,
                    help="comma-separated per-token metrics among loss,entropy,rank (default: the store's, else loss)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or mps (default: cpu)")
-    p.add_argument("--dtype", default="float32", help="model precision: float32, bfloat16 or float16 (default: float32)")
     p.add_argument("--store-dtype", default=None, choices=store.STORE_DTYPES,
                    help="on-disk precision (default: float32; float16 halves the store)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward pass (default: 8192)")
     p.add_argument("--force", action="store_true", help="recompute checkpoints that are already complete")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="load pickle checkpoints (pytorch_model.bin); only for weights you trust")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run model code shipped with a hub checkpoint; only for code you trust")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_model_options(p)
     p.set_defaults(func=run)
 
 
@@ -52,10 +47,8 @@ def run(args: argparse.Namespace) -> None:
         seq_len = load_suite(args.suite).eval.seq_len
         extra_sets += [s for option in args.sets for s in parse_set_option(option, seq_len, args.corrupt_seed)]
         extra_sets += [parse_pairs_option(option, seq_len) for option in args.pairs]
-    out = extract(args.suite, args.out, extra_sets=extra_sets, metrics=metrics, device=args.device, dtype=args.dtype,
-                  store_dtype=args.store_dtype, batch_tokens=args.batch_tokens, force=args.force,
-                  allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                  progress=not args.no_progress)
+    out = extract(args.suite, args.out, extra_sets=extra_sets, metrics=metrics, store_dtype=args.store_dtype,
+                  batch_tokens=args.batch_tokens, force=args.force, **model_options(args))
     print(f"store written: {out}  (inspect with: tokendyn info {out})")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tokendyn.commands import add_model_options, model_options
 from tokendyn.errors import TokendynError
 
 ROLES = ("small", "large")
@@ -39,14 +40,7 @@ def register(subparsers) -> None:
     p.add_argument("--no-stop-at-eos", action="store_true",
                    help="keep generating after the end-of-sequence token (default: a continuation stops there)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together (default: 32)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or mps (default: cpu)")
-    p.add_argument("--dtype", default="float32",
-                   help="model precision: float32, bfloat16 or float16 (default: float32)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="load pickle checkpoints (pytorch_model.bin); only for weights you trust")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run model code shipped with a hub checkpoint; only for code you trust")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_model_options(p)
     p.set_defaults(func=run)
 
 
@@ -96,9 +90,7 @@ def run(args: argparse.Namespace) -> None:
     records = generate(args.suite, small=small, large=large, small_step=small_step, large_step=large_step,
                        mixtures=mixtures, prompts=args.prompts, prompt_tokens=args.prompt_tokens,
                        new_tokens=args.new_tokens, top_p=args.top_p, seed=args.seed,
-                       stop_at_eos=not args.no_stop_at_eos, batch_size=args.batch_size, device=args.device,
-                       dtype=args.dtype, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                       progress=not args.no_progress)
+                       stop_at_eos=not args.no_stop_at_eos, batch_size=args.batch_size, **model_options(args))
     out = write_jsonl(records, args.out)
     print(f"{len(records)} generations written: {out}  "
           f"(score them with: tokendyn extract {args.suite} --set NAME={out} --out STORE)")

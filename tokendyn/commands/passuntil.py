@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tokendyn.commands import add_model_options, model_options
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -34,14 +36,7 @@ def register(subparsers) -> None:
                    help="pass judge called as function(completion, instance) -> bool (default: exact match)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
     p.add_argument("--force", action="store_true", help="redo the task's runs if the store has them")
-    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or mps (default: cpu)")
-    p.add_argument("--dtype", default="float32",
-                   help="model precision: float32, bfloat16 or float16 (default: float32)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="load pickle checkpoints (pytorch_model.bin); only for weights you trust")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run model code shipped with a hub checkpoint; only for code you trust")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_model_options(p)
     p.set_defaults(func=run)
 
 
@@ -52,9 +47,7 @@ def run(args: argparse.Namespace) -> None:
     stop = ("\n",) if args.stop is None else tuple(s.replace("\\n", "\n") for s in args.stop)
     out = run_pass_until(args.suite, args.out, task, passes=args.passes, max_samples=args.max_samples,
                          batch_size=args.batch_size, top_p=args.top_p, new_tokens=args.new_tokens, stop=stop,
-                         checker=args.checker, seed=args.seed, force=args.force, device=args.device,
-                         dtype=args.dtype, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                         progress=not args.no_progress)
+                         checker=args.checker, seed=args.seed, force=args.force, **model_options(args))
     runs = read_runs(out, task.name)
     drawn = int(runs["drawn"].where(runs["done"]).sum())
     seconds = float(runs["seconds"].where(runs["done"]).sum())

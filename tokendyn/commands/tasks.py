@@ -6,6 +6,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from tokendyn.commands import add_model_options, model_options
 from tokendyn.errors import TokendynError
 
 
@@ -29,15 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--name", default=None,
                    help="the task's name (one --task only; default: the BIG-Bench name or the file name)")
     p.add_argument("--delimiter", default=" ", help="text between a prompt and an option (default: one space)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or mps (default: cpu)")
-    p.add_argument("--dtype", default="float32",
-                   help="model precision: float32, bfloat16 or float16 (default: float32)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward pass (default: 8192)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="load pickle checkpoints (pytorch_model.bin); only for weights you trust")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run model code shipped with a hub checkpoint; only for code you trust")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_model_options(p)
     p.set_defaults(func=run)
 
 
@@ -52,8 +46,6 @@ def run(args: argparse.Namespace) -> None:
     if args.max_items is not None:
         tasks = [replace(t, items=t.items[: args.max_items]) for t in tasks]
     out = score_tasks(args.suite, args.out, tasks, shots=args.shots, seed=args.seed, delimiter=args.delimiter,
-                      device=args.device, dtype=args.dtype, batch_tokens=args.batch_tokens,
-                      allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code,
-                      progress=not args.no_progress)
+                      batch_tokens=args.batch_tokens, **model_options(args))
     names = ", ".join(f"task.{t.name} ({len(t.items)} items)" for t in tasks)
     print(f"scored {names} into {out}  (read them with: tokendyn analyze {out})")
