@@ -22,8 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import xarray as xr
 
 import tokendyn
 from tokendyn import trajectories
@@ -32,14 +30,6 @@ from tokendyn.toy import findings
 from tokendyn.toy.build import build
 
 RANK_BANDS = [(1, 3), (4, 10), (11, 64)]
-
-
-def fall_rise(curve: np.ndarray, tol: float) -> np.ndarray:
-    """Along the last axis: a fall >= tol to a point, then a rise >= tol above it (the first two legs
-    of `trajectories.detect_double_descent`)."""
-    after_fall = np.fmax.accumulate(curve, axis=-1) - curve >= tol
-    lowest = np.fmin.accumulate(np.where(after_fall, curve, np.inf), axis=-1)
-    return (curve - lowest >= tol).any(axis=-1)
 
 
 def main() -> None:
@@ -77,10 +67,7 @@ def main() -> None:
     print(f"\ndouble descent by token group (tol {args.tol}, window {args.window}): share of the group; "
           "(double descents / fall-then-rise tokens); completed = their ratio")
     dd = trajectories.double_descent(main_set, tol=args.tol, window=args.window).compute()
-    loss = trajectories.token_loss(trajectories.load_small(main_set))
-    smooth = loss.rolling(ckpt=args.window, center=True, min_periods=1).mean().compute()
-    rises = xr.apply_ufunc(fall_rise, smooth, input_core_dims=[["ckpt"]], kwargs={"tol": args.tol})
-    rises = rises & trajectories.valid_tokens(main_set)
+    rises = trajectories.double_descent(main_set, tol=args.tol, window=args.window, complete=False).compute()
     role, rank = main_set["role"].values, main_set["value_rank"].values
     groups = {"template": role == "template", "name": role == "name"}
     groups.update({f"value rank {lo}-{hi}": (role == "value") & (rank >= lo) & (rank <= hi) for lo, hi in RANK_BANDS})

@@ -310,42 +310,54 @@ def moving_average(y: np.ndarray, window: int) -> np.ndarray:
     return np.where(np.isnan(y), np.nan, total / np.maximum(count, 1))
 
 
-def falls_rises_falls(y: np.ndarray, tol: float) -> np.ndarray:
-    """Along axis 0: a fall >= tol to a point, a rise >= tol above it, then a fall >= tol."""
+def _peaks(y: np.ndarray, tol: float) -> np.ndarray:
+    """Along axis 0, per point: it lies >= tol above an earlier point that lies >= tol below an earlier one."""
     after_fall = np.fmax.accumulate(y, axis=0) - y >= tol
     lowest = np.fmin.accumulate(np.where(after_fall, y, np.inf), axis=0)
-    peak = y - lowest >= tol
+    return y - lowest >= tol
+
+
+def falls_rises(y: np.ndarray, tol: float) -> np.ndarray:
+    """Along axis 0: a fall >= tol to a point, then a rise >= tol above it (a double descent begun)."""
+    return _peaks(y, tol).any(axis=0)
+
+
+def falls_rises_falls(y: np.ndarray, tol: float) -> np.ndarray:
+    """Along axis 0: a fall >= tol to a point, a rise >= tol above it, then a fall >= tol."""
     falls_later = y - np.fmin.accumulate(y[::-1], axis=0)[::-1] >= tol
-    return (peak & falls_later).any(axis=0)
+    return (_peaks(y, tol) & falls_later).any(axis=0)
 
 
-def detect_double_descent(curve: xr.DataArray, dim: str = "ckpt", tol: float = 0.5, window: int = 3) -> xr.DataArray:
+def detect_double_descent(curve: xr.DataArray, dim: str = "ckpt", tol: float = 0.5, window: int = 3,
+                          complete: bool = True) -> xr.DataArray:
     """Per-trajectory double descent along `dim` (boolean; any other dims are kept).
 
     After a centred moving average over `window` points (1 = none), a trajectory is flagged when
     it falls by at least `tol` to some point, later rises at least `tol` above that point, and
     later still falls at least `tol` below that peak. `tol` is in the curve's units (nats for
-    loss). NaN points are skipped.
+    loss). NaN points are skipped. complete=False drops the last condition: the double descents
+    begun (fall, rise), of which the complete ones are a part.
     """
     if getattr(curve.data, "chunks", None) is not None:
         curve = curve.chunk({dim: -1})
     return xr.apply_ufunc(partial(over_token_slices, _smoothed_double_descent), curve, input_core_dims=[[dim]],
-                          kwargs={"tol": tol, "window": window}, dask="parallelized",
+                          kwargs={"tol": tol, "window": window, "complete": complete}, dask="parallelized",
                           output_dtypes=[bool]).rename("double_descent")
 
 
-def _smoothed_double_descent(y: np.ndarray, tol: float, window: int) -> np.ndarray:
-    return falls_rises_falls(moving_average(y, window), tol)
+def _smoothed_double_descent(y: np.ndarray, tol: float, window: int, complete: bool) -> np.ndarray:
+    return (falls_rises_falls if complete else falls_rises)(moving_average(y, window), tol)
 
 
-def double_descent(ds: xr.Dataset, tol: float = 0.5, window: int = 3, chunk_mb: float = CHUNK_MB) -> xr.DataArray:
+def double_descent(ds: xr.Dataset, tol: float = 0.5, window: int = 3, chunk_mb: float = CHUNK_MB,
+                   complete: bool = True) -> xr.DataArray:
     """Per-token double descent over each model's checkpoints: (model, seq, pos), lazy.
 
-    See `detect_double_descent` for `tol` (nats) and `window` (checkpoints).
+    See `detect_double_descent` for `tol` (nats), `window` (checkpoints) and `complete`.
     """
     ds = load_small(ds)
     loss = chunk_tokens(token_loss(ds), chunk_mb)
-    return detect_double_descent(loss, "ckpt", tol, window) & valid_tokens(ds)
+    return detect_double_descent(loss, "ckpt", tol, window, complete) & valid_tokens(ds)
 
 
 def token_share(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:

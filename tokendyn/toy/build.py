@@ -4,7 +4,7 @@
 
     suite.toml                  [eval] (validation set), [[sets]] (filler, facts), [[models]]
     data/valid.jsonl            held-out template combinations of every entity's facts
-    data/filler.jsonl           filler sentences (natural text without facts)
+    data/filler.jsonl           filler and mention sentences (natural text without facts)
     data/pairs.jsonl            true/false statement pairs (kind "pairs")
     data/world.json             the entities and their facts
     ckpts/<size>/step<N>/       Hugging Face checkpoints (safetensors) with the tokenizer
@@ -51,19 +51,21 @@ class Preset:
 
 
 PRESETS = {
-    # ~300 entities x 5 Zipf(1.2) attributes, 160 exposures per fact; the smallest model cannot
-    # memorise the facts, the largest can (see the README's section on the built-in suite).
+    # 300 entities x 5 Zipf(1.2) attributes, 160 exposures per fact (3.8M training tokens). The
+    # smallest model (14k non-embedding parameters) cannot memorise the facts, the largest (793k)
+    # can; see the README's section on the built-in suite for what the suite shows.
     "default": Preset(
         world=toy_world.WorldConfig(),
         train=TrainConfig(),
         seq_len=128,
-        sizes={"S": ModelSize(hidden=48, layers=2, heads=2, lr=3e-3),
-               "M": ModelSize(hidden=96, layers=3, heads=2, lr=2e-3),
-               "L": ModelSize(hidden=192, layers=4, heads=3, lr=1e-3)},
+        sizes={"S": ModelSize(hidden=24, layers=2, heads=2, lr=3e-3),
+               "M": ModelSize(hidden=64, layers=3, heads=2, lr=2e-3),
+               "L": ModelSize(hidden=128, layers=4, heads=2, lr=2e-3)},
     ),
     # Seconds to build: what the tests use.
     "quick": Preset(
-        world=toy_world.WorldConfig(n_entities=24, n_values=8, exposures=6, filler_rate=1.0, n_filler_docs=8),
+        world=toy_world.WorldConfig(n_entities=24, n_values=8, exposures=6, filler_rate=1.0, mention_rate=1.0,
+                                    n_filler_docs=8),
         train=TrainConfig(batch_size=4, warmup_steps=4, log_checkpoints=3, linear_checkpoints=3,
                           switch_fraction=0.25),
         seq_len=128,

@@ -8,7 +8,8 @@ Three findings (issue 3), each a tidy table per model (models in the suite's ord
   it starts, its minimum, where it ends; `fall` = start - minimum, `rise` = end - minimum.
 - `double_descent_table`: the share of attribute-value tokens whose loss falls, rises and falls
   again (`trajectories.double_descent`), for rare values (frequency rank above `rare_rank`) and
-  frequent ones.
+  frequent ones; and `completed`: of the value tokens whose loss fell then rose, the share that
+  falls again by the last checkpoint.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def false_statement_table(store: str | Path) -> pd.DataFrame:
 def double_descent_table(store: str | Path, rare_rank: int = 10, tol: float = 0.5, window: int = 3) -> pd.DataFrame:
     ds = open_store(store)
     flagged = trajectories.double_descent(ds, tol=tol, window=window).compute()
+    begun = trajectories.double_descent(ds, tol=tol, window=window, complete=False).compute()
     is_value = (ds["role"] == "value").compute()
     rare = (ds["value_rank"] > rare_rank).compute()
     rows = []
@@ -59,6 +61,8 @@ def double_descent_table(store: str | Path, rare_rank: int = 10, tol: float = 0.
         for name, group in (("rare", is_value & rare), ("frequent", is_value & ~rare)):
             row[f"{name}_values"] = int(group.sum())
             row[f"{name}_dd_share"] = float(dd.where(group).mean()) if bool(group.any()) else np.nan
+        started = int((begun.sel(model=model) & is_value).sum())
+        row["completed"] = int((dd & is_value).sum()) / started if started else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -86,10 +90,12 @@ def summary(store: str | Path) -> list[str]:
                  f"{'met' if falls and grows else 'NOT met'})")
     dd = double_descent_table(store)
     concentrated = bool((dd["rare_dd_share"] > dd["frequent_dd_share"]).all())
-    increasing = bool(dd["rare_dd_share"].iloc[-1] > dd["rare_dd_share"].iloc[0])
+    completes_more = bool(dd["completed"].iloc[-1] > dd["completed"].iloc[0])
     lines.append("double descent among attribute values: rare " +
                  ", ".join(f"{r.model} {r.rare_dd_share:.1%}" for r in dd.itertuples()) + "; frequent " +
                  ", ".join(f"{r.model} {r.frequent_dd_share:.1%}" for r in dd.itertuples()) +
-                 f" (target: more on rare values, and more in larger models: "
-                 f"{'met' if concentrated and increasing else 'NOT met'})")
+                 "; of those that fell then rose, completed " +
+                 ", ".join(f"{r.model} {r.completed:.0%}" for r in dd.itertuples()) +
+                 f" (target: concentrated on rare values, completed more often in larger models: "
+                 f"{'met' if concentrated and completes_more else 'NOT met'})")
     return lines

@@ -44,10 +44,10 @@ class TrainConfig:
 
     batch_size: int = 32
     warmup_steps: int = 50
-    final_lr_ratio: float = 1.0
+    final_lr_ratio: float = 0.2
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    init_logit_std: float = 0.0
+    init_logit_std: float = 1.0
     log_checkpoints: int = 10
     linear_checkpoints: int = 14
     switch_fraction: float = 0.1
@@ -62,6 +62,7 @@ def checkpoint_steps(total: int, n_log: int, n_linear: int, switch_fraction: flo
 
 
 def learning_rate(step: int, total: int, peak: float, cfg: TrainConfig) -> float:
+    """Linear warmup to `peak`, then a linear decay to peak * final_lr_ratio at the last step."""
     if step < cfg.warmup_steps:
         return peak * (step + 1) / cfg.warmup_steps
     progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
@@ -74,8 +75,8 @@ def opt_config(size: ModelSize, tokenizer: PreTrainedTokenizerFast, seq_len: int
         vocab_size=len(tokenizer), hidden_size=size.hidden, num_hidden_layers=size.layers,
         num_attention_heads=size.heads, ffn_dim=4 * size.hidden, word_embed_proj_dim=size.hidden,
         max_position_embeddings=seq_len, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-        layerdrop=0.0, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        layerdrop=0.0, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
 
 

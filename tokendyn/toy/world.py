@@ -98,8 +98,8 @@ class WorldConfig:
     zipf_s: float = 1.2
     exposures: int = 160
     holdout_every: int = 5
-    filler_rate: float = 0.2
-    mention_rate: float = 0.0
+    filler_rate: float = 0.1
+    mention_rate: float = 0.25
     n_filler_docs: int = 200
 
 
@@ -113,6 +113,7 @@ class World:
     config: WorldConfig
 
     def value_probabilities(self, attr: str) -> list[float]:
+        """The Zipf probabilities of the attribute's values, in rank order."""
         weights = [(k + 1) ** -self.config.zipf_s for k in range(len(self.values[attr]))]
         return [w / sum(weights) for w in weights]
 
@@ -149,10 +150,10 @@ def make_world(config: WorldConfig, seed: int | str) -> World:
 
 
 def training_documents(world: World, seed: int | str) -> list[dict]:
-    """The training text: `exposures` rounds, each rendering every entity's facts once.
+    """The training text: `exposures` rounds, each rendering every entity once, shuffled within the round.
 
     A document is one entity's facts in random order, each through a random training template,
-    with filler sentences mixed in. Documents are shuffled within each round.
+    with filler sentences and mentions mixed in.
     """
     rng = random.Random(seed)
     docs = []
