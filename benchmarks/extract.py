@@ -24,7 +24,7 @@ from transformers import OPTConfig, OPTForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from tokendyn.extract import token_scores  # noqa: E402
+from tokendyn.models.extract import token_scores  # noqa: E402
 
 SHAPES = {
     "opt-125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072,
@@ -100,7 +100,7 @@ def store_bytes_per_value(store_dtype: str) -> float:
 
     from conftest import SAMPLE_TEXT, write_suite
 
-    from tokendyn.extract import extract
+    from tokendyn.models.extract import extract
 
     with tempfile.TemporaryDirectory() as tmp:
         words = SAMPLE_TEXT.split()

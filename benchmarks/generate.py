@@ -3,7 +3,7 @@
     python benchmarks/generate.py [--batch 8] [--prompt 5] [--new-tokens 25,100] [--hidden 128] [--layers 2] [--threads 1]
 
 Two random-init OPT models (the "small" and the "large" of a mixture) decode the mixture (1, -1)
-greedily with `tokendyn.generate.decode`, once with a KV cache per model (one new token per step)
+greedily with `tokendyn.models.generate.decode`, once with a KV cache per model (one new token per step)
 and once re-running both models on the whole sequence at every step. Prints tokens/s of each, their
 ratio, whether the outputs are identical, and the load average (the machine may be shared: say
 so when you quote the numbers). One torch thread by default: on a loaded machine, more threads
@@ -19,7 +19,7 @@ import time
 import torch
 from transformers import OPTConfig, OPTForCausalLM
 
-from tokendyn.generate import decode
+from tokendyn.models.generate import decode
 
 VOCAB = 8192
 

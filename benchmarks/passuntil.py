@@ -4,7 +4,7 @@
                                    [--batches 64,256,1024] [--threads 1]
 
 A random-init OPT model (the default shape is the built-in suite's middle size) samples completions
-of one prompt with `tokendyn.sampling.Sampler` (what `tokendyn passuntil` runs: `generate.decode`
+of one prompt with `tokendyn.models.sampling.Sampler` (what `tokendyn passuntil` runs: `generate.decode`
 on the prompt repeated batch times). Prints completions/s per batch size and new-token count, next
 to a prefix-shared reference that runs the prompt once and only the new tokens per completion
 (the prompt's next-token distribution sampled n times when new_tokens = 1): their ratio is what
@@ -23,8 +23,8 @@ import torch
 from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from tokendyn.generate import pick_tokens
-from tokendyn.sampling import Sampler
+from tokendyn.models.generate import pick_tokens
+from tokendyn.models.sampling import Sampler
 
 
 def word_tokenizer(vocab: int) -> PreTrainedTokenizerFast:

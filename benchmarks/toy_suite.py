@@ -24,8 +24,8 @@ from pathlib import Path
 
 
 import tokendyn
-from tokendyn import trajectories
-from tokendyn.extract import extract
+from tokendyn.analysis import trajectories
+from tokendyn.models.extract import extract
 from tokendyn.toy import findings
 from tokendyn.toy.build import build
 

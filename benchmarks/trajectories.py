@@ -29,7 +29,7 @@ import xarray as xr
 import zarr
 
 import tokendyn
-from tokendyn.trends import STARTS
+from tokendyn.analysis.trends import STARTS
 
 SEQ_LEN, SEQ_CHUNK = 2048, 128
 

@@ -37,7 +37,7 @@ def planted_report(tmp_path_factory) -> Path:
     """A folder with the planted store `p.zarr`, its truth `truth.npz` and the full report on it
     (`report/index.html`, default options but REPORT_OPTIONS), built once per test session: the
     analyses, report and browser tests all read it."""
-    from tokendyn.report import write_report
+    from tokendyn.pipelines.report import write_report
 
     folder = tmp_path_factory.getbasetemp() / "planted_report"
     if not (folder / "report" / "index.html").is_file():

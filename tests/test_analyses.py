@@ -13,10 +13,10 @@ import scipy.stats
 import xarray as xr
 
 import tokendyn
-from analyses import downstream, pair_preference, perplexity, sequence_perplexity, subset_curves, trend_categories
-from analyses.findings import direction, verdict
-from analyses.study import Skip, main
-from tokendyn.sequences import turning_points
+from tokendyn.studies import downstream, pair_preference, perplexity, sequence_perplexity, subset_curves, trend_categories
+from tokendyn.studies.findings import direction, verdict
+from tokendyn.studies.study import Skip, main
+from tokendyn.analysis.sequences import turning_points
 
 from planted_stores import KIND_TOKENS, KINDS
 from report_stores import planted_report, vocabulary

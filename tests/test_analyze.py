@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-import tokendyn.steps
+import tokendyn.pipelines.steps
 from conftest import write_suite
 from planted_stores import KINDS, planted_suite, write_store
 from tokendyn.cli import main
@@ -78,7 +78,7 @@ def test_another_module_adds_a_step(tmp_path, monkeypatch, capsys):
         "    out.write_table('tokens', __import__('pandas').DataFrame({'n': [ds.sizes['seq']]}))\n"
         "    return ['counted']\n"
         "STEPS = [tokens_step]\n")
-    monkeypatch.setattr(tokendyn.steps, "__path__", [*tokendyn.steps.__path__, str(extra)])
+    monkeypatch.setattr(tokendyn.pipelines.steps, "__path__", [*tokendyn.pipelines.steps.__path__, str(extra)])
     write_store(tmp_path / "s.zarr", np.ones((1, 4, 3, 5)), np.array([[1, 2, 3, 4.0]]))
     assert main(["analyze", str(tmp_path / "s.zarr"), "--quiet", "--steps", "tokens"]) == 0
     assert "tokens: counted" in capsys.readouterr().out

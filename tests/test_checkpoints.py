@@ -16,7 +16,7 @@ from conftest import build_tokenizer, save_checkpoint
 from huggingface_hub import constants as hub_constants
 from transformers import GPT2Config
 
-from tokendyn.checkpoints import (
+from tokendyn.models.checkpoints import (
     check_tokenizers,
     count_params,
     load_model,
@@ -28,7 +28,7 @@ from tokendyn.checkpoints import (
     weights_fingerprint,
 )
 from tokendyn.errors import TokendynError
-from tokendyn.suite import Checkpoint, load_suite
+from tokendyn.config.suite import Checkpoint, load_suite
 
 EVAL = '[eval]\nfiles = ["valid.txt"]\nseq_len = 16\n'
 
@@ -305,8 +305,8 @@ def test_offline_cache_from_hf_home_in_a_fresh_process(ckpts, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME")}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
     script = textwrap.dedent(f"""
-        from tokendyn.suite import load_suite
-        from tokendyn.checkpoints import check_tokenizers, load_model, resolve
+        from tokendyn.config.suite import load_suite
+        from tokendyn.models.checkpoints import check_tokenizers, load_model, resolve
         suite = load_suite({str(suite)!r})
         ckpt = suite.models[0].checkpoints[0]
         check_tokenizers(suite)

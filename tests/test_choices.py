@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from tokendyn.choices import chance_margin, choice_metrics, choice_scores, option_probabilities
+from tokendyn.analysis.choices import chance_margin, choice_metrics, choice_scores, option_probabilities
 from tokendyn.errors import TokendynError
 
 NAN = float("nan")

@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from planted_stores import KIND_TOKENS, KINDS, planted_suite, write_store
-from tokendyn.clusters import cluster, name_shape
+from tokendyn.analysis.clusters import cluster, name_shape
 
 
 @pytest.fixture(scope="module")

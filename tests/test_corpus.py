@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 
-from tokendyn.corpus import PAD, pack, read_documents
-from tokendyn.suite import EvalSet
+from tokendyn.data.corpus import PAD, pack, read_documents
+from tokendyn.config.suite import EvalSet
 
 DOCS = ["Alice was born in Paris in 1970 and works as a baker.", "Bob lives in Berlin.",
         "The quick brown fox jumps over the lazy dog. " * 3]

@@ -7,7 +7,7 @@ import pytest
 import scipy.optimize
 
 from planted_stores import write_store
-from tokendyn.curves import (RHO1_CLASSES, age_of_acquisition, cartography, curve_measures, final_loss,
+from tokendyn.analysis.curves import (RHO1_CLASSES, age_of_acquisition, cartography, curve_measures, final_loss,
                              forgettability, rho1_classes)
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tokendyn.emergence import (collapse_score, emergence_threshold, fit_segmented, leaves_random,
+from tokendyn.analysis.emergence import (collapse_score, emergence_threshold, fit_segmented, leaves_random,
                                 unexplained_variance)
 from tokendyn.errors import TokendynError
 

@@ -14,8 +14,8 @@ import xarray as xr
 from transformers import AutoModelForCausalLM
 
 import tokendyn
-from tokendyn.extract import extract, token_scores
-from tokendyn.suite import load_suite
+from tokendyn.models.extract import extract, token_scores
+from tokendyn.config.suite import load_suite
 
 from conftest import save_checkpoint, write_suite
 
@@ -139,7 +139,7 @@ def test_identical_weights_warn(tmp_path):
 
 def test_chunked_head_equals_one_chunk(monkeypatch, tokenizer, tmp_path):
     """Splitting the head into small chunks changes nothing (memory bound, same numbers)."""
-    import tokendyn.extract as ex
+    import tokendyn.models.extract as ex
 
     model = save_checkpoint(tmp_path, "gpt_neox", tokenizer, seed=3)
     ids = torch.randint(0, len(tokenizer), (3, 12))

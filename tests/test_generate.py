@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tokendyn.commands.generate import parse_mixture, parse_model
-from tokendyn.corpus import pack
+from tokendyn.cli.generate import parse_mixture, parse_model
+from tokendyn.data.corpus import pack
 from tokendyn.errors import TokendynError
-from tokendyn.generate import decode, generate, mixture_probs, pick_tokens, write_jsonl
-from tokendyn.suite import EvalSet, load_suite
+from tokendyn.models.generate import decode, generate, mixture_probs, pick_tokens, write_jsonl
+from tokendyn.config.suite import EvalSet, load_suite
 
 from conftest import save_checkpoint, write_suite
 

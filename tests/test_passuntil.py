@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tokendyn.errors import TokendynError
-from tokendyn.passuntil import fit_task_scaling, instance_rates, log_neg_log, pass_until, task_rate
+from tokendyn.analysis.passuntil import fit_task_scaling, instance_rates, log_neg_log, pass_until, task_rate
 
 N_PARAMS = np.array([1e7, 3e7, 1e8, 3e8, 1e9])
 

@@ -9,9 +9,9 @@ from html.parser import HTMLParser
 
 import pandas as pd
 
-import analyses
+import tokendyn.studies as analyses
 from tokendyn.cli import main
-from tokendyn.report import write_report
+from tokendyn.pipelines.report import write_report
 
 from conftest import write_suite
 from report_stores import HOSTILE, planted_report

@@ -13,7 +13,7 @@ import numpy as np
 import xarray as xr
 
 import tokendyn
-from tokendyn.commands.info import describe
+from tokendyn.cli.info import describe
 
 from conftest import SAMPLE_TEXT, write_suite
 

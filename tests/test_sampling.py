@@ -13,12 +13,12 @@ import zarr
 from transformers import AutoModelForCausalLM
 
 import tokendyn
-from tokendyn import downstream
+from tokendyn.analysis import downstream
 from tokendyn.cli import main
 from tokendyn.errors import TokendynError
-from tokendyn.passuntil import ScalingFit
-from tokendyn.sampling import cut_at_stop, read_generation_task, read_runs, run_pass_until
-from tokendyn.suite import load_suite
+from tokendyn.analysis.passuntil import ScalingFit
+from tokendyn.models.sampling import cut_at_stop, read_generation_task, read_runs, run_pass_until
+from tokendyn.config.suite import load_suite
 
 from conftest import build_tokenizer, write_suite
 
@@ -138,7 +138,7 @@ def test_accessor_methods_return_the_right_dims(store):
 
 
 def test_analyze_writes_passuntil_tables(store, tmp_path):
-    from tokendyn.analyze import analyze
+    from tokendyn.pipelines.analyze import analyze
 
     lines = analyze(tokendyn.open_store(store), tmp_path / "a", only=["tasks", "passuntil"], progress=False)
     table = pd.read_csv(tmp_path / "a" / "passuntil.csv")

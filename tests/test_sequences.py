@@ -19,14 +19,14 @@ import xarray as xr
 from transformers import AutoModelForCausalLM
 
 import tokendyn
-import tokendyn.extract
-from tokendyn import sequences
-from tokendyn.analyze import analyze
+import tokendyn.models.extract
+from tokendyn.analysis import sequences
+from tokendyn.pipelines.analyze import analyze
 from tokendyn.cli import main
-from tokendyn.corpus import corrupt_tokens
+from tokendyn.data.corpus import corrupt_tokens
 from tokendyn.errors import TokendynError
-from tokendyn.generate import generate, write_jsonl
-from tokendyn.suite import load_suite
+from tokendyn.models.generate import generate, write_jsonl
+from tokendyn.config.suite import load_suite
 
 from conftest import SAMPLE_TEXT, write_suite
 
@@ -248,13 +248,13 @@ def test_adding_a_set_later_scores_only_that_set(built, tmp_path, monkeypatch):
     copy = tmp_path / "s.zarr"
     shutil.copytree(out, copy)
     scored = []
-    original = tokendyn.extract._score_set
+    original = tokendyn.models.extract._score_set
 
     def recording(model, packed, root, name, *args):
         scored.append(name)
         return original(model, packed, root, name, *args)
 
-    monkeypatch.setattr(tokendyn.extract, "_score_set", recording)
+    monkeypatch.setattr(tokendyn.models.extract, "_score_set", recording)
     more = _write_pairs(tmp_path / "more.jsonl", PAIRS[:2])
     assert main(["extract", str(suite), "--pairs", str(more), "--out", str(copy), "--no-progress"]) == 0
     assert scored == ["more"] * 4  # 2 models x 2 checkpoints, nothing else
@@ -325,7 +325,7 @@ def test_analyze_writes_the_sequence_tables(built, tmp_path):
 
 
 def test_set_options(tmp_path, monkeypatch):
-    from tokendyn.commands.extract import parse_pairs_option, parse_set_option
+    from tokendyn.cli.extract import parse_pairs_option, parse_set_option
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "valid.txt").write_text("some text")

@@ -8,7 +8,7 @@ import pytest
 import xarray as xr
 
 from tokendyn.errors import TokendynError
-from tokendyn.skills import (competent_fraction_bound, fit_loss_law, skill_competence, skill_curves,
+from tokendyn.analysis.skills import (competent_fraction_bound, fit_loss_law, skill_competence, skill_curves,
                              slingshot_prediction, theorem8_lhs)
 
 

@@ -13,7 +13,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from tokendyn.errors import TokendynError
-from tokendyn.suite import load_suite, parse_step, parse_suite, parse_tokens, pythia_revisions
+from tokendyn.config.suite import load_suite, parse_step, parse_suite, parse_tokens, pythia_revisions
 
 EVAL = '[eval]\nfiles = ["data/valid.txt"]\nseq_len = 32\n'
 LOCAL_MODEL = '[[models]]\nname = "a"\ncheckpoints = [{ step = 20, path = "ck/a20" }, { step = 10, path = "ck/a10" }]\n'

@@ -16,12 +16,12 @@ import zarr
 from transformers import AutoModelForCausalLM
 
 import tokendyn
-from tokendyn import downstream
+from tokendyn.analysis import downstream
 from tokendyn.cli import main
-from tokendyn.emergence import EmergenceResult
+from tokendyn.analysis.emergence import EmergenceResult
 from tokendyn.errors import TokendynError
-from tokendyn.suite import load_suite
-from tokendyn.tasks import choice_documents, prompts, read_task, score_tasks
+from tokendyn.config.suite import load_suite
+from tokendyn.models.tasks import choice_documents, prompts, read_task, score_tasks
 from tokendyn.toy import tasks as toy_tasks
 from tokendyn.toy import world as toy_world
 from tokendyn.toy.tokenizer import train_tokenizer
@@ -206,7 +206,7 @@ def test_checkpoints_not_done_are_nan(store, tmp_path):
 
 
 def test_analyze_writes_task_tables(store, tmp_path):
-    from tokendyn.analyze import analyze
+    from tokendyn.pipelines.analyze import analyze
 
     lines = analyze(tokendyn.open_store(store), tmp_path / "a", only=["tasks", "skills"], progress=False)
     scores = pd.read_csv(tmp_path / "a" / "task_scores.csv")

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, OPTForCausalLM
 
 import tokendyn
 from tokendyn.cli import main
-from tokendyn.extract import extract
+from tokendyn.models.extract import extract
 from tokendyn.errors import TokendynError
 from tokendyn.toy import findings
 from tokendyn.toy import world as toy_world

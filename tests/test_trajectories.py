@@ -9,7 +9,7 @@ import scipy.stats
 
 from planted_stores import KINDS, TOKENS_PER_STEP, planted_suite, write_store
 from tokendyn.errors import TokendynError
-from tokendyn.trajectories import (agreement, at_axis, at_perplexity, detect_double_descent, double_descent,
+from tokendyn.analysis.trajectories import (agreement, at_axis, at_perplexity, detect_double_descent, double_descent,
                                    falls_rises_falls, perplexity_grid, subset_curve, x_axis)
 
 

@@ -11,7 +11,7 @@ import pytest
 import scipy.stats
 
 from planted_stores import KINDS, planted_loss, planted_suite, write_store, write_tiled_store
-from tokendyn.trends import CATEGORIES, TrendWarning, ols, trend_categories, trend_fit
+from tokendyn.analysis.trends import CATEGORIES, TrendWarning, ols, trend_categories, trend_fit
 
 
 def test_ols_matches_linregress_on_random_trajectories():

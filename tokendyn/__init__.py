@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from tokendyn import accessor as _accessor  # noqa: E402,F401  (registers ds.tokendyn)
+from tokendyn.analysis import accessor as _accessor  # noqa: E402,F401  (registers ds.tokendyn)
 from tokendyn.errors import TokendynError  # noqa: E402
 from tokendyn.store import list_sets, open_store  # noqa: E402
 

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from tokendyn import sequences, trajectories
+from tokendyn.analysis import sequences, trajectories
 from tokendyn.store import open_store
 
 PAIRS_SET = "facts"

@@ -1,0 +1,1 @@
+"""Analysis: pure functions on the store's xarray datasets (no torch)."""

@@ -1,0 +1,264 @@
+"""Clustering token loss trajectories into named shapes, with scikit-learn.
+
+Samples are (model, token) pairs; features are the token's loss trajectory in that model, either
+on the matched-perplexity grid (`on="perplexity"`: every model, comparable points) or over one
+model's done checkpoints (`on="checkpoints"`). The estimator is fitted on a random subsample of
+whole sequences (bounded memory) and then labels every token chunk by chunk (lazy, out of core).
+
+Naming rules. Each cluster's centroid curve c[0..L-1] is the mean over its members of the loss
+change from the first grid point (nats). With tolerance `tol` (nats), the first rule that holds
+names it:
+1. "stagnating": max(c) - min(c) < tol;
+2. "double descent": a fall >= tol, then a rise >= tol, then a fall >= tol
+   (`trajectories.falls_rises_falls`, the per-token detector without smoothing);
+3. "falling then rising": the minimum is at least tol below both ends;
+4. "rising then falling": the maximum is at least tol above both ends;
+5. "rising": c[-1] - c[0] >= tol;
+6. falling (c[-1] - c[0] <= -tol), by the share f of the total drop reached at the middle point:
+   f >= 2/3 "early-falling", f <= 1/3 "late-falling", else "steadily falling";
+7. "wavy" otherwise.
+Clusters are numbered by size (0 = largest); a name that occurs twice gets the total change
+appended, e.g. "steadily falling (-2.10 nats)".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+from sklearn.cluster import MiniBatchKMeans
+from sklearn.metrics import adjusted_rand_score, silhouette_score
+from sklearn.mixture import GaussianMixture
+from threadpoolctl import threadpool_limits
+
+from tokendyn.errors import TokendynError
+from tokendyn.analysis.labels import MISSING, TokenLabels
+from tokendyn.analysis.trajectories import (at_perplexity, falls_rises_falls, load_small, model_index, model_loss,
+                                   valid_tokens)
+
+METHODS = ("kmeans", "gmm")
+NORMALIZATIONS = ("start", "zscore")
+
+
+@dataclass
+class Clustering:
+    """Result of `cluster`.
+
+    labels: cluster of every (model, token), names = cluster names. centroids: (cluster, point)
+    mean loss change from the first point, nats, with the grid as a coordinate. scores:
+    criterion value per candidate number of clusters (empty when given). stability: mean
+    adjusted Rand index between the fit and refits with other seeds, on the fit sample.
+    top_tokens: the most frequent token ids of each cluster with their text and frequencies.
+    """
+
+    labels: TokenLabels
+    centroids: xr.DataArray
+    criterion: str
+    scores: dict[int, float]
+    stability: float
+    top_tokens: pd.DataFrame
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.labels.names
+
+    def share(self) -> xr.DataArray:
+        """Percentage of each model's tokens in each cluster: (model, category)."""
+        return self.labels.share()
+
+
+def trajectory_features(ds: xr.Dataset, on: str = "perplexity", model: int | str | None = None,
+                        levels: Sequence[float] | None = None, n_levels: int = 10) -> xr.DataArray:
+    """Trajectories as (model, seq, pos, point), `point` whole in each chunk. Lazy.
+
+    on="perplexity": loss at matched validation perplexity (levels, default a grid of n_levels
+    every model reaches; levels some model misses are dropped). on="checkpoints": one model's
+    loss over its done checkpoints (`model` needed when the store has several).
+    """
+    if on == "perplexity":
+        grid = at_perplexity(ds, levels, n_levels)
+        reached = np.isfinite(grid["step"].values).all(axis=0)
+        grid = grid.isel(val_ppl=np.flatnonzero(reached)).rename(val_ppl="point")
+    elif on == "checkpoints":
+        if model is None and ds.sizes["model"] > 1:
+            raise TokendynError("clustering on checkpoints needs one model: pass model=NAME")
+        m = model_index(ds, model or 0)
+        grid = model_loss(ds, m)
+        grid = grid.rename(ckpt="point").assign_coords(point=grid["step"].values).drop_vars("step")
+        grid = grid.expand_dims(model=[ds["model"].values[m]])
+    else:
+        raise TokendynError(f"unknown clustering features {on!r}; choose 'perplexity' or 'checkpoints'")
+    if grid.sizes["point"] < 2:
+        raise TokendynError("clustering needs trajectories of at least 2 points; add levels or checkpoints")
+    return grid.transpose("model", "seq", "pos", "point").chunk({"point": -1})
+
+
+def normalise(x: np.ndarray, how: str) -> np.ndarray:
+    """Rows of x (..., point): "start" = change from the first point; "zscore" = standardised shape."""
+    if how == "start":
+        return x - x[..., :1]
+    std = x.std(axis=-1, keepdims=True)
+    return np.where(std > 0, (x - x.mean(axis=-1, keepdims=True)) / np.where(std > 0, std, 1), 0.0)
+
+
+def name_shape(curve: np.ndarray, tol: float) -> str:
+    """Name of a centroid curve (change from its first point, nats) by the module's rules."""
+    total = curve[-1] - curve[0]
+    if curve.max() - curve.min() < tol:
+        return "stagnating"
+    if falls_rises_falls(curve, tol):
+        return "double descent"
+    if min(curve[0], curve[-1]) - curve.min() >= tol:
+        return "falling then rising"
+    if curve.max() - max(curve[0], curve[-1]) >= tol:
+        return "rising then falling"
+    if total >= tol:
+        return "rising"
+    if total <= -tol:
+        early = (curve[(len(curve) - 1) // 2] - curve[0]) / total
+        return "early-falling" if early >= 2 / 3 else "late-falling" if early <= 1 / 3 else "steadily falling"
+    return "wavy"
+
+
+def _estimator(method: str, k: int, seed: int):
+    if method == "kmeans":
+        return MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=10, batch_size=4096)
+    return GaussianMixture(n_components=k, covariance_type="diag", random_state=seed)
+
+
+def _choose_k(x: np.ndarray, method: str, k_range: Sequence[int], seed: int) -> tuple[int, dict[int, float]]:
+    """k by silhouette (k-means, highest; on <= 5000 points) or BIC (Gaussian mixture, lowest)."""
+    scores = {}
+    for k in k_range:
+        estimator = _estimator(method, k, seed).fit(x)
+        if method == "kmeans":
+            scores[k] = float(silhouette_score(x, estimator.predict(x), sample_size=min(5000, len(x)),
+                                               random_state=seed))
+        else:
+            scores[k] = float(estimator.bic(x))
+    best = max(scores, key=scores.get) if method == "kmeans" else min(scores, key=scores.get)
+    return best, scores
+
+
+def _fit(x: np.ndarray, n_clusters: int | str, method: str, k_range: Sequence[int], n_seeds: int,
+         seed: int) -> tuple[int, dict[int, float], object, np.ndarray, float]:
+    """(k, criterion scores, fitted estimator, its labels of x, mean ARI of refits with other seeds)."""
+    if n_clusters == "auto":
+        k_range = [k for k in k_range if k < len(x)]
+        if not k_range:
+            raise TokendynError("too few tokens to choose a number of clusters; pass n_clusters")
+        n_clusters, scores = _choose_k(x, method, k_range, seed)
+    else:
+        n_clusters, scores = int(n_clusters), {}
+        if not 1 <= n_clusters < len(x):
+            raise TokendynError(f"n_clusters must be between 1 and {len(x) - 1} for these tokens")
+    estimator = _estimator(method, n_clusters, seed).fit(x)
+    labels = estimator.predict(x)
+    refits = [_estimator(method, n_clusters, seed + s).fit(x).predict(x) for s in range(1, n_seeds + 1)]
+    stability = float(np.mean([adjusted_rand_score(labels, r) for r in refits])) if refits else np.nan
+    return n_clusters, scores, estimator, labels, stability
+
+
+def _predict(x: np.ndarray, estimator, how: str, order: np.ndarray) -> np.ndarray:
+    """Cluster codes of trajectories x (..., point); MISSING where a point is NaN."""
+    flat = x.reshape(-1, x.shape[-1])
+    ok = np.isfinite(flat).all(axis=1)
+    codes = np.full(len(flat), MISSING, dtype=np.int8)
+    if ok.any():
+        codes[ok] = order[estimator.predict(normalise(flat[ok], how))]
+    return codes.reshape(x.shape[:-1])
+
+
+def _decode(ids: Sequence[int], token_text) -> list[str]:
+    """Text of token ids via a callable (ids -> texts) or a tokenizer; the ids themselves if neither."""
+    if token_text is None:
+        return [str(i) for i in ids]
+    if hasattr(token_text, "decode"):
+        return [token_text.decode([int(i)]) for i in ids]
+    return [str(text) for text in token_text([int(i) for i in ids])]
+
+
+def top_tokens(labels: TokenLabels, token_id: np.ndarray, top: int = 10, token_text=None) -> pd.DataFrame:
+    """Most frequent token ids per cluster, pooled over models.
+
+    Columns: cluster, name, token_id, text, count (occurrences in the cluster), cluster_share
+    (% of the cluster), corpus_count (occurrences among labelled tokens, all models),
+    token_share (% of that token's occurrences that fall in this cluster).
+    """
+    codes = np.asarray(labels.codes.values).reshape(-1, token_id.size)
+    ids = np.broadcast_to(token_id.reshape(1, -1), codes.shape)
+    labelled = codes >= 0
+    corpus_ids, corpus_counts = np.unique(ids[labelled], return_counts=True)
+    corpus = dict(zip(corpus_ids.tolist(), corpus_counts.tolist()))
+    rows = []
+    for k, name in enumerate(labels.names):
+        member_ids, counts = np.unique(ids[codes == k], return_counts=True)
+        best = np.argsort(-counts, kind="stable")[:top]
+        texts = _decode(member_ids[best].tolist(), token_text)
+        for i, text in zip(best, texts):
+            token = int(member_ids[i])
+            rows.append({"cluster": k, "name": name, "token_id": token, "text": text, "count": int(counts[i]),
+                         "cluster_share": 100 * counts[i] / counts.sum(), "corpus_count": corpus[token],
+                         "token_share": 100 * counts[i] / corpus[token]})
+    return pd.DataFrame(rows)
+
+
+def cluster(ds: xr.Dataset, n_clusters: int | str = "auto", on: str = "perplexity",
+            model: int | str | None = None, levels: Sequence[float] | None = None, n_levels: int = 10,
+            method: str = "kmeans", normalize: str = "start", k_range: Sequence[int] = range(2, 9),
+            max_fit_tokens: int = 50_000, n_seeds: int = 5, tol: float = 0.1, top: int = 10,
+            token_text: Callable[[Sequence[int]], Sequence[str]] | None = None,
+            random_state: int = 0) -> Clustering:
+    """Cluster token trajectories and name the clusters by shape (see the module doc).
+
+    n_clusters: a number, or "auto": the k in `k_range` with the highest silhouette score
+    (method="kmeans", MiniBatchKMeans) or the lowest BIC (method="gmm", diagonal Gaussian
+    mixture). on/model/levels/n_levels: the features (`trajectory_features`). normalize:
+    "start" (loss change from the first point, keeps magnitudes) or "zscore" (shape only).
+    max_fit_tokens: size of the fit subsample, drawn as whole random sequences. n_seeds: refits
+    for the stability score. tol: naming tolerance (nats). top: tokens listed per cluster.
+    token_text: callable from token ids to their texts, or a tokenizer with `decode`; ids are
+    shown when absent. Labels are computed (int8 per model and token).
+    """
+    ds = load_small(ds)
+    if method not in METHODS:
+        raise TokendynError(f"unknown clustering method {method!r}; choose 'kmeans' or 'gmm'")
+    if normalize not in NORMALIZATIONS:
+        raise TokendynError(f"unknown normalisation {normalize!r}; choose 'start' or 'zscore'")
+    features = trajectory_features(ds, on, model, levels, n_levels)
+    features = features.where(valid_tokens(ds))
+    rng = np.random.default_rng(random_state)
+    per_seq = features.sizes["model"] * features.sizes["pos"]
+    n_fit = min(features.sizes["seq"], max(1, math.ceil(max_fit_tokens / per_seq)))
+    sample = features.isel(seq=np.sort(rng.choice(features.sizes["seq"], n_fit, replace=False))).values
+    raw = sample.reshape(-1, sample.shape[-1])
+    raw = raw[np.isfinite(raw).all(axis=1)]
+    x = normalise(raw, normalize)
+    # One OpenMP thread per fit: the sample is small, and k-means' OpenMP threads spin against dask's
+    # threads (the fitted estimators keep this setting when they label the chunks in parallel).
+    with threadpool_limits(limits=1, user_api="openmp"):
+        n_clusters, scores, estimator, fit_labels, stability = _fit(x, n_clusters, method, k_range, n_seeds,
+                                                                   random_state)
+
+    sizes = np.bincount(fit_labels, minlength=n_clusters)
+    order = np.empty(n_clusters, dtype=np.int8)
+    order[np.argsort(-sizes, kind="stable")] = np.arange(n_clusters)  # code by size, 0 = largest
+    change = raw - raw[:, :1]
+    curves = np.array([change[fit_labels == k].mean(axis=0) if sizes[k] else np.full(raw.shape[1], np.nan)
+                       for k in np.argsort(-sizes, kind="stable")])
+    names = [name_shape(curve, tol) for curve in curves]
+    names = [f"{n} ({c[-1] - c[0]:+.2f} nats)" if names.count(n) > 1 else n for n, c in zip(names, curves)]
+
+    codes = xr.apply_ufunc(_predict, features, input_core_dims=[["point"]], dask="parallelized",
+                           output_dtypes=[np.int8], kwargs=dict(estimator=estimator, how=normalize, order=order))
+    labels = TokenLabels(codes.rename("cluster").compute(), names)
+    centroids = xr.DataArray(curves, dims=("cluster", "point"),
+                             coords={"cluster": np.arange(n_clusters), "name": ("cluster", names),
+                                     "point": features["point"].values},
+                             attrs={"on": on, "units": "nats (change from the first point)"})
+    table = top_tokens(labels, np.asarray(ds["token_id"].values), top, token_text)
+    return Clustering(labels, centroids, "silhouette" if method == "kmeans" else "bic", scores, stability, table)

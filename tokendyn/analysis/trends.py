@@ -1,0 +1,188 @@
+"""Token trend categories over the late part of training (methods.md §1.2; Xia et al. 2023, Eq. 1).
+
+For a start fraction p, let j be the model's first checkpoint whose step is at least p * final
+step and n its last. For every token, over checkpoints j..n, fit ppl_i / ppl_j = a + b x_i by
+ordinary least squares (ppl_i = exp(loss_i)); then
+- upward: b > 0 with two-sided p-value < alpha; downward: b < 0 with p-value < alpha;
+- stagnated: neither, and ppl_j and ppl_n both within [1 - band, 1 + band] x the geometric mean of
+  ppl over j..n (optionally also var(ppl) < mean(ppl) over j..n, as in the released code);
+- uncategorised: everything else.
+
+x is log(step) by default (the released code) or the checkpoint index ("index", the paper's
+text). log(0) is undefined, so with x="log_step" a checkpoint at step 0 is left out: the window
+then starts at the first positive step even when p = 0. A (model, start) whose window has fewer
+than 3 checkpoints (no residual degree of freedom) gets no label (-1) and a warning.
+
+The fit is closed form and vectorised over tokens (one pass over the data for all start
+fractions), so it runs chunk by chunk on stores larger than memory.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from functools import partial
+
+import numpy as np
+import scipy.special
+import scipy.stats
+import xarray as xr
+
+from tokendyn.errors import TokendynError
+from tokendyn.analysis.labels import MISSING, TokenLabels
+from tokendyn.analysis.trajectories import CHUNK_MB, load_small, model_loss, over_token_slices, valid_tokens
+
+CATEGORIES = ("stagnated", "upward", "downward", "uncategorised")
+
+
+class TrendWarning(UserWarning):
+    """A (model, start) has too few checkpoints for a trend fit."""
+
+
+STARTS = (0.1, 0.2, 0.4, 0.7)
+X_KINDS = ("log_step", "index")
+
+
+def _fit(y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(slope, standard error, t statistic) of least squares y = a + b x along axis 0 of y.
+
+    Sums run over whole rows (one per checkpoint), without a centred copy of y. A trajectory
+    that is flat to float rounding (common in float16 stores) gets slope 0 and t 0.
+    """
+    n = len(x)
+    xc = x - x.mean()
+    sxx = xc @ xc
+    sum_y = y.sum(axis=0)
+    # Not a BLAS product: inside dask's threads, waking BLAS threads costs more than the product.
+    sxy = (np.expand_dims(xc, tuple(range(1, y.ndim))) * y).sum(axis=0)
+    sum_y2 = np.einsum("i...,i...->...", y, y)
+    syy = sum_y2 - sum_y**2 / n
+    flat = syy <= 16 * n * np.finfo(np.float64).eps * sum_y2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = np.where(flat, 0.0, sxy / sxx)
+        stderr = np.where(flat, 0.0, np.sqrt(np.maximum(syy - slope * sxy, 0.0) / (n - 2) / sxx))
+        t = np.where(flat, 0.0, slope / stderr)
+    return slope, stderr, t
+
+
+def ols(y: np.ndarray, x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Least-squares fit y = a + b x along `axis` of y, for one shared 1-D x.
+
+    Returns (slope b, its standard error, two-sided Student-t p-value with n - 2 degrees of
+    freedom), the numbers `scipy.stats.linregress` gives, for every other index at once.
+    A trajectory that is constant up to rounding gets slope 0 and p-value 1.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    slope, stderr, t = _fit(np.moveaxis(np.asarray(y, dtype=np.float64), axis, 0), x)
+    return slope, stderr, 2 * scipy.special.stdtr(len(x) - 2, -np.abs(t))
+
+
+def fit_points(steps: np.ndarray, x: str) -> tuple[np.ndarray, np.ndarray]:
+    """(mask of usable checkpoints, x values at them) for one model's steps in step order."""
+    if x not in X_KINDS:
+        raise TokendynError(f"unknown trend x {x!r}; choose 'log_step' or 'index'")
+    keep = steps > 0 if x == "log_step" else np.ones(len(steps), bool)
+    values = np.log(steps[keep]) if x == "log_step" else np.arange(keep.sum(), dtype=float)
+    return keep, values
+
+
+def window_start(steps: np.ndarray, start: float) -> int:
+    """Index of the first step >= start * final step (steps increasing)."""
+    return int(np.searchsorted(steps, start * steps[-1], side="left"))
+
+
+def _categorise(loss: np.ndarray, x: np.ndarray, starts: Sequence[int | None], alpha: float,
+                band: float, var_condition: bool) -> np.ndarray:
+    """Category codes (token, start) of trajectories loss (ckpt, token) for window starts `starts`.
+
+    Regressing ppl_i or ppl_i / ppl_j on x gives the same t statistic and slope sign (ppl_j is a
+    positive constant per token), so ppl is computed once for all starts; and p < alpha is
+    tested as |t| > the Student-t critical value, which avoids a p-value per token.
+    """
+    loss = loss.astype(np.float64)
+    ppl = np.exp(loss)
+    codes = np.full(loss.shape[1:] + (len(starts),), MISSING, dtype=np.int8)
+    for s, j in enumerate(starts):
+        if j is None:
+            continue
+        slope, _, t = _fit(ppl[j:], x[j:])
+        significant = np.abs(t) > scipy.stats.t.isf(alpha / 2, len(x) - j - 2)
+        log_geo_mean = loss[j:].mean(axis=0)
+        stagnated = ((np.abs(ppl[j] / np.exp(log_geo_mean) - 1) <= band)
+                     & (np.abs(ppl[-1] / np.exp(log_geo_mean) - 1) <= band))
+        if var_condition:
+            stagnated &= ppl[j:].var(axis=0) < ppl[j:].mean(axis=0)
+        code = np.select([significant & (slope > 0), significant & (slope < 0), stagnated], [1, 2, 0], 3)
+        codes[..., s] = np.where(np.isnan(log_geo_mean), MISSING, code)
+    return codes
+
+
+def trend_categories(ds: xr.Dataset, start: float | Sequence[float] = STARTS, x: str = "log_step",
+                     alpha: float = 0.05, band: float = 0.05, var_condition: bool = False,
+                     chunk_mb: float = CHUNK_MB) -> TokenLabels:
+    """Trend category of every token in every model at every start fraction (see module doc).
+
+    start: start fraction(s) p in [0, 1); default 0.1, 0.2, 0.4, 0.7 (the paper sweeps 10-70%).
+    x: "log_step" (default, released code) or "index" (checkpoint index, the paper's text).
+    alpha: significance level of the slope test (0.05). band: stagnation band around the
+    geometric mean (0.05, i.e. [0.95, 1.05]). var_condition: also require var(ppl) < mean(ppl).
+    Returns TokenLabels with codes (model, start, seq, pos), names CATEGORIES; `.share()` gives
+    the percentages per model and start. Lazy.
+    """
+    ds = load_small(ds)
+    starts = np.atleast_1d(np.asarray(start, dtype=float))
+    if np.any((starts < 0) | (starts >= 1)):
+        raise TokendynError("start fractions must lie in [0, 1), e.g. 0.2 for 20%")
+    per_model = []
+    for m, name in enumerate(ds["model"].values):
+        loss = model_loss(ds, m, chunk_mb)
+        keep, xs = fit_points(loss["step"].values, x)
+        loss = loss.isel(ckpt=np.flatnonzero(keep))
+        js = []
+        for p in starts:
+            j = window_start(loss["step"].values, p) if len(xs) else len(xs)
+            if len(xs) - j < 3:
+                warnings.warn(f"model {name}: fewer than 3 checkpoints from {p:.0%} of the final step; "
+                              "no trend categories there", TrendWarning, stacklevel=2)
+                js.append(None)
+            else:
+                js.append(j)
+        codes = xr.apply_ufunc(
+            partial(over_token_slices, _categorise), loss.drop_vars("step"), input_core_dims=[["ckpt"]],
+            output_core_dims=[["start"]],
+            kwargs=dict(x=xs, starts=js, alpha=alpha, band=band, var_condition=var_condition),
+            dask="parallelized", output_dtypes=[np.int8], dask_gufunc_kwargs={"output_sizes": {"start": len(starts)}})
+        per_model.append(codes)
+    codes = xr.concat(per_model, dim="model").assign_coords(model=ds["model"].values, start=starts)
+    codes = codes.where(valid_tokens(ds), MISSING).astype(np.int8)
+    return TokenLabels(codes.transpose("model", "start", "seq", "pos").rename("trend"), CATEGORIES)
+
+
+def trend_fit(ds: xr.Dataset, start: float = 0.2, x: str = "log_step", chunk_mb: float = CHUNK_MB) -> xr.Dataset:
+    """Slope, standard error and p-value of every token's fit ppl_i/ppl_j = a + b x_i: (model, seq, pos).
+
+    Same window and x as `trend_categories`; NaN where the window has fewer than 3 checkpoints.
+    Lazy.
+    """
+    ds = load_small(ds)
+    def fit(loss: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        window = loss.astype(np.float64)
+        return np.stack(ols(np.exp(window - window[0]), xs, axis=0), axis=-1)
+
+    per_model = []
+    for m in range(ds.sizes["model"]):
+        loss = model_loss(ds, m, chunk_mb)
+        keep, xs = fit_points(loss["step"].values, x)
+        loss = loss.isel(ckpt=np.flatnonzero(keep))
+        j = window_start(loss["step"].values, start) if len(xs) else 0
+        if len(xs) - j < 3:
+            nan = xr.full_like(loss.isel(ckpt=0).reset_coords(drop=True), np.nan, dtype=float)
+            per_model.append(xr.Dataset({"slope": nan, "stderr": nan, "pvalue": nan}))
+            continue
+        stats = xr.apply_ufunc(partial(over_token_slices, fit), loss.isel(ckpt=slice(j, None)).drop_vars("step"),
+                               kwargs={"xs": xs[j:]}, input_core_dims=[["ckpt"]], output_core_dims=[["stat"]],
+                               dask="parallelized", output_dtypes=[float],
+                               dask_gufunc_kwargs={"output_sizes": {"stat": 3}})
+        per_model.append(stats.to_dataset("stat").rename({0: "slope", 1: "stderr", 2: "pvalue"}))
+    return xr.concat(per_model, dim="model").assign_coords(model=ds["model"].values, start=start) \
+        .where(valid_tokens(ds))

@@ -1,0 +1,57 @@
+"""Command-line entry point: `tokendyn COMMAND ...`.
+
+Each command lives in its own module under `tokendyn.cli` and exposes
+`register(subparsers)`, which adds its parser and sets `func(args) -> int | None`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+
+from tokendyn.errors import TokendynError
+
+COMMANDS = [
+    "extract",
+    "info",
+    "toy",
+    "analyze",
+    "generate",
+    "tasks",
+    "passuntil",
+    "report",
+    "demo",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokendyn",
+        description="Per-token loss dynamics of language-model checkpoint suites.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"tokendyn.cli.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except TokendynError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"tokendyn: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("tokendyn: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

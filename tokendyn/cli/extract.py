@@ -1,0 +1,89 @@
+"""`tokendyn extract SUITE --out STORE`: score every checkpoint of a suite into a Zarr store."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tokendyn import store
+from tokendyn.cli.options import add_model_options, model_options
+from tokendyn.errors import TokendynError
+from tokendyn.config.suite import SET_KEYS, EvalSet, _parse_set, _Table, load_suite
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "extract", help="score every checkpoint of a suite into a Zarr store",
+        description="Score the evaluation text of SUITE with every checkpoint of every model and write the "
+                    "per-token loss (and optional metrics) into a Zarr store. Rerunning the same command "
+                    "resumes: complete checkpoints are skipped, interrupted ones recomputed.")
+    p.add_argument("suite", type=Path, help="suite description (TOML)")
+    p.add_argument("--out", type=Path, required=True, help="store path (a directory ending in .zarr)")
+    p.add_argument("--set", action="append", default=[], dest="sets", metavar="NAME=FILE",
+                   help="also score FILE (.txt or .jsonl, or a glob pattern) as the named set NAME; "
+                        "NAME:R1,R2=FILE adds copies with a fraction R of the tokens replaced by random tokens, "
+                        "named NAME-R1, NAME-R2 (e.g. corrupted:0.2,0.4=valid.txt); repeatable")
+    p.add_argument("--pairs", action="append", default=[], metavar="[NAME=]FILE",
+                   help='score a JSONL of true/false pairs ({"true": ..., "false": ...} per line) as the set NAME '
+                        "(default: the file name without extension); repeatable")
+    p.add_argument("--corrupt-seed", type=int, default=0,
+                   help="seed of the random token replacement of NAME:R sets (default: 0)")
+    p.add_argument("--metrics", default=None,
+                   help="comma-separated per-token metrics among loss,entropy,rank (default: the store's, else loss)")
+    p.add_argument("--store-dtype", default=None, choices=store.STORE_DTYPES,
+                   help="on-disk precision (default: float32; float16 halves the store)")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward pass (default: 8192)")
+    p.add_argument("--force", action="store_true", help="recompute checkpoints that are already complete")
+    add_model_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from tokendyn.models.extract import extract
+
+    metrics = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
+    extra_sets = []
+    if args.sets or args.pairs:
+        seq_len = load_suite(args.suite).eval.seq_len
+        extra_sets += [s for option in args.sets for s in parse_set_option(option, seq_len, args.corrupt_seed)]
+        extra_sets += [parse_pairs_option(option, seq_len) for option in args.pairs]
+    out = extract(args.suite, args.out, extra_sets=extra_sets, metrics=metrics, store_dtype=args.store_dtype,
+                  batch_tokens=args.batch_tokens, force=args.force, **model_options(args))
+    print(f"store written: {out}  (inspect with: tokendyn info {out})")
+
+
+def parse_set_option(option: str, seq_len: int, seed: int = 0) -> list[EvalSet]:
+    """`NAME=FILE` -> one text set; `NAME:R1,R2=FILE` -> corrupted sets NAME-R1, NAME-R2.
+
+    Files resolve against the current directory; the sets take the main set's seq_len and the
+    defaults of a [[sets]] table, and are validated like one.
+    """
+    name, files = _split(option, "--set", "NAME=FILE")
+    name, _, rates = name.partition(":")
+    if not rates:
+        return [_eval_set(option, {"name": name, "files": files}, seq_len)]
+    try:
+        values = [float(rate) for rate in rates.split(",")]
+    except ValueError:
+        raise TokendynError(f"--set '{option}': corruption rates must be numbers, "
+                            "as in corrupted:0.2,0.4=FILE") from None
+    return [_eval_set(option, {"name": f"{name}-{rate:g}", "files": files, "corrupt": rate, "seed": seed}, seq_len)
+            for rate in values]
+
+
+def parse_pairs_option(option: str, seq_len: int) -> EvalSet:
+    """`[NAME=]FILE` -> a set of kind "pairs" (NAME defaults to the file's stem)."""
+    name, files = _split(option, "--pairs", "NAME=FILE") if "=" in option else (Path(option).stem, option)
+    return _eval_set(option, {"name": name, "files": files, "kind": "pairs"}, seq_len)
+
+
+def _split(option: str, flag: str, form: str) -> tuple[str, str]:
+    name, _, files = option.partition("=")
+    if not name.strip() or not files.strip():
+        raise TokendynError(f"{flag} '{option}' is not of the form {form}")
+    return name.strip(), files.strip()
+
+
+def _eval_set(option: str, table: dict, seq_len: int) -> EvalSet:
+    # validated exactly like a [[sets]] table of a suite file, with paths relative to the current directory
+    return _parse_set(_Table(table, f"'{option}'", SET_KEYS), Path.cwd(), None, seq_len)

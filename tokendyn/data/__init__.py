@@ -1,0 +1,1 @@
+"""Data: evaluation documents, tokenisation and packing, task files."""

@@ -1,0 +1,270 @@
+"""Checkpoints: find them (local directory or Hugging Face hub/cache), load them safely, fingerprint them.
+
+Loading reads safetensors only unless pickle is explicitly allowed, never runs remote code unless
+asked, and turns every failure a user can fix into a one-line `TokendynError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import huggingface_hub
+import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from safetensors import SafetensorError, safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from tokendyn.errors import TokendynError
+from tokendyn.config.suite import Checkpoint, Suite
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# What to fetch from the hub: config, tokenizer and shard-index files, then the weights.
+META_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken"]
+SAFETENSORS_PATTERNS = ["*.safetensors"]
+PICKLE_PATTERNS = ["pytorch_model*.bin"]
+# Pickle files that mark a local checkpoint as pickle-only (loading them can run arbitrary code).
+PICKLE_GLOBS = ("pytorch_model*.bin", "*.pt", "*.ckpt", "*.pth")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model")
+CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def _label(ckpt: Checkpoint) -> str:
+    return f"{ckpt.source} (model '{ckpt.model}', step {ckpt.step})"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def resolve(ckpt: Checkpoint, weights: bool = True, allow_pickle: bool = False) -> Path:
+    """The checkpoint's local directory: its path, or its snapshot in the Hugging Face cache.
+
+    Hub checkpoints go through `huggingface_hub.snapshot_download`, which downloads what is missing
+    when online and reads the cache when offline (HF_HUB_OFFLINE=1). weights=False fetches only the
+    config and tokenizer files; pickle weights are fetched only with allow_pickle.
+    """
+    if ckpt.path is not None:
+        if not ckpt.path.is_dir():
+            raise TokendynError(f"checkpoint directory {_label(ckpt)} does not exist; "
+                                "fix its path in the suite TOML")
+        return ckpt.path
+    patterns = META_PATTERNS
+    if weights:
+        patterns = patterns + SAFETENSORS_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
+    try:
+        folder = huggingface_hub.snapshot_download(ckpt.hub_id, revision=ckpt.revision, allow_patterns=patterns)
+    except RevisionNotFoundError as err:
+        raise TokendynError(f"revision '{ckpt.revision}' does not exist in hub repo {ckpt.hub_id} "
+                            f"(model '{ckpt.model}'); fix the revisions or steps in the suite TOML") from err
+    except RepositoryNotFoundError as err:
+        raise TokendynError(f"hub repo {ckpt.hub_id} (model '{ckpt.model}') is not found or not accessible; "
+                            "fix hub_id in the suite TOML, or log in (hf auth login) if it is private or gated") from err
+    except LocalEntryNotFoundError as err:
+        offline = "HF_HUB_OFFLINE=1 is set" if hub_constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+        raise TokendynError(f"{_label(ckpt)} is not (completely) in the Hugging Face cache "
+                            f"{hub_constants.HF_HUB_CACHE} and {offline}; download it with network access, "
+                            "or point HF_HOME / HF_HUB_CACHE at a cache that has this revision") from err
+    except HfHubHTTPError as err:
+        raise TokendynError(f"could not fetch {_label(ckpt)}: {_first_line(err)}; "
+                            "check the network and the hub id, then rerun") from err
+    return Path(folder)
+
+
+def weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(safetensors files, pickle weight files) of a checkpoint directory, each sorted by name."""
+    safetensors = sorted(folder.glob("*.safetensors"))
+    pickled = sorted({path for pattern in PICKLE_GLOBS for path in folder.glob(pattern)})
+    return safetensors, pickled
+
+
+def _weights_to_load(ckpt: Checkpoint, folder: Path, allow_pickle: bool) -> list[Path]:
+    safetensors, pickled = weight_files(folder)
+    if safetensors:
+        return safetensors
+    if not pickled:
+        hint = (" (pickle weights are fetched from the hub only with --allow-pickle)"
+                if ckpt.path is None and not allow_pickle else "")
+        raise TokendynError(f"no weights in {_label(ckpt)}{hint}; save the model with save_pretrained "
+                            "(safetensors), or pass --allow-pickle for a trusted pytorch_model.bin checkpoint")
+    if not allow_pickle:
+        raise TokendynError(f"refusing pickle checkpoint {pickled[0]} (arbitrary code on load); "
+                            "convert to safetensors or pass --allow-pickle if you trust it")
+    return pickled
+
+
+def _require_config(ckpt: Checkpoint, folder: Path) -> dict:
+    config = folder / "config.json"
+    if not config.is_file():
+        raise TokendynError(f"no config.json in {_label(ckpt)}; save the model with save_pretrained, "
+                            "which writes its config")
+    try:
+        return json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise TokendynError(f"unreadable config {config} ({_first_line(err)}); re-save or re-download "
+                            "the checkpoint") from err
+
+
+def load_model(ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype = torch.float32,
+               allow_pickle: bool = False, trust_remote_code: bool = False) -> PreTrainedModel:
+    """The checkpoint's causal LM on `device` in eval mode; safetensors only unless allow_pickle."""
+    folder = resolve(ckpt, weights=True, allow_pickle=allow_pickle)
+    _require_config(ckpt, folder)
+    files = _weights_to_load(ckpt, folder, allow_pickle)
+    for file in files:
+        if file.suffix == ".safetensors":
+            _check_safetensors(ckpt, file)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, use_safetensors=files[0].suffix == ".safetensors",
+            trust_remote_code=trust_remote_code, output_loading_info=True)
+    except (OSError, ValueError) as err:
+        raise TokendynError(f"cannot load {_label(ckpt)}: {_first_line(err)}; check the checkpoint's files "
+                            "(pass --trust-remote-code only if it needs custom code you trust)") from err
+    missing = sorted(info["missing_keys"])
+    if missing:
+        raise TokendynError(f"{_label(ckpt)} lacks weights for {len(missing)} parameters (e.g. {missing[0]}), "
+                            "which would be left random; its weights do not match its config.json")
+    return model.to(device).eval()
+
+
+def _check_safetensors(ckpt: Checkpoint, file: Path) -> None:
+    """Read the header: a truncated or garbled file fails here with its name, not deep in transformers."""
+    try:
+        with safe_open(file, framework="pt"):
+            pass
+    except SafetensorError as err:
+        raise TokendynError(f"corrupted weights file {file} of {_label(ckpt)} ({_first_line(err)}); "
+                            "re-download or re-save the checkpoint") from err
+
+
+def _load_tokenizer(source: str | Path, label: str) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as err:
+        raise TokendynError(f"cannot load the tokenizer of {label}: {_first_line(err)}; check its tokenizer "
+                            "files, or set [eval] tokenizer in the suite TOML") from err
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def load_tokenizer(suite: Suite) -> PreTrainedTokenizerBase:
+    """The suite's tokenizer: [eval] tokenizer (path or hub id), else the first checkpoint's."""
+    if suite.tokenizer is not None:
+        return _load_tokenizer(suite.tokenizer, f"[eval] tokenizer = {suite.tokenizer}")
+    first = suite.models[0].checkpoints[0]
+    folder = resolve(first, weights=False)
+    if not _has_tokenizer(folder):
+        raise TokendynError(f"no tokenizer files in {_label(first)}; set [eval] tokenizer = \"path or hub id\" "
+                            "in the suite TOML")
+    return _load_tokenizer(folder, _label(first))
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 of the vocabulary (token -> id, all tokens incl. added ones) and the special tokens."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))
+    payload = json.dumps({"vocab": vocab, "special": tokenizer.special_tokens_map}, sort_keys=True)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def check_tokenizers(suite: Suite) -> str:
+    """Check that every checkpoint shares the suite's tokenizer; return its fingerprint.
+
+    Checkpoints without tokenizer files are checked only for a vocabulary large enough for the
+    tokenizer. Tokenizers whose files are byte-identical are loaded once (Pythia has 154 copies).
+    """
+    reference = load_tokenizer(suite)
+    expected = tokenizer_fingerprint(reference)
+    first = suite.models[0].checkpoints[0]
+    reference_label = f"[eval] tokenizer = {suite.tokenizer}" if suite.tokenizer is not None else _label(first)
+    fingerprints: dict[str, str] = {}  # digest of a checkpoint's tokenizer files -> tokenizer fingerprint
+    for model in suite.models:
+        for ckpt in model.checkpoints:
+            folder = resolve(ckpt, weights=False)
+            if _has_tokenizer(folder):
+                digest = _files_digest([folder / name for name in TOKENIZER_FILES if (folder / name).is_file()])
+                if digest not in fingerprints:
+                    fingerprints[digest] = tokenizer_fingerprint(_load_tokenizer(folder, _label(ckpt)))
+                if fingerprints[digest] != expected:
+                    raise TokendynError(f"the tokenizer of {_label(ckpt)} differs from that of {reference_label}; "
+                                        "all checkpoints of a suite must share one tokenizer: split the suite")
+            vocab_size = _config_vocab_size(_require_config(ckpt, folder))
+            if vocab_size is not None and vocab_size < len(reference):
+                raise TokendynError(f"{_label(ckpt)} has vocab_size {vocab_size} but the tokenizer of "
+                                    f"{reference_label} has {len(reference)} tokens; they do not belong together")
+    return expected
+
+
+def _config_vocab_size(config: dict) -> int | None:
+    size = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
+    return size if isinstance(size, int) else None
+
+
+def _files_digest(files: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}:{_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def _sha256(file: Path) -> str:
+    target = file.resolve()
+    # The hub cache names each LFS blob by the sha256 of its content: no need to read gigabytes.
+    if target.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", target.name):
+        return target.name
+    digest = hashlib.sha256()
+    with open(target, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_fingerprint(ckpt: Checkpoint, allow_pickle: bool = False) -> str:
+    """sha256 over the weight files' names and bytes (the files `load_model` would read).
+
+    Equal fingerprints for two steps of a model mean the same weights were published twice.
+    """
+    folder = resolve(ckpt, weights=True, allow_pickle=allow_pickle)
+    return _files_digest(_weights_to_load(ckpt, folder, allow_pickle=True))
+
+
+def max_context(config) -> int | None:
+    """The longest input the model was built for (max_position_embeddings or its equivalent)."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for attribute in CONTEXT_ATTRIBUTES:
+        value = getattr(text_config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def count_params(model: torch.nn.Module) -> tuple[int, int]:
+    """(all parameters, parameters outside the input and output embeddings); tied weights count once."""
+    embeddings = [model.get_input_embeddings(), model.get_output_embeddings()]
+    embedding_ids = {id(p) for module in embeddings if module is not None for p in module.parameters()}
+    total = nonembedding = 0
+    for parameter in model.parameters():  # yields a tied parameter once
+        total += parameter.numel()
+        if id(parameter) not in embedding_ids:
+            nonembedding += parameter.numel()
+    return total, nonembedding
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """torch dtype from its name: float32, bfloat16 or float16."""
+    if name not in DTYPES:
+        raise TokendynError(f"unknown dtype '{name}'; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]

@@ -1,0 +1,317 @@
+"""PassUntil on the checkpoints of a suite (methods.md §4): sample completions per instance and
+checkpoint until `passes` of them pass or `max_samples` are drawn, and keep the runs in the store.
+
+A generation task is a JSONL of instances {"prompt": ..., "answer": ...} (other keys are kept as
+per-instance fields). A completion is sampled with `tokendyn.models.generate.decode` (KV-cached; temperature
+1, i.e. nucleus mass 1, unless `top_p` is given) for `new_tokens` tokens — by default as many as
+the answer takes after the prompt — stops at EOS, is decoded to text and cut at the first stop
+string. It passes when the checker says so: by default exact match (`exact_match`: the completion
+and the answer are equal once surrounding whitespace is stripped), or any callable
+`checker(completion, instance) -> bool` named as `package.module:function`, where `instance` is the
+JSONL record. The prompt's trailing whitespace is removed (tokenizers attach a space to the next
+word); BOS is prepended when the suite's main set uses it.
+
+Runs are drawn by `tokendyn.analysis.passuntil.pass_until`, with the random numbers of (model, checkpoint,
+instance) seeded by `numpy.random.default_rng([seed, model, ckpt, instance])`: a rerun or a resumed
+run gives the same results. The store keeps them in the group `passuntil/<task>`:
+
+| name | dims | meaning |
+|---|---|---|
+| `passes`, `samples` | (model, ckpt, instance) | passes found (r) and samples up to the target or the cap (K) |
+| `drawn`, `batches` | (model, ckpt, instance) | completions generated and batches (the cost) |
+| `seconds` | (model, ckpt, instance) | wall-clock time of the run |
+| `done` | (model, ckpt) | every instance of the checkpoint is done |
+| `prompt`, `answer`, `new_tokens`, fields | (instance) | the instances |
+
+Not yet run: -1 (NaN for seconds). An instance's results are written with `samples` last, so a run
+killed at any moment resumes at the first instance without them; the checkpoint's `done` flag
+follows its last instance. The group's `params` attribute (task fingerprint, passes, cap, batch
+size, top_p, new_tokens, stop strings, checker, seed) must match on a rerun (or pass force=True).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+import zarr
+from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
+
+from tokendyn.models import checkpoints
+from tokendyn import store
+from tokendyn.data.corpus import PAD, json_lines
+from tokendyn.errors import TokendynError
+from tokendyn.models.generate import decode
+from tokendyn.analysis.passuntil import pass_until
+from tokendyn.config.suite import Suite, load_suite
+from tokendyn.models.tasks import clean_name, suite_context
+
+GROUP = "passuntil"
+COUNTS = ("passes", "drawn", "batches", "samples")  # `samples` last: it commits an instance
+CHECKPOINT_COORDS = ("val_ppl", "tokens_seen", "n_params", "n_params_nonembed")  # attached from the main set
+# Names in a task's group (and coordinates added when it is read) that an instance field must not shadow.
+RESERVED = {"model", "ckpt", "step", "instance", "new_tokens", "seconds", "done", *CHECKPOINT_COORDS, *COUNTS}
+
+
+@dataclass(frozen=True)
+class GenerationTask:
+    """Instances of a free-generation task: their JSONL records, each with a prompt and an answer."""
+
+    name: str
+    records: tuple[dict, ...]
+
+    @property
+    def prompts(self) -> list[str]:
+        return [r["prompt"] for r in self.records]
+
+    @property
+    def answers(self) -> list[str]:
+        return [r["answer"] for r in self.records]
+
+    @property
+    def fields(self) -> dict[str, list]:
+        """Per-instance fields (keys other than prompt and answer; lists joined by "|", None where absent)."""
+        keys = sorted({k for r in self.records for k in r} - {"prompt", "answer"})
+        return {k: [_scalar(r.get(k)) for r in self.records] for k in keys}
+
+    @property
+    def fingerprint(self) -> str:
+        payload = json.dumps(self.records, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def read_generation_task(path: str | Path, name: str | None = None) -> GenerationTask:
+    """A JSONL of {"prompt": ..., "answer": ...} lines; name defaults to the file name without extension."""
+    path = Path(path)
+    records = []
+    for number, record in json_lines(path):
+        if not isinstance(record.get("prompt"), str) \
+                or not isinstance(record.get("answer"), str) or not record["answer"].strip():
+            raise TokendynError(f'{path}:{number}: needs string fields "prompt" and "answer" (non-empty)')
+        for key in record:
+            if key in RESERVED:
+                raise TokendynError(f"{path}:{number}: field '{key}' is a name tokendyn uses; rename it")
+        records.append(record)
+    if not records:
+        raise TokendynError(f"{path} has no instances; add prompt/answer lines")
+    return GenerationTask(name=clean_name(name or path.stem), records=tuple(records))
+
+
+def _scalar(value):
+    return "|".join(map(str, value)) if isinstance(value, list) else None if isinstance(value, dict) else value
+
+
+def exact_match(completion: str, instance: dict) -> bool:
+    """The default checker: completion and answer are equal after stripping surrounding whitespace."""
+    return completion.strip() == instance["answer"].strip()
+
+
+def load_checker(spec: str | None) -> Callable[[str, dict], bool]:
+    """`package.module:function` -> that function; None -> `exact_match`."""
+    if spec is None or spec == "exact":
+        return exact_match
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise TokendynError(f"checker '{spec}' is not of the form package.module:function")
+    try:
+        function = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as err:
+        raise TokendynError(f"cannot import checker '{spec}' ({err}); make the module importable "
+                            "(e.g. on PYTHONPATH) and check the function name") from None
+    if not callable(function):
+        raise TokendynError(f"checker '{spec}' is not callable; name a function(completion, instance) -> bool")
+    return function
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the first occurrence of any stop string."""
+    ends = [text.find(s) for s in stop if s and s in text]
+    return text[: min(ends)] if ends else text
+
+
+class Sampler:
+    """`sample(n, rng)` for one model and one prompt: n completions as text (see the module docstring)."""
+
+    def __init__(self, model, tokenizer, prompt_ids: list[int], new_tokens: int, top_p: float | None,
+                 stop: Sequence[str]) -> None:
+        self.model, self.tokenizer, self.stop = model, tokenizer, tuple(stop)
+        self.prompt = torch.tensor(prompt_ids, dtype=torch.long)[None]
+        self.new_tokens = new_tokens
+        self.top_p = 1.0 if top_p is None else top_p  # nucleus of mass 1 = the full distribution
+
+    def __call__(self, n: int, rng: np.random.Generator) -> list[str]:
+        uniforms = torch.from_numpy(rng.random((n, self.new_tokens)))
+        tokens = decode([self.model], [1.0], self.prompt.expand(n, -1), self.new_tokens,
+                        vocab_size=len(self.tokenizer), top_p=self.top_p, uniforms=uniforms,
+                        eos_token_id=self.tokenizer.eos_token_id).numpy()
+        texts = self.tokenizer.batch_decode([row[row != PAD].tolist() for row in tokens])
+        return [cut_at_stop(t, self.stop) for t in texts]
+
+
+def prompt_ids(task: GenerationTask, tokenizer, bos: bool, new_tokens: int | None) -> tuple[list[list[int]], list[int]]:
+    """Token ids of every prompt (BOS first when `bos`) and the tokens to generate per instance:
+    `new_tokens`, or as many as the answer takes after the prompt (at least 1)."""
+    first = [tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []
+    prompts = [p.rstrip() for p in task.prompts]
+    ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    if new_tokens is None:
+        full = tokenizer([p + " " + a.strip() for p, a in zip(prompts, task.answers)], add_special_tokens=False)
+        lengths = [max(1, len(f) - len(i)) for f, i in zip(full["input_ids"], ids)]
+    elif new_tokens < 1:
+        raise TokendynError(f"new_tokens = {new_tokens} must be at least 1")
+    else:
+        lengths = [new_tokens] * len(ids)
+    if not all(ids):
+        raise TokendynError(f"task '{task.name}': an instance has an empty prompt; give every instance a prompt")
+    return [first + list(row) for row in ids], lengths
+
+
+def run_pass_until(suite: Suite | str | Path, out: str | Path, task: GenerationTask | str | Path, *,
+                   passes: int = 2, max_samples: int = 100_000, batch_size: int = 256, top_p: float | None = None,
+                   new_tokens: int | None = None, stop: Sequence[str] = ("\n",), checker: str | None = None,
+                   seed: int = 0, force: bool = False, device: str = "cpu", dtype: str = "float32",
+                   allow_pickle: bool = False, trust_remote_code: bool = False, progress: bool = True) -> Path:
+    """PassUntil for every instance of `task` under every checkpoint of the suite, into the store at `out`.
+
+    Parameters
+    ----------
+    task : a GenerationTask or the path of its JSONL.
+    passes : the target r (>= 2); max_samples : the cap K_max; batch_size : completions per batch.
+    top_p : nucleus mass in (0, 1]; None samples at temperature 1 from the full distribution.
+    new_tokens : tokens per completion (default: the answer's length in tokens, per instance).
+    stop : completions are cut at the first of these strings. checker : `package.module:function`
+        called as function(completion, instance) -> bool (default: exact match).
+    seed : seeds every run (see the module docstring). force : redo a task already in the store.
+
+    The main set (and the suite's own sets) are extracted first where not done, which creates the
+    store or checks that it belongs to this suite, and gives every checkpoint its validation loss.
+    """
+    from tokendyn.models.extract import extract
+
+    suite = suite if isinstance(suite, Suite) else load_suite(suite)
+    task = task if isinstance(task, GenerationTask) else read_generation_task(task)
+    if top_p is not None and not 0 < top_p <= 1:
+        raise TokendynError(f"top_p = {top_p} must be in (0, 1]; or leave it out for temperature-1 sampling")
+    if passes < 2 or max_samples < passes or batch_size < 1:
+        raise TokendynError("PassUntil needs passes >= 2, max_samples >= passes and batch_size >= 1")
+    check = load_checker(checker)
+    out = Path(out)
+    extract(suite, out, device=device, dtype=dtype, allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code, progress=progress)
+
+    tokenizer = checkpoints.load_tokenizer(suite)
+    ids, lengths = prompt_ids(task, tokenizer, suite.eval.bos, new_tokens)
+    context = suite_context(suite, trust_remote_code)
+    longest = max(len(i) + n for i, n in zip(ids, lengths))
+    if context is not None and longest > context:
+        raise TokendynError(f"task '{task.name}': prompt + completion ({longest} tokens) exceed the models' "
+                            f"context ({context}); shorten the prompts or lower new_tokens")
+    params = {"task": task.fingerprint, "passes": passes, "max_samples": max_samples, "batch_size": batch_size,
+              "top_p": top_p, "new_tokens": new_tokens, "stop": list(stop), "checker": checker or "exact",
+              "seed": seed}
+    group = _prepare(out, task, lengths, params, force)
+
+    torch_dtype = checkpoints.parse_dtype(dtype)
+    hf_logging.disable_progress_bar()
+    done = np.asarray(group["done"])
+    todo = [(m, c) for m, spec in enumerate(suite.models) for c in range(len(spec.checkpoints)) if not done[m, c]]
+    n = len(task.prompts)
+    with tqdm(total=len(todo) * n, unit="instance", disable=not progress, dynamic_ncols=True) as bar:
+        for m, c in todo:
+            ckpt = suite.models[m].checkpoints[c]
+            bar.set_description(f"passuntil {task.name}: {ckpt.model} step {ckpt.step}")
+            committed = np.asarray(group["samples"][m, c]) > 0
+            bar.update(int(committed.sum()))
+            if not committed.all():
+                model = checkpoints.load_model(ckpt, device=device, dtype=torch_dtype, allow_pickle=allow_pickle,
+                                               trust_remote_code=trust_remote_code)
+                for i in np.flatnonzero(~committed):
+                    started = time.perf_counter()
+                    sampler = Sampler(model, tokenizer, ids[i], lengths[i], top_p, stop)
+                    instance = task.records[i]
+                    run = pass_until(sampler, lambda text: check(text, instance), passes, max_samples, batch_size,
+                                     np.random.default_rng([seed, m, c, int(i)]))
+                    group["seconds"][m, c, i] = time.perf_counter() - started
+                    for name in COUNTS:
+                        group[name][m, c, i] = getattr(run, name)
+                    bar.update()
+                    bar.set_postfix(drawn=run.drawn, passes=run.passes, refresh=False)
+                del model
+            group["done"][m, c] = True
+    return out
+
+
+def _prepare(out: Path, task: GenerationTask, lengths: list[int], params: dict, force: bool) -> zarr.Group:
+    """Create the task's group, or check that the existing one was made with the same parameters."""
+    root = zarr.open_group(out, mode="r+")
+    path = f"{GROUP}/{task.name}"
+    folder = out / GROUP / task.name
+    if folder.is_dir():
+        existing = json.loads(root[path].attrs["params"])
+        if force:
+            shutil.rmtree(folder)
+        elif existing != params:
+            changed = [f"{k} = {existing.get(k)!r} (now {v!r})" for k, v in params.items() if existing.get(k) != v]
+            raise TokendynError(f"store {out} holds PassUntil runs of task '{task.name}' made with "
+                                f"{'; '.join(changed)}; rerun with the same options, store it under another "
+                                "name (--name), or redo it (--force)")
+        else:
+            return root[path]
+    main = xr.open_zarr(out)
+    shape = (main.sizes["model"], main.sizes["ckpt"], len(task.prompts))
+    dims = ("model", "ckpt", "instance")
+    data = {name: (dims, np.full(shape, -1, dtype=np.int64)) for name in COUNTS}
+    data["seconds"] = (dims, np.full(shape, np.nan))
+    data["done"] = (("model", "ckpt"), np.zeros(shape[:2], dtype=bool))
+    coords = {"model": main["model"].values, "ckpt": main["ckpt"].values,
+              "step": (("model", "ckpt"), main["step"].values),
+              "instance": np.arange(shape[2]),
+              "prompt": ("instance", np.asarray(task.prompts, dtype=object)),
+              "answer": ("instance", np.asarray(task.answers, dtype=object)),
+              "new_tokens": ("instance", np.asarray(lengths, dtype=np.int64)),
+              **{k: ("instance", _field_array(v)) for k, v in task.fields.items()}}
+    template = xr.Dataset(data, coords=coords, attrs={"task": task.name, "params": json.dumps(params)})
+    encoding = {name: {"chunks": (1, 1, shape[2])} for name in (*COUNTS, "seconds")}
+    encoding["done"] = {"chunks": (1, 1)}
+    template.to_zarr(out, group=path, mode="w", consolidated=False, encoding=encoding, zarr_format=3)
+    store._consolidate(root)
+    return zarr.open_group(out, mode="r+")[path]
+
+
+def _field_array(values: list) -> np.ndarray:
+    """Per-instance field values; missing ones become "" (text), -1 (integers) or NaN (numbers)."""
+    present = [v for v in values if v is not None]
+    if all(isinstance(v, (bool, int)) for v in present):
+        return np.asarray([-1 if v is None else int(v) for v in values], dtype=np.int64)
+    if all(isinstance(v, (int, float)) for v in present):
+        return np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
+    return np.asarray(["" if v is None else str(v) for v in values], dtype=object)
+
+
+def list_tasks(path: str | Path) -> list[str]:
+    """Names of the PassUntil tasks in a store."""
+    folder = Path(path) / GROUP
+    return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file()) if folder.is_dir() else []
+
+
+def read_runs(path: str | Path, task: str) -> xr.Dataset:
+    """The PassUntil runs of one task (model, ckpt, instance), loaded, with the main set's checkpoint coordinates."""
+    names = list_tasks(path)
+    if task not in names:
+        raise TokendynError(f"store {path} has no PassUntil task '{task}'; it has: {', '.join(names) or 'none'} "
+                            "(run tokendyn passuntil first)")
+    runs = xr.open_zarr(path, group=f"{GROUP}/{task}", consolidated=False)
+    main = xr.open_zarr(path)
+    runs = runs.assign_coords({k: main[k].variable for k in CHECKPOINT_COORDS})
+    runs.attrs["params"] = json.loads(runs.attrs["params"])
+    return runs.load()

@@ -1,0 +1,90 @@
+"""Token trajectories clustered into named shapes: centroid curves with their names and shares per
+model, and each cluster's most frequent tokens (methods.md §5; `tokendyn.analysis.clusters`)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from tokendyn.studies.findings import direction, listing
+from tokendyn.studies.study import Result, Skip, main, models_by_size, open_source, require
+from tokendyn.studies.style import category_colors, new_figure, perplexity_axis
+from tokendyn.errors import TokendynError
+
+TITLE = "Clusters of token loss trajectories"
+MIN_CHANGE = 2.0  # percentage points across sizes before a share's trend with size is worth a sentence
+
+
+def run(source, n_clusters: int | str = "auto", method: str = "kmeans", n_levels: int = 10, top: int = 5,
+        seed: int = 0) -> Result:
+    """Cluster every (model, token) trajectory on the matched-perplexity grid (one model: over its
+    checkpoints); see `tokendyn.analysis.clusters.cluster` for n_clusters, method and n_levels. top: tokens
+    listed per cluster."""
+    ds = open_source(source)
+    require(ds, "loss", "step", "val_ppl")
+    on = "perplexity" if ds.sizes["model"] > 1 else "checkpoints"
+    try:
+        result = ds.tokendyn.cluster(n_clusters, on=on, method=method, n_levels=n_levels, top=top,
+                                     random_state=seed)
+    except TokendynError as err:
+        raise Skip(str(err)) from err
+    models = models_by_size(ds)
+    names = list(result.names)
+    colors = category_colors(names)
+    shares = result.share().rename("percent").reset_coords(drop=True).to_dataframe().reset_index()
+    shares = shares.rename(columns={"category": "cluster"})
+    shares["model"] = shares["model"].astype(str)
+    centroids = result.centroids.to_dataframe(name="loss_change").reset_index()
+    overall = shares.groupby("cluster", sort=False)["percent"].mean()
+
+    fig, (curves, bars) = new_figure(2, ncols=2)
+    grid = result.centroids["point"].values
+    for k, name in enumerate(names):
+        curves.plot(grid, result.centroids.values[k], "o-", ms=3, color=colors[name],
+                    label=f"{name} ({overall[name]:.0f}%)")
+    if on == "perplexity":
+        perplexity_axis(curves, "matched validation perplexity (log scale, training →)")
+    else:
+        curves.set_xlabel("training step")
+    curves.set_ylabel("loss change from the first point (nats)")
+    curves.set_title("centroids (mean trajectory of each cluster)", fontsize="medium")
+    curves.axhline(0, color="black", lw=0.6)
+    curves.grid(alpha=0.3)
+    left = np.zeros(len(models))
+    for name in names:
+        values = shares[shares.cluster == name].set_index("model").loc[models, "percent"].to_numpy()
+        bars.barh(models, values, left=left, color=colors[name], label=name)
+        left += values
+    bars.invert_yaxis()
+    bars.set_xlabel("% of the model's tokens")
+    bars.set_title("share of each cluster per model", fontsize="medium")
+    fig.legend(*curves.get_legend_handles_labels(), title="cluster (mean share)", loc="outside right upper",
+               fontsize="small")
+    fig.suptitle(TITLE)
+
+    chosen = f"chosen by {result.criterion}" if result.scores else "given"
+    findings = [f"{len(names)} clusters ({chosen}) of the trajectories on {'the matched-perplexity grid' if on == 'perplexity' else 'the checkpoints'}; "
+                f"stability across seeds (adjusted Rand index) {result.stability:.2f}.",
+                "Mean share over models: " + listing(overall.items(), "{:.1f}%") + "."]
+    if len(models) > 1:
+        for name in names:
+            values = shares[shares.cluster == name].set_index("model").loc[models, "percent"].to_numpy()
+            trend = direction(values, threshold=0.9)
+            if trend and np.ptp(values) >= MIN_CHANGE:
+                findings.append(f"The share of '{name}' {'grows' if trend > 0 else 'shrinks'} with model size "
+                                f"({listing(zip(models, values), '{:.1f}%')}).")
+        stagnant = [n for n in names if n.startswith("stagnating")]
+        if stagnant:
+            values = shares[shares.cluster == stagnant[0]].set_index("model").loc[models, "percent"].to_numpy()
+            grows = direction(values) > 0
+            findings.append("Paper: more tokens stagnate in larger models; the stagnating cluster " +
+                            ("grows with size, so this reproduces." if grows else
+                             "does not grow with size, so this does not reproduce."))
+    tokens = result.top_tokens.assign(name=lambda t: t["name"].astype(str))
+    return Result(TITLE, {"clusters": shares, "cluster_centroids": centroids, "cluster_tokens": tokens}, fig,
+                  findings, shown=["cluster_tokens"])
+
+
+if __name__ == "__main__":
+    sys.exit(main(run, "clusters"))

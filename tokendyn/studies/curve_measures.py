@@ -1,0 +1,98 @@
+"""Histograms of the per-token learning-curve measures of Chang, Tu & Bergen (2024) per model, with
+the Rho-1 classes between the first and last checkpoint (methods.md §5; `tokendyn.analysis.curves`)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pandas as pd
+
+from tokendyn.studies.findings import WORDS, direction, listing
+from tokendyn.studies.study import Result, main, models_by_size, open_source, require
+from tokendyn.studies.style import model_colors, model_legend, new_figure
+from tokendyn.analysis.curves import RHO1_CLASSES
+
+TITLE = "Per-token learning-curve measures (Chang et al.)"
+MEASURES = {
+    "final_loss": "final loss (nats; mean over the last checkpoints)",
+    "final_variability": "within-run variability (nats; std over the last checkpoints)",
+    "age_of_acquisition": "age of acquisition (log10 step)",
+    "forgettability": "forgettability (nats; sum of rises)",
+}
+RHO1_REFERENCE = dict(zip(RHO1_CLASSES, (11, 12, 26, 51)))  # Lin et al. 2024 (Rho-1), % of tokens; methods.md §5
+
+
+def histograms(values: dict[str, np.ndarray], bins: int) -> pd.DataFrame:
+    """Counts per model on bins shared by all models: measure-free table model, bin_left, bin_right, count, percent."""
+    finite = np.concatenate([v[np.isfinite(v)] for v in values.values()])
+    edges = np.histogram_bin_edges(finite, bins) if len(finite) else np.array([0.0, 1.0])
+    rows = []
+    for model, v in values.items():
+        counts, _ = np.histogram(v[np.isfinite(v)], edges)
+        total = max(int(np.isfinite(v).sum()), 1)
+        rows += [{"model": model, "bin_left": lo, "bin_right": hi, "count": int(c), "percent": 100 * c / total}
+                 for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
+    return pd.DataFrame(rows)
+
+
+def run(source, last: int = 5, chance: float | None = None, window: int = 3, bins: int = 30) -> Result:
+    """Final loss, variability, age of acquisition and forgettability of every token in every model
+    (see `tokendyn.analysis.curves.curve_measures` for last, chance and window), as histograms with `bins`
+    bins shared by the models; Rho-1 class shares beside Rho-1's reference."""
+    ds = open_source(source)
+    require(ds, "loss", "step")
+    measures = ds.tokendyn.curve_measures(last=last, chance=chance, window=window)[list(MEASURES)].compute()
+    valid = np.isfinite(measures["final_loss"].values)  # tokens with a prediction in a done checkpoint
+    models = models_by_size(ds)
+    colors = model_colors(ds)
+    names = [str(m) for m in measures["model"].values]
+
+    hist, summary = [], []
+    for measure in MEASURES:
+        per_model = {m: measures[measure].values[names.index(m)].ravel() for m in models}
+        hist.append(histograms(per_model, bins).assign(measure=measure))
+        for m, v in per_model.items():
+            tokens = valid[names.index(m)].ravel()
+            summary.append({"model": m, "measure": measure, "median": np.nanmedian(v) if np.isfinite(v).any() else np.nan,
+                            "mean": np.nanmean(v) if np.isfinite(v).any() else np.nan,
+                            "n_tokens": int(np.isfinite(v).sum()), "n_undefined": int((tokens & ~np.isfinite(v)).sum())})
+    hist = pd.concat(hist)[["measure", "model", "bin_left", "bin_right", "count", "percent"]]
+    summary = pd.DataFrame(summary)
+    rho = ds.tokendyn.rho1_classes().share().rename("percent").reset_coords(drop=True).to_dataframe().reset_index()
+    rho = rho.rename(columns={"category": "class"}).assign(model=lambda t: t["model"].astype(str))
+
+    fig, panels = new_figure(len(MEASURES), ncols=2)
+    for ax, (measure, label) in zip(panels, MEASURES.items()):
+        rows = hist[hist.measure == measure]
+        for model in models:
+            r = rows[rows.model == model]
+            ax.stairs(r["percent"], np.append(r["bin_left"].values, r["bin_right"].values[-1:]), color=colors[model],
+                      lw=1.5, label=model)
+        ax.set_xlabel(label)
+        ax.set_ylabel("% of tokens")
+        ax.set_title(label.split(" (")[0], fontsize="medium")
+        ax.grid(alpha=0.3)
+    model_legend(fig, colors)
+    fig.suptitle(f"{TITLE}, last {last} checkpoints")
+
+    medians = summary.set_index(["measure", "model"])["median"]
+    findings = []
+    for measure, label in MEASURES.items():
+        values = [medians[(measure, m)] for m in models]
+        trend = f"; it {WORDS[direction(values)]} with model size" if len(models) > 1 else ""
+        findings.append(f"Median {label.split(' (')[0]}: {listing(zip(models, values))}{trend}.")
+    undefined = summary[summary.measure == "age_of_acquisition"].set_index("model")
+    findings.append("Tokens without an age of acquisition (never below chance, rising, or crossing halfway outside "
+                    "the checkpoints): " + listing(((m, 100 * undefined.loc[m, "n_undefined"] /
+                                                     max(valid[names.index(m)].sum(), 1)) for m in models), "{:.0f}%") + ".")
+    shares = rho.set_index(["model", "class"])["percent"]
+    findings.append("Rho-1 classes H->H / L->H / H->L / L->L between the first and last checkpoint (threshold: "
+                    "median loss): " + "; ".join(f"{m} " + " / ".join(f"{shares[(m, c)]:.0f}" for c in RHO1_CLASSES)
+                                                  for m in models) +
+                    " % (Rho-1's reference: " + " / ".join(str(v) for v in RHO1_REFERENCE.values()) + ").")
+    return Result(TITLE, {"curve_histograms": hist, "curve_summary": summary, "rho1": rho}, fig, findings)
+
+
+if __name__ == "__main__":
+    sys.exit(main(run, "curve_measures"))

@@ -1,0 +1,98 @@
+"""Per-token double descent: how many tokens fall, rise and fall again in each model, and examples
+with their decoded context (methods.md §1.3)."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from tokendyn.studies.findings import direction, listing
+from tokendyn.studies.study import Result, Skip, context, main, models_by_size, open_source, require, token_texts
+from tokendyn.studies.style import model_colors, model_legend, new_figure, perplexity_axis, plain
+from tokendyn.analysis.trajectories import done_checkpoints, load_small, model_index, token_loss, token_share
+
+TITLE = "Per-token double descent"
+CANDIDATES = 256  # flagged tokens whose trajectories are read to pick the clearest examples
+
+
+def rise(curves: np.ndarray) -> np.ndarray:
+    """Largest rise of each curve (ckpt, token) above its earlier running minimum, ignoring NaN."""
+    running_min = np.fmin.accumulate(np.where(np.isnan(curves), np.inf, curves), axis=0)
+    return np.nanmax(curves - running_min, axis=0)
+
+
+def examples(ds: xr.Dataset, flags: xr.DataArray, model: str, n: int, width: int, seed: int) -> pd.DataFrame:
+    """Up to n flagged tokens of `model` with the largest rise, one per token id where possible."""
+    m = model_index(ds, model)
+    seq, pos = np.nonzero(flags.isel(model=m).values)
+    pick = np.random.default_rng(seed).permutation(len(seq))[:CANDIDATES]
+    seq, pos = seq[pick], pos[pick]
+    idx = done_checkpoints(ds, m)
+    loss = token_loss(ds).isel(model=m, ckpt=idx)
+    curves = loss.isel(seq=xr.DataArray(seq, dims="token"), pos=xr.DataArray(pos, dims="token")).values
+    ids = ds["token_id"].values[seq, pos]
+    score = rise(curves)
+    order = np.argsort(-score, kind="stable")
+    best_of_each_id = order[np.sort(np.unique(ids[order], return_index=True)[1])]
+    chosen = np.concatenate([best_of_each_id, order[~np.isin(order, best_of_each_id)]])[:n]
+    return pd.DataFrame({"model": model, "seq": seq[chosen], "pos": pos[chosen], "token_id": ids[chosen],
+                         "token": token_texts(ds, ids[chosen]), "rise_nats": score[chosen],
+                         "context": [context(ds, int(s), int(p), width) for s, p in zip(seq[chosen], pos[chosen])]})
+
+
+def run(source, tol: float = 0.5, window: int = 3, n_examples: int = 6, width: int = 12, seed: int = 0) -> Result:
+    """Share of tokens with double descent per model (see `tokendyn.analysis.trajectories.double_descent` for
+    tol, in nats, and window, in checkpoints) and n_examples tokens of the largest model that has
+    any, drawn against validation perplexity in every model, with `width` tokens of left context."""
+    ds = load_small(open_source(source))
+    require(ds, "loss", "step", "val_ppl")
+    flags = ds.tokendyn.double_descent(tol, window).compute()
+    percent = token_share(ds, flags)
+    models = models_by_size(ds)
+    colors = model_colors(ds)
+    shares = pd.DataFrame({"model": [str(m) for m in percent["model"].values], "percent": percent.values,
+                           "n_tokens": flags.sum(["seq", "pos"]).values})
+    shares = shares.set_index("model").loc[models].reset_index()
+    with_any = [m for m in models if shares.set_index("model").loc[m, "n_tokens"] > 0]
+    if not with_any:
+        raise Skip(f"no token double-descends in any model (a fall, a rise and a fall again of at least {tol} nats "
+                   f"after a {window}-checkpoint moving average)")
+    chosen = with_any[-1]
+    table = examples(ds, flags, chosen, n_examples, width, seed)
+
+    fig, panels = new_figure(len(table), ncols=min(3, len(table)))
+    loss = token_loss(ds)
+    for ax, row in zip(panels, table.itertuples()):
+        for model in models:
+            m = model_index(ds, model)
+            idx = done_checkpoints(ds, m)
+            ax.plot(ds["val_ppl"].values[m, idx], loss.isel(model=m, ckpt=idx, seq=row.seq, pos=row.pos).values,
+                    "o-", ms=3, lw=2.2 if model == chosen else 1, color=colors[model])
+        perplexity_axis(ax)
+        ax.set_ylabel("token loss (nats)")
+        ax.set_title(plain(row.context, 34), fontsize="small")
+        ax.grid(alpha=0.3)
+    model_legend(fig, colors)
+    fig.suptitle(f"{TITLE}: examples from {chosen} (bold), the token in [[ ]]")
+
+    findings = [f"Tokens that fall, rise and fall again by at least {tol} nats ({window}-checkpoint moving average): "
+                f"{listing(zip(shares.model, shares.percent), '{:.2f}%')}."]
+    if len(models) > 1:
+        trend = direction(shares["percent"].to_numpy())
+        findings.append({1: "The share grows with model size, in line with the paper's observation that double "
+                            "descent is a larger-model phenomenon.",
+                         -1: "The share shrinks with model size: the paper saw double descent in larger models, "
+                             "so this does not reproduce.",
+                         0: "The share shows no trend with model size (the paper saw double descent in larger "
+                            "models; this does not reproduce)."}[trend])
+    findings.append(f"Examples: the {len(table)} flagged tokens of {chosen} with the largest rise (one per token "
+                    f"where possible), up to {table['rise_nats'].max():.2f} nats.")
+    return Result(TITLE, {"double_descent_share": shares, "double_descent_examples": table}, fig, findings,
+                  shown=["double_descent_examples"])
+
+
+if __name__ == "__main__":
+    sys.exit(main(run, "double_descent"))

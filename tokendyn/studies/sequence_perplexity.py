@@ -1,0 +1,118 @@
+"""Perplexity of each named evaluation set (generated, corrupted, other text) over training in every
+model, where it turns, and how its final value scales with size (methods.md §1.4)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from tokendyn.studies.findings import direction, verdict
+from tokendyn.studies.study import Result, Skip, main, models_by_size, open_source, require
+from tokendyn.studies.style import log_scale, model_colors, model_legend, new_figure, perplexity_axis
+from tokendyn.analysis.sequences import sequence_ppl, store_path, turning_points
+from tokendyn.store import TASK_SET_PREFIX, list_sets
+
+TITLE = "Perplexity of the evaluation sets over training"
+INVERSE_MIXTURE = "1,-1"  # text decoded from p_small - p_large (methods.md §1.4)
+
+
+def named_sets(ds: xr.Dataset) -> tuple[Path, list[str]]:
+    """The store's path and its named sets other than task sets (the downstream study reads those)."""
+    path = store_path(ds)
+    if path is None:
+        raise Skip("spans the store's evaluation sets; open the store from disk (tokendyn.open_store)")
+    names = [n for n in list_sets(path) if not n.startswith(TASK_SET_PREFIX)]
+    if not names:
+        raise Skip("the store has no named evaluation sets (add some with tokendyn extract --set / --pairs)")
+    return Path(path), names
+
+
+def values_at(curve: xr.DataArray, models: list[str], at: int = -1) -> list[float]:
+    """Each model's value at its last (at=-1) or first (at=0) checkpoint with a value; NaN if none has one."""
+    out = []
+    for model in models:
+        values = curve.sel(model=model).values
+        done = np.flatnonzero(np.isfinite(values))
+        out.append(float(values[done[at]]) if len(done) else np.nan)
+    return out
+
+
+def _set_sentence(name: str, turns: xr.Dataset, final: list[float], models: list[str]) -> str:
+    turned = [f"{m} (at validation perplexity {float(turns.sel(model=m)['turn_val_ppl']):.3g})"
+              for m in models if bool(turns.sel(model=m)["turns"])]
+    size = {1: "rises with model size: inverse scaling", -1: "falls with model size", 0: "shows no order by size"}
+    text = f"Set {name}: final perplexity " + ", ".join(f"{m} {v:.3g}" for m, v in zip(models, final))
+    if len(models) > 1:
+        text += f" ({size[direction(final, 0.9)]})"
+    return text + ("; it turns (minimum, then rises) in " + ", ".join(turned) if turned else
+                   "; it never turns up over training") + "."
+
+
+def _paper_claims(curve: xr.DataArray, turns: xr.Dataset, models: list[str]) -> list[str]:
+    lines = []
+    inverse = [str(s) for s in curve["set"].values if str(curve["group"].sel(set=s).values) == INVERSE_MIXTURE]
+    for name in inverse:
+        final = values_at(curve.sel(set=name), models)
+        lines.append(f"Paper: text decoded from p_small - p_large is scored worse by larger final models; for {name} "
+                     f"this {verdict([direction(final, 0.9) == 1])}.")
+        smallest_falls = not bool(turns.sel(set=name, model=models[0])["turns"])
+        lines.append(f"Paper: the smallest model keeps lowering its perplexity on it; here ({models[0]}) this "
+                     f"{verdict([smallest_falls])}.")
+        if len(models) > 2:
+            larger_rise = [bool(turns.sel(set=name, model=m)["turns"]) for m in models[1:]]
+            lines.append(f"Paper: mid-size and larger models raise it again over training; here this "
+                         f"{verdict(larger_rise)} ({sum(larger_rise)} of {len(larger_rise)}).")
+    corrupted = [str(s) for s in curve["set"].values if np.isfinite(float(curve["corrupt"].sel(set=s)))]
+    if corrupted and len(models) > 1:
+        holds = [direction(values_at(curve.sel(set=s), models), 0.9) == -1 for s in corrupted]
+        lines.append(f"Paper: on text with randomly replaced tokens perplexity still falls with size; here this "
+                     f"{verdict(holds)} ({sum(holds)} of {len(holds)} corrupted sets).")
+    return lines
+
+
+def run(source, by: str = "mixture", tol: float = 0.05, max_panels: int = 12) -> Result:
+    """Perplexity of every named set (split by the per-sequence coordinate `by` where a set has it)
+    in every model and checkpoint against validation perplexity; turning points with tolerance
+    `tol` (log units); at most `max_panels` panels (the table holds every set)."""
+    ds = open_source(source)
+    require(ds, "loss", "step", "val_ppl")
+    path, names = named_sets(ds)
+    curve = sequence_ppl(path, sets=names, by=by)
+    turns = turning_points(curve, tol)
+    models = models_by_size(ds)
+    colors = model_colors(ds)
+    table = curve.to_dataframe().reset_index()
+    columns = ["set", "source_set", "group", "kind", "corrupt", "model", "ckpt", "step", "val_ppl", "sequence_ppl"]
+    table = table[[c for c in columns if c in table.columns]].dropna(subset=["sequence_ppl"])
+    turn_table = turns.to_dataframe().reset_index()
+
+    shown = [str(s) for s in curve["set"].values][:max_panels]
+    fig, panels = new_figure(len(shown))
+    for ax, name in zip(panels, shown):
+        for model in models:
+            rows = table[(table.set == name) & (table.model == model)]
+            ax.plot(rows["val_ppl"], rows["sequence_ppl"], "o-", ms=3, color=colors[model])
+            t = turns.sel(set=name, model=model)
+            if bool(t["turns"]):
+                ax.plot(float(t["turn_val_ppl"]), float(t["turn_value"]), "v", ms=9, mfc="none", color=colors[model])
+        perplexity_axis(ax, "validation perplexity (log, training →)")
+        log_scale(ax, "y")
+        ax.set_ylabel("set perplexity (log scale)")
+        ax.set_title(name, fontsize="medium")
+        ax.grid(alpha=0.3)
+    model_legend(fig, colors, title="model (▽ turn)")
+    fig.suptitle(TITLE)
+
+    findings = [_set_sentence(str(s), turns.sel(set=s), values_at(curve.sel(set=s), models), models)
+                for s in curve["set"].values]
+    if len(curve["set"]) > len(shown):
+        findings.append(f"The figure shows the first {len(shown)} of {len(curve['set'])} sets; the table has all.")
+    findings += _paper_claims(curve, turns, models)
+    return Result(TITLE, {"sequence_ppl": table, "sequence_turns": turn_table}, fig, findings)
+
+
+if __name__ == "__main__":
+    sys.exit(main(run, "sequence_perplexity"))

@@ -1,0 +1,154 @@
+"""Stagnated and upward tokens chosen on one model, tracked in every model against validation
+perplexity: where the upward subset turns, and whether it descends again (methods.md §1.3)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from tokendyn.studies.findings import verdict
+from tokendyn.studies.study import Result, Skip, main, models_by_size, open_source, require
+from tokendyn.studies.style import log_scale, model_colors, model_legend, new_figure, perplexity_axis
+from tokendyn.analysis.sequences import turning_points
+from tokendyn.analysis.trajectories import done_checkpoints, load_small, model_index, token_share
+from tokendyn.analysis.trends import TrendWarning, window_start
+
+TITLE = "Stagnated and upward tokens tracked across sizes"
+CATEGORIES = ("stagnated", "upward")
+
+
+def default_chooser(ds: xr.Dataset) -> str:
+    """The second-smallest model (the paper chose on OPT-1.3B, the second-smallest of its suite), or the only one."""
+    models = models_by_size(ds)
+    return models[1] if len(models) > 1 else models[0]
+
+
+def curve_shapes(curves: xr.DataArray, tol: float) -> pd.DataFrame:
+    """Per (category, model): the turn (minimum, then a rise of tol in log; `fall` = log drop before
+    it), the peak after it, whether the curve later falls tol below that peak again (double descent
+    of the subset) and the validation perplexity where it first has (`again_val_ppl`)."""
+    turns = turning_points(curves, tol)
+    rows = []
+    for category in curves["category"].values:
+        for m, model in enumerate(curves["model"].values):
+            t = turns.sel(category=category, model=model)
+            row = {"category": str(category), "model": str(model), "turns": bool(t["turns"]),
+                   "fall": float(t["fall"]), "turn_val_ppl": float(t["turn_val_ppl"]), "peak_val_ppl": np.nan, "descends_again": False,
+                   "again_val_ppl": np.nan}
+            if row["turns"]:
+                step = curves["step"].values[m]
+                order = np.flatnonzero(np.isfinite(step))
+                order = order[np.argsort(step[order], kind="stable")]
+                idx = order[np.flatnonzero(order == int(t["turn_ckpt"]))[0] + 1:]  # checkpoints after the turn
+                y = np.log(curves.sel(category=category).isel(model=m).values[idx])
+                val_ppl = curves["val_ppl"].values[m, idx]
+                peak = int(np.nanargmax(y))
+                below = np.flatnonzero(y[peak:] <= y[peak] - tol)
+                row.update(peak_val_ppl=float(val_ppl[peak]), descends_again=bool(len(below)),
+                           again_val_ppl=float(val_ppl[peak + below[0]]) if len(below) else np.nan)
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _upward_sentence(row) -> str:
+    if not row.turns:
+        return f"{row.model} never turns up"
+    if row.fall > 0:
+        text = f"{row.model} falls until validation perplexity {row.turn_val_ppl:.3g}, then rises"
+    else:
+        text = f"{row.model} rises from the start"
+    if row.descends_again:
+        text += (f" until validation perplexity {row.peak_val_ppl:.3g} and has fallen again by validation "
+                 f"perplexity {row.again_val_ppl:.3g}")
+    return text
+
+
+def _stagnation(curves: xr.DataArray, ds: xr.Dataset, start: float, band: float) -> dict[str, float]:
+    """Per model: largest |ppl / geometric mean - 1| of the stagnated subset over the trend window."""
+    out = {}
+    for m, model in enumerate(curves["model"].values):
+        idx = done_checkpoints(ds, m)
+        idx = idx[window_start(ds["step"].values[m, idx], start):]
+        y = np.log(curves.sel(category="stagnated").isel(model=m).values[idx])
+        out[str(model)] = float(np.nanmax(np.abs(np.exp(y - np.nanmean(y)) - 1))) if len(idx) else np.nan
+    return out
+
+
+def run(source, start: float = 0.2, chosen_on: str | None = None, x: str = "log_step", tol: float = 0.05,
+        band: float = 0.05) -> Result:
+    """Subset perplexity of the stagnated and upward tokens of one model (default: the second-smallest)
+    at start fraction `start`, in every model and checkpoint, against validation perplexity.
+
+    tol: rise and fall (log units, 0.05 = 5% in perplexity) that count as a turn and a second
+    descent. band: how close to its window mean a stagnated subset must stay (0.05 = ±5%).
+    """
+    ds = load_small(open_source(source))
+    require(ds, "loss", "step", "val_ppl")
+    chooser = chosen_on or default_chooser(ds)
+    m = model_index(ds, chooser)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrendWarning)
+        labels = ds.isel(model=[m]).tokendyn.trend_categories([start], x=x).isel(model=0, start=0).compute()
+    if int((labels.codes >= 0).sum()) == 0:
+        raise Skip(f"model {chooser} has fewer than 3 checkpoints from {start:.0%} of its final step, "
+                   "so no trend categories to choose tokens by")
+    masks = xr.concat([labels == c for c in CATEGORIES], dim="category").assign_coords(category=list(CATEGORIES))
+    percent = token_share(ds, masks)
+    curves = ds.tokendyn.subset_curve(masks)
+    shapes = curve_shapes(curves, tol)
+    models = models_by_size(ds)
+    colors = model_colors(ds)
+
+    table = curves.to_dataframe().reset_index()
+    table = table.assign(chosen_on=chooser, start=start, subset_percent=table["category"].map(
+        {c: float(percent.sel(category=c)) for c in CATEGORIES})).dropna(subset=["subset_ppl"])
+    table = table[["chosen_on", "start", "category", "subset_percent", "model", "ckpt", "step", "val_ppl", "subset_ppl"]]
+
+    fig, panels = new_figure(len(CATEGORIES), ncols=2)
+    for ax, category in zip(panels, CATEGORIES):
+        for model in models:
+            rows = table[(table.category == category) & (table.model == model)]
+            ax.plot(rows["val_ppl"], rows["subset_ppl"], "o-", ms=3, color=colors[model], label=model)
+            shape = shapes[(shapes.category == category) & (shapes.model == model)].iloc[0]
+            for where, marker in (("turn_val_ppl", "v"), ("peak_val_ppl", "^")):
+                hit = rows[np.isclose(rows["val_ppl"], shape[where])]
+                ax.plot(hit["val_ppl"], hit["subset_ppl"], marker, ms=9, mfc="none", color=colors[model])
+        perplexity_axis(ax)
+        log_scale(ax, "y")
+        ax.set_ylabel("subset perplexity (log scale)")
+        ax.set_title(f"{category} tokens of {chooser} at {start:.0%}\n"
+                     f"({float(percent.sel(category=category)):.1f}% of tokens; ▽ turn, △ peak)", fontsize="medium")
+        ax.grid(alpha=0.3)
+    model_legend(fig, colors)
+    fig.suptitle(TITLE)
+
+    upward = shapes[shapes.category == "upward"].set_index("model").loc[models]
+    findings = [f"Chosen on {chooser} at start {start:.0%}: {float(percent.sel(category='stagnated')):.1f}% of tokens "
+                f"stagnated, {float(percent.sel(category='upward')):.1f}% upward (the paper's OPT-1.3B: 9.4% upward "
+                "at 20%).",
+                "Upward subset: " + "; ".join(_upward_sentence(row) for row in upward.reset_index().itertuples()) + "."]
+    larger = models[models.index(chooser) + 1:]
+    if larger:
+        holds = [bool(upward.loc[m, "descends_again"]) for m in larger]
+        findings.append(f"Paper: in models larger than the chooser the upward subset descends again (double descent); "
+                        f"here this {verdict(holds)} ({sum(holds)} of {len(holds)}).")
+    if models[0] != chooser:
+        stays = not upward.loc[models[0], "descends_again"]
+        findings.append(f"Paper: the smallest model's upward subset stays up; here ({models[0]}) this "
+                        f"{verdict([stays])}.")
+    spread = _stagnation(curves, ds, start, band)
+    findings.append("Largest deviation of the stagnated subset from its mean over the trend window: " +
+                    ", ".join(f"{k} {v:.1%}" for k, v in spread.items()) + ".")
+    if larger:
+        holds = [spread[m] <= band for m in larger]
+        findings.append(f"Paper: stagnated tokens chosen on a small model stay stagnated in larger ones (here: within "
+                        f"±{band:.0%}); this {verdict(holds)} ({sum(holds)} of {len(holds)} larger models).")
+    return Result(TITLE, {"subset_curves": table, "subset_shapes": shapes}, fig, findings)
+
+
+if __name__ == "__main__":
+    sys.exit(main(run, "subset_curves"))

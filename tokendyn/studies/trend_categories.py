@@ -1,0 +1,121 @@
+"""Shares of stagnated, upward and downward tokens against the start fraction of the trend window,
+per model, next to the paper's OPT numbers (Xia et al. 2023, Fig. 2; methods.md §1.2)."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from tokendyn.studies.findings import direction, verdict
+from tokendyn.studies.study import Result, main, models_by_size, open_source, require
+from tokendyn.studies.style import model_colors, model_legend, new_figure
+from tokendyn.analysis.trends import STARTS, TrendWarning
+
+TITLE = "Token trend categories against the start of the trend window"
+SHOWN = ("stagnated", "upward", "downward")
+
+PAPER_SOURCE = ("Xia et al. 2023 (arXiv 2212.09803), Fig. 2: OPT on PG-19 validation, read off the figure "
+                "(about ±1 point), as tabulated in methods.md §1.2")
+PAPER_MODELS = ("OPT-125M", "OPT-1.3B", "OPT-6.7B", "OPT-13B", "OPT-30B", "OPT-175B")
+PAPER_SHARES = {  # (category, start fraction): % of tokens for each of PAPER_MODELS
+    ("stagnated", 0.1): (5.2, 7.3, 8.6, 9.6, 11.3, 7.4),
+    ("stagnated", 0.4): (7.4, 10.5, 13.4, 17.9, 21.2, 17.0),
+    ("stagnated", 0.7): (11.5, 15.9, 20.0, 24.3, 26.6, 29.6),
+    ("upward", 0.1): (12.5, 9.5, 9.6, 8.3, 7.8, 11.1),
+    ("upward", 0.4): (9.8, 7.5, 7.3, 5.5, 5.2, 9.3),
+    ("upward", 0.7): (4.6, 3.4, 3.6, 3.0, 3.9, 6.3),
+    ("downward", 0.1): (38.3, 36.7, 38.5, 36.6, 32.6, 50.6),
+    ("downward", 0.4): (23.7, 23.8, 24.1, 14.7, 10.6, 28.5),
+    ("downward", 0.7): (8.9, 6.3, 8.0, 4.7, 4.2, 11.2),
+}
+
+
+def paper_reference() -> pd.DataFrame:
+    """The paper's shares as a tidy table: model, start, category, percent, source."""
+    rows = [{"model": model, "start": start, "category": category, "percent": percent, "source": PAPER_SOURCE}
+            for (category, start), values in PAPER_SHARES.items() for model, percent in zip(PAPER_MODELS, values)]
+    return pd.DataFrame(rows)
+
+
+def _claims(shares: pd.DataFrame, models: list[str]) -> list[str]:
+    """Check the paper's shape (methods.md §1.2) on the store's shares."""
+    def series(category: str, model: str) -> np.ndarray:
+        rows = shares[(shares.category == category) & (shares.model == model)].sort_values("start")
+        return rows["percent"].to_numpy()
+
+    labelled = shares.dropna(subset=["percent"])
+    starts = sorted(labelled["start"].unique())
+    lines = []
+    if len(starts) >= 2:
+        for category, sign, word in (("stagnated", 1, "grows"), ("upward", -1, "shrinks"), ("downward", -1, "shrinks")):
+            holds = [direction(series(category, m)) == sign for m in models]
+            lines.append(f"Paper: the {category} share {word} with the start fraction; here this "
+                         f"{verdict(holds)} ({sum(holds)} of {len(holds)} models).")
+    else:
+        lines.append("Fewer than two start fractions have categories, so the trend with the start fraction "
+                     "cannot be checked.")
+    if len(models) >= 2 and starts:
+        holds = []
+        for start in starts:
+            at = labelled[(labelled.category == "stagnated") & (labelled.start == start)].set_index("model")["percent"]
+            holds.append(direction([at.get(m, np.nan) for m in models]) == 1)
+        lines.append(f"Paper: the stagnated share grows with model size; here this {verdict(holds)} "
+                     f"({sum(holds)} of {len(holds)} start fractions).")
+    return lines
+
+
+def run(source, start: Sequence[float] = STARTS, x: str = "log_step", alpha: float = 0.05,
+        band: float = 0.05) -> Result:
+    """Trend-category shares per model and start fraction (see `tokendyn.analysis.trends.trend_categories`
+    for start, x, alpha and band) with the paper's OPT shares alongside."""
+    ds = open_source(source)
+    require(ds, "loss", "step")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrendWarning)  # the findings name the starts without categories
+        cats = ds.tokendyn.trend_categories(start, x=x, alpha=alpha, band=band)
+    shares = cats.share().rename("percent").reset_coords(drop=True).to_dataframe().reset_index()
+    shares["model"] = shares["model"].astype(str)
+    models = models_by_size(ds)
+    colors = model_colors(ds)
+    reference = paper_reference()
+
+    fig, panels = new_figure(2 * len(SHOWN), ncols=len(SHOWN), sharey="col")
+    grey = np.linspace(0.75, 0.1, len(PAPER_MODELS))
+    for col, category in enumerate(SHOWN):
+        top, bottom = panels[col], panels[len(SHOWN) + col]
+        for model in models:
+            rows = shares[(shares.category == category) & (shares.model == model)].dropna(subset=["percent"])
+            top.plot(100 * rows["start"], rows["percent"], "o-", color=colors[model], label=model)
+        for model, level in zip(PAPER_MODELS, grey):
+            rows = reference[(reference.category == category) & (reference.model == model)]
+            bottom.plot(100 * rows["start"], rows["percent"], "s--", color=str(level), label=model)
+        top.set_title(f"{category}: this store")
+        bottom.set_title(f"{category}: paper (OPT, PG-19)")
+        for ax in (top, bottom):
+            ax.set_xlabel("window start (% of the final step)")
+            ax.set_ylabel("% of tokens")
+            ax.grid(alpha=0.3)
+            ax.set_ylim(bottom=0)
+            ax.set_xlim(5, 75)
+    model_legend(fig, colors)
+    panels[len(SHOWN)].legend(title="paper", fontsize="x-small")
+    fig.suptitle(TITLE)
+
+    p = min(shares["start"].unique(), key=lambda s: abs(s - 0.2))
+    at_p = shares[shares.start == p].set_index(["model", "category"])["percent"]
+    findings = [f"At start {p:.0%}, % stagnated / upward / downward / uncategorised: " + "; ".join(
+        f"{m} " + " / ".join(f"{at_p.get((m, c), np.nan):.1f}" for c in cats.names) for m in models) + "."]
+    missing = shares[(shares.category == SHOWN[0]) & shares["percent"].isna()]
+    for value, rows in missing.groupby("start"):
+        findings.append(f"No categories at start {value:.0%} in {', '.join(rows['model'])}: fewer than 3 "
+                        "checkpoints in the window.")
+    findings += _claims(shares, models)
+    return Result(TITLE, {"trend_shares": shares, "paper_reference": reference}, fig, findings)
+
+
+if __name__ == "__main__":
+    sys.exit(main(run, "trend_categories"))
