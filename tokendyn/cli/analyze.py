@@ -30,7 +30,7 @@ def register(subparsers) -> None:
                     "emergence thresholds, PassUntil and skill curves) and write them to a folder beside the store "
                     "(toy.zarr -> toy.analysis/): tidy CSV tables, and labels.zarr with one group of "
                     "per-token results per analysis. Prints a short summary; steps whose data the store "
-                    "lacks are reported as skipped. Methods: ../shared/methods.md.")
+                    "lacks are reported as skipped. Methods: docs/methods.md.")
     p.add_argument("store", type=Path, help="store path (from `tokendyn extract`)")
     p.add_argument("--set", default="main", help="evaluation set to analyse (default: main)")
     p.add_argument("--out", type=Path, help="output folder (default: beside the store, STORE.analysis; "
