@@ -17,7 +17,8 @@ from tokendyn.analysis import downstream
 from tokendyn.cli import main
 from tokendyn.errors import TokendynError
 from tokendyn.analysis.passuntil import ScalingFit
-from tokendyn.models.sampling import cut_at_stop, read_generation_task, read_runs, run_pass_until
+from tokendyn.models.sampling import cut_at_stop, read_generation_task, run_pass_until
+from tokendyn.store.passuntil import read_runs
 from tokendyn.config.suite import load_suite
 
 from conftest import build_tokenizer, write_suite

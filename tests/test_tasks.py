@@ -21,7 +21,8 @@ from tokendyn.cli import main
 from tokendyn.analysis.emergence import EmergenceResult
 from tokendyn.errors import TokendynError
 from tokendyn.config.suite import load_suite
-from tokendyn.models.tasks import choice_documents, prompts, read_task, score_tasks
+from tokendyn.data.tasks import choice_documents, prompts, read_task
+from tokendyn.models.tasks import score_tasks
 from tokendyn.toy import tasks as toy_tasks
 from tokendyn.toy import world as toy_world
 from tokendyn.toy.tokenizer import train_tokenizer

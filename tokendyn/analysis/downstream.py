@@ -27,12 +27,10 @@ import pandas as pd
 import xarray as xr
 
 from tokendyn.analysis import choices, emergence as emergence_module, passuntil, skills
-from tokendyn.models import sampling
+from tokendyn.store import passuntil as runs_store
 from tokendyn.errors import TokendynError
-from tokendyn.store import TASK_SET_PREFIX, list_sets, open_store
-from tokendyn.models.tasks import ITEM_FIELDS, OPTION_FIELD
+from tokendyn.store import CHECKPOINT_COORDS, ITEM_FIELDS, OPTION_FIELD, TASK_SET_PREFIX, list_sets, open_store
 
-CHECKPOINT_COORDS = ("step", "val_ppl", "tokens_seen")
 METRICS = (*choices.METRICS, "correct_ppl", "incorrect_ppl")
 LAWS = ("auto", "joint", "tokens")
 
@@ -186,11 +184,11 @@ def emergence(source, task: str, metric: str = "accuracy", *, margin: float | No
 
 def pass_until_tasks(source) -> list[str]:
     """The PassUntil tasks of a store."""
-    return sampling.list_tasks(store_path(source))
+    return runs_store.list_tasks(store_path(source))
 
 
 def _one_pass_until(source, task: str, confidence: float, n_boot: int, ci: float, seed: int) -> xr.Dataset:
-    runs = sampling.read_runs(store_path(source), task)
+    runs = runs_store.read_runs(store_path(source), task)
     target = int(runs.attrs["params"]["passes"])
     done = runs["done"].values
     passes, samples = runs["passes"].values, runs["samples"].values
@@ -281,7 +279,7 @@ def task_scaling_fit(source, task: str | None = None, *, x: str = "n_params", po
         if len(names) != 1:
             raise TokendynError(f"name the PassUntil task to fit; the store has: {', '.join(names) or 'none'}")
         task = names[0]
-    runs = sampling.read_runs(store_path(source), task)
+    runs = runs_store.read_runs(store_path(source), task)
     done = runs["done"].values
     if points == "final":
         last = np.where(done.any(1), done.shape[1] - 1 - np.argmax(done[:, ::-1], axis=1), -1)

@@ -14,9 +14,9 @@ import numpy as np
 import xarray as xr
 
 from tokendyn.errors import TokendynError
+from tokendyn.store.layout import TOKEN_DIMS
 
 MISSING = -1
-TOKEN_DIMS = ("seq", "pos")
 
 
 class TokenLabels:

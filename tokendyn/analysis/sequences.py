@@ -26,20 +26,12 @@ import xarray as xr
 from tokendyn.analysis import trajectories
 from tokendyn.data.corpus import PAD
 from tokendyn.errors import TokendynError
-from tokendyn.store import TASK_SET_PREFIX, list_sets, open_store
+from tokendyn.store import CHECKPOINT_COORDS, TASK_SET_PREFIX, TOKEN_DIMS, list_sets, open_store, store_path
 
-TOKEN_DIMS = ("seq", "pos")
-CHECKPOINT_COORDS = ("step", "val_ppl", "tokens_seen")
 REDUCTIONS = ("sum", "mean")
 
 
 # --- sets of a store -------------------------------------------------------------------------------
-
-def store_path(ds: xr.Dataset) -> Path | None:
-    """The store a dataset was opened from (None for a dataset built in memory)."""
-    source = ds.encoding.get("source")
-    return Path(source) if source else None
-
 
 def set_params(ds: xr.Dataset) -> dict:
     """The packing parameters of a set (name, kind, corrupt, ...), from its `packing` attribute."""

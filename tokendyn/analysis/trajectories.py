@@ -24,9 +24,9 @@ import scipy.stats
 import xarray as xr
 
 from tokendyn.errors import TokendynError
+from tokendyn.store.layout import TOKEN_DIMS
 
 AXES = ("step", "tokens_seen", "flops", "val_ppl")
-TOKEN_DIMS = ("seq", "pos")
 CHUNK_MB = 64  # loss data per dask chunk of the per-token computations (ckpt whole, seq chunked)
 SLICE_TOKENS = 2**15  # tokens per slice inside a kernel: bounds its float64 temporaries
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from tokendyn import store
 from tokendyn.cli.options import add_model_options, model_options
 from tokendyn.errors import TokendynError
-from tokendyn.config.suite import SET_KEYS, EvalSet, _parse_set, _Table, load_suite
+from tokendyn.config.suite import EvalSet, load_suite, parse_set_table
 
 
 def register(subparsers) -> None:
@@ -86,4 +86,4 @@ def _split(option: str, flag: str, form: str) -> tuple[str, str]:
 
 def _eval_set(option: str, table: dict, seq_len: int) -> EvalSet:
     # validated exactly like a [[sets]] table of a suite file, with paths relative to the current directory
-    return _parse_set(_Table(table, f"'{option}'", SET_KEYS), Path.cwd(), None, seq_len)
+    return parse_set_table(table, f"'{option}'", Path.cwd(), seq_len)

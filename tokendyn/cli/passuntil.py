@@ -41,7 +41,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from tokendyn.models.sampling import read_generation_task, read_runs, run_pass_until
+    from tokendyn.models.sampling import read_generation_task, run_pass_until
+    from tokendyn.store.passuntil import read_runs
 
     task = read_generation_task(args.task, args.name)
     stop = ("\n",) if args.stop is None else tuple(s.replace("\\n", "\n") for s in args.stop)

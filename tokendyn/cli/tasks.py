@@ -36,7 +36,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from tokendyn.models.tasks import read_task, score_tasks
+    from tokendyn.data.tasks import read_task
+    from tokendyn.models.tasks import score_tasks
 
     if args.name is not None and len(args.tasks) > 1:
         raise TokendynError("--name names a single task; give one --task, or leave --name out")

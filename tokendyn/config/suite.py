@@ -247,6 +247,15 @@ def parse_suite(data: dict, base: str | Path, path: Path | None = None) -> Suite
     return Suite(path=path, eval=main, sets=sets, models=models, tokenizer=tokenizer)
 
 
+def parse_set_table(table: dict, where: str, base: Path, seq_len: int) -> EvalSet:
+    """A named set from a [[sets]]-style table (as the command line builds it), validated like one.
+
+    where: how errors name the table; base: the folder relative paths resolve against; seq_len:
+    the default sequence length (the main set's).
+    """
+    return _parse_set(_Table(table, where, SET_KEYS), base, None, seq_len)
+
+
 class _Table:
     """One TOML table being read: typed access by key; errors say where; unknown keys are refused."""
 

@@ -124,20 +124,28 @@ def extract(suite: Suite | str | Path, out: str | Path, *, extra_sets: Iterable[
     total = sum(sets[name].n_predicted for _, _, names in todo for name in names)
     with tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True) as bar:
         for m, c, names in todo:
-            ckpt = suite.models[m].checkpoints[c]
-            bar.set_description(f"{ckpt.model} step {ckpt.step}")
-            model = checkpoints.load_model(ckpt, device=device, dtype=torch_dtype, allow_pickle=allow_pickle,
-                                           trust_remote_code=trust_remote_code)
-            weights_hash = checkpoints.weights_fingerprint(ckpt)
-            _warn_identical(root, suite, m, c, weights_hash)
-            for name in sorted(names, key=lambda n: n == "main"):  # main last: its flag follows val_ppl
-                store.clear_done(root, name, m, c)
-                mean_loss = _score_set(model, sets[name], root, name, m, c, metrics, batch_tokens, bar)
-                if name == "main":
-                    store.write_checkpoint_coords(root, m, c, math.exp(mean_loss), weights_hash)
-                store.mark_done(root, name, m, c, ckpt.model)
-            del model
+            score_checkpoint(suite, root, {name: sets[name] for name in names}, m, c, metrics=metrics,
+                             batch_tokens=batch_tokens, device=device, dtype=torch_dtype, allow_pickle=allow_pickle,
+                             trust_remote_code=trust_remote_code, bar=bar)
     return out
+
+
+def score_checkpoint(suite: Suite, root, sets: dict[str, PackedSet], m: int, c: int, *, metrics: tuple[str, ...],
+                     batch_tokens: int, device: str, dtype: torch.dtype, allow_pickle: bool, trust_remote_code: bool,
+                     bar: tqdm) -> None:
+    """Score checkpoint `c` of model `m` on `sets`, writing only the chunks it owns, then mark each set done."""
+    ckpt = suite.models[m].checkpoints[c]
+    bar.set_description(f"{ckpt.model} step {ckpt.step}")
+    model = checkpoints.load_model(ckpt, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                                   trust_remote_code=trust_remote_code)
+    weights_hash = checkpoints.weights_fingerprint(ckpt)
+    _warn_identical(root, suite, m, c, weights_hash)
+    for name in sorted(sets, key=lambda n: n == "main"):  # main last: its flag follows val_ppl
+        store.clear_done(root, name, m, c)
+        mean_loss = _score_set(model, sets[name], root, name, m, c, metrics, batch_tokens, bar)
+        if name == "main":
+            store.write_checkpoint_coords(root, m, c, math.exp(mean_loss), weights_hash)
+        store.mark_done(root, name, m, c, ckpt.model)
 
 
 def _score_set(model, packed: PackedSet, root, name: str, m: int, c: int, metrics: tuple[str, ...],

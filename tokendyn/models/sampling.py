@@ -13,20 +13,7 @@ word); BOS is prepended when the suite's main set uses it.
 
 Runs are drawn by `tokendyn.analysis.passuntil.pass_until`, with the random numbers of (model, checkpoint,
 instance) seeded by `numpy.random.default_rng([seed, model, ckpt, instance])`: a rerun or a resumed
-run gives the same results. The store keeps them in the group `passuntil/<task>`:
-
-| name | dims | meaning |
-|---|---|---|
-| `passes`, `samples` | (model, ckpt, instance) | passes found (r) and samples up to the target or the cap (K) |
-| `drawn`, `batches` | (model, ckpt, instance) | completions generated and batches (the cost) |
-| `seconds` | (model, ckpt, instance) | wall-clock time of the run |
-| `done` | (model, ckpt) | every instance of the checkpoint is done |
-| `prompt`, `answer`, `new_tokens`, fields | (instance) | the instances |
-
-Not yet run: -1 (NaN for seconds). An instance's results are written with `samples` last, so a run
-killed at any moment resumes at the first instance without them; the checkpoint's `done` flag
-follows its last instance. The group's `params` attribute (task fingerprint, passes, cap, batch
-size, top_p, new_tokens, stop strings, checker, seed) must match on a rerun (or pass force=True).
+run gives the same results. The store keeps them in the group `passuntil/<task>` (layout: `tokendyn.store.passuntil`).
 """
 
 from __future__ import annotations
@@ -34,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,25 +28,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import xarray as xr
-import zarr
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from tokendyn.models import checkpoints
-from tokendyn import store
+from tokendyn.store.passuntil import COUNTS, RESERVED, prepare_task
 from tokendyn.data.corpus import PAD, json_lines
 from tokendyn.errors import TokendynError
 from tokendyn.models.generate import decode
 from tokendyn.analysis.passuntil import pass_until
 from tokendyn.config.suite import Suite, load_suite
-from tokendyn.models.tasks import clean_name, suite_context
-
-GROUP = "passuntil"
-COUNTS = ("passes", "drawn", "batches", "samples")  # `samples` last: it commits an instance
-CHECKPOINT_COORDS = ("val_ppl", "tokens_seen", "n_params", "n_params_nonembed")  # attached from the main set
-# Names in a task's group (and coordinates added when it is read) that an instance field must not shadow.
-RESERVED = {"model", "ckpt", "step", "instance", "new_tokens", "seconds", "done", *CHECKPOINT_COORDS, *COUNTS}
+from tokendyn.data.tasks import clean_name
+from tokendyn.models.tasks import suite_context
 
 
 @dataclass(frozen=True)
@@ -219,7 +198,7 @@ def run_pass_until(suite: Suite | str | Path, out: str | Path, task: GenerationT
     params = {"task": task.fingerprint, "passes": passes, "max_samples": max_samples, "batch_size": batch_size,
               "top_p": top_p, "new_tokens": new_tokens, "stop": list(stop), "checker": checker or "exact",
               "seed": seed}
-    group = _prepare(out, task, lengths, params, force)
+    group = prepare_task(out, task, lengths, params, force)
 
     torch_dtype = checkpoints.parse_dtype(dtype)
     hf_logging.disable_progress_bar()
@@ -251,67 +230,3 @@ def run_pass_until(suite: Suite | str | Path, out: str | Path, task: GenerationT
     return out
 
 
-def _prepare(out: Path, task: GenerationTask, lengths: list[int], params: dict, force: bool) -> zarr.Group:
-    """Create the task's group, or check that the existing one was made with the same parameters."""
-    root = zarr.open_group(out, mode="r+")
-    path = f"{GROUP}/{task.name}"
-    folder = out / GROUP / task.name
-    if folder.is_dir():
-        existing = json.loads(root[path].attrs["params"])
-        if force:
-            shutil.rmtree(folder)
-        elif existing != params:
-            changed = [f"{k} = {existing.get(k)!r} (now {v!r})" for k, v in params.items() if existing.get(k) != v]
-            raise TokendynError(f"store {out} holds PassUntil runs of task '{task.name}' made with "
-                                f"{'; '.join(changed)}; rerun with the same options, store it under another "
-                                "name (--name), or redo it (--force)")
-        else:
-            return root[path]
-    main = xr.open_zarr(out)
-    shape = (main.sizes["model"], main.sizes["ckpt"], len(task.prompts))
-    dims = ("model", "ckpt", "instance")
-    data = {name: (dims, np.full(shape, -1, dtype=np.int64)) for name in COUNTS}
-    data["seconds"] = (dims, np.full(shape, np.nan))
-    data["done"] = (("model", "ckpt"), np.zeros(shape[:2], dtype=bool))
-    coords = {"model": main["model"].values, "ckpt": main["ckpt"].values,
-              "step": (("model", "ckpt"), main["step"].values),
-              "instance": np.arange(shape[2]),
-              "prompt": ("instance", np.asarray(task.prompts, dtype=object)),
-              "answer": ("instance", np.asarray(task.answers, dtype=object)),
-              "new_tokens": ("instance", np.asarray(lengths, dtype=np.int64)),
-              **{k: ("instance", _field_array(v)) for k, v in task.fields.items()}}
-    template = xr.Dataset(data, coords=coords, attrs={"task": task.name, "params": json.dumps(params)})
-    encoding = {name: {"chunks": (1, 1, shape[2])} for name in (*COUNTS, "seconds")}
-    encoding["done"] = {"chunks": (1, 1)}
-    template.to_zarr(out, group=path, mode="w", consolidated=False, encoding=encoding, zarr_format=3)
-    store._consolidate(root)
-    return zarr.open_group(out, mode="r+")[path]
-
-
-def _field_array(values: list) -> np.ndarray:
-    """Per-instance field values; missing ones become "" (text), -1 (integers) or NaN (numbers)."""
-    present = [v for v in values if v is not None]
-    if all(isinstance(v, (bool, int)) for v in present):
-        return np.asarray([-1 if v is None else int(v) for v in values], dtype=np.int64)
-    if all(isinstance(v, (int, float)) for v in present):
-        return np.asarray([np.nan if v is None else v for v in values], dtype=np.float64)
-    return np.asarray(["" if v is None else str(v) for v in values], dtype=object)
-
-
-def list_tasks(path: str | Path) -> list[str]:
-    """Names of the PassUntil tasks in a store."""
-    folder = Path(path) / GROUP
-    return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file()) if folder.is_dir() else []
-
-
-def read_runs(path: str | Path, task: str) -> xr.Dataset:
-    """The PassUntil runs of one task (model, ckpt, instance), loaded, with the main set's checkpoint coordinates."""
-    names = list_tasks(path)
-    if task not in names:
-        raise TokendynError(f"store {path} has no PassUntil task '{task}'; it has: {', '.join(names) or 'none'} "
-                            "(run tokendyn passuntil first)")
-    runs = xr.open_zarr(path, group=f"{GROUP}/{task}", consolidated=False)
-    main = xr.open_zarr(path)
-    runs = runs.assign_coords({k: main[k].variable for k in CHECKPOINT_COORDS})
-    runs.attrs["params"] = json.loads(runs.attrs["params"])
-    return runs.load()

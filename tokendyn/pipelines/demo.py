@@ -14,6 +14,7 @@ import hashlib
 
 from tokendyn import __version__, store
 from tokendyn.pipelines import analyze, report
+from tokendyn.data.tasks import read_task
 from tokendyn.models import extract, generate, sampling, tasks
 from tokendyn.config.suite import EvalSet, load_suite
 from tokendyn.toy import build, findings
@@ -48,7 +49,7 @@ def run_demo(preset: str = "default", seed: int = 0, progress: bool = True) -> d
 
     task_files = toy_tasks.write_tasks(suite_path.parent, out.with_name(out.name.removesuffix(".zarr") + ".toy-tasks"),
                                        n_recall=RECALL_INSTANCES, seed=seed)
-    choice = [tasks.read_task(t["path"]) for t in task_files.values() if t["kind"] == "choice"]
+    choice = [read_task(t["path"]) for t in task_files.values() if t["kind"] == "choice"]
     tasks.score_tasks(suite, out, choice, shots=2, seed=seed, progress=progress)
     for task in (t for t in task_files.values() if t["kind"] == "generation"):
         sampling.run_pass_until(suite, out, task["path"], passes=2, max_samples=RECALL_CAP, batch_size=RECALL_CAP,

@@ -1,0 +1,52 @@
+"""Opening a store: as a lazy, dask-backed `xarray.Dataset`, and its attributes. Never writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import xarray as xr
+import zarr
+
+from tokendyn.errors import TokendynError
+from tokendyn.store.layout import MAIN_COORDS, SETS_GROUP, set_path
+
+
+def list_sets(path: str | Path) -> list[str]:
+    """Names of the named evaluation sets in a store (the main set excluded)."""
+    root = open_group(path, mode="r")
+    return sorted(root[SETS_GROUP].group_keys()) if SETS_GROUP in root else []
+
+
+def open_store(path: str | Path, set: str = "main") -> xr.Dataset:
+    """Open a store (or one of its named sets) as a lazy, dask-backed `xarray.Dataset`."""
+    open_group(path, mode="r")
+    if set != "main" and set not in list_sets(path):
+        raise TokendynError(f"store {path} has no set '{set}'; it has: {', '.join(['main', *list_sets(path)])}")
+    ds = xr.open_zarr(path, group=set_path(set) or None)
+    if set != "main":
+        main = xr.open_zarr(path)
+        ds = ds.assign_coords({name: main[name] for name in MAIN_COORDS})
+    ds.attrs["tokendyn_set"] = set
+    return ds
+
+
+def read_attrs(path: str | Path) -> dict:
+    """The root attributes of a tokendyn store."""
+    return dict(open_group(path, mode="r").attrs)
+
+
+def open_group(path: str | Path, mode: str) -> zarr.Group:
+    """The root group of a tokendyn store; a one-line error for anything else."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        raise TokendynError(f"{path} is not a tokendyn store (no zarr.json); create it with `tokendyn extract`")
+    root = zarr.open_group(path, mode=mode)
+    if "tokendyn_version" not in root.attrs:
+        raise TokendynError(f"{path} is a Zarr store but not a tokendyn store; pass a store made by `tokendyn extract`")
+    return root
+
+
+def store_path(ds: xr.Dataset) -> Path | None:
+    """The store a dataset was opened from (None for a dataset built in memory)."""
+    source = ds.encoding.get("source")
+    return Path(source) if source else None
