@@ -1,4 +1,5 @@
-"""Multiple-choice task files (methods.md §1.5): read tasks, build k-shot prompts and the documents that score every option.
+"""Multiple-choice task files (methods.md §1.5): read tasks, build k-shot prompts and the documents that score
+every option.
 
 Two file formats:
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokendyn.data.corpus import PackedSet
-from tokendyn.data.tasks import ITEM_FIELDS, OPTION_FIELD
+# The fields of a task's option documents are named by the task reader; the store re-exports them.
+from tokendyn.data.tasks import ITEM_FIELDS as ITEM_FIELDS
+from tokendyn.data.tasks import OPTION_FIELD as OPTION_FIELD
 
 SETS_GROUP = "sets"
 

@@ -62,7 +62,8 @@ def prepare_task(out: Path, task, lengths: list[int], params: dict, force: bool)
     main = xr.open_zarr(out)
     shape = (main.sizes["model"], main.sizes["ckpt"], len(task.prompts))
     dims = ("model", "ckpt", "instance")
-    data: dict[str, tuple[tuple[str, ...], np.ndarray]] = {name: (dims, np.full(shape, -1, dtype=np.int64)) for name in COUNTS}
+    data: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
+        name: (dims, np.full(shape, -1, dtype=np.int64)) for name in COUNTS}
     data["seconds"] = (dims, np.full(shape, np.nan))
     data["done"] = (("model", "ckpt"), np.zeros(shape[:2], dtype=bool))
     coords = {"model": main["model"].values, "ckpt": main["ckpt"].values,
@@ -73,7 +74,8 @@ def prepare_task(out: Path, task, lengths: list[int], params: dict, force: bool)
               "new_tokens": ("instance", np.asarray(lengths, dtype=np.int64)),
               **{k: ("instance", _field_array(v)) for k, v in task.fields.items()}}
     template = xr.Dataset(data, coords=coords, attrs={"task": task.name, "params": json.dumps(params)})
-    encoding: dict[str, dict[str, tuple[int, ...]]] = {name: {"chunks": (1, 1, shape[2])} for name in (*COUNTS, "seconds")}
+    encoding: dict[str, dict[str, tuple[int, ...]]] = {
+        name: {"chunks": (1, 1, shape[2])} for name in (*COUNTS, "seconds")}
     encoding["done"] = {"chunks": (1, 1)}
     template.to_zarr(out, group=path, mode="w", consolidated=False, encoding=encoding, zarr_format=3)
     consolidate(root)
