@@ -21,7 +21,7 @@ import scipy.special
 import xarray as xr
 
 from tokendyn.errors import TokendynError
-from tokendyn.analysis.labels import MISSING, TokenLabels
+from tokendyn.analysis.labels import MISSING, flag_array
 from tokendyn.analysis.trajectories import (CHUNK_MB, chunk_tokens, done_checkpoints, load_small, model_loss,
                                    moving_average, over_token_slices, token_loss, valid_tokens)
 
@@ -153,14 +153,14 @@ def _at_done(ds: xr.Dataset, position: int) -> xr.DataArray:
     return token_loss(ds).isel(ckpt=xr.DataArray(idx, dims="model")).drop_vars("ckpt")
 
 
-def rho1_classes(ds: xr.Dataset, first: int = 0, last: int = -1, threshold: float | None = None) -> TokenLabels:
+def rho1_classes(ds: xr.Dataset, first: int = 0, last: int = -1, threshold: float | None = None) -> xr.DataArray:
     """Rho-1 classes between two of each model's done checkpoints (positions `first`, `last`).
 
     A token is H (high loss) at a checkpoint when its loss exceeds `threshold` (nats), else L.
     Classes "H->H", "L->H", "H->L", "L->L" (Rho-1's reference shares 11%, 12%, 26%, 51%).
     Rho-1 gives no threshold to reuse; the default is the median loss over the valid tokens of
-    both checkpoints of all models (this loads those two checkpoints' losses). Codes
-    (model, seq, pos).
+    both checkpoints of all models (this loads those two checkpoints' losses). A label array
+    (`tokendyn.analysis.labels`) of codes (model, seq, pos), the threshold in its attributes.
     """
     ds = load_small(ds)
     a, b = _at_done(ds, first), _at_done(ds, last)
@@ -171,7 +171,8 @@ def rho1_classes(ds: xr.Dataset, first: int = 0, last: int = -1, threshold: floa
     high_a, high_b = a > threshold, b > threshold
     codes = xr.where(high_a, xr.where(high_b, 0, 2), xr.where(high_b, 1, 3))
     codes = codes.where(valid & a.notnull() & b.notnull(), MISSING).astype(np.int8)
-    return TokenLabels(codes.rename("rho1").assign_attrs(threshold=threshold), RHO1_CLASSES)
+    return flag_array(codes, RHO1_CLASSES, "rho1", "Rho-1 class of the token between two checkpoints",
+                      threshold=threshold, threshold_units="nats")
 
 
 def cartography(ds: xr.Dataset) -> xr.Dataset:
