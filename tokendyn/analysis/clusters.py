@@ -49,7 +49,8 @@ class Clustering:
     """Result of `cluster`.
 
     labels: cluster of every (model, token), a label array (`tokendyn.analysis.labels`); names: the
-    cluster names. centroids: (cluster, point) mean loss change from the first point, nats, with the grid as a coordinate. scores:
+    cluster names. centroids: (cluster, point) mean loss change from the first point, nats, with
+    the grid as a coordinate. scores:
     criterion value per candidate number of clusters (empty when given). stability: mean
     adjusted Rand index between the fit and refits with other seeds, on the fit sample.
     top_tokens: the most frequent token ids of each cluster with their text and frequencies.
@@ -221,8 +222,9 @@ def cluster(ds: xr.Dataset, n_clusters: int | str = "auto", on: str = "perplexit
     "start" (loss change from the first point, keeps magnitudes) or "zscore" (shape only).
     max_fit_tokens: size of the fit subsample, drawn as whole random sequences. n_seeds: refits
     for the stability score. tol: naming tolerance (nats). top: tokens listed per cluster.
-    token_text: callable from token ids to their texts, or a tokenizer with `decode`; ids are
-    shown when absent. Labels are computed (int8 per model and token).
+    token_text: callable from token ids to their texts, or a tokenizer with `decode`; default: the
+    store's vocabulary (`vocab_text`), else the ids are shown. Labels are computed (int8 per model
+    and token).
     """
     ds = load_small(ds)
     if method not in METHODS:
@@ -260,5 +262,8 @@ def cluster(ds: xr.Dataset, n_clusters: int | str = "auto", on: str = "perplexit
                              coords={"cluster": np.arange(n_clusters), "name": ("cluster", names),
                                      "point": features["point"].values},
                              attrs={"on": on, "units": "nats (change from the first point)"})
+    if token_text is None and "vocab_text" in ds.variables:
+        vocab = ds["vocab_text"].values
+        token_text = vocab.__getitem__  # labelled tokens are never padding, so every id indexes the vocabulary
     table = top_tokens(labels, np.asarray(ds["token_id"].values), top, token_text)
     return Clustering(labels, centroids, "silhouette" if method == "kmeans" else "bic", scores, stability, table)
