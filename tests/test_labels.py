@@ -10,6 +10,7 @@ from xarray.plot.utils import label_from_attrs
 from planted_stores import planted_suite
 from tokendyn.analysis.curves import RHO1_CLASSES, rho1_classes
 from tokendyn.analysis.labels import MISSING, flag_array, flag_code, flag_names, label_mask, label_share, label_text
+from tokendyn.analysis.trajectories import token_share
 from tokendyn.analysis.trends import CATEGORIES, trend_categories
 from tokendyn.errors import TokendynError
 
@@ -69,3 +70,21 @@ def test_share_text_and_mask_against_a_plain_count():
         label_mask(labels, "none")
     with pytest.raises(TokendynError, match="no flag_meanings"):
         flag_names(codes)
+
+
+def test_derived_arrays_describe_themselves(planted):
+    ds, _ = planted
+    ds = ds.copy()
+    ds["loss"].attrs.update(units="nats", long_name="negative log-likelihood of the token")
+    measures = ds.tokendyn.curve_measures()
+    expected_units = {"final_loss": "nats", "final_variability": "nats", "forgettability": "nats",
+                      "age_of_acquisition": None, "confidence": None, "variability": None}
+    derived = {**{name: measures[name] for name in expected_units},
+               "double_descent": ds.tokendyn.double_descent(),
+               "subset_curve": ds.tokendyn.subset_curve(ds.token_id >= 0),
+               "at_perplexity": ds.tokendyn.at_perplexity(n_levels=3),
+               "token_share": token_share(ds, ds.tokendyn.double_descent())}
+    expected_units.update(double_descent=None, subset_curve=None, at_perplexity="nats", token_share="%")
+    for name, da in derived.items():
+        assert da.attrs.get("units") == expected_units[name], name
+        assert da.attrs["long_name"] != ds["loss"].attrs["long_name"], name

@@ -261,7 +261,7 @@ def cluster(ds: xr.Dataset, n_clusters: int | str = "auto", on: str = "perplexit
     centroids = xr.DataArray(curves, dims=("cluster", "point"),
                              coords={"cluster": np.arange(n_clusters), "name": ("cluster", names),
                                      "point": features["point"].values},
-                             attrs={"on": on, "units": "nats (change from the first point)"})
+                             attrs={"on": on, "long_name": "mean loss change from the first point", "units": "nats"})
     if token_text is None and "vocab_text" in ds.variables:
         vocab = ds["vocab_text"].values
         token_text = vocab.__getitem__  # labelled tokens are never padding, so every id indexes the vocabulary

@@ -21,7 +21,7 @@ import scipy.special
 import xarray as xr
 
 from tokendyn.errors import TokendynError
-from tokendyn.analysis.labels import MISSING, flag_array
+from tokendyn.analysis.labels import MISSING, describe, flag_array
 from tokendyn.analysis.trajectories import (CHUNK_MB, chunk_tokens, done_checkpoints, load_small, model_loss,
                                    moving_average, over_token_slices, token_loss, valid_tokens)
 
@@ -45,7 +45,9 @@ def final_loss(ds: xr.Dataset, last: int = 5) -> xr.Dataset:
     if last < 1:
         raise TokendynError("last must be at least 1 checkpoint")
     loss = chunk_tokens(token_loss(ds)).where(last_checkpoints(ds, last))
-    return xr.Dataset({"final_loss": loss.mean("ckpt"), "final_variability": loss.std("ckpt")})
+    return xr.Dataset({"final_loss": describe(loss.mean("ckpt"), "mean loss over the last checkpoints", "nats"),
+                       "final_variability": describe(loss.std("ckpt"), "standard deviation of the loss over the last "
+                                                     "checkpoints", "nats")})
 
 
 def _sigmoid_midpoint(y: np.ndarray, x: np.ndarray, chance: float, n_iter: int) -> np.ndarray:
@@ -129,7 +131,7 @@ def age_of_acquisition(ds: xr.Dataset, chance: float | None = None, n_iter: int 
             input_core_dims=[["ckpt"]], dask="parallelized", output_dtypes=[float],
             kwargs={"x": np.log10(steps[steps > 0]), "chance": level, "n_iter": n_iter}))
     out = xr.concat(per_model, dim="model").assign_coords(model=ds["model"].values)
-    return out.where(valid_tokens(ds)).rename("age_of_acquisition")
+    return describe(out.where(valid_tokens(ds)).rename("age_of_acquisition"), "age of acquisition (log10 step)")
 
 
 def forgettability(ds: xr.Dataset, window: int = 3) -> xr.DataArray:
@@ -139,7 +141,8 @@ def forgettability(ds: xr.Dataset, window: int = 3) -> xr.DataArray:
     out = xr.apply_ufunc(partial(over_token_slices, _upward_moves), chunk_tokens(token_loss(ds)),
                          input_core_dims=[["ckpt"]], kwargs={"window": window}, dask="parallelized",
                          output_dtypes=[float])
-    return out.where(valid_tokens(ds)).rename("forgettability")
+    return describe(out.where(valid_tokens(ds)).rename("forgettability"), "summed upward moves of the smoothed loss",
+                    "nats")
 
 
 def _upward_moves(loss: np.ndarray, window: int) -> np.ndarray:
@@ -181,7 +184,9 @@ def cartography(ds: xr.Dataset) -> xr.Dataset:
     ds = load_small(ds)
     prob = np.exp(-chunk_tokens(token_loss(ds)))
     valid = valid_tokens(ds)
-    return xr.Dataset({"confidence": prob.mean("ckpt").where(valid), "variability": prob.std("ckpt").where(valid)})
+    return xr.Dataset({"confidence": describe(prob.mean("ckpt").where(valid), "mean probability of the true token"),
+                       "variability": describe(prob.std("ckpt").where(valid),
+                                               "standard deviation of the probability of the true token")})
 
 
 def curve_measures(ds: xr.Dataset, last: int = 5, chance: float | None = None, window: int = 3) -> xr.Dataset:

@@ -1,4 +1,5 @@
-"""Per-token categorical labels (trend categories, Rho-1 classes, clusters) as plain xarray.
+"""Per-token categorical labels (trend categories, Rho-1 classes, clusters) as plain xarray, and the
+attributes of derived arrays (`describe`).
 
 A label array is an int8 DataArray of codes with the CF Conventions' flag attributes:
 `flag_values` (0, 1, ..., n-1) and `flag_meanings` (the names, blank-separated, spaces written
@@ -23,6 +24,14 @@ from tokendyn.errors import TokendynError
 from tokendyn.store.layout import TOKEN_DIMS
 
 MISSING = -1
+
+
+def describe(da: xr.DataArray, long_name: str, units: str | None = None, **attrs) -> xr.DataArray:
+    """`da` with exactly these attributes: a derived array otherwise keeps its input's (e.g. the loss's
+    `units: nats` on a perplexity, a share or a step), and xarray's plots label axes from them."""
+    out = da.copy(deep=False)
+    out.attrs = {"long_name": long_name, **({"units": units} if units else {}), **attrs}
+    return out
 
 
 def flag_array(codes: xr.DataArray, names: Sequence[str], name: str, long_name: str, **attrs) -> xr.DataArray:
