@@ -24,7 +24,6 @@ BLOCK = re.compile(r"(<!-- help: (?P<command>[^>]+?) -->\n)(?P<body>.*?)(<!-- /h
 
 def command_helps() -> dict[str, str]:
     """`--help` text of the top-level parser and of every (sub)command, keyed by "tokendyn CMD ..."."""
-    os.environ["COLUMNS"] = WIDTH  # argparse wraps help to the terminal width
     from tokendyn.cli import build_parser
 
     helps: dict[str, str] = {}
@@ -36,7 +35,15 @@ def command_helps() -> dict[str, str]:
                 for sub in dict.fromkeys(action.choices.values()):
                     visit(sub)
 
-    visit(build_parser())
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = WIDTH  # argparse wraps help to the terminal width
+    try:
+        visit(build_parser())
+    finally:
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
     return helps
 
 
