@@ -20,7 +20,7 @@ from tokendyn.studies.study import Skip
 from tokendyn.analysis.sequences import turning_points
 
 from planted_stores import KIND_TOKENS, KINDS
-from report_stores import planted_report, vocabulary
+from planted_stores import planted_report, vocabulary
 
 Planted = namedtuple("Planted", "ds truth loss steps report")
 

@@ -12,7 +12,7 @@ import xarray as xr
 import tokendyn
 import tokendyn.studies
 from conftest import write_suite
-from planted_stores import KINDS, planted_suite, write_store
+from planted_stores import KINDS, planted_report, write_store
 from tokendyn.cli import main
 
 TABLES = {"checkpoints", "perplexity_levels", "trend_shares", "paper_reference", "subset_curves", "subset_shapes",
@@ -22,11 +22,11 @@ GROUPS = {"matched_perplexity", "trends", "double_descent", "curves", "rho1", "c
 
 
 @pytest.fixture(scope="module")
-def analysed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("analyze")
-    ds, truth = planted_suite(root / "planted.zarr", n_seq=16)
-    assert main(["analyze", str(root / "planted.zarr"), "--quiet", "--n-clusters", "4"]) == 0
-    return ds, truth, root / "planted.analysis"
+def analysed(planted_store, tmp_path_factory):
+    ds, truth = planted_store  # the shared planted store (conftest.py)
+    out = tmp_path_factory.mktemp("analyze") / "planted.analysis"
+    assert main(["analyze", ds.encoding["source"], "--out", str(out), "--quiet", "--n-clusters", "4"]) == 0
+    return ds, truth, out
 
 
 def test_writes_every_table_and_label_group(analysed):
@@ -38,6 +38,15 @@ def test_writes_every_table_and_label_group(analysed):
         assert labels.sizes["seq"] == ds.sizes["seq"] and labels.sizes["pos"] == ds.sizes["pos"]
     trends = xr.open_zarr(folder / "labels.zarr", group="trends", consolidated=False)["trend"]
     assert trends.dims == ("model", "start", "seq", "pos") and trends.attrs["categories"][0] == "stagnated"
+
+
+def test_analyze_writes_the_tables_the_report_shows(analysed, tmp_path_factory):
+    _, _, folder = analysed
+    report = planted_report(tmp_path_factory) / "report"  # the same options: --n-clusters 4
+    shown = sorted(report.glob("*/*.csv"))
+    assert {p.stem for p in shown} == TABLES
+    for path in shown:
+        pd.testing.assert_frame_equal(pd.read_csv(folder / path.name), pd.read_csv(path))
 
 
 def test_tables_hold_what_was_planted(analysed):

@@ -24,7 +24,7 @@ import xarray as xr
 from tqdm import tqdm
 
 from tokendyn.errors import TokendynError
-from tokendyn.pipelines.output import output_folder
+from tokendyn.pipelines.output import mark, output_folder
 from tokendyn.store import TOKEN_DIMS, open_store
 from tokendyn.studies import STUDIES
 from tokendyn.studies.study import Result, Skip, save
@@ -151,6 +151,9 @@ def main_one(name: str, argv: Sequence[str] | None = None) -> int:
         if outcome.result is None:
             print(f"{name}: skipped ({outcome.skipped})", file=sys.stderr)
             return 2
+        if args.out is None and not out.parent.exists():
+            out.parent.mkdir(parents=True)
+            mark(out.parent)  # the report folder, which `tokendyn report` may then replace
         with output_folder(out) as tmp:
             save(outcome.result, tmp)
     except TokendynError as err:

@@ -70,16 +70,16 @@ def output_folder(folder: str | Path) -> Iterator[Path]:
     check(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    if tmp.exists() or tmp.is_symlink():
+        raise TokendynError(f"{tmp} is in the way (not written by tokendyn); move it, then rerun")
     tmp.mkdir()
     mark(tmp)
     try:
         yield tmp
+        check(folder)  # still ours: nobody put files there while we ran
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    check(folder)  # still ours: nobody put files there while we ran
     old = folder.parent / f".{folder.name}.old-{os.getpid()}"
     if folder.exists():
         folder.rename(old)
