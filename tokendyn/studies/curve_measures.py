@@ -43,16 +43,16 @@ def run(source, last: int = default_of(curve_measures, "last"), chance: float | 
     ds = open_source(source)
     require(ds, "loss", "step")
     every = curve_measures(ds, last=last, chance=chance, window=window).compute()
-    measures = every[list(MEASURES)]
-    valid = np.isfinite(measures["final_loss"].values)  # tokens with a prediction in a done checkpoint
+    valid = np.isfinite(every["final_loss"].values)  # tokens with a prediction in a done checkpoint
     models = models_by_size(ds)
     colors = model_colors(ds)
-    names = [str(m) for m in measures["model"].values]
+    names = [str(m) for m in every["model"].values]
 
     hist, summary = [], []
-    for measure in MEASURES:
-        per_model = {m: measures[measure].values[names.index(m)].ravel() for m in models}
-        hist.append(histograms(per_model, bins).assign(measure=measure))
+    for measure in every.data_vars:  # summaries of every measure; histograms of those drawn
+        per_model = {m: every[measure].values[names.index(m)].ravel() for m in models}
+        if measure in MEASURES:
+            hist.append(histograms(per_model, bins).assign(measure=measure))
         for m, v in per_model.items():
             tokens = valid[names.index(m)].ravel()
             summary.append({"model": m, "measure": measure, "median": np.nanmedian(v) if np.isfinite(v).any() else np.nan,
