@@ -18,6 +18,7 @@ from tokendyn.studies.findings import direction, verdict
 from tokendyn.pipelines.analyze import main_one
 from tokendyn.studies.study import Skip
 from tokendyn.analysis.sequences import turning_points
+from tokendyn.analysis.trends import STARTS
 
 from planted_stores import KIND_TOKENS, KINDS
 from planted_stores import planted_report, vocabulary
@@ -88,7 +89,7 @@ def test_trend_shares_match_a_per_token_linregress(planted):
     shares = _table(planted, "trend_categories", "trend_shares").set_index(["model", "start", "category"])["percent"]
     valid = _valid(truth)
     for m, model in enumerate(ds["model"].values):
-        for start in trend_categories.STARTS:
+        for start in STARTS:
             codes = _linregress_category(loss[m], steps[m], start)
             for code, category in enumerate(("stagnated", "upward", "downward", "uncategorised")):
                 expected = 100 * (codes[valid] == code).mean()
