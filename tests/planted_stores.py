@@ -1,6 +1,6 @@
-"""Synthetic stores in the store contract layout (README, "The store") with planted trajectories, and
-the one planted store the analysis, analyze and report tests share (`planted_folder`, built once per
-test session; the `planted_store` fixture of conftest.py opens it).
+"""Synthetic stores in the store contract layout (docs/store.md) with planted trajectories, and the
+one planted store the analysis, analyze and report tests share (`planted_folder`, built once per test
+session; the `planted_store` fixture of conftest.py opens it).
 
 `write_store` writes any loss array as a contract store with `ds.to_zarr` and reopens it with
 `xr.open_zarr`, so the analyses run on lazy dask arrays as they do on real stores.
