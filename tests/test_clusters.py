@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from planted_stores import KIND_TOKENS, KINDS, planted_suite, write_store
+from planted_stores import KIND_TOKENS, KINDS, write_store
 from tokendyn.analysis.clusters import cluster, name_shape
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    return planted_suite(tmp_path_factory.mktemp("clusters") / "planted.zarr", n_seq=32)
+def planted(planted_store):
+    return planted_store  # the shared planted store (conftest.py)
 
 
 def _majority(codes, kind, names):

@@ -223,7 +223,7 @@ def test_analyze_writes_task_tables(store, tmp_path):
     emergence = pd.read_csv(tmp_path / "a" / "emergence.csv")
     assert list(emergence["metric"]) == ["accuracy", "correct_prob", "brier"]
     assert not emergence["leaves_random"].any()
-    assert any("tiny_colours: never leaves random" in line for line in lines)
+    assert any("Task tiny_colours: never leaves chance" in line for line in lines)
     assert any(line.startswith("skills: skipped") for line in lines)  # no tokens_seen: no loss law to fit
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from planted_stores import KINDS, planted_loss, planted_suite, write_store, write_tiled_store
+from planted_stores import KINDS, planted_loss, write_store, write_tiled_store
 from tokendyn.analysis.labels import label_mask, label_share, label_text
 from tokendyn.errors import TokendynError
 from tokendyn.analysis.trends import CATEGORIES, TrendWarning, ols, trend_categories, trend_fit
@@ -35,8 +35,8 @@ def test_ols_flat_trajectory_is_not_significant():
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    return planted_suite(tmp_path_factory.mktemp("trends") / "planted.zarr", n_seq=24)
+def planted(planted_store):
+    return planted_store  # the shared planted store (conftest.py)
 
 
 def test_planted_trends_are_recovered(planted):
