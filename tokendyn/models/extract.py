@@ -17,7 +17,6 @@ from typing import Iterable
 
 import numpy as np
 import torch
-import zarr
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
@@ -123,8 +122,7 @@ def extract(suite: Suite | str | Path, out: str | Path, *, extra_sets: Iterable[
         return out  # nothing to write, so nothing written: a read-only store works
 
     hf_logging.disable_progress_bar()  # one bar for the whole run, not one per weights load
-    # Chunks are written even when they hold only fill values, so `verify` can require every chunk of a done checkpoint.
-    with store.writer_lock(out), zarr.config.set({"array.write_empty_chunks": True}):
+    with store.writer_lock(out):
         _repair(out)
         root = store.prepare(out, layout, sets, model_coords, vocab_text, __version__)
         todo = [(m, c, [name for name in sets if force or not store.is_done(root, name, m, c)])

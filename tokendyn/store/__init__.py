@@ -8,8 +8,8 @@ from tokendyn.store.layout import (CHECKPOINT_COORDS, CHUNK_VALUES, ITEM_FIELDS,
                                    SETS_GROUP, STORE_DTYPES, TASK_SET_PREFIX, TOKEN_DIMS, Layout, seq_chunk, set_path)
 from tokendyn.store.lock import writer_lock
 from tokendyn.store.read import list_sets, open_store, read_attrs, read_checkpoint, store_path
-from tokendyn.store.verify import repair, verify
-from tokendyn.store.verify import summary as verify_summary
+from tokendyn.store.integrity import repair, verify
+from tokendyn.store.integrity import summary as verify_summary
 from tokendyn.store.write import (clear_done, consolidate, is_done, mark_done, prepare, refuse, up_to_date,
                                   write_block, write_checkpoint_coords)
 

@@ -19,9 +19,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import filelock
+import zarr
 
 from tokendyn.errors import TokendynError
 
+
+# Writers write every chunk, even one holding only fill values, so `tokendyn.store.integrity.verify` can
+# require every chunk of a done checkpoint. Processes that write chunks without holding the lock (the
+# workers of a distributed extraction) must set the same zarr option.
+WRITE_EMPTY_CHUNKS = True
 
 _HELD: set[tuple[int, Path]] = set()  # (pid, store) locks this process holds; the pid keeps forked children out
 
@@ -30,6 +36,7 @@ _HELD: set[tuple[int, Path]] = set()  # (pid, store) locks this process holds; t
 def writer_lock(store: str | Path) -> Iterator[None]:
     """Hold the store's writer lock; a one-line error if another process holds it.
 
+    While held, zarr writes every chunk, including chunks of fill values only (see WRITE_EMPTY_CHUNKS).
     Does not wait: a second writer fails at once, naming the holder, instead of queueing behind a run
     that may take days. Reentrant within a process (`passuntil` holds it while calling `extract`).
     """
@@ -53,7 +60,8 @@ def writer_lock(store: str | Path) -> Iterator[None]:
     _HELD.add(key)
     try:
         _write_holder(folder)
-        yield
+        with zarr.config.set({"array.write_empty_chunks": WRITE_EMPTY_CHUNKS}):
+            yield
     finally:
         _HELD.discard(key)
         _holder_path(folder).unlink(missing_ok=True)

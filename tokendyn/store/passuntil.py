@@ -59,10 +59,11 @@ def prepare_task(out: Path, task, lengths: list[int], params: dict, force: bool)
                                 "name (--name), or redo it (--force)")
         return zarr.open_group(out, mode="r+", use_consolidated=False)[f"{GROUP}/{task.name}"]
     template = _template(out, task, lengths, params)
+    if not (out / GROUP / "zarr.json").is_file():
+        zarr.open_group(out, mode="r+", use_consolidated=False).require_group(GROUP)
     if folder.exists():
         replace_atomically(folder, lambda tmp: _write(tmp, template))
     else:
-        zarr.open_group(out, mode="r+", use_consolidated=False).require_group(GROUP)
         create_atomically(folder, lambda tmp: _write(tmp, template))
     root = zarr.open_group(out, mode="r+", use_consolidated=False)
     consolidate(root)

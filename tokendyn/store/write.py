@@ -26,7 +26,7 @@ from tokendyn.errors import TokendynError
 from tokendyn.store.atomic import create_atomically, replace_atomically
 from tokendyn.store.layout import METRICS, SETS_GROUP, Layout, seq_chunk, set_path
 from tokendyn.store.read import list_sets, open_group
-from tokendyn.store.verify import verify
+from tokendyn.store.integrity import verify
 
 
 def prepare(path: Path, layout: Layout, sets: dict[str, PackedSet], model_coords: dict,
@@ -49,9 +49,9 @@ def prepare(path: Path, layout: Layout, sets: dict[str, PackedSet], model_coords
     for name, packed in sets.items():
         folder = path / set_path(name)
         build = functools.partial(_write_template, template=templates[name], packed=packed, layout=layout)
+        if name != "main" and not (path / SETS_GROUP / "zarr.json").is_file():
+            zarr.open_group(path, mode="r+", use_consolidated=False).require_group(SETS_GROUP)
         if not folder.exists() or (name == "main" and not (folder / "zarr.json").is_file()):
-            if name != "main":
-                zarr.open_group(path, mode="r+", use_consolidated=False).require_group(SETS_GROUP)
             create_atomically(folder, build)
         elif not (folder / "zarr.json").is_file() or _missing_nodes(folder, templates[name]):
             replace_atomically(folder, build)

@@ -71,20 +71,22 @@ def repair(path: str | Path, *, sample: bool = True) -> list[Problem]:
     path = Path(path)
     consolidated = _consolidated(path)
     problems = verify(path, sample=sample)
-    restored = False
+    restored = []
     for problem in problems:
         if problem.message.startswith("zarr.json") and problem.node in consolidated:
             document = {k: v for k, v in consolidated[problem.node].items() if k != "consolidated_metadata"}
             _write_json(path / problem.node / "zarr.json", document)
-            restored = True
+            restored.append(problem)
     if restored:  # the chunk checks ran against the consolidated copy; rerun them against the restored files
-        problems = [p for p in problems if not p.message.startswith("zarr.json")] + verify(path, sample=sample)
+        problems = restored + verify(path, sample=sample)
     for problem in problems:
+        if problem.message.startswith("zarr.json") and problem not in restored:
+            problem.repairable = False  # unreadable and not in the consolidated metadata: nothing to restore from
         if problem.checkpoints:
             done = zarr.open_array(path / problem.node, mode="r+")
             for m, c in problem.checkpoints:
                 done[m, c] = False
-    if any(not p.message.startswith("zarr.json") or restored for p in problems):
+    if problems:
         consolidate(path)
     return problems
 
