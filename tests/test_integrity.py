@@ -227,8 +227,10 @@ def test_readers_and_noop_extract_never_write(capsys, work):
         assert main(["info", str(store)]) == 0
         assert main(["verify", str(store)]) == 0
         assert main(extract(work)) == 0
+        assert main(["analyze", str(store), "--out", str(work / "results")]) == 0
         assert tokendyn.open_store(store).loss.values.size
-        assert snapshot(store) == before and sorted(p.name for p in work.iterdir()) == around
+        assert snapshot(store) == before
+        assert sorted(p.name for p in work.iterdir() if p.name != "results") == around
     finally:
         for path in [store, *store.rglob("*")]:
             path.chmod(path.stat().st_mode | 0o200)
@@ -443,7 +445,7 @@ def test_malicious_pickle_is_refused_in_one_line(capsys, work):
 
     torch.save({"x": Payload()}, folder / "pytorch_model.bin")
     err = one_line_error(capsys, extract(work, "--allow-pickle", "--force", out="p.zarr"))
-    assert "refusing the pickle weights" in err or "cannot load" in err
+    assert "refusing the pickle weights" in err, err
     assert not (work / "pwned").exists()
 
 
