@@ -7,6 +7,7 @@ Each command lives in its own module under `tokendyn.cli` and exposes
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 import traceback
@@ -16,6 +17,7 @@ from tokendyn.errors import TokendynError
 COMMANDS = [
     "extract",
     "info",
+    "verify",
     "toy",
     "analyze",
     "generate",
@@ -51,6 +53,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tokendyn: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as err:  # disk full, read-only folder, ...: what failed and what to do, on one line
+        if args.debug:
+            traceback.print_exc()
+        print(f"tokendyn: error: {os_error_message(err)}", file=sys.stderr)
+        return 2
+
+
+def os_error_message(err: OSError) -> str:
+    """One line for an operating-system error: the file, the cause and the fix."""
+    where = f" ({err.filename})" if err.filename else ""
+    if err.errno == errno.ENOSPC:
+        return (f"the disk is full{where}; free some space and rerun the same command: "
+                "finished work is kept and the run resumes")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied{where} ({err.strerror}); choose a location you may write to, or fix its permissions"
+    cause = err.strerror or (str(err).splitlines() or [type(err).__name__])[0]
+    return f"{cause}{where}; check the file and rerun (--debug shows where it happened)"
 
 
 if __name__ == "__main__":

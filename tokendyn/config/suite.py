@@ -325,8 +325,8 @@ def _absolute(base: Path, entry: str) -> Path:
 def _parse_set(t: _Table, base: Path, name: str | None, default_seq_len: int | None) -> EvalSet:
     if name is None:
         name = t.get("name", str)
-        if not _SET_NAME_RE.fullmatch(name):
-            t.fail("name", f"'{name}' may use only letters, digits, '_', '.', '-'; rename the set")
+        if not _SET_NAME_RE.fullmatch(name) or not name.strip("."):
+            t.fail("name", f"'{name}' may use only letters, digits, '_', '.', '-' (not dots only); rename the set")
     kind = t.choice("kind", KINDS)
     files = _parse_files(t, base)
     if kind == "pairs" and any(f.suffix != ".jsonl" for f in files):

@@ -129,8 +129,27 @@ def _jsonl_documents(path: Path) -> list[Document]:
         if not isinstance(record.get("text"), str):
             raise TokendynError(f'{path}:{number}: missing string field "text"')
         fields = {k: v for k, v in record.items() if k not in ("text", "spans")}
-        docs.append(Document(record["text"], fields, record.get("spans", [])))
+        docs.append(Document(record["text"], fields, _check_spans(record.get("spans", []), record["text"],
+                                                                  f"{path}:{number}")))
     return docs
+
+
+def _check_spans(spans, text: str, where: str) -> list[dict]:
+    """`spans` must be a list of {"start": int, "end": int, field: scalar, ...} within the text."""
+    form = 'a list of {"start": int, "end": int, field: value} objects'
+    if not isinstance(spans, list) or not all(isinstance(s, dict) for s in spans):
+        raise TokendynError(f'{where}: "spans" must be {form}; fix the line')
+    for span in spans:
+        start, end = span.get("start"), span.get("end")
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in (start, end)) or not 0 <= start <= end:
+            raise TokendynError(f'{where}: span {span} needs integer "start" <= "end" (character offsets); fix it')
+        if end > len(text):
+            raise TokendynError(f'{where}: span {span} ends after the text ({len(text)} characters); fix it')
+        for key, value in span.items():
+            if key not in ("start", "end") and (value is None or not isinstance(value, (str, int, float))):
+                raise TokendynError(f"{where}: span field '{key}' must be a string or a number, "
+                                    f"not {type(value).__name__}; fix it")
+    return spans
 
 
 def _pair_documents(path: Path) -> list[Document]:

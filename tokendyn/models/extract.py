@@ -101,6 +101,8 @@ def extract(suite: Suite | str | Path, out: str | Path, *, extra_sets: Iterable[
     out = Path(out)
     suite = replace(suite, sets=tuple(suite.sets) + tuple(extra_sets))
     _check_unique_sets(suite)
+    if batch_tokens < 1:
+        raise TokendynError(f"batch_tokens = {batch_tokens} must be at least 1; pass e.g. --batch-tokens 8192")
     torch_dtype = checkpoints.parse_dtype(dtype)
     _check_device(device)
     existing = _existing_attrs(out)
@@ -111,41 +113,104 @@ def extract(suite: Suite | str | Path, out: str | Path, *, extra_sets: Iterable[
 
     tokenizer = checkpoints.load_tokenizer(suite)
     tokenizer_fp = checkpoints.check_tokenizers(suite)
+    _check_context(suite, max(s.seq_len for s in (suite.eval, *suite.sets)), trust_remote_code)  # before packing
     sets = {"main": pack(suite.eval, tokenizer), **{s.name: pack(s, tokenizer) for s in suite.sets}}
-    model_coords = _model_coords(suite, max(p.seq_len for p in sets.values()), trust_remote_code)
+    model_coords = _model_coords(suite, trust_remote_code)
     vocab_text = np.asarray(tokenizer.batch_decode([[i] for i in range(len(tokenizer))]), dtype=object)
     layout = store.Layout(suite.to_dict(), tokenizer_fp, metrics, store_dtype)
-    root = store.prepare(out, layout, sets, model_coords, vocab_text, __version__)
+    if not force and store.up_to_date(out, layout, sets):
+        return out  # nothing to write, so nothing written: a read-only store works
 
     hf_logging.disable_progress_bar()  # one bar for the whole run, not one per weights load
-    todo = [(m, c, [name for name in sets if force or not store.is_done(root, name, m, c)])
-            for m, spec in enumerate(suite.models) for c in range(len(spec.checkpoints))]
-    todo = [(m, c, names) for m, c, names in todo if names]
-    total = sum(sets[name].n_predicted for _, _, names in todo for name in names)
-    with tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True) as bar:
-        for m, c, names in todo:
-            score_checkpoint(suite, root, {name: sets[name] for name in names}, m, c, metrics=metrics,
-                             batch_tokens=batch_tokens, device=device, dtype=torch_dtype, allow_pickle=allow_pickle,
-                             trust_remote_code=trust_remote_code, bar=bar)
+    with store.writer_lock(out):
+        _repair(out)
+        root = store.prepare(out, layout, sets, model_coords, vocab_text, __version__)
+        todo = [(m, c, [name for name in sets if force or not store.is_done(root, name, m, c)])
+                for m, spec in enumerate(suite.models) for c in range(len(spec.checkpoints))]
+        todo = [(m, c, names) for m, c, names in todo if names]
+        total = sum(sets[name].n_predicted for _, _, names in todo for name in names)
+        refused = []
+        with tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True) as bar:
+            for m, c, names in todo:
+                refused += score_checkpoint(suite, root, {name: sets[name] for name in names}, m, c,
+                                            metrics=metrics, batch_tokens=batch_tokens, device=device,
+                                            dtype=torch_dtype, allow_pickle=allow_pickle,
+                                            trust_remote_code=trust_remote_code, bar=bar)
+    if refused:
+        more = f" (and {len(refused) - 1} more checkpoint-sets; see `tokendyn verify {out}`)" if len(refused) > 1 else ""
+        raise TokendynError(f"not marked done, {refused[0]}{more}; the other checkpoints are complete")
     return out
+
+
+def _repair(out: Path) -> None:
+    """Before writing: repair what `tokendyn verify` finds (checkpoints with missing chunks are recomputed)."""
+    if not (out / "zarr.json").is_file():
+        return
+    problems = store.repair(out)
+    broken = [p for p in problems if not p.repairable]
+    if broken:
+        raise TokendynError(f"store {out} is damaged beyond repair: {store.verify_summary(broken)}; "
+                            "write to a new --out")
+    if problems:
+        warnings.warn(f"store {out} repaired: {store.verify_summary(problems)}", stacklevel=3)
 
 
 def score_checkpoint(suite: Suite, root, sets: dict[str, PackedSet], m: int, c: int, *, metrics: tuple[str, ...],
                      batch_tokens: int, device: str, dtype: torch.dtype, allow_pickle: bool, trust_remote_code: bool,
-                     bar: tqdm) -> None:
-    """Score checkpoint `c` of model `m` on `sets`, writing only the chunks it owns, then mark each set done."""
+                     bar: tqdm) -> list[str]:
+    """Score checkpoint `c` of model `m` on `sets`, writing only the chunks it owns, then mark each set done.
+
+    A set whose scores are not all finite is not marked done: the reason is kept in the store and
+    returned (one line per set), and the run goes on with the other checkpoints.
+    """
     ckpt = suite.models[m].checkpoints[c]
     bar.set_description(f"{ckpt.model} step {ckpt.step}")
     model = checkpoints.load_model(ckpt, device=device, dtype=dtype, allow_pickle=allow_pickle,
                                    trust_remote_code=trust_remote_code)
     weights_hash = checkpoints.weights_fingerprint(ckpt)
     _warn_identical(root, suite, m, c, weights_hash)
+    refused = []
     for name in sorted(sets, key=lambda n: n == "main"):  # main last: its flag follows val_ppl
         store.clear_done(root, name, m, c)
         mean_loss = _score_set(model, sets[name], root, name, m, c, metrics, batch_tokens, bar)
+        reason = check_scores(store.read_checkpoint(root, name, m, c, metrics), sets[name].n_predicted,
+                              root.attrs["store_dtype"])
+        if reason is not None:
+            reason = f"model '{ckpt.model}' step {ckpt.step}, set '{name}': {reason}"
+            store.refuse(root, name, m, c, reason)
+            warnings.warn(reason, stacklevel=2)
+            refused.append(reason)
+            continue
         if name == "main":
-            store.write_checkpoint_coords(root, m, c, math.exp(mean_loss), weights_hash)
+            store.write_checkpoint_coords(root, m, c, perplexity(mean_loss), weights_hash)
         store.mark_done(root, name, m, c, ckpt.model)
+    return refused
+
+
+def check_scores(scores: dict[str, np.ndarray], n_predicted: int, store_dtype: str) -> str | None:
+    """Why one set's stored scores of a checkpoint cannot be marked done, or None if every prediction is finite.
+
+    `scores` are the values as stored, per metric; positions without a prediction hold NaN by design,
+    the `n_predicted` others must be finite. Infinite values in a float16 store are overflows.
+    """
+    problems = []
+    for metric, values in scores.items():
+        nan = int(np.isnan(values).sum()) - (values.size - n_predicted)
+        inf = int(np.isinf(values).sum())
+        if nan > 0:
+            problems.append(f"{nan} of {n_predicted} tokens have a NaN {metric}")
+        if inf:
+            limit = f", above {np.finfo(store_dtype).max:.0f}, the largest {store_dtype}" if store_dtype != "float32" else ""
+            problems.append(f"{inf} of {n_predicted} tokens have an infinite {metric}{limit}")
+    if not problems:
+        return None
+    fix = "--store-dtype float32" if store_dtype != "float32" and any("infinite" in p for p in problems) else ""
+    return f"{'; '.join(problems)}; rerun with --dtype float32{' and ' + fix if fix else ''}"
+
+
+def perplexity(mean_loss: float) -> float:
+    """exp(mean loss), infinite (not an OverflowError) when the mean loss exceeds ~709.8 nats."""
+    return math.exp(mean_loss) if mean_loss < math.log(np.finfo(np.float64).max) else math.inf
 
 
 def _score_set(model, packed: PackedSet, root, name: str, m: int, c: int, metrics: tuple[str, ...],
@@ -175,8 +240,19 @@ def _score_set(model, packed: PackedSet, root, name: str, m: int, c: int, metric
     return loss_sum / max(count, 1)
 
 
-def _model_coords(suite: Suite, seq_len: int, trust_remote_code: bool) -> dict:
-    """Per-model and per-checkpoint coordinates known before any weights load; checks the context length."""
+def _check_context(suite: Suite, seq_len: int, trust_remote_code: bool) -> None:
+    """Refuse a seq_len beyond any model's context, before the text is packed (a huge seq_len fails fast)."""
+    for spec in suite.models:
+        config = AutoConfig.from_pretrained(checkpoints.resolve(spec.checkpoints[0], weights=False),
+                                            trust_remote_code=trust_remote_code)
+        context = checkpoints.max_context(config)
+        if context is not None and seq_len > context:
+            raise TokendynError(f"seq_len {seq_len} exceeds the context of model '{spec.name}' ({context} tokens); "
+                                f"lower seq_len in the suite TOML to at most {context}")
+
+
+def _model_coords(suite: Suite, trust_remote_code: bool) -> dict:
+    """Per-model and per-checkpoint coordinates known before any weights load."""
     n_ckpt = max(len(spec.checkpoints) for spec in suite.models)
     shape = (len(suite.models), n_ckpt)
     coords = {"model": np.asarray([spec.name for spec in suite.models], dtype=object),
@@ -191,10 +267,6 @@ def _model_coords(suite: Suite, seq_len: int, trust_remote_code: bool) -> dict:
             coords["source"][m, c] = ckpt.source
         first = spec.checkpoints[0]
         config = AutoConfig.from_pretrained(checkpoints.resolve(first), trust_remote_code=trust_remote_code)
-        context = checkpoints.max_context(config)
-        if context is not None and seq_len > context:
-            raise TokendynError(f"seq_len {seq_len} exceeds the context of model '{spec.name}' ({context} tokens); "
-                                f"lower seq_len in the suite TOML to at most {context}")
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         coords["n_params"][m], coords["n_params_nonembed"][m] = checkpoints.count_params(skeleton)

@@ -11,6 +11,7 @@ character lies in the span; a token that straddles the prompt/option boundary co
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,7 +50,9 @@ def task_set(task: ChoiceTask, tokenizer, folder: str | Path, *, shots: int = 2,
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{task.name}.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")  # renamed once complete: never truncated
+    temporary.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(temporary, path)
     return EvalSet(name=TASK_SET_PREFIX + task.name, files=(path,), seq_len=max(seq_len, 2), bos=bos)
 
 

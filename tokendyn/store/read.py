@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import xarray as xr
 import zarr
 
@@ -51,3 +52,9 @@ def store_path(ds: xr.Dataset) -> Path | None:
     """The store a dataset was opened from (None for a dataset built in memory)."""
     source = ds.encoding.get("source")
     return Path(source) if source else None
+
+
+def read_checkpoint(root: zarr.Group, set_name: str, model: int, ckpt: int, names) -> dict[str, np.ndarray]:
+    """The stored values of one checkpoint of one set, per variable name (arrays with dims model, ckpt, ...)."""
+    group = root[set_path(set_name)] if set_name != "main" else root
+    return {name: np.asarray(group[name][model, ckpt]) for name in names}

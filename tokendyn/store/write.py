@@ -10,6 +10,8 @@ either a complete checkpoint or one whose flag is unset and which a rerun recomp
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -21,33 +23,109 @@ import zarr
 
 from tokendyn.data.corpus import PackedSet
 from tokendyn.errors import TokendynError
-from tokendyn.store.layout import Layout, seq_chunk, set_path
-from tokendyn.store.read import open_group, list_sets
+from tokendyn.store.atomic import create_atomically, replace_atomically
+from tokendyn.store.layout import METRICS, SETS_GROUP, Layout, seq_chunk, set_path
+from tokendyn.store.read import list_sets, open_group
+from tokendyn.store.integrity import verify
 
 
 def prepare(path: Path, layout: Layout, sets: dict[str, PackedSet], model_coords: dict,
             vocab_text: np.ndarray, version: str) -> zarr.Group:
     """Create the store, or check that an existing one matches and add any new named sets.
 
-    Every check runs before anything is written, so a refused store is left untouched.
+    Call with the writer lock held (`tokendyn.store.writer_lock`). Every check runs before anything
+    is written, so a refused store is left untouched. The store and each set are built under a
+    temporary name and renamed into place (`tokendyn.store.atomic`); a half-made one left by an
+    older version (no checkpoint done in it) is rebuilt.
     """
-    if (path / "zarr.json").is_file():
-        root = open_group(path, mode="r+")
-        _check_compatible(path, root, layout, sets)
-    else:
+    for packed in sets.values():
+        _check_field_names(packed, layout, model_coords, vocab_text)
+    templates = {name: _set_template(name, packed, layout, model_coords, vocab_text, version)
+                 for name, packed in sets.items()}
+    if not (path / "zarr.json").is_file():
         _check_writable(path)
-        root = None
+    elif not _missing_nodes(path, templates["main"]):
+        _check_compatible(path, open_group(path, mode="r"), layout, sets)
     for name, packed in sets.items():
-        if root is None or (name != "main" and name not in list_sets(path)):
-            template = _template(packed, layout, model_coords, vocab_text if name == "main" else None)
-            template.attrs.update(_group_attrs(layout, packed, version) if name == "main" else
-                                  {"corpus_fingerprint": packed.fingerprint, "packing": json.dumps(packed.params)})
-            template.to_zarr(path, group=set_path(name) or None, mode="w" if name == "main" else "w-",
-                             compute=False, consolidated=False, encoding=_encoding(template, packed, layout),
-                             zarr_format=3)
-            root = zarr.open_group(path, mode="r+")
+        folder = path / set_path(name)
+        build = functools.partial(_write_template, template=templates[name], packed=packed, layout=layout)
+        if name != "main" and not (path / SETS_GROUP / "zarr.json").is_file():
+            zarr.open_group(path, mode="r+", use_consolidated=False).require_group(SETS_GROUP)
+        if not folder.exists() or (name == "main" and not (folder / "zarr.json").is_file()):
+            create_atomically(folder, build)
+        elif not (folder / "zarr.json").is_file() or _missing_nodes(folder, templates[name]):
+            replace_atomically(folder, build)
+    root = zarr.open_group(path, mode="r+", use_consolidated=False)
     consolidate(root)
     return zarr.open_group(path, mode="r+")  # reopened, so that its consolidated metadata lists new sets
+
+
+def _check_field_names(packed: PackedSet, layout: Layout, model_coords: dict, vocab_text: np.ndarray) -> None:
+    """A document or span field must not take the name of a variable, coordinate or dimension of the store."""
+    bare = _template(dataclasses.replace(packed, token_fields={}, doc_fields={}), layout, model_coords, vocab_text)
+    taken = {*map(str, bare.variables), *map(str, bare.dims), *METRICS}
+    for field in (*packed.token_fields, *packed.doc_fields):
+        if field in taken:
+            raise TokendynError(f"set '{packed.name}' has a document field '{field}', which is a name the store "
+                                "uses; rename that field in its files")
+
+
+def _set_template(name: str, packed: PackedSet, layout: Layout, model_coords: dict, vocab_text: np.ndarray,
+                  version: str) -> xr.Dataset:
+    template = _template(packed, layout, model_coords, vocab_text if name == "main" else None)
+    template.attrs.update(_group_attrs(layout, packed, version) if name == "main" else
+                          {"corpus_fingerprint": packed.fingerprint, "packing": json.dumps(packed.params)})
+    return template
+
+
+def _write_template(folder: Path, template: xr.Dataset, packed: PackedSet, layout: Layout) -> None:
+    template.to_zarr(folder, mode="w-", compute=False, consolidated=False,
+                     encoding=_encoding(template, packed, layout), zarr_format=3)
+
+
+def _missing_nodes(folder: Path, template: xr.Dataset) -> list[str]:
+    """Arrays of `template` without metadata under `folder`: a half-made set (or store) if any.
+
+    A set with missing arrays but done checkpoints is not half-made but damaged: refused with a
+    one-line error, never rebuilt.
+    """
+    missing = [name for name in template.variables if not (folder / str(name) / "zarr.json").is_file()]
+    if (folder / "zarr.json").is_file() and "corpus_fingerprint" not in _attributes(folder):
+        missing.append("attributes")
+    if missing and (folder / "done" / "zarr.json").is_file() \
+            and np.asarray(zarr.open_array(folder / "done", mode="r")[...]).any():
+        raise TokendynError(f"store {folder} has done checkpoints but lacks {', '.join(missing)}; "
+                            f"run `tokendyn verify` on it and write to a new --out")
+    return missing
+
+
+def _attributes(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def up_to_date(path: Path, layout: Layout, sets: dict[str, PackedSet]) -> bool:
+    """Whether the store holds every set of `sets` with every checkpoint done and nothing to repair.
+
+    Then a run has nothing to write. Never writes; raises the one-line error of `prepare` for a
+    store made for other models, text or options.
+    """
+    if not (path / "zarr.json").is_file():
+        return False
+    root = open_group(path, mode="r")
+    names = ["main", *list_sets(path)]
+    if any(name not in names for name in sets):
+        return False
+    try:
+        _check_compatible(path, root, layout, sets)
+        present = np.isfinite(np.asarray(root["step"][...]))
+        complete = all(np.asarray(root[set_path(name)]["done"][...] if name != "main" else root["done"][...])[present].all()
+                       for name in sets)
+    except KeyError:  # a half-made or damaged store: the writer repairs it
+        return False
+    return complete and not verify(path, sample=True)
 
 
 def _check_writable(path: Path) -> None:
@@ -159,6 +237,9 @@ def mark_done(root: zarr.Group, set_name: str, model: int, ckpt: int, model_name
     """Set the checkpoint's `done` flag (the commit point), then record it in the `complete` attribute."""
     group = root[set_path(set_name)] if set_name != "main" else root
     group["done"][model, ckpt] = True
+    refused = dict(group.attrs.get("refused", {}))
+    if refused.pop(f"{model},{ckpt}", None) is not None:
+        group.attrs["refused"] = refused
     done = np.asarray(group["done"][model])
     complete = dict(group.attrs.get("complete", {}))
     complete[model_name] = [int(c) for c in np.flatnonzero(done)]
@@ -182,3 +263,10 @@ def clear_done(root: zarr.Group, set_name: str, model: int, ckpt: int) -> None:
     """Unset a checkpoint's flag before recomputing it (--force), so an interrupted redo stays incomplete."""
     group = root[set_path(set_name)] if set_name != "main" else root
     group["done"][model, ckpt] = False
+
+
+def refuse(root: zarr.Group, set_name: str, model: int, ckpt: int, reason: str) -> None:
+    """Keep why a checkpoint's scores were not marked done, in the set's `refused` attribute ("model,ckpt": reason)."""
+    group = root[set_path(set_name)] if set_name != "main" else root
+    group.attrs["refused"] = {**group.attrs.get("refused", {}), f"{model},{ckpt}": reason}
+    consolidate(root)
