@@ -7,10 +7,14 @@ Each command lives in its own module under `tokendyn.cli` and exposes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import sys
 import traceback
 
+from tokendyn import __version__
+from tokendyn.cli.options import add_quiet
 from tokendyn.errors import TokendynError
 
 COMMANDS = [
@@ -23,6 +27,7 @@ COMMANDS = [
     "passuntil",
     "report",
     "demo",
+    "download",
 ]
 
 
@@ -32,9 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-token loss dynamics of language-model checkpoint suites.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"tokendyn {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"tokendyn.cli.{name}").register(subparsers)
+    for command in subparsers.choices.values():
+        add_quiet(command)  # every command takes -q/--quiet; main() silences its standard output
     return parser
 
 
@@ -42,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args) or 0
+        with contextlib.redirect_stdout(io.StringIO()) if getattr(args, "quiet", False) else contextlib.nullcontext():
+            return args.func(args) or 0
     except TokendynError as err:
         if args.debug:
             traceback.print_exc()
