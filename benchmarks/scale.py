@@ -61,13 +61,15 @@ class ThrottledHub:
         snapshot = repo / "snapshots" / commit
         for sub in (snapshot, repo / "blobs", repo / "refs"):
             sub.mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / revision).write_text(commit)
+        if not (repo / "refs" / revision).is_file():
+            (repo / "refs" / revision).write_text(commit)
         for file in sorted(self.remote[revision].iterdir()):
             if (snapshot / file.name).exists() or not any(fnmatch.fnmatch(file.name, p) for p in allow_patterns):
                 continue
             start, data = time.perf_counter(), file.read_bytes()
             blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-            blob.write_bytes(data)
+            if not blob.exists():  # blobs are shared by content, as in the real cache
+                blob.write_bytes(data)
             (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
             time.sleep(max(0.0, len(data) / self.rate - (time.perf_counter() - start)))
         return str(snapshot)

@@ -93,7 +93,7 @@ class Fetcher:
 
     def release(self, ckpt: Checkpoint) -> None:
         """`ckpt` is scored and marked done: evict its revision unless a later checkpoint still needs it."""
-        if not self.evict or ckpt.path is None:
+        if not self.evict or ckpt.path is not None:
             return
         index = self._index(ckpt)
         later = any((c.hub_id, c.revision) == (ckpt.hub_id, ckpt.revision) for c in self.order[index + 1:])
