@@ -61,6 +61,7 @@ def test_killed_worker_store_equals_single_process(tmp_path):
     assert got.attrs["complete"] == want.attrs["complete"] == {"opt": [0, 1, 2, 3], "gpt_neox": [0, 1, 2, 3]}
 
 
+@pytest.mark.slow
 def test_local_cluster_of_two_workers_equals_single_process(tmp_path):
     suite = write_suite(tmp_path, families=("opt",), steps=(0, 1, 2))
     reference = extract(suite, tmp_path / "single.zarr", progress=False)

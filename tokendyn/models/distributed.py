@@ -62,8 +62,11 @@ def score_task(suite: Suite, out: str, sets: dict[str, PackedSet], names: list[s
                options: dict) -> dict:
     """Run on a worker: score checkpoint `c` of model `m` on the named sets; returns tokens, seconds, warnings."""
     from distributed import Lock, get_worker
+    from transformers.utils import logging as hf_logging
 
     from tokendyn.models.extract import score_checkpoint
+
+    hf_logging.disable_progress_bar()  # the client draws the one bar
 
     out = Path(out)
     options = dict(options, device=_worker_device(options["device"], get_worker().name))
