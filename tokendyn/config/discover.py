@@ -25,7 +25,7 @@ from pathlib import Path
 from tokendyn.errors import TokendynError
 
 _FOLDER_STEP_RE = re.compile(r"(?:checkpoint|global_step|step)[-_]?(\d+)$")
-_STEP_IN_REVISION_RE = re.compile(r"(?:^|[-_])step(\d+)(?=$|[-_])")
+STEP_IN_REVISION = re.compile(r"(?:^|[-_])step(\d+)(?=$|[-_])")
 TRAINER_STATE = "trainer_state.json"
 
 
@@ -101,7 +101,7 @@ def discover_revisions(hub_id: str, pattern: str) -> list[str]:
     """
     names = cached_revisions(hub_id) if _offline() else _hub_revisions(hub_id)
     if pattern == "all":
-        chosen = [name for name in names if _STEP_IN_REVISION_RE.search(name)]
+        chosen = [name for name in names if STEP_IN_REVISION.search(name)]
     else:
         chosen = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
     if not chosen:
@@ -112,7 +112,7 @@ def discover_revisions(hub_id: str, pattern: str) -> list[str]:
 
 
 def _step_or_none(revision: str) -> int | None:
-    match = _STEP_IN_REVISION_RE.search(revision)
+    match = STEP_IN_REVISION.search(revision)
     return int(match.group(1)) if match else None
 
 
@@ -123,7 +123,8 @@ def cached_revisions(hub_id: str) -> list[str]:
     refs = Path(constants.HF_HUB_CACHE) / ("models--" + hub_id.replace("/", "--")) / "refs"
     if not refs.is_dir():
         return []
-    return sorted(str(p.relative_to(refs)) for p in refs.rglob("*") if p.is_file() and p.relative_to(refs).parts[0] != "pr")
+    names = (str(p.relative_to(refs)) for p in refs.rglob("*") if p.is_file())
+    return sorted(name for name in names if not name.startswith("pr/"))
 
 
 def _hub_revisions(hub_id: str) -> list[str]:
