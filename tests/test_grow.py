@@ -94,7 +94,7 @@ def test_grown_named_sets_equal_a_fresh_run(folder, tmp_path):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(text="other.txt", opt_steps=(0, 20)), "was made from a different evaluation corpus"),
-    (dict(seq_len=8, opt_steps=(0, 20)), r"packed set 'main' differently: seq_len 16 \(store\) vs 8 \(now\)"),
+    (dict(seq_len=8, opt_steps=(0, 20)), r"different evaluation corpus: seq_len 16 \(store\) vs 8 \(now\)"),
     (dict(opt_steps=(0, 10, 20)), "model 'opt' has step 10 before the last stored step 20"),
     (dict(opt_steps=(20,)), "model 'opt' lacks stored step 0"),
     (dict(opt_steps=(0, 20), llama_steps=(5,), order=("llama", "opt")), "holds model 'opt', which is model #2 in "

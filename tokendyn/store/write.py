@@ -86,11 +86,11 @@ def _check_compatible(path: Path, root: zarr.Group, layout: Layout, sets: dict[s
         stored = json.loads(group.attrs["packing"])
         changed = [f"{key} {stored.get(key)!r} (store) vs {value!r} (now)"
                    for key, value in packed.params.items() if stored.get(key) != value]
+        what = "evaluation corpus" if name == "main" else f"text for set '{name}'"
         if changed:
-            raise TokendynError(f"store {path} packed set '{name}' differently: {'; '.join(changed)}; "
+            raise TokendynError(f"store {path} was made from a different {what}: {'; '.join(changed)}; "
                                 "use the store's settings or write to a new --out")
         if group.attrs["corpus_fingerprint"] != packed.fingerprint:
-            what = "evaluation corpus" if name == "main" else f"text for set '{name}'"
             raise TokendynError(f"store {path} was made from a different {what}; write to a new --out")
 
 
