@@ -1,6 +1,6 @@
 """Scale: prefetch hides downloads, workers add throughput, and what a Pythia suite costs.
 
-    .venv/bin/python benchmarks/scale.py [--checkpoints 20] [--tokens 6000]
+    .venv/bin/python benchmarks/scale.py [--checkpoints 20] [--tokens 3000]
 
 (a) A suite of 20 hub checkpoints whose "downloads" are a throttled copy from local folders into a
     Hugging Face cache (bandwidth set so one download takes ~70% of one checkpoint's compute):
@@ -77,8 +77,8 @@ class ThrottledHub:
 
 def make_checkpoints(folder: Path, n: int) -> dict[str, Path]:
     tokenizer = build_tokenizer()
-    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                           intermediate_size=1024, max_position_embeddings=256)
+    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=512, max_position_embeddings=256)
     remote = {}
     for k in range(n):
         torch.manual_seed(k)
@@ -124,7 +124,7 @@ def gemm_flops() -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoints", type=int, default=20)
-    parser.add_argument("--tokens", type=int, default=6000, help="tokens of evaluation text")
+    parser.add_argument("--tokens", type=int, default=3000, help="tokens of evaluation text")
     args = parser.parse_args()
     print(f"CPU capability: {torch.backends.cpu.get_cpu_capability()}, torch threads {torch.get_num_threads()}, "
           f"{os.cpu_count()} cores")
