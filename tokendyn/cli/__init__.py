@@ -7,9 +7,7 @@ Each command lives in its own module under `tokendyn.cli` and exposes
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import io
 import sys
 import traceback
 
@@ -42,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         importlib.import_module(f"tokendyn.cli.{name}").register(subparsers)
     for command in subparsers.choices.values():
-        add_quiet(command)  # every command takes -q/--quiet; main() silences its standard output
+        add_quiet(command)  # every command takes -q/--quiet (no progress bar)
     return parser
 
 
@@ -50,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with contextlib.redirect_stdout(io.StringIO()) if getattr(args, "quiet", False) else contextlib.nullcontext():
-            return args.func(args) or 0
+        return args.func(args) or 0
     except TokendynError as err:
         if args.debug:
             traceback.print_exc()

@@ -73,8 +73,7 @@ def run(args: argparse.Namespace) -> None:
     out = extract(suite, args.out, extra_sets=extra_sets, metrics=metrics, store_dtype=args.store_dtype,
                   batch_tokens=args.batch_tokens, force=args.force, scheduler=args.scheduler, workers=args.workers,
                   prefetch=args.prefetch, evict=args.evict, **model_options(args))
-    if not args.quiet:
-        print(f"store written: {out}  (inspect with: tokendyn info {out})")
+    print(f"store written: {out}  (inspect with: tokendyn info {out})")
 
 
 def _suite_argument(args: argparse.Namespace) -> Path:
@@ -93,8 +92,7 @@ def _suite_argument(args: argparse.Namespace) -> Path:
         draft = parse_suite(quick_suite(args.models, args.texts, 2), base=Path.cwd())
         seq_len = min(1024, context_length(draft.models[0].checkpoints[0]) or 1024)
     path = write_generated(args.out, quick_suite(args.models, args.texts, seq_len))
-    if not args.quiet:
-        print(f"suite written: {path}")
+    print(f"suite written: {path}")
     return path
 
 

@@ -19,9 +19,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_quiet(p: argparse.ArgumentParser) -> None:
-    """-q/--quiet: no progress bar and no summary line (errors are still printed)."""
+    """-q/--quiet: no progress bar (as analyze and report had it); results and errors are still printed."""
     if not any("--quiet" in action.option_strings for action in p._actions):
-        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary line")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 def model_options(args: argparse.Namespace) -> dict:
