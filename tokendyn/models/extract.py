@@ -104,6 +104,9 @@ def extract(suite: Suite | str | Path, out: str | Path, *, extra_sets: Iterable[
 
     A rerun skips complete checkpoints and recomputes interrupted ones.
     """
+    if evict and (scheduler is not None or workers is not None):
+        raise TokendynError("--evict works in single-process runs only; on a cluster, fetch the revisions "
+                            "beforehand with `tokendyn download SUITE` and leave --evict out")
     cached_before = cache_state() if evict else None  # before any download: evict only what this run fetches
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
     out = Path(out)
