@@ -12,6 +12,8 @@ import importlib
 import sys
 import traceback
 
+from tokendyn import __version__
+from tokendyn.cli.options import add_quiet
 from tokendyn.errors import TokendynError
 
 COMMANDS = [
@@ -25,6 +27,7 @@ COMMANDS = [
     "passuntil",
     "report",
     "demo",
+    "download",
 ]
 
 
@@ -34,9 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-token loss dynamics of language-model checkpoint suites.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"tokendyn {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"tokendyn.cli.{name}").register(subparsers)
+    for command in subparsers.choices.values():
+        add_quiet(command)  # every command takes -q/--quiet (no progress bar)
     return parser
 
 

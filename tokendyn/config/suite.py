@@ -20,6 +20,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from tokendyn.config.discover import discover_folders, discover_revisions
 from tokendyn.errors import TokendynError
 
 PACKINGS = ("document", "concat")
@@ -37,6 +38,7 @@ LOCAL_MODEL_KEYS = ("name", "checkpoints", "hub_id", "tokens_per_step")
 HUB_MODEL_KEYS = ("name", "hub_id", "revisions", "tokens_per_step")
 PRESET_MODEL_KEYS = ("preset", "name", "size", "deduped", "hub_id", "steps", "tokens_per_step")
 CHECKPOINT_KEYS = ("step", "path", "revision", "tokens_seen")
+DISCOVER_KEYS = ("glob", "steps")
 STEP_SELECTION_KEYS = ("every", "log", "min", "max")
 
 _STEP_RE = re.compile(r"(?:^|[-_])step(\d+)(?=$|[-_])")
@@ -399,9 +401,12 @@ def _parse_model(data: Any, where: str, base: Path) -> ModelSpec:
     if "revisions" in t.data:
         if hub_id is None:
             t.fail("revisions", 'needs the model\'s hub_id; add hub_id = "org/name"')
-        revisions = t.get("revisions", list)
-        if not revisions or not all(isinstance(r, str) for r in revisions):
-            t.fail("revisions", 'must be a non-empty list of revision names like ["step1000"]; fix it')
+        revisions = t.get("revisions", object)
+        if isinstance(revisions, str):
+            revisions = discover_revisions(hub_id, revisions)
+        if not isinstance(revisions, list) or not revisions or not all(isinstance(r, str) for r in revisions):
+            t.fail("revisions", 'must be a non-empty list of revision names like ["step1000"], a pattern like '
+                                '"step*", or "all"; fix it')
         checkpoints = []
         for revision in revisions:
             if _STEP_RE.search(revision) is None:
@@ -414,13 +419,41 @@ def _parse_model(data: Any, where: str, base: Path) -> ModelSpec:
     if "checkpoints" not in t.data:
         t.fail("checkpoints", 'is missing; give checkpoints = [{ step = N, path = "dir" }], '
                               'hub_id with revisions = [...], or preset = "pythia"')
-    entries = t.get("checkpoints", list)
+    entries = t.get("checkpoints", object)
+    if isinstance(entries, dict):
+        checkpoints = _discovered(_Table(entries, f"{t.where} checkpoints", DISCOVER_KEYS), name, tokens_per_step, base)
+        return _model(t, "checkpoints", name, checkpoints)
+    if not isinstance(entries, list):
+        t.fail("checkpoints", 'must be a list like [{ step = N, path = "dir" }] '
+                              'or a table like { glob = "run/checkpoint-*" }')
     if not entries:
         t.fail("checkpoints", "is empty; list at least one checkpoint")
     checkpoints = [_parse_checkpoint(_Table(entry, f"{t.where} checkpoints[{i}]", CHECKPOINT_KEYS),
                                      name, hub_id, tokens_per_step, base)
                    for i, entry in enumerate(entries)]
     return _model(t, "checkpoints", name, checkpoints)
+
+
+def _discovered(t: _Table, model: str, tokens_per_step: float | None, base: Path) -> list[Checkpoint]:
+    """Checkpoints from `{ glob = "...", steps = ... }`: every matching folder, optionally a selection of steps."""
+    folders = discover_folders(t.get("glob", str), base)
+    for previous, current in zip(folders, folders[1:]):
+        if previous.step == current.step:
+            t.fail("glob", f"step {current.step} is both {previous.path} and {current.path}; narrow the pattern")
+    found = {f.step: f for f in folders}
+    steps = sorted(found)
+    if "steps" in t.data:
+        try:
+            steps = select_steps(steps, t.data["steps"])
+        except TokendynError as err:
+            t.fail("steps", str(err))
+    checkpoints = []
+    for step in steps:
+        tokens = found[step].tokens_seen
+        if tokens_per_step is not None:
+            tokens = step * tokens_per_step
+        checkpoints.append(Checkpoint(model, step, found[step].path, None, None, tokens))
+    return checkpoints
 
 
 def _parse_checkpoint(t: _Table, model: str, hub_id: str | None, tokens_per_step: float | None,

@@ -246,6 +246,17 @@ def weights_fingerprint(ckpt: Checkpoint, allow_pickle: bool = False) -> str:
     return _files_digest(_weights_to_load(ckpt, folder, allow_pickle=True))
 
 
+def context_length(ckpt: Checkpoint) -> int | None:
+    """The checkpoint's context from its config.json (fetching only config and tokenizer files)."""
+    config = _require_config(ckpt, resolve(ckpt, weights=False))
+    config = config.get("text_config", config)
+    for attribute in CONTEXT_ATTRIBUTES:
+        value = config.get(attribute)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def max_context(config) -> int | None:
     """The longest input the model was built for (max_position_embeddings or its equivalent)."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -13,7 +13,7 @@ import math
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -23,8 +23,10 @@ from transformers.utils import logging as hf_logging
 
 from tokendyn import __version__, store
 from tokendyn.models import checkpoints
+from tokendyn.models.fetch import Fetcher, cache_state
 from tokendyn.data.corpus import PAD, PackedSet, pack
 from tokendyn.errors import TokendynError
+from tokendyn.store.read import open_group
 from tokendyn.config.suite import EvalSet, Suite, load_suite
 
 CHUNK_LOGITS = 2**25  # logits materialised at once in the head: 128 MiB in float32
@@ -83,7 +85,9 @@ def _hidden_and_head(model: torch.nn.Module, ids: torch.Tensor):
 def extract(suite: Suite | str | Path, out: str | Path, *, extra_sets: Iterable[EvalSet] = (),
             metrics: Iterable[str] | None = None, device: str = "cpu", dtype: str = "float32",
             store_dtype: str | None = None, batch_tokens: int = 8192, force: bool = False,
-            allow_pickle: bool = False, trust_remote_code: bool = False, progress: bool = True) -> Path:
+            allow_pickle: bool = False, trust_remote_code: bool = False, progress: bool = True,
+            scheduler: str | None = None, workers: int | None = None, prefetch: int = 1,
+            evict: bool = False) -> Path:
     """Score every evaluation set of `suite` with every checkpoint into the store at `out`.
 
     Parameters
@@ -94,9 +98,17 @@ def extract(suite: Suite | str | Path, out: str | Path, *, extra_sets: Iterable[
     store_dtype : "float32" (default) or "float16" on disk.
     batch_tokens : tokens per forward pass (batch size = batch_tokens // seq_len, at least 1).
     force : recompute checkpoints that are already complete.
+    scheduler, workers : run on the dask cluster at this address, or on a new local cluster of this many
+        workers (one task per checkpoint; see `tokendyn.models.distributed`).
+    prefetch : hub checkpoints downloaded ahead while the current one is scored (single process).
+    evict : delete each scored hub revision this run downloaded from the Hugging Face cache.
 
     A rerun skips complete checkpoints and recomputes interrupted ones.
     """
+    if evict and (scheduler is not None or workers is not None):
+        raise TokendynError("--evict works in single-process runs only; on a cluster, fetch the revisions "
+                            "beforehand with `tokendyn download SUITE` and leave --evict out")
+    cached_before = cache_state() if evict else None  # before any download: evict only what this run fetches
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
     out = Path(out)
     suite = replace(suite, sets=tuple(suite.sets) + tuple(extra_sets))
@@ -128,14 +140,26 @@ def extract(suite: Suite | str | Path, out: str | Path, *, extra_sets: Iterable[
         todo = [(m, c, [name for name in sets if force or not store.is_done(root, name, m, c)])
                 for m, spec in enumerate(suite.models) for c in range(len(spec.checkpoints))]
         todo = [(m, c, names) for m, c, names in todo if names]
-        total = sum(sets[name].n_predicted for _, _, names in todo for name in names)
-        refused = []
-        with tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True) as bar:
-            for m, c, names in todo:
-                refused += score_checkpoint(suite, root, {name: sets[name] for name in names}, m, c,
-                                            metrics=metrics, batch_tokens=batch_tokens, device=device,
-                                            dtype=torch_dtype, allow_pickle=allow_pickle,
-                                            trust_remote_code=trust_remote_code, bar=bar)
+        options = dict(metrics=metrics, batch_tokens=batch_tokens, device=device, dtype=torch_dtype,
+                       allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        if scheduler is not None or workers is not None:
+            from tokendyn.models.distributed import run_on_cluster
+
+            run_on_cluster(suite, out, sets, todo, options, scheduler=scheduler, workers=workers, progress=progress)
+            stored = open_group(out, mode="r")
+            refused = [reason for name in sets for reason in
+                       (stored if name == "main" else stored[store.set_path(name)]).attrs.get("refused", {}).values()]
+        else:
+            total = sum(sets[name].n_predicted for _, _, names in todo for name in names)
+            refused = []
+            with tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True) as bar:
+                ckpts = [suite.models[m].checkpoints[c] for m, c, _ in todo]
+                with Fetcher(ckpts, prefetch, evict, allow_pickle, cached_before) as fetcher:
+                    for (m, c, names), ckpt in zip(todo, ckpts):
+                        fetcher.wait(ckpt)
+                        refused += score_checkpoint(suite, root, {name: sets[name] for name in names}, m, c,
+                                                    bar=bar, **options)
+                        fetcher.release(ckpt)
     if refused:
         more = f" (and {len(refused) - 1} more checkpoint-sets; see `tokendyn verify {out}`)" if len(refused) > 1 else ""
         raise TokendynError(f"not marked done, {refused[0]}{more}; the other checkpoints are complete")
@@ -157,11 +181,12 @@ def _repair(out: Path) -> None:
 
 def score_checkpoint(suite: Suite, root, sets: dict[str, PackedSet], m: int, c: int, *, metrics: tuple[str, ...],
                      batch_tokens: int, device: str, dtype: torch.dtype, allow_pickle: bool, trust_remote_code: bool,
-                     bar: tqdm) -> list[str]:
+                     bar: tqdm, commit: Callable = store.mark_done) -> list[str]:
     """Score checkpoint `c` of model `m` on `sets`, writing only the chunks it owns, then mark each set done.
 
     A set whose scores are not all finite is not marked done: the reason is kept in the store and
-    returned (one line per set), and the run goes on with the other checkpoints.
+    returned (one line per set), and the run goes on with the other checkpoints. commit: records a
+    set's done flag (`store.mark_done`; cluster workers serialise it with a lock).
     """
     ckpt = suite.models[m].checkpoints[c]
     bar.set_description(f"{ckpt.model} step {ckpt.step}")
@@ -183,7 +208,7 @@ def score_checkpoint(suite: Suite, root, sets: dict[str, PackedSet], m: int, c: 
             continue
         if name == "main":
             store.write_checkpoint_coords(root, m, c, perplexity(mean_loss), weights_hash)
-        store.mark_done(root, name, m, c, ckpt.model)
+        commit(root, name, m, c, ckpt.model)
     return refused
 
 

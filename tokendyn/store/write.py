@@ -45,7 +45,10 @@ def prepare(path: Path, layout: Layout, sets: dict[str, PackedSet], model_coords
     if not (path / "zarr.json").is_file():
         _check_writable(path)
     elif not _missing_nodes(path, templates["main"]):
-        _check_compatible(path, open_group(path, mode="r"), layout, sets)
+        root = open_group(path, mode="r+")
+        _check_compatible(path, root, layout, sets)
+        if checkpoint_grid(json.loads(root.attrs["suite"])) != checkpoint_grid(layout.suite):
+            grow(root, layout.suite, model_coords)
     for name, packed in sets.items():
         folder = path / set_path(name)
         build = functools.partial(_write_template, template=templates[name], packed=packed, layout=layout)
@@ -120,6 +123,8 @@ def up_to_date(path: Path, layout: Layout, sets: dict[str, PackedSet]) -> bool:
         return False
     try:
         _check_compatible(path, root, layout, sets)
+        if checkpoint_grid(json.loads(root.attrs["suite"])) != checkpoint_grid(layout.suite):
+            return False  # the store grows
         present = np.isfinite(np.asarray(root["step"][...]))
         complete = all(np.asarray(root[set_path(name)]["done"][...] if name != "main" else root["done"][...])[present].all()
                        for name in sets)
@@ -145,8 +150,7 @@ def _check_compatible(path: Path, root: zarr.Group, layout: Layout, sets: dict[s
     attrs = root.attrs
     if attrs["tokenizer_fingerprint"] != layout.tokenizer_fingerprint:
         raise TokendynError(f"store {path} was made with a different tokenizer; write to a new --out")
-    if _checkpoint_grid(json.loads(attrs["suite"])) != _checkpoint_grid(layout.suite):
-        raise TokendynError(f"store {path} was made for different models or checkpoints; write to a new --out")
+    check_growth(path, json.loads(attrs["suite"]), layout.suite)
     if tuple(attrs["metrics"]) != layout.metrics:
         raise TokendynError(f"store {path} holds metrics {','.join(attrs['metrics'])}, not "
                             f"{','.join(layout.metrics)}; pass the same --metrics or write to a new --out")
@@ -158,14 +162,15 @@ def _check_compatible(path: Path, root: zarr.Group, layout: Layout, sets: dict[s
         if name not in existing:
             continue
         group = root[set_path(name)] if name != "main" else root
+        stored = json.loads(group.attrs["packing"])
+        changed = [f"{key} {stored.get(key)!r} (store) vs {value!r} (now)"
+                   for key, value in packed.params.items() if stored.get(key) != value]
+        what = "evaluation corpus" if name == "main" else f"text for set '{name}'"
+        if changed:
+            raise TokendynError(f"store {path} was made from a different {what}: {'; '.join(changed)}; "
+                                "use the store's settings or write to a new --out")
         if group.attrs["corpus_fingerprint"] != packed.fingerprint:
-            what = "evaluation corpus" if name == "main" else f"text for set '{name}'"
             raise TokendynError(f"store {path} was made from a different {what}; write to a new --out")
-
-
-def _checkpoint_grid(suite: dict) -> list:
-    """Model names and steps: what the store's layout depends on (folders may move)."""
-    return [(m["name"], [c["step"] for c in m["checkpoints"]]) for m in suite["models"]]
 
 
 def _group_attrs(layout: Layout, packed: PackedSet, version: str) -> dict:
@@ -270,3 +275,97 @@ def refuse(root: zarr.Group, set_name: str, model: int, ckpt: int, reason: str) 
     group = root[set_path(set_name)] if set_name != "main" else root
     group.attrs["refused"] = {**group.attrs.get("refused", {}), f"{model},{ckpt}": reason}
     consolidate(root)
+
+
+# ---- Growth: more models or checkpoints on the model and ckpt axes ----------------------------------------------
+#
+# Only the two leading dimensions `model` and `ckpt` are touched, whatever the per-token dims are: every array
+# of every group whose dimension names include them is resized, the new region holds the "not yet scored" value
+# (NaN, False, -1 or ""), and the per-model / per-checkpoint coordinates are rewritten. The suite attribute (the
+# grid the store claims) is written last, so a grow killed midway is redone by the rerun; new checkpoints
+# are not `done`, and extraction scores exactly them.
+
+GROWN_DIMS = ("model", "ckpt")
+
+
+def checkpoint_grid(suite: dict) -> list:
+    """Model names and steps: what the store's layout depends on (folders may move)."""
+    return [(m["name"], [c["step"] for c in m["checkpoints"]]) for m in suite["models"]]
+
+
+def check_growth(path: Path, stored: dict, suite: dict) -> None:
+    """Refuse a suite that does not extend the store's: stored models first, in order, each with its stored
+    checkpoints first (new checkpoints come after the last stored step)."""
+    old, new = checkpoint_grid(stored), checkpoint_grid(suite)
+    new_names = [name for name, _ in new]
+    for index, (name, steps) in enumerate(old):
+        if index >= len(new) or new[index][0] != name:
+            where = (f"is missing from the suite" if name not in new_names
+                     else f"is model #{new_names.index(name) + 1} in the suite, #{index + 1} in the store")
+            raise TokendynError(f"store {path} holds model '{name}', which {where}; keep the stored models first "
+                                "and in order (a store grows by models added at the end), or write to a new --out")
+        now = new[index][1]
+        if now[: len(steps)] != steps:
+            lost = [step for step in steps if step not in now]
+            problem = (f"lacks stored step {lost[0]}" if lost else
+                       f"has step {next(s for s in now if s not in steps)} before the last stored step {steps[-1]}")
+            raise TokendynError(f"store {path}: the suite's model '{name}' {problem}; a store grows only by "
+                                "checkpoints after its last stored step; write to a new --out")
+
+
+def grow(root: zarr.Group, suite: dict, model_coords: dict) -> None:
+    """Resize the model and ckpt axes of every array in the store to `suite`'s grid (see above).
+
+    model_coords: the coordinates of the whole new grid, as `prepare` takes them (model, step,
+    tokens_seen, source, n_params, n_params_nonembed).
+    """
+    n_model, n_ckpt = model_coords["step"].shape
+    sizes = {"model": n_model, "ckpt": n_ckpt}
+    coords = {**model_coords, "ckpt": np.arange(n_ckpt)}
+    groups = []
+    for path, node in root.members(max_depth=None):
+        if isinstance(node, zarr.Array):
+            _grow_array(node, sizes, coords)
+        else:
+            groups.append(path)
+    # Groups carry consolidated metadata of their own (listing the old shapes): refresh them deepest first.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        for path in sorted(groups, key=lambda p: -p.count("/")):
+            zarr.consolidate_metadata(root.store, path=path)
+    root.attrs["suite"] = json.dumps(suite)
+    consolidate(root)
+
+
+def _grow_array(array: zarr.Array, sizes: dict[str, int], coords: dict) -> None:
+    dims = tuple(array.metadata.dimension_names or ())
+    if not any(dim in sizes for dim in dims):
+        return
+    old = array.shape
+    new = tuple(sizes.get(dim, length) for dim, length in zip(dims, old))
+    name = array.basename
+    if name in coords:
+        array.resize(new)
+        array[...] = np.asarray(coords[name], dtype=array.dtype if array.dtype.kind != "T" else object)
+        return
+    if new == old:
+        return
+    array.resize(new)
+    empty = _empty_value(array.dtype)
+    if not _same(array.fill_value, empty):
+        for axis, (before, after) in enumerate(zip(old, new)):
+            if after > before:
+                region = tuple(slice(before, after) if i == axis else slice(None) for i in range(len(new)))
+                array[region] = empty
+
+
+def _empty_value(dtype: np.dtype):
+    """What a not-yet-scored entry holds: NaN, False, -1 or ""."""
+    kind = np.dtype(dtype).kind if not isinstance(dtype, str) else "U"
+    return {"f": np.nan, "b": False, "i": -1, "u": 0}.get(kind, "")
+
+
+def _same(fill, empty) -> bool:
+    if isinstance(empty, float) and np.isnan(empty):
+        return fill is not None and np.isnan(fill)
+    return fill == empty
