@@ -33,11 +33,12 @@ KIND_TOKENS = {"stagnating": [10, 11], "downward": list(range(20, 30)), "upward"
 
 
 def write_store(path: Path, loss: np.ndarray, steps: np.ndarray, *, models=None, n_params=None,
-                tokens_seen=None, token_id=None, seq_chunk: int = 8) -> xr.Dataset:
+                tokens_seen=None, token_id=None, vocab=None, seq_chunk: int = 8) -> xr.Dataset:
     """Write loss (model, ckpt, seq, pos) and steps (model, ckpt; NaN = no such checkpoint) as a store.
 
     Applies the contract's NaNs (position 0, padding where token_id == -1, missing checkpoints),
     derives val_ppl = exp(mean loss) per checkpoint, and returns the reopened lazy dataset.
+    vocab: the text of every token id (the store's `vocab_text`); none by default.
     """
     loss = np.array(loss, dtype=np.float32)
     steps = np.asarray(steps, dtype=float)
@@ -65,6 +66,8 @@ def write_store(path: Path, loss: np.ndarray, steps: np.ndarray, *, models=None,
             "doc": ("seq", np.arange(n_seq)),
         },
     )
+    if vocab is not None:
+        ds = ds.assign_coords(vocab_text=("vocab", np.array(vocab, dtype=object)))
     ds.attrs["tokendyn_version"] = tokendyn.__version__  # what `tokendyn.open_store` checks for
     ds.chunk({"model": 1, "ckpt": 1, "seq": seq_chunk, "pos": -1}).to_zarr(path, mode="w", consolidated=True)
     return xr.open_zarr(path)

@@ -95,3 +95,51 @@ def test_auto_k_picks_the_planted_number_by_silhouette(tmp_path):
 ])
 def test_naming_rules(curve, name):
     assert name_shape(np.array(curve), tol=0.25) == name
+
+
+@pytest.fixture(scope="module")
+def full_range(tmp_path_factory):
+    """Two sizes that both train through the whole double descent (h from 0 to 1), step 0 included,
+    with the planted kinds of `planted_stores`; returns (dataset, kind per token)."""
+    from planted_stores import FINAL_STEP, PROPORTIONS, planted_loss, progress
+
+    rng = np.random.default_rng(1)
+    n_seq, n_pos, counts = 24, 24, (16, 20)
+    kind = rng.choice(len(KINDS), size=(n_seq, n_pos), p=PROPORTIONS)
+    base = rng.uniform(1, 4, kind.shape)
+    amp = np.where(kind == 0, 0, rng.uniform(1.5, 2.5, kind.shape))
+    steps = np.full((2, max(counts)), np.nan)
+    loss = np.zeros((2, max(counts), n_seq, n_pos))
+    for m, count in enumerate(counts):
+        steps[m, :count] = np.linspace(0, FINAL_STEP, count)
+        h = progress(steps[m, :count], 1.0)[:, None, None]
+        for k, name in enumerate(KINDS):
+            loss[m, :count] = np.where(kind == k, planted_loss(name, base, amp, h), loss[m, :count])
+    loss += rng.normal(0, 0.005, loss.shape)
+    ds = write_store(tmp_path_factory.mktemp("full") / "f.zarr", loss, steps, models=["small", "large"])
+    kind[:, 0] = -1  # no prediction at position 0
+    return ds, kind
+
+
+def test_shape_clusters_find_stagnating_rising_and_double_descent(full_range):
+    from tokendyn.analysis.clusters import detector_agreement
+
+    ds, kind = full_range
+    result = cluster(ds)  # the default: fine clusters merged by shape name, on the trained part
+    assert result.criterion.startswith("shape names")
+    for name in ("stagnating", "rising", "double descent"):
+        assert name in result.names
+    assert len(set(result.names)) == len(result.names)  # one cluster per shape
+    codes = result.labels.codes.values
+    for m in range(2):
+        majority = _majority(codes[m], kind, result.names)
+        assert majority["stagnating"] == ("stagnating", pytest.approx(1.0))
+        assert majority["upward"] == ("rising", pytest.approx(1.0))
+        assert majority["double_descent"][0] == "double descent" and majority["double_descent"][1] > 0.9
+        assert "falling" in majority["downward"][0]
+    agreement = detector_agreement(ds, result)
+    assert set(agreement["cluster"]) == {"stagnating", "rising", "double descent"}
+    assert (agreement["precision"] > 0.9).all() and (agreement["recall"] > 0.9).all()
+    # the same for one model's own checkpoints
+    own = cluster(ds, on="checkpoints", model="large")
+    assert {"stagnating", "rising", "double descent"} <= set(own.names)

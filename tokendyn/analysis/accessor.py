@@ -28,6 +28,23 @@ class TokendynAccessor:
         left = "".join(vocab[i] for i in row[max(0, pos - width): pos] if i != PAD)
         return f"{left}{mark[0]}{vocab[row[pos]]}{mark[1]}"
 
+    def by_step(self, model: int | str) -> xr.Dataset:
+        """One model's done checkpoints indexed by training step (`.loss.sel(step=2000)` works);
+        see `tokens.by_step`."""
+        from tokendyn.analysis import tokens
+        return tokens.by_step(self._ds, model)
+
+    def sel_step(self, model: int | str, step) -> xr.Dataset:
+        """The checkpoint(s) of `model` at training step(s) `step`; see `tokens.sel_step`."""
+        from tokendyn.analysis import tokens
+        return tokens.sel_step(self._ds, model, step)
+
+    def top_tokens(self, by="drop", k: int = 20, between=None, model=None, labels=None, width: int = 5):
+        """The k tokens that moved most between two steps, with text, context, labels and loss per
+        checkpoint (a DataFrame); see `tokens.top_tokens`."""
+        from tokendyn.analysis import tokens
+        return tokens.top_tokens(self._ds, by, k, between, model, labels, width)
+
     # --- token trajectories: thin wrappers over tokendyn.analysis.trajectories, trends, curves, clusters ---
     # (imported on use: clustering pulls in scikit-learn, which `import tokendyn` should not pay for)
 
@@ -78,7 +95,7 @@ class TokendynAccessor:
         from tokendyn.analysis import curves
         return curves.curve_measures(self._ds, **options)
 
-    def rho1_classes(self, first: int = 0, last: int = -1, threshold: float | None = None):
+    def rho1_classes(self, first: int | None = None, last: int = -1, threshold: float | None = None):
         """Rho-1 classes H->H, L->H, H->L, L->L between two checkpoints; see `curves.rho1_classes`."""
         from tokendyn.analysis import curves
         return curves.rho1_classes(self._ds, first, last, threshold)
@@ -113,11 +130,11 @@ class TokendynAccessor:
 
     # --- downstream ability against loss: tokendyn.analysis.downstream (tasks and PassUntil runs of the store) ---
 
-    def task_scores(self, tasks=None, prob_per_token: bool = False) -> xr.Dataset:
-        """Accuracy, correct-choice probability, Brier score and baselines per (task, model, ckpt);
-        see `downstream.task_scores`."""
+    def task_scores(self, tasks=None, convention: str = "acc_norm", prob_per_token: bool = False) -> xr.Dataset:
+        """Accuracy (convention "acc", "acc_norm" or "grade"), correct-choice probability, Brier score and
+        baselines per (task, model, ckpt); see `downstream.task_scores`."""
         from tokendyn.analysis import downstream
-        return downstream.task_scores(self._ds, tasks, prob_per_token=prob_per_token)
+        return downstream.task_scores(self._ds, tasks, convention=convention, prob_per_token=prob_per_token)
 
     def emergence_threshold(self, task: str, metric: str = "accuracy", **options):
         """The loss threshold eta of a task with its bootstrap interval, Spearman's rho with loss and

@@ -19,6 +19,16 @@ names it:
 7. "wavy" otherwise.
 Clusters are numbered by size (0 = largest); a name that occurs twice gets the total change
 appended, e.g. "steadily falling (-2.10 nats)".
+
+Choosing the number of clusters. The default, n_clusters="shapes", does not under-split: k-means
+(or the mixture) is fitted with `n_fine` clusters, every fine cluster is named by the rules above,
+and fine clusters with the same name are merged, so there is one cluster per shape found. A small
+group with its own shape (stagnating, rising, double-descent tokens) keeps its own cluster even
+when it is a few percent of the tokens; silhouette ("auto" with k-means) prefers two big groups.
+The features cover the trained part of training: the matched-perplexity grid starts at the first
+trained checkpoint (`trajectories.perplexity_range`) and on="checkpoints" leaves out step 0, so
+the shared fall from random initialisation does not dominate them.
+`detector_agreement` compares the named clusters with the per-token detectors.
 """
 
 from __future__ import annotations
@@ -37,8 +47,8 @@ from threadpoolctl import threadpool_limits
 
 from tokendyn.errors import TokendynError
 from tokendyn.analysis.labels import MISSING, TokenLabels
-from tokendyn.analysis.trajectories import (at_perplexity, falls_rises_falls, load_small, model_index, model_loss,
-                                   valid_tokens)
+from tokendyn.analysis.trajectories import (at_perplexity, double_descent, falls_rises_falls, load_small,
+                                            model_index, model_loss, valid_tokens)
 
 METHODS = ("kmeans", "gmm")
 NORMALIZATIONS = ("start", "zscore")
@@ -88,6 +98,7 @@ def trajectory_features(ds: xr.Dataset, on: str = "perplexity", model: int | str
             raise TokendynError("clustering on checkpoints needs one model: pass model=NAME")
         m = model_index(ds, model or 0)
         grid = model_loss(ds, m)
+        grid = grid.isel(ckpt=np.flatnonzero(grid["step"].values > 0))  # the trained part
         grid = grid.rename(ckpt="point").assign_coords(point=grid["step"].values).drop_vars("step")
         grid = grid.expand_dims(model=[ds["model"].values[m]])
     else:
@@ -163,6 +174,33 @@ def _fit(x: np.ndarray, n_clusters: int | str, method: str, k_range: Sequence[in
     return n_clusters, scores, estimator, labels, stability
 
 
+def _shape_merge(labels: np.ndarray, change: np.ndarray, k: int, tol: float) -> np.ndarray:
+    """Map from fine cluster to merged cluster: fine clusters with the same shape name share one."""
+    names = [name_shape(change[labels == j].mean(axis=0), tol) if (labels == j).any() else "empty" for j in range(k)]
+    distinct = list(dict.fromkeys(names))
+    return np.array([distinct.index(n) for n in names])
+
+
+def _fit_shapes(x: np.ndarray, change: np.ndarray, method: str, n_fine: int, n_seeds: int, seed: int,
+                tol: float) -> tuple[int, object, np.ndarray, np.ndarray, float]:
+    """("shapes") (number of merged clusters, fine estimator, fine -> merged map, merged labels of x,
+    mean ARI of the merged labels of refits with other seeds)."""
+    k = min(n_fine, len(x) - 1)
+    if k < 1:
+        raise TokendynError("too few tokens to cluster; pass more tokens or fewer clusters")
+
+    def fit(s: int):
+        estimator = _estimator(method, k, s).fit(x)
+        fine = estimator.predict(x)
+        merge = _shape_merge(fine, change, k, tol)
+        return estimator, merge, merge[fine]
+
+    estimator, merge, labels = fit(seed)
+    refits = [fit(seed + s)[2] for s in range(1, n_seeds + 1)]
+    stability = float(np.mean([adjusted_rand_score(labels, r) for r in refits])) if refits else np.nan
+    return int(merge.max()) + 1, estimator, merge, labels, stability
+
+
 def _predict(x: np.ndarray, estimator, how: str, order: np.ndarray) -> np.ndarray:
     """Cluster codes of trajectories x (..., point); MISSING where a point is NaN."""
     flat = x.reshape(-1, x.shape[-1])
@@ -207,17 +245,18 @@ def top_tokens(labels: TokenLabels, token_id: np.ndarray, top: int = 10, token_t
     return pd.DataFrame(rows)
 
 
-def cluster(ds: xr.Dataset, n_clusters: int | str = "auto", on: str = "perplexity",
+def cluster(ds: xr.Dataset, n_clusters: int | str = "shapes", on: str = "perplexity",
             model: int | str | None = None, levels: Sequence[float] | None = None, n_levels: int = 10,
             method: str = "kmeans", normalize: str = "start", k_range: Sequence[int] = range(2, 9),
-            max_fit_tokens: int = 50_000, n_seeds: int = 5, tol: float = 0.1, top: int = 10,
+            n_fine: int = 16, max_fit_tokens: int = 50_000, n_seeds: int = 5, tol: float = 0.1, top: int = 10,
             token_text: Callable[[Sequence[int]], Sequence[str]] | None = None,
             random_state: int = 0) -> Clustering:
     """Cluster token trajectories and name the clusters by shape (see the module doc).
 
-    n_clusters: a number, or "auto": the k in `k_range` with the highest silhouette score
-    (method="kmeans", MiniBatchKMeans) or the lowest BIC (method="gmm", diagonal Gaussian
-    mixture). on/model/levels/n_levels: the features (`trajectory_features`). normalize:
+    n_clusters: "shapes" (default: `n_fine` clusters merged by shape name, one cluster per shape),
+    a number, or "auto": the k in `k_range` with the highest silhouette score (method="kmeans",
+    MiniBatchKMeans) or the lowest BIC (method="gmm", diagonal Gaussian mixture).
+    on/model/levels/n_levels: the features (`trajectory_features`). normalize:
     "start" (loss change from the first point, keeps magnitudes) or "zscore" (shape only).
     max_fit_tokens: size of the fit subsample, drawn as whole random sequences. n_seeds: refits
     for the stability score. tol: naming tolerance (nats). top: tokens listed per cluster.
@@ -238,16 +277,24 @@ def cluster(ds: xr.Dataset, n_clusters: int | str = "auto", on: str = "perplexit
     raw = sample.reshape(-1, sample.shape[-1])
     raw = raw[np.isfinite(raw).all(axis=1)]
     x = normalise(raw, normalize)
+    change = raw - raw[:, :1]
     # One OpenMP thread per fit: the sample is small, and k-means' OpenMP threads spin against dask's
     # threads (the fitted estimators keep this setting when they label the chunks in parallel).
     with threadpool_limits(limits=1, user_api="openmp"):
-        n_clusters, scores, estimator, fit_labels, stability = _fit(x, n_clusters, method, k_range, n_seeds,
-                                                                   random_state)
+        if n_clusters == "shapes":
+            n_clusters, estimator, merge, fit_labels, stability = _fit_shapes(x, change, method, n_fine, n_seeds,
+                                                                              random_state, tol)
+            scores, criterion = {}, f"shape names of {n_fine} fine clusters"
+        else:
+            n_clusters, scores, estimator, fit_labels, stability = _fit(x, n_clusters, method, k_range, n_seeds,
+                                                                       random_state)
+            merge = np.arange(n_clusters)
+            criterion = "silhouette" if method == "kmeans" else "bic"
 
     sizes = np.bincount(fit_labels, minlength=n_clusters)
-    order = np.empty(n_clusters, dtype=np.int8)
-    order[np.argsort(-sizes, kind="stable")] = np.arange(n_clusters)  # code by size, 0 = largest
-    change = raw - raw[:, :1]
+    rank = np.empty(n_clusters, dtype=np.int8)
+    rank[np.argsort(-sizes, kind="stable")] = np.arange(n_clusters)  # code by size, 0 = largest
+    order = rank[merge]  # estimator label -> code
     curves = np.array([change[fit_labels == k].mean(axis=0) if sizes[k] else np.full(raw.shape[1], np.nan)
                        for k in np.argsort(-sizes, kind="stable")])
     names = [name_shape(curve, tol) for curve in curves]
@@ -261,4 +308,51 @@ def cluster(ds: xr.Dataset, n_clusters: int | str = "auto", on: str = "perplexit
                                      "point": features["point"].values},
                              attrs={"on": on, "units": "nats (change from the first point)"})
     table = top_tokens(labels, np.asarray(ds["token_id"].values), top, token_text)
-    return Clustering(labels, centroids, "silhouette" if method == "kmeans" else "bic", scores, stability, table)
+    return Clustering(labels, centroids, criterion, scores, stability, table)
+
+
+# Named cluster -> (detector, what it flags): the per-token detectors the clusters should agree with.
+DETECTED = {"stagnating": "stagnated", "rising": "upward", "double descent": "double descent"}
+
+
+def detector_agreement(ds: xr.Dataset, clustering: Clustering, *, dd_tol: float = 0.5, dd_window: int = 3,
+                       trend_start: float = 0.0) -> pd.DataFrame:
+    """How well the named clusters agree with the per-token detectors, per model.
+
+    "stagnating" and "rising" clusters against the trend categories "stagnated" and "upward"
+    (`trends.trend_categories` with start `trend_start`: the window from the first trained
+    checkpoint), "double descent" against `trajectories.double_descent(dd_tol, dd_window)`.
+    Rows: model, cluster, detector, cluster_tokens, detector_tokens, both, precision (share of the
+    cluster the detector flags), recall (share of the flagged tokens in the cluster), and the
+    detector's share of all labelled tokens (`base_rate`, what precision would be by chance).
+    Clusters without a detector are left out.
+    """
+    from tokendyn.analysis.trends import trend_categories
+
+    ds = load_small(ds)
+    codes = clustering.labels.codes
+    models = [str(m) for m in codes["model"].values]
+    trends = None
+    rows = []
+    for k, name in enumerate(clustering.names):
+        detector = next((d for prefix, d in DETECTED.items() if name.startswith(prefix)), None)
+        if detector is None:
+            continue
+        if detector == "double descent":
+            flags = double_descent(ds, dd_tol, dd_window)
+        else:
+            if trends is None:
+                trends = trend_categories(ds, [trend_start])
+            flags = (trends == detector).isel(start=0)
+        flags = flags.sel(model=models).compute()
+        for model in models:
+            member = (codes.sel(model=model) == k).values
+            labelled = (codes.sel(model=model) >= 0).values
+            flagged = flags.sel(model=model).values.astype(bool) & labelled
+            both = int((member & flagged).sum())
+            rows.append({"model": model, "cluster": name, "detector": detector, "cluster_tokens": int(member.sum()),
+                         "detector_tokens": int(flagged.sum()), "both": both,
+                         "precision": both / member.sum() if member.any() else np.nan,
+                         "recall": both / flagged.sum() if flagged.any() else np.nan,
+                         "base_rate": flagged.sum() / labelled.sum() if labelled.any() else np.nan})
+    return pd.DataFrame(rows)

@@ -113,7 +113,7 @@ def extract(suite: Suite | str | Path, out: str | Path, *, extra_sets: Iterable[
     tokenizer_fp = checkpoints.check_tokenizers(suite)
     sets = {"main": pack(suite.eval, tokenizer), **{s.name: pack(s, tokenizer) for s in suite.sets}}
     model_coords = _model_coords(suite, max(p.seq_len for p in sets.values()), trust_remote_code)
-    vocab_text = np.asarray(tokenizer.batch_decode([[i] for i in range(len(tokenizer))]), dtype=object)
+    vocab_text = np.asarray(checkpoints.surface_texts(tokenizer), dtype=object)
     layout = store.Layout(suite.to_dict(), tokenizer_fp, metrics, store_dtype)
     root = store.prepare(out, layout, sets, model_coords, vocab_text, __version__)
 

@@ -16,7 +16,7 @@ from tokendyn.analysis.sequences import store_path
 from tokendyn.store import list_sets
 
 TITLE = "Task performance against validation loss"
-LABELS = {"accuracy": "accuracy (share of items)", "correct_prob": "correct-option probability",
+LABELS = {"accuracy": "accuracy ({convention})", "correct_prob": "correct-option probability",
           "brier": "Brier score (lower is better)"}
 
 
@@ -29,7 +29,8 @@ def emergence_table(path, scores, metric: str) -> tuple[pd.DataFrame, dict]:
         result = downstream.emergence(path, str(task), metric, scores=scores)
         results[str(task)] = result
         fit = result.fit
-        rows.append({"task": str(task), "metric": metric, "leaves_random": result.leaves_random,
+        rows.append({"task": str(task), "metric": metric, "convention": scores.attrs["convention"],
+                     "leaves_random": result.leaves_random,
                      **{k: getattr(fit, k) if fit else np.nan for k in ("eta", "eta_low", "eta_high", "baseline",
                                                                        "slope", "r2")},
                      "spearman": result.spearman, "ratio_compute": result.collapse.ratio_compute,
@@ -37,10 +38,12 @@ def emergence_table(path, scores, metric: str) -> tuple[pd.DataFrame, dict]:
     return pd.DataFrame(rows), results
 
 
-def run(source, metric: str = "accuracy", max_panels: int = 8) -> Result:
+def run(source, metric: str = "accuracy", max_panels: int = 8, convention: str = "acc_norm") -> Result:
     """`metric` ("accuracy", "correct_prob" or "brier") of every task, model and checkpoint against
     the checkpoint's validation loss log(val_ppl), with the segmented fit of `tokendyn.analysis.emergence`
-    where a task leaves random; at most `max_panels` tasks are drawn (the tables hold all)."""
+    where a task leaves random; at most `max_panels` tasks are drawn (the tables hold all). convention:
+    the accuracy convention ("acc", "acc_norm" or "grade"; `tokendyn.analysis.choices`), named in the
+    tables' `convention` column, the axis label and the findings."""
     ds = open_source(source)
     require(ds, "loss", "val_ppl")
     path = store_path(ds)
@@ -48,14 +51,15 @@ def run(source, metric: str = "accuracy", max_panels: int = 8) -> Result:
         raise Skip("the store has no multiple-choice tasks (add some with tokendyn tasks)")
     from tokendyn.analysis import downstream  # imported here: it loads torch and transformers
 
-    scores = downstream.task_scores(path)
+    scores = downstream.task_scores(path, convention=convention)
     fits, results = emergence_table(path, scores, metric)
     models = models_by_size(ds)
     colors = model_colors(ds)
     table = scores.reset_coords().to_dataframe().reset_index().dropna(subset=[metric])
     table["loss"] = np.log(table["val_ppl"])
-    columns = ["task", "model", "ckpt", "step", "tokens_seen", "val_ppl", "loss", *downstream.METRICS, "n_items",
-               "n_options"]
+    table["convention"] = convention
+    columns = ["task", "model", "ckpt", "step", "tokens_seen", "val_ppl", "loss", *downstream.METRICS, "convention",
+               "n_items", "n_options"]
     table = table[[c for c in columns if c in table.columns]]
 
     tasks = list(fits["task"])[:max_panels]
@@ -75,14 +79,14 @@ def run(source, metric: str = "accuracy", max_panels: int = 8) -> Result:
             ax.axvline(fit.eta, color="black", ls="--", lw=0.8)
         ax.invert_xaxis()
         ax.set_xlabel("validation loss (nats, training →)")
-        ax.set_ylabel(LABELS[metric])
+        ax.set_ylabel(LABELS[metric].format(convention=convention))
         ax.set_title(task + ("" if fit is not None else " (stays at chance)"), fontsize="medium")
         ax.grid(alpha=0.3)
     model_legend(fig, colors, ls="none")
     fig.suptitle(f"{TITLE}\n(dotted: chance; solid: segmented fit; dashed: its threshold eta, shaded: 95% interval)",
                  fontsize="medium")
 
-    findings = []
+    findings = [f"Accuracy uses the {convention} convention (see docs/analyses.md, \"Multiple-choice conventions\")."]
     for row in fits.itertuples():
         best = table[table.task == row.task][metric]
         best = best.min() if metric == "brier" else best.max()

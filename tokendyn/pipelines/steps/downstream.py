@@ -37,8 +37,10 @@ def tasks_step(ds: xr.Dataset, out: Output) -> list[str]:
     if not downstream.task_names(path):
         raise Skip("the store has no multiple-choice tasks (add some with tokendyn tasks)")
     scores = downstream.task_scores(path)
-    columns = ["task", "model", "ckpt", "step", "tokens_seen", "val_ppl", *downstream.METRICS, "n_items", "n_options"]
-    out.write_table("task_scores", _table(scores, columns).dropna(subset=["accuracy"]))
+    columns = ["task", "model", "ckpt", "step", "tokens_seen", "val_ppl", *downstream.METRICS, "convention", "n_items",
+               "n_options"]
+    out.write_table("task_scores", _table(scores.assign(convention=scores.attrs["convention"]), columns)
+                    .dropna(subset=["accuracy"]))
     rows, lines = [], []
     for task in scores["task"].values:
         for metric in EMERGENCE_METRICS:
@@ -131,9 +133,14 @@ def skills_step(ds: xr.Dataset, out: Output) -> list[str]:
         curves = downstream.skill_curves(path)
     except TokendynError as err:
         raise Skip(str(err)) from err
-    table = _table(curves, ["model", "ckpt", "step", "val_ppl", "k", "excess", "measured", "predicted", "bound"])
+    table = _table(curves.drop_vars("bound"), ["model", "ckpt", "step", "val_ppl", "k", "excess", "measured",
+                                               "predicted"])
     out.write_table("skill_curves", table.dropna(subset=["measured"]))
-    lines = [f"irreducible loss E = {curves.attrs['irreducible']:.3f} nats (tasks: {', '.join(curves.attrs['tasks'])})"]
+    out.write_table("skill_bound", _table(curves[["bound"]], ["model", "ckpt", "step", "val_ppl", "text_k", "bound"]))
+    lines = [f"irreducible loss E = {curves.attrs['irreducible']:.3f} nats (tasks: {', '.join(curves.attrs['tasks'])})",
+             "k in skill_curves.csv = skills per item (measured and predicted competence, "
+             f"{curves.attrs['convention']} credit); text_k in skill_bound.csv = skills per training text piece, "
+             "the k of Theorem 8's bound"]
     gap = (curves["measured"] - curves["predicted"]).sel(k=curves["k"] > 1)
     for k in gap["k"].values:
         values = gap.sel(k=k).values
