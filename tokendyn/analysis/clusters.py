@@ -51,7 +51,8 @@ from tokendyn.analysis.trajectories import (at_perplexity, double_descent, falls
                                             model_index, model_loss, valid_tokens)
 
 METHODS = ("kmeans", "gmm")
-NORMALIZATIONS = ("start", "zscore")
+NOISE_TOLERANCE = 4.0  # "shapes": naming tolerance in units of the trajectories' noise level
+NORMALIZATIONS = ("center", "start", "zscore")
 
 
 @dataclass
@@ -109,7 +110,10 @@ def trajectory_features(ds: xr.Dataset, on: str = "perplexity", model: int | str
 
 
 def normalise(x: np.ndarray, how: str) -> np.ndarray:
-    """Rows of x (..., point): "start" = change from the first point; "zscore" = standardised shape."""
+    """Rows of x (..., point): "center" = deviation from the row's mean (nats: magnitudes kept, no
+    single noisy point as the anchor); "start" = change from the first point; "zscore" = standardised shape."""
+    if how == "center":
+        return x - x.mean(axis=-1, keepdims=True)
     if how == "start":
         return x - x[..., :1]
     std = x.std(axis=-1, keepdims=True)
@@ -174,16 +178,28 @@ def _fit(x: np.ndarray, n_clusters: int | str, method: str, k_range: Sequence[in
     return n_clusters, scores, estimator, labels, stability
 
 
-def _shape_merge(labels: np.ndarray, change: np.ndarray, k: int, tol: float) -> np.ndarray:
-    """Map from fine cluster to merged cluster: fine clusters with the same shape name share one."""
+def noise_level(raw: np.ndarray) -> float:
+    """Robust estimate of the checkpoint-to-checkpoint noise of trajectories (..., point), nats: the
+    median absolute second difference over tokens and points, scaled so that it estimates the
+    standard deviation of white noise (a second difference of white noise has variance 6 sigma^2).
+    Smooth trends add little to second differences, so this measures the wiggle, not the shape."""
+    if raw.shape[-1] < 3:
+        return 0.0
+    second = np.abs(np.diff(raw, n=2, axis=-1))
+    return float(np.median(second) / (0.6745 * np.sqrt(6)))
+
+
+def _shape_merge(labels: np.ndarray, change: np.ndarray, k: int, tol: float) -> tuple[np.ndarray, list[str]]:
+    """(map from fine cluster to merged cluster, merged names): fine clusters with the same shape name
+    share one cluster, which keeps that name."""
     names = [name_shape(change[labels == j].mean(axis=0), tol) if (labels == j).any() else "empty" for j in range(k)]
     distinct = list(dict.fromkeys(names))
-    return np.array([distinct.index(n) for n in names])
+    return np.array([distinct.index(n) for n in names]), distinct
 
 
 def _fit_shapes(x: np.ndarray, change: np.ndarray, method: str, n_fine: int, n_seeds: int, seed: int,
-                tol: float) -> tuple[int, object, np.ndarray, np.ndarray, float]:
-    """("shapes") (number of merged clusters, fine estimator, fine -> merged map, merged labels of x,
+                tol: float) -> tuple[list[str], object, np.ndarray, np.ndarray, float]:
+    """("shapes") (merged cluster names, fine estimator, fine -> merged map, merged labels of x,
     mean ARI of the merged labels of refits with other seeds)."""
     k = min(n_fine, len(x) - 1)
     if k < 1:
@@ -192,13 +208,13 @@ def _fit_shapes(x: np.ndarray, change: np.ndarray, method: str, n_fine: int, n_s
     def fit(s: int):
         estimator = _estimator(method, k, s).fit(x)
         fine = estimator.predict(x)
-        merge = _shape_merge(fine, change, k, tol)
-        return estimator, merge, merge[fine]
+        merge, names = _shape_merge(fine, change, k, tol)
+        return estimator, merge, merge[fine], names
 
-    estimator, merge, labels = fit(seed)
+    estimator, merge, labels, names = fit(seed)
     refits = [fit(seed + s)[2] for s in range(1, n_seeds + 1)]
     stability = float(np.mean([adjusted_rand_score(labels, r) for r in refits])) if refits else np.nan
-    return int(merge.max()) + 1, estimator, merge, labels, stability
+    return names, estimator, merge, labels, stability
 
 
 def _predict(x: np.ndarray, estimator, how: str, order: np.ndarray) -> np.ndarray:
@@ -247,17 +263,21 @@ def top_tokens(labels: TokenLabels, token_id: np.ndarray, top: int = 10, token_t
 
 def cluster(ds: xr.Dataset, n_clusters: int | str = "shapes", on: str = "perplexity",
             model: int | str | None = None, levels: Sequence[float] | None = None, n_levels: int = 10,
-            method: str = "kmeans", normalize: str = "start", k_range: Sequence[int] = range(2, 9),
+            method: str = "kmeans", normalize: str = "center", k_range: Sequence[int] = range(2, 9),
             n_fine: int = 16, max_fit_tokens: int = 50_000, n_seeds: int = 5, tol: float = 0.1, top: int = 10,
             token_text: Callable[[Sequence[int]], Sequence[str]] | None = None,
             random_state: int = 0) -> Clustering:
     """Cluster token trajectories and name the clusters by shape (see the module doc).
 
-    n_clusters: "shapes" (default: `n_fine` clusters merged by shape name, one cluster per shape),
+    n_clusters: "shapes" (default: `n_fine` clusters merged by shape name, one cluster per shape;
+    the naming tolerance is then at least NOISE_TOLERANCE x `noise_level` of the trajectories, so
+    that fine clusters of flat but noisy tokens are not named as shapes),
     a number, or "auto": the k in `k_range` with the highest silhouette score (method="kmeans",
     MiniBatchKMeans) or the lowest BIC (method="gmm", diagonal Gaussian mixture).
-    on/model/levels/n_levels: the features (`trajectory_features`). normalize:
-    "start" (loss change from the first point, keeps magnitudes) or "zscore" (shape only).
+    on/model/levels/n_levels: the features (`trajectory_features`). normalize: "center" (loss
+    minus the token's mean over the points: keeps magnitudes, and unlike "start", the change from
+    the first point, does not split flat tokens by the noise of their first point) or "zscore"
+    (shape only).
     max_fit_tokens: size of the fit subsample, drawn as whole random sequences. n_seeds: refits
     for the stability score. tol: naming tolerance (nats). top: tokens listed per cluster.
     token_text: callable from token ids to their texts, or a tokenizer with `decode`; ids are
@@ -267,7 +287,7 @@ def cluster(ds: xr.Dataset, n_clusters: int | str = "shapes", on: str = "perplex
     if method not in METHODS:
         raise TokendynError(f"unknown clustering method {method!r}; choose 'kmeans' or 'gmm'")
     if normalize not in NORMALIZATIONS:
-        raise TokendynError(f"unknown normalisation {normalize!r}; choose 'start' or 'zscore'")
+        raise TokendynError(f"unknown normalisation {normalize!r}; choose one of {', '.join(NORMALIZATIONS)}")
     features = trajectory_features(ds, on, model, levels, n_levels)
     features = features.where(valid_tokens(ds))
     rng = np.random.default_rng(random_state)
@@ -281,10 +301,12 @@ def cluster(ds: xr.Dataset, n_clusters: int | str = "shapes", on: str = "perplex
     # One OpenMP thread per fit: the sample is small, and k-means' OpenMP threads spin against dask's
     # threads (the fitted estimators keep this setting when they label the chunks in parallel).
     with threadpool_limits(limits=1, user_api="openmp"):
+        shape_names = None
         if n_clusters == "shapes":
-            n_clusters, estimator, merge, fit_labels, stability = _fit_shapes(x, change, method, n_fine, n_seeds,
-                                                                              random_state, tol)
-            scores, criterion = {}, f"shape names of {n_fine} fine clusters"
+            tol = max(tol, NOISE_TOLERANCE * noise_level(raw))
+            shape_names, estimator, merge, fit_labels, stability = _fit_shapes(x, change, method, n_fine, n_seeds,
+                                                                               random_state, tol)
+            n_clusters, scores, criterion = len(shape_names), {}, f"shape names of {n_fine} fine clusters"
         else:
             n_clusters, scores, estimator, fit_labels, stability = _fit(x, n_clusters, method, k_range, n_seeds,
                                                                        random_state)
@@ -297,8 +319,11 @@ def cluster(ds: xr.Dataset, n_clusters: int | str = "shapes", on: str = "perplex
     order = rank[merge]  # estimator label -> code
     curves = np.array([change[fit_labels == k].mean(axis=0) if sizes[k] else np.full(raw.shape[1], np.nan)
                        for k in np.argsort(-sizes, kind="stable")])
-    names = [name_shape(curve, tol) for curve in curves]
-    names = [f"{n} ({c[-1] - c[0]:+.2f} nats)" if names.count(n) > 1 else n for n, c in zip(names, curves)]
+    if shape_names is None:
+        names = [name_shape(curve, tol) for curve in curves]
+        names = [f"{n} ({c[-1] - c[0]:+.2f} nats)" if names.count(n) > 1 else n for n, c in zip(names, curves)]
+    else:  # each merged cluster keeps the name its fine clusters share
+        names = [shape_names[k] for k in np.argsort(-sizes, kind="stable")]
 
     codes = xr.apply_ufunc(_predict, features, input_core_dims=[["point"]], dask="parallelized",
                            output_dtypes=[np.int8], kwargs=dict(estimator=estimator, how=normalize, order=order))
@@ -306,7 +331,7 @@ def cluster(ds: xr.Dataset, n_clusters: int | str = "shapes", on: str = "perplex
     centroids = xr.DataArray(curves, dims=("cluster", "point"),
                              coords={"cluster": np.arange(n_clusters), "name": ("cluster", names),
                                      "point": features["point"].values},
-                             attrs={"on": on, "units": "nats (change from the first point)"})
+                             attrs={"on": on, "units": "nats (change from the first point)", "tol": tol})
     table = top_tokens(labels, np.asarray(ds["token_id"].values), top, token_text)
     return Clustering(labels, centroids, criterion, scores, stability, table)
 
