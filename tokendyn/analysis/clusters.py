@@ -51,7 +51,7 @@ from tokendyn.analysis.trajectories import (at_perplexity, double_descent, falls
                                             model_index, model_loss, valid_tokens)
 
 METHODS = ("kmeans", "gmm")
-NOISE_TOLERANCE = 4.0  # "shapes": naming tolerance in units of the trajectories' noise level
+MIN_FINE_SIZE = 30  # "shapes": fit samples per fine cluster at least, so a fine centroid averages out the noise
 NORMALIZATIONS = ("center", "start", "zscore")
 
 
@@ -178,17 +178,6 @@ def _fit(x: np.ndarray, n_clusters: int | str, method: str, k_range: Sequence[in
     return n_clusters, scores, estimator, labels, stability
 
 
-def noise_level(raw: np.ndarray) -> float:
-    """Robust estimate of the checkpoint-to-checkpoint noise of trajectories (..., point), nats: the
-    median absolute second difference over tokens and points, scaled so that it estimates the
-    standard deviation of white noise (a second difference of white noise has variance 6 sigma^2).
-    Smooth trends add little to second differences, so this measures the wiggle, not the shape."""
-    if raw.shape[-1] < 3:
-        return 0.0
-    second = np.abs(np.diff(raw, n=2, axis=-1))
-    return float(np.median(second) / (0.6745 * np.sqrt(6)))
-
-
 def _shape_merge(labels: np.ndarray, change: np.ndarray, k: int, tol: float) -> tuple[np.ndarray, list[str]]:
     """(map from fine cluster to merged cluster, merged names): fine clusters with the same shape name
     share one cluster, which keeps that name."""
@@ -269,9 +258,9 @@ def cluster(ds: xr.Dataset, n_clusters: int | str = "shapes", on: str = "perplex
             random_state: int = 0) -> Clustering:
     """Cluster token trajectories and name the clusters by shape (see the module doc).
 
-    n_clusters: "shapes" (default: `n_fine` clusters merged by shape name, one cluster per shape;
-    the naming tolerance is then at least NOISE_TOLERANCE x `noise_level` of the trajectories, so
-    that fine clusters of flat but noisy tokens are not named as shapes),
+    n_clusters: "shapes" (default: `n_fine` clusters, fewer where the fit sample has under
+    MIN_FINE_SIZE tokens per cluster so that no centroid is the mean of a handful of noisy
+    tokens, merged by shape name: one cluster per shape),
     a number, or "auto": the k in `k_range` with the highest silhouette score (method="kmeans",
     MiniBatchKMeans) or the lowest BIC (method="gmm", diagonal Gaussian mixture).
     on/model/levels/n_levels: the features (`trajectory_features`). normalize: "center" (loss
@@ -303,7 +292,7 @@ def cluster(ds: xr.Dataset, n_clusters: int | str = "shapes", on: str = "perplex
     with threadpool_limits(limits=1, user_api="openmp"):
         shape_names = None
         if n_clusters == "shapes":
-            tol = max(tol, NOISE_TOLERANCE * noise_level(raw))
+            n_fine = max(2, min(n_fine, len(x) // MIN_FINE_SIZE))
             shape_names, estimator, merge, fit_labels, stability = _fit_shapes(x, change, method, n_fine, n_seeds,
                                                                                random_state, tol)
             n_clusters, scores, criterion = len(shape_names), {}, f"shape names of {n_fine} fine clusters"
@@ -360,7 +349,7 @@ def detector_agreement(ds: xr.Dataset, clustering: Clustering, *, dd_tol: float 
     trends = None
     rows = []
     for k, name in enumerate(clustering.names):
-        detector = next((d for prefix, d in DETECTED.items() if name.startswith(prefix)), None)
+        detector = next((d for shape, d in DETECTED.items() if name == shape or name.startswith(shape + " (")), None)
         if detector is None:
             continue
         if detector == "double descent":
