@@ -200,7 +200,16 @@ def test_accessor_methods_return_the_right_dims(store):
     np.testing.assert_allclose(curves["excess"].values, np.log(ds["val_ppl"].values))
     single = correct.values[..., :2].mean(-1)  # items 0 and 1 need one skill each
     np.testing.assert_allclose(curves["measured"].sel(k=1).values, single)
-    assert curves["bound"].dims == ("model", "ckpt", "k")  # NaN here: excess loss > 1 nat
+    # Theorem 8's k (skills per training text piece) is its own dimension, not the items' k
+    assert curves["bound"].dims == ("model", "ckpt", "text_k") and list(curves["text_k"].values) == [1, 2]
+    assert "item" in curves.attrs["k"] and "text piece" in curves.attrs["text_k"]
+    low = float(np.log(ds["val_ppl"].values).min()) - 0.4  # an irreducible loss that puts theta in (0, 1)
+    five = ds.tokendyn.skill_curves(k=[1, 2], text_k=[5], irreducible=low)
+    theta = five["excess"].values
+    ok = (theta > 0) & (theta < 1)
+    assert ok.any() and list(five["text_k"].values) == [5] and list(five["k"].values) == [1, 2]
+    from tokendyn.analysis.skills import competent_fraction_bound
+    np.testing.assert_allclose(five["bound"].values[..., 0][ok], competent_fraction_bound(theta[ok], 5, 2.0))
 
 
 def test_checkpoints_not_done_are_nan(store, tmp_path):

@@ -19,7 +19,7 @@ from tokendyn.analysis.trajectories import (at_perplexity, detect_double_descent
 from tokendyn.analysis.trends import STARTS
 
 DEFAULTS = {"start": STARTS, "trend_x": "log_step", "subset_start": 0.2, "n_levels": 20, "levels": None,
-            "dd_tol": 0.5, "dd_window": 3, "subset_tol": 0.02, "top": 0.1, "last": 5, "n_clusters": "auto",
+            "dd_tol": 0.5, "dd_window": 3, "subset_tol": 0.02, "top": 0.1, "last": 5, "n_clusters": "shapes",
             "cluster_method": "kmeans"}
 
 
@@ -119,7 +119,7 @@ def agreement_step(ds: xr.Dataset, out: Output) -> list[str]:
 
 def curves_step(ds: xr.Dataset, out: Output) -> list[str]:
     """Chang et al. curve measures and cartography (labels group curves), Rho-1 classes between the
-    first and last checkpoint (labels group rho1), and per-model summaries (curve_summary.csv)."""
+    first trained (step > 0) and the last checkpoint (labels group rho1), and per-model summaries (curve_summary.csv)."""
     require(ds, "loss", "step")
     measures = out.write_labels("curves", ds.tokendyn.curve_measures(last=_option(out, "last")).astype(np.float32))
     rho = ds.tokendyn.rho1_classes()
@@ -149,7 +149,7 @@ def clusters_step(ds: xr.Dataset, out: Output) -> list[str]:
     out.write_table("cluster_centroids", centroids)
     out.write_table("cluster_tokens", result.top_tokens)
     overall = shares.mean("model")
-    chosen = f"chosen by {result.criterion}" if result.scores else "given"
+    chosen = f"chosen by {result.criterion}" if result.scores or n_clusters == "shapes" else "given"
     names = ", ".join(f"{name} {v:.0f}%" for name, v in zip(result.names, overall.values))
     return [f"{len(result.names)} clusters on {on} ({chosen}), stability (ARI across seeds) "
             f"{result.stability:.2f}: {names}"]
