@@ -90,8 +90,11 @@ def progress(step: np.ndarray, h_max: float) -> np.ndarray:
 
 
 def planted_suite(path: Path, n_seq: int = 24, seq_len: int = 32, noise: float = 0.005,
-                  seed: int = 0) -> tuple[xr.Dataset, dict]:
+                  seed: int = 0, vocab=None) -> tuple[xr.Dataset, dict]:
     """The three-size planted suite; returns (lazy dataset, truth).
+
+    vocab: the text of every token id (default " w<id>" for 64 ids; age of acquisition's chance level
+    is ln of the vocabulary size).
 
     truth: "kind" (seq, pos) index into KINDS (-1 where no prediction), "base", "amp" (seq, pos),
     "h" (model, ckpt) progress (NaN where the model has fewer checkpoints), "h_max" per model.
@@ -118,7 +121,7 @@ def planted_suite(path: Path, n_seq: int = 24, seq_len: int = 32, noise: float =
             loss[m, :count] = np.where(kind[None] == k, curve, loss[m, :count])
     loss += rng.normal(0, noise, loss.shape)
     ds = write_store(path, loss, steps, models=list(SIZES), n_params=[v[0] for v in SIZES.values()],
-                     token_id=token_id)
+                     token_id=token_id, vocab=[f" w{i}" for i in range(64)] if vocab is None else vocab)
     valid = (token_id >= 0) & (np.arange(seq_len) > 0)[None, :]
     truth = {"kind": np.where(valid, kind, -1), "base": base, "amp": amp, "h": h,
              "h_max": np.array([v[1] for v in SIZES.values()])}

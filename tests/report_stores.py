@@ -22,11 +22,9 @@ def vocabulary(size: int = 64) -> np.ndarray:
 
 def planted_store_with_vocab(path: Path, **options) -> tuple[xr.Dataset, dict]:
     """`planted_suite` plus a `vocab_text` coordinate; returns (the store opened by tokendyn, truth)."""
-    vocab = xr.Dataset(coords={"vocab_text": ("vocab", vocabulary())}, attrs={"tokendyn_version": tokendyn.__version__})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr's note that consolidated metadata is not in the v3 spec
-        _, truth = planted_suite(path, **options)
-        vocab.to_zarr(path, mode="a")
+        _, truth = planted_suite(path, vocab=vocabulary(), **options)
     return tokendyn.open_store(path), truth
 
 

@@ -64,7 +64,7 @@ def _claims(shares: pd.DataFrame, models: list[str]) -> list[str]:
     need_starts = f">= {MIN_WINDOW} checkpoints in the trend window at >= 2 start fractions of a model"
     for category, sign, word in (("stagnated", 1, "grows"), ("upward", -1, "shrinks"), ("downward", -1, "shrinks")):
         holds = [direction(series(category, m)) == sign if len(series(category, m)) >= 2 else None for m in models]
-        lines.append(f"Paper: the {category} share {word} with the start fraction; here this "
+        lines.append(f"Paper: the {category} share {word} with the start fraction; this "
                      f"{verdict(holds, need_starts)} ({counted(holds)} models).")
     if len(models) >= 2:
         holds = []
@@ -72,7 +72,7 @@ def _claims(shares: pd.DataFrame, models: list[str]) -> list[str]:
             at = labelled[(labelled.category == "stagnated") & (labelled.start == start)].set_index("model")["percent"]
             values = [at.get(m, np.nan) for m in models]
             holds.append(direction(values) == 1 if np.isfinite(values).sum() >= 2 else None)
-        lines.append(f"Paper: the stagnated share grows with model size; here this "
+        lines.append(f"Paper: the stagnated share grows with model size; this "
                      f"{verdict(holds, f'>= 2 models with >= {MIN_WINDOW} checkpoints in the trend window')} "
                      f"({counted(holds)} start fractions).")
     return lines
