@@ -35,11 +35,12 @@ KIND_TOKENS = {"stagnating": [10, 11], "downward": list(range(20, 30)), "upward"
 
 
 def write_store(path: Path, loss: np.ndarray, steps: np.ndarray, *, models=None, n_params=None,
-                tokens_seen=None, token_id=None, seq_chunk: int = 8) -> xr.Dataset:
+                tokens_seen=None, token_id=None, vocab=None, seq_chunk: int = 8) -> xr.Dataset:
     """Write loss (model, ckpt, seq, pos) and steps (model, ckpt; NaN = no such checkpoint) as a store.
 
     Applies the contract's NaNs (position 0, padding where token_id == -1, missing checkpoints),
     derives val_ppl = exp(mean loss) per checkpoint, and returns the reopened lazy dataset.
+    vocab: the text of every token id (the store's `vocab_text`); none by default.
     """
     loss = np.array(loss, dtype=np.float32)
     steps = np.asarray(steps, dtype=float)
@@ -67,6 +68,8 @@ def write_store(path: Path, loss: np.ndarray, steps: np.ndarray, *, models=None,
             "doc": ("seq", np.arange(n_seq)),
         },
     )
+    if vocab is not None:
+        ds = ds.assign_coords(vocab_text=("vocab", np.array(vocab, dtype=object)))
     ds.attrs["tokendyn_version"] = tokendyn.__version__  # what `tokendyn.open_store` checks for
     ds.chunk({"model": 1, "ckpt": 1, "seq": seq_chunk, "pos": -1}).to_zarr(path, mode="w", consolidated=True)
     return xr.open_zarr(path)
@@ -89,8 +92,11 @@ def progress(step: np.ndarray, h_max: float) -> np.ndarray:
 
 
 def planted_suite(path: Path, n_seq: int = 24, seq_len: int = 32, noise: float = 0.005,
-                  seed: int = 0) -> tuple[xr.Dataset, dict]:
+                  seed: int = 0, vocab=None) -> tuple[xr.Dataset, dict]:
     """The three-size planted suite; returns (lazy dataset, truth).
+
+    vocab: the text of every token id (default " w<id>" for 64 ids; age of acquisition's chance level
+    is ln of the vocabulary size).
 
     truth: "kind" (seq, pos) index into KINDS (-1 where no prediction), "base", "amp" (seq, pos),
     "h" (model, ckpt) progress (NaN where the model has fewer checkpoints), "h_max" per model.
@@ -117,7 +123,7 @@ def planted_suite(path: Path, n_seq: int = 24, seq_len: int = 32, noise: float =
             loss[m, :count] = np.where(kind[None] == k, curve, loss[m, :count])
     loss += rng.normal(0, noise, loss.shape)
     ds = write_store(path, loss, steps, models=list(SIZES), n_params=[v[0] for v in SIZES.values()],
-                     token_id=token_id)
+                     token_id=token_id, vocab=[f" w{i}" for i in range(64)] if vocab is None else vocab)
     valid = (token_id >= 0) & (np.arange(seq_len) > 0)[None, :]
     truth = {"kind": np.where(valid, kind, -1), "base": base, "amp": amp, "h": h,
              "h_max": np.array([v[1] for v in SIZES.values()])}

@@ -9,7 +9,7 @@ import pytest
 import xarray as xr
 
 from planted_stores import write_store
-from tokendyn.analysis import clusters, curves, downstream, sequences, trajectories, trends
+from tokendyn.analysis import clusters, curves, downstream, sequences, tokens, trajectories, trends
 from tokendyn.analysis.accessor import TokendynAccessor, TokendynCurveAccessor
 
 DATASET_METHODS = {
@@ -21,7 +21,8 @@ DATASET_METHODS = {
     "pair_margin": sequences.pair_margin, "pair_scores": sequences.pair_scores,
     "task_scores": downstream.task_scores, "emergence_threshold": downstream.emergence,
     "pass_until": downstream.pass_until, "task_scaling_fit": downstream.task_scaling_fit,
-    "skill_curves": downstream.skill_curves,
+    "skill_curves": downstream.skill_curves, "by_step": tokens.by_step, "sel_step": tokens.sel_step,
+    "top_tokens": tokens.top_tokens,
 }
 CURVE_METHODS = {"at_perplexity": sequences.curve_at_perplexity, "turning_points": sequences.turning_points}
 

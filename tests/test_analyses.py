@@ -22,6 +22,7 @@ from tokendyn.analysis.trends import STARTS
 
 from planted_stores import KIND_TOKENS, KINDS
 from planted_stores import planted_report, vocabulary
+from tokendyn.analysis.tokens import show_whitespace
 
 Planted = namedtuple("Planted", "ds truth loss steps report")
 
@@ -100,15 +101,33 @@ def test_trend_shares_match_a_per_token_linregress(planted):
 
 def test_trend_reference_is_the_papers_table_and_its_shape_passes_the_papers_checks():
     reference = trend_categories.paper_reference()
-    assert len(reference) == 3 * 3 * 6
+    assert len(reference) == 4 * 3 * 6  # uncategorised too, as 100 - the other three
     at = reference.set_index(["model", "start", "category"])["percent"]
+    assert at[("OPT-125M", 0.1, "uncategorised")] == pytest.approx(100 - 5.2 - 12.5 - 38.3)
     assert at[("OPT-175B", 0.7, "stagnated")] == 29.6
     assert at[("OPT-125M", 0.1, "upward")] == 12.5
     assert at[("OPT-13B", 0.4, "downward")] == 14.7
     claims = trend_categories._claims(reference, list(trend_categories.PAPER_MODELS))
-    assert all("here this reproduces" in line for line in claims), claims
+    assert all("; this reproduces" in line for line in claims), claims
     flipped = reference.assign(percent=-reference["percent"])
     assert all("does not reproduce" in line for line in trend_categories._claims(flipped, list(trend_categories.PAPER_MODELS)))
+
+
+def test_three_checkpoints_are_not_testable_rather_than_not_reproducing(tmp_path):
+    from planted_stores import write_store
+    from tokendyn.studies import double_descent
+
+    rng = np.random.default_rng(0)
+    steps = np.array([[0, 50, 100], [0, 50, 100]], dtype=float)
+    ds = write_store(tmp_path / "three.zarr", rng.uniform(1, 4, (2, 3, 4, 8)), steps)
+    findings = trend_categories.run(ds).findings
+    claims = [line for line in findings if line.startswith("Paper:")]
+    assert claims and all("this is not testable here (needs >= " in c and ">= 3 checkpoints in the trend window" in c
+                          for c in claims)
+    assert not any("does not reproduce" in line for line in findings)
+    with pytest.raises(Skip, match="not testable here \\(needs >= 4 done checkpoints"):
+        double_descent.run(ds)
+    assert verdict([None, True]) == "reproduces" and verdict([None], "x") == "is not testable here (needs x)"
 
 
 def test_subset_curves_track_the_choosers_upward_tokens_in_every_model(planted):
@@ -182,7 +201,7 @@ def test_clusters_recover_the_planted_kinds(planted):
     tokens = _table(planted, "clusters", "cluster_tokens")
     top = tokens[tokens.name == "stagnating"]
     assert set(top["token_id"]) == set(KIND_TOKENS["stagnating"])
-    assert set(top["text"]) == {vocabulary()[i] for i in KIND_TOKENS["stagnating"]}
+    assert set(top["text"]) == {show_whitespace(vocabulary()[i]) for i in KIND_TOKENS["stagnating"]}  # ␣ for spaces
 
 
 def test_curve_measure_medians_and_histograms_match_numpy(planted):
@@ -241,7 +260,7 @@ def test_findings_helpers():
     assert direction([1, 2, 3]) == 1 and direction([3, 2, 1]) == -1 and direction([2, 2, 2]) == 0
     assert direction([1, np.nan, 3]) == 1 and direction([5]) == 0
     assert verdict([True, True]) == "reproduces" and verdict([False]) == "does not reproduce"
-    assert verdict([True, False]) == "partly reproduces" and verdict([]) == "cannot be checked here"
+    assert verdict([True, False]) == "partly reproduces" and verdict([]) == "is not testable here"
 
 
 def test_a_study_runs_alone_from_the_command_line(planted, capsys, tmp_path):

@@ -14,11 +14,12 @@ import tokendyn.studies
 from conftest import write_suite
 from planted_stores import KINDS, planted_report, write_store
 from tokendyn.analysis.labels import flag_names
+from tokendyn.analysis.tokens import show_whitespace
 from tokendyn.cli import main
 
 TABLES = {"checkpoints", "perplexity_levels", "trend_shares", "paper_reference", "subset_curves", "subset_shapes",
           "double_descent_share", "double_descent_examples", "agreement", "curve_histograms", "curve_summary", "rho1",
-          "clusters", "cluster_centroids", "cluster_tokens"}
+          "clusters", "cluster_centroids", "cluster_tokens", "cluster_agreement"}
 GROUPS = {"matched_perplexity", "trends", "double_descent", "curves", "rho1", "clusters"}
 
 
@@ -78,7 +79,7 @@ def test_summary_is_printed_and_missing_data_is_skipped(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "one.zarr"), "--quiet", "--steps", "trends,agreement"]) == 0
     out = capsys.readouterr().out
     assert "agreement: skipped (needs at least two models)" in out
-    assert "trend_categories: No categories at start 70% in m0: fewer than 3 checkpoints in the window." in out
+    assert "trend_categories: No categories at start 70% in m0: fewer than 3 checkpoints in the window" in out
     assert "trend_categories: At start 20%, % stagnated / upward / downward / uncategorised: m0 " in out
     assert {p.stem for p in (tmp_path / "one.analysis").glob("*.csv")} == {
         "trend_shares", "paper_reference", "subset_curves", "subset_shapes"}
@@ -117,6 +118,6 @@ def test_analyze_a_real_extracted_store(tmp_path, capsys):
     assert shares.groupby(["model", "start"])["percent"].sum().to_numpy() == pytest.approx(100)
     tokens = pd.read_csv(folder / "cluster_tokens.csv", keep_default_na=False)
     vocab = ds["vocab_text"].values
-    assert all(text == vocab[i] for i, text in zip(tokens["token_id"], tokens["text"]))
+    assert all(text == show_whitespace(vocab[i]) for i, text in zip(tokens["token_id"], tokens["text"]))
     trends = xr.open_zarr(folder / "labels.zarr", group="trends", consolidated=False)["trend"]
     assert trends.sizes["seq"] == ds.sizes["seq"]

@@ -16,13 +16,16 @@ LENGTH = [[1, 2, 4], [1, 1, 1]]
 ANSWER = [1, 1]
 
 
-def hand_metrics(logprob, length, answer, per_token=False):
-    """Plain-Python version of the definitions, item by item."""
+def hand_metrics(logprob, length, answer, per_token=False, chars=None):
+    """Plain-Python version of the definitions, item by item (acc_norm by `chars`, default = length)."""
+    chars = length if chars is None else chars
     acc, ccp, brier, r_acc, r_brier = [], [], [], [], []
-    for lp, ln, a in zip(logprob, length, answer):
+    for lp, ln, ch, a in zip(logprob, length, chars, answer):
         opts = [j for j in range(len(lp)) if not math.isnan(lp[j])]
-        norm = {j: lp[j] / ln[j] for j in opts}
+        norm = {j: lp[j] / ch[j] for j in opts}
         best = max(opts, key=lambda j: (norm[j], -j))  # first of the highest
+        if per_token:
+            norm = {j: lp[j] / ln[j] for j in opts}
         score = norm if per_token else {j: lp[j] for j in opts}
         z = sum(math.exp(score[j]) for j in opts)
         p = {j: math.exp(score[j]) / z for j in opts}
@@ -38,7 +41,7 @@ def hand_metrics(logprob, length, answer, per_token=False):
 
 @pytest.mark.parametrize("per_token", [False, True])
 def test_metrics_match_hand_computation(per_token):
-    got = choice_metrics(LOGPROB, LENGTH, ANSWER, prob_per_token=per_token)
+    got = choice_metrics(LOGPROB, ANSWER, chars=LENGTH, tokens=LENGTH, prob_per_token=per_token)
     want = hand_metrics(LOGPROB, LENGTH, ANSWER, per_token)
     for name, value in want.items():
         assert got[name] == pytest.approx(value, abs=1e-12), name
@@ -49,7 +52,7 @@ def test_metrics_match_hand_computation(per_token):
 
 def test_uniform_guessing_brier_is_one_minus_one_over_c():
     logprob = np.zeros((4, 5))  # equal scores: uniform probabilities over 5 options
-    got = choice_metrics(logprob, 1, [0, 1, 2, 3])
+    got = choice_metrics(logprob, [0, 1, 2, 3], chars=1)
     assert got["brier"] == pytest.approx(1 - 1 / 5)
     assert got["correct_prob"] == pytest.approx(1 / 5)
 
@@ -66,7 +69,8 @@ def test_labelled_scores_match_per_slice():
     length = rng.integers(1, 5, (6, 4))
     answer = rng.integers(0, 4, 6)
     da = xr.DataArray(logprob, dims=["model", "ckpt", "item", "option"], coords={"model": ["a", "b"]})
-    ds = choice_scores(da, xr.DataArray(length, dims=["item", "option"]), answer)
+    ds = choice_scores(da, answer, chars=xr.DataArray(length, dims=["item", "option"]))
+    assert ds.attrs["convention"] == "acc_norm"
     assert set(ds.data_vars) == {"accuracy", "correct_prob", "brier", "random_accuracy", "random_brier"}
     assert ds["brier"].dims == ("model", "ckpt")
     for m in range(2):
@@ -78,11 +82,47 @@ def test_labelled_scores_match_per_slice():
 
 def test_invalid_inputs_name_the_problem():
     with pytest.raises(TokendynError, match="padded"):
-        choice_metrics(LOGPROB, LENGTH, [1, 2])
+        choice_metrics(LOGPROB, [1, 2], chars=LENGTH)
     with pytest.raises(TokendynError, match="two options"):
-        choice_metrics([[-1.0, NAN]], 1, [0])
+        choice_metrics([[-1.0, NAN]], [0], chars=1)
     with pytest.raises(TokendynError, match="integer"):
-        choice_metrics(LOGPROB, LENGTH, [1.0, 0.0])
+        choice_metrics(LOGPROB, [1.0, 0.0], chars=LENGTH)
+    with pytest.raises(TokendynError, match="unknown accuracy convention"):
+        choice_metrics(LOGPROB, ANSWER, convention="accuracy")
+    with pytest.raises(TokendynError, match="characters"):
+        choice_metrics(LOGPROB, ANSWER)
+    with pytest.raises(TokendynError, match="highest target score"):
+        choice_metrics(LOGPROB, ANSWER, convention="acc", target_scores=[[1, 0, 0], [0, 1, 0]])
+
+
+# BIG-Bench partial credit, by hand. Item 0: options scored 1, 0.5, 0 (answer 0); item 1: two acceptable
+# answers (1, 1, 0; answer 0). Summed log-probs and option lengths in characters:
+BB_LOGPROB = [[-6.0, -4.0, -9.0], [-3.0, -2.0, -1.0]]
+BB_CHARS = [[6, 2, 3], [1, 1, 1]]
+BB_TARGETS = [[1.0, 0.5, 0.0], [1.0, 1.0, 0.0]]
+
+
+def test_bigbench_grade_gives_partial_credit():
+    # argmax of the summed log-prob: item 0 -> option 1 (score 0.5), item 1 -> option 2 (score 0)
+    got = choice_metrics(BB_LOGPROB, [0, 0], convention="grade", target_scores=BB_TARGETS)
+    assert got["accuracy"] == pytest.approx((0.5 + 0.0) / 2)
+    assert got["random_accuracy"] == pytest.approx((1.5 / 3 + 2 / 3) / 2)  # the mean target score
+
+
+def test_acc_and_acc_norm_credit_any_top_scored_option():
+    acc = choice_metrics(BB_LOGPROB, [0, 0], convention="acc", target_scores=BB_TARGETS)
+    assert acc["accuracy"] == 0.0  # option 1 of item 0 is not top-scored; option 2 of item 1 is wrong
+    # per character: item 0: -1, -2, -3 -> option 0 (correct); item 1: -3, -2, -1 -> option 2 (wrong)
+    norm = choice_metrics(BB_LOGPROB, [0, 0], convention="acc_norm", chars=BB_CHARS, target_scores=BB_TARGETS)
+    assert norm["accuracy"] == 0.5
+    assert norm["random_accuracy"] == pytest.approx((1 / 3 + 2 / 3) / 2)
+    # the probability mass on every acceptable answer of item 1 counts as correct
+    p1 = np.exp(BB_LOGPROB[1]) / np.exp(BB_LOGPROB[1]).sum()
+    p0 = np.exp(BB_LOGPROB[0]) / np.exp(BB_LOGPROB[0]).sum()
+    assert norm["correct_prob"] == pytest.approx((p0[0] + p1[0] + p1[1]) / 2)
+    brier1 = (1 - p1[0]) ** 2 + (1 - p1[1]) ** 2 + p1[2] ** 2
+    brier0 = (1 - p0[0]) ** 2 + p0[1] ** 2 + p0[2] ** 2
+    assert norm["brier"] == pytest.approx((brier0 + brier1) / 2)
 
 
 def test_chance_margin_is_z_standard_errors():

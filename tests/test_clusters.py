@@ -74,11 +74,12 @@ def test_auto_k_picks_the_planted_number_by_silhouette(tmp_path):
     loss = 3 + np.stack([shapes[k] for k in kind.ravel()], axis=-1).reshape(10, 20, 8)
     loss = loss[None] + rng.normal(0, 0.05, (1, 10, 20, 8))
     ds = write_store(tmp_path / "s.zarr", loss, steps[None])
-    result = cluster(ds, on="checkpoints", k_range=range(2, 7))
+    result = cluster(ds, "auto", on="checkpoints", k_range=range(2, 7))
     assert result.criterion == "silhouette"
     assert max(result.scores, key=result.scores.get) == 3 == len(result.names)
     assert sorted(result.names) == ["rising", "stagnating", "steadily falling"]
-    gmm = cluster(ds, on="checkpoints", method="gmm", k_range=range(2, 7))
+    gmm = cluster(ds, "auto", on="checkpoints", method="gmm", k_range=range(2, 7))
+    assert sorted(cluster(ds, on="checkpoints").names) == sorted(result.names)  # "shapes" finds the same three
     assert gmm.criterion == "bic" and min(gmm.scores, key=gmm.scores.get) == len(gmm.names)
 
 
@@ -95,3 +96,59 @@ def test_auto_k_picks_the_planted_number_by_silhouette(tmp_path):
 ])
 def test_naming_rules(curve, name):
     assert name_shape(np.array(curve), tol=0.25) == name
+
+
+@pytest.fixture(scope="module")
+def full_range(tmp_path_factory):
+    """Two sizes that both train through the whole double descent (h from 0 to 1), step 0 included,
+    with the planted kinds of `planted_stores`; returns (dataset, kind per token)."""
+    from planted_stores import FINAL_STEP, PROPORTIONS, planted_loss, progress
+
+    rng = np.random.default_rng(1)
+    n_seq, n_pos = 24, 24
+    schedules = [[0, 10, 30, 100, 300, 1000, 2000, 4000, 6000, 8000],  # log-spaced early, like real suites
+                 [0, 10, 20, 50, 100, 200, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000]]
+    kind = rng.choice(len(KINDS), size=(n_seq, n_pos), p=PROPORTIONS)
+    base = rng.uniform(1, 4, kind.shape)
+    amp = np.where(kind == 0, 0, rng.uniform(1.5, 2.5, kind.shape))
+    steps = np.full((2, max(map(len, schedules)) + 1), np.nan)
+    loss = np.zeros((2, steps.shape[1], n_seq, n_pos))
+    for m, schedule in enumerate(schedules):
+        count = len(schedule) + 1
+        steps[m, :count] = [*schedule, FINAL_STEP]
+        h = progress(steps[m, :count], 1.0)[:, None, None]
+        for k, name in enumerate(KINDS):
+            loss[m, :count] = np.where(kind == k, planted_loss(name, base, amp, h), loss[m, :count])
+    loss += rng.normal(0, 0.005, loss.shape)
+    ds = write_store(tmp_path_factory.mktemp("full") / "f.zarr", loss, steps, models=["small", "large"])
+    kind[:, 0] = -1  # no prediction at position 0
+    return ds, kind
+
+
+def test_shape_clusters_find_stagnating_rising_and_double_descent(full_range):
+    from tokendyn.analysis.clusters import detector_agreement
+
+    ds, kind = full_range
+    result = cluster(ds)  # the default: fine clusters merged by shape name, on the trained part
+    assert result.criterion.startswith("shape names")
+    for name in ("stagnating", "rising", "double descent"):
+        assert name in result.names
+    assert len(set(result.names)) == len(result.names)  # one cluster per shape
+    codes = result.labels.values
+    for m in range(2):
+        majority = _majority(codes[m], kind, result.names)
+        assert majority["stagnating"] == ("stagnating", pytest.approx(1.0))
+        assert majority["upward"] == ("rising", pytest.approx(1.0))
+        assert majority["double_descent"][0] == "double descent" and majority["double_descent"][1] > 0.9
+        assert "falling" in majority["downward"][0]
+    agreement = detector_agreement(ds, result)
+    assert set(agreement["cluster"]) == {"stagnating", "rising", "double descent"}
+    simple = agreement[agreement.cluster != "double descent"]
+    assert (simple["precision"] > 0.9).all() and (simple["recall"] > 0.9).all()
+    # The smoothed per-token detector misses double descents on a sparse schedule (none in the small
+    # model's 11 checkpoints), but every token it flags is in the double-descent cluster.
+    dd = agreement[agreement.cluster == "double descent"].set_index("model")
+    assert dd.loc["large", "detector_tokens"] > 0 and dd.loc["large", "recall"] == 1.0
+    # the same for one model's own checkpoints
+    own = cluster(ds, on="checkpoints", model="large")
+    assert {"stagnating", "rising", "double descent"} <= set(own.names)

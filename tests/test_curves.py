@@ -7,9 +7,9 @@ import pytest
 import scipy.optimize
 
 from planted_stores import write_store
-from tokendyn.analysis.labels import flag_names
+from tokendyn.analysis.labels import flag_names, label_share
 from tokendyn.analysis.curves import (RHO1_CLASSES, age_of_acquisition, cartography, curve_measures, final_loss,
-                             forgettability, rho1_classes)
+                                      forgettability, rho1_classes, uniform_loss)
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def random_store(tmp_path_factory):
     rng = np.random.default_rng(3)
     loss = rng.uniform(0.5, 4, (2, 7, 4, 6))
     steps = np.array([[0, 10, 20, 40, 80, np.nan, np.nan], [0, 10, 20, 40, 80, 160, 320]])
-    return write_store(tmp_path_factory.mktemp("curves") / "r.zarr", loss, steps)
+    return write_store(tmp_path_factory.mktemp("curves") / "r.zarr", loss, steps, vocab=[f"t{i}" for i in range(50)])
 
 
 def _done_loss(ds, m):
@@ -61,14 +61,47 @@ def test_rho1_classes(random_store):
     codes = labels.values
     for m in range(2):
         y = _done_loss(ds, m)
-        high_a, high_b = y[0] > 2.0, y[-1] > 2.0
+        high_a, high_b = y[1] > 2.0, y[-1] > 2.0  # the first trained checkpoint (step 10) and the last
         expected = np.select([high_a & high_b, ~high_a & high_b, high_a & ~high_b], [0, 1, 2], 3)
         assert np.array_equal(codes[m][:, 1:], expected[:, 1:])
     assert (codes[:, :, 0] == -1).all()
     assert flag_names(labels) == RHO1_CLASSES
     default = rho1_classes(ds)
-    pooled = np.concatenate([_done_loss(ds, m)[[0, -1]][:, :, 1:].ravel() for m in range(2)])
+    pooled = np.concatenate([_done_loss(ds, m)[[1, -1]][:, :, 1:].ravel() for m in range(2)])
     assert default.attrs["threshold"] == pytest.approx(np.median(pooled), rel=1e-6)
+    assert default.attrs["first_step"] == [10, 10] and default.attrs["last_step"] == [80, 320]
+    from_init = rho1_classes(ds, first=0, threshold=2.0).values  # step 0, asked for explicitly
+    y = _done_loss(ds, 0)
+    assert np.array_equal(from_init[0][:, 1:] == 2, ((y[0] > 2.0) & (y[-1] <= 2.0))[:, 1:])
+
+
+def test_defaults_do_not_depend_on_step_0(tmp_path):
+    """The same suite with and without its random-initialisation checkpoint: the same Rho-1 classes and
+    threshold, the same chance level and ages of acquisition, the same default perplexity levels."""
+    from tokendyn.analysis.trajectories import perplexity_range
+
+    rng = np.random.default_rng(5)
+    steps = np.array([[0, 10, 20, 40, 80, 160]] * 2, dtype=float)
+    x = np.log10(np.maximum(steps[0], 1))
+    falling = 1 + 3 / (1 + np.exp(4 * (x[:, None, None] - rng.uniform(1.2, 2, (1, 3, 8)))))
+    kind = rng.integers(0, 4, (1, 3, 8))  # falling, flat high, flat low, rising
+    trained = np.select([kind == 0, kind == 1, kind == 2], [falling, 3.5 + 0 * falling, 1.2 + 0 * falling],
+                        1.5 + 0.4 * x[:, None, None])
+    loss = np.stack([trained + rng.normal(0, 0.05, trained.shape) for _ in range(2)])
+    loss[:, 0] = np.log(50) + rng.normal(0, 0.05, loss[:, 0].shape)  # random init: near uniform over 50 tokens
+    vocab = [f"t{i}" for i in range(50)]
+    with_init = write_store(tmp_path / "a.zarr", loss, steps, vocab=vocab)
+    without = write_store(tmp_path / "b.zarr", loss[:, 1:], steps[:, 1:], vocab=vocab)
+    assert uniform_loss(with_init) == uniform_loss(without) == pytest.approx(np.log(50))
+    a, b = rho1_classes(with_init), rho1_classes(without)
+    assert a.attrs["threshold"] == b.attrs["threshold"]
+    np.testing.assert_array_equal(a.values, b.values)
+    assert (label_share(a).values < 60).all()  # no class swallows the others ...
+    from_init = label_share(rho1_classes(with_init, first=0)).sel(category="H->L").values
+    assert (from_init > 70).all()  # ... as H->L does against random initialisation
+    np.testing.assert_allclose(age_of_acquisition(with_init).values, age_of_acquisition(without).values)
+    assert np.isfinite(age_of_acquisition(without).values[:, :, 1:]).mean() > 0.1
+    assert perplexity_range(with_init) == pytest.approx(perplexity_range(without))
 
 
 def _sigmoid(x, k, x0, lo, chance):

@@ -77,8 +77,10 @@ def test_bigbench_reader_and_prompt_format(task_file):
     assert shot[1] == "\nQ: Alice was born in\nA:"
     docs = choice_documents(task, shots=0)
     assert docs[3]["text"] == "\nQ: Alice was born in\nA: Paris" and docs[3]["spans"][0]["start"] == len(shot[1])
-    assert {k: docs[3][k] for k in ("item", "option", "answer", "n_options")} == \
-        {"item": 1, "option": 0, "answer": 0, "n_options": 2}
+    assert {k: docs[3][k] for k in ("item", "option", "answer", "n_options", "target_score", "option_chars")} == \
+        {"item": 1, "option": 0, "answer": 0, "n_options": 2, "target_score": 1.0, "option_chars": 5}
+    assert task.items[2].target_scores == (0.5, 1.0, 0.0)  # partial credit is kept
+    assert [d["target_score"] for d in docs if d["item"] == 2] == [0.5, 1.0, 0.0]
 
     unnamed = task_file.parent / "task_copy.json"
     unnamed.write_text(json.dumps({**BIGBENCH, "name": None, "append_choices_to_input": True}))
@@ -167,14 +169,22 @@ def test_option_scores_equal_transformers_log_probabilities(store, suite, task_f
 
     # the task metrics from these log-probabilities, computed by hand
     metrics = tokendyn.open_store(store).tokendyn.task_scores()
-    assert metrics["accuracy"].dims == ("task", "model", "ckpt")
+    assert metrics["accuracy"].dims == ("task", "model", "ckpt") and metrics.attrs["convention"] == "acc_norm"
+    by_convention = {c: downstream.task_scores(store, convention=c)["accuracy"].values for c in ("acc", "grade")}
     length = scores["length"].values
     answer = scores["answer"].values
+    chars = np.array([[len(c) for c in item.choices] + [np.nan] * (3 - len(item.choices)) for item in task.items])
+    np.testing.assert_array_equal(scores["chars"].values, chars)
+    targets = [item.target_scores for item in task.items]
     for m in range(2):
         for c in range(2):
             lp = expected[m, c]
-            picked = np.nanargmax(lp / length, axis=1)
+            picked = np.nanargmax(lp / chars, axis=1)  # lm-eval's acc_norm: per character of the option
             assert metrics["accuracy"].values[0, m, c] == pytest.approx(np.mean(picked == answer))
+            picked = np.nanargmax(lp, axis=1)
+            assert by_convention["acc"][0, m, c] == pytest.approx(np.mean(picked == answer))
+            grade = np.mean([targets[i][j] for i, j in enumerate(picked)])  # BIG-Bench: the chosen option's score
+            assert by_convention["grade"][0, m, c] == pytest.approx(grade)
             prob = [np.exp(row[a] - np.logaddexp.reduce(row[~np.isnan(row)])) for row, a in zip(lp, answer)]
             assert metrics["correct_prob"].values[0, m, c] == pytest.approx(np.mean(prob), rel=1e-4)
             correct = np.array([lp[i, a] for i, a in enumerate(answer)])
@@ -198,7 +208,16 @@ def test_accessor_methods_return_the_right_dims(store):
     np.testing.assert_allclose(curves["excess"].values, np.log(ds["val_ppl"].values))
     single = correct.values[..., :2].mean(-1)  # items 0 and 1 need one skill each
     np.testing.assert_allclose(curves["measured"].sel(k=1).values, single)
-    assert curves["bound"].dims == ("model", "ckpt", "k")  # NaN here: excess loss > 1 nat
+    # Theorem 8's k (skills per training text piece) is its own dimension, not the items' k
+    assert curves["bound"].dims == ("model", "ckpt", "text_k") and list(curves["text_k"].values) == [1, 2]
+    assert "item" in curves.attrs["k"] and "text piece" in curves.attrs["text_k"]
+    low = float(np.log(ds["val_ppl"].values).min()) - 0.4  # an irreducible loss that puts theta in (0, 1)
+    five = ds.tokendyn.skill_curves(k=[1, 2], text_k=[5], irreducible=low)
+    theta = five["excess"].values
+    ok = (theta > 0) & (theta < 1)
+    assert ok.any() and list(five["text_k"].values) == [5] and list(five["k"].values) == [1, 2]
+    from tokendyn.analysis.skills import competent_fraction_bound
+    np.testing.assert_allclose(five["bound"].values[..., 0][ok], competent_fraction_bound(theta[ok], 5, 2.0))
 
 
 def test_checkpoints_not_done_are_nan(store, tmp_path):

@@ -74,6 +74,11 @@ class TokendynAccessor:
         left = "".join(vocab[i] for i in row[max(0, pos - width): pos] if i != PAD)
         return f"{left}{mark[0]}{vocab[row[pos]]}{mark[1]}"
 
+    # --- looking at tokens: tokendyn.analysis.tokens ---
+    by_step = Delegate("tokens")
+    sel_step = Delegate("tokens")
+    top_tokens = Delegate("tokens")
+
     # --- token trajectories: tokendyn.analysis.trajectories, trends, curves, clusters ---
     x_axis = Delegate("trajectories")
     at_perplexity = Delegate("trajectories")

@@ -19,6 +19,16 @@ names it:
 7. "wavy" otherwise.
 Clusters are numbered by size (0 = largest); a name that occurs twice gets the total change
 appended, e.g. "steadily falling (-2.10 nats)".
+
+Choosing the number of clusters. The default, n_clusters="shapes", does not under-split: k-means
+(or the mixture) is fitted with `n_fine` clusters, every fine cluster is named by the rules above,
+and fine clusters with the same name are merged, so there is one cluster per shape found. A small
+group with its own shape (stagnating, rising, double-descent tokens) keeps its own cluster even
+when it is a few percent of the tokens; silhouette ("auto" with k-means) prefers two big groups.
+The features cover the trained part of training: the matched-perplexity grid starts at the first
+trained checkpoint (`trajectories.perplexity_range`) and on="checkpoints" leaves out step 0, so
+the shared fall from random initialisation does not dominate them.
+`detector_agreement` compares the named clusters with the per-token detectors.
 """
 
 from __future__ import annotations
@@ -36,12 +46,13 @@ from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
 from tokendyn.errors import TokendynError
-from tokendyn.analysis.labels import MISSING, flag_array, flag_names, label_share
-from tokendyn.analysis.trajectories import (at_perplexity, falls_rises_falls, load_small, model_index, model_loss,
-                                   valid_tokens)
+from tokendyn.analysis.labels import MISSING, flag_array, flag_names, label_mask, label_share
+from tokendyn.analysis.trajectories import (at_perplexity, double_descent, falls_rises_falls, load_small,
+                                            model_index, model_loss, valid_tokens)
 
 METHODS = ("kmeans", "gmm")
-NORMALIZATIONS = ("start", "zscore")
+MIN_FINE_SIZE = 30  # "shapes": fit samples per fine cluster at least, so a fine centroid averages out the noise
+NORMALIZATIONS = ("center", "start", "zscore")
 
 
 @dataclass
@@ -89,6 +100,7 @@ def trajectory_features(ds: xr.Dataset, on: str = "perplexity", model: int | str
             raise TokendynError("clustering on checkpoints needs one model: pass model=NAME")
         m = model_index(ds, model or 0)
         grid = model_loss(ds, m)
+        grid = grid.isel(ckpt=np.flatnonzero(grid["step"].values > 0))  # the trained part
         grid = grid.rename(ckpt="point").assign_coords(point=grid["step"].values).drop_vars("step")
         grid = grid.expand_dims(model=[ds["model"].values[m]])
     else:
@@ -99,7 +111,10 @@ def trajectory_features(ds: xr.Dataset, on: str = "perplexity", model: int | str
 
 
 def normalise(x: np.ndarray, how: str) -> np.ndarray:
-    """Rows of x (..., point): "start" = change from the first point; "zscore" = standardised shape."""
+    """Rows of x (..., point): "center" = deviation from the row's mean (nats: magnitudes kept, no
+    single noisy point as the anchor); "start" = change from the first point; "zscore" = standardised shape."""
+    if how == "center":
+        return x - x.mean(axis=-1, keepdims=True)
     if how == "start":
         return x - x[..., :1]
     std = x.std(axis=-1, keepdims=True)
@@ -164,6 +179,34 @@ def _fit(x: np.ndarray, n_clusters: int | str, method: str, k_range: Sequence[in
     return n_clusters, scores, estimator, labels, stability
 
 
+def _shape_merge(labels: np.ndarray, change: np.ndarray, k: int, tol: float) -> tuple[np.ndarray, list[str]]:
+    """(map from fine cluster to merged cluster, merged names): fine clusters with the same shape name
+    share one cluster, which keeps that name."""
+    names = [name_shape(change[labels == j].mean(axis=0), tol) if (labels == j).any() else "empty" for j in range(k)]
+    distinct = list(dict.fromkeys(names))
+    return np.array([distinct.index(n) for n in names]), distinct
+
+
+def _fit_shapes(x: np.ndarray, change: np.ndarray, method: str, n_fine: int, n_seeds: int, seed: int,
+                tol: float) -> tuple[list[str], object, np.ndarray, np.ndarray, float]:
+    """("shapes") (merged cluster names, fine estimator, fine -> merged map, merged labels of x,
+    mean ARI of the merged labels of refits with other seeds)."""
+    k = min(n_fine, len(x) - 1)
+    if k < 1:
+        raise TokendynError("too few tokens to cluster; pass more tokens or fewer clusters")
+
+    def fit(s: int):
+        estimator = _estimator(method, k, s).fit(x)
+        fine = estimator.predict(x)
+        merge, names = _shape_merge(fine, change, k, tol)
+        return estimator, merge, merge[fine], names
+
+    estimator, merge, labels, names = fit(seed)
+    refits = [fit(seed + s)[2] for s in range(1, n_seeds + 1)]
+    stability = float(np.mean([adjusted_rand_score(labels, r) for r in refits])) if refits else np.nan
+    return names, estimator, merge, labels, stability
+
+
 def _predict(x: np.ndarray, estimator, how: str, order: np.ndarray) -> np.ndarray:
     """Cluster codes of trajectories x (..., point); MISSING where a point is NaN."""
     flat = x.reshape(-1, x.shape[-1])
@@ -208,18 +251,23 @@ def top_tokens(labels: xr.DataArray, token_id: np.ndarray, top: int = 10, token_
     return pd.DataFrame(rows)
 
 
-def cluster(ds: xr.Dataset, n_clusters: int | str = "auto", on: str = "perplexity",
+def cluster(ds: xr.Dataset, n_clusters: int | str = "shapes", on: str = "perplexity",
             model: int | str | None = None, levels: Sequence[float] | None = None, n_levels: int = 10,
-            method: str = "kmeans", normalize: str = "start", k_range: Sequence[int] = range(2, 9),
-            max_fit_tokens: int = 50_000, n_seeds: int = 5, tol: float = 0.1, top: int = 10,
+            method: str = "kmeans", normalize: str = "center", k_range: Sequence[int] = range(2, 9),
+            n_fine: int = 16, max_fit_tokens: int = 50_000, n_seeds: int = 5, tol: float = 0.1, top: int = 10,
             token_text: Callable[[Sequence[int]], Sequence[str]] | None = None,
             random_state: int = 0) -> Clustering:
     """Cluster token trajectories and name the clusters by shape (see the module doc).
 
-    n_clusters: a number, or "auto": the k in `k_range` with the highest silhouette score
-    (method="kmeans", MiniBatchKMeans) or the lowest BIC (method="gmm", diagonal Gaussian
-    mixture). on/model/levels/n_levels: the features (`trajectory_features`). normalize:
-    "start" (loss change from the first point, keeps magnitudes) or "zscore" (shape only).
+    n_clusters: "shapes" (default: `n_fine` clusters, fewer where the fit sample has under
+    MIN_FINE_SIZE tokens per cluster so that no centroid is the mean of a handful of noisy
+    tokens, merged by shape name: one cluster per shape),
+    a number, or "auto": the k in `k_range` with the highest silhouette score (method="kmeans",
+    MiniBatchKMeans) or the lowest BIC (method="gmm", diagonal Gaussian mixture).
+    on/model/levels/n_levels: the features (`trajectory_features`). normalize: "center" (loss
+    minus the token's mean over the points: keeps magnitudes, and unlike "start", the change from
+    the first point, does not split flat tokens by the noise of their first point) or "zscore"
+    (shape only).
     max_fit_tokens: size of the fit subsample, drawn as whole random sequences. n_seeds: refits
     for the stability score. tol: naming tolerance (nats). top: tokens listed per cluster.
     token_text: callable from token ids to their texts, or a tokenizer with `decode`; default: the
@@ -230,7 +278,7 @@ def cluster(ds: xr.Dataset, n_clusters: int | str = "auto", on: str = "perplexit
     if method not in METHODS:
         raise TokendynError(f"unknown clustering method {method!r}; choose 'kmeans' or 'gmm'")
     if normalize not in NORMALIZATIONS:
-        raise TokendynError(f"unknown normalisation {normalize!r}; choose 'start' or 'zscore'")
+        raise TokendynError(f"unknown normalisation {normalize!r}; choose one of {', '.join(NORMALIZATIONS)}")
     features = trajectory_features(ds, on, model, levels, n_levels)
     features = features.where(valid_tokens(ds))
     rng = np.random.default_rng(random_state)
@@ -240,20 +288,33 @@ def cluster(ds: xr.Dataset, n_clusters: int | str = "auto", on: str = "perplexit
     raw = sample.reshape(-1, sample.shape[-1])
     raw = raw[np.isfinite(raw).all(axis=1)]
     x = normalise(raw, normalize)
+    change = raw - raw[:, :1]
     # One OpenMP thread per fit: the sample is small, and k-means' OpenMP threads spin against dask's
     # threads (the fitted estimators keep this setting when they label the chunks in parallel).
     with threadpool_limits(limits=1, user_api="openmp"):
-        n_clusters, scores, estimator, fit_labels, stability = _fit(x, n_clusters, method, k_range, n_seeds,
-                                                                   random_state)
+        shape_names = None
+        if n_clusters == "shapes":
+            n_fine = max(2, min(n_fine, len(x) // MIN_FINE_SIZE))
+            shape_names, estimator, merge, fit_labels, stability = _fit_shapes(x, change, method, n_fine, n_seeds,
+                                                                               random_state, tol)
+            n_clusters, scores, criterion = len(shape_names), {}, f"shape names of {n_fine} fine clusters"
+        else:
+            n_clusters, scores, estimator, fit_labels, stability = _fit(x, n_clusters, method, k_range, n_seeds,
+                                                                       random_state)
+            merge = np.arange(n_clusters)
+            criterion = "silhouette" if method == "kmeans" else "bic"
 
     sizes = np.bincount(fit_labels, minlength=n_clusters)
-    order = np.empty(n_clusters, dtype=np.int8)
-    order[np.argsort(-sizes, kind="stable")] = np.arange(n_clusters)  # code by size, 0 = largest
-    change = raw - raw[:, :1]
+    rank = np.empty(n_clusters, dtype=np.int8)
+    rank[np.argsort(-sizes, kind="stable")] = np.arange(n_clusters)  # code by size, 0 = largest
+    order = rank[merge]  # estimator label -> code
     curves = np.array([change[fit_labels == k].mean(axis=0) if sizes[k] else np.full(raw.shape[1], np.nan)
                        for k in np.argsort(-sizes, kind="stable")])
-    names = [name_shape(curve, tol) for curve in curves]
-    names = [f"{n} ({c[-1] - c[0]:+.2f} nats)" if names.count(n) > 1 else n for n, c in zip(names, curves)]
+    if shape_names is None:
+        names = [name_shape(curve, tol) for curve in curves]
+        names = [f"{n} ({c[-1] - c[0]:+.2f} nats)" if names.count(n) > 1 else n for n, c in zip(names, curves)]
+    else:  # each merged cluster keeps the name its fine clusters share
+        names = [shape_names[k] for k in np.argsort(-sizes, kind="stable")]
 
     codes = xr.apply_ufunc(_predict, features, input_core_dims=[["point"]], dask="parallelized",
                            output_dtypes=[np.int8], kwargs=dict(estimator=estimator, how=normalize, order=order))
@@ -261,9 +322,56 @@ def cluster(ds: xr.Dataset, n_clusters: int | str = "auto", on: str = "perplexit
     centroids = xr.DataArray(curves, dims=("cluster", "point"),
                              coords={"cluster": np.arange(n_clusters), "name": ("cluster", names),
                                      "point": features["point"].values},
-                             attrs={"on": on, "long_name": "mean loss change from the first point", "units": "nats"})
+                             attrs={"on": on, "long_name": "mean loss change from the first point", "units": "nats", "tol": tol})
     if token_text is None and "vocab_text" in ds.variables:
         vocab = ds["vocab_text"].values
         token_text = vocab.__getitem__  # labelled tokens are never padding, so every id indexes the vocabulary
     table = top_tokens(labels, np.asarray(ds["token_id"].values), top, token_text)
-    return Clustering(labels, centroids, "silhouette" if method == "kmeans" else "bic", scores, stability, table)
+    return Clustering(labels, centroids, criterion, scores, stability, table)
+
+
+# Named cluster -> (detector, what it flags): the per-token detectors the clusters should agree with.
+DETECTED = {"stagnating": "stagnated", "rising": "upward", "double descent": "double descent"}
+
+
+def detector_agreement(ds: xr.Dataset, clustering: Clustering, *, dd_tol: float = 0.5, dd_window: int = 3,
+                       trend_start: float = 0.0) -> pd.DataFrame:
+    """How well the named clusters agree with the per-token detectors, per model.
+
+    "stagnating" and "rising" clusters against the trend categories "stagnated" and "upward"
+    (`trends.trend_categories` with start `trend_start`: the window from the first trained
+    checkpoint), "double descent" against `trajectories.double_descent(dd_tol, dd_window)`.
+    Rows: model, cluster, detector, cluster_tokens, detector_tokens, both, precision (share of the
+    cluster the detector flags), recall (share of the flagged tokens in the cluster), and the
+    detector's share of all labelled tokens (`base_rate`, what precision would be by chance).
+    Clusters without a detector are left out.
+    """
+    from tokendyn.analysis.trends import trend_categories
+
+    ds = load_small(ds)
+    codes = clustering.labels
+    models = [str(m) for m in codes["model"].values]
+    trends = None
+    rows = []
+    for k, name in enumerate(clustering.names):
+        detector = next((d for shape, d in DETECTED.items() if name == shape or name.startswith(shape + " (")), None)
+        if detector is None:
+            continue
+        if detector == "double descent":
+            flags = double_descent(ds, dd_tol, dd_window)
+        else:
+            if trends is None:
+                trends = trend_categories(ds, [trend_start])
+            flags = label_mask(trends, detector).isel(start=0)
+        flags = flags.sel(model=models).compute()
+        for model in models:
+            member = (codes.sel(model=model) == k).values
+            labelled = (codes.sel(model=model) >= 0).values
+            flagged = flags.sel(model=model).values.astype(bool) & labelled
+            both = int((member & flagged).sum())
+            rows.append({"model": model, "cluster": name, "detector": detector, "cluster_tokens": int(member.sum()),
+                         "detector_tokens": int(flagged.sum()), "both": both,
+                         "precision": both / member.sum() if member.any() else np.nan,
+                         "recall": both / flagged.sum() if flagged.any() else np.nan,
+                         "base_rate": flagged.sum() / labelled.sum() if labelled.any() else np.nan})
+    return pd.DataFrame(rows)

@@ -23,7 +23,8 @@ import xarray as xr
 from tokendyn.errors import TokendynError
 from tokendyn.analysis.labels import MISSING, describe, flag_array
 from tokendyn.analysis.trajectories import (CHUNK_MB, chunk_tokens, done_checkpoints, load_small, model_loss,
-                                   moving_average, over_token_slices, token_loss, valid_tokens)
+                                            moving_average, over_token_slices, token_loss, trained_checkpoints,
+                                            valid_tokens)
 
 RHO1_CLASSES = ("H->H", "L->H", "H->L", "L->L")
 AOA_SLICE_TOKENS = 8192  # the sigmoid fit keeps ~15 float64 copies of its slice
@@ -101,6 +102,18 @@ def _sigmoid_midpoint(y: np.ndarray, x: np.ndarray, chance: float, n_iter: int) 
     return np.where(ok, x0, np.nan)
 
 
+def uniform_loss(ds: xr.Dataset) -> float:
+    """ln(V): the loss of the uniform distribution over the store's vocabulary of V tokens (nats).
+
+    V is the tokenizer's vocabulary (`vocab_text`); a model whose output layer is padded beyond it
+    has a slightly larger uniform loss (pass it as `chance` where that matters).
+    """
+    if "vocab" not in ds.sizes:
+        raise TokendynError("the store has no vocabulary (vocab_text), so chance = ln(vocabulary size) is unknown; "
+                            "pass chance=")
+    return float(np.log(ds.sizes["vocab"]))
+
+
 def age_of_acquisition(ds: xr.Dataset, chance: float | None = None, n_iter: int = 10,
                        chunk_mb: float = CHUNK_MB) -> xr.DataArray:
     """Age of acquisition: log10 step where a fitted sigmoid crosses halfway between chance and
@@ -111,17 +124,18 @@ def age_of_acquisition(ds: xr.Dataset, chance: float | None = None, n_iter: int 
     `chance` and k, x0 and the floor lo fitted; the halfway crossing is then x0. Chang et al. fit
     each token separately with a generic optimiser; here the same least-squares problem is
     solved by vectorised Levenberg-Marquardt steps (`n_iter`) from a logit-line start.
-    chance: the loss of an uninformed model, e.g. log(vocab size); default: each model's mean
-    loss at its first done checkpoint. NaN unless the token's loss goes from above halfway at the
+    chance: the loss of an uninformed model; default `uniform_loss(ds)` = ln(vocabulary size), the
+    loss of the uniform distribution (Chang et al.'s chance surprisal), which does not depend on
+    which checkpoints the suite has. NaN unless the token's loss goes from above halfway at the
     first checkpoint to below it at the last (a token that never falls, or rises, has no age; the
     crossing is never extrapolated). Lazy; (model, seq, pos).
     """
     ds = load_small(ds)
+    level = uniform_loss(ds) if chance is None else float(chance)
     per_model = []
     for m in range(ds.sizes["model"]):
         loss = model_loss(ds, m, chunk_mb)
         steps = loss["step"].values
-        level = float(loss.isel(ckpt=0).mean().compute()) if chance is None else float(chance)
         loss = loss.isel(ckpt=np.flatnonzero(steps > 0)).drop_vars("step")
         if loss.sizes["ckpt"] < 3:
             per_model.append(xr.full_like(loss.isel(ckpt=0, drop=True), np.nan, dtype=float))
@@ -150,23 +164,41 @@ def _upward_moves(loss: np.ndarray, window: int) -> np.ndarray:
     return np.nansum(np.clip(np.diff(moving_average(loss, window), axis=0), 0, None), axis=0)
 
 
-def _at_done(ds: xr.Dataset, position: int) -> xr.DataArray:
-    """Loss of every model at the `position`-th of its done checkpoints (negative from the end)."""
-    idx = [done_checkpoints(ds, m)[position] for m in range(ds.sizes["model"])]
-    return token_loss(ds).isel(ckpt=xr.DataArray(idx, dims="model")).drop_vars("ckpt")
+def _at(ds: xr.Dataset, positions: list[int], trained: bool) -> xr.DataArray:
+    """Loss of every model at the given position among its done (or trained, step > 0) checkpoints."""
+    pick = trained_checkpoints if trained else done_checkpoints
+    idx = []
+    for m, position in enumerate(positions):
+        candidates = pick(ds, m)
+        if not -len(candidates) <= position < len(candidates):
+            raise TokendynError(f"model {ds['model'].values[m]} has {len(candidates)} "
+                                f"{'trained' if trained else 'done'} checkpoints, so no checkpoint {position}")
+        idx.append(candidates[position])
+    steps = ds["step"].values[np.arange(len(idx)), idx]
+    return token_loss(ds).isel(ckpt=xr.DataArray(idx, dims="model")).drop_vars("ckpt").assign_coords(
+        step=("model", steps))
 
 
-def rho1_classes(ds: xr.Dataset, first: int = 0, last: int = -1, threshold: float | None = None) -> xr.DataArray:
-    """Rho-1 classes between two of each model's done checkpoints (positions `first`, `last`).
+def rho1_classes(ds: xr.Dataset, first: int | None = None, last: int = -1,
+                 threshold: float | None = None) -> xr.DataArray:
+    """Rho-1 classes between two checkpoints of each model.
 
+    first, last: positions among each model's done checkpoints; first=None (default) is the first
+    trained checkpoint (step > 0), so the default does not depend on whether the suite includes
+    random initialisation (against step 0 almost every token would be H->L).
     A token is H (high loss) at a checkpoint when its loss exceeds `threshold` (nats), else L.
     Classes "H->H", "L->H", "H->L", "L->L" (Rho-1's reference shares 11%, 12%, 26%, 51%).
-    Rho-1 gives no threshold to reuse; the default is the median loss over the valid tokens of
-    both checkpoints of all models (this loads those two checkpoints' losses). A label array
-    (`tokendyn.analysis.labels`) of codes (model, seq, pos), the threshold in its attributes.
+    Rho-1 (Lin et al. 2024) states no numeric threshold that transfers to other models and data;
+    the default is the median loss over the valid tokens of both compared checkpoints of all models
+    (this loads those two checkpoints' losses). The threshold and the compared steps are attributes.
+    A label array (`tokendyn.analysis.labels`) of codes (model, seq, pos).
     """
     ds = load_small(ds)
-    a, b = _at_done(ds, first), _at_done(ds, last)
+    n_models = ds.sizes["model"]
+    a = _at(ds, [0] * n_models, trained=True) if first is None else _at(ds, [first] * n_models, trained=False)
+    b = _at(ds, [last] * n_models, trained=False)
+    steps = {"first_step": a["step"].values.tolist(), "last_step": b["step"].values.tolist()}
+    a, b = a.drop_vars("step"), b.drop_vars("step")
     valid = valid_tokens(ds)
     if threshold is None:
         pooled = xr.concat([a, b], dim="which").where(valid).values
@@ -175,7 +207,7 @@ def rho1_classes(ds: xr.Dataset, first: int = 0, last: int = -1, threshold: floa
     codes = xr.where(high_a, xr.where(high_b, 0, 2), xr.where(high_b, 1, 3))
     codes = codes.where(valid & a.notnull() & b.notnull(), MISSING).astype(np.int8)
     return flag_array(codes, RHO1_CLASSES, "rho1", "Rho-1 class of the token between two checkpoints",
-                      threshold=threshold, threshold_units="nats")
+                      threshold=threshold, threshold_units="nats", **steps)
 
 
 def cartography(ds: xr.Dataset) -> xr.Dataset:

@@ -65,7 +65,9 @@ def _check_task(source, task: str) -> None:
 def option_scores(source, task: str) -> xr.Dataset:
     """Per-option scores of one task: `logprob` (model, ckpt, item, option), the summed log-probability
     of the option's tokens (NaN where the checkpoint is not done or the item has fewer options);
-    `length` (item, option) in tokens; `answer` (item); `done` (model, ckpt); item fields as coordinates."""
+    `length` (item, option) in tokens; `chars` (item, option), the option's length in characters;
+    `target_score` (item, option), the option's target score; `answer` (item); `done` (model, ckpt);
+    item fields as coordinates."""
     _check_task(source, task)
     ds = open_store(source_path(source), set=TASK_SET_PREFIX + task)
     in_option = ds[OPTION_FIELD] == 1
@@ -75,8 +77,11 @@ def option_scores(source, task: str) -> xr.Dataset:
     shape = (int(item.max()) + 1, int(ds["n_options"].values.max()))
     lp = np.full(logprob.shape[:2] + shape, np.nan)
     lp[:, :, item, option] = logprob
-    lengths = np.full(shape, np.nan)
-    lengths[item, option] = length
+    per_option = {}
+    for name, values in (("length", length), ("chars", ds["option_chars"].values),
+                         ("target_score", ds["target_score"].values)):
+        per_option[name] = np.full(shape, np.nan)
+        per_option[name][item, option] = values
     answer = np.zeros(shape[0], dtype=np.int64)
     answer[item] = ds["answer"].values
     first = np.unique(item, return_index=True)[1]  # the first sequence of every item
@@ -84,19 +89,24 @@ def option_scores(source, task: str) -> xr.Dataset:
               if v.dims == ("seq",) and k not in (*ITEM_FIELDS, "doc")}
     dims = ("model", "ckpt", "item", "option")
     return xr.Dataset(
-        {"logprob": (dims, lp), "length": (dims[2:], lengths), "answer": ("item", answer),
+        {"logprob": (dims, lp), **{k: (dims[2:], v) for k, v in per_option.items()}, "answer": ("item", answer),
          "done": (dims[:2], ds["done"].values)},
         coords={"model": ds["model"].values, "ckpt": ds["ckpt"].values,
                 **{k: (("model", "ckpt"), ds[k].values) for k in CHECKPOINT_COORDS}, **fields},
         attrs={"task": task})
 
 
-def _metrics_on_done(scores: xr.Dataset, per_item: bool, prob_per_token: bool) -> dict[str, np.ndarray]:
+def _metrics_on_done(scores: xr.Dataset, per_item: bool, convention: str,
+                     prob_per_token: bool) -> dict[str, np.ndarray]:
     """`choices.choice_metrics` on the done checkpoints only (NaN elsewhere); per_item keeps the item axis."""
-    lp, length, answer, done = (scores[k].values for k in ("logprob", "length", "answer", "done"))
+    lp, answer, done = (scores[k].values for k in ("logprob", "answer", "done"))
+    lengths = {"tokens": scores["length"].values, "chars": scores["chars"].values,
+               "target_scores": scores["target_score"].values}
     if per_item:  # every item its own one-item average
-        lp, length, answer = lp[..., None, :], length[:, None, :], answer[:, None]
-    values = choices.choice_metrics(lp[done], length, answer, prob_per_token=prob_per_token) if done.any() else {}
+        lp, answer = lp[..., None, :], answer[:, None]
+        lengths = {k: v[:, None, :] for k, v in lengths.items()}
+    values = choices.choice_metrics(lp[done], answer, convention=convention, prob_per_token=prob_per_token,
+                                    **lengths) if done.any() else {}
     out = {}
     for name in choices.METRICS:
         full = np.full(done.shape + (lp.shape[2:-2] if per_item else ()), np.nan)
@@ -109,7 +119,8 @@ def _metrics_on_done(scores: xr.Dataset, per_item: bool, prob_per_token: bool) -
 def _option_ppl(scores: xr.Dataset) -> dict[str, np.ndarray]:
     """Token-weighted geometric-mean perplexity of the correct and of the incorrect options."""
     lp, length, answer = scores["logprob"].values, scores["length"].values, scores["answer"].values
-    correct = np.arange(length.shape[1]) == answer[:, None]
+    target = scores["target_score"].values
+    correct = target == np.nanmax(target, axis=1, keepdims=True)  # every option with the item's top score
     out = {}
     for name, mask in (("correct_ppl", correct), ("incorrect_ppl", ~correct & ~np.isnan(length))):
         nll = -np.where(mask, lp, 0.0).sum((-2, -1)) / np.where(mask, length, 0.0).sum()
@@ -117,35 +128,45 @@ def _option_ppl(scores: xr.Dataset) -> dict[str, np.ndarray]:
     return out
 
 
-def task_scores(source, tasks: Sequence[str] | None = None, *, prob_per_token: bool = False) -> xr.Dataset:
-    """Metrics of every task (default: all of the store's) per (task, model, ckpt): `accuracy`,
-    `correct_prob`, `brier`, `random_accuracy`, `random_brier` (see `tokendyn.analysis.choices`; prob_per_token
-    as there), `correct_ppl` and `incorrect_ppl` (exp of the mean loss over the tokens of the correct,
-    resp. incorrect, options). NaN where a checkpoint is not done. Coordinates: step, val_ppl,
-    tokens_seen; per task `n_items` and `n_options` (mean options per item)."""
+def task_scores(source, tasks: Sequence[str] | None = None, *, convention: str = choices.DEFAULT_CONVENTION,
+                prob_per_token: bool = False) -> xr.Dataset:
+    """Metrics of every task (default: all of the store's) per (task, model, ckpt): `accuracy` by
+    `convention` ("acc", "acc_norm" or "grade"), `correct_prob`, `brier`, `random_accuracy`,
+    `random_brier` (see `tokendyn.analysis.choices`; prob_per_token as there), `correct_ppl` and
+    `incorrect_ppl` (exp of the mean loss over the tokens of the correct, resp. incorrect, options;
+    correct = the options with the item's highest target score). NaN where a checkpoint is not done.
+    Coordinates: step, val_ppl, tokens_seen; per task `n_items` and `n_options` (mean options per
+    item). The attribute `convention` (on the dataset and on `accuracy`) names the convention."""
+    choices.check_convention(convention)
     names = task_names(source) if tasks is None else list(tasks)
     if not names:
         raise TokendynError(f"store {source_path(source)} has no multiple-choice tasks; add some with tokendyn tasks")
     per_task = []
     for name in names:
         scores = option_scores(source, name)
-        values = {**_metrics_on_done(scores, per_item=False, prob_per_token=prob_per_token), **_option_ppl(scores)}
+        values = {**_metrics_on_done(scores, False, convention, prob_per_token), **_option_ppl(scores)}
         done = scores["done"].values
         for key in ("correct_ppl", "incorrect_ppl"):
             values[key] = np.where(done, values[key], np.nan)
         per_task.append(xr.Dataset({k: (("model", "ckpt"), v) for k, v in values.items()}, coords=scores["done"].coords)
                         .assign_coords(n_items=scores.sizes["item"],
                                        n_options=float((~np.isnan(scores["length"])).sum("option").mean())))
-    return xr.concat(per_task, dim=pd.Index(names, name="task"), coords="different", compat="equals")
+    out = xr.concat(per_task, dim=pd.Index(names, name="task"), coords="different", compat="equals")
+    out["accuracy"].attrs["convention"] = convention
+    return out.assign_attrs(convention=convention)
 
 
-def item_correct(source, task: str, *, prob_per_token: bool = False) -> xr.DataArray:
-    """Per-item correctness (model, ckpt, item): 1 where the highest length-normalised option is the
-    answer, 0 otherwise, NaN where the checkpoint is not done; item fields as coordinates."""
+def item_correct(source, task: str, *, convention: str = choices.DEFAULT_CONVENTION,
+                 prob_per_token: bool = False) -> xr.DataArray:
+    """Per-item credit (model, ckpt, item) by `convention` (see `task_scores`): 1 or 0 for "acc" and
+    "acc_norm", the chosen option's target score for "grade"; NaN where the checkpoint is not done;
+    item fields as coordinates; the attribute `convention`."""
+    choices.check_convention(convention)
     scores = option_scores(source, task)
-    values = _metrics_on_done(scores, per_item=True, prob_per_token=prob_per_token)["accuracy"]
+    values = _metrics_on_done(scores, True, convention, prob_per_token)["accuracy"]
     return xr.DataArray(values, dims=("model", "ckpt", "item"),
-                        coords={k: v for k, v in scores.coords.items() if k != "option"}, name="correct")
+                        coords={k: v for k, v in scores.coords.items() if k != "option"}, name="correct",
+                        attrs={"convention": convention})
 
 
 def _loss_axes(curve: xr.Dataset | xr.DataArray, params: str = "n_params") -> dict[str, xr.DataArray]:
@@ -156,7 +177,7 @@ def _loss_axes(curve: xr.Dataset | xr.DataArray, params: str = "n_params") -> di
 
 def emergence(source, task: str, metric: str = "accuracy", *, margin: float | None = None,
               params: str = "n_params", scores: xr.Dataset | None = None,
-              **options) -> emergence_module.EmergenceResult:
+              convention: str = choices.DEFAULT_CONVENTION, **options) -> emergence_module.EmergenceResult:
     """The loss threshold of one task (methods.md §2): `metric` ("accuracy", "correct_prob" or "brier")
     of every done checkpoint of every model against log(val_ppl); compute = 6 N D with N = `params`
     ("n_params" or "n_params_nonembed") and D = tokens seen (left out when tokens seen are unknown).
@@ -165,11 +186,12 @@ def emergence(source, task: str, metric: str = "accuracy", *, margin: float | No
     margin: how far beyond it counts as leaving random; default `choices.chance_margin(n_items, C)`,
         z = 3 binomial standard errors of chance accuracy, used for every metric.
     scores: `task_scores` output that holds the task (saves reading the store again).
+    convention: the accuracy convention when scores are computed here (see `task_scores`).
     options: as in `tokendyn.analysis.emergence.emergence_threshold` (min_beyond, n_grid, n_boot, seed, ...).
     """
     if metric not in ("accuracy", "correct_prob", "brier"):
         raise TokendynError(f"unknown metric '{metric}'; use accuracy, correct_prob or brier")
-    scores = (task_scores(source, [task]) if scores is None else scores).sel(task=task)
+    scores = (task_scores(source, [task], convention=convention) if scores is None else scores).sel(task=task)
     main = _main(source)
     scores = scores.assign_coords({params: main[params]})
     random = "random_brier" if metric == "brier" else "random_accuracy"
@@ -307,31 +329,44 @@ def skill_tasks(source) -> list[str]:
 
 
 def skill_curves(source, k: Sequence[int] = (1, 2, 3), tasks: Sequence[str] | None = None, *, beta: float = 2.0,
-                 law: str = "auto", irreducible: float | None = None) -> xr.Dataset:
-    """Skill composition (methods.md §3) on items labelled with skills, per (model, ckpt, k).
+                 text_k: Sequence[int] | None = None, law: str = "auto", irreducible: float | None = None,
+                 convention: str = choices.DEFAULT_CONVENTION) -> xr.Dataset:
+    """Skill composition (methods.md §3) on items labelled with skills.
 
-    Items come from `tasks` (default: every task with a `skills` field, "|"-separated skill labels;
-    k = the number of skills an item needs). `measured`: mean correctness of the k-skill items;
-    `predicted`: the slingshot prediction from the single-skill items (`skills.skill_curves`);
-    `excess`: excess loss (see `excess_loss`, which takes law and irreducible); `bound`: Theorem 8's
-    lower bound on the fraction of skills with competence >= 1 - beta theta, with theta = the excess
-    loss (NaN where it lies outside (0, 1)).
+    Two different k's:
+    - `k` (dimension "k"): the number of skills an *item* needs ("|"-separated skill labels in the
+      item field `skills`). `measured`: mean credit (`convention`, see `task_scores`) of the k-skill
+      items per (model, ckpt, k); `predicted`: the slingshot prediction from the single-skill items
+      (`skills.skill_curves`).
+    - `text_k` (dimension "text_k", default the values of k): Theorem 8's k, the number of skills per
+      *training text piece*, a property of the training data the theory assumes, not of the items.
+      `bound` (model, ckpt, text_k): Theorem 8's lower bound on the fraction of skills with
+      competence >= 1 - beta theta, theta = the excess loss (NaN where it lies outside (0, 1)).
+    `excess`: excess loss (see `excess_loss`, which takes law and irreducible). Items come from
+    `tasks` (default: every task with a `skills` field). The attributes say which k is which.
     """
     names = skill_tasks(source) if tasks is None else list(tasks)
     if not names:
         raise TokendynError(f"store {source_path(source)} has no task with skill-labelled items (an item field "
                             "'skills'); score such a task with tokendyn tasks")
-    correct = [item_correct(source, name) for name in names]
+    text_k = list(k) if text_k is None else list(text_k)
+    if not text_k or min(text_k) < 1:
+        raise TokendynError("text_k (Theorem 8's skills per training text piece) must be positive integers")
+    correct = [item_correct(source, name, convention=convention) for name in names]
     labels = [s.split("|") for c in correct for s in c["skills"].values]
     correct = xr.concat([c.reset_coords(drop=True).drop_vars("item", errors="ignore") for c in correct], dim="item")
     excess = excess_loss(source, law=law, irreducible=irreducible)
     curves = skills.skill_curves(correct, labels, excess.reset_coords(drop=True), ks=list(k))
     theta = curves["excess"].where((curves["excess"] > 0) & (curves["excess"] < 1))
-    bound = np.full(theta.shape + (len(k),), np.nan)
+    bound = np.full(theta.shape + (len(text_k),), np.nan)
     valid = np.isfinite(theta.values)
-    for j, size in enumerate(k):
+    for j, size in enumerate(text_k):
         bound[..., j][valid] = skills.competent_fraction_bound(theta.values[valid], size, beta)
-    curves["bound"] = (theta.dims + ("k",), bound)
+    curves["bound"] = xr.DataArray(bound, dims=theta.dims + ("text_k",), coords={"text_k": text_k},
+                                   attrs={"k": "text_k: skills per training text piece (Theorem 8)"})
+    curves["measured"].attrs["k"] = curves["predicted"].attrs["k"] = "k: skills per item"
     curves = curves.assign_coords({name: excess[name].variable for name in CHECKPOINT_COORDS})
-    curves.attrs.update(irreducible=excess.attrs["irreducible"], beta=beta, tasks=list(names))
+    curves.attrs.update(irreducible=excess.attrs["irreducible"], beta=beta, tasks=list(names), convention=convention,
+                        k="skills per item (measured, predicted)",
+                        text_k="skills per training text piece, Theorem 8's k (bound)")
     return curves

@@ -65,6 +65,13 @@ def done_checkpoints(ds: xr.Dataset, model: int | str) -> np.ndarray:
     return idx[np.argsort(step[idx], kind="stable")]
 
 
+def trained_checkpoints(ds: xr.Dataset, model: int | str) -> np.ndarray:
+    """`done_checkpoints` after training started (step > 0): random initialisation (step 0) is not a
+    point of training, and whether a suite includes it must not change a default."""
+    idx = done_checkpoints(ds, model)
+    return idx[ds["step"].values[model_index(ds, model), idx] > 0]
+
+
 def chunk_tokens(da: xr.DataArray, chunk_mb: float = CHUNK_MB) -> xr.DataArray:
     """Rechunk so that `ckpt` is whole and a chunk holds about chunk_mb of data.
 
@@ -244,7 +251,13 @@ def at_axis(ds: xr.Dataset, axis: str, levels: Sequence[float]) -> xr.DataArray:
 
 
 def perplexity_range(ds: xr.Dataset) -> tuple[float, float]:
-    """(highest, lowest) validation perplexity that every model reaches on its envelope."""
+    """(highest, lowest) validation perplexity that every model reaches on its envelope after
+    training started (step > 0).
+
+    Random initialisation (step 0) is left out: a level between it and the first trained checkpoint
+    would be a blend of two checkpoints rather than data, and whether a suite includes step 0 must
+    not move the default levels (a model with a single trained checkpoint uses its step 0 too).
+    """
     ds = load_small(ds)
     highs, lows = [], []
     for m in range(ds.sizes["model"]):
@@ -252,6 +265,9 @@ def perplexity_range(ds: xr.Dataset) -> tuple[float, float]:
         if len(idx) == 0:
             raise TokendynError(f"model {ds['model'].values[m]} has no done checkpoint with a validation "
                                 "perplexity; run extraction first")
+        trained = ds["step"].values[m, idx] > 0
+        if trained.sum() >= 2:
+            x = x[trained]
         highs.append(np.exp(-x[0]))
         lows.append(np.exp(-x[-1]))
     high, low = min(highs), max(lows)

@@ -31,10 +31,10 @@ def _floats(text: str) -> list[float]:
 
 
 def _n_clusters(text: str) -> int | str:
-    if text == "auto":
+    if text in ("auto", "shapes"):
         return text
     if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a positive number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected 'shapes', 'auto' or a positive number, got {text!r}")
     return int(text)
 
 
@@ -68,7 +68,8 @@ def add_study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--levels", type=_floats,
                    help="matched validation perplexity levels, comma-separated (default: levels every model reaches)")
     p.add_argument("--dd-tol", type=float, help="double-descent tolerance in nats")
-    p.add_argument("--n-clusters", type=_n_clusters, help="number of clusters or 'auto'")
+    p.add_argument("--n-clusters", type=_n_clusters,
+                   help="number of clusters, 'shapes' (one cluster per trajectory shape found) or 'auto' (k by silhouette or BIC)")
     p.add_argument("--cluster-method", choices=["kmeans", "gmm"], help="clustering estimator")
     p.add_argument("--turn-tol", type=float,
                    help="a set's perplexity curve turns when it rises this much (in log) above its minimum")

@@ -3,14 +3,16 @@ every option.
 
 Two file formats:
 
-- BIG-Bench JSON (`task.json`): `examples` with `input` and `target_scores` ({choice: score}; the
-  correct choice is the one with the highest score, the first on ties), and BIG-Bench's formatting
+- BIG-Bench JSON (`task.json`): `examples` with `input` and `target_scores` ({choice: score}; every
+  choice keeps its score, so a task with several acceptable answers or partial credit keeps them
+  all; the `answer` is the first choice with the highest score, used for demonstrations), and BIG-Bench's formatting
   keys with BIG-Bench's defaults: `task_prefix` (""), `example_input_prefix` ("\nQ: "),
   `example_output_prefix` ("\nA: "), `few_shot_example_separator` ("\n"), `choice_prefix`
   ("\n  choice: ") and `append_choices_to_input` (true: the choices are listed after the input,
   in a seeded random order per item).
 - JSONL: one item per line, `question`, `choices` (a list of strings) and `answer` (the index of the
-  correct choice, or its text); no prefixes, demonstrations separated by a newline.
+  correct choice, or its text; its target score is 1, the others' 0); no prefixes, demonstrations
+  separated by a newline.
 
 Other keys of an example or line are kept as per-item fields (lists joined by "|", e.g. the
 `skills` an item needs; None and dict values are dropped).
@@ -35,9 +37,11 @@ import numpy as np
 from tokendyn.data.corpus import json_lines
 from tokendyn.errors import TokendynError
 
-# The per-token field marking an option's tokens, and the per-document fields of each (item, option).
+# The per-token field marking an option's tokens, and the per-document fields of each (item, option):
+# target_score is the option's BIG-Bench target score, option_chars its length in characters (lm-eval's
+# acc_norm divides by it; see tokendyn.analysis.choices).
 OPTION_FIELD = "in_option"
-ITEM_FIELDS = ("item", "option", "answer", "n_options")
+ITEM_FIELDS = ("item", "option", "answer", "n_options", "target_score", "option_chars")
 
 # Fields the option documents get from tokendyn, which an item's own field must not replace (names the
 # store uses are refused where tasks are scored: `tokendyn.store.check_field_names`).
@@ -51,12 +55,20 @@ FORMAT_KEYS = ("task_prefix", "example_input_prefix", "example_output_prefix", "
 
 @dataclass(frozen=True)
 class ChoiceItem:
-    """One question: its input text, the choices, the index of the correct one, and extra fields."""
+    """One question: its input text, the choices, the index of the correct one, extra fields, and
+    each choice's target score (default: 1 for the answer, 0 for the others)."""
 
     input: str
     choices: tuple[str, ...]
     answer: int
     fields: dict = field(default_factory=dict)
+    scores: tuple[float, ...] | None = None
+
+    @property
+    def target_scores(self) -> tuple[float, ...]:
+        if self.scores is not None:
+            return self.scores
+        return tuple(float(j == self.answer) for j in range(len(self.choices)))
 
 
 @dataclass(frozen=True)
@@ -111,7 +123,7 @@ def read_bigbench(path: str | Path) -> ChoiceTask:
                                 "scores (not booleans, not NaN); fix its target_scores")
         extra = {k: v for k, v in example.items() if k not in ("input", "target_scores", "target")}
         items.append(ChoiceItem(example["input"], tuple(scores), int(np.argmax(values)),
-                                _item_fields(extra, path, number)))
+                                _item_fields(extra, path, number), tuple(float(v) for v in values)))
     name = data.get("name") if isinstance(data.get("name"), str) else (
         path.parent.name if path.stem == "task" else path.stem)
     for key in FORMAT_KEYS:
@@ -199,12 +211,12 @@ def prompts(task: ChoiceTask, shots: int = 2, seed: int = 0, delimiter: str = " 
 
 def choice_documents(task: ChoiceTask, shots: int = 2, seed: int = 0, delimiter: str = " ") -> list[dict]:
     """One JSONL record per (item, option): text = prompt + delimiter + option, with a span over
-    delimiter + option and the item fields (see the module docstring)."""
+    delimiter + option, the fields ITEM_FIELDS and the item's own fields (see the module docstring)."""
     records = []
     for i, (item, prompt) in enumerate(zip(task.items, prompts(task, shots, seed, delimiter))):
         for j, option in enumerate(item.choices):
             text = prompt + delimiter + option
             records.append({"text": text, "spans": [{"start": len(prompt), "end": len(text), OPTION_FIELD: 1}],
                             "item": i, "option": j, "answer": item.answer, "n_options": len(item.choices),
-                            **item.fields})
+                            "target_score": item.target_scores[j], "option_chars": len(option), **item.fields})
     return records

@@ -178,6 +178,27 @@ def load_tokenizer(suite: Suite) -> PreTrainedTokenizerBase:
     return _load_tokenizer(folder, _label(first))
 
 
+def surface_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The text of every token id as it appears inside running text, spaces included.
+
+    Decoding a token alone loses the space in front of it for many tokenizers (SentencePiece drops a
+    leading "▁" at the start of a text; word-level tokenizers keep no spaces at all), so contexts
+    joined from single-token texts run words together. Here a token's text is what decoding it
+    after an ordinary word adds: decode([w, i]) minus decode([w]). Special tokens, and tokens where
+    that prefix does not hold, keep their own decoding.
+    """
+    n = len(tokenizer)
+    single = tokenizer.batch_decode([[i] for i in range(n)])
+    special = set(tokenizer.all_special_ids)
+    anchor = next((i for i, text in enumerate(single) if text.isalpha() and i not in special), None)
+    if anchor is None:
+        return single
+    head = single[anchor]
+    pairs = tokenizer.batch_decode([[anchor, i] for i in range(n)])
+    return [pair[len(head):] if i not in special and pair.startswith(head) else text
+            for i, (pair, text) in enumerate(zip(pairs, single))]
+
+
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """sha256 of the vocabulary (token -> id, all tokens incl. added ones) and the special tokens."""
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0]))

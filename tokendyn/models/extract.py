@@ -128,7 +128,7 @@ def extract(suite: Suite | str | Path, out: str | Path, *, extra_sets: Iterable[
     _check_context(suite, max(s.seq_len for s in (suite.eval, *suite.sets)), trust_remote_code)  # before packing
     sets = {"main": pack(suite.eval, tokenizer), **{s.name: pack(s, tokenizer) for s in suite.sets}}
     model_coords = _model_coords(suite, trust_remote_code)
-    vocab_text = np.asarray(tokenizer.batch_decode([[i] for i in range(len(tokenizer))]), dtype=object)
+    vocab_text = np.asarray(checkpoints.surface_texts(tokenizer), dtype=object)
     layout = store.Layout(suite.to_dict(), tokenizer_fp, metrics, store_dtype)
     if not force and store.up_to_date(out, layout, sets):
         return out  # nothing to write, so nothing written: a read-only store works

@@ -9,6 +9,8 @@ import numpy as np
 from tokendyn.studies.findings import direction, listing
 from tokendyn.studies.study import Result, Skip, default_of, models_by_size, open_source, require
 from tokendyn.studies.style import category_colors, new_figure, perplexity_axis
+from tokendyn.analysis.clusters import detector_agreement
+from tokendyn.analysis.tokens import show_whitespace
 from tokendyn.errors import TokendynError
 from tokendyn.analysis.clusters import cluster
 
@@ -19,9 +21,10 @@ MIN_CHANGE = 2.0  # percentage points across sizes before a share's trend with s
 def run(source, n_clusters: int | str = default_of(cluster, "n_clusters"), method: str = default_of(cluster, "method"),
         n_levels: int = default_of(cluster, "n_levels"), top: int = default_of(cluster, "top"),
         seed: int = default_of(cluster, "random_state")) -> Result:
-    """Cluster every (model, token) trajectory on the matched-perplexity grid (one model: over its
-    checkpoints); see `tokendyn.analysis.clusters.cluster` for n_clusters, method and n_levels. top: tokens
-    listed per cluster."""
+    """Cluster every (model, token) trajectory on the matched-perplexity grid of the trained part
+    (one model: over its checkpoints after step 0); see `tokendyn.analysis.clusters.cluster` for
+    n_clusters ("shapes": one cluster per shape found), method and n_levels. top: tokens listed per
+    cluster. The named clusters are compared with the per-token detectors (`detector_agreement`)."""
     ds = open_source(source)
     require(ds, "loss", "step", "val_ppl")
     on = "perplexity" if ds.sizes["model"] > 1 else "checkpoints"
@@ -49,6 +52,8 @@ def run(source, n_clusters: int | str = default_of(cluster, "n_clusters"), metho
     else:
         curves.set_xlabel("training step")
     curves.set_ylabel("loss change from the first point (nats)")
+    curves.tick_params(axis="x", which="both", labelsize="x-small")
+    curves.xaxis.set_minor_formatter("")  # minor labels overlap on a short log axis
     curves.set_title("centroids (mean trajectory of each cluster)", fontsize="medium")
     curves.axhline(0, color="black", lw=0.6)
     curves.grid(alpha=0.3)
@@ -64,7 +69,7 @@ def run(source, n_clusters: int | str = default_of(cluster, "n_clusters"), metho
                fontsize="small")
     fig.suptitle(TITLE)
 
-    chosen = f"chosen by {result.criterion}" if result.scores else "given"
+    chosen = f"chosen by {result.criterion}" if result.scores or n_clusters == "shapes" else "given"
     findings = [f"{len(names)} clusters ({chosen}) of the trajectories on {'the matched-perplexity grid' if on == 'perplexity' else 'the checkpoints'}; "
                 f"stability across seeds (adjusted Rand index) {result.stability:.2f}.",
                 "Mean share over models: " + listing(overall.items(), "{:.1f}%") + "."]
@@ -82,6 +87,16 @@ def run(source, n_clusters: int | str = default_of(cluster, "n_clusters"), metho
             findings.append("Paper: more tokens stagnate in larger models; the stagnating cluster " +
                             ("grows with size, so this reproduces." if grows else
                              "does not grow with size, so this does not reproduce."))
-    tokens = result.top_tokens.assign(name=lambda t: t["name"].astype(str))
-    return Result(TITLE, {"clusters": shares, "cluster_centroids": centroids, "cluster_tokens": tokens}, fig,
-                  findings, shown=["cluster_tokens"], labels={"clusters": result.labels.rename("cluster")})
+    agreement = detector_agreement(ds, result)
+    for name, rows in agreement.groupby("cluster", sort=False):
+        findings.append(f"Cluster '{name}' against the per-token detector '{rows['detector'].iloc[0]}': precision "
+                        + listing(zip(rows["model"], rows["precision"]), "{:.2f}") + "; recall "
+                        + listing(zip(rows["model"], rows["recall"]), "{:.2f}") + " (chance precision "
+                        + listing(zip(rows["model"], rows["base_rate"]), "{:.2f}") + ").")
+    missing = [s for s in ("stagnating", "rising", "double descent") if s not in names]
+    if missing:
+        findings.append(f"No cluster has the shape {', '.join(missing)} on these features.")
+    tokens = result.top_tokens.assign(name=lambda t: t["name"].astype(str), text=lambda t: t["text"].map(show_whitespace))
+    return Result(TITLE, {"clusters": shares, "cluster_centroids": centroids, "cluster_tokens": tokens,
+                          "cluster_agreement": agreement}, fig, findings, shown=["cluster_tokens"],
+                  labels={"clusters": result.labels.rename("cluster")})

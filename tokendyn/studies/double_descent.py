@@ -1,5 +1,10 @@
 """Per-token double descent: how many tokens fall, rise and fall again in each model, and examples
-with their decoded context (methods.md §1.3); every token's flag as per-token labels (`double_descent`)."""
+with their decoded context (methods.md §1.3); every token's flag as per-token labels (`double_descent`).
+
+Testability: a fall, a rise and a fall again need >= MIN_CHECKPOINTS done checkpoints in a model;
+models with fewer are "not testable here", and the trend with size uses the testable models only.
+The examples are drawn against validation perplexity on each model's running-minimum envelope
+(the checkpoints that set a new lowest perplexity), so a loss spike does not fold a curve back."""
 
 from __future__ import annotations
 
@@ -7,16 +12,18 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from tokendyn.studies.findings import direction, listing
-from tokendyn.store import TOKEN_DIMS
-from tokendyn.studies.study import (Result, context, default_of, models_by_size, open_source, require,
-                                     token_texts)
-from tokendyn.studies.style import model_colors, model_legend, new_figure, perplexity_axis, plain
+from tokendyn.analysis.tokens import show_whitespace
 from tokendyn.analysis.trajectories import (done_checkpoints, double_descent, load_small, model_index, token_loss,
                                            token_share)
+from tokendyn.store import TOKEN_DIMS
+from tokendyn.studies.findings import direction, listing, verdict
+from tokendyn.studies.study import (Result, Skip, context, default_of, models_by_size, open_source, require,
+                                     token_texts)
+from tokendyn.studies.style import envelope, model_colors, model_legend, new_figure, perplexity_axis, plain
 
 TITLE = "Per-token double descent"
 CANDIDATES = 256  # flagged tokens whose trajectories are read to pick the clearest examples
+MIN_CHECKPOINTS = 4  # a fall, a rise and a fall again need four points
 
 
 def rise(curves: np.ndarray) -> np.ndarray:
@@ -40,7 +47,7 @@ def examples(ds: xr.Dataset, flags: xr.DataArray, model: str, n: int, width: int
     best_of_each_id = order[np.sort(np.unique(ids[order], return_index=True)[1])]
     chosen = np.concatenate([best_of_each_id, order[~np.isin(order, best_of_each_id)]])[:n]
     return pd.DataFrame({"model": model, "seq": seq[chosen], "pos": pos[chosen], "token_id": ids[chosen],
-                         "token": token_texts(ds, ids[chosen]), "rise_nats": score[chosen],
+                         "token": [show_whitespace(t) for t in token_texts(ds, ids[chosen])], "rise_nats": score[chosen],
                          "context": [context(ds, int(s), int(p), width) for s, p in zip(seq[chosen], pos[chosen])]})
 
 
@@ -58,6 +65,11 @@ def run(source, tol: float = default_of(double_descent, "tol"), window: int = de
     shares = pd.DataFrame({"model": [str(m) for m in percent["model"].values], "percent": percent.values,
                            "n_tokens": flags.sum(list(TOKEN_DIMS)).values})
     shares = shares.set_index("model").loc[models].reset_index()
+    n_done = {m: len(done_checkpoints(ds, m)) for m in models}
+    testable = [m for m in models if n_done[m] >= MIN_CHECKPOINTS]
+    if not testable:
+        raise Skip(f"not testable here (needs >= {MIN_CHECKPOINTS} done checkpoints in a model; the models have "
+                   f"{', '.join(str(n) for n in n_done.values())})")
     with_any = [m for m in models if shares.set_index("model").loc[m, "n_tokens"] > 0]
     findings = [f"Tokens that fall, rise and fall again by at least {tol} nats ({window}-checkpoint moving average): "
                 f"{listing(zip(shares.model, shares.percent), '{:.2f}%')}."]
@@ -77,6 +89,7 @@ def run(source, tol: float = default_of(double_descent, "tol"), window: int = de
         for model in models:
             m = model_index(ds, model)
             idx = done_checkpoints(ds, m)
+            idx = idx[envelope(ds["val_ppl"].values[m, idx])]
             ax.plot(ds["val_ppl"].values[m, idx], loss.isel(model=m, ckpt=idx, seq=row.seq, pos=row.pos).values,
                     "o-", ms=3, lw=2.2 if model == chosen else 1, color=colors[model])
         perplexity_axis(ax)
@@ -86,14 +99,15 @@ def run(source, tol: float = default_of(double_descent, "tol"), window: int = de
     model_legend(fig, colors)
     fig.suptitle(f"{TITLE}: examples from {chosen} (bold), the token in [[ ]]")
 
+    untestable = [m for m in models if m not in testable]
+    if untestable:
+        findings.append(f"Not testable in {', '.join(untestable)} (fewer than {MIN_CHECKPOINTS} done checkpoints).")
     if len(models) > 1:
-        trend = direction(shares["percent"].to_numpy())
-        findings.append({1: "The share grows with model size, in line with the paper's observation that double "
-                            "descent is a larger-model phenomenon.",
-                         -1: "The share shrinks with model size: the paper saw double descent in larger models, "
-                             "so this does not reproduce.",
-                         0: "The share shows no trend with model size (the paper saw double descent in larger "
-                            "models; this does not reproduce)."}[trend])
+        values = shares.set_index("model").loc[testable, "percent"].to_numpy()
+        holds = [direction(values) == 1] if len(testable) >= 2 else [None]
+        findings.append("Paper: double descent is a larger-model phenomenon, so the share grows with model size; "
+                        f"here this {verdict(holds, f'>= 2 models with >= {MIN_CHECKPOINTS} checkpoints')} "
+                        f"({listing(zip(testable, values), '{:.2f}%')}).")
     findings.append(f"Examples: the {len(table)} flagged tokens of {chosen} with the largest rise (one per token "
                     f"where possible), up to {table['rise_nats'].max():.2f} nats.")
     return Result(TITLE, tables, fig, findings, shown=["double_descent_examples"],

@@ -9,11 +9,11 @@ import pandas as pd
 from tokendyn.analysis import downstream
 from tokendyn.errors import TokendynError
 from tokendyn.studies.findings import verdict
-from tokendyn.studies.study import Result, Skip, main_set_path, models_by_size, open_source, require
+from tokendyn.studies.study import Result, Skip, default_of, main_set_path, models_by_size, open_source, require
 from tokendyn.studies.style import model_colors, model_legend, new_figure
 
 TITLE = "Task performance against validation loss"
-LABELS = {"accuracy": "accuracy (share of items)", "correct_prob": "correct-option probability",
+LABELS = {"accuracy": "accuracy ({convention})", "correct_prob": "correct-option probability",
           "brier": "Brier score (lower is better)"}
 COLLAPSE = ("unexplained_loss", "unexplained_compute", "unexplained_step", "ratio_compute", "ratio_step")
 
@@ -31,7 +31,8 @@ def emergence_table(path, scores) -> tuple[pd.DataFrame, dict, list[str]]:
                 continue
             results[str(task), metric] = result
             fit = result.fit
-            rows.append({"task": str(task), "metric": metric, "leaves_random": result.leaves_random,
+            rows.append({"task": str(task), "metric": metric, "convention": scores.attrs["convention"],
+                         "leaves_random": result.leaves_random,
                          **{k: getattr(fit, k) if fit else np.nan for k in ("eta", "eta_low", "eta_high", "baseline",
                                                                            "slope", "r2")},
                          "spearman": result.spearman, "spearman_p": result.spearman_p,
@@ -39,10 +40,13 @@ def emergence_table(path, scores) -> tuple[pd.DataFrame, dict, list[str]]:
     return pd.DataFrame(rows), results, failed
 
 
-def run(source, metric: str = "accuracy", max_panels: int = 8) -> Result:
+def run(source, metric: str = "accuracy", max_panels: int = 8,
+        convention: str = default_of(downstream.task_scores, "convention")) -> Result:
     """`metric` ("accuracy", "correct_prob" or "brier") of every task, model and checkpoint against
     the checkpoint's validation loss log(val_ppl), with the segmented fit of `tokendyn.analysis.emergence`
-    where a task leaves random; at most `max_panels` tasks are drawn (the tables hold all)."""
+    where a task leaves random; at most `max_panels` tasks are drawn (the tables hold all). convention:
+    the accuracy convention ("acc", "acc_norm" or "grade"; `tokendyn.analysis.choices`), named in the
+    tables' `convention` column, the axis label and the findings."""
     ds = open_source(source)
     require(ds, "loss", "val_ppl")
     path = main_set_path(ds, "tasks")
@@ -50,15 +54,16 @@ def run(source, metric: str = "accuracy", max_panels: int = 8) -> Result:
         raise Skip("the store has no multiple-choice tasks (add some with tokendyn tasks)")
     if metric not in LABELS:
         raise TokendynError(f"unknown metric {metric!r}; choose one of {', '.join(LABELS)}")
-    scores = downstream.task_scores(path)
+    scores = downstream.task_scores(path, convention=convention)
     every, results, failed = emergence_table(path, scores)
     fits = every[every.metric == metric]
     models = models_by_size(ds)
     colors = model_colors(ds)
     table = scores.reset_coords().to_dataframe().reset_index().dropna(subset=[metric])
     table["loss"] = np.log(table["val_ppl"])
-    columns = ["task", "model", "ckpt", "step", "tokens_seen", "val_ppl", "loss", *downstream.METRICS, "n_items",
-               "n_options"]
+    table["convention"] = convention
+    columns = ["task", "model", "ckpt", "step", "tokens_seen", "val_ppl", "loss", *downstream.METRICS, "convention",
+               "n_items", "n_options"]
     table = table[[c for c in columns if c in table.columns]]
 
     tasks = list(fits["task"])[:max_panels]
@@ -78,14 +83,15 @@ def run(source, metric: str = "accuracy", max_panels: int = 8) -> Result:
             ax.axvline(fit.eta, color="black", ls="--", lw=0.8)
         ax.invert_xaxis()
         ax.set_xlabel("validation loss (nats, training →)")
-        ax.set_ylabel(LABELS[metric])
+        ax.set_ylabel(LABELS[metric].format(convention=convention))
         ax.set_title(task + ("" if fit is not None else " (stays at chance)"), fontsize="medium")
         ax.grid(alpha=0.3)
     model_legend(fig, colors, ls="none")
     fig.suptitle(f"{TITLE}\n(dotted: chance; solid: segmented fit; dashed: its threshold eta, shaded: 95% interval)",
                  fontsize="medium")
 
-    findings = list(failed)
+    findings = [f"Accuracy uses the {convention} convention (see docs/analyses.md, \"Multiple-choice conventions\").",
+                *failed]
     for row in fits.itertuples():
         best = table[table.task == row.task][metric]
         best = best.min() if metric == "brier" else best.max()

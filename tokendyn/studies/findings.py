@@ -30,13 +30,27 @@ def listing(pairs: Iterable[tuple[str, float]], fmt: str = "{:.3g}") -> str:
     return ", ".join(f"{name} {'n/a' if not np.isfinite(value) else fmt.format(value)}" for name, value in pairs)
 
 
-def verdict(holds: Sequence[bool]) -> str:
-    """"reproduces" (every case holds), "does not reproduce" (none), or "partly reproduces"."""
-    k, n = int(sum(bool(h) for h in holds)), len(holds)
+def verdict(holds: Sequence[bool | None], need: str | None = None) -> str:
+    """"reproduces" (every testable case holds), "does not reproduce" (none), "partly reproduces", or
+    "is not testable here (needs ...)" when no case can be tested.
+
+    holds: one entry per case; None marks a case the data cannot test (too few checkpoints, levels
+    not reached, ...), which counts neither way. need: what a case needs to be testable, stated in
+    the verdict (e.g. ">= 3 checkpoints in the trend window").
+    """
+    testable = [bool(h) for h in holds if h is not None]
+    k, n = sum(testable), len(testable)
     if n == 0:
-        return "cannot be checked here"
+        return f"is not testable here (needs {need})" if need else "is not testable here"
     if k == n:
         return "reproduces"
     if k == 0:
         return "does not reproduce"
     return "partly reproduces"
+
+
+def counted(holds: Sequence[bool | None]) -> str:
+    """"k of n" over the testable cases (None entries left out), plus how many could not be tested."""
+    testable = [bool(h) for h in holds if h is not None]
+    untested = len(holds) - len(testable)
+    return f"{sum(testable)} of {len(testable)}" + (f"; {untested} not testable" if untested else "")

@@ -26,13 +26,19 @@ def run(source) -> Result:
         curves = downstream.skill_curves(path)
     except TokendynError as err:
         raise Skip(str(err)) from err
-    frame = curves.to_dataframe().reset_index()
-    columns = ["model", "ckpt", "step", "val_ppl", "k", "excess", "measured", "predicted", "bound"]
+    frame = curves.drop_vars("bound").to_dataframe().reset_index()
+    columns = ["model", "ckpt", "step", "val_ppl", "k", "excess", "measured", "predicted"]
     table = frame[[c for c in columns if c in frame.columns]].dropna(subset=["measured"])
     table["model"] = table["model"].astype(str)
+    bound = curves[["bound", "excess"]].to_dataframe().reset_index()
+    bound = bound[[c for c in ("model", "ckpt", "step", "val_ppl", "text_k", "excess", "bound") if c in bound.columns]]
+    bound["model"] = bound["model"].astype(str)
 
     findings = [f"Irreducible loss E = {curves.attrs['irreducible']:.3f} nats "
-                f"(tasks: {', '.join(curves.attrs['tasks'])})."]
+                f"(tasks: {', '.join(curves.attrs['tasks'])}).",
+                "k in skill_curves = skills per item (measured and predicted competence, "
+                f"{curves.attrs['convention']} credit); text_k in skill_bound = skills per training text piece, "
+                "the k of Theorem 8's bound (drawn with text_k = k)."]
     gap = (curves["measured"] - curves["predicted"]).sel(k=curves["k"] > 1)
     for k in gap["k"].values:
         values = gap.sel(k=k).values
@@ -48,8 +54,9 @@ def run(source) -> Result:
         color = colors[f"k = {k}"]
         ax.plot(rows["excess"], rows["measured"], "o", ms=4, color=color, label="measured")
         ax.plot(rows["excess"], rows["predicted"], "-", color="black", lw=1, label="predicted (slingshot)")
-        if rows["bound"].notna().any():
-            ax.plot(rows["excess"], rows["bound"], ":", color="grey", label="Theorem 8 bound")
+        theorem = bound[bound.text_k == k].sort_values("excess") if "text_k" in bound else bound.iloc[:0]
+        if theorem["bound"].notna().any():
+            ax.plot(theorem["excess"], theorem["bound"], ":", color="grey", label="Theorem 8 bound (text_k = k)")
         ax.invert_xaxis()
         ax.set_xlabel("excess loss (nats, training →)")
         ax.set_ylabel("competence")
@@ -57,4 +64,4 @@ def run(source) -> Result:
         ax.grid(alpha=0.3)
     panels[0].legend(fontsize="x-small")
     fig.suptitle(f"{TITLE} ({len(models_by_size(ds))} models, all checkpoints)")
-    return Result(TITLE, {"skill_curves": table}, fig, findings)
+    return Result(TITLE, {"skill_curves": table, "skill_bound": bound}, fig, findings)

@@ -68,6 +68,58 @@ def perplexity_axis(ax: Axes, label: str = PPL_LABEL) -> None:
     ax.set_xlabel(label)
 
 
+def envelope(ppl: np.ndarray) -> np.ndarray:
+    """Mask of the checkpoints (in step order) on the running-minimum envelope of validation
+    perplexity: those that set a new lowest value. Curves against validation perplexity are drawn on
+    these points, so a loss spike or a late rise does not fold a curve back into a zig-zag
+    (the same envelope as matched perplexity, methods.md §1.1)."""
+    ppl = np.asarray(ppl, dtype=float)
+    previous = np.minimum.accumulate(np.concatenate([[np.inf], np.where(np.isnan(ppl), np.inf, ppl)[:-1]]))
+    return np.isfinite(ppl) & (ppl < previous)
+
+
+def off_envelope(ds: xr.Dataset) -> list[str]:
+    """Models whose validation perplexity does not fall monotonically over their done checkpoints
+    (a finding should say that their curves are drawn on the envelope)."""
+    from tokendyn.analysis.trajectories import done_checkpoints
+
+    out = []
+    for m, name in enumerate(ds["model"].values):
+        idx = done_checkpoints(ds, m)
+        if not envelope(ds["val_ppl"].values[m, idx]).all():
+            out.append(str(name))
+    return out
+
+
+def zoom_perplexity(ax: Axes, curves: Sequence[tuple[np.ndarray, np.ndarray]], rel: float = 0.02) -> None:
+    """Limit a validation-perplexity x axis (decreasing to the right) to where the curves differ.
+
+    curves: (x = perplexities, y) per model. The range starts at the highest perplexity where the
+    curves' spread (max - min over curves, interpolated in log x) exceeds `rel` of the overall y
+    range, with a margin; the axis is left alone when the curves differ everywhere.
+    """
+    curves = [(np.asarray(x, float), np.asarray(y, float)) for x, y in curves]
+    curves = [(x[np.isfinite(x) & np.isfinite(y)], y[np.isfinite(x) & np.isfinite(y)]) for x, y in curves]
+    curves = [(x, y) for x, y in curves if len(x) >= 2]
+    if len(curves) < 2:
+        return
+    lo = max(x.min() for x, _ in curves)
+    hi = min(x.max() for x, _ in curves)
+    if not hi > lo:
+        return
+    grid = np.geomspace(hi, lo, 60)
+    values = np.array([np.interp(np.log(grid), np.log(x[np.argsort(x)]), y[np.argsort(x)]) for x, y in curves])
+    spread = values.max(0) - values.min(0)
+    span = np.nanmax(values) - np.nanmin(values)
+    differ = np.flatnonzero(spread > rel * span) if span > 0 else []
+    if len(differ) == 0 or differ[0] == 0:
+        return
+    start = grid[max(0, differ[0] - 2)] * 1.05
+    left, right = ax.get_xlim()  # inverted: left is the highest perplexity
+    if ax.xaxis_inverted() and start < left:
+        ax.set_xlim(start, right)
+
+
 def model_legend(fig: Figure, colors: dict[str, tuple], title: str = "model", **style) -> None:
     """One legend of the models for the whole figure, outside the panels on the right."""
     handles = [Line2D([], [], color=color, marker="o", ms=4, **style) for color in colors.values()]
@@ -77,7 +129,7 @@ def model_legend(fig: Figure, colors: dict[str, tuple], title: str = "model", **
 def plain(text: str, limit: int | None = None) -> str:
     """Text as matplotlib draws it literally: `$` escaped (no mathtext), newlines and tabs shown as
     symbols, cut to `limit` characters from the left (the end, where the token is, is kept)."""
-    text = text.replace("\n", "⏎").replace("\t", "⇥")
+    text = text.replace("\n", "⏎").replace("\t", "→")
     if limit is not None and len(text) > limit:
         text = "…" + text[-limit:]
     return text.replace("$", r"\$")

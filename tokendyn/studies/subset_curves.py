@@ -13,7 +13,8 @@ import xarray as xr
 
 from tokendyn.studies.findings import verdict
 from tokendyn.studies.study import Result, Skip, default_of, models_by_size, open_source, require
-from tokendyn.studies.style import log_scale, model_colors, model_legend, new_figure, perplexity_axis
+from tokendyn.studies.style import (envelope, log_scale, model_colors, model_legend, new_figure, off_envelope,
+                                   perplexity_axis, zoom_perplexity)
 from tokendyn.analysis.sequences import turning_points
 from tokendyn.analysis.trajectories import done_checkpoints, load_small, model_index, token_share
 from tokendyn.analysis.labels import label_mask
@@ -132,14 +133,18 @@ def run(source, start: float = 0.2, chosen_on: str | None = None, x: str = defau
 
     fig, panels = new_figure(len(CATEGORIES), ncols=2)
     for ax, category in zip(panels, CATEGORIES):
+        drawn = []
         for model in models:
-            rows = table[(table.category == category) & (table.model == model)]
+            rows = table[(table.category == category) & (table.model == model)].sort_values("step")
+            rows = rows[envelope(rows["val_ppl"].to_numpy())]  # no zig-zag where val_ppl rises again
+            drawn.append((rows["val_ppl"].to_numpy(), rows["subset_ppl"].to_numpy()))
             ax.plot(rows["val_ppl"], rows["subset_ppl"], "o-", ms=3, color=colors[model], label=model)
             shape = shapes[(shapes.category == category) & (shapes.model == model)].iloc[0]
             for where, marker in (("turn_val_ppl", "v"), ("peak_val_ppl", "^")):
                 hit = rows[np.isclose(rows["val_ppl"], shape[where])]
                 ax.plot(hit["val_ppl"], hit["subset_ppl"], marker, ms=9, mfc="none", color=colors[model])
         perplexity_axis(ax)
+        zoom_perplexity(ax, drawn)
         if (table.category == category).any():  # an empty subset has no curve to put on a log scale
             log_scale(ax, "y")
         ax.set_ylabel("subset perplexity (log scale)")
@@ -163,6 +168,12 @@ def run(source, start: float = 0.2, chosen_on: str | None = None, x: str = defau
         stays = not upward.loc[models[0], "descends_again"]
         findings.append(f"Paper: the smallest model's upward subset stays up; here ({models[0]}) this "
                         f"{verdict([stays])}.")
+    bumpy = off_envelope(ds)
+    if bumpy:
+        findings.append(f"Validation perplexity of {', '.join(bumpy)} does not fall monotonically; its curves are "
+                        "drawn on the running-minimum envelope (the checkpoints that set a new lowest perplexity).")
+    findings.append("The x axis starts where the models' curves begin to differ (the shared early fall is cut off; "
+                    "subset_curves.csv has every checkpoint).")
     spread = _stagnation(curves, ds, start, band)
     findings.append("Largest deviation of the stagnated subset from its mean over the trend window: " +
                     ", ".join(f"{k} {v:.1%}" for k, v in spread.items()) + ".")

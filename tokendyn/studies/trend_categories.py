@@ -1,6 +1,12 @@
 """Shares of stagnated, upward and downward tokens against the start fraction of the trend window,
 per model, next to the paper's OPT numbers (Xia et al. 2023, Fig. 2; methods.md §1.2); every token's
-category per model and start fraction as per-token labels (`trends`)."""
+category per model and start fraction as per-token labels (`trends`).
+
+
+Testability: a trend window needs >= 3 checkpoints (`tokendyn.analysis.trends`); the trend of a share
+with the start fraction needs categories at >= 2 start fractions for that model, and the trend with
+model size needs >= 2 models with categories at that start fraction. Cases short of that are
+"not testable here", never "does not reproduce"."""
 
 from __future__ import annotations
 
@@ -10,14 +16,15 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from tokendyn.studies.findings import direction, verdict
+from tokendyn.studies.findings import counted, direction, verdict
 from tokendyn.studies.study import Result, default_of, models_by_size, open_source, require
 from tokendyn.studies.style import model_colors, model_legend, new_figure
 from tokendyn.analysis.labels import flag_names, label_share
 from tokendyn.analysis.trends import TrendWarning, trend_categories
 
 TITLE = "Token trend categories against the start of the trend window"
-SHOWN = ("stagnated", "upward", "downward")
+SHOWN = ("stagnated", "upward", "downward", "uncategorised")
+MIN_WINDOW = 3  # checkpoints a trend window needs (tokendyn.analysis.trends)
 
 PAPER_SOURCE = ("Xia et al. 2023 (arXiv 2212.09803), Fig. 2: OPT on PG-19 validation, read off the figure "
                 "(about ±1 point), as tabulated in methods.md §1.2")
@@ -39,33 +46,37 @@ def paper_reference() -> pd.DataFrame:
     """The paper's shares as a tidy table: model, start, category, percent, source."""
     rows = [{"model": model, "start": start, "category": category, "percent": percent, "source": PAPER_SOURCE}
             for (category, start), values in PAPER_SHARES.items() for model, percent in zip(PAPER_MODELS, values)]
+    for start in sorted({start for _, start in PAPER_SHARES}):  # the rest of the tokens, as the paper leaves it
+        rest = 100 - sum(np.array(PAPER_SHARES[(c, start)]) for c in ("stagnated", "upward", "downward"))
+        rows += [{"model": model, "start": start, "category": "uncategorised", "percent": round(float(p), 1),
+                  "source": PAPER_SOURCE + "; uncategorised = 100 - the other three"}
+                 for model, p in zip(PAPER_MODELS, rest)]
     return pd.DataFrame(rows)
 
 
 def _claims(shares: pd.DataFrame, models: list[str]) -> list[str]:
-    """Check the paper's shape (methods.md §1.2) on the store's shares."""
+    """Check the paper's shape (methods.md §1.2) on the store's shares; untestable cases say so."""
+    labelled = shares.dropna(subset=["percent"])
+
     def series(category: str, model: str) -> np.ndarray:
-        rows = shares[(shares.category == category) & (shares.model == model)].sort_values("start")
+        rows = labelled[(labelled.category == category) & (labelled.model == model)].sort_values("start")
         return rows["percent"].to_numpy()
 
-    labelled = shares.dropna(subset=["percent"])
-    starts = sorted(labelled["start"].unique())
     lines = []
-    if len(starts) >= 2:
-        for category, sign, word in (("stagnated", 1, "grows"), ("upward", -1, "shrinks"), ("downward", -1, "shrinks")):
-            holds = [direction(series(category, m)) == sign for m in models]
-            lines.append(f"Paper: the {category} share {word} with the start fraction; here this "
-                         f"{verdict(holds)} ({sum(holds)} of {len(holds)} models).")
-    else:
-        lines.append("Fewer than two start fractions have categories, so the trend with the start fraction "
-                     "cannot be checked.")
-    if len(models) >= 2 and starts:
+    need_starts = f">= {MIN_WINDOW} checkpoints in the trend window at >= 2 start fractions of a model"
+    for category, sign, word in (("stagnated", 1, "grows"), ("upward", -1, "shrinks"), ("downward", -1, "shrinks")):
+        holds = [direction(series(category, m)) == sign if len(series(category, m)) >= 2 else None for m in models]
+        lines.append(f"Paper: the {category} share {word} with the start fraction; this "
+                     f"{verdict(holds, need_starts)} ({counted(holds)} models).")
+    if len(models) >= 2:
         holds = []
-        for start in starts:
+        for start in sorted(shares["start"].unique()):
             at = labelled[(labelled.category == "stagnated") & (labelled.start == start)].set_index("model")["percent"]
-            holds.append(direction([at.get(m, np.nan) for m in models]) == 1)
-        lines.append(f"Paper: the stagnated share grows with model size; here this {verdict(holds)} "
-                     f"({sum(holds)} of {len(holds)} start fractions).")
+            values = [at.get(m, np.nan) for m in models]
+            holds.append(direction(values) == 1 if np.isfinite(values).sum() >= 2 else None)
+        lines.append(f"Paper: the stagnated share grows with model size; this "
+                     f"{verdict(holds, f'>= 2 models with >= {MIN_WINDOW} checkpoints in the trend window')} "
+                     f"({counted(holds)} start fractions).")
     return lines
 
 
@@ -85,7 +96,7 @@ def run(source, start: Sequence[float] = default_of(trend_categories, "start"),
     colors = model_colors(ds)
     reference = paper_reference()
 
-    fig, panels = new_figure(2 * len(SHOWN), ncols=len(SHOWN), sharey="col")
+    fig, panels = new_figure(2 * len(SHOWN), ncols=len(SHOWN), sharey="col")  # uncategorised too: shares add to 100
     grey = np.linspace(0.75, 0.1, len(PAPER_MODELS))
     for col, category in enumerate(SHOWN):
         top, bottom = panels[col], panels[len(SHOWN) + col]
@@ -113,8 +124,8 @@ def run(source, start: Sequence[float] = default_of(trend_categories, "start"),
         f"{m} " + " / ".join(f"{at_p.get((m, c), np.nan):.1f}" for c in flag_names(cats)) for m in models) + "."]
     missing = shares[(shares.category == SHOWN[0]) & shares["percent"].isna()]
     for value, rows in missing.groupby("start"):
-        findings.append(f"No categories at start {value:.0%} in {', '.join(rows['model'])}: fewer than 3 "
-                        "checkpoints in the window.")
+        findings.append(f"No categories at start {value:.0%} in {', '.join(rows['model'])}: fewer than {MIN_WINDOW} "
+                        "checkpoints in the window (not testable there).")
     findings += _claims(shares, models)
     return Result(TITLE, {"trend_shares": shares, "paper_reference": reference}, fig, findings,
                   labels={"trends": cats.rename("trend")})
