@@ -132,7 +132,7 @@ def run_analyze(store: Path, out: Path) -> None:
     """`tokendyn analyze` in a child process; prints its wall time and peak memory."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "tokendyn", "analyze", str(store), "--out", str(out)],
+    done = subprocess.run([str(Path(sys.executable).with_name("tokendyn")), "analyze", str(store), "--out", str(out), "--quiet"],
                           capture_output=True, text=True)
     wall = time.perf_counter() - started
     peak = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20

@@ -266,18 +266,14 @@ def _train_one(name: str, size: dict, tokens: torch.Tensor, tokenizer, cfg: Trai
     return saved, time.perf_counter() - started
 
 
-def _queue_reporter(messages):
-    return lambda name, n_steps, loss: messages.put((name, n_steps, loss))
-
-
 def _train_parallel(sizes: dict[str, dict], cost: dict[str, float], workers: int, tokens: torch.Tensor, tokenizer,
                     cfg: TrainConfig, out: Path, seed: int, threads: int, report) -> dict[str, tuple[list[int], float]]:
     """`_train_one` for every size in a pool of spawned processes, the costliest first (balances the cores)."""
     context = multiprocessing.get_context("spawn")  # fork after torch has started threads can deadlock
-    with context.Manager() as manager, ProcessPoolExecutor(workers, mp_context=context) as pool:
-        messages = manager.Queue()
+    messages = context.Queue()
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_set_messages, initargs=(messages,)) as pool:
         futures = {name: pool.submit(_train_worker, name, sizes[name], tokens, tokenizer, cfg, out / name, seed,
-                                     threads, messages)
+                                     threads)
                    for name in sorted(sizes, key=cost.get, reverse=True)}
         while not all(f.done() for f in futures.values()) or not messages.empty():
             try:
@@ -287,9 +283,18 @@ def _train_parallel(sizes: dict[str, dict], cost: dict[str, float], workers: int
         return {name: futures[name].result() for name in sizes}
 
 
+_messages = None  # a worker process's queue of progress messages to the parent
+
+
+def _set_messages(messages) -> None:
+    global _messages
+    _messages = messages
+
+
 def _train_worker(name: str, size: dict, tokens: torch.Tensor, tokenizer, cfg: TrainConfig, out: Path, seed: int,
-                  threads: int, messages) -> tuple[list[int], float]:
-    return _train_one(name, size, tokens, tokenizer, cfg, out, seed, threads, _queue_reporter(messages))
+                  threads: int) -> tuple[list[int], float]:
+    return _train_one(name, size, tokens, tokenizer, cfg, out, seed, threads,
+                      lambda *message: _messages.put(message))
 
 
 def token_stream(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
