@@ -125,15 +125,19 @@ def old_aoa_seconds(ds: xr.Dataset, n_sample: int = 8192) -> float:
 
 
 def write_measure(data: xr.DataArray, folder: Path) -> None:
-    data.to_dataset(name=data.name).to_zarr(folder / f"{data.name}.zarr", mode="w", consolidated=False)
+    """Write per-token results chunk by chunk (token coordinates stay in the store, as in `tokendyn analyze`)."""
+    data = data.reset_coords(drop=True)
+    data.encoding = {}
+    data.chunk({d: max(c) for d, c in zip(data.dims, data.chunks)}).to_dataset(name=data.name).to_zarr(
+        folder / f"{data.name}.zarr", mode="w", consolidated=False)
 
 
 def run_analyze(store: Path, out: Path) -> None:
     """`tokendyn analyze` in a child process; prints its wall time and peak memory."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     started = time.perf_counter()
-    done = subprocess.run([str(Path(sys.executable).with_name("tokendyn")), "analyze", str(store), "--out", str(out), "--quiet"],
-                          capture_output=True, text=True)
+    command = [str(Path(sys.executable).with_name("tokendyn")), "analyze", str(store), "--out", str(out), "--quiet"]
+    done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - started
     peak = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20
     status = "ok" if done.returncode == 0 else f"FAILED: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
