@@ -1,4 +1,4 @@
-"""Synthetic stores in the store contract layout (README, "The store") with planted trajectories.
+"""Synthetic stores in the store contract layout (docs/store.md) with planted trajectories.
 
 `write_store` writes any loss array as a contract store with `ds.to_zarr` and reopens it with
 `xr.open_zarr`, so the analyses run on lazy dask arrays as they do on real stores.
