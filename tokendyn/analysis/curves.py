@@ -48,7 +48,9 @@ def final_loss(ds: xr.Dataset, last: int = 5) -> xr.Dataset:
     ds = load_small(ds)
     if last < 1:
         raise TokendynError("last must be at least 1 checkpoint")
-    loss = chunk_tokens(token_loss(ds)).where(last_checkpoints(ds, last))
+    mask = last_checkpoints(ds, last)
+    used = np.flatnonzero(mask.values.any(axis=0))  # read only checkpoints that are some model's last ones
+    loss = chunk_tokens(token_loss(ds).isel(ckpt=used)).where(mask.isel(ckpt=used))
     return xr.Dataset({"final_loss": loss.mean("ckpt"), "final_variability": loss.std("ckpt")})
 
 
