@@ -135,7 +135,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="windows per forward pass of the kernel")
     parser.add_argument("--models", default="llama,neox")
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--half-tokens", type=int, default=256, help="tokens for half precision on CPUs that emulate it")
+    parser.add_argument("--half-tokens", type=int, default=256,
+                        help="tokens for half precision on CPUs that emulate it")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     device, auto = hardware.choose("cpu", "auto")

@@ -31,7 +31,8 @@ def test_auto_on_native_bf16_cpu_follows_the_timing(bf16_seconds, expected):
 
 
 def test_arm_bf16_feature_counts_as_native():
-    hw = Hardware("cpu", "DEFAULT", frozenset({"fp", "asimd", "bf16"}), matmul_seconds={"float32": 1.0, "bfloat16": 0.4})
+    hw = Hardware("cpu", "DEFAULT", frozenset({"fp", "asimd", "bf16"}),
+                  matmul_seconds={"float32": 1.0, "bfloat16": 0.4})
     assert decide_dtype("auto", hw).name == "bfloat16"
 
 
