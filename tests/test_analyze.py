@@ -11,6 +11,7 @@ import xarray as xr
 import tokendyn.pipelines.steps
 from conftest import write_suite
 from planted_stores import KINDS, planted_suite, write_store
+from tokendyn.analysis.labels import flag_names
 from tokendyn.cli import main
 
 TABLES = {"checkpoints", "perplexity_levels", "trend_shares", "subset_curves", "double_descent", "agreement",
@@ -33,7 +34,7 @@ def test_writes_every_table_and_label_group(analysed):
         labels = xr.open_zarr(folder / "labels.zarr", group=group, consolidated=False)
         assert labels.sizes["seq"] == ds.sizes["seq"] and labels.sizes["pos"] == ds.sizes["pos"]
     trends = xr.open_zarr(folder / "labels.zarr", group="trends", consolidated=False)["trend"]
-    assert trends.dims == ("model", "start", "seq", "pos") and trends.attrs["categories"][0] == "stagnated"
+    assert trends.dims == ("model", "start", "seq", "pos") and flag_names(trends)[0] == "stagnated"
 
 
 def test_tables_hold_what_was_planted(analysed):

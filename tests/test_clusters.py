@@ -30,7 +30,7 @@ def test_planted_shapes_on_the_matched_perplexity_grid(planted):
     ds, truth = planted
     result = cluster(ds, n_clusters=4, token_text=lambda ids: [f"<{i}>" for i in ids])
     kind = truth["kind"]
-    codes = result.labels.codes.values
+    codes = result.labels.values
     for m in range(3):
         assert adjusted_rand_score(kind[kind >= 0], codes[m][kind >= 0]) > 0.95
     majority = _majority(codes[2], kind, result.names)
@@ -54,8 +54,8 @@ def test_planted_shapes_on_the_matched_perplexity_grid(planted):
 def test_double_descent_cluster_on_one_models_checkpoints(planted):
     ds, truth = planted
     result = cluster(ds, n_clusters=5, on="checkpoints", model="large")
-    assert result.labels.codes.dims == ("model", "seq", "pos")
-    codes, kind = result.labels.codes.values[0], truth["kind"]
+    assert result.labels.dims == ("model", "seq", "pos")
+    codes, kind = result.labels.values[0], truth["kind"]
     majority = _majority(codes, kind, result.names)
     assert majority["stagnating"][0] == "stagnating" and majority["upward"][0] == "rising"
     # k-means splits the falling tokens by depth; the double-descent cluster holds only planted

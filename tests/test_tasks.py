@@ -120,9 +120,17 @@ def test_jsonl_reader(tmp_path):
     path.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": "c"}) + "\n")
     with pytest.raises(TokendynError, match="quiz.jsonl:1:.*answer"):
         read_task(path)
-    path.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0, "step": 3}) + "\n")
-    with pytest.raises(TokendynError, match="field 'step'"):
+    path.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0, "n_options": 3}) + "\n")
+    with pytest.raises(TokendynError, match="field 'n_options', which tokendyn sets itself"):
         read_task(path)
+
+
+def test_fields_named_like_the_store_are_refused_before_scoring(suite, tmp_path):
+    path = tmp_path / "quiz.jsonl"
+    path.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0, "step": 3}) + "\n")
+    with pytest.raises(TokendynError, match="task 'quiz': field 'step' is a name the store uses; rename it"):
+        score_tasks(suite, tmp_path / "s.zarr", [read_task(path)], progress=False)
+    assert list(tmp_path.iterdir()) == [path]
 
 
 def _transformers_logprob(model, tokenizer, text: str, prompt: str) -> tuple[float, int]:

@@ -433,18 +433,17 @@ def _parse_checkpoint(t: _Table, model: str, hub_id: str | None, tokens_per_step
         t.fail("path", "give exactly one of path (a local directory) or revision (with the model's hub_id)")
     if revision is not None and hub_id is None:
         t.fail("revision", 'needs the model\'s hub_id; add hub_id = "org/name" to the model')
+    directory = None
     if path is not None:
         directory = _absolute(base, path)
         if not directory.is_dir():
             t.fail("path", f"checkpoint directory {directory} does not exist; fix the path "
                            "(relative paths start at the TOML's folder)")
-        source = (directory, None, None)
-    else:
-        source = (None, hub_id, revision)
     tokens_seen = t.positive("tokens_seen", float, None)
     if tokens_seen is None:
         tokens_seen = _tokens_seen(step, tokens_per_step, revision)
-    return Checkpoint(model, step, *source, tokens_seen)
+    # A local checkpoint has no hub source (revision is None there: exactly one of path and revision is given).
+    return Checkpoint(model, step, directory, hub_id if directory is None else None, revision, tokens_seen)
 
 
 def _tokens_seen(step: int, tokens_per_step: float | None, revision: str | None) -> float | None:

@@ -1,4 +1,5 @@
-"""Multiple-choice task files (methods.md §1.5): read tasks, build k-shot prompts and the documents that score every option.
+"""Multiple-choice task files (methods.md §1.5): read tasks, build k-shot prompts and the documents that score
+every option.
 
 Two file formats:
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -39,10 +39,9 @@ from tokendyn.errors import TokendynError
 OPTION_FIELD = "in_option"
 ITEM_FIELDS = ("item", "option", "answer", "n_options")
 
-# Store coordinates an item field must not shadow.
-RESERVED = {"model", "ckpt", "seq", "pos", "step", "tokens_seen", "val_ppl", "source", "n_params",
-            "n_params_nonembed", "token_id", "token_doc", "doc", "done", "loss", "entropy", "rank",
-            "vocab_text", "weights_hash", OPTION_FIELD, *ITEM_FIELDS}
+# Fields the option documents get from tokendyn, which an item's own field must not replace (names the
+# store uses are refused where tasks are scored: `tokendyn.store.check_field_names`).
+GENERATED_FIELDS = {OPTION_FIELD, *ITEM_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -149,8 +148,8 @@ def _item_fields(extra: dict, path: Path, number: int) -> dict:
     for key, value in extra.items():
         if value is None or isinstance(value, dict):
             continue
-        if key in RESERVED:
-            raise TokendynError(f"{path}: item {number} has a field '{key}', which is a name tokendyn uses; rename it")
+        if key in GENERATED_FIELDS:
+            raise TokendynError(f"{path}: item {number} has a field '{key}', which tokendyn sets itself; rename it")
         if isinstance(value, list):
             value = "|".join(str(v) for v in value)
         fields[key] = value

@@ -20,7 +20,7 @@ from tokendyn.config.suite import EvalSet, Suite, load_suite
 from tokendyn.data.tasks import ChoiceTask, choice_documents
 from tokendyn.errors import TokendynError
 from tokendyn.models import checkpoints
-from tokendyn.store import TASK_SET_PREFIX
+from tokendyn.store import TASK_SET_PREFIX, check_field_names
 
 
 def documents_dir(store: str | Path) -> Path:
@@ -80,6 +80,8 @@ def score_tasks(suite: Suite | str | Path, out: str | Path, tasks: Sequence[Choi
     names = [t.name for t in tasks]
     if not tasks or len(set(names)) != len(names):
         raise TokendynError(f"give one or more tasks with distinct names (got {', '.join(names) or 'none'})")
+    for task in tasks:
+        check_field_names({key for item in task.items for key in item.fields}, f"task '{task.name}'")
     tokenizer = checkpoints.load_tokenizer(suite)
     context = suite_context(suite, trust_remote_code)
     sets = [task_set(t, tokenizer, documents_dir(out), shots=shots, seed=seed, delimiter=delimiter,

@@ -29,12 +29,9 @@ from tqdm import tqdm
 
 import tokendyn.pipelines.steps
 from tokendyn.errors import TokendynError
+from tokendyn.studies.study import Skip, require  # noqa: F401  (re-exported for the steps)
 
 LABELS_STORE = "labels.zarr"
-
-
-class Skip(Exception):
-    """Raised by a step when the store lacks what it needs; the message says what."""
 
 
 @dataclass
@@ -71,13 +68,6 @@ class Output:
 
 
 Step = Callable[[xr.Dataset, Output], list[str]]
-
-
-def require(ds: xr.Dataset, *names: str) -> None:
-    """Raise Skip unless the dataset has all these variables or coordinates."""
-    missing = [name for name in names if name not in ds.variables]
-    if missing:
-        raise Skip(f"the store has no {', '.join(missing)}")
 
 
 def step_name(step: Step) -> str:

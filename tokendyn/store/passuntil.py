@@ -35,11 +35,12 @@ GROUP = "passuntil"
 COUNTS = ("passes", "drawn", "batches", "samples")  # `samples` last: it commits an instance
 
 
-CHECKPOINT_COORDS = ("val_ppl", "tokens_seen", "n_params", "n_params_nonembed")  # attached from the main set
+# Per (model, ckpt) and per model coordinates of the main set that `read_runs` attaches to the runs.
+ATTACHED_COORDS = ("val_ppl", "tokens_seen", "n_params", "n_params_nonembed")
 
 
 # Names in a task's group (and coordinates added when it is read) that an instance field must not shadow.
-RESERVED = {"model", "ckpt", "step", "instance", "new_tokens", "seconds", "done", *CHECKPOINT_COORDS, *COUNTS}
+RESERVED = {"model", "ckpt", "step", "instance", "new_tokens", "seconds", "done", *ATTACHED_COORDS, *COUNTS}
 
 
 def prepare_task(out: Path, task, lengths: list[int], params: dict, force: bool) -> zarr.Group:
@@ -48,7 +49,7 @@ def prepare_task(out: Path, task, lengths: list[int], params: dict, force: bool)
     path = f"{GROUP}/{task.name}"
     folder = out / GROUP / task.name
     if folder.is_dir():
-        existing = json.loads(root[path].attrs["params"])
+        existing = json.loads(str(root[path].attrs["params"]))
         if force:
             shutil.rmtree(folder)
         elif existing != params:
@@ -57,11 +58,12 @@ def prepare_task(out: Path, task, lengths: list[int], params: dict, force: bool)
                                 f"{'; '.join(changed)}; rerun with the same options, store it under another "
                                 "name (--name), or redo it (--force)")
         else:
-            return root[path]
+            return zarr.open_group(out, path=path, mode="r+")
     main = xr.open_zarr(out)
     shape = (main.sizes["model"], main.sizes["ckpt"], len(task.prompts))
     dims = ("model", "ckpt", "instance")
-    data = {name: (dims, np.full(shape, -1, dtype=np.int64)) for name in COUNTS}
+    data: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
+        name: (dims, np.full(shape, -1, dtype=np.int64)) for name in COUNTS}
     data["seconds"] = (dims, np.full(shape, np.nan))
     data["done"] = (("model", "ckpt"), np.zeros(shape[:2], dtype=bool))
     coords = {"model": main["model"].values, "ckpt": main["ckpt"].values,
@@ -72,11 +74,12 @@ def prepare_task(out: Path, task, lengths: list[int], params: dict, force: bool)
               "new_tokens": ("instance", np.asarray(lengths, dtype=np.int64)),
               **{k: ("instance", _field_array(v)) for k, v in task.fields.items()}}
     template = xr.Dataset(data, coords=coords, attrs={"task": task.name, "params": json.dumps(params)})
-    encoding = {name: {"chunks": (1, 1, shape[2])} for name in (*COUNTS, "seconds")}
+    encoding: dict[str, dict[str, tuple[int, ...]]] = {
+        name: {"chunks": (1, 1, shape[2])} for name in (*COUNTS, "seconds")}
     encoding["done"] = {"chunks": (1, 1)}
     template.to_zarr(out, group=path, mode="w", consolidated=False, encoding=encoding, zarr_format=3)
     consolidate(root)
-    return zarr.open_group(out, mode="r+")[path]
+    return zarr.open_group(out, path=path, mode="r+")
 
 
 def _field_array(values: list) -> np.ndarray:
@@ -103,6 +106,6 @@ def read_runs(path: str | Path, task: str) -> xr.Dataset:
                             "(run tokendyn passuntil first)")
     runs = xr.open_zarr(path, group=f"{GROUP}/{task}", consolidated=False)
     main = xr.open_zarr(path)
-    runs = runs.assign_coords({k: main[k].variable for k in CHECKPOINT_COORDS})
+    runs = runs.assign_coords({k: main[k].variable for k in ATTACHED_COORDS})
     runs.attrs["params"] = json.loads(runs.attrs["params"])
     return runs.load()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import xarray as xr
 import zarr
@@ -13,8 +14,8 @@ from tokendyn.store.layout import MAIN_COORDS, SETS_GROUP, set_path
 
 def list_sets(path: str | Path) -> list[str]:
     """Names of the named evaluation sets in a store (the main set excluded)."""
-    root = open_group(path, mode="r")
-    return sorted(root[SETS_GROUP].group_keys()) if SETS_GROUP in root else []
+    sets = open_group(path, mode="r").get(SETS_GROUP)
+    return sorted(sets.group_keys()) if isinstance(sets, zarr.Group) else []
 
 
 def open_store(path: str | Path, set: str = "main") -> xr.Dataset:
@@ -35,7 +36,7 @@ def read_attrs(path: str | Path) -> dict:
     return dict(open_group(path, mode="r").attrs)
 
 
-def open_group(path: str | Path, mode: str) -> zarr.Group:
+def open_group(path: str | Path, mode: Literal["r", "r+"]) -> zarr.Group:
     """The root group of a tokendyn store; a one-line error for anything else."""
     path = Path(path)
     if not (path / "zarr.json").is_file():

@@ -12,6 +12,7 @@ from tokendyn.studies.findings import WORDS, direction, listing
 from tokendyn.studies.study import Result, main, models_by_size, open_source, require
 from tokendyn.studies.style import model_colors, model_legend, new_figure
 from tokendyn.analysis.curves import RHO1_CLASSES
+from tokendyn.analysis.labels import label_share
 
 TITLE = "Per-token learning-curve measures (Chang et al.)"
 MEASURES = {
@@ -59,7 +60,7 @@ def run(source, last: int = 5, chance: float | None = None, window: int = 3, bin
                             "n_tokens": int(np.isfinite(v).sum()), "n_undefined": int((tokens & ~np.isfinite(v)).sum())})
     hist = pd.concat(hist)[["measure", "model", "bin_left", "bin_right", "count", "percent"]]
     summary = pd.DataFrame(summary)
-    rho = ds.tokendyn.rho1_classes().share().rename("percent").reset_coords(drop=True).to_dataframe().reset_index()
+    rho = label_share(ds.tokendyn.rho1_classes()).rename("percent").reset_coords(drop=True).to_dataframe().reset_index()
     rho = rho.rename(columns={"category": "class"}).assign(model=lambda t: t["model"].astype(str))
 
     fig, panels = new_figure(len(MEASURES), ncols=2)

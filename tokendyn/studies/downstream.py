@@ -12,6 +12,7 @@ from tokendyn.studies.findings import verdict
 from tokendyn.store import TASK_SET_PREFIX
 from tokendyn.studies.study import Result, Skip, main, models_by_size, open_source, require
 from tokendyn.studies.style import model_colors, model_legend, new_figure
+from tokendyn.analysis import downstream
 from tokendyn.analysis.sequences import store_path
 from tokendyn.store import list_sets
 
@@ -22,8 +23,6 @@ LABELS = {"accuracy": "accuracy (share of items)", "correct_prob": "correct-opti
 
 def emergence_table(path, scores, metric: str) -> tuple[pd.DataFrame, dict]:
     """One row per task with the §2 fit; and the results themselves by task (for drawing the fit)."""
-    from tokendyn.analysis import downstream
-
     rows, results = [], {}
     for task in scores["task"].values:
         result = downstream.emergence(path, str(task), metric, scores=scores)
@@ -46,8 +45,6 @@ def run(source, metric: str = "accuracy", max_panels: int = 8) -> Result:
     path = store_path(ds)
     if path is None or not any(name.startswith(TASK_SET_PREFIX) for name in list_sets(path)):
         raise Skip("the store has no multiple-choice tasks (add some with tokendyn tasks)")
-    from tokendyn.analysis import downstream  # imported here: it loads torch and transformers
-
     scores = downstream.task_scores(path)
     fits, results = emergence_table(path, scores, metric)
     models = models_by_size(ds)

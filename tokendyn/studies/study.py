@@ -19,7 +19,6 @@ import xarray as xr
 from matplotlib.figure import Figure
 
 import tokendyn
-from tokendyn.pipelines.analyze import Skip, require
 from tokendyn.data.corpus import PAD
 from tokendyn.errors import TokendynError
 
@@ -27,6 +26,17 @@ __all__ = ["Result", "Skip", "require", "open_source", "models_by_size", "token_
 
 FIGURE_FORMATS = ("png", "svg")
 PNG_DPI = 100
+
+
+class Skip(Exception):
+    """Raised by a study (or an analysis step) when the store lacks what it needs; the message says what."""
+
+
+def require(ds: xr.Dataset, *names: str) -> None:
+    """Raise Skip unless the dataset has all these variables or coordinates."""
+    missing = [name for name in names if name not in ds.variables]
+    if missing:
+        raise Skip(f"the store has no {', '.join(missing)}")
 
 
 @dataclass

@@ -15,6 +15,7 @@ from tokendyn.studies.study import Result, Skip, main, models_by_size, open_sour
 from tokendyn.studies.style import log_scale, model_colors, model_legend, new_figure, perplexity_axis
 from tokendyn.analysis.sequences import turning_points
 from tokendyn.analysis.trajectories import done_checkpoints, load_small, model_index, token_share
+from tokendyn.analysis.labels import label_mask
 from tokendyn.analysis.trends import TrendWarning, window_start
 
 TITLE = "Stagnated and upward tokens tracked across sizes"
@@ -93,10 +94,10 @@ def run(source, start: float = 0.2, chosen_on: str | None = None, x: str = "log_
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrendWarning)
         labels = ds.isel(model=[m]).tokendyn.trend_categories([start], x=x).isel(model=0, start=0).compute()
-    if int((labels.codes >= 0).sum()) == 0:
+    if int((labels >= 0).sum()) == 0:
         raise Skip(f"model {chooser} has fewer than 3 checkpoints from {start:.0%} of its final step, "
                    "so no trend categories to choose tokens by")
-    masks = xr.concat([labels == c for c in CATEGORIES], dim="category").assign_coords(category=list(CATEGORIES))
+    masks = xr.concat([label_mask(labels, c) for c in CATEGORIES], dim="category").assign_coords(category=list(CATEGORIES))
     percent = token_share(ds, masks)
     curves = ds.tokendyn.subset_curve(masks)
     shapes = curve_shapes(curves, tol)

@@ -13,6 +13,7 @@ import pandas as pd
 from tokendyn.studies.findings import direction, verdict
 from tokendyn.studies.study import Result, main, models_by_size, open_source, require
 from tokendyn.studies.style import model_colors, model_legend, new_figure
+from tokendyn.analysis.labels import flag_names, label_share
 from tokendyn.analysis.trends import STARTS, TrendWarning
 
 TITLE = "Token trend categories against the start of the trend window"
@@ -77,7 +78,7 @@ def run(source, start: Sequence[float] = STARTS, x: str = "log_step", alpha: flo
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrendWarning)  # the findings name the starts without categories
         cats = ds.tokendyn.trend_categories(start, x=x, alpha=alpha, band=band)
-    shares = cats.share().rename("percent").reset_coords(drop=True).to_dataframe().reset_index()
+    shares = label_share(cats).rename("percent").reset_coords(drop=True).to_dataframe().reset_index()
     shares["model"] = shares["model"].astype(str)
     models = models_by_size(ds)
     colors = model_colors(ds)
@@ -108,7 +109,7 @@ def run(source, start: Sequence[float] = STARTS, x: str = "log_step", alpha: flo
     p = min(shares["start"].unique(), key=lambda s: abs(s - 0.2))
     at_p = shares[shares.start == p].set_index(["model", "category"])["percent"]
     findings = [f"At start {p:.0%}, % stagnated / upward / downward / uncategorised: " + "; ".join(
-        f"{m} " + " / ".join(f"{at_p.get((m, c), np.nan):.1f}" for c in cats.names) for m in models) + "."]
+        f"{m} " + " / ".join(f"{at_p.get((m, c), np.nan):.1f}" for c in flag_names(cats)) for m in models) + "."]
     missing = shares[(shares.category == SHOWN[0]) & shares["percent"].isna()]
     for value, rows in missing.groupby("start"):
         findings.append(f"No categories at start {value:.0%} in {', '.join(rows['model'])}: fewer than 3 "

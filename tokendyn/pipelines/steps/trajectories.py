@@ -13,7 +13,7 @@ import xarray as xr
 
 from tokendyn.pipelines.analyze import Output, Skip, require
 from tokendyn.errors import TokendynError
-from tokendyn.analysis.labels import TokenLabels
+from tokendyn.analysis.labels import label_mask, label_share
 from tokendyn.analysis.trajectories import (at_perplexity, detect_double_descent, load_small, perplexity_range, reach,
                                    token_share, x_axis)
 from tokendyn.analysis.trends import STARTS
@@ -68,14 +68,14 @@ def trends_step(ds: xr.Dataset, out: Output) -> list[str]:
     (subset_curves.csv) with a double-descent check on each curve."""
     require(ds, "loss", "step", "val_ppl")
     cats = ds.tokendyn.trend_categories(_option(out, "start"), x=_option(out, "trend_x"))
-    cats = TokenLabels.from_dataarray(out.write_labels("trends", cats.to_dataarray("trend"))["trend"])
-    shares = cats.share()
+    cats = out.write_labels("trends", cats)["trend"]
+    shares = label_share(cats)
     out.write_table("trend_shares", shares.rename("percent").reset_coords(drop=True).to_dataframe().reset_index())
     p = min(shares["start"].values, key=lambda s: abs(s - _option(out, "subset_start")))
     lines = [f"% stagnated/upward/downward/uncategorised at start {p:.0%}: " + "; ".join(
         f"{model} " + "/".join(f"{v:.1f}" for v in shares.sel(model=model, start=p).values)
         for model in shares["model"].values)]
-    masks = xr.concat([xr.concat([cats.sel(model=chooser, start=p) == category for category in ("stagnated", "upward")],
+    masks = xr.concat([xr.concat([label_mask(cats.sel(model=chooser, start=p), category) for category in ("stagnated", "upward")],
                                  dim="category") for chooser in ds["model"].values], dim="chosen_on")
     masks = masks.assign_coords(chosen_on=[str(m) for m in ds["model"].values], category=["stagnated", "upward"])
     curves = ds.tokendyn.subset_curve(masks)
@@ -123,9 +123,9 @@ def curves_step(ds: xr.Dataset, out: Output) -> list[str]:
     require(ds, "loss", "step")
     measures = out.write_labels("curves", ds.tokendyn.curve_measures(last=_option(out, "last")).astype(np.float32))
     rho = ds.tokendyn.rho1_classes()
-    rho = TokenLabels.from_dataarray(out.write_labels("rho1", rho.to_dataarray("rho1"))["rho1"])
+    rho = out.write_labels("rho1", rho)["rho1"]
     summary = measures.load().median(["seq", "pos"]).reset_coords(drop=True).to_dataframe()
-    rho_shares = rho.share().to_pandas()
+    rho_shares = label_share(rho).to_pandas()
     table = summary.join(rho_shares.add_prefix("rho1 % ")).reset_index()
     out.write_table("curve_summary", table)
     return ["Rho-1 % H->H/L->H/H->L/L->L: " + "; ".join(
@@ -142,7 +142,7 @@ def clusters_step(ds: xr.Dataset, out: Output) -> list[str]:
         result = ds.tokendyn.cluster(n_clusters, on=on, method=_option(out, "cluster_method"))
     except TokendynError as err:
         raise Skip(str(err)) from err
-    out.write_labels("clusters", result.labels.to_dataarray("cluster"))
+    out.write_labels("clusters", result.labels)
     shares = result.share()
     out.write_table("clusters", shares.rename("percent").reset_coords(drop=True).to_dataframe().reset_index())
     centroids = result.centroids.to_dataframe(name="loss_change").reset_index()
