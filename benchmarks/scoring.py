@@ -112,8 +112,8 @@ def lm_eval_rolling(model, ids: torch.Tensor, window: int):
 
 
 def _identity_tokenizer(vocab: int):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
     return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({str(i): i for i in range(vocab)},
                                                                                unk_token="0")), eos_token="0")
 

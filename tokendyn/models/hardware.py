@@ -167,7 +167,7 @@ def time_matmul(name: str, device: str = "cpu", size: int = PROBE_SIZE, repeats:
     return best
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def probe(device: str, requested: str) -> Hardware:
     """The facts of this machine that the choice of `requested` on `device` needs (timed once per process).
 
@@ -185,7 +185,7 @@ def probe(device: str, requested: str) -> Hardware:
     return hw
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def choose(device: str = "auto", dtype: str = "auto", verbose: bool = True) -> tuple[str, torch.dtype]:
     """Resolve `device` and `dtype` (names, aliases or auto) for this machine; returns (device, torch dtype).
 

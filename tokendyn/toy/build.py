@@ -276,10 +276,8 @@ def _train_parallel(sizes: dict[str, dict], cost: dict[str, float], workers: int
                                      threads)
                    for name in sorted(sizes, key=cost.get, reverse=True)}
         while not all(f.done() for f in futures.values()) or not messages.empty():
-            try:
+            with contextlib.suppress(queue.Empty):
                 report(*messages.get(timeout=0.2))
-            except queue.Empty:
-                pass
         return {name: futures[name].result() for name in sizes}
 
 
