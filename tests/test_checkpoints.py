@@ -169,8 +169,8 @@ def test_max_context_and_dtypes(ckpts):
     assert max_context(models["neox0"].config) == 64
     assert max_context(GPT2Config(n_positions=77)) == 77
     assert max_context(object()) is None
-    assert parse_dtype("float16") is torch.float16 and parse_dtype("float32") is torch.float32
-    with pytest.raises(TokendynError, match="unknown dtype 'fp8'; use one of float32, bfloat16, float16"):
+    assert parse_dtype("float32") is torch.float32 and parse_dtype("fp32") is torch.float32
+    with pytest.raises(TokendynError, match=r"unknown dtype 'fp8'; use auto, float32 \(fp32\)"):
         parse_dtype("fp8")
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import scipy.optimize
 
 from planted_stores import write_store
+from tokendyn.analysis.curves import (RHO1_CLASSES, _sigmoid_midpoint, age_of_acquisition, cartography,
+                                      curve_measures, final_loss, forgettability, rho1_classes, uniform_loss)
 from tokendyn.analysis.labels import flag_names, label_share
-from tokendyn.analysis.curves import (RHO1_CLASSES, age_of_acquisition, cartography, curve_measures, final_loss,
-                                      forgettability, rho1_classes, uniform_loss)
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +134,37 @@ def test_age_of_acquisition_recovers_planted_midpoints(tmp_path):
         (_, ref_x0, _), _ = scipy.optimize.curve_fit(lambda x, k, x0, lo: _sigmoid(x, k, x0, lo, chance), x, y,
                                                      p0=[3, 3, 1.5])
         assert got[s, t] == pytest.approx(ref_x0, abs=1e-3)
+
+
+def _scipy_midpoint(y, x, chance):
+    """Per-token least squares with scipy from several starts; the best fit's x0 and sum of squares."""
+    best = (np.nan, np.inf)
+    for k0, x00 in itertools.product((1, 5, 30), np.linspace(x.min(), x.max(), 4)):
+        try:
+            params, _ = scipy.optimize.curve_fit(lambda x, k, x0, lo: _sigmoid(x, k, x0, lo, chance), x, y,
+                                                 p0=[k0, x00, y.min()], maxfev=2000)
+        except RuntimeError:
+            continue
+        sse = float(((_sigmoid(x, *params, chance) - y) ** 2).sum())
+        if sse < best[1]:
+            best = (params[1], sse)
+    return best
+
+
+def test_vectorised_fit_matches_scipy_token_by_token():
+    """A few hundred noisy tokens (sigmoids of all widths and flat curves): the same optimum as scipy."""
+    rng = np.random.default_rng(7)
+    x = np.log10(np.geomspace(1000, 143000, 30))
+    n, chance = 240, 10.8
+    k, x0, lo = rng.uniform(1, 20, n), rng.uniform(3.1, 5.1, n), rng.uniform(0.5, 8, n)
+    y = _sigmoid(x[:, None], k, x0, lo, chance) + rng.normal(0, 0.3, (len(x), n))
+    y[:, :40] = rng.uniform(1, 10, 40) + rng.normal(0, 0.5, (len(x), 40))  # flat: mostly no age
+    got = _sigmoid_midpoint(y, x, chance, n_iter=3)
+    ref = np.array([_scipy_midpoint(y[:, t], x, chance)[0] for t in range(n)])
+    both = np.isfinite(got) & (ref > x.min()) & (ref < x.max())
+    assert both.sum() > 150
+    assert np.abs(got[both] - ref[both]).max() < 0.02
+    assert np.median(np.abs(got[both] - ref[both])) < 1e-3
 
 
 def test_curve_measures_gathers_everything(random_store):

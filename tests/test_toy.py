@@ -22,7 +22,8 @@ from tokendyn.toy import findings
 from tokendyn.toy import world as toy_world
 from tokendyn.toy.build import MANIFEST, PRESETS, build, build_key, build_parameters, token_stream
 from tokendyn.toy.tokenizer import train_tokenizer
-from tokendyn.toy.train import checkpoint_steps, opt_config
+from tokendyn.toy import build as toy_build
+from tokendyn.toy.train import ModelSize, TrainConfig, checkpoint_steps, opt_config
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +250,25 @@ def test_cli_builds_and_prints_the_suite(tmp_path, capsys):
     suite = tomllib.loads((tmp_path / "s" / "suite.toml").read_text())
     assert [m["name"] for m in suite["models"]] == ["toy-S", "toy-L"]
     assert main(["toy", "build", "--out", str(tmp_path / "s"), "--sizes", "XL"]) == 2
+
+
+@pytest.mark.slow
+def test_parallel_training_equals_sequential(small_world, tmp_path, monkeypatch):
+    """Sizes trained in spawned processes give the same weights as in this process, and progress covers all steps."""
+    _, train_docs, tokenizer = small_world
+    tokens = token_stream([d["text"] for d in train_docs[:40]], tokenizer, 32)
+    cfg = TrainConfig(batch_size=4, warmup_steps=2, log_checkpoints=2, linear_checkpoints=1)
+    sizes = {"a": dataclasses.asdict(ModelSize(hidden=8, layers=1, heads=1, lr=1e-2)),
+             "b": dataclasses.asdict(ModelSize(hidden=16, layers=1, heads=2, lr=1e-2))}
+    steps = len(tokens) // cfg.batch_size
+    monkeypatch.setattr(toy_build, "PARALLEL_MIN_SECONDS", 0.0)
+    monkeypatch.setattr(toy_build.os, "cpu_count", lambda: 2)
+    parallel, seconds = toy_build.train_sizes(sizes, tokens, tokenizer, cfg, tmp_path / "par", 0, 1, False)
+    monkeypatch.setattr(toy_build, "PARALLEL_MIN_SECONDS", math.inf)
+    sequential, _ = toy_build.train_sizes(sizes, tokens, tokenizer, cfg, tmp_path / "seq", 0, 1, False)
+    assert parallel == sequential and set(seconds) == {"a", "b"}
+    for name, saved in parallel.items():
+        assert saved[-1] == steps
+        a = load_file(tmp_path / "par" / name / f"step{steps}" / "model.safetensors")
+        b = load_file(tmp_path / "seq" / name / f"step{steps}" / "model.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)

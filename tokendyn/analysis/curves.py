@@ -27,7 +27,11 @@ from tokendyn.analysis.trajectories import (CHUNK_MB, chunk_tokens, done_checkpo
                                             valid_tokens)
 
 RHO1_CLASSES = ("H->H", "L->H", "H->L", "L->L")
-AOA_SLICE_TOKENS = 8192  # the sigmoid fit keeps ~15 float64 copies of its slice
+AOA_SLICE_TOKENS = 1024  # the sigmoid fit keeps ~15 float64 copies of its slice: small enough for the cache
+# The fit's starting grid: AOA_GRID = (x0 values across the steps, k values) with k from
+# AOA_GRID_K[0] to AOA_GRID_K[1] per span of log10 steps (a fall over twice the span to 1/50 of it).
+AOA_GRID = (32, 12)
+AOA_GRID_K = (2.0, 200.0)
 
 
 def last_checkpoints(ds: xr.Dataset, last: int) -> xr.DataArray:
@@ -45,30 +49,56 @@ def final_loss(ds: xr.Dataset, last: int = 5) -> xr.Dataset:
     ds = load_small(ds)
     if last < 1:
         raise TokendynError("last must be at least 1 checkpoint")
-    loss = chunk_tokens(token_loss(ds)).where(last_checkpoints(ds, last))
+    mask = last_checkpoints(ds, last)
+    used = np.flatnonzero(mask.values.any(axis=0))  # read only checkpoints that are some model's last ones
+    loss = chunk_tokens(token_loss(ds).isel(ckpt=used)).where(mask.isel(ckpt=used))
     return xr.Dataset({"final_loss": describe(loss.mean("ckpt"), "mean loss over the last checkpoints", "nats"),
                        "final_variability": describe(loss.std("ckpt"), "standard deviation of the loss over the last "
                                                      "checkpoints", "nats")})
+
+
+def _grid_start(y: np.ndarray, x: np.ndarray, chance: float) -> np.ndarray:
+    """(k, x0, lo) per token of the best least-squares fit over a grid of (k, x0), lo solved exactly.
+
+    For a fixed (k, x0) the sigmoid s is the same for every token and the fit is linear in lo, so
+    the sum of squares of every token at every grid point follows from one matrix product y @ s.T:
+    with u = 1 - s and t = y.u - chance s.u, the best lo is t / u.u and the sum of squares is
+    |y|^2 - 2 chance y.s + chance^2 s.s - t^2 / u.u.
+    float32 throughout: it only ranks grid points. y is (token, ckpt).
+    """
+    span = max(float(x.max() - x.min()), 1e-6)
+    k, x0 = (grid.ravel() for grid in np.meshgrid(np.geomspace(*AOA_GRID_K, AOA_GRID[1]) / span,
+                                                   np.linspace(x.min(), x.max(), AOA_GRID[0])))
+    s = scipy.special.expit(-k[:, None] * (x - x0[:, None]))  # (grid, ckpt)
+    u = 1 - s
+    uu, su = (u * u).sum(-1), (s * u).sum(-1)
+    y32 = y.astype(np.float32)
+    # t = sum(y) - y.s - chance s.u, computed in place over the product (few (token, grid) temporaries)
+    t = y32 @ s.T.astype(np.float32)
+    np.negative(t, out=t)
+    t += y32.sum(-1, keepdims=True) - (chance * su).astype(np.float32)
+    # with y.s = sum(y) - chance s.u - t, the sum of squares up to a per-token constant is
+    # t (2 chance - t / u.u) + chance^2 (s.s + 2 s.u)
+    score = t * (-1 / uu).astype(np.float32)
+    score += 2 * chance
+    score *= t
+    score += (chance * chance * ((s * s).sum(-1) + 2 * su)).astype(np.float32)
+    best = np.argmin(score, axis=-1)
+    rows = np.arange(len(best))
+    return np.stack([k[best], x0[best], t[rows, best] / uu[best]], -1).astype(np.float64)
 
 
 def _sigmoid_midpoint(y: np.ndarray, x: np.ndarray, chance: float, n_iter: int) -> np.ndarray:
     """Midpoint x0 of the least-squares fit y ~ lo + (chance - lo) / (1 + exp(k (x - x0))).
 
     y is (ckpt, token), x the log10 steps; the upper level is fixed at `chance`, (k, x0, lo) fitted:
-    start from the line through the logit of the curve rescaled between its minimum and chance,
-    then take Levenberg-Marquardt steps, vectorised over tokens (a 3x3 solve per token).
+    start from the best point of a (k, x0) grid (`_grid_start`, all tokens at once), then take
+    Levenberg-Marquardt steps, vectorised over tokens (a 3x3 solve per token).
     NaN unless the fit falls (k > 0) from chance to lo < chance with x0 inside the data, and the
     first checkpoint is above halfway and the last below.
     """
     y = np.ascontiguousarray(y.T, dtype=np.float64)  # (token, ckpt): the fit's sums run along checkpoints
-    lo = y.min(axis=-1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.clip((y - lo[..., None]) / (chance - lo[..., None]), 0.02, 0.98)
-        logit = np.log(z / (1 - z))
-        xc = x - x.mean()
-        slope = (logit - logit.mean(-1, keepdims=True)) @ xc / (xc @ xc)
-        x0 = x.mean() + logit.mean(-1) / -slope
-    theta = np.stack([np.maximum(-slope, 1e-3), np.clip(np.nan_to_num(x0, nan=x.mean()), x.min(), x.max()), lo], -1)
+    theta = _grid_start(y, x, chance)
 
     def fit(theta):
         s = scipy.special.expit(-theta[..., :1] * (x - theta[..., 1:2]))
@@ -76,7 +106,7 @@ def _sigmoid_midpoint(y: np.ndarray, x: np.ndarray, chance: float, n_iter: int) 
 
     s, r = fit(theta)
     sse = (r * r).sum(-1)
-    damping = np.full(sse.shape, 1e-2)
+    damping = np.full(sse.shape, 1e-3)
     for _ in range(n_iter):
         slope_s = (chance - theta[..., 2:]) * s * (1 - s)
         jac = [-slope_s * (x - theta[..., 1:2]), slope_s * theta[..., :1], 1 - s]  # d fit / d (k, x0, lo)
@@ -114,7 +144,7 @@ def uniform_loss(ds: xr.Dataset) -> float:
     return float(np.log(ds.sizes["vocab"]))
 
 
-def age_of_acquisition(ds: xr.Dataset, chance: float | None = None, n_iter: int = 10,
+def age_of_acquisition(ds: xr.Dataset, chance: float | None = None, n_iter: int = 3,
                        chunk_mb: float = CHUNK_MB) -> xr.DataArray:
     """Age of acquisition: log10 step where a fitted sigmoid crosses halfway between chance and
     the sigmoid's minimum (Chang et al.).
@@ -123,7 +153,8 @@ def age_of_acquisition(ds: xr.Dataset, chance: float | None = None, n_iter: int 
     squares) by lo + (chance - lo) / (1 + exp(k (log10 step - x0))), with the upper level fixed at
     `chance` and k, x0 and the floor lo fitted; the halfway crossing is then x0. Chang et al. fit
     each token separately with a generic optimiser; here the same least-squares problem is
-    solved by vectorised Levenberg-Marquardt steps (`n_iter`) from a logit-line start.
+    solved for all tokens at once: the best point of a (k, x0) grid (one matrix product), then
+    `n_iter` vectorised Levenberg-Marquardt steps.
     chance: the loss of an uninformed model; default `uniform_loss(ds)` = ln(vocabulary size), the
     loss of the uniform distribution (Chang et al.'s chance surprisal), which does not depend on
     which checkpoints the suite has. NaN unless the token's loss goes from above halfway at the

@@ -26,8 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from tokendyn.errors import TokendynError
 from tokendyn.config.suite import Checkpoint, Suite
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from tokendyn.models import hardware
 
 # What to fetch from the hub: config, tokenizer and shard-index files, then the weights.
 META_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken"]
@@ -300,8 +299,7 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
     return total, nonembedding
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    """torch dtype from its name: float32, bfloat16 or float16."""
-    if name not in DTYPES:
-        raise TokendynError(f"unknown dtype '{name}'; use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+def parse_dtype(name: str, device: str = "cpu") -> torch.dtype:
+    """torch dtype from its name or alias (float32/fp32, bfloat16/bf16, float16/fp16), or auto's choice
+    for `device` (see `tokendyn.models.hardware`)."""
+    return hardware.choose(device, name)[1]

@@ -22,14 +22,16 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from tokendyn import __version__, store
-from tokendyn.models import checkpoints
+from tokendyn.models import checkpoints, hardware
 from tokendyn.models.fetch import Fetcher, cache_state
 from tokendyn.data.corpus import PAD, PackedSet, pack
 from tokendyn.errors import TokendynError
 from tokendyn.store.read import open_group
 from tokendyn.config.suite import EvalSet, Suite, load_suite
 
-CHUNK_LOGITS = 2**25  # logits materialised at once in the head: 128 MiB in float32
+# Logits materialised at once in the head: 16 MiB in float32; small enough for the CPU allocator to
+# reuse the block from chunk to chunk, large enough for the head's matrix product to run at full speed.
+CHUNK_LOGITS = 2**22
 # Config attributes that make the head's logits differ from a plain projection of the hidden state;
 # such models are scored through their own full forward pass instead.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -53,18 +55,28 @@ def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, metrics: Itera
     rows = max(1, CHUNK_LOGITS // model.config.get_text_config().vocab_size)
     parts = {m: [] for m in metrics}
     for start in range(0, len(targets), rows):
-        logits = head(hidden[start: start + rows]).float()
-        target = targets[start: start + rows, None]
-        logp = torch.log_softmax(logits, dim=-1)
-        if "loss" in metrics:
-            parts["loss"].append(-logp.gather(1, target)[:, 0])
-        if "entropy" in metrics:
-            parts["entropy"].append(-(logp.exp() * logp).sum(-1))
-        if "rank" in metrics:
-            parts["rank"].append((logits > logits.gather(1, target)).sum(-1).float())
+        for m, values in _chunk_metrics(head(hidden[start: start + rows]).float(),
+                                        targets[start: start + rows], metrics).items():
+            parts[m].append(values)
     for m in metrics:
-        out[m][:, 1:][valid] = torch.cat(parts[m]).cpu()
+        out[m][:, 1:][valid] = torch.cat(parts[m]).cpu()  # only the per-token results leave the device
     return out
+
+
+def _chunk_metrics(logits: torch.Tensor, target: torch.Tensor, metrics: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Metrics of (rows, vocab) float32 logits on their device, without a second (rows, vocab) array for the loss.
+
+    loss = logsumexp - target logit; entropy = logsumexp - E_p[logit]; rank = #logits above the target's.
+    """
+    lse = torch.logsumexp(logits, dim=-1)
+    target_logit = logits.gather(1, target[:, None])[:, 0]
+    out = {"loss": lse - target_logit}
+    if "entropy" in metrics:
+        probs = torch.softmax(logits, dim=-1)
+        out["entropy"] = lse - (probs * logits).sum(-1)
+    if "rank" in metrics:
+        out["rank"] = (logits > target_logit[:, None]).sum(-1).float()
+    return {m: out[m] for m in metrics}
 
 
 def _hidden_and_head(model: torch.nn.Module, ids: torch.Tensor):
@@ -73,7 +85,9 @@ def _hidden_and_head(model: torch.nn.Module, ids: torch.Tensor):
     Right padding needs no attention mask: causal attention keeps every real token blind to the
     padding after it, and positions then count from 0 as in an unpadded sequence.
     """
-    ids = ids.to(model.device)
+    if model.device.type == "cuda":
+        ids = ids.pin_memory()  # lets the copy below overlap with queued GPU work
+    ids = ids.to(model.device, non_blocking=True)
     config = model.config.get_text_config()
     if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
         logits = model(input_ids=ids).logits
@@ -83,7 +97,7 @@ def _hidden_and_head(model: torch.nn.Module, ids: torch.Tensor):
 
 
 def extract(suite: Suite | str | Path, out: str | Path, *, extra_sets: Iterable[EvalSet] = (),
-            metrics: Iterable[str] | None = None, device: str = "cpu", dtype: str = "float32",
+            metrics: Iterable[str] | None = None, device: str = "auto", dtype: str = "auto",
             store_dtype: str | None = None, batch_tokens: int = 8192, force: bool = False,
             allow_pickle: bool = False, trust_remote_code: bool = False, progress: bool = True,
             scheduler: str | None = None, workers: int | None = None, prefetch: int = 1,
@@ -94,7 +108,8 @@ def extract(suite: Suite | str | Path, out: str | Path, *, extra_sets: Iterable[
     ----------
     extra_sets : named evaluation sets added to the suite's own `[[sets]]`.
     metrics : any of "loss", "entropy", "rank" ("loss" always included); default: the store's, else loss.
-    device, dtype : where and in which precision the model runs; log-softmax is always float32.
+    device, dtype : where and in which precision the model runs ("auto": see `tokendyn.models.hardware`);
+        log-softmax is always float32.
     store_dtype : "float32" (default) or "float16" on disk.
     batch_tokens : tokens per forward pass (batch size = batch_tokens // seq_len, at least 1).
     force : recompute checkpoints that are already complete.
@@ -115,8 +130,7 @@ def extract(suite: Suite | str | Path, out: str | Path, *, extra_sets: Iterable[
     _check_unique_sets(suite)
     if batch_tokens < 1:
         raise TokendynError(f"batch_tokens = {batch_tokens} must be at least 1; pass e.g. --batch-tokens 8192")
-    torch_dtype = checkpoints.parse_dtype(dtype)
-    _check_device(device)
+    device, torch_dtype = hardware.choose(device, dtype)
     existing = _existing_attrs(out)
     metrics = _parse_metrics(metrics, existing)
     store_dtype = store_dtype or existing.get("store_dtype", "float32")
@@ -322,16 +336,6 @@ def _existing_attrs(out: Path) -> dict:
     if not (out / "zarr.json").is_file():
         return {}
     return store.read_attrs(out)
-
-
-def _check_device(device: str) -> None:
-    kind = device.split(":")[0]
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise TokendynError("--device cuda requested but no CUDA GPU is available; use --device cpu")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise TokendynError("--device mps requested but MPS is not available; use --device cpu")
-    if kind not in ("cpu", "cuda", "mps"):
-        raise TokendynError(f"unknown device '{device}'; use cpu, cuda[:N] or mps")
 
 
 def _check_unique_sets(suite: Suite) -> None:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from tokendyn.models import checkpoints
+from tokendyn.models import checkpoints, hardware
 from tokendyn.data.corpus import PAD, read_documents
 from tokendyn.errors import TokendynError
 from tokendyn.config.suite import Checkpoint, Suite, load_suite
@@ -181,7 +181,7 @@ def generate(suite: Suite | str | Path, *, small: str | None = None, large: str 
              small_step: int | None = None, large_step: int | None = None,
              mixtures: Sequence[Sequence[float]] = MIXTURES, prompts: int | None = 100, prompt_tokens: int = 5,
              new_tokens: int = 50, top_p: float | None = None, seed: int = 0, stop_at_eos: bool = True,
-             batch_size: int = 32, device: str = "cpu", dtype: str = "float32", allow_pickle: bool = False,
+             batch_size: int = 32, device: str = "auto", dtype: str = "auto", allow_pickle: bool = False,
              trust_remote_code: bool = False, progress: bool = True) -> list[dict]:
     """Contrastive generation from two models of a suite; one record per (mixture, prompt).
 
@@ -218,7 +218,7 @@ def generate(suite: Suite | str | Path, *, small: str | None = None, large: str 
     chosen = prompts_from_suite(suite, tokenizer, prompts, prompt_tokens)
     _check_context(roles, len(bos) + prompt_tokens + new_tokens, trust_remote_code)
 
-    torch_dtype = checkpoints.parse_dtype(dtype)
+    device, torch_dtype = hardware.choose(device, dtype)
     hf_logging.disable_progress_bar()  # one bar for the whole run, not one per weights load
     needed = {i for l1, l2 in mixtures for i, w in enumerate((l1, l2)) if w != 0}
     loaded = {i: checkpoints.load_model(roles[i], device=device, dtype=torch_dtype, allow_pickle=allow_pickle,

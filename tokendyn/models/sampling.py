@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
-from tokendyn.models import checkpoints
+from tokendyn.models import checkpoints, hardware
 from tokendyn.store.lock import writer_lock
 from tokendyn.store.passuntil import COUNTS, RESERVED, prepare_task
 from tokendyn.data.corpus import PAD, json_lines
@@ -177,7 +177,7 @@ def prompt_ids(task: GenerationTask, tokenizer, bos: bool, new_tokens: int | Non
 def run_pass_until(suite: Suite | str | Path, out: str | Path, task: GenerationTask | str | Path, *,
                    passes: int = 2, max_samples: int = 100_000, batch_size: int = 256, top_p: float | None = None,
                    new_tokens: int | None = None, stop: Sequence[str] = ("\n",), checker: str | None = None,
-                   seed: int = 0, force: bool = False, device: str = "cpu", dtype: str = "float32",
+                   seed: int = 0, force: bool = False, device: str = "auto", dtype: str = "auto",
                    allow_pickle: bool = False, trust_remote_code: bool = False, progress: bool = True) -> Path:
     """PassUntil for every instance of `task` under every checkpoint of the suite, into the store at `out`.
 
@@ -230,7 +230,7 @@ def _run_all(suite: Suite, group, task: GenerationTask, tokenizer, ids: list[lis
              top_p: float | None, stop: Sequence[str], seed: int, device: str, dtype: str, allow_pickle: bool,
              trust_remote_code: bool, progress: bool) -> None:
     """Every (checkpoint, instance) of the task not yet done, written into its group as it completes."""
-    torch_dtype = checkpoints.parse_dtype(dtype)
+    device, torch_dtype = hardware.choose(device, dtype)
     hf_logging.disable_progress_bar()
     done = np.asarray(group["done"])
     todo = [(m, c) for m, spec in enumerate(suite.models) for c in range(len(spec.checkpoints)) if not done[m, c]]

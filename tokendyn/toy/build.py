@@ -21,23 +21,31 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
+import queue
 import shutil
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import OPTForCausalLM
 from transformers.utils import logging as hf_logging
 
 from tokendyn.errors import TokendynError
 from tokendyn.toy import world as toy_world
 from tokendyn.toy.tokenizer import train_tokenizer
-from tokendyn.toy.train import ModelSize, TrainConfig, train
+from tokendyn.toy.train import ModelSize, TrainConfig, opt_config, train
 
 BUILD_VERSION = 1  # bump when the builder's output changes for the same parameters
 MANIFEST = "toy-build.json"
+# Sizes train in parallel processes only when the whole training is estimated to take longer than
+# this (seconds): starting a process (importing torch and transformers) costs a few seconds.
+PARALLEL_MIN_SECONDS = 60.0
+REPORT_EVERY = 10  # training steps between progress messages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,21 +196,103 @@ def _write_suite(root: Path, params: dict, key: str, progress: bool) -> dict[str
     (root / "data" / "world.json").write_text(json.dumps(_describe(world), indent=1) + "\n")
     timings = {"data": time.perf_counter() - started}
 
-    steps_per_model = len(tokens) // train_cfg.batch_size
-    saved = {}
-    with tqdm(total=steps_per_model * len(params["sizes"]), disable=not progress, unit="step",
-              desc="training toy suite") as bar:
-        for name, size in params["sizes"].items():
-            def on_step(loss: float) -> None:
-                bar.update()
-                bar.set_postfix(model=name, loss=f"{loss:.3f}", refresh=False)
-
-            started = time.perf_counter()
-            saved[name] = train(ModelSize(**size), tokens, tokenizer, train_cfg, root / "ckpts" / name,
-                                seed=seed, on_step=on_step)
-            timings[name] = time.perf_counter() - started
+    saved, seconds = train_sizes(params["sizes"], tokens, tokenizer, train_cfg, root / "ckpts", seed,
+                                 params["threads"], progress)
+    timings.update(seconds)
     _write_toml(root / "suite.toml", params, key, saved, set_lengths, tokens_per_step=train_cfg.batch_size * seq_len)
     return timings
+
+
+def step_seconds(size: ModelSize, tokens: torch.Tensor, tokenizer, cfg: TrainConfig, repeats: int = 2) -> float:
+    """Measured seconds of one training step of `size` (forward, backward, AdamW): the sizes' relative costs."""
+    model = OPTForCausalLM(opt_config(size, tokenizer, tokens.shape[1]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=size.lr)
+    batch = tokens[:cfg.batch_size]
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first step warms up allocations
+        started = time.perf_counter()
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def train_sizes(sizes: dict[str, dict], tokens: torch.Tensor, tokenizer, cfg: TrainConfig, out: Path, seed: int,
+                threads: int, progress: bool) -> tuple[dict[str, list[int]], dict[str, float]]:
+    """Train every size (saved under out/<name>); returns (saved steps, seconds) per size.
+
+    Sizes train in parallel processes, one per core (each with `threads` torch threads, so the
+    weights equal a sequential build's), when the training is long enough to pay for starting
+    them (PARALLEL_MIN_SECONDS). The progress bar counts each size's steps weighted by its
+    measured step cost, so its ETA holds although the sizes' steps cost very different times.
+    """
+    steps = len(tokens) // cfg.batch_size
+    cost = {name: step_seconds(ModelSize(**size), tokens, tokenizer, cfg) for name, size in sizes.items()}
+    workers = min(len(sizes), os.cpu_count() or 1)
+    parallel = workers > 1 and steps * sum(cost.values()) > PARALLEL_MIN_SECONDS
+    with tqdm(total=round(steps * sum(cost.values()), 1), disable=not progress, unit="s",
+              bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}",
+              desc=f"training toy suite ({workers if parallel else 1} process{'es' if parallel else ''})") as bar:
+        def report(name: str, n_steps: int, loss: float) -> None:
+            bar.update(n_steps * cost[name])
+            bar.set_postfix(model=name, loss=f"{loss:.3f}", refresh=False)
+
+        if not parallel:
+            results = {name: _train_one(name, size, tokens, tokenizer, cfg, out / name, seed, threads, report)
+                       for name, size in sizes.items()}
+        else:
+            results = _train_parallel(sizes, cost, workers, tokens, tokenizer, cfg, out, seed, threads, report)
+    return {name: r[0] for name, r in results.items()}, {name: r[1] for name, r in results.items()}
+
+
+def _train_one(name: str, size: dict, tokens: torch.Tensor, tokenizer, cfg: TrainConfig, out: Path, seed: int,
+               threads: int, report) -> tuple[list[int], float]:
+    """Train one size with `threads` torch threads; report(name, steps, loss) every REPORT_EVERY steps."""
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
+    started, count, last = time.perf_counter(), 0, float("nan")
+
+    def on_step(loss: float) -> None:
+        nonlocal count, last
+        count, last = count + 1, loss
+        if count == REPORT_EVERY:
+            report(name, count, loss)
+            count = 0
+
+    saved = train(ModelSize(**size), tokens, tokenizer, cfg, out, seed=seed, on_step=on_step)
+    if count:
+        report(name, count, last)
+    return saved, time.perf_counter() - started
+
+
+def _train_parallel(sizes: dict[str, dict], cost: dict[str, float], workers: int, tokens: torch.Tensor, tokenizer,
+                    cfg: TrainConfig, out: Path, seed: int, threads: int, report) -> dict[str, tuple[list[int], float]]:
+    """`_train_one` for every size in a pool of spawned processes, the costliest first (balances the cores)."""
+    context = multiprocessing.get_context("spawn")  # fork after torch has started threads can deadlock
+    messages = context.Queue()
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_set_messages, initargs=(messages,)) as pool:
+        futures = {name: pool.submit(_train_worker, name, sizes[name], tokens, tokenizer, cfg, out / name, seed,
+                                     threads)
+                   for name in sorted(sizes, key=cost.get, reverse=True)}
+        while not all(f.done() for f in futures.values()) or not messages.empty():
+            with contextlib.suppress(queue.Empty):
+                report(*messages.get(timeout=0.2))
+        return {name: futures[name].result() for name in sizes}
+
+
+_messages = None  # a worker process's queue of progress messages to the parent
+
+
+def _set_messages(messages) -> None:
+    global _messages
+    _messages = messages
+
+
+def _train_worker(name: str, size: dict, tokens: torch.Tensor, tokenizer, cfg: TrainConfig, out: Path, seed: int,
+                  threads: int) -> tuple[list[int], float]:
+    return _train_one(name, size, tokens, tokenizer, cfg, out, seed, threads,
+                      lambda *message: _messages.put(message))
 
 
 def token_stream(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:

@@ -1,0 +1,202 @@
+"""Where and in which precision models run: `--device auto` and `--dtype auto`.
+
+auto picks the fastest device (cuda, then mps, then cpu) and a half precision only where the
+hardware multiplies it natively; otherwise float32. On a CPU without native bfloat16 (AVX2 has
+none; AVX512_BF16 and AMX do) torch emulates bfloat16 and runs it many times slower than float32,
+so an explicit half precision there is timed and warned about.
+
+The decisions are pure functions of the facts (`Hardware`), so they are tested without the
+hardware; `probe()` gathers the facts of this machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tokendyn.errors import TokendynError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+DTYPE_CHOICES = ("auto", *DTYPES, *DTYPE_ALIASES)
+DEVICE_CHOICES = "auto, cpu, cuda[:N] or mps"
+# /proc/cpuinfo flags of x86 CPUs that multiply bfloat16 natively (oneDNN uses them).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# aarch64 Features entry of CPUs with bfloat16 dot products (e.g. Graviton3, Apple M2+).
+ARM_BF16_FLAGS = ("bf16",)
+# A half precision counts as fast on a CPU only when its timed matmul beats float32 by this factor.
+MIN_SPEEDUP = 1.1
+# Timed matmul: (n x n) @ (n x n) a few times; ~30 ms in float32 on a laptop core.
+PROBE_SIZE = 256
+PROBE_REPEATS = 3
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the dtype choice depends on.
+
+    device : the resolved device ("cpu", "cuda:0", "mps").
+    cpu_capability : torch's dispatch level on CPU (`torch.backends.cpu.get_cpu_capability()`).
+    cpu_flags : the CPU's feature flags (lower case).
+    cuda_bf16 : whether the CUDA device runs bfloat16 (Ampere or newer).
+    matmul_seconds : timed matmul per dtype name on the device (empty when not measured).
+    """
+
+    device: str
+    cpu_capability: str = ""
+    cpu_flags: frozenset[str] = frozenset()
+    cuda_bf16: bool = False
+    matmul_seconds: dict[str, float] = field(default_factory=dict)
+
+    def native_bf16(self) -> bool:
+        return any(flag in self.cpu_flags for flag in NATIVE_BF16_FLAGS + ARM_BF16_FLAGS)
+
+    def slowdown(self, name: str) -> float | None:
+        """How many times slower a matmul in dtype `name` ran than in float32 (None if not timed)."""
+        if name not in self.matmul_seconds or "float32" not in self.matmul_seconds:
+            return None
+        return self.matmul_seconds[name] / self.matmul_seconds["float32"]
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    """The dtype to run in, why, and a warning to show (empty when none)."""
+
+    name: str
+    reason: str
+    warning: str = ""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.name]
+
+
+def resolve_device(device: str) -> str:
+    """`auto` -> cuda if available, else mps, else cpu; any other device is checked and returned."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise TokendynError(f"unknown device '{device}'; use {DEVICE_CHOICES}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise TokendynError("--device cuda requested but no CUDA GPU is available; use --device auto or cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise TokendynError("--device mps requested but MPS is not available; use --device auto or cpu")
+    return device
+
+
+def canonical_dtype(name: str) -> str:
+    """`auto`, or the full name of a dtype given by name or alias (bf16, fp16, fp32)."""
+    name = DTYPE_ALIASES.get(name.lower(), name.lower())
+    if name != "auto" and name not in DTYPES:
+        raise TokendynError(f"unknown dtype '{name}'; use auto, float32 (fp32), bfloat16 (bf16) or float16 (fp16)")
+    return name
+
+
+def decide_dtype(requested: str, hw: Hardware) -> DtypeChoice:
+    """The dtype for `requested` (a canonical name or "auto") on hardware `hw`.
+
+    auto: bfloat16 on CUDA devices that support it; on CPU, bfloat16 only with native support
+    that a timed matmul confirms (at least MIN_SPEEDUP over float32); float32 otherwise (MPS
+    included: float16 can overflow in models trained in bfloat16). An explicit half precision on
+    a CPU where it was timed slower than float32 comes with a warning giving the slowdown.
+    """
+    kind = hw.device.split(":")[0]
+    if requested != "auto":
+        slowdown = hw.slowdown(requested) if kind == "cpu" and requested != "float32" else None
+        warning = ""
+        if slowdown is not None and slowdown > 1:
+            warning = (f"--dtype {requested} is {slowdown:.1f}x slower than float32 on this CPU "
+                       f"({hw.cpu_capability or 'unknown capability'}, "
+                       f"{'native' if hw.native_bf16() else 'no native'} bfloat16: timed matmul); "
+                       "use --dtype auto or float32")
+        return DtypeChoice(requested, "requested", warning)
+    if kind == "cuda":
+        if hw.cuda_bf16:
+            return DtypeChoice("bfloat16", "CUDA device with bfloat16 support")
+        return DtypeChoice("float32", "CUDA device without bfloat16 (float16 can overflow in bfloat16-trained models)")
+    if kind == "mps":
+        return DtypeChoice("float32", "MPS: half precision is not safe for every model")
+    if not hw.native_bf16():
+        return DtypeChoice("float32", f"CPU without native bfloat16 ({hw.cpu_capability or 'unknown capability'}, "
+                                      f"none of {', '.join(NATIVE_BF16_FLAGS)}): bfloat16 would be emulated")
+    slowdown = hw.slowdown("bfloat16")
+    if slowdown is None:
+        return DtypeChoice("float32", "CPU bfloat16 speed not measured")
+    if 1 / slowdown >= MIN_SPEEDUP:
+        return DtypeChoice("bfloat16", f"CPU with native bfloat16: timed matmul {1 / slowdown:.1f}x faster "
+                                       "than float32")
+    return DtypeChoice("float32", f"CPU bfloat16 matmul timed at only {1 / slowdown:.2f}x of float32")
+
+
+def cpu_flags() -> frozenset[str]:
+    """Feature flags of this CPU from /proc/cpuinfo (x86 "flags", aarch64 "Features"); empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            return frozenset(value.lower().split())
+    return frozenset()
+
+
+def time_matmul(name: str, device: str = "cpu", size: int = PROBE_SIZE, repeats: int = PROBE_REPEATS) -> float:
+    """Best of `repeats` timings (seconds) of a (size x size) matmul in dtype `name` on `device`."""
+    a = torch.randn(size, size, device=device).to(DTYPES[name])
+    b = torch.randn(size, size, device=device).to(DTYPES[name])
+    torch.matmul(a, b)  # warm-up: kernels, caches
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.matmul(a, b)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+@functools.cache
+def probe(device: str, requested: str) -> Hardware:
+    """The facts of this machine that the choice of `requested` on `device` needs (timed once per process).
+
+    The CPU matmul is timed only when it can change the outcome: for an explicit half precision
+    (to warn), or for auto on a CPU with native bfloat16 (to confirm it is fast).
+    """
+    kind = device.split(":")[0]
+    flags = cpu_flags()
+    hw = Hardware(device, torch.backends.cpu.get_cpu_capability(), flags,
+                  cuda_bf16=kind == "cuda" and torch.cuda.is_bf16_supported())
+    half = [requested] if requested in ("bfloat16", "float16") else ["bfloat16"] if requested == "auto" else []
+    if kind == "cpu" and half and (requested != "auto" or hw.native_bf16()):
+        timings = {name: time_matmul(name) for name in ["float32", *half]}
+        hw = Hardware(hw.device, hw.cpu_capability, hw.cpu_flags, hw.cuda_bf16, timings)
+    return hw
+
+
+@functools.cache
+def choose(device: str = "auto", dtype: str = "auto", verbose: bool = True) -> tuple[str, torch.dtype]:
+    """Resolve `device` and `dtype` (names, aliases or auto) for this machine; returns (device, torch dtype).
+
+    Prints auto's choice and its reason to stderr and warns when an explicit half precision is
+    slow here. Cached: the timing and the message happen once per process.
+    """
+    device = resolve_device(device)
+    requested = canonical_dtype(dtype)
+    choice = decide_dtype(requested, probe(device, requested))
+    if choice.warning:
+        warnings.warn(choice.warning, stacklevel=2)
+    if verbose and requested == "auto":
+        print(f"tokendyn: running on {device} in {choice.name} ({choice.reason})", file=sys.stderr)
+    return device, choice.dtype
