@@ -1,4 +1,6 @@
-"""Run the `agreement` study on a store: `python -m analyses.agreement STORE [--out DIR]` (see `tokendyn.studies.agreement`)."""
+"""Run the `agreement` study on a store: `python -m analyses.agreement STORE [--out DIR]`.
+
+The study itself is `tokendyn.studies.agreement`."""
 
 import sys
 

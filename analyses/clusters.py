@@ -1,4 +1,6 @@
-"""Run the `clusters` study on a store: `python -m analyses.clusters STORE [--out DIR]` (see `tokendyn.studies.clusters`)."""
+"""Run the `clusters` study on a store: `python -m analyses.clusters STORE [--out DIR]`.
+
+The study itself is `tokendyn.studies.clusters`."""
 
 import sys
 

@@ -1,4 +1,6 @@
-"""Run the `curve_measures` study on a store: `python -m analyses.curve_measures STORE [--out DIR]` (see `tokendyn.studies.curve_measures`)."""
+"""Run the `curve_measures` study on a store: `python -m analyses.curve_measures STORE [--out DIR]`.
+
+The study itself is `tokendyn.studies.curve_measures`."""
 
 import sys
 

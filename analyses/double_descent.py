@@ -1,4 +1,6 @@
-"""Run the `double_descent` study on a store: `python -m analyses.double_descent STORE [--out DIR]` (see `tokendyn.studies.double_descent`)."""
+"""Run the `double_descent` study on a store: `python -m analyses.double_descent STORE [--out DIR]`.
+
+The study itself is `tokendyn.studies.double_descent`."""
 
 import sys
 

@@ -1,4 +1,6 @@
-"""Run the `downstream` study on a store: `python -m analyses.downstream STORE [--out DIR]` (see `tokendyn.studies.downstream`)."""
+"""Run the `downstream` study on a store: `python -m analyses.downstream STORE [--out DIR]`.
+
+The study itself is `tokendyn.studies.downstream`."""
 
 import sys
 

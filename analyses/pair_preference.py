@@ -1,4 +1,6 @@
-"""Run the `pair_preference` study on a store: `python -m analyses.pair_preference STORE [--out DIR]` (see `tokendyn.studies.pair_preference`)."""
+"""Run the `pair_preference` study on a store: `python -m analyses.pair_preference STORE [--out DIR]`.
+
+The study itself is `tokendyn.studies.pair_preference`."""
 
 import sys
 

@@ -1,4 +1,6 @@
-"""Run the `passuntil` study on a store: `python -m analyses.passuntil STORE [--out DIR]` (see `tokendyn.studies.passuntil`)."""
+"""Run the `passuntil` study on a store: `python -m analyses.passuntil STORE [--out DIR]`.
+
+The study itself is `tokendyn.studies.passuntil`."""
 
 import sys
 

@@ -1,4 +1,6 @@
-"""Run the `perplexity` study on a store: `python -m analyses.perplexity STORE [--out DIR]` (see `tokendyn.studies.perplexity`)."""
+"""Run the `perplexity` study on a store: `python -m analyses.perplexity STORE [--out DIR]`.
+
+The study itself is `tokendyn.studies.perplexity`."""
 
 import sys
 

@@ -1,4 +1,6 @@
-"""Run the `sequence_perplexity` study on a store: `python -m analyses.sequence_perplexity STORE [--out DIR]` (see `tokendyn.studies.sequence_perplexity`)."""
+"""Run the `sequence_perplexity` study on a store: `python -m analyses.sequence_perplexity STORE [--out DIR]`.
+
+The study itself is `tokendyn.studies.sequence_perplexity`."""
 
 import sys
 

@@ -1,4 +1,6 @@
-"""Run the `subset_curves` study on a store: `python -m analyses.subset_curves STORE [--out DIR]` (see `tokendyn.studies.subset_curves`)."""
+"""Run the `subset_curves` study on a store: `python -m analyses.subset_curves STORE [--out DIR]`.
+
+The study itself is `tokendyn.studies.subset_curves`."""
 
 import sys
 

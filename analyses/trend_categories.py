@@ -1,4 +1,6 @@
-"""Run the `trend_categories` study on a store: `python -m analyses.trend_categories STORE [--out DIR]` (see `tokendyn.studies.trend_categories`)."""
+"""Run the `trend_categories` study on a store: `python -m analyses.trend_categories STORE [--out DIR]`.
+
+The study itself is `tokendyn.studies.trend_categories`."""
 
 import sys
 

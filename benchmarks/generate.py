@@ -1,6 +1,7 @@
 """Contrastive decoding speed: KV-cached against full re-forwarding, measured side by side in one run.
 
-    python benchmarks/generate.py [--batch 8] [--prompt 5] [--new-tokens 25,100] [--hidden 128] [--layers 2] [--threads 1]
+    python benchmarks/generate.py [--batch 8] [--prompt 5] [--new-tokens 25,100] [--hidden 128]
+                                  [--layers 2] [--threads 1]
 
 Two random-init OPT models (the "small" and the "large" of a mixture) decode the mixture (1, -1)
 greedily with `tokendyn.models.generate.decode`, once with a KV cache per model (one new token per step)

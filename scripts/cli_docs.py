@@ -5,8 +5,8 @@
 
 docs/cli.md holds hand-written text around blocks marked
 `<!-- help: tokendyn COMMAND -->` ... `<!-- /help -->`; only the text between the markers is
-generated, and a command without a block gets a new section at the end (from the argparse parser, at a fixed width of 100 columns so the output does not depend
-on the terminal). tests/test_docs.py fails while a block is out of date.
+generated, and a command without a block gets a new section at the end (from the argparse parser,
+at a fixed width of 100 columns so the output does not depend on the terminal). tests/test_docs.py fails while a block is out of date.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     for command in missing:  # a new command gets a section at the end; move it and add prose by hand
-        new = new.rstrip("\n") + f"\n\n## {command.removeprefix('tokendyn ')}\n\n<!-- help: {command} -->\n<!-- /help -->\n"
+        heading = command.removeprefix("tokendyn ")
+        new = new.rstrip("\n") + f"\n\n## {heading}\n\n<!-- help: {command} -->\n<!-- /help -->\n"
     DOC.write_text(render(new, helps))
     if missing:
         print(f"docs/cli.md: added sections for {', '.join(missing)} at the end", file=sys.stderr)

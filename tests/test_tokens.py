@@ -103,7 +103,7 @@ def test_token_view_is_escaped_and_shaded(planted):
     assert "rgba(40,90,220" in view and "rgba(220,50,40" in view  # falls blue, rises red
 
 
-def test_token_view_in_a_browser(planted, chromium, tmp_path):
+def test_token_view_in_a_browser(planted, chromium, tmp_path):  # noqa: F811  (the imported fixture)
     page = tmp_path / "view.html"
     page.write_text('<!DOCTYPE html><html><head><meta charset="utf-8"></head><body>'
                     + str(token_shading(planted)) + "</body></html>", encoding="utf-8")

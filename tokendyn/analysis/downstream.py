@@ -118,7 +118,7 @@ def _metrics_on_done(scores: xr.Dataset, per_item: bool, convention: str,
 
 def _option_ppl(scores: xr.Dataset) -> dict[str, np.ndarray]:
     """Token-weighted geometric-mean perplexity of the correct and of the incorrect options."""
-    lp, length, answer = scores["logprob"].values, scores["length"].values, scores["answer"].values
+    lp, length = scores["logprob"].values, scores["length"].values
     target = scores["target_score"].values
     correct = target == np.nanmax(target, axis=1, keepdims=True)  # every option with the item's top score
     out = {}

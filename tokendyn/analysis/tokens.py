@@ -81,7 +81,9 @@ def _contexts(ids: np.ndarray, doc: np.ndarray | None, vocab: np.ndarray | None,
 
     tokens, contexts = [], []
     for t in flat_idx:
-        same = (lambda j: ids[j] != PAD and (doc is None or doc[j] == doc[t]))
+        def same(j: int, t: int = t) -> bool:
+            return ids[j] != PAD and (doc is None or doc[j] == doc[t])
+
         left = [j for j in range(max(0, t - width), t) if same(j)]
         right = [j for j in range(t + 1, min(len(ids), t + 1 + width)) if same(j)]
         tokens.append(text(ids[t]))

@@ -1,4 +1,5 @@
-"""`tokendyn report STORE --out DIR`: figures, tables and findings of every study the store has data for, in one HTML page."""
+"""`tokendyn report STORE --out DIR`: figures, tables and findings of every study the store has data for,
+in one HTML page."""
 
 from __future__ import annotations
 

@@ -43,7 +43,7 @@ def model_table(spec: str) -> dict:
         raise TokendynError(f"--model {spec}: no such directory, and not a hub id like org/name[@revision]; "
                             "fix the path or the id")
     hub_id, _, revision = spec.partition("@")
-    table = {"name": hub_id.split("/")[-1], "hub_id": hub_id}
+    table: dict[str, object] = {"name": hub_id.split("/")[-1], "hub_id": hub_id}
     if revision == "all" or any(ch in revision for ch in "*?["):
         table["revisions"] = revision
     elif revision and STEP_IN_REVISION.search(revision):

@@ -1,8 +1,8 @@
 """`tokendyn demo`: the whole job on the built-in suite, from nothing to findings, in one call.
 
 build (or reuse) the toy suite -> generate the contrastive sets -> extract every evaluation set ->
-score the world's multiple-choice tasks and run PassUntil on its recall questions -> analyze -> report -> print the findings and where the files are. Every stage reuses what an
-earlier run left: the build is cached by its parameters, generated text is kept next to the store,
+score the world's multiple-choice tasks and run PassUntil on its recall questions -> analyze -> report ->
+print the findings and where the files are. Every stage reuses what an earlier run left: the build is cached by its parameters, generated text is kept next to the store,
 extraction resumes, and the analyses and the report are redone only when the store changed.
 """
 

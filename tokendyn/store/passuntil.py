@@ -102,7 +102,8 @@ def _template(out: Path, task, lengths: list[int], params: dict) -> xr.Dataset:
 
 def _write(folder: Path, template: xr.Dataset) -> None:
     n_instance = template.sizes["instance"]
-    encoding = {name: {"chunks": (1, 1, n_instance)} for name in (*COUNTS, "seconds")}
+    encoding: dict[str, dict[str, tuple[int, ...]]] = {name: {"chunks": (1, 1, n_instance)}
+                                                        for name in (*COUNTS, "seconds")}
     encoding["done"] = {"chunks": (1, 1)}
     template.to_zarr(folder, mode="w-", consolidated=False, encoding=encoding, zarr_format=3)
 

@@ -57,4 +57,5 @@ def store_path(ds: xr.Dataset) -> Path | None:
 def read_checkpoint(root: zarr.Group, set_name: str, model: int, ckpt: int, names) -> dict[str, np.ndarray]:
     """The stored values of one checkpoint of one set, per variable name (arrays with dims model, ckpt, ...)."""
     group = root[set_path(set_name)] if set_name != "main" else root
-    return {name: np.asarray(group[name][model, ckpt]) for name in names}
+    return {name: np.asarray(zarr.open_array(group.store, path=f"{group.path}/{name}".lstrip("/"), mode="r")[model, ckpt])
+            for name in names}
