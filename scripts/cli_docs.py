@@ -6,7 +6,8 @@
 docs/cli.md holds hand-written text around blocks marked
 `<!-- help: tokendyn COMMAND -->` ... `<!-- /help -->`; only the text between the markers is
 generated, and a command without a block gets a new section at the end (from the argparse parser,
-at a fixed width of 100 columns so the output does not depend on the terminal). tests/test_docs.py fails while a block is out of date.
+at a fixed width of 100 columns so the output does not depend on the terminal).
+tests/test_docs.py fails while a block is out of date.
 """
 
 from __future__ import annotations

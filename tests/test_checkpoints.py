@@ -206,7 +206,8 @@ def test_checkpoint_without_tokenizer_files(ckpts, tmp_path, tokenizer):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "bare" / name).unlink()
     expected = tokenizer_fingerprint(tokenizer)
-    both = f'[[models]]\nname = "a"\ncheckpoints = [{{ step = 1, path = "{root / "neox0"}" }}, {{ step = 2, path = "bare" }}]\n'
+    first = f'{{ step = 1, path = "{root / "neox0"}" }}'
+    both = f'[[models]]\nname = "a"\ncheckpoints = [{first}, {{ step = 2, path = "bare" }}]\n'
     assert check_tokenizers(load_suite(write_suite_toml(tmp_path, both))) == expected
     bare_only = '[[models]]\nname = "a"\ncheckpoints = [{ step = 2, path = "bare" }]\n'
     with pytest.raises(TokendynError, match=r"no tokenizer files in .*bare .*set \[eval\] tokenizer"):
@@ -221,7 +222,8 @@ def test_vocab_too_small_for_tokenizer(ckpts, tmp_path):
     save_checkpoint(tmp_path / "small", "gpt_neox", build_tokenizer(vocab_size=280), seed=5)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "small" / name).unlink()
-    models = f'[[models]]\nname = "a"\ncheckpoints = [{{ step = 1, path = "{root / "neox0"}" }}, {{ step = 2, path = "small" }}]\n'
+    first = f'{{ step = 1, path = "{root / "neox0"}" }}'
+    models = f'[[models]]\nname = "a"\ncheckpoints = [{first}, {{ step = 2, path = "small" }}]\n'
     with pytest.raises(TokendynError, match="has vocab_size 280 but the tokenizer of .* has 300 tokens"):
         check_tokenizers(load_suite(write_suite_toml(tmp_path, models)))
 

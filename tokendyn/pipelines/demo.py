@@ -2,8 +2,9 @@
 
 build (or reuse) the toy suite -> generate the contrastive sets -> extract every evaluation set ->
 score the world's multiple-choice tasks and run PassUntil on its recall questions -> analyze -> report ->
-print the findings and where the files are. Every stage reuses what an earlier run left: the build is cached by its parameters, generated text is kept next to the store,
-extraction resumes, and the analyses and the report are redone only when the store changed.
+print the findings and where the files are. Every stage reuses what an earlier run left: the build is
+cached by its parameters, generated text is kept next to the store, extraction resumes, and the
+analyses and the report are redone only when the store changed.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from tokendyn.analysis.tokens import show_whitespace
 from tokendyn.errors import TokendynError
 from tokendyn.analysis.clusters import cluster
 
+GRIDS = {"perplexity": "the matched-perplexity grid", "checkpoints": "the checkpoints"}
 TITLE = "Clusters of token loss trajectories"
 MIN_CHANGE = 2.0  # percentage points across sizes before a share's trend with size is worth a sentence
 
@@ -70,7 +71,7 @@ def run(source, n_clusters: int | str = default_of(cluster, "n_clusters"), metho
     fig.suptitle(TITLE)
 
     chosen = f"chosen by {result.criterion}" if result.scores or n_clusters == "shapes" else "given"
-    findings = [f"{len(names)} clusters ({chosen}) of the trajectories on {'the matched-perplexity grid' if on == 'perplexity' else 'the checkpoints'}; "
+    findings = [f"{len(names)} clusters ({chosen}) of the trajectories on {GRIDS[on]}; "
                 f"stability across seeds (adjusted Rand index) {result.stability:.2f}.",
                 "Mean share over models: " + listing(overall.items(), "{:.1f}%") + "."]
     if len(models) > 1:
