@@ -8,25 +8,33 @@ import xarray as xr
 from tokendyn.data.corpus import PAD
 
 
+def context_ids(ds: xr.Dataset, token: int, width: int) -> list[int]:
+    """Ids of up to `width` stored tokens of the same document before `token`, then the token's own id."""
+    lo = max(0, token - width)
+    ids = ds["token_id"].values[lo: token + 1]
+    docs = ds["doc"].values[lo: token + 1]
+    return [int(i) for i in ids[docs == docs[-1]]]
+
+
 @xr.register_dataset_accessor("tokendyn")
 class TokendynAccessor:
     def __init__(self, ds: xr.Dataset) -> None:
         self._ds = ds
 
     def token_text(self, token_id: xr.DataArray | np.ndarray | None = None) -> xr.DataArray:
-        """Decoded text of tokens (default: every token of the store, dims (seq, pos); "" on padding)."""
+        """Decoded text of tokens (default: every token of the store, dims (token,); "" for -1)."""
         ids = self._ds.token_id if token_id is None else token_id
         ids = ids if isinstance(ids, xr.DataArray) else xr.DataArray(np.asarray(ids))
         vocab = self._ds.vocab_text.values
         return xr.apply_ufunc(lambda i: np.where(i == PAD, "", vocab[np.clip(i, 0, None)]), ids.load(),
                               output_dtypes=[object])
 
-    def context(self, seq: int, pos: int, width: int = 20, mark: tuple[str, str] = ("[[", "]]")) -> str:
-        """The text of up to `width` tokens before token (seq, pos), with the token itself between `mark`."""
-        row = self._ds.token_id.isel(seq=seq).values
+    def context(self, token: int, width: int = 20, mark: tuple[str, str] = ("[[", "]]")) -> str:
+        """The text of up to `width` tokens of its document before `token` (an index along the token
+        dim), with the token itself between `mark`. Unscored tokens (none in a rolling set) are left out."""
         vocab = self._ds.vocab_text.values
-        left = "".join(vocab[i] for i in row[max(0, pos - width): pos] if i != PAD)
-        return f"{left}{mark[0]}{vocab[row[pos]]}{mark[1]}"
+        ids = [vocab[i] for i in context_ids(self._ds, token, width)]
+        return f"{''.join(ids[:-1])}{mark[0]}{ids[-1]}{mark[1]}"
 
     # --- token trajectories: thin wrappers over tokendyn.analysis.trajectories, trends, curves, clusters ---
     # (imported on use: clustering pulls in scikit-learn, which `import tokendyn` should not pay for)
@@ -37,7 +45,7 @@ class TokendynAccessor:
         return trajectories.x_axis(self._ds, axis, params)
 
     def at_perplexity(self, levels=None, n_levels: int = 20) -> xr.DataArray:
-        """Loss at matched validation perplexity (model, val_ppl, seq, pos); see `trajectories.at_perplexity`."""
+        """Loss at matched validation perplexity (model, val_ppl, token); see `trajectories.at_perplexity`."""
         from tokendyn.analysis import trajectories
         return trajectories.at_perplexity(self._ds, levels, n_levels)
 
@@ -52,7 +60,7 @@ class TokendynAccessor:
         return trends.trend_categories(self._ds, trends.STARTS if start is None else start, **options)
 
     def double_descent(self, tol: float = 0.5, window: int = 3) -> xr.DataArray:
-        """Per-token double descent (model, seq, pos); see `trajectories.double_descent`."""
+        """Per-token double descent (model, token); see `trajectories.double_descent`."""
         from tokendyn.analysis import trajectories
         return trajectories.double_descent(self._ds, tol, window)
 

@@ -7,7 +7,7 @@
   the true token over checkpoints.
 
 Losses are in nats, as in the store (Chang et al. report surprisal in bits: divide by ln 2).
-Every function returns lazy per-token arrays with dims (model, seq, pos); only done checkpoints
+Every function returns lazy per-token arrays with dims (model, token); only done checkpoints
 take part.
 """
 
@@ -112,7 +112,7 @@ def age_of_acquisition(ds: xr.Dataset, chance: float | None = None, n_iter: int 
     chance: the loss of an uninformed model, e.g. log(vocab size); default: each model's mean
     loss at its first done checkpoint. NaN unless the token's loss goes from above halfway at the
     first checkpoint to below it at the last (a token that never falls, or rises, has no age; the
-    crossing is never extrapolated). Lazy; (model, seq, pos).
+    crossing is never extrapolated). Lazy; (model, token).
     """
     ds = load_small(ds)
     per_model = []
@@ -160,7 +160,7 @@ def rho1_classes(ds: xr.Dataset, first: int = 0, last: int = -1, threshold: floa
     Classes "H->H", "L->H", "H->L", "L->L" (Rho-1's reference shares 11%, 12%, 26%, 51%).
     Rho-1 gives no threshold to reuse; the default is the median loss over the valid tokens of
     both checkpoints of all models (this loads those two checkpoints' losses). Codes
-    (model, seq, pos).
+    (model, token).
     """
     ds = load_small(ds)
     a, b = _at_done(ds, first), _at_done(ds, last)
@@ -184,7 +184,7 @@ def cartography(ds: xr.Dataset) -> xr.Dataset:
 
 
 def curve_measures(ds: xr.Dataset, last: int = 5, chance: float | None = None, window: int = 3) -> xr.Dataset:
-    """All per-token §5 measures in one lazy Dataset (model, seq, pos): final_loss,
+    """All per-token §5 measures in one lazy Dataset (model, token): final_loss,
     final_variability, age_of_acquisition, forgettability, confidence, variability."""
     ds = load_small(ds)
     return xr.merge([final_loss(ds, last), age_of_acquisition(ds, chance), forgettability(ds, window),

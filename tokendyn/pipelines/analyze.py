@@ -2,7 +2,7 @@
 
 Results go to one folder beside the store (`toy.zarr` -> `toy.analysis/`): tidy CSV tables, and
 `labels.zarr`, a Zarr store with one group per analysis holding per-token results on the store's
-(model, seq, pos) grid, so `xr.open_zarr(folder / "labels.zarr", group="trends")` lines up with the
+(model, token) grid, so `xr.open_zarr(folder / "labels.zarr", group="trends")` lines up with the
 store.
 
 An analysis step is a function `step(ds, out) -> list[str]`: it reads the dataset, writes through
@@ -55,7 +55,7 @@ class Output:
         if isinstance(data, xr.DataArray):
             data = data.to_dataset(name=data.name or name)
         # Token coordinates (token_id, ...) stay in the store, which the labels line up with.
-        data = data.drop_vars([n for n, c in data.coords.items() if n not in data.dims and set(c.dims) & {"seq", "pos"}])
+        data = data.drop_vars([n for n, c in data.coords.items() if n not in data.dims and set(c.dims) & {"token"}])
         # Zarr needs equal chunks (but the last): take each variable's largest chunk per dim.
         data = data.map(lambda v: v.chunk({d: max(c) for d, c in zip(v.dims, v.chunks)}) if v.chunks else v,
                         keep_attrs=True)

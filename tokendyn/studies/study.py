@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 import tokendyn
 from tokendyn.pipelines.analyze import Skip, require
-from tokendyn.data.corpus import PAD
+from tokendyn.analysis.accessor import context_ids
 from tokendyn.errors import TokendynError
 
 __all__ = ["Result", "Skip", "require", "open_source", "models_by_size", "token_texts", "context", "save", "main"]
@@ -66,13 +66,12 @@ def token_texts(ds: xr.Dataset, ids: Sequence[int]) -> list[str]:
     return [str(t) for t in ds.tokendyn.token_text(np.asarray(ids, dtype=np.int64)).values]
 
 
-def context(ds: xr.Dataset, seq: int, pos: int, width: int = 12) -> str:
-    """Up to `width` tokens before token (seq, pos), then the token in [[ ]] (raw text, not escaped)."""
+def context(ds: xr.Dataset, token: int, width: int = 12) -> str:
+    """Up to `width` tokens of its document before `token`, then the token in [[ ]] (raw text, not escaped)."""
     if "vocab_text" in ds.variables:
-        return ds.tokendyn.context(seq, pos, width)
-    row = np.asarray(ds["token_id"].isel(seq=seq).values)
-    left = " ".join(f"#{i}" for i in row[max(0, pos - width): pos] if i != PAD)
-    return f"{left} [[#{row[pos]}]]"
+        return ds.tokendyn.context(token, width)
+    ids = context_ids(ds, token, width)
+    return " ".join(f"#{i}" for i in ids[:-1]) + f" [[#{ids[-1]}]]"
 
 
 def save(result: Result, folder: Path) -> dict[str, Path]:

@@ -124,7 +124,7 @@ def curves_step(ds: xr.Dataset, out: Output) -> list[str]:
     measures = out.write_labels("curves", ds.tokendyn.curve_measures(last=_option(out, "last")).astype(np.float32))
     rho = ds.tokendyn.rho1_classes()
     rho = TokenLabels.from_dataarray(out.write_labels("rho1", rho.to_dataarray("rho1"))["rho1"])
-    summary = measures.load().median(["seq", "pos"]).reset_coords(drop=True).to_dataframe()
+    summary = measures.load().median("token").reset_coords(drop=True).to_dataframe()
     rho_shares = rho.share().to_pandas()
     table = summary.join(rho_shares.add_prefix("rho1 % ")).reset_index()
     out.write_table("curve_summary", table)
