@@ -11,6 +11,7 @@ import xarray as xr
 
 import tokendyn
 from planted_stores import planted_suite
+from tokendyn.store import FORMAT_VERSION
 
 HOSTILE = {50: "<script>alert(1)</script>", 51: "&amp;", 40: '"q" <b>bold</b>', 10: "$x$ & y"}
 
@@ -22,7 +23,8 @@ def vocabulary(size: int = 64) -> np.ndarray:
 
 def planted_store_with_vocab(path: Path, **options) -> tuple[xr.Dataset, dict]:
     """`planted_suite` plus a `vocab_text` coordinate; returns (the store opened by tokendyn, truth)."""
-    vocab = xr.Dataset(coords={"vocab_text": ("vocab", vocabulary())}, attrs={"tokendyn_version": tokendyn.__version__})
+    vocab = xr.Dataset(coords={"vocab_text": ("vocab", vocabulary())}, attrs={"tokendyn_version": tokendyn.__version__,
+                                                                                  "format_version": FORMAT_VERSION})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr's note that consolidated metadata is not in the v3 spec
         _, truth = planted_suite(path, **options)

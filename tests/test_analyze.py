@@ -31,9 +31,9 @@ def test_writes_every_table_and_label_group(analysed):
     assert {p.stem for p in folder.glob("*.csv")} == TABLES
     for group in GROUPS:
         labels = xr.open_zarr(folder / "labels.zarr", group=group, consolidated=False)
-        assert labels.sizes["seq"] == ds.sizes["seq"] and labels.sizes["pos"] == ds.sizes["pos"]
+        assert labels.sizes["token"] == ds.sizes["token"]
     trends = xr.open_zarr(folder / "labels.zarr", group="trends", consolidated=False)["trend"]
-    assert trends.dims == ("model", "start", "seq", "pos") and trends.attrs["categories"][0] == "stagnated"
+    assert trends.dims == ("model", "start", "token") and trends.attrs["categories"][0] == "stagnated"
 
 
 def test_tables_hold_what_was_planted(analysed):
@@ -75,14 +75,14 @@ def test_another_module_adds_a_step(tmp_path, monkeypatch, capsys):
     extra.mkdir()
     (extra / "zz_extra.py").write_text(
         "def tokens_step(ds, out):\n"
-        "    out.write_table('tokens', __import__('pandas').DataFrame({'n': [ds.sizes['seq']]}))\n"
+        "    out.write_table('tokens', __import__('pandas').DataFrame({'n': [ds.sizes['token']]}))\n"
         "    return ['counted']\n"
         "STEPS = [tokens_step]\n")
     monkeypatch.setattr(tokendyn.pipelines.steps, "__path__", [*tokendyn.pipelines.steps.__path__, str(extra)])
     write_store(tmp_path / "s.zarr", np.ones((1, 4, 3, 5)), np.array([[1, 2, 3, 4.0]]))
     assert main(["analyze", str(tmp_path / "s.zarr"), "--quiet", "--steps", "tokens"]) == 0
     assert "tokens: counted" in capsys.readouterr().out
-    assert pd.read_csv(tmp_path / "s.analysis" / "tokens.csv")["n"].tolist() == [3]
+    assert pd.read_csv(tmp_path / "s.analysis" / "tokens.csv")["n"].tolist() == [3 * 4]  # 3 rows of 4 scored
 
 
 def test_analyze_a_real_extracted_store(tmp_path, capsys):
@@ -101,4 +101,4 @@ def test_analyze_a_real_extracted_store(tmp_path, capsys):
     vocab = ds["vocab_text"].values
     assert all(text == vocab[i] for i, text in zip(tokens["token_id"], tokens["text"]))
     trends = xr.open_zarr(folder / "labels.zarr", group="trends", consolidated=False)["trend"]
-    assert trends.sizes["seq"] == ds.sizes["seq"]
+    assert trends.sizes["token"] == ds.sizes["token"]

@@ -54,7 +54,7 @@ def test_planted_shapes_on_the_matched_perplexity_grid(planted):
 def test_double_descent_cluster_on_one_models_checkpoints(planted):
     ds, truth = planted
     result = cluster(ds, n_clusters=5, on="checkpoints", model="large")
-    assert result.labels.codes.dims == ("model", "seq", "pos")
+    assert result.labels.codes.dims == ("model", "token")
     codes, kind = result.labels.codes.values[0], truth["kind"]
     majority = _majority(codes, kind, result.names)
     assert majority["stagnating"][0] == "stagnating" and majority["upward"][0] == "rising"

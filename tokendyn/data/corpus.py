@@ -50,7 +50,7 @@ from tokendyn.errors import TokendynError
 
 PAD = -1
 RESERVED_JSONL = ("spans", "token_ids", "context_ids")  # JSONL keys that are not document fields
-BLOCK_TOKENS = 2**16  # model positions per block of windows sorted by length for batching
+PADDING_TOLERANCE = 0.04  # most padding share of the positions computed in any one batch
 
 
 @dataclass
@@ -138,25 +138,30 @@ def describe(summary: dict) -> list[str]:
             f"first tokens unscored (no prefix): {summary['unscored_first_tokens']}"]
 
 
-def plan_batches(lengths: np.ndarray, batch_tokens: int, block_tokens: int = BLOCK_TOKENS) -> list[np.ndarray]:
+def plan_batches(lengths: np.ndarray, batch_tokens: int, block_batches: int = 8) -> list[np.ndarray]:
     """Windows grouped into batches of similar length, in blocks of consecutive windows.
 
-    Windows are taken in order in blocks of about max(block_tokens, 8 batch_tokens) positions (so
+    Windows are taken in order in blocks of about block_batches x batch_tokens positions (so
     results complete, and can be written, roughly in token order); inside a block they are sorted
     by length, longest first, and cut into batches whose rows x longest row stays within
-    batch_tokens (at least one window per batch). Returns the window indices of every batch.
+    batch_tokens (at least one window per batch) and whose padding stays within
+    PADDING_TOLERANCE of that. Returns the window indices of every batch.
     """
     lengths = np.asarray(lengths, dtype=np.int64)
-    block_limit = max(block_tokens, 8 * batch_tokens)
+    block_limit = block_batches * batch_tokens
     batches, start = [], 0
     while start < len(lengths):
         stop = start + max(1, int(np.searchsorted(np.cumsum(lengths[start:]), block_limit, side="right")))
         order = start + np.argsort(-lengths[start:stop], kind="stable")
         rows: list[int] = []
+        padding = 0
         for w in order:
-            if rows and (len(rows) + 1) * lengths[rows[0]] > batch_tokens:
+            longest = lengths[rows[0]] if rows else lengths[w]
+            grown = (len(rows) + 1) * longest
+            if rows and (grown > batch_tokens or padding + longest - lengths[w] > PADDING_TOLERANCE * grown):
                 batches.append(np.asarray(rows))
-                rows = []
+                rows, padding, longest = [], 0, lengths[w]
+            padding += longest - lengths[w]
             rows.append(int(w))
         batches.append(np.asarray(rows))
         start = stop
