@@ -21,7 +21,8 @@ from conftest import save_checkpoint, write_suite
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
-    return write_suite(tmp_path_factory.mktemp("gen"), families=("opt", "llama"), steps=(0, 5), seq_len=32)
+    return write_suite(tmp_path_factory.mktemp("gen"), families=("opt", "llama"), steps=(0, 5), seq_len=32,
+                       split="paragraph")
 
 
 def test_mixture_clips_negatives_and_renormalises():
@@ -66,7 +67,7 @@ def test_mixture_1_0_greedy_equals_transformers_generate(suite, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(load_suite(suite).models[0].checkpoints[-1].path).eval()
     assert len(records) == 3
     for record in records:
-        prompt = [tokenizer.bos_token_id] + tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
+        prompt = [tokenizer.eos_token_id] + tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
         assert len(prompt) == 5
         out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=10, min_new_tokens=10,
                              pad_token_id=tokenizer.pad_token_id)
