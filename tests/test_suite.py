@@ -293,9 +293,9 @@ def test_missing_suite_file(tmp_path):
         load_suite(tmp_path / "nope.toml")
 
 
-def test_readme_example_parses(tmp_path):
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    section = readme.split("## Suite description (TOML)", 1)[1]
+def test_suite_reference_example_parses(tmp_path):
+    reference = (Path(__file__).parents[1] / "docs" / "suite.md").read_text()
+    section = reference.split("## Example and keys", 1)[1]
     data = tomllib.loads(section.split("```toml\n", 1)[1].split("```", 1)[0])
     for table in [data["eval"], *data["sets"]]:
         for name in table["files"]:

@@ -1,7 +1,7 @@
 """Suite descriptions: parse and validate a suite TOML file (evaluation sets, models, checkpoints).
 
 Only parsing and validation live here; nothing is loaded or downloaded (see `tokendyn.models.checkpoints`).
-The format is documented in the README section "Suite description (TOML)". Every error is a
+The format is documented in docs/suite.md. Every error is a
 one-line `TokendynError` naming the file, the table and the key, the problem and the fix.
 """
 
@@ -75,7 +75,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class EvalSet:
-    """Text to score and how (docs/suite.md, "Scoring protocols"). `name` is "main" for the [eval] table.
+    """Text to score and how (docs/protocols.md). `name` is "main" for the [eval] table.
 
     Parameters
     ----------

@@ -53,7 +53,7 @@ class Preset:
 PRESETS = {
     # 300 entities x 5 Zipf(1.2) attributes, 160 exposures per fact (3.8M training tokens). The
     # smallest model (14k non-embedding parameters) cannot memorise the facts, the largest (793k)
-    # can; see the README's section on the built-in suite for what the suite shows.
+    # can; see docs/toy.md for what the suite shows.
     "default": Preset(
         world=toy_world.WorldConfig(),
         train=TrainConfig(),
