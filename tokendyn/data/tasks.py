@@ -40,7 +40,7 @@ OPTION_FIELD = "in_option"
 ITEM_FIELDS = ("item", "option", "answer", "n_options")
 
 # Store coordinates an item field must not shadow.
-RESERVED = {"model", "ckpt", "seq", "pos", "step", "tokens_seen", "val_ppl", "source", "n_params",
+RESERVED = {"model", "ckpt", "token", "offset", "n_context", "step", "tokens_seen", "val_ppl", "source", "n_params",
             "n_params_nonembed", "token_id", "token_doc", "doc", "done", "loss", "entropy", "rank",
             "vocab_text", "weights_hash", OPTION_FIELD, *ITEM_FIELDS}
 
