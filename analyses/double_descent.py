@@ -2,8 +2,7 @@
 
 import sys
 
-from tokendyn.studies.double_descent import run
-from tokendyn.studies.study import main
+from tokendyn.pipelines.analyze import main_one
 
 if __name__ == "__main__":
-    sys.exit(main(run, "double_descent"))
+    sys.exit(main_one("double_descent"))

@@ -2,8 +2,7 @@
 
 import sys
 
-from tokendyn.studies.downstream import run
-from tokendyn.studies.study import main
+from tokendyn.pipelines.analyze import main_one
 
 if __name__ == "__main__":
-    sys.exit(main(run, "downstream"))
+    sys.exit(main_one("downstream"))

@@ -2,8 +2,7 @@
 
 import sys
 
-from tokendyn.studies.sequence_perplexity import run
-from tokendyn.studies.study import main
+from tokendyn.pipelines.analyze import main_one
 
 if __name__ == "__main__":
-    sys.exit(main(run, "sequence_perplexity"))
+    sys.exit(main_one("sequence_perplexity"))

@@ -2,8 +2,7 @@
 
 import sys
 
-from tokendyn.studies.subset_curves import run
-from tokendyn.studies.study import main
+from tokendyn.pipelines.analyze import main_one
 
 if __name__ == "__main__":
-    sys.exit(main(run, "subset_curves"))
+    sys.exit(main_one("subset_curves"))

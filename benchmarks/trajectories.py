@@ -29,6 +29,7 @@ import xarray as xr
 import zarr
 
 import tokendyn
+from tokendyn.analysis.labels import label_share
 from tokendyn.analysis.trends import STARTS
 
 SEQ_LEN, SEQ_CHUNK = 2048, 128
@@ -119,9 +120,9 @@ def main() -> None:
     print(f"store {store}: {sizes}, {ds['loss'].nbytes / 1e9:.2f} GB float32, chunks {ds['loss'].data.chunksize}")
     print(f"{os.cpu_count()} cores, load average before {os.getloadavg()[0]:.1f}")
     read = timed("read the loss once (sum)", lambda: ds["loss"].sum().compute())
-    timed(f"trend categories, {len(STARTS)} starts, + shares", lambda: ds.tokendyn.trend_categories(STARTS).share(),
+    timed(f"trend categories, {len(STARTS)} starts, + shares", lambda: label_share(ds.tokendyn.trend_categories(STARTS)),
           read)
-    timed("trend categories, 1 start (0.2), + shares", lambda: ds.tokendyn.trend_categories(0.2).share(), read)
+    timed("trend categories, 1 start (0.2), + shares", lambda: label_share(ds.tokendyn.trend_categories(0.2)), read)
     loop = linregress_loop_seconds(ds)
     print(f"{'per-token scipy.stats.linregress loop (extrapolated)':<58} {loop:8.0f} s")
     timed("cluster, matched-perplexity grid, n_clusters=auto", lambda: ds.tokendyn.cluster("auto"), read)

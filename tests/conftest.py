@@ -1,4 +1,5 @@
-"""Shared fixtures: an offline tokenizer and tiny random checkpoints of three model families.
+"""Shared fixtures: an offline tokenizer, tiny random checkpoints of three model families, and the
+planted three-size store (`planted_store`, built once per session, see planted_stores.py).
 
 Nothing here downloads anything: the tokenizer is trained on a few sentences, the models are
 random-init configs saved as Hugging Face directories with safetensors.
@@ -105,3 +106,15 @@ def tokenizer():
 def tiny_suite(tmp_path_factory) -> Path:
     """A suite of three families (OPT, GPT-NeoX, Llama), three random checkpoints each."""
     return write_suite(tmp_path_factory.mktemp("suite"), families=("opt", "gpt_neox", "llama"))
+
+
+@pytest.fixture(scope="session")
+def planted_store(tmp_path_factory):
+    """(lazy dataset, truth) of the shared planted store (`planted_stores.planted_folder`); read only."""
+    import numpy as np
+
+    import tokendyn
+    from planted_stores import planted_folder
+
+    folder = planted_folder(tmp_path_factory)
+    return tokendyn.open_store(folder / "p.zarr"), dict(np.load(folder / "truth.npz"))

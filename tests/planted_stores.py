@@ -1,4 +1,6 @@
-"""Synthetic stores in the store contract layout (docs/store.md, format 2) with planted trajectories.
+"""Synthetic stores in the store contract layout (docs/store.md, format 2) with planted trajectories, and the
+one planted store the analysis, analyze and report tests share (`planted_folder`, built once per test
+session; the `planted_store` fixture of conftest.py opens it).
 
 `write_store` writes any loss array as a contract store with `ds.to_zarr` and reopens it with
 `xr.open_zarr`, so the analyses run on lazy dask arrays as they do on real stores. Losses are
@@ -165,3 +167,46 @@ def write_tiled_store(path: Path, row_loss: np.ndarray, steps: np.ndarray, n_seq
     ds.attrs.update(tokendyn_version=tokendyn.__version__, format_version=FORMAT_VERSION)
     ds.to_zarr(path, mode="w", consolidated=True)
     return xr.open_zarr(path)
+
+
+# --- the shared planted store ------------------------------------------------------------------------
+
+HOSTILE = {50: "<script>alert(1)</script>", 51: "&amp;", 40: '"q" <b>bold</b>', 10: "$x$ & y"}
+REPORT_OPTIONS = {"clusters": {"n_clusters": 4}}  # a fixed k: the automatic choice fits k = 2..8
+
+
+def vocabulary(size: int = 64) -> np.ndarray:
+    """Token texts "w<id>", with the hostile texts of HOSTILE (which need HTML escaping) at their ids."""
+    return np.array([HOSTILE.get(i, f" w{i}") for i in range(size)], dtype=object)
+
+
+def planted_store_with_vocab(path: Path, **options) -> tuple[xr.Dataset, dict]:
+    """`planted_suite` plus a `vocab_text` coordinate; returns (the store opened by tokendyn, truth)."""
+    vocab = xr.Dataset(coords={"vocab_text": ("vocab", vocabulary())}, attrs={"tokendyn_version": tokendyn.__version__,
+                                                                                  "format_version": FORMAT_VERSION})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr's note that consolidated metadata is not in the v3 spec
+        _, truth = planted_suite(path, **options)
+        vocab.to_zarr(path, mode="a")
+    return tokendyn.open_store(path), truth
+
+
+def planted_folder(tmp_path_factory) -> Path:
+    """A folder with the planted store `p.zarr` (with the hostile vocabulary) and its truth `truth.npz`,
+    built once per test session. Tests only read the store; outputs go elsewhere."""
+    folder = tmp_path_factory.getbasetemp() / "planted"
+    if not (folder / "truth.npz").is_file():
+        _, truth = planted_store_with_vocab(folder / "p.zarr")
+        np.savez(folder / "truth.npz", **truth)
+    return folder
+
+
+def planted_report(tmp_path_factory) -> Path:
+    """`planted_folder` with the full report on its store in `report/` (default options but
+    REPORT_OPTIONS), written once per test session: the analyses, report and browser tests all read it."""
+    from tokendyn.pipelines.report import write_report
+
+    folder = planted_folder(tmp_path_factory)
+    if not (folder / "report" / "index.html").is_file():
+        write_report(folder / "p.zarr", folder / "report", options=REPORT_OPTIONS, progress=False)
+    return folder

@@ -15,11 +15,13 @@ import xarray as xr
 import tokendyn
 from tokendyn.studies import downstream, pair_preference, perplexity, sequence_perplexity, subset_curves, trend_categories
 from tokendyn.studies.findings import direction, verdict
-from tokendyn.studies.study import Skip, main
+from tokendyn.pipelines.analyze import main_one
+from tokendyn.studies.study import Skip
 from tokendyn.analysis.sequences import turning_points
+from tokendyn.analysis.trends import STARTS
 
 from planted_stores import KIND_TOKENS, KINDS
-from report_stores import planted_report, vocabulary
+from planted_stores import planted_report, vocabulary
 
 Planted = namedtuple("Planted", "ds truth loss steps report")
 
@@ -69,14 +71,15 @@ def _linregress_category(loss: np.ndarray, steps: np.ndarray, start: float, alph
 
 def test_perplexity_table_has_every_done_checkpoint_with_its_axes(planted):
     ds, _, loss, steps, _ = planted
-    table = _table(planted, "perplexity", "checkpoints")
-    assert len(table) == int(np.isfinite(steps).sum())  # 16 + 20 + 24 done checkpoints
+    every = _table(planted, "perplexity", "checkpoints")
+    assert len(every) == steps.size and every["done"].sum() == int(np.isfinite(steps).sum())
+    table = every[every["done"]]  # 16 + 20 + 24 done checkpoints
     for row in table.itertuples():
         m = list(ds["model"].values).index(row.model)
         assert row.step == steps[m, row.ckpt]
         assert row.val_ppl == pytest.approx(np.exp(np.nanmean(loss[m, row.ckpt])), rel=1e-6)
         assert row.flops == pytest.approx(6 * float(ds["n_params"].values[m]) * row.tokens_seen)
-    assert "Larger models end lower" in _findings(planted, "perplexity")[1]
+    assert any("Larger models end lower" in line for line in _findings(planted, "perplexity"))
     assert [ax.get_xlabel() for ax in perplexity.run(ds).figure.axes][:3] == [
         "training step (log scale)", "tokens seen (log scale)", "training compute in FLOPs (6 N D) (log scale)"]
 
@@ -86,7 +89,7 @@ def test_trend_shares_match_a_per_token_linregress(planted):
     shares = _table(planted, "trend_categories", "trend_shares").set_index(["model", "start", "category"])["percent"]
     valid = _valid(truth)
     for m, model in enumerate(ds["model"].values):
-        for start in trend_categories.STARTS:
+        for start in STARTS:
             codes = _linregress_category(loss[m], steps[m], start)
             for code, category in enumerate(("stagnated", "upward", "downward", "uncategorised")):
                 expected = 100 * (codes[valid] == code).mean()
@@ -110,7 +113,9 @@ def test_trend_reference_is_the_papers_table_and_its_shape_passes_the_papers_che
 
 def test_subset_curves_track_the_choosers_upward_tokens_in_every_model(planted):
     ds, truth, loss, steps, _ = planted
-    table = _table(planted, "subset_curves", "subset_curves")
+    every = _table(planted, "subset_curves", "subset_curves")
+    assert set(every["chosen_on"]) == {"small", "medium", "large"}
+    table = every[every.chosen_on == "medium"]  # the default chooser: the second-smallest model
     medium = list(ds["model"].values).index("medium")
     upward = _linregress_category(loss[medium], steps[medium], 0.2) == 1
     assert table.loc[table.category == "upward", "subset_percent"].iloc[0] == pytest.approx(
@@ -119,7 +124,8 @@ def test_subset_curves_track_the_choosers_upward_tokens_in_every_model(planted):
         m = list(ds["model"].values).index(row.model)
         assert row.subset_ppl == pytest.approx(np.exp(loss[m, row.ckpt][upward].mean()), rel=1e-6)
     # planted upward tokens rise with progress in every model: turned from the start, never down again
-    shapes = _table(planted, "subset_curves", "subset_shapes").set_index(["category", "model"])
+    shapes = _table(planted, "subset_curves", "subset_shapes")
+    shapes = shapes[shapes.chosen_on == "medium"].set_index(["category", "model"])
     assert shapes.loc["upward", "turns"].all() and not shapes.loc["upward", "descends_again"].any()
     assert "(0 of 1)" in next(line for line in _findings(planted, "subset_curves") if "larger than the chooser" in line)
     assert not shapes.loc["stagnated", "turns"].any()
@@ -239,7 +245,7 @@ def test_findings_helpers():
 
 
 def test_a_study_runs_alone_from_the_command_line(planted, capsys, tmp_path):
-    assert main(perplexity.run, "perplexity", [planted.ds.encoding["source"], "--out", str(tmp_path / "out")]) == 0
+    assert main_one("perplexity", [planted.ds.encoding["source"], "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "Validation perplexity at each model's last done checkpoint" in out
     assert (tmp_path / "out" / "figure.png").is_file() and (tmp_path / "out" / "checkpoints.csv").is_file()

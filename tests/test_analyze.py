@@ -1,5 +1,6 @@
-"""`tokendyn analyze`: every step's outputs on a planted store and on a real extracted store, skipped
-steps, step selection, and steps added by another module."""
+"""`tokendyn analyze`: every study's outputs on a planted store and on a real extracted store, skipped
+studies, study selection (and the former step names), the registry's order, and the same tables as
+the report."""
 
 from __future__ import annotations
 
@@ -8,32 +9,45 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-import tokendyn.pipelines.steps
+import tokendyn
+import tokendyn.studies
 from conftest import write_suite
-from planted_stores import KINDS, planted_suite, write_store
+from planted_stores import KINDS, planted_report, write_store
+from tokendyn.analysis.labels import flag_names
 from tokendyn.cli import main
 
-TABLES = {"checkpoints", "perplexity_levels", "trend_shares", "subset_curves", "double_descent", "agreement",
-          "curve_summary", "clusters", "cluster_centroids", "cluster_tokens"}
+TABLES = {"checkpoints", "perplexity_levels", "trend_shares", "paper_reference", "subset_curves", "subset_shapes",
+          "double_descent_share", "double_descent_examples", "agreement", "curve_histograms", "curve_summary", "rho1",
+          "clusters", "cluster_centroids", "cluster_tokens"}
 GROUPS = {"matched_perplexity", "trends", "double_descent", "curves", "rho1", "clusters"}
 
 
 @pytest.fixture(scope="module")
-def analysed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("analyze")
-    ds, truth = planted_suite(root / "planted.zarr", n_seq=16)
-    assert main(["analyze", str(root / "planted.zarr"), "--quiet", "--n-clusters", "4"]) == 0
-    return ds, truth, root / "planted.analysis"
+def analysed(planted_store, tmp_path_factory):
+    ds, truth = planted_store  # the shared planted store (conftest.py)
+    out = tmp_path_factory.mktemp("analyze") / "planted.analysis"
+    assert main(["analyze", ds.encoding["source"], "--out", str(out), "--quiet", "--n-clusters", "4"]) == 0
+    return ds, truth, out
 
 
 def test_writes_every_table_and_label_group(analysed):
     ds, truth, folder = analysed
     assert {p.stem for p in folder.glob("*.csv")} == TABLES
+    assert (folder / "findings.txt").read_text().startswith("perplexity: ")
     for group in GROUPS:
         labels = xr.open_zarr(folder / "labels.zarr", group=group, consolidated=False)
         assert labels.sizes["token"] == ds.sizes["token"]
     trends = xr.open_zarr(folder / "labels.zarr", group="trends", consolidated=False)["trend"]
-    assert trends.dims == ("model", "start", "token") and trends.attrs["categories"][0] == "stagnated"
+    assert trends.dims == ("model", "start", "token") and flag_names(trends)[0] == "stagnated"
+
+
+def test_analyze_writes_the_tables_the_report_shows(analysed, tmp_path_factory):
+    _, _, folder = analysed
+    report = planted_report(tmp_path_factory) / "report"  # the same options: --n-clusters 4
+    shown = sorted(report.glob("*/*.csv"))
+    assert {p.stem for p in shown} == TABLES
+    for path in shown:
+        pd.testing.assert_frame_equal(pd.read_csv(folder / path.name), pd.read_csv(path))
 
 
 def test_tables_hold_what_was_planted(analysed):
@@ -44,14 +58,14 @@ def test_tables_hold_what_was_planted(analysed):
     planted_up = 100 * np.mean(np.isin(kind[kind >= 0], [KINDS.index("upward"), KINDS.index("double_descent")]))
     small = shares[(shares["model"] == "small") & (shares["category"] == "upward")]
     assert small["percent"].to_numpy() == pytest.approx(planted_up, abs=3)
-    dd = pd.read_csv(folder / "double_descent.csv").set_index("model")["percent"]
+    dd = pd.read_csv(folder / "double_descent_share.csv").set_index("model")["percent"]
     planted_dd = 100 * np.mean(kind[kind >= 0] == KINDS.index("double_descent"))
     assert dd["small"] == 0 and dd["large"] == pytest.approx(planted_dd)
     agreement = pd.read_csv(folder / "agreement.csv")
     means = agreement.groupby("axis")["spearman"].mean()
     assert means["val_ppl"] > 0.95 and means["val_ppl"] > means["step"] + 0.1
     clusters = pd.read_csv(folder / "clusters.csv")
-    assert set(clusters["category"]) == {"stagnating", "rising", "late-falling", "falling then rising"}
+    assert set(clusters["cluster"]) == {"stagnating", "rising", "late-falling", "falling then rising"}
     subsets = pd.read_csv(folder / "subset_curves.csv")
     assert set(subsets["chosen_on"]) == {"small", "medium", "large"}
 
@@ -60,29 +74,32 @@ def test_summary_is_printed_and_missing_data_is_skipped(tmp_path, capsys):
     rng = np.random.default_rng(0)
     steps = np.array([[100, 200, 300, 400, 500.0]])
     write_store(tmp_path / "one.zarr", rng.uniform(1, 3, (1, 5, 4, 8)), steps)
+    # "trends", a former step name, stands for the trend_categories and subset_curves studies
     assert main(["analyze", str(tmp_path / "one.zarr"), "--quiet", "--steps", "trends,agreement"]) == 0
     out = capsys.readouterr().out
     assert "agreement: skipped (needs at least two models)" in out
-    assert "warning: model m0: fewer than 3 checkpoints from 70% of the final step" in out
-    assert "trends: % stagnated/upward/downward/uncategorised at start 20%" in out
-    assert {p.stem for p in (tmp_path / "one.analysis").glob("*.csv")} == {"trend_shares", "subset_curves"}
-    assert main(["analyze", str(tmp_path / "one.zarr"), "--steps", "nonsense"]) == 2
-    assert "unknown analysis step(s) nonsense" in capsys.readouterr().err
+    assert "trend_categories: No categories at start 70% in m0: fewer than 3 checkpoints in the window." in out
+    assert "trend_categories: At start 20%, % stagnated / upward / downward / uncategorised: m0 " in out
+    assert {p.stem for p in (tmp_path / "one.analysis").glob("*.csv")} == {
+        "trend_shares", "paper_reference", "subset_curves", "subset_shapes"}
+    assert main(["analyze", str(tmp_path / "one.zarr"), "--studies", "nonsense"]) == 2
+    assert "unknown study nonsense" in capsys.readouterr().err
 
 
-def test_another_module_adds_a_step(tmp_path, monkeypatch, capsys):
-    extra = tmp_path / "steps"
-    extra.mkdir()
-    (extra / "zz_extra.py").write_text(
-        "def tokens_step(ds, out):\n"
-        "    out.write_table('tokens', __import__('pandas').DataFrame({'n': [ds.sizes['token']]}))\n"
-        "    return ['counted']\n"
-        "STEPS = [tokens_step]\n")
-    monkeypatch.setattr(tokendyn.pipelines.steps, "__path__", [*tokendyn.pipelines.steps.__path__, str(extra)])
+def test_the_registry_is_explicit_and_a_study_added_to_it_runs(tmp_path, monkeypatch, capsys):
+    assert list(tokendyn.studies.STUDIES)[:3] == ["perplexity", "trend_categories", "subset_curves"]
+    assert len(set(tokendyn.studies.STUDIES)) == len(tokendyn.studies.STUDIES) == 12
+
+    def tokens(source):
+        from matplotlib.figure import Figure
+        from tokendyn.studies.study import Result
+        return Result("tokens", {"tokens": pd.DataFrame({"n": [source.sizes["ckpt"]]})}, Figure(), ["counted"])
+
+    monkeypatch.setitem(tokendyn.studies.STUDIES, "tokens", tokens)
     write_store(tmp_path / "s.zarr", np.ones((1, 4, 3, 5)), np.array([[1, 2, 3, 4.0]]))
-    assert main(["analyze", str(tmp_path / "s.zarr"), "--quiet", "--steps", "tokens"]) == 0
+    assert main(["analyze", str(tmp_path / "s.zarr"), "--quiet", "--studies", "tokens"]) == 0
     assert "tokens: counted" in capsys.readouterr().out
-    assert pd.read_csv(tmp_path / "s.analysis" / "tokens.csv")["n"].tolist() == [3 * 4]  # 3 rows of 4 scored
+    assert pd.read_csv(tmp_path / "s.analysis" / "tokens.csv")["n"].tolist() == [4]
 
 
 def test_analyze_a_real_extracted_store(tmp_path, capsys):
@@ -91,8 +108,9 @@ def test_analyze_a_real_extracted_store(tmp_path, capsys):
     assert main(["extract", str(suite), "--out", str(store)]) == 0
     assert main(["analyze", str(store), "--quiet", "--n-clusters", "3"]) == 0
     out = capsys.readouterr().out
-    for step in ("perplexity", "trends", "double_descent", "agreement", "curves", "clusters"):
-        assert f"\n{step}: " in "\n" + out
+    for study in ("perplexity", "trend_categories", "subset_curves", "double_descent", "agreement", "curve_measures",
+                  "clusters"):
+        assert f"\n{study}: " in "\n" + out
     folder = tmp_path / "real.analysis"
     ds = tokendyn.open_store(store)
     shares = pd.read_csv(folder / "trend_shares.csv")

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from planted_stores import KIND_TOKENS, KINDS, planted_suite, write_store
+from planted_stores import KIND_TOKENS, KINDS, write_store
 from tokendyn.analysis.clusters import cluster, name_shape
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    return planted_suite(tmp_path_factory.mktemp("clusters") / "planted.zarr", n_seq=32)
+def planted(planted_store):
+    return planted_store  # the shared planted store (conftest.py)
 
 
 def _majority(codes, kind, names):
@@ -30,7 +30,7 @@ def test_planted_shapes_on_the_matched_perplexity_grid(planted):
     ds, truth = planted
     result = cluster(ds, n_clusters=4, token_text=lambda ids: [f"<{i}>" for i in ids])
     kind = truth["kind"]
-    codes = result.labels.codes.values
+    codes = result.labels.values
     for m in range(3):
         assert adjusted_rand_score(kind[kind >= 0], codes[m][kind >= 0]) > 0.95
     majority = _majority(codes[2], kind, result.names)
@@ -54,8 +54,8 @@ def test_planted_shapes_on_the_matched_perplexity_grid(planted):
 def test_double_descent_cluster_on_one_models_checkpoints(planted):
     ds, truth = planted
     result = cluster(ds, n_clusters=5, on="checkpoints", model="large")
-    assert result.labels.codes.dims == ("model", "token")
-    codes, kind = result.labels.codes.values[0], truth["kind"]
+    assert result.labels.dims == ("model", "token")
+    codes, kind = result.labels.values[0], truth["kind"]
     majority = _majority(codes, kind, result.names)
     assert majority["stagnating"][0] == "stagnating" and majority["upward"][0] == "rising"
     # k-means splits the falling tokens by depth; the double-descent cluster holds only planted

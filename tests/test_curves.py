@@ -7,6 +7,7 @@ import pytest
 import scipy.optimize
 
 from planted_stores import flat, write_store
+from tokendyn.analysis.labels import flag_names
 from tokendyn.analysis.curves import (RHO1_CLASSES, age_of_acquisition, cartography, curve_measures, final_loss,
                              forgettability, rho1_classes)
 
@@ -56,16 +57,16 @@ def test_cartography(random_store):
 def test_rho1_classes(random_store):
     ds = random_store
     labels = rho1_classes(ds, threshold=2.0)
-    codes = labels.codes.values
+    codes = labels.values
     for m in range(2):
         y = _done_loss(ds, m)
         high_a, high_b = y[0] > 2.0, y[-1] > 2.0
         expected = np.select([high_a & high_b, ~high_a & high_b, high_a & ~high_b], [0, 1, 2], 3)
         assert np.array_equal(codes[m], expected)
-    assert labels.names == RHO1_CLASSES
+    assert flag_names(labels) == RHO1_CLASSES
     default = rho1_classes(ds)
     pooled = np.concatenate([_done_loss(ds, m)[[0, -1]].ravel() for m in range(2)])
-    assert default.codes.attrs["threshold"] == pytest.approx(np.median(pooled), rel=1e-6)
+    assert default.attrs["threshold"] == pytest.approx(np.median(pooled), rel=1e-6)
 
 
 def _sigmoid(x, k, x0, lo, chance):

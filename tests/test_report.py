@@ -14,9 +14,9 @@ from tokendyn.cli import main
 from tokendyn.pipelines.report import write_report
 
 from conftest import write_suite
-from report_stores import HOSTILE, planted_report
+from planted_stores import HOSTILE, planted_report
 
-SET_STUDIES = ("sequence_perplexity", "pair_preference", "downstream")
+SET_STUDIES = ("sequence_perplexity", "pair_preference", "downstream", "passuntil", "skills")
 
 
 class Page(HTMLParser):
@@ -63,7 +63,8 @@ def test_planted_report_has_a_figure_per_trajectory_study_and_skips_the_set_stud
     page = _check_layout(index, trajectory)
     skipped = page.text.split("Skipped studies")[-1]
     for name, reason in (("sequence_perplexity", "no named evaluation sets"), ("pair_preference", "pairs"),
-                         ("downstream", "no multiple-choice tasks")):
+                         ("downstream", "no multiple-choice tasks"), ("passuntil", "no PassUntil runs"),
+                         ("skills", "no task with skill-labelled items")):
         assert re.search(f"{name}: [^\\n]*{reason}", skipped), skipped
 
 
@@ -95,12 +96,13 @@ def test_report_on_a_store_with_sets_pairs_and_tasks(tmp_path):
                  "--out", str(store), "--no-progress"]) == 0
     assert main(["tasks", str(suite), "--task", str(task), "--shots", "1", "--out", str(store), "--no-progress"]) == 0
     lines = []
-    index = write_report(store, tmp_path / "report", studies=SET_STUDIES, progress=False, echo=lines.append)
-    page = _check_layout(index, list(SET_STUDIES))
+    ran = SET_STUDIES[:3]  # the store has no PassUntil runs and no skill-labelled items
+    index = write_report(store, tmp_path / "report", studies=ran, progress=False, echo=lines.append)
+    page = _check_layout(index, list(ran))
     assert "Set noisy-0.5" in page.text and "Set facts (2 pairs)" in page.text and "Task colours" in page.text
     ppl = pd.read_csv(index.parent / "sequence_perplexity" / "sequence_ppl.csv")
     assert set(ppl["set"]) == {"noisy-0.5", "facts"}  # task sets belong to the downstream study
-    assert [line.split(":")[0] for line in lines] == list(SET_STUDIES)
+    assert [line.split(":")[0] for line in lines] == list(ran)
     assert not any("skipped" in line for line in lines)
 
 
@@ -109,7 +111,7 @@ def test_report_command(tmp_path_factory, tmp_path, capsys):
     assert main(["report", str(store), "--out", str(tmp_path / "r"), "--studies", "perplexity,downstream",
                  "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "perplexity: 3 findings" in out and "downstream: skipped (the store has no multiple-choice tasks" in out
+    assert "perplexity: 4 findings" in out and "downstream: skipped (the store has no multiple-choice tasks" in out
     assert f"report written: {tmp_path / 'r' / 'index.html'}" in out
     _check_layout(tmp_path / "r" / "index.html", ["perplexity"])
     assert main(["report", str(store), "--studies", "nonsense"]) == 2

@@ -145,8 +145,8 @@ def test_analyze_writes_passuntil_tables(store, tmp_path):
     table = pd.read_csv(tmp_path / "a" / "passuntil.csv")
     assert set(table["task"]) >= {"recall", "capped"} and (table.groupby("task").size() == 4).all()
     assert {"task_estimate", "task_ci_low", "task_upper", "task_drawn"} <= set(table.columns)
-    assert any(line.startswith("tasks: skipped") for line in lines)
-    assert any("passuntil: task recall: 0 of 4 checkpoints with no instance passing" in line for line in lines)
+    assert any(line.startswith("downstream: skipped") for line in lines)  # "tasks" stands for the downstream study
+    assert any("passuntil: Task recall: 0 of 4 checkpoints with no instance passing" in line for line in lines)
 
 
 def test_passuntil_cli(suite, task_file, tmp_path, capsys):

@@ -321,11 +321,11 @@ def test_analyze_writes_the_sequence_tables(built, tmp_path):
     lines = analyze(tokendyn.open_store(out), tmp_path / "a", only=["sequence_ppl", "pairs"], progress=False)
     assert not any("skipped" in line for line in lines), lines
     table = pd.read_csv(tmp_path / "a" / "sequence_ppl.csv")
-    assert set(table["set"]) == {"main", "corrupted-0.3", "corrupted-1", "facts", "hallucinated:1,-1",
-                                 "hallucinated:-1,1"}
-    assert len(table) == 6 * 2 * 2  # sets x models x checkpoints
+    # the main set is left out: its perplexity is the val_ppl column
+    assert set(table["set"]) == {"corrupted-0.3", "corrupted-1", "facts", "hallucinated:1,-1", "hallucinated:-1,1"}
+    assert len(table) == 5 * 2 * 2  # sets x models x checkpoints
     pairs = pd.read_csv(tmp_path / "a" / "pair_preference.csv")
-    assert list(pairs.columns) == ["set", "model", "ckpt", "step", "val_ppl", "n_pairs", "pair_preference",
+    assert list(pairs.columns) == ["set", "n_pairs", "model", "ckpt", "step", "val_ppl", "pair_preference",
                                    "pair_margin"]
     skipped = analyze(tokendyn.open_store(out, set="facts"), tmp_path / "b", only=["pairs"], progress=False)
     assert "skipped" in skipped[0]

@@ -120,9 +120,17 @@ def test_jsonl_reader(tmp_path):
     path.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": "c"}) + "\n")
     with pytest.raises(TokendynError, match="quiz.jsonl:1:.*answer"):
         read_task(path)
-    path.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0, "step": 3}) + "\n")
-    with pytest.raises(TokendynError, match="field 'step'"):
+    path.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0, "n_options": 3}) + "\n")
+    with pytest.raises(TokendynError, match="field 'n_options', which tokendyn sets itself"):
         read_task(path)
+
+
+def test_fields_named_like_the_store_are_refused_before_scoring(suite, tmp_path):
+    path = tmp_path / "quiz.jsonl"
+    path.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0, "step": 3}) + "\n")
+    with pytest.raises(TokendynError, match="task 'quiz': field 'step' is a name the store uses; rename it"):
+        score_tasks(suite, tmp_path / "s.zarr", [read_task(path)], progress=False)
+    assert list(tmp_path.iterdir()) == [path]
 
 
 def _transformers_logprob(model, tokenizer, text: str, prompt: str) -> tuple[float, int]:
@@ -215,7 +223,7 @@ def test_analyze_writes_task_tables(store, tmp_path):
     emergence = pd.read_csv(tmp_path / "a" / "emergence.csv")
     assert list(emergence["metric"]) == ["accuracy", "correct_prob", "brier"]
     assert not emergence["leaves_random"].any()
-    assert any("tiny_colours: never leaves random" in line for line in lines)
+    assert any("Task tiny_colours: never leaves chance" in line for line in lines)
     assert any(line.startswith("skills: skipped") for line in lines)  # no tokens_seen: no loss law to fit
 
 

@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from planted_stores import KINDS, TOKENS_PER_STEP, planted_suite, write_store
+from planted_stores import KINDS, TOKENS_PER_STEP, write_store
 from tokendyn.errors import TokendynError
 from tokendyn.analysis.trajectories import (agreement, at_axis, at_perplexity, detect_double_descent, double_descent,
                                    falls_rises_falls, perplexity_grid, subset_curve, x_axis)
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    return planted_suite(tmp_path_factory.mktemp("trajectories") / "planted.zarr", n_seq=24)
+def planted(planted_store):
+    return planted_store  # the shared planted store (conftest.py)
 
 
 def test_x_axes(planted):

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from planted_stores import KINDS, planted_loss, planted_suite, write_store, write_tiled_store
+from planted_stores import KINDS, planted_loss, write_store, write_tiled_store
+from tokendyn.analysis.labels import label_mask, label_share, label_text
+from tokendyn.errors import TokendynError
 from tokendyn.analysis.trends import CATEGORIES, TrendWarning, ols, trend_categories, trend_fit
 
 
@@ -33,14 +35,14 @@ def test_ols_flat_trajectory_is_not_significant():
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
-    return planted_suite(tmp_path_factory.mktemp("trends") / "planted.zarr", n_seq=24)
+def planted(planted_store):
+    return planted_store  # the shared planted store (conftest.py)
 
 
 def test_planted_trends_are_recovered(planted):
     ds, truth = planted
     cats = trend_categories(ds, start=[0.1, 0.4, 0.7])
-    codes = cats.codes.values
+    codes = cats.values
     kind = truth["kind"]
     expected = {"stagnating": "stagnated", "downward": "downward", "upward": "upward"}
     for name, category in expected.items():
@@ -48,7 +50,7 @@ def test_planted_trends_are_recovered(planted):
         # Stagnating tokens are noise: a 5% test flags about 5% of them as trends by chance.
         assert recovered.min() >= (0.88 if name == "stagnating" else 0.99), (name, recovered)
     assert (codes[:, :, kind < 0] == -1).all()
-    share = cats.share()
+    share = label_share(cats)
     assert share.sum("category").values == pytest.approx(100)
     labelled = (kind >= 0).sum()
     for category in CATEGORIES:
@@ -59,11 +61,11 @@ def test_planted_trends_are_recovered(planted):
 def test_mask_from_categories(planted):
     ds, truth = planted
     cats = trend_categories(ds, start=0.2)
-    mask = cats.sel(model="large", start=0.2) == "upward"
-    assert mask.dims == ("token",)
-    assert mask.values.sum() == (cats.codes.sel(model="large", start=0.2).values == 1).sum()
-    with pytest.raises(Exception, match="unknown label"):
-        _ = cats == "sideways"
+    mask = label_mask(cats.sel(model="large", start=0.2), "upward")
+    assert mask.dims == ("token",) and mask.dtype == bool
+    assert mask.values.sum() == (cats.sel(model="large", start=0.2).values == 1).sum()
+    with pytest.raises(TokendynError, match="unknown label 'sideways'"):
+        label_mask(cats, "sideways")
 
 
 def _reference_categories(loss, steps, p, x_kind, var_condition):
@@ -92,7 +94,7 @@ def test_categories_match_a_per_token_reference(tmp_path, x_kind, var_condition)
     cats = trend_categories(ds, start=[0.0, 0.3], x=x_kind, var_condition=var_condition)
     loss = ds["loss"].values[0]
     for s, p in enumerate([0.0, 0.3]):
-        got = cats.labels().values[0, s]
+        got = label_text(cats).values[0, s]
         for token in range(6 * 9):  # 6 rows of 10 positions: positions 1.. are stored
             assert got[token] == _reference_categories(loss[:, token], steps[0], p, x_kind, var_condition)
 
@@ -116,9 +118,9 @@ def test_too_few_checkpoints_give_no_label_and_a_warning(tmp_path):
     ds = write_store(tmp_path / "s.zarr", np.ones((1, 5, 2, 4)), steps)
     with pytest.warns(TrendWarning, match="fewer than 3 checkpoints"):
         cats = trend_categories(ds, start=[0.1, 0.7])
-    codes = cats.codes.values
+    codes = cats.values
     assert (codes[0, 1] == -1).all() and (codes[0, 0] == 0).all()
-    assert np.isnan(cats.share().sel(start=0.7).values).all()
+    assert np.isnan(label_share(cats).sel(start=0.7).values).all()
 
 
 def _peak_rss() -> int:
@@ -146,7 +148,7 @@ def test_categories_out_of_core_under_a_worker_memory_cap(tmp_path):
         warnings.simplefilter("ignore")
         with distributed.LocalCluster(n_workers=1, threads_per_worker=1, memory_limit=cap, processes=True,
                                       dashboard_address=None) as cluster, distributed.Client(cluster) as client:
-            share = trend_categories(ds, start=0.2, chunk_mb=4).share()
+            share = label_share(trend_categories(ds, start=0.2, chunk_mb=4))
             peak = max(client.run(_peak_rss).values())
     assert peak < cap
     expected = {name: 100 * np.mean(kinds[1:] == name) for name in ("stagnating", "downward", "upward")}

@@ -37,7 +37,7 @@ from threadpoolctl import threadpool_limits
 
 from tokendyn.errors import TokendynError
 from tokendyn.store.layout import TOKEN_DIMS
-from tokendyn.analysis.labels import MISSING, TokenLabels
+from tokendyn.analysis.labels import MISSING, flag_array, flag_names, label_share
 from tokendyn.analysis.trajectories import (at_perplexity, falls_rises_falls, load_small, model_index, model_loss,
                                    valid_tokens)
 
@@ -49,14 +49,15 @@ NORMALIZATIONS = ("start", "zscore")
 class Clustering:
     """Result of `cluster`.
 
-    labels: cluster of every (model, token), names = cluster names. centroids: (cluster, point)
-    mean loss change from the first point, nats, with the grid as a coordinate. scores:
+    labels: cluster of every (model, token), a label array (`tokendyn.analysis.labels`); names: the
+    cluster names. centroids: (cluster, point) mean loss change from the first point, nats, with
+    the grid as a coordinate. scores:
     criterion value per candidate number of clusters (empty when given). stability: mean
     adjusted Rand index between the fit and refits with other seeds, on the fit sample.
     top_tokens: the most frequent token ids of each cluster with their text and frequencies.
     """
 
-    labels: TokenLabels
+    labels: xr.DataArray
     centroids: xr.DataArray
     criterion: str
     scores: dict[int, float]
@@ -65,11 +66,11 @@ class Clustering:
 
     @property
     def names(self) -> tuple[str, ...]:
-        return self.labels.names
+        return flag_names(self.labels)
 
     def share(self) -> xr.DataArray:
         """Percentage of each model's tokens in each cluster: (model, category)."""
-        return self.labels.share()
+        return label_share(self.labels)
 
 
 def trajectory_features(ds: xr.Dataset, on: str = "perplexity", model: int | str | None = None,
@@ -183,20 +184,20 @@ def _decode(ids: Sequence[int], token_text) -> list[str]:
     return [str(text) for text in token_text([int(i) for i in ids])]
 
 
-def top_tokens(labels: TokenLabels, token_id: np.ndarray, top: int = 10, token_text=None) -> pd.DataFrame:
+def top_tokens(labels: xr.DataArray, token_id: np.ndarray, top: int = 10, token_text=None) -> pd.DataFrame:
     """Most frequent token ids per cluster, pooled over models.
 
     Columns: cluster, name, token_id, text, count (occurrences in the cluster), cluster_share
     (% of the cluster), corpus_count (occurrences among labelled tokens, all models),
     token_share (% of that token's occurrences that fall in this cluster).
     """
-    codes = np.asarray(labels.codes.values).reshape(-1, token_id.size)
+    codes = np.asarray(labels.values).reshape(-1, token_id.size)
     ids = np.broadcast_to(token_id.reshape(1, -1), codes.shape)
     labelled = codes >= 0
     corpus_ids, corpus_counts = np.unique(ids[labelled], return_counts=True)
     corpus = dict(zip(corpus_ids.tolist(), corpus_counts.tolist()))
     rows = []
-    for k, name in enumerate(labels.names):
+    for k, name in enumerate(flag_names(labels)):
         member_ids, counts = np.unique(ids[codes == k], return_counts=True)
         best = np.argsort(-counts, kind="stable")[:top]
         texts = _decode(member_ids[best].tolist(), token_text)
@@ -222,8 +223,9 @@ def cluster(ds: xr.Dataset, n_clusters: int | str = "auto", on: str = "perplexit
     "start" (loss change from the first point, keeps magnitudes) or "zscore" (shape only).
     max_fit_tokens: size of the fit subsample, drawn as whole random sequences. n_seeds: refits
     for the stability score. tol: naming tolerance (nats). top: tokens listed per cluster.
-    token_text: callable from token ids to their texts, or a tokenizer with `decode`; ids are
-    shown when absent. Labels are computed (int8 per model and token).
+    token_text: callable from token ids to their texts, or a tokenizer with `decode`; default: the
+    store's vocabulary (`vocab_text`), else the ids are shown. Labels are computed (int8 per model
+    and token).
     """
     ds = load_small(ds)
     if method not in METHODS:
@@ -255,10 +257,13 @@ def cluster(ds: xr.Dataset, n_clusters: int | str = "auto", on: str = "perplexit
 
     codes = xr.apply_ufunc(_predict, features, input_core_dims=[["point"]], dask="parallelized",
                            output_dtypes=[np.int8], kwargs=dict(estimator=estimator, how=normalize, order=order))
-    labels = TokenLabels(codes.rename("cluster").compute(), names)
+    labels = flag_array(codes.compute(), names, "cluster", "cluster of the token's loss trajectory")
     centroids = xr.DataArray(curves, dims=("cluster", "point"),
                              coords={"cluster": np.arange(n_clusters), "name": ("cluster", names),
                                      "point": features["point"].values},
-                             attrs={"on": on, "units": "nats (change from the first point)"})
+                             attrs={"on": on, "long_name": "mean loss change from the first point", "units": "nats"})
+    if token_text is None and "vocab_text" in ds.variables:
+        vocab = ds["vocab_text"].values
+        token_text = vocab.__getitem__  # labelled tokens are never padding, so every id indexes the vocabulary
     table = top_tokens(labels, np.asarray(ds["token_id"].values), top, token_text)
     return Clustering(labels, centroids, "silhouette" if method == "kmeans" else "bic", scores, stability, table)

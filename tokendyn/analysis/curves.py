@@ -21,7 +21,7 @@ import scipy.special
 import xarray as xr
 
 from tokendyn.errors import TokendynError
-from tokendyn.analysis.labels import MISSING, TokenLabels
+from tokendyn.analysis.labels import MISSING, describe, flag_array
 from tokendyn.analysis.trajectories import (CHUNK_MB, chunk_tokens, done_checkpoints, load_small, model_loss,
                                    moving_average, over_token_slices, token_loss, valid_tokens)
 
@@ -45,7 +45,9 @@ def final_loss(ds: xr.Dataset, last: int = 5) -> xr.Dataset:
     if last < 1:
         raise TokendynError("last must be at least 1 checkpoint")
     loss = chunk_tokens(token_loss(ds)).where(last_checkpoints(ds, last))
-    return xr.Dataset({"final_loss": loss.mean("ckpt"), "final_variability": loss.std("ckpt")})
+    return xr.Dataset({"final_loss": describe(loss.mean("ckpt"), "mean loss over the last checkpoints", "nats"),
+                       "final_variability": describe(loss.std("ckpt"), "standard deviation of the loss over the last "
+                                                     "checkpoints", "nats")})
 
 
 def _sigmoid_midpoint(y: np.ndarray, x: np.ndarray, chance: float, n_iter: int) -> np.ndarray:
@@ -129,7 +131,7 @@ def age_of_acquisition(ds: xr.Dataset, chance: float | None = None, n_iter: int 
             input_core_dims=[["ckpt"]], dask="parallelized", output_dtypes=[float],
             kwargs={"x": np.log10(steps[steps > 0]), "chance": level, "n_iter": n_iter}))
     out = xr.concat(per_model, dim="model").assign_coords(model=ds["model"].values)
-    return out.where(valid_tokens(ds)).rename("age_of_acquisition")
+    return describe(out.where(valid_tokens(ds)).rename("age_of_acquisition"), "age of acquisition (log10 step)")
 
 
 def forgettability(ds: xr.Dataset, window: int = 3) -> xr.DataArray:
@@ -139,7 +141,8 @@ def forgettability(ds: xr.Dataset, window: int = 3) -> xr.DataArray:
     out = xr.apply_ufunc(partial(over_token_slices, _upward_moves), chunk_tokens(token_loss(ds)),
                          input_core_dims=[["ckpt"]], kwargs={"window": window}, dask="parallelized",
                          output_dtypes=[float])
-    return out.where(valid_tokens(ds)).rename("forgettability")
+    return describe(out.where(valid_tokens(ds)).rename("forgettability"), "summed upward moves of the smoothed loss",
+                    "nats")
 
 
 def _upward_moves(loss: np.ndarray, window: int) -> np.ndarray:
@@ -153,14 +156,14 @@ def _at_done(ds: xr.Dataset, position: int) -> xr.DataArray:
     return token_loss(ds).isel(ckpt=xr.DataArray(idx, dims="model")).drop_vars("ckpt")
 
 
-def rho1_classes(ds: xr.Dataset, first: int = 0, last: int = -1, threshold: float | None = None) -> TokenLabels:
+def rho1_classes(ds: xr.Dataset, first: int = 0, last: int = -1, threshold: float | None = None) -> xr.DataArray:
     """Rho-1 classes between two of each model's done checkpoints (positions `first`, `last`).
 
     A token is H (high loss) at a checkpoint when its loss exceeds `threshold` (nats), else L.
     Classes "H->H", "L->H", "H->L", "L->L" (Rho-1's reference shares 11%, 12%, 26%, 51%).
     Rho-1 gives no threshold to reuse; the default is the median loss over the valid tokens of
-    both checkpoints of all models (this loads those two checkpoints' losses). Codes
-    (model, token).
+    both checkpoints of all models (this loads those two checkpoints' losses). A label array
+    (`tokendyn.analysis.labels`) of codes (model, token), the threshold in its attributes.
     """
     ds = load_small(ds)
     a, b = _at_done(ds, first), _at_done(ds, last)
@@ -171,7 +174,8 @@ def rho1_classes(ds: xr.Dataset, first: int = 0, last: int = -1, threshold: floa
     high_a, high_b = a > threshold, b > threshold
     codes = xr.where(high_a, xr.where(high_b, 0, 2), xr.where(high_b, 1, 3))
     codes = codes.where(valid & a.notnull() & b.notnull(), MISSING).astype(np.int8)
-    return TokenLabels(codes.rename("rho1").assign_attrs(threshold=threshold), RHO1_CLASSES)
+    return flag_array(codes, RHO1_CLASSES, "rho1", "Rho-1 class of the token between two checkpoints",
+                      threshold=threshold, threshold_units="nats")
 
 
 def cartography(ds: xr.Dataset) -> xr.Dataset:
@@ -180,7 +184,9 @@ def cartography(ds: xr.Dataset) -> xr.Dataset:
     ds = load_small(ds)
     prob = np.exp(-chunk_tokens(token_loss(ds)))
     valid = valid_tokens(ds)
-    return xr.Dataset({"confidence": prob.mean("ckpt").where(valid), "variability": prob.std("ckpt").where(valid)})
+    return xr.Dataset({"confidence": describe(prob.mean("ckpt").where(valid), "mean probability of the true token"),
+                       "variability": describe(prob.std("ckpt").where(valid),
+                                               "standard deviation of the probability of the true token")})
 
 
 def curve_measures(ds: xr.Dataset, last: int = 5, chance: float | None = None, window: int = 3) -> xr.Dataset:

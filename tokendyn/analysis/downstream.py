@@ -35,8 +35,9 @@ METRICS = (*choices.METRICS, "correct_ppl", "incorrect_ppl")
 LAWS = ("auto", "joint", "tokens")
 
 
-def store_path(source: str | Path | xr.Dataset) -> Path:
-    """The store a dataset was opened from, or the path itself."""
+def source_path(source: str | Path | xr.Dataset) -> Path:
+    """The store path of a source: the path itself, or the store a dataset was opened from (an error for a
+    dataset built in memory; `tokendyn.store.store_path` returns None there)."""
     if not isinstance(source, xr.Dataset):
         return Path(source)
     path = source.encoding.get("source")
@@ -46,18 +47,18 @@ def store_path(source: str | Path | xr.Dataset) -> Path:
 
 
 def _main(source) -> xr.Dataset:
-    return open_store(store_path(source))
+    return open_store(source_path(source))
 
 
 def task_names(source) -> list[str]:
     """The multiple-choice tasks of a store (its sets named task.<name>)."""
-    return [name.removeprefix(TASK_SET_PREFIX) for name in list_sets(store_path(source)) if name.startswith(TASK_SET_PREFIX)]
+    return [name.removeprefix(TASK_SET_PREFIX) for name in list_sets(source_path(source)) if name.startswith(TASK_SET_PREFIX)]
 
 
 def _check_task(source, task: str) -> None:
     names = task_names(source)
     if task not in names:
-        raise TokendynError(f"store {store_path(source)} has no task '{task}'; it has: {', '.join(names) or 'none'} "
+        raise TokendynError(f"store {source_path(source)} has no task '{task}'; it has: {', '.join(names) or 'none'} "
                             "(add tasks with tokendyn tasks)")
 
 
@@ -66,7 +67,7 @@ def option_scores(source, task: str) -> xr.Dataset:
     of the option's tokens (NaN where the checkpoint is not done or the item has fewer options);
     `length` (item, option) in tokens; `answer` (item); `done` (model, ckpt); item fields as coordinates."""
     _check_task(source, task)
-    ds = open_store(store_path(source), set=TASK_SET_PREFIX + task)
+    ds = open_store(source_path(source), set=TASK_SET_PREFIX + task)
     in_option = ds[OPTION_FIELD].values == 1
     doc = ds["doc"].values
     loss = ds["loss"].where(ds["done"]).astype(np.float64).values[..., in_option]  # (model, ckpt, option tokens)
@@ -130,7 +131,7 @@ def task_scores(source, tasks: Sequence[str] | None = None, *, prob_per_token: b
     tokens_seen; per task `n_items` and `n_options` (mean options per item)."""
     names = task_names(source) if tasks is None else list(tasks)
     if not names:
-        raise TokendynError(f"store {store_path(source)} has no multiple-choice tasks; add some with tokendyn tasks")
+        raise TokendynError(f"store {source_path(source)} has no multiple-choice tasks; add some with tokendyn tasks")
     per_task = []
     for name in names:
         scores = option_scores(source, name)
@@ -190,11 +191,11 @@ def emergence(source, task: str, metric: str = "accuracy", *, margin: float | No
 
 def pass_until_tasks(source) -> list[str]:
     """The PassUntil tasks of a store."""
-    return runs_store.list_tasks(store_path(source))
+    return runs_store.list_tasks(source_path(source))
 
 
 def _one_pass_until(source, task: str, confidence: float, n_boot: int, ci: float, seed: int) -> xr.Dataset:
-    runs = runs_store.read_runs(store_path(source), task)
+    runs = runs_store.read_runs(source_path(source), task)
     target = int(runs.attrs["params"]["passes"])
     done = runs["done"].values
     passes, samples = runs["passes"].values, runs["samples"].values
@@ -237,7 +238,7 @@ def pass_until(source, task: str | None = None, *, confidence: float = 0.95, n_b
     """
     names = pass_until_tasks(source) if task is None else [task]
     if not names:
-        raise TokendynError(f"store {store_path(source)} has no PassUntil runs; add some with tokendyn passuntil")
+        raise TokendynError(f"store {source_path(source)} has no PassUntil runs; add some with tokendyn passuntil")
     results = [_one_pass_until(source, name, confidence, n_boot, ci, seed) for name in names]
     if task is not None:
         return results[0]
@@ -285,7 +286,7 @@ def task_scaling_fit(source, task: str | None = None, *, x: str = "n_params", po
         if len(names) != 1:
             raise TokendynError(f"name the PassUntil task to fit; the store has: {', '.join(names) or 'none'}")
         task = names[0]
-    runs = runs_store.read_runs(store_path(source), task)
+    runs = runs_store.read_runs(source_path(source), task)
     done = runs["done"].values
     if points == "final":
         last = np.where(done.any(1), done.shape[1] - 1 - np.argmax(done[:, ::-1], axis=1), -1)
@@ -307,7 +308,7 @@ def task_scaling_fit(source, task: str | None = None, *, x: str = "n_params", po
 
 def skill_tasks(source) -> list[str]:
     """The multiple-choice tasks whose items name the skills they need (an item field `skills`)."""
-    path = store_path(source)
+    path = source_path(source)
     return [t for t in task_names(path) if "skills" in open_store(path, set=TASK_SET_PREFIX + t).coords]
 
 
@@ -324,7 +325,7 @@ def skill_curves(source, k: Sequence[int] = (1, 2, 3), tasks: Sequence[str] | No
     """
     names = skill_tasks(source) if tasks is None else list(tasks)
     if not names:
-        raise TokendynError(f"store {store_path(source)} has no task with skill-labelled items (an item field "
+        raise TokendynError(f"store {source_path(source)} has no task with skill-labelled items (an item field "
                             "'skills'); score such a task with tokendyn tasks")
     correct = [item_correct(source, name) for name in names]
     labels = [s.split("|") for c in correct for s in c["skills"].values]

@@ -1,9 +1,16 @@
-"""Per-token categorical labels (trend categories, Rho-1 classes, clusters): integer codes plus names.
+"""Per-token categorical labels (trend categories, Rho-1 classes, clusters) as plain xarray, and the
+attributes of derived arrays (`describe`).
 
-Codes are int8 in a lazy DataArray (-1 = no label: padding, first position, or too little data),
-so a million tokens cost a megabyte; comparing with a name gives a boolean mask:
+A label array is an int8 DataArray of codes with the CF Conventions' flag attributes:
+`flag_values` (0, 1, ..., n-1) and `flag_meanings` (the names, blank-separated, spaces written
+as underscores), plus `long_name`. Code -1 (`MISSING`) means no label: padding, the first
+position, or too little data; it is not a flag value. A million tokens cost a megabyte, the arrays
+stay lazy, write to Zarr as they are, and tools that read CF flags (e.g. cf_xarray) understand
+them. The helpers below turn names into masks and codes into names and shares:
 
-    cats.sel(model="m", start=0.2) == "upward"
+    cats = ds.tokendyn.trend_categories()
+    upward = label_mask(cats.sel(model="m", start=0.2), "upward")
+    label_share(cats)  # percent of labelled tokens per (model, start, category)
 """
 
 from __future__ import annotations
@@ -19,69 +26,67 @@ from tokendyn.store.layout import TOKEN_DIMS
 MISSING = -1
 
 
-class TokenLabels:
-    """Integer `codes` (a DataArray, -1 = no label) and the `names` that codes 0..n-1 stand for.
+def describe(da: xr.DataArray, long_name: str, units: str | None = None, **attrs) -> xr.DataArray:
+    """`da` with exactly these attributes: a derived array otherwise keeps its input's (e.g. the loss's
+    `units: nats` on a perplexity, a share or a step), and xarray's plots label axes from them."""
+    out = da.copy(deep=False)
+    out.attrs = {"long_name": long_name, **({"units": units} if units else {}), **attrs}
+    return out
 
-    `labels == name` and `labels != name` are boolean masks; both are False where there is no label.
+
+def flag_array(codes: xr.DataArray, names: Sequence[str], name: str, long_name: str, **attrs) -> xr.DataArray:
+    """Integer codes (code k stands for names[k], -1 = no label) as an int8 CF flag DataArray.
+
+    Attributes of `codes` (e.g. the `units` of the loss it was computed from) are dropped; `attrs`
+    adds others (e.g. a threshold).
     """
+    out = codes.astype(np.int8).rename(name)
+    out.attrs = {"long_name": long_name, "flag_values": np.arange(len(names), dtype=np.int8),
+                 "flag_meanings": " ".join(n.replace(" ", "_") for n in names),
+                 "comment": f"{MISSING}: no label", **attrs}
+    return out
 
-    def __init__(self, codes: xr.DataArray, names: Sequence[str]) -> None:
-        self.codes = codes
-        self.names = tuple(names)
 
-    def code(self, name: str) -> int:
-        """The integer code of a name."""
-        if name not in self.names:
-            raise TokendynError(f"unknown label {name!r}; the labels are {', '.join(self.names)}")
-        return self.names.index(name)
+def flag_names(labels: xr.DataArray) -> tuple[str, ...]:
+    """The names of codes 0, 1, ..., n-1 of a label array (underscores of `flag_meanings` read as spaces)."""
+    if "flag_meanings" not in labels.attrs:
+        raise TokendynError(f"{labels.name or 'this array'} has no flag_meanings attribute; pass a label array "
+                            "(e.g. from ds.tokendyn.trend_categories())")
+    return tuple(n.replace("_", " ") for n in labels.attrs["flag_meanings"].split())
 
-    def __eq__(self, name: object) -> xr.DataArray:  # type: ignore[override]
-        return self.codes == self.code(str(name))
 
-    def __ne__(self, name: object) -> xr.DataArray:  # type: ignore[override]
-        return (self.codes != self.code(str(name))) & (self.codes != MISSING)
+def flag_code(labels: xr.DataArray, name: str) -> int:
+    """The integer code of a label name."""
+    names = flag_names(labels)
+    if name not in names:
+        raise TokendynError(f"unknown label {name!r}; the labels are {', '.join(names)}")
+    return names.index(name)
 
-    __hash__ = None  # type: ignore[assignment]
 
-    def sel(self, **indexers) -> TokenLabels:
-        return TokenLabels(self.codes.sel(**indexers), self.names)
+def label_mask(labels: xr.DataArray, name: str) -> xr.DataArray:
+    """Boolean mask of the tokens labelled `name` (False where there is no label). Lazy."""
+    return (labels == flag_code(labels, name)).rename(name).assign_attrs(long_name=f"token is labelled {name}")
 
-    def isel(self, **indexers) -> TokenLabels:
-        return TokenLabels(self.codes.isel(**indexers), self.names)
 
-    def compute(self) -> TokenLabels:
-        return TokenLabels(self.codes.compute(), self.names)
+def label_text(labels: xr.DataArray) -> xr.DataArray:
+    """The label names as a string DataArray ("" where there is no label). Lazy."""
+    names = flag_names(labels)
+    lookup = np.array([*names, ""], dtype=object)
+    text = xr.apply_ufunc(lambda c: lookup[np.where(c < 0, len(names), c)], labels,
+                          dask="parallelized", output_dtypes=[object], keep_attrs=False)
+    return text.assign_attrs(long_name=labels.attrs.get("long_name", "label"))
 
-    @property
-    def dims(self) -> tuple:
-        return self.codes.dims
 
-    def labels(self) -> xr.DataArray:
-        """The names as a string DataArray ("" where there is no label). Lazy."""
-        lookup = np.array([*self.names, ""], dtype=object)
-        return xr.apply_ufunc(lambda c: lookup[np.where(c < 0, len(self.names), c)], self.codes,
-                              dask="parallelized", output_dtypes=[object])
+def label_share(labels: xr.DataArray, dims: Sequence[str] = TOKEN_DIMS) -> xr.DataArray:
+    """Percentage of labelled tokens in each category, over `dims`: (..., category). Computed.
 
-    def share(self, dims: Sequence[str] = TOKEN_DIMS) -> xr.DataArray:
-        """Percentage of labelled tokens in each category, over `dims`: (..., category). Computed.
-
-        The denominator is the labelled tokens (code >= 0) of each remaining index, e.g. of each
-        (model, start); all-missing slices give NaN.
-        """
-        counts = xr.concat([(self.codes == k).sum(dims) for k in range(len(self.names))], dim="category")
-        counts = counts.assign_coords(category=list(self.names)).compute()
-        total = counts.sum("category")
-        return (100 * counts / total.where(total > 0)).transpose(..., "category").rename("share")
-
-    def to_dataarray(self, name: str) -> xr.DataArray:
-        """The codes with the names in `attrs["categories"]`, ready to write to Zarr."""
-        return self.codes.rename(name).assign_attrs(categories=list(self.names), missing=MISSING)
-
-    @classmethod
-    def from_dataarray(cls, da: xr.DataArray) -> TokenLabels:
-        """Inverse of `to_dataarray` (e.g. after reading an analysis store)."""
-        return cls(da, da.attrs["categories"])
-
-    def __repr__(self) -> str:
-        sizes = ", ".join(f"{dim}: {size}" for dim, size in self.codes.sizes.items())
-        return f"<TokenLabels ({sizes}) names={list(self.names)}>"
+    The denominator is the labelled tokens (code >= 0) of each remaining index, e.g. of each
+    (model, start); all-missing slices give NaN.
+    """
+    names = flag_names(labels)
+    counts = xr.concat([(labels == k).sum(dims) for k in range(len(names))], dim="category")
+    counts = counts.assign_coords(category=list(names)).compute()
+    total = counts.sum("category")
+    share = (100 * counts / total.where(total > 0)).transpose(..., "category").rename("share")
+    share.attrs = {"long_name": f"share of labelled tokens ({labels.attrs.get('long_name', 'label')})", "units": "%"}
+    return share

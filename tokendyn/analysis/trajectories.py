@@ -24,6 +24,7 @@ import scipy.stats
 import xarray as xr
 
 from tokendyn.errors import TokendynError
+from tokendyn.analysis.labels import describe
 from tokendyn.store.layout import TOKEN_DIMS
 
 AXES = ("step", "tokens_seen", "flops", "val_ppl")
@@ -237,7 +238,7 @@ def at_axis(ds: xr.Dataset, axis: str, levels: Sequence[float]) -> xr.DataArray:
     out = out.assign_coords({axis: levels, **model_coords}).transpose("model", axis, *TOKEN_DIMS)
     if axis != "step":
         out = out.assign_coords(step=reach(ds, axis, levels, "step"))
-    return out.rename("loss")
+    return describe(out.rename("loss"), f"loss at matched {axis}", "nats")
 
 
 def perplexity_range(ds: xr.Dataset) -> tuple[float, float]:
@@ -292,7 +293,8 @@ def subset_curve(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
     weight = mask.astype(float)
     total = xr.dot(loss.fillna(0), weight, dim=TOKEN_DIMS)
     count = xr.dot(loss.notnull().astype(float), weight, dim=TOKEN_DIMS)
-    return np.exp(total / count.where(count > 0)).rename("subset_ppl").compute()
+    ppl = np.exp(total / count.where(count > 0)).rename("subset_ppl").compute()
+    return describe(ppl, "perplexity of the token subset")
 
 
 def moving_average(y: np.ndarray, window: int) -> np.ndarray:
@@ -355,13 +357,15 @@ def double_descent(ds: xr.Dataset, tol: float = 0.5, window: int = 3, chunk_mb: 
     """
     ds = load_small(ds)
     loss = chunk_tokens(token_loss(ds), chunk_mb)
-    return detect_double_descent(loss, "ckpt", tol, window, complete) & valid_tokens(ds)
+    return describe(detect_double_descent(loss, "ckpt", tol, window, complete) & valid_tokens(ds),
+                    "token's loss shows double descent")
 
 
 def token_share(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
     """Percentage of the valid tokens where `mask` holds, over the tokens. Computed."""
     valid = valid_tokens(ds)
-    return (100 * (mask & valid).sum(TOKEN_DIMS) / valid.sum(TOKEN_DIMS)).compute()
+    share = (100 * (mask & valid).sum(TOKEN_DIMS) / valid.sum(TOKEN_DIMS)).compute()
+    return describe(share, "share of valid tokens", "%")
 
 
 # --- cross-size agreement --------------------------------------------------------------------------

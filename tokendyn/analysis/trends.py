@@ -30,7 +30,7 @@ import xarray as xr
 
 from tokendyn.errors import TokendynError
 from tokendyn.store.layout import TOKEN_DIMS
-from tokendyn.analysis.labels import MISSING, TokenLabels
+from tokendyn.analysis.labels import MISSING, flag_array
 from tokendyn.analysis.trajectories import CHUNK_MB, load_small, model_loss, over_token_slices, valid_tokens
 
 CATEGORIES = ("stagnated", "upward", "downward", "uncategorised")
@@ -120,15 +120,15 @@ def _categorise(loss: np.ndarray, x: np.ndarray, starts: Sequence[int | None], a
 
 def trend_categories(ds: xr.Dataset, start: float | Sequence[float] = STARTS, x: str = "log_step",
                      alpha: float = 0.05, band: float = 0.05, var_condition: bool = False,
-                     chunk_mb: float = CHUNK_MB) -> TokenLabels:
+                     chunk_mb: float = CHUNK_MB) -> xr.DataArray:
     """Trend category of every token in every model at every start fraction (see module doc).
 
     start: start fraction(s) p in [0, 1); default 0.1, 0.2, 0.4, 0.7 (the paper sweeps 10-70%).
     x: "log_step" (default, released code) or "index" (checkpoint index, the paper's text).
     alpha: significance level of the slope test (0.05). band: stagnation band around the
     geometric mean (0.05, i.e. [0.95, 1.05]). var_condition: also require var(ppl) < mean(ppl).
-    Returns TokenLabels with codes (model, start, token), names CATEGORIES; `.share()` gives
-    the percentages per model and start. Lazy.
+    Returns a label array (`tokendyn.analysis.labels`): int8 codes (model, start, token) with
+    flag_meanings CATEGORIES; `labels.label_share` gives the percentages per model and start. Lazy.
     """
     ds = load_small(ds)
     starts = np.atleast_1d(np.asarray(start, dtype=float))
@@ -156,7 +156,8 @@ def trend_categories(ds: xr.Dataset, start: float | Sequence[float] = STARTS, x:
         per_model.append(codes)
     codes = xr.concat(per_model, dim="model").assign_coords(model=ds["model"].values, start=starts)
     codes = codes.where(valid_tokens(ds), MISSING).astype(np.int8)
-    return TokenLabels(codes.transpose("model", "start", *TOKEN_DIMS).rename("trend"), CATEGORIES)
+    return flag_array(codes.transpose("model", "start", *TOKEN_DIMS), CATEGORIES, "trend",
+                      "trend category of the token's perplexity")
 
 
 def trend_fit(ds: xr.Dataset, start: float = 0.2, x: str = "log_step", chunk_mb: float = CHUNK_MB) -> xr.Dataset:

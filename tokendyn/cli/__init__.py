@@ -7,15 +7,19 @@ Each command lives in its own module under `tokendyn.cli` and exposes
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 import traceback
 
+from tokendyn import __version__
+from tokendyn.cli.options import add_quiet
 from tokendyn.errors import TokendynError
 
 COMMANDS = [
     "extract",
     "info",
+    "verify",
     "toy",
     "analyze",
     "generate",
@@ -23,6 +27,7 @@ COMMANDS = [
     "passuntil",
     "report",
     "demo",
+    "download",
 ]
 
 
@@ -32,9 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-token loss dynamics of language-model checkpoint suites.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"tokendyn {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
         importlib.import_module(f"tokendyn.cli.{name}").register(subparsers)
+    for command in subparsers.choices.values():
+        add_quiet(command)  # every command takes -q/--quiet (no progress bar)
     return parser
 
 
@@ -51,6 +59,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tokendyn: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as err:  # disk full, read-only folder, ...: what failed and what to do, on one line
+        if args.debug:
+            traceback.print_exc()
+        print(f"tokendyn: error: {os_error_message(err)}", file=sys.stderr)
+        return 2
+
+
+def os_error_message(err: OSError) -> str:
+    """One line for an operating-system error: the file, the cause and the fix."""
+    where = f" ({err.filename})" if err.filename else ""
+    if err.errno == errno.ENOSPC:
+        return (f"the disk is full{where}; free some space and rerun the same command: "
+                "finished work is kept and the run resumes")
+    if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied{where} ({err.strerror}); choose a location you may write to, or fix its permissions"
+    cause = err.strerror or (str(err).splitlines() or [type(err).__name__])[0]
+    return f"{cause}{where}; check the file and rerun (--debug shows where it happened)"
 
 
 if __name__ == "__main__":

@@ -1,9 +1,26 @@
-"""`tokendyn analyze STORE`: every token-trajectory analysis the store has data for, written next to it."""
+"""`tokendyn analyze STORE`: run every study the store has data for and write its results next to it.
+
+The analysis options of `analyze` and `report` (`add_study_options`) are study parameters: each
+maps onto the parameters listed in `STUDY_OPTIONS`, and its default is the study's (shown in
+`--help`, read from the study's signature), so no default is restated here.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+# option dest -> the (study, parameter) pairs it sets; the first one's default is shown in --help
+STUDY_OPTIONS = {
+    "start": [("trend_categories", "start")],
+    "trend_x": [("trend_categories", "x"), ("subset_curves", "x")],
+    "levels": [("perplexity", "levels"), ("sequence_perplexity", "levels")],
+    "dd_tol": [("double_descent", "tol")],
+    "n_clusters": [("clusters", "n_clusters")],
+    "cluster_method": [("clusters", "method")],
+    "turn_tol": [("sequence_perplexity", "tol")],
+    "sequence_by": [("sequence_perplexity", "by")],
+}
 
 
 def _floats(text: str) -> list[float]:
@@ -21,36 +38,79 @@ def _n_clusters(text: str) -> int | str:
     return int(text)
 
 
+def comma_list(text: str) -> list[str]:
+    return [s for s in text.split(",") if s]
+
+
+class StudyDefaults(argparse.HelpFormatter):
+    """Help that shows a study option's default, read from the study's signature when help is printed
+    (so the studies, and matplotlib, are imported only then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        targets = STUDY_OPTIONS.get(action.dest)
+        if not targets or action.help is None:
+            return action.help
+        from tokendyn.studies import STUDIES
+        from tokendyn.studies.study import default_of
+
+        default = default_of(STUDIES[targets[0][0]], targets[0][1])
+        shown = ",".join(f"{v:g}" for v in default) if isinstance(default, (tuple, list)) else default
+        where = ", ".join(f"{study}.{param}" for study, param in targets)
+        text = f"{action.help} (study parameter {where}" + ("" if default is None else f"; default {shown}") + ")"
+        return text.replace("%", "%%")
+
+
+def add_study_options(p: argparse.ArgumentParser) -> None:
+    """The options that set study parameters (see STUDY_OPTIONS); unset, each study uses its default."""
+    p.add_argument("--start", type=_floats, help="trend start fractions, comma-separated")
+    p.add_argument("--trend-x", choices=["log_step", "index"],
+                   help="trend regression x: log(step) (released code) or checkpoint index (paper text)")
+    p.add_argument("--levels", type=_floats,
+                   help="matched validation perplexity levels, comma-separated (default: levels every model reaches)")
+    p.add_argument("--dd-tol", type=float, help="double-descent tolerance in nats")
+    p.add_argument("--n-clusters", type=_n_clusters, help="number of clusters or 'auto'")
+    p.add_argument("--cluster-method", choices=["kmeans", "gmm"], help="clustering estimator")
+    p.add_argument("--turn-tol", type=float,
+                   help="a set's perplexity curve turns when it rises this much (in log) above its minimum")
+    p.add_argument("--sequence-by", help="split a set's perplexity by this document field (mixture: one curve per "
+                                         "generation mixture); 'none' to keep sets whole")
+
+
+def study_options(args: argparse.Namespace) -> dict[str, dict]:
+    """Keyword arguments per study from the options given on the command line."""
+    options: dict[str, dict] = {}
+    for dest, targets in STUDY_OPTIONS.items():
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        if dest == "sequence_by" and value == "none":
+            value = None  # explicitly: sets kept whole
+        for study, param in targets:
+            options.setdefault(study, {})[param] = value
+    return options
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "analyze", help="run every analysis the store has data for and write tables and labels next to it",
-        description="Run every analysis the store has data for (matched perplexity, trend categories and "
-                    "subset curves, double descent, cross-size agreement, per-token curve measures, Rho-1 "
-                    "classes, trajectory clusters; the perplexity of every evaluation set and true/false pairs; task metrics, "
-                    "emergence thresholds, PassUntil and skill curves) and write them to a folder beside the store "
-                    "(toy.zarr -> toy.analysis/): tidy CSV tables, and labels.zarr with one group of "
-                    "per-token results per analysis. Prints a short summary; steps whose data the store "
-                    "lacks are reported as skipped. Methods: docs/methods.md.")
+        "analyze", help="run every study the store has data for and write tables, labels and findings next to it",
+        formatter_class=StudyDefaults,
+        description="Run every study the store has data for (tokendyn.studies.STUDIES: validation perplexity and "
+                    "matched perplexity, trend categories, subset curves, double descent, cross-size agreement, "
+                    "clusters, per-token curve measures and Rho-1 classes; the perplexity of every evaluation set "
+                    "and true/false pairs; task metrics and emergence thresholds, PassUntil and skill curves) and "
+                    "write their results to a folder beside the store (toy.zarr -> toy.analysis/): tidy CSV "
+                    "tables, labels.zarr with one group of per-token results per analysis, and findings.txt. "
+                    "Prints the findings; studies whose data the store lacks are reported as skipped. The "
+                    "folder is replaced only when the run completes, and only if tokendyn wrote it. "
+                    "Methods: docs/methods.md; outputs: docs/analyses.md.")
     p.add_argument("store", type=Path, help="store path (from `tokendyn extract`)")
     p.add_argument("--set", default="main", help="evaluation set to analyse (default: main)")
-    p.add_argument("--out", type=Path, help="output folder (default: beside the store, STORE.analysis; "
-                                            "its previous contents are replaced)")
-    p.add_argument("--steps", type=lambda t: [s for s in t.split(",") if s],
-                   help="only these steps, comma-separated (perplexity, trends, double_descent, agreement, "
-                        "curves, clusters, and any added by other analyses)")
-    p.add_argument("--start", type=_floats, help="trend start fractions (default 0.1,0.2,0.4,0.7)")
-    p.add_argument("--trend-x", choices=["log_step", "index"],
-                   help="trend regression x: log(step) (released code, default) or checkpoint index (paper text)")
-    p.add_argument("--levels", type=_floats,
-                   help="matched validation perplexity levels (default: 20 levels every model reaches)")
-    p.add_argument("--dd-tol", type=float, help="double-descent tolerance in nats (default 0.5)")
-    p.add_argument("--n-clusters", type=_n_clusters, help="number of clusters or 'auto' (default auto)")
-    p.add_argument("--cluster-method", choices=["kmeans", "gmm"], help="clustering estimator (default kmeans)")
-    p.add_argument("--turn-tol", type=float,
-                   help="a set's perplexity curve turns when it rises this much (in log) above its minimum "
-                        "(default 0.05)")
-    p.add_argument("--sequence-by", help="split a set's perplexity by this document field (default: mixture, "
-                                         "one curve per generation mixture); 'none' to keep sets whole")
+    p.add_argument("--out", type=Path, help="output folder (default: beside the store, STORE.analysis); replaced "
+                                            "whole, and refused if it holds files tokendyn did not write")
+    p.add_argument("--studies", "--steps", dest="studies", type=comma_list,
+                   help="only these studies, comma-separated (default: all; see tokendyn.studies.STUDIES; the "
+                        "former step names trends, curves, sequence_ppl, pairs and tasks are accepted)")
+    add_study_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -61,9 +121,6 @@ def run(args: argparse.Namespace) -> None:
 
     ds = open_store(args.store, set=args.set)
     folder = args.out or default_folder(args.store, args.set)
-    options = {"start": args.start, "trend_x": args.trend_x, "levels": args.levels, "dd_tol": args.dd_tol,
-               "n_clusters": args.n_clusters, "cluster_method": args.cluster_method, "turn_tol": args.turn_tol,
-               "sequence_by": "" if args.sequence_by == "none" else args.sequence_by}
-    lines = analyze(ds, folder, options, only=args.steps, progress=not args.quiet)
+    lines = analyze(ds, folder, study_options(args), only=args.studies, progress=not args.quiet)
     print("\n".join(lines))
     print(f"results written to {folder}")

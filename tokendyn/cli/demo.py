@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from tokendyn.cli.options import add_quiet
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -16,13 +18,14 @@ def register(subparsers) -> None:
                    help="suite size: default (minutes to build once) or quick (seconds)")
     p.add_argument("--seed", type=int, default=0, help="seed of the world, the weights and the sampling (default: 0)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_quiet(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
     from tokendyn.pipelines.demo import run_demo
 
-    result = run_demo(preset=args.preset, seed=args.seed, progress=not args.no_progress)
+    result = run_demo(preset=args.preset, seed=args.seed, progress=not (args.no_progress or args.quiet))
     print("\n".join(["", "analyses:", *(f"  {line}" for line in result["analysis_lines"]),
                      "", "what the built-in suite shows:", *(f"  {line}" for line in result["findings"]), "",
                      f"suite     {result['suite']}", f"store     {result['store']}",

@@ -17,8 +17,17 @@ def register(subparsers) -> None:
         description="Score the evaluation text of SUITE with every checkpoint of every model and write the "
                     "per-token loss (and optional metrics) into a Zarr store. Rerunning the same command "
                     "resumes: complete checkpoints are skipped, interrupted ones recomputed.")
-    p.add_argument("suite", type=Path, help="suite description (TOML)")
+    p.add_argument("suite", type=Path, nargs="?", help="suite description (TOML); or use --model and --text")
     p.add_argument("--out", type=Path, required=True, help="store path (a directory ending in .zarr)")
+    p.add_argument("--model", action="append", default=[], dest="models", metavar="PATH_OR_HUB_ID[@REVISION]",
+                   help="score this model without a suite file: a checkpoint folder, a folder of checkpoint "
+                        "folders (checkpoint-N, stepN, global_stepN) or a glob, or a hub id with an optional "
+                        "revision or revision pattern (org/name@step1000, org/name@step*, org/name@all); "
+                        "repeatable; the generated suite is written next to the store (STORE.suite.toml)")
+    p.add_argument("--text", action="append", default=[], dest="texts", metavar="FILE",
+                   help="the text --model scores (.txt or .jsonl, or a glob pattern); repeatable")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence with --model (default: the model's context, at most 1024)")
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="NAME=FILE",
                    help="also score FILE (.txt or .jsonl, or a glob pattern) as the named set NAME; "
                         "NAME:R1,R2=FILE adds copies with a fraction R of the tokens replaced by random tokens, "
@@ -34,6 +43,17 @@ def register(subparsers) -> None:
                    help="on-disk precision (default: float32; float16 halves the store)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward pass (default: 8192)")
     p.add_argument("--force", action="store_true", help="recompute checkpoints that are already complete")
+    p.add_argument("--workers", type=int, default=None,
+                   help="score on a local dask cluster of N worker processes, one task per checkpoint (with "
+                        "--device cuda: one worker per GPU; dask-cuda's LocalCUDACluster when installed)")
+    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="score on the existing dask cluster at ADDRESS (e.g. tcp://host:8786); every worker "
+                        "must see the store's path and the checkpoints; see docs/scale.md")
+    p.add_argument("--prefetch", type=int, default=1, metavar="K",
+                   help="download the next K hub checkpoints while one is scored (default: 1; 0: no prefetch)")
+    p.add_argument("--evict", action="store_true",
+                   help="delete each hub revision this run downloaded from the Hugging Face cache once it is "
+                        "scored (revisions cached before the run are kept)")
     add_model_options(p)
     p.set_defaults(func=run)
 
@@ -42,14 +62,38 @@ def run(args: argparse.Namespace) -> None:
     from tokendyn.models.extract import extract
 
     metrics = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if args.scheduler is not None and args.workers is not None:
+        raise TokendynError("give --scheduler (an existing cluster) or --workers (a new local one), not both")
+    suite = _suite_argument(args)
     extra_sets = []
     if args.sets or args.pairs:
-        seq_len = load_suite(args.suite).eval.seq_len
+        seq_len = load_suite(suite).eval.seq_len
         extra_sets += [s for option in args.sets for s in parse_set_option(option, seq_len, args.corrupt_seed)]
         extra_sets += [parse_pairs_option(option, seq_len) for option in args.pairs]
-    out = extract(args.suite, args.out, extra_sets=extra_sets, metrics=metrics, store_dtype=args.store_dtype,
-                  batch_tokens=args.batch_tokens, force=args.force, **model_options(args))
+    out = extract(suite, args.out, extra_sets=extra_sets, metrics=metrics, store_dtype=args.store_dtype,
+                  batch_tokens=args.batch_tokens, force=args.force, scheduler=args.scheduler, workers=args.workers,
+                  prefetch=args.prefetch, evict=args.evict, **model_options(args))
     print(f"store written: {out}  (inspect with: tokendyn info {out})")
+
+
+def _suite_argument(args: argparse.Namespace) -> Path:
+    """The suite file: SUITE, or one generated from --model and --text next to the store."""
+    if args.suite is not None:
+        if args.models or args.texts:
+            raise TokendynError("give a suite file or --model/--text, not both (add the models to the suite file)")
+        return args.suite
+    from tokendyn.config.quick import quick_suite, write_generated
+    from tokendyn.config.suite import parse_suite
+
+    seq_len = args.seq_len
+    if seq_len is None:
+        from tokendyn.models.checkpoints import context_length
+
+        draft = parse_suite(quick_suite(args.models, args.texts, 2), base=Path.cwd())
+        seq_len = min(1024, context_length(draft.models[0].checkpoints[0]) or 1024)
+    path = write_generated(args.out, quick_suite(args.models, args.texts, seq_len))
+    print(f"suite written: {path}")
+    return path
 
 
 def parse_set_option(option: str, seq_len: int, seed: int = 0) -> list[EvalSet]:

@@ -11,7 +11,9 @@ import numpy as np
 def register(subparsers) -> None:
     p = subparsers.add_parser("info", help="summarise a store: models, checkpoints done/missing, tokens, size",
                               description="Print the models of a store with their done and missing "
-                                          "checkpoints, the evaluation sets and their tokens, and the size on disk.")
+                                          "checkpoints, the evaluation sets and their tokens, the size on disk, "
+                                          "and a quick integrity check (chunk files and metadata; `tokendyn "
+                                          "verify` checks the values too). Never writes.")
     p.add_argument("store", type=Path, help="store path")
     p.set_defaults(func=run)
 
@@ -24,7 +26,7 @@ def describe(path: Path) -> str:
     import json
 
     from tokendyn.data.corpus import describe as describe_protocol
-    from tokendyn.store import list_sets, open_store, read_attrs
+    from tokendyn.store import list_sets, open_store, read_attrs, verify, verify_summary
 
     attrs = read_attrs(path)
     ds = open_store(path)
@@ -37,6 +39,7 @@ def describe(path: Path) -> str:
             lines += [f"set       {name}: {protocol[0]}", *(f"{'':10}{line}" for line in protocol[1:])]
         else:
             lines.append(f"set       {name}: {s.sizes['token']} scored tokens")
+        lines += [f"refused   {reason}" for reason in s.attrs.get("refused", {}).values()]
     done = ds.done.values
     steps = ds.step.values
     for m, model in enumerate(ds.model.values):
@@ -49,6 +52,9 @@ def describe(path: Path) -> str:
         lines.append(f"model     {model} ({int(ds.n_params.values[m]):,} params): "
                      f"{int((present & done[m]).sum())}/{int(present.sum())} checkpoints done{last}"
                      + (f"; missing steps {_short(missing)}" if missing else ""))
+    problems = verify(path)  # files and metadata only: cheap; `tokendyn verify` also reads the values
+    lines.append(f"integrity {len(problems)} problem(s): {verify_summary(problems)}; see `tokendyn verify {path}`"
+                 if problems else "integrity every done checkpoint has its chunks; metadata consistent")
     return "\n".join(lines)
 
 

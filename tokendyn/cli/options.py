@@ -15,9 +15,16 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run model code shipped with a hub checkpoint; only for code you trust")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_quiet(p)
+
+
+def add_quiet(p: argparse.ArgumentParser) -> None:
+    """-q/--quiet: no progress bar (as analyze and report had it); results and errors are still printed."""
+    if not any("--quiet" in action.option_strings for action in p._actions):
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
 def model_options(args: argparse.Namespace) -> dict:
     """The keyword arguments that `add_model_options` collects, as the library functions take them."""
     return dict(device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
-                trust_remote_code=args.trust_remote_code, progress=not args.no_progress)
+                trust_remote_code=args.trust_remote_code, progress=not (args.no_progress or args.quiet))

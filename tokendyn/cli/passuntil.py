@@ -33,7 +33,8 @@ def register(subparsers) -> None:
     p.add_argument("--stop", action="append", default=None, metavar="TEXT",
                    help="cut completions at this string (\\n is a newline); repeatable (default: a newline)")
     p.add_argument("--checker", default=None, metavar="package.module:function",
-                   help="pass judge called as function(completion, instance) -> bool (default: exact match)")
+                   help="pass judge called as function(completion, instance) -> bool (default: exact match); "
+                        "imports and runs that Python code with your permissions: name only code you trust")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
     p.add_argument("--force", action="store_true", help="redo the task's runs if the store has them")
     add_model_options(p)

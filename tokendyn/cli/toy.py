@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tokendyn.cli.options import add_quiet
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -29,12 +31,14 @@ def register(subparsers) -> None:
     b.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads while training; weights depend on it (default: 1)")
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_quiet(b)
     b.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
     from tokendyn.toy.build import build
 
-    suite = build(args.out, preset=args.preset, sizes=args.sizes, seed=args.seed, progress=not args.no_progress,
+    suite = build(args.out, preset=args.preset, sizes=args.sizes, seed=args.seed,
+                  progress=not (args.no_progress or args.quiet),
                   threads=args.threads)
     print(f"suite ready: {suite}  (score it with: tokendyn extract {suite} --out STORE.zarr)")

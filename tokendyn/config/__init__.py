@@ -1,1 +1,3 @@
-"""Configuration: suite descriptions (TOML) and checkpoint-suite presets. Imports nothing else of tokendyn but errors."""
+"""Configuration: suite descriptions (TOML) and checkpoint-suite presets.
+
+Imports nothing else of tokendyn but errors."""

@@ -20,6 +20,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from tokendyn.config.discover import discover_folders, discover_revisions
 from tokendyn.errors import TokendynError
 
 CONTEXTS = ("rolling", "truncate", "packed", "concat")
@@ -40,6 +41,7 @@ LOCAL_MODEL_KEYS = ("name", "checkpoints", "hub_id", "tokens_per_step")
 HUB_MODEL_KEYS = ("name", "hub_id", "revisions", "tokens_per_step")
 PRESET_MODEL_KEYS = ("preset", "name", "size", "deduped", "hub_id", "steps", "tokens_per_step")
 CHECKPOINT_KEYS = ("step", "path", "revision", "tokens_seen")
+DISCOVER_KEYS = ("glob", "steps")
 STEP_SELECTION_KEYS = ("every", "log", "min", "max")
 
 _STEP_RE = re.compile(r"(?:^|[-_])step(\d+)(?=$|[-_])")
@@ -361,8 +363,8 @@ def _absolute(base: Path, entry: str) -> Path:
 def _parse_set(t: _Table, base: Path, name: str | None, default_seq_len: int | None) -> EvalSet:
     if name is None:
         name = t.get("name", str)
-        if not _SET_NAME_RE.fullmatch(name):
-            t.fail("name", f"'{name}' may use only letters, digits, '_', '.', '-'; rename the set")
+        if not _SET_NAME_RE.fullmatch(name) or not name.strip("."):
+            t.fail("name", f"'{name}' may use only letters, digits, '_', '.', '-' (not dots only); rename the set")
     kind = t.choice("kind", KINDS)
     files = _parse_files(t, base)
     if kind == "pairs" and any(f.suffix != ".jsonl" for f in files):
@@ -461,9 +463,12 @@ def _parse_model(data: Any, where: str, base: Path) -> ModelSpec:
     if "revisions" in t.data:
         if hub_id is None:
             t.fail("revisions", 'needs the model\'s hub_id; add hub_id = "org/name"')
-        revisions = t.get("revisions", list)
-        if not revisions or not all(isinstance(r, str) for r in revisions):
-            t.fail("revisions", 'must be a non-empty list of revision names like ["step1000"]; fix it')
+        revisions = t.get("revisions", object)
+        if isinstance(revisions, str):
+            revisions = discover_revisions(hub_id, revisions)
+        if not isinstance(revisions, list) or not revisions or not all(isinstance(r, str) for r in revisions):
+            t.fail("revisions", 'must be a non-empty list of revision names like ["step1000"], a pattern like '
+                                '"step*", or "all"; fix it')
         checkpoints = []
         for revision in revisions:
             if _STEP_RE.search(revision) is None:
@@ -476,13 +481,41 @@ def _parse_model(data: Any, where: str, base: Path) -> ModelSpec:
     if "checkpoints" not in t.data:
         t.fail("checkpoints", 'is missing; give checkpoints = [{ step = N, path = "dir" }], '
                               'hub_id with revisions = [...], or preset = "pythia"')
-    entries = t.get("checkpoints", list)
+    entries = t.get("checkpoints", object)
+    if isinstance(entries, dict):
+        checkpoints = _discovered(_Table(entries, f"{t.where} checkpoints", DISCOVER_KEYS), name, tokens_per_step, base)
+        return _model(t, "checkpoints", name, checkpoints)
+    if not isinstance(entries, list):
+        t.fail("checkpoints", 'must be a list like [{ step = N, path = "dir" }] '
+                              'or a table like { glob = "run/checkpoint-*" }')
     if not entries:
         t.fail("checkpoints", "is empty; list at least one checkpoint")
     checkpoints = [_parse_checkpoint(_Table(entry, f"{t.where} checkpoints[{i}]", CHECKPOINT_KEYS),
                                      name, hub_id, tokens_per_step, base)
                    for i, entry in enumerate(entries)]
     return _model(t, "checkpoints", name, checkpoints)
+
+
+def _discovered(t: _Table, model: str, tokens_per_step: float | None, base: Path) -> list[Checkpoint]:
+    """Checkpoints from `{ glob = "...", steps = ... }`: every matching folder, optionally a selection of steps."""
+    folders = discover_folders(t.get("glob", str), base)
+    for previous, current in zip(folders, folders[1:]):
+        if previous.step == current.step:
+            t.fail("glob", f"step {current.step} is both {previous.path} and {current.path}; narrow the pattern")
+    found = {f.step: f for f in folders}
+    steps = sorted(found)
+    if "steps" in t.data:
+        try:
+            steps = select_steps(steps, t.data["steps"])
+        except TokendynError as err:
+            t.fail("steps", str(err))
+    checkpoints = []
+    for step in steps:
+        tokens = found[step].tokens_seen
+        if tokens_per_step is not None:
+            tokens = step * tokens_per_step
+        checkpoints.append(Checkpoint(model, step, found[step].path, None, None, tokens))
+    return checkpoints
 
 
 def _parse_checkpoint(t: _Table, model: str, hub_id: str | None, tokens_per_step: float | None,
@@ -495,18 +528,17 @@ def _parse_checkpoint(t: _Table, model: str, hub_id: str | None, tokens_per_step
         t.fail("path", "give exactly one of path (a local directory) or revision (with the model's hub_id)")
     if revision is not None and hub_id is None:
         t.fail("revision", 'needs the model\'s hub_id; add hub_id = "org/name" to the model')
+    directory = None
     if path is not None:
         directory = _absolute(base, path)
         if not directory.is_dir():
             t.fail("path", f"checkpoint directory {directory} does not exist; fix the path "
                            "(relative paths start at the TOML's folder)")
-        source = (directory, None, None)
-    else:
-        source = (None, hub_id, revision)
     tokens_seen = t.positive("tokens_seen", float, None)
     if tokens_seen is None:
         tokens_seen = _tokens_seen(step, tokens_per_step, revision)
-    return Checkpoint(model, step, *source, tokens_seen)
+    # A local checkpoint has no hub source (revision is None there: exactly one of path and revision is given).
+    return Checkpoint(model, step, directory, hub_id if directory is None else None, revision, tokens_seen)
 
 
 def _tokens_seen(step: int, tokens_per_step: float | None, revision: str | None) -> float | None:

@@ -231,13 +231,31 @@ def _jsonl_documents(path: Path, text_field: str = "text") -> list[Document]:
             if value is not None and not (isinstance(value, list) and all(_is_id(i) for i in value)):
                 raise TokendynError(f'{path}:{number}: "{key}" must be a list of token ids')
         fields = {k: v for k, v in record.items() if k != text_field and k not in RESERVED_JSONL}
-        docs.append(Document(record[text_field], fields, record.get("spans", []), ids["token_ids"],
-                             ids["context_ids"] or []))
+        spans = _check_spans(record.get("spans", []), record[text_field], f"{path}:{number}")
+        docs.append(Document(record[text_field], fields, spans, ids["token_ids"], ids["context_ids"] or []))
     return docs
 
 
 def _is_id(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_spans(spans, text: str, where: str) -> list[dict]:
+    """`spans` must be a list of {"start": int, "end": int, field: scalar, ...} within the text."""
+    form = 'a list of {"start": int, "end": int, field: value} objects'
+    if not isinstance(spans, list) or not all(isinstance(s, dict) for s in spans):
+        raise TokendynError(f'{where}: "spans" must be {form}; fix the line')
+    for span in spans:
+        start, end = span.get("start"), span.get("end")
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in (start, end)) or not 0 <= start <= end:
+            raise TokendynError(f'{where}: span {span} needs integer "start" <= "end" (character offsets); fix it')
+        if end > len(text):
+            raise TokendynError(f'{where}: span {span} ends after the text ({len(text)} characters); fix it')
+        for key, value in span.items():
+            if key not in ("start", "end") and (value is None or not isinstance(value, (str, int, float))):
+                raise TokendynError(f"{where}: span field '{key}' must be a string or a number, "
+                                    f"not {type(value).__name__}; fix it")
+    return spans
 
 
 def _pair_documents(path: Path) -> list[Document]:

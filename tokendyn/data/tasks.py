@@ -1,4 +1,5 @@
-"""Multiple-choice task files (methods.md §1.5): read tasks, build k-shot prompts and the documents that score every option.
+"""Multiple-choice task files (methods.md §1.5): read tasks, build k-shot prompts and the documents that score
+every option.
 
 Two file formats:
 
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -39,10 +39,14 @@ from tokendyn.errors import TokendynError
 OPTION_FIELD = "in_option"
 ITEM_FIELDS = ("item", "option", "answer", "n_options")
 
-# Store coordinates an item field must not shadow.
-RESERVED = {"model", "ckpt", "token", "offset", "n_context", "step", "tokens_seen", "val_ppl", "source", "n_params",
-            "n_params_nonembed", "token_id", "token_doc", "doc", "done", "loss", "entropy", "rank",
-            "vocab_text", "weights_hash", OPTION_FIELD, *ITEM_FIELDS}
+# Fields the option documents get from tokendyn, which an item's own field must not replace (names the
+# store uses are refused where tasks are scored: `tokendyn.store.check_field_names`).
+GENERATED_FIELDS = {OPTION_FIELD, *ITEM_FIELDS}
+
+# BIG-Bench's formatting keys (strings).
+FORMAT_KEYS = ("task_prefix", "example_input_prefix", "example_output_prefix", "few_shot_example_separator",
+               "choice_prefix")
+
 
 
 @dataclass(frozen=True)
@@ -101,14 +105,21 @@ def read_bigbench(path: str | Path) -> ChoiceTask:
             raise TokendynError(f"{path}: example {number} needs a string \"input\" and a \"target_scores\" object "
                                 "(only multiple-choice BIG-Bench tasks are supported)")
         values = list(scores.values())
-        if len(values) < 2 or not all(isinstance(v, (int, float)) for v in values):
-            raise TokendynError(f"{path}: example {number} needs at least two target_scores with numeric scores")
+        if len(values) < 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+                                      for v in values):
+            raise TokendynError(f"{path}: example {number} needs at least two target_scores with finite numeric "
+                                "scores (not booleans, not NaN); fix its target_scores")
         extra = {k: v for k, v in example.items() if k not in ("input", "target_scores", "target")}
         items.append(ChoiceItem(example["input"], tuple(scores), int(np.argmax(values)),
                                 _item_fields(extra, path, number)))
     name = data.get("name") if isinstance(data.get("name"), str) else (
         path.parent.name if path.stem == "task" else path.stem)
+    for key in FORMAT_KEYS:
+        if key in data and not isinstance(data[key], str):
+            raise TokendynError(f"{path}: \"{key}\" must be a string, not {type(data[key]).__name__}; fix it")
     append = data.get("append_choices_to_input", True)
+    if not isinstance(append, bool):
+        raise TokendynError(f"{path}: \"append_choices_to_input\" must be true or false, not {append!r}; fix it")
     return ChoiceTask(name=clean_name(name), items=tuple(items), prefix=data.get("task_prefix", ""),
                       input_prefix=data.get("example_input_prefix", "\nQ: "),
                       output_prefix=data.get("example_output_prefix", "\nA: "),
@@ -149,8 +160,8 @@ def _item_fields(extra: dict, path: Path, number: int) -> dict:
     for key, value in extra.items():
         if value is None or isinstance(value, dict):
             continue
-        if key in RESERVED:
-            raise TokendynError(f"{path}: item {number} has a field '{key}', which is a name tokendyn uses; rename it")
+        if key in GENERATED_FIELDS:
+            raise TokendynError(f"{path}: item {number} has a field '{key}', which tokendyn sets itself; rename it")
         if isinstance(value, list):
             value = "|".join(str(v) for v in value)
         fields[key] = value
@@ -158,8 +169,10 @@ def _item_fields(extra: dict, path: Path, number: int) -> dict:
 
 
 def clean_name(name: str) -> str:
-    """A task name usable as a set name: characters other than letters, digits, `_`, `.`, `-` become `_`."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "task"
+    """A task name usable as a set name: characters other than letters, digits, `_`, `.`, `-` become `_`;
+    a name of dots only (a folder's `.` or `..`) becomes underscores."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "task"
+    return "_" * len(name) if not name.strip(".") else name
 
 
 def _input_text(task: ChoiceTask, item: ChoiceItem, rng: np.random.Generator) -> str:

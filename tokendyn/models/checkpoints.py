@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -129,6 +130,10 @@ def load_model(ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype = torch
         model, info = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, use_safetensors=files[0].suffix == ".safetensors",
             trust_remote_code=trust_remote_code, output_loading_info=True)
+    except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refuses anything but tensors
+        raise TokendynError(f"refusing the pickle weights of {_label(ckpt)}: they hold more than tensors "
+                            f"({_first_line(err)}), which could run code; convert the checkpoint to safetensors "
+                            "from a trusted copy") from err
     except (OSError, ValueError) as err:
         raise TokendynError(f"cannot load {_label(ckpt)}: {_first_line(err)}; check the checkpoint's files "
                             "(pass --trust-remote-code only if it needs custom code you trust)") from err
@@ -152,7 +157,7 @@ def _check_safetensors(ckpt: Checkpoint, file: Path) -> None:
 def _load_tokenizer(source: str | Path, label: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # the Rust `tokenizers` library raises a bare Exception for a garbled tokenizer.json
         raise TokendynError(f"cannot load the tokenizer of {label}: {_first_line(err)}; check its tokenizer "
                             "files, or set [eval] tokenizer in the suite TOML") from err
 
@@ -239,6 +244,17 @@ def weights_fingerprint(ckpt: Checkpoint, allow_pickle: bool = False) -> str:
     """
     folder = resolve(ckpt, weights=True, allow_pickle=allow_pickle)
     return _files_digest(_weights_to_load(ckpt, folder, allow_pickle=True))
+
+
+def context_length(ckpt: Checkpoint) -> int | None:
+    """The checkpoint's context from its config.json (fetching only config and tokenizer files)."""
+    config = _require_config(ckpt, resolve(ckpt, weights=False))
+    config = config.get("text_config", config)
+    for attribute in CONTEXT_ATTRIBUTES:
+        value = config.get(attribute)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def max_context(config) -> int | None:

@@ -14,7 +14,7 @@ import math
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -25,7 +25,9 @@ from transformers.utils import logging as hf_logging
 from tokendyn import __version__, store
 from tokendyn.models import checkpoints
 from tokendyn.data.corpus import PAD, ScoredSet, describe, plan_batches, tokenize_set
+from tokendyn.models.fetch import Fetcher, cache_state
 from tokendyn.errors import TokendynError
+from tokendyn.store.read import open_group
 from tokendyn.config.suite import EvalSet, Suite, load_suite
 
 CHUNK_LOGITS = 2**25  # logits materialised at once in the head: 128 MiB in float32
@@ -86,7 +88,9 @@ def _hidden_and_head(model: torch.nn.Module, ids: torch.Tensor):
 def extract(suite: Suite | str | Path, out: str | Path, *, extra_sets: Iterable[EvalSet] = (),
             metrics: Iterable[str] | None = None, device: str = "cpu", dtype: str = "float32",
             store_dtype: str | None = None, batch_tokens: int = 8192, force: bool = False,
-            allow_pickle: bool = False, trust_remote_code: bool = False, progress: bool = True) -> Path:
+            allow_pickle: bool = False, trust_remote_code: bool = False, progress: bool = True,
+            scheduler: str | None = None, workers: int | None = None, prefetch: int = 1,
+            evict: bool = False) -> Path:
     """Score every evaluation set of `suite` with every checkpoint into the store at `out`.
 
     Parameters
@@ -97,13 +101,23 @@ def extract(suite: Suite | str | Path, out: str | Path, *, extra_sets: Iterable[
     store_dtype : "float32" (default) or "float16" on disk.
     batch_tokens : model positions per forward pass, padding included (at least one window per batch).
     force : recompute checkpoints that are already complete.
+    scheduler, workers : run on the dask cluster at this address, or on a new local cluster of this many
+        workers (one task per checkpoint; see `tokendyn.models.distributed`).
+    prefetch : hub checkpoints downloaded ahead while the current one is scored (single process).
+    evict : delete each scored hub revision this run downloaded from the Hugging Face cache.
 
     A rerun skips complete checkpoints and recomputes interrupted ones.
     """
+    if evict and (scheduler is not None or workers is not None):
+        raise TokendynError("--evict works in single-process runs only; on a cluster, fetch the revisions "
+                            "beforehand with `tokendyn download SUITE` and leave --evict out")
+    cached_before = cache_state() if evict else None  # before any download: evict only what this run fetches
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
     out = Path(out)
     suite = replace(suite, sets=tuple(suite.sets) + tuple(extra_sets))
     _check_unique_sets(suite)
+    if batch_tokens < 1:
+        raise TokendynError(f"batch_tokens = {batch_tokens} must be at least 1; pass e.g. --batch-tokens 8192")
     torch_dtype = checkpoints.parse_dtype(dtype)
     _check_device(device)
     existing = _existing_attrs(out)
@@ -114,46 +128,123 @@ def extract(suite: Suite | str | Path, out: str | Path, *, extra_sets: Iterable[
 
     tokenizer = checkpoints.load_tokenizer(suite)
     tokenizer_fp = checkpoints.check_tokenizers(suite)
+    _check_context(suite, max(s.seq_len for s in (suite.eval, *suite.sets)), trust_remote_code)  # before packing
     sets = {"main": tokenize_set(suite.eval, tokenizer), **{s.name: tokenize_set(s, tokenizer) for s in suite.sets}}
-    model_coords = _model_coords(suite, max(int(p.lengths.max()) for p in sets.values()), trust_remote_code)
+    model_coords = _model_coords(suite, trust_remote_code)
     vocab_text = np.asarray(tokenizer.batch_decode([[i] for i in range(len(tokenizer))]), dtype=object)
     layout = store.Layout(suite.to_dict(), tokenizer_fp, metrics, store_dtype)
     summaries = {name: scored.summary(batch_tokens) for name, scored in sets.items()}
+    if not force and store.up_to_date(out, layout, sets):
+        return out  # nothing to write, so nothing written: a read-only store works
     if progress:
         for name, summary in summaries.items():
             tqdm.write("\n".join(f"{name if i == 0 else '':<12}{line}" for i, line in enumerate(describe(summary))))
-    root = store.prepare(out, layout, sets, model_coords, vocab_text, __version__, summaries)
 
     hf_logging.disable_progress_bar()  # one bar for the whole run, not one per weights load
-    todo = [(m, c, [name for name in sets if force or not store.is_done(root, name, m, c)])
-            for m, spec in enumerate(suite.models) for c in range(len(spec.checkpoints))]
-    todo = [(m, c, names) for m, c, names in todo if names]
-    total = sum(sets[name].n_tokens for _, _, names in todo for name in names)
-    with tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True) as bar:
-        for m, c, names in todo:
-            score_checkpoint(suite, root, {name: sets[name] for name in names}, m, c, metrics=metrics,
-                             batch_tokens=batch_tokens, device=device, dtype=torch_dtype, allow_pickle=allow_pickle,
-                             trust_remote_code=trust_remote_code, bar=bar)
+    with store.writer_lock(out):
+        _repair(out)
+        root = store.prepare(out, layout, sets, model_coords, vocab_text, __version__, summaries)
+        todo = [(m, c, [name for name in sets if force or not store.is_done(root, name, m, c)])
+                for m, spec in enumerate(suite.models) for c in range(len(spec.checkpoints))]
+        todo = [(m, c, names) for m, c, names in todo if names]
+        options = dict(metrics=metrics, batch_tokens=batch_tokens, device=device, dtype=torch_dtype,
+                       allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        if scheduler is not None or workers is not None:
+            from tokendyn.models.distributed import run_on_cluster
+
+            run_on_cluster(suite, out, sets, todo, options, scheduler=scheduler, workers=workers, progress=progress)
+            stored = open_group(out, mode="r")
+            refused = [reason for name in sets for reason in
+                       (stored if name == "main" else stored[store.set_path(name)]).attrs.get("refused", {}).values()]
+        else:
+            total = sum(sets[name].n_tokens for _, _, names in todo for name in names)
+            refused = []
+            with tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True) as bar:
+                ckpts = [suite.models[m].checkpoints[c] for m, c, _ in todo]
+                with Fetcher(ckpts, prefetch, evict, allow_pickle, cached_before) as fetcher:
+                    for (m, c, names), ckpt in zip(todo, ckpts):
+                        fetcher.wait(ckpt)
+                        refused += score_checkpoint(suite, root, {name: sets[name] for name in names}, m, c,
+                                                    bar=bar, **options)
+                        fetcher.release(ckpt)
+    if refused:
+        more = f" (and {len(refused) - 1} more checkpoint-sets; see `tokendyn verify {out}`)" if len(refused) > 1 else ""
+        raise TokendynError(f"not marked done, {refused[0]}{more}; the other checkpoints are complete")
     return out
+
+
+def _repair(out: Path) -> None:
+    """Before writing: repair what `tokendyn verify` finds (checkpoints with missing chunks are recomputed)."""
+    if not (out / "zarr.json").is_file():
+        return
+    problems = store.repair(out)
+    broken = [p for p in problems if not p.repairable]
+    if broken:
+        raise TokendynError(f"store {out} is damaged beyond repair: {store.verify_summary(broken)}; "
+                            "write to a new --out")
+    if problems:
+        warnings.warn(f"store {out} repaired: {store.verify_summary(problems)}", stacklevel=3)
 
 
 def score_checkpoint(suite: Suite, root, sets: dict[str, ScoredSet], m: int, c: int, *, metrics: tuple[str, ...],
                      batch_tokens: int, device: str, dtype: torch.dtype, allow_pickle: bool, trust_remote_code: bool,
-                     bar: tqdm) -> None:
-    """Score checkpoint `c` of model `m` on `sets`, writing only the chunks it owns, then mark each set done."""
+                     bar: tqdm, commit: Callable = store.mark_done) -> list[str]:
+    """Score checkpoint `c` of model `m` on `sets`, writing only the chunks it owns, then mark each set done.
+
+    A set whose scores are not all finite is not marked done: the reason is kept in the store and
+    returned (one line per set), and the run goes on with the other checkpoints. commit: records a
+    set's done flag (`store.mark_done`; cluster workers serialise it with a lock).
+    """
     ckpt = suite.models[m].checkpoints[c]
     bar.set_description(f"{ckpt.model} step {ckpt.step}")
     model = checkpoints.load_model(ckpt, device=device, dtype=dtype, allow_pickle=allow_pickle,
                                    trust_remote_code=trust_remote_code)
     weights_hash = checkpoints.weights_fingerprint(ckpt)
     _warn_identical(root, suite, m, c, weights_hash)
+    refused = []
     for name in sorted(sets, key=lambda n: n == "main"):  # main last: its flag follows val_ppl
         store.clear_done(root, name, m, c)
         total = _score_set(model, sets[name], root, name, m, c, metrics, batch_tokens, bar)
+        reason = check_scores(store.read_checkpoint(root, name, m, c, metrics), sets[name].n_tokens,
+                              root.attrs["store_dtype"])
+        if reason is not None:
+            reason = f"model '{ckpt.model}' step {ckpt.step}, set '{name}': {reason}"
+            store.refuse(root, name, m, c, reason)
+            warnings.warn(reason, stacklevel=2)
+            refused.append(reason)
+            continue
         if name == "main":
             val_ppl, per_byte = perplexities(total, sets[name])
             store.write_checkpoint_coords(root, m, c, val_ppl, weights_hash, per_byte)
-        store.mark_done(root, name, m, c, ckpt.model)
+        commit(root, name, m, c, ckpt.model)
+    return refused
+
+
+def check_scores(scores: dict[str, np.ndarray], n_predicted: int, store_dtype: str) -> str | None:
+    """Why one set's stored scores of a checkpoint cannot be marked done, or None if every prediction is finite.
+
+    `scores` are the values as stored, per metric (format 2: one per scored token, so `n_predicted`
+    is their number; any NaN counted beyond `values.size - n_predicted` is a failed prediction).
+    Infinite values in a float16 store are overflows.
+    """
+    problems = []
+    for metric, values in scores.items():
+        nan = int(np.isnan(values).sum()) - (values.size - n_predicted)
+        inf = int(np.isinf(values).sum())
+        if nan > 0:
+            problems.append(f"{nan} of {n_predicted} tokens have a NaN {metric}")
+        if inf:
+            limit = f", above {np.finfo(store_dtype).max:.0f}, the largest {store_dtype}" if store_dtype != "float32" else ""
+            problems.append(f"{inf} of {n_predicted} tokens have an infinite {metric}{limit}")
+    if not problems:
+        return None
+    fix = "--store-dtype float32" if store_dtype != "float32" and any("infinite" in p for p in problems) else ""
+    return f"{'; '.join(problems)}; rerun with --dtype float32{' and ' + fix if fix else ''}"
+
+
+def perplexity(mean_loss: float) -> float:
+    """exp(mean loss), infinite (not an OverflowError) when the mean loss exceeds ~709.8 nats."""
+    return math.exp(mean_loss) if mean_loss < math.log(np.finfo(np.float64).max) else math.inf
 
 
 def perplexities(total_loss: float, scored: ScoredSet) -> tuple[float, dict[str, float]]:
@@ -162,7 +253,7 @@ def perplexities(total_loss: float, scored: ScoredSet) -> tuple[float, dict[str,
     bits_per_byte = total / (bytes x ln 2) and word_ppl = exp(total / words), with bytes and
     words counted on the scored text (`ScoredSet.n_bytes`, `n_words`).
     """
-    val_ppl = math.exp(total_loss / max(scored.n_tokens, 1))
+    val_ppl = perplexity(total_loss / max(scored.n_tokens, 1))
     return val_ppl, {"bits_per_byte": total_loss / (max(scored.n_bytes, 1) * math.log(2)),
                      "word_ppl": math.exp(min(total_loss / max(scored.n_words, 1), 700.0))}
 
@@ -210,8 +301,19 @@ def _batch(scored: ScoredSet, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     return ids, score, np.concatenate(index)
 
 
-def _model_coords(suite: Suite, seq_len: int, trust_remote_code: bool) -> dict:
-    """Per-model and per-checkpoint coordinates known before any weights load; checks the context length."""
+def _check_context(suite: Suite, seq_len: int, trust_remote_code: bool) -> None:
+    """Refuse a seq_len beyond any model's context, before the text is packed (a huge seq_len fails fast)."""
+    for spec in suite.models:
+        config = AutoConfig.from_pretrained(checkpoints.resolve(spec.checkpoints[0], weights=False),
+                                            trust_remote_code=trust_remote_code)
+        context = checkpoints.max_context(config)
+        if context is not None and seq_len > context:
+            raise TokendynError(f"seq_len {seq_len} exceeds the context of model '{spec.name}' ({context} tokens); "
+                                f"lower seq_len in the suite TOML to at most {context}")
+
+
+def _model_coords(suite: Suite, trust_remote_code: bool) -> dict:
+    """Per-model and per-checkpoint coordinates known before any weights load."""
     n_ckpt = max(len(spec.checkpoints) for spec in suite.models)
     shape = (len(suite.models), n_ckpt)
     coords = {"model": np.asarray([spec.name for spec in suite.models], dtype=object),
@@ -226,10 +328,6 @@ def _model_coords(suite: Suite, seq_len: int, trust_remote_code: bool) -> dict:
             coords["source"][m, c] = ckpt.source
         first = spec.checkpoints[0]
         config = AutoConfig.from_pretrained(checkpoints.resolve(first), trust_remote_code=trust_remote_code)
-        context = checkpoints.max_context(config)
-        if context is not None and seq_len > context:
-            raise TokendynError(f"seq_len {seq_len} exceeds the context of model '{spec.name}' ({context} tokens); "
-                                f"lower seq_len in the suite TOML to at most {context}")
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         coords["n_params"][m], coords["n_params_nonembed"][m] = checkpoints.count_params(skeleton)

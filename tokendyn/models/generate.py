@@ -16,6 +16,7 @@ field becomes a document-level coordinate of the store.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -274,13 +275,22 @@ def _record(tokenizer, doc: int, prompt: list[int], new: list[int], mixture: tup
 
 
 def write_jsonl(records: Sequence[dict], path: str | Path) -> Path:
-    """Write records as JSON lines (UTF-8); the file is usable as an evaluation set."""
+    """Write records as JSON lines (UTF-8); the file is usable as an evaluation set.
+
+    Written to a temporary file beside `path` and renamed over it once complete, so a killed run or
+    a full disk never leaves a truncated file (or an existing one half-overwritten).
+    """
     path = Path(path)
+    if path.is_dir():
+        raise TokendynError(f"--out {path} is a folder; give the path of a .jsonl file")
+    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as handle:
+        with open(temporary, "w", encoding="utf-8") as handle:
             for record in records:
                 handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(temporary, path)
     except OSError as err:
-        raise TokendynError(f"cannot write {path} ({err.strerror}); choose a writable --out") from None
+        temporary.unlink(missing_ok=True)
+        raise TokendynError(f"cannot write {path} ({err.strerror}); choose a writable --out with free space") from None
     return path

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from tokendyn.models import checkpoints
+from tokendyn.store.lock import writer_lock
 from tokendyn.store.passuntil import COUNTS, RESERVED, prepare_task
 from tokendyn.data.corpus import PAD, json_lines, prefix_ids
 from tokendyn.errors import TokendynError
@@ -109,7 +111,24 @@ def load_checker(spec: str | None) -> Callable[[str, dict], bool]:
                             "(e.g. on PYTHONPATH) and check the function name") from None
     if not callable(function):
         raise TokendynError(f"checker '{spec}' is not callable; name a function(completion, instance) -> bool")
+    try:
+        inspect.signature(function).bind("completion", {"prompt": "", "answer": ""})
+    except TypeError:
+        raise TokendynError(f"checker '{spec}' cannot be called as function(completion, instance); "
+                            "give it exactly those two parameters") from None
+    except ValueError:  # builtins without a signature: checked when first called
+        pass
     return function
+
+
+def _judge(check: Callable[[str, dict], bool], completion: str, instance: dict) -> bool:
+    """The checker's verdict; its failure becomes a one-line error naming it."""
+    try:
+        return bool(check(completion, instance))
+    except Exception as err:  # user code: any exception is the checker's
+        name = getattr(check, "__qualname__", repr(check))
+        raise TokendynError(f"checker {name} failed on {completion!r}: {type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''}; fix the checker") from err
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -185,9 +204,7 @@ def run_pass_until(suite: Suite | str | Path, out: str | Path, task: GenerationT
         raise TokendynError("PassUntil needs passes >= 2, max_samples >= passes and batch_size >= 1")
     check = load_checker(checker)
     out = Path(out)
-    extract(suite, out, device=device, dtype=dtype, allow_pickle=allow_pickle,
-            trust_remote_code=trust_remote_code, progress=progress)
-
+    # The prompts and lengths are checked before the main extraction, which may take long.
     tokenizer = checkpoints.load_tokenizer(suite)
     ids, lengths = prompt_ids(task, tokenizer, prefix_ids(suite.eval.prefix, tokenizer), new_tokens)
     context = suite_context(suite, trust_remote_code)
@@ -198,8 +215,21 @@ def run_pass_until(suite: Suite | str | Path, out: str | Path, task: GenerationT
     params = {"task": task.fingerprint, "passes": passes, "max_samples": max_samples, "batch_size": batch_size,
               "top_p": top_p, "new_tokens": new_tokens, "stop": list(stop), "checker": checker or "exact",
               "seed": seed}
-    group = prepare_task(out, task, lengths, params, force)
+    with writer_lock(out):
+        extract(suite, out, device=device, dtype=dtype, allow_pickle=allow_pickle,
+                trust_remote_code=trust_remote_code, progress=progress)
+        group = prepare_task(out, task, lengths, params, force)
+        _run_all(suite, group, task, tokenizer, ids, lengths, check, passes=passes, max_samples=max_samples,
+                 batch_size=batch_size, top_p=top_p, stop=stop, seed=seed, device=device, dtype=dtype,
+                 allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress)
+    return out
 
+
+def _run_all(suite: Suite, group, task: GenerationTask, tokenizer, ids: list[list[int]], lengths: list[int],
+             check: Callable[[str, dict], bool], *, passes: int, max_samples: int, batch_size: int,
+             top_p: float | None, stop: Sequence[str], seed: int, device: str, dtype: str, allow_pickle: bool,
+             trust_remote_code: bool, progress: bool) -> None:
+    """Every (checkpoint, instance) of the task not yet done, written into its group as it completes."""
     torch_dtype = checkpoints.parse_dtype(dtype)
     hf_logging.disable_progress_bar()
     done = np.asarray(group["done"])
@@ -218,8 +248,8 @@ def run_pass_until(suite: Suite | str | Path, out: str | Path, task: GenerationT
                     started = time.perf_counter()
                     sampler = Sampler(model, tokenizer, ids[i], lengths[i], top_p, stop)
                     instance = task.records[i]
-                    run = pass_until(sampler, lambda text: check(text, instance), passes, max_samples, batch_size,
-                                     np.random.default_rng([seed, m, c, int(i)]))
+                    run = pass_until(sampler, lambda text: _judge(check, text, instance), passes, max_samples,
+                                     batch_size, np.random.default_rng([seed, m, c, int(i)]))
                     group["seconds"][m, c, i] = time.perf_counter() - started
                     for name in COUNTS:
                         group[name][m, c, i] = getattr(run, name)
@@ -227,6 +257,5 @@ def run_pass_until(suite: Suite | str | Path, out: str | Path, task: GenerationT
                     bar.set_postfix(drawn=run.drawn, passes=run.passes, refresh=False)
                 del model
             group["done"][m, c] = True
-    return out
 
 

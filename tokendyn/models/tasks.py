@@ -11,6 +11,7 @@ character lies in the span; a token that straddles the prompt/option boundary co
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from tokendyn.data.corpus import prefix_ids
 from tokendyn.data.tasks import ChoiceTask, choice_documents
 from tokendyn.errors import TokendynError
 from tokendyn.models import checkpoints
-from tokendyn.store import TASK_SET_PREFIX
+from tokendyn.store import TASK_SET_PREFIX, check_field_names
 
 
 def documents_dir(store: str | Path) -> Path:
@@ -50,7 +51,9 @@ def task_set(task: ChoiceTask, tokenizer, folder: str | Path, *, shots: int = 2,
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{task.name}.jsonl"
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")  # renamed once complete: never truncated
+    temporary.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    os.replace(temporary, path)
     return EvalSet(name=TASK_SET_PREFIX + task.name, files=(path,), seq_len=max(seq_len, 2), context="packed",
                    prefix=prefix)
 
@@ -82,6 +85,8 @@ def score_tasks(suite: Suite | str | Path, out: str | Path, tasks: Sequence[Choi
     names = [t.name for t in tasks]
     if not tasks or len(set(names)) != len(names):
         raise TokendynError(f"give one or more tasks with distinct names (got {', '.join(names) or 'none'})")
+    for task in tasks:
+        check_field_names({key for item in task.items for key in item.fields}, f"task '{task.name}'")
     tokenizer = checkpoints.load_tokenizer(suite)
     context = suite_context(suite, trust_remote_code)
     sets = [task_set(t, tokenizer, documents_dir(out), shots=shots, seed=seed, delimiter=delimiter,

@@ -1,95 +1,115 @@
-"""`tokendyn analyze STORE`: run every analysis the store has data for; write the results next to it.
+"""`tokendyn analyze STORE`: run every study (`tokendyn.studies.STUDIES`) and write their results.
 
-Results go to one folder beside the store (`toy.zarr` -> `toy.analysis/`): tidy CSV tables, and
-`labels.zarr`, a Zarr store with one group per analysis holding per-token results on the store's
-(model, token) grid, so `xr.open_zarr(folder / "labels.zarr", group="trends")` lines up with the
-store.
+Results go to one folder beside the store (`toy.zarr` -> `toy.analysis/`):
 
-An analysis step is a function `step(ds, out) -> list[str]`: it reads the dataset, writes through
-`out` (`out.write_table`, `out.write_labels`) and returns a few summary lines. When the store lacks
-what it needs it raises `Skip("reason")`. Warnings of tokendyn's own classes (e.g.
-`trends.TrendWarning`) are added to the summary. Steps are collected from the modules of the
-`tokendyn.pipelines.steps` package, each exposing `STEPS` (a list of step functions), in module-name order,
-so a new analysis adds a module there without editing this file.
+    <table>.csv     every study's tidy tables (a table name belongs to one study)
+    labels.zarr     per-token results, one group per name (trends, double_descent, ...) on the store's
+                    token grid, so `xr.open_zarr(folder / "labels.zarr", group="trends")` lines up with it
+    findings.txt    the summary printed: "<study>: <finding>" lines, skipped studies with the reason
+
+The folder is written whole or not at all (see `tokendyn.pipelines.output`). This module also runs
+the studies for the report (`run_studies`) and one study from the command line (`main_one`).
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-import shutil
+import argparse
+import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pandas as pd
 import xarray as xr
 from tqdm import tqdm
 
-import tokendyn.pipelines.steps
 from tokendyn.errors import TokendynError
+from tokendyn.pipelines.output import mark, output_folder
+from tokendyn.store import TOKEN_DIMS, open_store
+from tokendyn.studies import STUDIES
+from tokendyn.studies.study import Result, Skip, save
 
 LABELS_STORE = "labels.zarr"
-
-
-class Skip(Exception):
-    """Raised by a step when the store lacks what it needs; the message says what."""
+FINDINGS = "findings.txt"
+# Names of the analysis steps before the studies took them over, still accepted by --steps.
+FORMER_STEPS = {"trends": ("trend_categories", "subset_curves"), "curves": ("curve_measures",),
+                "sequence_ppl": ("sequence_perplexity",), "pairs": ("pair_preference",), "tasks": ("downstream",)}
 
 
 @dataclass
-class Output:
-    """Where a step writes. `options` holds the analysis options (see `tokendyn analyze --help`)."""
+class Outcome:
+    """One study's run: its result, or why it was skipped; warnings raised while it ran."""
 
-    folder: Path
-    options: dict = field(default_factory=dict)
+    name: str
+    result: Result | None = None
+    skipped: str | None = None
+    notes: list[str] = field(default_factory=list)
 
-    def write_table(self, name: str, table: pd.DataFrame) -> Path:
-        """Write a tidy table as `<folder>/<name>.csv`."""
-        path = self.folder / f"{name}.csv"
-        table.to_csv(path, index=False)
-        return path
-
-    def write_labels(self, name: str, data: xr.Dataset | xr.DataArray) -> xr.Dataset:
-        """Write per-token results as group `name` of the labels store (chunk by chunk); return them reopened."""
-        if isinstance(data, xr.DataArray):
-            data = data.to_dataset(name=data.name or name)
-        # Token coordinates (token_id, ...) stay in the store, which the labels line up with.
-        data = data.drop_vars([n for n, c in data.coords.items() if n not in data.dims and set(c.dims) & {"token"}])
-        # Zarr needs equal chunks (but the last): take each variable's largest chunk per dim.
-        data = data.map(lambda v: v.chunk({d: max(c) for d, c in zip(v.dims, v.chunks)}) if v.chunks else v,
-                        keep_attrs=True)
-        for variable in data.variables.values():
-            variable.encoding.pop("chunks", None)  # chunks come from dask, not from the source store
-            variable.encoding.pop("preferred_chunks", None)
-        # One variable at a time: computed together from the same loss chunks, the fast ones would
-        # keep those chunks in memory until the slowest had used them.
-        for i, variable in enumerate(data.data_vars):
-            data[[variable]].to_zarr(self.folder / LABELS_STORE, group=name, mode="a" if i else "w",
-                                     consolidated=False)
-        return xr.open_zarr(self.folder / LABELS_STORE, group=name, consolidated=False)
+    def lines(self) -> list[str]:
+        """The summary: "<name>: <finding>" per finding (or the skip reason), then the warnings."""
+        body = [f"skipped ({self.skipped})"] if self.result is None else self.result.findings
+        return [f"{self.name}: {line}" for line in [*body, *(f"warning: {note}" for note in self.notes)]]
 
 
-Step = Callable[[xr.Dataset, Output], list[str]]
+def select(names: Sequence[str] | None) -> list[str]:
+    """The studies to run, in registry order: all, or those named (a former step name stands for its studies)."""
+    if names is None:
+        return list(STUDIES)
+    chosen = {study for name in names for study in FORMER_STEPS.get(name, (name,))}
+    unknown = sorted(chosen - set(STUDIES))
+    if unknown:
+        raise TokendynError(f"unknown stud{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; "
+                            f"choose from {', '.join(STUDIES)}")
+    return [name for name in STUDIES if name in chosen]
 
 
-def require(ds: xr.Dataset, *names: str) -> None:
-    """Raise Skip unless the dataset has all these variables or coordinates."""
-    missing = [name for name in names if name not in ds.variables]
-    if missing:
-        raise Skip(f"the store has no {', '.join(missing)}")
+def run_study(name: str, ds: xr.Dataset, options: dict | None = None) -> Outcome:
+    """Run one study; a `Skip` or a user-level `TokendynError` becomes a skipped outcome."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warnings.simplefilter("ignore", RuntimeWarning)  # NaN arithmetic on padding and missing checkpoints
+        warnings.filterwarnings("ignore", message="Glyph .* missing")  # token text the font cannot draw
+        try:
+            outcome = Outcome(name, result=STUDIES[name](ds, **(options or {})))
+        except (Skip, TokendynError) as reason:
+            outcome = Outcome(name, skipped=str(reason))
+    outcome.notes = list(dict.fromkeys(str(w.message) for w in caught if w.category.__module__.startswith("tokendyn")))
+    return outcome
 
 
-def step_name(step: Step) -> str:
-    return step.__name__.removesuffix("_step")
+def run_studies(ds: xr.Dataset, names: Sequence[str], options: dict[str, dict] | None = None, progress: bool = True,
+                desc: str = "analyze") -> Iterator[Outcome]:
+    """Run the named studies in turn (options: keyword arguments per study), yielding each outcome."""
+    bar = tqdm(names, desc=desc, unit="study", disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
+        yield run_study(name, ds, (options or {}).get(name))
 
 
-def collect_steps() -> list[Step]:
-    """Every step of every module in the `tokendyn.pipelines.steps` package, in module-name order."""
-    steps = []
-    for module in sorted(pkgutil.iter_modules(tokendyn.pipelines.steps.__path__), key=lambda m: m.name):
-        steps += importlib.import_module(f"tokendyn.pipelines.steps.{module.name}").STEPS
-    return steps
+def write_labels(folder: Path, name: str, data: xr.Dataset | xr.DataArray) -> None:
+    """Write per-token results as group `name` of the labels store, chunk by chunk."""
+    if isinstance(data, xr.DataArray):
+        data = data.to_dataset(name=data.name or name)
+    # Token coordinates (token_id, ...) stay in the store, which the labels line up with.
+    data = data.drop_vars([n for n, c in data.coords.items() if n not in data.dims and set(c.dims) & set(TOKEN_DIMS)])
+    # Zarr needs equal chunks (but the last): take each variable's largest chunk per dim.
+    data = data.map(lambda v: v.chunk({d: max(c) for d, c in zip(v.dims, v.chunks)}) if v.chunks else v,
+                    keep_attrs=True)
+    for variable in data.variables.values():
+        variable.encoding.pop("chunks", None)  # chunks come from dask, not from the source store
+        variable.encoding.pop("preferred_chunks", None)
+    # One variable at a time: computed together from the same loss chunks, the fast ones would
+    # keep those chunks in memory until the slowest had used them.
+    for i, variable in enumerate(data.data_vars):
+        data[[variable]].to_zarr(folder / LABELS_STORE, group=name, mode="a" if i else "w", consolidated=False)
+
+
+def write_results(result: Result, folder: Path) -> None:
+    """A study's tables as `<folder>/<table>.csv` and its labels as groups of labels.zarr."""
+    for name, table in result.tables.items():
+        table.to_csv(folder / f"{name}.csv", index=False)
+    for name, data in result.labels.items():
+        write_labels(folder, name, data)
 
 
 def default_folder(store: Path, set: str = "main") -> Path:
@@ -98,33 +118,48 @@ def default_folder(store: Path, set: str = "main") -> Path:
     return store.with_name(f"{stem}.analysis" if set == "main" else f"{stem}.{set}.analysis")
 
 
-def analyze(ds: xr.Dataset, folder: Path, options: dict | None = None, only: Sequence[str] | None = None,
+def analyze(ds: xr.Dataset, folder: Path, options: dict[str, dict] | None = None, only: Sequence[str] | None = None,
             progress: bool = True) -> list[str]:
-    """Run the steps (all, or those named in `only`) on ds; write to `folder`; return summary lines.
+    """Run the studies (all, or those named in `only`) on ds and write their results to `folder`;
+    return the summary lines.
 
-    The folder's previous contents are replaced.
+    options: keyword arguments per study, e.g. {"clusters": {"n_clusters": 4}}. `folder` is
+    replaced whole when the run completes (a folder tokendyn did not write is refused).
     """
-    steps = collect_steps()
-    names = [step_name(step) for step in steps]
-    unknown = sorted(set(only or ()) - set(names))
-    if unknown:
-        raise TokendynError(f"unknown analysis step(s) {', '.join(unknown)}; choose from {', '.join(names)}")
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    out = Output(folder, dict(options or {}))
+    names = select(only)
     lines = []
-    bar = tqdm([s for s in steps if not only or step_name(s) in only], desc="analyze", unit="step",
-               disable=not progress)
-    for step in bar:
-        bar.set_postfix_str(step_name(step))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            warnings.simplefilter("ignore", RuntimeWarning)  # NaN arithmetic on padding and missing checkpoints
-            try:
-                result = step(ds, out)
-            except Skip as skip:
-                result = [f"skipped ({skip})"]
-        notes = dict.fromkeys(str(w.message) for w in caught if w.category.__module__.startswith("tokendyn"))
-        lines += [f"{step_name(step)}: {line}" for line in [*result, *(f"warning: {n}" for n in notes)]]
+    with output_folder(folder) as tmp:
+        for outcome in run_studies(ds, names, options, progress):
+            if outcome.result is not None:
+                write_results(outcome.result, tmp)
+            lines += outcome.lines()
+        (tmp / FINDINGS).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return lines
+
+
+def main_one(name: str, argv: Sequence[str] | None = None) -> int:
+    """`python -m analyses.<name> STORE [--out DIR]`: run one study, print its findings, save it."""
+    run: Callable[..., Result] = STUDIES[name]
+    parser = argparse.ArgumentParser(prog=f"python -m analyses.{name}", description=sys.modules[run.__module__].__doc__)
+    parser.add_argument("store", type=Path, help="store path (from `tokendyn extract`)")
+    parser.add_argument("--out", type=Path, help=f"output folder (default: STORE's stem + .report/{name}; replaced "
+                                                 f"whole, and refused if it holds files tokendyn did not write)")
+    args = parser.parse_args(argv)
+    out = args.out or args.store.with_name(args.store.name.removesuffix(".zarr") + ".report") / name
+    try:
+        outcome = run_study(name, open_store(args.store))
+        if outcome.result is None:
+            print(f"{name}: skipped ({outcome.skipped})", file=sys.stderr)
+            return 2
+        if args.out is None and not out.parent.exists():
+            out.parent.mkdir(parents=True)
+            mark(out.parent)  # the report folder, which `tokendyn report` may then replace
+        with output_folder(out) as tmp:
+            save(outcome.result, tmp)
+    except TokendynError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(outcome.result.findings))
+    print(f"written to {out}")
+    return 0
+

@@ -1,90 +1,42 @@
-"""`tokendyn report`: run the studies of the `analyses` package on a store and write one HTML page.
+"""`tokendyn report`: run the studies (`tokendyn.studies.STUDIES`) on a store and write one HTML page.
 
 Layout of the output folder:
 
     index.html              the report: every figure embedded as base64 PNG, so the file alone can be mailed
     <study>/figure.png|svg  each study's figure
-    <study>/<table>.csv     its tidy tables
+    <study>/<table>.csv     its tidy tables (the same tables `tokendyn analyze` writes)
     <study>/findings.txt    its findings
 
-A study whose data the store lacks raises `Skip`; the page lists it with the reason. Every piece of
-text that comes from the store (token text, set and model names, paths) is HTML-escaped.
+The report runs the studies itself (the same functions as `tokendyn analyze`, so the same tables
+and findings); it does not read an analysis folder. A study whose data the store lacks raises
+`Skip`; the page lists it with the reason. The page comes from the jinja2 template
+`templates/report.html.j2` with autoescape on, so every piece of text from the store (token
+text, set and model names, paths) is HTML-escaped. The folder is written whole or not at all
+(see `tokendyn.pipelines.output`).
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
-import html
-import importlib
-import shutil
-import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import pandas as pd
 import xarray as xr
-from tqdm import tqdm
 
-import tokendyn.studies as analyses
 import tokendyn
-from tokendyn.studies.study import Result, save
-from tokendyn.pipelines.analyze import Skip
-from tokendyn.errors import TokendynError
+from tokendyn.pipelines.analyze import Outcome, run_studies, select
+from tokendyn.pipelines.output import mark, output_folder
 from tokendyn.store import open_store
+from tokendyn.studies.study import save
 
 INDEX = "index.html"
+TEMPLATE = "report.html.j2"
 MAX_ROWS = 60  # rows of a table printed in the page; the CSV has all
 
-STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 1150px; margin: 2em auto; padding: 0 1em; color: #222;
-       line-height: 1.45; }
-h1 { margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 2em; }
-.meta { color: #555; } code { background: #f3f3f3; padding: 0 0.2em; }
-img { max-width: 100%; height: auto; border: 1px solid #eee; }
-table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
-th, td { border: 1px solid #ddd; padding: 0.2em 0.5em; text-align: left; vertical-align: top; }
-th { background: #f6f6f6; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.findings li { margin: 0.25em 0; } .notes { color: #8a5a00; font-size: 0.9em; } .files { font-size: 0.9em; }
-details { margin: 0.5em 0; } summary { cursor: pointer; color: #225; }
-"""
-
-
-@dataclass
-class Outcome:
-    """One study's part of the report: its result, or why it was skipped; warnings raised while it ran."""
-
-    name: str
-    result: Result | None = None
-    skipped: str | None = None
-    notes: list[str] = field(default_factory=list)
-    files: dict[str, Path] = field(default_factory=dict)
-
-
-def study_names() -> list[str]:
-    """The studies a report runs, in order (`analyses.STUDIES`)."""
-    return list(analyses.STUDIES)
-
-
-def run_study(name: str, ds: xr.Dataset, folder: Path, options: dict | None = None) -> Outcome:
-    """Run one study and save it into folder (replaced); a `Skip` or a user-level `TokendynError`
-    becomes a skipped outcome (and no folder)."""
-    module = importlib.import_module(f"tokendyn.studies.{name}")
-    if folder.exists():
-        shutil.rmtree(folder)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        warnings.simplefilter("ignore", RuntimeWarning)  # NaN arithmetic on padding and missing checkpoints
-        warnings.filterwarnings("ignore", message="Glyph .* missing")  # token text the font cannot draw
-        try:
-            outcome = Outcome(name, result=module.run(ds, **(options or {})))
-            outcome.files = save(outcome.result, folder)
-        except (Skip, TokendynError) as reason:
-            outcome = Outcome(name, skipped=str(reason))
-    outcome.notes = list(dict.fromkeys(str(w.message) for w in caught if w.category.__module__.startswith("tokendyn")))
-    return outcome
 
 
 def default_folder(store: Path) -> Path:
@@ -95,60 +47,52 @@ def default_folder(store: Path) -> Path:
 def write_report(store: str | Path, out_dir: str | Path | None = None, studies: Sequence[str] | None = None,
                  options: dict[str, dict] | None = None, progress: bool = True,
                  echo: Callable[[str], None] | None = None) -> Path:
-    """Run the studies (all of `analyses.STUDIES`, or those named) on the store's main set and write
-    the report into out_dir (default: beside the store, `<name>.report`). Returns the path of index.html.
+    """Run the studies (all of `STUDIES`, or those named) on the store's main set and write the
+    report into out_dir (default: beside the store, `<name>.report`). Returns the path of index.html.
 
-    options: keyword arguments per study, e.g. {"trend_categories": {"x": "index"}}. The folders of
-    the studies in out_dir are replaced; other files there are left alone. echo: called with one
-    line per study (done, or skipped and why).
+    options: keyword arguments per study, e.g. {"trend_categories": {"x": "index"}}. out_dir is
+    replaced whole when the report is complete (a folder tokendyn did not write is refused). echo:
+    called with one line per study (done, or skipped and why).
     """
     store = Path(store)
-    names = study_names() if studies is None else list(studies)
-    unknown = sorted(set(names) - set(study_names()))
-    if unknown:
-        raise TokendynError(f"unknown stud{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; "
-                            f"choose from {', '.join(study_names())}")
+    names = select(studies)
     ds = open_store(store)
     out = Path(out_dir) if out_dir is not None else default_folder(store)
-    out.mkdir(parents=True, exist_ok=True)
-    outcomes = []
-    bar = tqdm(names, desc="report", unit="study", disable=not progress)
-    for name in bar:
-        bar.set_postfix_str(name)
-        outcome = run_study(name, ds, out / name, (options or {}).get(name))
-        outcomes.append(outcome)
-        if echo:
-            echo(f"{name}: skipped ({outcome.skipped})" if outcome.skipped else
-                 f"{name}: {len(outcome.result.findings)} findings")
-            for note in outcome.notes:
-                echo(f"{name}: warning: {note}")
-    index = out / INDEX
-    index.write_text(render(store, ds, outcomes, out), encoding="utf-8")
-    return index
+    with output_folder(out) as tmp:
+        sections, skipped = [], []
+        for outcome in run_studies(ds, names, options, progress, desc="report"):
+            if echo:
+                echo(f"{outcome.name}: skipped ({outcome.skipped})" if outcome.skipped else
+                     f"{outcome.name}: {len(outcome.result.findings)} findings")
+                for note in outcome.notes:
+                    echo(f"{outcome.name}: warning: {note}")
+            if outcome.result is None:
+                skipped.append(outcome)
+            else:
+                files = save(outcome.result, tmp / outcome.name)
+                mark(tmp / outcome.name)  # so `python -m analyses.NAME` may replace it
+                sections.append(section(outcome, files, tmp))
+        (tmp / INDEX).write_text(render(store, ds, sections, skipped), encoding="utf-8")
+    return out / INDEX
 
 
 # --- HTML -------------------------------------------------------------------------------------------
 
-def esc(value: object) -> str:
-    """Any value as HTML text, escaped (quotes too, so it is safe inside attributes)."""
-    return html.escape(str(value), quote=True)
-
-
-def _cell(value: object) -> str:
+def _cell(value: object) -> dict:
+    """A table cell: its text and whether it is a number (right-aligned)."""
     if isinstance(value, (float, np.floating)):
-        return f'<td class="num">{"" if np.isnan(value) else esc(f"{value:.4g}")}</td>'
+        return {"text": "" if np.isnan(value) else f"{value:.4g}", "number": True}
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return f'<td class="num">{esc(value)}</td>'
-    return f"<td>{esc(value)}</td>"
+        return {"text": str(value), "number": True}
+    return {"text": str(value), "number": False}
 
 
-def table_html(table: pd.DataFrame, max_rows: int = MAX_ROWS) -> str:
-    """A DataFrame as an HTML table, every header and cell escaped; at most max_rows rows."""
-    head = "".join(f"<th>{esc(c)}</th>" for c in table.columns)
-    rows = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>"
-                   for row in table.head(max_rows).itertuples(index=False))
-    more = f"<p>First {max_rows} of {len(table)} rows; the CSV has all.</p>" if len(table) > max_rows else ""
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>{more}"
+def table_view(table: pd.DataFrame, max_rows: int = MAX_ROWS) -> dict:
+    """A DataFrame as the template shows it: column names, at most max_rows rows of cells, and the
+    total row count when rows were left out."""
+    return {"columns": [str(c) for c in table.columns],
+            "rows": [[_cell(v) for v in row] for row in table.head(max_rows).itertuples(index=False)],
+            "more": len(table) if len(table) > max_rows else 0}
 
 
 def models_table(ds: xr.Dataset) -> pd.DataFrame:
@@ -167,44 +111,25 @@ def models_table(ds: xr.Dataset) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _image(path: Path, alt: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{esc(alt)}">'
-
-
-def _section(number: int, outcome: Outcome, out: Path) -> str:
+def section(outcome: Outcome, files: dict[str, Path], folder: Path) -> dict:
+    """What the template shows of one study that ran; `files` as written by `save` under folder."""
     result = outcome.result
-    parts = [f'<section id="{esc(outcome.name)}"><h2>{number}. {esc(result.title)}</h2>',
-             _image(outcome.files["png"], result.title),
-             '<ul class="findings">' + "".join(f"<li>{esc(line)}</li>" for line in result.findings) + "</ul>"]
-    if outcome.notes:
-        parts.append('<p class="notes">Warnings: ' + "; ".join(esc(n) for n in outcome.notes) + "</p>")
-    for name in result.shown:
-        parts.append(f"<details open><summary>{esc(name)}</summary>{table_html(result.tables[name])}</details>")
-    links = [f'<a href="{esc(path.relative_to(out).as_posix())}">{esc(path.name)}</a>'
-             for path in outcome.files.values()]
-    parts.append(f'<p class="files">Files: {" · ".join(links)}</p></section>')
-    return "\n".join(parts)
+    png = base64.b64encode(files["png"].read_bytes()).decode("ascii")
+    return {"name": outcome.name, "title": result.title, "image": f"data:image/png;base64,{png}",
+            "findings": result.findings, "notes": outcome.notes,
+            "tables": [(name, table_view(result.tables[name])) for name in result.shown],
+            "files": [(path.name, path.relative_to(folder).as_posix()) for path in files.values()]}
 
 
-def render(store: Path, ds: xr.Dataset, outcomes: list[Outcome], out: Path) -> str:
+def environment() -> jinja2.Environment:
+    """The template environment: templates from the package, autoescape on for every template."""
+    return jinja2.Environment(loader=jinja2.PackageLoader("tokendyn.pipelines", "templates"), autoescape=True,
+                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+
+
+def render(store: Path, ds: xr.Dataset, sections: list[dict], skipped: list[Outcome]) -> str:
     """The report page: header, model table, contents, one section per study that ran, the skipped ones."""
-    done = [o for o in outcomes if o.result is not None]
-    skipped = [o for o in outcomes if o.result is None]
-    contents = "".join(f'<li><a href="#{esc(o.name)}">{esc(o.result.title)}</a></li>' for o in done)
-    if skipped:
-        contents += f'<li><a href="#skipped">Skipped studies ({len(skipped)})</a></li>'
-    written = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    body = ["<h1>tokendyn report</h1>",
-            f'<p class="meta">Store <code>{esc(store)}</code> · tokendyn {esc(tokendyn.__version__)} · '
-            f"written {esc(written)} · methods: Xia et al. 2023 and related work (methods.md)</p>",
-            table_html(models_table(ds)),
-            f"<nav><h2>Contents</h2><ol>{contents}</ol></nav>",
-            *(_section(i + 1, o, out) for i, o in enumerate(done))]
-    if skipped:
-        body.append('<section id="skipped"><h2>Skipped studies</h2><ul>' +
-                    "".join(f"<li><b>{esc(o.name)}</b>: {esc(o.skipped)}</li>" for o in skipped) + "</ul></section>")
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>tokendyn report: {esc(store.name)}</title><style>{STYLE}</style></head>\n<body>\n"
-            + "\n".join(body) + "\n</body></html>\n")
+    return environment().get_template(TEMPLATE).render(
+        store=str(store), store_name=store.name, version=tokendyn.__version__,
+        written=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), models=table_view(models_table(ds)),
+        sections=sections, skipped=skipped)

@@ -12,9 +12,13 @@ had (seq, pos) with padding; it is refused with a one-line error saying how to r
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from tokendyn.data.tasks import ITEM_FIELDS, OPTION_FIELD
+# The fields of a task's option documents are named by the task reader; the store re-exports them.
+from tokendyn.data.tasks import ITEM_FIELDS as ITEM_FIELDS
+from tokendyn.data.tasks import OPTION_FIELD as OPTION_FIELD
+from tokendyn.errors import TokendynError
 
 SETS_GROUP = "sets"
 
@@ -35,6 +39,9 @@ TOKEN_DIMS = ("token",)  # the per-token dimensions of a set
 CHECKPOINT_COORDS = ("step", "tokens_seen", "val_ppl")  # per (model, ckpt) coordinates analyses carry along
 PER_BYTE_COORDS = ("bits_per_byte", "word_ppl")  # lm-eval's normalised perplexities of the main set, (model, ckpt)
 MAIN_COORDS = ("val_ppl", *PER_BYTE_COORDS, "n_params", "n_params_nonembed", "vocab_text")  # root, attached to sets
+# Every variable and coordinate name of a set (named sets with MAIN_COORDS attached): a field must not take one.
+SET_NAMES = frozenset({"model", "ckpt", "source", "weights_hash", "done", "token_id", "token_doc", "doc", "offset",
+                       "n_context", *TOKEN_DIMS, *CHECKPOINT_COORDS, *MAIN_COORDS, *METRICS})
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,13 @@ class Layout:
     tokenizer_fingerprint: str
     metrics: tuple[str, ...]
     store_dtype: str
+
+
+def check_field_names(names: Iterable[str], where: str) -> None:
+    """Refuse document or span fields named like a variable or coordinate of the store (`SET_NAMES`)."""
+    clash = sorted(set(names) & SET_NAMES)
+    if clash:
+        raise TokendynError(f"{where}: field {', '.join(map(repr, clash))} is a name the store uses; rename it")
 
 
 def set_path(name: str) -> str:

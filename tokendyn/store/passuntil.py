@@ -19,7 +19,6 @@ size, top_p, new_tokens, stop strings, checker, seed) must match on a rerun (or 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ import xarray as xr
 import zarr
 
 from tokendyn.errors import TokendynError
+from tokendyn.store.atomic import create_atomically, is_partial, replace_atomically
 from tokendyn.store.write import consolidate
 
 GROUP = "passuntil"
@@ -35,33 +35,59 @@ GROUP = "passuntil"
 COUNTS = ("passes", "drawn", "batches", "samples")  # `samples` last: it commits an instance
 
 
-CHECKPOINT_COORDS = ("val_ppl", "tokens_seen", "n_params", "n_params_nonembed")  # attached from the main set
+# Per (model, ckpt) and per model coordinates of the main set that `read_runs` attaches to the runs.
+ATTACHED_COORDS = ("val_ppl", "tokens_seen", "n_params", "n_params_nonembed")
 
 
 # Names in a task's group (and coordinates added when it is read) that an instance field must not shadow.
-RESERVED = {"model", "ckpt", "step", "instance", "new_tokens", "seconds", "done", *CHECKPOINT_COORDS, *COUNTS}
+RESERVED = {"model", "ckpt", "step", "instance", "new_tokens", "seconds", "done", *ATTACHED_COORDS, *COUNTS}
 
 
 def prepare_task(out: Path, task, lengths: list[int], params: dict, force: bool) -> zarr.Group:
-    """Create the task's group, or check that the existing one was made with the same parameters."""
-    root = zarr.open_group(out, mode="r+")
-    path = f"{GROUP}/{task.name}"
+    """Create the task's group, or check that the existing one was made with the same parameters.
+
+    Call with the writer lock held. The group is built under a temporary name and renamed into
+    place; a half-made one (left by an older version: no `params` or arrays) is rebuilt, and so is
+    one redone with `force`.
+    """
     folder = out / GROUP / task.name
-    if folder.is_dir():
-        existing = json.loads(root[path].attrs["params"])
-        if force:
-            shutil.rmtree(folder)
-        elif existing != params:
+    existing = _params(folder)
+    if existing is not None and not force:
+        if existing != params:
             changed = [f"{k} = {existing.get(k)!r} (now {v!r})" for k, v in params.items() if existing.get(k) != v]
             raise TokendynError(f"store {out} holds PassUntil runs of task '{task.name}' made with "
                                 f"{'; '.join(changed)}; rerun with the same options, store it under another "
                                 "name (--name), or redo it (--force)")
-        else:
-            return root[path]
+        return zarr.open_group(out, path=f"{GROUP}/{task.name}", mode="r+", use_consolidated=False)
+    template = _template(out, task, lengths, params)
+    if not (out / GROUP / "zarr.json").is_file():
+        zarr.open_group(out, mode="r+", use_consolidated=False).require_group(GROUP)
+    if folder.exists():
+        replace_atomically(folder, lambda tmp: _write(tmp, template))
+    else:
+        create_atomically(folder, lambda tmp: _write(tmp, template))
+    root = zarr.open_group(out, mode="r+", use_consolidated=False)
+    consolidate(root)
+    return zarr.open_group(out, path=f"{GROUP}/{task.name}", mode="r+")
+
+
+def _params(folder: Path) -> dict | None:
+    """The parameters of a complete task group, None if there is none or it is half-made."""
+    try:
+        attrs = json.loads((folder / "zarr.json").read_text()).get("attributes", {})
+        params = json.loads(attrs["params"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    complete = all((folder / name / "zarr.json").is_file() for name in (*COUNTS, "seconds", "done"))
+    return params if complete else None
+
+
+def _template(out: Path, task, lengths: list[int], params: dict) -> xr.Dataset:
     main = xr.open_zarr(out)
     shape = (main.sizes["model"], main.sizes["ckpt"], len(task.prompts))
     dims = ("model", "ckpt", "instance")
-    data = {name: (dims, np.full(shape, -1, dtype=np.int64)) for name in COUNTS}
+    data: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
+        name: (dims, np.full(shape, -1, dtype=np.int64)) for name in COUNTS}
     data["seconds"] = (dims, np.full(shape, np.nan))
     data["done"] = (("model", "ckpt"), np.zeros(shape[:2], dtype=bool))
     coords = {"model": main["model"].values, "ckpt": main["ckpt"].values,
@@ -71,12 +97,14 @@ def prepare_task(out: Path, task, lengths: list[int], params: dict, force: bool)
               "answer": ("instance", np.asarray(task.answers, dtype=object)),
               "new_tokens": ("instance", np.asarray(lengths, dtype=np.int64)),
               **{k: ("instance", _field_array(v)) for k, v in task.fields.items()}}
-    template = xr.Dataset(data, coords=coords, attrs={"task": task.name, "params": json.dumps(params)})
-    encoding = {name: {"chunks": (1, 1, shape[2])} for name in (*COUNTS, "seconds")}
+    return xr.Dataset(data, coords=coords, attrs={"task": task.name, "params": json.dumps(params)})
+
+
+def _write(folder: Path, template: xr.Dataset) -> None:
+    n_instance = template.sizes["instance"]
+    encoding = {name: {"chunks": (1, 1, n_instance)} for name in (*COUNTS, "seconds")}
     encoding["done"] = {"chunks": (1, 1)}
-    template.to_zarr(out, group=path, mode="w", consolidated=False, encoding=encoding, zarr_format=3)
-    consolidate(root)
-    return zarr.open_group(out, mode="r+")[path]
+    template.to_zarr(folder, mode="w-", consolidated=False, encoding=encoding, zarr_format=3)
 
 
 def _field_array(values: list) -> np.ndarray:
@@ -92,7 +120,9 @@ def _field_array(values: list) -> np.ndarray:
 def list_tasks(path: str | Path) -> list[str]:
     """Names of the PassUntil tasks in a store."""
     folder = Path(path) / GROUP
-    return sorted(p.name for p in folder.iterdir() if (p / "zarr.json").is_file()) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if not is_partial(p.name) and _params(p) is not None)
 
 
 def read_runs(path: str | Path, task: str) -> xr.Dataset:
@@ -103,6 +133,6 @@ def read_runs(path: str | Path, task: str) -> xr.Dataset:
                             "(run tokendyn passuntil first)")
     runs = xr.open_zarr(path, group=f"{GROUP}/{task}", consolidated=False)
     main = xr.open_zarr(path)
-    runs = runs.assign_coords({k: main[k].variable for k in CHECKPOINT_COORDS})
+    runs = runs.assign_coords({k: main[k].variable for k in ATTACHED_COORDS})
     runs.attrs["params"] = json.loads(runs.attrs["params"])
     return runs.load()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import xarray as xr
 import zarr
 
@@ -13,8 +15,8 @@ from tokendyn.store.layout import FORMAT_VERSION, MAIN_COORDS, SETS_GROUP, set_p
 
 def list_sets(path: str | Path) -> list[str]:
     """Names of the named evaluation sets in a store (the main set excluded)."""
-    root = open_group(path, mode="r")
-    return sorted(root[SETS_GROUP].group_keys()) if SETS_GROUP in root else []
+    sets = open_group(path, mode="r").get(SETS_GROUP)
+    return sorted(sets.group_keys()) if isinstance(sets, zarr.Group) else []
 
 
 def open_store(path: str | Path, set: str = "main") -> xr.Dataset:
@@ -35,7 +37,7 @@ def read_attrs(path: str | Path) -> dict:
     return dict(open_group(path, mode="r").attrs)
 
 
-def open_group(path: str | Path, mode: str) -> zarr.Group:
+def open_group(path: str | Path, mode: Literal["r", "r+"]) -> zarr.Group:
     """The root group of a tokendyn store; a one-line error for anything else."""
     path = Path(path)
     if not (path / "zarr.json").is_file():
@@ -54,3 +56,9 @@ def store_path(ds: xr.Dataset) -> Path | None:
     """The store a dataset was opened from (None for a dataset built in memory)."""
     source = ds.encoding.get("source")
     return Path(source) if source else None
+
+
+def read_checkpoint(root: zarr.Group, set_name: str, model: int, ckpt: int, names) -> dict[str, np.ndarray]:
+    """The stored values of one checkpoint of one set, per variable name (arrays with dims model, ckpt, ...)."""
+    group = root[set_path(set_name)] if set_name != "main" else root
+    return {name: np.asarray(group[name][model, ckpt]) for name in names}

@@ -10,6 +10,8 @@ either a complete checkpoint or one whose flag is unset and which a rerun recomp
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import warnings
 from pathlib import Path
@@ -21,36 +23,119 @@ import zarr
 
 from tokendyn.data.corpus import ScoredSet
 from tokendyn.errors import TokendynError
-from tokendyn.store.layout import FORMAT_VERSION, PER_BYTE_COORDS, Layout, set_path, token_chunk
-from tokendyn.store.read import open_group, list_sets
+from tokendyn.store.atomic import create_atomically, replace_atomically
+from tokendyn.store.integrity import verify
+from tokendyn.store.layout import FORMAT_VERSION, METRICS, PER_BYTE_COORDS, SETS_GROUP, Layout, set_path, token_chunk
+from tokendyn.store.read import list_sets, open_group
 
 
 def prepare(path: Path, layout: Layout, sets: dict[str, ScoredSet], model_coords: dict,
             vocab_text: np.ndarray, version: str, summaries: dict[str, dict] | None = None) -> zarr.Group:
     """Create the store, or check that an existing one matches and add any new named sets.
 
+    Call with the writer lock held (`tokendyn.store.writer_lock`). Every check runs before anything
+    is written, so a refused store is left untouched. The store and each set are built under a
+    temporary name and renamed into place (`tokendyn.store.atomic`); a half-made one left by an
+    older version (no checkpoint done in it) is rebuilt.
     summaries: the protocol summary of each set (`ScoredSet.summary`), stored in its attributes.
-    Every check runs before anything is written, so a refused store is left untouched.
     """
     summaries = summaries or {}
-    if (path / "zarr.json").is_file():
+    for packed in sets.values():
+        _check_field_names(packed, layout, model_coords, vocab_text)
+    templates = {name: _set_template(name, packed, layout, model_coords, vocab_text, version, summaries.get(name))
+                 for name, packed in sets.items()}
+    if (path / "zarr.json").is_file() and "tokendyn_version" in _attributes(path):
+        open_group(path, mode="r")  # a store of another format: its one-line error
+    if not (path / "zarr.json").is_file():
+        _check_writable(path)
+    elif not _missing_nodes(path, templates["main"]):
         root = open_group(path, mode="r+")
         _check_compatible(path, root, layout, sets)
-    else:
-        _check_writable(path)
-        root = None
+        if checkpoint_grid(json.loads(root.attrs["suite"])) != checkpoint_grid(layout.suite):
+            grow(root, layout.suite, model_coords)
     for name, packed in sets.items():
-        if root is None or (name != "main" and name not in list_sets(path)):
-            template = _template(packed, layout, model_coords, vocab_text if name == "main" else None)
-            template.attrs.update(_set_attrs(packed, summaries.get(name)))
-            if name == "main":
-                template.attrs.update(_root_attrs(layout, version))
-            template.to_zarr(path, group=set_path(name) or None, mode="w" if name == "main" else "w-",
-                             compute=False, consolidated=False, encoding=_encoding(template, packed, layout),
-                             zarr_format=3)
-            root = zarr.open_group(path, mode="r+")
+        folder = path / set_path(name)
+        build = functools.partial(_write_template, template=templates[name], packed=packed, layout=layout)
+        if name != "main" and not (path / SETS_GROUP / "zarr.json").is_file():
+            zarr.open_group(path, mode="r+", use_consolidated=False).require_group(SETS_GROUP)
+        if not folder.exists() or (name == "main" and not (folder / "zarr.json").is_file()):
+            create_atomically(folder, build)
+        elif not (folder / "zarr.json").is_file() or _missing_nodes(folder, templates[name]):
+            replace_atomically(folder, build)
+    root = zarr.open_group(path, mode="r+", use_consolidated=False)
     consolidate(root)
     return zarr.open_group(path, mode="r+")  # reopened, so that its consolidated metadata lists new sets
+
+
+def _check_field_names(packed: ScoredSet, layout: Layout, model_coords: dict, vocab_text: np.ndarray) -> None:
+    """A document or span field must not take the name of a variable, coordinate or dimension of the store."""
+    bare = _template(dataclasses.replace(packed, token_fields={}), layout, model_coords, vocab_text)
+    taken = {*map(str, bare.variables), *map(str, bare.dims), *METRICS}
+    for field in packed.token_fields:
+        if field in taken:
+            raise TokendynError(f"set '{packed.name}' has a document field '{field}', which is a name the store "
+                                "uses; rename that field in its files")
+
+
+def _set_template(name: str, packed: ScoredSet, layout: Layout, model_coords: dict, vocab_text: np.ndarray,
+                  version: str, summary: dict | None = None) -> xr.Dataset:
+    template = _template(packed, layout, model_coords, vocab_text if name == "main" else None)
+    template.attrs.update(_set_attrs(packed, summary))
+    if name == "main":
+        template.attrs.update(_root_attrs(layout, version))
+    return template
+
+
+def _write_template(folder: Path, template: xr.Dataset, packed: ScoredSet, layout: Layout) -> None:
+    template.to_zarr(folder, mode="w-", compute=False, consolidated=False,
+                     encoding=_encoding(template, packed, layout), zarr_format=3)
+
+
+def _missing_nodes(folder: Path, template: xr.Dataset) -> list[str]:
+    """Arrays of `template` without metadata under `folder`: a half-made set (or store) if any.
+
+    A set with missing arrays but done checkpoints is not half-made but damaged: refused with a
+    one-line error, never rebuilt.
+    """
+    missing = [name for name in template.variables if not (folder / str(name) / "zarr.json").is_file()]
+    if (folder / "zarr.json").is_file() and "corpus_fingerprint" not in _attributes(folder):
+        missing.append("attributes")
+    if missing and (folder / "done" / "zarr.json").is_file() \
+            and np.asarray(zarr.open_array(folder / "done", mode="r")[...]).any():
+        raise TokendynError(f"store {folder} has done checkpoints but lacks {', '.join(missing)}; "
+                            f"run `tokendyn verify` on it and write to a new --out")
+    return missing
+
+
+def _attributes(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return {}
+
+
+def up_to_date(path: Path, layout: Layout, sets: dict[str, ScoredSet]) -> bool:
+    """Whether the store holds every set of `sets` with every checkpoint done and nothing to repair.
+
+    Then a run has nothing to write. Never writes; raises the one-line error of `prepare` for a
+    store made for other models, text or options.
+    """
+    if not (path / "zarr.json").is_file():
+        return False
+    root = open_group(path, mode="r")
+    names = ["main", *list_sets(path)]
+    if any(name not in names for name in sets):
+        return False
+    try:
+        _check_compatible(path, root, layout, sets)
+        if checkpoint_grid(json.loads(root.attrs["suite"])) != checkpoint_grid(layout.suite):
+            return False  # the store grows
+        present = np.isfinite(np.asarray(root["step"][...]))
+        complete = all(np.asarray(root[set_path(name)]["done"][...] if name != "main" else root["done"][...])[present].all()
+                       for name in sets)
+    except KeyError:  # a half-made or damaged store: the writer repairs it
+        return False
+    return complete and not verify(path, sample=True)
 
 
 def _check_writable(path: Path) -> None:
@@ -70,8 +155,7 @@ def _check_compatible(path: Path, root: zarr.Group, layout: Layout, sets: dict[s
     attrs = root.attrs
     if attrs["tokenizer_fingerprint"] != layout.tokenizer_fingerprint:
         raise TokendynError(f"store {path} was made with a different tokenizer; write to a new --out")
-    if _checkpoint_grid(json.loads(attrs["suite"])) != _checkpoint_grid(layout.suite):
-        raise TokendynError(f"store {path} was made for different models or checkpoints; write to a new --out")
+    check_growth(path, json.loads(attrs["suite"]), layout.suite)
     if tuple(attrs["metrics"]) != layout.metrics:
         raise TokendynError(f"store {path} holds metrics {','.join(attrs['metrics'])}, not "
                             f"{','.join(layout.metrics)}; pass the same --metrics or write to a new --out")
@@ -83,14 +167,15 @@ def _check_compatible(path: Path, root: zarr.Group, layout: Layout, sets: dict[s
         if name not in existing:
             continue
         group = root[set_path(name)] if name != "main" else root
+        stored = json.loads(group.attrs["protocol"])
+        changed = [f"{key} {stored.get(key)!r} (store) vs {value!r} (now)"
+                   for key, value in packed.params.items() if stored.get(key) != value]
+        what = "evaluation corpus" if name == "main" else f"text for set '{name}'"
+        if changed:
+            raise TokendynError(f"store {path} was made from a different {what}: {'; '.join(changed)}; "
+                                "use the store's settings or write to a new --out")
         if group.attrs["corpus_fingerprint"] != packed.fingerprint:
-            what = "evaluation corpus" if name == "main" else f"text for set '{name}'"
             raise TokendynError(f"store {path} was made from a different {what}; write to a new --out")
-
-
-def _checkpoint_grid(suite: dict) -> list:
-    """Model names and steps: what the store's layout depends on (folders may move)."""
-    return [(m["name"], [c["step"] for c in m["checkpoints"]]) for m in suite["models"]]
 
 
 def _root_attrs(layout: Layout, version: str) -> dict:
@@ -177,6 +262,9 @@ def mark_done(root: zarr.Group, set_name: str, model: int, ckpt: int, model_name
     """Set the checkpoint's `done` flag (the commit point), then record it in the `complete` attribute."""
     group = root[set_path(set_name)] if set_name != "main" else root
     group["done"][model, ckpt] = True
+    refused = dict(group.attrs.get("refused", {}))
+    if refused.pop(f"{model},{ckpt}", None) is not None:
+        group.attrs["refused"] = refused
     done = np.asarray(group["done"][model])
     complete = dict(group.attrs.get("complete", {}))
     complete[model_name] = [int(c) for c in np.flatnonzero(done)]
@@ -204,3 +292,104 @@ def clear_done(root: zarr.Group, set_name: str, model: int, ckpt: int) -> None:
     """Unset a checkpoint's flag before recomputing it (--force), so an interrupted redo stays incomplete."""
     group = root[set_path(set_name)] if set_name != "main" else root
     group["done"][model, ckpt] = False
+
+
+def refuse(root: zarr.Group, set_name: str, model: int, ckpt: int, reason: str) -> None:
+    """Keep why a checkpoint's scores were not marked done, in the set's `refused` attribute ("model,ckpt": reason)."""
+    group = root[set_path(set_name)] if set_name != "main" else root
+    group.attrs["refused"] = {**group.attrs.get("refused", {}), f"{model},{ckpt}": reason}
+    consolidate(root)
+
+
+# ---- Growth: more models or checkpoints on the model and ckpt axes ----------------------------------------------
+#
+# Only the two leading dimensions `model` and `ckpt` are touched, whatever the per-token dims are: every array
+# of every group whose dimension names include them is resized, the new region holds the "not yet scored" value
+# (NaN, False, -1 or ""), and the per-model / per-checkpoint coordinates are rewritten. The suite attribute (the
+# grid the store claims) is written last, so a grow killed midway is redone by the rerun; new checkpoints
+# are not `done`, and extraction scores exactly them.
+
+GROWN_DIMS = ("model", "ckpt")
+
+
+def checkpoint_grid(suite: dict) -> list:
+    """Model names and steps: what the store's layout depends on (folders may move)."""
+    return [(m["name"], [c["step"] for c in m["checkpoints"]]) for m in suite["models"]]
+
+
+def check_growth(path: Path, stored: dict, suite: dict) -> None:
+    """Refuse a suite that does not extend the store's: stored models first, in order, each with its stored
+    checkpoints first (new checkpoints come after the last stored step)."""
+    old, new = checkpoint_grid(stored), checkpoint_grid(suite)
+    new_names = [name for name, _ in new]
+    for index, (name, steps) in enumerate(old):
+        if index >= len(new) or new[index][0] != name:
+            where = (f"is missing from the suite" if name not in new_names
+                     else f"is model #{new_names.index(name) + 1} in the suite, #{index + 1} in the store")
+            raise TokendynError(f"store {path} holds model '{name}', which {where}; keep the stored models first "
+                                "and in order (a store grows by models added at the end), or write to a new --out")
+        now = new[index][1]
+        if now[: len(steps)] != steps:
+            lost = [step for step in steps if step not in now]
+            problem = (f"lacks stored step {lost[0]}" if lost else
+                       f"has step {next(s for s in now if s not in steps)} before the last stored step {steps[-1]}")
+            raise TokendynError(f"store {path}: the suite's model '{name}' {problem}; a store grows only by "
+                                "checkpoints after its last stored step; write to a new --out")
+
+
+def grow(root: zarr.Group, suite: dict, model_coords: dict) -> None:
+    """Resize the model and ckpt axes of every array in the store to `suite`'s grid (see above).
+
+    model_coords: the coordinates of the whole new grid, as `prepare` takes them (model, step,
+    tokens_seen, source, n_params, n_params_nonembed).
+    """
+    n_model, n_ckpt = model_coords["step"].shape
+    sizes = {"model": n_model, "ckpt": n_ckpt}
+    coords = {**model_coords, "ckpt": np.arange(n_ckpt)}
+    groups = []
+    for path, node in root.members(max_depth=None):
+        if isinstance(node, zarr.Array):
+            _grow_array(node, sizes, coords)
+        else:
+            groups.append(path)
+    # Groups carry consolidated metadata of their own (listing the old shapes): refresh them deepest first.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        for path in sorted(groups, key=lambda p: -p.count("/")):
+            zarr.consolidate_metadata(root.store, path=path)
+    root.attrs["suite"] = json.dumps(suite)
+    consolidate(root)
+
+
+def _grow_array(array: zarr.Array, sizes: dict[str, int], coords: dict) -> None:
+    dims = tuple(array.metadata.dimension_names or ())
+    if not any(dim in sizes for dim in dims):
+        return
+    old = array.shape
+    new = tuple(sizes.get(dim, length) for dim, length in zip(dims, old))
+    name = array.basename
+    if name in coords:
+        array.resize(new)
+        array[...] = np.asarray(coords[name], dtype=array.dtype if array.dtype.kind != "T" else object)
+        return
+    if new == old:
+        return
+    array.resize(new)
+    empty = _empty_value(array.dtype)
+    if not _same(array.fill_value, empty):
+        for axis, (before, after) in enumerate(zip(old, new)):
+            if after > before:
+                region = tuple(slice(before, after) if i == axis else slice(None) for i in range(len(new)))
+                array[region] = empty
+
+
+def _empty_value(dtype: np.dtype):
+    """What a not-yet-scored entry holds: NaN, False, -1 or ""."""
+    kind = np.dtype(dtype).kind if not isinstance(dtype, str) else "U"
+    return {"f": np.nan, "b": False, "i": -1, "u": 0}.get(kind, "")
+
+
+def _same(fill, empty) -> bool:
+    if isinstance(empty, float) and np.isnan(empty):
+        return fill is not None and np.isnan(fill)
+    return fill == empty

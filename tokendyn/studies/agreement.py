@@ -3,20 +3,21 @@ drops between model pairs at matched validation perplexity vs matched step (meth
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 import numpy as np
 
-from tokendyn.studies.study import Result, Skip, main, open_source, require
+from tokendyn.studies.study import Result, Skip, default_of, open_source, require
 from tokendyn.studies.style import category_colors, new_figure
 from tokendyn.errors import TokendynError
+from tokendyn.analysis.trajectories import agreement
 
 TITLE = "Cross-size agreement of per-token loss drops"
 AXIS_NAMES = {"val_ppl": "matched validation perplexity", "step": "matched step", "tokens_seen": "matched tokens seen"}
 
 
-def run(source, levels: Sequence[float] | None = None, top: float = 0.1) -> Result:
+def run(source, levels: Sequence[float] | None = default_of(agreement, "levels"),
+        top: float = default_of(agreement, "top")) -> Result:
     """Spearman correlation and top-`top` Jaccard overlap of every model pair's per-token loss drops
     between two validation perplexities (default: 10% and 90% of the way through the common range),
     and the same at the matched steps and tokens seen; see `tokendyn.analysis.trajectories.agreement`."""
@@ -25,7 +26,7 @@ def run(source, levels: Sequence[float] | None = None, top: float = 0.1) -> Resu
     if ds.sizes["model"] < 2:
         raise Skip("needs at least two models")
     try:
-        table = ds.tokendyn.agreement(levels, top)
+        table = agreement(ds, levels, top)
     except TokendynError as err:
         raise Skip(str(err)) from err
     table["pair"] = table["model_a"] + " vs " + table["model_b"]
@@ -67,7 +68,3 @@ def run(source, levels: Sequence[float] | None = None, top: float = 0.1) -> Resu
             f"(Spearman {means.loc['val_ppl', 'spearman']:.2f} vs {means.loc['step', 'spearman']:.2f}), so the claim "
             + ("reproduces" if higher else "does not reproduce") + ".")
     return Result(TITLE, {"agreement": table.drop(columns="pair")}, fig, findings)
-
-
-if __name__ == "__main__":
-    sys.exit(main(run, "agreement"))

@@ -1,23 +1,24 @@
 """Token trajectories clustered into named shapes: centroid curves with their names and shares per
-model, and each cluster's most frequent tokens (methods.md §5; `tokendyn.analysis.clusters`)."""
+model, and each cluster's most frequent tokens (methods.md §5; `tokendyn.analysis.clusters`); every
+token's cluster per model as per-token labels (`clusters`)."""
 
 from __future__ import annotations
-
-import sys
 
 import numpy as np
 
 from tokendyn.studies.findings import direction, listing
-from tokendyn.studies.study import Result, Skip, main, models_by_size, open_source, require
+from tokendyn.studies.study import Result, Skip, default_of, models_by_size, open_source, require
 from tokendyn.studies.style import category_colors, new_figure, perplexity_axis
 from tokendyn.errors import TokendynError
+from tokendyn.analysis.clusters import cluster
 
 TITLE = "Clusters of token loss trajectories"
 MIN_CHANGE = 2.0  # percentage points across sizes before a share's trend with size is worth a sentence
 
 
-def run(source, n_clusters: int | str = "auto", method: str = "kmeans", n_levels: int = 10, top: int = 5,
-        seed: int = 0) -> Result:
+def run(source, n_clusters: int | str = default_of(cluster, "n_clusters"), method: str = default_of(cluster, "method"),
+        n_levels: int = default_of(cluster, "n_levels"), top: int = default_of(cluster, "top"),
+        seed: int = default_of(cluster, "random_state")) -> Result:
     """Cluster every (model, token) trajectory on the matched-perplexity grid (one model: over its
     checkpoints); see `tokendyn.analysis.clusters.cluster` for n_clusters, method and n_levels. top: tokens
     listed per cluster."""
@@ -83,8 +84,4 @@ def run(source, n_clusters: int | str = "auto", method: str = "kmeans", n_levels
                              "does not grow with size, so this does not reproduce."))
     tokens = result.top_tokens.assign(name=lambda t: t["name"].astype(str))
     return Result(TITLE, {"clusters": shares, "cluster_centroids": centroids, "cluster_tokens": tokens}, fig,
-                  findings, shown=["cluster_tokens"])
-
-
-if __name__ == "__main__":
-    sys.exit(main(run, "clusters"))
+                  findings, shown=["cluster_tokens"], labels={"clusters": result.labels.rename("cluster")})

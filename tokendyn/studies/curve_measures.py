@@ -1,17 +1,17 @@
 """Histograms of the per-token learning-curve measures of Chang, Tu & Bergen (2024) per model, with
-the Rho-1 classes between the first and last checkpoint (methods.md §5; `tokendyn.analysis.curves`)."""
+the Rho-1 classes between the first and last checkpoint (methods.md §5; `tokendyn.analysis.curves`);
+every token's measures and Rho-1 class as per-token labels (`curves`, `rho1`)."""
 
 from __future__ import annotations
-
-import sys
 
 import numpy as np
 import pandas as pd
 
 from tokendyn.studies.findings import WORDS, direction, listing
-from tokendyn.studies.study import Result, main, models_by_size, open_source, require
+from tokendyn.studies.study import Result, default_of, models_by_size, open_source, require
 from tokendyn.studies.style import model_colors, model_legend, new_figure
-from tokendyn.analysis.curves import RHO1_CLASSES
+from tokendyn.analysis.curves import RHO1_CLASSES, curve_measures, rho1_classes
+from tokendyn.analysis.labels import label_share
 
 TITLE = "Per-token learning-curve measures (Chang et al.)"
 MEASURES = {
@@ -36,22 +36,24 @@ def histograms(values: dict[str, np.ndarray], bins: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def run(source, last: int = 5, chance: float | None = None, window: int = 3, bins: int = 30) -> Result:
+def run(source, last: int = default_of(curve_measures, "last"), chance: float | None = default_of(curve_measures, "chance"),
+        window: int = default_of(curve_measures, "window"), bins: int = 30) -> Result:
     """Final loss, variability, age of acquisition and forgettability of every token in every model
     (see `tokendyn.analysis.curves.curve_measures` for last, chance and window), as histograms with `bins`
     bins shared by the models; Rho-1 class shares beside Rho-1's reference."""
     ds = open_source(source)
     require(ds, "loss", "step")
-    measures = ds.tokendyn.curve_measures(last=last, chance=chance, window=window)[list(MEASURES)].compute()
-    valid = np.isfinite(measures["final_loss"].values)  # tokens with a prediction in a done checkpoint
+    every = curve_measures(ds, last=last, chance=chance, window=window).compute()
+    valid = np.isfinite(every["final_loss"].values)  # tokens with a prediction in a done checkpoint
     models = models_by_size(ds)
     colors = model_colors(ds)
-    names = [str(m) for m in measures["model"].values]
+    names = [str(m) for m in every["model"].values]
 
     hist, summary = [], []
-    for measure in MEASURES:
-        per_model = {m: measures[measure].values[names.index(m)].ravel() for m in models}
-        hist.append(histograms(per_model, bins).assign(measure=measure))
+    for measure in every.data_vars:  # summaries of every measure; histograms of those drawn
+        per_model = {m: every[measure].values[names.index(m)].ravel() for m in models}
+        if measure in MEASURES:
+            hist.append(histograms(per_model, bins).assign(measure=measure))
         for m, v in per_model.items():
             tokens = valid[names.index(m)].ravel()
             summary.append({"model": m, "measure": measure, "median": np.nanmedian(v) if np.isfinite(v).any() else np.nan,
@@ -59,7 +61,8 @@ def run(source, last: int = 5, chance: float | None = None, window: int = 3, bin
                             "n_tokens": int(np.isfinite(v).sum()), "n_undefined": int((tokens & ~np.isfinite(v)).sum())})
     hist = pd.concat(hist)[["measure", "model", "bin_left", "bin_right", "count", "percent"]]
     summary = pd.DataFrame(summary)
-    rho = ds.tokendyn.rho1_classes().share().rename("percent").reset_coords(drop=True).to_dataframe().reset_index()
+    classes = rho1_classes(ds)
+    rho = label_share(classes).rename("percent").reset_coords(drop=True).to_dataframe().reset_index()
     rho = rho.rename(columns={"category": "class"}).assign(model=lambda t: t["model"].astype(str))
 
     fig, panels = new_figure(len(MEASURES), ncols=2)
@@ -91,8 +94,5 @@ def run(source, last: int = 5, chance: float | None = None, window: int = 3, bin
                     "median loss): " + "; ".join(f"{m} " + " / ".join(f"{shares[(m, c)]:.0f}" for c in RHO1_CLASSES)
                                                   for m in models) +
                     " % (Rho-1's reference: " + " / ".join(str(v) for v in RHO1_REFERENCE.values()) + ").")
-    return Result(TITLE, {"curve_histograms": hist, "curve_summary": summary, "rho1": rho}, fig, findings)
-
-
-if __name__ == "__main__":
-    sys.exit(main(run, "curve_measures"))
+    return Result(TITLE, {"curve_histograms": hist, "curve_summary": summary, "rho1": rho}, fig, findings,
+                  labels={"curves": every.astype(np.float32), "rho1": classes.rename("rho1")})

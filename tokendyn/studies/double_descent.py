@@ -1,18 +1,19 @@
 """Per-token double descent: how many tokens fall, rise and fall again in each model, and examples
-with their decoded context (methods.md §1.3)."""
+with their decoded context (methods.md §1.3); every token's flag as per-token labels (`double_descent`)."""
 
 from __future__ import annotations
-
-import sys
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
 from tokendyn.studies.findings import direction, listing
-from tokendyn.studies.study import Result, Skip, context, main, models_by_size, open_source, require, token_texts
+from tokendyn.store import TOKEN_DIMS
+from tokendyn.studies.study import (Result, context, default_of, models_by_size, open_source, require,
+                                     token_texts)
 from tokendyn.studies.style import model_colors, model_legend, new_figure, perplexity_axis, plain
-from tokendyn.analysis.trajectories import done_checkpoints, load_small, model_index, token_loss, token_share
+from tokendyn.analysis.trajectories import (done_checkpoints, double_descent, load_small, model_index, token_loss,
+                                           token_share)
 
 TITLE = "Per-token double descent"
 CANDIDATES = 256  # flagged tokens whose trajectories are read to pick the clearest examples
@@ -43,25 +44,32 @@ def examples(ds: xr.Dataset, flags: xr.DataArray, model: str, n: int, width: int
                          "context": [context(ds, int(t), width) for t in token[chosen]]})
 
 
-def run(source, tol: float = 0.5, window: int = 3, n_examples: int = 6, width: int = 12, seed: int = 0) -> Result:
+def run(source, tol: float = default_of(double_descent, "tol"), window: int = default_of(double_descent, "window"),
+        n_examples: int = 6, width: int = 12, seed: int = 0) -> Result:
     """Share of tokens with double descent per model (see `tokendyn.analysis.trajectories.double_descent` for
     tol, in nats, and window, in checkpoints) and n_examples tokens of the largest model that has
     any, drawn against validation perplexity in every model, with `width` tokens of left context."""
     ds = load_small(open_source(source))
     require(ds, "loss", "step", "val_ppl")
-    flags = ds.tokendyn.double_descent(tol, window).compute()
+    flags = double_descent(ds, tol, window).compute().rename("double_descent")
     percent = token_share(ds, flags)
     models = models_by_size(ds)
     colors = model_colors(ds)
     shares = pd.DataFrame({"model": [str(m) for m in percent["model"].values], "percent": percent.values,
-                           "n_tokens": flags.sum("token").values})
+                           "n_tokens": flags.sum(list(TOKEN_DIMS)).values})
     shares = shares.set_index("model").loc[models].reset_index()
     with_any = [m for m in models if shares.set_index("model").loc[m, "n_tokens"] > 0]
+    findings = [f"Tokens that fall, rise and fall again by at least {tol} nats ({window}-checkpoint moving average): "
+                f"{listing(zip(shares.model, shares.percent), '{:.2f}%')}."]
+    tables = {"double_descent_share": shares}
     if not with_any:
-        raise Skip(f"no token double-descends in any model (a fall, a rise and a fall again of at least {tol} nats "
-                   f"after a {window}-checkpoint moving average)")
+        fig, (ax,) = new_figure(1)
+        ax.bar(shares["model"], shares["percent"], color=[colors[m] for m in shares["model"]])
+        ax.set_ylabel("% of tokens")
+        fig.suptitle(f"{TITLE}: no token double-descends")
+        return Result(TITLE, tables, fig, findings, labels={"double_descent": flags})
     chosen = with_any[-1]
-    table = examples(ds, flags, chosen, n_examples, width, seed)
+    table = tables["double_descent_examples"] = examples(ds, flags, chosen, n_examples, width, seed)
 
     fig, panels = new_figure(len(table), ncols=min(3, len(table)))
     loss = token_loss(ds)
@@ -78,8 +86,6 @@ def run(source, tol: float = 0.5, window: int = 3, n_examples: int = 6, width: i
     model_legend(fig, colors)
     fig.suptitle(f"{TITLE}: examples from {chosen} (bold), the token in [[ ]]")
 
-    findings = [f"Tokens that fall, rise and fall again by at least {tol} nats ({window}-checkpoint moving average): "
-                f"{listing(zip(shares.model, shares.percent), '{:.2f}%')}."]
     if len(models) > 1:
         trend = direction(shares["percent"].to_numpy())
         findings.append({1: "The share grows with model size, in line with the paper's observation that double "
@@ -90,9 +96,5 @@ def run(source, tol: float = 0.5, window: int = 3, n_examples: int = 6, width: i
                             "models; this does not reproduce)."}[trend])
     findings.append(f"Examples: the {len(table)} flagged tokens of {chosen} with the largest rise (one per token "
                     f"where possible), up to {table['rise_nats'].max():.2f} nats.")
-    return Result(TITLE, {"double_descent_share": shares, "double_descent_examples": table}, fig, findings,
-                  shown=["double_descent_examples"])
-
-
-if __name__ == "__main__":
-    sys.exit(main(run, "double_descent"))
+    return Result(TITLE, tables, fig, findings, shown=["double_descent_examples"],
+                  labels={"double_descent": flags})

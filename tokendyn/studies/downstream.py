@@ -3,38 +3,40 @@ threshold of emergence (Du et al. 2024; methods.md §1.5, §2; `tokendyn.analysi
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pandas as pd
 
+from tokendyn.analysis import downstream
+from tokendyn.errors import TokendynError
 from tokendyn.studies.findings import verdict
-from tokendyn.store import TASK_SET_PREFIX
-from tokendyn.studies.study import Result, Skip, main, models_by_size, open_source, require
+from tokendyn.studies.study import Result, Skip, main_set_path, models_by_size, open_source, require
 from tokendyn.studies.style import model_colors, model_legend, new_figure
-from tokendyn.analysis.sequences import store_path
-from tokendyn.store import list_sets
 
 TITLE = "Task performance against validation loss"
 LABELS = {"accuracy": "accuracy (share of items)", "correct_prob": "correct-option probability",
           "brier": "Brier score (lower is better)"}
+COLLAPSE = ("unexplained_loss", "unexplained_compute", "unexplained_step", "ratio_compute", "ratio_step")
 
 
-def emergence_table(path, scores, metric: str) -> tuple[pd.DataFrame, dict]:
-    """One row per task with the §2 fit; and the results themselves by task (for drawing the fit)."""
-    from tokendyn.analysis import downstream
-
-    rows, results = [], {}
+def emergence_table(path, scores) -> tuple[pd.DataFrame, dict, list[str]]:
+    """One row per task and metric of LABELS with the §2 fit; the results by (task, metric) (for
+    drawing the fit); one line per fit that failed."""
+    rows, results, failed = [], {}, []
     for task in scores["task"].values:
-        result = downstream.emergence(path, str(task), metric, scores=scores)
-        results[str(task)] = result
-        fit = result.fit
-        rows.append({"task": str(task), "metric": metric, "leaves_random": result.leaves_random,
-                     **{k: getattr(fit, k) if fit else np.nan for k in ("eta", "eta_low", "eta_high", "baseline",
-                                                                       "slope", "r2")},
-                     "spearman": result.spearman, "ratio_compute": result.collapse.ratio_compute,
-                     "ratio_step": result.collapse.ratio_step, "n_points": result.n_points})
-    return pd.DataFrame(rows), results
+        for metric in LABELS:
+            try:
+                result = downstream.emergence(path, str(task), metric, scores=scores)
+            except TokendynError as err:
+                failed.append(f"Task {task}: no emergence fit for {metric} ({err}).")
+                continue
+            results[str(task), metric] = result
+            fit = result.fit
+            rows.append({"task": str(task), "metric": metric, "leaves_random": result.leaves_random,
+                         **{k: getattr(fit, k) if fit else np.nan for k in ("eta", "eta_low", "eta_high", "baseline",
+                                                                           "slope", "r2")},
+                         "spearman": result.spearman, "spearman_p": result.spearman_p,
+                         **{k: getattr(result.collapse, k) for k in COLLAPSE}, "n_points": result.n_points})
+    return pd.DataFrame(rows), results, failed
 
 
 def run(source, metric: str = "accuracy", max_panels: int = 8) -> Result:
@@ -43,13 +45,14 @@ def run(source, metric: str = "accuracy", max_panels: int = 8) -> Result:
     where a task leaves random; at most `max_panels` tasks are drawn (the tables hold all)."""
     ds = open_source(source)
     require(ds, "loss", "val_ppl")
-    path = store_path(ds)
-    if path is None or not any(name.startswith(TASK_SET_PREFIX) for name in list_sets(path)):
+    path = main_set_path(ds, "tasks")
+    if not downstream.task_names(path):
         raise Skip("the store has no multiple-choice tasks (add some with tokendyn tasks)")
-    from tokendyn.analysis import downstream  # imported here: it loads torch and transformers
-
+    if metric not in LABELS:
+        raise TokendynError(f"unknown metric {metric!r}; choose one of {', '.join(LABELS)}")
     scores = downstream.task_scores(path)
-    fits, results = emergence_table(path, scores, metric)
+    every, results, failed = emergence_table(path, scores)
+    fits = every[every.metric == metric]
     models = models_by_size(ds)
     colors = model_colors(ds)
     table = scores.reset_coords().to_dataframe().reset_index().dropna(subset=[metric])
@@ -67,7 +70,7 @@ def run(source, metric: str = "accuracy", max_panels: int = 8) -> Result:
             ax.plot(r["loss"], r[metric], "o", ms=4, color=colors[model])
         chance = rows["random_brier" if metric == "brier" else "random_accuracy"].mean()
         ax.axhline(chance, color="black", ls=":", lw=0.8)
-        fit = results[task].fit
+        fit = results[task, metric].fit
         if fit is not None:
             x = np.linspace(rows["loss"].min(), rows["loss"].max(), 200)
             ax.plot(x, fit.predict(x), color="black", lw=1.2)
@@ -82,7 +85,7 @@ def run(source, metric: str = "accuracy", max_panels: int = 8) -> Result:
     fig.suptitle(f"{TITLE}\n(dotted: chance; solid: segmented fit; dashed: its threshold eta, shaded: 95% interval)",
                  fontsize="medium")
 
-    findings = []
+    findings = list(failed)
     for row in fits.itertuples():
         best = table[table.task == row.task][metric]
         best = best.min() if metric == "brier" else best.max()
@@ -103,8 +106,4 @@ def run(source, metric: str = "accuracy", max_panels: int = 8) -> Result:
         findings.append("No task leaves chance, so Du et al.'s collapse onto loss cannot be checked here.")
     if len(fits) > len(tasks):
         findings.append(f"The figure shows the first {len(tasks)} of {len(fits)} tasks; the tables have all.")
-    return Result(TITLE, {"task_scores": table, "emergence": fits}, fig, findings)
-
-
-if __name__ == "__main__":
-    sys.exit(main(run, "downstream"))
+    return Result(TITLE, {"task_scores": table, "emergence": every}, fig, findings)

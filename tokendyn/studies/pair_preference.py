@@ -3,29 +3,25 @@ margin on the tokens where the two differ, over training in every model (methods
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 
 from tokendyn.studies.sequence_perplexity import values_at
-from tokendyn.studies.study import Result, Skip, main, models_by_size, open_source, require
+from tokendyn.studies.study import Result, Skip, default_of, main_set_path, models_by_size, open_source, require
 from tokendyn.studies.style import model_colors, model_legend, new_figure, perplexity_axis
 from tokendyn.errors import TokendynError
-from tokendyn.analysis.sequences import pair_margin, pair_preference, store_path
+from tokendyn.analysis.sequences import pair_margin, pair_preference
 
 TITLE = "Preference for the true statement of true/false pairs"
 Z = 3.0  # binomial standard errors from 50% before a preference counts as above chance
 LINESTYLES = ("-", "--", ":", "-.")
 
 
-def run(source, reduce: str = "sum") -> Result:
+def run(source, reduce: str = default_of(pair_preference, "reduce")) -> Result:
     """Pair preference (see `tokendyn.analysis.sequences.pair_preference` for reduce) and margin of every
     pairs set of the store, per model and checkpoint, against validation perplexity."""
     ds = open_source(source)
     require(ds, "loss", "step", "val_ppl")
-    path = store_path(ds)
-    if path is None:
-        raise Skip("reads the store's pairs sets; open the store from disk (tokendyn.open_store)")
+    path = main_set_path(ds, "pairs sets")
     try:
         preference = pair_preference(path, reduce=reduce)
     except TokendynError as err:
@@ -75,7 +71,3 @@ def run(source, reduce: str = "sum") -> Result:
         findings.append(f"Set {name}: final margin " + ", ".join(f"{m} {v:+.3f}" for m, v in zip(models, margins)) +
                         " nats.")
     return Result(TITLE, {"pair_preference": table}, fig, findings)
-
-
-if __name__ == "__main__":
-    sys.exit(main(run, "pair_preference"))

@@ -1,42 +1,54 @@
-"""Validation perplexity of every model against training step, tokens seen and training FLOPs (methods.md §1.1)."""
+"""Validation perplexity of every model against training step, tokens seen and training FLOPs, and
+the matched validation-perplexity levels every model reaches (methods.md §1.1)."""
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
 from tokendyn.studies.findings import listing
-from tokendyn.studies.study import Result, Skip, main, models_by_size, open_source, require
+from tokendyn.studies.study import Result, Skip, default_of, models_by_size, open_source, require
 from tokendyn.studies.style import log_scale, model_colors, model_legend, new_figure
 from tokendyn.errors import TokendynError
-from tokendyn.analysis.trajectories import done_checkpoints, load_small, x_axis
+from tokendyn.analysis.trajectories import at_perplexity, load_small, perplexity_grid, reach, x_axis
 
 TITLE = "Validation perplexity over training"
 AXES = {"step": "training step", "tokens_seen": "tokens seen", "flops": "training compute in FLOPs (6 N D)"}
 
 
-def _available_axes(ds: xr.Dataset, params: str) -> list[str]:
-    axes = ["step"]
+def available_axes(ds: xr.Dataset, params: str = default_of(x_axis, "params")) -> list[str]:
+    """The checkpoint x axes this store has values for: step, val_ppl, and tokens_seen and flops
+    where the store knows tokens seen and parameter counts."""
+    axes = ["step", "val_ppl"]
     for axis in ("tokens_seen", "flops"):
         try:
             x_axis(ds, axis, params)
             axes.append(axis)
         except TokendynError:
-            continue  # unknown tokens seen or parameter counts: that panel is left out
+            continue  # unknown tokens seen or parameter counts: that column and panel are left out
     return axes
 
 
 def checkpoint_table(ds: xr.Dataset, axes: list[str], params: str) -> pd.DataFrame:
-    """One row per done checkpoint: model, ckpt and the x axes with val_ppl."""
-    values = {axis: x_axis(ds, axis, params).values for axis in [*axes, "val_ppl"]}
-    rows = []
-    for m, model in enumerate(ds["model"].values):
-        for c in done_checkpoints(ds, m):
-            rows.append({"model": str(model), "ckpt": int(c), **{a: float(v[m, c]) for a, v in values.items()}})
-    return pd.DataFrame(rows)
+    """One row per (model, ckpt): the x axes and whether the checkpoint is done."""
+    table = xr.Dataset({axis: x_axis(ds, axis, params) for axis in axes})
+    table = table.assign(done=ds["done"].reset_coords(drop=True)).to_dataframe().reset_index()
+    table["model"] = table["model"].astype(str)
+    return table[["model", "ckpt", *axes, "done"]]
+
+
+def matched_levels(ds: xr.Dataset, axes: list[str], levels: Sequence[float] | None,
+                   n_levels: int) -> tuple[np.ndarray, pd.DataFrame, xr.DataArray]:
+    """The matched validation-perplexity levels, where each model reaches each on the other axes
+    (one row per model and level), and every token's loss there (model, val_ppl, tokens)."""
+    levels = perplexity_grid(ds, n_levels) if levels is None else np.asarray(levels, dtype=float)
+    grid = at_perplexity(ds, levels).astype(np.float32)
+    grid = grid.drop_vars([c for c in grid.coords if c not in grid.dims and c != "step"])
+    where = xr.Dataset({axis: reach(ds, "val_ppl", levels, axis) for axis in axes if axis != "val_ppl"})
+    return levels, where.to_dataframe().reset_index(), grid
 
 
 def _at_common_step(table: pd.DataFrame, models: list[str]) -> tuple[float, dict[str, float]]:
@@ -49,17 +61,32 @@ def _at_common_step(table: pd.DataFrame, models: list[str]) -> tuple[float, dict
     return step, values
 
 
-def run(source, params: str = "n_params") -> Result:
-    """Validation perplexity vs step, tokens seen and FLOPs (6 x params x tokens) per model.
+def run(source, params: str = default_of(x_axis, "params"), levels: Sequence[float] | None = None,
+        n_levels: int = default_of(perplexity_grid, "n_levels")) -> Result:
+    """Validation perplexity vs step, tokens seen and FLOPs (6 x params x tokens) per model, and the
+    matched validation perplexities (`levels`; default `n_levels` levels every model reaches,
+    `tokendyn.analysis.trajectories.perplexity_grid`) with every token's loss there.
 
-    params: "n_params" (default) or "n_params_nonembed" (Kaplan's N) for the FLOPs axis.
+    params: "n_params" or "n_params_nonembed" (Kaplan's N) for the FLOPs axis.
     """
     ds = load_small(open_source(source))
     require(ds, "val_ppl", "step")
-    axes = _available_axes(ds, params)
-    table = checkpoint_table(ds, axes, params)
+    axes = available_axes(ds, params)
+    checkpoints = checkpoint_table(ds, axes, params)
+    done = checkpoints["done"].astype(bool) & np.isfinite(checkpoints["step"])
+    table = checkpoints[done].drop(columns="done").sort_values("step", kind="stable")
     if table.empty:
         raise Skip("no checkpoint is done; run tokendyn extract first")
+    tables, labels, findings = {"checkpoints": checkpoints}, {}, []
+    if "loss" in ds:
+        try:
+            levels, tables["perplexity_levels"], labels["matched_perplexity"] = matched_levels(ds, axes, levels,
+                                                                                               n_levels)
+            findings.append(f"Common validation perplexity range {levels[0]:.4g} -> {levels[-1]:.4g}; "
+                            f"{len(levels)} matched levels.")
+        except TokendynError as err:
+            findings.append(f"No matched-perplexity levels ({err}).")
+    axes = [axis for axis in axes if axis != "val_ppl"]
     models = [m for m in models_by_size(ds) if m in set(table.model)]
     colors = model_colors(ds)
 
@@ -83,7 +110,7 @@ def run(source, params: str = "n_params") -> Result:
     fig.suptitle(TITLE)
 
     final = {m: table[table.model == m].sort_values("step")["val_ppl"].iloc[-1] for m in models}
-    findings = [f"Validation perplexity at each model's last done checkpoint: {listing(final.items(), '{:.4g}')}."]
+    findings.append(f"Validation perplexity at each model's last done checkpoint: {listing(final.items(), '{:.4g}')}.")
     if len(models) > 1:
         ordered = all(a > b for a, b in zip(list(final.values()), list(final.values())[1:]))
         findings.append(("Larger models end lower, as expected from scaling." if ordered else
@@ -102,8 +129,4 @@ def run(source, params: str = "n_params") -> Result:
     if worse:
         findings.append("Validation perplexity rose from one checkpoint to the next in " + "; ".join(worse) +
                         " (matched-perplexity analyses skip such checkpoints: they use the running minimum).")
-    return Result(TITLE, {"checkpoints": table}, fig, findings)
-
-
-if __name__ == "__main__":
-    sys.exit(main(run, "perplexity"))
+    return Result(TITLE, tables, fig, findings, labels=labels)

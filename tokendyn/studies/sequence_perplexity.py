@@ -1,33 +1,33 @@
 """Perplexity of each named evaluation set (generated, corrupted, other text) over training in every
-model, where it turns, and how its final value scales with size (methods.md §1.4)."""
+model, at matched validation perplexity, where it turns, and how its final value scales with size
+(methods.md §1.4). The main set is left out (its curve is the validation perplexity itself), and so
+are task sets (the downstream study reads those)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 import xarray as xr
 
 from tokendyn.studies.findings import direction, verdict
-from tokendyn.studies.study import Result, Skip, main, models_by_size, open_source, require
+from tokendyn.errors import TokendynError
+from tokendyn.studies.study import Result, Skip, default_of, main_set_path, models_by_size, open_source, require
 from tokendyn.studies.style import log_scale, model_colors, model_legend, new_figure, perplexity_axis
-from tokendyn.analysis.sequences import sequence_ppl, store_path, turning_points
+from tokendyn.analysis.sequences import curve_at_perplexity, sequence_ppl, turning_points
 from tokendyn.store import TASK_SET_PREFIX, list_sets
 
 TITLE = "Perplexity of the evaluation sets over training"
 INVERSE_MIXTURE = "1,-1"  # text decoded from p_small - p_large (methods.md §1.4)
 
 
-def named_sets(ds: xr.Dataset) -> tuple[Path, list[str]]:
-    """The store's path and its named sets other than task sets (the downstream study reads those)."""
-    path = store_path(ds)
-    if path is None:
-        raise Skip("spans the store's evaluation sets; open the store from disk (tokendyn.open_store)")
+def named_sets(ds: xr.Dataset) -> list[str]:
+    """The store's named sets other than task sets (the downstream study reads those); Skip if none."""
+    path = main_set_path(ds, "evaluation sets")
     names = [n for n in list_sets(path) if not n.startswith(TASK_SET_PREFIX)]
     if not names:
         raise Skip("the store has no named evaluation sets (add some with tokendyn extract --set / --pairs)")
-    return Path(path), names
+    return names
 
 
 def values_at(curve: xr.DataArray, models: list[str], at: int = -1) -> list[float]:
@@ -73,14 +73,18 @@ def _paper_claims(curve: xr.DataArray, turns: xr.Dataset, models: list[str]) -> 
     return lines
 
 
-def run(source, by: str = "mixture", tol: float = 0.05, max_panels: int = 12) -> Result:
-    """Perplexity of every named set (split by the per-sequence coordinate `by` where a set has it)
-    in every model and checkpoint against validation perplexity; turning points with tolerance
-    `tol` (log units); at most `max_panels` panels (the table holds every set)."""
+def run(source, by: str | None = "mixture", tol: float = default_of(turning_points, "tol"),
+        levels: Sequence[float] | None = None, n_levels: int = default_of(curve_at_perplexity, "n_levels"),
+        max_panels: int = 12) -> Result:
+    """Perplexity of every named set (split by the per-sequence coordinate `by`
+    where a set has it; None keeps sets whole) in every model and checkpoint against validation
+    perplexity; read at matched validation perplexities (see
+    `tokendyn.analysis.sequences.curve_at_perplexity` for levels and n_levels); turning points with
+    tolerance `tol` (log units); at most `max_panels` panels (the tables hold every set)."""
     ds = open_source(source)
     require(ds, "loss", "step", "val_ppl")
-    path, names = named_sets(ds)
-    curve = sequence_ppl(path, sets=names, by=by)
+    names = named_sets(ds)
+    curve = sequence_ppl(main_set_path(ds, "evaluation sets"), sets=names, by=by)
     turns = turning_points(curve, tol)
     models = models_by_size(ds)
     colors = model_colors(ds)
@@ -88,6 +92,13 @@ def run(source, by: str = "mixture", tol: float = 0.05, max_panels: int = 12) ->
     columns = ["set", "source_set", "group", "kind", "corrupt", "model", "ckpt", "step", "val_ppl", "sequence_ppl"]
     table = table[[c for c in columns if c in table.columns]].dropna(subset=["sequence_ppl"])
     turn_table = turns.to_dataframe().reset_index()
+    tables = {"sequence_ppl": table, "sequence_turns": turn_table}
+    findings = []
+    try:
+        matched = curve_at_perplexity(curve, levels, n_levels).to_dataframe().reset_index()
+        tables["sequence_ppl_matched"] = matched[["set", "model", "val_ppl", "step", "sequence_ppl"]]
+    except TokendynError as err:
+        findings.append(f"No matched-perplexity table ({err}).")
 
     shown = [str(s) for s in curve["set"].values][:max_panels]
     fig, panels = new_figure(len(shown))
@@ -106,13 +117,9 @@ def run(source, by: str = "mixture", tol: float = 0.05, max_panels: int = 12) ->
     model_legend(fig, colors, title="model (▽ turn)")
     fig.suptitle(TITLE)
 
-    findings = [_set_sentence(str(s), turns.sel(set=s), values_at(curve.sel(set=s), models), models)
-                for s in curve["set"].values]
+    findings += [_set_sentence(str(s), turns.sel(set=s), values_at(curve.sel(set=s), models), models)
+                 for s in curve["set"].values]
     if len(curve["set"]) > len(shown):
         findings.append(f"The figure shows the first {len(shown)} of {len(curve['set'])} sets; the table has all.")
     findings += _paper_claims(curve, turns, models)
-    return Result(TITLE, {"sequence_ppl": table, "sequence_turns": turn_table}, fig, findings)
-
-
-if __name__ == "__main__":
-    sys.exit(main(run, "sequence_perplexity"))
+    return Result(TITLE, tables, fig, findings)

@@ -1,14 +1,14 @@
-"""What every study shares: its result, how it skips, how it is saved and run from the command line.
+"""What every study shares: its result, how it skips, how it is saved.
 
-A study is a function `run(source, **options) -> Result`; `source` is a store path or a dataset
-from `tokendyn.open_store`. It raises `Skip("reason")` when the store lacks its data.
+A study is a function `run(source, ...) -> Result`; `source` is a store path or a dataset from
+`tokendyn.open_store`. It raises `Skip("reason")` when the store lacks its data. A parameter that
+a study passes on to an analysis function takes its default from that function's signature
+(`default_of`), so every default is written once, where the parameter is defined.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-import warnings
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,24 +18,31 @@ import pandas as pd
 import xarray as xr
 from matplotlib.figure import Figure
 
-import tokendyn
-from tokendyn.pipelines.analyze import Skip, require
+import tokendyn  # noqa: F401  (registers the ds.tokendyn accessor)
 from tokendyn.analysis.accessor import context_ids
-from tokendyn.errors import TokendynError
+from tokendyn.analysis.sequences import set_params
+from tokendyn.store import open_store, store_path
 
-__all__ = ["Result", "Skip", "require", "open_source", "models_by_size", "token_texts", "context", "save", "main"]
+__all__ = ["Result", "Skip", "require", "default_of", "open_source", "main_set_path", "models_by_size", "token_texts",
+           "context", "save"]
 
 FIGURE_FORMATS = ("png", "svg")
 PNG_DPI = 100
+
+
+class Skip(Exception):
+    """Raised by a study when the store lacks what it needs; the message says what."""
 
 
 @dataclass
 class Result:
     """What a study returns.
 
-    title: the figure's heading in the report. tables: tidy tables by name (written as CSV).
-    figure: one matplotlib figure. findings: sentences computed from the data. shown: names of
-    tables small enough to print in the report page (e.g. examples with their text).
+    title: the figure's heading in the report. tables: tidy tables by name (written as CSV; a
+    table name belongs to one study). figure: one matplotlib figure drawn from the tables.
+    findings: sentences computed from the tables. shown: names of tables small enough to print in
+    the report page (e.g. examples with their text). labels: per-token results by name, on the
+    store's token grid (written by `tokendyn analyze` as groups of labels.zarr).
     """
 
     title: str
@@ -43,11 +50,34 @@ class Result:
     figure: Figure
     findings: list[str]
     shown: list[str] = field(default_factory=list)
+    labels: dict[str, xr.Dataset | xr.DataArray] = field(default_factory=dict)
+
+
+def require(ds: xr.Dataset, *names: str) -> None:
+    """Raise Skip unless the dataset has all these variables or coordinates."""
+    missing = [name for name in names if name not in ds.variables]
+    if missing:
+        raise Skip(f"the store has no {', '.join(missing)}")
+
+
+def default_of(function: Callable, parameter: str):
+    """The default of `parameter` in `function`'s signature: a study passing a parameter on to an
+    analysis function uses it as its own default, so the default is written once."""
+    return inspect.signature(function).parameters[parameter].default
 
 
 def open_source(source: str | Path | xr.Dataset) -> xr.Dataset:
     """The main set of a store path, or the dataset itself."""
-    return source if isinstance(source, xr.Dataset) else tokendyn.open_store(source)
+    return source if isinstance(source, xr.Dataset) else open_store(source)
+
+
+def main_set_path(ds: xr.Dataset, what: str) -> Path:
+    """The store path of ds, which must be the main set of a store on disk (studies that read the
+    store's other sets, tasks or PassUntil groups); Skip saying `what` the study reads otherwise."""
+    path = store_path(ds)
+    if path is None or set_params(ds)["name"] != "main":
+        raise Skip(f"reads the store's {what}; runs when the main set of a store on disk is analysed")
+    return Path(path)
 
 
 def models_by_size(ds: xr.Dataset) -> list[str]:
@@ -87,23 +117,3 @@ def save(result: Result, folder: Path) -> dict[str, Path]:
     paths["findings"] = folder / "findings.txt"
     paths["findings"].write_text("\n".join(result.findings) + "\n")
     return paths
-
-
-def main(run: Callable[..., Result], name: str, argv: Sequence[str] | None = None) -> int:
-    """`python -m analyses.<name> STORE [--out DIR]`: run one study, print its findings, save it."""
-    parser = argparse.ArgumentParser(prog=f"python -m analyses.{name}", description=sys.modules[run.__module__].__doc__)
-    parser.add_argument("store", type=Path, help="store path (from `tokendyn extract`)")
-    parser.add_argument("--out", type=Path, help=f"output folder (default: STORE's stem + .report/{name})")
-    args = parser.parse_args(argv)
-    out = args.out or args.store.with_name(args.store.name.removesuffix(".zarr") + ".report") / name
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # NaN arithmetic on padding and missing checkpoints
-            result = run(args.store)
-    except (Skip, TokendynError) as err:
-        print(f"{name}: skipped ({err})", file=sys.stderr)
-        return 2
-    save(result, out)
-    print("\n".join(result.findings))
-    print(f"written to {out}")
-    return 0

@@ -1,9 +1,10 @@
-"""Stagnated and upward tokens chosen on one model, tracked in every model against validation
-perplexity: where the upward subset turns, and whether it descends again (methods.md §1.3)."""
+"""Stagnated and upward tokens chosen on each model, tracked in every model against validation
+perplexity: where the upward subset turns, and whether it descends again (methods.md §1.3). The
+tables hold the subsets of every chooser; the figure and most findings show one (by default the
+second-smallest model, as the paper)."""
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 import numpy as np
@@ -11,11 +12,12 @@ import pandas as pd
 import xarray as xr
 
 from tokendyn.studies.findings import verdict
-from tokendyn.studies.study import Result, Skip, main, models_by_size, open_source, require
+from tokendyn.studies.study import Result, Skip, default_of, models_by_size, open_source, require
 from tokendyn.studies.style import log_scale, model_colors, model_legend, new_figure, perplexity_axis
 from tokendyn.analysis.sequences import turning_points
 from tokendyn.analysis.trajectories import done_checkpoints, load_small, model_index, token_share
-from tokendyn.analysis.trends import TrendWarning, window_start
+from tokendyn.analysis.labels import label_mask
+from tokendyn.analysis.trends import TrendWarning, trend_categories, window_start
 
 TITLE = "Stagnated and upward tokens tracked across sizes"
 CATEGORIES = ("stagnated", "upward")
@@ -25,6 +27,18 @@ def default_chooser(ds: xr.Dataset) -> str:
     """The second-smallest model (the paper chose on OPT-1.3B, the second-smallest of its suite), or the only one."""
     models = models_by_size(ds)
     return models[1] if len(models) > 1 else models[0]
+
+
+def subsets(ds: xr.Dataset, chooser: str, start: float, x: str) -> xr.DataArray | None:
+    """Masks (category, tokens) of the stagnated and upward tokens of `chooser` at start fraction
+    `start`; None when the model has no trend categories there (too few checkpoints)."""
+    m = model_index(ds, chooser)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrendWarning)
+        labels = trend_categories(ds.isel(model=[m]), [start], x=x).isel(model=0, start=0).compute()
+    if int((labels >= 0).sum()) == 0:
+        return None
+    return xr.concat([label_mask(labels, c) for c in CATEGORIES], dim="category").assign_coords(category=list(CATEGORIES))
 
 
 def curve_shapes(curves: xr.DataArray, tol: float) -> pd.DataFrame:
@@ -78,10 +92,11 @@ def _stagnation(curves: xr.DataArray, ds: xr.Dataset, start: float, band: float)
     return out
 
 
-def run(source, start: float = 0.2, chosen_on: str | None = None, x: str = "log_step", tol: float = 0.05,
-        band: float = 0.05) -> Result:
-    """Subset perplexity of the stagnated and upward tokens of one model (default: the second-smallest)
-    at start fraction `start`, in every model and checkpoint, against validation perplexity.
+def run(source, start: float = 0.2, chosen_on: str | None = None, x: str = default_of(trend_categories, "x"),
+        tol: float = 0.05, band: float = default_of(trend_categories, "band")) -> Result:
+    """Subset perplexity of the stagnated and upward tokens of each model at start fraction `start`,
+    in every model and checkpoint, against validation perplexity; the figure shows the subsets of
+    `chosen_on` (default: the second-smallest model).
 
     tol: rise and fall (log units, 0.05 = 5% in perplexity) that count as a turn and a second
     descent. band: how close to its window mean a stagnated subset must stay (0.05 = ±5%).
@@ -89,24 +104,31 @@ def run(source, start: float = 0.2, chosen_on: str | None = None, x: str = "log_
     ds = load_small(open_source(source))
     require(ds, "loss", "step", "val_ppl")
     chooser = chosen_on or default_chooser(ds)
-    m = model_index(ds, chooser)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", TrendWarning)
-        labels = ds.isel(model=[m]).tokendyn.trend_categories([start], x=x).isel(model=0, start=0).compute()
-    if int((labels.codes >= 0).sum()) == 0:
-        raise Skip(f"model {chooser} has fewer than 3 checkpoints from {start:.0%} of its final step, "
-                   "so no trend categories to choose tokens by")
-    masks = xr.concat([labels == c for c in CATEGORIES], dim="category").assign_coords(category=list(CATEGORIES))
-    percent = token_share(ds, masks)
-    curves = ds.tokendyn.subset_curve(masks)
-    shapes = curve_shapes(curves, tol)
+    model_index(ds, chooser)
     models = models_by_size(ds)
     colors = model_colors(ds)
-
-    table = curves.to_dataframe().reset_index()
-    table = table.assign(chosen_on=chooser, start=start, subset_percent=table["category"].map(
-        {c: float(percent.sel(category=c)) for c in CATEGORIES})).dropna(subset=["subset_ppl"])
-    table = table[["chosen_on", "start", "category", "subset_percent", "model", "ckpt", "step", "val_ppl", "subset_ppl"]]
+    tables, shapes_by, curves_by, percent_by = [], [], {}, {}
+    for name in [chooser, *(m for m in models if m != chooser)]:
+        masks = subsets(ds, name, start, x)
+        if masks is None:
+            continue
+        percent = token_share(ds, masks)
+        curves = ds.tokendyn.subset_curve(masks)
+        shapes_by.append(curve_shapes(curves, tol).assign(chosen_on=name))
+        curves_by[name], percent_by[name] = curves, percent
+        table = curves.to_dataframe().reset_index()
+        tables.append(table.assign(chosen_on=name, start=start, subset_percent=table["category"].map(
+            {c: float(percent.sel(category=c)) for c in CATEGORIES})).dropna(subset=["subset_ppl"]))
+    if chooser not in curves_by:
+        raise Skip(f"model {chooser} has fewer than 3 checkpoints from {start:.0%} of its final step, "
+                   "so no trend categories to choose tokens by")
+    columns = ["chosen_on", "start", "category", "subset_percent", "model", "ckpt", "step", "val_ppl", "subset_ppl"]
+    all_curves = pd.concat(tables)[columns]
+    all_shapes = pd.concat(shapes_by)
+    all_shapes = all_shapes[["chosen_on", *all_shapes.columns.drop("chosen_on")]]
+    curves, percent = curves_by[chooser], percent_by[chooser]
+    table = all_curves[all_curves.chosen_on == chooser]
+    shapes = all_shapes[all_shapes.chosen_on == chooser]
 
     fig, panels = new_figure(len(CATEGORIES), ncols=2)
     for ax, category in zip(panels, CATEGORIES):
@@ -118,7 +140,8 @@ def run(source, start: float = 0.2, chosen_on: str | None = None, x: str = "log_
                 hit = rows[np.isclose(rows["val_ppl"], shape[where])]
                 ax.plot(hit["val_ppl"], hit["subset_ppl"], marker, ms=9, mfc="none", color=colors[model])
         perplexity_axis(ax)
-        log_scale(ax, "y")
+        if (table.category == category).any():  # an empty subset has no curve to put on a log scale
+            log_scale(ax, "y")
         ax.set_ylabel("subset perplexity (log scale)")
         ax.set_title(f"{category} tokens of {chooser} at {start:.0%}\n"
                      f"({float(percent.sel(category=category)):.1f}% of tokens; ▽ turn, △ peak)", fontsize="medium")
@@ -147,8 +170,14 @@ def run(source, start: float = 0.2, chosen_on: str | None = None, x: str = "log_
         holds = [spread[m] <= band for m in larger]
         findings.append(f"Paper: stagnated tokens chosen on a small model stay stagnated in larger ones (here: within "
                         f"±{band:.0%}); this {verdict(holds)} ({sum(holds)} of {len(holds)} larger models).")
-    return Result(TITLE, {"subset_curves": table, "subset_shapes": shapes}, fig, findings)
-
-
-if __name__ == "__main__":
-    sys.exit(main(run, "subset_curves"))
+    for name in curves_by:
+        if name != chooser:
+            again = all_shapes[(all_shapes.chosen_on == name) & (all_shapes.category == "upward")]
+            again = [m for m in models if bool(again.set_index("model").loc[m, "descends_again"])]
+            findings.append(f"Upward tokens of {name} at {start:.0%}: the subset descends again in "
+                            f"{', '.join(again) or 'no model'}.")
+    missing = [m for m in models if m not in curves_by]
+    if missing:
+        findings.append(f"No subsets chosen on {', '.join(missing)}: fewer than 3 checkpoints from {start:.0%} of "
+                        "the final step.")
+    return Result(TITLE, {"subset_curves": all_curves, "subset_shapes": all_shapes}, fig, findings)

@@ -1,9 +1,9 @@
 """Shares of stagnated, upward and downward tokens against the start fraction of the trend window,
-per model, next to the paper's OPT numbers (Xia et al. 2023, Fig. 2; methods.md §1.2)."""
+per model, next to the paper's OPT numbers (Xia et al. 2023, Fig. 2; methods.md §1.2); every token's
+category per model and start fraction as per-token labels (`trends`)."""
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Sequence
 
@@ -11,9 +11,10 @@ import numpy as np
 import pandas as pd
 
 from tokendyn.studies.findings import direction, verdict
-from tokendyn.studies.study import Result, main, models_by_size, open_source, require
+from tokendyn.studies.study import Result, default_of, models_by_size, open_source, require
 from tokendyn.studies.style import model_colors, model_legend, new_figure
-from tokendyn.analysis.trends import STARTS, TrendWarning
+from tokendyn.analysis.labels import flag_names, label_share
+from tokendyn.analysis.trends import TrendWarning, trend_categories
 
 TITLE = "Token trend categories against the start of the trend window"
 SHOWN = ("stagnated", "upward", "downward")
@@ -68,16 +69,17 @@ def _claims(shares: pd.DataFrame, models: list[str]) -> list[str]:
     return lines
 
 
-def run(source, start: Sequence[float] = STARTS, x: str = "log_step", alpha: float = 0.05,
-        band: float = 0.05) -> Result:
+def run(source, start: Sequence[float] = default_of(trend_categories, "start"),
+        x: str = default_of(trend_categories, "x"), alpha: float = default_of(trend_categories, "alpha"),
+        band: float = default_of(trend_categories, "band")) -> Result:
     """Trend-category shares per model and start fraction (see `tokendyn.analysis.trends.trend_categories`
     for start, x, alpha and band) with the paper's OPT shares alongside."""
     ds = open_source(source)
     require(ds, "loss", "step")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrendWarning)  # the findings name the starts without categories
-        cats = ds.tokendyn.trend_categories(start, x=x, alpha=alpha, band=band)
-    shares = cats.share().rename("percent").reset_coords(drop=True).to_dataframe().reset_index()
+        cats = trend_categories(ds, start, x=x, alpha=alpha, band=band)
+    shares = label_share(cats).rename("percent").reset_coords(drop=True).to_dataframe().reset_index()
     shares["model"] = shares["model"].astype(str)
     models = models_by_size(ds)
     colors = model_colors(ds)
@@ -108,14 +110,11 @@ def run(source, start: Sequence[float] = STARTS, x: str = "log_step", alpha: flo
     p = min(shares["start"].unique(), key=lambda s: abs(s - 0.2))
     at_p = shares[shares.start == p].set_index(["model", "category"])["percent"]
     findings = [f"At start {p:.0%}, % stagnated / upward / downward / uncategorised: " + "; ".join(
-        f"{m} " + " / ".join(f"{at_p.get((m, c), np.nan):.1f}" for c in cats.names) for m in models) + "."]
+        f"{m} " + " / ".join(f"{at_p.get((m, c), np.nan):.1f}" for c in flag_names(cats)) for m in models) + "."]
     missing = shares[(shares.category == SHOWN[0]) & shares["percent"].isna()]
     for value, rows in missing.groupby("start"):
         findings.append(f"No categories at start {value:.0%} in {', '.join(rows['model'])}: fewer than 3 "
                         "checkpoints in the window.")
     findings += _claims(shares, models)
-    return Result(TITLE, {"trend_shares": shares, "paper_reference": reference}, fig, findings)
-
-
-if __name__ == "__main__":
-    sys.exit(main(run, "trend_categories"))
+    return Result(TITLE, {"trend_shares": shares, "paper_reference": reference}, fig, findings,
+                  labels={"trends": cats.rename("trend")})

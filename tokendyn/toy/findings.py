@@ -14,6 +14,7 @@ Three findings (issue 3), each a tidy table per model (models in the suite's ord
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,10 @@ def false_statement_table(store: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def double_descent_table(store: str | Path, rare_rank: int = 10, tol: float = 0.5, window: int = 3) -> pd.DataFrame:
+def double_descent_table(store: str | Path, rare_rank: int = 10,
+                         tol: float = inspect.signature(trajectories.double_descent).parameters["tol"].default,
+                         window: int = inspect.signature(trajectories.double_descent).parameters["window"].default
+                         ) -> pd.DataFrame:
     ds = open_store(store)
     flagged = trajectories.double_descent(ds, tol=tol, window=window).compute()
     begun = trajectories.double_descent(ds, tol=tol, window=window, complete=False).compute()

@@ -1,0 +1,156 @@
+"""Checkpoints discovered, not listed: Trainer folders on disk and hub revision patterns from an offline cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from huggingface_hub import constants as hub_constants
+
+from tokendyn.config.suite import load_suite
+from tokendyn.errors import TokendynError
+
+from test_checkpoints import make_hub_cache
+
+
+def fake_checkpoint(folder: Path, state: dict | None = None) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    if state is not None:
+        (folder / "trainer_state.json").write_text(json.dumps(state))
+    return folder
+
+
+def suite_file(tmp_path: Path, model: str) -> Path:
+    (tmp_path / "valid.txt").write_text("some text\n")
+    path = tmp_path / "suite.toml"
+    path.write_text(f'[eval]\nfiles = ["valid.txt"]\nseq_len = 8\n\n[[models]]\nname = "run"\n{model}\n')
+    return path
+
+
+def test_trainer_folders(tmp_path):
+    run = tmp_path / "run"
+    fake_checkpoint(run / "checkpoint-500", {"global_step": 500, "num_input_tokens_seen": 64000})
+    fake_checkpoint(run / "checkpoint-1000", {"global_step": 1000, "num_input_tokens_seen": 128000})
+    fake_checkpoint(run / "checkpoint-50")  # no trainer_state.json: the step comes from the name
+    fake_checkpoint(run / "checkpoint-9", {"global_step": 90, "num_input_tokens_seen": 0})  # state wins; 0 = unrecorded
+    (run / "checkpoint-1500").mkdir()  # still being written: no config.json
+    (run / "logs").mkdir()
+    with pytest.warns(UserWarning, match="skipping .*checkpoint-1500: no config.json"):
+        suite = load_suite(suite_file(tmp_path, 'checkpoints = { glob = "run/checkpoint-*" }'))
+    got = [(c.step, c.path.name, c.tokens_seen) for c in suite.models[0].checkpoints]
+    assert got == [(50, "checkpoint-50", None), (90, "checkpoint-9", None),
+                   (500, "checkpoint-500", 64000.0), (1000, "checkpoint-1000", 128000.0)]
+
+
+def test_step_and_global_step_folders_with_selection(tmp_path):
+    for step in (0, 100, 200, 300, 400):
+        fake_checkpoint(tmp_path / "ckpts" / f"global_step{step}")
+    fake_checkpoint(tmp_path / "ckpts" / "step_600")
+    suite = load_suite(suite_file(tmp_path, 'tokens_per_step = 10\n'
+                                            'checkpoints = { glob = "ckpts/*", steps = { every = 200 } }'))
+    got = [(c.step, c.path.name, c.tokens_seen) for c in suite.models[0].checkpoints]
+    assert got == [(0, "global_step0", 0.0), (200, "global_step200", 2000.0), (400, "global_step400", 4000.0),
+                   (600, "step_600", 6000.0)]
+
+
+@pytest.mark.parametrize("model, message", [
+    ('checkpoints = { glob = "nothing/*" }', "glob 'nothing/\\*' matches no checkpoint folder"),
+    ('checkpoints = { glob = "odd/*" }', "cannot tell the step of .*odd/final"),
+    ('checkpoints = { glob = "dup/*" }', "step 7 is both .*checkpoint-7 and .*step7; narrow the pattern"),
+    ('checkpoints = { glob = "dup/*", every = 2 }', "unknown key 'every'"),
+])
+def test_discovery_errors(tmp_path, model, message):
+    fake_checkpoint(tmp_path / "odd" / "final")
+    fake_checkpoint(tmp_path / "dup" / "checkpoint-7")
+    fake_checkpoint(tmp_path / "dup" / "step7")
+    with pytest.raises(TokendynError, match=message):
+        load_suite(suite_file(tmp_path, model))
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch) -> Path:
+    source = fake_checkpoint(tmp_path / "weights")
+    cache = tmp_path / "hf" / "hub"
+    revisions = ["main", "step0", "step1000", "step512", "stage1-step2000-tokens4B", "step143000"]
+    make_hub_cache(cache, "org/name", {r: source for r in revisions})
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+@pytest.mark.parametrize("pattern, steps", [
+    ("step*", [0, 512, 1000, 143000]),
+    ("all", [0, 512, 1000, 2000, 143000]),
+    ("step1*", [1000, 143000]),
+])
+def test_hub_revision_patterns_offline(offline_cache, tmp_path, pattern, steps):
+    suite = load_suite(suite_file(tmp_path, f'hub_id = "org/name"\nrevisions = "{pattern}"'))
+    checkpoints = suite.models[0].checkpoints
+    assert [c.step for c in checkpoints] == steps
+    assert all(c.hub_id == "org/name" and c.revision.endswith(f"step{c.step}") or "step2000" in c.revision
+               for c in checkpoints)
+    if pattern == "all":
+        assert checkpoints[3].tokens_seen == 4e9
+
+
+def test_hub_revision_pattern_without_match(offline_cache, tmp_path):
+    with pytest.raises(TokendynError, match="no revision of org/name matches 'ckpt-\\*' in the local Hugging Face "
+                                            "cache .*it has: main, stage1-step2000-tokens4B, step0"):
+        load_suite(suite_file(tmp_path, 'hub_id = "org/name"\nrevisions = "ckpt-*"'))
+    with pytest.raises(TokendynError, match="'main' has no step number"):
+        load_suite(suite_file(tmp_path, 'hub_id = "org/name"\nrevisions = "ma*"'))
+
+
+def test_extract_one_model_without_a_toml(tmp_path, capsys):
+    """`tokendyn extract --model DIR --text FILE`: the generated suite sits next to the store and reruns it."""
+    import xarray as xr
+
+    from conftest import SAMPLE_TEXT, build_tokenizer, save_checkpoint
+    from tokendyn.cli import main
+    from tokendyn.config.quick import HEADER
+
+    tokenizer = build_tokenizer()
+    for index, step in enumerate((10, 20)):
+        save_checkpoint(tmp_path / "run" / f"checkpoint-{step}", "opt", tokenizer, seed=index)
+    (tmp_path / "run" / "checkpoint-20" / "trainer_state.json").write_text(
+        json.dumps({"global_step": 20, "num_input_tokens_seen": 5120}))
+    (tmp_path / "valid.txt").write_text(SAMPLE_TEXT)
+    out = tmp_path / "out" / "run.zarr"
+    args = ["extract", "--model", str(tmp_path / "run"), "--text", str(tmp_path / "valid.txt"), "--out", str(out),
+            "--no-progress"]
+    assert main(args) == 0
+    generated = tmp_path / "out" / "run.suite.toml"
+    assert generated.read_text().startswith(HEADER)
+    assert f"suite written: {generated}" in capsys.readouterr().out
+    ds = xr.open_zarr(out)
+    assert ds.sizes["pos"] == 64  # the model's context (64 positions) caps the default of 1024
+    assert ds.step.values.tolist() == [[10, 20]] and np.isnan(ds.tokens_seen.values[0, 0])
+    assert ds.tokens_seen.values[0, 1] == 5120 and ds.done.values.all()
+    reference = tmp_path / "ref.zarr"
+    assert main(["extract", str(generated), "--out", str(reference), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""  # no progress bar
+    np.testing.assert_array_equal(ds.loss.values, xr.open_zarr(reference).loss.values)
+
+    # A single checkpoint folder, a hub id that is not cached, and a suite file that tokendyn did not write.
+    assert main(["extract", "--model", str(tmp_path / "run" / "checkpoint-10"), "--text", str(tmp_path / "valid.txt"),
+                 "--out", str(tmp_path / "one.zarr"), "--seq-len", "16", "-q"]) == 0
+    assert xr.open_zarr(tmp_path / "one.zarr").step.values.tolist() == [[10]]
+    (tmp_path / "mine.suite.toml").write_text("# my own\n")
+    assert main(["extract", "--model", str(tmp_path / "run"), "--text", str(tmp_path / "valid.txt"),
+                 "--out", str(tmp_path / "mine.zarr")]) == 2
+    assert "mine.suite.toml exists and was not generated by tokendyn" in capsys.readouterr().err
+
+
+def test_quick_suite_tables(tmp_path):
+    from tokendyn.config.quick import model_table
+
+    assert model_table("org/name") == {"name": "name", "hub_id": "org/name",
+                                       "checkpoints": [{"step": 0, "revision": "main"}]}
+    assert model_table("org/name@step1000")["revisions"] == ["step1000"]
+    assert model_table("org/name@step*")["revisions"] == "step*"
+    assert model_table("org/name@all")["revisions"] == "all"
+    with pytest.raises(TokendynError, match="no such directory, and not a hub id"):
+        model_table(str(tmp_path / "missing"))

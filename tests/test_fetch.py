@@ -1,0 +1,188 @@
+"""Prefetch, eviction and `tokendyn download` against a Hugging Face cache built in the test.
+
+The hub cannot be reached from the tests: `huggingface_hub.snapshot_download` is replaced by a
+throttled copy from local folders into the cache's layout (blobs named by sha256, snapshots/<commit>
+linking to them, refs/<revision>), i.e. what a download leaves behind.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import os
+import threading
+import time
+from pathlib import Path
+
+import huggingface_hub
+import numpy as np
+import pytest
+import xarray as xr
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
+
+import tokendyn.models.extract as extract_module
+from tokendyn.cli import main
+from tokendyn.config.suite import load_suite
+from tokendyn.models import download
+from tokendyn.models.checkpoints import weights_fingerprint
+from tokendyn.models.extract import extract
+
+from conftest import build_tokenizer, save_checkpoint
+from test_checkpoints import make_hub_cache
+
+REPO = "org/run"
+
+
+def commit_of(revision: str) -> str:
+    return hashlib.sha1(f"{REPO}@{revision}".encode()).hexdigest()
+
+
+class FakeHub:
+    """snapshot_download from local folders: copies the allowed files into the cache, `delay` seconds per call."""
+
+    def __init__(self, cache: Path, remote: dict[str, Path], delay: float) -> None:
+        self.cache, self.remote, self.delay = cache, remote, delay
+        self.calls: list[tuple[str, str, float, float]] = []  # (revision, thread, start, end)
+
+    def __call__(self, repo_id, revision=None, allow_patterns=None, **_):
+        start = time.perf_counter()
+        repo = self.cache / ("models--" + repo_id.replace("/", "--"))
+        snapshot = repo / "snapshots" / commit_of(revision)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        (repo / "blobs").mkdir(exist_ok=True)
+        (repo / "refs").mkdir(exist_ok=True)
+        if not (repo / "refs" / revision).is_file():
+            (repo / "refs" / revision).write_text(commit_of(revision))
+        copied = False
+        for file in sorted(self.remote[revision].iterdir()):
+            if (snapshot / file.name).exists() or not any(fnmatch.fnmatch(file.name, p) for p in allow_patterns):
+                continue
+            data = file.read_bytes()
+            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+            if not blob.exists():  # blobs are shared by content, as in the real cache
+                blob.write_bytes(data)
+            (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+            copied = True
+        if copied:
+            time.sleep(self.delay)
+        self.calls.append((revision, threading.current_thread().name, start, time.perf_counter()))
+        return str(snapshot)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """Four revisions of org/run on the 'hub'; step1000 is already in the cache before the run."""
+    tokenizer = build_tokenizer()
+    remote = {}
+    for index, step in enumerate((1000, 2000, 3000, 4000)):
+        remote[f"step{step}"] = tmp_path / "remote" / f"step{step}"
+        save_checkpoint(remote[f"step{step}"], "gpt_neox", tokenizer, seed=index)
+    cache = tmp_path / "hf" / "hub"
+    make_hub_cache(cache, REPO, {"step1000": remote["step1000"]})
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    fake = FakeHub(cache, remote, delay=0.3)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    (tmp_path / "valid.txt").write_text("The quick brown fox jumps over the lazy dog.\n" * 4)
+    suite = tmp_path / "suite.toml"
+    suite.write_text('[eval]\nfiles = ["valid.txt"]\nseq_len = 16\n\n[[models]]\nname = "run"\n'
+                     f'hub_id = "{REPO}"\nrevisions = ["step1000", "step2000", "step3000", "step4000"]\n')
+    return fake, cache, suite
+
+
+def cache_files(cache: Path) -> dict[str, int]:
+    """Every file and link of the cache with its modification time (directories change as entries come and go)."""
+    return {str(p.relative_to(cache)): p.lstat().st_mtime_ns for p in cache.rglob("*") if not p.is_dir()}
+
+
+def test_prefetch_downloads_the_next_checkpoint_while_one_is_scored(hub, tmp_path, monkeypatch):
+    fake, _, suite = hub
+    scoring = []
+    real = extract_module.score_checkpoint
+
+    def timed(suite, root, sets, m, c, **kwargs):
+        start = time.perf_counter()
+        refused = real(suite, root, sets, m, c, **kwargs)
+        scoring.append((suite.models[m].checkpoints[c].revision, start, time.perf_counter()))
+        return refused
+
+    monkeypatch.setattr(extract_module, "score_checkpoint", timed)
+    extract(suite, tmp_path / "s.zarr", prefetch=1, progress=False)
+    weights = [call for call in fake.calls if call[1].startswith("tokendyn-prefetch")]
+    assert [call[0] for call in weights] == ["step1000", "step2000", "step3000", "step4000"]
+    started = {revision: start for revision, _, start, _ in weights}
+    for (revision, _, end), following in zip(scoring, ["step2000", "step3000", "step4000"]):
+        assert started[following] < end, f"{following} was not fetched while {revision} was scored"
+
+
+def test_evict_deletes_only_what_the_run_downloaded(hub, tmp_path):
+    _, cache, suite = hub
+    before = cache_files(cache)
+    out = tmp_path / "s.zarr"
+    extract(suite, out, evict=True, progress=False)
+    repo = cache / "models--org--run"
+    assert sorted(p.name for p in (repo / "refs").iterdir()) == ["step1000"]
+    assert sorted(p.name for p in (repo / "snapshots").iterdir()) == [commit_of("step1000")]
+    assert cache_files(cache) == before  # what was there before is untouched
+    assert xr.open_zarr(out).done.values.tolist() == [[True] * 4]
+
+
+def test_extract_without_evict_keeps_the_cache(hub, tmp_path):
+    _, cache, suite = hub
+    extract(suite, tmp_path / "s.zarr", prefetch=0, progress=False)
+    assert len(list((cache / "models--org--run" / "snapshots").iterdir())) == 4
+
+
+def siblings(folder: Path) -> list[RepoSibling]:
+    out = []
+    for file in sorted(folder.iterdir()):
+        data = file.read_bytes()
+        lfs = BlobLfsInfo(size=len(data), sha256=hashlib.sha256(data).hexdigest(), pointer_size=134) \
+            if file.suffix == ".safetensors" else None
+        out.append(RepoSibling(rfilename=file.name, size=len(data), lfs=lfs))
+    return out
+
+
+class FakeApi:
+    """HfApi.model_info with files_metadata, answered from the local 'hub' folders (and step3000 = step2000)."""
+
+    def __init__(self, remote: dict[str, Path]) -> None:
+        self.remote = remote
+
+    def model_info(self, repo_id, revision, files_metadata):
+        assert files_metadata
+        return type("Info", (), {"siblings": siblings(self.remote[revision])})
+
+
+def test_download_plan_sizes_hashes_and_resume(hub, tmp_path):
+    fake, cache, suite_path = hub
+    fake.remote["step3000"] = fake.remote["step2000"]  # published twice: identical weights
+    suite = load_suite(suite_path)
+    revisions = download.plan(suite, api=FakeApi(fake.remote))
+    sizes = [sum(f.stat().st_size for f in fake.remote[r].iterdir()) for r in ("step1000", "step2000", "step4000")]
+    assert sum(download.unique_bytes(revisions)) < sizes[0] + 2 * sizes[1] + sizes[2]  # step3000's weights counted once
+    assert [r.missing_bytes == 0 for r in revisions] == [True, False, False, False]  # step1000 is cached
+    pairs = download.identical(revisions)
+    assert [(a.revision, b.revision) for a, b in pairs] == [("step2000", "step3000")]
+
+    download.download(revisions, progress=False)
+    assert all(r.missing_bytes == 0 for r in download.plan(suite, api=FakeApi(fake.remote)))
+    # The fingerprint from the hub's hashes equals the one of the files in the cache, which reads no weights.
+    assert revisions[1].weights_hash == weights_fingerprint(suite.models[0].checkpoints[1])
+
+
+def test_cli_version_and_quiet(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("tokendyn ")
+    (tmp_path / "valid.txt").write_text("text\n")
+    assert main(["extract", "--out", str(tmp_path / "s.zarr"), "--quiet"]) == 2
+    assert "give a suite file, or --model" in capsys.readouterr().err
+
+
+def test_store_equal_with_and_without_prefetch(hub, tmp_path):
+    _, _, suite = hub
+    a = extract(suite, tmp_path / "a.zarr", prefetch=2, progress=False)
+    b = extract(suite, tmp_path / "b.zarr", prefetch=0, progress=False)
+    np.testing.assert_array_equal(xr.open_zarr(a).loss.values, xr.open_zarr(b).loss.values)

@@ -1,0 +1,122 @@
+"""Stores that grow: new checkpoints and new models are added without rescoring; the result equals a fresh run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+
+import tokendyn.models.extract as extract_module
+from tokendyn.errors import TokendynError
+from tokendyn.models.extract import extract
+
+from conftest import SAMPLE_TEXT, build_tokenizer, save_checkpoint, write_suite
+
+COMPARED = ("loss", "entropy", "done", "val_ppl", "weights_hash", "step", "tokens_seen", "source", "n_params",
+            "n_params_nonembed", "model", "ckpt", "token_id")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """Checkpoints of two models (opt: 4 steps, llama: 2) and an evaluation text; suites are written per test."""
+    root = tmp_path_factory.mktemp("grow")
+    write_suite(root, families=("opt",), steps=(0, 10, 20, 30))
+    tokenizer = build_tokenizer()
+    for index, step in enumerate((5, 15)):
+        save_checkpoint(root / "ckpts" / "llama" / f"step{step}", "llama", tokenizer, seed=50 + index)
+    (root / "other.txt").write_text("Completely different words here.\n" * 8)
+    return root
+
+
+def suite_toml(root: Path, name: str, opt_steps=(0, 10, 20, 30), llama_steps=(), seq_len=16, text="data/valid.txt",
+               order=("opt", "llama")) -> Path:
+    tables = {"opt": opt_steps, "llama": llama_steps}
+    lines = ["[eval]", f'files = ["{text}"]', f"seq_len = {seq_len}", "max_sequences = 6"]
+    for model in order:
+        if tables[model]:
+            ckpts = ", ".join(f'{{ step = {s}, path = "ckpts/{model}/step{s}" }}' for s in tables[model])
+            lines += ["", "[[models]]", f'name = "{model}"', "tokens_per_step = 100", f"checkpoints = [{ckpts}]"]
+    path = root / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def scored(monkeypatch) -> list:
+    """Record every (model, checkpoint) that is scored, while still scoring it."""
+    calls = []
+    real = extract_module.score_checkpoint
+
+    def spy(suite, root, sets, m, c, **kwargs):
+        calls.append((suite.models[m].name, suite.models[m].checkpoints[c].step))
+        return real(suite, root, sets, m, c, **kwargs)
+
+    monkeypatch.setattr(extract_module, "score_checkpoint", spy)
+    return calls
+
+
+def assert_same_store(got_path: Path, want_path: Path) -> None:
+    got, want = xr.open_zarr(got_path), xr.open_zarr(want_path)
+    for name in COMPARED:
+        np.testing.assert_array_equal(got[name].values, want[name].values, err_msg=name)
+    assert got.attrs["complete"] == want.attrs["complete"]
+    assert got.attrs["suite"] == want.attrs["suite"]
+
+
+def test_grow_by_checkpoints_then_by_a_model(folder, tmp_path, monkeypatch):
+    full = suite_toml(folder, "full", llama_steps=(5, 15))
+    fresh = extract(full, tmp_path / "fresh.zarr", metrics=["entropy"], progress=False)
+
+    calls = scored(monkeypatch)
+    store = tmp_path / "grown.zarr"
+    extract(suite_toml(folder, "first", opt_steps=(0, 10)), store, metrics=["entropy"], progress=False)
+    extract(suite_toml(folder, "more", opt_steps=(0, 10, 20, 30)), store, progress=False)
+    assert xr.open_zarr(store).sizes["ckpt"] == 4
+    extract(full, store, progress=False)
+    assert calls == [("opt", 0), ("opt", 10), ("opt", 20), ("opt", 30), ("llama", 5), ("llama", 15)]
+    assert_same_store(store, fresh)
+
+
+def test_grown_named_sets_equal_a_fresh_run(folder, tmp_path):
+    from tokendyn.config.suite import parse_set_table
+
+    extra = [parse_set_table({"name": "other", "files": "other.txt"}, "test", folder, 16)]
+    fresh = extract(suite_toml(folder, "full2", llama_steps=(5,)), tmp_path / "fresh.zarr", extra_sets=extra,
+                    progress=False)
+    store = tmp_path / "grown.zarr"
+    extract(suite_toml(folder, "small2", opt_steps=(0,)), store, extra_sets=extra, progress=False)
+    extract(suite_toml(folder, "full2", llama_steps=(5,)), store, extra_sets=extra, progress=False)
+    got, want = xr.open_zarr(store, group="sets/other"), xr.open_zarr(fresh, group="sets/other")
+    for name in ("loss", "done", "step", "source", "model"):
+        np.testing.assert_array_equal(got[name].values, want[name].values, err_msg=name)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(text="other.txt", opt_steps=(0, 20)), "was made from a different evaluation corpus"),
+    (dict(seq_len=8, opt_steps=(0, 20)), r"different evaluation corpus: seq_len 16 \(store\) vs 8 \(now\)"),
+    (dict(opt_steps=(0, 10, 20)), "model 'opt' has step 10 before the last stored step 20"),
+    (dict(opt_steps=(20,)), "model 'opt' lacks stored step 0"),
+    (dict(opt_steps=(0, 20), llama_steps=(5,), order=("llama", "opt")), "holds model 'opt', which is model #2 in "
+                                                                         "the suite, #1 in the store"),
+])
+def test_what_cannot_be_merged_is_refused(folder, tmp_path, kwargs, message):
+    store = tmp_path / "s.zarr"
+    extract(suite_toml(folder, "base", opt_steps=(0, 20)), store, progress=False)
+    before = sorted((p.relative_to(store), p.stat().st_mtime_ns) for p in store.rglob("*"))
+    with pytest.raises(TokendynError, match=message):
+        extract(suite_toml(folder, "changed", **kwargs), store, progress=False)
+    assert sorted((p.relative_to(store), p.stat().st_mtime_ns) for p in store.rglob("*")) == before
+
+
+def test_other_metrics_and_tokenizer_refused(folder, tmp_path):
+    store = tmp_path / "s.zarr"
+    extract(suite_toml(folder, "base", opt_steps=(0,)), store, progress=False)
+    with pytest.raises(TokendynError, match="holds metrics loss, not loss,rank"):
+        extract(suite_toml(folder, "more", opt_steps=(0, 10)), store, metrics=["rank"], progress=False)
+    save_checkpoint(folder / "ckpts" / "opt" / "step99", "opt", build_tokenizer(vocab_size=280, text=SAMPLE_TEXT * 2),
+                    seed=9)
+    other = folder / "othertok.toml"
+    other.write_text(suite_toml(folder, "x", opt_steps=(0,)).read_text().replace("step0", "step99"))
+    with pytest.raises(TokendynError, match="different tokenizer"):
+        extract(other, store, progress=False)

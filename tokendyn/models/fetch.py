@@ -1,0 +1,104 @@
+"""Hub checkpoints without a terabyte cache: download ahead of scoring, evict what this run downloaded.
+
+`Fetcher` downloads the next `prefetch` hub checkpoints in a background thread (with
+`huggingface_hub.snapshot_download`, through `checkpoints.resolve`) while the current one is scored,
+so loading overlaps compute. With `evict`, a revision is deleted from the Hugging Face cache with
+huggingface_hub's cache API once its checkpoint is scored and marked done, and only if its commit
+was not in the cache when the run started (`cache_state()`): files tokendyn did not download are
+never touched. Local checkpoints pass through untouched.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import huggingface_hub
+from huggingface_hub import constants as hub_constants
+
+from tokendyn.config.suite import Checkpoint
+from tokendyn.errors import TokendynError
+from tokendyn.models import checkpoints
+
+
+def cache_state() -> set[tuple[str, str]]:
+    """(repo id, commit) of every model revision in the Hugging Face cache now."""
+    cache = Path(hub_constants.HF_HUB_CACHE)
+    if not cache.is_dir():
+        return set()
+    try:
+        info = huggingface_hub.scan_cache_dir(cache)
+    except huggingface_hub.CacheNotFound:
+        return set()
+    return {(repo.repo_id, revision.commit_hash) for repo in info.repos if repo.repo_type == "model"
+            for revision in repo.revisions}
+
+
+def cached_commit(hub_id: str, revision: str) -> str | None:
+    """The commit a revision name points to in the local cache (refs/<revision>), or None."""
+    ref = Path(hub_constants.HF_HUB_CACHE) / ("models--" + hub_id.replace("/", "--")) / "refs" / revision
+    if ref.is_file():
+        return ref.read_text().strip()
+    return revision if len(revision) == 40 and all(ch in "0123456789abcdef" for ch in revision) else None
+
+
+def evict(hub_id: str, revision: str, keep: set[tuple[str, str]]) -> int:
+    """Delete `hub_id@revision` from the cache unless its commit is in `keep`; returns the bytes freed."""
+    commit = cached_commit(hub_id, revision)
+    if commit is None or (hub_id, commit) in keep:
+        return 0
+    strategy = huggingface_hub.scan_cache_dir(hub_constants.HF_HUB_CACHE).delete_revisions(commit)
+    strategy.execute()
+    return strategy.expected_freed_size
+
+
+class Fetcher:
+    """Download hub checkpoints ahead of use, in the order they will be scored.
+
+    ckpts: every checkpoint of the run, in scoring order; prefetch: how many to download ahead
+    (0: each is downloaded when it is loaded); evict: delete a revision after `release` if the run
+    downloaded it; before: `cache_state()` taken before the run touched the cache (required with evict).
+    """
+
+    def __init__(self, ckpts: list[Checkpoint], prefetch: int = 1, evict: bool = False, allow_pickle: bool = False,
+                 before: set[tuple[str, str]] | None = None) -> None:
+        if prefetch < 0:
+            raise TokendynError(f"--prefetch {prefetch} is negative; give 0 (no prefetch) or more")
+        if evict and before is None:
+            before = cache_state()
+        self.order = [c for c in ckpts if c.path is None]
+        self.prefetch, self.evict, self.allow_pickle, self.before = prefetch, evict, allow_pickle, before or set()
+        self.freed = 0
+        self._futures: dict[int, Future] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokendyn-prefetch") \
+            if prefetch > 0 and self.order else None
+
+    def __enter__(self) -> Fetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def wait(self, ckpt: Checkpoint) -> None:
+        """Block until `ckpt` is downloaded (if it is a hub checkpoint), and start the next downloads."""
+        if self._pool is None or ckpt.path is not None:
+            return
+        index = self._index(ckpt)
+        for ahead in range(index, min(index + 1 + self.prefetch, len(self.order))):
+            if ahead not in self._futures:
+                self._futures[ahead] = self._pool.submit(checkpoints.resolve, self.order[ahead], True,
+                                                         self.allow_pickle)
+        self._futures.pop(index).result()  # re-raises a failed download's TokendynError here
+
+    def release(self, ckpt: Checkpoint) -> None:
+        """`ckpt` is scored and marked done: evict its revision unless a later checkpoint still needs it."""
+        if not self.evict or ckpt.path is not None:
+            return
+        index = self._index(ckpt)
+        later = any((c.hub_id, c.revision) == (ckpt.hub_id, ckpt.revision) for c in self.order[index + 1:])
+        if not later:
+            self.freed += evict(ckpt.hub_id, ckpt.revision, self.before)
+
+    def _index(self, ckpt: Checkpoint) -> int:
+        return next(i for i, c in enumerate(self.order) if c is ckpt or c == ckpt)

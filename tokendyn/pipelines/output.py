@@ -1,0 +1,88 @@
+"""Output folders that never destroy what tokendyn did not write (`analyze`, `report`, `python -m analyses.X`).
+
+A folder written by tokendyn carries a marker file, `.tokendyn-output`. A run writes its results
+into a fresh temporary sibling (`.NAME.tmp-PID`) and swaps it in only when complete:
+
+1. the previous folder (if any) is renamed to `.NAME.old-PID`,
+2. the temporary folder is renamed to NAME,
+3. the previous folder is deleted.
+
+So a killed run leaves the previous results whole (under NAME, or, killed between 1 and 2, under
+`.NAME.old-PID`, which the next run puts back before anything else). Every file is created inside
+the fresh temporary folder, which holds no symlinks, so nothing written follows a link out of it.
+A non-empty folder without the marker (the store itself, a folder holding a user's files) is
+refused, and so is a path that is a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from tokendyn.errors import TokendynError
+
+MARKER = ".tokendyn-output"
+
+
+def mark(folder: Path) -> None:
+    """Put the marker into a folder tokendyn wrote."""
+    (folder / MARKER).write_text("written by tokendyn; the whole folder is replaced by the next run\n")
+
+
+def _siblings(folder: Path, kind: str) -> list[Path]:
+    """Leftovers `.NAME.<kind>-PID` of earlier runs that carry the marker (so tokendyn made them)."""
+    return [p for p in folder.parent.glob(f".{folder.name}.{kind}-*")
+            if p.is_dir() and not p.is_symlink() and (p / MARKER).is_file()]
+
+
+def check(folder: Path) -> None:
+    """Raise a one-line TokendynError unless folder may be (re)written: absent, empty, or made by tokendyn."""
+    if folder.is_symlink():
+        raise TokendynError(f"output folder {folder} is a symbolic link; give the real folder with --out")
+    if folder.exists() and not folder.is_dir():
+        raise TokendynError(f"output path {folder} is a file, not a folder; choose another --out")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / MARKER).is_file():
+        raise TokendynError(f"output folder {folder} is not empty and was not written by tokendyn (no {MARKER}); "
+                            "choose an empty or new folder with --out")
+
+
+def _recover(folder: Path) -> None:
+    """Put back the previous results of a run killed mid-swap; delete the temporary folders of killed runs."""
+    old = _siblings(folder, "old")
+    if not folder.exists() and old:
+        old[0].rename(folder)
+    for leftover in [*_siblings(folder, "tmp"), *_siblings(folder, "old")]:
+        shutil.rmtree(leftover)
+
+
+@contextlib.contextmanager
+def output_folder(folder: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `folder`; on success, swap it in as `folder`.
+
+    Raises TokendynError (before any work) when `folder` is a file, a symlink, or a non-empty folder
+    that tokendyn did not write. On an exception the temporary folder is removed and `folder` is untouched.
+    """
+    folder = Path(folder).absolute()
+    _recover(folder)
+    check(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    if tmp.exists() or tmp.is_symlink():
+        raise TokendynError(f"{tmp} is in the way (not written by tokendyn); move it, then rerun")
+    tmp.mkdir()
+    mark(tmp)
+    try:
+        yield tmp
+        check(folder)  # still ours: nobody put files there while we ran
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    if old.exists():
+        shutil.rmtree(old)
