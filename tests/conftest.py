@@ -73,14 +73,18 @@ def save_checkpoint(path: Path, family: str, tokenizer, seed: int, max_positions
 
 
 def write_suite(root: Path, families=("opt",), steps=(0, 10, 20), seq_len: int = 16,
-                max_sequences: int | None = None, text: str | None = None) -> Path:
-    """Write checkpoints, an evaluation file and a suite.toml under `root`; return the TOML path."""
+                max_sequences: int | None = None, text: str | None = None, split: str | None = None) -> Path:
+    """Write checkpoints, an evaluation file and a suite.toml under `root`; return the TOML path.
+
+    The evaluation file is one document unless `split` ("paragraph", "line") says otherwise."""
     tokenizer = build_tokenizer()
     (root / "data").mkdir(parents=True, exist_ok=True)
     (root / "data" / "valid.txt").write_text(text if text is not None else SAMPLE_TEXT.replace("\n", "\n\n"))
     lines = ["[eval]", 'files = ["data/valid.txt"]', f"seq_len = {seq_len}"]
     if max_sequences is not None:
         lines.append(f"max_sequences = {max_sequences}")
+    if split is not None:
+        lines.append(f'split = "{split}"')
     for f_index, family in enumerate(families):
         ckpts = []
         for s_index, step in enumerate(steps):

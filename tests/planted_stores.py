@@ -1,9 +1,12 @@
-"""Synthetic stores in the store contract layout (docs/store.md) with planted trajectories, and the
+"""Synthetic stores in the store contract layout (docs/store.md, format 2) with planted trajectories, and the
 one planted store the analysis, analyze and report tests share (`planted_folder`, built once per test
 session; the `planted_store` fixture of conftest.py opens it).
 
 `write_store` writes any loss array as a contract store with `ds.to_zarr` and reopens it with
-`xr.open_zarr`, so the analyses run on lazy dask arrays as they do on real stores.
+`xr.open_zarr`, so the analyses run on lazy dask arrays as they do on real stores. Losses are
+given on a (seq, pos) grid for convenience, as sequences starting with a context-only token:
+the store holds the scored tokens only (pos > 0 and token_id >= 0, `scored_mask`), flattened in
+row-major order along the `token` dim, with doc = seq and offset = pos - 1.
 `planted_suite` builds a three-size suite whose token losses are functions of a per-model
 "progress" h in [0, h_max]: every token's loss depends on training only through h, validation
 perplexity falls monotonically in h, so the sizes coincide at matched perplexity; the sizes reach
@@ -19,6 +22,7 @@ import numpy as np
 import xarray as xr
 
 import tokendyn
+from tokendyn.store import FORMAT_VERSION
 
 KINDS = ("stagnating", "downward", "upward", "double_descent")
 PROPORTIONS = (0.2, 0.55, 0.15, 0.1)
@@ -34,12 +38,24 @@ KIND_TOKENS = {"stagnating": [10, 11], "downward": list(range(20, 30)), "upward"
                "double_descent": [50, 51]}
 
 
+def scored_mask(token_id: np.ndarray) -> np.ndarray:
+    """(seq, pos) cells of a grid that become stored tokens: not the first position, not padding."""
+    return (np.asarray(token_id) >= 0) & (np.arange(np.shape(token_id)[1]) > 0)[None, :]
+
+
+def flat(grid: np.ndarray, token_id: np.ndarray | None = None) -> np.ndarray:
+    """A (..., seq, pos) grid as (..., token), the way `write_store` stores it."""
+    grid = np.asarray(grid)
+    mask = scored_mask(np.full(grid.shape[-2:], 7) if token_id is None else token_id)
+    return grid[..., mask]
+
+
 def write_store(path: Path, loss: np.ndarray, steps: np.ndarray, *, models=None, n_params=None,
                 tokens_seen=None, token_id=None, vocab=None, seq_chunk: int = 8) -> xr.Dataset:
     """Write loss (model, ckpt, seq, pos) and steps (model, ckpt; NaN = no such checkpoint) as a store.
 
-    Applies the contract's NaNs (position 0, padding where token_id == -1, missing checkpoints),
-    derives val_ppl = exp(mean loss) per checkpoint, and returns the reopened lazy dataset.
+    Keeps the scored cells (`scored_mask`) as the token dim, NaN on missing checkpoints, derives
+    val_ppl = exp(mean loss) per checkpoint, and returns the reopened lazy dataset.
     vocab: the text of every token id (the store's `vocab_text`); none by default.
     """
     loss = np.array(loss, dtype=np.float32)
@@ -49,29 +65,29 @@ def write_store(path: Path, loss: np.ndarray, steps: np.ndarray, *, models=None,
     n_params = np.asarray(n_params if n_params is not None else [1e6 * 10**i for i in range(n_models)], float)
     token_id = np.asarray(token_id if token_id is not None else np.full((n_seq, n_pos), 7), dtype=np.int64)
     done = np.isfinite(steps)
-    loss[:, :, :, 0] = np.nan
-    loss[:, :, token_id < 0] = np.nan
+    mask = scored_mask(token_id)
+    loss = loss[:, :, mask]
     loss[~done] = np.nan
+    seq, pos = np.nonzero(mask)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # missing checkpoints: mean of nothing
-        mean = np.nanmean(loss.reshape(n_models, n_ckpt, -1).astype(np.float64), axis=-1)
+        mean = np.nanmean(loss.astype(np.float64), axis=-1)
     ds = xr.Dataset(
-        {"loss": (("model", "ckpt", "seq", "pos"), loss), "done": (("model", "ckpt"), done)},
+        {"loss": (("model", "ckpt", "token"), loss), "done": (("model", "ckpt"), done)},
         coords={
             "model": np.array(models, dtype=np.dtypes.StringDType()), "ckpt": np.arange(n_ckpt),
             "step": (("model", "ckpt"), steps),
             "val_ppl": (("model", "ckpt"), np.where(done, np.exp(mean), np.nan)),
             "tokens_seen": (("model", "ckpt"), steps * TOKENS_PER_STEP if tokens_seen is None else tokens_seen),
             "n_params": ("model", n_params), "n_params_nonembed": ("model", n_params / 2),
-            "token_id": (("seq", "pos"), token_id),
-            "token_doc": (("seq", "pos"), np.where(token_id >= 0, np.arange(n_seq)[:, None], -1)),
-            "doc": ("seq", np.arange(n_seq)),
+            "token_id": ("token", token_id[mask]), "doc": ("token", seq), "offset": ("token", pos - 1),
+            "n_context": ("token", pos),
         },
     )
     if vocab is not None:
         ds = ds.assign_coords(vocab_text=("vocab", np.array(vocab, dtype=object)))
-    ds.attrs["tokendyn_version"] = tokendyn.__version__  # what `tokendyn.open_store` checks for
-    ds.chunk({"model": 1, "ckpt": 1, "seq": seq_chunk, "pos": -1}).to_zarr(path, mode="w", consolidated=True)
+    ds.attrs.update(tokendyn_version=tokendyn.__version__, format_version=FORMAT_VERSION)  # checked by open_store
+    ds.chunk({"model": 1, "ckpt": 1, "token": seq_chunk * (n_pos - 1)}).to_zarr(path, mode="w", consolidated=True)
     return xr.open_zarr(path)
 
 
@@ -98,7 +114,7 @@ def planted_suite(path: Path, n_seq: int = 24, seq_len: int = 32, noise: float =
     vocab: the text of every token id (default " w<id>" for 64 ids; age of acquisition's chance level
     is ln of the vocabulary size).
 
-    truth: "kind" (seq, pos) index into KINDS (-1 where no prediction), "base", "amp" (seq, pos),
+    truth: "kind" (token,) index into KINDS, "base", "amp" (token,),
     "h" (model, ckpt) progress (NaN where the model has fewer checkpoints), "h_max" per model.
     """
     rng = np.random.default_rng(seed)
@@ -124,37 +140,37 @@ def planted_suite(path: Path, n_seq: int = 24, seq_len: int = 32, noise: float =
     loss += rng.normal(0, noise, loss.shape)
     ds = write_store(path, loss, steps, models=list(SIZES), n_params=[v[0] for v in SIZES.values()],
                      token_id=token_id, vocab=[f" w{i}" for i in range(64)] if vocab is None else vocab)
-    valid = (token_id >= 0) & (np.arange(seq_len) > 0)[None, :]
-    truth = {"kind": np.where(valid, kind, -1), "base": base, "amp": amp, "h": h,
+    truth = {"kind": flat(kind, token_id), "base": flat(base, token_id), "amp": flat(amp, token_id), "h": h,
              "h_max": np.array([v[1] for v in SIZES.values()])}
     return ds, truth
 
 
 def write_tiled_store(path: Path, row_loss: np.ndarray, steps: np.ndarray, n_seq: int,
                       seq_chunk: int = 256) -> xr.Dataset:
-    """A large store whose every sequence repeats row_loss (model, ckpt, pos), written chunk by chunk.
+    """A large store whose every sequence repeats row_loss (model, ckpt, pos) (pos 0 not stored), written chunk by chunk.
 
     The loss array never exists in memory here, and repeated rows compress to almost nothing on
     disk, so a store far larger than a memory cap is quick to write.
     """
     import dask.array as dsa
 
-    row_loss = np.array(row_loss, dtype=np.float32)
-    row_loss[:, :, 0] = np.nan
+    row_loss = np.array(row_loss, dtype=np.float32)[:, :, 1:]
     n_models, n_ckpt, n_pos = row_loss.shape
     shape = (n_models, n_ckpt, n_seq, n_pos)
     loss = dsa.broadcast_to(dsa.from_array(row_loss[:, :, None, :], chunks=(1, 1, 1, n_pos)), shape)
+    loss = loss.rechunk((1, 1, seq_chunk, n_pos)).reshape(n_models, n_ckpt, n_seq * n_pos)
     ds = xr.Dataset(
-        {"loss": (("model", "ckpt", "seq", "pos"), loss.rechunk((1, 1, seq_chunk, n_pos))),
+        {"loss": (("model", "ckpt", "token"), loss),
          "done": (("model", "ckpt"), np.isfinite(steps))},
         coords={"model": np.array([f"m{i}" for i in range(n_models)], dtype=np.dtypes.StringDType()),
                 "ckpt": np.arange(n_ckpt),
                 "step": (("model", "ckpt"), steps), "tokens_seen": (("model", "ckpt"), steps * TOKENS_PER_STEP),
                 "val_ppl": (("model", "ckpt"), np.exp(np.nanmean(row_loss, axis=-1))),
                 "n_params": ("model", 1e6 * 10 ** np.arange(n_models)),
-                "token_id": (("seq", "pos"), dsa.full((n_seq, n_pos), 7, dtype=np.int32, chunks=(seq_chunk, n_pos)))},
+                "token_id": ("token", dsa.full(n_seq * n_pos, 7, dtype=np.int32, chunks=seq_chunk * n_pos)),
+                "doc": ("token", dsa.arange(n_seq * n_pos, chunks=seq_chunk * n_pos) // n_pos)},
     )
-    ds.attrs["tokendyn_version"] = tokendyn.__version__
+    ds.attrs.update(tokendyn_version=tokendyn.__version__, format_version=FORMAT_VERSION)
     ds.to_zarr(path, mode="w", consolidated=True)
     return xr.open_zarr(path)
 
@@ -172,7 +188,8 @@ def vocabulary(size: int = 64) -> np.ndarray:
 
 def planted_store_with_vocab(path: Path, **options) -> tuple[xr.Dataset, dict]:
     """`planted_suite` plus a `vocab_text` coordinate; returns (the store opened by tokendyn, truth)."""
-    vocab = xr.Dataset(coords={"vocab_text": ("vocab", vocabulary())}, attrs={"tokendyn_version": tokendyn.__version__})
+    vocab = xr.Dataset(coords={"vocab_text": ("vocab", vocabulary())}, attrs={"tokendyn_version": tokendyn.__version__,
+                                                                                  "format_version": FORMAT_VERSION})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr's note that consolidated metadata is not in the v3 spec
         _, truth = planted_suite(path, **options)

@@ -56,12 +56,12 @@ def test_dataset_methods_have_the_functions_signature_and_doc(ds, name):
 
 @pytest.mark.parametrize("name", CURVE_METHODS)
 def test_curve_methods_have_the_functions_signature(ds, name):
-    curve = ds["loss"].mean(["seq", "pos"])
+    curve = ds["loss"].mean("token")
     assert inspect.signature(getattr(curve.tokendyn, name)) == _without_first(CURVE_METHODS[name])
 
 
 def test_methods_call_the_function_with_the_dataset(ds):
     xr.testing.assert_identical(ds.tokendyn.x_axis("tokens_seen"), trajectories.x_axis(ds, "tokens_seen"))
     xr.testing.assert_identical(ds.tokendyn.double_descent(tol=0.2), trajectories.double_descent(ds, 0.2))
-    curve = ds["loss"].mean(["seq", "pos"]).compute()
+    curve = ds["loss"].mean("token").compute()
     xr.testing.assert_identical(curve.tokendyn.turning_points(tol=0.01), sequences.turning_points(curve, 0.01))

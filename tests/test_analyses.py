@@ -29,7 +29,7 @@ Planted = namedtuple("Planted", "ds truth loss steps report")
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory) -> Planted:
-    """The planted store, its truth, raw losses (model, ckpt, seq, pos) in float64, steps (model, ckpt)
+    """The planted store, its truth, raw losses (model, ckpt, token) in float64, steps (model, ckpt)
     and the folder of the report written on it."""
     folder = planted_report(tmp_path_factory)
     ds = tokendyn.open_store(folder / "p.zarr")
@@ -50,23 +50,23 @@ def _valid(truth) -> np.ndarray:
 
 
 def _linregress_category(loss: np.ndarray, steps: np.ndarray, start: float, alpha=0.05, band=0.05) -> np.ndarray:
-    """Trend category codes (seq, pos) of one model's loss (ckpt, seq, pos), token by token with
+    """Trend category codes (token,) of one model's loss (ckpt, token), token by token with
     scipy.stats.linregress on x = log(step) (stagnated 0, upward 1, downward 2, uncategorised 3, -1 none)."""
     keep = np.isfinite(steps) & (steps > 0)
     loss, steps = loss[keep], steps[keep]
     j = int(np.searchsorted(steps, start * steps[-1]))
     x = np.log(steps[j:])
     codes = np.full(loss.shape[1:], -1)
-    for s, p in zip(*np.nonzero(np.isfinite(loss[j:]).all(axis=0))):
-        ppl = np.exp(loss[j:, s, p])
+    for t in np.flatnonzero(np.isfinite(loss[j:]).all(axis=0)):
+        ppl = np.exp(loss[j:, t])
         fit = scipy.stats.linregress(x, ppl / ppl[0])
         geo = np.exp(np.log(ppl).mean())
         if fit.pvalue < alpha:
-            codes[s, p] = 1 if fit.slope > 0 else 2
+            codes[t] = 1 if fit.slope > 0 else 2
         elif abs(ppl[0] / geo - 1) <= band and abs(ppl[-1] / geo - 1) <= band:
-            codes[s, p] = 0
+            codes[t] = 0
         else:
-            codes[s, p] = 3
+            codes[t] = 3
     return codes
 
 

@@ -37,9 +37,9 @@ def test_writes_every_table_and_label_group(analysed):
     assert (folder / "findings.txt").read_text().startswith("perplexity: ")
     for group in GROUPS:
         labels = xr.open_zarr(folder / "labels.zarr", group=group, consolidated=False)
-        assert labels.sizes["seq"] == ds.sizes["seq"] and labels.sizes["pos"] == ds.sizes["pos"]
+        assert labels.sizes["token"] == ds.sizes["token"]
     trends = xr.open_zarr(folder / "labels.zarr", group="trends", consolidated=False)["trend"]
-    assert trends.dims == ("model", "start", "seq", "pos") and flag_names(trends)[0] == "stagnated"
+    assert trends.dims == ("model", "start", "token") and flag_names(trends)[0] == "stagnated"
 
 
 def test_analyze_writes_the_tables_the_report_shows(analysed, tmp_path_factory):
@@ -120,4 +120,4 @@ def test_analyze_a_real_extracted_store(tmp_path, capsys):
     vocab = ds["vocab_text"].values
     assert all(text == show_whitespace(vocab[i]) for i, text in zip(tokens["token_id"], tokens["text"]))
     trends = xr.open_zarr(folder / "labels.zarr", group="trends", consolidated=False)["trend"]
-    assert trends.sizes["seq"] == ds.sizes["seq"]
+    assert trends.sizes["token"] == ds.sizes["token"]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from planted_stores import KIND_TOKENS, KINDS, write_store
+from planted_stores import KIND_TOKENS, KINDS, flat, write_store
 from tokendyn.analysis.clusters import cluster, name_shape
 
 
@@ -54,7 +54,7 @@ def test_planted_shapes_on_the_matched_perplexity_grid(planted):
 def test_double_descent_cluster_on_one_models_checkpoints(planted):
     ds, truth = planted
     result = cluster(ds, n_clusters=5, on="checkpoints", model="large")
-    assert result.labels.dims == ("model", "seq", "pos")
+    assert result.labels.dims == ("model", "token")
     codes, kind = result.labels.values[0], truth["kind"]
     majority = _majority(codes, kind, result.names)
     assert majority["stagnating"][0] == "stagnating" and majority["upward"][0] == "rising"
@@ -121,7 +121,7 @@ def full_range(tmp_path_factory):
             loss[m, :count] = np.where(kind == k, planted_loss(name, base, amp, h), loss[m, :count])
     loss += rng.normal(0, 0.005, loss.shape)
     ds = write_store(tmp_path_factory.mktemp("full") / "f.zarr", loss, steps, models=["small", "large"])
-    kind[:, 0] = -1  # no prediction at position 0
+    kind = flat(kind)  # the stored tokens (position 0 has no prediction and is not stored)
     return ds, kind
 
 

@@ -1,13 +1,15 @@
-"""Packing: documents into fixed-length sequences, annotations into per-token coordinates."""
+"""Documents, protocols and windows; annotations into per-token coordinates."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 
-from tokendyn.data.corpus import PAD, pack, read_documents
 from tokendyn.config.suite import EvalSet
+from tokendyn.data.corpus import read_documents, rolling_windows, tokenize_set
+from tokendyn.errors import TokendynError
 
 DOCS = ["Alice was born in Paris in 1970 and works as a baker.", "Bob lives in Berlin.",
         "The quick brown fox jumps over the lazy dog. " * 3]
@@ -16,54 +18,71 @@ DOCS = ["Alice was born in Paris in 1970 and works as a baker.", "Bob lives in B
 def text_set(tmp_path, **kwargs) -> EvalSet:
     path = tmp_path / "valid.txt"
     path.write_text("\n\n".join(DOCS) + "\n")
-    return EvalSet(name="main", files=(path,), seq_len=kwargs.pop("seq_len", 16), **kwargs)
+    return EvalSet(name="main", files=(path,), seq_len=kwargs.pop("seq_len", 16), split="paragraph", **kwargs)
 
 
 def ids_of(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def test_document_packing(tmp_path, tokenizer):
-    packed = pack(text_set(tmp_path), tokenizer)
-    bos = tokenizer.bos_token_id
+def test_rolling_windows_rule():
+    # lm-eval's rule for 40 targets after one prefix token, L = 16: ends 17, 33, 41; the last right-aligned
+    assert rolling_windows(41, 1, 16, 16) == [(0, 1, 17), (16, 17, 33), (24, 33, 41)]
+    assert rolling_windows(41, 1, 16, 8) == [(0, 1, 17), (8, 17, 25), (16, 25, 33), (24, 33, 41)]
+    assert rolling_windows(5, 1, 16, 16) == [(0, 1, 5)]
+
+
+def test_rolling_windows_of_documents(tmp_path, tokenizer):
+    scored = tokenize_set(text_set(tmp_path), tokenizer)
+    eos = tokenizer.eos_token_id  # this tokenizer adds nothing itself: EOS is the prefix, as in lm-eval
+    expected = [(d, i, t) for d, text in enumerate(DOCS) for i, t in enumerate(ids_of(tokenizer, text.strip()))]
+    assert list(zip(scored.doc.tolist(), scored.offset.tolist(), scored.token_id.tolist())) == expected
     for d, text in enumerate(DOCS):
-        rows = np.flatnonzero(packed.doc == d)
-        tokens = packed.token_id[rows].reshape(-1)
-        assert tokens[tokens != PAD].tolist() == [bos] + ids_of(tokenizer, text.strip())
-        assert (packed.token_doc[rows][packed.token_id[rows] != PAD] == d).all()
-        assert np.all(np.diff(rows) == 1)  # a document's sequences are consecutive
-    assert (packed.token_doc[packed.token_id == PAD] == PAD).all()
-    # padding only at the end of a document's last sequence
-    for row in packed.token_id:
-        real = row != PAD
-        assert real[: real.sum()].all()
+        ids = ids_of(tokenizer, text.strip())
+        first = next(w for w, t in zip(scored.windows, scored.targets) if scored.doc[t[t >= 0][0]] == d)
+        assert first.tolist()[:2] == [eos, ids[0]]  # the prefix is context only
+    assert all(len(w) - 1 <= 16 for w in scored.windows)
+    assert scored.params["prefix_text"] == "</s>"
 
 
-def test_concat_packing(tmp_path, tokenizer):
-    packed = pack(text_set(tmp_path, packing="concat"), tokenizer)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    stream = [t for text in DOCS for t in [bos, *ids_of(tokenizer, text.strip()), eos]]
-    flat = packed.token_id.reshape(-1)
-    assert flat[flat != PAD].tolist() == stream
-    assert (flat[len(stream):] == PAD).all()
-    assert packed.n_seq == -(-len(stream) // 16)
+def test_concat_joins_documents_with_context_only_separators(tmp_path, tokenizer):
+    scored = tokenize_set(text_set(tmp_path, context="concat"), tokenizer)
+    eos = tokenizer.eos_token_id
+    stream = [eos] + [t for text in DOCS for t in [*ids_of(tokenizer, text.strip()), eos]][:-1]
+    assert scored.windows[0].tolist() == stream[:17]
+    assert scored.token_id.tolist() == [t for text in DOCS for t in ids_of(tokenizer, text.strip())]
+    assert len(scored.windows) == -(-(len(stream) - 1) // 16)
+    assert scored.n_context.max() == 16 and scored.inserted == {"</s>": 3}
 
 
-def test_no_bos_and_max_sequences(tmp_path, tokenizer):
-    packed = pack(text_set(tmp_path, bos=False, max_sequences=2), tokenizer)
-    assert packed.n_seq == 2
-    assert packed.token_id[0, 0] == ids_of(tokenizer, DOCS[0])[0]
-    assert packed.n_predicted == int((packed.token_id[:, 1:] != PAD).sum())
+def test_no_prefix_and_max_sequences(tmp_path, tokenizer):
+    scored = tokenize_set(text_set(tmp_path, prefix="none", max_sequences=2), tokenizer)
+    assert len(scored.windows) == 2
+    assert scored.windows[0][0] == ids_of(tokenizer, DOCS[0])[0]
+    assert scored.token_id[0] == ids_of(tokenizer, DOCS[0])[1]  # the first token has no context: not scored
+    assert scored.n_tokens == sum(int((t >= 0).sum()) for t in scored.targets)
+
+
+def test_packed_refuses_a_long_document(tmp_path, tokenizer):
+    with pytest.raises(TokendynError, match="needs .* positions, more than seq_len = 8"):
+        tokenize_set(text_set(tmp_path, context="packed", seq_len=8), tokenizer)
+
+
+def test_prefix_overrides(tmp_path, tokenizer):
+    assert tokenize_set(text_set(tmp_path, prefix="<s>"), tokenizer).windows[0][0] == tokenizer.bos_token_id
+    assert tokenize_set(text_set(tmp_path, prefix=3), tokenizer).windows[0][0] == 3
+    with pytest.raises(TokendynError, match="not a token"):
+        tokenize_set(text_set(tmp_path, prefix="<nope>"), tokenizer)
 
 
 def test_txt_and_jsonl_give_the_same_sequences(tmp_path, tokenizer):
     jsonl = tmp_path / "valid.jsonl"
     jsonl.write_text("\n".join(json.dumps({"text": t.strip()}) for t in DOCS) + "\n")
-    from_txt = pack(text_set(tmp_path), tokenizer)
-    from_jsonl = pack(EvalSet(name="main", files=(jsonl,), seq_len=16), tokenizer)
+    from_txt = tokenize_set(text_set(tmp_path), tokenizer)
+    from_jsonl = tokenize_set(EvalSet(name="main", files=(jsonl,), seq_len=16), tokenizer)
     np.testing.assert_array_equal(from_txt.token_id, from_jsonl.token_id)
-    assert from_txt.fingerprint == from_jsonl.fingerprint
-    assert pack(text_set(tmp_path, seq_len=12), tokenizer).fingerprint != from_txt.fingerprint
+    assert from_txt.fingerprint != from_jsonl.fingerprint  # the split is part of the protocol
+    assert tokenize_set(text_set(tmp_path, seq_len=12), tokenizer).fingerprint != from_txt.fingerprint
 
 
 def test_spans_and_document_fields(tmp_path, tokenizer):
@@ -73,16 +92,16 @@ def test_spans_and_document_fields(tmp_path, tokenizer):
                         {"start": 18, "end": 23, "role": "value", "rank": 3}]}
     path = tmp_path / "a.jsonl"
     path.write_text(json.dumps(record) + "\n" + json.dumps({"text": "Bob."}) + "\n")
-    packed = pack(EvalSet(name="main", files=(path,), seq_len=32), tokenizer)
+    packed = tokenize_set(EvalSet(name="main", files=(path,), seq_len=32), tokenizer)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     starts = np.asarray([a for a, _ in enc["offset_mapping"]])
     expected_role = np.where(starts < 5, "name", np.where((starts >= 18) & (starts < 23), "value", ""))
     n = len(starts)
-    assert packed.token_fields["role"][0, 1: n + 1].tolist() == expected_role.tolist()
-    assert packed.token_fields["role"][0, 0] == ""  # BOS
-    assert packed.token_fields["rank"][0, 1: n + 1].tolist() == np.where(expected_role == "value", 3, -1).tolist()
-    assert packed.doc_fields["topic"].tolist() == ["bio", ""]
-    assert packed.doc_fields["year"].tolist() == [1970, -1]
+    assert packed.token_fields["role"][:n].tolist() == expected_role.tolist()
+    assert packed.token_fields["rank"][:n].tolist() == np.where(expected_role == "value", 3, -1).tolist()
+    n_bob = packed.n_tokens - n
+    assert packed.token_fields["topic"].tolist() == ["bio"] * n + [""] * n_bob  # document fields, per token
+    assert packed.token_fields["year"].tolist() == [1970] * n + [-1] * n_bob
 
 
 def test_pairs(tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from planted_stores import write_store
+from planted_stores import flat, write_store
 from tokendyn.analysis.curves import (RHO1_CLASSES, _sigmoid_midpoint, age_of_acquisition, cartography,
                                       curve_measures, final_loss, forgettability, rho1_classes, uniform_loss)
 from tokendyn.analysis.labels import flag_names, label_share
@@ -44,8 +44,7 @@ def test_forgettability(random_store):
         y = _done_loss(ds, m)
         smooth = np.array([y[max(0, i - 1): i + 2].mean(axis=0) for i in range(len(y))])
         expected = np.clip(np.diff(smooth, axis=0), 0, None).sum(axis=0)
-        np.testing.assert_allclose(got[m][:, 1:], expected[:, 1:], rtol=1e-5)
-        assert np.isnan(got[m][:, 0]).all()
+        np.testing.assert_allclose(got[m], expected, rtol=1e-5)
 
 
 def test_cartography(random_store):
@@ -53,8 +52,8 @@ def test_cartography(random_store):
     out = cartography(ds)
     for m in range(2):
         p = np.exp(-_done_loss(ds, m).astype(np.float64))
-        np.testing.assert_allclose(out["confidence"].values[m][:, 1:], p.mean(axis=0)[:, 1:], rtol=1e-5)
-        np.testing.assert_allclose(out["variability"].values[m][:, 1:], p.std(axis=0)[:, 1:], rtol=1e-5)
+        np.testing.assert_allclose(out["confidence"].values[m], p.mean(axis=0), rtol=1e-5)
+        np.testing.assert_allclose(out["variability"].values[m], p.std(axis=0), rtol=1e-5)
 
 
 def test_rho1_classes(random_store):
@@ -65,16 +64,15 @@ def test_rho1_classes(random_store):
         y = _done_loss(ds, m)
         high_a, high_b = y[1] > 2.0, y[-1] > 2.0  # the first trained checkpoint (step 10) and the last
         expected = np.select([high_a & high_b, ~high_a & high_b, high_a & ~high_b], [0, 1, 2], 3)
-        assert np.array_equal(codes[m][:, 1:], expected[:, 1:])
-    assert (codes[:, :, 0] == -1).all()
+        assert np.array_equal(codes[m], expected)
     assert flag_names(labels) == RHO1_CLASSES
     default = rho1_classes(ds)
-    pooled = np.concatenate([_done_loss(ds, m)[[1, -1]][:, :, 1:].ravel() for m in range(2)])
+    pooled = np.concatenate([_done_loss(ds, m)[[1, -1]].ravel() for m in range(2)])
     assert default.attrs["threshold"] == pytest.approx(np.median(pooled), rel=1e-6)
     assert default.attrs["first_step"] == [10, 10] and default.attrs["last_step"] == [80, 320]
     from_init = rho1_classes(ds, first=0, threshold=2.0).values  # step 0, asked for explicitly
     y = _done_loss(ds, 0)
-    assert np.array_equal(from_init[0][:, 1:] == 2, ((y[0] > 2.0) & (y[-1] <= 2.0))[:, 1:])
+    assert np.array_equal(from_init[0] == 2, (y[0] > 2.0) & (y[-1] <= 2.0))
 
 
 def test_defaults_do_not_depend_on_step_0(tmp_path):
@@ -102,7 +100,7 @@ def test_defaults_do_not_depend_on_step_0(tmp_path):
     from_init = label_share(rho1_classes(with_init, first=0)).sel(category="H->L").values
     assert (from_init > 70).all()  # ... as H->L does against random initialisation
     np.testing.assert_allclose(age_of_acquisition(with_init).values, age_of_acquisition(without).values)
-    assert np.isfinite(age_of_acquisition(without).values[:, :, 1:]).mean() > 0.1
+    assert np.isfinite(age_of_acquisition(without).values).mean() > 0.1
     assert perplexity_range(with_init) == pytest.approx(perplexity_range(without))
 
 
@@ -123,17 +121,18 @@ def test_age_of_acquisition_recovers_planted_midpoints(tmp_path):
     loss[0, :, 0, 1] = np.linspace(1, 3, 26)  # rising: never acquired
     loss[0, :, 0, 2] = chance + 0.5  # never below chance
     ds = write_store(tmp_path / "aoa.zarr", loss, steps[None])
-    got = age_of_acquisition(ds, chance=chance).values[0]
+    got = age_of_acquisition(ds, chance=chance).values[0]  # (token,): the grid's positions 1.. of every row
     ok = np.ones((n_seq, n_pos), bool)
-    ok[:, 0] = ok[0, 1] = ok[0, 2] = False
-    assert np.abs(got[ok] - x0[ok]).max() < 0.05
-    assert np.isnan(got[0, :3]).all()
+    ok[0, 1] = ok[0, 2] = False
+    assert np.abs(got[flat(ok)] - flat(x0)[flat(ok)]).max() < 0.05
+    assert np.isnan(got[:2]).all()
     # The same least-squares problem solved token by token with scipy.
     for s, t in [(1, 1), (2, 5), (3, 8)]:
-        y = ds["loss"].values[0, 1:, s, t]
+        token = s * (n_pos - 1) + t - 1
+        y = ds["loss"].values[0, 1:, token]
         (_, ref_x0, _), _ = scipy.optimize.curve_fit(lambda x, k, x0, lo: _sigmoid(x, k, x0, lo, chance), x, y,
                                                      p0=[3, 3, 1.5])
-        assert got[s, t] == pytest.approx(ref_x0, abs=1e-3)
+        assert got[token] == pytest.approx(ref_x0, abs=1e-3)
 
 
 def _scipy_midpoint(y, x, chance):
@@ -171,4 +170,4 @@ def test_curve_measures_gathers_everything(random_store):
     out = curve_measures(random_store, last=2)
     assert set(out.data_vars) == {"final_loss", "final_variability", "age_of_acquisition", "forgettability",
                                   "confidence", "variability"}
-    assert all(out[name].dims == ("model", "seq", "pos") for name in out.data_vars)
+    assert all(out[name].dims == ("model", "token") for name in out.data_vars)

@@ -126,7 +126,8 @@ def test_extract_one_model_without_a_toml(tmp_path, capsys):
     assert generated.read_text().startswith(HEADER)
     assert f"suite written: {generated}" in capsys.readouterr().out
     ds = xr.open_zarr(out)
-    assert ds.sizes["pos"] == 64  # the model's context (64 positions) caps the default of 1024
+    # the model's context (64 positions) caps the default seq_len of 1024
+    assert json.loads(ds.attrs["protocol"])["seq_len"] == 64 and int(ds.n_context.max()) <= 64
     assert ds.step.values.tolist() == [[10, 20]] and np.isnan(ds.tokens_seen.values[0, 0])
     assert ds.tokens_seen.values[0, 1] == 5120 and ds.done.values.all()
     reference = tmp_path / "ref.zarr"

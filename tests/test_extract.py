@@ -18,6 +18,7 @@ from tokendyn.models.extract import extract, token_scores
 from tokendyn.config.suite import load_suite
 
 from conftest import save_checkpoint, write_suite
+from test_protocols import lm_eval_windows
 
 
 @pytest.fixture(scope="module")
@@ -27,68 +28,71 @@ def store(tiny_suite, tmp_path_factory):
     return out
 
 
-def _reference(model_dir, token_id: np.ndarray):
-    """Independent per-token scores: transformers' `labels=` loss and a plain log_softmax/gather."""
+def _reference(model_dir, tokens: list[int], prefix: int, seq_len: int):
+    """Independent per-token scores over lm-eval's rolling windows: a plain log_softmax/gather, and
+    transformers' `labels=` loss per window (the mean over the window's predicted tokens)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    nll = np.full(token_id.shape, np.nan)
-    entropy = np.full(token_id.shape, np.nan)
-    rank = np.full(token_id.shape, np.nan)
-    mean_labels_loss = []
+    nll, entropy, rank, window_losses = [], [], [], []
     with torch.no_grad():
-        for s, row in enumerate(token_id):
-            ids = torch.tensor(row[row >= 0], dtype=torch.long)[None]
-            out = model(input_ids=ids, labels=ids)
-            logp = torch.log_softmax(out.logits[0, :-1].double(), -1)
-            target = ids[0, 1:]
-            nll[s, 1: ids.shape[1]] = -logp[torch.arange(len(target)), target].numpy()
-            entropy[s, 1: ids.shape[1]] = -(logp.exp() * logp).sum(-1).numpy()
-            true = out.logits[0, :-1].gather(1, target[:, None])
-            rank[s, 1: ids.shape[1]] = (out.logits[0, :-1] > true).sum(-1).numpy()
-            mean_labels_loss.append((out.loss.item(), len(target)))
-    return nll, entropy, rank, mean_labels_loss
+        for inputs, predicted in lm_eval_windows(tokens, prefix, seq_len):
+            ids = torch.tensor([inputs + [predicted[-1]]])
+            labels = torch.full_like(ids, -100)
+            labels[0, -len(predicted):] = torch.tensor(predicted)
+            out = model(input_ids=ids, labels=labels)
+            logits = out.logits[0, -len(predicted) - 1: -1]
+            logp = torch.log_softmax(logits.double(), -1)
+            target = torch.tensor(predicted)
+            nll += (-logp[torch.arange(len(target)), target]).tolist()
+            entropy += (-(logp.exp() * logp).sum(-1)).tolist()
+            rank += (logits > logits.gather(1, target[:, None])).sum(-1).tolist()
+            window_losses.append((out.loss.item(), len(predicted)))
+    return np.asarray(nll), np.asarray(entropy), np.asarray(rank), window_losses
 
 
 @pytest.mark.parametrize("family", ["opt", "gpt_neox", "llama"])
-def test_losses_match_transformers(store, tiny_suite, family):
+def test_losses_match_transformers(store, tiny_suite, tokenizer, family):
     ds = tokendyn.open_store(store)
     suite = load_suite(tiny_suite)
     m = [spec.name for spec in suite.models].index(family)
+    tokens = tokenizer(suite.eval.files[0].read_text().strip(), add_special_tokens=False)["input_ids"]
+    assert ds.token_id.values.tolist() == tokens  # one document (a .txt file is one by default), every token once
     for c, ckpt in enumerate(suite.models[m].checkpoints):
-        nll, entropy, rank, labels_losses = _reference(ckpt.path, ds.token_id.values)
+        nll, entropy, rank, window_losses = _reference(ckpt.path, tokens, tokenizer.eos_token_id, suite.eval.seq_len)
         got = ds.isel(model=m, ckpt=c)
         np.testing.assert_allclose(got.loss.values, nll, atol=1e-5, rtol=0)
         np.testing.assert_allclose(got.entropy.values, entropy, atol=1e-5, rtol=0)
         np.testing.assert_array_equal(got["rank"].values, rank)
-        # transformers' mean `labels=` loss per sequence equals the mean of our per-token losses
-        per_seq = np.nanmean(got.loss.values, axis=1)
-        np.testing.assert_allclose(per_seq, [loss for loss, _ in labels_losses], atol=1e-5)
-        tokens = np.asarray([n for _, n in labels_losses])
-        expected_ppl = np.exp(np.sum(per_seq * tokens) / tokens.sum())
+        # transformers' mean `labels=` loss per window equals the mean of our per-token losses there
+        counts = np.asarray([n for _, n in window_losses])
+        per_window = [chunk.mean() for chunk in np.split(got.loss.values, np.cumsum(counts)[:-1])]
+        np.testing.assert_allclose(per_window, [loss for loss, _ in window_losses], atol=1e-5)
+        expected_ppl = np.exp(np.sum([loss * n for loss, n in window_losses]) / counts.sum())
         np.testing.assert_allclose(float(got.val_ppl), expected_ppl, rtol=1e-6)
 
 
 def test_store_contract(store, tiny_suite):
     ds = tokendyn.open_store(store)
-    assert ds.loss.dims == ("model", "ckpt", "seq", "pos")
+    assert ds.loss.dims == ("model", "ckpt", "token")
     assert ds.loss.chunks is not None  # lazy, dask-backed
     assert list(ds.model.values) == ["opt", "gpt_neox", "llama"]
     np.testing.assert_array_equal(ds.step.values, [[0, 10, 20]] * 3)
-    for name in ("val_ppl", "n_params", "n_params_nonembed", "token_id", "doc", "token_doc", "tokens_seen"):
+    for name in ("val_ppl", "bits_per_byte", "word_ppl", "n_params", "n_params_nonembed", "token_id", "doc",
+                 "offset", "n_context", "tokens_seen"):
         assert name in ds.coords, name
-    assert ds.step.dims == ds.val_ppl.dims == ("model", "ckpt")
-    assert ds.token_id.dims == ("seq", "pos") and ds.doc.dims == ("seq",)
-    assert np.isnan(ds.loss.isel(pos=0)).all()
-    padding = (ds.token_id == -1).values
-    assert np.isnan(ds.loss.values[..., padding]).all()
-    assert np.isfinite(ds.loss.values[..., ~padding][..., 1:]).any()
+    assert ds.step.dims == ds.val_ppl.dims == ds.bits_per_byte.dims == ("model", "ckpt")
+    assert ds.token_id.dims == ds.doc.dims == ds.offset.dims == ds.n_context.dims == ("token",)
+    assert np.isfinite(ds.loss.values).all()  # scored tokens only: no padding, no unpredicted position
+    assert (ds.n_context.values >= 1).all() and ds.n_context.values.max() == load_suite(tiny_suite).eval.seq_len
     assert bool(ds.done.all())
     attrs = tokendyn.store.read_attrs(store)
+    assert attrs["format_version"] == tokendyn.store.FORMAT_VERSION == 2
     assert json.loads(attrs["suite"])["models"][0]["name"] == "opt"
     assert attrs["complete"] == {"opt": [0, 1, 2], "gpt_neox": [0, 1, 2], "llama": [0, 1, 2]}
-    for key in ("corpus_fingerprint", "tokenizer_fingerprint", "tokendyn_version"):
+    for key in ("corpus_fingerprint", "tokenizer_fingerprint", "tokendyn_version", "protocol", "summary"):
         assert attrs[key]
-    assert ds.loss.encoding["chunks"][:2] == (1, 1)
-    assert ds.loss.encoding["chunks"][3] == ds.sizes["pos"]
+    summary = json.loads(attrs["summary"])
+    assert summary["scored_tokens"] == ds.sizes["token"] and summary["padding_share"] == 0
+    assert ds.loss.encoding["chunks"] == (1, 1, ds.sizes["token"])
 
 
 def test_open_zarr_without_tokendyn(store):
@@ -99,15 +103,14 @@ def test_open_zarr_without_tokendyn(store):
         "print(ds.loss.dims, float(ds.loss.isel(model=0, ckpt=0).mean()))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert "('model', 'ckpt', 'seq', 'pos')" in result.stdout
+    assert "('model', 'ckpt', 'token')" in result.stdout
 
 
 def test_token_text_decodes_the_store(store, tokenizer):
     ds = tokendyn.open_store(store)
     text = ds.tokendyn.token_text()
-    row = ds.token_id.values[0]
-    assert "".join(text.values[0]) == tokenizer.decode(row[row >= 0])
-    assert text.values[ds.token_id.values == -1].tolist() == [""] * int((ds.token_id.values == -1).sum())
+    assert "".join(text.values) == tokenizer.decode(ds.token_id.values)
+    assert ds.tokendyn.context(5, width=3, mark=("<", ">")) == "".join(text.values[2:5]) + f"<{text.values[5]}>"
 
 
 def test_float16_store_and_uneven_checkpoints(tmp_path):
@@ -144,13 +147,18 @@ def test_chunked_head_equals_one_chunk(monkeypatch, tokenizer, tmp_path):
     model = save_checkpoint(tmp_path, "gpt_neox", tokenizer, seed=3)
     ids = torch.randint(0, len(tokenizer), (3, 12))
     ids[2, 8:] = -1
+    score = ids >= 0
+    score[:, :3] = False  # context only
     with torch.inference_mode():
-        whole = token_scores(model, ids, ["loss", "entropy", "rank"])
+        whole = token_scores(model, ids, score, ["loss", "entropy", "rank"])
         monkeypatch.setattr(ex, "CHUNK_LOGITS", len(tokenizer) * 5)  # five positions per chunk
-        chunked = token_scores(model, ids, ["loss", "entropy", "rank"])
+        chunked = token_scores(model, ids, score, ["loss", "entropy", "rank"])
+        logp = torch.log_softmax(model(input_ids=ids[:2]).logits.double(), -1)
     for metric in whole:
-        np.testing.assert_allclose(whole[metric], chunked[metric], atol=1e-6, equal_nan=True)
-    assert torch.isnan(whole["loss"][2, 8:]).all() and torch.isnan(whole["loss"][:, 0]).all()
+        assert whole[metric].shape == (int(score.sum()),)
+        np.testing.assert_allclose(whole[metric], chunked[metric], atol=1e-6)
+    expected = -logp[:, 2:-1].gather(2, ids[:2, 3:, None])[..., 0].reshape(-1)
+    np.testing.assert_allclose(whole["loss"][: len(expected)], expected, atol=1e-5)
 
 
 def test_xarray_sees_lazy_chunks(store):

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from tokendyn.cli.generate import parse_mixture, parse_model
-from tokendyn.data.corpus import pack
+from tokendyn.data.corpus import tokenize_set
 from tokendyn.errors import TokendynError
 from tokendyn.models.generate import decode, generate, mixture_probs, pick_tokens, write_jsonl
 from tokendyn.config.suite import EvalSet, load_suite
@@ -21,7 +21,8 @@ from conftest import save_checkpoint, write_suite
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
-    return write_suite(tmp_path_factory.mktemp("gen"), families=("opt", "llama"), steps=(0, 5), seq_len=32)
+    return write_suite(tmp_path_factory.mktemp("gen"), families=("opt", "llama"), steps=(0, 5), seq_len=32,
+                       split="paragraph")
 
 
 def test_mixture_clips_negatives_and_renormalises():
@@ -66,7 +67,7 @@ def test_mixture_1_0_greedy_equals_transformers_generate(suite, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(load_suite(suite).models[0].checkpoints[-1].path).eval()
     assert len(records) == 3
     for record in records:
-        prompt = [tokenizer.bos_token_id] + tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
+        prompt = [tokenizer.eos_token_id] + tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
         assert len(prompt) == 5
         out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=10, min_new_tokens=10,
                              pad_token_id=tokenizer.pad_token_id)
@@ -106,12 +107,13 @@ def test_output_is_an_evaluation_set(suite, tmp_path, tokenizer):
     path = write_jsonl(records, tmp_path / "gen.jsonl")
     lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert lines == records
-    packed = pack(EvalSet("hallucinated", (path,), seq_len=32), tokenizer)
-    assert packed.n_seq == 2
-    assert list(packed.doc_fields["mixture"]) == ["1,-1", "1,-1"]
-    assert list(packed.doc_fields["source_doc"]) == [r["source_doc"] for r in records]
-    first = packed.token_id[0][packed.token_id[0] >= 0]
-    assert tokenizer.decode(first[1:]) == records[0]["text"]
+    scored = tokenize_set(EvalSet("hallucinated", (path,), seq_len=32), tokenizer)
+    assert scored.n_documents == 2 and scored.token_id.tolist() == records[0]["token_ids"] + records[1]["token_ids"]
+    assert list(scored.token_fields["mixture"]) == ["1,-1"] * scored.n_tokens
+    assert list(np.unique(scored.token_fields["source_doc"])) == sorted({r["source_doc"] for r in records})
+    # scored as generated: the prompt is context only, after the prefix
+    assert scored.windows[0].tolist() == [tokenizer.eos_token_id, *records[0]["context_ids"], *records[0]["token_ids"]]
+    assert tokenizer.decode(records[0]["context_ids"] + records[0]["token_ids"]) == records[0]["text"]
 
 
 def test_cli_parsers():

@@ -33,7 +33,7 @@ def test_analyses_return_cf_flag_arrays(planted):
     ds, _ = planted
     cats = trend_categories(ds, start=[0.2, 0.4])
     _check_flags(cats, CATEGORIES)
-    assert cats.name == "trend" and cats.dims == ("model", "start", "seq", "pos")
+    assert cats.name == "trend" and cats.dims == ("model", "start", "token")
     rho = rho1_classes(ds)
     _check_flags(rho, RHO1_CLASSES)
     assert rho.attrs["threshold_units"] == "nats"
@@ -52,7 +52,7 @@ def test_labels_survive_a_zarr_round_trip(planted, tmp_path):
 
 
 def test_share_text_and_mask_against_a_plain_count():
-    codes = xr.DataArray(np.array([[[0, 1, 1, MISSING], [2, 2, 2, 0]]], dtype=np.int64), dims=("model", "seq", "pos"),
+    codes = xr.DataArray(np.array([[0, 1, 1, MISSING, 2, 2, 2, 0]], dtype=np.int64), dims=("model", "token"),
                          attrs={"units": "nats", "long_name": "loss"})
     labels = flag_array(codes, ["low", "high loss", "mid"], "kind", "kind of token")
     assert labels.attrs == {"long_name": "kind of token", "flag_values": labels.attrs["flag_values"],
@@ -63,7 +63,7 @@ def test_share_text_and_mask_against_a_plain_count():
     np.testing.assert_allclose(share.values[0], [100 * 2 / 7, 100 * 2 / 7, 100 * 3 / 7])
     assert share.attrs["units"] == "%"
     assert label_from_attrs(share).replace("\n", " ") == "share of labelled tokens (kind of token) [%]"
-    assert label_text(labels).values.tolist() == [[["low", "high loss", "high loss", ""], ["mid", "mid", "mid", "low"]]]
+    assert label_text(labels).values.tolist() == [["low", "high loss", "high loss", "", "mid", "mid", "mid", "low"]]
     mask = label_mask(labels, "high loss")
     assert mask.dtype == bool and int(mask.sum()) == 2 and "units" not in mask.attrs
     with pytest.raises(TokendynError, match="unknown label 'none'; the labels are low, high loss, mid"):

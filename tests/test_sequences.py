@@ -29,6 +29,7 @@ from tokendyn.models.generate import generate, write_jsonl
 from tokendyn.config.suite import load_suite
 
 from conftest import SAMPLE_TEXT, write_suite
+from test_protocols import lm_eval_windows
 
 PAIRS = [
     {"true": "Alice was born in Paris.", "false": "Alice was born in Berlin.", "attribute": "city"},
@@ -45,7 +46,7 @@ def _write_pairs(path, pairs=PAIRS):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("seq")
-    suite = write_suite(root, families=("opt", "llama"), steps=(0, 10), seq_len=32)
+    suite = write_suite(root, families=("opt", "llama"), steps=(0, 10), seq_len=32, split="paragraph")
     gen = write_jsonl(generate(suite, small="opt", large="llama", mixtures=[(1, -1), (-1, 1)], prompts=2,
                                new_tokens=8, progress=False), root / "gen.jsonl")
     pairs = _write_pairs(root / "pairs.jsonl")
@@ -56,16 +57,21 @@ def built(tmp_path_factory):
     return suite, out
 
 
-def _hf_losses(model, rows: np.ndarray) -> np.ndarray:
-    """NLL of every predicted token of right-padded rows (-1 = padding), flattened, from
-    transformers' forward pass with an attention mask and torch's cross-entropy."""
-    rows = np.atleast_2d(rows)
-    ids = torch.tensor(np.clip(rows, 0, None), dtype=torch.long)
-    mask = torch.tensor(rows >= 0, dtype=torch.long)
+def _hf_nll(model, context: list[int], tokens: list[int]) -> np.ndarray:
+    """NLL of `tokens` after `context`, from one transformers forward pass and torch's cross-entropy."""
+    ids = torch.tensor([list(context) + list(tokens)], dtype=torch.long)
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").numpy()
-    return nll[rows[:, 1:] >= 0].astype(float)
+        logits = model(input_ids=ids).logits[0, len(context) - 1: -1]
+    return torch.nn.functional.cross_entropy(logits, torch.tensor(tokens), reduction="none").numpy().astype(float)
+
+
+def _hf_rolling(model, tokens: list[int], prefix: int, seq_len: int) -> np.ndarray:
+    """NLL of every token of a document over lm-eval's rolling windows."""
+    parts = []
+    for inputs, predicted in lm_eval_windows(list(tokens), prefix, seq_len):
+        window = inputs + [predicted[-1]]
+        parts.append(_hf_nll(model, window[: len(window) - len(predicted)], predicted))
+    return np.concatenate(parts)
 
 
 @pytest.fixture(scope="module")
@@ -88,33 +94,37 @@ def test_store_has_every_set_and_the_accessor_reaches_them(built):
     # the main set's perplexity is the validation perplexity
     np.testing.assert_allclose(ppl.sel(set="main").values, ds["val_ppl"].values, rtol=1e-6)
     hallucinated = tokendyn.open_store(out, set="hallucinated")
-    assert list(hallucinated["mixture"].values) == ["1,-1", "1,-1", "-1,1", "-1,1"]
+    first = np.unique(hallucinated["doc"].values, return_index=True)[1]  # every document's first token
+    assert list(hallucinated["mixture"].values[first]) == ["1,-1", "1,-1", "-1,1", "-1,1"]
 
 
-def test_set_perplexity_equals_transformers(built, hf_models):
+def test_set_perplexity_equals_transformers(built, hf_models, tokenizer):
     _, out = built
     ppl = sequences.sequence_ppl(out, sets=["hallucinated", "corrupted-0.3"], by="mixture")
     assert list(ppl["set"].values) == ["hallucinated:-1,1", "hallucinated:1,-1", "corrupted-0.3"]
     assert list(ppl["group"].values) == ["-1,1", "1,-1", ""]
-    generated = tokendyn.open_store(out, set="hallucinated")
-    token_ids = {f"hallucinated:{mix}": generated["token_id"].values[generated["mixture"].values == mix]
-                 for mix in ("1,-1", "-1,1")}
-    token_ids["corrupted-0.3"] = tokendyn.open_store(out, set="corrupted-0.3")["token_id"].values
+    records = [json.loads(line) for line in (out.parent / "gen.jsonl").read_text().splitlines()]
+    eos = tokenizer.eos_token_id  # the prefix: this tokenizer adds no special token itself
+    corrupted = tokendyn.open_store(out, set="corrupted-0.3")["token_id"].values  # one document, every token
     for m, c, model in hf_models:
-        for name, ids in token_ids.items():
-            losses = _hf_losses(model, ids)
-            np.testing.assert_allclose(ppl.sel(set=name).values[m, c], np.exp(losses.mean()), rtol=1e-5)
+        for mix in ("1,-1", "-1,1"):  # generated ids scored as generated, the prompt as context only
+            losses = np.concatenate([_hf_nll(model, [eos, *r["context_ids"]], r["token_ids"])
+                                     for r in records if r["mixture"] == mix])
+            np.testing.assert_allclose(ppl.sel(set=f"hallucinated:{mix}").values[m, c], np.exp(losses.mean()),
+                                       rtol=1e-5)
+        losses = _hf_rolling(model, corrupted.tolist(), eos, 32)
+        np.testing.assert_allclose(ppl.sel(set="corrupted-0.3").values[m, c], np.exp(losses.mean()), rtol=1e-5)
 
 
 def test_corrupted_sets_replace_the_stated_share(built, tokenizer):
-    _, out = built
-    main_ids = tokendyn.open_store(out)["token_id"].values
-    text = (main_ids >= 0) & (main_ids != tokenizer.bos_token_id)  # every token but BOS and padding
+    suite, out = built
+    plain = np.asarray(tokenizer(load_suite(suite).eval.files[0].read_text().strip(),
+                                 add_special_tokens=False)["input_ids"])  # the file as one document
     specials = set(tokenizer.all_special_ids)
     for rate in (0.3, 1.0):
         ids = tokendyn.open_store(out, set=f"corrupted-{rate:g}")["token_id"].values
-        changed = ids != main_ids
-        assert changed.sum() == round(rate * text.sum()) and not changed[~text].any()
+        changed = ids != plain
+        assert changed.sum() == round(rate * len(plain))
         assert not specials & set(ids[changed].tolist())
 
 
@@ -137,9 +147,8 @@ def _independent_pair_numbers(model, tokenizer) -> tuple[float, float]:
     """Preference (total loss) and margin on differing tokens, by plain loops over the pair texts."""
     wins, margins = [], []
     for pair in PAIRS:
-        rows = [[tokenizer.bos_token_id] + tokenizer(pair[side], add_special_tokens=False)["input_ids"]
-                for side in ("true", "false")]
-        losses = [np.concatenate([[np.nan], _hf_losses(model, np.asarray(row))]) for row in rows]  # BOS: none
+        rows = [tokenizer(pair[side], add_special_tokens=False)["input_ids"] for side in ("true", "false")]
+        losses = [_hf_nll(model, [tokenizer.eos_token_id], row) for row in rows]  # after the prefix token
         wins.append(float(np.nansum(losses[0]) < np.nansum(losses[1])))
         prefix = 0
         while rows[0][prefix] == rows[1][prefix]:
@@ -169,22 +178,20 @@ def test_pair_preference_and_margin_equal_transformers(built, hf_models, tokeniz
 
 def _planted_pairs() -> xr.Dataset:
     """Two pairs with hand-set losses (one model, two checkpoints)."""
-    pad = -1
-    token_id = np.array([[1, 5, 6, 7, 9, pad],   # pair 0 true:  differs at 6 7 (positions 2, 3)
-                         [1, 5, 8, 9, pad, pad],  # pair 0 false: differs at 8 (position 2)
-                         [1, 5, 6, pad, pad, pad],  # pair 1 true: a prefix of the false text
-                         [1, 5, 6, 7, 7, pad]])   # pair 1 false: differs at 7 7 (positions 3, 4)
-    n = np.nan
-    loss = np.array([[[n, 1, 2, 2, 1, n], [n, 1, 1, 3, n, n], [n, 1, 1, n, n, n], [n, 1, 1, 2, 2, n]],
-                     [[n, 1, 1, 1, 1, n], [n, 2, 1, 1, n, n], [n, 3, 3, n, n, n], [n, 1, 1, 1, 1, n]]])
-    token_doc = np.where(token_id >= 0, np.arange(4)[:, None], pad)
+    docs = [[5, 6, 7, 9],  # pair 0 true:  differs at 6 7 (offsets 1, 2)
+            [5, 8, 9],     # pair 0 false: differs at 8 (offset 1)
+            [5, 6],        # pair 1 true: a prefix of the false text
+            [5, 6, 7, 7]]  # pair 1 false: differs at 7 7 (offsets 2, 3)
+    loss = [[1, 2, 2, 1] + [1, 1, 3] + [1, 1] + [1, 1, 2, 2],
+            [1, 1, 1, 1] + [2, 1, 1] + [3, 3] + [1, 1, 1, 1]]
+    doc = np.concatenate([[d] * len(ids) for d, ids in enumerate(docs)])
     return xr.Dataset(
-        {"loss": (("model", "ckpt", "seq", "pos"), loss[None]), "done": (("model", "ckpt"), [[True, True]])},
+        {"loss": (("model", "ckpt", "token"), np.asarray(loss, float)[None]),
+         "done": (("model", "ckpt"), [[True, True]])},
         coords={"model": ["m"], "ckpt": [0, 1], "step": (("model", "ckpt"), [[1.0, 2.0]]),
-                "val_ppl": (("model", "ckpt"), [[20.0, 10.0]]), "token_id": (("seq", "pos"), token_id),
-                "token_doc": (("seq", "pos"), token_doc), "doc": ("seq", np.arange(4)),
-                "pair": ("seq", [0, 0, 1, 1]), "is_true": ("seq", [True, False, True, False])},
-        attrs={"packing": json.dumps({"name": "facts", "kind": "pairs"})})
+                "val_ppl": (("model", "ckpt"), [[20.0, 10.0]]), "token_id": ("token", np.concatenate(docs)),
+                "doc": ("token", doc), "pair": ("token", doc // 2), "is_true": ("token", doc % 2 == 0)},
+        attrs={"protocol": json.dumps({"name": "facts", "kind": "pairs"})})
 
 
 def test_pairs_on_hand_built_losses():
@@ -263,7 +270,7 @@ def test_adding_a_set_later_scores_only_that_set(built, tmp_path, monkeypatch):
     np.testing.assert_array_equal(xr.open_zarr(copy)["loss"].values, xr.open_zarr(out)["loss"].values)
 
 
-# Small chunks (16 sequences of 16 tokens) so that every set writes several blocks per checkpoint
+# Small chunks (256 tokens) so that every set writes several blocks per checkpoint
 # and the kill lands inside a checkpoint; the reference run uses the same blocks and batches.
 CHUNK_VALUES = 256
 RUNNER = f"""
@@ -276,10 +283,10 @@ sys.exit(main(["extract", *sys.argv[1:], "--no-progress", "--batch-tokens", "{CH
 
 
 def test_sigkill_during_multiset_extraction_then_rerun(tmp_path, monkeypatch):
-    suite = write_suite(tmp_path, families=("opt",), steps=(0, 1, 2))
+    suite = write_suite(tmp_path, families=("opt",), steps=(0, 1, 2), seq_len=24)  # every pair text fits a window
     other = tmp_path / "other.txt"
     other.write_text(SAMPLE_TEXT.upper().replace("\n", "\n\n"))
-    pairs = _write_pairs(tmp_path / "facts.jsonl", PAIRS * 6)
+    pairs = _write_pairs(tmp_path / "facts.jsonl", PAIRS * 30)
     args = [str(suite), "--set", f"other={other}", "--pairs", str(pairs)]
     batch = ["--batch-tokens", str(CHUNK_VALUES)]
     monkeypatch.setattr(tokendyn.store, "CHUNK_VALUES", CHUNK_VALUES)  # as in RUNNER

@@ -54,7 +54,8 @@ def test_tiny_suite_resolves_paths_against_the_toml_folder(tiny_suite, tmp_path,
     assert suite.path == tiny_suite
     assert suite.eval.name == "main" and suite.eval.seq_len == 16 and suite.eval.max_sequences is None
     assert suite.eval.files == (root / "data" / "valid.txt",)
-    assert (suite.eval.packing, suite.eval.bos, suite.eval.kind) == ("document", True, "text")
+    assert (suite.eval.context, suite.eval.prefix, suite.eval.kind) == ("rolling", "auto", "text")
+    assert (suite.eval.stride, suite.eval.split, suite.eval.text_field) == (None, "none", "text")
     assert [m.name for m in suite.models] == ["opt", "gpt_neox", "llama"]
     for model in suite.models:
         assert [c.step for c in model.checkpoints] == [0, 10, 20]
@@ -90,7 +91,8 @@ def test_all_eval_keys(root):
             'tokenizer = "ck/a10"\n' + LOCAL_MODEL)
     suite = load_suite(write(root, text))
     assert suite.eval.files == (root / "data" / "more.txt", root / "data" / "valid.txt")  # glob, sorted
-    assert (suite.eval.seq_len, suite.eval.max_sequences, suite.eval.packing, suite.eval.bos) == (8, 5, "concat", False)
+    # format-1 keys keep a meaning: packing = "concat" -> context = "concat", bos = false -> prefix = "none"
+    assert (suite.eval.seq_len, suite.eval.max_sequences, suite.eval.context, suite.eval.prefix) == (8, 5, "concat", "none")
     assert suite.tokenizer == str(root / "ck" / "a10")
 
 
@@ -106,9 +108,23 @@ def test_sets(root):
         'packing = "concat"\nbos = false\n')
     noisy, facts = load_suite(write(root, text)).sets
     assert (noisy.name, noisy.kind, noisy.corrupt, noisy.seed, noisy.seq_len) == ("noisy", "text", 0.4, 3, 32)
-    assert (noisy.packing, noisy.bos, noisy.max_sequences) == ("document", True, None)
+    assert (noisy.context, noisy.prefix, noisy.max_sequences) == ("rolling", "auto", None)
     assert (facts.name, facts.kind, facts.corrupt, facts.seq_len, facts.max_sequences) == ("facts", "pairs", None, 12, 7)
-    assert (facts.packing, facts.bos, facts.files) == ("concat", False, (root / "data" / "pairs.jsonl",))
+    assert (facts.context, facts.prefix, facts.files) == ("concat", "none", (root / "data" / "pairs.jsonl",))
+
+
+def test_protocol_keys(root):
+    text = ('[eval]\nfiles = "data/valid.txt"\nseq_len = 8\ncontext = "rolling"\nstride = 4\nprefix = "<s>"\n'
+            'split = "line"\n' + LOCAL_MODEL + '[[sets]]\nname = "x"\nfiles = ["data/valid.txt"]\ncontext = "truncate"\n'
+            'max_tokens = 6\nprefix = 2\ntext_field = "body"\n[[sets]]\nname = "p"\nkind = "pairs"\n'
+            'files = ["data/pairs.jsonl"]\npacking = "document"\nbos = true\n')
+    suite = load_suite(write(root, text))
+    assert (suite.eval.context, suite.eval.stride, suite.eval.prefix, suite.eval.split) == ("rolling", 4, "<s>", "line")
+    x, p = suite.sets
+    assert (x.context, x.max_tokens, x.prefix, x.text_field) == ("truncate", 6, 2, "body")
+    assert (p.context, p.prefix) == ("rolling", "auto")  # packing = "document" -> rolling, bos = true -> auto
+    assert load_suite(write(root, EVAL + LOCAL_MODEL + '[[sets]]\nname = "q"\nkind = "pairs"\n'
+                                  'files = ["data/pairs.jsonl"]\n')).sets[0].context == "packed"
 
 
 def test_hub_revisions_and_tokens(root):
@@ -218,6 +234,12 @@ CASES = {
     "empty glob": (EVAL.replace("valid.txt", "*.md") + LOCAL_MODEL, "matches no file"),
     "empty files": (EVAL.replace('["data/valid.txt"]', "[]") + LOCAL_MODEL, "key 'files': is empty"),
     "packing": (EVAL + 'packing = "greedy"\n' + LOCAL_MODEL, "key 'packing': 'greedy' is not one of document, concat"),
+    "context": (EVAL + 'context = "sliding"\n' + LOCAL_MODEL, "key 'context': 'sliding' is not one of rolling, truncate"),
+    "old and new": (EVAL + 'packing = "concat"\ncontext = "concat"\n' + LOCAL_MODEL, "is the old name of 'context'"),
+    "stride": (EVAL + 'stride = 40\n' + LOCAL_MODEL, "stride 40 must be in [1, seq_len = 32]"),
+    "max_tokens": (EVAL + 'context = "truncate"\nmax_tokens = 33\n' + LOCAL_MODEL, "max_tokens 33 must be in"),
+    "prefix": (EVAL + 'prefix = true\n' + LOCAL_MODEL, "key 'prefix': is \"auto\""),
+    "split": (EVAL + 'split = "word"\n' + LOCAL_MODEL, "key 'split': 'word' is not one of none, paragraph, line"),
     "tokenizer path": (EVAL + 'tokenizer = "./tok"\n' + LOCAL_MODEL, "key 'tokenizer': directory"),
     "no models": (EVAL, "no [[models]] tables"),
     "model without name": (EVAL + '[[models]]\ncheckpoints = [{ step = 1, path = "ck/a10" }]\n', "[[models]] #1 key 'name': is missing"),

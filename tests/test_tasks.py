@@ -140,7 +140,7 @@ def _transformers_logprob(model, tokenizer, text: str, prompt: str) -> tuple[flo
     full = tokenizer(text, add_special_tokens=False)["input_ids"]
     head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     assert full[: len(head)] == head  # the prompt's tokens are a prefix of the document's
-    ids = torch.tensor([[tokenizer.bos_token_id, *full]])
+    ids = torch.tensor([[tokenizer.eos_token_id, *full]])  # the prefix: EOS, this tokenizer adds nothing
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
     targets = ids[0, 1:]

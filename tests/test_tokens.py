@@ -49,16 +49,16 @@ def test_selection_by_step(planted):
 def test_top_tokens_returns_the_planted_tokens_with_their_text(planted):
     table = planted.tokendyn.top_tokens(by="drop", k=2, model="a")
     assert list(table["token_id"]) == [3, 3] and list(table["token"]) == ["␣falls"] * 2
-    assert sorted(zip(table["seq"], table["pos"])) == [(1, 4), (2, 7)]
+    assert sorted(zip(table["doc"], table["offset"])) == [(1, 3), (2, 6)]  # (sequence, position - 1) as stored
     assert table.attrs["between"] == (100.0, 400.0)  # the first trained checkpoint, not step 0
     np.testing.assert_allclose(table["change"], -5.0, atol=0.05)
     assert [c for c in table.columns if c.startswith("loss@")] == ["loss@0", "loss@100", "loss@200", "loss@400"]
     np.testing.assert_allclose(table[["loss@0", "loss@100", "loss@200", "loss@400"]].values[0],
                                [8, 6, 3, 1], atol=0.05)
     # the context keeps the text's spaces; a newline shows as ⏎; neighbours come from the same document
-    ids = planted["token_id"].values[1]
-    left = "".join(VOCAB[i] for i in ids[:4]).replace("\n", "⏎")  # width 5: all four tokens before it
-    assert table.set_index("seq").loc[1, "context"].startswith(left + "[[ falls]]")
+    ids = planted["token_id"].values[planted["doc"].values == 1]  # document 1's stored (scored) tokens
+    left = "".join(VOCAB[i] for i in ids[:3]).replace("\n", "⏎")  # width 5: all three tokens before it
+    assert table.set_index("doc").loc[1, "context"].startswith(left + "[[ falls]]")
     rises = planted.tokendyn.top_tokens(by="rise", k=1, model="b", between=(100, 200))
     assert list(rises["token"]) == ["␣rises"] and rises["change"].iloc[0] == pytest.approx(1.0, abs=0.05)
     with pytest.raises(TokendynError, match="needs a model"):

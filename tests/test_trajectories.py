@@ -32,7 +32,7 @@ def test_x_axes(planted):
 def test_sizes_coincide_at_matched_perplexity_not_at_matched_step(planted):
     ds, truth = planted
     grid = at_perplexity(ds, n_levels=8)
-    assert grid.dims == ("model", "val_ppl", "seq", "pos")
+    assert grid.dims == ("model", "val_ppl", "token")
     loss = grid.values
     valid = truth["kind"] >= 0
     assert np.isfinite(loss[..., valid]).all()
@@ -51,10 +51,10 @@ def test_interpolation_is_linear_in_log_ppl_on_the_envelope(tmp_path):
     loss = np.full((1, 6, 3, 2), np.nan)
     loss[0, :, :, 1] = np.log(ppl)[:, None] + np.array([0.0, 0.3, -0.3])  # per-seq offsets cancel in the mean
     ds = write_store(tmp_path / "s.zarr", loss, np.array([[1, 2, 3, 4, 5, 6.0]]))
-    stored_ppl, stored_loss = ds["val_ppl"].values[0], ds["loss"].values[0, :, :, 1]
+    stored_ppl, stored_loss = ds["val_ppl"].values[0], ds["loss"].values[0]  # one stored token per sequence
     np.testing.assert_allclose(stored_ppl, ppl, rtol=1e-5)
     levels = np.array([150, stored_ppl[0], 70, 55, 30, 22, 12, stored_ppl[5], 9])
-    got = at_perplexity(ds, levels).values[0, :, :, 1]
+    got = at_perplexity(ds, levels).values[0]
     envelope = [0, 1, 3, 5]  # checkpoints that set a new running minimum
     reachable = np.array([False] + [True] * 7 + [False])
     for s in range(3):
@@ -70,7 +70,7 @@ def test_levels_not_reached_by_every_model_are_missing(tmp_path):
     ds = write_store(tmp_path / "s.zarr", loss, np.array([[1, 2, 3], [1, 2, 3.0]]))
     grid = perplexity_grid(ds, 3)
     np.testing.assert_allclose(grid, [40, np.sqrt(40 * 20), 20], rtol=1e-5)
-    got = at_perplexity(ds, [45, 8]).values[:, :, 0, 1]
+    got = at_perplexity(ds, [45, 8]).values[:, :, 0]
     assert np.isfinite(got[0, 0]) and np.isnan(got[1, 0]) and np.isnan(got[0, 1]) and np.isfinite(got[1, 1])
     loss[1] = np.log([[[15.0]], [[10.0]], [[5.0]]])
     ds = write_store(tmp_path / "t.zarr", loss, np.array([[1, 2, 3], [1, 2, 3.0]]))
@@ -84,7 +84,7 @@ def test_subset_curve_matches_numpy(planted):
     mask = ds["token_id"].isin([40, 41, 42])  # the planted upward tokens
     curve = subset_curve(ds, mask)
     loss = ds["loss"].values
-    expected = np.exp(np.nanmean(np.where(mask.values, loss, np.nan), axis=(-2, -1)))
+    expected = np.exp(np.nanmean(np.where(mask.values, loss, np.nan), axis=-1))
     np.testing.assert_allclose(curve.values, expected, rtol=1e-5)
     assert "val_ppl" in curve.coords and curve.dims == ("model", "ckpt")
     # Upward tokens rise as validation perplexity falls.

@@ -20,6 +20,14 @@ import xarray as xr
 from tokendyn.data.corpus import PAD
 
 
+def context_ids(ds: xr.Dataset, token: int, width: int) -> list[int]:
+    """Ids of up to `width` stored tokens of the same document before `token`, then the token's own id."""
+    lo = max(0, token - width)
+    ids = ds["token_id"].values[lo: token + 1]
+    docs = ds["doc"].values[lo: token + 1]
+    return [int(i) for i in ids[docs == docs[-1]]]
+
+
 class Delegate:
     """An accessor method that calls `tokendyn.analysis.<module>.<function>(obj, ...)`.
 
@@ -60,19 +68,19 @@ class TokendynAccessor:
         self._obj = ds
 
     def token_text(self, token_id: xr.DataArray | np.ndarray | None = None) -> xr.DataArray:
-        """Decoded text of tokens (default: every token of the store, dims (seq, pos); "" on padding)."""
+        """Decoded text of tokens (default: every token of the store, dims (token,); "" for -1)."""
         ids = self._obj.token_id if token_id is None else token_id
         ids = ids if isinstance(ids, xr.DataArray) else xr.DataArray(np.asarray(ids))
         vocab = self._obj.vocab_text.values
         return xr.apply_ufunc(lambda i: np.where(i == PAD, "", vocab[np.clip(i, 0, None)]), ids.load(),
                               output_dtypes=[object])
 
-    def context(self, seq: int, pos: int, width: int = 20, mark: tuple[str, str] = ("[[", "]]")) -> str:
-        """The text of up to `width` tokens before token (seq, pos), with the token itself between `mark`."""
-        row = self._obj.token_id.isel(seq=seq).values
+    def context(self, token: int, width: int = 20, mark: tuple[str, str] = ("[[", "]]")) -> str:
+        """The text of up to `width` tokens of its document before `token` (an index along the token
+        dim), with the token itself between `mark`. Unscored tokens (none in a rolling set) are left out."""
         vocab = self._obj.vocab_text.values
-        left = "".join(vocab[i] for i in row[max(0, pos - width): pos] if i != PAD)
-        return f"{left}{mark[0]}{vocab[row[pos]]}{mark[1]}"
+        ids = [vocab[i] for i in context_ids(self._obj, token, width)]
+        return f"{''.join(ids[:-1])}{mark[0]}{ids[-1]}{mark[1]}"
 
     # --- looking at tokens: tokendyn.analysis.tokens ---
     by_step = Delegate("tokens")

@@ -49,6 +49,7 @@ from tokendyn.errors import TokendynError
 from tokendyn.analysis.labels import MISSING, flag_array, flag_names, label_mask, label_share
 from tokendyn.analysis.trajectories import (at_perplexity, double_descent, falls_rises_falls, load_small,
                                             model_index, model_loss, valid_tokens)
+from tokendyn.store.layout import TOKEN_DIMS
 
 METHODS = ("kmeans", "gmm")
 MIN_FINE_SIZE = 30  # "shapes": fit samples per fine cluster at least, so a fine centroid averages out the noise
@@ -85,7 +86,7 @@ class Clustering:
 
 def trajectory_features(ds: xr.Dataset, on: str = "perplexity", model: int | str | None = None,
                         levels: Sequence[float] | None = None, n_levels: int = 10) -> xr.DataArray:
-    """Trajectories as (model, seq, pos, point), `point` whole in each chunk. Lazy.
+    """Trajectories as (model, token, point), `point` whole in each chunk. Lazy.
 
     on="perplexity": loss at matched validation perplexity (levels, default a grid of n_levels
     every model reaches; levels some model misses are dropped). on="checkpoints": one model's
@@ -107,7 +108,7 @@ def trajectory_features(ds: xr.Dataset, on: str = "perplexity", model: int | str
         raise TokendynError(f"unknown clustering features {on!r}; choose 'perplexity' or 'checkpoints'")
     if grid.sizes["point"] < 2:
         raise TokendynError("clustering needs trajectories of at least 2 points; add levels or checkpoints")
-    return grid.transpose("model", "seq", "pos", "point").chunk({"point": -1})
+    return grid.transpose("model", *TOKEN_DIMS, "point").chunk({"point": -1})
 
 
 def normalise(x: np.ndarray, how: str) -> np.ndarray:
@@ -282,9 +283,8 @@ def cluster(ds: xr.Dataset, n_clusters: int | str = "shapes", on: str = "perplex
     features = trajectory_features(ds, on, model, levels, n_levels)
     features = features.where(valid_tokens(ds))
     rng = np.random.default_rng(random_state)
-    per_seq = features.sizes["model"] * features.sizes["pos"]
-    n_fit = min(features.sizes["seq"], max(1, math.ceil(max_fit_tokens / per_seq)))
-    sample = features.isel(seq=np.sort(rng.choice(features.sizes["seq"], n_fit, replace=False))).values
+    n_fit = min(features.sizes["token"], max(1, math.ceil(max_fit_tokens / features.sizes["model"])))
+    sample = features.isel(token=np.sort(rng.choice(features.sizes["token"], n_fit, replace=False))).values
     raw = sample.reshape(-1, sample.shape[-1])
     raw = raw[np.isfinite(raw).all(axis=1)]
     x = normalise(raw, normalize)

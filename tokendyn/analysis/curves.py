@@ -7,7 +7,7 @@
   the true token over checkpoints.
 
 Losses are in nats, as in the store (Chang et al. report surprisal in bits: divide by ln 2).
-Every function returns lazy per-token arrays with dims (model, seq, pos); only done checkpoints
+Every function returns lazy per-token arrays with dims (model, token); only done checkpoints
 take part.
 """
 
@@ -159,7 +159,7 @@ def age_of_acquisition(ds: xr.Dataset, chance: float | None = None, n_iter: int 
     loss of the uniform distribution (Chang et al.'s chance surprisal), which does not depend on
     which checkpoints the suite has. NaN unless the token's loss goes from above halfway at the
     first checkpoint to below it at the last (a token that never falls, or rises, has no age; the
-    crossing is never extrapolated). Lazy; (model, seq, pos).
+    crossing is never extrapolated). Lazy; (model, token).
     """
     ds = load_small(ds)
     level = uniform_loss(ds) if chance is None else float(chance)
@@ -222,7 +222,7 @@ def rho1_classes(ds: xr.Dataset, first: int | None = None, last: int = -1,
     Rho-1 (Lin et al. 2024) states no numeric threshold that transfers to other models and data;
     the default is the median loss over the valid tokens of both compared checkpoints of all models
     (this loads those two checkpoints' losses). The threshold and the compared steps are attributes.
-    A label array (`tokendyn.analysis.labels`) of codes (model, seq, pos).
+    A label array (`tokendyn.analysis.labels`) of codes (model, token).
     """
     ds = load_small(ds)
     n_models = ds.sizes["model"]
@@ -253,7 +253,7 @@ def cartography(ds: xr.Dataset) -> xr.Dataset:
 
 
 def curve_measures(ds: xr.Dataset, last: int = 5, chance: float | None = None, window: int = 3) -> xr.Dataset:
-    """All per-token §5 measures in one lazy Dataset (model, seq, pos): final_loss,
+    """All per-token §5 measures in one lazy Dataset (model, token): final_loss,
     final_variability, age_of_acquisition, forgettability, confidence, variability."""
     ds = load_small(ds)
     return xr.merge([final_loss(ds, last), age_of_acquisition(ds, chance), forgettability(ds, window),

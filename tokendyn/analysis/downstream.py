@@ -70,10 +70,15 @@ def option_scores(source, task: str) -> xr.Dataset:
     item fields as coordinates."""
     _check_task(source, task)
     ds = open_store(source_path(source), set=TASK_SET_PREFIX + task)
-    in_option = ds[OPTION_FIELD] == 1
-    logprob = -ds["loss"].where(ds["done"]).where(in_option).astype(np.float64).sum("pos", min_count=1)
-    logprob, length = logprob.compute().values, in_option.sum("pos").values
-    item, option = ds["item"].values, ds["option"].values
+    in_option = ds[OPTION_FIELD].values == 1
+    doc = ds["doc"].values
+    loss = ds["loss"].where(ds["done"]).astype(np.float64).values[..., in_option]  # (model, ckpt, option tokens)
+    n_docs = int(doc.max()) + 1
+    logprob = -np.stack([np.bincount(doc[in_option], weights=row, minlength=n_docs)
+                         for row in loss.reshape(-1, loss.shape[-1])]).reshape(loss.shape[:2] + (n_docs,))
+    docs, first = np.unique(doc, return_index=True)  # every (item, option) document and its first token
+    logprob, length = logprob[..., docs], np.bincount(doc[in_option], minlength=n_docs)[docs]
+    item, option = ds["item"].values[first], ds["option"].values[first]
     shape = (int(item.max()) + 1, int(ds["n_options"].values.max()))
     lp = np.full(logprob.shape[:2] + shape, np.nan)
     lp[:, :, item, option] = logprob
@@ -83,10 +88,11 @@ def option_scores(source, task: str) -> xr.Dataset:
         per_option[name] = np.full(shape, np.nan)
         per_option[name][item, option] = values
     answer = np.zeros(shape[0], dtype=np.int64)
-    answer[item] = ds["answer"].values
-    first = np.unique(item, return_index=True)[1]  # the first sequence of every item
+    answer[item] = ds["answer"].values[first]
+    first = first[np.unique(item, return_index=True)[1]]  # the first token of every item
+    per_token = (*ITEM_FIELDS, OPTION_FIELD, "doc", "token_id", "offset", "n_context")
     fields = {k: ("item", ds[k].values[first]) for k, v in ds.coords.items()
-              if v.dims == ("seq",) and k not in (*ITEM_FIELDS, "doc")}
+              if v.dims == ("token",) and k not in per_token}
     dims = ("model", "ckpt", "item", "option")
     return xr.Dataset(
         {"logprob": (dims, lp), **{k: (dims[2:], v) for k, v in per_option.items()}, "answer": ("item", answer),

@@ -34,8 +34,8 @@ REDUCTIONS = ("sum", "mean")
 # --- sets of a store -------------------------------------------------------------------------------
 
 def set_params(ds: xr.Dataset) -> dict:
-    """The packing parameters of a set (name, kind, corrupt, ...), from its `packing` attribute."""
-    params = json.loads(ds.attrs["packing"]) if "packing" in ds.attrs else {}
+    """The protocol parameters of a set (name, kind, context, corrupt, ...), from its `protocol` attribute."""
+    params = json.loads(ds.attrs["protocol"]) if "protocol" in ds.attrs else {}
     params.setdefault("name", ds.attrs.get("tokendyn_set", "main"))
     params.setdefault("kind", "pairs" if "is_true" in ds.coords else "text")
     return params
@@ -60,18 +60,18 @@ def open_sets(source: str | Path | xr.Dataset, sets: Sequence[str] | None = None
 def set_perplexity(ds: xr.Dataset, by: str | None = None) -> xr.DataArray:
     """exp(mean loss over all predicted tokens of the set) per (model, ckpt); NaN where not done.
 
-    by: a per-sequence coordinate (e.g. "mixture" of a generated set); gives one perplexity per
-    value, dims (model, ckpt, by). A sequence counts for the document it starts with.
+    by: a per-token coordinate (e.g. "mixture" of a generated set, a document field); gives one
+    perplexity per value, dims (model, ckpt, by).
     """
     loss = ds["loss"].where(ds["done"]) if "done" in ds else ds["loss"]
     loss = loss.reset_coords(drop=True).astype(np.float64)
-    total, count = loss.sum("pos"), loss.notnull().sum("pos")
+    total, count = loss, loss.notnull()
     if by is None:
-        total, count = total.sum("seq"), count.sum("seq")
+        total, count = total.sum(TOKEN_DIMS), count.sum(TOKEN_DIMS)
     else:
         key = ds[by].reset_coords(drop=True).load()
-        if key.dims != ("seq",):
-            raise TokendynError(f"coordinate '{by}' has dims {key.dims}; group sets by a per-sequence coordinate")
+        if key.dims != TOKEN_DIMS:
+            raise TokendynError(f"coordinate '{by}' has dims {key.dims}; group sets by a per-token coordinate")
         total, count = total.groupby(key).sum(), count.groupby(key).sum()
     return np.exp(total / count).where(count > 0)
 
@@ -80,7 +80,7 @@ def sequence_ppl(source: str | Path | xr.Dataset, sets: Sequence[str] | None = N
                  by: str | None = None) -> xr.DataArray:
     """Perplexity of each evaluation set: (set, model, ckpt), computed.
 
-    by: a per-sequence coordinate, e.g. "mixture": every set that has it is split into one entry
+    by: a per-token coordinate, e.g. "mixture": every set that has it is split into one entry
     per value, named "<set>:<value>" (a generated file with several mixtures gives one curve per
     mixture); sets without it stay whole.
     Coordinates: `step`, `val_ppl`, `tokens_seen` (model, ckpt) from the main set, so the result
@@ -94,10 +94,10 @@ def sequence_ppl(source: str | Path | xr.Dataset, sets: Sequence[str] | None = N
     for name, ds in datasets.items():
         params = set_params(ds)
         row = {"kind": params["kind"], "corrupt": params.get("corrupt") or np.nan, "source_set": name}
-        tokens = trajectories.valid_tokens(ds).sum("pos")
+        tokens = trajectories.valid_tokens(ds)
         if by is not None and by in ds.coords:
             curve = set_perplexity(ds, by).compute()
-            counts = tokens.groupby(ds[by].reset_coords(drop=True).load()).sum()
+            counts = tokens.assign_coords({by: ds[by].reset_coords(drop=True).load()}).groupby(by).sum()
             for value in curve[by].values:
                 curves.append(curve.sel({by: value}, drop=True))
                 rows.append({**row, "set": f"{name}:{value}", "group": str(value),
@@ -129,12 +129,12 @@ def curve_at_perplexity(curve: xr.DataArray, levels: Sequence[float] | None = No
                             "pass the output of sequence_ppl")
     other = [dim for dim in curve.dims if dim not in ("model", "ckpt")]
     values = curve.transpose("model", "ckpt", *other).values.reshape(curve.sizes["model"], curve.sizes["ckpt"], -1)
-    # trajectories.at_perplexity interpolates per-token losses: give it log(curve) as "tokens" (seq, pos=1)
-    ds = xr.Dataset({"loss": (("model", "ckpt", "seq", "pos"), np.log(values)[..., None])},
+    # trajectories.at_perplexity interpolates per-token losses: give it log(curve) as "tokens"
+    ds = xr.Dataset({"loss": (("model", "ckpt", *TOKEN_DIMS), np.log(values))},
                     coords={"model": curve["model"].values, "ckpt": np.arange(curve.sizes["ckpt"]),
                             **{name: curve[name].reset_coords(drop=True) for name in CHECKPOINT_COORDS
                                if name in curve.coords}})
-    matched = trajectories.at_perplexity(ds, levels, n_levels).isel(pos=0)
+    matched = trajectories.at_perplexity(ds, levels, n_levels)
     shape = (curve.sizes["model"], matched.sizes["val_ppl"], *(curve.sizes[d] for d in other))
     out = xr.DataArray(np.exp(matched.values).reshape(shape), dims=("model", "val_ppl", *other),
                        coords={"model": curve["model"].values, "val_ppl": matched["val_ppl"].values,
@@ -206,29 +206,24 @@ def turning_points(curve: xr.DataArray, tol: float = 0.05) -> xr.Dataset:
 # --- true/false pairs ------------------------------------------------------------------------------
 
 def pair_tokens(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Token positions of every pair's two texts, and which of them differ.
+    """Token indices of every pair's two texts, and which of them differ.
 
     Returns (index, valid, differs), each (pair, side, k) with side 0 = true, 1 = false: `index`
-    is a flat position into (seq, pos) of the k-th token of the text (padded with 0), `valid` marks
-    real tokens that have a prediction, `differs` the tokens between the common prefix and the
-    common suffix of the two token sequences (longest common prefix first, then the longest
-    common suffix of what remains; BOS counts as a token).
-    Documents 2p and 2p + 1 are the true and the false text of pair p (`tokendyn.data.corpus`); pairs
-    with a text missing from the store (cut by max_sequences) are left out. Also returns the
-    indices of the pairs kept.
+    is an index along the token dim of the k-th stored token of the text (padded with 0), `valid`
+    marks real tokens, `differs` the tokens between the common prefix and the common suffix of the
+    two token sequences (longest common prefix first, then the longest common suffix of what
+    remains). Documents 2p and 2p + 1 are the true and the false text of pair p
+    (`tokendyn.data.corpus`); pairs with a text missing from the store (cut by max_sequences) are
+    left out. Also returns the indices of the pairs kept.
     """
     token_id = ds["token_id"].values
-    token_doc = ds["token_doc"].values.reshape(-1)
+    doc = ds["doc"].values
     if "is_true" in ds.coords and "pair" in ds.coords:
-        first = ds["doc"].values if "doc" in ds.coords else token_doc.reshape(token_id.shape)[:, 0]
-        if np.any(ds["pair"].values != first // 2) or np.any(ds["is_true"].values != (first % 2 == 0)):
+        if np.any(ds["pair"].values != doc // 2) or np.any(ds["is_true"].values != (doc % 2 == 0)):
             raise TokendynError("the set's documents are not in true, false order per pair; re-extract the pairs set")
-    predicted = ((token_id != PAD) & (np.arange(token_id.shape[1]) > 0)).reshape(-1)
-    positions = np.flatnonzero(token_doc != PAD)
-    docs = token_doc[positions]
-    order = positions[np.argsort(docs, kind="stable")]  # token positions grouped by document, in text order
-    n_docs = int(docs.max()) + 1
-    counts = np.bincount(docs, minlength=n_docs + n_docs % 2).reshape(-1, 2)
+    order = np.argsort(doc, kind="stable")  # token indices grouped by document, in text order
+    n_docs = int(doc.max()) + 1
+    counts = np.bincount(doc, minlength=n_docs + n_docs % 2).reshape(-1, 2)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).reshape(-1, 2)
     kept = np.flatnonzero(counts.min(1) > 0)
     counts, starts = counts[kept], starts[kept]
@@ -237,9 +232,9 @@ def pair_tokens(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     rank = np.arange(counts.max())
     present = rank < counts[..., None]
     index = np.where(present, order[np.minimum(starts[..., None] + rank, len(order) - 1)], 0)
-    ids = np.where(present, token_id.reshape(-1)[index], PAD)
+    ids = np.where(present, token_id[index], PAD)
     differs = _differing(ids[:, 0], ids[:, 1], counts)
-    return index, present & predicted[index], differs & present, kept
+    return index, present, differs & present, kept
 
 
 def _differing(a: np.ndarray, b: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -272,7 +267,7 @@ def pair_scores(ds: xr.Dataset) -> xr.Dataset:
     """Per (model, ckpt, pair) loss sums of a pairs set, lazy.
 
     Variables, each with a `side` dim ("true", "false"): `total` (summed loss of the text's
-    predicted tokens, nats = -log p(text | first token)), `n_tokens` (predicted tokens), `span`
+    scored tokens, nats = -log p(text | the prefix)), `n_tokens` (scored tokens), `span`
     (summed loss over the tokens that differ between the two texts, see `pair_tokens`) and
     `n_span`. NaN where the checkpoint is not done.
     """
@@ -280,7 +275,7 @@ def pair_scores(ds: xr.Dataset) -> xr.Dataset:
         raise TokendynError(f"set '{set_params(ds)['name']}' is not a pairs set; open a set of kind \"pairs\"")
     index, valid, differs, pairs = pair_tokens(ds)
     dims = ("pair", "side", "k")
-    loss = trajectories.token_loss(ds).reset_coords(drop=True).astype(np.float64).stack(token=TOKEN_DIMS)
+    loss = trajectories.token_loss(ds).reset_coords(drop=True).astype(np.float64)
     gathered = loss.isel(token=xr.DataArray(index, dims=dims))
     valid_da, differs_da = xr.DataArray(valid, dims=dims), xr.DataArray(differs & valid, dims=dims)
     done = ds["done"].reset_coords(drop=True)

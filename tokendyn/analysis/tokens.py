@@ -3,7 +3,7 @@ two steps with their text and context, and whitespace made visible.
 
 Token positions are addressed generically through the store's per-token dimensions
 (`tokendyn.store.TOKEN_DIMS`): tokens are taken in that order, flattened, and a token's neighbours
-are the tokens next to it in that order that belong to the same document (`token_doc`).
+are the tokens next to it in that order that belong to the same document (`doc`).
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ def top_tokens(ds: xr.Dataset, by: str | xr.DataArray = "drop", k: int = 20,
     labels: a label array (trend categories, Rho-1 classes, clusters) or {column: label array}; each
         adds a column with the token's label name in this model.
     width: tokens of context either side, from the same document.
-    Returns a DataFrame: the token's position (one column per token dim), token_id, token (whitespace
+    Returns a DataFrame: the token's position (`<dim>_index` per token dim; `doc` and `offset`
+    where stored), token_id, token (whitespace
     visible: ␣ space, ⏎ newline, → tab), context (the text with its spaces, the token in [[ ]]),
     the label columns, `change` (loss at the second step minus the first, nats), and one column
     `loss@<step>` per done checkpoint.
@@ -154,11 +155,15 @@ def top_tokens(ds: xr.Dataset, by: str | xr.DataArray = "drop", k: int = 20,
     order = np.argsort(-score, kind="stable")[:k]
     order = order[np.isfinite(score[order])]
     ids = flat_tokens(ds["token_id"])
-    doc = flat_tokens(ds["token_doc"]) if "token_doc" in ds.variables else None
+    doc = flat_tokens(ds["doc"]) if "doc" in ds.variables else None
     vocab = ds["vocab_text"].values if "vocab_text" in ds.variables else None
     tokens, contexts = _contexts(ids, doc, vocab, order, width)
     shape = tuple(ds.sizes[d] for d in TOKEN_DIMS)
-    where = dict(zip(TOKEN_DIMS, np.unravel_index(order, shape)))
+    index = dict(zip(TOKEN_DIMS, np.unravel_index(order, shape)))
+    where = {f"{dim}_index": value for dim, value in index.items()}
+    for name in ("doc", "offset"):  # where the token stands in its document
+        if name in ds.coords and ds[name].dims == TOKEN_DIMS:
+            where[name] = flat_tokens(ds[name])[order]
     table = pd.DataFrame(where)
     table.insert(0, "model", str(ds["model"].values[m]))
     table["token_id"] = ids[order]
@@ -172,7 +177,7 @@ def top_tokens(ds: xr.Dataset, by: str | xr.DataArray = "drop", k: int = 20,
     table["change"] = change[order]
     steps = ds["step"].values[m]
     done = done_checkpoints(ds, m)
-    picked = loss.isel(ckpt=done, **{d: xr.DataArray(v, dims="picked") for d, v in where.items()})
+    picked = loss.isel(ckpt=done, **{d: xr.DataArray(v, dims="picked") for d, v in index.items()})
     per_ckpt = np.asarray(picked.transpose("ckpt", "picked").values, dtype=float)
     for row, c in zip(per_ckpt, done):
         label = f"{steps[c]:.0f}" if steps[c] == round(steps[c]) else f"{steps[c]:g}"

@@ -28,7 +28,7 @@ from tokendyn.analysis.labels import describe
 from tokendyn.store.layout import TOKEN_DIMS
 
 AXES = ("step", "tokens_seen", "flops", "val_ppl")
-CHUNK_MB = 64  # loss data per dask chunk of the per-token computations (ckpt whole, seq chunked)
+CHUNK_MB = 64  # loss data per dask chunk of the per-token computations (ckpt whole, token chunked)
 SLICE_TOKENS = 2**15  # tokens per slice inside a kernel: bounds its float64 temporaries
 
 
@@ -75,17 +75,17 @@ def trained_checkpoints(ds: xr.Dataset, model: int | str) -> np.ndarray:
 def chunk_tokens(da: xr.DataArray, chunk_mb: float = CHUNK_MB) -> xr.DataArray:
     """Rechunk so that `ckpt` is whole and a chunk holds about chunk_mb of data.
 
-    Other dims keep their chunks (the store's: one model, whole positions); the seq chunk is a
-    multiple of the stored one (at least one), so no stored chunk is split. Kernels bound their
+    Other dims keep their chunks (the store's: one model); the token chunk is a multiple of the
+    stored one (at least one), so no stored chunk is split. Kernels bound their
     own working memory with `over_token_slices`.
     """
     if da.chunks is None:
         return da.chunk({"ckpt": -1} if "ckpt" in da.dims else {})
     sizes = {dim: (da.sizes[dim] if dim == "ckpt" else max(chunks)) for dim, chunks in zip(da.dims, da.chunks)}
-    per_seq = da.dtype.itemsize * math.prod(size for dim, size in sizes.items() if dim != "seq")
-    stored = sizes["seq"]
-    n_seq = max(1, int(chunk_mb * 2**20 // per_seq) // stored) * stored
-    return da.chunk({"ckpt": -1, "seq": n_seq} if "ckpt" in da.dims else {"seq": n_seq})
+    per_token = da.dtype.itemsize * math.prod(size for dim, size in sizes.items() if dim != "token")
+    stored = sizes["token"]
+    n_token = max(1, int(chunk_mb * 2**20 // per_token) // stored) * stored
+    return da.chunk({"ckpt": -1, "token": n_token} if "ckpt" in da.dims else {"token": n_token})
 
 
 def over_token_slices(func, block: np.ndarray, slice_tokens: int = SLICE_TOKENS, **kwargs) -> np.ndarray:
@@ -111,7 +111,7 @@ def token_loss(ds: xr.Dataset) -> xr.DataArray:
 
 
 def model_loss(ds: xr.Dataset, model: int | str, chunk_mb: float = CHUNK_MB) -> xr.DataArray:
-    """One model's loss over its done checkpoints as (ckpt, seq, pos), ckpt in a single chunk.
+    """One model's loss over its done checkpoints as (ckpt, token), ckpt in a single chunk.
 
     The `step` coordinate of the selected checkpoints is kept.
     """
@@ -124,14 +124,12 @@ def model_loss(ds: xr.Dataset, model: int | str, chunk_mb: float = CHUNK_MB) -> 
 
 
 def valid_tokens(ds: xr.Dataset) -> xr.DataArray:
-    """Tokens that have a prediction: not padding and not the first position of a sequence.
+    """Tokens that have a prediction: every token of a format-2 store (it holds scored tokens only).
 
-    In memory (a byte per token), so it never imposes its chunks on the lazy per-token results.
+    Kept so analyses can mask per-token results uniformly. In memory (a byte per token), so it
+    never imposes its chunks on the lazy per-token results.
     """
-    valid = ds["pos"] > 0
-    if "token_id" in ds.coords:
-        valid = valid & (ds["token_id"] >= 0)
-    return valid.reset_coords(drop=True).compute()
+    return xr.DataArray(np.ones(ds.sizes["token"], dtype=bool), dims=TOKEN_DIMS)
 
 
 # --- x axes ----------------------------------------------------------------------------------------
@@ -222,7 +220,7 @@ def reach(ds: xr.Dataset, axis: str, levels: Sequence[float], of: str = "step") 
 
 
 def at_axis(ds: xr.Dataset, axis: str, levels: Sequence[float]) -> xr.DataArray:
-    """Loss of every token in every model at given levels of an x axis: (model, axis, seq, pos).
+    """Loss of every token in every model at given levels of an x axis: (model, axis, token).
 
     Linear interpolation between the two checkpoints that bracket each level; for "val_ppl" it is
     linear in log(val_ppl) on the running-minimum envelope (the checkpoints that set a new lowest
@@ -284,7 +282,7 @@ def perplexity_grid(ds: xr.Dataset, n_levels: int = 20) -> np.ndarray:
 
 
 def at_perplexity(ds: xr.Dataset, levels: Sequence[float] | None = None, n_levels: int = 20) -> xr.DataArray:
-    """Loss at matched validation perplexity: (model, val_ppl, seq, pos); see `at_axis`.
+    """Loss at matched validation perplexity: (model, val_ppl, token); see `at_axis`.
 
     levels: perplexities to read at; default `perplexity_grid(ds, n_levels)`, the levels every
     model reaches.
@@ -297,7 +295,7 @@ def at_perplexity(ds: xr.Dataset, levels: Sequence[float] | None = None, n_level
 def subset_curve(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
     """Perplexity of a token subset in every model and checkpoint: exp(mean loss over the mask).
 
-    mask: boolean (seq, pos), e.g. `cats.sel(model="m", start=0.2) == "upward"`; chosen on one
+    mask: boolean (token,), e.g. `cats.sel(model="m", start=0.2) == "upward"`; chosen on one
     model, tracked in all. Extra dims (other than model/ckpt) give one curve each, computed in one
     pass. Returns (..., model, ckpt) with the `val_ppl` and `step` coordinates, so it plots
     against validation perplexity directly; NaN for an empty subset. Computed.
@@ -305,7 +303,7 @@ def subset_curve(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
     ds = load_small(ds)
     mask = mask.reset_coords(drop=True)
     if not set(TOKEN_DIMS) <= set(mask.dims) or set(mask.dims) & {"model", "ckpt"}:
-        raise TokendynError(f"the mask must have dims (seq, pos) and no model/ckpt dims, not {mask.dims}; "
+        raise TokendynError(f"the mask must have the token dim and no model/ckpt dims, not {mask.dims}; "
                             "select one model (and start) first")
     loss = ds["loss"].where(ds["done"]) if "done" in ds else ds["loss"]
     weight = mask.astype(float)
@@ -369,7 +367,7 @@ def _smoothed_double_descent(y: np.ndarray, tol: float, window: int, complete: b
 
 def double_descent(ds: xr.Dataset, tol: float = 0.5, window: int = 3, chunk_mb: float = CHUNK_MB,
                    complete: bool = True) -> xr.DataArray:
-    """Per-token double descent over each model's checkpoints: (model, seq, pos), lazy.
+    """Per-token double descent over each model's checkpoints: (model, token), lazy.
 
     See `detect_double_descent` for `tol` (nats), `window` (checkpoints) and `complete`.
     """
@@ -380,7 +378,7 @@ def double_descent(ds: xr.Dataset, tol: float = 0.5, window: int = 3, chunk_mb: 
 
 
 def token_share(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
-    """Percentage of the valid tokens where `mask` holds, over (seq, pos). Computed."""
+    """Percentage of the valid tokens where `mask` holds, over the tokens. Computed."""
     valid = valid_tokens(ds)
     share = (100 * (mask & valid).sum(TOKEN_DIMS) / valid.sum(TOKEN_DIMS)).compute()
     return describe(share, "share of valid tokens", "%")

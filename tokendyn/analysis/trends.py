@@ -29,6 +29,7 @@ import scipy.stats
 import xarray as xr
 
 from tokendyn.errors import TokendynError
+from tokendyn.store.layout import TOKEN_DIMS
 from tokendyn.analysis.labels import MISSING, flag_array
 from tokendyn.analysis.trajectories import CHUNK_MB, load_small, model_loss, over_token_slices, valid_tokens
 
@@ -126,7 +127,7 @@ def trend_categories(ds: xr.Dataset, start: float | Sequence[float] = STARTS, x:
     x: "log_step" (default, released code) or "index" (checkpoint index, the paper's text).
     alpha: significance level of the slope test (0.05). band: stagnation band around the
     geometric mean (0.05, i.e. [0.95, 1.05]). var_condition: also require var(ppl) < mean(ppl).
-    Returns a label array (`tokendyn.analysis.labels`): int8 codes (model, start, seq, pos) with
+    Returns a label array (`tokendyn.analysis.labels`): int8 codes (model, start, token) with
     flag_meanings CATEGORIES; `labels.label_share` gives the percentages per model and start. Lazy.
     """
     ds = load_small(ds)
@@ -155,12 +156,12 @@ def trend_categories(ds: xr.Dataset, start: float | Sequence[float] = STARTS, x:
         per_model.append(codes)
     codes = xr.concat(per_model, dim="model").assign_coords(model=ds["model"].values, start=starts)
     codes = codes.where(valid_tokens(ds), MISSING).astype(np.int8)
-    return flag_array(codes.transpose("model", "start", "seq", "pos"), CATEGORIES, "trend",
+    return flag_array(codes.transpose("model", "start", *TOKEN_DIMS), CATEGORIES, "trend",
                       "trend category of the token's perplexity")
 
 
 def trend_fit(ds: xr.Dataset, start: float = 0.2, x: str = "log_step", chunk_mb: float = CHUNK_MB) -> xr.Dataset:
-    """Slope, standard error and p-value of every token's fit ppl_i/ppl_j = a + b x_i: (model, seq, pos).
+    """Slope, standard error and p-value of every token's fit ppl_i/ppl_j = a + b x_i: (model, token).
 
     Same window and x as `trend_categories`; NaN where the window has fewer than 3 checkpoints.
     Lazy.

@@ -23,6 +23,9 @@ def run(args: argparse.Namespace) -> None:
 
 
 def describe(path: Path) -> str:
+    import json
+
+    from tokendyn.data.corpus import describe as describe_protocol
     from tokendyn.store import list_sets, open_store, read_attrs, verify, verify_summary
 
     attrs = read_attrs(path)
@@ -31,9 +34,11 @@ def describe(path: Path) -> str:
              f"metrics   {', '.join(attrs['metrics'])}  stored as {attrs['store_dtype']}"]
     for name in ["main", *list_sets(path)]:
         s = ds if name == "main" else open_store(path, set=name)
-        n_tokens = int((s.token_id[:, 1:] != -1).sum())
-        lines.append(f"set       {name}: {s.sizes['seq']} sequences x {s.sizes['pos']} positions, "
-                     f"{n_tokens} scored tokens")
+        if "summary" in s.attrs:
+            protocol = describe_protocol(json.loads(s.attrs["summary"]))
+            lines += [f"set       {name}: {protocol[0]}", *(f"{'':10}{line}" for line in protocol[1:])]
+        else:
+            lines.append(f"set       {name}: {s.sizes['token']} scored tokens")
         lines += [f"refused   {reason}" for reason in s.attrs.get("refused", {}).values()]
     done = ds.done.values
     steps = ds.step.values
@@ -41,7 +46,9 @@ def describe(path: Path) -> str:
         present = np.isfinite(steps[m])
         missing = [int(s) for s in steps[m][present & ~done[m]]]
         ppl = ds.val_ppl.values[m][present & done[m]]
-        last = f", val_ppl {ppl[-1]:.2f} at the last done" if len(ppl) else ""
+        idx = np.flatnonzero(present & done[m])
+        last = (f", at the last done: val_ppl {ppl[-1]:.2f}, bits/byte {ds.bits_per_byte.values[m, idx[-1]]:.3f}, "
+                f"word ppl {ds.word_ppl.values[m, idx[-1]]:.2f}" if len(ppl) else "")
         lines.append(f"model     {model} ({int(ds.n_params.values[m]):,} params): "
                      f"{int((present & done[m]).sum())}/{int(present.sum())} checkpoints done{last}"
                      + (f"; missing steps {_short(missing)}" if missing else ""))

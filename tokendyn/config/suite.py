@@ -23,8 +23,11 @@ except ModuleNotFoundError:  # Python 3.10
 from tokendyn.config.discover import discover_folders, discover_revisions
 from tokendyn.errors import TokendynError
 
-PACKINGS = ("document", "concat")
+CONTEXTS = ("rolling", "truncate", "packed", "concat")
+SPLITS = ("none", "paragraph", "line")
+PACKINGS = ("document", "concat")  # the format-1 key `packing`: document -> context rolling, concat -> concat
 KINDS = ("text", "pairs")
+PROTOCOL_KEYS = ("context", "stride", "max_tokens", "prefix", "split", "text_field")
 CORPUS_SUFFIXES = (".txt", ".jsonl")
 
 # Pythia (EleutherAI): 154 checkpoints per size, 1024 sequences x 2048 tokens per step.
@@ -32,8 +35,8 @@ PYTHIA_SIZES = ("14m", "31m", "70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b
 PYTHIA_STEPS = (0,) + tuple(2**k for k in range(10)) + tuple(range(1000, 143_001, 1000))
 PYTHIA_TOKENS_PER_STEP = 2_097_152
 
-EVAL_KEYS = ("files", "seq_len", "max_sequences", "packing", "bos", "tokenizer")
-SET_KEYS = ("name", "files", "kind", "seq_len", "max_sequences", "packing", "bos", "corrupt", "seed")
+EVAL_KEYS = ("files", "seq_len", "max_sequences", "packing", "bos", "tokenizer", *PROTOCOL_KEYS)
+SET_KEYS = ("name", "files", "kind", "seq_len", "max_sequences", "packing", "bos", "corrupt", "seed", *PROTOCOL_KEYS)
 LOCAL_MODEL_KEYS = ("name", "checkpoints", "hub_id", "tokens_per_step")
 HUB_MODEL_KEYS = ("name", "hub_id", "revisions", "tokens_per_step")
 PRESET_MODEL_KEYS = ("preset", "name", "size", "deduped", "hub_id", "steps", "tokens_per_step")
@@ -74,17 +77,50 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class EvalSet:
-    """Text to score. `name` is "main" for the [eval] table; see docs/suite.md for every field."""
+    """Text to score and how (docs/protocols.md). `name` is "main" for the [eval] table.
+
+    Parameters
+    ----------
+    seq_len : model positions per window (the L of lm-eval's rolling windows).
+    max_sequences : score at most this many windows, in document order (None: all).
+    context : "rolling" (every token once, windows advancing by `stride`), "truncate" (the first
+        `max_tokens` tokens of each document), "packed" (one window per short document) or
+        "concat" (documents joined into one stream with EOS separators, then rolling).
+    stride : new tokens per rolling window (default seq_len); every token then has at least
+        seq_len - stride tokens of context.
+    max_tokens : tokens scored per document with context "truncate" (default seq_len).
+    prefix : the context-only token before each document: "auto" (what the tokenizer's
+        add_special_tokens=True puts first, else EOS unless it is a chat-template token),
+        "none", a token string or a token id.
+    split : how a .txt file becomes documents: "none" (the file is one document), "paragraph"
+        (blank-line separated blocks) or "line".
+    text_field : the JSONL field holding a document's text.
+    """
 
     name: str
     files: tuple[Path, ...]
     seq_len: int
     max_sequences: int | None = None
-    packing: str = "document"
-    bos: bool = True
     kind: str = "text"
     corrupt: float | None = None
     seed: int = 0
+    context: str = "rolling"
+    stride: int | None = None
+    max_tokens: int | None = None
+    prefix: str | int = "auto"
+    split: str = "none"
+    text_field: str = "text"
+
+    def __post_init__(self) -> None:
+        if self.context not in CONTEXTS:
+            raise TokendynError(f"set '{self.name}': unknown context '{self.context}'; use one of {', '.join(CONTEXTS)}")
+        if self.split not in SPLITS:
+            raise TokendynError(f"set '{self.name}': unknown split '{self.split}'; use one of {', '.join(SPLITS)}")
+        if self.stride is not None and not 1 <= self.stride <= self.seq_len:
+            raise TokendynError(f"set '{self.name}': stride {self.stride} must be in [1, seq_len = {self.seq_len}]")
+        if self.max_tokens is not None and not 1 <= self.max_tokens <= self.seq_len:
+            raise TokendynError(f"set '{self.name}': max_tokens {self.max_tokens} must be in "
+                                f"[1, seq_len = {self.seq_len}]; raise seq_len or lower max_tokens")
 
 
 @dataclass(frozen=True)
@@ -341,10 +377,36 @@ def _parse_set(t: _Table, base: Path, name: str | None, default_seq_len: int | N
     seq_len = t.positive("seq_len", int, default_seq_len if default_seq_len is not None else _REQUIRED)
     if seq_len < 2:
         t.fail("seq_len", f"{seq_len} leaves no token to predict; use at least 2")
-    return EvalSet(name=name, files=files, seq_len=seq_len,
-                   max_sequences=t.positive("max_sequences", int, None),
-                   packing=t.choice("packing", PACKINGS), bos=t.get("bos", bool, True),
-                   kind=kind, corrupt=corrupt, seed=t.get("seed", int, 0))
+    try:
+        return EvalSet(name=name, files=files, seq_len=seq_len, max_sequences=t.positive("max_sequences", int, None),
+                       kind=kind, corrupt=corrupt, seed=t.get("seed", int, 0), **_protocol(t, kind))
+    except TokendynError as err:
+        raise TokendynError(f"{t.where}: {err}") from None
+
+
+def _protocol(t: _Table, kind: str) -> dict:
+    """The scoring-protocol keys, with the format-1 keys `packing` and `bos` mapped onto them.
+
+    packing = "document" -> context = "rolling" (contexts never cross documents; a long document
+    now keeps its context across windows instead of restarting); packing = "concat" -> context =
+    "concat". bos = true -> prefix = "auto"; bos = false -> prefix = "none".
+    """
+    for old, new in (("packing", "context"), ("bos", "prefix")):
+        if old in t.data and new in t.data:
+            t.fail(old, f"is the old name of '{new}'; keep only '{new}'")
+    if "packing" in t.data:
+        context = {"document": "rolling", "concat": "concat"}[t.choice("packing", PACKINGS)]
+    else:
+        context = t.choice("context", CONTEXTS) if "context" in t.data else ("packed" if kind == "pairs" else "rolling")
+    if "bos" in t.data:
+        prefix = "auto" if t.get("bos", bool) else "none"
+    else:
+        prefix = t.data.get("prefix", "auto")
+        if isinstance(prefix, bool) or not isinstance(prefix, (str, int)):
+            t.fail("prefix", 'is "auto", "none", a token string or a token id; fix its value')
+    return {"context": context, "prefix": prefix, "stride": t.positive("stride", int, None),
+            "max_tokens": t.positive("max_tokens", int, None), "split": t.choice("split", SPLITS),
+            "text_field": t.get("text_field", str, "text")}
 
 
 def _parse_files(t: _Table, base: Path) -> tuple[Path, ...]:

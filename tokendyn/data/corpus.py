@@ -1,41 +1,56 @@
-"""Read evaluation documents, tokenize them with the suite's tokenizer and pack them into fixed-length sequences.
+"""Read evaluation documents, tokenize them and cut them into scoring windows (docs/suite.md, "Scoring protocols").
 
-Packing policies (parameter `packing` of an evaluation set):
+A document's token ids `x[0..n)` are scored after a context-only part `ctx`: the prefix token
+(see `prefix_ids`) and, for a generated text, its prompt ids. Call `z = ctx + x`; every scored
+token is some `z[j]`, predicted from tokens before it inside one *window*. A window is a slice
+`z[lo:e]`: the model reads `z[lo:e-1]` (at most `seq_len` positions) and the window scores its
+new targets `z[b:e]`; earlier positions are context it re-reads. The protocols (the set's
+`context`):
 
-- ``"document"`` (default): every document starts a new sequence, beginning with the tokenizer's
-  BOS token when `bos` is true. A document longer than `seq_len` continues in the next sequence
-  (its first token there has no context, so no prediction). The tail of a sequence is padding.
-  Contexts never cross documents.
-- ``"concat"``: documents are joined into one stream, each one starting with BOS (when `bos`) and
-  ending with EOS, and the stream is cut into consecutive `seq_len` windows, as in pre-training.
-  Contexts cross document boundaries.
+- ``rolling``: windows advance by `stride` (default `seq_len`). The first window scores as many
+  targets as fit; each later one scores the next `stride` targets and reads the `seq_len` tokens
+  before its end, so the last, partial window is right-aligned and keeps a full context. With
+  ``stride = seq_len`` and one prefix token this is lm-eval's `loglikelihood_rolling` window rule.
+- ``truncate``: the first `max_tokens` tokens of each document only (Xia et al.: 2,048), rolled
+  as above if the context makes them longer than a window.
+- ``packed``: one window per (short) document; a document that does not fit is an error.
+- ``concat``: all documents joined into one stream, each followed by EOS (context only), then
+  rolled as one document: contexts cross documents, as in pre-training.
 
-Document sources: ``.txt`` files hold one document per blank-line-separated block (a file without
-blank lines is one document); ``.jsonl`` files hold one JSON object per line with a ``"text"``
-field, optional ``"spans"`` (character spans ``{"start", "end", <field>: value, ...}`` whose fields
-become per-token coordinates) and any other keys (document-level coordinates). Sets of kind
-``"pairs"`` read ``{"true": ..., "false": ...}`` lines and yield two documents per pair with the
-fields ``pair`` (pair index) and ``is_true``.
+Tokens tokendyn inserts (prefix, separators, prompt ids) are never scored. Without any prefix
+a document's first token has no context and is not scored either.
 
-Corruption (``corrupt = r``): after tokenization and before BOS/EOS are added, round(r * n) of the
-set's n document tokens are replaced by uniformly random non-special vocabulary tokens other than
-the original, positions and replacements drawn from the set's `seed` (see `corrupt_tokens`).
+Document sources: ``.txt`` files are one document each unless `split` is "paragraph" (blank-line
+separated blocks) or "line"; ``.jsonl`` files hold one JSON object per line with the text in
+`text_field` (default "text"), optional ``"spans"`` (character spans ``{"start", "end", <field>:
+value, ...}`` whose fields become per-token coordinates), optional ``"token_ids"`` (the ids to
+score, used as they are instead of tokenizing the text) and ``"context_ids"`` (ids placed before
+the document as context only, e.g. a generation prompt), and any other keys (document-level
+fields, stored per token). Sets of kind ``"pairs"`` read ``{"true": ..., "false": ...}`` lines and
+yield two documents per pair with the fields ``pair`` (pair index) and ``is_true``.
+
+Corruption (``corrupt = r``): after tokenization, round(r * n) of the set's n document tokens are
+replaced by uniformly random non-special vocabulary tokens other than the original, positions and
+replacements drawn from the set's `seed` (see `corrupt_tokens`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from tokendyn.errors import TokendynError
 from tokendyn.config.suite import EvalSet
+from tokendyn.errors import TokendynError
 
 PAD = -1
+RESERVED_JSONL = ("spans", "token_ids", "context_ids")  # JSONL keys that are not document fields
+PADDING_TOLERANCE = 0.04  # most padding share of the positions computed in any one batch
 
 
 @dataclass
@@ -43,44 +58,117 @@ class Document:
     text: str
     fields: dict = field(default_factory=dict)
     spans: list[dict] = field(default_factory=list)
+    token_ids: list[int] | None = None  # scored as given (no re-tokenisation of the text)
+    context_ids: list[int] = field(default_factory=list)  # context only, after the prefix
 
 
 @dataclass
-class PackedSet:
-    """One evaluation set, tokenized and packed. Arrays are (seq, pos) unless stated."""
+class ScoredSet:
+    """One evaluation set under its protocol: the flat list of scored tokens and the windows that score them.
+
+    Token arrays are (token,), in document order then text order: `token_id`, `doc` (document
+    index), `offset` (index of the token in its document's ids), `n_context` (tokens the model
+    read before predicting it, inserted ones included) and `token_fields` (span fields and
+    document fields, one value per token). `windows[w]` holds the ids of window w (the model
+    reads all but the last); `targets[w][t]` is the flat index of the token predicted at
+    position t + 1 of the window, or -1 where that prediction is context only.
+    """
 
     name: str
     token_id: np.ndarray
-    token_doc: np.ndarray
+    doc: np.ndarray
+    offset: np.ndarray
+    n_context: np.ndarray
     token_fields: dict[str, np.ndarray]
-    doc_fields: dict[str, np.ndarray]  # (seq,): the field of the sequence's first document
+    windows: list[np.ndarray]
+    targets: list[np.ndarray]
     params: dict
+    n_documents: int
+    n_bytes: int
+    n_words: int
+    inserted: dict[str, int] = field(default_factory=dict)  # token text -> count of insertions
 
     @property
-    def n_seq(self) -> int:
-        return self.token_id.shape[0]
+    def n_tokens(self) -> int:
+        return len(self.token_id)
 
     @property
     def seq_len(self) -> int:
-        return self.token_id.shape[1]
+        return int(self.params["seq_len"])
 
     @property
-    def doc(self) -> np.ndarray:
-        """(seq,): the document of each sequence's first token."""
-        return self.token_doc[:, 0]
-
-    @property
-    def n_predicted(self) -> int:
-        """Tokens that get a prediction: not padding and not the first of their sequence."""
-        return int((self.token_id[:, 1:] != PAD).sum())
+    def lengths(self) -> np.ndarray:
+        """Model positions of every window (its ids minus the last, which is only a target)."""
+        return np.asarray([len(w) - 1 for w in self.windows], dtype=np.int64)
 
     @property
     def fingerprint(self) -> str:
         digest = hashlib.sha256(json.dumps(self.params, sort_keys=True).encode())
-        digest.update(np.ascontiguousarray(self.token_id).tobytes())
-        digest.update(np.ascontiguousarray(self.token_doc).tobytes())
+        for array in (self.token_id, self.doc, self.offset, self.n_context):
+            digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
         return digest.hexdigest()[:16]
 
+    def summary(self, batch_tokens: int) -> dict:
+        """What the protocol costs and gives (docs/store.md, "Protocol summary")."""
+        lengths = self.lengths
+        positions = int(lengths.sum())
+        padded = sum(len(rows) * int(lengths[rows].max()) for rows in plan_batches(lengths, batch_tokens))
+        context = self.n_context
+        return {"context": self.params["context"], "seq_len": self.seq_len, "stride": self.params.get("stride"),
+                "documents": self.n_documents, "scored_tokens": self.n_tokens, "windows": len(self.windows),
+                "positions": positions, "padding_share": round(1 - positions / max(padded, 1), 6),
+                "reread_share": round(1 - self.n_tokens / max(positions, 1), 6),
+                "min_context": int(context.min()) if len(context) else 0,
+                "median_context": float(np.median(context)) if len(context) else 0.0,
+                "prefix": self.params["prefix_text"], "inserted": dict(self.inserted),
+                "unscored_first_tokens": self.params["unscored_first_tokens"],
+                "bytes": self.n_bytes, "words": self.n_words, "batch_tokens": batch_tokens}
+
+
+def describe(summary: dict) -> list[str]:
+    """The protocol summary as short lines for a terminal."""
+    stride = f", stride {summary['stride']}" if summary.get("stride") else ""
+    inserted = ", ".join(f"{text!r} x{n}" for text, n in summary["inserted"].items()) or "none"
+    return [f"{summary['context']} windows of {summary['seq_len']} positions{stride}: {summary['documents']} "
+            f"documents, {summary['scored_tokens']} scored tokens, {summary['windows']} windows",
+            f"context per scored token: min {summary['min_context']}, median {summary['median_context']:g}; "
+            f"re-read context {100 * summary['reread_share']:.1f}% of the compute, padding "
+            f"{100 * summary['padding_share']:.1f}% (batches of {summary['batch_tokens']} tokens)",
+            f"prefix {summary['prefix']}; tokens inserted (context only, never scored): {inserted}; "
+            f"first tokens unscored (no prefix): {summary['unscored_first_tokens']}"]
+
+
+def plan_batches(lengths: np.ndarray, batch_tokens: int, block_batches: int = 8) -> list[np.ndarray]:
+    """Windows grouped into batches of similar length, in blocks of consecutive windows.
+
+    Windows are taken in order in blocks of about block_batches x batch_tokens positions (so
+    results complete, and can be written, roughly in token order); inside a block they are sorted
+    by length, longest first, and cut into batches whose rows x longest row stays within
+    batch_tokens (at least one window per batch) and whose padding stays within
+    PADDING_TOLERANCE of that. Returns the window indices of every batch.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    block_limit = block_batches * batch_tokens
+    batches, start = [], 0
+    while start < len(lengths):
+        stop = start + max(1, int(np.searchsorted(np.cumsum(lengths[start:]), block_limit, side="right")))
+        order = start + np.argsort(-lengths[start:stop], kind="stable")
+        rows: list[int] = []
+        padding = 0
+        for w in order:
+            longest = lengths[rows[0]] if rows else lengths[w]
+            grown = (len(rows) + 1) * longest
+            if rows and (grown > batch_tokens or padding + longest - lengths[w] > PADDING_TOLERANCE * grown):
+                batches.append(np.asarray(rows))
+                rows, padding, longest = [], 0, lengths[w]
+            padding += longest - lengths[w]
+            rows.append(int(w))
+        batches.append(np.asarray(rows))
+        start = stop
+    return batches
+
+
+# --- documents -------------------------------------------------------------------------------------
 
 def read_documents(spec: EvalSet) -> list[Document]:
     """All documents of an evaluation set, in file order."""
@@ -89,13 +177,23 @@ def read_documents(spec: EvalSet) -> list[Document]:
         if spec.kind == "pairs":
             docs += _pair_documents(path)
         elif path.suffix == ".jsonl":
-            docs += _jsonl_documents(path)
+            docs += _jsonl_documents(path, spec.text_field)
         else:
-            docs += [Document(block.strip()) for block in _read_text(path).split("\n\n") if block.strip()]
+            docs += _text_documents(_read_text(path), spec.split)
     if not docs:
         raise TokendynError(f"evaluation set '{spec.name}' has no documents (files: "
                             f"{', '.join(map(str, spec.files))}); add text to them")
     return docs
+
+
+def _text_documents(text: str, split: str) -> list[Document]:
+    if split == "none":
+        blocks = [text]
+    elif split == "paragraph":
+        blocks = re.split(r"\n\s*\n", text)
+    else:
+        blocks = text.splitlines()
+    return [Document(block.strip()) for block in blocks if block.strip()]
 
 
 def _read_text(path: Path) -> str:
@@ -123,15 +221,23 @@ def json_lines(path: str | Path) -> Iterator[tuple[int, dict]]:
         yield number, record
 
 
-def _jsonl_documents(path: Path) -> list[Document]:
+def _jsonl_documents(path: Path, text_field: str = "text") -> list[Document]:
     docs = []
     for number, record in json_lines(path):
-        if not isinstance(record.get("text"), str):
-            raise TokendynError(f'{path}:{number}: missing string field "text"')
-        fields = {k: v for k, v in record.items() if k not in ("text", "spans")}
-        docs.append(Document(record["text"], fields, _check_spans(record.get("spans", []), record["text"],
-                                                                  f"{path}:{number}")))
+        if not isinstance(record.get(text_field), str):
+            raise TokendynError(f'{path}:{number}: missing string field "{text_field}" (the set\'s text_field)')
+        ids = {key: record.get(key) for key in ("token_ids", "context_ids")}
+        for key, value in ids.items():
+            if value is not None and not (isinstance(value, list) and all(_is_id(i) for i in value)):
+                raise TokendynError(f'{path}:{number}: "{key}" must be a list of token ids')
+        fields = {k: v for k, v in record.items() if k != text_field and k not in RESERVED_JSONL}
+        spans = _check_spans(record.get("spans", []), record[text_field], f"{path}:{number}")
+        docs.append(Document(record[text_field], fields, spans, ids["token_ids"], ids["context_ids"] or []))
     return docs
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _check_spans(spans, text: str, where: str) -> list[dict]:
@@ -163,71 +269,209 @@ def _pair_documents(path: Path) -> list[Document]:
     return docs
 
 
-def pack(spec: EvalSet, tokenizer, documents: list[Document] | None = None) -> PackedSet:
-    """Tokenize and pack an evaluation set (documents read from its files unless given)."""
+# --- special tokens --------------------------------------------------------------------------------
+
+def prefix_ids(prefix: str | int, tokenizer) -> list[int]:
+    """The context-only token(s) before every document.
+
+    "auto": the tokens the tokenizer's own `add_special_tokens=True` puts before a text (Llama
+    `<s>`, OPT `</s>`); if it adds none (GPT-NeoX), EOS as lm-eval does, unless EOS is a token of
+    the tokenizer's chat template (then nothing: the first token of a document is not scored).
+    "none": nothing. A string: that single token. An integer: that token id.
+    """
+    if prefix == "none":
+        return []
+    if isinstance(prefix, int):
+        if not 0 <= prefix < len(tokenizer):
+            raise TokendynError(f"prefix token id {prefix} is outside the vocabulary (0..{len(tokenizer) - 1}); fix it")
+        return [prefix]
+    if prefix != "auto":
+        ids = tokenizer.convert_tokens_to_ids([prefix])
+        if ids[0] is None or ids[0] == tokenizer.unk_token_id and prefix != tokenizer.unk_token:
+            raise TokendynError(f"prefix '{prefix}' is not a token of the tokenizer; give a token string, an id or "
+                                '"none"')
+        return [int(ids[0])]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    lead = next((k for k in range(len(special) - len(plain) + 1) if special[k: k + len(plain)] == plain), 0)
+    if lead:
+        return [int(i) for i in special[:lead]]
+    eos = tokenizer.eos_token_id
+    if eos is None or tokenizer.eos_token in (getattr(tokenizer, "chat_template", None) or ""):
+        return []
+    return [int(eos)]
+
+
+def _token_texts(tokenizer, ids: list[int]) -> list[str]:
+    return [str(t) for t in tokenizer.convert_ids_to_tokens([int(i) for i in ids])]
+
+
+# --- windows ---------------------------------------------------------------------------------------
+
+def rolling_windows(length: int, start: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows (lo, b, e) scoring the targets z[start:length] of a stream z of `length` tokens.
+
+    The model reads z[lo:e-1] (lo = max(0, e-1-seq_len)) and scores z[b:e]. The first window
+    scores every target that fits into its seq_len positions (stride targets if the context
+    before `start` already fills them); each later window scores the next `stride` targets.
+    """
+    windows, b, first = [], start, True
+    while b < length:
+        new = seq_len + 1 - b if first and seq_len + 1 - b >= 1 else stride
+        e = min(length, b + new)
+        windows.append((max(0, e - 1 - seq_len), b, e))
+        b, first = e, False
+    return windows
+
+
+def tokenize_set(spec: EvalSet, tokenizer, documents: list[Document] | None = None) -> ScoredSet:
+    """Tokenize an evaluation set (documents read from its files unless given) and cut it into windows."""
     docs = read_documents(spec) if documents is None else documents
-    encoded = tokenizer([d.text for d in docs], add_special_tokens=False, return_offsets_mapping=True)
-    token_ids = encoded["input_ids"]
+    text_ids, offsets = _encode(docs, tokenizer)
     if spec.corrupt is not None:
-        token_ids = corrupt_tokens(token_ids, spec.corrupt, spec.seed, tokenizer)
-    bos = [tokenizer.bos_token_id] if spec.bos and tokenizer.bos_token_id is not None else []
-    eos = [tokenizer.eos_token_id] if spec.packing == "concat" and tokenizer.eos_token_id is not None else []
-    span_keys = sorted({k for d in docs for s in d.spans for k in s if k not in ("start", "end")})
-    span_fill = {k: _fill(np.asarray([next(s[k] for d in docs for s in d.spans if k in s)])) for k in span_keys}
-
-    pieces = []  # per document: (ids, per-token span fields), BOS/EOS included
-    for doc, ids, offsets in zip(docs, token_ids, encoded["offset_mapping"]):
-        values = _span_values(doc.spans, span_fill, np.asarray(offsets, dtype=np.int64).reshape(-1, 2))
-        pieces.append((np.asarray(bos + list(ids) + eos, dtype=np.int64),
-                       {k: np.concatenate([np.full(len(bos), *span_fill[k]), v, np.full(len(eos), *span_fill[k])])
-                        for k, v in values.items()}))
-
-    if spec.packing == "document":
-        windows = [(d, start) for d, (ids, _) in enumerate(pieces) for start in range(0, len(ids), spec.seq_len)]
-        stream = None
-    elif spec.packing == "concat":
-        stream = np.concatenate([ids for ids, _ in pieces])
-        windows = [(None, start) for start in range(0, len(stream), spec.seq_len)]
-    else:
-        raise TokendynError(f"unknown packing '{spec.packing}' in set '{spec.name}'; use 'document' or 'concat'")
+        text_ids = [np.asarray(i) for i in corrupt_tokens(text_ids, spec.corrupt, spec.seed, tokenizer)]
+    prefix = prefix_ids(spec.prefix, tokenizer)
+    streams = _streams(spec, docs, text_ids, prefix, tokenizer)
+    stride = spec.stride or spec.seq_len
+    windows, targets, stream_tokens = [], [], []
+    base = 0
+    for z, doc_of, offset_of, start in streams:
+        if spec.context == "packed" and len(z) - 1 > spec.seq_len:
+            d = int(doc_of[start]) if start < len(z) else 0
+            raise TokendynError(f"set '{spec.name}': document {d} needs {len(z) - 1} positions, more than seq_len "
+                                f"= {spec.seq_len}; use context = \"rolling\" or a larger seq_len")
+        flat = np.full(len(z), -1, dtype=np.int64)
+        scored = np.flatnonzero(doc_of >= 0)
+        scored = scored[scored >= start]
+        flat[scored] = base + np.arange(len(scored))
+        stream_tokens.append((z[scored], doc_of[scored], offset_of[scored]))
+        for lo, b, e in rolling_windows(len(z), start, spec.seq_len, stride):
+            target = flat[lo + 1: e].copy()
+            target[: b - lo - 1] = -1
+            windows.append(z[lo:e].astype(np.int64))
+            targets.append(target)
+        base += len(scored)
     if spec.max_sequences is not None:
-        windows = windows[: spec.max_sequences]
-    if not windows:
-        raise TokendynError(f"evaluation set '{spec.name}' tokenized to nothing; check its files")
+        windows, targets = windows[: spec.max_sequences], targets[: spec.max_sequences]
+    n_tokens = max((int(t.max()) + 1 for t in targets if (t >= 0).any()), default=0)
+    if n_tokens == 0:
+        raise TokendynError(f"evaluation set '{spec.name}' has no token to score; check its files")
 
-    shape = (len(windows), spec.seq_len)
-    token_id = np.full(shape, PAD, dtype=np.int32)
-    token_doc = np.full(shape, PAD, dtype=np.int32)
-    token_fields = {k: np.full(shape, *span_fill[k]) for k in span_keys}
-    if stream is None:
-        for row, (d, start) in enumerate(windows):
-            ids, values = pieces[d]
-            piece = slice(start, start + spec.seq_len)
-            n = len(ids[piece])
-            token_id[row, :n] = ids[piece]
-            token_doc[row, :n] = d
-            for k in span_keys:
-                token_fields[k][row, :n] = values[k][piece]
-    else:
-        doc_of = np.concatenate([np.full(len(ids), d) for d, (ids, _) in enumerate(pieces)])
-        flat = {k: np.concatenate([v[k] for _, v in pieces]) for k in span_keys}
-        n = min(len(stream), token_id.size)
-        token_id.reshape(-1)[:n] = stream[:n]
-        token_doc.reshape(-1)[:n] = doc_of[:n]
-        for k in span_keys:
-            token_fields[k].reshape(-1)[:n] = flat[k][:n]
-
-    first_doc = token_doc[:, 0]
-    doc_keys = sorted({k for d in docs for k in d.fields})
-    doc_fields = {k: _field_array([docs[d].fields.get(k, _missing_like(docs, k)) for d in first_doc]) for k in doc_keys}
-    params = {"name": spec.name, "seq_len": spec.seq_len, "packing": spec.packing, "bos": spec.bos,
-              "max_sequences": spec.max_sequences, "kind": spec.kind}
+    token_id, doc, offset = (np.concatenate(parts)[:n_tokens] for parts in zip(*stream_tokens))
+    n_context = np.zeros(n_tokens, dtype=np.int32)
+    for window, target in zip(windows, targets):
+        t = np.flatnonzero(target >= 0)
+        n_context[target[t]] = t + 1
+    fields = _token_fields(docs, offsets, doc, offset)
+    n_bytes, n_words = _text_size(docs, tokenizer, offsets, text_ids, doc, offset)
+    params = {"name": spec.name, "kind": spec.kind, "context": spec.context, "seq_len": spec.seq_len,
+              "stride": stride if spec.context in ("rolling", "concat") else None,
+              "max_tokens": (spec.max_tokens or spec.seq_len) if spec.context == "truncate" else None,
+              "max_sequences": spec.max_sequences, "prefix": spec.prefix, "prefix_ids": prefix,
+              "prefix_text": " ".join(_token_texts(tokenizer, prefix)) or "none", "split": spec.split,
+              "text_field": spec.text_field,
+              "unscored_first_tokens": int(sum(1 for d in docs if not prefix and not d.context_ids
+                                               and spec.context != "concat"))}
     if spec.corrupt is not None:
         params.update(corrupt=spec.corrupt, seed=spec.seed)
-    return PackedSet(spec.name, token_id, token_doc, token_fields, doc_fields, params)
+    inserted = {}
+    if prefix:
+        inserted[" ".join(_token_texts(tokenizer, prefix))] = 1 if spec.context == "concat" else len(docs)
+    if spec.context == "concat" and tokenizer.eos_token_id is not None:
+        inserted[str(tokenizer.eos_token)] = inserted.get(str(tokenizer.eos_token), 0) + len(docs) - 1
+    n_prompt = sum(len(d.context_ids) for d in docs)
+    if n_prompt:
+        inserted["context_ids (prompts)"] = n_prompt
+    return ScoredSet(spec.name, token_id.astype(np.int32), doc.astype(np.int32), offset.astype(np.int32), n_context,
+                     fields, windows, targets, params, len(docs), n_bytes, n_words, inserted)
 
 
-def corrupt_tokens(token_ids: list[list[int]], rate: float, seed: int, tokenizer) -> list[np.ndarray]:
+def _encode(docs: list[Document], tokenizer) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
+    """Token ids of every document (given ids as they are) and their character offsets (None for given ids)."""
+    todo = [d for d, doc in enumerate(docs) if doc.token_ids is None]
+    ids: list[np.ndarray] = [np.asarray(doc.token_ids or [], dtype=np.int64) for doc in docs]
+    offsets: list[np.ndarray | None] = [None] * len(docs)
+    if todo:
+        encoded = tokenizer([docs[d].text for d in todo], add_special_tokens=False, return_offsets_mapping=True)
+        for d, row, off in zip(todo, encoded["input_ids"], encoded["offset_mapping"]):
+            ids[d] = np.asarray(row, dtype=np.int64)
+            offsets[d] = np.asarray(off, dtype=np.int64).reshape(-1, 2)
+    return ids, offsets
+
+
+def _streams(spec: EvalSet, docs: list[Document], text_ids: list[np.ndarray], prefix: list[int], tokenizer):
+    """Per stream: ids z, document of each position (-1 for inserted tokens), offset in the document, first target.
+
+    One stream per document, or one for the whole set with context "concat".
+    """
+    keep = (spec.max_tokens or spec.seq_len) if spec.context == "truncate" else None
+    streams = []
+    for d, (doc, x) in enumerate(zip(docs, text_ids)):
+        x = x[:keep]
+        ctx = ([] if spec.context == "concat" else prefix) + list(doc.context_ids)
+        z = np.concatenate([np.asarray(ctx, dtype=np.int64), x])
+        doc_of = np.concatenate([np.full(len(ctx), -1), np.full(len(x), d)])
+        offset_of = np.concatenate([np.full(len(ctx), -1), np.arange(len(x))])
+        streams.append((z, doc_of, offset_of, max(len(ctx), 1)))
+    if spec.context != "concat":
+        return streams
+    eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    parts = [(np.asarray(prefix, dtype=np.int64), np.full(len(prefix), -1), np.full(len(prefix), -1))]
+    for i, (z, doc_of, offset_of, _) in enumerate(streams):
+        sep = eos if i < len(streams) - 1 else []
+        parts.append((np.concatenate([z, sep]).astype(np.int64), np.concatenate([doc_of, np.full(len(sep), -1)]),
+                      np.concatenate([offset_of, np.full(len(sep), -1)])))
+    z, doc_of, offset_of = (np.concatenate(p) for p in zip(*parts))
+    return [(z, doc_of, offset_of, 1)]
+
+
+def _token_fields(docs: list[Document], offsets: list, doc: np.ndarray, offset: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-token values of span fields (the span holding the token's first character) and document fields."""
+    out = {}
+    span_keys = sorted({k for d in docs for s in d.spans for k in s if k not in ("start", "end")})
+    for key in span_keys:
+        value, dtype = _fill(np.asarray([next(s[key] for d in docs for s in d.spans if key in s)]))
+        values = np.full(len(doc), value, dtype=dtype)
+        for d in np.unique(doc):
+            rows = np.flatnonzero(doc == d)
+            if offsets[d] is None:
+                continue
+            starts = offsets[d][offset[rows], 0]
+            for span in docs[d].spans:
+                if key in span:
+                    values[rows[(starts >= span["start"]) & (starts < span["end"])]] = span[key]
+        out[key] = values
+    for key in sorted({k for d in docs for k in d.fields}):
+        per_doc = _field_array([d.fields.get(key, _missing_like(docs, key)) for d in docs])
+        out[key] = per_doc[doc]
+    return out
+
+
+def _text_size(docs: list[Document], tokenizer, offsets: list, text_ids: list, doc: np.ndarray,
+               offset: np.ndarray) -> tuple[int, int]:
+    """UTF-8 bytes and words (lm-eval's count: pieces of re.split(r"\\s+", text)) of the scored text.
+
+    A document counts from its start to the end of its last scored token: all of it when every
+    token is scored, as in lm-eval; the scored part under truncate or max_sequences.
+    """
+    if len(doc) == 0:
+        return 0, 0
+    last = np.full(len(docs), -1)
+    np.maximum.at(last, doc, offset)
+    n_bytes = n_words = 0
+    for d in np.flatnonzero(last >= 0):
+        if docs[d].token_ids is not None:
+            text = tokenizer.decode(list(text_ids[d][: last[d] + 1]))
+        elif last[d] + 1 == len(text_ids[d]):
+            text = docs[d].text
+        else:
+            text = docs[d].text[: int(offsets[d][last[d], 1])]
+        n_bytes += len(text.encode("utf-8"))
+        n_words += len(re.split(r"\s+", text))
+    return n_bytes, n_words
+
+
+def corrupt_tokens(token_ids: list, rate: float, seed: int, tokenizer) -> list[np.ndarray]:
     """Replace round(rate * n) of the n tokens of all documents by random other non-special tokens.
 
     One random permutation of the token positions and one replacement draw per position come from
@@ -252,19 +496,6 @@ def corrupt_tokens(token_ids: list[list[int]], rate: float, seed: int, tokenizer
     return np.split(corrupted, np.cumsum(lengths)[:-1])
 
 
-def _span_values(spans: list[dict], fill: dict[str, tuple], offsets: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-token values of span fields: a token takes the span that contains its first character."""
-    out = {}
-    starts = offsets[:, 0]
-    for key, key_fill in fill.items():
-        values = np.full(len(offsets), *key_fill)
-        for span in spans:
-            if key in span:
-                values[(starts >= span["start"]) & (starts < span["end"])] = span[key]
-        out[key] = values
-    return out
-
-
 def _field_array(values: list) -> np.ndarray:
     """Document-level field values; strings as objects (variable-length strings in Zarr, like the span fields)."""
     array = np.asarray(values)
@@ -278,7 +509,6 @@ def _fill(example: np.ndarray) -> tuple:
     if np.issubdtype(example.dtype, np.floating):
         return np.nan, np.float64
     return "", object
-
 
 
 def _missing_like(docs: list[Document], key: str):

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from tokendyn import store
 from tokendyn.config.suite import Suite
-from tokendyn.data.corpus import PackedSet
+from tokendyn.data.corpus import ScoredSet
 from tokendyn.errors import TokendynError
 
 RESOURCE = "GPU"  # the worker resource a GPU task holds on a cluster without dask-cuda
@@ -58,7 +58,7 @@ def _commit(out: Path):
     return commit
 
 
-def score_task(suite: Suite, out: str, sets: dict[str, PackedSet], names: list[str], m: int, c: int,
+def score_task(suite: Suite, out: str, sets: dict[str, ScoredSet], names: list[str], m: int, c: int,
                options: dict) -> dict:
     """Run on a worker: score checkpoint `c` of model `m` on the named sets; returns tokens, seconds, warnings."""
     from distributed import Lock, get_worker
@@ -125,7 +125,7 @@ def _gpu_cluster(workers: int | None):
     return LocalCUDACluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0")
 
 
-def run_on_cluster(suite: Suite, out: Path, sets: dict[str, PackedSet], todo: list[tuple[int, int, list[str]]],
+def run_on_cluster(suite: Suite, out: Path, sets: dict[str, ScoredSet], todo: list[tuple[int, int, list[str]]],
                    options: dict, *, scheduler: str | None = None, workers: int | None = None,
                    progress: bool = True) -> None:
     """Score `todo` ((model, checkpoint, set names) triples) as one task each; one bar over checkpoints.

@@ -1,6 +1,7 @@
 """The one scoring loop: every checkpoint of every model scores every evaluation set into the store.
 
-Per checkpoint: load the weights, run batched forward passes over the packed sequences, and turn
+Per checkpoint: load the weights, run batched forward passes over the set's windows (see
+`tokendyn.data.corpus`; batches group windows of similar length, `plan_batches`), and turn
 the final hidden states into per-token metrics a chunk of positions at a time (the LM head and a
 float32 log-softmax over `CHUNK_LOGITS` values at most), so memory does not grow with
 batch x seq x vocab. Results are written block by block as soon as they are computed; the
@@ -23,8 +24,8 @@ from transformers.utils import logging as hf_logging
 
 from tokendyn import __version__, store
 from tokendyn.models import checkpoints, hardware
+from tokendyn.data.corpus import PAD, ScoredSet, describe, plan_batches, tokenize_set
 from tokendyn.models.fetch import Fetcher, cache_state
-from tokendyn.data.corpus import PAD, PackedSet, pack
 from tokendyn.errors import TokendynError
 from tokendyn.store.read import open_group
 from tokendyn.config.suite import EvalSet, Suite, load_suite
@@ -37,20 +38,24 @@ CHUNK_LOGITS = 2**22
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, metrics: Iterable[str] = ("loss",)) -> dict[str, torch.Tensor]:
-    """Per-token metrics of a batch of right-padded sequences, as float32 tensors of shape (batch, seq).
+def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, score: torch.Tensor,
+                 metrics: Iterable[str] = ("loss",)) -> dict[str, torch.Tensor]:
+    """Per-token metrics of the scored tokens of a batch of right-padded windows.
 
-    `input_ids` holds -1 on padding. Position t scores token t given tokens < t; position 0 and
-    padding are NaN. Metrics: ``loss`` (NLL, nats), ``entropy`` (nats), ``rank`` (0 = argmax).
+    `input_ids` (batch, width) holds -1 on padding; `score` (batch, width) is True where token
+    input_ids[b, t] (t >= 1) is scored given input_ids[b, :t]. The model reads input_ids[:, :-1]
+    (the last column is only a target). Returns float32 tensors of shape (n_scored,), in
+    row-major order of `score`. Metrics: ``loss`` (NLL, nats), ``entropy`` (nats), ``rank``
+    (0 = argmax).
     """
     metrics = tuple(metrics)
-    valid = input_ids[:, 1:] != PAD
-    ids = input_ids.clamp(min=0)
-    out = {m: torch.full(input_ids.shape, math.nan, dtype=torch.float32) for m in metrics}
+    valid = score[:, 1:].to(torch.bool)
+    out = {m: torch.empty(0, dtype=torch.float32) for m in metrics}
     if not valid.any():
         return out
-    hidden, head = _hidden_and_head(model, ids)
-    hidden = hidden[:, :-1][valid]
+    ids = input_ids.clamp(min=0)
+    hidden, head = _hidden_and_head(model, ids[:, :-1])
+    hidden = hidden[valid.to(hidden.device)]
     targets = ids[:, 1:][valid].to(hidden.device)
     rows = max(1, CHUNK_LOGITS // model.config.get_text_config().vocab_size)
     parts = {m: [] for m in metrics}
@@ -58,9 +63,7 @@ def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, metrics: Itera
         for m, values in _chunk_metrics(head(hidden[start: start + rows]).float(),
                                         targets[start: start + rows], metrics).items():
             parts[m].append(values)
-    for m in metrics:
-        out[m][:, 1:][valid] = torch.cat(parts[m]).cpu()  # only the per-token results leave the device
-    return out
+    return {m: torch.cat(parts[m]).cpu() for m in metrics}  # only the per-token results leave the device
 
 
 def _chunk_metrics(logits: torch.Tensor, target: torch.Tensor, metrics: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -111,7 +114,7 @@ def extract(suite: Suite | str | Path, out: str | Path, *, extra_sets: Iterable[
     device, dtype : where and in which precision the model runs ("auto": see `tokendyn.models.hardware`);
         log-softmax is always float32.
     store_dtype : "float32" (default) or "float16" on disk.
-    batch_tokens : tokens per forward pass (batch size = batch_tokens // seq_len, at least 1).
+    batch_tokens : model positions per forward pass, padding included (at least one window per batch).
     force : recompute checkpoints that are already complete.
     scheduler, workers : run on the dask cluster at this address, or on a new local cluster of this many
         workers (one task per checkpoint; see `tokendyn.models.distributed`).
@@ -140,17 +143,21 @@ def extract(suite: Suite | str | Path, out: str | Path, *, extra_sets: Iterable[
     tokenizer = checkpoints.load_tokenizer(suite)
     tokenizer_fp = checkpoints.check_tokenizers(suite)
     _check_context(suite, max(s.seq_len for s in (suite.eval, *suite.sets)), trust_remote_code)  # before packing
-    sets = {"main": pack(suite.eval, tokenizer), **{s.name: pack(s, tokenizer) for s in suite.sets}}
+    sets = {"main": tokenize_set(suite.eval, tokenizer), **{s.name: tokenize_set(s, tokenizer) for s in suite.sets}}
     model_coords = _model_coords(suite, trust_remote_code)
     vocab_text = np.asarray(checkpoints.surface_texts(tokenizer), dtype=object)
     layout = store.Layout(suite.to_dict(), tokenizer_fp, metrics, store_dtype)
+    summaries = {name: scored.summary(batch_tokens) for name, scored in sets.items()}
     if not force and store.up_to_date(out, layout, sets):
         return out  # nothing to write, so nothing written: a read-only store works
+    if progress:
+        for name, summary in summaries.items():
+            tqdm.write("\n".join(f"{name if i == 0 else '':<12}{line}" for i, line in enumerate(describe(summary))))
 
     hf_logging.disable_progress_bar()  # one bar for the whole run, not one per weights load
     with store.writer_lock(out):
         _repair(out)
-        root = store.prepare(out, layout, sets, model_coords, vocab_text, __version__)
+        root = store.prepare(out, layout, sets, model_coords, vocab_text, __version__, summaries)
         todo = [(m, c, [name for name in sets if force or not store.is_done(root, name, m, c)])
                 for m, spec in enumerate(suite.models) for c in range(len(spec.checkpoints))]
         todo = [(m, c, names) for m, c, names in todo if names]
@@ -164,7 +171,7 @@ def extract(suite: Suite | str | Path, out: str | Path, *, extra_sets: Iterable[
             refused = [reason for name in sets for reason in
                        (stored if name == "main" else stored[store.set_path(name)]).attrs.get("refused", {}).values()]
         else:
-            total = sum(sets[name].n_predicted for _, _, names in todo for name in names)
+            total = sum(sets[name].n_tokens for _, _, names in todo for name in names)
             refused = []
             with tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True) as bar:
                 ckpts = [suite.models[m].checkpoints[c] for m, c, _ in todo]
@@ -193,7 +200,7 @@ def _repair(out: Path) -> None:
         warnings.warn(f"store {out} repaired: {store.verify_summary(problems)}", stacklevel=3)
 
 
-def score_checkpoint(suite: Suite, root, sets: dict[str, PackedSet], m: int, c: int, *, metrics: tuple[str, ...],
+def score_checkpoint(suite: Suite, root, sets: dict[str, ScoredSet], m: int, c: int, *, metrics: tuple[str, ...],
                      batch_tokens: int, device: str, dtype: torch.dtype, allow_pickle: bool, trust_remote_code: bool,
                      bar: tqdm, commit: Callable = store.mark_done) -> list[str]:
     """Score checkpoint `c` of model `m` on `sets`, writing only the chunks it owns, then mark each set done.
@@ -211,8 +218,8 @@ def score_checkpoint(suite: Suite, root, sets: dict[str, PackedSet], m: int, c: 
     refused = []
     for name in sorted(sets, key=lambda n: n == "main"):  # main last: its flag follows val_ppl
         store.clear_done(root, name, m, c)
-        mean_loss = _score_set(model, sets[name], root, name, m, c, metrics, batch_tokens, bar)
-        reason = check_scores(store.read_checkpoint(root, name, m, c, metrics), sets[name].n_predicted,
+        total = _score_set(model, sets[name], root, name, m, c, metrics, batch_tokens, bar)
+        reason = check_scores(store.read_checkpoint(root, name, m, c, metrics), sets[name].n_tokens,
                               root.attrs["store_dtype"])
         if reason is not None:
             reason = f"model '{ckpt.model}' step {ckpt.step}, set '{name}': {reason}"
@@ -221,7 +228,8 @@ def score_checkpoint(suite: Suite, root, sets: dict[str, PackedSet], m: int, c: 
             refused.append(reason)
             continue
         if name == "main":
-            store.write_checkpoint_coords(root, m, c, perplexity(mean_loss), weights_hash)
+            val_ppl, per_byte = perplexities(total, sets[name])
+            store.write_checkpoint_coords(root, m, c, val_ppl, weights_hash, per_byte)
         commit(root, name, m, c, ckpt.model)
     return refused
 
@@ -229,8 +237,9 @@ def score_checkpoint(suite: Suite, root, sets: dict[str, PackedSet], m: int, c: 
 def check_scores(scores: dict[str, np.ndarray], n_predicted: int, store_dtype: str) -> str | None:
     """Why one set's stored scores of a checkpoint cannot be marked done, or None if every prediction is finite.
 
-    `scores` are the values as stored, per metric; positions without a prediction hold NaN by design,
-    the `n_predicted` others must be finite. Infinite values in a float16 store are overflows.
+    `scores` are the values as stored, per metric (format 2: one per scored token, so `n_predicted`
+    is their number; any NaN counted beyond `values.size - n_predicted` is a failed prediction).
+    Infinite values in a float16 store are overflows.
     """
     problems = []
     for metric, values in scores.items():
@@ -252,31 +261,58 @@ def perplexity(mean_loss: float) -> float:
     return math.exp(mean_loss) if mean_loss < math.log(np.finfo(np.float64).max) else math.inf
 
 
-def _score_set(model, packed: PackedSet, root, name: str, m: int, c: int, metrics: tuple[str, ...],
+def perplexities(total_loss: float, scored: ScoredSet) -> tuple[float, dict[str, float]]:
+    """val_ppl = exp(mean loss per scored token), and lm-eval's bits per byte and word perplexity.
+
+    bits_per_byte = total / (bytes x ln 2) and word_ppl = exp(total / words), with bytes and
+    words counted on the scored text (`ScoredSet.n_bytes`, `n_words`).
+    """
+    val_ppl = perplexity(total_loss / max(scored.n_tokens, 1))
+    return val_ppl, {"bits_per_byte": total_loss / (max(scored.n_bytes, 1) * math.log(2)),
+                     "word_ppl": math.exp(min(total_loss / max(scored.n_words, 1), 700.0))}
+
+
+def _score_set(model, scored: ScoredSet, root, name: str, m: int, c: int, metrics: tuple[str, ...],
                batch_tokens: int, bar: tqdm) -> float:
-    """Score one set with one checkpoint, writing each block of sequences as it completes; returns the mean loss."""
-    batch_size = max(1, batch_tokens // packed.seq_len)
-    block = store.seq_chunk(packed)
-    loss_sum, count = 0.0, 0
+    """Score one set with one checkpoint, writing every chunk of tokens as soon as it is complete.
+
+    Returns the summed loss (nats, float64) over the set's scored tokens.
+    """
+    chunk = store.token_chunk(scored.n_tokens)
+    values = {metric: np.full(scored.n_tokens, np.nan, dtype=np.float32) for metric in metrics}
+    first = np.asarray([t[t >= 0].min() if (t >= 0).any() else scored.n_tokens for t in scored.targets])
+    first = np.minimum.accumulate(first[::-1])[::-1]  # first token still unscored once windows < w are done
+    finished = np.zeros(len(scored.windows), dtype=bool)
+    frontier = written = 0  # windows [0, frontier) are scored; tokens [0, written) are in the store
     with torch.inference_mode():
-        for start in range(0, packed.n_seq, block):
-            ids = packed.token_id[start: start + block]
-            parts = {metric: [] for metric in metrics}
-            for b in range(0, len(ids), batch_size):
-                batch = ids[b: b + batch_size]
-                width = int((batch != PAD).sum(1).max())  # trim trailing all-padding columns
-                scores = token_scores(model, torch.from_numpy(batch[:, :width]).long(), metrics)
-                for metric in metrics:
-                    full = np.full(batch.shape, np.nan, dtype=np.float32)
-                    full[:, :width] = scores[metric].numpy()
-                    parts[metric].append(full)
-                bar.update(int((batch[:, 1:] != PAD).sum()))
-            values = {metric: np.concatenate(p) for metric, p in parts.items()}
-            store.write_block(root, name, m, c, start, values)
-            finite = values["loss"][np.isfinite(values["loss"])]
-            loss_sum += float(finite.astype(np.float64).sum())
-            count += finite.size
-    return loss_sum / max(count, 1)
+        for rows in plan_batches(scored.lengths, batch_tokens):
+            ids, score, index = _batch(scored, rows)
+            results = token_scores(model, torch.from_numpy(ids), torch.from_numpy(score), metrics)
+            for metric in metrics:
+                values[metric][index] = results[metric].numpy()
+            bar.update(len(index))
+            finished[rows] = True
+            while frontier < len(finished) and finished[frontier]:
+                frontier += 1
+            complete = scored.n_tokens if frontier == len(finished) else int(first[frontier])
+            upto = complete if complete == scored.n_tokens else complete // chunk * chunk
+            if upto > written:
+                store.write_block(root, name, m, c, written, {k: v[written:upto] for k, v in values.items()})
+                written = upto
+    return float(values["loss"].astype(np.float64).sum())
+
+
+def _batch(scored: ScoredSet, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Right-padded ids, the mask of scored positions, and the flat token index of every scored value."""
+    windows = [scored.windows[w] for w in rows]
+    ids = np.full((len(rows), max(len(w) for w in windows)), PAD, dtype=np.int64)
+    score = np.zeros(ids.shape, dtype=bool)
+    index = []
+    for i, (window, target) in enumerate(zip(windows, (scored.targets[w] for w in rows))):
+        ids[i, :len(window)] = window
+        score[i, 1:len(window)] = target >= 0
+        index.append(target[target >= 0])
+    return ids, score, np.concatenate(index)
 
 
 def _check_context(suite: Suite, seq_len: int, trust_remote_code: bool) -> None:

@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from tokendyn.models import checkpoints, hardware
-from tokendyn.data.corpus import PAD, read_documents
+from tokendyn.data.corpus import PAD, prefix_ids, read_documents
 from tokendyn.errors import TokendynError
 from tokendyn.config.suite import Checkpoint, Suite, load_suite
 
@@ -199,7 +199,9 @@ def generate(suite: Suite | str | Path, *, small: str | None = None, large: str 
 
     Records: text (prompt + continuation), prompt, continuation, source_doc, mixture ("l1,l2"),
     l1, l2, small, small_step, large, large_step, decoding ("greedy" or "top_p"), top_p (nucleus
-    only), seed, prompt_tokens, new_tokens, n_generated.
+    only), seed, prompt_tokens, new_tokens, n_generated, and context_ids (the prompt's ids) and
+    token_ids (the generated ids): scored as an evaluation set, the generated ids are scored as
+    they are, with the prompt as context only.
     """
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
     mixtures = [_check_mixture(m) for m in mixtures]
@@ -214,7 +216,7 @@ def generate(suite: Suite | str | Path, *, small: str | None = None, large: str 
         small, large = small or default_small, large or default_large
     roles = [find_checkpoint(suite, small, small_step), find_checkpoint(suite, large, large_step)]
     tokenizer = checkpoints.load_tokenizer(suite)
-    bos = [tokenizer.bos_token_id] if suite.eval.bos and tokenizer.bos_token_id is not None else []
+    bos = prefix_ids(suite.eval.prefix, tokenizer)  # the main set's context-only prefix
     chosen = prompts_from_suite(suite, tokenizer, prompts, prompt_tokens)
     _check_context(roles, len(bos) + prompt_tokens + new_tokens, trust_remote_code)
 
@@ -267,6 +269,8 @@ def _record(tokenizer, doc: int, prompt: list[int], new: list[int], mixture: tup
     if top_p is not None:
         record["top_p"] = top_p
     record.update(seed=seed, prompt_tokens=len(prompt), new_tokens=new_tokens, n_generated=len(new))
+    # scored as generated: the ids themselves, with the prompt as context only (tokendyn.data.corpus)
+    record.update(context_ids=[int(i) for i in prompt], token_ids=[int(i) for i in new])
     return record
 
 

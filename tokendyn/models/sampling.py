@@ -35,7 +35,7 @@ from transformers.utils import logging as hf_logging
 from tokendyn.models import checkpoints, hardware
 from tokendyn.store.lock import writer_lock
 from tokendyn.store.passuntil import COUNTS, RESERVED, prepare_task
-from tokendyn.data.corpus import PAD, json_lines
+from tokendyn.data.corpus import PAD, json_lines, prefix_ids
 from tokendyn.errors import TokendynError
 from tokendyn.models.generate import decode
 from tokendyn.analysis.passuntil import pass_until
@@ -156,10 +156,10 @@ class Sampler:
         return [cut_at_stop(t, self.stop) for t in texts]
 
 
-def prompt_ids(task: GenerationTask, tokenizer, bos: bool, new_tokens: int | None) -> tuple[list[list[int]], list[int]]:
-    """Token ids of every prompt (BOS first when `bos`) and the tokens to generate per instance:
-    `new_tokens`, or as many as the answer takes after the prompt (at least 1)."""
-    first = [tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []
+def prompt_ids(task: GenerationTask, tokenizer, prefix: list[int], new_tokens: int | None) -> tuple[list[list[int]], list[int]]:
+    """Token ids of every prompt (the main set's prefix tokens first, `corpus.prefix_ids`) and the
+    tokens to generate per instance: `new_tokens`, or as many as the answer takes after the prompt (at least 1)."""
+    first = list(prefix)
     prompts = [p.rstrip() for p in task.prompts]
     ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     if new_tokens is None:
@@ -206,7 +206,7 @@ def run_pass_until(suite: Suite | str | Path, out: str | Path, task: GenerationT
     out = Path(out)
     # The prompts and lengths are checked before the main extraction, which may take long.
     tokenizer = checkpoints.load_tokenizer(suite)
-    ids, lengths = prompt_ids(task, tokenizer, suite.eval.bos, new_tokens)
+    ids, lengths = prompt_ids(task, tokenizer, prefix_ids(suite.eval.prefix, tokenizer), new_tokens)
     context = suite_context(suite, trust_remote_code)
     longest = max(len(i) + n for i, n in zip(ids, lengths))
     if context is not None and longest > context:

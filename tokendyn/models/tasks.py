@@ -18,6 +18,7 @@ from pathlib import Path
 from transformers import AutoConfig
 
 from tokendyn.config.suite import EvalSet, Suite, load_suite
+from tokendyn.data.corpus import prefix_ids
 from tokendyn.data.tasks import ChoiceTask, choice_documents
 from tokendyn.errors import TokendynError
 from tokendyn.models import checkpoints
@@ -31,10 +32,11 @@ def documents_dir(store: str | Path) -> Path:
 
 
 def task_set(task: ChoiceTask, tokenizer, folder: str | Path, *, shots: int = 2, seed: int = 0,
-             delimiter: str = " ", bos: bool = True, max_context: int | None = None) -> EvalSet:
+             delimiter: str = " ", prefix: str | int = "auto", max_context: int | None = None) -> EvalSet:
     """Write a task's documents to `folder/<name>.jsonl` and return the evaluation set that scores them.
 
-    The set holds one sequence per (item, option): seq_len is the longest document with its BOS.
+    The set is "packed": one window per (item, option); seq_len is the longest document's model
+    positions (its prefix tokens included, `corpus.prefix_ids`).
     """
     records = choice_documents(task, shots, seed, delimiter)
     encoded = tokenizer([r["text"] for r in records], add_special_tokens=False, return_offsets_mapping=True)
@@ -42,8 +44,7 @@ def task_set(task: ChoiceTask, tokenizer, folder: str | Path, *, shots: int = 2,
         if not any(start >= record["spans"][0]["start"] for start, _ in offsets):
             raise TokendynError(f"task '{task.name}' item {record['item']}: option {record['option']} has no token "
                                 "of its own; give every choice some text")
-    with_bos = bos and tokenizer.bos_token_id is not None
-    seq_len = max(len(ids) for ids in encoded["input_ids"]) + with_bos
+    seq_len = max(len(ids) for ids in encoded["input_ids"]) + len(prefix_ids(prefix, tokenizer)) - 1
     if max_context is not None and seq_len > max_context:
         raise TokendynError(f"task '{task.name}': prompts of {seq_len} tokens exceed the models' context "
                             f"({max_context}); use fewer shots or shorter inputs")
@@ -53,7 +54,8 @@ def task_set(task: ChoiceTask, tokenizer, folder: str | Path, *, shots: int = 2,
     temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")  # renamed once complete: never truncated
     temporary.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     os.replace(temporary, path)
-    return EvalSet(name=TASK_SET_PREFIX + task.name, files=(path,), seq_len=max(seq_len, 2), bos=bos)
+    return EvalSet(name=TASK_SET_PREFIX + task.name, files=(path,), seq_len=max(seq_len, 2), context="packed",
+                   prefix=prefix)
 
 
 def suite_context(suite: Suite, trust_remote_code: bool = False) -> int | None:
@@ -88,5 +90,5 @@ def score_tasks(suite: Suite | str | Path, out: str | Path, tasks: Sequence[Choi
     tokenizer = checkpoints.load_tokenizer(suite)
     context = suite_context(suite, trust_remote_code)
     sets = [task_set(t, tokenizer, documents_dir(out), shots=shots, seed=seed, delimiter=delimiter,
-                     bos=suite.eval.bos, max_context=context) for t in tasks]
+                     prefix=suite.eval.prefix, max_context=context) for t in tasks]
     return extract(suite, out, extra_sets=sets, trust_remote_code=trust_remote_code, **extract_options)

@@ -3,6 +3,11 @@
 Every module that reads or writes a store takes these names from here, so the layout is defined once.
 Groups: the root holds the main evaluation set; each named set lives in `sets/<name>` with the
 same per-token layout; PassUntil runs live in `passuntil/<task>` (see `tokendyn.store.passuntil`).
+
+Format 2 (this one): a set's per-token variables are (model, ckpt, token) over a flat `token`
+dimension holding every scored token once (no padding), with coordinates `token_id`, `doc`,
+`offset` (token index in its document), `n_context` and the span and document fields. Format 1
+had (seq, pos) with padding; it is refused with a one-line error saying how to rescore.
 """
 
 from __future__ import annotations
@@ -10,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from tokendyn.data.corpus import PackedSet
 # The fields of a task's option documents are named by the task reader; the store re-exports them.
 from tokendyn.data.tasks import ITEM_FIELDS as ITEM_FIELDS
 from tokendyn.data.tasks import OPTION_FIELD as OPTION_FIELD
@@ -22,7 +26,8 @@ SETS_GROUP = "sets"
 TASK_SET_PREFIX = "task."  # named sets holding multiple-choice tasks (tokendyn.models.tasks), not evaluation text
 
 
-CHUNK_VALUES = 2**18  # values per (1, 1, seq_chunk, pos) chunk: 1 MiB in float32
+FORMAT_VERSION = 2  # root attribute `format_version`; see the module docstring
+CHUNK_VALUES = 2**18  # tokens per (1, 1, token_chunk) chunk: 1 MiB in float32
 
 
 METRICS = ("loss", "entropy", "rank")
@@ -30,12 +35,13 @@ METRICS = ("loss", "entropy", "rank")
 
 STORE_DTYPES = ("float32", "float16")
 
-TOKEN_DIMS = ("seq", "pos")  # the per-token dimensions of a set
+TOKEN_DIMS = ("token",)  # the per-token dimensions of a set
 CHECKPOINT_COORDS = ("step", "tokens_seen", "val_ppl")  # per (model, ckpt) coordinates analyses carry along
-MAIN_COORDS = ("val_ppl", "n_params", "n_params_nonembed", "vocab_text")  # stored at the root, attached to named sets
+PER_BYTE_COORDS = ("bits_per_byte", "word_ppl")  # lm-eval's normalised perplexities of the main set, (model, ckpt)
+MAIN_COORDS = ("val_ppl", *PER_BYTE_COORDS, "n_params", "n_params_nonembed", "vocab_text")  # root, attached to sets
 # Every variable and coordinate name of a set (named sets with MAIN_COORDS attached): a field must not take one.
-SET_NAMES = frozenset({"model", "ckpt", "source", "weights_hash", "done", "token_id", "token_doc", "doc",
-                       *TOKEN_DIMS, *CHECKPOINT_COORDS, *MAIN_COORDS, *METRICS})
+SET_NAMES = frozenset({"model", "ckpt", "source", "weights_hash", "done", "token_id", "token_doc", "doc", "offset",
+                       "n_context", *TOKEN_DIMS, *CHECKPOINT_COORDS, *MAIN_COORDS, *METRICS})
 
 
 @dataclass(frozen=True)
@@ -59,5 +65,6 @@ def set_path(name: str) -> str:
     return "" if name == "main" else f"{SETS_GROUP}/{name}"
 
 
-def seq_chunk(packed: PackedSet) -> int:
-    return max(1, min(packed.n_seq, CHUNK_VALUES // packed.seq_len))
+def token_chunk(n_tokens: int) -> int:
+    """Tokens per chunk of a set of n_tokens scored tokens."""
+    return max(1, min(n_tokens, CHUNK_VALUES))

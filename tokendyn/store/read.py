@@ -10,7 +10,7 @@ import xarray as xr
 import zarr
 
 from tokendyn.errors import TokendynError
-from tokendyn.store.layout import MAIN_COORDS, SETS_GROUP, set_path
+from tokendyn.store.layout import FORMAT_VERSION, MAIN_COORDS, SETS_GROUP, set_path
 
 
 def list_sets(path: str | Path) -> list[str]:
@@ -27,7 +27,7 @@ def open_store(path: str | Path, set: str = "main") -> xr.Dataset:
     ds = xr.open_zarr(path, group=set_path(set) or None)
     if set != "main":
         main = xr.open_zarr(path)
-        ds = ds.assign_coords({name: main[name] for name in MAIN_COORDS})
+        ds = ds.assign_coords({name: main[name] for name in MAIN_COORDS if name in main.variables})
     ds.attrs["tokendyn_set"] = set
     return ds
 
@@ -45,6 +45,10 @@ def open_group(path: str | Path, mode: Literal["r", "r+"]) -> zarr.Group:
     root = zarr.open_group(path, mode=mode)
     if "tokendyn_version" not in root.attrs:
         raise TokendynError(f"{path} is a Zarr store but not a tokendyn store; pass a store made by `tokendyn extract`")
+    version = root.attrs.get("format_version", 1)
+    if version != FORMAT_VERSION:
+        raise TokendynError(f"store {path} has format {version}, this tokendyn reads format {FORMAT_VERSION}; "
+                            "rescore with `tokendyn extract SUITE --out NEW.zarr`")
     return root
 
 

@@ -21,27 +21,31 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from tokendyn.data.corpus import PackedSet
+from tokendyn.data.corpus import ScoredSet
 from tokendyn.errors import TokendynError
 from tokendyn.store.atomic import create_atomically, replace_atomically
-from tokendyn.store.layout import METRICS, SETS_GROUP, Layout, seq_chunk, set_path
-from tokendyn.store.read import list_sets, open_group
 from tokendyn.store.integrity import verify
+from tokendyn.store.layout import FORMAT_VERSION, METRICS, PER_BYTE_COORDS, SETS_GROUP, Layout, set_path, token_chunk
+from tokendyn.store.read import list_sets, open_group
 
 
-def prepare(path: Path, layout: Layout, sets: dict[str, PackedSet], model_coords: dict,
-            vocab_text: np.ndarray, version: str) -> zarr.Group:
+def prepare(path: Path, layout: Layout, sets: dict[str, ScoredSet], model_coords: dict,
+            vocab_text: np.ndarray, version: str, summaries: dict[str, dict] | None = None) -> zarr.Group:
     """Create the store, or check that an existing one matches and add any new named sets.
 
     Call with the writer lock held (`tokendyn.store.writer_lock`). Every check runs before anything
     is written, so a refused store is left untouched. The store and each set are built under a
     temporary name and renamed into place (`tokendyn.store.atomic`); a half-made one left by an
     older version (no checkpoint done in it) is rebuilt.
+    summaries: the protocol summary of each set (`ScoredSet.summary`), stored in its attributes.
     """
+    summaries = summaries or {}
     for packed in sets.values():
         _check_field_names(packed, layout, model_coords, vocab_text)
-    templates = {name: _set_template(name, packed, layout, model_coords, vocab_text, version)
+    templates = {name: _set_template(name, packed, layout, model_coords, vocab_text, version, summaries.get(name))
                  for name, packed in sets.items()}
+    if (path / "zarr.json").is_file() and "tokendyn_version" in _attributes(path):
+        open_group(path, mode="r")  # a store of another format: its one-line error
     if not (path / "zarr.json").is_file():
         _check_writable(path)
     elif not _missing_nodes(path, templates["main"]):
@@ -63,25 +67,26 @@ def prepare(path: Path, layout: Layout, sets: dict[str, PackedSet], model_coords
     return zarr.open_group(path, mode="r+")  # reopened, so that its consolidated metadata lists new sets
 
 
-def _check_field_names(packed: PackedSet, layout: Layout, model_coords: dict, vocab_text: np.ndarray) -> None:
+def _check_field_names(packed: ScoredSet, layout: Layout, model_coords: dict, vocab_text: np.ndarray) -> None:
     """A document or span field must not take the name of a variable, coordinate or dimension of the store."""
-    bare = _template(dataclasses.replace(packed, token_fields={}, doc_fields={}), layout, model_coords, vocab_text)
+    bare = _template(dataclasses.replace(packed, token_fields={}), layout, model_coords, vocab_text)
     taken = {*map(str, bare.variables), *map(str, bare.dims), *METRICS}
-    for field in (*packed.token_fields, *packed.doc_fields):
+    for field in packed.token_fields:
         if field in taken:
             raise TokendynError(f"set '{packed.name}' has a document field '{field}', which is a name the store "
                                 "uses; rename that field in its files")
 
 
-def _set_template(name: str, packed: PackedSet, layout: Layout, model_coords: dict, vocab_text: np.ndarray,
-                  version: str) -> xr.Dataset:
+def _set_template(name: str, packed: ScoredSet, layout: Layout, model_coords: dict, vocab_text: np.ndarray,
+                  version: str, summary: dict | None = None) -> xr.Dataset:
     template = _template(packed, layout, model_coords, vocab_text if name == "main" else None)
-    template.attrs.update(_group_attrs(layout, packed, version) if name == "main" else
-                          {"corpus_fingerprint": packed.fingerprint, "packing": json.dumps(packed.params)})
+    template.attrs.update(_set_attrs(packed, summary))
+    if name == "main":
+        template.attrs.update(_root_attrs(layout, version))
     return template
 
 
-def _write_template(folder: Path, template: xr.Dataset, packed: PackedSet, layout: Layout) -> None:
+def _write_template(folder: Path, template: xr.Dataset, packed: ScoredSet, layout: Layout) -> None:
     template.to_zarr(folder, mode="w-", compute=False, consolidated=False,
                      encoding=_encoding(template, packed, layout), zarr_format=3)
 
@@ -109,7 +114,7 @@ def _attributes(folder: Path) -> dict:
         return {}
 
 
-def up_to_date(path: Path, layout: Layout, sets: dict[str, PackedSet]) -> bool:
+def up_to_date(path: Path, layout: Layout, sets: dict[str, ScoredSet]) -> bool:
     """Whether the store holds every set of `sets` with every checkpoint done and nothing to repair.
 
     Then a run has nothing to write. Never writes; raises the one-line error of `prepare` for a
@@ -146,7 +151,7 @@ def _check_writable(path: Path) -> None:
         raise TokendynError(f"cannot write the store at {path} ({err.strerror}); choose a writable --out") from None
 
 
-def _check_compatible(path: Path, root: zarr.Group, layout: Layout, sets: dict[str, PackedSet]) -> None:
+def _check_compatible(path: Path, root: zarr.Group, layout: Layout, sets: dict[str, ScoredSet]) -> None:
     attrs = root.attrs
     if attrs["tokenizer_fingerprint"] != layout.tokenizer_fingerprint:
         raise TokendynError(f"store {path} was made with a different tokenizer; write to a new --out")
@@ -162,7 +167,7 @@ def _check_compatible(path: Path, root: zarr.Group, layout: Layout, sets: dict[s
         if name not in existing:
             continue
         group = root[set_path(name)] if name != "main" else root
-        stored = json.loads(group.attrs["packing"])
+        stored = json.loads(group.attrs["protocol"])
         changed = [f"{key} {stored.get(key)!r} (store) vs {value!r} (now)"
                    for key, value in packed.params.items() if stored.get(key) != value]
         what = "evaluation corpus" if name == "main" else f"text for set '{name}'"
@@ -173,19 +178,26 @@ def _check_compatible(path: Path, root: zarr.Group, layout: Layout, sets: dict[s
             raise TokendynError(f"store {path} was made from a different {what}; write to a new --out")
 
 
-def _group_attrs(layout: Layout, packed: PackedSet, version: str) -> dict:
-    return {"tokendyn_version": version, "suite": json.dumps(layout.suite),
-            "corpus_fingerprint": packed.fingerprint, "tokenizer_fingerprint": layout.tokenizer_fingerprint,
-            "packing": json.dumps(packed.params), "metrics": list(layout.metrics),
+def _root_attrs(layout: Layout, version: str) -> dict:
+    return {"tokendyn_version": version, "format_version": FORMAT_VERSION, "suite": json.dumps(layout.suite),
+            "tokenizer_fingerprint": layout.tokenizer_fingerprint, "metrics": list(layout.metrics),
             "store_dtype": layout.store_dtype, "complete": {}}
 
 
-def _template(packed: PackedSet, layout: Layout, model_coords: dict, vocab_text: np.ndarray | None) -> xr.Dataset:
+def _set_attrs(packed: ScoredSet, summary: dict | None) -> dict:
+    """Per set: its fingerprint, its protocol parameters (`protocol`) and the protocol summary (`summary`)."""
+    attrs = {"corpus_fingerprint": packed.fingerprint, "protocol": json.dumps(packed.params)}
+    if summary is not None:
+        attrs["summary"] = json.dumps(summary)
+    return attrs
+
+
+def _template(packed: ScoredSet, layout: Layout, model_coords: dict, vocab_text: np.ndarray | None) -> xr.Dataset:
     n_model, n_ckpt = model_coords["step"].shape
-    shape = (n_model, n_ckpt, packed.n_seq, packed.seq_len)
-    chunks = (1, 1, seq_chunk(packed), packed.seq_len)
-    dims4 = ("model", "ckpt", "seq", "pos")
-    data = {m: (dims4, da.full(shape, np.nan, dtype=layout.store_dtype, chunks=chunks)) for m in layout.metrics}
+    shape = (n_model, n_ckpt, packed.n_tokens)
+    chunks = (1, 1, token_chunk(packed.n_tokens))
+    dims = ("model", "ckpt", "token")
+    data = {m: (dims, da.full(shape, np.nan, dtype=layout.store_dtype, chunks=chunks)) for m in layout.metrics}
     data["done"] = (("model", "ckpt"), np.zeros((n_model, n_ckpt), dtype=bool))
     coords = {
         "model": ("model", model_coords["model"]),
@@ -193,15 +205,16 @@ def _template(packed: PackedSet, layout: Layout, model_coords: dict, vocab_text:
         "step": (("model", "ckpt"), model_coords["step"]),
         "tokens_seen": (("model", "ckpt"), model_coords["tokens_seen"]),
         "source": (("model", "ckpt"), model_coords["source"]),
-        "token_id": (("seq", "pos"), packed.token_id),
-        "token_doc": (("seq", "pos"), packed.token_doc),
-        "doc": ("seq", packed.doc),
-        **{k: (("seq", "pos"), v) for k, v in packed.token_fields.items()},
-        **{k: ("seq", v) for k, v in packed.doc_fields.items()},
+        "token_id": ("token", packed.token_id),
+        "doc": ("token", packed.doc),
+        "offset": ("token", packed.offset),
+        "n_context": ("token", packed.n_context),
+        **{k: ("token", v) for k, v in packed.token_fields.items()},
     }
     if vocab_text is not None:
         coords.update({
             "val_ppl": (("model", "ckpt"), np.full((n_model, n_ckpt), np.nan)),
+            **{k: (("model", "ckpt"), np.full((n_model, n_ckpt), np.nan)) for k in PER_BYTE_COORDS},
             "weights_hash": (("model", "ckpt"), np.full((n_model, n_ckpt), "", dtype=object)),
             "n_params": ("model", model_coords["n_params"]),
             "n_params_nonembed": ("model", model_coords["n_params_nonembed"]),
@@ -209,6 +222,11 @@ def _template(packed: PackedSet, layout: Layout, model_coords: dict, vocab_text:
         })
     ds = xr.Dataset(data, coords=coords)
     ds["loss"].attrs.update(units="nats", long_name="negative log-likelihood of the token given its left context")
+    ds["offset"].attrs.update(long_name="index of the token among its document's tokens")
+    ds["n_context"].attrs.update(long_name="tokens the model read before predicting the token (inserted ones included)")
+    if vocab_text is not None:
+        ds["bits_per_byte"].attrs.update(long_name="total loss / (UTF-8 bytes of the scored text x ln 2), as lm-eval")
+        ds["word_ppl"].attrs.update(long_name="exp(total loss / words of the scored text), as lm-eval")
     if "entropy" in ds:
         ds["entropy"].attrs.update(units="nats", long_name="entropy of the predictive distribution")
     if "rank" in ds:
@@ -216,21 +234,23 @@ def _template(packed: PackedSet, layout: Layout, model_coords: dict, vocab_text:
     return ds
 
 
-def _encoding(ds: xr.Dataset, packed: PackedSet, layout: Layout) -> dict:
-    """Per-checkpoint variables get (1, 1) or (1, 1, seq_chunk, pos) chunks so each checkpoint owns its chunks."""
-    enc = {m: {"chunks": (1, 1, seq_chunk(packed), packed.seq_len)} for m in layout.metrics}
-    for name in ("done", "val_ppl", "weights_hash"):
+def _encoding(ds: xr.Dataset, packed: ScoredSet, layout: Layout) -> dict:
+    """Per-checkpoint variables get (1, 1) or (1, 1, token_chunk) chunks so each checkpoint owns its chunks."""
+    chunk = token_chunk(packed.n_tokens)
+    enc = {m: {"chunks": (1, 1, chunk)} for m in layout.metrics}
+    enc.update({name: {"chunks": (chunk,)} for name, v in ds.coords.items() if v.dims == ("token",)})
+    for name in ("done", "val_ppl", "weights_hash", *PER_BYTE_COORDS):
         if name in ds.variables:
             enc[name] = {"chunks": (1, 1)}
     return enc
 
 
-def write_block(root: zarr.Group, set_name: str, model: int, ckpt: int, seq_start: int,
+def write_block(root: zarr.Group, set_name: str, model: int, ckpt: int, token_start: int,
                 values: dict[str, np.ndarray]) -> None:
-    """Write one block of sequences (a whole number of chunks, or the tail) of one checkpoint."""
+    """Write one block of tokens (a whole number of chunks, or the tail) of one checkpoint."""
     group = root[set_path(set_name)] if set_name != "main" else root
     for metric, block in values.items():
-        group[metric][model, ckpt, seq_start: seq_start + len(block)] = block
+        group[metric][model, ckpt, token_start: token_start + len(block)] = block
 
 
 def is_done(root: zarr.Group, set_name: str, model: int, ckpt: int) -> bool:
@@ -259,9 +279,13 @@ def consolidate(root: zarr.Group) -> None:
         zarr.consolidate_metadata(root.store)
 
 
-def write_checkpoint_coords(root: zarr.Group, model: int, ckpt: int, val_ppl: float, weights_hash: str) -> None:
+def write_checkpoint_coords(root: zarr.Group, model: int, ckpt: int, val_ppl: float, weights_hash: str,
+                            per_byte: dict[str, float] | None = None) -> None:
+    """The checkpoint's main-set perplexities (val_ppl and `PER_BYTE_COORDS`) and its weights' hash."""
     root["val_ppl"][model, ckpt] = val_ppl
     root["weights_hash"][model, ckpt] = weights_hash
+    for name, value in (per_byte or {}).items():
+        root[name][model, ckpt] = value
 
 
 def clear_done(root: zarr.Group, set_name: str, model: int, ckpt: int) -> None:

@@ -35,20 +35,20 @@ def rise(curves: np.ndarray) -> np.ndarray:
 def examples(ds: xr.Dataset, flags: xr.DataArray, model: str, n: int, width: int, seed: int) -> pd.DataFrame:
     """Up to n flagged tokens of `model` with the largest rise, one per token id where possible."""
     m = model_index(ds, model)
-    seq, pos = np.nonzero(flags.isel(model=m).values)
-    pick = np.random.default_rng(seed).permutation(len(seq))[:CANDIDATES]
-    seq, pos = seq[pick], pos[pick]
+    token = np.flatnonzero(flags.isel(model=m).values)
+    token = token[np.random.default_rng(seed).permutation(len(token))[:CANDIDATES]]
     idx = done_checkpoints(ds, m)
     loss = token_loss(ds).isel(model=m, ckpt=idx)
-    curves = loss.isel(seq=xr.DataArray(seq, dims="token"), pos=xr.DataArray(pos, dims="token")).values
-    ids = ds["token_id"].values[seq, pos]
+    curves = loss.isel(token=token).transpose("token", ...).values
+    ids = ds["token_id"].values[token]
     score = rise(curves)
     order = np.argsort(-score, kind="stable")
     best_of_each_id = order[np.sort(np.unique(ids[order], return_index=True)[1])]
     chosen = np.concatenate([best_of_each_id, order[~np.isin(order, best_of_each_id)]])[:n]
-    return pd.DataFrame({"model": model, "seq": seq[chosen], "pos": pos[chosen], "token_id": ids[chosen],
+    return pd.DataFrame({"model": model, "token_index": token[chosen], "doc": ds["doc"].values[token[chosen]],
+                         "offset": ds["offset"].values[token[chosen]], "token_id": ids[chosen],
                          "token": [show_whitespace(t) for t in token_texts(ds, ids[chosen])], "rise_nats": score[chosen],
-                         "context": [context(ds, int(s), int(p), width) for s, p in zip(seq[chosen], pos[chosen])]})
+                         "context": [context(ds, int(t), width) for t in token[chosen]]})
 
 
 def run(source, tol: float = default_of(double_descent, "tol"), window: int = default_of(double_descent, "window"),
@@ -90,7 +90,7 @@ def run(source, tol: float = default_of(double_descent, "tol"), window: int = de
             m = model_index(ds, model)
             idx = done_checkpoints(ds, m)
             idx = idx[envelope(ds["val_ppl"].values[m, idx])]
-            ax.plot(ds["val_ppl"].values[m, idx], loss.isel(model=m, ckpt=idx, seq=row.seq, pos=row.pos).values,
+            ax.plot(ds["val_ppl"].values[m, idx], loss.isel(model=m, ckpt=idx, token=row.token_index).values,
                     "o-", ms=3, lw=2.2 if model == chosen else 1, color=colors[model])
         perplexity_axis(ax)
         ax.set_ylabel("token loss (nats)")

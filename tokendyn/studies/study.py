@@ -19,9 +19,9 @@ import xarray as xr
 from matplotlib.figure import Figure
 
 import tokendyn  # noqa: F401  (registers the ds.tokendyn accessor)
-from tokendyn.data.corpus import PAD
+from tokendyn.analysis.accessor import context_ids
 from tokendyn.analysis.sequences import set_params
-from tokendyn.store import TOKEN_DIMS, open_store, store_path
+from tokendyn.store import open_store, store_path
 
 __all__ = ["Result", "Skip", "require", "default_of", "open_source", "main_set_path", "models_by_size", "token_texts",
            "context", "save"]
@@ -96,13 +96,12 @@ def token_texts(ds: xr.Dataset, ids: Sequence[int]) -> list[str]:
     return [str(t) for t in ds.tokendyn.token_text(np.asarray(ids, dtype=np.int64)).values]
 
 
-def context(ds: xr.Dataset, seq: int, pos: int, width: int = 12) -> str:
-    """Up to `width` tokens before token (seq, pos), then the token in [[ ]] (raw text, not escaped)."""
+def context(ds: xr.Dataset, token: int, width: int = 12) -> str:
+    """Up to `width` tokens of its document before `token`, then the token in [[ ]] (raw text, not escaped)."""
     if "vocab_text" in ds.variables:
-        return ds.tokendyn.context(seq, pos, width)
-    row = np.asarray(ds["token_id"].isel({TOKEN_DIMS[0]: seq}).values)
-    left = " ".join(f"#{i}" for i in row[max(0, pos - width): pos] if i != PAD)
-    return f"{left} [[#{row[pos]}]]"
+        return ds.tokendyn.context(token, width)
+    ids = context_ids(ds, token, width)
+    return " ".join(f"#{i}" for i in ids[:-1]) + f" [[#{ids[-1]}]]"
 
 
 def save(result: Result, folder: Path) -> dict[str, Path]:

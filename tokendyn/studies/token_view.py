@@ -26,7 +26,7 @@ STYLE = ("<style>.token-view{font-family:ui-monospace,monospace;font-size:0.85em
 def _document_tokens(ds: xr.Dataset, n_docs: int, max_tokens: int) -> list[np.ndarray]:
     """Flat token indices of the first `n_docs` documents (at most `max_tokens` each), in text order."""
     ids = flat_tokens(ds["token_id"])
-    doc = flat_tokens(ds["token_doc"]) if "token_doc" in ds.variables else np.zeros_like(ids)
+    doc = flat_tokens(ds["doc"]) if "doc" in ds.variables else np.zeros_like(ids)
     real = ids != PAD
     firsts = [d for d in dict.fromkeys(doc[real].tolist()) if d >= 0][:n_docs]
     return [np.flatnonzero(real & (doc == d))[:max_tokens] for d in firsts]
