@@ -77,14 +77,19 @@ def build_store(path: Path, n_tokens: int, n_ckpts: int, n_models: int) -> None:
     seq_chunks = da.core.normalize_chunks(SEQ_CHUNK, (n_seq,))[0]
     loss = da.map_blocks(block, dtype=np.float16, chunks=((1,) * n_models, (1,) * n_ckpts, seq_chunks, (SEQ_LEN,)))
     ds = xr.Dataset(
-        {"loss": (("model", "ckpt", "seq", "pos"), loss),
-         "done": (("model", "ckpt"), np.ones((n_models, n_ckpts), bool))},
-        coords={"model": [f"m{i}" for i in range(n_models)], "ckpt": np.arange(n_ckpts),
-                "step": (("model", "ckpt"), np.tile(steps, (n_models, 1))),
-                "tokens_seen": (("model", "ckpt"), np.tile(steps * 2**21, (n_models, 1))),
-                "val_ppl": (("model", "ckpt"), np.ones((n_models, n_ckpts))),
-                "n_params": ("model", 1e7 * 10.0 ** np.arange(n_models)),
-                "token_id": (("seq", "pos"), np.random.default_rng(0).integers(0, 50_000, (n_seq, SEQ_LEN)))},
+        {
+            "loss": (("model", "ckpt", "seq", "pos"), loss),
+            "done": (("model", "ckpt"), np.ones((n_models, n_ckpts), bool)),
+        },
+        coords={
+            "model": [f"m{i}" for i in range(n_models)],
+            "ckpt": np.arange(n_ckpts),
+            "step": (("model", "ckpt"), np.tile(steps, (n_models, 1))),
+            "tokens_seen": (("model", "ckpt"), np.tile(steps * 2**21, (n_models, 1))),
+            "val_ppl": (("model", "ckpt"), np.ones((n_models, n_ckpts))),
+            "n_params": ("model", 1e7 * 10.0 ** np.arange(n_models)),
+            "token_id": (("seq", "pos"), np.random.default_rng(0).integers(0, 50_000, (n_seq, SEQ_LEN))),
+        },
         attrs={"tokendyn_version": tokendyn.__version__},
     )
     print(f"building {path} ({ds['loss'].nbytes / 1e9:.2f} GB of float16 loss) ...", flush=True)
@@ -129,7 +134,8 @@ def write_measure(data: xr.DataArray, folder: Path) -> None:
     data = data.reset_coords(drop=True)
     data.encoding = {}
     data.chunk({d: max(c) for d, c in zip(data.dims, data.chunks)}).to_dataset(name=data.name).to_zarr(
-        folder / f"{data.name}.zarr", mode="w", consolidated=False)
+        folder / f"{data.name}.zarr", mode="w", consolidated=False
+    )
 
 
 def run_analyze(store: Path, out: Path) -> None:
@@ -141,18 +147,24 @@ def run_analyze(store: Path, out: Path) -> None:
     wall = time.perf_counter() - started
     peak = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20
     status = "ok" if done.returncode == 0 else f"FAILED: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
-    print(f"{'tokendyn analyze (child process, end to end)':<52} {wall:8.2f} s wall   peak {peak:.2f} GB   {status}",
-          flush=True)
+    print(
+        f"{'tokendyn analyze (child process, end to end)':<52} {wall:8.2f} s wall   peak {peak:.2f} GB   {status}",
+        flush=True,
+    )
 
 
 def bench(store: Path) -> tuple[xr.Dataset, float]:
     """Open the store, time reading it once and its trend categories."""
     ds = tokendyn.open_store(store)
-    print(f"store {store}: {dict(ds['loss'].sizes)}, {ds['loss'].nbytes / 1e9:.2f} GB {ds['loss'].dtype}, "
-          f"chunks {ds['loss'].data.chunksize}", flush=True)
+    print(
+        f"store {store}: {dict(ds['loss'].sizes)}, {ds['loss'].nbytes / 1e9:.2f} GB {ds['loss'].dtype}, "
+        f"chunks {ds['loss'].data.chunksize}",
+        flush=True,
+    )
     read = timed("read the loss once (sum)", lambda: ds["loss"].sum().compute())
-    timed(f"trend categories, {len(STARTS)} starts, + shares", lambda: ds.tokendyn.trend_categories(STARTS).share(),
-          read)
+    timed(
+        f"trend categories, {len(STARTS)} starts, + shares", lambda: ds.tokendyn.trend_categories(STARTS).share(), read
+    )
     return ds, read
 
 
@@ -166,8 +178,11 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     root = Path(__file__).resolve().parents[1] / "cache" / "bench"
-    print(f"{os.cpu_count()} cores, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"load average before {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"{os.cpu_count()} cores, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"load average before {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     store = root / f"analysis-{args.tokens}-{args.ckpts}-{args.models}-f16.zarr"
     if not store.is_dir():
         store.parent.mkdir(parents=True, exist_ok=True)
@@ -177,8 +192,11 @@ def main() -> None:
         ds, read = bench(store)
         total = 0.0
         for name in ("final_loss", "age_of_acquisition", "forgettability", "cartography"):
-            result = getattr(curves, name)(ds) if name != "age_of_acquisition" else curves.age_of_acquisition(
-                ds, chance=CHANCE)
+            result = (
+                getattr(curves, name)(ds)
+                if name != "age_of_acquisition"
+                else curves.age_of_acquisition(ds, chance=CHANCE)
+            )
             arrays = [result] if isinstance(result, xr.DataArray) else list(result.data_vars.values())
             total += timed(f"curve measure: {name}", lambda: [write_measure(a, scratch) for a in arrays], read)
         print(f"{'  all curve measures':<52} {total:8.2f} s wall", flush=True)

@@ -57,4 +57,3 @@ def sigmoid_midpoint_before(y: np.ndarray, x: np.ndarray, chance: float, n_iter:
     crosses = (y[:, 0] > half) & (y[:, -1] < half)  # the data itself goes from above halfway to below
     ok = (lo < chance) & (k > 0) & (x0 >= x.min()) & (x0 <= x.max()) & crosses
     return np.where(ok, x0, np.nan)
-

@@ -24,14 +24,16 @@ from pathlib import Path
 
 import torch
 
-PHASES = [("toy build", "tokendyn.toy.build", "build"),
-          ("contrastive generation", "tokendyn.models.generate", "generate"),
-          ("extraction (all sets)", "tokendyn.models.extract", "extract"),
-          ("multiple-choice tasks", "tokendyn.models.tasks", "score_tasks"),
-          ("PassUntil", "tokendyn.models.sampling", "run_pass_until"),
-          ("analyze", "tokendyn.pipelines.analyze", "analyze"),
-          ("report", "tokendyn.pipelines.report", "write_report"),
-          ("findings", "tokendyn.toy.findings", "summary")]
+PHASES = [
+    ("toy build", "tokendyn.toy.build", "build"),
+    ("contrastive generation", "tokendyn.models.generate", "generate"),
+    ("extraction (all sets)", "tokendyn.models.extract", "extract"),
+    ("multiple-choice tasks", "tokendyn.models.tasks", "score_tasks"),
+    ("PassUntil", "tokendyn.models.sampling", "run_pass_until"),
+    ("analyze", "tokendyn.pipelines.analyze", "analyze"),
+    ("report", "tokendyn.pipelines.report", "write_report"),
+    ("findings", "tokendyn.toy.findings", "summary"),
+]
 
 
 def cpu_seconds() -> float:
@@ -95,8 +97,10 @@ def main() -> None:
     if args.cache is not None and args.cache.exists():
         parser.error(f"{args.cache} exists; the benchmark starts from an empty cache")
     os.environ["TOKENDYN_CACHE"] = str(cache)
-    print(f"{os.cpu_count()} cores, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-          f"load average before {os.getloadavg()[0]:.1f}; cache {cache}")
+    print(
+        f"{os.cpu_count()} cores, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"load average before {os.getloadavg()[0]:.1f}; cache {cache}"
+    )
     try:
         show("first run (empty cache)", *run(args.preset))
         show("second run (cached)", *run(args.preset))

@@ -27,10 +27,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tokendyn.models.extract import token_scores  # noqa: E402
 
 SHAPES = {
-    "opt-125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072,
-                     vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=768),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256,
-                 vocab_size=512, max_position_embeddings=2048, word_embed_proj_dim=64),
+    "opt-125m": dict(
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        ffn_dim=3072,
+        vocab_size=50272,
+        max_position_embeddings=2048,
+        word_embed_proj_dim=768,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=256,
+        vocab_size=512,
+        max_position_embeddings=2048,
+        word_embed_proj_dim=64,
+    ),
 }
 
 
@@ -68,7 +82,7 @@ def throughput(shape: str, dtype: torch.dtype, n_tokens: int, seq_len: int, batc
     def tokendyn_loop():
         with torch.inference_mode():
             for b in range(0, len(ids), batch):
-                token_scores(model, ids[b: b + batch], score[b: b + batch])
+                token_scores(model, ids[b : b + batch], score[b : b + batch])
 
     def naive_loop():
         with torch.no_grad():
@@ -90,10 +104,16 @@ def peak_rss_mib(n_docs: int, seq_len: int) -> float:
         text = "\n\n".join([SAMPLE_TEXT.replace("\n", " ")] * n_docs)
         suite = write_suite(Path(tmp), families=("opt",), steps=(0,), seq_len=seq_len, text=text)
         # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so it would report this process's peak.
-        code = ("import sys; from tokendyn.cli import main; main(sys.argv[1:]); "
-                "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
-        out = subprocess.run([sys.executable, "-c", code, "extract", str(suite), "--out", f"{tmp}/s.zarr",
-                              "--no-progress"], capture_output=True, text=True, check=True).stdout
+        code = (
+            "import sys; from tokendyn.cli import main; main(sys.argv[1:]); "
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, "extract", str(suite), "--out", f"{tmp}/s.zarr", "--no-progress"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         return int(out.strip().splitlines()[-1]) / 1024
 
 
@@ -102,7 +122,6 @@ def store_bytes_per_value(store_dtype: str) -> float:
     import random
 
     from conftest import SAMPLE_TEXT, write_suite
-
     from tokendyn.models.extract import extract
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,12 +151,16 @@ def main() -> None:
     for shape in dict.fromkeys([args.shape, "tiny"]):
         for name in args.dtypes.split(","):
             r = throughput(shape, getattr(torch, name), args.tokens, args.seq_len, args.batch_tokens)
-            print(f"{shape:9s} {name:8s} params {r['params'] / 1e6:6.1f}M  tokendyn {r['ours']:9.0f} tok/s  "
-                  f"naive {r['naive']:9.0f} tok/s  bound {r['bound']:9.0f} tok/s  "
-                  f"tokendyn/naive {r['ours'] / r['naive']:5.2f}  tokendyn/bound {r['ours'] / r['bound']:5.2f}")
+            print(
+                f"{shape:9s} {name:8s} params {r['params'] / 1e6:6.1f}M  tokendyn {r['ours']:9.0f} tok/s  "
+                f"naive {r['naive']:9.0f} tok/s  bound {r['bound']:9.0f} tok/s  "
+                f"tokendyn/naive {r['ours'] / r['naive']:5.2f}  tokendyn/bound {r['ours'] / r['bound']:5.2f}"
+            )
     small, large = peak_rss_mib(20, 64), peak_rss_mib(400, 64)
-    print(f"peak memory of tokendyn extract (tiny model): 20 docs {small:.0f} MiB, 400 docs {large:.0f} MiB "
-          f"(ratio {large / small:.2f})")
+    print(
+        f"peak memory of tokendyn extract (tiny model): 20 docs {small:.0f} MiB, 400 docs {large:.0f} MiB "
+        f"(ratio {large / small:.2f})"
+    )
     for store_dtype in ("float32", "float16"):
         print(f"store bytes per token-checkpoint ({store_dtype}, loss only): {store_bytes_per_value(store_dtype):.2f}")
 

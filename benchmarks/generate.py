@@ -27,9 +27,15 @@ VOCAB = 8192
 
 def random_opt(hidden: int, layers: int, seed: int, positions: int) -> OPTForCausalLM:
     torch.manual_seed(seed)
-    config = OPTConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
-                       num_attention_heads=max(1, hidden // 64), ffn_dim=4 * hidden, word_embed_proj_dim=hidden,
-                       max_position_embeddings=positions)
+    config = OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        ffn_dim=4 * hidden,
+        word_embed_proj_dim=hidden,
+        max_position_embeddings=positions,
+    )
     return OPTForCausalLM(config).eval()
 
 
@@ -55,16 +61,20 @@ def main() -> None:
     large = random_opt(args.hidden, 2 * args.layers, 1, positions)
     prompt = torch.randint(4, VOCAB, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; torch threads {torch.get_num_threads()}")
-    print(f"small: {args.layers} layers, large: {2 * args.layers} layers, hidden {args.hidden}, "
-          f"batch {args.batch}, prompt {args.prompt} tokens")
+    print(
+        f"small: {args.layers} layers, large: {2 * args.layers} layers, hidden {args.hidden}, "
+        f"batch {args.batch}, prompt {args.prompt} tokens"
+    )
     for n in lengths:
         run = dict(vocab_size=VOCAB)
         decode([small, large], [1, -1], prompt, 2, **run)  # warm-up
         cached_s, cached = timed(lambda: decode([small, large], [1, -1], prompt, n, **run))
         full_s, full = timed(lambda: decode([small, large], [1, -1], prompt, n, use_cache=False, **run))
         tokens = args.batch * n
-        print(f"{n:4d} new tokens: cached {tokens / cached_s:8.0f} tok/s, full re-forward {tokens / full_s:8.0f} "
-              f"tok/s, ratio {full_s / cached_s:5.1f}x, identical outputs: {torch.equal(cached, full)}")
+        print(
+            f"{n:4d} new tokens: cached {tokens / cached_s:8.0f} tok/s, full re-forward {tokens / full_s:8.0f} "
+            f"tok/s, ratio {full_s / cached_s:5.1f}x, identical outputs: {torch.equal(cached, full)}"
+        )
 
 
 if __name__ == "__main__":

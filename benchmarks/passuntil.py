@@ -20,8 +20,8 @@ import time
 
 import numpy as np
 import torch
-from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
 from tokendyn.models.generate import pick_tokens
 from tokendyn.models.sampling import Sampler
@@ -31,8 +31,9 @@ def word_tokenizer(vocab: int) -> PreTrainedTokenizerFast:
     words = {"</s>": 0, "<pad>": 1, "<unk>": 2, **{f"w{i}": i + 3 for i in range(vocab - 3)}}
     tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def timed(function, repeats: int = 3) -> float:
@@ -55,14 +56,25 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tokenizer = word_tokenizer(args.vocab)
-    config = OPTConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
-                       num_attention_heads=2, ffn_dim=4 * args.hidden, word_embed_proj_dim=args.hidden,
-                       max_position_embeddings=512, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    config = OPTConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=2,
+        ffn_dim=4 * args.hidden,
+        word_embed_proj_dim=args.hidden,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
     torch.manual_seed(0)
     model = OPTForCausalLM(config).eval()
     prompt = [0, *np.random.default_rng(0).integers(3, args.vocab, args.prompt).tolist()]
-    print(f"OPT hidden {args.hidden} x {args.layers} layers, vocab {args.vocab}, prompt {args.prompt} tokens, "
-          f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"OPT hidden {args.hidden} x {args.layers} layers, vocab {args.vocab}, prompt {args.prompt} tokens, "
+        f"{args.threads} thread(s), load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'new tokens':>10} {'batch':>6} {'Sampler/s':>11} {'shared/s':>10} {'ratio':>6}")
     for new_tokens in (int(v) for v in args.new_tokens.split(",")):
         sampler = Sampler(model, tokenizer, prompt, new_tokens, top_p=None, stop=("\n",))
@@ -79,8 +91,9 @@ def main() -> None:
                     cache.batch_repeat_interleave(batch)
                     for _ in range(new_tokens - 1):
                         out = model(input_ids=token[:, None], past_key_values=cache, use_cache=True)
-                        token = pick_tokens(torch.softmax(out.logits[:, -1].float(), -1), 1.0,
-                                            torch.from_numpy(rng.random(batch)))
+                        token = pick_tokens(
+                            torch.softmax(out.logits[:, -1].float(), -1), 1.0, torch.from_numpy(rng.random(batch))
+                        )
                     tokenizer.batch_decode(token[:, None].tolist())
 
             reference = batch / timed(shared)

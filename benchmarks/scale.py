@@ -35,15 +35,23 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import SAMPLE_TEXT, build_tokenizer  # noqa: E402
-
 from tokendyn import store  # noqa: E402
 from tokendyn.config.suite import PYTHIA_STEPS  # noqa: E402
 from tokendyn.models.extract import extract  # noqa: E402
 
 # Total parameters of the Pythia sizes (from the released configs).
-PYTHIA_PARAMS = {"14m": 14_067_712, "31m": 30_494_720, "70m": 70_426_624, "160m": 162_322_944,
-                 "410m": 405_334_016, "1b": 1_011_781_632, "1.4b": 1_414_647_808, "2.8b": 2_775_208_960,
-                 "6.9b": 6_857_302_016, "12b": 11_846_072_320}
+PYTHIA_PARAMS = {
+    "14m": 14_067_712,
+    "31m": 30_494_720,
+    "70m": 70_426_624,
+    "160m": 162_322_944,
+    "410m": 405_334_016,
+    "1b": 1_011_781_632,
+    "1.4b": 1_414_647_808,
+    "2.8b": 2_775_208_960,
+    "6.9b": 6_857_302_016,
+    "12b": 11_846_072_320,
+}
 A100_BF16_FLOPS = 312e12
 PYTHIA_TOKENS = 10_000_000
 REPO = "bench/run"
@@ -77,8 +85,14 @@ class ThrottledHub:
 
 def make_checkpoints(folder: Path, n: int) -> dict[str, Path]:
     tokenizer = build_tokenizer()
-    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=512, max_position_embeddings=256)
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=512,
+        max_position_embeddings=256,
+    )
     remote = {}
     for k in range(n):
         torch.manual_seed(k)
@@ -126,8 +140,10 @@ def main() -> None:
     parser.add_argument("--checkpoints", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=3000, help="tokens of evaluation text")
     args = parser.parse_args()
-    print(f"CPU capability: {torch.backends.cpu.get_cpu_capability()}, torch threads {torch.get_num_threads()}, "
-          f"{os.cpu_count()} cores")
+    print(
+        f"CPU capability: {torch.backends.cpu.get_cpu_capability()}, torch threads {torch.get_num_threads()}, "
+        f"{os.cpu_count()} cores"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         remote = make_checkpoints(tmp / "remote", args.checkpoints)
@@ -144,8 +160,10 @@ def main() -> None:
         timed_extract(hub_suite, tmp / "warm.zarr")  # fills the cache, warms imports
         pure, tokens = timed_extract(hub_suite, tmp / "pure.zarr")
         rate = ckpt_bytes / (0.7 * pure / len(revisions))
-        print(f"(a) {len(revisions)} checkpoints of {ckpt_bytes / 1e6:.1f} MB, {tokens // len(revisions):,} tokens "
-              f"each; pure compute {pure:.2f} s; throttled download {ckpt_bytes / rate:.2f} s per checkpoint")
+        print(
+            f"(a) {len(revisions)} checkpoints of {ckpt_bytes / 1e6:.1f} MB, {tokens // len(revisions):,} tokens "
+            f"each; pure compute {pure:.2f} s; throttled download {ckpt_bytes / rate:.2f} s per checkpoint"
+        )
         ratios = {}
         for prefetch in (0, 1):
             shutil.rmtree(cache)
@@ -157,8 +175,10 @@ def main() -> None:
         model_flops = 2 * n_params * tokens / pure
         peak = gemm_flops()
         utilisation = model_flops / peak
-        print(f"    model FLOP/s {model_flops / 1e9:.1f} G over GEMM FLOP/s {peak / 1e9:.1f} G: "
-              f"utilisation {utilisation:.1%}")
+        print(
+            f"    model FLOP/s {model_flops / 1e9:.1f} G over GEMM FLOP/s {peak / 1e9:.1f} G: "
+            f"utilisation {utilisation:.1%}"
+        )
 
         # (b) 1 vs 2 workers of a LocalCluster on the local suite
         for workers in (1, 2):
@@ -170,16 +190,24 @@ def main() -> None:
     flops = 2 * total_params * PYTHIA_TOKENS * n_rev
     chunks = math.ceil(PYTHIA_TOKENS / store.CHUNK_VALUES)
     n_ckpts = n_rev * len(PYTHIA_PARAMS)
-    print(f"(c) Pythia, {len(PYTHIA_PARAMS)} sizes x {n_rev} revisions, {PYTHIA_TOKENS:,} tokens: "
-          f"{flops:.2e} FLOPs (forward, 2 x params x tokens)")
+    print(
+        f"(c) Pythia, {len(PYTHIA_PARAMS)} sizes x {n_rev} revisions, {PYTHIA_TOKENS:,} tokens: "
+        f"{flops:.2e} FLOPs (forward, 2 x params x tokens)"
+    )
     for label, fraction in (("measured here", utilisation), ("40% (a well-fed A100)", 0.40)):
-        print(f"    GPU-hours on A100 (312 TFLOP/s bf16) at {label} utilisation {fraction:.1%}: "
-              f"{flops / (A100_BF16_FLOPS * fraction) / 3600:,.0f}")
+        print(
+            f"    GPU-hours on A100 (312 TFLOP/s bf16) at {label} utilisation {fraction:.1%}: "
+            f"{flops / (A100_BF16_FLOPS * fraction) / 3600:,.0f}"
+        )
     for dtype, size in (("float32", 4), ("float16", 2)):
-        print(f"    store per metric ({dtype}): {PYTHIA_TOKENS * n_ckpts * size / 1e9:,.0f} GB in "
-              f"{chunks * n_ckpts:,} chunk files ({chunks} per checkpoint)")
-    print(f"    weights downloaded (float16): {2 * total_params * n_rev / 1e12:.1f} TB in all; "
-          f"largest revision {2 * PYTHIA_PARAMS['12b'] / 1e9:.0f} GB (with --evict the cache holds ~K+1 revisions)")
+        print(
+            f"    store per metric ({dtype}): {PYTHIA_TOKENS * n_ckpts * size / 1e9:,.0f} GB in "
+            f"{chunks * n_ckpts:,} chunk files ({chunks} per checkpoint)"
+        )
+    print(
+        f"    weights downloaded (float16): {2 * total_params * n_rev / 1e12:.1f} TB in all; "
+        f"largest revision {2 * PYTHIA_PARAMS['12b'] / 1e9:.0f} GB (with --evict the cache holds ~K+1 revisions)"
+    )
 
 
 if __name__ == "__main__":

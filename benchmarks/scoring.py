@@ -31,12 +31,34 @@ from tokendyn.models import hardware
 from tokendyn.models.extract import token_scores
 
 CONFIGS = {
-    "llama": ("SmolLM2-135M (Llama)", LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True, rope_theta=10000.0)),
-    "neox": ("Pythia-160M (GPT-NeoX)", GPTNeoXConfig(
-        vocab_size=50304, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=2048, rotary_pct=0.25, tie_word_embeddings=False, use_parallel_residual=True)),
+    "llama": (
+        "SmolLM2-135M (Llama)",
+        LlamaConfig(
+            vocab_size=49152,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            rope_theta=10000.0,
+        ),
+    ),
+    "neox": (
+        "Pythia-160M (GPT-NeoX)",
+        GPTNeoXConfig(
+            vocab_size=50304,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=2048,
+            rotary_pct=0.25,
+            tie_word_embeddings=False,
+            use_parallel_residual=True,
+        ),
+    ),
 }
 
 
@@ -82,7 +104,7 @@ def seconds(fn, repeats: int = 1) -> float:
 def kernel(model, ids: torch.Tensor, batch: int) -> None:
     with torch.inference_mode():
         for b in range(0, len(ids), batch):
-            token_scores(model, ids[b: b + batch])
+            token_scores(model, ids[b : b + batch])
 
 
 def naive_loop(model, ids: torch.Tensor) -> None:
@@ -98,24 +120,35 @@ def lm_eval_rolling(model, ids: torch.Tensor, window: int):
         from lm_eval.models.huggingface import HFLM
     except ImportError:
         return None
-    lm = HFLM(pretrained=model, tokenizer=_identity_tokenizer(model.config.vocab_size), batch_size=len(ids),
-              max_length=window)
+    lm = HFLM(
+        pretrained=model, tokenizer=_identity_tokenizer(model.config.vocab_size), batch_size=len(ids), max_length=window
+    )
     tokens = ids.flatten().tolist()
 
     def run():
         # loglikelihood_rolling's own windows, on token ids (skipping its tokenization of text)
         from lm_eval import utils
-        rolling = list(map(utils.make_disjoint_window, utils.get_rolling_token_windows(
-            token_list=tokens, prefix_token=tokens[0], max_seq_len=window, context_len=1)))
+
+        rolling = list(
+            map(
+                utils.make_disjoint_window,
+                utils.get_rolling_token_windows(
+                    token_list=tokens, prefix_token=tokens[0], max_seq_len=window, context_len=1
+                ),
+            )
+        )
         lm._loglikelihood_tokens([(("", ""), ctx, cont) for ctx, cont in rolling], disable_tqdm=True)
+
     return run
 
 
 def _identity_tokenizer(vocab: int):
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({str(i): i for i in range(vocab)},
-                                                                               unk_token="0")), eos_token="0")
+
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel({str(i): i for i in range(vocab)}, unk_token="0")), eos_token="0"
+    )
 
 
 def minicons_scorer(model, ids: torch.Tensor):
@@ -135,13 +168,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4, help="windows per forward pass of the kernel")
     parser.add_argument("--models", default="llama,neox")
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--half-tokens", type=int, default=256,
-                        help="tokens for half precision on CPUs that emulate it")
+    parser.add_argument(
+        "--half-tokens", type=int, default=256, help="tokens for half precision on CPUs that emulate it"
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     device, auto = hardware.choose("cpu", "auto")
-    print(f"{os.cpu_count()} cores, CPU capability {torch.backends.cpu.get_cpu_capability()}, torch threads "
-          f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}; auto dtype: {auto}")
+    print(
+        f"{os.cpu_count()} cores, CPU capability {torch.backends.cpu.get_cpu_capability()}, torch threads "
+        f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}; auto dtype: {auto}"
+    )
     for key in args.models.split(","):
         label, config = CONFIGS[key]
         print(f"\n{label}: {args.tokens} tokens in windows of {args.window}")
@@ -157,18 +193,24 @@ def main() -> None:
                 bound = n / gemm_bound_seconds(model, n)
                 print(f"  {'float32 GEMM bound':<34} {bound:9.0f} tok/s")
             mark = " <- auto" if dtype == auto else ""
-            rows = [("tokendyn kernel", lambda: kernel(model, ids, args.batch)),
-                    ("naive transformers loop", lambda: naive_loop(model, ids))]
+            rows = [
+                ("tokendyn kernel", lambda: kernel(model, ids, args.batch)),
+                ("naive transformers loop", lambda: naive_loop(model, ids)),
+            ]
             if not emulated:
-                rows += [("lm-eval loglikelihood_rolling", lm_eval_rolling(model, ids, args.window)),
-                         ("minicons IncrementalLMScorer", minicons_scorer(model, ids))]
+                rows += [
+                    ("lm-eval loglikelihood_rolling", lm_eval_rolling(model, ids, args.window)),
+                    ("minicons IncrementalLMScorer", minicons_scorer(model, ids)),
+                ]
             for what, fn in rows:
                 if fn is None:
                     print(f"  {what + ' ' + str(dtype)[6:]:<34} skipped: not installed in this environment")
                     continue
                 rate = n / seconds(fn)
-                print(f"  {what + ' ' + str(dtype)[6:]:<34} {rate:9.0f} tok/s  {rate / bound:5.2f} x bound{mark}",
-                      flush=True)
+                print(
+                    f"  {what + ' ' + str(dtype)[6:]:<34} {rate:9.0f} tok/s  {rate / bound:5.2f} x bound{mark}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

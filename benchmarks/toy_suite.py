@@ -22,7 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 import tokendyn
 from tokendyn.analysis import trajectories
 from tokendyn.models.extract import extract
@@ -44,8 +43,10 @@ def main() -> None:
     started = time.perf_counter()
     suite = build(workdir / "suite" if args.fresh else None, preset=args.preset)
     build_seconds = time.perf_counter() - started
-    print(f"build: {build_seconds:.0f} s ({build_seconds / 900:.2f} of the 15-minute budget; "
-          f"{'from scratch' if args.fresh else 'cache allowed'}), load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"build: {build_seconds:.0f} s ({build_seconds / 900:.2f} of the 15-minute budget; "
+        f"{'from scratch' if args.fresh else 'cache allowed'}), load average {os.getloadavg()[0]:.1f}"
+    )
     phases = json.loads((suite.parent / "toy-build.json").read_text())["seconds"]
     print("  seconds per phase (build manifest):", {k: round(v) for k, v in phases.items()})
 
@@ -55,8 +56,11 @@ def main() -> None:
     print(f"extract: {time.perf_counter() - started:.0f} s -> {store}")
 
     main_set = tokendyn.open_store(store)
-    print("\nmodels:", {str(m): int(n) for m, n in zip(main_set.model.values, main_set.n_params_nonembed.values)},
-          "(non-embedding parameters)")
+    print(
+        "\nmodels:",
+        {str(m): int(n) for m, n in zip(main_set.model.values, main_set.n_params_nonembed.values)},
+        "(non-embedding parameters)",
+    )
 
     print("\ntrue/false pairs: share where the true statement has the lower loss")
     print(findings.pair_preference_table(store).round(3).to_string(index=False))
@@ -64,8 +68,10 @@ def main() -> None:
     print(findings.false_statement_table(store).round(3).to_string(index=False))
     print(f"\ndouble descent of attribute-value tokens (tol {args.tol}, window {args.window})")
     print(findings.double_descent_table(store, tol=args.tol, window=args.window).round(3).to_string(index=False))
-    print(f"\ndouble descent by token group (tol {args.tol}, window {args.window}): share of the group; "
-          "(double descents / fall-then-rise tokens); completed = their ratio")
+    print(
+        f"\ndouble descent by token group (tol {args.tol}, window {args.window}): share of the group; "
+        "(double descents / fall-then-rise tokens); completed = their ratio"
+    )
     dd = trajectories.double_descent(main_set, tol=args.tol, window=args.window).compute()
     rises = trajectories.double_descent(main_set, tol=args.tol, window=args.window, complete=False).compute()
     role, rank = main_set["role"].values, main_set["value_rank"].values
@@ -73,8 +79,10 @@ def main() -> None:
     groups.update({f"value rank {lo}-{hi}": (role == "value") & (rank >= lo) & (rank <= hi) for lo, hi in RANK_BANDS})
     for m in dd.model.values:
         d, r = dd.sel(model=m).values, rises.sel(model=m).values
-        cells = [f"{name} {d[mask].sum() / max(1, mask.sum()):.3f} ({d[mask].sum()}/{r[mask].sum()})"
-                 for name, mask in groups.items()]
+        cells = [
+            f"{name} {d[mask].sum() / max(1, mask.sum()):.3f} ({d[mask].sum()}/{r[mask].sum()})"
+            for name, mask in groups.items()
+        ]
         print(f"  {m}: " + "; ".join(cells) + f"; completed {d.sum() / max(1, r.sum()):.2f}")
     print("\n" + "\n".join(findings.summary(store)))
 

@@ -62,14 +62,19 @@ def build_store(path: Path, n_tokens: int, n_ckpts: int, n_models: int) -> None:
     seq_chunks = da.core.normalize_chunks(SEQ_CHUNK, (n_seq,))[0]
     loss = da.map_blocks(block, dtype=np.float32, chunks=((1,) * n_models, (1,) * n_ckpts, seq_chunks, (SEQ_LEN,)))
     ds = xr.Dataset(
-        {"loss": (("model", "ckpt", "seq", "pos"), loss),
-         "done": (("model", "ckpt"), np.ones((n_models, n_ckpts), bool))},
-        coords={"model": [f"m{i}" for i in range(n_models)], "ckpt": np.arange(n_ckpts),
-                "step": (("model", "ckpt"), np.tile(steps, (n_models, 1))),
-                "tokens_seen": (("model", "ckpt"), np.tile(steps * 2**21, (n_models, 1))),
-                "val_ppl": (("model", "ckpt"), np.ones((n_models, n_ckpts))),
-                "n_params": ("model", 1e7 * 10.0 ** np.arange(n_models)),
-                "token_id": (("seq", "pos"), np.random.default_rng(0).integers(0, 50_000, (n_seq, SEQ_LEN)))},
+        {
+            "loss": (("model", "ckpt", "seq", "pos"), loss),
+            "done": (("model", "ckpt"), np.ones((n_models, n_ckpts), bool)),
+        },
+        coords={
+            "model": [f"m{i}" for i in range(n_models)],
+            "ckpt": np.arange(n_ckpts),
+            "step": (("model", "ckpt"), np.tile(steps, (n_models, 1))),
+            "tokens_seen": (("model", "ckpt"), np.tile(steps * 2**21, (n_models, 1))),
+            "val_ppl": (("model", "ckpt"), np.ones((n_models, n_ckpts))),
+            "n_params": ("model", 1e7 * 10.0 ** np.arange(n_models)),
+            "token_id": (("seq", "pos"), np.random.default_rng(0).integers(0, 50_000, (n_seq, SEQ_LEN))),
+        },
         attrs={"tokendyn_version": tokendyn.__version__},
     )
     print(f"building {path} ({ds['loss'].nbytes / 1e9:.2f} GB of float32 loss) ...", flush=True)
@@ -91,7 +96,7 @@ def timed(label: str, fn, reference: float | None = None) -> float:
 
 def linregress_loop_seconds(ds: xr.Dataset, n_sample: int = 2000) -> float:
     """Seconds of the per-token linregress loop for every token of every model at 4 starts, from a sample."""
-    loss = ds["loss"].isel(model=0, seq=0).values[:, 1:n_sample + 1].astype(np.float64)
+    loss = ds["loss"].isel(model=0, seq=0).values[:, 1 : n_sample + 1].astype(np.float64)
     x = np.log(ds["step"].values[0])
     start = time.perf_counter()
     for token in range(loss.shape[1]):
@@ -120,8 +125,11 @@ def main() -> None:
     print(f"store {store}: {sizes}, {ds['loss'].nbytes / 1e9:.2f} GB float32, chunks {ds['loss'].data.chunksize}")
     print(f"{os.cpu_count()} cores, load average before {os.getloadavg()[0]:.1f}")
     read = timed("read the loss once (sum)", lambda: ds["loss"].sum().compute())
-    timed(f"trend categories, {len(STARTS)} starts, + shares", lambda: label_share(ds.tokendyn.trend_categories(STARTS)),
-          read)
+    timed(
+        f"trend categories, {len(STARTS)} starts, + shares",
+        lambda: label_share(ds.tokendyn.trend_categories(STARTS)),
+        read,
+    )
     timed("trend categories, 1 start (0.2), + shares", lambda: label_share(ds.tokendyn.trend_categories(0.2)), read)
     loop = linregress_loop_seconds(ds)
     print(f"{'per-token scipy.stats.linregress loop (extrapolated)':<58} {loop:8.0f} s")

@@ -50,11 +50,13 @@ def command_helps() -> dict[str, str]:
 
 def render(text: str, helps: dict[str, str]) -> str:
     """`text` with every help block replaced by the current help of its command."""
+
     def block(match: re.Match) -> str:
         command = match["command"].strip()
         if command not in helps:
             raise SystemExit(f"docs/cli.md: no command {command!r}; known: {', '.join(sorted(helps))}")
         return f"{match[1]}```\n{helps[command].rstrip()}\n```\n{match[4]}"
+
     return BLOCK.sub(block, text)
 
 
@@ -75,8 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale = new != text
         if stale or missing:
-            print("docs/cli.md is out of date" + (f" (no block for: {', '.join(missing)})" if missing else "")
-                  + ": run .venv/bin/python scripts/cli_docs.py", file=sys.stderr)
+            print(
+                "docs/cli.md is out of date"
+                + (f" (no block for: {', '.join(missing)})" if missing else "")
+                + ": run .venv/bin/python scripts/cli_docs.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
     for command in missing:  # a new command gets a section at the end; move it and add prose by hand

@@ -31,19 +31,31 @@ from transformers import (  # noqa: E402
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 
-SAMPLE_TEXT = """The quick brown fox jumps over the lazy dog. A cat sat on the mat.
+SAMPLE_TEXT = (
+    """The quick brown fox jumps over the lazy dog. A cat sat on the mat.
 Alice was born in Paris in 1970 and works as a baker.
 Bob lives in Berlin; his favourite colour is green.
 Numbers like 12, 345 and 6789 appear now and then!
-""" * 4
+"""
+    * 4
+)
 
 FAMILIES = {
-    "opt": (OPTConfig, OPTForCausalLM, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                           ffn_dim=64, word_embed_proj_dim=32)),
-    "gpt_neox": (GPTNeoXConfig, GPTNeoXForCausalLM, dict(hidden_size=32, num_hidden_layers=2,
-                                                         num_attention_heads=2, intermediate_size=64)),
-    "llama": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                                 num_key_value_heads=2, intermediate_size=64)),
+    "opt": (
+        OPTConfig,
+        OPTForCausalLM,
+        dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64, word_embed_proj_dim=32),
+    ),
+    "gpt_neox": (
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+    ),
+    "llama": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64),
+    ),
 }
 
 
@@ -52,19 +64,26 @@ def build_tokenizer(vocab_size: int = 300, text: str = SAMPLE_TEXT) -> PreTraine
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(text.splitlines(), trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def save_checkpoint(path: Path, family: str, tokenizer, seed: int, max_positions: int = 64):
     """Save a random-init model of `family` with `tokenizer` as an HF directory; returns the model."""
     config_cls, model_cls, kwargs = FAMILIES[family]
-    config = config_cls(vocab_size=len(tokenizer), max_position_embeddings=max_positions,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id, **kwargs)
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **kwargs,
+    )
     torch.manual_seed(seed)
     model = model_cls(config).eval()
     model.save_pretrained(path)
@@ -72,8 +91,15 @@ def save_checkpoint(path: Path, family: str, tokenizer, seed: int, max_positions
     return model
 
 
-def write_suite(root: Path, families=("opt",), steps=(0, 10, 20), seq_len: int = 16,
-                max_sequences: int | None = None, text: str | None = None, split: str | None = None) -> Path:
+def write_suite(
+    root: Path,
+    families=("opt",),
+    steps=(0, 10, 20),
+    seq_len: int = 16,
+    max_sequences: int | None = None,
+    text: str | None = None,
+    split: str | None = None,
+) -> Path:
     """Write checkpoints, an evaluation file and a suite.toml under `root`; return the TOML path.
 
     The evaluation file is one document unless `split` ("paragraph", "line") says otherwise."""

@@ -34,8 +34,12 @@ TOKENS_PER_STEP = 1000
 DD_H = [0.0, 0.3, 0.55, 0.8, 1.0]
 DD_G = [1.0, 0.0, 0.75, -0.25, -0.25]
 # Token ids by kind, so that the dominant tokens of a cluster are known.
-KIND_TOKENS = {"stagnating": [10, 11], "downward": list(range(20, 30)), "upward": [40, 41, 42],
-               "double_descent": [50, 51]}
+KIND_TOKENS = {
+    "stagnating": [10, 11],
+    "downward": list(range(20, 30)),
+    "upward": [40, 41, 42],
+    "double_descent": [50, 51],
+}
 
 
 def scored_mask(token_id: np.ndarray) -> np.ndarray:
@@ -50,8 +54,18 @@ def flat(grid: np.ndarray, token_id: np.ndarray | None = None) -> np.ndarray:
     return grid[..., mask]
 
 
-def write_store(path: Path, loss: np.ndarray, steps: np.ndarray, *, models=None, n_params=None,
-                tokens_seen=None, token_id=None, vocab=None, seq_chunk: int = 8) -> xr.Dataset:
+def write_store(
+    path: Path,
+    loss: np.ndarray,
+    steps: np.ndarray,
+    *,
+    models=None,
+    n_params=None,
+    tokens_seen=None,
+    token_id=None,
+    vocab=None,
+    seq_chunk: int = 8,
+) -> xr.Dataset:
     """Write loss (model, ckpt, seq, pos) and steps (model, ckpt; NaN = no such checkpoint) as a store.
 
     Keeps the scored cells (`scored_mask`) as the token dim, NaN on missing checkpoints, derives
@@ -75,12 +89,16 @@ def write_store(path: Path, loss: np.ndarray, steps: np.ndarray, *, models=None,
     ds = xr.Dataset(
         {"loss": (("model", "ckpt", "token"), loss), "done": (("model", "ckpt"), done)},
         coords={
-            "model": np.array(models, dtype=np.dtypes.StringDType()), "ckpt": np.arange(n_ckpt),
+            "model": np.array(models, dtype=np.dtypes.StringDType()),
+            "ckpt": np.arange(n_ckpt),
             "step": (("model", "ckpt"), steps),
             "val_ppl": (("model", "ckpt"), np.where(done, np.exp(mean), np.nan)),
             "tokens_seen": (("model", "ckpt"), steps * TOKENS_PER_STEP if tokens_seen is None else tokens_seen),
-            "n_params": ("model", n_params), "n_params_nonembed": ("model", n_params / 2),
-            "token_id": ("token", token_id[mask]), "doc": ("token", seq), "offset": ("token", pos - 1),
+            "n_params": ("model", n_params),
+            "n_params_nonembed": ("model", n_params / 2),
+            "token_id": ("token", token_id[mask]),
+            "doc": ("token", seq),
+            "offset": ("token", pos - 1),
             "n_context": ("token", pos),
         },
     )
@@ -107,8 +125,9 @@ def progress(step: np.ndarray, h_max: float) -> np.ndarray:
     return h_max * np.sqrt(step / FINAL_STEP)
 
 
-def planted_suite(path: Path, n_seq: int = 24, seq_len: int = 32, noise: float = 0.005,
-                  seed: int = 0, vocab=None) -> tuple[xr.Dataset, dict]:
+def planted_suite(
+    path: Path, n_seq: int = 24, seq_len: int = 32, noise: float = 0.005, seed: int = 0, vocab=None
+) -> tuple[xr.Dataset, dict]:
     """The three-size planted suite; returns (lazy dataset, truth).
 
     vocab: the text of every token id (default " w<id>" for 64 ids; age of acquisition's chance level
@@ -121,13 +140,15 @@ def planted_suite(path: Path, n_seq: int = 24, seq_len: int = 32, noise: float =
     n_ckpt = max(c for _, _, c in SIZES.values())
     kind = rng.choice(len(KINDS), size=(n_seq, seq_len), p=PROPORTIONS)
     base = rng.uniform(1, 4, size=kind.shape)
-    amp = np.select([kind == 1, kind == 2, kind == 3],
-                    [rng.uniform(2, 3, kind.shape), rng.uniform(1.5, 2.5, kind.shape),
-                     rng.uniform(1.5, 2.5, kind.shape)], 0)
+    amp = np.select(
+        [kind == 1, kind == 2, kind == 3],
+        [rng.uniform(2, 3, kind.shape), rng.uniform(1.5, 2.5, kind.shape), rng.uniform(1.5, 2.5, kind.shape)],
+        0,
+    )
     token_id = np.zeros(kind.shape, dtype=np.int64)
     for k, name in enumerate(KINDS):
         token_id[kind == k] = rng.choice(KIND_TOKENS[name], size=int((kind == k).sum()))
-    token_id[-1, seq_len // 2:] = -1  # padding at the end of the last sequence
+    token_id[-1, seq_len // 2 :] = -1  # padding at the end of the last sequence
     steps = np.full((len(SIZES), n_ckpt), np.nan)
     h = np.full_like(steps, np.nan)
     loss = np.zeros((len(SIZES), n_ckpt, n_seq, seq_len))
@@ -138,16 +159,30 @@ def planted_suite(path: Path, n_seq: int = 24, seq_len: int = 32, noise: float =
             curve = planted_loss(name, base[None], amp[None], h[m, :count, None, None])
             loss[m, :count] = np.where(kind[None] == k, curve, loss[m, :count])
     loss += rng.normal(0, noise, loss.shape)
-    ds = write_store(path, loss, steps, models=list(SIZES), n_params=[v[0] for v in SIZES.values()],
-                     token_id=token_id, vocab=[f" w{i}" for i in range(64)] if vocab is None else vocab)
-    truth = {"kind": flat(kind, token_id), "base": flat(base, token_id), "amp": flat(amp, token_id), "h": h,
-             "h_max": np.array([v[1] for v in SIZES.values()])}
+    ds = write_store(
+        path,
+        loss,
+        steps,
+        models=list(SIZES),
+        n_params=[v[0] for v in SIZES.values()],
+        token_id=token_id,
+        vocab=[f" w{i}" for i in range(64)] if vocab is None else vocab,
+    )
+    truth = {
+        "kind": flat(kind, token_id),
+        "base": flat(base, token_id),
+        "amp": flat(amp, token_id),
+        "h": h,
+        "h_max": np.array([v[1] for v in SIZES.values()]),
+    }
     return ds, truth
 
 
-def write_tiled_store(path: Path, row_loss: np.ndarray, steps: np.ndarray, n_seq: int,
-                      seq_chunk: int = 256) -> xr.Dataset:
-    """A large store whose every sequence repeats row_loss (model, ckpt, pos) (pos 0 not stored), written chunk by chunk.
+def write_tiled_store(
+    path: Path, row_loss: np.ndarray, steps: np.ndarray, n_seq: int, seq_chunk: int = 256
+) -> xr.Dataset:
+    """A large store whose every sequence repeats row_loss (model, ckpt, pos) (pos 0 not stored),
+    written chunk by chunk.
 
     The loss array never exists in memory here, and repeated rows compress to almost nothing on
     disk, so a store far larger than a memory cap is quick to write.
@@ -160,15 +195,17 @@ def write_tiled_store(path: Path, row_loss: np.ndarray, steps: np.ndarray, n_seq
     loss = dsa.broadcast_to(dsa.from_array(row_loss[:, :, None, :], chunks=(1, 1, 1, n_pos)), shape)
     loss = loss.rechunk((1, 1, seq_chunk, n_pos)).reshape(n_models, n_ckpt, n_seq * n_pos)
     ds = xr.Dataset(
-        {"loss": (("model", "ckpt", "token"), loss),
-         "done": (("model", "ckpt"), np.isfinite(steps))},
-        coords={"model": np.array([f"m{i}" for i in range(n_models)], dtype=np.dtypes.StringDType()),
-                "ckpt": np.arange(n_ckpt),
-                "step": (("model", "ckpt"), steps), "tokens_seen": (("model", "ckpt"), steps * TOKENS_PER_STEP),
-                "val_ppl": (("model", "ckpt"), np.exp(np.nanmean(row_loss, axis=-1))),
-                "n_params": ("model", 1e6 * 10 ** np.arange(n_models)),
-                "token_id": ("token", dsa.full(n_seq * n_pos, 7, dtype=np.int32, chunks=seq_chunk * n_pos)),
-                "doc": ("token", dsa.arange(n_seq * n_pos, chunks=seq_chunk * n_pos) // n_pos)},
+        {"loss": (("model", "ckpt", "token"), loss), "done": (("model", "ckpt"), np.isfinite(steps))},
+        coords={
+            "model": np.array([f"m{i}" for i in range(n_models)], dtype=np.dtypes.StringDType()),
+            "ckpt": np.arange(n_ckpt),
+            "step": (("model", "ckpt"), steps),
+            "tokens_seen": (("model", "ckpt"), steps * TOKENS_PER_STEP),
+            "val_ppl": (("model", "ckpt"), np.exp(np.nanmean(row_loss, axis=-1))),
+            "n_params": ("model", 1e6 * 10 ** np.arange(n_models)),
+            "token_id": ("token", dsa.full(n_seq * n_pos, 7, dtype=np.int32, chunks=seq_chunk * n_pos)),
+            "doc": ("token", dsa.arange(n_seq * n_pos, chunks=seq_chunk * n_pos) // n_pos),
+        },
     )
     ds.attrs.update(tokendyn_version=tokendyn.__version__, format_version=FORMAT_VERSION)
     ds.to_zarr(path, mode="w", consolidated=True)
@@ -188,8 +225,10 @@ def vocabulary(size: int = 64) -> np.ndarray:
 
 def planted_store_with_vocab(path: Path, **options) -> tuple[xr.Dataset, dict]:
     """`planted_suite` plus a `vocab_text` coordinate; returns (the store opened by tokendyn, truth)."""
-    vocab = xr.Dataset(coords={"vocab_text": ("vocab", vocabulary())}, attrs={"tokendyn_version": tokendyn.__version__,
-                                                                                  "format_version": FORMAT_VERSION})
+    vocab = xr.Dataset(
+        coords={"vocab_text": ("vocab", vocabulary())},
+        attrs={"tokendyn_version": tokendyn.__version__, "format_version": FORMAT_VERSION},
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # zarr's note that consolidated metadata is not in the v3 spec
         _, truth = planted_suite(path, **options)

@@ -13,16 +13,21 @@ import scipy.stats
 import xarray as xr
 
 import tokendyn
-from tokendyn.studies import downstream, pair_preference, perplexity, sequence_perplexity, subset_curves, trend_categories
-from tokendyn.studies.findings import direction, verdict
-from tokendyn.pipelines.analyze import main_one
-from tokendyn.studies.study import Skip
+from planted_stores import KIND_TOKENS, KINDS, planted_report, vocabulary
 from tokendyn.analysis.sequences import turning_points
-from tokendyn.analysis.trends import STARTS
-
-from planted_stores import KIND_TOKENS, KINDS
-from planted_stores import planted_report, vocabulary
 from tokendyn.analysis.tokens import show_whitespace
+from tokendyn.analysis.trends import STARTS
+from tokendyn.pipelines.analyze import main_one
+from tokendyn.studies import (
+    downstream,
+    pair_preference,
+    perplexity,
+    sequence_perplexity,
+    subset_curves,
+    trend_categories,
+)
+from tokendyn.studies.findings import direction, verdict
+from tokendyn.studies.study import Skip
 
 Planted = namedtuple("Planted", "ds truth loss steps report")
 
@@ -82,7 +87,10 @@ def test_perplexity_table_has_every_done_checkpoint_with_its_axes(planted):
         assert row.flops == pytest.approx(6 * float(ds["n_params"].values[m]) * row.tokens_seen)
     assert any("Larger models end lower" in line for line in _findings(planted, "perplexity"))
     assert [ax.get_xlabel() for ax in perplexity.run(ds).figure.axes][:3] == [
-        "training step (log scale)", "tokens seen (log scale)", "training compute in FLOPs (6 N D) (log scale)"]
+        "training step (log scale)",
+        "tokens seen (log scale)",
+        "training compute in FLOPs (6 N D) (log scale)",
+    ]
 
 
 def test_trend_shares_match_a_per_token_linregress(planted):
@@ -110,7 +118,9 @@ def test_trend_reference_is_the_papers_table_and_its_shape_passes_the_papers_che
     claims = trend_categories._claims(reference, list(trend_categories.PAPER_MODELS))
     assert all("; this reproduces" in line for line in claims), claims
     flipped = reference.assign(percent=-reference["percent"])
-    assert all("does not reproduce" in line for line in trend_categories._claims(flipped, list(trend_categories.PAPER_MODELS)))
+    assert all(
+        "does not reproduce" in line for line in trend_categories._claims(flipped, list(trend_categories.PAPER_MODELS))
+    )
 
 
 def test_three_checkpoints_are_not_testable_rather_than_not_reproducing(tmp_path):
@@ -122,8 +132,9 @@ def test_three_checkpoints_are_not_testable_rather_than_not_reproducing(tmp_path
     ds = write_store(tmp_path / "three.zarr", rng.uniform(1, 4, (2, 3, 4, 8)), steps)
     findings = trend_categories.run(ds).findings
     claims = [line for line in findings if line.startswith("Paper:")]
-    assert claims and all("this is not testable here (needs >= " in c and ">= 3 checkpoints in the trend window" in c
-                          for c in claims)
+    assert claims and all(
+        "this is not testable here (needs >= " in c and ">= 3 checkpoints in the trend window" in c for c in claims
+    )
     assert not any("does not reproduce" in line for line in findings)
     with pytest.raises(Skip, match="not testable here \\(needs >= 4 done checkpoints"):
         double_descent.run(ds)
@@ -138,7 +149,8 @@ def test_subset_curves_track_the_choosers_upward_tokens_in_every_model(planted):
     medium = list(ds["model"].values).index("medium")
     upward = _linregress_category(loss[medium], steps[medium], 0.2) == 1
     assert table.loc[table.category == "upward", "subset_percent"].iloc[0] == pytest.approx(
-        100 * upward[_valid(truth)].mean())
+        100 * upward[_valid(truth)].mean()
+    )
     for row in table[table.category == "upward"].itertuples():
         m = list(ds["model"].values).index(row.model)
         assert row.subset_ppl == pytest.approx(np.exp(loss[m, row.ckpt][upward].mean()), rel=1e-6)
@@ -154,10 +166,17 @@ def test_subset_shapes_find_a_planted_second_descent():
     """A curve that falls, rises to a peak and falls again is found, at the right perplexities."""
     y = np.array([[50, 30, 20, 28, 35, 25, 22], [50, 40, 30, 25, 20, 18, 17]], dtype=float)
     val_ppl = np.tile(np.geomspace(100, 10, 7), (2, 1))
-    curve = xr.DataArray(y[None], dims=("category", "model", "ckpt"),
-                         coords={"category": ["upward"], "model": ["a", "b"], "ckpt": np.arange(7),
-                                 "step": (("model", "ckpt"), np.tile(np.arange(7.0), (2, 1))),
-                                 "val_ppl": (("model", "ckpt"), val_ppl)})
+    curve = xr.DataArray(
+        y[None],
+        dims=("category", "model", "ckpt"),
+        coords={
+            "category": ["upward"],
+            "model": ["a", "b"],
+            "ckpt": np.arange(7),
+            "step": (("model", "ckpt"), np.tile(np.arange(7.0), (2, 1))),
+            "val_ppl": (("model", "ckpt"), val_ppl),
+        },
+    )
     shapes = subset_curves.curve_shapes(curve, tol=0.05).set_index("model")
     assert shapes.loc["a", "turns"] and shapes.loc["a", "descends_again"]
     assert shapes.loc["a", "turn_val_ppl"] == pytest.approx(val_ppl[0, 2])
@@ -220,8 +239,11 @@ def test_curve_measure_medians_and_histograms_match_numpy(planted):
 
 
 def test_studies_of_named_sets_and_tasks_skip_on_a_store_without_them(planted):
-    for study, words in ((sequence_perplexity, "named evaluation sets"), (pair_preference, "pairs"),
-                         (downstream, "tasks")):
+    for study, words in (
+        (sequence_perplexity, "named evaluation sets"),
+        (pair_preference, "pairs"),
+        (downstream, "tasks"),
+    ):
         with pytest.raises(Skip, match=words):
             study.run(planted.ds)
 
@@ -231,27 +253,43 @@ def _sequence_curve(values: dict[str, list[list[float]]], groups: dict[str, str]
     names = list(values)
     data = np.array([values[n] for n in names], dtype=float)
     n_ckpt = data.shape[-1]
-    return xr.DataArray(data, dims=("set", "model", "ckpt"), coords={
-        "set": names, "model": ["s", "m", "l"], "ckpt": np.arange(n_ckpt),
-        "group": ("set", [groups[n] for n in names]), "corrupt": ("set", [corrupt[n] for n in names]),
-        "step": (("model", "ckpt"), np.tile(np.arange(n_ckpt, dtype=float), (3, 1))),
-        "val_ppl": (("model", "ckpt"), np.tile(np.geomspace(100, 10, n_ckpt), (3, 1)))})
+    return xr.DataArray(
+        data,
+        dims=("set", "model", "ckpt"),
+        coords={
+            "set": names,
+            "model": ["s", "m", "l"],
+            "ckpt": np.arange(n_ckpt),
+            "group": ("set", [groups[n] for n in names]),
+            "corrupt": ("set", [corrupt[n] for n in names]),
+            "step": (("model", "ckpt"), np.tile(np.arange(n_ckpt, dtype=float), (3, 1))),
+            "val_ppl": (("model", "ckpt"), np.tile(np.geomspace(100, 10, n_ckpt), (3, 1))),
+        },
+    )
 
 
 def test_sequence_findings_check_the_papers_patterns():
     """The paper's hallucinated-text pattern (smallest keeps falling, larger ones turn, inverse scaling
     at the end) and corrupted text that still falls with size pass; the reverse fails."""
     paper_like = _sequence_curve(
-        {"gen:1,-1": [[90, 70, 50, 40], [90, 60, 80, 95], [90, 80, 120, 150]],
-         "noisy-0.4": [[300, 200, 150, 120], [300, 150, 100, 80], [300, 120, 80, 60]]},
-        {"gen:1,-1": "1,-1", "noisy-0.4": ""}, {"gen:1,-1": np.nan, "noisy-0.4": 0.4})
+        {
+            "gen:1,-1": [[90, 70, 50, 40], [90, 60, 80, 95], [90, 80, 120, 150]],
+            "noisy-0.4": [[300, 200, 150, 120], [300, 150, 100, 80], [300, 120, 80, 60]],
+        },
+        {"gen:1,-1": "1,-1", "noisy-0.4": ""},
+        {"gen:1,-1": np.nan, "noisy-0.4": 0.4},
+    )
     models = ["s", "m", "l"]
     lines = sequence_perplexity._paper_claims(paper_like, turning_points(paper_like), models)
     assert len(lines) == 4 and all("reproduces (" in l or l.endswith("this reproduces.") for l in lines), lines
     opposite = _sequence_curve(
-        {"gen:1,-1": [[90, 80, 120, 150], [90, 70, 50, 40], [90, 60, 40, 30]],
-         "noisy-0.4": [[300, 120, 80, 60], [300, 150, 100, 80], [300, 200, 150, 120]]},
-        {"gen:1,-1": "1,-1", "noisy-0.4": ""}, {"gen:1,-1": np.nan, "noisy-0.4": 0.4})
+        {
+            "gen:1,-1": [[90, 80, 120, 150], [90, 70, 50, 40], [90, 60, 40, 30]],
+            "noisy-0.4": [[300, 120, 80, 60], [300, 150, 100, 80], [300, 200, 150, 120]],
+        },
+        {"gen:1,-1": "1,-1", "noisy-0.4": ""},
+        {"gen:1,-1": np.nan, "noisy-0.4": 0.4},
+    )
     lines = sequence_perplexity._paper_claims(opposite, turning_points(opposite), models)
     assert all("does not reproduce" in l for l in lines), lines
 

@@ -17,9 +17,24 @@ from tokendyn.analysis.labels import flag_names
 from tokendyn.analysis.tokens import show_whitespace
 from tokendyn.cli import main
 
-TABLES = {"checkpoints", "perplexity_levels", "trend_shares", "paper_reference", "subset_curves", "subset_shapes",
-          "double_descent_share", "double_descent_examples", "agreement", "curve_histograms", "curve_summary", "rho1",
-          "clusters", "cluster_centroids", "cluster_tokens", "cluster_agreement"}
+TABLES = {
+    "checkpoints",
+    "perplexity_levels",
+    "trend_shares",
+    "paper_reference",
+    "subset_curves",
+    "subset_shapes",
+    "double_descent_share",
+    "double_descent_examples",
+    "agreement",
+    "curve_histograms",
+    "curve_summary",
+    "rho1",
+    "clusters",
+    "cluster_centroids",
+    "cluster_tokens",
+    "cluster_agreement",
+}
 GROUPS = {"matched_perplexity", "trends", "double_descent", "curves", "rho1", "clusters"}
 
 
@@ -82,7 +97,11 @@ def test_summary_is_printed_and_missing_data_is_skipped(tmp_path, capsys):
     assert "trend_categories: No categories at start 70% in m0: fewer than 3 checkpoints in the window" in out
     assert "trend_categories: At start 20%, % stagnated / upward / downward / uncategorised: m0 " in out
     assert {p.stem for p in (tmp_path / "one.analysis").glob("*.csv")} == {
-        "trend_shares", "paper_reference", "subset_curves", "subset_shapes"}
+        "trend_shares",
+        "paper_reference",
+        "subset_curves",
+        "subset_shapes",
+    }
     assert main(["analyze", str(tmp_path / "one.zarr"), "--studies", "nonsense"]) == 2
     assert "unknown study nonsense" in capsys.readouterr().err
 
@@ -93,7 +112,9 @@ def test_the_registry_is_explicit_and_a_study_added_to_it_runs(tmp_path, monkeyp
 
     def tokens(source):
         from matplotlib.figure import Figure
+
         from tokendyn.studies.study import Result
+
         return Result("tokens", {"tokens": pd.DataFrame({"n": [source.sizes["ckpt"]]})}, Figure(), ["counted"])
 
     monkeypatch.setitem(tokendyn.studies.STUDIES, "tokens", tokens)
@@ -109,8 +130,15 @@ def test_analyze_a_real_extracted_store(tmp_path, capsys):
     assert main(["extract", str(suite), "--out", str(store)]) == 0
     assert main(["analyze", str(store), "--quiet", "--n-clusters", "3"]) == 0
     out = capsys.readouterr().out
-    for study in ("perplexity", "trend_categories", "subset_curves", "double_descent", "agreement", "curve_measures",
-                  "clusters"):
+    for study in (
+        "perplexity",
+        "trend_categories",
+        "subset_curves",
+        "double_descent",
+        "agreement",
+        "curve_measures",
+        "clusters",
+    ):
         assert f"\n{study}: " in "\n" + out
     folder = tmp_path / "real.analysis"
     ds = tokendyn.open_store(store)

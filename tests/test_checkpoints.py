@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tokenizer, save_checkpoint
 from huggingface_hub import constants as hub_constants
 from transformers import GPT2Config
 
+from conftest import build_tokenizer, save_checkpoint
+from tokendyn.config.suite import Checkpoint, load_suite
+from tokendyn.errors import TokendynError
 from tokendyn.models.checkpoints import (
     check_tokenizers,
     count_params,
@@ -27,8 +29,6 @@ from tokendyn.models.checkpoints import (
     tokenizer_fingerprint,
     weights_fingerprint,
 )
-from tokendyn.errors import TokendynError
-from tokendyn.config.suite import Checkpoint, load_suite
 
 EVAL = '[eval]\nfiles = ["valid.txt"]\nseq_len = 16\n'
 
@@ -58,9 +58,15 @@ def write_suite_toml(root: Path, models: str) -> Path:
 def ckpts(tmp_path_factory, tokenizer):
     """Source models and their directories: GPT-NeoX seeds 0 and 1, seed 0 saved twice, and an OPT one."""
     root = tmp_path_factory.mktemp("ckpts")
-    models = {name: save_checkpoint(root / name, family, tokenizer, seed=seed)
-              for name, family, seed in [("neox0", "gpt_neox", 0), ("neox0_again", "gpt_neox", 0),
-                                         ("neox1", "gpt_neox", 1), ("opt", "opt", 2)]}
+    models = {
+        name: save_checkpoint(root / name, family, tokenizer, seed=seed)
+        for name, family, seed in [
+            ("neox0", "gpt_neox", 0),
+            ("neox0_again", "gpt_neox", 0),
+            ("neox1", "gpt_neox", 1),
+            ("opt", "opt", 2),
+        ]
+    }
     return root, models
 
 
@@ -114,8 +120,10 @@ def test_pickle_refused_unless_allowed(ckpts, tmp_path, tokenizer):
     folder = copy_of(ckpts, "neox1", tmp_path)
     (folder / "model.safetensors").unlink()
     torch.save(models["neox1"].state_dict(), folder / "pytorch_model.bin")
-    expected = (f"refusing pickle checkpoint {folder / 'pytorch_model.bin'} (arbitrary code on load); "
-                "convert to safetensors or pass --allow-pickle if you trust it")
+    expected = (
+        f"refusing pickle checkpoint {folder / 'pytorch_model.bin'} (arbitrary code on load); "
+        "convert to safetensors or pass --allow-pickle if you trust it"
+    )
     with pytest.raises(TokendynError) as info:
         load_model(local(folder))
     assert str(info.value) == expected
@@ -147,19 +155,31 @@ def test_count_params_by_hand(ckpts):
     root, models = ckpts
     c = models["neox0"].config
     v, h, i, n = c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers
-    per_layer = (2 * 2 * h            # two layer norms (weight, bias)
-                 + 3 * h * h + 3 * h  # query/key/value projection
-                 + h * h + h          # attention output
-                 + h * i + i + i * h + h)  # MLP
+    per_layer = (
+        2 * 2 * h  # two layer norms (weight, bias)
+        + 3 * h * h
+        + 3 * h  # query/key/value projection
+        + h * h
+        + h  # attention output
+        + h * i
+        + i
+        + i * h
+        + h
+    )  # MLP
     nonembed = n * per_layer + 2 * h  # + final layer norm
     assert count_params(models["neox0"]) == (nonembed + 2 * v * h, nonembed)  # untied input and output
     opt = models["opt"]  # tied input and output embeddings: the shared matrix counts once
     c = opt.config
     v, h, f, n, p = c.vocab_size, c.hidden_size, c.ffn_dim, c.num_hidden_layers, c.max_position_embeddings
     assert opt.get_output_embeddings().weight is opt.get_input_embeddings().weight
-    per_layer = (4 * (h * h + h)      # q, k, v, out projections
-                 + 2 * 2 * h          # two layer norms
-                 + h * f + f + f * h + h)  # MLP
+    per_layer = (
+        4 * (h * h + h)  # q, k, v, out projections
+        + 2 * 2 * h  # two layer norms
+        + h * f
+        + f
+        + f * h
+        + h
+    )  # MLP
     nonembed = n * per_layer + (p + 2) * h + 2 * h  # + learned positions (OPT offsets them by 2), final norm
     assert count_params(opt) == (nonembed + v * h, nonembed)
 
@@ -191,13 +211,20 @@ def test_check_tokenizers_on_tiny_suite(tiny_suite, tokenizer):
 def test_tokenizer_mismatch_names_both_checkpoints(ckpts, tmp_path):
     root, _ = ckpts
     save_checkpoint(tmp_path / "other", "gpt_neox", build_tokenizer(vocab_size=280), seed=5)
-    suite = load_suite(write_suite_toml(tmp_path, f'[[models]]\nname = "a"\ncheckpoints = [{{ step = 1, path = '
-                                                  f'"{root / "neox0"}" }}, {{ step = 2, path = "other" }}]\n'))
+    suite = load_suite(
+        write_suite_toml(
+            tmp_path,
+            f'[[models]]\nname = "a"\ncheckpoints = [{{ step = 1, path = '
+            f'"{root / "neox0"}" }}, {{ step = 2, path = "other" }}]\n',
+        )
+    )
     with pytest.raises(TokendynError) as info:
         check_tokenizers(suite)
-    assert str(info.value) == (f"the tokenizer of {tmp_path / 'other'} (model 'a', step 2) differs from that of "
-                               f"{root / 'neox0'} (model 'a', step 1); all checkpoints of a suite must share one "
-                               "tokenizer: split the suite")
+    assert str(info.value) == (
+        f"the tokenizer of {tmp_path / 'other'} (model 'a', step 2) differs from that of "
+        f"{root / 'neox0'} (model 'a', step 1); all checkpoints of a suite must share one "
+        "tokenizer: split the suite"
+    )
 
 
 def test_checkpoint_without_tokenizer_files(ckpts, tmp_path, tokenizer):
@@ -229,6 +256,7 @@ def test_vocab_too_small_for_tokenizer(ckpts, tmp_path):
 
 
 # ---- the Hugging Face cache, offline -------------------------------------------------------------
+
 
 def make_hub_cache(cache: Path, repo_id: str, snapshots: dict[str, Path]) -> None:
     """Lay out `cache` as huggingface_hub does: refs/<revision> -> commit, snapshots/<commit>/ -> blobs/."""
@@ -266,8 +294,11 @@ def hub_cache(tmp_path, monkeypatch, ckpts) -> Path:
 
 def test_offline_hub_revision_resolves_and_loads(hub_cache, ckpts, tmp_path, tokenizer):
     root, models = ckpts
-    suite = load_suite(write_suite_toml(tmp_path, '[[models]]\nname = "n"\nhub_id = "org/name"\n'
-                                                  'revisions = ["step1000"]\ntokens_per_step = 10\n'))
+    suite = load_suite(
+        write_suite_toml(
+            tmp_path, '[[models]]\nname = "n"\nhub_id = "org/name"\nrevisions = ["step1000"]\ntokens_per_step = 10\n'
+        )
+    )
     (ckpt,) = suite.models[0].checkpoints
     assert (ckpt.step, ckpt.source, ckpt.tokens_seen) == (1000, "org/name@step1000", 10000.0)
     commit = (hub_cache / "models--org--name" / "refs" / "step1000").read_text()
@@ -285,7 +316,9 @@ def test_offline_pythia_preset(hub_cache, ckpts, tmp_path, tokenizer):
     suite = load_suite(write_suite_toml(tmp_path, '[[models]]\npreset = "pythia"\nsize = "70m"\nsteps = [1000]\n'))
     (ckpt,) = suite.models[0].checkpoints
     assert (ckpt.source, ckpt.tokens_seen) == ("EleutherAI/pythia-70m@step1000", 1000 * 2097152)
-    torch.testing.assert_close(logits(load_model(ckpt), tokenizer), logits(models["neox1"], tokenizer), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        logits(load_model(ckpt), tokenizer), logits(models["neox1"], tokenizer), rtol=0, atol=1e-6
+    )
 
 
 def test_offline_missing_revision(hub_cache):
@@ -294,7 +327,8 @@ def test_offline_missing_revision(hub_cache):
     assert str(info.value) == (
         f"org/name@step3000 (model 'h', step 3000) is not (completely) in the Hugging Face cache {hub_cache} "
         "and HF_HUB_OFFLINE=1 is set; download it with network access, or point HF_HOME / HF_HUB_CACHE at a "
-        "cache that has this revision")
+        "cache that has this revision"
+    )
     with pytest.raises(TokendynError, match="org/other@step1000 .* is not .* in the Hugging Face cache"):
         resolve(hub("org/other", "step1000"))
 

@@ -35,8 +35,13 @@ def hand_metrics(logprob, length, answer, per_token=False, chars=None):
         r_acc.append(1 / len(opts))
         r_brier.append(1 - 1 / len(opts))
     mean = lambda v: sum(v) / len(v)  # noqa: E731
-    return dict(accuracy=mean(acc), correct_prob=mean(ccp), brier=mean(brier),
-                random_accuracy=mean(r_acc), random_brier=mean(r_brier))
+    return dict(
+        accuracy=mean(acc),
+        correct_prob=mean(ccp),
+        brier=mean(brier),
+        random_accuracy=mean(r_acc),
+        random_brier=mean(r_brier),
+    )
 
 
 @pytest.mark.parametrize("per_token", [False, True])

@@ -83,17 +83,20 @@ def test_auto_k_picks_the_planted_number_by_silhouette(tmp_path):
     assert gmm.criterion == "bic" and min(gmm.scores, key=gmm.scores.get) == len(gmm.names)
 
 
-@pytest.mark.parametrize("curve,name", [
-    ([0, 0.02, -0.03, 0.01], "stagnating"),
-    ([0, -1, -0.2, -1.2], "double descent"),
-    ([0, -1, -1.2, -0.3], "falling then rising"),
-    ([0, 0.8, 0.9, 0.1], "rising then falling"),
-    ([0, 0.4, 0.8, 1.2], "rising"),
-    ([0, -0.9, -1.0, -1.05], "early-falling"),
-    ([0, -0.05, -0.1, -1.0], "late-falling"),
-    ([0, -0.5, -0.8, -1.05], "steadily falling"),
-    ([0, 0.15, -0.15, 0.05], "wavy"),
-])
+@pytest.mark.parametrize(
+    "curve,name",
+    [
+        ([0, 0.02, -0.03, 0.01], "stagnating"),
+        ([0, -1, -0.2, -1.2], "double descent"),
+        ([0, -1, -1.2, -0.3], "falling then rising"),
+        ([0, 0.8, 0.9, 0.1], "rising then falling"),
+        ([0, 0.4, 0.8, 1.2], "rising"),
+        ([0, -0.9, -1.0, -1.05], "early-falling"),
+        ([0, -0.05, -0.1, -1.0], "late-falling"),
+        ([0, -0.5, -0.8, -1.05], "steadily falling"),
+        ([0, 0.15, -0.15, 0.05], "wavy"),
+    ],
+)
 def test_naming_rules(curve, name):
     assert name_shape(np.array(curve), tol=0.25) == name
 
@@ -106,8 +109,10 @@ def full_range(tmp_path_factory):
 
     rng = np.random.default_rng(1)
     n_seq, n_pos = 24, 24
-    schedules = [[0, 10, 30, 100, 300, 1000, 2000, 4000, 6000, 8000],  # log-spaced early, like real suites
-                 [0, 10, 20, 50, 100, 200, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000]]
+    schedules = [
+        [0, 10, 30, 100, 300, 1000, 2000, 4000, 6000, 8000],  # log-spaced early, like real suites
+        [0, 10, 20, 50, 100, 200, 500, 1000, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000],
+    ]
     kind = rng.choice(len(KINDS), size=(n_seq, n_pos), p=PROPORTIONS)
     base = rng.uniform(1, 4, kind.shape)
     amp = np.where(kind == 0, 0, rng.uniform(1.5, 2.5, kind.shape))

@@ -11,8 +11,11 @@ from tokendyn.config.suite import EvalSet
 from tokendyn.data.corpus import read_documents, rolling_windows, tokenize_set
 from tokendyn.errors import TokendynError
 
-DOCS = ["Alice was born in Paris in 1970 and works as a baker.", "Bob lives in Berlin.",
-        "The quick brown fox jumps over the lazy dog. " * 3]
+DOCS = [
+    "Alice was born in Paris in 1970 and works as a baker.",
+    "Bob lives in Berlin.",
+    "The quick brown fox jumps over the lazy dog. " * 3,
+]
 
 
 def text_set(tmp_path, **kwargs) -> EvalSet:
@@ -87,9 +90,12 @@ def test_txt_and_jsonl_give_the_same_sequences(tmp_path, tokenizer):
 
 def test_spans_and_document_fields(tmp_path, tokenizer):
     text = "Alice was born in Paris."
-    record = {"text": text, "topic": "bio", "year": 1970,
-              "spans": [{"start": 0, "end": 5, "role": "name"},
-                        {"start": 18, "end": 23, "role": "value", "rank": 3}]}
+    record = {
+        "text": text,
+        "topic": "bio",
+        "year": 1970,
+        "spans": [{"start": 0, "end": 5, "role": "name"}, {"start": 18, "end": 23, "role": "value", "rank": 3}],
+    }
     path = tmp_path / "a.jsonl"
     path.write_text(json.dumps(record) + "\n" + json.dumps({"text": "Bob."}) + "\n")
     packed = tokenize_set(EvalSet(name="main", files=(path,), seq_len=32), tokenizer)
@@ -109,4 +115,6 @@ def test_pairs(tmp_path):
     path.write_text(json.dumps({"true": "Paris is in France.", "false": "Paris is in Spain.", "kind": "geo"}) + "\n")
     docs = read_documents(EvalSet(name="facts", files=(path,), seq_len=16, kind="pairs"))
     assert [(d.text, d.fields["pair"], d.fields["is_true"], d.fields["kind"]) for d in docs] == [
-        ("Paris is in France.", 0, True, "geo"), ("Paris is in Spain.", 0, False, "geo")]
+        ("Paris is in France.", 0, True, "geo"),
+        ("Paris is in Spain.", 0, False, "geo"),
+    ]

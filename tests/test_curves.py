@@ -9,8 +9,17 @@ import pytest
 import scipy.optimize
 
 from planted_stores import flat, write_store
-from tokendyn.analysis.curves import (RHO1_CLASSES, _sigmoid_midpoint, age_of_acquisition, cartography,
-                                      curve_measures, final_loss, forgettability, rho1_classes, uniform_loss)
+from tokendyn.analysis.curves import (
+    RHO1_CLASSES,
+    _sigmoid_midpoint,
+    age_of_acquisition,
+    cartography,
+    curve_measures,
+    final_loss,
+    forgettability,
+    rho1_classes,
+    uniform_loss,
+)
 from tokendyn.analysis.labels import flag_names, label_share
 
 
@@ -42,7 +51,7 @@ def test_forgettability(random_store):
     got = forgettability(ds, window=3).values
     for m in range(2):
         y = _done_loss(ds, m)
-        smooth = np.array([y[max(0, i - 1): i + 2].mean(axis=0) for i in range(len(y))])
+        smooth = np.array([y[max(0, i - 1) : i + 2].mean(axis=0) for i in range(len(y))])
         expected = np.clip(np.diff(smooth, axis=0), 0, None).sum(axis=0)
         np.testing.assert_allclose(got[m], expected, rtol=1e-5)
 
@@ -85,8 +94,9 @@ def test_defaults_do_not_depend_on_step_0(tmp_path):
     x = np.log10(np.maximum(steps[0], 1))
     falling = 1 + 3 / (1 + np.exp(4 * (x[:, None, None] - rng.uniform(1.2, 2, (1, 3, 8)))))
     kind = rng.integers(0, 4, (1, 3, 8))  # falling, flat high, flat low, rising
-    trained = np.select([kind == 0, kind == 1, kind == 2], [falling, 3.5 + 0 * falling, 1.2 + 0 * falling],
-                        1.5 + 0.4 * x[:, None, None])
+    trained = np.select(
+        [kind == 0, kind == 1, kind == 2], [falling, 3.5 + 0 * falling, 1.2 + 0 * falling], 1.5 + 0.4 * x[:, None, None]
+    )
     loss = np.stack([trained + rng.normal(0, 0.05, trained.shape) for _ in range(2)])
     loss[:, 0] = np.log(50) + rng.normal(0, 0.05, loss[:, 0].shape)  # random init: near uniform over 50 tokens
     vocab = [f"t{i}" for i in range(50)]
@@ -130,8 +140,9 @@ def test_age_of_acquisition_recovers_planted_midpoints(tmp_path):
     for s, t in [(1, 1), (2, 5), (3, 8)]:
         token = s * (n_pos - 1) + t - 1
         y = ds["loss"].values[0, 1:, token]
-        (_, ref_x0, _), _ = scipy.optimize.curve_fit(lambda x, k, x0, lo: _sigmoid(x, k, x0, lo, chance), x, y,
-                                                     p0=[3, 3, 1.5])
+        (_, ref_x0, _), _ = scipy.optimize.curve_fit(
+            lambda x, k, x0, lo: _sigmoid(x, k, x0, lo, chance), x, y, p0=[3, 3, 1.5]
+        )
         assert got[token] == pytest.approx(ref_x0, abs=1e-3)
 
 
@@ -140,8 +151,9 @@ def _scipy_midpoint(y, x, chance):
     best = (np.nan, np.inf)
     for k0, x00 in itertools.product((1, 5, 30), np.linspace(x.min(), x.max(), 4)):
         try:
-            params, _ = scipy.optimize.curve_fit(lambda x, k, x0, lo: _sigmoid(x, k, x0, lo, chance), x, y,
-                                                 p0=[k0, x00, y.min()], maxfev=2000)
+            params, _ = scipy.optimize.curve_fit(
+                lambda x, k, x0, lo: _sigmoid(x, k, x0, lo, chance), x, y, p0=[k0, x00, y.min()], maxfev=2000
+            )
         except RuntimeError:
             continue
         sse = float(((_sigmoid(x, *params, chance) - y) ** 2).sum())
@@ -168,6 +180,12 @@ def test_vectorised_fit_matches_scipy_token_by_token():
 
 def test_curve_measures_gathers_everything(random_store):
     out = curve_measures(random_store, last=2)
-    assert set(out.data_vars) == {"final_loss", "final_variability", "age_of_acquisition", "forgettability",
-                                  "confidence", "variability"}
+    assert set(out.data_vars) == {
+        "final_loss",
+        "final_variability",
+        "age_of_acquisition",
+        "forgettability",
+        "confidence",
+        "variability",
+    }
     assert all(out[name].dims == ("model", "token") for name in out.data_vars)

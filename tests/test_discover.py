@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 from huggingface_hub import constants as hub_constants
 
+from test_checkpoints import make_hub_cache
 from tokendyn.config.suite import load_suite
 from tokendyn.errors import TokendynError
-
-from test_checkpoints import make_hub_cache
 
 
 def fake_checkpoint(folder: Path, state: dict | None = None) -> Path:
@@ -41,27 +40,39 @@ def test_trainer_folders(tmp_path):
     with pytest.warns(UserWarning, match="skipping .*checkpoint-1500: no config.json"):
         suite = load_suite(suite_file(tmp_path, 'checkpoints = { glob = "run/checkpoint-*" }'))
     got = [(c.step, c.path.name, c.tokens_seen) for c in suite.models[0].checkpoints]
-    assert got == [(50, "checkpoint-50", None), (90, "checkpoint-9", None),
-                   (500, "checkpoint-500", 64000.0), (1000, "checkpoint-1000", 128000.0)]
+    assert got == [
+        (50, "checkpoint-50", None),
+        (90, "checkpoint-9", None),
+        (500, "checkpoint-500", 64000.0),
+        (1000, "checkpoint-1000", 128000.0),
+    ]
 
 
 def test_step_and_global_step_folders_with_selection(tmp_path):
     for step in (0, 100, 200, 300, 400):
         fake_checkpoint(tmp_path / "ckpts" / f"global_step{step}")
     fake_checkpoint(tmp_path / "ckpts" / "step_600")
-    suite = load_suite(suite_file(tmp_path, 'tokens_per_step = 10\n'
-                                            'checkpoints = { glob = "ckpts/*", steps = { every = 200 } }'))
+    suite = load_suite(
+        suite_file(tmp_path, 'tokens_per_step = 10\ncheckpoints = { glob = "ckpts/*", steps = { every = 200 } }')
+    )
     got = [(c.step, c.path.name, c.tokens_seen) for c in suite.models[0].checkpoints]
-    assert got == [(0, "global_step0", 0.0), (200, "global_step200", 2000.0), (400, "global_step400", 4000.0),
-                   (600, "step_600", 6000.0)]
+    assert got == [
+        (0, "global_step0", 0.0),
+        (200, "global_step200", 2000.0),
+        (400, "global_step400", 4000.0),
+        (600, "step_600", 6000.0),
+    ]
 
 
-@pytest.mark.parametrize("model, message", [
-    ('checkpoints = { glob = "nothing/*" }', "glob 'nothing/\\*' matches no checkpoint folder"),
-    ('checkpoints = { glob = "odd/*" }', "cannot tell the step of .*odd/final"),
-    ('checkpoints = { glob = "dup/*" }', "step 7 is both .*checkpoint-7 and .*step7; narrow the pattern"),
-    ('checkpoints = { glob = "dup/*", every = 2 }', "unknown key 'every'"),
-])
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ('checkpoints = { glob = "nothing/*" }', "glob 'nothing/\\*' matches no checkpoint folder"),
+        ('checkpoints = { glob = "odd/*" }', "cannot tell the step of .*odd/final"),
+        ('checkpoints = { glob = "dup/*" }', "step 7 is both .*checkpoint-7 and .*step7; narrow the pattern"),
+        ('checkpoints = { glob = "dup/*", every = 2 }', "unknown key 'every'"),
+    ],
+)
 def test_discovery_errors(tmp_path, model, message):
     fake_checkpoint(tmp_path / "odd" / "final")
     fake_checkpoint(tmp_path / "dup" / "checkpoint-7")
@@ -81,24 +92,31 @@ def offline_cache(tmp_path, monkeypatch) -> Path:
     return cache
 
 
-@pytest.mark.parametrize("pattern, steps", [
-    ("step*", [0, 512, 1000, 143000]),
-    ("all", [0, 512, 1000, 2000, 143000]),
-    ("step1*", [1000, 143000]),
-])
+@pytest.mark.parametrize(
+    "pattern, steps",
+    [
+        ("step*", [0, 512, 1000, 143000]),
+        ("all", [0, 512, 1000, 2000, 143000]),
+        ("step1*", [1000, 143000]),
+    ],
+)
 def test_hub_revision_patterns_offline(offline_cache, tmp_path, pattern, steps):
     suite = load_suite(suite_file(tmp_path, f'hub_id = "org/name"\nrevisions = "{pattern}"'))
     checkpoints = suite.models[0].checkpoints
     assert [c.step for c in checkpoints] == steps
-    assert all(c.hub_id == "org/name" and c.revision.endswith(f"step{c.step}") or "step2000" in c.revision
-               for c in checkpoints)
+    assert all(
+        c.hub_id == "org/name" and c.revision.endswith(f"step{c.step}") or "step2000" in c.revision for c in checkpoints
+    )
     if pattern == "all":
         assert checkpoints[3].tokens_seen == 4e9
 
 
 def test_hub_revision_pattern_without_match(offline_cache, tmp_path):
-    with pytest.raises(TokendynError, match="no revision of org/name matches 'ckpt-\\*' in the local Hugging Face "
-                                            "cache .*it has: main, stage1-step2000-tokens4B, step0"):
+    with pytest.raises(
+        TokendynError,
+        match="no revision of org/name matches 'ckpt-\\*' in the local Hugging Face "
+        "cache .*it has: main, stage1-step2000-tokens4B, step0",
+    ):
         load_suite(suite_file(tmp_path, 'hub_id = "org/name"\nrevisions = "ckpt-*"'))
     with pytest.raises(TokendynError, match="'main' has no step number"):
         load_suite(suite_file(tmp_path, 'hub_id = "org/name"\nrevisions = "ma*"'))
@@ -116,11 +134,20 @@ def test_extract_one_model_without_a_toml(tmp_path, capsys):
     for index, step in enumerate((10, 20)):
         save_checkpoint(tmp_path / "run" / f"checkpoint-{step}", "opt", tokenizer, seed=index)
     (tmp_path / "run" / "checkpoint-20" / "trainer_state.json").write_text(
-        json.dumps({"global_step": 20, "num_input_tokens_seen": 5120}))
+        json.dumps({"global_step": 20, "num_input_tokens_seen": 5120})
+    )
     (tmp_path / "valid.txt").write_text(SAMPLE_TEXT)
     out = tmp_path / "out" / "run.zarr"
-    args = ["extract", "--model", str(tmp_path / "run"), "--text", str(tmp_path / "valid.txt"), "--out", str(out),
-            "--no-progress"]
+    args = [
+        "extract",
+        "--model",
+        str(tmp_path / "run"),
+        "--text",
+        str(tmp_path / "valid.txt"),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     generated = tmp_path / "out" / "run.suite.toml"
     assert generated.read_text().startswith(HEADER)
@@ -136,20 +163,50 @@ def test_extract_one_model_without_a_toml(tmp_path, capsys):
     np.testing.assert_array_equal(ds.loss.values, xr.open_zarr(reference).loss.values)
 
     # A single checkpoint folder, a hub id that is not cached, and a suite file that tokendyn did not write.
-    assert main(["extract", "--model", str(tmp_path / "run" / "checkpoint-10"), "--text", str(tmp_path / "valid.txt"),
-                 "--out", str(tmp_path / "one.zarr"), "--seq-len", "16", "-q"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--model",
+                str(tmp_path / "run" / "checkpoint-10"),
+                "--text",
+                str(tmp_path / "valid.txt"),
+                "--out",
+                str(tmp_path / "one.zarr"),
+                "--seq-len",
+                "16",
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert xr.open_zarr(tmp_path / "one.zarr").step.values.tolist() == [[10]]
     (tmp_path / "mine.suite.toml").write_text("# my own\n")
-    assert main(["extract", "--model", str(tmp_path / "run"), "--text", str(tmp_path / "valid.txt"),
-                 "--out", str(tmp_path / "mine.zarr")]) == 2
+    assert (
+        main(
+            [
+                "extract",
+                "--model",
+                str(tmp_path / "run"),
+                "--text",
+                str(tmp_path / "valid.txt"),
+                "--out",
+                str(tmp_path / "mine.zarr"),
+            ]
+        )
+        == 2
+    )
     assert "mine.suite.toml exists and was not generated by tokendyn" in capsys.readouterr().err
 
 
 def test_quick_suite_tables(tmp_path):
     from tokendyn.config.quick import model_table
 
-    assert model_table("org/name") == {"name": "name", "hub_id": "org/name",
-                                       "checkpoints": [{"step": 0, "revision": "main"}]}
+    assert model_table("org/name") == {
+        "name": "name",
+        "hub_id": "org/name",
+        "checkpoints": [{"step": 0, "revision": "main"}],
+    }
     assert model_table("org/name@step1000")["revisions"] == ["step1000"]
     assert model_table("org/name@step*")["revisions"] == "step*"
     assert model_table("org/name@all")["revisions"] == "all"

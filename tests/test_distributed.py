@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from tokendyn.models.extract import extract
-
 from conftest import SAMPLE_TEXT, write_suite
+from tokendyn.models.extract import extract
 
 COMPARED = ("loss", "rank", "done", "val_ppl", "weights_hash", "step", "tokens_seen", "source", "token_id")
 
@@ -25,15 +24,18 @@ def test_killed_worker_store_equals_single_process(tmp_path):
     suite = write_suite(tmp_path, families=("opt", "gpt_neox"), steps=(0, 1, 2, 3), text=SAMPLE_TEXT * 12)
     reference = extract(suite, tmp_path / "single.zarr", metrics=["rank"], batch_tokens=64, progress=False)
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
         out = tmp_path / "cluster.zarr"
         errors = []
 
         def run():
             try:
-                extract(suite, out, metrics=["rank"], batch_tokens=64, progress=False,
-                        scheduler=cluster.scheduler_address)
+                extract(
+                    suite, out, metrics=["rank"], batch_tokens=64, progress=False, scheduler=cluster.scheduler_address
+                )
             except BaseException as err:  # re-raised in the test thread below
                 errors.append(err)
 
@@ -42,8 +44,11 @@ def test_killed_worker_store_equals_single_process(tmp_path):
         pids = client.run(os.getpid)
         victim, deadline = None, time.time() + 120
         while victim is None and time.time() < deadline and thread.is_alive():
-            busy = {worker: keys for worker, keys in client.processing().items()
-                    if any(str(k).startswith("tokendyn-") for k in keys)}
+            busy = {
+                worker: keys
+                for worker, keys in client.processing().items()
+                if any(str(k).startswith("tokendyn-") for k in keys)
+            }
             if busy and (out / "zarr.json").exists():
                 time.sleep(0.5)  # let the task load its checkpoint and write some chunks
                 busy = {w: keys for w, keys in client.processing().items() if keys}

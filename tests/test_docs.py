@@ -76,6 +76,7 @@ def test_readme_own_checkpoints_in_five_minutes(tmp_path, monkeypatch, capsys):
 
     # The store holds what the checkpoints give: the mean loss of the first one, by transformers itself.
     import tokendyn
+
     ds = tokendyn.open_store("my.zarr")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / paths[0]).eval()
     # the first rolling window: the prefix (EOS: this tokenizer adds nothing) and seq_len predictions

@@ -3,8 +3,13 @@
 import numpy as np
 import pytest
 
-from tokendyn.analysis.emergence import (collapse_score, emergence_threshold, fit_segmented, leaves_random,
-                                unexplained_variance)
+from tokendyn.analysis.emergence import (
+    collapse_score,
+    emergence_threshold,
+    fit_segmented,
+    leaves_random,
+    unexplained_variance,
+)
 from tokendyn.errors import TokendynError
 
 N_PARAMS = np.array([1e6, 4e6, 1.6e7, 6.4e7])

@@ -14,11 +14,10 @@ import xarray as xr
 from transformers import AutoModelForCausalLM
 
 import tokendyn
-from tokendyn.models.extract import extract, token_scores
-from tokendyn.config.suite import load_suite
-
 from conftest import save_checkpoint, write_suite
 from test_protocols import lm_eval_windows
+from tokendyn.config.suite import load_suite
+from tokendyn.models.extract import extract, token_scores
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +36,9 @@ def _reference(model_dir, tokens: list[int], prefix: int, seq_len: int):
         for inputs, predicted in lm_eval_windows(tokens, prefix, seq_len):
             ids = torch.tensor([inputs + [predicted[-1]]])
             labels = torch.full_like(ids, -100)
-            labels[0, -len(predicted):] = torch.tensor(predicted)
+            labels[0, -len(predicted) :] = torch.tensor(predicted)
             out = model(input_ids=ids, labels=labels)
-            logits = out.logits[0, -len(predicted) - 1: -1]
+            logits = out.logits[0, -len(predicted) - 1 : -1]
             logp = torch.log_softmax(logits.double(), -1)
             target = torch.tensor(predicted)
             nll += (-logp[torch.arange(len(target)), target]).tolist()
@@ -76,8 +75,18 @@ def test_store_contract(store, tiny_suite):
     assert ds.loss.chunks is not None  # lazy, dask-backed
     assert list(ds.model.values) == ["opt", "gpt_neox", "llama"]
     np.testing.assert_array_equal(ds.step.values, [[0, 10, 20]] * 3)
-    for name in ("val_ppl", "bits_per_byte", "word_ppl", "n_params", "n_params_nonembed", "token_id", "doc",
-                 "offset", "n_context", "tokens_seen"):
+    for name in (
+        "val_ppl",
+        "bits_per_byte",
+        "word_ppl",
+        "n_params",
+        "n_params_nonembed",
+        "token_id",
+        "doc",
+        "offset",
+        "n_context",
+        "tokens_seen",
+    ):
         assert name in ds.coords, name
     assert ds.step.dims == ds.val_ppl.dims == ds.bits_per_byte.dims == ("model", "ckpt")
     assert ds.token_id.dims == ds.doc.dims == ds.offset.dims == ds.n_context.dims == ("token",)
@@ -128,8 +137,9 @@ def test_float16_store_and_uneven_checkpoints(tmp_path):
     assert np.isnan(ds.loss.sel(model="short").isel(ckpt=1)).all()
     assert not bool(ds.done.sel(model="short").isel(ckpt=1))
     # same weights under two names: the same losses, up to float16 rounding
-    np.testing.assert_allclose(ds.loss.sel(model="short").isel(ckpt=0), ds.loss.sel(model="opt").isel(ckpt=1),
-                               rtol=1e-3)
+    np.testing.assert_allclose(
+        ds.loss.sel(model="short").isel(ckpt=0), ds.loss.sel(model="opt").isel(ckpt=1), rtol=1e-3
+    )
 
 
 def test_identical_weights_warn(tmp_path):

@@ -12,9 +12,8 @@ import torch
 from huggingface_hub import constants as hub_constants
 
 import tokendyn
-from tokendyn.cli import main
-
 from conftest import build_tokenizer, save_checkpoint, write_suite
+from tokendyn.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -55,17 +54,20 @@ def edit(suite: Path, old: str, new: str) -> None:
     suite.write_text(text.replace(old, new))
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing_dir", "does not exist"),
-    ("seq_len", "exceeds the context"),
-    ("empty", "has no documents"),
-    ("not_utf8", "is not UTF-8"),
-    ("other_corpus", "different evaluation corpus"),
-    ("other_tokenizer", "different tokenizer"),
-    ("metric", "unknown metric 'perplexity'"),
-    ("dtype", "float8"),
-    ("store_metrics", "holds metrics loss"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing_dir", "does not exist"),
+        ("seq_len", "exceeds the context"),
+        ("empty", "has no documents"),
+        ("not_utf8", "is not UTF-8"),
+        ("other_corpus", "different evaluation corpus"),
+        ("other_tokenizer", "different tokenizer"),
+        ("metric", "unknown metric 'perplexity'"),
+        ("dtype", "float8"),
+        ("store_metrics", "holds metrics loss"),
+    ],
+)
 def test_refused_and_store_untouched(capsys, workspace, case, message):
     folder, suite, store = workspace
     before = digest(store)
@@ -103,8 +105,10 @@ def test_missing_hub_revision(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     (tmp_path / "valid.txt").write_text("some text\n")
     suite = tmp_path / "suite.toml"
-    suite.write_text('[eval]\nfiles = ["valid.txt"]\nseq_len = 16\n\n'
-                     '[[models]]\nname = "p"\nhub_id = "org/absent"\nrevisions = ["step1000"]\n')
+    suite.write_text(
+        '[eval]\nfiles = ["valid.txt"]\nseq_len = 16\n\n'
+        '[[models]]\nname = "p"\nhub_id = "org/absent"\nrevisions = ["step1000"]\n'
+    )
     err = run_error(capsys, suite, "--out", tmp_path / "s.zarr")
     assert "org/absent" in err and "step1000" in err
     assert not (tmp_path / "s.zarr").exists()

@@ -22,14 +22,13 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
 
 import tokendyn.models.extract as extract_module
+from conftest import build_tokenizer, save_checkpoint
+from test_checkpoints import make_hub_cache
 from tokendyn.cli import main
 from tokendyn.config.suite import load_suite
 from tokendyn.models import download
 from tokendyn.models.checkpoints import weights_fingerprint
 from tokendyn.models.extract import extract
-
-from conftest import build_tokenizer, save_checkpoint
-from test_checkpoints import make_hub_cache
 
 REPO = "org/run"
 
@@ -86,8 +85,10 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
     (tmp_path / "valid.txt").write_text("The quick brown fox jumps over the lazy dog.\n" * 4)
     suite = tmp_path / "suite.toml"
-    suite.write_text('[eval]\nfiles = ["valid.txt"]\nseq_len = 16\n\n[[models]]\nname = "run"\n'
-                     f'hub_id = "{REPO}"\nrevisions = ["step1000", "step2000", "step3000", "step4000"]\n')
+    suite.write_text(
+        '[eval]\nfiles = ["valid.txt"]\nseq_len = 16\n\n[[models]]\nname = "run"\n'
+        f'hub_id = "{REPO}"\nrevisions = ["step1000", "step2000", "step3000", "step4000"]\n'
+    )
     return fake, cache, suite
 
 
@@ -138,8 +139,11 @@ def siblings(folder: Path) -> list[RepoSibling]:
     out = []
     for file in sorted(folder.iterdir()):
         data = file.read_bytes()
-        lfs = BlobLfsInfo(size=len(data), sha256=hashlib.sha256(data).hexdigest(), pointer_size=134) \
-            if file.suffix == ".safetensors" else None
+        lfs = (
+            BlobLfsInfo(size=len(data), sha256=hashlib.sha256(data).hexdigest(), pointer_size=134)
+            if file.suffix == ".safetensors"
+            else None
+        )
         out.append(RepoSibling(rfilename=file.name, size=len(data), lfs=lfs))
     return out
 

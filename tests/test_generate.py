@@ -10,19 +10,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import save_checkpoint, write_suite
 from tokendyn.cli.generate import parse_mixture, parse_model
+from tokendyn.config.suite import EvalSet, load_suite
 from tokendyn.data.corpus import tokenize_set
 from tokendyn.errors import TokendynError
 from tokendyn.models.generate import decode, generate, mixture_probs, pick_tokens, write_jsonl
-from tokendyn.config.suite import EvalSet, load_suite
-
-from conftest import save_checkpoint, write_suite
 
 
 @pytest.fixture(scope="module")
 def suite(tmp_path_factory):
-    return write_suite(tmp_path_factory.mktemp("gen"), families=("opt", "llama"), steps=(0, 5), seq_len=32,
-                       split="paragraph")
+    return write_suite(
+        tmp_path_factory.mktemp("gen"), families=("opt", "llama"), steps=(0, 5), seq_len=32, split="paragraph"
+    )
 
 
 def test_mixture_clips_negatives_and_renormalises():
@@ -62,23 +62,38 @@ def test_kv_cache_equals_full_reforward(tmp_path, tokenizer, family):
 
 
 def test_mixture_1_0_greedy_equals_transformers_generate(suite, tokenizer):
-    records = generate(suite, small="opt", large="llama", mixtures=[(1, 0)], prompts=3, prompt_tokens=4,
-                       new_tokens=10, stop_at_eos=False, progress=False)
+    records = generate(
+        suite,
+        small="opt",
+        large="llama",
+        mixtures=[(1, 0)],
+        prompts=3,
+        prompt_tokens=4,
+        new_tokens=10,
+        stop_at_eos=False,
+        progress=False,
+    )
     model = AutoModelForCausalLM.from_pretrained(load_suite(suite).models[0].checkpoints[-1].path).eval()
     assert len(records) == 3
     for record in records:
         prompt = [tokenizer.eos_token_id] + tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
         assert len(prompt) == 5
-        out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=10, min_new_tokens=10,
-                             pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(
+            torch.tensor([prompt]),
+            do_sample=False,
+            max_new_tokens=10,
+            min_new_tokens=10,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         assert record["text"] == tokenizer.decode(out[0, 1:])
         assert (record["small"], record["small_step"], record["l1"], record["l2"]) == ("opt", 5, 1.0, 0.0)
         assert record["decoding"] == "greedy" and "top_p" not in record
 
 
 def test_sampling_is_seeded_and_batch_independent(suite):
-    options = dict(small="opt", large="llama", mixtures=[(1, -1), (-1, 1)], prompts=3, new_tokens=8,
-                   top_p=0.9, progress=False)
+    options = dict(
+        small="opt", large="llama", mixtures=[(1, -1), (-1, 1)], prompts=3, new_tokens=8, top_p=0.9, progress=False
+    )
     first = generate(suite, seed=3, batch_size=2, **options)
     again = generate(suite, seed=3, batch_size=1, **options)
     other = generate(suite, seed=4, batch_size=2, **options)
@@ -102,8 +117,7 @@ def test_final_checkpoints_by_default_and_steps_on_request(suite):
 
 
 def test_output_is_an_evaluation_set(suite, tmp_path, tokenizer):
-    records = generate(suite, small="opt", large="llama", mixtures=[(1, -1)], prompts=2, new_tokens=6,
-                       progress=False)
+    records = generate(suite, small="opt", large="llama", mixtures=[(1, -1)], prompts=2, new_tokens=6, progress=False)
     path = write_jsonl(records, tmp_path / "gen.jsonl")
     lines = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
     assert lines == records

@@ -9,13 +9,25 @@ import pytest
 import xarray as xr
 
 import tokendyn.models.extract as extract_module
+from conftest import SAMPLE_TEXT, build_tokenizer, save_checkpoint, write_suite
 from tokendyn.errors import TokendynError
 from tokendyn.models.extract import extract
 
-from conftest import SAMPLE_TEXT, build_tokenizer, save_checkpoint, write_suite
-
-COMPARED = ("loss", "entropy", "done", "val_ppl", "weights_hash", "step", "tokens_seen", "source", "n_params",
-            "n_params_nonembed", "model", "ckpt", "token_id")
+COMPARED = (
+    "loss",
+    "entropy",
+    "done",
+    "val_ppl",
+    "weights_hash",
+    "step",
+    "tokens_seen",
+    "source",
+    "n_params",
+    "n_params_nonembed",
+    "model",
+    "ckpt",
+    "token_id",
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +42,15 @@ def folder(tmp_path_factory) -> Path:
     return root
 
 
-def suite_toml(root: Path, name: str, opt_steps=(0, 10, 20, 30), llama_steps=(), seq_len=16, text="data/valid.txt",
-               order=("opt", "llama")) -> Path:
+def suite_toml(
+    root: Path,
+    name: str,
+    opt_steps=(0, 10, 20, 30),
+    llama_steps=(),
+    seq_len=16,
+    text="data/valid.txt",
+    order=("opt", "llama"),
+) -> Path:
     tables = {"opt": opt_steps, "llama": llama_steps}
     lines = ["[eval]", f'files = ["{text}"]', f"seq_len = {seq_len}", "max_sequences = 6"]
     for model in order:
@@ -82,8 +101,9 @@ def test_grown_named_sets_equal_a_fresh_run(folder, tmp_path):
     from tokendyn.config.suite import parse_set_table
 
     extra = [parse_set_table({"name": "other", "files": "other.txt"}, "test", folder, 16)]
-    fresh = extract(suite_toml(folder, "full2", llama_steps=(5,)), tmp_path / "fresh.zarr", extra_sets=extra,
-                    progress=False)
+    fresh = extract(
+        suite_toml(folder, "full2", llama_steps=(5,)), tmp_path / "fresh.zarr", extra_sets=extra, progress=False
+    )
     store = tmp_path / "grown.zarr"
     extract(suite_toml(folder, "small2", opt_steps=(0,)), store, extra_sets=extra, progress=False)
     extract(suite_toml(folder, "full2", llama_steps=(5,)), store, extra_sets=extra, progress=False)
@@ -92,14 +112,19 @@ def test_grown_named_sets_equal_a_fresh_run(folder, tmp_path):
         np.testing.assert_array_equal(got[name].values, want[name].values, err_msg=name)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(text="other.txt", opt_steps=(0, 20)), "was made from a different evaluation corpus"),
-    (dict(seq_len=8, opt_steps=(0, 20)), r"different evaluation corpus: seq_len 16 \(store\) vs 8 \(now\)"),
-    (dict(opt_steps=(0, 10, 20)), "model 'opt' has step 10 before the last stored step 20"),
-    (dict(opt_steps=(20,)), "model 'opt' lacks stored step 0"),
-    (dict(opt_steps=(0, 20), llama_steps=(5,), order=("llama", "opt")), "holds model 'opt', which is model #2 in "
-                                                                         "the suite, #1 in the store"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(text="other.txt", opt_steps=(0, 20)), "was made from a different evaluation corpus"),
+        (dict(seq_len=8, opt_steps=(0, 20)), r"different evaluation corpus: seq_len 16 \(store\) vs 8 \(now\)"),
+        (dict(opt_steps=(0, 10, 20)), "model 'opt' has step 10 before the last stored step 20"),
+        (dict(opt_steps=(20,)), "model 'opt' lacks stored step 0"),
+        (
+            dict(opt_steps=(0, 20), llama_steps=(5,), order=("llama", "opt")),
+            "holds model 'opt', which is model #2 in the suite, #1 in the store",
+        ),
+    ],
+)
 def test_what_cannot_be_merged_is_refused(folder, tmp_path, kwargs, message):
     store = tmp_path / "s.zarr"
     extract(suite_toml(folder, "base", opt_steps=(0, 20)), store, progress=False)
@@ -114,8 +139,9 @@ def test_other_metrics_and_tokenizer_refused(folder, tmp_path):
     extract(suite_toml(folder, "base", opt_steps=(0,)), store, progress=False)
     with pytest.raises(TokendynError, match="holds metrics loss, not loss,rank"):
         extract(suite_toml(folder, "more", opt_steps=(0, 10)), store, metrics=["rank"], progress=False)
-    save_checkpoint(folder / "ckpts" / "opt" / "step99", "opt", build_tokenizer(vocab_size=280, text=SAMPLE_TEXT * 2),
-                    seed=9)
+    save_checkpoint(
+        folder / "ckpts" / "opt" / "step99", "opt", build_tokenizer(vocab_size=280, text=SAMPLE_TEXT * 2), seed=9
+    )
     other = folder / "othertok.toml"
     other.write_text(suite_toml(folder, "x", opt_steps=(0,)).read_text().replace("step0", "step99"))
     with pytest.raises(TokendynError, match="different tokenizer"):

@@ -12,8 +12,13 @@ SAPPHIRE = AVX2 | {"avx512f", "avx512_bf16", "amx_bf16"}
 
 
 def test_aliases():
-    assert [canonical_dtype(n) for n in ("bf16", "FP16", "fp32", "auto", "bfloat16")] == \
-        ["bfloat16", "float16", "float32", "auto", "bfloat16"]
+    assert [canonical_dtype(n) for n in ("bf16", "FP16", "fp32", "auto", "bfloat16")] == [
+        "bfloat16",
+        "float16",
+        "float32",
+        "auto",
+        "bfloat16",
+    ]
     with pytest.raises(TokendynError, match="unknown dtype 'float8'"):
         canonical_dtype("float8")
 
@@ -31,8 +36,9 @@ def test_auto_on_native_bf16_cpu_follows_the_timing(bf16_seconds, expected):
 
 
 def test_arm_bf16_feature_counts_as_native():
-    hw = Hardware("cpu", "DEFAULT", frozenset({"fp", "asimd", "bf16"}),
-                  matmul_seconds={"float32": 1.0, "bfloat16": 0.4})
+    hw = Hardware(
+        "cpu", "DEFAULT", frozenset({"fp", "asimd", "bf16"}), matmul_seconds={"float32": 1.0, "bfloat16": 0.4}
+    )
     assert decide_dtype("auto", hw).name == "bfloat16"
 
 
@@ -46,11 +52,14 @@ def test_explicit_bf16_on_emulating_cpu_warns_with_the_slowdown():
     assert not decide_dtype("float32", hw).warning
 
 
-@pytest.mark.parametrize("hw, expected", [
-    (Hardware("cuda:0", cuda_bf16=True), "bfloat16"),
-    (Hardware("cuda", cuda_bf16=False), "float32"),
-    (Hardware("mps"), "float32"),
-])
+@pytest.mark.parametrize(
+    "hw, expected",
+    [
+        (Hardware("cuda:0", cuda_bf16=True), "bfloat16"),
+        (Hardware("cuda", cuda_bf16=False), "float32"),
+        (Hardware("mps"), "float32"),
+    ],
+)
 def test_auto_on_accelerators(hw, expected):
     assert decide_dtype("auto", hw).name == expected
 

@@ -21,17 +21,15 @@ import dask
 import numpy as np
 import pytest
 import torch
-import xarray as xr
 import zarr
 from transformers import AutoModelForCausalLM
 
 import tokendyn
+from conftest import SAMPLE_TEXT, write_suite
 from tokendyn.cli import main
 from tokendyn.store import verify, writer_lock
 from tokendyn.store.integrity import consolidate as reconsolidate
 from tokendyn.store.passuntil import list_tasks
-
-from conftest import SAMPLE_TEXT, write_suite
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,8 +40,12 @@ def made(tmp_path_factory):
     root = tmp_path_factory.mktemp("made")
     suite = write_suite(root, families=("opt",), steps=(0, 10))
     (root / "extra.txt").write_text(SAMPLE_TEXT.replace("\n", "\n\n")[:400])
-    (root / "gen.jsonl").write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n"
-                                            for p, a in [("The quick brown", "fox"), ("A cat sat on the", "mat")]))
+    (root / "gen.jsonl").write_text(
+        "".join(
+            json.dumps({"prompt": p, "answer": a}) + "\n"
+            for p, a in [("The quick brown", "fox"), ("A cat sat on the", "mat")]
+        )
+    )
     assert main(["extract", str(suite), "--out", str(root / "s.zarr"), "--no-progress"]) == 0
     return root
 
@@ -72,8 +74,11 @@ def values(store: Path, name: str = "loss", set: str = "main") -> np.ndarray:
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
     """Every file under `folder` with its bytes and modification time."""
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def edit_weights(folder: Path, change) -> None:
@@ -180,9 +185,18 @@ def test_float16_overflow_is_refused(capsys, work):
 
 def test_second_writer_is_refused_naming_the_holder(capsys, work):
     store = work / "s.zarr"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from tokendyn.store import writer_lock\n"
-                               "with writer_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)",
-                               str(store)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from tokendyn.store import writer_lock\n"
+            "with writer_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)",
+            str(store),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         before = snapshot(store)
@@ -196,10 +210,15 @@ def test_second_writer_is_refused_naming_the_holder(capsys, work):
 
 
 def test_two_concurrent_extracts_leave_a_sound_store(work):
-    command = [sys.executable, "-c", "import sys; from tokendyn.cli import main; sys.exit(main(sys.argv[1:]))",
-               *extract(work, out="c.zarr")]
-    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
-            for _ in range(2)]
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from tokendyn.cli import main; sys.exit(main(sys.argv[1:]))",
+        *extract(work, out="c.zarr"),
+    ]
+    runs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for _ in range(2)
+    ]
     results = [(run.wait(timeout=300), run.stderr.read()) for run in runs]
     assert all(code in (0, 2) for code, _ in results) and any(code == 0 for code, _ in results), results
     for code, err in results:
@@ -257,6 +276,7 @@ def test_disk_full_at_every_write_phase(capsys, work, monkeypatch):
     monkeypatch.setattr(local, "_put", put)
     main_before = values(work / "s.zarr")
     for existing in (False, True):  # a new store; a new set in a complete store
+
         def fresh(name: str) -> list[str]:
             if existing:
                 shutil.copytree(work / "s.zarr", work / name)
@@ -304,8 +324,9 @@ def kill_during(argv: list[str], target: Path, reset, deadline: float = 120.0) -
         time.sleep(delay)
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        if target.parent.is_dir() and any(p.name.startswith(f".{target.name}.partial-")
-                                          for p in target.parent.iterdir()):
+        if target.parent.is_dir() and any(
+            p.name.startswith(f".{target.name}.partial-") for p in target.parent.iterdir()
+        ):
             return True
         if target.exists():
             reset()
@@ -321,6 +342,7 @@ def remove_node(store: Path, node: Path):
     def reset():
         shutil.rmtree(node, ignore_errors=True)
         reconsolidate(store)
+
     return reset
 
 
@@ -349,8 +371,19 @@ def test_sigkill_at_set_creation(work):
 @pytest.mark.slow
 def test_sigkill_at_passuntil_group_creation(work):
     store = work / "s.zarr"
-    argv = ["passuntil", str(work / "suite.toml"), "--task", str(work / "gen.jsonl"), "--out", str(store),
-            "--max-samples", "4", "--batch-size", "4", "--no-progress"]
+    argv = [
+        "passuntil",
+        str(work / "suite.toml"),
+        "--task",
+        str(work / "gen.jsonl"),
+        "--out",
+        str(store),
+        "--max-samples",
+        "4",
+        "--batch-size",
+        "4",
+        "--no-progress",
+    ]
     target = store / "passuntil" / "gen"
     assert kill_during(argv, target, remove_node(store, target)), "no kill landed in the group creation window"
     assert main(argv) == 0
@@ -366,17 +399,35 @@ def test_half_made_pieces_of_older_versions_are_redone(capsys, work):
     before = values(store)
     # a set whose folder exists but is unlisted and incomplete (was: FileExistsError ... mode 'w-')
     (store / "sets" / "extra").mkdir(parents=True)
-    (store / "sets" / "extra" / "zarr.json").write_text(json.dumps(
-        {"zarr_format": 3, "node_type": "group", "attributes": {}}))
+    (store / "sets" / "extra" / "zarr.json").write_text(
+        json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {}})
+    )
     assert main(extract(work, "--set", f"extra={work / 'extra.txt'}")) == 0
     assert tokendyn.open_store(store, set="extra").done.values.all()
     # a PassUntil group without its parameters (was: KeyError 'params', breaking analyze for the whole store)
     (store / "passuntil" / "gen").mkdir(parents=True)
-    (store / "passuntil" / "gen" / "zarr.json").write_text(json.dumps(
-        {"zarr_format": 3, "node_type": "group", "attributes": {"task": "gen"}}))
+    (store / "passuntil" / "gen" / "zarr.json").write_text(
+        json.dumps({"zarr_format": 3, "node_type": "group", "attributes": {"task": "gen"}})
+    )
     assert list_tasks(store) == []
-    assert main(["passuntil", str(work / "suite.toml"), "--task", str(work / "gen.jsonl"), "--out", str(store),
-                 "--max-samples", "4", "--batch-size", "4", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "passuntil",
+                str(work / "suite.toml"),
+                "--task",
+                str(work / "gen.jsonl"),
+                "--out",
+                str(store),
+                "--max-samples",
+                "4",
+                "--batch-size",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert list_tasks(store) == ["gen"]
     np.testing.assert_array_equal(values(store), before)
 
@@ -418,22 +469,36 @@ def test_bad_documents_are_one_line_errors(capsys, work):  # noqa: C901
     assert snapshot(work / "s.zarr") == before
 
 
-@pytest.mark.parametrize("example, message", [
-    ({"input": "q", "target_scores": {"a": True, "b": False}}, "not booleans"),
-    ({"input": "q", "target_scores": {"a": float("nan"), "b": 0}}, "not NaN"),
-    ({"input": 3, "target_scores": {"a": 1, "b": 0}}, 'string "input"'),
-])
+@pytest.mark.parametrize(
+    "example, message",
+    [
+        ({"input": "q", "target_scores": {"a": True, "b": False}}, "not booleans"),
+        ({"input": "q", "target_scores": {"a": float("nan"), "b": 0}}, "not NaN"),
+        ({"input": 3, "target_scores": {"a": 1, "b": 0}}, 'string "input"'),
+    ],
+)
 def test_bad_bigbench_fields(capsys, work, example, message):
     (work / "task.json").write_text(json.dumps({"examples": [example, example]}))
-    assert message in one_line_error(capsys, ["tasks", str(work / "suite.toml"), "--task", str(work / "task.json"),
-                                              "--out", str(work / "s.zarr"), "--no-progress"])
+    assert message in one_line_error(
+        capsys,
+        [
+            "tasks",
+            str(work / "suite.toml"),
+            "--task",
+            str(work / "task.json"),
+            "--out",
+            str(work / "s.zarr"),
+            "--no-progress",
+        ],
+    )
 
 
 def test_bigbench_prefix_of_wrong_type(capsys, work):
     example = {"input": "q", "target_scores": {"a": 1, "b": 0}}
     (work / "task.json").write_text(json.dumps({"examples": [example, example], "example_input_prefix": 5}))
-    assert "must be a string" in one_line_error(capsys, ["tasks", str(work / "suite.toml"), "--task",
-                                                         str(work / "task.json"), "--out", str(work / "s.zarr")])
+    assert "must be a string" in one_line_error(
+        capsys, ["tasks", str(work / "suite.toml"), "--task", str(work / "task.json"), "--out", str(work / "s.zarr")]
+    )
 
 
 def test_malicious_pickle_is_refused_in_one_line(capsys, work):
@@ -458,8 +523,19 @@ def test_garbled_tokenizer_json_is_one_line(capsys, work):
 def test_checker_with_wrong_signature(capsys, work, monkeypatch):
     (work / "badcheck.py").write_text("def judge(completion):\n    return True\n")
     monkeypatch.syspath_prepend(str(work))
-    err = one_line_error(capsys, ["passuntil", str(work / "suite.toml"), "--task", str(work / "gen.jsonl"),
-                                  "--out", str(work / "g.zarr"), "--checker", "badcheck:judge"])
+    err = one_line_error(
+        capsys,
+        [
+            "passuntil",
+            str(work / "suite.toml"),
+            "--task",
+            str(work / "gen.jsonl"),
+            "--out",
+            str(work / "g.zarr"),
+            "--checker",
+            "badcheck:judge",
+        ],
+    )
     assert "function(completion, instance)" in err
     assert not (work / "g.zarr").exists()
 
@@ -471,8 +547,19 @@ def test_checks_before_work(capsys, work):
     assert "exceeds the context" in one_line_error(capsys, extract(work, out="big.zarr"))
     assert time.monotonic() - started < 30 and not (work / "big.zarr").exists()
     suite.write_text(suite.read_text().replace("seq_len = 1000000000", "seq_len = 16"))
-    err = one_line_error(capsys, ["passuntil", str(suite), "--task", str(work / "gen.jsonl"), "--out",
-                                  str(work / "g.zarr"), "--new-tokens", "0"])
+    err = one_line_error(
+        capsys,
+        [
+            "passuntil",
+            str(suite),
+            "--task",
+            str(work / "gen.jsonl"),
+            "--out",
+            str(work / "g.zarr"),
+            "--new-tokens",
+            "0",
+        ],
+    )
     assert "new_tokens = 0" in err and not (work / "g.zarr").exists()  # refused before the main extraction
 
 

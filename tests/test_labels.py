@@ -52,11 +52,18 @@ def test_labels_survive_a_zarr_round_trip(planted, tmp_path):
 
 
 def test_share_text_and_mask_against_a_plain_count():
-    codes = xr.DataArray(np.array([[0, 1, 1, MISSING, 2, 2, 2, 0]], dtype=np.int64), dims=("model", "token"),
-                         attrs={"units": "nats", "long_name": "loss"})
+    codes = xr.DataArray(
+        np.array([[0, 1, 1, MISSING, 2, 2, 2, 0]], dtype=np.int64),
+        dims=("model", "token"),
+        attrs={"units": "nats", "long_name": "loss"},
+    )
     labels = flag_array(codes, ["low", "high loss", "mid"], "kind", "kind of token")
-    assert labels.attrs == {"long_name": "kind of token", "flag_values": labels.attrs["flag_values"],
-                            "flag_meanings": "low high_loss mid", "comment": "-1: no label"}
+    assert labels.attrs == {
+        "long_name": "kind of token",
+        "flag_values": labels.attrs["flag_values"],
+        "flag_meanings": "low high_loss mid",
+        "comment": "-1: no label",
+    }
     assert flag_names(labels) == ("low", "high loss", "mid") and flag_code(labels, "mid") == 2
     share = label_share(labels)
     assert share.dims == ("model", "category") and list(share["category"].values) == ["low", "high loss", "mid"]
@@ -77,13 +84,21 @@ def test_derived_arrays_describe_themselves(planted):
     ds = ds.copy()
     ds["loss"].attrs.update(units="nats", long_name="negative log-likelihood of the token")
     measures = ds.tokendyn.curve_measures()
-    expected_units = {"final_loss": "nats", "final_variability": "nats", "forgettability": "nats",
-                      "age_of_acquisition": None, "confidence": None, "variability": None}
-    derived = {**{name: measures[name] for name in expected_units},
-               "double_descent": ds.tokendyn.double_descent(),
-               "subset_curve": ds.tokendyn.subset_curve(ds.token_id >= 0),
-               "at_perplexity": ds.tokendyn.at_perplexity(n_levels=3),
-               "token_share": token_share(ds, ds.tokendyn.double_descent())}
+    expected_units = {
+        "final_loss": "nats",
+        "final_variability": "nats",
+        "forgettability": "nats",
+        "age_of_acquisition": None,
+        "confidence": None,
+        "variability": None,
+    }
+    derived = {
+        **{name: measures[name] for name in expected_units},
+        "double_descent": ds.tokendyn.double_descent(),
+        "subset_curve": ds.tokendyn.subset_curve(ds.token_id >= 0),
+        "at_perplexity": ds.tokendyn.at_perplexity(n_levels=3),
+        "token_share": token_share(ds, ds.tokendyn.double_descent()),
+    }
     expected_units.update(double_descent=None, subset_curve=None, at_perplexity="nats", token_share="%")
     for name, da in derived.items():
         assert da.attrs.get("units") == expected_units[name], name

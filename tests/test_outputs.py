@@ -129,8 +129,11 @@ def test_sigkill_of_analyze_mid_run_leaves_the_previous_results_whole(small_stor
     before = snapshot(out)
     assert "labels.zarr/trends/zarr.json" in before
     command = "import sys; from tokendyn.cli import main; sys.exit(main(sys.argv[1:]))"
-    process = subprocess.Popen([sys.executable, "-c", command, "analyze", str(small_store), "--out", str(out), "--quiet"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-c", command, "analyze", str(small_store), "--out", str(out), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 120
         # kill once the new results are being written beside the old ones

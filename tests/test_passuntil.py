@@ -4,8 +4,8 @@ task scaling law fit on planted laws."""
 import numpy as np
 import pytest
 
-from tokendyn.errors import TokendynError
 from tokendyn.analysis.passuntil import fit_task_scaling, instance_rates, log_neg_log, pass_until, task_rate
+from tokendyn.errors import TokendynError
 
 N_PARAMS = np.array([1e7, 3e7, 1e8, 3e8, 1e9])
 
@@ -31,16 +31,23 @@ def simulate_runs(p, target, cap, rng):
 
 def test_loop_counts_samples_up_to_the_target_pass():
     flags = iter([False, False, True, False, True, True, False, True])
-    run = pass_until(lambda n, rng: [next(flags) for _ in range(n)], bool, passes=3, max_samples=100,
-                     batch_size=3, rng=np.random.default_rng(0))
+    run = pass_until(
+        lambda n, rng: [next(flags) for _ in range(n)],
+        bool,
+        passes=3,
+        max_samples=100,
+        batch_size=3,
+        rng=np.random.default_rng(0),
+    )
     # batches [F F T] [F T T]: the third pass is sample 6; all 6 drawn samples are the cost
     assert (run.passes, run.samples, run.drawn, run.batches) == (3, 6, 6, 2)
     assert not run.capped and not run.censored
 
 
 def test_loop_stops_at_the_cap_and_reports_censoring():
-    run = pass_until(bernoulli_sampler(0.0), bool, passes=2, max_samples=1000, batch_size=300,
-                     rng=np.random.default_rng(0))
+    run = pass_until(
+        bernoulli_sampler(0.0), bool, passes=2, max_samples=1000, batch_size=300, rng=np.random.default_rng(0)
+    )
     assert (run.passes, run.samples, run.drawn, run.batches) == (0, 1000, 1000, 4)
     assert run.capped and run.censored
     rates = instance_rates(run.passes, run.samples, run.target)

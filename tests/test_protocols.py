@@ -11,19 +11,21 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import build_tokenizer, save_checkpoint
 from tokenizers import processors
 
 import tokendyn
+from conftest import build_tokenizer, save_checkpoint
 from tokendyn.config.suite import EvalSet
 from tokendyn.data.corpus import plan_batches, prefix_ids, tokenize_set
 from tokendyn.errors import TokendynError
 from tokendyn.models.extract import extract
 
 L = 16
-DOCS = [("The quick brown fox jumps over the lazy dog. A cat sat on the mat. " * 3).strip(),
-        "Bob lives in Berlin.",
-        "Alice was born in Paris in 1970 and works as a baker. Numbers like 12, 345 and 6789!"]
+DOCS = [
+    ("The quick brown fox jumps over the lazy dog. A cat sat on the mat. " * 3).strip(),
+    "Bob lives in Berlin.",
+    "Alice was born in Paris in 1970 and works as a baker. Numbers like 12, 345 and 6789!",
+]
 
 
 def lm_eval_windows(tokens: list[int], prefix: int, max_len: int):
@@ -34,7 +36,7 @@ def lm_eval_windows(tokens: list[int], prefix: int, max_len: int):
     while predicted < len(tokens):
         n = min(len(tokens) - predicted, max_len)
         end = predicted + n
-        yield tokens[end - max_len - 1: end - 1], tokens[end - n: end]
+        yield tokens[end - max_len - 1 : end - 1], tokens[end - n : end]
         predicted += n
 
 
@@ -45,7 +47,7 @@ def stride_windows(z: list[int], start: int, max_len: int, stride: int):
     ends = [e for e in ends if e > start]
     previous = start
     for end in ends:
-        yield z[max(0, end - 1 - max_len): end - 1], list(range(previous, end))
+        yield z[max(0, end - 1 - max_len) : end - 1], list(range(previous, end))
         previous = end
 
 
@@ -79,7 +81,8 @@ def family_suites(tmp_path_factory):
         tokenizer = build_tokenizer()
         if added is not None:
             tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
-                single=f"{added} $A", special_tokens=[(added, tokenizer.convert_tokens_to_ids(added))])
+                single=f"{added} $A", special_tokens=[(added, tokenizer.convert_tokens_to_ids(added))]
+            )
         model = save_checkpoint(root / family, family, tokenizer, seed=i)
         out[family] = (root, tokenizer, model)
     return out
@@ -87,8 +90,10 @@ def family_suites(tmp_path_factory):
 
 def suite_toml(root, family: str, eval_keys: str) -> str:
     path = root / f"{family}-{abs(hash(eval_keys))}.toml"
-    path.write_text(f'[eval]\nfiles = ["docs.txt"]\nseq_len = {L}\n{eval_keys}\n\n[[models]]\nname = "{family}"\n'
-                    f'checkpoints = [{{ step = 0, path = "{family}" }}]\n')
+    path.write_text(
+        f'[eval]\nfiles = ["docs.txt"]\nseq_len = {L}\n{eval_keys}\n\n[[models]]\nname = "{family}"\n'
+        f'checkpoints = [{{ step = 0, path = "{family}" }}]\n'
+    )
     return path
 
 
@@ -108,7 +113,9 @@ def test_rolling_equals_lm_eval(family_suites, family, tmp_path):
     for d, text in enumerate(DOCS):
         tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
         rows = np.flatnonzero(ds.doc.values == d)
-        assert ds.token_id.values[rows].tolist() == tokens and ds.offset.values[rows].tolist() == list(range(len(tokens)))
+        assert ds.token_id.values[rows].tolist() == tokens and ds.offset.values[rows].tolist() == list(
+            range(len(tokens))
+        )
         np.testing.assert_allclose(got[rows], reference_rolling(model, tokens, prefix, L), atol=1e-5, rtol=0)
     assert len(DOCS[0]) > 3 * L  # the first document spans several windows, the last one partial
     summary = json.loads(ds.attrs["summary"])
@@ -147,8 +154,9 @@ def test_truncate_packed_and_concat(family_suites, family, tmp_path):
     (root / "short.txt").write_text("\n\n".join(DOCS[1:]))  # documents that fit one window each
     short = suite_toml(root, family, 'split = "paragraph"\ncontext = "packed"').read_text()
     path = root / f"{family}-packed.toml"
-    path.write_text(short.replace(f"seq_len = {L}", f"seq_len = {max(len(x) for x in ids[1:])}")
-                    .replace("docs.txt", "short.txt"))
+    path.write_text(
+        short.replace(f"seq_len = {L}", f"seq_len = {max(len(x) for x in ids[1:])}").replace("docs.txt", "short.txt")
+    )
     ds = tokendyn.open_store(extract(path, tmp_path / "p.zarr", progress=False))
     expected = [nll_with_labels(model, prefix + x[:k], x[k]) for x in ids[1:] for k in range(len(x))]
     np.testing.assert_allclose(ds.loss.values[0, 0], expected, atol=1e-5, rtol=0)
@@ -172,8 +180,9 @@ def test_chat_tokenizer_inserts_nothing_scored(tmp_path):
     """bos = a chat-template token, add_special_tokens adds nothing, EOS ends a chat turn: no prefix at all."""
     tokenizer = build_tokenizer()
     tokenizer.add_special_tokens({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"})
-    tokenizer.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-                               "{% endfor %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    )
     save_checkpoint(tmp_path / "llama", "llama", tokenizer, seed=0)
     (tmp_path / "docs.txt").write_text("\n\n".join(DOCS))
     ds = stored(tmp_path, "llama", 'split = "paragraph"', tmp_path)
@@ -193,8 +202,11 @@ def test_every_token_of_a_multi_document_file_once(tmp_path, tokenizer):
     whole = tokenize_set(EvalSet("main", (path,), seq_len=8), tokenizer)
     assert whole.n_documents == 1  # a .txt file is one document by default
     scored = tokenize_set(EvalSet("main", (path,), seq_len=8, split="paragraph", stride=3), tokenizer)
-    expected = [(d, i, t) for d, text in enumerate(texts)
-                for i, t in enumerate(tokenizer(text, add_special_tokens=False)["input_ids"])]
+    expected = [
+        (d, i, t)
+        for d, text in enumerate(texts)
+        for i, t in enumerate(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ]
     assert list(zip(scored.doc.tolist(), scored.offset.tolist(), scored.token_id.tolist())) == expected
     targets = np.concatenate([t[t >= 0] for t in scored.targets])
     assert np.array_equal(np.sort(targets), np.arange(len(expected)))  # each token in exactly one window
@@ -217,11 +229,16 @@ def test_generated_ids_scored_with_prompt_as_context(family_suites, tmp_path):
     prompt, new = tokenizer("Alice was", add_special_tokens=False)["input_ids"], [40, 41, 42, 7]
     (root / "gen.jsonl").write_text(json.dumps({"text": "ignored", "context_ids": prompt, "token_ids": new}) + "\n")
     scored = tokenize_set(EvalSet("gen", (root / "gen.jsonl",), seq_len=L), tokenizer)
-    assert scored.token_id.tolist() == new and scored.windows[0].tolist() == prefix_ids("auto", tokenizer) + prompt + new
+    assert (
+        scored.token_id.tolist() == new and scored.windows[0].tolist() == prefix_ids("auto", tokenizer) + prompt + new
+    )
     path = suite_toml(root, "llama", "")
-    ds = tokendyn.open_store(extract(path, tmp_path / "g.zarr", extra_sets=[EvalSet("gen", (root / "gen.jsonl",),
-                                                                                     seq_len=L)], progress=False),
-                             set="gen")
+    ds = tokendyn.open_store(
+        extract(
+            path, tmp_path / "g.zarr", extra_sets=[EvalSet("gen", (root / "gen.jsonl",), seq_len=L)], progress=False
+        ),
+        set="gen",
+    )
     context = prefix_ids("auto", tokenizer) + prompt
     expected = [nll_with_labels(model, context + new[:k], new[k]) for k in range(len(new))]
     np.testing.assert_allclose(ds.loss.values[0, 0], expected, atol=1e-5, rtol=0)
@@ -251,7 +268,9 @@ def test_old_format_store_is_refused(tiny_suite, tmp_path):
     old = tmp_path / "old.zarr"
     root = zarr.open_group(old, mode="w", zarr_format=3)
     root.attrs.update(tokendyn_version="0.1.0")  # format 1: no format_version attribute
-    message = f"store {old} has format 1, this tokendyn reads format 2; rescore with `tokendyn extract SUITE --out NEW.zarr`"
+    message = (
+        f"store {old} has format 1, this tokendyn reads format 2; rescore with `tokendyn extract SUITE --out NEW.zarr`"
+    )
     with pytest.raises(TokendynError, match=re.escape(message)):
         tokendyn.open_store(old)
     with pytest.raises(TokendynError, match=re.escape(message)):

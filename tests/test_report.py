@@ -10,11 +10,10 @@ from html.parser import HTMLParser
 import pandas as pd
 
 import tokendyn.studies as analyses
-from tokendyn.cli import main
-from tokendyn.pipelines.report import write_report
-
 from conftest import write_suite
 from planted_stores import HOSTILE, planted_report
+from tokendyn.cli import main
+from tokendyn.pipelines.report import write_report
 
 SET_STUDIES = ("sequence_perplexity", "pair_preference", "downstream", "passuntil", "skills")
 
@@ -62,9 +61,13 @@ def test_planted_report_has_a_figure_per_trajectory_study_and_skips_the_set_stud
     trajectory = [s for s in analyses.STUDIES if s not in SET_STUDIES]
     page = _check_layout(index, trajectory)
     skipped = page.text.split("Skipped studies")[-1]
-    for name, reason in (("sequence_perplexity", "no named evaluation sets"), ("pair_preference", "pairs"),
-                         ("downstream", "no multiple-choice tasks"), ("passuntil", "no PassUntil runs"),
-                         ("skills", "no task with skill-labelled items")):
+    for name, reason in (
+        ("sequence_perplexity", "no named evaluation sets"),
+        ("pair_preference", "pairs"),
+        ("downstream", "no multiple-choice tasks"),
+        ("passuntil", "no PassUntil runs"),
+        ("skills", "no task with skill-labelled items"),
+    ):
         assert re.search(f"{name}: [^\\n]*{reason}", skipped), skipped
 
 
@@ -83,17 +86,43 @@ def test_token_text_is_escaped_everywhere(tmp_path_factory):
 def test_report_on_a_store_with_sets_pairs_and_tasks(tmp_path):
     suite = write_suite(tmp_path, families=("opt", "llama"), steps=(0, 10), seq_len=24)
     pairs = tmp_path / "facts.jsonl"
-    pairs.write_text("".join(json.dumps(p) + "\n" for p in [
-        {"true": "Alice was born in Paris.", "false": "Alice was born in Berlin."},
-        {"true": "Bob lives in Berlin.", "false": "Bob lives in Paris."}]))
+    pairs.write_text(
+        "".join(
+            json.dumps(p) + "\n"
+            for p in [
+                {"true": "Alice was born in Paris.", "false": "Alice was born in Berlin."},
+                {"true": "Bob lives in Berlin.", "false": "Bob lives in Paris."},
+            ]
+        )
+    )
     task = tmp_path / "colours.jsonl"
-    task.write_text("".join(json.dumps(t) + "\n" for t in [
-        {"question": "The fox is", "choices": ["brown", "green"], "answer": 0},
-        {"question": "Bob's colour is", "choices": ["brown", "green"], "answer": 1},
-        {"question": "The dog is", "choices": ["lazy", "quick"], "answer": 0}]))
+    task.write_text(
+        "".join(
+            json.dumps(t) + "\n"
+            for t in [
+                {"question": "The fox is", "choices": ["brown", "green"], "answer": 0},
+                {"question": "Bob's colour is", "choices": ["brown", "green"], "answer": 1},
+                {"question": "The dog is", "choices": ["lazy", "quick"], "answer": 0},
+            ]
+        )
+    )
     store = tmp_path / "s.zarr"
-    assert main(["extract", str(suite), "--set", f"noisy:0.5={tmp_path / 'data' / 'valid.txt'}", "--pairs", str(pairs),
-                 "--out", str(store), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                str(suite),
+                "--set",
+                f"noisy:0.5={tmp_path / 'data' / 'valid.txt'}",
+                "--pairs",
+                str(pairs),
+                "--out",
+                str(store),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert main(["tasks", str(suite), "--task", str(task), "--shots", "1", "--out", str(store), "--no-progress"]) == 0
     lines = []
     ran = SET_STUDIES[:3]  # the store has no PassUntil runs and no skill-labelled items
@@ -108,8 +137,9 @@ def test_report_on_a_store_with_sets_pairs_and_tasks(tmp_path):
 
 def test_report_command(tmp_path_factory, tmp_path, capsys):
     store = planted_report(tmp_path_factory) / "p.zarr"
-    assert main(["report", str(store), "--out", str(tmp_path / "r"), "--studies", "perplexity,downstream",
-                 "--quiet"]) == 0
+    assert (
+        main(["report", str(store), "--out", str(tmp_path / "r"), "--studies", "perplexity,downstream", "--quiet"]) == 0
+    )
     out = capsys.readouterr().out
     assert "perplexity: 4 findings" in out and "downstream: skipped (the store has no multiple-choice tasks" in out
     assert f"report written: {tmp_path / 'r' / 'index.html'}" in out

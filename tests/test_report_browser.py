@@ -18,9 +18,20 @@ from matplotlib.image import imread
 
 from planted_stores import planted_report
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--enable-logging=stderr",
+    "--v=0",
+    "--virtual-time-budget=10000",
+]
 # Injected into a copy of the page: records errors (scripts, failed loads, console.error) and, once
 # everything has loaded, writes what it saw into the DOM for --dump-dom to show.
 HOOK = """<script>
@@ -54,8 +65,12 @@ def chromium() -> str:
 
 
 def browse(chromium: str, page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([chromium, *FLAGS, f"--user-data-dir={profile}", *args, page.as_uri()],
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [chromium, *FLAGS, f"--user-data-dir={profile}", *args, page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def check_page(chromium: str, page: Path, profile: Path) -> tuple[dict, list[str]]:
@@ -72,8 +87,10 @@ def check_page(chromium: str, page: Path, profile: Path) -> tuple[dict, list[str
 
 def test_the_check_catches_a_broken_image_and_a_script_error(chromium, tmp_path):
     page = tmp_path / "bad.html"
-    page.write_text('<!DOCTYPE html><html><head><meta charset="utf-8"></head><body>'
-                    '<img src="data:image/png;base64,AAAA" alt="bad"><script>notDefined();</script></body></html>')
+    page.write_text(
+        '<!DOCTYPE html><html><head><meta charset="utf-8"></head><body>'
+        '<img src="data:image/png;base64,AAAA" alt="bad"><script>notDefined();</script></body></html>'
+    )
     seen, console = check_page(chromium, page, tmp_path / "profile")
     assert seen["broken"] == ["bad"]
     assert any("notDefined" in e for e in seen["errors"]) and any("Uncaught" in line for line in console)

@@ -13,9 +13,8 @@ import numpy as np
 import xarray as xr
 
 import tokendyn
-from tokendyn.cli.info import describe
-
 from conftest import SAMPLE_TEXT, write_suite
+from tokendyn.cli.info import describe
 
 # Small chunks so that every checkpoint writes many blocks and the kill lands inside a checkpoint.
 RUNNER = """
@@ -28,8 +27,9 @@ sys.exit(main(["extract", sys.argv[1], "--out", sys.argv[2], "--no-progress", "-
 
 
 def extract_in_subprocess(suite: Path, out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", RUNNER, str(suite), str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-c", RUNNER, str(suite), str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 def test_sigkill_then_rerun_equals_uninterrupted(tmp_path):

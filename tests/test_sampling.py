@@ -13,20 +13,23 @@ import zarr
 from transformers import AutoModelForCausalLM
 
 import tokendyn
+from conftest import build_tokenizer, write_suite
 from tokendyn.analysis import downstream
-from tokendyn.cli import main
-from tokendyn.errors import TokendynError
 from tokendyn.analysis.passuntil import ScalingFit
+from tokendyn.cli import main
+from tokendyn.config.suite import load_suite
+from tokendyn.errors import TokendynError
 from tokendyn.models.sampling import cut_at_stop, read_generation_task, run_pass_until
 from tokendyn.store.passuntil import read_runs
-from tokendyn.config.suite import load_suite
-
-from conftest import build_tokenizer, write_suite
 
 # Prompts and answers of one token in the tiny BPE vocabulary (" the", " and", " in", " a"); a random
 # tiny model passes with probability about 2/300 (the answer with and without its leading space).
-INSTANCES = [("The quick brown fox jumps over", "the"), ("Alice was born in 1970", "and"),
-             ("Alice was born", "in"), ("A cat sat on", "a")]
+INSTANCES = [
+    ("The quick brown fox jumps over", "the"),
+    ("Alice was born in 1970", "and"),
+    ("Alice was born", "in"),
+    ("A cat sat on", "a"),
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +40,12 @@ def suite(tmp_path_factory):
 @pytest.fixture(scope="module")
 def task_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("gen") / "recall.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p, "answer": a, "skills": ["s1", "s2"], "level": i})
-                            + "\n" for i, (p, a) in enumerate(INSTANCES)))
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": p, "answer": a, "skills": ["s1", "s2"], "level": i}) + "\n"
+            for i, (p, a) in enumerate(INSTANCES)
+        )
+    )
     return path
 
 
@@ -69,8 +76,12 @@ def test_estimates_match_the_models_pass_probability(store, suite):
     rates = downstream.pass_until(store, "recall")
     np.testing.assert_allclose(rates["rate"].values, 7 / (samples - 1))
     spec = load_suite(suite)
-    truth = np.array([[[_pass_probability(ckpt.path, p, a) for p, a in INSTANCES] for ckpt in model.checkpoints]
-                      for model in spec.models])
+    truth = np.array(
+        [
+            [[_pass_probability(ckpt.path, p, a) for p, a in INSTANCES] for ckpt in model.checkpoints]
+            for model in spec.models
+        ]
+    )
     assert 1 / 600 < truth.mean() < 1 / 50
     # (r - 1) / (K - 1) is unbiased with relative sd <= 1 / sqrt(r - 2) per run: over 16 runs the mean
     # ratio lies within +-0.3 of 1 (3 standard errors); the seed makes the run reproducible
@@ -78,8 +89,9 @@ def test_estimates_match_the_models_pass_probability(store, suite):
 
 
 def test_cap_censors_and_reports_upper_bounds(store, suite, task_file):
-    run_pass_until(suite, store, read_generation_task(task_file, "capped"), passes=2, max_samples=50,
-                   batch_size=32, progress=False)
+    run_pass_until(
+        suite, store, read_generation_task(task_file, "capped"), passes=2, max_samples=50, batch_size=32, progress=False
+    )
     result = downstream.pass_until(store, "capped")
     passes, samples, drawn = (result[k].values for k in ("passes", "samples", "drawn"))
     capped = passes < 2
@@ -103,17 +115,26 @@ def test_resume_gives_the_uninterrupted_result(store, suite, task_file):
     for name in ("passes", "samples", "drawn", "batches", "done"):
         np.testing.assert_array_equal(after[name].values, before[name].values)
     with pytest.raises(TokendynError, match=r"passes = 8 \(now 3\).*--force"):
-        run_pass_until(suite, store, task_file, passes=3, max_samples=20_000, batch_size=1024, seed=1,
-                       progress=False)
+        run_pass_until(suite, store, task_file, passes=3, max_samples=20_000, batch_size=1024, seed=1, progress=False)
 
 
 def test_user_checker_by_dotted_name(store, suite, task_file, tmp_path, monkeypatch):
-    (tmp_path / "lenient.py").write_text("def anything(completion, instance):\n"
-                                         "    assert instance['level'] in (0, 1, 2, 3)\n"
-                                         "    return bool(completion)\n")
+    (tmp_path / "lenient.py").write_text(
+        "def anything(completion, instance):\n"
+        "    assert instance['level'] in (0, 1, 2, 3)\n"
+        "    return bool(completion)\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
-    run_pass_until(suite, store, read_generation_task(task_file, "lenient"), passes=2, max_samples=100,
-                   batch_size=8, checker="lenient:anything", progress=False)
+    run_pass_until(
+        suite,
+        store,
+        read_generation_task(task_file, "lenient"),
+        passes=2,
+        max_samples=100,
+        batch_size=8,
+        checker="lenient:anything",
+        progress=False,
+    )
     runs = read_runs(store, "lenient")
     assert runs.attrs["params"]["checker"] == "lenient:anything"
     assert (runs["passes"] == 2).all() and (runs["samples"] <= 3).all()  # almost every completion passes
@@ -151,8 +172,25 @@ def test_analyze_writes_passuntil_tables(store, tmp_path):
 
 def test_passuntil_cli(suite, task_file, tmp_path, capsys):
     out = tmp_path / "cli.zarr"
-    args = ["passuntil", str(suite), "--task", str(task_file), "--passes", "2", "--max-samples", "64",
-            "--batch-size", "64", "--top-p", "0.9", "--stop", "\\n", "--out", str(out), "--no-progress"]
+    args = [
+        "passuntil",
+        str(suite),
+        "--task",
+        str(task_file),
+        "--passes",
+        "2",
+        "--max-samples",
+        "64",
+        "--batch-size",
+        "64",
+        "--top-p",
+        "0.9",
+        "--stop",
+        "\\n",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     assert "4 instances x 4 checkpoints" in capsys.readouterr().out
     runs = read_runs(out, "recall")

@@ -20,16 +20,15 @@ from transformers import AutoModelForCausalLM
 
 import tokendyn
 import tokendyn.models.extract
+from conftest import SAMPLE_TEXT, write_suite
+from test_protocols import lm_eval_windows
 from tokendyn.analysis import sequences
-from tokendyn.pipelines.analyze import analyze
 from tokendyn.cli import main
+from tokendyn.config.suite import load_suite
 from tokendyn.data.corpus import corrupt_tokens
 from tokendyn.errors import TokendynError
 from tokendyn.models.generate import generate, write_jsonl
-from tokendyn.config.suite import load_suite
-
-from conftest import SAMPLE_TEXT, write_suite
-from test_protocols import lm_eval_windows
+from tokendyn.pipelines.analyze import analyze
 
 PAIRS = [
     {"true": "Alice was born in Paris.", "false": "Alice was born in Berlin.", "attribute": "city"},
@@ -47,13 +46,32 @@ def _write_pairs(path, pairs=PAIRS):
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("seq")
     suite = write_suite(root, families=("opt", "llama"), steps=(0, 10), seq_len=32, split="paragraph")
-    gen = write_jsonl(generate(suite, small="opt", large="llama", mixtures=[(1, -1), (-1, 1)], prompts=2,
-                               new_tokens=8, progress=False), root / "gen.jsonl")
+    gen = write_jsonl(
+        generate(
+            suite, small="opt", large="llama", mixtures=[(1, -1), (-1, 1)], prompts=2, new_tokens=8, progress=False
+        ),
+        root / "gen.jsonl",
+    )
     pairs = _write_pairs(root / "pairs.jsonl")
     out = root / "s.zarr"
-    assert main(["extract", str(suite), "--set", f"hallucinated={gen}", "--set",
-                 f"corrupted:0.3,1={root / 'data' / 'valid.txt'}", "--pairs", f"facts={pairs}",
-                 "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                str(suite),
+                "--set",
+                f"hallucinated={gen}",
+                "--set",
+                f"corrupted:0.3,1={root / 'data' / 'valid.txt'}",
+                "--pairs",
+                f"facts={pairs}",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return suite, out
 
 
@@ -61,7 +79,7 @@ def _hf_nll(model, context: list[int], tokens: list[int]) -> np.ndarray:
     """NLL of `tokens` after `context`, from one transformers forward pass and torch's cross-entropy."""
     ids = torch.tensor([list(context) + list(tokens)], dtype=torch.long)
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, len(context) - 1: -1]
+        logits = model(input_ids=ids).logits[0, len(context) - 1 : -1]
     return torch.nn.functional.cross_entropy(logits, torch.tensor(tokens), reduction="none").numpy().astype(float)
 
 
@@ -78,8 +96,11 @@ def _hf_rolling(model, tokens: list[int], prefix: int, seq_len: int) -> np.ndarr
 def hf_models(built):
     """(model index, checkpoint index, transformers model) of every checkpoint of the suite."""
     suite, _ = built
-    return [(m, c, AutoModelForCausalLM.from_pretrained(ckpt.path).eval())
-            for m, spec in enumerate(load_suite(suite).models) for c, ckpt in enumerate(spec.checkpoints)]
+    return [
+        (m, c, AutoModelForCausalLM.from_pretrained(ckpt.path).eval())
+        for m, spec in enumerate(load_suite(suite).models)
+        for c, ckpt in enumerate(spec.checkpoints)
+    ]
 
 
 def test_store_has_every_set_and_the_accessor_reaches_them(built):
@@ -108,18 +129,21 @@ def test_set_perplexity_equals_transformers(built, hf_models, tokenizer):
     corrupted = tokendyn.open_store(out, set="corrupted-0.3")["token_id"].values  # one document, every token
     for m, c, model in hf_models:
         for mix in ("1,-1", "-1,1"):  # generated ids scored as generated, the prompt as context only
-            losses = np.concatenate([_hf_nll(model, [eos, *r["context_ids"]], r["token_ids"])
-                                     for r in records if r["mixture"] == mix])
-            np.testing.assert_allclose(ppl.sel(set=f"hallucinated:{mix}").values[m, c], np.exp(losses.mean()),
-                                       rtol=1e-5)
+            losses = np.concatenate(
+                [_hf_nll(model, [eos, *r["context_ids"]], r["token_ids"]) for r in records if r["mixture"] == mix]
+            )
+            np.testing.assert_allclose(
+                ppl.sel(set=f"hallucinated:{mix}").values[m, c], np.exp(losses.mean()), rtol=1e-5
+            )
         losses = _hf_rolling(model, corrupted.tolist(), eos, 32)
         np.testing.assert_allclose(ppl.sel(set="corrupted-0.3").values[m, c], np.exp(losses.mean()), rtol=1e-5)
 
 
 def test_corrupted_sets_replace_the_stated_share(built, tokenizer):
     suite, out = built
-    plain = np.asarray(tokenizer(load_suite(suite).eval.files[0].read_text().strip(),
-                                 add_special_tokens=False)["input_ids"])  # the file as one document
+    plain = np.asarray(
+        tokenizer(load_suite(suite).eval.files[0].read_text().strip(), add_special_tokens=False)["input_ids"]
+    )  # the file as one document
     specials = set(tokenizer.all_special_ids)
     for rate in (0.3, 1.0):
         ids = tokendyn.open_store(out, set=f"corrupted-{rate:g}")["token_id"].values
@@ -156,7 +180,7 @@ def _independent_pair_numbers(model, tokenizer) -> tuple[float, float]:
         suffix = 0
         while suffix < min(map(len, rows)) - prefix and rows[0][-1 - suffix] == rows[1][-1 - suffix]:
             suffix += 1
-        span = [loss[prefix: len(loss) - suffix].sum() for loss in losses]
+        span = [loss[prefix : len(loss) - suffix].sum() for loss in losses]
         margins.append(span[1] - span[0])
     return np.mean(wins), np.mean(margins)
 
@@ -178,20 +202,31 @@ def test_pair_preference_and_margin_equal_transformers(built, hf_models, tokeniz
 
 def _planted_pairs() -> xr.Dataset:
     """Two pairs with hand-set losses (one model, two checkpoints)."""
-    docs = [[5, 6, 7, 9],  # pair 0 true:  differs at 6 7 (offsets 1, 2)
-            [5, 8, 9],     # pair 0 false: differs at 8 (offset 1)
-            [5, 6],        # pair 1 true: a prefix of the false text
-            [5, 6, 7, 7]]  # pair 1 false: differs at 7 7 (offsets 2, 3)
-    loss = [[1, 2, 2, 1] + [1, 1, 3] + [1, 1] + [1, 1, 2, 2],
-            [1, 1, 1, 1] + [2, 1, 1] + [3, 3] + [1, 1, 1, 1]]
+    docs = [
+        [5, 6, 7, 9],  # pair 0 true:  differs at 6 7 (offsets 1, 2)
+        [5, 8, 9],  # pair 0 false: differs at 8 (offset 1)
+        [5, 6],  # pair 1 true: a prefix of the false text
+        [5, 6, 7, 7],
+    ]  # pair 1 false: differs at 7 7 (offsets 2, 3)
+    loss = [[1, 2, 2, 1] + [1, 1, 3] + [1, 1] + [1, 1, 2, 2], [1, 1, 1, 1] + [2, 1, 1] + [3, 3] + [1, 1, 1, 1]]
     doc = np.concatenate([[d] * len(ids) for d, ids in enumerate(docs)])
     return xr.Dataset(
-        {"loss": (("model", "ckpt", "token"), np.asarray(loss, float)[None]),
-         "done": (("model", "ckpt"), [[True, True]])},
-        coords={"model": ["m"], "ckpt": [0, 1], "step": (("model", "ckpt"), [[1.0, 2.0]]),
-                "val_ppl": (("model", "ckpt"), [[20.0, 10.0]]), "token_id": ("token", np.concatenate(docs)),
-                "doc": ("token", doc), "pair": ("token", doc // 2), "is_true": ("token", doc % 2 == 0)},
-        attrs={"protocol": json.dumps({"name": "facts", "kind": "pairs"})})
+        {
+            "loss": (("model", "ckpt", "token"), np.asarray(loss, float)[None]),
+            "done": (("model", "ckpt"), [[True, True]]),
+        },
+        coords={
+            "model": ["m"],
+            "ckpt": [0, 1],
+            "step": (("model", "ckpt"), [[1.0, 2.0]]),
+            "val_ppl": (("model", "ckpt"), [[20.0, 10.0]]),
+            "token_id": ("token", np.concatenate(docs)),
+            "doc": ("token", doc),
+            "pair": ("token", doc // 2),
+            "is_true": ("token", doc % 2 == 0),
+        },
+        attrs={"protocol": json.dumps({"name": "facts", "kind": "pairs"})},
+    )
 
 
 def test_pairs_on_hand_built_losses():
@@ -211,16 +246,24 @@ def test_pairs_on_hand_built_losses():
 
 
 def _curve(values, steps, val_ppl) -> xr.DataArray:
-    return xr.DataArray(np.asarray(values, float), dims=("set", "model", "ckpt"),
-                        coords={"set": ["a", "b"], "model": ["s", "l"], "step": (("model", "ckpt"), steps),
-                                "val_ppl": (("model", "ckpt"), val_ppl)})
+    return xr.DataArray(
+        np.asarray(values, float),
+        dims=("set", "model", "ckpt"),
+        coords={
+            "set": ["a", "b"],
+            "model": ["s", "l"],
+            "step": (("model", "ckpt"), steps),
+            "val_ppl": (("model", "ckpt"), val_ppl),
+        },
+    )
 
 
 def test_turning_points():
     steps = [[0, 1, 2, 3, 4], [0, 1, 2, 3, np.nan]]
     val_ppl = [[50, 40, 30, 25, 20], [50, 30, 20, 15, np.nan]]
-    curve = _curve([[[10, 8, 7, 7.5, 9], [10, 10.2, 11, 12, np.nan]],
-                    [[10, 9, 8, 7, 6], [10, 9, 9.2, 8, np.nan]]], steps, val_ppl)
+    curve = _curve(
+        [[[10, 8, 7, 7.5, 9], [10, 10.2, 11, 12, np.nan]], [[10, 9, 8, 7, 6], [10, 9, 9.2, 8, np.nan]]], steps, val_ppl
+    )
     turns = curve.tokendyn.turning_points(tol=0.05)
     np.testing.assert_array_equal(turns["turns"].values, [[True, True], [False, False]])
     np.testing.assert_array_equal(turns["turn_ckpt"].values, [[2, 0], [-1, -1]])
@@ -294,8 +337,9 @@ def test_sigkill_during_multiset_extraction_then_rerun(tmp_path, monkeypatch):
     assert main(["extract", *args, "--out", str(reference), "--no-progress", *batch]) == 0
 
     store = tmp_path / "killed.zarr"
-    proc = subprocess.Popen([sys.executable, "-c", RUNNER, *args, "--out", str(store)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUNNER, *args, "--out", str(store)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     # within a checkpoint the named sets come first (in order), the main set last
     inside = store / "sets" / "facts" / "loss" / "c" / "0" / "1" / "0"
     deadline = time.time() + 300
@@ -303,8 +347,9 @@ def test_sigkill_during_multiset_extraction_then_rerun(tmp_path, monkeypatch):
         time.sleep(0.005)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done = {name: tokendyn.open_store(store, set=name)["done"].values[0].tolist()
-            for name in ("main", "other", "facts")}
+    done = {
+        name: tokendyn.open_store(store, set=name)["done"].values[0].tolist() for name in ("main", "other", "facts")
+    }
     assert done["main"][0] is True and done["main"][2] is False
     assert done["facts"][1] is False
 
@@ -325,8 +370,16 @@ def test_analyze_writes_the_sequence_tables(built, tmp_path):
     assert set(table["set"]) == {"corrupted-0.3", "corrupted-1", "facts", "hallucinated:1,-1", "hallucinated:-1,1"}
     assert len(table) == 5 * 2 * 2  # sets x models x checkpoints
     pairs = pd.read_csv(tmp_path / "a" / "pair_preference.csv")
-    assert list(pairs.columns) == ["set", "n_pairs", "model", "ckpt", "step", "val_ppl", "pair_preference",
-                                   "pair_margin"]
+    assert list(pairs.columns) == [
+        "set",
+        "n_pairs",
+        "model",
+        "ckpt",
+        "step",
+        "val_ppl",
+        "pair_preference",
+        "pair_margin",
+    ]
     skipped = analyze(tokendyn.open_store(out, set="facts"), tmp_path / "b", only=["pairs"], progress=False)
     assert "skipped" in skipped[0]
 
@@ -337,14 +390,18 @@ def test_set_options(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "valid.txt").write_text("some text")
     _write_pairs(tmp_path / "facts.jsonl")
-    plain, = parse_set_option("gen=valid.txt", seq_len=16)
+    (plain,) = parse_set_option("gen=valid.txt", seq_len=16)
     assert (plain.name, plain.corrupt, plain.seq_len, plain.files) == ("gen", None, 16, (tmp_path / "valid.txt",))
     low, high = parse_set_option("noisy:0.2,1=valid.txt", seq_len=16, seed=5)
     assert (low.name, low.corrupt, low.seed, high.name, high.corrupt) == ("noisy-0.2", 0.2, 5, "noisy-1", 1.0)
     assert parse_pairs_option("facts.jsonl", 16).name == "facts"
     assert parse_pairs_option("tf=facts.jsonl", 16).kind == "pairs"
-    for bad, match in (("valid.txt", "NAME=FILE"), ("n:x=valid.txt", "rates must be numbers"),
-                       ("n:1.5=valid.txt", "fraction"), ("n=missing.txt", "does not exist")):
+    for bad, match in (
+        ("valid.txt", "NAME=FILE"),
+        ("n:x=valid.txt", "rates must be numbers"),
+        ("n:1.5=valid.txt", "fraction"),
+        ("n=missing.txt", "does not exist"),
+    ):
         with pytest.raises(TokendynError, match=match):
             parse_set_option(bad, 16)
     with pytest.raises(TokendynError, match="give .jsonl"):

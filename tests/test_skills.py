@@ -7,9 +7,15 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from tokendyn.analysis.skills import (
+    competent_fraction_bound,
+    fit_loss_law,
+    skill_competence,
+    skill_curves,
+    slingshot_prediction,
+    theorem8_lhs,
+)
 from tokendyn.errors import TokendynError
-from tokendyn.analysis.skills import (competent_fraction_bound, fit_loss_law, skill_competence, skill_curves,
-                             slingshot_prediction, theorem8_lhs)
 
 
 def planted_suite(noise=0.003, seed=0):
@@ -91,8 +97,10 @@ def adversarial_failures(pieces, n_skills, theta, level, rng):
     return worst
 
 
-@pytest.mark.parametrize("n_skills, n_pieces, k, theta, beta", [
-    (30, 3000, 8, 0.05, 2.0), (40, 4000, 4, 0.05, 5.0), (40, 4000, 16, 0.01, 2.0), (25, 2000, 6, 0.05, 3.0)])
+@pytest.mark.parametrize(
+    "n_skills, n_pieces, k, theta, beta",
+    [(30, 3000, 8, 0.05, 2.0), (40, 4000, 4, 0.05, 5.0), (40, 4000, 16, 0.01, 2.0), (25, 2000, 6, 0.05, 3.0)],
+)
 def test_theorem8_bound_holds_on_random_skill_graphs(n_skills, n_pieces, k, theta, beta):
     rng = np.random.default_rng(7)
     bound = float(competent_fraction_bound(theta, k, beta))

@@ -12,8 +12,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from tokendyn.errors import TokendynError
 from tokendyn.config.suite import load_suite, parse_step, parse_suite, parse_tokens, pythia_revisions
+from tokendyn.errors import TokendynError
 
 EVAL = '[eval]\nfiles = ["data/valid.txt"]\nseq_len = 32\n'
 LOCAL_MODEL = '[[models]]\nname = "a"\ncheckpoints = [{ step = 20, path = "ck/a20" }, { step = 10, path = "ck/a10" }]\n'
@@ -81,50 +81,83 @@ def test_to_dict_is_plain_json(root):
     data = json.loads(json.dumps(suite.to_dict()))
     assert data["eval"]["files"] == [str(root / "data" / "valid.txt")]
     assert data["models"][0]["checkpoints"][0] == {
-        "model": "a", "step": 10, "path": str(root / "ck" / "a10"),
-        "hub_id": None, "revision": None, "tokens_seen": None}
+        "model": "a",
+        "step": 10,
+        "path": str(root / "ck" / "a10"),
+        "hub_id": None,
+        "revision": None,
+        "tokens_seen": None,
+    }
     assert data["path"] == str(root / "suite.toml") and data["sets"] == [] and data["tokenizer"] is None
 
 
 def test_all_eval_keys(root):
-    text = ('[eval]\nfiles = "data/*.txt"\nseq_len = 8\nmax_sequences = 5\npacking = "concat"\nbos = false\n'
-            'tokenizer = "ck/a10"\n' + LOCAL_MODEL)
+    text = (
+        '[eval]\nfiles = "data/*.txt"\nseq_len = 8\nmax_sequences = 5\npacking = "concat"\nbos = false\n'
+        'tokenizer = "ck/a10"\n' + LOCAL_MODEL
+    )
     suite = load_suite(write(root, text))
     assert suite.eval.files == (root / "data" / "more.txt", root / "data" / "valid.txt")  # glob, sorted
     # format-1 keys keep a meaning: packing = "concat" -> context = "concat", bos = false -> prefix = "none"
-    assert (suite.eval.seq_len, suite.eval.max_sequences, suite.eval.context, suite.eval.prefix) == (8, 5, "concat", "none")
+    assert (suite.eval.seq_len, suite.eval.max_sequences, suite.eval.context, suite.eval.prefix) == (
+        8,
+        5,
+        "concat",
+        "none",
+    )
     assert suite.tokenizer == str(root / "ck" / "a10")
 
 
 def test_tokenizer_hub_id_is_kept(root):
-    suite = load_suite(write(root, EVAL.replace("seq_len", 'tokenizer = "EleutherAI/pythia-70m"\nseq_len') + LOCAL_MODEL))
+    suite = load_suite(
+        write(root, EVAL.replace("seq_len", 'tokenizer = "EleutherAI/pythia-70m"\nseq_len') + LOCAL_MODEL)
+    )
     assert suite.tokenizer == "EleutherAI/pythia-70m"
 
 
 def test_sets(root):
-    text = EVAL + LOCAL_MODEL + (
-        '[[sets]]\nname = "noisy"\nfiles = ["data/valid.txt"]\ncorrupt = 0.4\nseed = 3\n'
-        '[[sets]]\nname = "facts"\nkind = "pairs"\nfiles = ["data/pairs.jsonl"]\nseq_len = 12\nmax_sequences = 7\n'
-        'packing = "concat"\nbos = false\n')
+    text = (
+        EVAL
+        + LOCAL_MODEL
+        + (
+            '[[sets]]\nname = "noisy"\nfiles = ["data/valid.txt"]\ncorrupt = 0.4\nseed = 3\n'
+            '[[sets]]\nname = "facts"\nkind = "pairs"\nfiles = ["data/pairs.jsonl"]\nseq_len = 12\nmax_sequences = 7\n'
+            'packing = "concat"\nbos = false\n'
+        )
+    )
     noisy, facts = load_suite(write(root, text)).sets
     assert (noisy.name, noisy.kind, noisy.corrupt, noisy.seed, noisy.seq_len) == ("noisy", "text", 0.4, 3, 32)
     assert (noisy.context, noisy.prefix, noisy.max_sequences) == ("rolling", "auto", None)
-    assert (facts.name, facts.kind, facts.corrupt, facts.seq_len, facts.max_sequences) == ("facts", "pairs", None, 12, 7)
+    assert (facts.name, facts.kind, facts.corrupt, facts.seq_len, facts.max_sequences) == (
+        "facts",
+        "pairs",
+        None,
+        12,
+        7,
+    )
     assert (facts.context, facts.prefix, facts.files) == ("concat", "none", (root / "data" / "pairs.jsonl",))
 
 
 def test_protocol_keys(root):
-    text = ('[eval]\nfiles = "data/valid.txt"\nseq_len = 8\ncontext = "rolling"\nstride = 4\nprefix = "<s>"\n'
-            'split = "line"\n' + LOCAL_MODEL + '[[sets]]\nname = "x"\nfiles = ["data/valid.txt"]\ncontext = "truncate"\n'
-            'max_tokens = 6\nprefix = 2\ntext_field = "body"\n[[sets]]\nname = "p"\nkind = "pairs"\n'
-            'files = ["data/pairs.jsonl"]\npacking = "document"\nbos = true\n')
+    text = (
+        '[eval]\nfiles = "data/valid.txt"\nseq_len = 8\ncontext = "rolling"\nstride = 4\nprefix = "<s>"\n'
+        'split = "line"\n' + LOCAL_MODEL + '[[sets]]\nname = "x"\nfiles = ["data/valid.txt"]\ncontext = "truncate"\n'
+        'max_tokens = 6\nprefix = 2\ntext_field = "body"\n[[sets]]\nname = "p"\nkind = "pairs"\n'
+        'files = ["data/pairs.jsonl"]\npacking = "document"\nbos = true\n'
+    )
     suite = load_suite(write(root, text))
     assert (suite.eval.context, suite.eval.stride, suite.eval.prefix, suite.eval.split) == ("rolling", 4, "<s>", "line")
     x, p = suite.sets
     assert (x.context, x.max_tokens, x.prefix, x.text_field) == ("truncate", 6, 2, "body")
     assert (p.context, p.prefix) == ("rolling", "auto")  # packing = "document" -> rolling, bos = true -> auto
-    assert load_suite(write(root, EVAL + LOCAL_MODEL + '[[sets]]\nname = "q"\nkind = "pairs"\n'
-                                  'files = ["data/pairs.jsonl"]\n')).sets[0].context == "packed"
+    assert (
+        load_suite(
+            write(root, EVAL + LOCAL_MODEL + '[[sets]]\nname = "q"\nkind = "pairs"\nfiles = ["data/pairs.jsonl"]\n')
+        )
+        .sets[0]
+        .context
+        == "packed"
+    )
 
 
 def test_hub_revisions_and_tokens(root):
@@ -133,10 +166,14 @@ def test_hub_revisions_and_tokens(root):
         'revisions = ["stage1-step2000-tokens9B", "step1000-tokens4B", "step0"]\n'
         '[[models]]\nname = "p"\nhub_id = "org/p"\nrevisions = ["step3", "step1"]\ntokens_per_step = 100\n'
         '[[models]]\nname = "opt"\nhub_id = "facebook/opt-125m"\n'
-        'checkpoints = [{ step = 143000, revision = "main", tokens_seen = 3e11 }]\n')
+        'checkpoints = [{ step = 143000, revision = "main", tokens_seen = 3e11 }]\n'
+    )
     olmo, p, opt = load_suite(write(root, text)).models
     assert [(c.step, c.revision, c.tokens_seen) for c in olmo.checkpoints] == [
-        (0, "step0", None), (1000, "step1000-tokens4B", 4e9), (2000, "stage1-step2000-tokens9B", 9e9)]
+        (0, "step0", None),
+        (1000, "step1000-tokens4B", 4e9),
+        (2000, "stage1-step2000-tokens9B", 9e9),
+    ]
     assert olmo.checkpoints[1].source == "org/olmo@step1000-tokens4B" and olmo.checkpoints[1].path is None
     assert [(c.step, c.tokens_seen) for c in p.checkpoints] == [(1, 100.0), (3, 300.0)]
     (final,) = opt.checkpoints
@@ -146,36 +183,56 @@ def test_hub_revisions_and_tokens(root):
 def test_pythia_schedule():
     revisions = pythia_revisions()
     assert len(revisions) == 154
-    assert revisions[:11] == ["step0", "step1", "step2", "step4", "step8", "step16", "step32", "step64",
-                              "step128", "step256", "step512"]
+    assert revisions[:11] == [
+        "step0",
+        "step1",
+        "step2",
+        "step4",
+        "step8",
+        "step16",
+        "step32",
+        "step64",
+        "step128",
+        "step256",
+        "step512",
+    ]
     later = [parse_step(r) for r in revisions[11:]]
     assert later[0] == 1000 and later[-1] == 143000
     assert all(b - a == 1000 for a, b in zip(later, later[1:]))
 
 
-@pytest.mark.parametrize("selection, expected", [
-    ([143000, 0, 1000], [0, 1000, 143000]),
-    ({"every": 50000}, [0, 50000, 100000, 143000]),
-    ({"every": 1000, "min": 2000, "max": 4500}, [2000, 3000, 4000]),
-    ({"min": 100, "max": 1000}, [128, 256, 512, 1000]),
-    ({"log": True, "min": 300}, [512, 1000, 2000, 4000, 8000, 16000, 32000, 64000, 128000, 143000]),
-    ({"log": True, "every": 70000, "max": 8000}, [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 2000, 4000, 8000]),
-])
+@pytest.mark.parametrize(
+    "selection, expected",
+    [
+        ([143000, 0, 1000], [0, 1000, 143000]),
+        ({"every": 50000}, [0, 50000, 100000, 143000]),
+        ({"every": 1000, "min": 2000, "max": 4500}, [2000, 3000, 4000]),
+        ({"min": 100, "max": 1000}, [128, 256, 512, 1000]),
+        ({"log": True, "min": 300}, [512, 1000, 2000, 4000, 8000, 16000, 32000, 64000, 128000, 143000]),
+        (
+            {"log": True, "every": 70000, "max": 8000},
+            [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 2000, 4000, 8000],
+        ),
+    ],
+)
 def test_pythia_selection(selection, expected):
     assert pythia_revisions(selection) == [f"step{s}" for s in expected]
 
 
-@pytest.mark.parametrize("selection, message", [
-    ([1500], "step 1500 is not in the schedule"),
-    ([1000, 1000], "listed twice"),
-    ([], "steps is empty"),
-    ({"evry": 1000}, "did you mean 'every'"),
-    ({"every": 0}, "positive integer"),
-    ({"log": 1}, "true or false"),
-    ({"min": 5000, "max": 4000}, "min <= max"),
-    ({"min": 600, "max": 900}, "no schedule step lies in"),
-    ("all", "must be a list of steps or a table"),
-])
+@pytest.mark.parametrize(
+    "selection, message",
+    [
+        ([1500], "step 1500 is not in the schedule"),
+        ([1000, 1000], "listed twice"),
+        ([], "steps is empty"),
+        ({"evry": 1000}, "did you mean 'every'"),
+        ({"every": 0}, "positive integer"),
+        ({"log": 1}, "true or false"),
+        ({"min": 5000, "max": 4000}, "min <= max"),
+        ({"min": 600, "max": 900}, "no schedule step lies in"),
+        ("all", "must be a list of steps or a table"),
+    ],
+)
 def test_pythia_selection_errors(selection, message):
     with pytest.raises(TokendynError, match=message):
         pythia_revisions(selection)
@@ -186,7 +243,8 @@ def test_pythia_preset(root):
         '[[models]]\npreset = "pythia"\nsize = "70m"\n'
         '[[models]]\npreset = "pythia"\nsize = "160m"\ndeduped = true\nname = "p160"\nsteps = { every = 20000 }\n'
         '[[models]]\npreset = "pythia"\nhub_id = "someone/pythia-160m-seed3"\nsteps = [0, 512, 143000]\n'
-        'tokens_per_step = 1000\n')
+        "tokens_per_step = 1000\n"
+    )
     p70, p160, seed3 = load_suite(write(root, text)).models
     assert p70.name == "pythia-70m" and len(p70.checkpoints) == 154
     last = p70.checkpoints[-1]
@@ -196,18 +254,24 @@ def test_pythia_preset(root):
     assert [c.step for c in p160.checkpoints] == [0, 20000, 40000, 60000, 80000, 100000, 120000, 140000, 143000]
     assert seed3.name == "pythia-160m-seed3"
     assert [(c.revision, c.tokens_seen) for c in seed3.checkpoints] == [
-        ("step0", 0.0), ("step512", 512000.0), ("step143000", 143000000.0)]
+        ("step0", 0.0),
+        ("step512", 512000.0),
+        ("step143000", 143000000.0),
+    ]
 
 
-@pytest.mark.parametrize("revision, step, tokens", [
-    ("step1000", 1000, None),
-    ("step0", 0, None),
-    ("step1000-tokens4B", 1000, 4e9),
-    ("stage1-step1000-tokens4B", 1000, 4e9),
-    ("stage2-ingredient3-step11931-tokens50B", 11931, 5e10),
-    ("step20-tokens1.5M", 20, 1.5e6),
-    ("global_step77", 77, None),
-])
+@pytest.mark.parametrize(
+    "revision, step, tokens",
+    [
+        ("step1000", 1000, None),
+        ("step0", 0, None),
+        ("step1000-tokens4B", 1000, 4e9),
+        ("stage1-step1000-tokens4B", 1000, 4e9),
+        ("stage2-ingredient3-step11931-tokens50B", 11931, 5e10),
+        ("step20-tokens1.5M", 20, 1.5e6),
+        ("global_step77", 77, None),
+    ],
+)
 def test_parse_step_and_tokens(revision, step, tokens):
     assert parse_step(revision) == step
     assert parse_tokens(revision) == tokens
@@ -221,9 +285,15 @@ def test_parse_step_errors(revision):
 
 CASES = {
     "syntax": (EVAL + "[[models]\n", "invalid TOML"),
-    "top-level typo": (EVAL + LOCAL_MODEL.replace("[[models]]", "[[model]]"), "unknown key 'model'; did you mean 'models'"),
+    "top-level typo": (
+        EVAL + LOCAL_MODEL.replace("[[models]]", "[[model]]"),
+        "unknown key 'model'; did you mean 'models'",
+    ),
     "no eval": (LOCAL_MODEL, "no [eval] table"),
-    "eval typo": (EVAL.replace("seq_len", "seq_length") + LOCAL_MODEL, "[eval]: unknown key 'seq_length'; did you mean 'seq_len'"),
+    "eval typo": (
+        EVAL.replace("seq_len", "seq_length") + LOCAL_MODEL,
+        "[eval]: unknown key 'seq_length'; did you mean 'seq_len'",
+    ),
     "no seq_len": ('[eval]\nfiles = ["data/valid.txt"]\n' + LOCAL_MODEL, "[eval] key 'seq_len': is missing"),
     "seq_len string": (EVAL.replace("32", '"32"') + LOCAL_MODEL, "key 'seq_len': '32' is not an integer"),
     "seq_len bool": (EVAL.replace("32", "true") + LOCAL_MODEL, "key 'seq_len': True is not an integer"),
@@ -234,51 +304,94 @@ CASES = {
     "empty glob": (EVAL.replace("valid.txt", "*.md") + LOCAL_MODEL, "matches no file"),
     "empty files": (EVAL.replace('["data/valid.txt"]', "[]") + LOCAL_MODEL, "key 'files': is empty"),
     "packing": (EVAL + 'packing = "greedy"\n' + LOCAL_MODEL, "key 'packing': 'greedy' is not one of document, concat"),
-    "context": (EVAL + 'context = "sliding"\n' + LOCAL_MODEL, "key 'context': 'sliding' is not one of rolling, truncate"),
+    "context": (
+        EVAL + 'context = "sliding"\n' + LOCAL_MODEL,
+        "key 'context': 'sliding' is not one of rolling, truncate",
+    ),
     "old and new": (EVAL + 'packing = "concat"\ncontext = "concat"\n' + LOCAL_MODEL, "is the old name of 'context'"),
-    "stride": (EVAL + 'stride = 40\n' + LOCAL_MODEL, "stride 40 must be in [1, seq_len = 32]"),
+    "stride": (EVAL + "stride = 40\n" + LOCAL_MODEL, "stride 40 must be in [1, seq_len = 32]"),
     "max_tokens": (EVAL + 'context = "truncate"\nmax_tokens = 33\n' + LOCAL_MODEL, "max_tokens 33 must be in"),
-    "prefix": (EVAL + 'prefix = true\n' + LOCAL_MODEL, "key 'prefix': is \"auto\""),
+    "prefix": (EVAL + "prefix = true\n" + LOCAL_MODEL, "key 'prefix': is \"auto\""),
     "split": (EVAL + 'split = "word"\n' + LOCAL_MODEL, "key 'split': 'word' is not one of none, paragraph, line"),
     "tokenizer path": (EVAL + 'tokenizer = "./tok"\n' + LOCAL_MODEL, "key 'tokenizer': directory"),
     "no models": (EVAL, "no [[models]] tables"),
-    "model without name": (EVAL + '[[models]]\ncheckpoints = [{ step = 1, path = "ck/a10" }]\n', "[[models]] #1 key 'name': is missing"),
-    "model typo": (EVAL + LOCAL_MODEL + "tokens_per_stp = 3\n", "unknown key 'tokens_per_stp'; did you mean 'tokens_per_step'"),
+    "model without name": (
+        EVAL + '[[models]]\ncheckpoints = [{ step = 1, path = "ck/a10" }]\n',
+        "[[models]] #1 key 'name': is missing",
+    ),
+    "model typo": (
+        EVAL + LOCAL_MODEL + "tokens_per_stp = 3\n",
+        "unknown key 'tokens_per_stp'; did you mean 'tokens_per_step'",
+    ),
     "no checkpoints": (EVAL + '[[models]]\nname = "a"\n', "[[models]] #1 ('a') key 'checkpoints': is missing"),
     "empty checkpoints": (EVAL + '[[models]]\nname = "a"\ncheckpoints = []\n', "key 'checkpoints': is empty"),
-    "checkpoint typo": (EVAL + '[[models]]\nname = "a"\ncheckpoints = [{ step = 1, paht = "ck/a10" }]\n',
-                        "checkpoints[0]: unknown key 'paht'; did you mean 'path'"),
-    "checkpoint dir": (EVAL + '[[models]]\nname = "a"\ncheckpoints = [{ step = 1, path = "ck/a30" }]\n',
-                       "checkpoint directory"),
+    "checkpoint typo": (
+        EVAL + '[[models]]\nname = "a"\ncheckpoints = [{ step = 1, paht = "ck/a10" }]\n',
+        "checkpoints[0]: unknown key 'paht'; did you mean 'path'",
+    ),
+    "checkpoint dir": (
+        EVAL + '[[models]]\nname = "a"\ncheckpoints = [{ step = 1, path = "ck/a30" }]\n',
+        "checkpoint directory",
+    ),
     "negative step": (EVAL + '[[models]]\nname = "a"\ncheckpoints = [{ step = -1, path = "ck/a10" }]\n', "is negative"),
-    "path and revision": (EVAL + '[[models]]\nname = "a"\nhub_id = "o/a"\n'
-                          'checkpoints = [{ step = 1, path = "ck/a10", revision = "main" }]\n', "exactly one of path"),
-    "revision without hub_id": (EVAL + '[[models]]\nname = "a"\ncheckpoints = [{ step = 1, revision = "main" }]\n',
-                                "key 'revision': needs the model's hub_id"),
+    "path and revision": (
+        EVAL + '[[models]]\nname = "a"\nhub_id = "o/a"\n'
+        'checkpoints = [{ step = 1, path = "ck/a10", revision = "main" }]\n',
+        "exactly one of path",
+    ),
+    "revision without hub_id": (
+        EVAL + '[[models]]\nname = "a"\ncheckpoints = [{ step = 1, revision = "main" }]\n',
+        "key 'revision': needs the model's hub_id",
+    ),
     "revisions without hub_id": (EVAL + '[[models]]\nname = "a"\nrevisions = ["step1"]\n', "key 'revisions': needs"),
-    "revisions with checkpoints": (EVAL + LOCAL_MODEL + 'hub_id = "o/a"\nrevisions = ["step1"]\n', "unknown key 'checkpoints'"),
-    "revision name": (EVAL + '[[models]]\nname = "a"\nhub_id = "o/a"\nrevisions = ["main"]\n', "'main' has no step number"),
-    "duplicate step": (EVAL + '[[models]]\nname = "a"\nhub_id = "o/a"\nrevisions = ["step1", "stage2-step1"]\n',
-                       "step 1 appears twice (o/a@step1 and o/a@stage2-step1)"),
+    "revisions with checkpoints": (
+        EVAL + LOCAL_MODEL + 'hub_id = "o/a"\nrevisions = ["step1"]\n',
+        "unknown key 'checkpoints'",
+    ),
+    "revision name": (
+        EVAL + '[[models]]\nname = "a"\nhub_id = "o/a"\nrevisions = ["main"]\n',
+        "'main' has no step number",
+    ),
+    "duplicate step": (
+        EVAL + '[[models]]\nname = "a"\nhub_id = "o/a"\nrevisions = ["step1", "stage2-step1"]\n',
+        "step 1 appears twice (o/a@step1 and o/a@stage2-step1)",
+    ),
     "duplicate model": (EVAL + LOCAL_MODEL + LOCAL_MODEL, "two [[models]] are named 'a'"),
     "unknown preset": (EVAL + '[[models]]\npreset = "olmo"\n', "unknown preset 'olmo'"),
     "pythia size": (EVAL + '[[models]]\npreset = "pythia"\nsize = "7b"\n', "'7b' is not a Pythia size; use one of 14m"),
     "pythia no size": (EVAL + '[[models]]\npreset = "pythia"\n', "key 'size': is missing"),
     "pythia size and hub_id": (EVAL + '[[models]]\npreset = "pythia"\nsize = "70m"\nhub_id = "a/b"\n', "replaces size"),
-    "pythia step": (EVAL + '[[models]]\npreset = "pythia"\nsize = "70m"\nsteps = [1000, 1500]\n',
-                    "('pythia-70m') key 'steps': step 1500 is not in the schedule"),
-    "pythia revisions": (EVAL + '[[models]]\npreset = "pythia"\nsize = "70m"\nrevisions = ["step1"]\n', "unknown key 'revisions'"),
+    "pythia step": (
+        EVAL + '[[models]]\npreset = "pythia"\nsize = "70m"\nsteps = [1000, 1500]\n',
+        "('pythia-70m') key 'steps': step 1500 is not in the schedule",
+    ),
+    "pythia revisions": (
+        EVAL + '[[models]]\npreset = "pythia"\nsize = "70m"\nrevisions = ["step1"]\n',
+        "unknown key 'revisions'",
+    ),
     "set name": (EVAL + LOCAL_MODEL + '[[sets]]\nname = "a/b"\nfiles = ["data/valid.txt"]\n', "may use only letters"),
     "set main": (EVAL + LOCAL_MODEL + '[[sets]]\nname = "main"\nfiles = ["data/valid.txt"]\n', "reserved"),
     "set twice": (EVAL + LOCAL_MODEL + '[[sets]]\nname = "x"\nfiles = ["data/valid.txt"]\n' * 2, "used twice"),
-    "set typo": (EVAL + LOCAL_MODEL + '[[sets]]\nname = "x"\nfiles = ["data/valid.txt"]\ncorupt = 0.2\n',
-                 "[[sets]] #1: unknown key 'corupt'; did you mean 'corrupt'"),
-    "set corrupt": (EVAL + LOCAL_MODEL + '[[sets]]\nname = "x"\nfiles = ["data/valid.txt"]\ncorrupt = 1.5\n',
-                    "must be a fraction in (0, 1]"),
-    "set kind": (EVAL + LOCAL_MODEL + '[[sets]]\nname = "x"\nfiles = ["data/valid.txt"]\nkind = "qa"\n', "'qa' is not one of text, pairs"),
-    "pairs txt": (EVAL + LOCAL_MODEL + '[[sets]]\nname = "x"\nkind = "pairs"\nfiles = ["data/valid.txt"]\n', "give .jsonl files"),
-    "pairs corrupt": (EVAL + LOCAL_MODEL + '[[sets]]\nname = "x"\nkind = "pairs"\nfiles = ["data/pairs.jsonl"]\n'
-                      'corrupt = 0.5\n', 'applies to kind = "text" sets only'),
+    "set typo": (
+        EVAL + LOCAL_MODEL + '[[sets]]\nname = "x"\nfiles = ["data/valid.txt"]\ncorupt = 0.2\n',
+        "[[sets]] #1: unknown key 'corupt'; did you mean 'corrupt'",
+    ),
+    "set corrupt": (
+        EVAL + LOCAL_MODEL + '[[sets]]\nname = "x"\nfiles = ["data/valid.txt"]\ncorrupt = 1.5\n',
+        "must be a fraction in (0, 1]",
+    ),
+    "set kind": (
+        EVAL + LOCAL_MODEL + '[[sets]]\nname = "x"\nfiles = ["data/valid.txt"]\nkind = "qa"\n',
+        "'qa' is not one of text, pairs",
+    ),
+    "pairs txt": (
+        EVAL + LOCAL_MODEL + '[[sets]]\nname = "x"\nkind = "pairs"\nfiles = ["data/valid.txt"]\n',
+        "give .jsonl files",
+    ),
+    "pairs corrupt": (
+        EVAL + LOCAL_MODEL + '[[sets]]\nname = "x"\nkind = "pairs"\nfiles = ["data/pairs.jsonl"]\ncorrupt = 0.5\n',
+        'applies to kind = "text" sets only',
+    ),
 }
 
 

@@ -16,30 +16,39 @@ import zarr
 from transformers import AutoModelForCausalLM
 
 import tokendyn
+from conftest import build_tokenizer, write_suite
 from tokendyn.analysis import downstream
-from tokendyn.cli import main
 from tokendyn.analysis.emergence import EmergenceResult
-from tokendyn.errors import TokendynError
+from tokendyn.cli import main
 from tokendyn.config.suite import load_suite
 from tokendyn.data.tasks import choice_documents, prompts, read_task
+from tokendyn.errors import TokendynError
 from tokendyn.models.tasks import score_tasks
 from tokendyn.toy import tasks as toy_tasks
 from tokendyn.toy import world as toy_world
 from tokendyn.toy.tokenizer import train_tokenizer
-
-from conftest import build_tokenizer, write_suite
 
 BIGBENCH = {
     "name": "tiny colours",
     "description": "a small task in BIG-Bench's format",
     "append_choices_to_input": False,
     "examples": [
-        {"input": "Bob lives in Berlin; his favourite colour is", "target_scores": {"red": 0, "green": 1, "blue": 0},
-         "skills": ["colour"]},
-        {"input": "Alice was born in", "target_scores": {"Paris": 1, "Berlin": 0}, "skills": ["city"],
-         "comment": {"ignored": True}},
-        {"input": "The quick brown fox jumps over the lazy", "target_scores": {"cat": 0.5, "dog": 1, "mat": 0},
-         "skills": ["colour", "city"]},
+        {
+            "input": "Bob lives in Berlin; his favourite colour is",
+            "target_scores": {"red": 0, "green": 1, "blue": 0},
+            "skills": ["colour"],
+        },
+        {
+            "input": "Alice was born in",
+            "target_scores": {"Paris": 1, "Berlin": 0},
+            "skills": ["city"],
+            "comment": {"ignored": True},
+        },
+        {
+            "input": "The quick brown fox jumps over the lazy",
+            "target_scores": {"cat": 0.5, "dog": 1, "mat": 0},
+            "skills": ["colour", "city"],
+        },
         {"input": "A cat sat on the", "target_scores": {"dog": 0, "mat": 1}, "skills": ["city", "colour"]},
     ],
 }
@@ -77,8 +86,14 @@ def test_bigbench_reader_and_prompt_format(task_file):
     assert shot[1] == "\nQ: Alice was born in\nA:"
     docs = choice_documents(task, shots=0)
     assert docs[3]["text"] == "\nQ: Alice was born in\nA: Paris" and docs[3]["spans"][0]["start"] == len(shot[1])
-    assert {k: docs[3][k] for k in ("item", "option", "answer", "n_options", "target_score", "option_chars")} == \
-        {"item": 1, "option": 0, "answer": 0, "n_options": 2, "target_score": 1.0, "option_chars": 5}
+    assert {k: docs[3][k] for k in ("item", "option", "answer", "n_options", "target_score", "option_chars")} == {
+        "item": 1,
+        "option": 0,
+        "answer": 0,
+        "n_options": 2,
+        "target_score": 1.0,
+        "option_chars": 5,
+    }
     assert task.items[2].target_scores == (0.5, 1.0, 0.0)  # partial credit is kept
     assert [d["target_score"] for d in docs if d["item"] == 2] == [0.5, 1.0, 0.0]
 
@@ -113,8 +128,12 @@ def test_demonstrations_are_other_items_and_seeded(task_file):
 
 def test_jsonl_reader(tmp_path):
     path = tmp_path / "quiz.jsonl"
-    path.write_text(json.dumps({"question": "2 + 2 =", "choices": ["3", "4"], "answer": "4", "level": 1}) + "\n\n"
-                    + json.dumps({"question": "Sky:", "choices": ["blue", "green", "red"], "answer": 0}) + "\n")
+    path.write_text(
+        json.dumps({"question": "2 + 2 =", "choices": ["3", "4"], "answer": "4", "level": 1})
+        + "\n\n"
+        + json.dumps({"question": "Sky:", "choices": ["blue", "green", "red"], "answer": 0})
+        + "\n"
+    )
     task = read_task(path)
     assert task.name == "quiz" and [i.answer for i in task.items] == [1, 0]
     assert task.items[0].fields == {"level": 1}
@@ -145,7 +164,7 @@ def _transformers_logprob(model, tokenizer, text: str, prompt: str) -> tuple[flo
         logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
     targets = ids[0, 1:]
     per_token = logp[torch.arange(len(targets)), targets].numpy()
-    return float(per_token[len(head):].sum()), len(full) - len(head)
+    return float(per_token[len(head) :].sum()), len(full) - len(head)
 
 
 def test_option_scores_equal_transformers_log_probabilities(store, suite, task_file):
@@ -189,7 +208,8 @@ def test_option_scores_equal_transformers_log_probabilities(store, suite, task_f
             assert metrics["correct_prob"].values[0, m, c] == pytest.approx(np.mean(prob), rel=1e-4)
             correct = np.array([lp[i, a] for i, a in enumerate(answer)])
             assert metrics["correct_ppl"].values[0, m, c] == pytest.approx(
-                np.exp(-correct.sum() / length[np.arange(4), answer].sum()), rel=1e-4)
+                np.exp(-correct.sum() / length[np.arange(4), answer].sum()), rel=1e-4
+            )
     assert metrics["random_accuracy"].values[0, 0, 0] == pytest.approx(np.mean([1 / 3, 1 / 2, 1 / 3, 1 / 2]))
 
 
@@ -217,6 +237,7 @@ def test_accessor_methods_return_the_right_dims(store):
     ok = (theta > 0) & (theta < 1)
     assert ok.any() and list(five["text_k"].values) == [5] and list(five["k"].values) == [1, 2]
     from tokendyn.analysis.skills import competent_fraction_bound
+
     np.testing.assert_allclose(five["bound"].values[..., 0][ok], competent_fraction_bound(theta[ok], 5, 2.0))
 
 
@@ -249,11 +270,29 @@ def test_analyze_writes_task_tables(store, tmp_path):
 def test_tasks_cli_scores_resumes_and_refuses_other_text(suite, task_file, tmp_path, capsys):
     out = tmp_path / "cli.zarr"
     jsonl = tmp_path / "quiz.jsonl"
-    jsonl.write_text("".join(json.dumps({"question": q, "choices": c, "answer": a}) + "\n" for q, c, a in
-                             [("A cat sat on the", ["mat", "dog"], 0), ("The lazy", ["dog", "fox"], 0),
-                              ("Alice was born in", ["Paris", "Berlin"], 0)]))
-    args = ["tasks", str(suite), "--task", str(task_file), "--task", str(jsonl), "--shots", "1",
-            "--out", str(out), "--no-progress"]
+    jsonl.write_text(
+        "".join(
+            json.dumps({"question": q, "choices": c, "answer": a}) + "\n"
+            for q, c, a in [
+                ("A cat sat on the", ["mat", "dog"], 0),
+                ("The lazy", ["dog", "fox"], 0),
+                ("Alice was born in", ["Paris", "Berlin"], 0),
+            ]
+        )
+    )
+    args = [
+        "tasks",
+        str(suite),
+        "--task",
+        str(task_file),
+        "--task",
+        str(jsonl),
+        "--shots",
+        "1",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     assert tokendyn.list_sets(out) == ["task.quiz", "task.tiny_colours"]
     assert "task.quiz (3 items)" in capsys.readouterr().out
@@ -265,8 +304,10 @@ def test_tasks_cli_scores_resumes_and_refuses_other_text(suite, task_file, tmp_p
     assert "different text for set 'task.tiny_colours'" in capsys.readouterr().err
     assert main([*args, "--shots", "3"]) == 2
     assert "exceed the models' context (64); use fewer shots" in capsys.readouterr().err
-    assert main(["tasks", str(suite), "--task", str(task_file), "--task", str(jsonl), "--name", "x",
-                 "--out", str(out)]) == 2
+    assert (
+        main(["tasks", str(suite), "--task", str(task_file), "--task", str(jsonl), "--name", "x", "--out", str(out)])
+        == 2
+    )
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ from markupsafe import Markup
 
 import tokendyn  # noqa: F401  (registers the accessor)
 from planted_stores import write_store
+from test_report_browser import check_page, chromium  # noqa: F401  (chromium: the fixture; skips without it)
 from tokendyn.analysis.tokens import show_whitespace
 from tokendyn.errors import TokendynError
 from tokendyn.studies.token_view import token_shading
-from test_report_browser import check_page, chromium  # noqa: F401  (chromium: the fixture; skips without it)
 
 STEPS = np.array([[0, 100, 200, 400], [0, 100, 200, np.nan]])
 # token ids: 3 = " falls" (planted big drop), 4 = " rises" (planted rise), others flat
@@ -31,8 +31,9 @@ def planted(tmp_path_factory):
     loss = np.full((2, 4, 3, 10), 2.0) + rng.normal(0, 0.01, (2, 4, 3, 10))
     loss[:, :, token_id == 3] = np.array([8.0, 6.0, 3.0, 1.0])[None, :, None]  # falls by 5 after step 100
     loss[:, :, token_id == 4] = np.array([8.0, 1.0, 2.0, 4.0])[None, :, None]  # rises by 3 after step 100
-    return write_store(tmp_path_factory.mktemp("tokens") / "t.zarr", loss, STEPS, models=["a", "b"],
-                       token_id=token_id, vocab=VOCAB)
+    return write_store(
+        tmp_path_factory.mktemp("tokens") / "t.zarr", loss, STEPS, models=["a", "b"], token_id=token_id, vocab=VOCAB
+    )
 
 
 def test_selection_by_step(planted):
@@ -53,8 +54,7 @@ def test_top_tokens_returns_the_planted_tokens_with_their_text(planted):
     assert table.attrs["between"] == (100.0, 400.0)  # the first trained checkpoint, not step 0
     np.testing.assert_allclose(table["change"], -5.0, atol=0.05)
     assert [c for c in table.columns if c.startswith("loss@")] == ["loss@0", "loss@100", "loss@200", "loss@400"]
-    np.testing.assert_allclose(table[["loss@0", "loss@100", "loss@200", "loss@400"]].values[0],
-                               [8, 6, 3, 1], atol=0.05)
+    np.testing.assert_allclose(table[["loss@0", "loss@100", "loss@200", "loss@400"]].values[0], [8, 6, 3, 1], atol=0.05)
     # the context keeps the text's spaces; a newline shows as ⏎; neighbours come from the same document
     ids = planted["token_id"].values[planted["doc"].values == 1]  # document 1's stored (scored) tokens
     left = "".join(VOCAB[i] for i in ids[:3]).replace("\n", "⏎")  # width 5: all three tokens before it
@@ -105,7 +105,11 @@ def test_token_view_is_escaped_and_shaded(planted):
 
 def test_token_view_in_a_browser(planted, chromium, tmp_path):  # noqa: F811  (the imported fixture)
     page = tmp_path / "view.html"
-    page.write_text('<!DOCTYPE html><html><head><meta charset="utf-8"></head><body>'
-                    + str(token_shading(planted)) + "</body></html>", encoding="utf-8")
+    page.write_text(
+        '<!DOCTYPE html><html><head><meta charset="utf-8"></head><body>'
+        + str(token_shading(planted))
+        + "</body></html>",
+        encoding="utf-8",
+    )
     seen, console = check_page(chromium, page, tmp_path / "p")
     assert seen["errors"] == [] and not console

@@ -6,23 +6,23 @@ import dataclasses
 import json
 import math
 import re
-import tomllib
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, OPTForCausalLM
 
 import tokendyn
 from tokendyn.cli import main
-from tokendyn.models.extract import extract
 from tokendyn.errors import TokendynError
+from tokendyn.models.extract import extract
+from tokendyn.toy import build as toy_build
 from tokendyn.toy import findings
 from tokendyn.toy import world as toy_world
 from tokendyn.toy.build import MANIFEST, PRESETS, build, build_key, build_parameters, token_stream
 from tokendyn.toy.tokenizer import train_tokenizer
-from tokendyn.toy import build as toy_build
 from tokendyn.toy.train import ModelSize, TrainConfig, checkpoint_steps, opt_config
 
 
@@ -44,7 +44,7 @@ def _skeletons(doc: dict) -> set[str]:
     text = doc["text"]
     for span in sorted(doc["spans"], key=lambda s: -s["start"]):
         if span["role"] in ("name", "value"):
-            text = text[:span["start"]] + "{" + span["role"] + "}" + text[span["end"]:]
+            text = text[: span["start"]] + "{" + span["role"] + "}" + text[span["end"] :]
     return set(re.split(r"(?<=\.)\s+", text))
 
 
@@ -74,8 +74,9 @@ def test_false_statements_differ_in_exactly_the_value_tokens(small_world):
         true, false = tok(pair["true"], return_offsets_mapping=True), tok(pair["false"])
         assert len(true.input_ids) == len(false.input_ids)
         (match,) = re.finditer(rf"\b{re.escape(true_value)}\b", pair["true"])
-        value_positions = {i for i, (start, _) in enumerate(true.offset_mapping)
-                           if match.start() <= start < match.end()}
+        value_positions = {
+            i for i, (start, _) in enumerate(true.offset_mapping) if match.start() <= start < match.end()
+        }
         differing = {i for i, (a, b) in enumerate(zip(true.input_ids, false.input_ids)) if a != b}
         assert value_positions and differing == value_positions
 
@@ -97,7 +98,9 @@ def test_spans_cover_every_token_with_its_role(small_world):
         for span in doc["spans"]:
             assert span["role"] in ("template", "name", "value", "filler", "mention")
             if span["role"] in ("value", "mention"):
-                assert doc["text"][span["start"]:span["end"]] == world.values[span["attribute"]][span["value_rank"] - 1]
+                assert (
+                    doc["text"][span["start"] : span["end"]] == world.values[span["attribute"]][span["value_rank"] - 1]
+                )
 
 
 def test_token_stream_starts_every_document_with_bos(small_world):
@@ -177,7 +180,9 @@ def test_extracted_store_carries_the_annotations(quick, tmp_path):
     words = np.asarray(tok.convert_ids_to_tokens(np.maximum(token_id, 0).ravel())).reshape(role.shape)
     at_values = role == "value"
     assert at_values.sum() == 5 * len(world["entities"])
-    assert all(w == world["values"][a][r - 1] for w, a, r in zip(words[at_values], attribute[at_values], rank[at_values]))
+    assert all(
+        w == world["values"][a][r - 1] for w, a, r in zip(words[at_values], attribute[at_values], rank[at_values])
+    )
     words_only = (token_id >= 0) & ~np.isin(token_id, tok.all_special_ids)
     assert set(np.unique(role[words_only])) == {"template", "name", "value"}
     assert np.isfinite(ds["loss"].values).all()
@@ -218,8 +223,12 @@ def test_cache_reuses_and_rebuilds(tmp_path, monkeypatch):
 
 def test_cache_key_covers_every_parameter(monkeypatch):
     base = build_key(build_parameters("quick"))
-    variants = [build_parameters("quick", sizes=["S"]), build_parameters("quick", seed=1),
-                build_parameters("quick", threads=2), build_parameters("default")]
+    variants = [
+        build_parameters("quick", sizes=["S"]),
+        build_parameters("quick", seed=1),
+        build_parameters("quick", threads=2),
+        build_parameters("default"),
+    ]
     preset = PRESETS["quick"]
     for part in ("world", "train"):
         config = getattr(preset, part)
@@ -244,8 +253,10 @@ def test_build_refuses_to_replace_a_foreign_directory(tmp_path):
 
 
 def test_cli_builds_and_prints_the_suite(tmp_path, capsys):
-    assert main(["toy", "build", "--out", str(tmp_path / "s"), "--preset", "quick", "--sizes", "S", "L",
-                 "--no-progress"]) == 0
+    assert (
+        main(["toy", "build", "--out", str(tmp_path / "s"), "--preset", "quick", "--sizes", "S", "L", "--no-progress"])
+        == 0
+    )
     assert str(tmp_path / "s" / "suite.toml") in capsys.readouterr().out
     suite = tomllib.loads((tmp_path / "s" / "suite.toml").read_text())
     assert [m["name"] for m in suite["models"]] == ["toy-S", "toy-L"]
@@ -258,8 +269,10 @@ def test_parallel_training_equals_sequential(small_world, tmp_path, monkeypatch)
     _, train_docs, tokenizer = small_world
     tokens = token_stream([d["text"] for d in train_docs[:40]], tokenizer, 32)
     cfg = TrainConfig(batch_size=4, warmup_steps=2, log_checkpoints=2, linear_checkpoints=1)
-    sizes = {"a": dataclasses.asdict(ModelSize(hidden=8, layers=1, heads=1, lr=1e-2)),
-             "b": dataclasses.asdict(ModelSize(hidden=16, layers=1, heads=2, lr=1e-2))}
+    sizes = {
+        "a": dataclasses.asdict(ModelSize(hidden=8, layers=1, heads=1, lr=1e-2)),
+        "b": dataclasses.asdict(ModelSize(hidden=16, layers=1, heads=2, lr=1e-2)),
+    }
     steps = len(tokens) // cfg.batch_size
     monkeypatch.setattr(toy_build, "PARALLEL_MIN_SECONDS", 0.0)
     monkeypatch.setattr(toy_build.os, "cpu_count", lambda: 2)

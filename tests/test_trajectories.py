@@ -8,9 +8,18 @@ import pytest
 import scipy.stats
 
 from planted_stores import KINDS, TOKENS_PER_STEP, write_store
+from tokendyn.analysis.trajectories import (
+    agreement,
+    at_axis,
+    at_perplexity,
+    detect_double_descent,
+    double_descent,
+    falls_rises_falls,
+    perplexity_grid,
+    subset_curve,
+    x_axis,
+)
 from tokendyn.errors import TokendynError
-from tokendyn.analysis.trajectories import (agreement, at_axis, at_perplexity, detect_double_descent, double_descent,
-                                   falls_rises_falls, perplexity_grid, subset_curve, x_axis)
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +101,16 @@ def test_subset_curve_matches_numpy(planted):
     assert np.all(np.diff(curve.values[2][done]) > 0)
 
 
-@pytest.mark.parametrize("curve,expected", [
-    ([3, 2, 1, 2, 3, 2, 1], True),    # fall, rise, fall
-    ([3, 2, 1, 2, 3, 3, 3], False),   # fall and rise only
-    ([1, 2, 3, 2, 1, 1, 1], False),   # rise then fall, no first descent
-    ([3, 2, 1, 1.2, 1.4, 1.2, 1], False),  # rise below the tolerance
-    ([3, 2, 1, np.nan, 3, 2, 1], True),    # a missing point is skipped
-])
+@pytest.mark.parametrize(
+    "curve,expected",
+    [
+        ([3, 2, 1, 2, 3, 2, 1], True),  # fall, rise, fall
+        ([3, 2, 1, 2, 3, 3, 3], False),  # fall and rise only
+        ([1, 2, 3, 2, 1, 1, 1], False),  # rise then fall, no first descent
+        ([3, 2, 1, 1.2, 1.4, 1.2, 1], False),  # rise below the tolerance
+        ([3, 2, 1, np.nan, 3, 2, 1], True),  # a missing point is skipped
+    ],
+)
 def test_falls_rises_falls(curve, expected):
     assert bool(falls_rises_falls(np.array(curve, float), tol=0.5)) is expected
 

@@ -12,8 +12,8 @@ import scipy.stats
 
 from planted_stores import KINDS, planted_loss, write_store, write_tiled_store
 from tokendyn.analysis.labels import label_mask, label_share, label_text
-from tokendyn.errors import TokendynError
 from tokendyn.analysis.trends import CATEGORIES, TrendWarning, ols, trend_categories, trend_fit
+from tokendyn.errors import TokendynError
 
 
 def test_ols_matches_linregress_on_random_trajectories():
@@ -136,18 +136,42 @@ def test_categories_out_of_core_under_a_worker_memory_cap(tmp_path):
     kinds = np.array(["stagnating", "downward", "upward", "downward"] * 256)  # 1024 positions
     steps = np.array([np.linspace(1000, 10000, 12)] * 2)
     h = steps / 10000
-    rows = np.stack([np.stack([np.where(kinds == "stagnating", planted_loss("stagnating", 2.0, 0, hc),
-                                        np.where(kinds == "downward", planted_loss("downward", 2.0, 2.0, hc),
-                                                 planted_loss("upward", 2.0, 1.0, hc))) for hc in hm]) for hm in h])
+    rows = np.stack(
+        [
+            np.stack(
+                [
+                    np.where(
+                        kinds == "stagnating",
+                        planted_loss("stagnating", 2.0, 0, hc),
+                        np.where(
+                            kinds == "downward",
+                            planted_loss("downward", 2.0, 2.0, hc),
+                            planted_loss("upward", 2.0, 1.0, hc),
+                        ),
+                    )
+                    for hc in hm
+                ]
+            )
+            for hm in h
+        ]
+    )
     ds = write_tiled_store(tmp_path / "big.zarr", rows, steps, n_seq=4096, seq_chunk=512)
     assert ds["loss"].nbytes > 1.15 * cap
-    config = {"distributed.worker.memory.target": False, "distributed.worker.memory.spill": False,
-              "distributed.worker.memory.pause": False, "distributed.worker.memory.terminate": 0.95,
-              "distributed.scheduler.allowed-failures": 0}
+    config = {
+        "distributed.worker.memory.target": False,
+        "distributed.worker.memory.spill": False,
+        "distributed.worker.memory.pause": False,
+        "distributed.worker.memory.terminate": 0.95,
+        "distributed.scheduler.allowed-failures": 0,
+    }
     with dask.config.set(config), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with distributed.LocalCluster(n_workers=1, threads_per_worker=1, memory_limit=cap, processes=True,
-                                      dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        with (
+            distributed.LocalCluster(
+                n_workers=1, threads_per_worker=1, memory_limit=cap, processes=True, dashboard_address=None
+            ) as cluster,
+            distributed.Client(cluster) as client,
+        ):
             share = label_share(trend_categories(ds, start=0.2, chunk_mb=4))
             peak = max(client.run(_peak_rss).values())
     assert peak < cap

@@ -23,8 +23,8 @@ from tokendyn.data.corpus import PAD
 def context_ids(ds: xr.Dataset, token: int, width: int) -> list[int]:
     """Ids of up to `width` stored tokens of the same document before `token`, then the token's own id."""
     lo = max(0, token - width)
-    ids = ds["token_id"].values[lo: token + 1]
-    docs = ds["doc"].values[lo: token + 1]
+    ids = ds["token_id"].values[lo : token + 1]
+    docs = ds["doc"].values[lo : token + 1]
     return [int(i) for i in ids[docs == docs[-1]]]
 
 
@@ -72,8 +72,9 @@ class TokendynAccessor:
         ids = self._obj.token_id if token_id is None else token_id
         ids = ids if isinstance(ids, xr.DataArray) else xr.DataArray(np.asarray(ids))
         vocab = self._obj.vocab_text.values
-        return xr.apply_ufunc(lambda i: np.where(i == PAD, "", vocab[np.clip(i, 0, None)]), ids.load(),
-                              output_dtypes=[object])
+        return xr.apply_ufunc(
+            lambda i: np.where(i == PAD, "", vocab[np.clip(i, 0, None)]), ids.load(), output_dtypes=[object]
+        )
 
     def context(self, token: int, width: int = 20, mark: tuple[str, str] = ("[[", "]]")) -> str:
         """The text of up to `width` tokens of its document before `token` (an index along the token

@@ -92,8 +92,16 @@ def option_probabilities(logprob, length=None) -> np.ndarray:
     return softmax(np.where(np.isnan(score), -np.inf, score), axis=-1)
 
 
-def choice_metrics(logprob, answer, *, convention: str = DEFAULT_CONVENTION, chars=None, tokens=None,
-                   target_scores=None, prob_per_token: bool = False) -> dict[str, np.ndarray]:
+def choice_metrics(
+    logprob,
+    answer,
+    *,
+    convention: str = DEFAULT_CONVENTION,
+    chars=None,
+    tokens=None,
+    target_scores=None,
+    prob_per_token: bool = False,
+) -> dict[str, np.ndarray]:
     """Accuracy (by `convention`), correct-choice probability, Brier score and random baselines,
     averaged over items.
 
@@ -121,7 +129,7 @@ def choice_metrics(logprob, answer, *, convention: str = DEFAULT_CONVENTION, cha
     credit = np.take_along_axis(targets if convention == "grade" else correct.astype(float), chosen, -1)[..., 0]
     prob = option_probabilities(logprob, lengths["tokens"] if prob_per_token else None)
     n_options = present.sum(-1)
-    random_accuracy = (np.nanmean(targets, axis=-1) if convention == "grade" else correct.sum(-1) / n_options)
+    random_accuracy = np.nanmean(targets, axis=-1) if convention == "grade" else correct.sum(-1) / n_options
     per_item = {
         "accuracy": credit,
         "correct_prob": np.where(correct, prob, 0.0).sum(-1),
@@ -132,8 +140,9 @@ def choice_metrics(logprob, answer, *, convention: str = DEFAULT_CONVENTION, cha
     return {name: values.mean(-1) for name, values in per_item.items()}
 
 
-def choice_scores(logprob: xr.DataArray, answer, *, item_dim: str = "item", option_dim: str = "option",
-                  **options) -> xr.Dataset:
+def choice_scores(
+    logprob: xr.DataArray, answer, *, item_dim: str = "item", option_dim: str = "option", **options
+) -> xr.Dataset:
     """`choice_metrics` on labelled arrays: logprob with dims (..., item_dim, option_dim), e.g.
     (task, model, ckpt, item, option); answer with dims (..., item_dim); options as in
     `choice_metrics` (chars, tokens and target_scores as DataArrays broadcastable to logprob).
@@ -142,16 +151,22 @@ def choice_scores(logprob: xr.DataArray, answer, *, item_dim: str = "item", opti
     answer = answer if isinstance(answer, xr.DataArray) else xr.DataArray(np.asarray(answer), dims=[item_dim])
     core = [item_dim, option_dim]
     arrays = {k: options.pop(k) for k in ("chars", "tokens", "target_scores") if options.get(k) is not None}
-    arrays = {k: (v if isinstance(v, xr.DataArray) else xr.DataArray(v)).broadcast_like(logprob)
-              for k, v in arrays.items()}
+    arrays = {
+        k: (v if isinstance(v, xr.DataArray) else xr.DataArray(v)).broadcast_like(logprob) for k, v in arrays.items()
+    }
     names = list(arrays)
 
     def metrics(lp, an, *values):
         return tuple(choice_metrics(lp, an, **options, **dict(zip(names, values))).values())
 
-    out = xr.apply_ufunc(metrics, logprob, answer, *arrays.values(),
-                         input_core_dims=[core, [item_dim]] + [core] * len(arrays),
-                         output_core_dims=[[] for _ in METRICS])
+    out = xr.apply_ufunc(
+        metrics,
+        logprob,
+        answer,
+        *arrays.values(),
+        input_core_dims=[core, [item_dim]] + [core] * len(arrays),
+        output_core_dims=[[] for _ in METRICS],
+    )
     convention = options.get("convention", DEFAULT_CONVENTION)
     return xr.Dataset(dict(zip(METRICS, out)), attrs={"convention": convention})
 

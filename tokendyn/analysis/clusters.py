@@ -45,10 +45,17 @@ from sklearn.metrics import adjusted_rand_score, silhouette_score
 from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
-from tokendyn.errors import TokendynError
 from tokendyn.analysis.labels import MISSING, flag_array, flag_names, label_mask, label_share
-from tokendyn.analysis.trajectories import (at_perplexity, double_descent, falls_rises_falls, load_small,
-                                            model_index, model_loss, valid_tokens)
+from tokendyn.analysis.trajectories import (
+    at_perplexity,
+    double_descent,
+    falls_rises_falls,
+    load_small,
+    model_index,
+    model_loss,
+    valid_tokens,
+)
+from tokendyn.errors import TokendynError
 from tokendyn.store.layout import TOKEN_DIMS
 
 METHODS = ("kmeans", "gmm")
@@ -84,8 +91,13 @@ class Clustering:
         return label_share(self.labels)
 
 
-def trajectory_features(ds: xr.Dataset, on: str = "perplexity", model: int | str | None = None,
-                        levels: Sequence[float] | None = None, n_levels: int = 10) -> xr.DataArray:
+def trajectory_features(
+    ds: xr.Dataset,
+    on: str = "perplexity",
+    model: int | str | None = None,
+    levels: Sequence[float] | None = None,
+    n_levels: int = 10,
+) -> xr.DataArray:
     """Trajectories as (model, token, point), `point` whole in each chunk. Lazy.
 
     on="perplexity": loss at matched validation perplexity (levels, default a grid of n_levels
@@ -153,16 +165,18 @@ def _choose_k(x: np.ndarray, method: str, k_range: Sequence[int], seed: int) -> 
     for k in k_range:
         estimator = _estimator(method, k, seed).fit(x)
         if method == "kmeans":
-            scores[k] = float(silhouette_score(x, estimator.predict(x), sample_size=min(5000, len(x)),
-                                               random_state=seed))
+            scores[k] = float(
+                silhouette_score(x, estimator.predict(x), sample_size=min(5000, len(x)), random_state=seed)
+            )
         else:
             scores[k] = float(estimator.bic(x))
     best = max(scores, key=scores.get) if method == "kmeans" else min(scores, key=scores.get)
     return best, scores
 
 
-def _fit(x: np.ndarray, n_clusters: int | str, method: str, k_range: Sequence[int], n_seeds: int,
-         seed: int) -> tuple[int, dict[int, float], object, np.ndarray, float]:
+def _fit(
+    x: np.ndarray, n_clusters: int | str, method: str, k_range: Sequence[int], n_seeds: int, seed: int
+) -> tuple[int, dict[int, float], object, np.ndarray, float]:
     """(k, criterion scores, fitted estimator, its labels of x, mean ARI of refits with other seeds)."""
     if n_clusters == "auto":
         k_range = [k for k in k_range if k < len(x)]
@@ -188,8 +202,9 @@ def _shape_merge(labels: np.ndarray, change: np.ndarray, k: int, tol: float) -> 
     return np.array([distinct.index(n) for n in names]), distinct
 
 
-def _fit_shapes(x: np.ndarray, change: np.ndarray, method: str, n_fine: int, n_seeds: int, seed: int,
-                tol: float) -> tuple[list[str], object, np.ndarray, np.ndarray, float]:
+def _fit_shapes(
+    x: np.ndarray, change: np.ndarray, method: str, n_fine: int, n_seeds: int, seed: int, tol: float
+) -> tuple[list[str], object, np.ndarray, np.ndarray, float]:
     """("shapes") (merged cluster names, fine estimator, fine -> merged map, merged labels of x,
     mean ARI of the merged labels of refits with other seeds)."""
     k = min(n_fine, len(x) - 1)
@@ -246,18 +261,39 @@ def top_tokens(labels: xr.DataArray, token_id: np.ndarray, top: int = 10, token_
         texts = _decode(member_ids[best].tolist(), token_text)
         for i, text in zip(best, texts):
             token = int(member_ids[i])
-            rows.append({"cluster": k, "name": name, "token_id": token, "text": text, "count": int(counts[i]),
-                         "cluster_share": 100 * counts[i] / counts.sum(), "corpus_count": corpus[token],
-                         "token_share": 100 * counts[i] / corpus[token]})
+            rows.append(
+                {
+                    "cluster": k,
+                    "name": name,
+                    "token_id": token,
+                    "text": text,
+                    "count": int(counts[i]),
+                    "cluster_share": 100 * counts[i] / counts.sum(),
+                    "corpus_count": corpus[token],
+                    "token_share": 100 * counts[i] / corpus[token],
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def cluster(ds: xr.Dataset, n_clusters: int | str = "shapes", on: str = "perplexity",
-            model: int | str | None = None, levels: Sequence[float] | None = None, n_levels: int = 10,
-            method: str = "kmeans", normalize: str = "center", k_range: Sequence[int] = range(2, 9),
-            n_fine: int = 16, max_fit_tokens: int = 50_000, n_seeds: int = 5, tol: float = 0.1, top: int = 10,
-            token_text: Callable[[Sequence[int]], Sequence[str]] | None = None,
-            random_state: int = 0) -> Clustering:
+def cluster(
+    ds: xr.Dataset,
+    n_clusters: int | str = "shapes",
+    on: str = "perplexity",
+    model: int | str | None = None,
+    levels: Sequence[float] | None = None,
+    n_levels: int = 10,
+    method: str = "kmeans",
+    normalize: str = "center",
+    k_range: Sequence[int] = range(2, 9),
+    n_fine: int = 16,
+    max_fit_tokens: int = 50_000,
+    n_seeds: int = 5,
+    tol: float = 0.1,
+    top: int = 10,
+    token_text: Callable[[Sequence[int]], Sequence[str]] | None = None,
+    random_state: int = 0,
+) -> Clustering:
     """Cluster token trajectories and name the clusters by shape (see the module doc).
 
     n_clusters: "shapes" (default: `n_fine` clusters, fewer where the fit sample has under
@@ -295,12 +331,14 @@ def cluster(ds: xr.Dataset, n_clusters: int | str = "shapes", on: str = "perplex
         shape_names = None
         if n_clusters == "shapes":
             n_fine = max(2, min(n_fine, len(x) // MIN_FINE_SIZE))
-            shape_names, estimator, merge, fit_labels, stability = _fit_shapes(x, change, method, n_fine, n_seeds,
-                                                                               random_state, tol)
+            shape_names, estimator, merge, fit_labels, stability = _fit_shapes(
+                x, change, method, n_fine, n_seeds, random_state, tol
+            )
             n_clusters, scores, criterion = len(shape_names), {}, f"shape names of {n_fine} fine clusters"
         else:
-            n_clusters, scores, estimator, fit_labels, stability = _fit(x, n_clusters, method, k_range, n_seeds,
-                                                                       random_state)
+            n_clusters, scores, estimator, fit_labels, stability = _fit(
+                x, n_clusters, method, k_range, n_seeds, random_state
+            )
             merge = np.arange(n_clusters)
             criterion = "silhouette" if method == "kmeans" else "bic"
 
@@ -308,21 +346,33 @@ def cluster(ds: xr.Dataset, n_clusters: int | str = "shapes", on: str = "perplex
     rank = np.empty(n_clusters, dtype=np.int8)
     rank[np.argsort(-sizes, kind="stable")] = np.arange(n_clusters)  # code by size, 0 = largest
     order = rank[merge]  # estimator label -> code
-    curves = np.array([change[fit_labels == k].mean(axis=0) if sizes[k] else np.full(raw.shape[1], np.nan)
-                       for k in np.argsort(-sizes, kind="stable")])
+    curves = np.array(
+        [
+            change[fit_labels == k].mean(axis=0) if sizes[k] else np.full(raw.shape[1], np.nan)
+            for k in np.argsort(-sizes, kind="stable")
+        ]
+    )
     if shape_names is None:
         names = [name_shape(curve, tol) for curve in curves]
         names = [f"{n} ({c[-1] - c[0]:+.2f} nats)" if names.count(n) > 1 else n for n, c in zip(names, curves)]
     else:  # each merged cluster keeps the name its fine clusters share
         names = [shape_names[k] for k in np.argsort(-sizes, kind="stable")]
 
-    codes = xr.apply_ufunc(_predict, features, input_core_dims=[["point"]], dask="parallelized",
-                           output_dtypes=[np.int8], kwargs=dict(estimator=estimator, how=normalize, order=order))
+    codes = xr.apply_ufunc(
+        _predict,
+        features,
+        input_core_dims=[["point"]],
+        dask="parallelized",
+        output_dtypes=[np.int8],
+        kwargs=dict(estimator=estimator, how=normalize, order=order),
+    )
     labels = flag_array(codes.compute(), names, "cluster", "cluster of the token's loss trajectory")
-    centroids = xr.DataArray(curves, dims=("cluster", "point"),
-                             coords={"cluster": np.arange(n_clusters), "name": ("cluster", names),
-                                     "point": features["point"].values},
-                             attrs={"on": on, "long_name": "mean loss change from the first point", "units": "nats", "tol": tol})
+    centroids = xr.DataArray(
+        curves,
+        dims=("cluster", "point"),
+        coords={"cluster": np.arange(n_clusters), "name": ("cluster", names), "point": features["point"].values},
+        attrs={"on": on, "long_name": "mean loss change from the first point", "units": "nats", "tol": tol},
+    )
     if token_text is None and "vocab_text" in ds.variables:
         vocab = ds["vocab_text"].values
         token_text = vocab.__getitem__  # labelled tokens are never padding, so every id indexes the vocabulary
@@ -334,8 +384,9 @@ def cluster(ds: xr.Dataset, n_clusters: int | str = "shapes", on: str = "perplex
 DETECTED = {"stagnating": "stagnated", "rising": "upward", "double descent": "double descent"}
 
 
-def detector_agreement(ds: xr.Dataset, clustering: Clustering, *, dd_tol: float = 0.5, dd_window: int = 3,
-                       trend_start: float = 0.0) -> pd.DataFrame:
+def detector_agreement(
+    ds: xr.Dataset, clustering: Clustering, *, dd_tol: float = 0.5, dd_window: int = 3, trend_start: float = 0.0
+) -> pd.DataFrame:
     """How well the named clusters agree with the per-token detectors, per model.
 
     "stagnating" and "rising" clusters against the trend categories "stagnated" and "upward"
@@ -369,9 +420,17 @@ def detector_agreement(ds: xr.Dataset, clustering: Clustering, *, dd_tol: float 
             labelled = (codes.sel(model=model) >= 0).values
             flagged = flags.sel(model=model).values.astype(bool) & labelled
             both = int((member & flagged).sum())
-            rows.append({"model": model, "cluster": name, "detector": detector, "cluster_tokens": int(member.sum()),
-                         "detector_tokens": int(flagged.sum()), "both": both,
-                         "precision": both / member.sum() if member.any() else np.nan,
-                         "recall": both / flagged.sum() if flagged.any() else np.nan,
-                         "base_rate": flagged.sum() / labelled.sum() if labelled.any() else np.nan})
+            rows.append(
+                {
+                    "model": model,
+                    "cluster": name,
+                    "detector": detector,
+                    "cluster_tokens": int(member.sum()),
+                    "detector_tokens": int(flagged.sum()),
+                    "both": both,
+                    "precision": both / member.sum() if member.any() else np.nan,
+                    "recall": both / flagged.sum() if flagged.any() else np.nan,
+                    "base_rate": flagged.sum() / labelled.sum() if labelled.any() else np.nan,
+                }
+            )
     return pd.DataFrame(rows)

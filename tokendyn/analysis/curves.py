@@ -20,11 +20,20 @@ import numpy as np
 import scipy.special
 import xarray as xr
 
-from tokendyn.errors import TokendynError
 from tokendyn.analysis.labels import MISSING, describe, flag_array
-from tokendyn.analysis.trajectories import (CHUNK_MB, chunk_tokens, done_checkpoints, load_small, model_loss,
-                                            moving_average, over_token_slices, token_loss, trained_checkpoints,
-                                            valid_tokens)
+from tokendyn.analysis.trajectories import (
+    CHUNK_MB,
+    chunk_tokens,
+    done_checkpoints,
+    load_small,
+    model_loss,
+    moving_average,
+    over_token_slices,
+    token_loss,
+    trained_checkpoints,
+    valid_tokens,
+)
+from tokendyn.errors import TokendynError
 
 RHO1_CLASSES = ("H->H", "L->H", "H->L", "L->L")
 AOA_SLICE_TOKENS = 1024  # the sigmoid fit keeps ~15 float64 copies of its slice: small enough for the cache
@@ -52,9 +61,14 @@ def final_loss(ds: xr.Dataset, last: int = 5) -> xr.Dataset:
     mask = last_checkpoints(ds, last)
     used = np.flatnonzero(mask.values.any(axis=0))  # read only checkpoints that are some model's last ones
     loss = chunk_tokens(token_loss(ds).isel(ckpt=used)).where(mask.isel(ckpt=used))
-    return xr.Dataset({"final_loss": describe(loss.mean("ckpt"), "mean loss over the last checkpoints", "nats"),
-                       "final_variability": describe(loss.std("ckpt"), "standard deviation of the loss over the last "
-                                                     "checkpoints", "nats")})
+    return xr.Dataset(
+        {
+            "final_loss": describe(loss.mean("ckpt"), "mean loss over the last checkpoints", "nats"),
+            "final_variability": describe(
+                loss.std("ckpt"), "standard deviation of the loss over the last checkpoints", "nats"
+            ),
+        }
+    )
 
 
 def _grid_start(y: np.ndarray, x: np.ndarray, chance: float) -> np.ndarray:
@@ -67,8 +81,12 @@ def _grid_start(y: np.ndarray, x: np.ndarray, chance: float) -> np.ndarray:
     float32 throughout: it only ranks grid points. y is (token, ckpt).
     """
     span = max(float(x.max() - x.min()), 1e-6)
-    k, x0 = (grid.ravel() for grid in np.meshgrid(np.geomspace(*AOA_GRID_K, AOA_GRID[1]) / span,
-                                                   np.linspace(x.min(), x.max(), AOA_GRID[0])))
+    k, x0 = (
+        grid.ravel()
+        for grid in np.meshgrid(
+            np.geomspace(*AOA_GRID_K, AOA_GRID[1]) / span, np.linspace(x.min(), x.max(), AOA_GRID[0])
+        )
+    )
     s = scipy.special.expit(-k[:, None] * (x - x0[:, None]))  # (grid, ckpt)
     u = 1 - s
     uu, su = (u * u).sum(-1), (s * u).sum(-1)
@@ -139,13 +157,15 @@ def uniform_loss(ds: xr.Dataset) -> float:
     has a slightly larger uniform loss (pass it as `chance` where that matters).
     """
     if "vocab" not in ds.sizes:
-        raise TokendynError("the store has no vocabulary (vocab_text), so chance = ln(vocabulary size) is unknown; "
-                            "pass chance=")
+        raise TokendynError(
+            "the store has no vocabulary (vocab_text), so chance = ln(vocabulary size) is unknown; pass chance="
+        )
     return float(np.log(ds.sizes["vocab"]))
 
 
-def age_of_acquisition(ds: xr.Dataset, chance: float | None = None, n_iter: int = 3,
-                       chunk_mb: float = CHUNK_MB) -> xr.DataArray:
+def age_of_acquisition(
+    ds: xr.Dataset, chance: float | None = None, n_iter: int = 3, chunk_mb: float = CHUNK_MB
+) -> xr.DataArray:
     """Age of acquisition: log10 step where a fitted sigmoid crosses halfway between chance and
     the sigmoid's minimum (Chang et al.).
 
@@ -171,10 +191,16 @@ def age_of_acquisition(ds: xr.Dataset, chance: float | None = None, n_iter: int 
         if loss.sizes["ckpt"] < 3:
             per_model.append(xr.full_like(loss.isel(ckpt=0, drop=True), np.nan, dtype=float))
             continue
-        per_model.append(xr.apply_ufunc(
-            partial(over_token_slices, _sigmoid_midpoint, slice_tokens=AOA_SLICE_TOKENS), loss,
-            input_core_dims=[["ckpt"]], dask="parallelized", output_dtypes=[float],
-            kwargs={"x": np.log10(steps[steps > 0]), "chance": level, "n_iter": n_iter}))
+        per_model.append(
+            xr.apply_ufunc(
+                partial(over_token_slices, _sigmoid_midpoint, slice_tokens=AOA_SLICE_TOKENS),
+                loss,
+                input_core_dims=[["ckpt"]],
+                dask="parallelized",
+                output_dtypes=[float],
+                kwargs={"x": np.log10(steps[steps > 0]), "chance": level, "n_iter": n_iter},
+            )
+        )
     out = xr.concat(per_model, dim="model").assign_coords(model=ds["model"].values)
     return describe(out.where(valid_tokens(ds)).rename("age_of_acquisition"), "age of acquisition (log10 step)")
 
@@ -183,11 +209,17 @@ def forgettability(ds: xr.Dataset, window: int = 3) -> xr.DataArray:
     """Sum of the upward moves of each token's loss curve after a centred moving average over
     `window` checkpoints (Chang et al.): 0 for a curve that never goes up. Nats."""
     ds = load_small(ds)
-    out = xr.apply_ufunc(partial(over_token_slices, _upward_moves), chunk_tokens(token_loss(ds)),
-                         input_core_dims=[["ckpt"]], kwargs={"window": window}, dask="parallelized",
-                         output_dtypes=[float])
-    return describe(out.where(valid_tokens(ds)).rename("forgettability"), "summed upward moves of the smoothed loss",
-                    "nats")
+    out = xr.apply_ufunc(
+        partial(over_token_slices, _upward_moves),
+        chunk_tokens(token_loss(ds)),
+        input_core_dims=[["ckpt"]],
+        kwargs={"window": window},
+        dask="parallelized",
+        output_dtypes=[float],
+    )
+    return describe(
+        out.where(valid_tokens(ds)).rename("forgettability"), "summed upward moves of the smoothed loss", "nats"
+    )
 
 
 def _upward_moves(loss: np.ndarray, window: int) -> np.ndarray:
@@ -202,16 +234,20 @@ def _at(ds: xr.Dataset, positions: list[int], trained: bool) -> xr.DataArray:
     for m, position in enumerate(positions):
         candidates = pick(ds, m)
         if not -len(candidates) <= position < len(candidates):
-            raise TokendynError(f"model {ds['model'].values[m]} has {len(candidates)} "
-                                f"{'trained' if trained else 'done'} checkpoints, so no checkpoint {position}")
+            raise TokendynError(
+                f"model {ds['model'].values[m]} has {len(candidates)} "
+                f"{'trained' if trained else 'done'} checkpoints, so no checkpoint {position}"
+            )
         idx.append(candidates[position])
     steps = ds["step"].values[np.arange(len(idx)), idx]
-    return token_loss(ds).isel(ckpt=xr.DataArray(idx, dims="model")).drop_vars("ckpt").assign_coords(
-        step=("model", steps))
+    return (
+        token_loss(ds).isel(ckpt=xr.DataArray(idx, dims="model")).drop_vars("ckpt").assign_coords(step=("model", steps))
+    )
 
 
-def rho1_classes(ds: xr.Dataset, first: int | None = None, last: int = -1,
-                 threshold: float | None = None) -> xr.DataArray:
+def rho1_classes(
+    ds: xr.Dataset, first: int | None = None, last: int = -1, threshold: float | None = None
+) -> xr.DataArray:
     """Rho-1 classes between two checkpoints of each model.
 
     first, last: positions among each model's done checkpoints; first=None (default) is the first
@@ -237,8 +273,15 @@ def rho1_classes(ds: xr.Dataset, first: int | None = None, last: int = -1,
     high_a, high_b = a > threshold, b > threshold
     codes = xr.where(high_a, xr.where(high_b, 0, 2), xr.where(high_b, 1, 3))
     codes = codes.where(valid & a.notnull() & b.notnull(), MISSING).astype(np.int8)
-    return flag_array(codes, RHO1_CLASSES, "rho1", "Rho-1 class of the token between two checkpoints",
-                      threshold=threshold, threshold_units="nats", **steps)
+    return flag_array(
+        codes,
+        RHO1_CLASSES,
+        "rho1",
+        "Rho-1 class of the token between two checkpoints",
+        threshold=threshold,
+        threshold_units="nats",
+        **steps,
+    )
 
 
 def cartography(ds: xr.Dataset) -> xr.Dataset:
@@ -247,14 +290,22 @@ def cartography(ds: xr.Dataset) -> xr.Dataset:
     ds = load_small(ds)
     prob = np.exp(-chunk_tokens(token_loss(ds)))
     valid = valid_tokens(ds)
-    return xr.Dataset({"confidence": describe(prob.mean("ckpt").where(valid), "mean probability of the true token"),
-                       "variability": describe(prob.std("ckpt").where(valid),
-                                               "standard deviation of the probability of the true token")})
+    return xr.Dataset(
+        {
+            "confidence": describe(prob.mean("ckpt").where(valid), "mean probability of the true token"),
+            "variability": describe(
+                prob.std("ckpt").where(valid), "standard deviation of the probability of the true token"
+            ),
+        }
+    )
 
 
 def curve_measures(ds: xr.Dataset, last: int = 5, chance: float | None = None, window: int = 3) -> xr.Dataset:
     """All per-token §5 measures in one lazy Dataset (model, token): final_loss,
     final_variability, age_of_acquisition, forgettability, confidence, variability."""
     ds = load_small(ds)
-    return xr.merge([final_loss(ds, last), age_of_acquisition(ds, chance), forgettability(ds, window),
-                     cartography(ds)], compat="override", join="override")
+    return xr.merge(
+        [final_loss(ds, last), age_of_acquisition(ds, chance), forgettability(ds, window), cartography(ds)],
+        compat="override",
+        join="override",
+    )

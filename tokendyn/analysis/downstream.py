@@ -26,10 +26,11 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from tokendyn.analysis import choices, emergence as emergence_module, passuntil, skills
-from tokendyn.store import passuntil as runs_store
+from tokendyn.analysis import choices, passuntil, skills
+from tokendyn.analysis import emergence as emergence_module
 from tokendyn.errors import TokendynError
 from tokendyn.store import CHECKPOINT_COORDS, ITEM_FIELDS, OPTION_FIELD, TASK_SET_PREFIX, list_sets, open_store
+from tokendyn.store import passuntil as runs_store
 
 METRICS = (*choices.METRICS, "correct_ppl", "incorrect_ppl")
 LAWS = ("auto", "joint", "tokens")
@@ -52,14 +53,20 @@ def _main(source) -> xr.Dataset:
 
 def task_names(source) -> list[str]:
     """The multiple-choice tasks of a store (its sets named task.<name>)."""
-    return [name.removeprefix(TASK_SET_PREFIX) for name in list_sets(source_path(source)) if name.startswith(TASK_SET_PREFIX)]
+    return [
+        name.removeprefix(TASK_SET_PREFIX)
+        for name in list_sets(source_path(source))
+        if name.startswith(TASK_SET_PREFIX)
+    ]
 
 
 def _check_task(source, task: str) -> None:
     names = task_names(source)
     if task not in names:
-        raise TokendynError(f"store {source_path(source)} has no task '{task}'; it has: {', '.join(names) or 'none'} "
-                            "(add tasks with tokendyn tasks)")
+        raise TokendynError(
+            f"store {source_path(source)} has no task '{task}'; it has: {', '.join(names) or 'none'} "
+            "(add tasks with tokendyn tasks)"
+        )
 
 
 def option_scores(source, task: str) -> xr.Dataset:
@@ -74,8 +81,9 @@ def option_scores(source, task: str) -> xr.Dataset:
     doc = ds["doc"].values
     loss = ds["loss"].where(ds["done"]).astype(np.float64).values[..., in_option]  # (model, ckpt, option tokens)
     n_docs = int(doc.max()) + 1
-    logprob = -np.stack([np.bincount(doc[in_option], weights=row, minlength=n_docs)
-                         for row in loss.reshape(-1, loss.shape[-1])]).reshape(loss.shape[:2] + (n_docs,))
+    logprob = -np.stack(
+        [np.bincount(doc[in_option], weights=row, minlength=n_docs) for row in loss.reshape(-1, loss.shape[-1])]
+    ).reshape(loss.shape[:2] + (n_docs,))
     docs, first = np.unique(doc, return_index=True)  # every (item, option) document and its first token
     logprob, length = logprob[..., docs], np.bincount(doc[in_option], minlength=n_docs)[docs]
     item, option = ds["item"].values[first], ds["option"].values[first]
@@ -83,36 +91,56 @@ def option_scores(source, task: str) -> xr.Dataset:
     lp = np.full(logprob.shape[:2] + shape, np.nan)
     lp[:, :, item, option] = logprob
     per_option = {}
-    for name, values in (("length", length), ("chars", ds["option_chars"].values),
-                         ("target_score", ds["target_score"].values)):
+    for name, values in (
+        ("length", length),
+        ("chars", ds["option_chars"].values),
+        ("target_score", ds["target_score"].values),
+    ):
         per_option[name] = np.full(shape, np.nan)
         per_option[name][item, option] = values
     answer = np.zeros(shape[0], dtype=np.int64)
     answer[item] = ds["answer"].values[first]
     first = first[np.unique(item, return_index=True)[1]]  # the first token of every item
     per_token = (*ITEM_FIELDS, OPTION_FIELD, "doc", "token_id", "offset", "n_context")
-    fields = {k: ("item", ds[k].values[first]) for k, v in ds.coords.items()
-              if v.dims == ("token",) and k not in per_token}
+    fields = {
+        k: ("item", ds[k].values[first]) for k, v in ds.coords.items() if v.dims == ("token",) and k not in per_token
+    }
     dims = ("model", "ckpt", "item", "option")
     return xr.Dataset(
-        {"logprob": (dims, lp), **{k: (dims[2:], v) for k, v in per_option.items()}, "answer": ("item", answer),
-         "done": (dims[:2], ds["done"].values)},
-        coords={"model": ds["model"].values, "ckpt": ds["ckpt"].values,
-                **{k: (("model", "ckpt"), ds[k].values) for k in CHECKPOINT_COORDS}, **fields},
-        attrs={"task": task})
+        {
+            "logprob": (dims, lp),
+            **{k: (dims[2:], v) for k, v in per_option.items()},
+            "answer": ("item", answer),
+            "done": (dims[:2], ds["done"].values),
+        },
+        coords={
+            "model": ds["model"].values,
+            "ckpt": ds["ckpt"].values,
+            **{k: (("model", "ckpt"), ds[k].values) for k in CHECKPOINT_COORDS},
+            **fields,
+        },
+        attrs={"task": task},
+    )
 
 
-def _metrics_on_done(scores: xr.Dataset, per_item: bool, convention: str,
-                     prob_per_token: bool) -> dict[str, np.ndarray]:
+def _metrics_on_done(
+    scores: xr.Dataset, per_item: bool, convention: str, prob_per_token: bool
+) -> dict[str, np.ndarray]:
     """`choices.choice_metrics` on the done checkpoints only (NaN elsewhere); per_item keeps the item axis."""
     lp, answer, done = (scores[k].values for k in ("logprob", "answer", "done"))
-    lengths = {"tokens": scores["length"].values, "chars": scores["chars"].values,
-               "target_scores": scores["target_score"].values}
+    lengths = {
+        "tokens": scores["length"].values,
+        "chars": scores["chars"].values,
+        "target_scores": scores["target_score"].values,
+    }
     if per_item:  # every item its own one-item average
         lp, answer = lp[..., None, :], answer[:, None]
         lengths = {k: v[:, None, :] for k, v in lengths.items()}
-    values = choices.choice_metrics(lp[done], answer, convention=convention, prob_per_token=prob_per_token,
-                                    **lengths) if done.any() else {}
+    values = (
+        choices.choice_metrics(lp[done], answer, convention=convention, prob_per_token=prob_per_token, **lengths)
+        if done.any()
+        else {}
+    )
     out = {}
     for name in choices.METRICS:
         full = np.full(done.shape + (lp.shape[2:-2] if per_item else ()), np.nan)
@@ -134,8 +162,13 @@ def _option_ppl(scores: xr.Dataset) -> dict[str, np.ndarray]:
     return out
 
 
-def task_scores(source, tasks: Sequence[str] | None = None, *, convention: str = choices.DEFAULT_CONVENTION,
-                prob_per_token: bool = False) -> xr.Dataset:
+def task_scores(
+    source,
+    tasks: Sequence[str] | None = None,
+    *,
+    convention: str = choices.DEFAULT_CONVENTION,
+    prob_per_token: bool = False,
+) -> xr.Dataset:
     """Metrics of every task (default: all of the store's) per (task, model, ckpt): `accuracy` by
     `convention` ("acc", "acc_norm" or "grade"), `correct_prob`, `brier`, `random_accuracy`,
     `random_brier` (see `tokendyn.analysis.choices`; prob_per_token as there), `correct_ppl` and
@@ -154,25 +187,34 @@ def task_scores(source, tasks: Sequence[str] | None = None, *, convention: str =
         done = scores["done"].values
         for key in ("correct_ppl", "incorrect_ppl"):
             values[key] = np.where(done, values[key], np.nan)
-        per_task.append(xr.Dataset({k: (("model", "ckpt"), v) for k, v in values.items()}, coords=scores["done"].coords)
-                        .assign_coords(n_items=scores.sizes["item"],
-                                       n_options=float((~np.isnan(scores["length"])).sum("option").mean())))
+        per_task.append(
+            xr.Dataset(
+                {k: (("model", "ckpt"), v) for k, v in values.items()}, coords=scores["done"].coords
+            ).assign_coords(
+                n_items=scores.sizes["item"], n_options=float((~np.isnan(scores["length"])).sum("option").mean())
+            )
+        )
     out = xr.concat(per_task, dim=pd.Index(names, name="task"), coords="different", compat="equals")
     out["accuracy"].attrs["convention"] = convention
     return out.assign_attrs(convention=convention)
 
 
-def item_correct(source, task: str, *, convention: str = choices.DEFAULT_CONVENTION,
-                 prob_per_token: bool = False) -> xr.DataArray:
+def item_correct(
+    source, task: str, *, convention: str = choices.DEFAULT_CONVENTION, prob_per_token: bool = False
+) -> xr.DataArray:
     """Per-item credit (model, ckpt, item) by `convention` (see `task_scores`): 1 or 0 for "acc" and
     "acc_norm", the chosen option's target score for "grade"; NaN where the checkpoint is not done;
     item fields as coordinates; the attribute `convention`."""
     choices.check_convention(convention)
     scores = option_scores(source, task)
     values = _metrics_on_done(scores, True, convention, prob_per_token)["accuracy"]
-    return xr.DataArray(values, dims=("model", "ckpt", "item"),
-                        coords={k: v for k, v in scores.coords.items() if k != "option"}, name="correct",
-                        attrs={"convention": convention})
+    return xr.DataArray(
+        values,
+        dims=("model", "ckpt", "item"),
+        coords={k: v for k, v in scores.coords.items() if k != "option"},
+        name="correct",
+        attrs={"convention": convention},
+    )
 
 
 def _loss_axes(curve: xr.Dataset | xr.DataArray, params: str = "n_params") -> dict[str, xr.DataArray]:
@@ -181,9 +223,17 @@ def _loss_axes(curve: xr.Dataset | xr.DataArray, params: str = "n_params") -> di
     return {"loss": loss, "compute": compute if bool(np.isfinite(compute).any()) else None, "step": curve["step"]}
 
 
-def emergence(source, task: str, metric: str = "accuracy", *, margin: float | None = None,
-              params: str = "n_params", scores: xr.Dataset | None = None,
-              convention: str = choices.DEFAULT_CONVENTION, **options) -> emergence_module.EmergenceResult:
+def emergence(
+    source,
+    task: str,
+    metric: str = "accuracy",
+    *,
+    margin: float | None = None,
+    params: str = "n_params",
+    scores: xr.Dataset | None = None,
+    convention: str = choices.DEFAULT_CONVENTION,
+    **options,
+) -> emergence_module.EmergenceResult:
     """The loss threshold of one task (methods.md §2): `metric` ("accuracy", "correct_prob" or "brier")
     of every done checkpoint of every model against log(val_ppl); compute = 6 N D with N = `params`
     ("n_params" or "n_params_nonembed") and D = tokens seen (left out when tokens seen are unknown).
@@ -206,9 +256,15 @@ def emergence(source, task: str, metric: str = "accuracy", *, margin: float | No
         margin = choices.chance_margin(int(scores["n_items"]), float(1 / scores["random_accuracy"].mean()))
     axes = _loss_axes(scores, params)
     return emergence_module.emergence_threshold(
-        axes["loss"].values, scores[metric].values, baseline=baseline, margin=margin,
-        compute=None if axes["compute"] is None else axes["compute"].values, step=axes["step"].values,
-        higher_is_better=metric != "brier", **options)
+        axes["loss"].values,
+        scores[metric].values,
+        baseline=baseline,
+        margin=margin,
+        compute=None if axes["compute"] is None else axes["compute"].values,
+        step=axes["step"].values,
+        higher_is_better=metric != "brier",
+        **options,
+    )
 
 
 def pass_until_tasks(source) -> list[str]:
@@ -229,25 +285,33 @@ def _one_pass_until(source, task: str, confidence: float, n_boot: int, ci: float
     fields = ("estimate", "ci_low", "ci_high", "upper", "censored", "n_censored")
     task_level = {k: np.full(done.shape, np.nan) for k in fields}
     for m, c in zip(*np.nonzero(done)):
-        result = passuntil.task_rate(passes[m, c], samples[m, c], target, confidence=confidence, n_boot=n_boot,
-                                     ci=ci, seed=seed)
+        result = passuntil.task_rate(
+            passes[m, c], samples[m, c], target, confidence=confidence, n_boot=n_boot, ci=ci, seed=seed
+        )
         for k in fields:
             task_level[k][m, c] = getattr(result, k)
     per_ckpt = ("model", "ckpt")
     out = xr.Dataset(
-        {"rate": runs["passes"].copy(data=instance["rate"]), "upper": runs["passes"].copy(data=instance["upper"]),
-         "censored": runs["passes"].copy(data=censored).where(runs["done"]),
-         "passes": runs["passes"].where(runs["done"]), "samples": runs["samples"].where(runs["done"]),
-         "drawn": runs["drawn"].where(runs["done"]), "seconds": runs["seconds"].where(runs["done"]),
-         **{f"task_{k}": (per_ckpt, v) for k, v in task_level.items()},
-         "task_drawn": runs["drawn"].where(runs["done"]).sum("instance", min_count=1),
-         "task_seconds": runs["seconds"].where(runs["done"]).sum("instance", min_count=1)},
-        attrs={"task": task, "target": target, **{k: v for k, v in runs.attrs["params"].items() if k != "task"}})
+        {
+            "rate": runs["passes"].copy(data=instance["rate"]),
+            "upper": runs["passes"].copy(data=instance["upper"]),
+            "censored": runs["passes"].copy(data=censored).where(runs["done"]),
+            "passes": runs["passes"].where(runs["done"]),
+            "samples": runs["samples"].where(runs["done"]),
+            "drawn": runs["drawn"].where(runs["done"]),
+            "seconds": runs["seconds"].where(runs["done"]),
+            **{f"task_{k}": (per_ckpt, v) for k, v in task_level.items()},
+            "task_drawn": runs["drawn"].where(runs["done"]).sum("instance", min_count=1),
+            "task_seconds": runs["seconds"].where(runs["done"]).sum("instance", min_count=1),
+        },
+        attrs={"task": task, "target": target, **{k: v for k, v in runs.attrs["params"].items() if k != "task"}},
+    )
     return out
 
 
-def pass_until(source, task: str | None = None, *, confidence: float = 0.95, n_boot: int = 2000, ci: float = 0.95,
-               seed: int = 0) -> xr.Dataset:
+def pass_until(
+    source, task: str | None = None, *, confidence: float = 0.95, n_boot: int = 2000, ci: float = 0.95, seed: int = 0
+) -> xr.Dataset:
     """PassUntil estimates of one task, or of every task of the store along a `task` dimension.
 
     Per (model, ckpt, instance): `rate` (unbiased; NaN where censored), `upper` (one-sided
@@ -264,8 +328,9 @@ def pass_until(source, task: str | None = None, *, confidence: float = 0.95, n_b
     results = [_one_pass_until(source, name, confidence, n_boot, ci, seed) for name in names]
     if task is not None:
         return results[0]
-    stripped = [r.drop_vars([k for k, v in r.coords.items() if "instance" in v.dims and k != "instance"])
-                for r in results]
+    stripped = [
+        r.drop_vars([k for k, v in r.coords.items() if "instance" in v.dims and k != "instance"]) for r in results
+    ]
     return xr.concat(stripped, dim=pd.Index(names, name="task"), join="outer", combine_attrs="drop")
 
 
@@ -281,17 +346,28 @@ def excess_loss(source, *, law: str = "auto", irreducible: float | None = None) 
     if irreducible is None:
         if law == "auto":
             law = "joint" if np.unique(main["n_params"].values).size >= 2 else "tokens"
-        fitted = skills.fit_loss_law(loss, main["tokens_seen"].reset_coords(drop=True),
-                                     main["n_params"].reset_coords(drop=True), law=law)
+        fitted = skills.fit_loss_law(
+            loss, main["tokens_seen"].reset_coords(drop=True), main["n_params"].reset_coords(drop=True), law=law
+        )
         irreducible = fitted.irreducible
     excess = (loss - irreducible).assign_coords({k: (("model", "ckpt"), main[k].values) for k in CHECKPOINT_COORDS})
     excess.attrs["irreducible"] = float(irreducible)
     return excess.rename("excess_loss")
 
 
-def task_scaling_fit(source, task: str | None = None, *, x: str = "n_params", points: str = "final",
-                     law: str = "auto", irreducible: float | None = None, confidence: float = 0.95,
-                     n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> passuntil.ScalingFit:
+def task_scaling_fit(
+    source,
+    task: str | None = None,
+    *,
+    x: str = "n_params",
+    points: str = "final",
+    law: str = "auto",
+    irreducible: float | None = None,
+    confidence: float = 0.95,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> passuntil.ScalingFit:
     """The task scaling law F = log(-log PU) of one PassUntil task (the store's only one by default).
 
     x: "n_params" or "n_params_nonembed" (log N), or "excess_loss" (log of `excess_loss` with `law`
@@ -323,9 +399,17 @@ def task_scaling_fit(source, task: str | None = None, *, x: str = "n_params", po
     excess = None
     if x == "excess_loss":
         excess = excess_loss(source, law=law, irreducible=irreducible).values[m, c]
-    return passuntil.fit_task_scaling(runs["passes"].values[m, c], runs["samples"].values[m, c],
-                                      int(runs.attrs["params"]["passes"]), n_params, excess_loss=excess,
-                                      confidence=confidence, n_boot=n_boot, ci=ci, seed=seed)
+    return passuntil.fit_task_scaling(
+        runs["passes"].values[m, c],
+        runs["samples"].values[m, c],
+        int(runs.attrs["params"]["passes"]),
+        n_params,
+        excess_loss=excess,
+        confidence=confidence,
+        n_boot=n_boot,
+        ci=ci,
+        seed=seed,
+    )
 
 
 def skill_tasks(source) -> list[str]:
@@ -334,9 +418,17 @@ def skill_tasks(source) -> list[str]:
     return [t for t in task_names(path) if "skills" in open_store(path, set=TASK_SET_PREFIX + t).coords]
 
 
-def skill_curves(source, k: Sequence[int] = (1, 2, 3), tasks: Sequence[str] | None = None, *, beta: float = 2.0,
-                 text_k: Sequence[int] | None = None, law: str = "auto", irreducible: float | None = None,
-                 convention: str = choices.DEFAULT_CONVENTION) -> xr.Dataset:
+def skill_curves(
+    source,
+    k: Sequence[int] = (1, 2, 3),
+    tasks: Sequence[str] | None = None,
+    *,
+    beta: float = 2.0,
+    text_k: Sequence[int] | None = None,
+    law: str = "auto",
+    irreducible: float | None = None,
+    convention: str = choices.DEFAULT_CONVENTION,
+) -> xr.Dataset:
     """Skill composition (methods.md §3) on items labelled with skills.
 
     Two different k's:
@@ -353,8 +445,10 @@ def skill_curves(source, k: Sequence[int] = (1, 2, 3), tasks: Sequence[str] | No
     """
     names = skill_tasks(source) if tasks is None else list(tasks)
     if not names:
-        raise TokendynError(f"store {source_path(source)} has no task with skill-labelled items (an item field "
-                            "'skills'); score such a task with tokendyn tasks")
+        raise TokendynError(
+            f"store {source_path(source)} has no task with skill-labelled items (an item field "
+            "'skills'); score such a task with tokendyn tasks"
+        )
     text_k = list(k) if text_k is None else list(text_k)
     if not text_k or min(text_k) < 1:
         raise TokendynError("text_k (Theorem 8's skills per training text piece) must be positive integers")
@@ -368,11 +462,20 @@ def skill_curves(source, k: Sequence[int] = (1, 2, 3), tasks: Sequence[str] | No
     valid = np.isfinite(theta.values)
     for j, size in enumerate(text_k):
         bound[..., j][valid] = skills.competent_fraction_bound(theta.values[valid], size, beta)
-    curves["bound"] = xr.DataArray(bound, dims=theta.dims + ("text_k",), coords={"text_k": text_k},
-                                   attrs={"k": "text_k: skills per training text piece (Theorem 8)"})
+    curves["bound"] = xr.DataArray(
+        bound,
+        dims=theta.dims + ("text_k",),
+        coords={"text_k": text_k},
+        attrs={"k": "text_k: skills per training text piece (Theorem 8)"},
+    )
     curves["measured"].attrs["k"] = curves["predicted"].attrs["k"] = "k: skills per item"
     curves = curves.assign_coords({name: excess[name].variable for name in CHECKPOINT_COORDS})
-    curves.attrs.update(irreducible=excess.attrs["irreducible"], beta=beta, tasks=list(names), convention=convention,
-                        k="skills per item (measured, predicted)",
-                        text_k="skills per training text piece, Theorem 8's k (bound)")
+    curves.attrs.update(
+        irreducible=excess.attrs["irreducible"],
+        beta=beta,
+        tasks=list(names),
+        convention=convention,
+        k="skills per item (measured, predicted)",
+        text_k="skills per training text piece, Theorem 8's k (bound)",
+    )
     return curves

@@ -96,8 +96,9 @@ def _segmented_sse(loss: np.ndarray, perf: np.ndarray, etas: np.ndarray, weights
     return syy - slope * sxy, intercept, slope
 
 
-def fit_segmented(loss, perf, *, n_grid: int = 200, min_side: int = 3, n_boot: int = 1000, ci: float = 0.95,
-                  seed: int = 0) -> SegmentedFit:
+def fit_segmented(
+    loss, perf, *, n_grid: int = 200, min_side: int = 3, n_boot: int = 1000, ci: float = 0.95, seed: int = 0
+) -> SegmentedFit:
     """Fit the loss threshold eta of the segmented model by grid search.
 
     loss, perf: one value per checkpoint, same shape (NaN dropped).
@@ -108,7 +109,9 @@ def fit_segmented(loss, perf, *, n_grid: int = 200, min_side: int = 3, n_boot: i
     """
     loss, perf = _points(loss, perf)
     if min_side < 2 or loss.size < 2 * min_side:
-        raise TokendynError(f"the segmented fit needs at least {2 * max(min_side, 2)} checkpoints with a loss and a score")
+        raise TokendynError(
+            f"the segmented fit needs at least {2 * max(min_side, 2)} checkpoints with a loss and a score"
+        )
     ordered = np.sort(loss)
     etas = np.linspace(ordered[min_side - 1], ordered[-min_side], n_grid)
     sse, intercept, slope = (v[0] for v in _segmented_sse(loss, perf, etas, np.ones((1, loss.size))))
@@ -118,9 +121,16 @@ def fit_segmented(loss, perf, *, n_grid: int = 200, min_side: int = 3, n_boot: i
     boot = etas[np.argmin(_segmented_sse(loss, perf, etas, counts.reshape(n_boot, loss.size))[0], axis=1)]
     tss = ((perf - perf.mean()) ** 2).sum()
     low, high = np.quantile(boot, [(1 - ci) / 2, (1 + ci) / 2])
-    return SegmentedFit(eta=float(etas[best]), eta_low=float(low), eta_high=float(high),
-                        baseline=float(intercept[best]), slope=float(slope[best]),
-                        r2=float(1 - sse[best] / tss) if tss > 0 else float("nan"), n_points=int(loss.size), ci=ci)
+    return SegmentedFit(
+        eta=float(etas[best]),
+        eta_low=float(low),
+        eta_high=float(high),
+        baseline=float(intercept[best]),
+        slope=float(slope[best]),
+        r2=float(1 - sse[best] / tss) if tss > 0 else float("nan"),
+        n_points=int(loss.size),
+        ci=ci,
+    )
 
 
 def unexplained_variance(x, perf) -> float:
@@ -131,8 +141,9 @@ def unexplained_variance(x, perf) -> float:
     total = perf.var()
     if total == 0:
         return float("nan")
-    residual = min(((perf - IsotonicRegression(increasing=up).fit_transform(x, perf)) ** 2).mean()
-                   for up in (True, False))
+    residual = min(
+        ((perf - IsotonicRegression(increasing=up).fit_transform(x, perf)) ** 2).mean() for up in (True, False)
+    )
     return float(residual / total)
 
 
@@ -153,9 +164,13 @@ def collapse_score(loss, perf, compute=None, step=None) -> Collapse:
     def ratio(other: float) -> float:
         return unexplained["loss"] / other if other > 0 else float("nan")
 
-    return Collapse(unexplained_loss=unexplained["loss"], unexplained_compute=unexplained["compute"],
-                    unexplained_step=unexplained["step"], ratio_compute=ratio(unexplained["compute"]),
-                    ratio_step=ratio(unexplained["step"]))
+    return Collapse(
+        unexplained_loss=unexplained["loss"],
+        unexplained_compute=unexplained["compute"],
+        unexplained_step=unexplained["step"],
+        ratio_compute=ratio(unexplained["compute"]),
+        ratio_step=ratio(unexplained["step"]),
+    )
 
 
 def leaves_random(perf, baseline: float, margin: float, *, higher_is_better: bool = True, min_beyond: int = 3) -> bool:
@@ -167,9 +182,22 @@ def leaves_random(perf, baseline: float, margin: float, *, higher_is_better: boo
     return bool((gain > margin).sum() >= min_beyond)
 
 
-def emergence_threshold(loss, perf, *, baseline: float, margin: float, compute=None, step=None,
-                        higher_is_better: bool = True, min_beyond: int = 3, n_grid: int = 200, min_side: int = 3,
-                        n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> EmergenceResult:
+def emergence_threshold(
+    loss,
+    perf,
+    *,
+    baseline: float,
+    margin: float,
+    compute=None,
+    step=None,
+    higher_is_better: bool = True,
+    min_beyond: int = 3,
+    n_grid: int = 200,
+    min_side: int = 3,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> EmergenceResult:
     """The §2 analysis of one task: leaves-random check, segmented fit (only if it leaves random),
     Spearman's rho of performance with loss, collapse score. Arrays: one value per checkpoint,
     same shape (e.g. (model, ckpt)); parameters as in `leaves_random` and `fit_segmented`."""
@@ -179,7 +207,16 @@ def emergence_threshold(loss, perf, *, baseline: float, margin: float, compute=N
     varies = np.ptp(kept_perf) > 0 and np.ptp(kept_loss) > 0
     rho, p_value = spearmanr(kept_loss, kept_perf) if varies else (float("nan"), float("nan"))
     left = leaves_random(kept_perf, baseline, margin, higher_is_better=higher_is_better, min_beyond=min_beyond)
-    fit = fit_segmented(kept_loss, kept_perf, n_grid=n_grid, min_side=min_side, n_boot=n_boot, ci=ci,
-                        seed=seed) if left else None
-    return EmergenceResult(leaves_random=left, fit=fit, spearman=float(rho), spearman_p=float(p_value),
-                           collapse=collapse_score(loss, perf, compute, step), n_points=int(kept_loss.size))
+    fit = (
+        fit_segmented(kept_loss, kept_perf, n_grid=n_grid, min_side=min_side, n_boot=n_boot, ci=ci, seed=seed)
+        if left
+        else None
+    )
+    return EmergenceResult(
+        leaves_random=left,
+        fit=fit,
+        spearman=float(rho),
+        spearman_p=float(p_value),
+        collapse=collapse_score(loss, perf, compute, step),
+        n_points=int(kept_loss.size),
+    )

@@ -41,17 +41,23 @@ def flag_array(codes: xr.DataArray, names: Sequence[str], name: str, long_name: 
     adds others (e.g. a threshold).
     """
     out = codes.astype(np.int8).rename(name)
-    out.attrs = {"long_name": long_name, "flag_values": np.arange(len(names), dtype=np.int8),
-                 "flag_meanings": " ".join(n.replace(" ", "_") for n in names),
-                 "comment": f"{MISSING}: no label", **attrs}
+    out.attrs = {
+        "long_name": long_name,
+        "flag_values": np.arange(len(names), dtype=np.int8),
+        "flag_meanings": " ".join(n.replace(" ", "_") for n in names),
+        "comment": f"{MISSING}: no label",
+        **attrs,
+    }
     return out
 
 
 def flag_names(labels: xr.DataArray) -> tuple[str, ...]:
     """The names of codes 0, 1, ..., n-1 of a label array (underscores of `flag_meanings` read as spaces)."""
     if "flag_meanings" not in labels.attrs:
-        raise TokendynError(f"{labels.name or 'this array'} has no flag_meanings attribute; pass a label array "
-                            "(e.g. from ds.tokendyn.trend_categories())")
+        raise TokendynError(
+            f"{labels.name or 'this array'} has no flag_meanings attribute; pass a label array "
+            "(e.g. from ds.tokendyn.trend_categories())"
+        )
     return tuple(n.replace("_", " ") for n in labels.attrs["flag_meanings"].split())
 
 
@@ -72,8 +78,13 @@ def label_text(labels: xr.DataArray) -> xr.DataArray:
     """The label names as a string DataArray ("" where there is no label). Lazy."""
     names = flag_names(labels)
     lookup = np.array([*names, ""], dtype=object)
-    text = xr.apply_ufunc(lambda c: lookup[np.where(c < 0, len(names), c)], labels,
-                          dask="parallelized", output_dtypes=[object], keep_attrs=False)
+    text = xr.apply_ufunc(
+        lambda c: lookup[np.where(c < 0, len(names), c)],
+        labels,
+        dask="parallelized",
+        output_dtypes=[object],
+        keep_attrs=False,
+    )
     return text.assign_attrs(long_name=labels.attrs.get("long_name", "label"))
 
 

@@ -33,6 +33,7 @@ from scipy.stats import beta as beta_dist
 
 from tokendyn.errors import TokendynError
 
+
 @dataclass(frozen=True)
 class PassUntilRun:
     """One instance at one checkpoint: `passes` passes within the first `samples` samples (the
@@ -54,8 +55,14 @@ class PassUntilRun:
         return self.passes < 2
 
 
-def pass_until(sample_fn: Callable[[int, np.random.Generator], Sequence], check_fn: Callable[[object], bool],
-               passes: int, max_samples: int, batch_size: int, rng: np.random.Generator) -> PassUntilRun:
+def pass_until(
+    sample_fn: Callable[[int, np.random.Generator], Sequence],
+    check_fn: Callable[[object], bool],
+    passes: int,
+    max_samples: int,
+    batch_size: int,
+    rng: np.random.Generator,
+) -> PassUntilRun:
     """Sample in batches until `passes` completions pass `check_fn` or `max_samples` are drawn.
 
     sample_fn(n, rng) returns n completions (the model sampler plugs in here); check_fn(completion)
@@ -69,7 +76,9 @@ def pass_until(sample_fn: Callable[[int, np.random.Generator], Sequence], check_
         n = min(batch_size, max_samples - drawn)
         batch = sample_fn(n, rng)
         if len(batch) != n:
-            raise TokendynError(f"the sampler returned {len(batch)} completions for a batch of {n}; it must return exactly n")
+            raise TokendynError(
+                f"the sampler returned {len(batch)} completions for a batch of {n}; it must return exactly n"
+            )
         hits = np.flatnonzero([bool(check_fn(c)) for c in batch])
         drawn += n
         batches += 1
@@ -98,7 +107,9 @@ def _validate_runs(passes, samples, target: int) -> tuple[np.ndarray, np.ndarray
     if passes.shape != samples.shape:
         raise TokendynError("passes and samples must have the same shape (one run per instance and checkpoint)")
     if target < 2:
-        raise TokendynError("PassUntil needs a target of at least 2 passes for its unbiased estimate; rerun with passes >= 2")
+        raise TokendynError(
+            "PassUntil needs a target of at least 2 passes for its unbiased estimate; rerun with passes >= 2"
+        )
     if np.any(passes < 0) or np.any(passes > target) or np.any(samples < np.maximum(passes, 1)):
         raise TokendynError("runs must satisfy 0 <= passes <= target and samples >= max(passes, 1)")
     return passes.astype(float), samples.astype(float)
@@ -142,8 +153,9 @@ def _bootstrap_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
     return np.bincount(idx.ravel(), minlength=n_boot * n).reshape(n_boot, n) / n
 
 
-def task_rate(passes, samples, target: int, *, confidence: float = 0.95, n_boot: int = 2000, ci: float = 0.95,
-              seed: int = 0) -> TaskRate:
+def task_rate(
+    passes, samples, target: int, *, confidence: float = 0.95, n_boot: int = 2000, ci: float = 0.95, seed: int = 0
+) -> TaskRate:
     """The per-task PassUntil estimate from one checkpoint's runs: passes, samples of shape (instance,)."""
     passes, samples = _validate_runs(passes, samples, target)
     if passes.ndim != 1 or passes.size == 0:
@@ -151,10 +163,16 @@ def task_rate(passes, samples, target: int, *, confidence: float = 0.95, n_boot:
     values = _design_unbiased(passes, samples, target)
     rates = instance_rates(passes, samples, target, confidence=confidence)
     low, high = np.quantile(values @ _bootstrap_weights(values.size, n_boot, seed).T, [(1 - ci) / 2, (1 + ci) / 2])
-    return TaskRate(estimate=float(values.mean()), ci_low=float(low), ci_high=float(high),
-                    upper=float(np.where(rates.censored, rates.upper, rates.rate).mean()),
-                    censored=bool(np.all(values == 0)), n_instances=int(values.size),
-                    n_censored=int(rates.censored.sum()), ci=ci)
+    return TaskRate(
+        estimate=float(values.mean()),
+        ci_low=float(low),
+        ci_high=float(high),
+        upper=float(np.where(rates.censored, rates.upper, rates.rate).mean()),
+        censored=bool(np.all(values == 0)),
+        n_instances=int(values.size),
+        n_censored=int(rates.censored.sum()),
+        ci=ci,
+    )
 
 
 def log_neg_log(rate) -> np.ndarray:
@@ -230,8 +248,18 @@ def _instance_fits(u: np.ndarray, rates: InstanceRates) -> InstanceScaling:
     return InstanceScaling(slope=slope, intercept=intercept, n_points=n, bound_violations=violations)
 
 
-def fit_task_scaling(passes, samples, target: int, n_params, *, excess_loss=None, confidence: float = 0.95,
-                     n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> ScalingFit:
+def fit_task_scaling(
+    passes,
+    samples,
+    target: int,
+    n_params,
+    *,
+    excess_loss=None,
+    confidence: float = 0.95,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
+) -> ScalingFit:
     """Fit the task scaling law to PassUntil runs of several models.
 
     passes, samples: (point, instance) runs, one point per model (e.g. its final checkpoint; several
@@ -282,9 +310,21 @@ def fit_task_scaling(passes, samples, target: int, n_params, *, excess_loss=None
         log10_ratio = np.where(observed > 0, np.log10(predicted / observed), np.nan)
 
     rates = instance_rates(passes, samples, target, confidence=confidence)
-    return ScalingFit(slope=slope, intercept=intercept, c=float(np.exp(intercept)), alpha=-slope,
-                      curvature=curvature, curvature_low=low, curvature_high=high, shape=shape,
-                      n_points=int(valid.sum()), n_boot_used=n_used, holdout_predicted=predicted,
-                      holdout_observed=observed, holdout_f_error=f_predicted - log_neg_log(observed),
-                      holdout_log10_ratio=log10_ratio,
-                      instances=_instance_fits(u, rates), ci=ci)
+    return ScalingFit(
+        slope=slope,
+        intercept=intercept,
+        c=float(np.exp(intercept)),
+        alpha=-slope,
+        curvature=curvature,
+        curvature_low=low,
+        curvature_high=high,
+        shape=shape,
+        n_points=int(valid.sum()),
+        n_boot_used=n_used,
+        holdout_predicted=predicted,
+        holdout_observed=observed,
+        holdout_f_error=f_predicted - log_neg_log(observed),
+        holdout_log10_ratio=log10_ratio,
+        instances=_instance_fits(u, rates),
+        ci=ci,
+    )

@@ -33,6 +33,7 @@ REDUCTIONS = ("sum", "mean")
 
 # --- sets of a store -------------------------------------------------------------------------------
 
+
 def set_params(ds: xr.Dataset) -> dict:
     """The protocol parameters of a set (name, kind, context, corrupt, ...), from its `protocol` attribute."""
     params = json.loads(ds.attrs["protocol"]) if "protocol" in ds.attrs else {}
@@ -57,6 +58,7 @@ def open_sets(source: str | Path | xr.Dataset, sets: Sequence[str] | None = None
 
 # --- perplexity of sets ----------------------------------------------------------------------------
 
+
 def set_perplexity(ds: xr.Dataset, by: str | None = None) -> xr.DataArray:
     """exp(mean loss over all predicted tokens of the set) per (model, ckpt); NaN where not done.
 
@@ -76,8 +78,9 @@ def set_perplexity(ds: xr.Dataset, by: str | None = None) -> xr.DataArray:
     return np.exp(total / count).where(count > 0)
 
 
-def sequence_ppl(source: str | Path | xr.Dataset, sets: Sequence[str] | None = None,
-                 by: str | None = None) -> xr.DataArray:
+def sequence_ppl(
+    source: str | Path | xr.Dataset, sets: Sequence[str] | None = None, by: str | None = None
+) -> xr.DataArray:
     """Perplexity of each evaluation set: (set, model, ckpt), computed.
 
     by: a per-token coordinate, e.g. "mixture": every set that has it is split into one entry
@@ -100,8 +103,9 @@ def sequence_ppl(source: str | Path | xr.Dataset, sets: Sequence[str] | None = N
             counts = tokens.assign_coords({by: ds[by].reset_coords(drop=True).load()}).groupby(by).sum()
             for value in curve[by].values:
                 curves.append(curve.sel({by: value}, drop=True))
-                rows.append({**row, "set": f"{name}:{value}", "group": str(value),
-                             "n_tokens": int(counts.sel({by: value}))})
+                rows.append(
+                    {**row, "set": f"{name}:{value}", "group": str(value), "n_tokens": int(counts.sel({by: value}))}
+                )
         else:
             curves.append(set_perplexity(ds).compute())
             rows.append({**row, "set": name, "group": "", "n_tokens": int(tokens.sum())})
@@ -111,12 +115,15 @@ def sequence_ppl(source: str | Path | xr.Dataset, sets: Sequence[str] | None = N
     if "n_params" in first.coords:
         coords["n_params"] = first["n_params"].reset_coords(drop=True)
     out = xr.concat(curves, dim="set").assign_coords({"model": first["model"].values, **coords})
-    return out.rename("sequence_ppl").drop_attrs().assign_attrs(
-        long_name="perplexity of the evaluation set (token-weighted)").compute()
+    return (
+        out.rename("sequence_ppl")
+        .drop_attrs()
+        .assign_attrs(long_name="perplexity of the evaluation set (token-weighted)")
+        .compute()
+    )
 
 
-def curve_at_perplexity(curve: xr.DataArray, levels: Sequence[float] | None = None,
-                        n_levels: int = 20) -> xr.DataArray:
+def curve_at_perplexity(curve: xr.DataArray, levels: Sequence[float] | None = None, n_levels: int = 20) -> xr.DataArray:
     """A per-checkpoint curve (..., model, ckpt) read at matched validation perplexity: (..., model, val_ppl).
 
     `curve` needs the coordinates `val_ppl` and `step` (model, ckpt), as `sequence_ppl` gives;
@@ -125,22 +132,35 @@ def curve_at_perplexity(curve: xr.DataArray, levels: Sequence[float] | None = No
     """
     missing = [name for name in ("val_ppl", "step") if name not in curve.coords]
     if missing or not {"model", "ckpt"} <= set(curve.dims):
-        raise TokendynError("the curve needs dims (model, ckpt) and the coordinates val_ppl and step; "
-                            "pass the output of sequence_ppl")
+        raise TokendynError(
+            "the curve needs dims (model, ckpt) and the coordinates val_ppl and step; pass the output of sequence_ppl"
+        )
     other = [dim for dim in curve.dims if dim not in ("model", "ckpt")]
     values = curve.transpose("model", "ckpt", *other).values.reshape(curve.sizes["model"], curve.sizes["ckpt"], -1)
     # trajectories.at_perplexity interpolates per-token losses: give it log(curve) as "tokens"
-    ds = xr.Dataset({"loss": (("model", "ckpt", *TOKEN_DIMS), np.log(values))},
-                    coords={"model": curve["model"].values, "ckpt": np.arange(curve.sizes["ckpt"]),
-                            **{name: curve[name].reset_coords(drop=True) for name in CHECKPOINT_COORDS
-                               if name in curve.coords}})
+    ds = xr.Dataset(
+        {"loss": (("model", "ckpt", *TOKEN_DIMS), np.log(values))},
+        coords={
+            "model": curve["model"].values,
+            "ckpt": np.arange(curve.sizes["ckpt"]),
+            **{name: curve[name].reset_coords(drop=True) for name in CHECKPOINT_COORDS if name in curve.coords},
+        },
+    )
     matched = trajectories.at_perplexity(ds, levels, n_levels)
     shape = (curve.sizes["model"], matched.sizes["val_ppl"], *(curve.sizes[d] for d in other))
-    out = xr.DataArray(np.exp(matched.values).reshape(shape), dims=("model", "val_ppl", *other),
-                       coords={"model": curve["model"].values, "val_ppl": matched["val_ppl"].values,
-                               "step": matched["step"], **{d: curve[d] for d in other if d in curve.coords}})
-    extra = {name: coord for name, coord in curve.coords.items()
-             if name not in out.coords and set(coord.dims) <= set(other)}
+    out = xr.DataArray(
+        np.exp(matched.values).reshape(shape),
+        dims=("model", "val_ppl", *other),
+        coords={
+            "model": curve["model"].values,
+            "val_ppl": matched["val_ppl"].values,
+            "step": matched["step"],
+            **{d: curve[d] for d in other if d in curve.coords},
+        },
+    )
+    extra = {
+        name: coord for name, coord in curve.coords.items() if name not in out.coords and set(coord.dims) <= set(other)
+    }
     return out.assign_coords(extra).transpose(*other, "model", "val_ppl").rename(curve.name).assign_attrs(curve.attrs)
 
 
@@ -158,17 +178,24 @@ def turning_points(curve: xr.DataArray, tol: float = 0.05) -> xr.Dataset:
     if tol <= 0:
         raise TokendynError(f"tol = {tol} must be positive (a rise in log units, e.g. 0.05)")
     if "step" not in curve.coords or not {"model", "ckpt"} <= set(curve.dims):
-        raise TokendynError("the curve needs dims (model, ckpt) and the coordinate step; "
-                            "pass the output of sequence_ppl")
+        raise TokendynError(
+            "the curve needs dims (model, ckpt) and the coordinate step; pass the output of sequence_ppl"
+        )
     other = [dim for dim in curve.dims if dim not in ("model", "ckpt")]
     y = np.log(curve.transpose(*other, "model", "ckpt").values.astype(float))
     step = curve["step"].transpose("model", "ckpt").values.astype(float)
     val_ppl = curve["val_ppl"].transpose("model", "ckpt").values.astype(float) if "val_ppl" in curve.coords else None
     n_models = curve.sizes["model"]
     shape = (*y.shape[:-2], n_models)
-    result = {"turns": np.zeros(shape, bool), "turn_ckpt": np.full(shape, -1), "turn_step": np.full(shape, np.nan),
-              "turn_val_ppl": np.full(shape, np.nan), "turn_value": np.full(shape, np.nan),
-              "fall": np.full(shape, np.nan), "rise": np.full(shape, np.nan)}
+    result = {
+        "turns": np.zeros(shape, bool),
+        "turn_ckpt": np.full(shape, -1),
+        "turn_step": np.full(shape, np.nan),
+        "turn_val_ppl": np.full(shape, np.nan),
+        "turn_value": np.full(shape, np.nan),
+        "fall": np.full(shape, np.nan),
+        "rise": np.full(shape, np.nan),
+    }
     for m in range(n_models):
         idx = np.flatnonzero(np.isfinite(step[m]))
         idx = idx[np.argsort(step[m, idx], kind="stable")]
@@ -196,14 +223,16 @@ def turning_points(curve: xr.DataArray, tol: float = 0.05) -> xr.Dataset:
         result["rise"][..., m] = np.where(turns, np.max(np.where(after, ym, -np.inf), -1) - turn_y, np.nan)
     dims = (*other, "model")
     coords = {"model": curve["model"].values, **{d: curve[d] for d in other if d in curve.coords}}
-    coords.update({name: coord for name, coord in curve.coords.items()
-                   if name not in coords and set(coord.dims) <= set(other)})
+    coords.update(
+        {name: coord for name, coord in curve.coords.items() if name not in coords and set(coord.dims) <= set(other)}
+    )
     out = xr.Dataset({name: (dims, values) for name, values in result.items()}, coords=coords)
     out.attrs["tol"] = tol
     return out
 
 
 # --- true/false pairs ------------------------------------------------------------------------------
+
 
 def pair_tokens(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Token indices of every pair's two texts, and which of them differ.
@@ -218,9 +247,9 @@ def pair_tokens(ds: xr.Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     """
     token_id = ds["token_id"].values
     doc = ds["doc"].values
-    if "is_true" in ds.coords and "pair" in ds.coords:
-        if np.any(ds["pair"].values != doc // 2) or np.any(ds["is_true"].values != (doc % 2 == 0)):
-            raise TokendynError("the set's documents are not in true, false order per pair; re-extract the pairs set")
+    in_pairs = "is_true" in ds.coords and "pair" in ds.coords
+    if in_pairs and (np.any(ds["pair"].values != doc // 2) or np.any(ds["is_true"].values != (doc % 2 == 0))):
+        raise TokendynError("the set's documents are not in true, false order per pair; re-extract the pairs set")
     order = np.argsort(doc, kind="stable")  # token indices grouped by document, in text order
     n_docs = int(doc.max()) + 1
     counts = np.bincount(doc, minlength=n_docs + n_docs % 2).reshape(-1, 2)
@@ -279,16 +308,21 @@ def pair_scores(ds: xr.Dataset) -> xr.Dataset:
     gathered = loss.isel(token=xr.DataArray(index, dims=dims))
     valid_da, differs_da = xr.DataArray(valid, dims=dims), xr.DataArray(differs & valid, dims=dims)
     done = ds["done"].reset_coords(drop=True)
-    out = xr.Dataset({"total": gathered.where(valid_da).sum("k").where(done),
-                      "n_tokens": valid_da.sum("k"),
-                      "span": gathered.where(differs_da).sum("k").where(done),
-                      "n_span": differs_da.sum("k")})
+    out = xr.Dataset(
+        {
+            "total": gathered.where(valid_da).sum("k").where(done),
+            "n_tokens": valid_da.sum("k"),
+            "span": gathered.where(differs_da).sum("k").where(done),
+            "n_span": differs_da.sum("k"),
+        }
+    )
     coords = {name: ds[name].reset_coords(drop=True) for name in CHECKPOINT_COORDS if name in ds.coords}
     return out.assign_coords(side=["true", "false"], pair=pairs, model=ds["model"].values, **coords)
 
 
-def pair_preference(source: str | Path | xr.Dataset, sets: Sequence[str] | None = None,
-                    reduce: str = "sum") -> xr.DataArray:
+def pair_preference(
+    source: str | Path | xr.Dataset, sets: Sequence[str] | None = None, reduce: str = "sum"
+) -> xr.DataArray:
     """Share of pairs where the true text has the lower loss: (set, model, ckpt), computed.
 
     reduce: "sum" (default) compares total loss, i.e. the probability of the whole text; with the
@@ -308,7 +342,8 @@ def pair_preference(source: str | Path | xr.Dataset, sets: Sequence[str] | None 
         return wins.mean("pair").where(true.notnull().all("pair"))
 
     return _per_pairs_set(source, sets, share, "pair_preference").assign_attrs(
-        long_name="share of pairs where the true text has the lower loss", reduce=reduce)
+        long_name="share of pairs where the true text has the lower loss", reduce=reduce
+    )
 
 
 def pair_margin(source: str | Path | xr.Dataset, sets: Sequence[str] | None = None) -> xr.DataArray:
@@ -319,11 +354,13 @@ def pair_margin(source: str | Path | xr.Dataset, sets: Sequence[str] | None = No
     both texts are scored with the same left context there, so the difference is
     log p(true part | prefix) - log p(false part | prefix).
     """
+
     def margin(scores: xr.Dataset) -> xr.DataArray:
         return (scores["span"].sel(side="false") - scores["span"].sel(side="true")).mean("pair", skipna=False)
 
     return _per_pairs_set(source, sets, margin, "pair_margin").assign_attrs(
-        units="nats", long_name="mean loss of the false minus the true text on the tokens where they differ")
+        units="nats", long_name="mean loss of the false minus the true text on the tokens where they differ"
+    )
 
 
 def _per_pairs_set(source, sets, summary, name: str) -> xr.DataArray:
@@ -331,8 +368,9 @@ def _per_pairs_set(source, sets, summary, name: str) -> xr.DataArray:
         sets = [set_params(source)["name"]]
     datasets = {key: ds for key, ds in open_sets(source, sets).items() if set_params(ds)["kind"] == "pairs"}
     if not datasets:
-        raise TokendynError("the store has no set of kind \"pairs\"; add one with tokendyn extract SUITE "
-                            "--pairs FILE.jsonl --out STORE")
+        raise TokendynError(
+            'the store has no set of kind "pairs"; add one with tokendyn extract SUITE --pairs FILE.jsonl --out STORE'
+        )
     scores = [pair_scores(ds) for ds in datasets.values()]
     curves = [summary(s).drop_vars(["side", "pair"], errors="ignore") for s in scores]
     counts = [s.sizes["pair"] for s in scores]

@@ -70,8 +70,10 @@ def fit_loss_law(loss, tokens, n_params=None, *, law: str = "joint") -> LossLaw:
     if law not in LAWS:
         raise TokendynError(f"unknown loss law {law!r}; choose one of {', '.join(LAWS)}")
     if isinstance(loss, xr.DataArray):  # align labelled inputs by dimension name, e.g. n_params (model,)
-        tokens, n_params = (v.broadcast_like(loss).transpose(*loss.dims) if isinstance(v, xr.DataArray) else v
-                            for v in (tokens, n_params))
+        tokens, n_params = (
+            v.broadcast_like(loss).transpose(*loss.dims) if isinstance(v, xr.DataArray) else v
+            for v in (tokens, n_params)
+        )
     loss = np.asarray(loss, dtype=float)
     tokens = np.broadcast_to(np.asarray(tokens, dtype=float), loss.shape)
     size = np.broadcast_to(np.asarray(n_params if n_params is not None else 1.0, dtype=float), loss.shape)
@@ -81,19 +83,25 @@ def fit_loss_law(loss, tokens, n_params=None, *, law: str = "joint") -> LossLaw:
     if loss.size <= n_free:
         raise TokendynError(f"the {law} loss law needs more than {n_free} checkpoints with a loss and tokens seen > 0")
     if law == "joint" and (n_params is None or np.unique(size).size < 2):
-        raise TokendynError("the joint loss law needs n_params for at least two model sizes; use law='tokens' otherwise")
+        raise TokendynError(
+            "the joint loss law needs n_params for at least two model sizes; use law='tokens' otherwise"
+        )
     d0, n0 = np.exp(np.log(tokens).mean()), np.exp(np.log(size).mean())
     d, n = tokens / d0, size / n0
     spread = max(float(np.ptp(loss)), 1e-3)
 
     if law == "joint":
+
         def model(_, e, a_coef, a, b_coef, b):
             return e + a_coef * n**-a + b_coef * d**-b
+
         lower, upper = [0, 0, 0.01, 0, 0.01], [loss.min(), np.inf, 3, np.inf, 3]
         starts = [[0.5 * loss.min(), spread, s, spread, s] for s in (0.1, 0.3, 0.7)]
     else:
+
         def model(_, e, b_coef, b):
             return e + b_coef * d**-b
+
         lower, upper = [0, 0, 0.01], [loss.min(), np.inf, 3]
         starts = [[0.5 * loss.min(), spread, s] for s in (0.1, 0.3, 0.7)]
 
@@ -110,8 +118,13 @@ def fit_loss_law(loss, tokens, n_params=None, *, law: str = "joint") -> LossLaw:
         raise TokendynError("the loss law fit did not converge; check that the loss falls with tokens seen")
     names = ["E", "A", "a", "B", "b"] if law == "joint" else ["E", "B", "b"]
     params = dict(zip(names, map(float, best)), D0=float(d0), N0=float(n0))
-    return LossLaw(law=law, irreducible=params["E"], params=params, rmse=float(np.sqrt(best_sse / loss.size)),
-                   n_points=int(loss.size))
+    return LossLaw(
+        law=law,
+        irreducible=params["E"],
+        params=params,
+        rmse=float(np.sqrt(best_sse / loss.size)),
+        n_points=int(loss.size),
+    )
 
 
 def binary_entropy(p) -> np.ndarray:
@@ -148,8 +161,9 @@ def competent_fraction_bound(theta, k: float, beta: float, *, n_grid: int = 2000
     return np.where(holds.any(-1), 1 - alphas[first], 0.0)
 
 
-def skill_competence(correct: xr.DataArray, item_skills: Sequence[Sequence[Hashable]], *,
-                     item_dim: str = "item") -> xr.Dataset:
+def skill_competence(
+    correct: xr.DataArray, item_skills: Sequence[Sequence[Hashable]], *, item_dim: str = "item"
+) -> xr.Dataset:
     """Measured competence from per-item correctness.
 
     correct: DataArray (..., item_dim) of 0/1 (or NaN where not scored), e.g. (model, ckpt, item).
@@ -167,7 +181,9 @@ def skill_competence(correct: xr.DataArray, item_skills: Sequence[Sequence[Hasha
     skills = sorted({s for tup in item_skills for s in tup}, key=str)
     single = xr.DataArray(
         np.array([[len(tup) == 1 and tup[0] == s for s in skills] for tup in item_skills], dtype=float),
-        dims=[item_dim, "skill"], coords={"skill": skills})
+        dims=[item_dim, "skill"],
+        coords={"skill": skills},
+    )
     scored = correct.notnull()
     by_skill = (correct.fillna(0) * single).sum(item_dim) / (scored * single).sum(item_dim)
     return xr.Dataset({"by_k": by_k, "by_skill": by_skill})
@@ -193,8 +209,14 @@ def slingshot_prediction(excess, single, ks: Sequence[int]) -> np.ndarray:
     return np.stack([np.interp(k * excess, xs, ys, left=np.nan, right=np.nan) for k in ks], axis=-1)
 
 
-def skill_curves(correct: xr.DataArray, item_skills: Sequence[Sequence[Hashable]], excess: xr.DataArray,
-                 ks: Sequence[int] = (1, 2, 3), *, item_dim: str = "item") -> xr.Dataset:
+def skill_curves(
+    correct: xr.DataArray,
+    item_skills: Sequence[Sequence[Hashable]],
+    excess: xr.DataArray,
+    ks: Sequence[int] = (1, 2, 3),
+    *,
+    item_dim: str = "item",
+) -> xr.Dataset:
     """Measured k-tuple competence next to the slingshot prediction from single skills.
 
     correct: (..., item_dim) per-item correctness, e.g. (model, ckpt, item); excess: excess loss
@@ -208,7 +230,9 @@ def skill_curves(correct: xr.DataArray, item_skills: Sequence[Sequence[Hashable]
     single = by_k.sel(k=1, drop=True)
     excess = excess.broadcast_like(single).transpose(*single.dims)
     predicted = slingshot_prediction(excess.values.ravel(), single.values.ravel(), ks)
-    predicted = xr.DataArray(predicted.reshape(single.shape + (len(ks),)), dims=single.dims + ("k",),
-                             coords={**single.coords, "k": list(ks)})
-    return xr.Dataset({"measured": by_k.reindex(k=list(ks)).transpose(*predicted.dims), "predicted": predicted,
-                       "excess": excess})
+    predicted = xr.DataArray(
+        predicted.reshape(single.shape + (len(ks),)), dims=single.dims + ("k",), coords={**single.coords, "k": list(ks)}
+    )
+    return xr.Dataset(
+        {"measured": by_k.reindex(k=list(ks)).transpose(*predicted.dims), "predicted": predicted, "excess": excess}
+    )

@@ -36,6 +36,7 @@ def show_whitespace(text: str, spaces: bool = True) -> str:
 
 # --- selection by training step --------------------------------------------------------------------
 
+
 def by_step(ds: xr.Dataset, model: int | str) -> xr.Dataset:
     """One model's done checkpoints indexed by training step: `by_step(ds, "m").loss.sel(step=2000)`.
 
@@ -60,27 +61,33 @@ def sel_step(ds: xr.Dataset, model: int | str, step: float | Sequence[float]) ->
     missing = [s for s in wanted if s not in view["step"].values]
     if missing:
         have = ", ".join(str(s) for s in view["step"].values)
-        raise TokendynError(f"model {view['model'].values} has no done checkpoint at step "
-                            f"{', '.join(f'{s:g}' for s in missing)}; it has steps {have}")
+        raise TokendynError(
+            f"model {view['model'].values} has no done checkpoint at step "
+            f"{', '.join(f'{s:g}' for s in missing)}; it has steps {have}"
+        )
     return view.sel(step=step)
 
 
 # --- the tokens that moved -------------------------------------------------------------------------
+
 
 def flat_tokens(da: xr.DataArray) -> np.ndarray:
     """Values over the token dims, in TOKEN_DIMS order, flattened."""
     return np.asarray(da.transpose(*TOKEN_DIMS).values).reshape(-1)
 
 
-def _contexts(ids: np.ndarray, doc: np.ndarray | None, vocab: np.ndarray | None, flat_idx: np.ndarray,
-              width: int) -> tuple[list[str], list[str]]:
+def _contexts(
+    ids: np.ndarray, doc: np.ndarray | None, vocab: np.ndarray | None, flat_idx: np.ndarray, width: int
+) -> tuple[list[str], list[str]]:
     """(token text, context) of tokens at flat indices: up to `width` tokens either side within the
     token's document, their text joined as it is (spaces kept), the token between [[ ]]."""
+
     def text(i: int) -> str:
         return str(vocab[i]) if vocab is not None and 0 <= i < len(vocab) else f"#{i}"
 
     tokens, contexts = [], []
     for t in flat_idx:
+
         def same(j: int, t: int = t) -> bool:
             return ids[j] != PAD and (doc is None or doc[j] == doc[t])
 
@@ -107,15 +114,23 @@ def steps_between(ds: xr.Dataset, m: int, between: tuple[float, float] | None) -
     for step in between:
         hit = np.flatnonzero(steps == step)
         if len(hit) == 0:
-            raise TokendynError(f"model {ds['model'].values[m]} has no done checkpoint at step {step:g}; it has "
-                                f"steps {', '.join(f'{s:g}' for s in steps)}")
+            raise TokendynError(
+                f"model {ds['model'].values[m]} has no done checkpoint at step {step:g}; it has "
+                f"steps {', '.join(f'{s:g}' for s in steps)}"
+            )
         out.append(int(done[hit[0]]))
     return out[0], out[1]
 
 
-def top_tokens(ds: xr.Dataset, by: str | xr.DataArray = "drop", k: int = 20,
-               between: tuple[float, float] | None = None, model: int | str | None = None,
-               labels: xr.DataArray | Mapping[str, xr.DataArray] | None = None, width: int = 5) -> pd.DataFrame:
+def top_tokens(
+    ds: xr.Dataset,
+    by: str | xr.DataArray = "drop",
+    k: int = 20,
+    between: tuple[float, float] | None = None,
+    model: int | str | None = None,
+    labels: xr.DataArray | Mapping[str, xr.DataArray] | None = None,
+    width: int = 5,
+) -> pd.DataFrame:
     """The k tokens of one model that rank highest `by`, with their text, context and loss per checkpoint.
 
     by: "drop" (largest loss fall from the first to the second step of `between`), "rise" (largest
@@ -136,7 +151,9 @@ def top_tokens(ds: xr.Dataset, by: str | xr.DataArray = "drop", k: int = 20,
     ds = load_small(ds)
     if model is None:
         if ds.sizes["model"] > 1:
-            raise TokendynError(f"top_tokens needs a model: pass model= one of {', '.join(map(str, ds['model'].values))}")
+            raise TokendynError(
+                f"top_tokens needs a model: pass model= one of {', '.join(map(str, ds['model'].values))}"
+            )
         model = 0
     m = model_index(ds, model)
     if k < 1:
@@ -182,6 +199,9 @@ def top_tokens(ds: xr.Dataset, by: str | xr.DataArray = "drop", k: int = 20,
     for row, c in zip(per_ckpt, done):
         label = f"{steps[c]:.0f}" if steps[c] == round(steps[c]) else f"{steps[c]:g}"
         table[f"loss@{label}"] = row
-    table.attrs.update(model=str(ds["model"].values[m]), between=(float(steps[a]), float(steps[b])),
-                       by=by if isinstance(by, str) else str(by.name))
+    table.attrs.update(
+        model=str(ds["model"].values[m]),
+        between=(float(steps[a]), float(steps[b])),
+        by=by if isinstance(by, str) else str(by.name),
+    )
     return table.reset_index(drop=True)

@@ -23,8 +23,8 @@ import pandas as pd
 import scipy.stats
 import xarray as xr
 
-from tokendyn.errors import TokendynError
 from tokendyn.analysis.labels import describe
+from tokendyn.errors import TokendynError
 from tokendyn.store.layout import TOKEN_DIMS
 
 AXES = ("step", "tokens_seen", "flops", "val_ppl")
@@ -33,6 +33,7 @@ SLICE_TOKENS = 2**15  # tokens per slice inside a kernel: bounds its float64 tem
 
 
 # --- selecting checkpoints -------------------------------------------------------------------------
+
 
 def load_small(ds: xr.Dataset) -> xr.Dataset:
     """A shallow copy of ds with every variable without token dims (step, val_ppl, done, ...) in memory.
@@ -96,8 +97,10 @@ def over_token_slices(func, block: np.ndarray, slice_tokens: int = SLICE_TOKENS,
     """
     lead, n = block.shape[:-1], block.shape[-1]
     flat = np.moveaxis(block, -1, 0).reshape(n, -1)
-    parts = [func(np.ascontiguousarray(flat[:, i:i + slice_tokens]), **kwargs)
-             for i in range(0, flat.shape[1], slice_tokens)]
+    parts = [
+        func(np.ascontiguousarray(flat[:, i : i + slice_tokens]), **kwargs)
+        for i in range(0, flat.shape[1], slice_tokens)
+    ]
     out = np.concatenate(parts, axis=0) if parts else func(flat, **kwargs)
     return out.reshape(lead + out.shape[1:])
 
@@ -119,8 +122,7 @@ def model_loss(ds: xr.Dataset, model: int | str, chunk_mb: float = CHUNK_MB) -> 
     idx = done_checkpoints(ds, m)
     contiguous = len(idx) > 0 and np.array_equal(idx, np.arange(idx[0], idx[0] + len(idx)))
     loss = ds["loss"].isel(model=m, ckpt=slice(idx[0], idx[-1] + 1) if contiguous else idx)
-    return chunk_tokens(loss.reset_coords(drop=True).assign_coords(step=("ckpt", loss["step"].values)),
-                        chunk_mb)
+    return chunk_tokens(loss.reset_coords(drop=True).assign_coords(step=("ckpt", loss["step"].values)), chunk_mb)
 
 
 def valid_tokens(ds: xr.Dataset) -> xr.DataArray:
@@ -133,6 +135,7 @@ def valid_tokens(ds: xr.Dataset) -> xr.DataArray:
 
 
 # --- x axes ----------------------------------------------------------------------------------------
+
 
 def x_axis(ds: xr.Dataset, axis: str = "step", params: str = "n_params") -> xr.DataArray:
     """Values of an x axis per (model, ckpt).
@@ -150,8 +153,9 @@ def x_axis(ds: xr.Dataset, axis: str = "step", params: str = "n_params") -> xr.D
         values = ds[axis]
     values = values.astype(float).reset_coords(drop=True).compute()
     if axis in ("tokens_seen", "flops") and not np.isfinite(values.values).any():
-        raise TokendynError(f"the store has no tokens_seen values, so no {axis!r} axis; "
-                            "set tokens_per_step in the suite and re-extract")
+        raise TokendynError(
+            f"the store has no tokens_seen values, so no {axis!r} axis; set tokens_per_step in the suite and re-extract"
+        )
     return values.rename(axis)
 
 
@@ -261,8 +265,10 @@ def perplexity_range(ds: xr.Dataset) -> tuple[float, float]:
     for m in range(ds.sizes["model"]):
         idx, x = _axis_points(ds, "val_ppl", m)
         if len(idx) == 0:
-            raise TokendynError(f"model {ds['model'].values[m]} has no done checkpoint with a validation "
-                                "perplexity; run extraction first")
+            raise TokendynError(
+                f"model {ds['model'].values[m]} has no done checkpoint with a validation "
+                "perplexity; run extraction first"
+            )
         trained = ds["step"].values[m, idx] > 0
         if trained.sum() >= 2:
             x = x[trained]
@@ -270,8 +276,10 @@ def perplexity_range(ds: xr.Dataset) -> tuple[float, float]:
         lows.append(np.exp(-x[-1]))
     high, low = min(highs), max(lows)
     if low > high:
-        raise TokendynError(f"no validation perplexity is reached by every model (the common range "
-                            f"[{low:.4g}, {high:.4g}] is empty); pass levels explicitly or drop a model")
+        raise TokendynError(
+            f"no validation perplexity is reached by every model (the common range "
+            f"[{low:.4g}, {high:.4g}] is empty); pass levels explicitly or drop a model"
+        )
     return high, low
 
 
@@ -292,6 +300,7 @@ def at_perplexity(ds: xr.Dataset, levels: Sequence[float] | None = None, n_level
 
 # --- subsets and double descent --------------------------------------------------------------------
 
+
 def subset_curve(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
     """Perplexity of a token subset in every model and checkpoint: exp(mean loss over the mask).
 
@@ -303,8 +312,10 @@ def subset_curve(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
     ds = load_small(ds)
     mask = mask.reset_coords(drop=True)
     if not set(TOKEN_DIMS) <= set(mask.dims) or set(mask.dims) & {"model", "ckpt"}:
-        raise TokendynError(f"the mask must have the token dim and no model/ckpt dims, not {mask.dims}; "
-                            "select one model (and start) first")
+        raise TokendynError(
+            f"the mask must have the token dim and no model/ckpt dims, not {mask.dims}; "
+            "select one model (and start) first"
+        )
     loss = ds["loss"].where(ds["done"]) if "done" in ds else ds["loss"]
     weight = mask.astype(float)
     total = xr.dot(loss.fillna(0), weight, dim=TOKEN_DIMS)
@@ -319,7 +330,7 @@ def moving_average(y: np.ndarray, window: int) -> np.ndarray:
     n, half = len(y), window // 2
     total, count = np.zeros(y.shape), np.zeros(y.shape)
     for offset in range(-half, window - half):
-        source = y[max(offset, 0): n + min(offset, 0)]
+        source = y[max(offset, 0) : n + min(offset, 0)]
         target = slice(max(-offset, 0), n - max(offset, 0))
         total[target] += np.nan_to_num(source)
         count[target] += ~np.isnan(source)
@@ -344,8 +355,9 @@ def falls_rises_falls(y: np.ndarray, tol: float) -> np.ndarray:
     return (_peaks(y, tol) & falls_later).any(axis=0)
 
 
-def detect_double_descent(curve: xr.DataArray, dim: str = "ckpt", tol: float = 0.5, window: int = 3,
-                          complete: bool = True) -> xr.DataArray:
+def detect_double_descent(
+    curve: xr.DataArray, dim: str = "ckpt", tol: float = 0.5, window: int = 3, complete: bool = True
+) -> xr.DataArray:
     """Per-trajectory double descent along `dim` (boolean; any other dims are kept).
 
     After a centred moving average over `window` points (1 = none), a trajectory is flagged when
@@ -356,25 +368,33 @@ def detect_double_descent(curve: xr.DataArray, dim: str = "ckpt", tol: float = 0
     """
     if getattr(curve.data, "chunks", None) is not None:
         curve = curve.chunk({dim: -1})
-    return xr.apply_ufunc(partial(over_token_slices, _smoothed_double_descent), curve, input_core_dims=[[dim]],
-                          kwargs={"tol": tol, "window": window, "complete": complete}, dask="parallelized",
-                          output_dtypes=[bool]).rename("double_descent")
+    return xr.apply_ufunc(
+        partial(over_token_slices, _smoothed_double_descent),
+        curve,
+        input_core_dims=[[dim]],
+        kwargs={"tol": tol, "window": window, "complete": complete},
+        dask="parallelized",
+        output_dtypes=[bool],
+    ).rename("double_descent")
 
 
 def _smoothed_double_descent(y: np.ndarray, tol: float, window: int, complete: bool) -> np.ndarray:
     return (falls_rises_falls if complete else falls_rises)(moving_average(y, window), tol)
 
 
-def double_descent(ds: xr.Dataset, tol: float = 0.5, window: int = 3, chunk_mb: float = CHUNK_MB,
-                   complete: bool = True) -> xr.DataArray:
+def double_descent(
+    ds: xr.Dataset, tol: float = 0.5, window: int = 3, chunk_mb: float = CHUNK_MB, complete: bool = True
+) -> xr.DataArray:
     """Per-token double descent over each model's checkpoints: (model, token), lazy.
 
     See `detect_double_descent` for `tol` (nats), `window` (checkpoints) and `complete`.
     """
     ds = load_small(ds)
     loss = chunk_tokens(token_loss(ds), chunk_mb)
-    return describe(detect_double_descent(loss, "ckpt", tol, window, complete) & valid_tokens(ds),
-                    "token's loss shows double descent")
+    return describe(
+        detect_double_descent(loss, "ckpt", tol, window, complete) & valid_tokens(ds),
+        "token's loss shows double descent",
+    )
 
 
 def token_share(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
@@ -386,6 +406,7 @@ def token_share(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
 
 # --- cross-size agreement --------------------------------------------------------------------------
 
+
 def _pair_rows(drops: np.ndarray, models: Sequence[str], top: float) -> list[dict]:
     """Spearman and top-k Jaccard of per-token drops (model, token) for every model pair."""
     rows = []
@@ -394,8 +415,15 @@ def _pair_rows(drops: np.ndarray, models: Sequence[str], top: float) -> list[dic
         da, db = drops[a][both], drops[b][both]
         n = int(both.sum())
         k = max(1, round(top * n)) if top < 1 else int(top)
-        row = {"model_a": models[a], "model_b": models[b], "n_tokens": n, "top_k": k,
-               "spearman": np.nan, "jaccard": np.nan, "jaccard_chance": k / (2 * n - k) if n >= k else np.nan}
+        row = {
+            "model_a": models[a],
+            "model_b": models[b],
+            "n_tokens": n,
+            "top_k": k,
+            "spearman": np.nan,
+            "jaccard": np.nan,
+            "jaccard_chance": k / (2 * n - k) if n >= k else np.nan,
+        }
         if n >= 3 and k <= n:
             row["spearman"] = scipy.stats.spearmanr(da, db).statistic
             top_a = np.argpartition(-da, k - 1)[:k]
@@ -406,8 +434,12 @@ def _pair_rows(drops: np.ndarray, models: Sequence[str], top: float) -> list[dic
     return rows
 
 
-def agreement(ds: xr.Dataset, levels: Sequence[float] | None = None, top: float = 0.1,
-              axes: Sequence[str] = ("step", "tokens_seen")) -> pd.DataFrame:
+def agreement(
+    ds: xr.Dataset,
+    levels: Sequence[float] | None = None,
+    top: float = 0.1,
+    axes: Sequence[str] = ("step", "tokens_seen"),
+) -> pd.DataFrame:
     """Do the same tokens drop most in every model between two matched perplexities?
 
     For each model, the per-token loss drop = loss at levels[0] - loss at levels[1] (validation

@@ -28,10 +28,10 @@ import scipy.special
 import scipy.stats
 import xarray as xr
 
-from tokendyn.errors import TokendynError
-from tokendyn.store.layout import TOKEN_DIMS
 from tokendyn.analysis.labels import MISSING, flag_array
 from tokendyn.analysis.trajectories import CHUNK_MB, load_small, model_loss, over_token_slices, valid_tokens
+from tokendyn.errors import TokendynError
+from tokendyn.store.layout import TOKEN_DIMS
 
 CATEGORIES = ("stagnated", "upward", "downward", "uncategorised")
 
@@ -92,8 +92,9 @@ def window_start(steps: np.ndarray, start: float) -> int:
     return int(np.searchsorted(steps, start * steps[-1], side="left"))
 
 
-def _categorise(loss: np.ndarray, x: np.ndarray, starts: Sequence[int | None], alpha: float,
-                band: float, var_condition: bool) -> np.ndarray:
+def _categorise(
+    loss: np.ndarray, x: np.ndarray, starts: Sequence[int | None], alpha: float, band: float, var_condition: bool
+) -> np.ndarray:
     """Category codes (token, start) of trajectories loss (ckpt, token) for window starts `starts`.
 
     Regressing ppl_i or ppl_i / ppl_j on x gives the same t statistic and slope sign (ppl_j is a
@@ -109,8 +110,9 @@ def _categorise(loss: np.ndarray, x: np.ndarray, starts: Sequence[int | None], a
         slope, _, t = _fit(ppl[j:], x[j:])
         significant = np.abs(t) > scipy.stats.t.isf(alpha / 2, len(x) - j - 2)
         log_geo_mean = loss[j:].mean(axis=0)
-        stagnated = ((np.abs(ppl[j] / np.exp(log_geo_mean) - 1) <= band)
-                     & (np.abs(ppl[-1] / np.exp(log_geo_mean) - 1) <= band))
+        stagnated = (np.abs(ppl[j] / np.exp(log_geo_mean) - 1) <= band) & (
+            np.abs(ppl[-1] / np.exp(log_geo_mean) - 1) <= band
+        )
         if var_condition:
             stagnated &= ppl[j:].var(axis=0) < ppl[j:].mean(axis=0)
         code = np.select([significant & (slope > 0), significant & (slope < 0), stagnated], [1, 2, 0], 3)
@@ -118,9 +120,15 @@ def _categorise(loss: np.ndarray, x: np.ndarray, starts: Sequence[int | None], a
     return codes
 
 
-def trend_categories(ds: xr.Dataset, start: float | Sequence[float] = STARTS, x: str = "log_step",
-                     alpha: float = 0.05, band: float = 0.05, var_condition: bool = False,
-                     chunk_mb: float = CHUNK_MB) -> xr.DataArray:
+def trend_categories(
+    ds: xr.Dataset,
+    start: float | Sequence[float] = STARTS,
+    x: str = "log_step",
+    alpha: float = 0.05,
+    band: float = 0.05,
+    var_condition: bool = False,
+    chunk_mb: float = CHUNK_MB,
+) -> xr.DataArray:
     """Trend category of every token in every model at every start fraction (see module doc).
 
     start: start fraction(s) p in [0, 1); default 0.1, 0.2, 0.4, 0.7 (the paper sweeps 10-70%).
@@ -143,21 +151,30 @@ def trend_categories(ds: xr.Dataset, start: float | Sequence[float] = STARTS, x:
         for p in starts:
             j = window_start(loss["step"].values, p) if len(xs) else len(xs)
             if len(xs) - j < 3:
-                warnings.warn(f"model {name}: fewer than 3 checkpoints from {p:.0%} of the final step; "
-                              "no trend categories there", TrendWarning, stacklevel=2)
+                warnings.warn(
+                    f"model {name}: fewer than 3 checkpoints from {p:.0%} of the final step; no trend categories there",
+                    TrendWarning,
+                    stacklevel=2,
+                )
                 js.append(None)
             else:
                 js.append(j)
         codes = xr.apply_ufunc(
-            partial(over_token_slices, _categorise), loss.drop_vars("step"), input_core_dims=[["ckpt"]],
+            partial(over_token_slices, _categorise),
+            loss.drop_vars("step"),
+            input_core_dims=[["ckpt"]],
             output_core_dims=[["start"]],
             kwargs=dict(x=xs, starts=js, alpha=alpha, band=band, var_condition=var_condition),
-            dask="parallelized", output_dtypes=[np.int8], dask_gufunc_kwargs={"output_sizes": {"start": len(starts)}})
+            dask="parallelized",
+            output_dtypes=[np.int8],
+            dask_gufunc_kwargs={"output_sizes": {"start": len(starts)}},
+        )
         per_model.append(codes)
     codes = xr.concat(per_model, dim="model").assign_coords(model=ds["model"].values, start=starts)
     codes = codes.where(valid_tokens(ds), MISSING).astype(np.int8)
-    return flag_array(codes.transpose("model", "start", *TOKEN_DIMS), CATEGORIES, "trend",
-                      "trend category of the token's perplexity")
+    return flag_array(
+        codes.transpose("model", "start", *TOKEN_DIMS), CATEGORIES, "trend", "trend category of the token's perplexity"
+    )
 
 
 def trend_fit(ds: xr.Dataset, start: float = 0.2, x: str = "log_step", chunk_mb: float = CHUNK_MB) -> xr.Dataset:
@@ -167,6 +184,7 @@ def trend_fit(ds: xr.Dataset, start: float = 0.2, x: str = "log_step", chunk_mb:
     Lazy.
     """
     ds = load_small(ds)
+
     def fit(loss: np.ndarray, xs: np.ndarray) -> np.ndarray:
         window = loss.astype(np.float64)
         return np.stack(ols(np.exp(window - window[0]), xs, axis=0), axis=-1)
@@ -181,10 +199,17 @@ def trend_fit(ds: xr.Dataset, start: float = 0.2, x: str = "log_step", chunk_mb:
             nan = xr.full_like(loss.isel(ckpt=0).reset_coords(drop=True), np.nan, dtype=float)
             per_model.append(xr.Dataset({"slope": nan, "stderr": nan, "pvalue": nan}))
             continue
-        stats = xr.apply_ufunc(partial(over_token_slices, fit), loss.isel(ckpt=slice(j, None)).drop_vars("step"),
-                               kwargs={"xs": xs[j:]}, input_core_dims=[["ckpt"]], output_core_dims=[["stat"]],
-                               dask="parallelized", output_dtypes=[float],
-                               dask_gufunc_kwargs={"output_sizes": {"stat": 3}})
+        stats = xr.apply_ufunc(
+            partial(over_token_slices, fit),
+            loss.isel(ckpt=slice(j, None)).drop_vars("step"),
+            kwargs={"xs": xs[j:]},
+            input_core_dims=[["ckpt"]],
+            output_core_dims=[["stat"]],
+            dask="parallelized",
+            output_dtypes=[float],
+            dask_gufunc_kwargs={"output_sizes": {"stat": 3}},
+        )
         per_model.append(stats.to_dataset("stat").rename({0: "slope", 1: "stderr", 2: "pvalue"}))
-    return xr.concat(per_model, dim="model").assign_coords(model=ds["model"].values, start=start) \
-        .where(valid_tokens(ds))
+    return (
+        xr.concat(per_model, dim="model").assign_coords(model=ds["model"].values, start=start).where(valid_tokens(ds))
+    )

@@ -70,8 +70,10 @@ def os_error_message(err: OSError) -> str:
     """One line for an operating-system error: the file, the cause and the fix."""
     where = f" ({err.filename})" if err.filename else ""
     if err.errno == errno.ENOSPC:
-        return (f"the disk is full{where}; free some space and rerun the same command: "
-                "finished work is kept and the run resumes")
+        return (
+            f"the disk is full{where}; free some space and rerun the same command: "
+            "finished work is kept and the run resumes"
+        )
     if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"permission denied{where} ({err.strerror}); choose a location you may write to, or fix its permissions"
     cause = err.strerror or (str(err).splitlines() or [type(err).__name__])[0]

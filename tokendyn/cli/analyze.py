@@ -63,18 +63,33 @@ class StudyDefaults(argparse.HelpFormatter):
 def add_study_options(p: argparse.ArgumentParser) -> None:
     """The options that set study parameters (see STUDY_OPTIONS); unset, each study uses its default."""
     p.add_argument("--start", type=_floats, help="trend start fractions, comma-separated")
-    p.add_argument("--trend-x", choices=["log_step", "index"],
-                   help="trend regression x: log(step) (released code) or checkpoint index (paper text)")
-    p.add_argument("--levels", type=_floats,
-                   help="matched validation perplexity levels, comma-separated (default: levels every model reaches)")
+    p.add_argument(
+        "--trend-x",
+        choices=["log_step", "index"],
+        help="trend regression x: log(step) (released code) or checkpoint index (paper text)",
+    )
+    p.add_argument(
+        "--levels",
+        type=_floats,
+        help="matched validation perplexity levels, comma-separated (default: levels every model reaches)",
+    )
     p.add_argument("--dd-tol", type=float, help="double-descent tolerance in nats")
-    p.add_argument("--n-clusters", type=_n_clusters,
-                   help="number of clusters, 'shapes' (one cluster per trajectory shape found) or 'auto' (k by silhouette or BIC)")
+    p.add_argument(
+        "--n-clusters",
+        type=_n_clusters,
+        help="number of clusters, 'shapes' (one cluster per trajectory shape found) or 'auto' (k by silhouette or BIC)",
+    )
     p.add_argument("--cluster-method", choices=["kmeans", "gmm"], help="clustering estimator")
-    p.add_argument("--turn-tol", type=float,
-                   help="a set's perplexity curve turns when it rises this much (in log) above its minimum")
-    p.add_argument("--sequence-by", help="split a set's perplexity by this document field (mixture: one curve per "
-                                         "generation mixture); 'none' to keep sets whole")
+    p.add_argument(
+        "--turn-tol",
+        type=float,
+        help="a set's perplexity curve turns when it rises this much (in log) above its minimum",
+    )
+    p.add_argument(
+        "--sequence-by",
+        help="split a set's perplexity by this document field (mixture: one curve per "
+        "generation mixture); 'none' to keep sets whole",
+    )
 
 
 def study_options(args: argparse.Namespace) -> dict[str, dict]:
@@ -93,24 +108,35 @@ def study_options(args: argparse.Namespace) -> dict[str, dict]:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "analyze", help="run every study the store has data for and write tables, labels and findings next to it",
+        "analyze",
+        help="run every study the store has data for and write tables, labels and findings next to it",
         formatter_class=StudyDefaults,
         description="Run every study the store has data for (tokendyn.studies.STUDIES: validation perplexity and "
-                    "matched perplexity, trend categories, subset curves, double descent, cross-size agreement, "
-                    "clusters, per-token curve measures and Rho-1 classes; the perplexity of every evaluation set "
-                    "and true/false pairs; task metrics and emergence thresholds, PassUntil and skill curves) and "
-                    "write their results to a folder beside the store (toy.zarr -> toy.analysis/): tidy CSV "
-                    "tables, labels.zarr with one group of per-token results per analysis, and findings.txt. "
-                    "Prints the findings; studies whose data the store lacks are reported as skipped. The "
-                    "folder is replaced only when the run completes, and only if tokendyn wrote it. "
-                    "Methods: docs/methods.md; outputs: docs/analyses.md.")
+        "matched perplexity, trend categories, subset curves, double descent, cross-size agreement, "
+        "clusters, per-token curve measures and Rho-1 classes; the perplexity of every evaluation set "
+        "and true/false pairs; task metrics and emergence thresholds, PassUntil and skill curves) and "
+        "write their results to a folder beside the store (toy.zarr -> toy.analysis/): tidy CSV "
+        "tables, labels.zarr with one group of per-token results per analysis, and findings.txt. "
+        "Prints the findings; studies whose data the store lacks are reported as skipped. The "
+        "folder is replaced only when the run completes, and only if tokendyn wrote it. "
+        "Methods: docs/methods.md; outputs: docs/analyses.md.",
+    )
     p.add_argument("store", type=Path, help="store path (from `tokendyn extract`)")
     p.add_argument("--set", default="main", help="evaluation set to analyse (default: main)")
-    p.add_argument("--out", type=Path, help="output folder (default: beside the store, STORE.analysis); replaced "
-                                            "whole, and refused if it holds files tokendyn did not write")
-    p.add_argument("--studies", "--steps", dest="studies", type=comma_list,
-                   help="only these studies, comma-separated (default: all; see tokendyn.studies.STUDIES; the "
-                        "former step names trends, curves, sequence_ppl, pairs and tasks are accepted)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default: beside the store, STORE.analysis); replaced "
+        "whole, and refused if it holds files tokendyn did not write",
+    )
+    p.add_argument(
+        "--studies",
+        "--steps",
+        dest="studies",
+        type=comma_list,
+        help="only these studies, comma-separated (default: all; see tokendyn.studies.STUDIES; the "
+        "former step names trends, curves, sequence_ppl, pairs and tasks are accepted)",
+    )
     add_study_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

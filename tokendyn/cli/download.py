@@ -10,15 +10,20 @@ from tokendyn.cli.options import add_quiet
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "download", help="fetch every hub revision of a suite in advance (for nodes without internet)",
+        "download",
+        help="fetch every hub revision of a suite in advance (for nodes without internet)",
         description="List the files `tokendyn extract` will fetch for every hub checkpoint of SUITE with their "
-                    "sizes (from the hub's metadata), print the total, then download what the Hugging Face "
-                    "cache lacks (HF_HOME / HF_HUB_CACHE). Interrupted downloads resume on a rerun; revisions "
-                    "with identical weight files are reported from the hub's hashes without reading them. "
-                    "Run extract on the compute nodes with HF_HUB_OFFLINE=1 and the same cache.")
+        "sizes (from the hub's metadata), print the total, then download what the Hugging Face "
+        "cache lacks (HF_HOME / HF_HUB_CACHE). Interrupted downloads resume on a rerun; revisions "
+        "with identical weight files are reported from the hub's hashes without reading them. "
+        "Run extract on the compute nodes with HF_HUB_OFFLINE=1 and the same cache.",
+    )
     p.add_argument("suite", type=Path, help="suite description (TOML)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="also fetch pickle weights (pytorch_model*.bin) for checkpoints without safetensors")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="also fetch pickle weights (pytorch_model*.bin) for checkpoints without safetensors",
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan and the total size; download nothing")
     add_quiet(p)
     p.set_defaults(func=run)

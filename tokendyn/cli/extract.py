@@ -7,53 +7,106 @@ from pathlib import Path
 
 from tokendyn import store
 from tokendyn.cli.options import add_model_options, model_options
-from tokendyn.errors import TokendynError
 from tokendyn.config.suite import EvalSet, load_suite, parse_set_table
+from tokendyn.errors import TokendynError
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "extract", help="score every checkpoint of a suite into a Zarr store",
+        "extract",
+        help="score every checkpoint of a suite into a Zarr store",
         description="Score the evaluation text of SUITE with every checkpoint of every model and write the "
-                    "per-token loss (and optional metrics) into a Zarr store. Rerunning the same command "
-                    "resumes: complete checkpoints are skipped, interrupted ones recomputed.")
+        "per-token loss (and optional metrics) into a Zarr store. Rerunning the same command "
+        "resumes: complete checkpoints are skipped, interrupted ones recomputed.",
+    )
     p.add_argument("suite", type=Path, nargs="?", help="suite description (TOML); or use --model and --text")
     p.add_argument("--out", type=Path, required=True, help="store path (a directory ending in .zarr)")
-    p.add_argument("--model", action="append", default=[], dest="models", metavar="PATH_OR_HUB_ID[@REVISION]",
-                   help="score this model without a suite file: a checkpoint folder, a folder of checkpoint "
-                        "folders (checkpoint-N, stepN, global_stepN) or a glob, or a hub id with an optional "
-                        "revision or revision pattern (org/name@step1000, org/name@step*, org/name@all); "
-                        "repeatable; the generated suite is written next to the store (STORE.suite.toml)")
-    p.add_argument("--text", action="append", default=[], dest="texts", metavar="FILE",
-                   help="the text --model scores (.txt or .jsonl, or a glob pattern); repeatable")
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="tokens per sequence with --model (default: the model's context, at most 1024)")
-    p.add_argument("--set", action="append", default=[], dest="sets", metavar="NAME=FILE",
-                   help="also score FILE (.txt or .jsonl, or a glob pattern) as the named set NAME; "
-                        "NAME:R1,R2=FILE adds copies with a fraction R of the tokens replaced by random tokens, "
-                        "named NAME-R1, NAME-R2 (e.g. corrupted:0.2,0.4=valid.txt); repeatable")
-    p.add_argument("--pairs", action="append", default=[], metavar="[NAME=]FILE",
-                   help='score a JSONL of true/false pairs ({"true": ..., "false": ...} per line) as the set NAME '
-                        "(default: the file name without extension); repeatable")
-    p.add_argument("--corrupt-seed", type=int, default=0,
-                   help="seed of the random token replacement of NAME:R sets (default: 0)")
-    p.add_argument("--metrics", default=None,
-                   help="comma-separated per-token metrics among loss,entropy,rank (default: the store's, else loss)")
-    p.add_argument("--store-dtype", default=None, choices=store.STORE_DTYPES,
-                   help="on-disk precision (default: float32; float16 halves the store)")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        dest="models",
+        metavar="PATH_OR_HUB_ID[@REVISION]",
+        help="score this model without a suite file: a checkpoint folder, a folder of checkpoint "
+        "folders (checkpoint-N, stepN, global_stepN) or a glob, or a hub id with an optional "
+        "revision or revision pattern (org/name@step1000, org/name@step*, org/name@all); "
+        "repeatable; the generated suite is written next to the store (STORE.suite.toml)",
+    )
+    p.add_argument(
+        "--text",
+        action="append",
+        default=[],
+        dest="texts",
+        metavar="FILE",
+        help="the text --model scores (.txt or .jsonl, or a glob pattern); repeatable",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per sequence with --model (default: the model's context, at most 1024)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="sets",
+        metavar="NAME=FILE",
+        help="also score FILE (.txt or .jsonl, or a glob pattern) as the named set NAME; "
+        "NAME:R1,R2=FILE adds copies with a fraction R of the tokens replaced by random tokens, "
+        "named NAME-R1, NAME-R2 (e.g. corrupted:0.2,0.4=valid.txt); repeatable",
+    )
+    p.add_argument(
+        "--pairs",
+        action="append",
+        default=[],
+        metavar="[NAME=]FILE",
+        help='score a JSONL of true/false pairs ({"true": ..., "false": ...} per line) as the set NAME '
+        "(default: the file name without extension); repeatable",
+    )
+    p.add_argument(
+        "--corrupt-seed", type=int, default=0, help="seed of the random token replacement of NAME:R sets (default: 0)"
+    )
+    p.add_argument(
+        "--metrics",
+        default=None,
+        help="comma-separated per-token metrics among loss,entropy,rank (default: the store's, else loss)",
+    )
+    p.add_argument(
+        "--store-dtype",
+        default=None,
+        choices=store.STORE_DTYPES,
+        help="on-disk precision (default: float32; float16 halves the store)",
+    )
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward pass (default: 8192)")
     p.add_argument("--force", action="store_true", help="recompute checkpoints that are already complete")
-    p.add_argument("--workers", type=int, default=None,
-                   help="score on a local dask cluster of N worker processes, one task per checkpoint (with "
-                        "--device cuda: one worker per GPU; dask-cuda's LocalCUDACluster when installed)")
-    p.add_argument("--scheduler", default=None, metavar="ADDRESS",
-                   help="score on the existing dask cluster at ADDRESS (e.g. tcp://host:8786); every worker "
-                        "must see the store's path and the checkpoints; see docs/scale.md")
-    p.add_argument("--prefetch", type=int, default=1, metavar="K",
-                   help="download the next K hub checkpoints while one is scored (default: 1; 0: no prefetch)")
-    p.add_argument("--evict", action="store_true",
-                   help="delete each hub revision this run downloaded from the Hugging Face cache once it is "
-                        "scored (revisions cached before the run are kept)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="score on a local dask cluster of N worker processes, one task per checkpoint (with "
+        "--device cuda: one worker per GPU; dask-cuda's LocalCUDACluster when installed)",
+    )
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="score on the existing dask cluster at ADDRESS (e.g. tcp://host:8786); every worker "
+        "must see the store's path and the checkpoints; see docs/scale.md",
+    )
+    p.add_argument(
+        "--prefetch",
+        type=int,
+        default=1,
+        metavar="K",
+        help="download the next K hub checkpoints while one is scored (default: 1; 0: no prefetch)",
+    )
+    p.add_argument(
+        "--evict",
+        action="store_true",
+        help="delete each hub revision this run downloaded from the Hugging Face cache once it is "
+        "scored (revisions cached before the run are kept)",
+    )
     add_model_options(p)
     p.set_defaults(func=run)
 
@@ -70,9 +123,20 @@ def run(args: argparse.Namespace) -> None:
         seq_len = load_suite(suite).eval.seq_len
         extra_sets += [s for option in args.sets for s in parse_set_option(option, seq_len, args.corrupt_seed)]
         extra_sets += [parse_pairs_option(option, seq_len) for option in args.pairs]
-    out = extract(suite, args.out, extra_sets=extra_sets, metrics=metrics, store_dtype=args.store_dtype,
-                  batch_tokens=args.batch_tokens, force=args.force, scheduler=args.scheduler, workers=args.workers,
-                  prefetch=args.prefetch, evict=args.evict, **model_options(args))
+    out = extract(
+        suite,
+        args.out,
+        extra_sets=extra_sets,
+        metrics=metrics,
+        store_dtype=args.store_dtype,
+        batch_tokens=args.batch_tokens,
+        force=args.force,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        prefetch=args.prefetch,
+        evict=args.evict,
+        **model_options(args),
+    )
     print(f"store written: {out}  (inspect with: tokendyn info {out})")
 
 
@@ -109,10 +173,13 @@ def parse_set_option(option: str, seq_len: int, seed: int = 0) -> list[EvalSet]:
     try:
         values = [float(rate) for rate in rates.split(",")]
     except ValueError:
-        raise TokendynError(f"--set '{option}': corruption rates must be numbers, "
-                            "as in corrupted:0.2,0.4=FILE") from None
-    return [_eval_set(option, {"name": f"{name}-{rate:g}", "files": files, "corrupt": rate, "seed": seed}, seq_len)
-            for rate in values]
+        raise TokendynError(
+            f"--set '{option}': corruption rates must be numbers, as in corrupted:0.2,0.4=FILE"
+        ) from None
+    return [
+        _eval_set(option, {"name": f"{name}-{rate:g}", "files": files, "corrupt": rate, "seed": seed}, seq_len)
+        for rate in values
+    ]
 
 
 def parse_pairs_option(option: str, seq_len: int) -> EvalSet:

@@ -13,32 +13,54 @@ ROLES = ("small", "large")
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "generate", help="generate text from a mixture of a small and a large model (hallucinated text)",
+        "generate",
+        help="generate text from a mixture of a small and a large model (hallucinated text)",
         description="Decode from p' = l1 * p_small + l2 * p_large (negative entries clipped to 0, renormalised), "
-                    "prompted with the first tokens of validation documents of the suite's main set. The "
-                    "output JSONL has a \"text\" field (prompt + continuation) and the prompt, mixture, "
-                    "models, checkpoints and decoding settings as further fields, so it can be scored as a "
-                    "named set: tokendyn extract SUITE --set hallucinated=GEN.jsonl --out STORE.")
+        "prompted with the first tokens of validation documents of the suite's main set. The "
+        'output JSONL has a "text" field (prompt + continuation) and the prompt, mixture, '
+        "models, checkpoints and decoding settings as further fields, so it can be scored as a "
+        "named set: tokendyn extract SUITE --set hallucinated=GEN.jsonl --out STORE.",
+    )
     p.add_argument("suite", type=Path, help="suite description (TOML)")
     p.add_argument("--out", type=Path, required=True, help="output JSONL file")
-    p.add_argument("--small", default=None, metavar="MODEL[@STEP]",
-                   help="the model weighted by l1, optionally at a checkpoint step (default: the model with "
-                        "the fewest parameters, final checkpoint)")
-    p.add_argument("--large", default=None, metavar="MODEL[@STEP]",
-                   help="the model weighted by l2 (default: the model with the most parameters, final checkpoint)")
-    p.add_argument("--mix", action="append", default=None, metavar="small=L1,large=L2",
-                   help="a mixture, as small=1,large=-1 (an omitted role weighs 0) or L1,L2; repeat for several "
-                        "(default: the paper's five: 1,-1  1,0  1,1  0,1  -1,1)")
-    p.add_argument("--prompts", type=_count, default=100,
-                   help="number of prompts: validation documents, evenly spaced over the files, or 'all' "
-                        "(default: 100)")
+    p.add_argument(
+        "--small",
+        default=None,
+        metavar="MODEL[@STEP]",
+        help="the model weighted by l1, optionally at a checkpoint step (default: the model with "
+        "the fewest parameters, final checkpoint)",
+    )
+    p.add_argument(
+        "--large",
+        default=None,
+        metavar="MODEL[@STEP]",
+        help="the model weighted by l2 (default: the model with the most parameters, final checkpoint)",
+    )
+    p.add_argument(
+        "--mix",
+        action="append",
+        default=None,
+        metavar="small=L1,large=L2",
+        help="a mixture, as small=1,large=-1 (an omitted role weighs 0) or L1,L2; repeat for several "
+        "(default: the paper's five: 1,-1  1,0  1,1  0,1  -1,1)",
+    )
+    p.add_argument(
+        "--prompts",
+        type=_count,
+        default=100,
+        help="number of prompts: validation documents, evenly spaced over the files, or 'all' (default: 100)",
+    )
     p.add_argument("--prompt-tokens", type=int, default=5, help="prompt length k in tokens (default: 5)")
     p.add_argument("--new-tokens", type=int, default=50, help="tokens generated per prompt (default: 50)")
-    p.add_argument("--top-p", type=float, default=None,
-                   help="nucleus sampling with this mass, e.g. 0.9 (default: greedy decoding)")
+    p.add_argument(
+        "--top-p", type=float, default=None, help="nucleus sampling with this mass, e.g. 0.9 (default: greedy decoding)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
-    p.add_argument("--no-stop-at-eos", action="store_true",
-                   help="keep generating after the end-of-sequence token (default: a continuation stops there)")
+    p.add_argument(
+        "--no-stop-at-eos",
+        action="store_true",
+        help="keep generating after the end-of-sequence token (default: a continuation stops there)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together (default: 32)")
     add_model_options(p)
     p.set_defaults(func=run)
@@ -87,10 +109,24 @@ def run(args: argparse.Namespace) -> None:
     small, small_step = parse_model(args.small)
     large, large_step = parse_model(args.large)
     mixtures = MIXTURES if args.mix is None else [parse_mixture(m) for m in args.mix]
-    records = generate(args.suite, small=small, large=large, small_step=small_step, large_step=large_step,
-                       mixtures=mixtures, prompts=args.prompts, prompt_tokens=args.prompt_tokens,
-                       new_tokens=args.new_tokens, top_p=args.top_p, seed=args.seed,
-                       stop_at_eos=not args.no_stop_at_eos, batch_size=args.batch_size, **model_options(args))
+    records = generate(
+        args.suite,
+        small=small,
+        large=large,
+        small_step=small_step,
+        large_step=large_step,
+        mixtures=mixtures,
+        prompts=args.prompts,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_at_eos=not args.no_stop_at_eos,
+        batch_size=args.batch_size,
+        **model_options(args),
+    )
     out = write_jsonl(records, args.out)
-    print(f"{len(records)} generations written: {out}  "
-          f"(score them with: tokendyn extract {args.suite} --set NAME={out} --out STORE)")
+    print(
+        f"{len(records)} generations written: {out}  "
+        f"(score them with: tokendyn extract {args.suite} --set NAME={out} --out STORE)"
+    )

@@ -9,11 +9,14 @@ import numpy as np
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("info", help="summarise a store: models, checkpoints done/missing, tokens, size",
-                              description="Print the models of a store with their done and missing "
-                                          "checkpoints, the evaluation sets and their tokens, the size on disk, "
-                                          "and a quick integrity check (chunk files and metadata; `tokendyn "
-                                          "verify` checks the values too). Never writes.")
+    p = subparsers.add_parser(
+        "info",
+        help="summarise a store: models, checkpoints done/missing, tokens, size",
+        description="Print the models of a store with their done and missing "
+        "checkpoints, the evaluation sets and their tokens, the size on disk, "
+        "and a quick integrity check (chunk files and metadata; `tokendyn "
+        "verify` checks the values too). Never writes.",
+    )
     p.add_argument("store", type=Path, help="store path")
     p.set_defaults(func=run)
 
@@ -30,8 +33,10 @@ def describe(path: Path) -> str:
 
     attrs = read_attrs(path)
     ds = open_store(path)
-    lines = [f"store     {path}  ({_size(path)} on disk, tokendyn {attrs['tokendyn_version']})",
-             f"metrics   {', '.join(attrs['metrics'])}  stored as {attrs['store_dtype']}"]
+    lines = [
+        f"store     {path}  ({_size(path)} on disk, tokendyn {attrs['tokendyn_version']})",
+        f"metrics   {', '.join(attrs['metrics'])}  stored as {attrs['store_dtype']}",
+    ]
     for name in ["main", *list_sets(path)]:
         s = ds if name == "main" else open_store(path, set=name)
         if "summary" in s.attrs:
@@ -47,14 +52,23 @@ def describe(path: Path) -> str:
         missing = [int(s) for s in steps[m][present & ~done[m]]]
         ppl = ds.val_ppl.values[m][present & done[m]]
         idx = np.flatnonzero(present & done[m])
-        last = (f", at the last done: val_ppl {ppl[-1]:.2f}, bits/byte {ds.bits_per_byte.values[m, idx[-1]]:.3f}, "
-                f"word ppl {ds.word_ppl.values[m, idx[-1]]:.2f}" if len(ppl) else "")
-        lines.append(f"model     {model} ({int(ds.n_params.values[m]):,} params): "
-                     f"{int((present & done[m]).sum())}/{int(present.sum())} checkpoints done{last}"
-                     + (f"; missing steps {_short(missing)}" if missing else ""))
+        last = (
+            f", at the last done: val_ppl {ppl[-1]:.2f}, bits/byte {ds.bits_per_byte.values[m, idx[-1]]:.3f}, "
+            f"word ppl {ds.word_ppl.values[m, idx[-1]]:.2f}"
+            if len(ppl)
+            else ""
+        )
+        lines.append(
+            f"model     {model} ({int(ds.n_params.values[m]):,} params): "
+            f"{int((present & done[m]).sum())}/{int(present.sum())} checkpoints done{last}"
+            + (f"; missing steps {_short(missing)}" if missing else "")
+        )
     problems = verify(path)  # files and metadata only: cheap; `tokendyn verify` also reads the values
-    lines.append(f"integrity {len(problems)} problem(s): {verify_summary(problems)}; see `tokendyn verify {path}`"
-                 if problems else "integrity every done checkpoint has its chunks; metadata consistent")
+    lines.append(
+        f"integrity {len(problems)} problem(s): {verify_summary(problems)}; see `tokendyn verify {path}`"
+        if problems
+        else "integrity every done checkpoint has its chunks; metadata consistent"
+    )
     return "\n".join(lines)
 
 

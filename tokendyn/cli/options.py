@@ -7,16 +7,28 @@ import argparse
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """--device, --dtype, --allow-pickle, --trust-remote-code and --no-progress."""
-    p.add_argument("--device", default="auto",
-                   help="cpu, cuda[:N], mps, or auto: cuda if available, else mps, else cpu (default: auto)")
-    p.add_argument("--dtype", default="auto",
-                   help="model precision: float32 (fp32), bfloat16 (bf16), float16 (fp16), or auto: bfloat16 where "
-                        "the hardware runs it natively (CUDA with bf16, CPUs with AVX512_BF16/AMX, confirmed by a "
-                        "timed matmul), else float32; the choice and its reason are printed (default: auto)")
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="load pickle checkpoints (pytorch_model.bin); only for weights you trust")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="run model code shipped with a hub checkpoint; only for code you trust")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda[:N], mps, or auto: cuda if available, else mps, else cpu (default: auto)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="model precision: float32 (fp32), bfloat16 (bf16), float16 (fp16), or auto: bfloat16 where "
+        "the hardware runs it natively (CUDA with bf16, CPUs with AVX512_BF16/AMX, confirmed by a "
+        "timed matmul), else float32; the choice and its reason are printed (default: auto)",
+    )
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="load pickle checkpoints (pytorch_model.bin); only for weights you trust",
+    )
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run model code shipped with a hub checkpoint; only for code you trust",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_quiet(p)
 
@@ -29,5 +41,10 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
 
 def model_options(args: argparse.Namespace) -> dict:
     """The keyword arguments that `add_model_options` collects, as the library functions take them."""
-    return dict(device=args.device, dtype=args.dtype, allow_pickle=args.allow_pickle,
-                trust_remote_code=args.trust_remote_code, progress=not (args.no_progress or args.quiet))
+    return dict(
+        device=args.device,
+        dtype=args.dtype,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+        progress=not (args.no_progress or args.quiet),
+    )

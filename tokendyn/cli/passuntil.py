@@ -10,31 +10,54 @@ from tokendyn.cli.options import add_model_options, model_options
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "passuntil", help="estimate tiny pass rates: sample per instance and checkpoint until r passes (PassUntil)",
-        description="For every instance of a free-generation task (JSONL lines {\"prompt\", \"answer\"}) and every "
-                    "checkpoint of SUITE, sample completions in batches until --passes of them pass or "
-                    "--max-samples are drawn. A completion passes by exact match with the answer (surrounding "
-                    "whitespace stripped) or by --checker. The runs go to the group passuntil/<name> of the store "
-                    "(the main set is scored too where not done); a rerun resumes. Read them with "
-                    "tokendyn.open_store(STORE).tokendyn.pass_until() or tokendyn analyze STORE.")
+        "passuntil",
+        help="estimate tiny pass rates: sample per instance and checkpoint until r passes (PassUntil)",
+        description='For every instance of a free-generation task (JSONL lines {"prompt", "answer"}) and every '
+        "checkpoint of SUITE, sample completions in batches until --passes of them pass or "
+        "--max-samples are drawn. A completion passes by exact match with the answer (surrounding "
+        "whitespace stripped) or by --checker. The runs go to the group passuntil/<name> of the store "
+        "(the main set is scored too where not done); a rerun resumes. Read them with "
+        "tokendyn.open_store(STORE).tokendyn.pass_until() or tokendyn analyze STORE.",
+    )
     p.add_argument("suite", type=Path, help="suite description (TOML)")
-    p.add_argument("--task", type=Path, required=True, metavar="FILE", help="JSONL of {\"prompt\", \"answer\"} lines")
+    p.add_argument("--task", type=Path, required=True, metavar="FILE", help='JSONL of {"prompt", "answer"} lines')
     p.add_argument("--out", type=Path, required=True, help="store path (a directory ending in .zarr)")
     p.add_argument("--name", default=None, help="the task's name in the store (default: the file name)")
     p.add_argument("--passes", type=int, default=2, help="passes to reach per instance, r >= 2 (default: 2)")
-    p.add_argument("--max-samples", type=int, default=100_000,
-                   help="cap on samples per instance and checkpoint; runs that hit it with fewer than 2 passes "
-                        "are censored (default: 100000)")
+    p.add_argument(
+        "--max-samples",
+        type=int,
+        default=100_000,
+        help="cap on samples per instance and checkpoint; runs that hit it with fewer than 2 passes "
+        "are censored (default: 100000)",
+    )
     p.add_argument("--batch-size", type=int, default=256, help="completions sampled together (default: 256)")
-    p.add_argument("--top-p", type=float, default=None,
-                   help="nucleus sampling with this mass (default: temperature-1 sampling from the full distribution)")
-    p.add_argument("--new-tokens", type=int, default=None,
-                   help="tokens per completion (default: as many as the answer takes, per instance)")
-    p.add_argument("--stop", action="append", default=None, metavar="TEXT",
-                   help="cut completions at this string (\\n is a newline); repeatable (default: a newline)")
-    p.add_argument("--checker", default=None, metavar="package.module:function",
-                   help="pass judge called as function(completion, instance) -> bool (default: exact match); "
-                        "imports and runs that Python code with your permissions: name only code you trust")
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help="nucleus sampling with this mass (default: temperature-1 sampling from the full distribution)",
+    )
+    p.add_argument(
+        "--new-tokens",
+        type=int,
+        default=None,
+        help="tokens per completion (default: as many as the answer takes, per instance)",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=None,
+        metavar="TEXT",
+        help="cut completions at this string (\\n is a newline); repeatable (default: a newline)",
+    )
+    p.add_argument(
+        "--checker",
+        default=None,
+        metavar="package.module:function",
+        help="pass judge called as function(completion, instance) -> bool (default: exact match); "
+        "imports and runs that Python code with your permissions: name only code you trust",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
     p.add_argument("--force", action="store_true", help="redo the task's runs if the store has them")
     add_model_options(p)
@@ -47,13 +70,27 @@ def run(args: argparse.Namespace) -> None:
 
     task = read_generation_task(args.task, args.name)
     stop = ("\n",) if args.stop is None else tuple(s.replace("\\n", "\n") for s in args.stop)
-    out = run_pass_until(args.suite, args.out, task, passes=args.passes, max_samples=args.max_samples,
-                         batch_size=args.batch_size, top_p=args.top_p, new_tokens=args.new_tokens, stop=stop,
-                         checker=args.checker, seed=args.seed, force=args.force, **model_options(args))
+    out = run_pass_until(
+        args.suite,
+        args.out,
+        task,
+        passes=args.passes,
+        max_samples=args.max_samples,
+        batch_size=args.batch_size,
+        top_p=args.top_p,
+        new_tokens=args.new_tokens,
+        stop=stop,
+        checker=args.checker,
+        seed=args.seed,
+        force=args.force,
+        **model_options(args),
+    )
     runs = read_runs(out, task.name)
     drawn = int(runs["drawn"].where(runs["done"]).sum())
     seconds = float(runs["seconds"].where(runs["done"]).sum())
     capped = int(((runs["passes"] < args.passes) & runs["done"]).sum())
-    print(f"passuntil {task.name}: {len(task.records)} instances x {int(runs['done'].sum())} checkpoints, "
-          f"{drawn:,} completions sampled in {seconds:.1f} s, {capped} runs hit the cap; "
-          f"read them with: tokendyn analyze {out}")
+    print(
+        f"passuntil {task.name}: {len(task.records)} instances x {int(runs['done'].sum())} checkpoints, "
+        f"{drawn:,} completions sampled in {seconds:.1f} s, {capped} runs hit the cap; "
+        f"read them with: tokendyn analyze {out}"
+    )

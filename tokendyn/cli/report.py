@@ -6,23 +6,32 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tokendyn.cli.analyze import StudyDefaults, comma_list, add_study_options, study_options
+from tokendyn.cli.analyze import StudyDefaults, add_study_options, comma_list, study_options
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "report", help="write an HTML report with a figure and findings per study (one self-contained file)",
+        "report",
+        help="write an HTML report with a figure and findings per study (one self-contained file)",
         formatter_class=StudyDefaults,
         description="Run the studies (tokendyn.studies.STUDIES, the same as tokendyn analyze) on the store's main "
-                    "set and write DIR/index.html with every figure embedded, so the one file can be mailed, plus "
-                    "each study's PNG/SVG figure, CSV tables and findings in DIR/<study>/. Studies whose data the "
-                    "store lacks are listed with the reason. The folder is replaced only when the report is "
-                    "complete, and only if tokendyn wrote it.")
+        "set and write DIR/index.html with every figure embedded, so the one file can be mailed, plus "
+        "each study's PNG/SVG figure, CSV tables and findings in DIR/<study>/. Studies whose data the "
+        "store lacks are listed with the reason. The folder is replaced only when the report is "
+        "complete, and only if tokendyn wrote it.",
+    )
     p.add_argument("store", type=Path, help="store path (from `tokendyn extract`)")
-    p.add_argument("--out", type=Path, help="output folder (default: beside the store, STORE.report); replaced "
-                                            "whole, and refused if it holds files tokendyn did not write")
-    p.add_argument("--studies", type=comma_list,
-                   help="only these studies, comma-separated (default: all; see tokendyn.studies.STUDIES)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default: beside the store, STORE.report); replaced "
+        "whole, and refused if it holds files tokendyn did not write",
+    )
+    p.add_argument(
+        "--studies",
+        type=comma_list,
+        help="only these studies, comma-separated (default: all; see tokendyn.studies.STUDIES)",
+    )
     add_study_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -31,6 +40,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> None:
     from tokendyn.pipelines.report import write_report
 
-    index = write_report(args.store, args.out, studies=args.studies, options=study_options(args),
-                         progress=not args.quiet, echo=print)
+    index = write_report(
+        args.store, args.out, studies=args.studies, options=study_options(args), progress=not args.quiet, echo=print
+    )
     print(f"report written: {index}")

@@ -12,23 +12,33 @@ from tokendyn.errors import TokendynError
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "tasks", help="score multiple-choice tasks (BIG-Bench JSON or JSONL) with every checkpoint",
+        "tasks",
+        help="score multiple-choice tasks (BIG-Bench JSON or JSONL) with every checkpoint",
         description="Build k-shot prompts for every item of each task (demonstrations drawn at random from the "
-                    "other items, seeded), and score every option by the log-probability of its tokens with "
-                    "every checkpoint of SUITE. Each task becomes the evaluation set task.<name> of the store "
-                    "(the main set is scored too where not done), so a rerun resumes. Task files: BIG-Bench JSON "
-                    "(examples with input and target_scores, with BIG-Bench's prefixes) or JSONL lines "
-                    "{\"question\", \"choices\", \"answer\"}. Read the results with "
-                    "tokendyn.open_store(STORE).tokendyn.task_scores(), or run tokendyn analyze STORE.")
+        "other items, seeded), and score every option by the log-probability of its tokens with "
+        "every checkpoint of SUITE. Each task becomes the evaluation set task.<name> of the store "
+        "(the main set is scored too where not done), so a rerun resumes. Task files: BIG-Bench JSON "
+        "(examples with input and target_scores, with BIG-Bench's prefixes) or JSONL lines "
+        '{"question", "choices", "answer"}. Read the results with '
+        "tokendyn.open_store(STORE).tokendyn.task_scores(), or run tokendyn analyze STORE.",
+    )
     p.add_argument("suite", type=Path, help="suite description (TOML)")
-    p.add_argument("--task", action="append", required=True, type=Path, dest="tasks", metavar="FILE",
-                   help="task file (.json in BIG-Bench's format, or .jsonl); repeatable")
+    p.add_argument(
+        "--task",
+        action="append",
+        required=True,
+        type=Path,
+        dest="tasks",
+        metavar="FILE",
+        help="task file (.json in BIG-Bench's format, or .jsonl); repeatable",
+    )
     p.add_argument("--out", type=Path, required=True, help="store path (a directory ending in .zarr)")
     p.add_argument("--shots", type=int, default=2, help="demonstrations per prompt (default: 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the demonstrations and choice orders (default: 0)")
     p.add_argument("--max-items", type=int, default=None, help="keep the first N items of each task (default: all)")
-    p.add_argument("--name", default=None,
-                   help="the task's name (one --task only; default: the BIG-Bench name or the file name)")
+    p.add_argument(
+        "--name", default=None, help="the task's name (one --task only; default: the BIG-Bench name or the file name)"
+    )
     p.add_argument("--delimiter", default=" ", help="text between a prompt and an option (default: one space)")
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward pass (default: 8192)")
     add_model_options(p)
@@ -46,7 +56,15 @@ def run(args: argparse.Namespace) -> None:
     tasks = [read_task(path, args.name) for path in args.tasks]
     if args.max_items is not None:
         tasks = [replace(t, items=t.items[: args.max_items]) for t in tasks]
-    out = score_tasks(args.suite, args.out, tasks, shots=args.shots, seed=args.seed, delimiter=args.delimiter,
-                      batch_tokens=args.batch_tokens, **model_options(args))
+    out = score_tasks(
+        args.suite,
+        args.out,
+        tasks,
+        shots=args.shots,
+        seed=args.seed,
+        delimiter=args.delimiter,
+        batch_tokens=args.batch_tokens,
+        **model_options(args),
+    )
     names = ", ".join(f"task.{t.name} ({len(t.items)} items)" for t in tasks)
     print(f"scored {names} into {out}  (read them with: tokendyn analyze {out})")

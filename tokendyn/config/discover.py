@@ -65,8 +65,9 @@ def _trainer_state(folder: Path) -> dict:
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
-        raise TokendynError(f"unreadable {path} ({err}); fix or delete it, the step then comes from the "
-                            "folder name") from None
+        raise TokendynError(
+            f"unreadable {path} ({err}); fix or delete it, the step then comes from the folder name"
+        ) from None
     return state if isinstance(state, dict) else {}
 
 
@@ -84,13 +85,16 @@ def discover_folders(pattern: str, base: Path) -> list[Found]:
             continue
         step = folder_step(folder)
         if step is None:
-            raise TokendynError(f"cannot tell the step of {folder}: no {TRAINER_STATE} with global_step and no "
-                                "number in its name (checkpoint-N, stepN, global_stepN); rename it or list it "
-                                "as { step = N, path = ... }")
+            raise TokendynError(
+                f"cannot tell the step of {folder}: no {TRAINER_STATE} with global_step and no "
+                "number in its name (checkpoint-N, stepN, global_stepN); rename it or list it "
+                "as { step = N, path = ... }"
+            )
         found.append(Found(step, folder, folder_tokens(folder)))
     if not found:
-        raise TokendynError(f"checkpoints glob '{pattern}' matches no checkpoint folder (relative to {base}); "
-                            "fix the pattern")
+        raise TokendynError(
+            f"checkpoints glob '{pattern}' matches no checkpoint folder (relative to {base}); fix the pattern"
+        )
     return sorted(found, key=lambda f: f.step)
 
 
@@ -106,8 +110,9 @@ def discover_revisions(hub_id: str, pattern: str) -> list[str]:
         chosen = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
     if not chosen:
         where = "in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if _offline() else "on the hub"
-        raise TokendynError(f"no revision of {hub_id} matches '{pattern}' {where}; it has: "
-                            f"{_short(sorted(names)) or 'none'}")
+        raise TokendynError(
+            f"no revision of {hub_id} matches '{pattern}' {where}; it has: {_short(sorted(names)) or 'none'}"
+        )
     return sorted(chosen, key=lambda name: (_step_or_none(name) is None, _step_or_none(name) or 0, name))
 
 
@@ -134,11 +139,15 @@ def _hub_revisions(hub_id: str) -> list[str]:
     try:
         refs = huggingface_hub.list_repo_refs(hub_id)
     except RepositoryNotFoundError:
-        raise TokendynError(f"hub repo {hub_id} is not found or not accessible; fix hub_id, or log in "
-                            "(hf auth login) if it is private or gated") from None
+        raise TokendynError(
+            f"hub repo {hub_id} is not found or not accessible; fix hub_id, or log in "
+            "(hf auth login) if it is private or gated"
+        ) from None
     except (HfHubHTTPError, OSError) as err:
-        raise TokendynError(f"cannot list the revisions of {hub_id} ({str(err).splitlines()[0]}); check the network, "
-                            "or set HF_HUB_OFFLINE=1 to use the revisions in the local cache") from None
+        raise TokendynError(
+            f"cannot list the revisions of {hub_id} ({str(err).splitlines()[0]}); check the network, "
+            "or set HF_HUB_OFFLINE=1 to use the revisions in the local cache"
+        ) from None
     return [branch.name for branch in refs.branches]
 
 

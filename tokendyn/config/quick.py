@@ -40,8 +40,9 @@ def model_table(spec: str) -> dict:
         name = folder.parent if step is not None and str(step) in folder.name else folder
         return {"name": _name(name), "checkpoints": [checkpoint]}
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise TokendynError(f"--model {spec}: no such directory, and not a hub id like org/name[@revision]; "
-                            "fix the path or the id")
+        raise TokendynError(
+            f"--model {spec}: no such directory, and not a hub id like org/name[@revision]; fix the path or the id"
+        )
     hub_id, _, revision = spec.partition("@")
     table: dict[str, object] = {"name": hub_id.split("/")[-1], "hub_id": hub_id}
     if revision == "all" or any(ch in revision for ch in "*?["):

@@ -113,14 +113,18 @@ class EvalSet:
 
     def __post_init__(self) -> None:
         if self.context not in CONTEXTS:
-            raise TokendynError(f"set '{self.name}': unknown context '{self.context}'; use one of {', '.join(CONTEXTS)}")
+            raise TokendynError(
+                f"set '{self.name}': unknown context '{self.context}'; use one of {', '.join(CONTEXTS)}"
+            )
         if self.split not in SPLITS:
             raise TokendynError(f"set '{self.name}': unknown split '{self.split}'; use one of {', '.join(SPLITS)}")
         if self.stride is not None and not 1 <= self.stride <= self.seq_len:
             raise TokendynError(f"set '{self.name}': stride {self.stride} must be in [1, seq_len = {self.seq_len}]")
         if self.max_tokens is not None and not 1 <= self.max_tokens <= self.seq_len:
-            raise TokendynError(f"set '{self.name}': max_tokens {self.max_tokens} must be in "
-                                f"[1, seq_len = {self.seq_len}]; raise seq_len or lower max_tokens")
+            raise TokendynError(
+                f"set '{self.name}': max_tokens {self.max_tokens} must be in "
+                f"[1, seq_len = {self.seq_len}]; raise seq_len or lower max_tokens"
+            )
 
 
 @dataclass(frozen=True)
@@ -152,7 +156,7 @@ def parse_step(revision: str) -> int:
     if match is None:
         raise TokendynError(
             f"revision '{revision}' has no step number (expected a name like step1000, step1000-tokens4B "
-            f"or stage1-step1000-tokens4B); list it as checkpoints = [{{ step = N, revision = \"{revision}\" }}]"
+            f'or stage1-step1000-tokens4B); list it as checkpoints = [{{ step = N, revision = "{revision}" }}]'
         )
     return int(match.group(1))
 
@@ -217,9 +221,7 @@ def _listed_steps(schedule: list[int], steps: list) -> list[int]:
             below = max((s for s in schedule if s < step), default=None)
             above = min((s for s in schedule if s > step), default=None)
             nearest = ", ".join(str(s) for s in (below, above) if s is not None)
-            raise TokendynError(
-                f"step {step} is not in the schedule ({_describe(schedule)}); nearest: {nearest}"
-            )
+            raise TokendynError(f"step {step} is not in the schedule ({_describe(schedule)}); nearest: {nearest}")
     duplicates = sorted({step for step in steps if steps.count(step) > 1})
     if duplicates:
         raise TokendynError(f"step {duplicates[0]} is listed twice in steps; list each step once")
@@ -271,8 +273,10 @@ def parse_suite(data: dict, base: str | Path, path: Path | None = None) -> Suite
     names = [s.name for s in sets]
     for name in names:
         if name == "main" or names.count(name) > 1:
-            raise TokendynError(f"{origin}: [[sets]] name '{name}' is used twice or is reserved ('main' is "
-                                "the [eval] set); give every set its own name")
+            raise TokendynError(
+                f"{origin}: [[sets]] name '{name}' is used twice or is reserved ('main' is "
+                "the [eval] set); give every set its own name"
+            )
 
     models = tuple(
         _parse_model(table, f"{origin}: [[models]] #{i}", base)
@@ -378,8 +382,16 @@ def _parse_set(t: _Table, base: Path, name: str | None, default_seq_len: int | N
     if seq_len < 2:
         t.fail("seq_len", f"{seq_len} leaves no token to predict; use at least 2")
     try:
-        return EvalSet(name=name, files=files, seq_len=seq_len, max_sequences=t.positive("max_sequences", int, None),
-                       kind=kind, corrupt=corrupt, seed=t.get("seed", int, 0), **_protocol(t, kind))
+        return EvalSet(
+            name=name,
+            files=files,
+            seq_len=seq_len,
+            max_sequences=t.positive("max_sequences", int, None),
+            kind=kind,
+            corrupt=corrupt,
+            seed=t.get("seed", int, 0),
+            **_protocol(t, kind),
+        )
     except TokendynError as err:
         raise TokendynError(f"{t.where}: {err}") from None
 
@@ -404,16 +416,21 @@ def _protocol(t: _Table, kind: str) -> dict:
         prefix = t.data.get("prefix", "auto")
         if isinstance(prefix, bool) or not isinstance(prefix, (str, int)):
             t.fail("prefix", 'is "auto", "none", a token string or a token id; fix its value')
-    return {"context": context, "prefix": prefix, "stride": t.positive("stride", int, None),
-            "max_tokens": t.positive("max_tokens", int, None), "split": t.choice("split", SPLITS),
-            "text_field": t.get("text_field", str, "text")}
+    return {
+        "context": context,
+        "prefix": prefix,
+        "stride": t.positive("stride", int, None),
+        "max_tokens": t.positive("max_tokens", int, None),
+        "split": t.choice("split", SPLITS),
+        "text_field": t.get("text_field", str, "text"),
+    }
 
 
 def _parse_files(t: _Table, base: Path) -> tuple[Path, ...]:
     value = t.get("files", object)
     entries = [value] if isinstance(value, str) else value
     if not isinstance(entries, list):
-        t.fail("files", f"{value!r} is not a list of paths; write files = [\"data/valid.txt\"]")
+        t.fail("files", f'{value!r} is not a list of paths; write files = ["data/valid.txt"]')
     if not entries:
         t.fail("files", "is empty; list at least one .txt or .jsonl file")
     files: list[Path] = []
@@ -450,9 +467,13 @@ def _parse_tokenizer(t: _Table, base: Path) -> str | None:
 
 
 def _parse_model(data: Any, where: str, base: Path) -> ModelSpec:
-    keys = (PRESET_MODEL_KEYS if isinstance(data, dict) and "preset" in data
-            else HUB_MODEL_KEYS if isinstance(data, dict) and "revisions" in data
-            else LOCAL_MODEL_KEYS)
+    keys = (
+        PRESET_MODEL_KEYS
+        if isinstance(data, dict) and "preset" in data
+        else HUB_MODEL_KEYS
+        if isinstance(data, dict) and "revisions" in data
+        else LOCAL_MODEL_KEYS
+    )
     t = _Table(data, where, keys)
     if "preset" in t.data:
         return _parse_preset(t)
@@ -467,32 +488,47 @@ def _parse_model(data: Any, where: str, base: Path) -> ModelSpec:
         if isinstance(revisions, str):
             revisions = discover_revisions(hub_id, revisions)
         if not isinstance(revisions, list) or not revisions or not all(isinstance(r, str) for r in revisions):
-            t.fail("revisions", 'must be a non-empty list of revision names like ["step1000"], a pattern like '
-                                '"step*", or "all"; fix it')
+            t.fail(
+                "revisions",
+                'must be a non-empty list of revision names like ["step1000"], a pattern like '
+                '"step*", or "all"; fix it',
+            )
         checkpoints = []
         for revision in revisions:
             if _STEP_RE.search(revision) is None:
-                t.fail("revisions", f"'{revision}' has no step number (like step1000 or stage1-step1000-tokens4B); "
-                                    f"list it as checkpoints = [{{ step = N, revision = \"{revision}\" }}]")
+                t.fail(
+                    "revisions",
+                    f"'{revision}' has no step number (like step1000 or stage1-step1000-tokens4B); "
+                    f'list it as checkpoints = [{{ step = N, revision = "{revision}" }}]',
+                )
             step = parse_step(revision)
-            checkpoints.append(Checkpoint(name, step, None, hub_id, revision,
-                                          _tokens_seen(step, tokens_per_step, revision)))
+            checkpoints.append(
+                Checkpoint(name, step, None, hub_id, revision, _tokens_seen(step, tokens_per_step, revision))
+            )
         return _model(t, "revisions", name, checkpoints)
     if "checkpoints" not in t.data:
-        t.fail("checkpoints", 'is missing; give checkpoints = [{ step = N, path = "dir" }], '
-                              'hub_id with revisions = [...], or preset = "pythia"')
+        t.fail(
+            "checkpoints",
+            'is missing; give checkpoints = [{ step = N, path = "dir" }], '
+            'hub_id with revisions = [...], or preset = "pythia"',
+        )
     entries = t.get("checkpoints", object)
     if isinstance(entries, dict):
         checkpoints = _discovered(_Table(entries, f"{t.where} checkpoints", DISCOVER_KEYS), name, tokens_per_step, base)
         return _model(t, "checkpoints", name, checkpoints)
     if not isinstance(entries, list):
-        t.fail("checkpoints", 'must be a list like [{ step = N, path = "dir" }] '
-                              'or a table like { glob = "run/checkpoint-*" }')
+        t.fail(
+            "checkpoints",
+            'must be a list like [{ step = N, path = "dir" }] or a table like { glob = "run/checkpoint-*" }',
+        )
     if not entries:
         t.fail("checkpoints", "is empty; list at least one checkpoint")
-    checkpoints = [_parse_checkpoint(_Table(entry, f"{t.where} checkpoints[{i}]", CHECKPOINT_KEYS),
-                                     name, hub_id, tokens_per_step, base)
-                   for i, entry in enumerate(entries)]
+    checkpoints = [
+        _parse_checkpoint(
+            _Table(entry, f"{t.where} checkpoints[{i}]", CHECKPOINT_KEYS), name, hub_id, tokens_per_step, base
+        )
+        for i, entry in enumerate(entries)
+    ]
     return _model(t, "checkpoints", name, checkpoints)
 
 
@@ -518,8 +554,9 @@ def _discovered(t: _Table, model: str, tokens_per_step: float | None, base: Path
     return checkpoints
 
 
-def _parse_checkpoint(t: _Table, model: str, hub_id: str | None, tokens_per_step: float | None,
-                      base: Path) -> Checkpoint:
+def _parse_checkpoint(
+    t: _Table, model: str, hub_id: str | None, tokens_per_step: float | None, base: Path
+) -> Checkpoint:
     step = t.get("step", int)
     if step < 0:
         t.fail("step", f"{step} is negative; fix it")
@@ -532,8 +569,11 @@ def _parse_checkpoint(t: _Table, model: str, hub_id: str | None, tokens_per_step
     if path is not None:
         directory = _absolute(base, path)
         if not directory.is_dir():
-            t.fail("path", f"checkpoint directory {directory} does not exist; fix the path "
-                           "(relative paths start at the TOML's folder)")
+            t.fail(
+                "path",
+                f"checkpoint directory {directory} does not exist; fix the path "
+                "(relative paths start at the TOML's folder)",
+            )
     tokens_seen = t.positive("tokens_seen", float, None)
     if tokens_seen is None:
         tokens_seen = _tokens_seen(step, tokens_per_step, revision)
@@ -576,6 +616,9 @@ def _model(t: _Table, key: str, name: str, checkpoints: list[Checkpoint]) -> Mod
     checkpoints = sorted(checkpoints, key=lambda c: c.step)
     for previous, current in zip(checkpoints, checkpoints[1:]):
         if previous.step == current.step:
-            t.fail(key, f"step {current.step} appears twice ({previous.source} and {current.source}); "
-                        "keep one checkpoint per step, or split them into two models")
+            t.fail(
+                key,
+                f"step {current.step} appears twice ({previous.source} and {current.source}); "
+                "keep one checkpoint per step, or split them into two models",
+            )
     return ModelSpec(name=name, checkpoints=tuple(checkpoints))

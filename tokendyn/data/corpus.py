@@ -114,28 +114,40 @@ class ScoredSet:
         positions = int(lengths.sum())
         padded = sum(len(rows) * int(lengths[rows].max()) for rows in plan_batches(lengths, batch_tokens))
         context = self.n_context
-        return {"context": self.params["context"], "seq_len": self.seq_len, "stride": self.params.get("stride"),
-                "documents": self.n_documents, "scored_tokens": self.n_tokens, "windows": len(self.windows),
-                "positions": positions, "padding_share": round(1 - positions / max(padded, 1), 6),
-                "reread_share": round(1 - self.n_tokens / max(positions, 1), 6),
-                "min_context": int(context.min()) if len(context) else 0,
-                "median_context": float(np.median(context)) if len(context) else 0.0,
-                "prefix": self.params["prefix_text"], "inserted": dict(self.inserted),
-                "unscored_first_tokens": self.params["unscored_first_tokens"],
-                "bytes": self.n_bytes, "words": self.n_words, "batch_tokens": batch_tokens}
+        return {
+            "context": self.params["context"],
+            "seq_len": self.seq_len,
+            "stride": self.params.get("stride"),
+            "documents": self.n_documents,
+            "scored_tokens": self.n_tokens,
+            "windows": len(self.windows),
+            "positions": positions,
+            "padding_share": round(1 - positions / max(padded, 1), 6),
+            "reread_share": round(1 - self.n_tokens / max(positions, 1), 6),
+            "min_context": int(context.min()) if len(context) else 0,
+            "median_context": float(np.median(context)) if len(context) else 0.0,
+            "prefix": self.params["prefix_text"],
+            "inserted": dict(self.inserted),
+            "unscored_first_tokens": self.params["unscored_first_tokens"],
+            "bytes": self.n_bytes,
+            "words": self.n_words,
+            "batch_tokens": batch_tokens,
+        }
 
 
 def describe(summary: dict) -> list[str]:
     """The protocol summary as short lines for a terminal."""
     stride = f", stride {summary['stride']}" if summary.get("stride") else ""
     inserted = ", ".join(f"{text!r} x{n}" for text, n in summary["inserted"].items()) or "none"
-    return [f"{summary['context']} windows of {summary['seq_len']} positions{stride}: {summary['documents']} "
-            f"documents, {summary['scored_tokens']} scored tokens, {summary['windows']} windows",
-            f"context per scored token: min {summary['min_context']}, median {summary['median_context']:g}; "
-            f"re-read context {100 * summary['reread_share']:.1f}% of the compute, padding "
-            f"{100 * summary['padding_share']:.1f}% (batches of {summary['batch_tokens']} tokens)",
-            f"prefix {summary['prefix']}; tokens inserted (context only, never scored): {inserted}; "
-            f"first tokens unscored (no prefix): {summary['unscored_first_tokens']}"]
+    return [
+        f"{summary['context']} windows of {summary['seq_len']} positions{stride}: {summary['documents']} "
+        f"documents, {summary['scored_tokens']} scored tokens, {summary['windows']} windows",
+        f"context per scored token: min {summary['min_context']}, median {summary['median_context']:g}; "
+        f"re-read context {100 * summary['reread_share']:.1f}% of the compute, padding "
+        f"{100 * summary['padding_share']:.1f}% (batches of {summary['batch_tokens']} tokens)",
+        f"prefix {summary['prefix']}; tokens inserted (context only, never scored): {inserted}; "
+        f"first tokens unscored (no prefix): {summary['unscored_first_tokens']}",
+    ]
 
 
 def plan_batches(lengths: np.ndarray, batch_tokens: int, block_batches: int = 8) -> list[np.ndarray]:
@@ -170,6 +182,7 @@ def plan_batches(lengths: np.ndarray, batch_tokens: int, block_batches: int = 8)
 
 # --- documents -------------------------------------------------------------------------------------
 
+
 def read_documents(spec: EvalSet) -> list[Document]:
     """All documents of an evaluation set, in file order."""
     docs: list[Document] = []
@@ -181,8 +194,10 @@ def read_documents(spec: EvalSet) -> list[Document]:
         else:
             docs += _text_documents(_read_text(path), spec.split)
     if not docs:
-        raise TokendynError(f"evaluation set '{spec.name}' has no documents (files: "
-                            f"{', '.join(map(str, spec.files))}); add text to them")
+        raise TokendynError(
+            f"evaluation set '{spec.name}' has no documents (files: "
+            f"{', '.join(map(str, spec.files))}); add text to them"
+        )
     return docs
 
 
@@ -202,8 +217,7 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
-        raise TokendynError(f"file {path} is not UTF-8 (byte {err.start}); "
-                            "re-encode it as UTF-8") from None
+        raise TokendynError(f"file {path} is not UTF-8 (byte {err.start}); re-encode it as UTF-8") from None
 
 
 def json_lines(path: str | Path) -> Iterator[tuple[int, dict]]:
@@ -250,11 +264,12 @@ def _check_spans(spans, text: str, where: str) -> list[dict]:
         if any(isinstance(v, bool) or not isinstance(v, int) for v in (start, end)) or not 0 <= start <= end:
             raise TokendynError(f'{where}: span {span} needs integer "start" <= "end" (character offsets); fix it')
         if end > len(text):
-            raise TokendynError(f'{where}: span {span} ends after the text ({len(text)} characters); fix it')
+            raise TokendynError(f"{where}: span {span} ends after the text ({len(text)} characters); fix it")
         for key, value in span.items():
             if key not in ("start", "end") and (value is None or not isinstance(value, (str, int, float))):
-                raise TokendynError(f"{where}: span field '{key}' must be a string or a number, "
-                                    f"not {type(value).__name__}; fix it")
+                raise TokendynError(
+                    f"{where}: span field '{key}' must be a string or a number, not {type(value).__name__}; fix it"
+                )
     return spans
 
 
@@ -270,6 +285,7 @@ def _pair_documents(path: Path) -> list[Document]:
 
 
 # --- special tokens --------------------------------------------------------------------------------
+
 
 def prefix_ids(prefix: str | int, tokenizer) -> list[int]:
     """The context-only token(s) before every document.
@@ -288,12 +304,13 @@ def prefix_ids(prefix: str | int, tokenizer) -> list[int]:
     if prefix != "auto":
         ids = tokenizer.convert_tokens_to_ids([prefix])
         if ids[0] is None or ids[0] == tokenizer.unk_token_id and prefix != tokenizer.unk_token:
-            raise TokendynError(f"prefix '{prefix}' is not a token of the tokenizer; give a token string, an id or "
-                                '"none"')
+            raise TokendynError(
+                f"prefix '{prefix}' is not a token of the tokenizer; give a token string, an id or \"none\""
+            )
         return [int(ids[0])]
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     special = tokenizer("a", add_special_tokens=True)["input_ids"]
-    lead = next((k for k in range(len(special) - len(plain) + 1) if special[k: k + len(plain)] == plain), 0)
+    lead = next((k for k in range(len(special) - len(plain) + 1) if special[k : k + len(plain)] == plain), 0)
     if lead:
         return [int(i) for i in special[:lead]]
     eos = tokenizer.eos_token_id
@@ -307,6 +324,7 @@ def _token_texts(tokenizer, ids: list[int]) -> list[str]:
 
 
 # --- windows ---------------------------------------------------------------------------------------
+
 
 def rolling_windows(length: int, start: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
     """Windows (lo, b, e) scoring the targets z[start:length] of a stream z of `length` tokens.
@@ -338,15 +356,17 @@ def tokenize_set(spec: EvalSet, tokenizer, documents: list[Document] | None = No
     for z, doc_of, offset_of, start in streams:
         if spec.context == "packed" and len(z) - 1 > spec.seq_len:
             d = int(doc_of[start]) if start < len(z) else 0
-            raise TokendynError(f"set '{spec.name}': document {d} needs {len(z) - 1} positions, more than seq_len "
-                                f"= {spec.seq_len}; use context = \"rolling\" or a larger seq_len")
+            raise TokendynError(
+                f"set '{spec.name}': document {d} needs {len(z) - 1} positions, more than seq_len "
+                f'= {spec.seq_len}; use context = "rolling" or a larger seq_len'
+            )
         flat = np.full(len(z), -1, dtype=np.int64)
         scored = np.flatnonzero(doc_of >= 0)
         scored = scored[scored >= start]
         flat[scored] = base + np.arange(len(scored))
         stream_tokens.append((z[scored], doc_of[scored], offset_of[scored]))
         for lo, b, e in rolling_windows(len(z), start, spec.seq_len, stride):
-            target = flat[lo + 1: e].copy()
+            target = flat[lo + 1 : e].copy()
             target[: b - lo - 1] = -1
             windows.append(z[lo:e].astype(np.int64))
             targets.append(target)
@@ -359,19 +379,28 @@ def tokenize_set(spec: EvalSet, tokenizer, documents: list[Document] | None = No
 
     token_id, doc, offset = (np.concatenate(parts)[:n_tokens] for parts in zip(*stream_tokens))
     n_context = np.zeros(n_tokens, dtype=np.int32)
-    for window, target in zip(windows, targets):
+    for target in targets:
         t = np.flatnonzero(target >= 0)
         n_context[target[t]] = t + 1
     fields = _token_fields(docs, offsets, doc, offset)
     n_bytes, n_words = _text_size(docs, tokenizer, offsets, text_ids, doc, offset)
-    params = {"name": spec.name, "kind": spec.kind, "context": spec.context, "seq_len": spec.seq_len,
-              "stride": stride if spec.context in ("rolling", "concat") else None,
-              "max_tokens": (spec.max_tokens or spec.seq_len) if spec.context == "truncate" else None,
-              "max_sequences": spec.max_sequences, "prefix": spec.prefix, "prefix_ids": prefix,
-              "prefix_text": " ".join(_token_texts(tokenizer, prefix)) or "none", "split": spec.split,
-              "text_field": spec.text_field,
-              "unscored_first_tokens": int(sum(1 for d in docs if not prefix and not d.context_ids
-                                               and spec.context != "concat"))}
+    params = {
+        "name": spec.name,
+        "kind": spec.kind,
+        "context": spec.context,
+        "seq_len": spec.seq_len,
+        "stride": stride if spec.context in ("rolling", "concat") else None,
+        "max_tokens": (spec.max_tokens or spec.seq_len) if spec.context == "truncate" else None,
+        "max_sequences": spec.max_sequences,
+        "prefix": spec.prefix,
+        "prefix_ids": prefix,
+        "prefix_text": " ".join(_token_texts(tokenizer, prefix)) or "none",
+        "split": spec.split,
+        "text_field": spec.text_field,
+        "unscored_first_tokens": int(
+            sum(1 for d in docs if not prefix and not d.context_ids and spec.context != "concat")
+        ),
+    }
     if spec.corrupt is not None:
         params.update(corrupt=spec.corrupt, seed=spec.seed)
     inserted = {}
@@ -382,8 +411,21 @@ def tokenize_set(spec: EvalSet, tokenizer, documents: list[Document] | None = No
     n_prompt = sum(len(d.context_ids) for d in docs)
     if n_prompt:
         inserted["context_ids (prompts)"] = n_prompt
-    return ScoredSet(spec.name, token_id.astype(np.int32), doc.astype(np.int32), offset.astype(np.int32), n_context,
-                     fields, windows, targets, params, len(docs), n_bytes, n_words, inserted)
+    return ScoredSet(
+        spec.name,
+        token_id.astype(np.int32),
+        doc.astype(np.int32),
+        offset.astype(np.int32),
+        n_context,
+        fields,
+        windows,
+        targets,
+        params,
+        len(docs),
+        n_bytes,
+        n_words,
+        inserted,
+    )
 
 
 def _encode(docs: list[Document], tokenizer) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
@@ -419,8 +461,13 @@ def _streams(spec: EvalSet, docs: list[Document], text_ids: list[np.ndarray], pr
     parts = [(np.asarray(prefix, dtype=np.int64), np.full(len(prefix), -1), np.full(len(prefix), -1))]
     for i, (z, doc_of, offset_of, _) in enumerate(streams):
         sep = eos if i < len(streams) - 1 else []
-        parts.append((np.concatenate([z, sep]).astype(np.int64), np.concatenate([doc_of, np.full(len(sep), -1)]),
-                      np.concatenate([offset_of, np.full(len(sep), -1)])))
+        parts.append(
+            (
+                np.concatenate([z, sep]).astype(np.int64),
+                np.concatenate([doc_of, np.full(len(sep), -1)]),
+                np.concatenate([offset_of, np.full(len(sep), -1)]),
+            )
+        )
     z, doc_of, offset_of = (np.concatenate(p) for p in zip(*parts))
     return [(z, doc_of, offset_of, 1)]
 
@@ -447,8 +494,9 @@ def _token_fields(docs: list[Document], offsets: list, doc: np.ndarray, offset: 
     return out
 
 
-def _text_size(docs: list[Document], tokenizer, offsets: list, text_ids: list, doc: np.ndarray,
-               offset: np.ndarray) -> tuple[int, int]:
+def _text_size(
+    docs: list[Document], tokenizer, offsets: list, text_ids: list, doc: np.ndarray, offset: np.ndarray
+) -> tuple[int, int]:
     """UTF-8 bytes and words (lm-eval's count: pieces of re.split(r"\\s+", text)) of the scored text.
 
     A document counts from its start to the end of its last scored token: all of it when every

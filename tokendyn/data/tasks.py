@@ -48,9 +48,13 @@ ITEM_FIELDS = ("item", "option", "answer", "n_options", "target_score", "option_
 GENERATED_FIELDS = {OPTION_FIELD, *ITEM_FIELDS}
 
 # BIG-Bench's formatting keys (strings).
-FORMAT_KEYS = ("task_prefix", "example_input_prefix", "example_output_prefix", "few_shot_example_separator",
-               "choice_prefix")
-
+FORMAT_KEYS = (
+    "task_prefix",
+    "example_input_prefix",
+    "example_output_prefix",
+    "few_shot_example_separator",
+    "choice_prefix",
+)
 
 
 @dataclass(frozen=True)
@@ -109,34 +113,53 @@ def read_bigbench(path: str | Path) -> ChoiceTask:
     data = _load_json(path)
     examples = data.get("examples") if isinstance(data, dict) else None
     if not isinstance(examples, list) or not examples:
-        raise TokendynError(f"{path}: no \"examples\" list; a BIG-Bench task has examples with input and target_scores")
+        raise TokendynError(f'{path}: no "examples" list; a BIG-Bench task has examples with input and target_scores')
     items = []
     for number, example in enumerate(examples):
         scores = example.get("target_scores") if isinstance(example, dict) else None
         if not isinstance(example, dict) or not isinstance(example.get("input"), str) or not isinstance(scores, dict):
-            raise TokendynError(f"{path}: example {number} needs a string \"input\" and a \"target_scores\" object "
-                                "(only multiple-choice BIG-Bench tasks are supported)")
+            raise TokendynError(
+                f'{path}: example {number} needs a string "input" and a "target_scores" object '
+                "(only multiple-choice BIG-Bench tasks are supported)"
+            )
         values = list(scores.values())
-        if len(values) < 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-                                      for v in values):
-            raise TokendynError(f"{path}: example {number} needs at least two target_scores with finite numeric "
-                                "scores (not booleans, not NaN); fix its target_scores")
+        if len(values) < 2 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values
+        ):
+            raise TokendynError(
+                f"{path}: example {number} needs at least two target_scores with finite numeric "
+                "scores (not booleans, not NaN); fix its target_scores"
+            )
         extra = {k: v for k, v in example.items() if k not in ("input", "target_scores", "target")}
-        items.append(ChoiceItem(example["input"], tuple(scores), int(np.argmax(values)),
-                                _item_fields(extra, path, number), tuple(float(v) for v in values)))
-    name = data.get("name") if isinstance(data.get("name"), str) else (
-        path.parent.name if path.stem == "task" else path.stem)
+        items.append(
+            ChoiceItem(
+                example["input"],
+                tuple(scores),
+                int(np.argmax(values)),
+                _item_fields(extra, path, number),
+                tuple(float(v) for v in values),
+            )
+        )
+    name = (
+        data.get("name")
+        if isinstance(data.get("name"), str)
+        else (path.parent.name if path.stem == "task" else path.stem)
+    )
     for key in FORMAT_KEYS:
         if key in data and not isinstance(data[key], str):
-            raise TokendynError(f"{path}: \"{key}\" must be a string, not {type(data[key]).__name__}; fix it")
+            raise TokendynError(f'{path}: "{key}" must be a string, not {type(data[key]).__name__}; fix it')
     append = data.get("append_choices_to_input", True)
     if not isinstance(append, bool):
-        raise TokendynError(f"{path}: \"append_choices_to_input\" must be true or false, not {append!r}; fix it")
-    return ChoiceTask(name=clean_name(name), items=tuple(items), prefix=data.get("task_prefix", ""),
-                      input_prefix=data.get("example_input_prefix", "\nQ: "),
-                      output_prefix=data.get("example_output_prefix", "\nA: "),
-                      separator=data.get("few_shot_example_separator", "\n"),
-                      choice_prefix=data.get("choice_prefix", "\n  choice: ") if append else None)
+        raise TokendynError(f'{path}: "append_choices_to_input" must be true or false, not {append!r}; fix it')
+    return ChoiceTask(
+        name=clean_name(name),
+        items=tuple(items),
+        prefix=data.get("task_prefix", ""),
+        input_prefix=data.get("example_input_prefix", "\nQ: "),
+        output_prefix=data.get("example_output_prefix", "\nA: "),
+        separator=data.get("few_shot_example_separator", "\n"),
+        choice_prefix=data.get("choice_prefix", "\n  choice: ") if append else None,
+    )
 
 
 def read_jsonl_task(path: str | Path) -> ChoiceTask:
@@ -145,8 +168,12 @@ def read_jsonl_task(path: str | Path) -> ChoiceTask:
     items = []
     for number, record in json_lines(path):
         choices = record.get("choices")
-        if (not isinstance(record.get("question"), str)
-                or not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices)):
+        if (
+            not isinstance(record.get("question"), str)
+            or not isinstance(choices, list)
+            or len(choices) < 2
+            or not all(isinstance(c, str) for c in choices)
+        ):
             raise TokendynError(f'{path}:{number}: needs "question" (a string) and "choices" (two or more strings)')
         answer = record.get("answer")
         if isinstance(answer, str) and answer in choices:
@@ -216,7 +243,17 @@ def choice_documents(task: ChoiceTask, shots: int = 2, seed: int = 0, delimiter:
     for i, (item, prompt) in enumerate(zip(task.items, prompts(task, shots, seed, delimiter))):
         for j, option in enumerate(item.choices):
             text = prompt + delimiter + option
-            records.append({"text": text, "spans": [{"start": len(prompt), "end": len(text), OPTION_FIELD: 1}],
-                            "item": i, "option": j, "answer": item.answer, "n_options": len(item.choices),
-                            "target_score": item.target_scores[j], "option_chars": len(option), **item.fields})
+            records.append(
+                {
+                    "text": text,
+                    "spans": [{"start": len(prompt), "end": len(text), OPTION_FIELD: 1}],
+                    "item": i,
+                    "option": j,
+                    "answer": item.answer,
+                    "n_options": len(item.choices),
+                    "target_score": item.target_scores[j],
+                    "option_chars": len(option),
+                    **item.fields,
+                }
+            )
     return records

@@ -24,8 +24,8 @@ from huggingface_hub.errors import (
 from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from tokendyn.errors import TokendynError
 from tokendyn.config.suite import Checkpoint, Suite
+from tokendyn.errors import TokendynError
 from tokendyn.models import hardware
 
 # What to fetch from the hub: config, tokenizer and shard-index files, then the weights.
@@ -34,8 +34,17 @@ SAFETENSORS_PATTERNS = ["*.safetensors"]
 PICKLE_PATTERNS = ["pytorch_model*.bin"]
 # Pickle files that mark a local checkpoint as pickle-only (loading them can run arbitrary code).
 PICKLE_GLOBS = ("pytorch_model*.bin", "*.pt", "*.ckpt", "*.pth")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
 CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
 
 
@@ -57,8 +66,7 @@ def resolve(ckpt: Checkpoint, weights: bool = True, allow_pickle: bool = False) 
     """
     if ckpt.path is not None:
         if not ckpt.path.is_dir():
-            raise TokendynError(f"checkpoint directory {_label(ckpt)} does not exist; "
-                                "fix its path in the suite TOML")
+            raise TokendynError(f"checkpoint directory {_label(ckpt)} does not exist; fix its path in the suite TOML")
         return ckpt.path
     patterns = META_PATTERNS
     if weights:
@@ -66,19 +74,26 @@ def resolve(ckpt: Checkpoint, weights: bool = True, allow_pickle: bool = False) 
     try:
         folder = huggingface_hub.snapshot_download(ckpt.hub_id, revision=ckpt.revision, allow_patterns=patterns)
     except RevisionNotFoundError as err:
-        raise TokendynError(f"revision '{ckpt.revision}' does not exist in hub repo {ckpt.hub_id} "
-                            f"(model '{ckpt.model}'); fix the revisions or steps in the suite TOML") from err
+        raise TokendynError(
+            f"revision '{ckpt.revision}' does not exist in hub repo {ckpt.hub_id} "
+            f"(model '{ckpt.model}'); fix the revisions or steps in the suite TOML"
+        ) from err
     except RepositoryNotFoundError as err:
-        raise TokendynError(f"hub repo {ckpt.hub_id} (model '{ckpt.model}') is not found or not accessible; "
-                            "fix hub_id in the suite TOML, or log in (hf auth login) if it is private or gated") from err
+        raise TokendynError(
+            f"hub repo {ckpt.hub_id} (model '{ckpt.model}') is not found or not accessible; "
+            "fix hub_id in the suite TOML, or log in (hf auth login) if it is private or gated"
+        ) from err
     except LocalEntryNotFoundError as err:
         offline = "HF_HUB_OFFLINE=1 is set" if hub_constants.HF_HUB_OFFLINE else "the hub cannot be reached"
-        raise TokendynError(f"{_label(ckpt)} is not (completely) in the Hugging Face cache "
-                            f"{hub_constants.HF_HUB_CACHE} and {offline}; download it with network access, "
-                            "or point HF_HOME / HF_HUB_CACHE at a cache that has this revision") from err
+        raise TokendynError(
+            f"{_label(ckpt)} is not (completely) in the Hugging Face cache "
+            f"{hub_constants.HF_HUB_CACHE} and {offline}; download it with network access, "
+            "or point HF_HOME / HF_HUB_CACHE at a cache that has this revision"
+        ) from err
     except HfHubHTTPError as err:
-        raise TokendynError(f"could not fetch {_label(ckpt)}: {_first_line(err)}; "
-                            "check the network and the hub id, then rerun") from err
+        raise TokendynError(
+            f"could not fetch {_label(ckpt)}: {_first_line(err)}; check the network and the hub id, then rerun"
+        ) from err
     return Path(folder)
 
 
@@ -94,30 +109,44 @@ def _weights_to_load(ckpt: Checkpoint, folder: Path, allow_pickle: bool) -> list
     if safetensors:
         return safetensors
     if not pickled:
-        hint = (" (pickle weights are fetched from the hub only with --allow-pickle)"
-                if ckpt.path is None and not allow_pickle else "")
-        raise TokendynError(f"no weights in {_label(ckpt)}{hint}; save the model with save_pretrained "
-                            "(safetensors), or pass --allow-pickle for a trusted pytorch_model.bin checkpoint")
+        hint = (
+            " (pickle weights are fetched from the hub only with --allow-pickle)"
+            if ckpt.path is None and not allow_pickle
+            else ""
+        )
+        raise TokendynError(
+            f"no weights in {_label(ckpt)}{hint}; save the model with save_pretrained "
+            "(safetensors), or pass --allow-pickle for a trusted pytorch_model.bin checkpoint"
+        )
     if not allow_pickle:
-        raise TokendynError(f"refusing pickle checkpoint {pickled[0]} (arbitrary code on load); "
-                            "convert to safetensors or pass --allow-pickle if you trust it")
+        raise TokendynError(
+            f"refusing pickle checkpoint {pickled[0]} (arbitrary code on load); "
+            "convert to safetensors or pass --allow-pickle if you trust it"
+        )
     return pickled
 
 
 def _require_config(ckpt: Checkpoint, folder: Path) -> dict:
     config = folder / "config.json"
     if not config.is_file():
-        raise TokendynError(f"no config.json in {_label(ckpt)}; save the model with save_pretrained, "
-                            "which writes its config")
+        raise TokendynError(
+            f"no config.json in {_label(ckpt)}; save the model with save_pretrained, which writes its config"
+        )
     try:
         return json.loads(config.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as err:
-        raise TokendynError(f"unreadable config {config} ({_first_line(err)}); re-save or re-download "
-                            "the checkpoint") from err
+        raise TokendynError(
+            f"unreadable config {config} ({_first_line(err)}); re-save or re-download the checkpoint"
+        ) from err
 
 
-def load_model(ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               allow_pickle: bool = False, trust_remote_code: bool = False) -> PreTrainedModel:
+def load_model(
+    ckpt: Checkpoint,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
     """The checkpoint's causal LM on `device` in eval mode; safetensors only unless allow_pickle."""
     folder = resolve(ckpt, weights=True, allow_pickle=allow_pickle)
     _require_config(ckpt, folder)
@@ -127,19 +156,29 @@ def load_model(ckpt: Checkpoint, device: str = "cpu", dtype: torch.dtype = torch
             _check_safetensors(ckpt, file)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=dtype, use_safetensors=files[0].suffix == ".safetensors",
-            trust_remote_code=trust_remote_code, output_loading_info=True)
+            folder,
+            dtype=dtype,
+            use_safetensors=files[0].suffix == ".safetensors",
+            trust_remote_code=trust_remote_code,
+            output_loading_info=True,
+        )
     except pickle.UnpicklingError as err:  # torch.load(weights_only=True) refuses anything but tensors
-        raise TokendynError(f"refusing the pickle weights of {_label(ckpt)}: they hold more than tensors "
-                            f"({_first_line(err)}), which could run code; convert the checkpoint to safetensors "
-                            "from a trusted copy") from err
+        raise TokendynError(
+            f"refusing the pickle weights of {_label(ckpt)}: they hold more than tensors "
+            f"({_first_line(err)}), which could run code; convert the checkpoint to safetensors "
+            "from a trusted copy"
+        ) from err
     except (OSError, ValueError) as err:
-        raise TokendynError(f"cannot load {_label(ckpt)}: {_first_line(err)}; check the checkpoint's files "
-                            "(pass --trust-remote-code only if it needs custom code you trust)") from err
+        raise TokendynError(
+            f"cannot load {_label(ckpt)}: {_first_line(err)}; check the checkpoint's files "
+            "(pass --trust-remote-code only if it needs custom code you trust)"
+        ) from err
     missing = sorted(info["missing_keys"])
     if missing:
-        raise TokendynError(f"{_label(ckpt)} lacks weights for {len(missing)} parameters (e.g. {missing[0]}), "
-                            "which would be left random; its weights do not match its config.json")
+        raise TokendynError(
+            f"{_label(ckpt)} lacks weights for {len(missing)} parameters (e.g. {missing[0]}), "
+            "which would be left random; its weights do not match its config.json"
+        )
     return model.to(device).eval()
 
 
@@ -149,16 +188,20 @@ def _check_safetensors(ckpt: Checkpoint, file: Path) -> None:
         with safe_open(file, framework="pt"):
             pass
     except SafetensorError as err:
-        raise TokendynError(f"corrupted weights file {file} of {_label(ckpt)} ({_first_line(err)}); "
-                            "re-download or re-save the checkpoint") from err
+        raise TokendynError(
+            f"corrupted weights file {file} of {_label(ckpt)} ({_first_line(err)}); "
+            "re-download or re-save the checkpoint"
+        ) from err
 
 
 def _load_tokenizer(source: str | Path, label: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(source)
     except Exception as err:  # the Rust `tokenizers` library raises a bare Exception for a garbled tokenizer.json
-        raise TokendynError(f"cannot load the tokenizer of {label}: {_first_line(err)}; check its tokenizer "
-                            "files, or set [eval] tokenizer in the suite TOML") from err
+        raise TokendynError(
+            f"cannot load the tokenizer of {label}: {_first_line(err)}; check its tokenizer "
+            "files, or set [eval] tokenizer in the suite TOML"
+        ) from err
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -172,8 +215,9 @@ def load_tokenizer(suite: Suite) -> PreTrainedTokenizerBase:
     first = suite.models[0].checkpoints[0]
     folder = resolve(first, weights=False)
     if not _has_tokenizer(folder):
-        raise TokendynError(f"no tokenizer files in {_label(first)}; set [eval] tokenizer = \"path or hub id\" "
-                            "in the suite TOML")
+        raise TokendynError(
+            f'no tokenizer files in {_label(first)}; set [eval] tokenizer = "path or hub id" in the suite TOML'
+        )
     return _load_tokenizer(folder, _label(first))
 
 
@@ -194,8 +238,10 @@ def surface_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
         return single
     head = single[anchor]
     pairs = tokenizer.batch_decode([[anchor, i] for i in range(n)])
-    return [pair[len(head):] if i not in special and pair.startswith(head) else text
-            for i, (pair, text) in enumerate(zip(pairs, single))]
+    return [
+        pair[len(head) :] if i not in special and pair.startswith(head) else text
+        for i, (pair, text) in enumerate(zip(pairs, single))
+    ]
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -224,12 +270,16 @@ def check_tokenizers(suite: Suite) -> str:
                 if digest not in fingerprints:
                     fingerprints[digest] = tokenizer_fingerprint(_load_tokenizer(folder, _label(ckpt)))
                 if fingerprints[digest] != expected:
-                    raise TokendynError(f"the tokenizer of {_label(ckpt)} differs from that of {reference_label}; "
-                                        "all checkpoints of a suite must share one tokenizer: split the suite")
+                    raise TokendynError(
+                        f"the tokenizer of {_label(ckpt)} differs from that of {reference_label}; "
+                        "all checkpoints of a suite must share one tokenizer: split the suite"
+                    )
             vocab_size = _config_vocab_size(_require_config(ckpt, folder))
             if vocab_size is not None and vocab_size < len(reference):
-                raise TokendynError(f"{_label(ckpt)} has vocab_size {vocab_size} but the tokenizer of "
-                                    f"{reference_label} has {len(reference)} tokens; they do not belong together")
+                raise TokendynError(
+                    f"{_label(ckpt)} has vocab_size {vocab_size} but the tokenizer of "
+                    f"{reference_label} has {len(reference)} tokens; they do not belong together"
+                )
     return expected
 
 

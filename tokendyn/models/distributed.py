@@ -58,8 +58,9 @@ def _commit(out: Path):
     return commit
 
 
-def score_task(suite: Suite, out: str, sets: dict[str, ScoredSet], names: list[str], m: int, c: int,
-               options: dict) -> dict:
+def score_task(
+    suite: Suite, out: str, sets: dict[str, ScoredSet], names: list[str], m: int, c: int, options: dict
+) -> dict:
     """Run on a worker: score checkpoint `c` of model `m` on the named sets; returns tokens, seconds, warnings."""
     from distributed import Lock, get_worker
     from transformers.utils import logging as hf_logging
@@ -75,12 +76,19 @@ def score_task(suite: Suite, out: str, sets: dict[str, ScoredSet], names: list[s
         root = zarr.open_group(out, mode="r+")
     counter, start = _TokenCounter(), time.perf_counter()
     # Every chunk written, as under the coordinator's writer lock, so `tokendyn verify` finds them all.
-    with warnings.catch_warnings(record=True) as caught, zarr.config.set({"array.write_empty_chunks": WRITE_EMPTY_CHUNKS}):
+    with (
+        warnings.catch_warnings(record=True) as caught,
+        zarr.config.set({"array.write_empty_chunks": WRITE_EMPTY_CHUNKS}),
+    ):
         warnings.simplefilter("always")
-        score_checkpoint(suite, root, {name: sets[name] for name in names}, m, c, bar=counter,
-                         commit=_commit(out), **options)
-    return {"tokens": counter.n, "seconds": time.perf_counter() - start,
-            "warnings": sorted({str(w.message) for w in caught})}
+        score_checkpoint(
+            suite, root, {name: sets[name] for name in names}, m, c, bar=counter, commit=_commit(out), **options
+        )
+    return {
+        "tokens": counter.n,
+        "seconds": time.perf_counter() - start,
+        "warnings": sorted({str(w.message) for w in caught}),
+    }
 
 
 def _worker_device(device: str, worker_name) -> str:
@@ -102,8 +110,9 @@ def start_client(scheduler: str | None, workers: int | None, device: str):
         try:
             return Client(scheduler, timeout="30s")
         except OSError as err:
-            raise TokendynError(f"cannot reach the dask scheduler at {scheduler} ({err}); start it "
-                                "(dask scheduler) or fix --scheduler") from None
+            raise TokendynError(
+                f"cannot reach the dask scheduler at {scheduler} ({err}); start it (dask scheduler) or fix --scheduler"
+            ) from None
     if workers is not None and workers < 1:
         raise TokendynError(f"--workers {workers} must be at least 1")
     if device.startswith("cuda"):
@@ -120,14 +129,23 @@ def _gpu_cluster(workers: int | None):
         from dask_cuda import LocalCUDACluster
     except ImportError:
         count = workers or torch.cuda.device_count()
-        return LocalCluster(n_workers=count, threads_per_worker=1, processes=True, dashboard_address=":0",
-                            resources={RESOURCE: 1})
+        return LocalCluster(
+            n_workers=count, threads_per_worker=1, processes=True, dashboard_address=":0", resources={RESOURCE: 1}
+        )
     return LocalCUDACluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0")
 
 
-def run_on_cluster(suite: Suite, out: Path, sets: dict[str, ScoredSet], todo: list[tuple[int, int, list[str]]],
-                   options: dict, *, scheduler: str | None = None, workers: int | None = None,
-                   progress: bool = True) -> None:
+def run_on_cluster(
+    suite: Suite,
+    out: Path,
+    sets: dict[str, ScoredSet],
+    todo: list[tuple[int, int, list[str]]],
+    options: dict,
+    *,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> None:
     """Score `todo` ((model, checkpoint, set names) triples) as one task each; one bar over checkpoints.
 
     options: the keyword arguments of `score_checkpoint` other than the bar (metrics, batch_tokens,
@@ -141,9 +159,22 @@ def run_on_cluster(suite: Suite, out: Path, sets: dict[str, ScoredSet], todo: li
             tqdm.write(f"dask dashboard: {client.dashboard_link}")
         shared = client.scatter(sets, broadcast=True)
         resources = {RESOURCE: 1} if _has_gpu_resources(client) else None
-        futures = [client.submit(score_task, suite, str(out), shared, names, m, c, options, pure=False,
-                                 key=f"tokendyn-{m}-{c}-{time.time_ns()}", resources=resources)
-                   for m, c, names in todo]
+        futures = [
+            client.submit(
+                score_task,
+                suite,
+                str(out),
+                shared,
+                names,
+                m,
+                c,
+                options,
+                pure=False,
+                key=f"tokendyn-{m}-{c}-{time.time_ns()}",
+                resources=resources,
+            )
+            for m, c, names in todo
+        ]
         tokens, start, seen = 0, time.perf_counter(), set()
         with tqdm(total=len(futures), unit="ckpt", disable=not progress, dynamic_ncols=True) as bar:
             for future in as_completed(futures):

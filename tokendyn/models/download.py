@@ -52,8 +52,11 @@ class Revision:
 
 
 def patterns(allow_pickle: bool) -> list[str]:
-    return checkpoints.META_PATTERNS + checkpoints.SAFETENSORS_PATTERNS + (
-        checkpoints.PICKLE_PATTERNS if allow_pickle else [])
+    return (
+        checkpoints.META_PATTERNS
+        + checkpoints.SAFETENSORS_PATTERNS
+        + (checkpoints.PICKLE_PATTERNS if allow_pickle else [])
+    )
 
 
 def plan(suite: Suite, allow_pickle: bool = False, api: huggingface_hub.HfApi | None = None) -> list[Revision]:
@@ -70,8 +73,9 @@ def plan(suite: Suite, allow_pickle: bool = False, api: huggingface_hub.HfApi | 
                 if any(fnmatch.fnmatch(sibling.rfilename, p) for p in wanted):
                     sha = sibling.lfs.sha256 if sibling.lfs is not None else None
                     revision.files[sibling.rfilename] = (sibling.size or 0, sha)
-                    cached = huggingface_hub.try_to_load_from_cache(ckpt.hub_id, sibling.rfilename,
-                                                                    revision=ckpt.revision)
+                    cached = huggingface_hub.try_to_load_from_cache(
+                        ckpt.hub_id, sibling.rfilename, revision=ckpt.revision
+                    )
                     if isinstance(cached, str):  # not None, nor the sentinel of a file known to be absent
                         revision.cached.add(sibling.rfilename)
             revisions.append(revision)
@@ -82,14 +86,18 @@ def _siblings(api, ckpt: Checkpoint) -> list:
     try:
         return api.model_info(ckpt.hub_id, revision=ckpt.revision, files_metadata=True).siblings or []
     except RevisionNotFoundError:
-        raise TokendynError(f"revision '{ckpt.revision}' does not exist in hub repo {ckpt.hub_id}; fix the "
-                            "suite's revisions or steps") from None
+        raise TokendynError(
+            f"revision '{ckpt.revision}' does not exist in hub repo {ckpt.hub_id}; fix the suite's revisions or steps"
+        ) from None
     except RepositoryNotFoundError:
-        raise TokendynError(f"hub repo {ckpt.hub_id} is not found or not accessible; fix hub_id, or log in "
-                            "(hf auth login)") from None
+        raise TokendynError(
+            f"hub repo {ckpt.hub_id} is not found or not accessible; fix hub_id, or log in (hf auth login)"
+        ) from None
     except (HfHubHTTPError, OSError) as err:
-        raise TokendynError(f"cannot read the file list of {ckpt.source} ({str(err).splitlines()[0]}); "
-                            "`tokendyn download` needs network access to the hub") from None
+        raise TokendynError(
+            f"cannot read the file list of {ckpt.source} ({str(err).splitlines()[0]}); "
+            "`tokendyn download` needs network access to the hub"
+        ) from None
 
 
 def identical(revisions: list[Revision]) -> list[tuple[Checkpoint, Checkpoint]]:
@@ -124,8 +132,9 @@ def unique_bytes(revisions: list[Revision], missing_only: bool = False) -> list[
 def download(revisions: list[Revision], allow_pickle: bool = False, progress: bool = True) -> None:
     """Fetch every revision not completely cached; the bar counts bytes and starts at what is cached."""
     total, missing = sum(unique_bytes(revisions)), unique_bytes(revisions, missing_only=True)
-    with tqdm(total=total, initial=total - sum(missing), unit="B", unit_scale=True, disable=not progress,
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=total, initial=total - sum(missing), unit="B", unit_scale=True, disable=not progress, dynamic_ncols=True
+    ) as bar:
         for revision, new_bytes in zip(revisions, missing):
             if revision.missing_bytes == 0:
                 continue

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -23,12 +23,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from tokendyn import __version__, store
-from tokendyn.models import checkpoints, hardware
-from tokendyn.data.corpus import PAD, ScoredSet, describe, plan_batches, tokenize_set
-from tokendyn.models.fetch import Fetcher, cache_state
-from tokendyn.errors import TokendynError
-from tokendyn.store.read import open_group
 from tokendyn.config.suite import EvalSet, Suite, load_suite
+from tokendyn.data.corpus import PAD, ScoredSet, describe, plan_batches, tokenize_set
+from tokendyn.errors import TokendynError
+from tokendyn.models import checkpoints, hardware
+from tokendyn.models.fetch import Fetcher, cache_state
+from tokendyn.store.read import open_group
 
 # Logits materialised at once in the head: 16 MiB in float32; small enough for the CPU allocator to
 # reuse the block from chunk to chunk, large enough for the head's matrix product to run at full speed.
@@ -38,8 +38,9 @@ CHUNK_LOGITS = 2**22
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, score: torch.Tensor,
-                 metrics: Iterable[str] = ("loss",)) -> dict[str, torch.Tensor]:
+def token_scores(
+    model: torch.nn.Module, input_ids: torch.Tensor, score: torch.Tensor, metrics: Iterable[str] = ("loss",)
+) -> dict[str, torch.Tensor]:
     """Per-token metrics of the scored tokens of a batch of right-padded windows.
 
     `input_ids` (batch, width) holds -1 on padding; `score` (batch, width) is True where token
@@ -60,8 +61,9 @@ def token_scores(model: torch.nn.Module, input_ids: torch.Tensor, score: torch.T
     rows = max(1, CHUNK_LOGITS // model.config.get_text_config().vocab_size)
     parts = {m: [] for m in metrics}
     for start in range(0, len(targets), rows):
-        for m, values in _chunk_metrics(head(hidden[start: start + rows]).float(),
-                                        targets[start: start + rows], metrics).items():
+        for m, values in _chunk_metrics(
+            head(hidden[start : start + rows]).float(), targets[start : start + rows], metrics
+        ).items():
             parts[m].append(values)
     return {m: torch.cat(parts[m]).cpu() for m in metrics}  # only the per-token results leave the device
 
@@ -99,12 +101,25 @@ def _hidden_and_head(model: torch.nn.Module, ids: torch.Tensor):
     return hidden, model.get_output_embeddings()
 
 
-def extract(suite: Suite | str | Path, out: str | Path, *, extra_sets: Iterable[EvalSet] = (),
-            metrics: Iterable[str] | None = None, device: str = "auto", dtype: str = "auto",
-            store_dtype: str | None = None, batch_tokens: int = 8192, force: bool = False,
-            allow_pickle: bool = False, trust_remote_code: bool = False, progress: bool = True,
-            scheduler: str | None = None, workers: int | None = None, prefetch: int = 1,
-            evict: bool = False) -> Path:
+def extract(
+    suite: Suite | str | Path,
+    out: str | Path,
+    *,
+    extra_sets: Iterable[EvalSet] = (),
+    metrics: Iterable[str] | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    store_dtype: str | None = None,
+    batch_tokens: int = 8192,
+    force: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    prefetch: int = 1,
+    evict: bool = False,
+) -> Path:
     """Score every evaluation set of `suite` with every checkpoint into the store at `out`.
 
     Parameters
@@ -124,8 +139,10 @@ def extract(suite: Suite | str | Path, out: str | Path, *, extra_sets: Iterable[
     A rerun skips complete checkpoints and recomputes interrupted ones.
     """
     if evict and (scheduler is not None or workers is not None):
-        raise TokendynError("--evict works in single-process runs only; on a cluster, fetch the revisions "
-                            "beforehand with `tokendyn download SUITE` and leave --evict out")
+        raise TokendynError(
+            "--evict works in single-process runs only; on a cluster, fetch the revisions "
+            "beforehand with `tokendyn download SUITE` and leave --evict out"
+        )
     cached_before = cache_state() if evict else None  # before any download: evict only what this run fetches
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
     out = Path(out)
@@ -158,18 +175,32 @@ def extract(suite: Suite | str | Path, out: str | Path, *, extra_sets: Iterable[
     with store.writer_lock(out):
         _repair(out)
         root = store.prepare(out, layout, sets, model_coords, vocab_text, __version__, summaries)
-        todo = [(m, c, [name for name in sets if force or not store.is_done(root, name, m, c)])
-                for m, spec in enumerate(suite.models) for c in range(len(spec.checkpoints))]
+        todo = [
+            (m, c, [name for name in sets if force or not store.is_done(root, name, m, c)])
+            for m, spec in enumerate(suite.models)
+            for c in range(len(spec.checkpoints))
+        ]
         todo = [(m, c, names) for m, c, names in todo if names]
-        options = dict(metrics=metrics, batch_tokens=batch_tokens, device=device, dtype=torch_dtype,
-                       allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        options = dict(
+            metrics=metrics,
+            batch_tokens=batch_tokens,
+            device=device,
+            dtype=torch_dtype,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+        )
         if scheduler is not None or workers is not None:
             from tokendyn.models.distributed import run_on_cluster
 
             run_on_cluster(suite, out, sets, todo, options, scheduler=scheduler, workers=workers, progress=progress)
             stored = open_group(out, mode="r")
-            refused = [reason for name in sets for reason in
-                       (stored if name == "main" else stored[store.set_path(name)]).attrs.get("refused", {}).values()]
+            refused = [
+                reason
+                for name in sets
+                for reason in (stored if name == "main" else stored[store.set_path(name)])
+                .attrs.get("refused", {})
+                .values()
+            ]
         else:
             total = sum(sets[name].n_tokens for _, _, names in todo for name in names)
             refused = []
@@ -178,11 +209,14 @@ def extract(suite: Suite | str | Path, out: str | Path, *, extra_sets: Iterable[
                 with Fetcher(ckpts, prefetch, evict, allow_pickle, cached_before) as fetcher:
                     for (m, c, names), ckpt in zip(todo, ckpts):
                         fetcher.wait(ckpt)
-                        refused += score_checkpoint(suite, root, {name: sets[name] for name in names}, m, c,
-                                                    bar=bar, **options)
+                        refused += score_checkpoint(
+                            suite, root, {name: sets[name] for name in names}, m, c, bar=bar, **options
+                        )
                         fetcher.release(ckpt)
     if refused:
-        more = f" (and {len(refused) - 1} more checkpoint-sets; see `tokendyn verify {out}`)" if len(refused) > 1 else ""
+        more = (
+            f" (and {len(refused) - 1} more checkpoint-sets; see `tokendyn verify {out}`)" if len(refused) > 1 else ""
+        )
         raise TokendynError(f"not marked done, {refused[0]}{more}; the other checkpoints are complete")
     return out
 
@@ -194,15 +228,29 @@ def _repair(out: Path) -> None:
     problems = store.repair(out)
     broken = [p for p in problems if not p.repairable]
     if broken:
-        raise TokendynError(f"store {out} is damaged beyond repair: {store.verify_summary(broken)}; "
-                            "write to a new --out")
+        raise TokendynError(
+            f"store {out} is damaged beyond repair: {store.verify_summary(broken)}; write to a new --out"
+        )
     if problems:
         warnings.warn(f"store {out} repaired: {store.verify_summary(problems)}", stacklevel=3)
 
 
-def score_checkpoint(suite: Suite, root, sets: dict[str, ScoredSet], m: int, c: int, *, metrics: tuple[str, ...],
-                     batch_tokens: int, device: str, dtype: torch.dtype, allow_pickle: bool, trust_remote_code: bool,
-                     bar: tqdm, commit: Callable = store.mark_done) -> list[str]:
+def score_checkpoint(
+    suite: Suite,
+    root,
+    sets: dict[str, ScoredSet],
+    m: int,
+    c: int,
+    *,
+    metrics: tuple[str, ...],
+    batch_tokens: int,
+    device: str,
+    dtype: torch.dtype,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+    bar: tqdm,
+    commit: Callable = store.mark_done,
+) -> list[str]:
     """Score checkpoint `c` of model `m` on `sets`, writing only the chunks it owns, then mark each set done.
 
     A set whose scores are not all finite is not marked done: the reason is kept in the store and
@@ -211,16 +259,18 @@ def score_checkpoint(suite: Suite, root, sets: dict[str, ScoredSet], m: int, c: 
     """
     ckpt = suite.models[m].checkpoints[c]
     bar.set_description(f"{ckpt.model} step {ckpt.step}")
-    model = checkpoints.load_model(ckpt, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                                   trust_remote_code=trust_remote_code)
+    model = checkpoints.load_model(
+        ckpt, device=device, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+    )
     weights_hash = checkpoints.weights_fingerprint(ckpt)
     _warn_identical(root, suite, m, c, weights_hash)
     refused = []
     for name in sorted(sets, key=lambda n: n == "main"):  # main last: its flag follows val_ppl
         store.clear_done(root, name, m, c)
         total = _score_set(model, sets[name], root, name, m, c, metrics, batch_tokens, bar)
-        reason = check_scores(store.read_checkpoint(root, name, m, c, metrics), sets[name].n_tokens,
-                              root.attrs["store_dtype"])
+        reason = check_scores(
+            store.read_checkpoint(root, name, m, c, metrics), sets[name].n_tokens, root.attrs["store_dtype"]
+        )
         if reason is not None:
             reason = f"model '{ckpt.model}' step {ckpt.step}, set '{name}': {reason}"
             store.refuse(root, name, m, c, reason)
@@ -248,7 +298,11 @@ def check_scores(scores: dict[str, np.ndarray], n_predicted: int, store_dtype: s
         if nan > 0:
             problems.append(f"{nan} of {n_predicted} tokens have a NaN {metric}")
         if inf:
-            limit = f", above {np.finfo(store_dtype).max:.0f}, the largest {store_dtype}" if store_dtype != "float32" else ""
+            limit = (
+                f", above {np.finfo(store_dtype).max:.0f}, the largest {store_dtype}"
+                if store_dtype != "float32"
+                else ""
+            )
             problems.append(f"{inf} of {n_predicted} tokens have an infinite {metric}{limit}")
     if not problems:
         return None
@@ -268,12 +322,15 @@ def perplexities(total_loss: float, scored: ScoredSet) -> tuple[float, dict[str,
     words counted on the scored text (`ScoredSet.n_bytes`, `n_words`).
     """
     val_ppl = perplexity(total_loss / max(scored.n_tokens, 1))
-    return val_ppl, {"bits_per_byte": total_loss / (max(scored.n_bytes, 1) * math.log(2)),
-                     "word_ppl": math.exp(min(total_loss / max(scored.n_words, 1), 700.0))}
+    return val_ppl, {
+        "bits_per_byte": total_loss / (max(scored.n_bytes, 1) * math.log(2)),
+        "word_ppl": math.exp(min(total_loss / max(scored.n_words, 1), 700.0)),
+    }
 
 
-def _score_set(model, scored: ScoredSet, root, name: str, m: int, c: int, metrics: tuple[str, ...],
-               batch_tokens: int, bar: tqdm) -> float:
+def _score_set(
+    model, scored: ScoredSet, root, name: str, m: int, c: int, metrics: tuple[str, ...], batch_tokens: int, bar: tqdm
+) -> float:
     """Score one set with one checkpoint, writing every chunk of tokens as soon as it is complete.
 
     Returns the summed loss (nats, float64) over the set's scored tokens.
@@ -309,8 +366,8 @@ def _batch(scored: ScoredSet, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     score = np.zeros(ids.shape, dtype=bool)
     index = []
     for i, (window, target) in enumerate(zip(windows, (scored.targets[w] for w in rows))):
-        ids[i, :len(window)] = window
-        score[i, 1:len(window)] = target >= 0
+        ids[i, : len(window)] = window
+        score[i, 1 : len(window)] = target >= 0
         index.append(target[target >= 0])
     return ids, score, np.concatenate(index)
 
@@ -318,23 +375,29 @@ def _batch(scored: ScoredSet, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray,
 def _check_context(suite: Suite, seq_len: int, trust_remote_code: bool) -> None:
     """Refuse a seq_len beyond any model's context, before the text is packed (a huge seq_len fails fast)."""
     for spec in suite.models:
-        config = AutoConfig.from_pretrained(checkpoints.resolve(spec.checkpoints[0], weights=False),
-                                            trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            checkpoints.resolve(spec.checkpoints[0], weights=False), trust_remote_code=trust_remote_code
+        )
         context = checkpoints.max_context(config)
         if context is not None and seq_len > context:
-            raise TokendynError(f"seq_len {seq_len} exceeds the context of model '{spec.name}' ({context} tokens); "
-                                f"lower seq_len in the suite TOML to at most {context}")
+            raise TokendynError(
+                f"seq_len {seq_len} exceeds the context of model '{spec.name}' ({context} tokens); "
+                f"lower seq_len in the suite TOML to at most {context}"
+            )
 
 
 def _model_coords(suite: Suite, trust_remote_code: bool) -> dict:
     """Per-model and per-checkpoint coordinates known before any weights load."""
     n_ckpt = max(len(spec.checkpoints) for spec in suite.models)
     shape = (len(suite.models), n_ckpt)
-    coords = {"model": np.asarray([spec.name for spec in suite.models], dtype=object),
-              "step": np.full(shape, np.nan), "tokens_seen": np.full(shape, np.nan),
-              "source": np.full(shape, "", dtype=object),
-              "n_params": np.zeros(len(suite.models), dtype=np.int64),
-              "n_params_nonembed": np.zeros(len(suite.models), dtype=np.int64)}
+    coords = {
+        "model": np.asarray([spec.name for spec in suite.models], dtype=object),
+        "step": np.full(shape, np.nan),
+        "tokens_seen": np.full(shape, np.nan),
+        "source": np.full(shape, "", dtype=object),
+        "n_params": np.zeros(len(suite.models), dtype=np.int64),
+        "n_params_nonembed": np.zeros(len(suite.models), dtype=np.int64),
+    }
     for m, spec in enumerate(suite.models):
         for c, ckpt in enumerate(spec.checkpoints):
             coords["step"][m, c] = ckpt.step
@@ -353,9 +416,11 @@ def _warn_identical(root, suite: Suite, m: int, c: int, weights_hash: str) -> No
     for other in np.flatnonzero(hashes == weights_hash):
         if other != c:
             steps = suite.models[m].checkpoints
-            warnings.warn(f"model '{suite.models[m].name}': checkpoints at steps {steps[other].step} and "
-                          f"{steps[c].step} have identical weights (a known defect of some public suites)",
-                          stacklevel=2)
+            warnings.warn(
+                f"model '{suite.models[m].name}': checkpoints at steps {steps[other].step} and "
+                f"{steps[c].step} have identical weights (a known defect of some public suites)",
+                stacklevel=2,
+            )
 
 
 def _parse_metrics(metrics: Iterable[str] | None, existing: dict) -> tuple[str, ...]:

@@ -30,8 +30,12 @@ def cache_state() -> set[tuple[str, str]]:
         info = huggingface_hub.scan_cache_dir(cache)
     except huggingface_hub.CacheNotFound:
         return set()
-    return {(repo.repo_id, revision.commit_hash) for repo in info.repos if repo.repo_type == "model"
-            for revision in repo.revisions}
+    return {
+        (repo.repo_id, revision.commit_hash)
+        for repo in info.repos
+        if repo.repo_type == "model"
+        for revision in repo.revisions
+    }
 
 
 def cached_commit(hub_id: str, revision: str) -> str | None:
@@ -60,8 +64,14 @@ class Fetcher:
     downloaded it; before: `cache_state()` taken before the run touched the cache (required with evict).
     """
 
-    def __init__(self, ckpts: list[Checkpoint], prefetch: int = 1, evict: bool = False, allow_pickle: bool = False,
-                 before: set[tuple[str, str]] | None = None) -> None:
+    def __init__(
+        self,
+        ckpts: list[Checkpoint],
+        prefetch: int = 1,
+        evict: bool = False,
+        allow_pickle: bool = False,
+        before: set[tuple[str, str]] | None = None,
+    ) -> None:
         if prefetch < 0:
             raise TokendynError(f"--prefetch {prefetch} is negative; give 0 (no prefetch) or more")
         if evict and before is None:
@@ -70,8 +80,11 @@ class Fetcher:
         self.prefetch, self.evict, self.allow_pickle, self.before = prefetch, evict, allow_pickle, before or set()
         self.freed = 0
         self._futures: dict[int, Future] = {}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokendyn-prefetch") \
-            if prefetch > 0 and self.order else None
+        self._pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokendyn-prefetch")
+            if prefetch > 0 and self.order
+            else None
+        )
 
     def __enter__(self) -> Fetcher:
         return self
@@ -87,8 +100,9 @@ class Fetcher:
         index = self._index(ckpt)
         for ahead in range(index, min(index + 1 + self.prefetch, len(self.order))):
             if ahead not in self._futures:
-                self._futures[ahead] = self._pool.submit(checkpoints.resolve, self.order[ahead], True,
-                                                         self.allow_pickle)
+                self._futures[ahead] = self._pool.submit(
+                    checkpoints.resolve, self.order[ahead], True, self.allow_pickle
+                )
         self._futures.pop(index).result()  # re-raises a failed download's TokendynError here
 
     def release(self, ckpt: Checkpoint) -> None:
@@ -96,7 +110,7 @@ class Fetcher:
         if not self.evict or ckpt.path is not None:
             return
         index = self._index(ckpt)
-        later = any((c.hub_id, c.revision) == (ckpt.hub_id, ckpt.revision) for c in self.order[index + 1:])
+        later = any((c.hub_id, c.revision) == (ckpt.hub_id, ckpt.revision) for c in self.order[index + 1 :])
         if not later:
             self.freed += evict(ckpt.hub_id, ckpt.revision, self.before)
 

@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from tokendyn.models import checkpoints, hardware
+from tokendyn.config.suite import Checkpoint, Suite, load_suite
 from tokendyn.data.corpus import PAD, prefix_ids, read_documents
 from tokendyn.errors import TokendynError
-from tokendyn.config.suite import Checkpoint, Suite, load_suite
+from tokendyn.models import checkpoints, hardware
 
 # (l1, l2) of the paper: small - large, small, small + large, large, large - small.
 MIXTURES = ((1.0, -1.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0), (-1.0, 1.0))
@@ -68,9 +68,18 @@ def pick_tokens(probs: torch.Tensor, top_p: float | None, uniform: torch.Tensor 
     return order.gather(-1, torch.minimum(index, n_keep - 1))[:, 0]
 
 
-def decode(models: Sequence[torch.nn.Module], weights: Sequence[float], prompt_ids: torch.Tensor,
-           new_tokens: int, *, vocab_size: int, top_p: float | None = None, uniforms: torch.Tensor | None = None,
-           eos_token_id: int | None = None, use_cache: bool = True) -> torch.Tensor:
+def decode(
+    models: Sequence[torch.nn.Module],
+    weights: Sequence[float],
+    prompt_ids: torch.Tensor,
+    new_tokens: int,
+    *,
+    vocab_size: int,
+    top_p: float | None = None,
+    uniforms: torch.Tensor | None = None,
+    eos_token_id: int | None = None,
+    use_cache: bool = True,
+) -> torch.Tensor:
     """Generate `new_tokens` tokens after each prompt row from the clipped mixture of `models`.
 
     prompt_ids: (batch, k) token ids, no padding. vocab_size: logits beyond it (embedding padding)
@@ -99,8 +108,10 @@ def decode(models: Sequence[torch.nn.Module], weights: Sequence[float], prompt_i
                     result = model(input_ids=sequence, use_cache=False)
                 logits = result.logits[:, -1].float()
                 if logits.shape[-1] < vocab_size:
-                    raise TokendynError(f"a model has {logits.shape[-1]} output tokens but the tokenizer has "
-                                        f"{vocab_size}; they do not belong together")
+                    raise TokendynError(
+                        f"a model has {logits.shape[-1]} output tokens but the tokenizer has "
+                        f"{vocab_size}; they do not belong together"
+                    )
                 probs.append(torch.softmax(logits[:, :vocab_size], dim=-1))
             uniform = None if uniforms is None else uniforms[:, t].to(device)
             token = pick_tokens(mixture_probs(probs, weights), top_p, uniform).cpu()
@@ -115,8 +126,9 @@ def decode(models: Sequence[torch.nn.Module], weights: Sequence[float], prompt_i
     return out
 
 
-def prompts_from_suite(suite: Suite, tokenizer, n_prompts: int | None,
-                       prompt_tokens: int) -> list[tuple[int, list[int]]]:
+def prompts_from_suite(
+    suite: Suite, tokenizer, n_prompts: int | None, prompt_tokens: int
+) -> list[tuple[int, list[int]]]:
     """(document index, first `prompt_tokens` token ids) of validation documents of the main set.
 
     Documents shorter than `prompt_tokens` are skipped. n_prompts documents are taken evenly spaced
@@ -147,20 +159,24 @@ def find_checkpoint(suite: Suite, model: str, step: int | None = None) -> Checkp
         return ckpts[-1]
     steps = [c.step for c in ckpts]
     if step not in steps:
-        raise TokendynError(f"model '{model}' has no checkpoint at step {step}; its steps: "
-                            f"{', '.join(map(str, steps))}")
+        raise TokendynError(
+            f"model '{model}' has no checkpoint at step {step}; its steps: {', '.join(map(str, steps))}"
+        )
     return ckpts[steps.index(step)]
 
 
 def smallest_and_largest(suite: Suite, trust_remote_code: bool = False) -> tuple[str, str]:
     """Names of the suite's models with the fewest and the most parameters (from configs only)."""
     if len(suite.models) < 2:
-        raise TokendynError("the suite has one model; name the two checkpoints to mix with small= and large= "
-                            "(e.g. the same model at two steps)")
+        raise TokendynError(
+            "the suite has one model; name the two checkpoints to mix with small= and large= "
+            "(e.g. the same model at two steps)"
+        )
     sizes = []
     for spec in suite.models:
-        config = AutoConfig.from_pretrained(checkpoints.resolve(spec.checkpoints[-1]),
-                                            trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            checkpoints.resolve(spec.checkpoints[-1]), trust_remote_code=trust_remote_code
+        )
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         sizes.append(checkpoints.count_params(skeleton)[0])
@@ -177,12 +193,27 @@ def _check_mixture(mixture: Sequence[float]) -> tuple[float, float]:
     return l1, l2
 
 
-def generate(suite: Suite | str | Path, *, small: str | None = None, large: str | None = None,
-             small_step: int | None = None, large_step: int | None = None,
-             mixtures: Sequence[Sequence[float]] = MIXTURES, prompts: int | None = 100, prompt_tokens: int = 5,
-             new_tokens: int = 50, top_p: float | None = None, seed: int = 0, stop_at_eos: bool = True,
-             batch_size: int = 32, device: str = "auto", dtype: str = "auto", allow_pickle: bool = False,
-             trust_remote_code: bool = False, progress: bool = True) -> list[dict]:
+def generate(
+    suite: Suite | str | Path,
+    *,
+    small: str | None = None,
+    large: str | None = None,
+    small_step: int | None = None,
+    large_step: int | None = None,
+    mixtures: Sequence[Sequence[float]] = MIXTURES,
+    prompts: int | None = 100,
+    prompt_tokens: int = 5,
+    new_tokens: int = 50,
+    top_p: float | None = None,
+    seed: int = 0,
+    stop_at_eos: bool = True,
+    batch_size: int = 32,
+    device: str = "auto",
+    dtype: str = "auto",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> list[dict]:
     """Contrastive generation from two models of a suite; one record per (mixture, prompt).
 
     Parameters
@@ -223,8 +254,12 @@ def generate(suite: Suite | str | Path, *, small: str | None = None, large: str 
     device, torch_dtype = hardware.choose(device, dtype)
     hf_logging.disable_progress_bar()  # one bar for the whole run, not one per weights load
     needed = {i for l1, l2 in mixtures for i, w in enumerate((l1, l2)) if w != 0}
-    loaded = {i: checkpoints.load_model(roles[i], device=device, dtype=torch_dtype, allow_pickle=allow_pickle,
-                                        trust_remote_code=trust_remote_code) for i in sorted(needed)}
+    loaded = {
+        i: checkpoints.load_model(
+            roles[i], device=device, dtype=torch_dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+        )
+        for i in sorted(needed)
+    }
     uniforms = torch.from_numpy(np.random.default_rng(seed).random((len(chosen), new_tokens)))
     prompt_ids = torch.tensor([bos + ids for _, ids in chosen], dtype=torch.long)
     eos = tokenizer.eos_token_id if stop_at_eos else None
@@ -236,12 +271,20 @@ def generate(suite: Suite | str | Path, *, small: str | None = None, large: str 
             active = [i for i, w in enumerate((l1, l2)) if w != 0]
             for start in range(0, len(chosen), batch_size):
                 rows = slice(start, start + batch_size)
-                generated = decode([loaded[i] for i in active], [(l1, l2)[i] for i in active], prompt_ids[rows],
-                                   new_tokens, vocab_size=len(tokenizer), top_p=top_p, uniforms=uniforms[rows],
-                                   eos_token_id=eos)
+                generated = decode(
+                    [loaded[i] for i in active],
+                    [(l1, l2)[i] for i in active],
+                    prompt_ids[rows],
+                    new_tokens,
+                    vocab_size=len(tokenizer),
+                    top_p=top_p,
+                    uniforms=uniforms[rows],
+                    eos_token_id=eos,
+                )
                 for (doc, ids), row in zip(chosen[rows], generated.numpy()):
-                    records.append(_record(tokenizer, doc, ids, row[row != PAD].tolist(), (l1, l2), roles,
-                                           top_p, seed, new_tokens))
+                    records.append(
+                        _record(tokenizer, doc, ids, row[row != PAD].tolist(), (l1, l2), roles, top_p, seed, new_tokens)
+                    )
                 bar.update(len(generated))
     return records
 
@@ -251,21 +294,41 @@ def _check_context(roles: Sequence[Checkpoint], length: int, trust_remote_code: 
         config = AutoConfig.from_pretrained(checkpoints.resolve(ckpt), trust_remote_code=trust_remote_code)
         context = checkpoints.max_context(config)
         if context is not None and length > context:
-            raise TokendynError(f"prompt + new tokens ({length}) exceed the context of model '{ckpt.model}' "
-                                f"({context} tokens); generate fewer new tokens")
+            raise TokendynError(
+                f"prompt + new tokens ({length}) exceed the context of model '{ckpt.model}' "
+                f"({context} tokens); generate fewer new tokens"
+            )
 
 
-def _record(tokenizer, doc: int, prompt: list[int], new: list[int], mixture: tuple[float, float],
-            roles: Sequence[Checkpoint], top_p: float | None, seed: int, new_tokens: int) -> dict:
+def _record(
+    tokenizer,
+    doc: int,
+    prompt: list[int],
+    new: list[int],
+    mixture: tuple[float, float],
+    roles: Sequence[Checkpoint],
+    top_p: float | None,
+    seed: int,
+    new_tokens: int,
+) -> dict:
     prompt_text = tokenizer.decode(prompt)
     text = tokenizer.decode(prompt + new)
     # decoding the whole sequence keeps characters that straddle the prompt/continuation boundary
-    continuation = text[len(prompt_text):] if text.startswith(prompt_text) else tokenizer.decode(new)
-    record = {"text": text, "prompt": prompt_text, "continuation": continuation, "source_doc": doc,
-              "mixture": f"{mixture[0]:g},{mixture[1]:g}", "l1": mixture[0], "l2": mixture[1],
-              "small": roles[0].model, "small_step": roles[0].step,
-              "large": roles[1].model, "large_step": roles[1].step,
-              "decoding": "greedy" if top_p is None else "top_p"}
+    continuation = text[len(prompt_text) :] if text.startswith(prompt_text) else tokenizer.decode(new)
+    record = {
+        "text": text,
+        "prompt": prompt_text,
+        "continuation": continuation,
+        "source_doc": doc,
+        "mixture": f"{mixture[0]:g},{mixture[1]:g}",
+        "l1": mixture[0],
+        "l2": mixture[1],
+        "small": roles[0].model,
+        "small_step": roles[0].step,
+        "large": roles[1].model,
+        "large_step": roles[1].step,
+        "decoding": "greedy" if top_p is None else "top_p",
+    }
     if top_p is not None:
         record["top_p"] = top_p
     record.update(seed=seed, prompt_tokens=len(prompt), new_tokens=new_tokens, n_generated=len(new))

@@ -116,10 +116,12 @@ def decide_dtype(requested: str, hw: Hardware) -> DtypeChoice:
         slowdown = hw.slowdown(requested) if kind == "cpu" and requested != "float32" else None
         warning = ""
         if slowdown is not None and slowdown > 1:
-            warning = (f"--dtype {requested} is {slowdown:.1f}x slower than float32 on this CPU "
-                       f"({hw.cpu_capability or 'unknown capability'}, "
-                       f"{'native' if hw.native_bf16() else 'no native'} bfloat16: timed matmul); "
-                       "use --dtype auto or float32")
+            warning = (
+                f"--dtype {requested} is {slowdown:.1f}x slower than float32 on this CPU "
+                f"({hw.cpu_capability or 'unknown capability'}, "
+                f"{'native' if hw.native_bf16() else 'no native'} bfloat16: timed matmul); "
+                "use --dtype auto or float32"
+            )
         return DtypeChoice(requested, "requested", warning)
     if kind == "cuda":
         if hw.cuda_bf16:
@@ -128,14 +130,18 @@ def decide_dtype(requested: str, hw: Hardware) -> DtypeChoice:
     if kind == "mps":
         return DtypeChoice("float32", "MPS: half precision is not safe for every model")
     if not hw.native_bf16():
-        return DtypeChoice("float32", f"CPU without native bfloat16 ({hw.cpu_capability or 'unknown capability'}, "
-                                      f"none of {', '.join(NATIVE_BF16_FLAGS)}): bfloat16 would be emulated")
+        return DtypeChoice(
+            "float32",
+            f"CPU without native bfloat16 ({hw.cpu_capability or 'unknown capability'}, "
+            f"none of {', '.join(NATIVE_BF16_FLAGS)}): bfloat16 would be emulated",
+        )
     slowdown = hw.slowdown("bfloat16")
     if slowdown is None:
         return DtypeChoice("float32", "CPU bfloat16 speed not measured")
     if 1 / slowdown >= MIN_SPEEDUP:
-        return DtypeChoice("bfloat16", f"CPU with native bfloat16: timed matmul {1 / slowdown:.1f}x faster "
-                                       "than float32")
+        return DtypeChoice(
+            "bfloat16", f"CPU with native bfloat16: timed matmul {1 / slowdown:.1f}x faster than float32"
+        )
     return DtypeChoice("float32", f"CPU bfloat16 matmul timed at only {1 / slowdown:.2f}x of float32")
 
 
@@ -176,8 +182,12 @@ def probe(device: str, requested: str) -> Hardware:
     """
     kind = device.split(":")[0]
     flags = cpu_flags()
-    hw = Hardware(device, torch.backends.cpu.get_cpu_capability(), flags,
-                  cuda_bf16=kind == "cuda" and torch.cuda.is_bf16_supported())
+    hw = Hardware(
+        device,
+        torch.backends.cpu.get_cpu_capability(),
+        flags,
+        cuda_bf16=kind == "cuda" and torch.cuda.is_bf16_supported(),
+    )
     half = [requested] if requested in ("bfloat16", "float16") else ["bfloat16"] if requested == "auto" else []
     if kind == "cpu" and half and (requested != "auto" or hw.native_bf16()):
         timings = {name: time_matmul(name) for name in ["float32", *half]}

@@ -32,16 +32,16 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
-from tokendyn.models import checkpoints, hardware
-from tokendyn.store.lock import writer_lock
-from tokendyn.store.passuntil import COUNTS, RESERVED, prepare_task
-from tokendyn.data.corpus import PAD, json_lines, prefix_ids
-from tokendyn.errors import TokendynError
-from tokendyn.models.generate import decode
 from tokendyn.analysis.passuntil import pass_until
 from tokendyn.config.suite import Suite, load_suite
+from tokendyn.data.corpus import PAD, json_lines, prefix_ids
 from tokendyn.data.tasks import clean_name
+from tokendyn.errors import TokendynError
+from tokendyn.models import checkpoints, hardware
+from tokendyn.models.generate import decode
 from tokendyn.models.tasks import suite_context
+from tokendyn.store.lock import writer_lock
+from tokendyn.store.passuntil import COUNTS, RESERVED, prepare_task
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,11 @@ def read_generation_task(path: str | Path, name: str | None = None) -> Generatio
     path = Path(path)
     records = []
     for number, record in json_lines(path):
-        if not isinstance(record.get("prompt"), str) \
-                or not isinstance(record.get("answer"), str) or not record["answer"].strip():
+        if (
+            not isinstance(record.get("prompt"), str)
+            or not isinstance(record.get("answer"), str)
+            or not record["answer"].strip()
+        ):
             raise TokendynError(f'{path}:{number}: needs string fields "prompt" and "answer" (non-empty)')
         for key in record:
             if key in RESERVED:
@@ -107,15 +110,18 @@ def load_checker(spec: str | None) -> Callable[[str, dict], bool]:
     try:
         function = getattr(importlib.import_module(module_name), attribute)
     except (ImportError, AttributeError) as err:
-        raise TokendynError(f"cannot import checker '{spec}' ({err}); make the module importable "
-                            "(e.g. on PYTHONPATH) and check the function name") from None
+        raise TokendynError(
+            f"cannot import checker '{spec}' ({err}); make the module importable "
+            "(e.g. on PYTHONPATH) and check the function name"
+        ) from None
     if not callable(function):
         raise TokendynError(f"checker '{spec}' is not callable; name a function(completion, instance) -> bool")
     try:
         inspect.signature(function).bind("completion", {"prompt": "", "answer": ""})
     except TypeError:
-        raise TokendynError(f"checker '{spec}' cannot be called as function(completion, instance); "
-                            "give it exactly those two parameters") from None
+        raise TokendynError(
+            f"checker '{spec}' cannot be called as function(completion, instance); give it exactly those two parameters"
+        ) from None
     except ValueError:  # builtins without a signature: checked when first called
         pass
     return function
@@ -127,8 +133,10 @@ def _judge(check: Callable[[str, dict], bool], completion: str, instance: dict) 
         return bool(check(completion, instance))
     except Exception as err:  # user code: any exception is the checker's
         name = getattr(check, "__qualname__", repr(check))
-        raise TokendynError(f"checker {name} failed on {completion!r}: {type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''}; fix the checker") from err
+        raise TokendynError(
+            f"checker {name} failed on {completion!r}: {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}; fix the checker"
+        ) from err
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -140,8 +148,9 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 class Sampler:
     """`sample(n, rng)` for one model and one prompt: n completions as text (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, prompt_ids: list[int], new_tokens: int, top_p: float | None,
-                 stop: Sequence[str]) -> None:
+    def __init__(
+        self, model, tokenizer, prompt_ids: list[int], new_tokens: int, top_p: float | None, stop: Sequence[str]
+    ) -> None:
         self.model, self.tokenizer, self.stop = model, tokenizer, tuple(stop)
         self.prompt = torch.tensor(prompt_ids, dtype=torch.long)[None]
         self.new_tokens = new_tokens
@@ -149,14 +158,23 @@ class Sampler:
 
     def __call__(self, n: int, rng: np.random.Generator) -> list[str]:
         uniforms = torch.from_numpy(rng.random((n, self.new_tokens)))
-        tokens = decode([self.model], [1.0], self.prompt.expand(n, -1), self.new_tokens,
-                        vocab_size=len(self.tokenizer), top_p=self.top_p, uniforms=uniforms,
-                        eos_token_id=self.tokenizer.eos_token_id).numpy()
+        tokens = decode(
+            [self.model],
+            [1.0],
+            self.prompt.expand(n, -1),
+            self.new_tokens,
+            vocab_size=len(self.tokenizer),
+            top_p=self.top_p,
+            uniforms=uniforms,
+            eos_token_id=self.tokenizer.eos_token_id,
+        ).numpy()
         texts = self.tokenizer.batch_decode([row[row != PAD].tolist() for row in tokens])
         return [cut_at_stop(t, self.stop) for t in texts]
 
 
-def prompt_ids(task: GenerationTask, tokenizer, prefix: list[int], new_tokens: int | None) -> tuple[list[list[int]], list[int]]:
+def prompt_ids(
+    task: GenerationTask, tokenizer, prefix: list[int], new_tokens: int | None
+) -> tuple[list[list[int]], list[int]]:
     """Token ids of every prompt (the main set's prefix tokens first, `corpus.prefix_ids`) and the
     tokens to generate per instance: `new_tokens`, or as many as the answer takes after the prompt (at least 1)."""
     first = list(prefix)
@@ -174,11 +192,26 @@ def prompt_ids(task: GenerationTask, tokenizer, prefix: list[int], new_tokens: i
     return [first + list(row) for row in ids], lengths
 
 
-def run_pass_until(suite: Suite | str | Path, out: str | Path, task: GenerationTask | str | Path, *,
-                   passes: int = 2, max_samples: int = 100_000, batch_size: int = 256, top_p: float | None = None,
-                   new_tokens: int | None = None, stop: Sequence[str] = ("\n",), checker: str | None = None,
-                   seed: int = 0, force: bool = False, device: str = "auto", dtype: str = "auto",
-                   allow_pickle: bool = False, trust_remote_code: bool = False, progress: bool = True) -> Path:
+def run_pass_until(
+    suite: Suite | str | Path,
+    out: str | Path,
+    task: GenerationTask | str | Path,
+    *,
+    passes: int = 2,
+    max_samples: int = 100_000,
+    batch_size: int = 256,
+    top_p: float | None = None,
+    new_tokens: int | None = None,
+    stop: Sequence[str] = ("\n",),
+    checker: str | None = None,
+    seed: int = 0,
+    force: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> Path:
     """PassUntil for every instance of `task` under every checkpoint of the suite, into the store at `out`.
 
     Parameters
@@ -210,25 +243,76 @@ def run_pass_until(suite: Suite | str | Path, out: str | Path, task: GenerationT
     context = suite_context(suite, trust_remote_code)
     longest = max(len(i) + n for i, n in zip(ids, lengths))
     if context is not None and longest > context:
-        raise TokendynError(f"task '{task.name}': prompt + completion ({longest} tokens) exceed the models' "
-                            f"context ({context}); shorten the prompts or lower new_tokens")
-    params = {"task": task.fingerprint, "passes": passes, "max_samples": max_samples, "batch_size": batch_size,
-              "top_p": top_p, "new_tokens": new_tokens, "stop": list(stop), "checker": checker or "exact",
-              "seed": seed}
+        raise TokendynError(
+            f"task '{task.name}': prompt + completion ({longest} tokens) exceed the models' "
+            f"context ({context}); shorten the prompts or lower new_tokens"
+        )
+    params = {
+        "task": task.fingerprint,
+        "passes": passes,
+        "max_samples": max_samples,
+        "batch_size": batch_size,
+        "top_p": top_p,
+        "new_tokens": new_tokens,
+        "stop": list(stop),
+        "checker": checker or "exact",
+        "seed": seed,
+    }
     with writer_lock(out):
-        extract(suite, out, device=device, dtype=dtype, allow_pickle=allow_pickle,
-                trust_remote_code=trust_remote_code, progress=progress)
+        extract(
+            suite,
+            out,
+            device=device,
+            dtype=dtype,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+            progress=progress,
+        )
         group = prepare_task(out, task, lengths, params, force)
-        _run_all(suite, group, task, tokenizer, ids, lengths, check, passes=passes, max_samples=max_samples,
-                 batch_size=batch_size, top_p=top_p, stop=stop, seed=seed, device=device, dtype=dtype,
-                 allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=progress)
+        _run_all(
+            suite,
+            group,
+            task,
+            tokenizer,
+            ids,
+            lengths,
+            check,
+            passes=passes,
+            max_samples=max_samples,
+            batch_size=batch_size,
+            top_p=top_p,
+            stop=stop,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            allow_pickle=allow_pickle,
+            trust_remote_code=trust_remote_code,
+            progress=progress,
+        )
     return out
 
 
-def _run_all(suite: Suite, group, task: GenerationTask, tokenizer, ids: list[list[int]], lengths: list[int],
-             check: Callable[[str, dict], bool], *, passes: int, max_samples: int, batch_size: int,
-             top_p: float | None, stop: Sequence[str], seed: int, device: str, dtype: str, allow_pickle: bool,
-             trust_remote_code: bool, progress: bool) -> None:
+def _run_all(
+    suite: Suite,
+    group,
+    task: GenerationTask,
+    tokenizer,
+    ids: list[list[int]],
+    lengths: list[int],
+    check: Callable[[str, dict], bool],
+    *,
+    passes: int,
+    max_samples: int,
+    batch_size: int,
+    top_p: float | None,
+    stop: Sequence[str],
+    seed: int,
+    device: str,
+    dtype: str,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+    progress: bool,
+) -> None:
     """Every (checkpoint, instance) of the task not yet done, written into its group as it completes."""
     device, torch_dtype = hardware.choose(device, dtype)
     hf_logging.disable_progress_bar()
@@ -242,14 +326,25 @@ def _run_all(suite: Suite, group, task: GenerationTask, tokenizer, ids: list[lis
             committed = np.asarray(group["samples"][m, c]) > 0
             bar.update(int(committed.sum()))
             if not committed.all():
-                model = checkpoints.load_model(ckpt, device=device, dtype=torch_dtype, allow_pickle=allow_pickle,
-                                               trust_remote_code=trust_remote_code)
+                model = checkpoints.load_model(
+                    ckpt,
+                    device=device,
+                    dtype=torch_dtype,
+                    allow_pickle=allow_pickle,
+                    trust_remote_code=trust_remote_code,
+                )
                 for i in np.flatnonzero(~committed):
                     started = time.perf_counter()
                     sampler = Sampler(model, tokenizer, ids[i], lengths[i], top_p, stop)
                     instance = task.records[i]
-                    run = pass_until(sampler, lambda text: _judge(check, text, instance), passes, max_samples,
-                                     batch_size, np.random.default_rng([seed, m, c, int(i)]))
+                    run = pass_until(
+                        sampler,
+                        lambda text: _judge(check, text, instance),
+                        passes,
+                        max_samples,
+                        batch_size,
+                        np.random.default_rng([seed, m, c, int(i)]),
+                    )
                     group["seconds"][m, c, i] = time.perf_counter() - started
                     for name in COUNTS:
                         group[name][m, c, i] = getattr(run, name)
@@ -257,5 +352,3 @@ def _run_all(suite: Suite, group, task: GenerationTask, tokenizer, ids: list[lis
                     bar.set_postfix(drawn=run.drawn, passes=run.passes, refresh=False)
                 del model
             group["done"][m, c] = True
-
-

@@ -31,8 +31,17 @@ def documents_dir(store: str | Path) -> Path:
     return store.with_name(store.name.removesuffix(".zarr") + ".tasks")
 
 
-def task_set(task: ChoiceTask, tokenizer, folder: str | Path, *, shots: int = 2, seed: int = 0,
-             delimiter: str = " ", prefix: str | int = "auto", max_context: int | None = None) -> EvalSet:
+def task_set(
+    task: ChoiceTask,
+    tokenizer,
+    folder: str | Path,
+    *,
+    shots: int = 2,
+    seed: int = 0,
+    delimiter: str = " ",
+    prefix: str | int = "auto",
+    max_context: int | None = None,
+) -> EvalSet:
     """Write a task's documents to `folder/<name>.jsonl` and return the evaluation set that scores them.
 
     The set is "packed": one window per (item, option); seq_len is the longest document's model
@@ -42,35 +51,50 @@ def task_set(task: ChoiceTask, tokenizer, folder: str | Path, *, shots: int = 2,
     encoded = tokenizer([r["text"] for r in records], add_special_tokens=False, return_offsets_mapping=True)
     for record, offsets in zip(records, encoded["offset_mapping"]):
         if not any(start >= record["spans"][0]["start"] for start, _ in offsets):
-            raise TokendynError(f"task '{task.name}' item {record['item']}: option {record['option']} has no token "
-                                "of its own; give every choice some text")
+            raise TokendynError(
+                f"task '{task.name}' item {record['item']}: option {record['option']} has no token "
+                "of its own; give every choice some text"
+            )
     seq_len = max(len(ids) for ids in encoded["input_ids"]) + len(prefix_ids(prefix, tokenizer)) - 1
     if max_context is not None and seq_len > max_context:
-        raise TokendynError(f"task '{task.name}': prompts of {seq_len} tokens exceed the models' context "
-                            f"({max_context}); use fewer shots or shorter inputs")
+        raise TokendynError(
+            f"task '{task.name}': prompts of {seq_len} tokens exceed the models' context "
+            f"({max_context}); use fewer shots or shorter inputs"
+        )
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{task.name}.jsonl"
     temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")  # renamed once complete: never truncated
     temporary.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     os.replace(temporary, path)
-    return EvalSet(name=TASK_SET_PREFIX + task.name, files=(path,), seq_len=max(seq_len, 2), context="packed",
-                   prefix=prefix)
+    return EvalSet(
+        name=TASK_SET_PREFIX + task.name, files=(path,), seq_len=max(seq_len, 2), context="packed", prefix=prefix
+    )
 
 
 def suite_context(suite: Suite, trust_remote_code: bool = False) -> int | None:
     """The shortest context (tokens) among the suite's models, from their configs (None if unknown)."""
     contexts = []
     for spec in suite.models:
-        config = AutoConfig.from_pretrained(checkpoints.resolve(spec.checkpoints[0], weights=False),
-                                            trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            checkpoints.resolve(spec.checkpoints[0], weights=False), trust_remote_code=trust_remote_code
+        )
         contexts.append(checkpoints.max_context(config))
     known = [c for c in contexts if c is not None]
     return min(known) if known else None
 
 
-def score_tasks(suite: Suite | str | Path, out: str | Path, tasks: Sequence[ChoiceTask], *, shots: int = 2,
-                seed: int = 0, delimiter: str = " ", trust_remote_code: bool = False, **extract_options) -> Path:
+def score_tasks(
+    suite: Suite | str | Path,
+    out: str | Path,
+    tasks: Sequence[ChoiceTask],
+    *,
+    shots: int = 2,
+    seed: int = 0,
+    delimiter: str = " ",
+    trust_remote_code: bool = False,
+    **extract_options,
+) -> Path:
     """Score every option of every task with every checkpoint of the suite into the store at `out`.
 
     Each task becomes the evaluation set `task.<name>` (its documents are written to
@@ -89,6 +113,17 @@ def score_tasks(suite: Suite | str | Path, out: str | Path, tasks: Sequence[Choi
         check_field_names({key for item in task.items for key in item.fields}, f"task '{task.name}'")
     tokenizer = checkpoints.load_tokenizer(suite)
     context = suite_context(suite, trust_remote_code)
-    sets = [task_set(t, tokenizer, documents_dir(out), shots=shots, seed=seed, delimiter=delimiter,
-                     prefix=suite.eval.prefix, max_context=context) for t in tasks]
+    sets = [
+        task_set(
+            t,
+            tokenizer,
+            documents_dir(out),
+            shots=shots,
+            seed=seed,
+            delimiter=delimiter,
+            prefix=suite.eval.prefix,
+            max_context=context,
+        )
+        for t in tasks
+    ]
     return extract(suite, out, extra_sets=sets, trust_remote_code=trust_remote_code, **extract_options)

@@ -32,8 +32,13 @@ from tokendyn.studies.study import Result, Skip, save
 LABELS_STORE = "labels.zarr"
 FINDINGS = "findings.txt"
 # Names of the analysis steps before the studies took them over, still accepted by --steps.
-FORMER_STEPS = {"trends": ("trend_categories", "subset_curves"), "curves": ("curve_measures",),
-                "sequence_ppl": ("sequence_perplexity",), "pairs": ("pair_preference",), "tasks": ("downstream",)}
+FORMER_STEPS = {
+    "trends": ("trend_categories", "subset_curves"),
+    "curves": ("curve_measures",),
+    "sequence_ppl": ("sequence_perplexity",),
+    "pairs": ("pair_preference",),
+    "tasks": ("downstream",),
+}
 
 
 @dataclass
@@ -58,8 +63,9 @@ def select(names: Sequence[str] | None) -> list[str]:
     chosen = {study for name in names for study in FORMER_STEPS.get(name, (name,))}
     unknown = sorted(chosen - set(STUDIES))
     if unknown:
-        raise TokendynError(f"unknown stud{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; "
-                            f"choose from {', '.join(STUDIES)}")
+        raise TokendynError(
+            f"unknown stud{'ies' if len(unknown) > 1 else 'y'} {', '.join(unknown)}; choose from {', '.join(STUDIES)}"
+        )
     return [name for name in STUDIES if name in chosen]
 
 
@@ -77,8 +83,13 @@ def run_study(name: str, ds: xr.Dataset, options: dict | None = None) -> Outcome
     return outcome
 
 
-def run_studies(ds: xr.Dataset, names: Sequence[str], options: dict[str, dict] | None = None, progress: bool = True,
-                desc: str = "analyze") -> Iterator[Outcome]:
+def run_studies(
+    ds: xr.Dataset,
+    names: Sequence[str],
+    options: dict[str, dict] | None = None,
+    progress: bool = True,
+    desc: str = "analyze",
+) -> Iterator[Outcome]:
     """Run the named studies in turn (options: keyword arguments per study), yielding each outcome."""
     bar = tqdm(names, desc=desc, unit="study", disable=not progress)
     for name in bar:
@@ -93,8 +104,9 @@ def write_labels(folder: Path, name: str, data: xr.Dataset | xr.DataArray) -> No
     # Token coordinates (token_id, ...) stay in the store, which the labels line up with.
     data = data.drop_vars([n for n, c in data.coords.items() if n not in data.dims and set(c.dims) & set(TOKEN_DIMS)])
     # Zarr needs equal chunks (but the last): take each variable's largest chunk per dim.
-    data = data.map(lambda v: v.chunk({d: max(c) for d, c in zip(v.dims, v.chunks)}) if v.chunks else v,
-                    keep_attrs=True)
+    data = data.map(
+        lambda v: v.chunk({d: max(c) for d, c in zip(v.dims, v.chunks)}) if v.chunks else v, keep_attrs=True
+    )
     for variable in data.variables.values():
         variable.encoding.pop("chunks", None)  # chunks come from dask, not from the source store
         variable.encoding.pop("preferred_chunks", None)
@@ -118,8 +130,13 @@ def default_folder(store: Path, set: str = "main") -> Path:
     return store.with_name(f"{stem}.analysis" if set == "main" else f"{stem}.{set}.analysis")
 
 
-def analyze(ds: xr.Dataset, folder: Path, options: dict[str, dict] | None = None, only: Sequence[str] | None = None,
-            progress: bool = True) -> list[str]:
+def analyze(
+    ds: xr.Dataset,
+    folder: Path,
+    options: dict[str, dict] | None = None,
+    only: Sequence[str] | None = None,
+    progress: bool = True,
+) -> list[str]:
     """Run the studies (all, or those named in `only`) on ds and write their results to `folder`;
     return the summary lines.
 
@@ -142,8 +159,12 @@ def main_one(name: str, argv: Sequence[str] | None = None) -> int:
     run: Callable[..., Result] = STUDIES[name]
     parser = argparse.ArgumentParser(prog=f"python -m analyses.{name}", description=sys.modules[run.__module__].__doc__)
     parser.add_argument("store", type=Path, help="store path (from `tokendyn extract`)")
-    parser.add_argument("--out", type=Path, help=f"output folder (default: STORE's stem + .report/{name}; replaced "
-                                                 f"whole, and refused if it holds files tokendyn did not write)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help=f"output folder (default: STORE's stem + .report/{name}; replaced "
+        f"whole, and refused if it holds files tokendyn did not write)",
+    )
     args = parser.parse_args(argv)
     out = args.out or args.store.with_name(args.store.name.removesuffix(".zarr") + ".report") / name
     try:
@@ -162,4 +183,3 @@ def main_one(name: str, argv: Sequence[str] | None = None) -> int:
     print("\n".join(outcome.result.findings))
     print(f"written to {out}")
     return 0
-

@@ -9,15 +9,14 @@ analyses and the report are redone only when the store changed.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
-import hashlib
-
 from tokendyn import __version__, store
-from tokendyn.pipelines import analyze, report
+from tokendyn.config.suite import EvalSet, load_suite
 from tokendyn.data.tasks import read_task
 from tokendyn.models import extract, generate, sampling, tasks
-from tokendyn.config.suite import EvalSet, load_suite
+from tokendyn.pipelines import analyze, report
 from tokendyn.toy import build, findings
 from tokendyn.toy import tasks as toy_tasks
 
@@ -44,17 +43,31 @@ def run_demo(preset: str = "default", seed: int = 0, progress: bool = True) -> d
         records = generate.generate(suite, prompts=50, new_tokens=50, seed=seed, progress=progress)
         generate.write_jsonl(records, generated)
     extra = [EvalSet(name="hallucinated", files=(generated,), seq_len=suite.eval.seq_len)]
-    extra += [EvalSet(name=f"corrupted-{rate}", files=suite.eval.files, seq_len=suite.eval.seq_len,
-                      corrupt=rate, seed=seed) for rate in CORRUPT_RATES]
+    extra += [
+        EvalSet(name=f"corrupted-{rate}", files=suite.eval.files, seq_len=suite.eval.seq_len, corrupt=rate, seed=seed)
+        for rate in CORRUPT_RATES
+    ]
     extract.extract(suite, out, extra_sets=extra, progress=progress)
 
-    task_files = toy_tasks.write_tasks(suite_path.parent, out.with_name(out.name.removesuffix(".zarr") + ".toy-tasks"),
-                                       n_recall=RECALL_INSTANCES, seed=seed)
+    task_files = toy_tasks.write_tasks(
+        suite_path.parent,
+        out.with_name(out.name.removesuffix(".zarr") + ".toy-tasks"),
+        n_recall=RECALL_INSTANCES,
+        seed=seed,
+    )
     choice = [read_task(t["path"]) for t in task_files.values() if t["kind"] == "choice"]
     tasks.score_tasks(suite, out, choice, shots=2, seed=seed, progress=progress)
     for task in (t for t in task_files.values() if t["kind"] == "generation"):
-        sampling.run_pass_until(suite, out, task["path"], passes=2, max_samples=RECALL_CAP, batch_size=RECALL_CAP,
-                                seed=seed, progress=progress)
+        sampling.run_pass_until(
+            suite,
+            out,
+            task["path"],
+            passes=2,
+            max_samples=RECALL_CAP,
+            batch_size=RECALL_CAP,
+            seed=seed,
+            progress=progress,
+        )
 
     folder = analyze.default_folder(out)
     report_dir = out.with_name(out.name.removesuffix(".zarr") + ".report")
@@ -70,8 +83,14 @@ def run_demo(preset: str = "default", seed: int = 0, progress: bool = True) -> d
     if not (index.is_file() and _stamp_file(report_dir).is_file() and _stamp_file(report_dir).read_text() == stamp):
         index = report.write_report(out, report_dir, progress=progress)
         _stamp_file(report_dir).write_text(stamp)
-    return {"suite": suite_path, "store": out, "analysis": folder, "analysis_lines": lines,
-            "findings": findings.summary(out), "report": index}
+    return {
+        "suite": suite_path,
+        "store": out,
+        "analysis": folder,
+        "analysis_lines": lines,
+        "findings": findings.summary(out),
+        "report": index,
+    }
 
 
 def _stamp(out: Path) -> str:

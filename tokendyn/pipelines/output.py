@@ -34,8 +34,11 @@ def mark(folder: Path) -> None:
 
 def _siblings(folder: Path, kind: str) -> list[Path]:
     """Leftovers `.NAME.<kind>-PID` of earlier runs that carry the marker (so tokendyn made them)."""
-    return [p for p in folder.parent.glob(f".{folder.name}.{kind}-*")
-            if p.is_dir() and not p.is_symlink() and (p / MARKER).is_file()]
+    return [
+        p
+        for p in folder.parent.glob(f".{folder.name}.{kind}-*")
+        if p.is_dir() and not p.is_symlink() and (p / MARKER).is_file()
+    ]
 
 
 def check(folder: Path) -> None:
@@ -45,8 +48,10 @@ def check(folder: Path) -> None:
     if folder.exists() and not folder.is_dir():
         raise TokendynError(f"output path {folder} is a file, not a folder; choose another --out")
     if folder.is_dir() and any(folder.iterdir()) and not (folder / MARKER).is_file():
-        raise TokendynError(f"output folder {folder} is not empty and was not written by tokendyn (no {MARKER}); "
-                            "choose an empty or new folder with --out")
+        raise TokendynError(
+            f"output folder {folder} is not empty and was not written by tokendyn (no {MARKER}); "
+            "choose an empty or new folder with --out"
+        )
 
 
 def _recover(folder: Path) -> None:

@@ -38,15 +38,19 @@ TEMPLATE = "report.html.j2"
 MAX_ROWS = 60  # rows of a table printed in the page; the CSV has all
 
 
-
 def default_folder(store: Path) -> Path:
     """`path/toy.zarr` -> `path/toy.report`."""
     return store.with_name(store.name.removesuffix(".zarr") + ".report")
 
 
-def write_report(store: str | Path, out_dir: str | Path | None = None, studies: Sequence[str] | None = None,
-                 options: dict[str, dict] | None = None, progress: bool = True,
-                 echo: Callable[[str], None] | None = None) -> Path:
+def write_report(
+    store: str | Path,
+    out_dir: str | Path | None = None,
+    studies: Sequence[str] | None = None,
+    options: dict[str, dict] | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
+) -> Path:
     """Run the studies (all of `STUDIES`, or those named) on the store's main set and write the
     report into out_dir (default: beside the store, `<name>.report`). Returns the path of index.html.
 
@@ -62,8 +66,11 @@ def write_report(store: str | Path, out_dir: str | Path | None = None, studies: 
         sections, skipped = [], []
         for outcome in run_studies(ds, names, options, progress, desc="report"):
             if echo:
-                echo(f"{outcome.name}: skipped ({outcome.skipped})" if outcome.skipped else
-                     f"{outcome.name}: {len(outcome.result.findings)} findings")
+                echo(
+                    f"{outcome.name}: skipped ({outcome.skipped})"
+                    if outcome.skipped
+                    else f"{outcome.name}: {len(outcome.result.findings)} findings"
+                )
                 for note in outcome.notes:
                     echo(f"{outcome.name}: warning: {note}")
             if outcome.result is None:
@@ -78,6 +85,7 @@ def write_report(store: str | Path, out_dir: str | Path | None = None, studies: 
 
 # --- HTML -------------------------------------------------------------------------------------------
 
+
 def _cell(value: object) -> dict:
     """A table cell: its text and whether it is a number (right-aligned)."""
     if isinstance(value, (float, np.floating)):
@@ -90,9 +98,11 @@ def _cell(value: object) -> dict:
 def table_view(table: pd.DataFrame, max_rows: int = MAX_ROWS) -> dict:
     """A DataFrame as the template shows it: column names, at most max_rows rows of cells, and the
     total row count when rows were left out."""
-    return {"columns": [str(c) for c in table.columns],
-            "rows": [[_cell(v) for v in row] for row in table.head(max_rows).itertuples(index=False)],
-            "more": len(table) if len(table) > max_rows else 0}
+    return {
+        "columns": [str(c) for c in table.columns],
+        "rows": [[_cell(v) for v in row] for row in table.head(max_rows).itertuples(index=False)],
+        "more": len(table) if len(table) > max_rows else 0,
+    }
 
 
 def models_table(ds: xr.Dataset) -> pd.DataFrame:
@@ -103,11 +113,15 @@ def models_table(ds: xr.Dataset) -> pd.DataFrame:
         step = np.asarray(ds["step"].values[m], float)
         last = np.flatnonzero(done & np.isfinite(step))
         last = last[np.argmax(step[last])] if len(last) else None
-        rows.append({"model": str(model),
-                     "parameters": int(ds["n_params"].values[m]) if "n_params" in ds.coords else "",
-                     "checkpoints done": f"{int(done.sum())} of {int(np.isfinite(step).sum())}",
-                     "last done step": float(step[last]) if last is not None else np.nan,
-                     "validation perplexity there": float(ds["val_ppl"].values[m, last]) if last is not None else np.nan})
+        rows.append(
+            {
+                "model": str(model),
+                "parameters": int(ds["n_params"].values[m]) if "n_params" in ds.coords else "",
+                "checkpoints done": f"{int(done.sum())} of {int(np.isfinite(step).sum())}",
+                "last done step": float(step[last]) if last is not None else np.nan,
+                "validation perplexity there": float(ds["val_ppl"].values[m, last]) if last is not None else np.nan,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -115,21 +129,39 @@ def section(outcome: Outcome, files: dict[str, Path], folder: Path) -> dict:
     """What the template shows of one study that ran; `files` as written by `save` under folder."""
     result = outcome.result
     png = base64.b64encode(files["png"].read_bytes()).decode("ascii")
-    return {"name": outcome.name, "title": result.title, "image": f"data:image/png;base64,{png}",
-            "findings": result.findings, "notes": outcome.notes,
-            "tables": [(name, table_view(result.tables[name])) for name in result.shown],
-            "files": [(path.name, path.relative_to(folder).as_posix()) for path in files.values()]}
+    return {
+        "name": outcome.name,
+        "title": result.title,
+        "image": f"data:image/png;base64,{png}",
+        "findings": result.findings,
+        "notes": outcome.notes,
+        "tables": [(name, table_view(result.tables[name])) for name in result.shown],
+        "files": [(path.name, path.relative_to(folder).as_posix()) for path in files.values()],
+    }
 
 
 def environment() -> jinja2.Environment:
     """The template environment: templates from the package, autoescape on for every template."""
-    return jinja2.Environment(loader=jinja2.PackageLoader("tokendyn.pipelines", "templates"), autoescape=True,
-                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("tokendyn.pipelines", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
 
 
 def render(store: Path, ds: xr.Dataset, sections: list[dict], skipped: list[Outcome]) -> str:
     """The report page: header, model table, contents, one section per study that ran, the skipped ones."""
-    return environment().get_template(TEMPLATE).render(
-        store=str(store), store_name=store.name, version=tokendyn.__version__,
-        written=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), models=table_view(models_table(ds)),
-        sections=sections, skipped=skipped)
+    return (
+        environment()
+        .get_template(TEMPLATE)
+        .render(
+            store=str(store),
+            store_name=store.name,
+            version=tokendyn.__version__,
+            written=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            models=table_view(models_table(ds)),
+            sections=sections,
+            skipped=skipped,
+        )
+    )

@@ -134,8 +134,11 @@ def _nodes_on_disk(path: Path) -> tuple[dict[str, dict], list[str]]:
 def _groups_with_done(metadata: dict[str, dict]) -> list[str]:
     groups = []
     for node, meta in metadata.items():
-        if meta.get("node_type") == "array" and node.rsplit("/", 1)[-1] == "done" \
-                and tuple(meta.get("dimension_names") or ()) == CHECKPOINT_DIMS:
+        if (
+            meta.get("node_type") == "array"
+            and node.rsplit("/", 1)[-1] == "done"
+            and tuple(meta.get("dimension_names") or ()) == CHECKPOINT_DIMS
+        ):
             groups.append(node.rpartition("/")[0])
     return sorted(groups)
 
@@ -148,22 +151,40 @@ def _check_group(path: Path, group: str, metadata: dict, *, full: bool, sample: 
     done = np.argwhere(np.asarray(zarr.open_array(path / done_node, mode="r")[...], dtype=bool))
     if not len(done):
         return []
-    arrays = [node for node, meta in metadata.items()
-              if node.startswith(prefix) and "/" not in node[len(prefix):] and node != done_node
-              and meta.get("node_type") == "array"
-              and tuple(meta.get("dimension_names") or ())[:2] == CHECKPOINT_DIMS and len(meta["shape"]) > 2]
+    arrays = [
+        node
+        for node, meta in metadata.items()
+        if node.startswith(prefix)
+        and "/" not in node[len(prefix) :]
+        and node != done_node
+        and meta.get("node_type") == "array"
+        and tuple(meta.get("dimension_names") or ())[:2] == CHECKPOINT_DIMS
+        and len(meta["shape"]) > 2
+    ]
     problems = []
     for node in sorted(arrays):
         meta = metadata[node]
         missing = [(int(m), int(c)) for m, c in done if not _chunks_present(path / node, meta, m, c)]
         if missing:
-            problems.append(Problem(done_node, f"{len(missing)} done checkpoint(s) lack chunks of '{node}' on disk "
-                                               f"(e.g. model {missing[0][0]}, ckpt {missing[0][1]})", missing))
+            problems.append(
+                Problem(
+                    done_node,
+                    f"{len(missing)} done checkpoint(s) lack chunks of '{node}' on disk "
+                    f"(e.g. model {missing[0][0]}, ckpt {missing[0][1]})",
+                    missing,
+                )
+            )
         elif (full or sample) and np.dtype(_dtype(meta)).kind == "f" and node in _readable(path, metadata):
             empty = _all_nan(path / node, meta, done, full)
             if empty:
-                problems.append(Problem(done_node, f"{len(empty)} done checkpoint(s) hold no value in '{node}' "
-                                                   f"(e.g. model {empty[0][0]}, ckpt {empty[0][1]})", empty))
+                problems.append(
+                    Problem(
+                        done_node,
+                        f"{len(empty)} done checkpoint(s) hold no value in '{node}' "
+                        f"(e.g. model {empty[0][0]}, ckpt {empty[0][1]})",
+                        empty,
+                    )
+                )
     return problems
 
 

@@ -40,8 +40,24 @@ CHECKPOINT_COORDS = ("step", "tokens_seen", "val_ppl")  # per (model, ckpt) coor
 PER_BYTE_COORDS = ("bits_per_byte", "word_ppl")  # lm-eval's normalised perplexities of the main set, (model, ckpt)
 MAIN_COORDS = ("val_ppl", *PER_BYTE_COORDS, "n_params", "n_params_nonembed", "vocab_text")  # root, attached to sets
 # Every variable and coordinate name of a set (named sets with MAIN_COORDS attached): a field must not take one.
-SET_NAMES = frozenset({"model", "ckpt", "source", "weights_hash", "done", "token_id", "token_doc", "doc", "offset",
-                       "n_context", *TOKEN_DIMS, *CHECKPOINT_COORDS, *MAIN_COORDS, *METRICS})
+SET_NAMES = frozenset(
+    {
+        "model",
+        "ckpt",
+        "source",
+        "weights_hash",
+        "done",
+        "token_id",
+        "token_doc",
+        "doc",
+        "offset",
+        "n_context",
+        *TOKEN_DIMS,
+        *CHECKPOINT_COORDS,
+        *MAIN_COORDS,
+        *METRICS,
+    }
+)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,6 @@ import zarr
 
 from tokendyn.errors import TokendynError
 
-
 # Writers write every chunk, even one holding only fill values, so `tokendyn.store.integrity.verify` can
 # require every chunk of a done checkpoint. Processes that write chunks without holding the lock (the
 # workers of a distributed extraction) must set the same zarr option.
@@ -50,12 +49,15 @@ def writer_lock(store: str | Path) -> Iterator[None]:
         folder.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     except filelock.Timeout:
-        raise TokendynError(f"store {folder} is being written by {_holder(folder)}; wait for that run to finish "
-                            "(or stop it) and rerun") from None
+        raise TokendynError(
+            f"store {folder} is being written by {_holder(folder)}; wait for that run to finish (or stop it) and rerun"
+        ) from None
     except OSError as err:
         if folder.is_dir():
-            raise TokendynError(f"cannot write into store {folder} ({err.strerror}); it is read-only or not yours: "
-                                "copy it somewhere writable to extend it") from None
+            raise TokendynError(
+                f"cannot write into store {folder} ({err.strerror}); it is read-only or not yours: "
+                "copy it somewhere writable to extend it"
+            ) from None
         raise TokendynError(f"cannot write the store at {folder} ({err.strerror}); choose a writable --out") from None
     _HELD.add(key)
     try:

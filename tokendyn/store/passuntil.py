@@ -55,9 +55,11 @@ def prepare_task(out: Path, task, lengths: list[int], params: dict, force: bool)
     if existing is not None and not force:
         if existing != params:
             changed = [f"{k} = {existing.get(k)!r} (now {v!r})" for k, v in params.items() if existing.get(k) != v]
-            raise TokendynError(f"store {out} holds PassUntil runs of task '{task.name}' made with "
-                                f"{'; '.join(changed)}; rerun with the same options, store it under another "
-                                "name (--name), or redo it (--force)")
+            raise TokendynError(
+                f"store {out} holds PassUntil runs of task '{task.name}' made with "
+                f"{'; '.join(changed)}; rerun with the same options, store it under another "
+                "name (--name), or redo it (--force)"
+            )
         return zarr.open_group(out, path=f"{GROUP}/{task.name}", mode="r+", use_consolidated=False)
     template = _template(out, task, lengths, params)
     if not (out / GROUP / "zarr.json").is_file():
@@ -87,23 +89,28 @@ def _template(out: Path, task, lengths: list[int], params: dict) -> xr.Dataset:
     shape = (main.sizes["model"], main.sizes["ckpt"], len(task.prompts))
     dims = ("model", "ckpt", "instance")
     data: dict[str, tuple[tuple[str, ...], np.ndarray]] = {
-        name: (dims, np.full(shape, -1, dtype=np.int64)) for name in COUNTS}
+        name: (dims, np.full(shape, -1, dtype=np.int64)) for name in COUNTS
+    }
     data["seconds"] = (dims, np.full(shape, np.nan))
     data["done"] = (("model", "ckpt"), np.zeros(shape[:2], dtype=bool))
-    coords = {"model": main["model"].values, "ckpt": main["ckpt"].values,
-              "step": (("model", "ckpt"), main["step"].values),
-              "instance": np.arange(shape[2]),
-              "prompt": ("instance", np.asarray(task.prompts, dtype=object)),
-              "answer": ("instance", np.asarray(task.answers, dtype=object)),
-              "new_tokens": ("instance", np.asarray(lengths, dtype=np.int64)),
-              **{k: ("instance", _field_array(v)) for k, v in task.fields.items()}}
+    coords = {
+        "model": main["model"].values,
+        "ckpt": main["ckpt"].values,
+        "step": (("model", "ckpt"), main["step"].values),
+        "instance": np.arange(shape[2]),
+        "prompt": ("instance", np.asarray(task.prompts, dtype=object)),
+        "answer": ("instance", np.asarray(task.answers, dtype=object)),
+        "new_tokens": ("instance", np.asarray(lengths, dtype=np.int64)),
+        **{k: ("instance", _field_array(v)) for k, v in task.fields.items()},
+    }
     return xr.Dataset(data, coords=coords, attrs={"task": task.name, "params": json.dumps(params)})
 
 
 def _write(folder: Path, template: xr.Dataset) -> None:
     n_instance = template.sizes["instance"]
-    encoding: dict[str, dict[str, tuple[int, ...]]] = {name: {"chunks": (1, 1, n_instance)}
-                                                        for name in (*COUNTS, "seconds")}
+    encoding: dict[str, dict[str, tuple[int, ...]]] = {
+        name: {"chunks": (1, 1, n_instance)} for name in (*COUNTS, "seconds")
+    }
     encoding["done"] = {"chunks": (1, 1)}
     template.to_zarr(folder, mode="w-", consolidated=False, encoding=encoding, zarr_format=3)
 
@@ -130,8 +137,10 @@ def read_runs(path: str | Path, task: str) -> xr.Dataset:
     """The PassUntil runs of one task (model, ckpt, instance), loaded, with the main set's checkpoint coordinates."""
     names = list_tasks(path)
     if task not in names:
-        raise TokendynError(f"store {path} has no PassUntil task '{task}'; it has: {', '.join(names) or 'none'} "
-                            "(run tokendyn passuntil first)")
+        raise TokendynError(
+            f"store {path} has no PassUntil task '{task}'; it has: {', '.join(names) or 'none'} "
+            "(run tokendyn passuntil first)"
+        )
     runs = xr.open_zarr(path, group=f"{GROUP}/{task}", consolidated=False)
     main = xr.open_zarr(path)
     runs = runs.assign_coords({k: main[k].variable for k in ATTACHED_COORDS})

@@ -47,8 +47,10 @@ def open_group(path: str | Path, mode: Literal["r", "r+"]) -> zarr.Group:
         raise TokendynError(f"{path} is a Zarr store but not a tokendyn store; pass a store made by `tokendyn extract`")
     version = root.attrs.get("format_version", 1)
     if version != FORMAT_VERSION:
-        raise TokendynError(f"store {path} has format {version}, this tokendyn reads format {FORMAT_VERSION}; "
-                            "rescore with `tokendyn extract SUITE --out NEW.zarr`")
+        raise TokendynError(
+            f"store {path} has format {version}, this tokendyn reads format {FORMAT_VERSION}; "
+            "rescore with `tokendyn extract SUITE --out NEW.zarr`"
+        )
     return root
 
 
@@ -61,5 +63,7 @@ def store_path(ds: xr.Dataset) -> Path | None:
 def read_checkpoint(root: zarr.Group, set_name: str, model: int, ckpt: int, names) -> dict[str, np.ndarray]:
     """The stored values of one checkpoint of one set, per variable name (arrays with dims model, ckpt, ...)."""
     group = root[set_path(set_name)] if set_name != "main" else root
-    return {name: np.asarray(zarr.open_array(group.store, path=f"{group.path}/{name}".lstrip("/"), mode="r")[model, ckpt])
-            for name in names}
+    return {
+        name: np.asarray(zarr.open_array(group.store, path=f"{group.path}/{name}".lstrip("/"), mode="r")[model, ckpt])
+        for name in names
+    }

@@ -29,8 +29,15 @@ from tokendyn.store.layout import FORMAT_VERSION, METRICS, PER_BYTE_COORDS, SETS
 from tokendyn.store.read import list_sets, open_group
 
 
-def prepare(path: Path, layout: Layout, sets: dict[str, ScoredSet], model_coords: dict,
-            vocab_text: np.ndarray, version: str, summaries: dict[str, dict] | None = None) -> zarr.Group:
+def prepare(
+    path: Path,
+    layout: Layout,
+    sets: dict[str, ScoredSet],
+    model_coords: dict,
+    vocab_text: np.ndarray,
+    version: str,
+    summaries: dict[str, dict] | None = None,
+) -> zarr.Group:
     """Create the store, or check that an existing one matches and add any new named sets.
 
     Call with the writer lock held (`tokendyn.store.writer_lock`). Every check runs before anything
@@ -42,8 +49,10 @@ def prepare(path: Path, layout: Layout, sets: dict[str, ScoredSet], model_coords
     summaries = summaries or {}
     for packed in sets.values():
         _check_field_names(packed, layout, model_coords, vocab_text)
-    templates = {name: _set_template(name, packed, layout, model_coords, vocab_text, version, summaries.get(name))
-                 for name, packed in sets.items()}
+    templates = {
+        name: _set_template(name, packed, layout, model_coords, vocab_text, version, summaries.get(name))
+        for name, packed in sets.items()
+    }
     if (path / "zarr.json").is_file() and "tokendyn_version" in _attributes(path):
         open_group(path, mode="r")  # a store of another format: its one-line error
     if not (path / "zarr.json").is_file():
@@ -73,12 +82,21 @@ def _check_field_names(packed: ScoredSet, layout: Layout, model_coords: dict, vo
     taken = {*map(str, bare.variables), *map(str, bare.dims), *METRICS}
     for field in packed.token_fields:
         if field in taken:
-            raise TokendynError(f"set '{packed.name}' has a document field '{field}', which is a name the store "
-                                "uses; rename that field in its files")
+            raise TokendynError(
+                f"set '{packed.name}' has a document field '{field}', which is a name the store "
+                "uses; rename that field in its files"
+            )
 
 
-def _set_template(name: str, packed: ScoredSet, layout: Layout, model_coords: dict, vocab_text: np.ndarray,
-                  version: str, summary: dict | None = None) -> xr.Dataset:
+def _set_template(
+    name: str,
+    packed: ScoredSet,
+    layout: Layout,
+    model_coords: dict,
+    vocab_text: np.ndarray,
+    version: str,
+    summary: dict | None = None,
+) -> xr.Dataset:
     template = _template(packed, layout, model_coords, vocab_text if name == "main" else None)
     template.attrs.update(_set_attrs(packed, summary))
     if name == "main":
@@ -87,8 +105,14 @@ def _set_template(name: str, packed: ScoredSet, layout: Layout, model_coords: di
 
 
 def _write_template(folder: Path, template: xr.Dataset, packed: ScoredSet, layout: Layout) -> None:
-    template.to_zarr(folder, mode="w-", compute=False, consolidated=False,
-                     encoding=_encoding(template, packed, layout), zarr_format=3)
+    template.to_zarr(
+        folder,
+        mode="w-",
+        compute=False,
+        consolidated=False,
+        encoding=_encoding(template, packed, layout),
+        zarr_format=3,
+    )
 
 
 def _missing_nodes(folder: Path, template: xr.Dataset) -> list[str]:
@@ -100,10 +124,15 @@ def _missing_nodes(folder: Path, template: xr.Dataset) -> list[str]:
     missing = [name for name in template.variables if not (folder / str(name) / "zarr.json").is_file()]
     if (folder / "zarr.json").is_file() and "corpus_fingerprint" not in _attributes(folder):
         missing.append("attributes")
-    if missing and (folder / "done" / "zarr.json").is_file() \
-            and np.asarray(zarr.open_array(folder / "done", mode="r")[...]).any():
-        raise TokendynError(f"store {folder} has done checkpoints but lacks {', '.join(missing)}; "
-                            f"run `tokendyn verify` on it and write to a new --out")
+    if (
+        missing
+        and (folder / "done" / "zarr.json").is_file()
+        and np.asarray(zarr.open_array(folder / "done", mode="r")[...]).any()
+    ):
+        raise TokendynError(
+            f"store {folder} has done checkpoints but lacks {', '.join(missing)}; "
+            f"run `tokendyn verify` on it and write to a new --out"
+        )
     return missing
 
 
@@ -131,8 +160,10 @@ def up_to_date(path: Path, layout: Layout, sets: dict[str, ScoredSet]) -> bool:
         if checkpoint_grid(json.loads(root.attrs["suite"])) != checkpoint_grid(layout.suite):
             return False  # the store grows
         present = np.isfinite(np.asarray(root["step"][...]))
-        complete = all(np.asarray(root[set_path(name)]["done"][...] if name != "main" else root["done"][...])[present].all()
-                       for name in sets)
+        complete = all(
+            np.asarray(root[set_path(name)]["done"][...] if name != "main" else root["done"][...])[present].all()
+            for name in sets
+        )
     except KeyError:  # a half-made or damaged store: the writer repairs it
         return False
     return complete and not verify(path, sample=True)
@@ -157,31 +188,46 @@ def _check_compatible(path: Path, root: zarr.Group, layout: Layout, sets: dict[s
         raise TokendynError(f"store {path} was made with a different tokenizer; write to a new --out")
     check_growth(path, json.loads(attrs["suite"]), layout.suite)
     if tuple(attrs["metrics"]) != layout.metrics:
-        raise TokendynError(f"store {path} holds metrics {','.join(attrs['metrics'])}, not "
-                            f"{','.join(layout.metrics)}; pass the same --metrics or write to a new --out")
+        raise TokendynError(
+            f"store {path} holds metrics {','.join(attrs['metrics'])}, not "
+            f"{','.join(layout.metrics)}; pass the same --metrics or write to a new --out"
+        )
     if attrs["store_dtype"] != layout.store_dtype:
-        raise TokendynError(f"store {path} stores {attrs['store_dtype']}, not {layout.store_dtype}; "
-                            "pass the same --store-dtype or write to a new --out")
+        raise TokendynError(
+            f"store {path} stores {attrs['store_dtype']}, not {layout.store_dtype}; "
+            "pass the same --store-dtype or write to a new --out"
+        )
     existing = ["main", *list_sets(path)]
     for name, packed in sets.items():
         if name not in existing:
             continue
         group = root[set_path(name)] if name != "main" else root
         stored = json.loads(group.attrs["protocol"])
-        changed = [f"{key} {stored.get(key)!r} (store) vs {value!r} (now)"
-                   for key, value in packed.params.items() if stored.get(key) != value]
+        changed = [
+            f"{key} {stored.get(key)!r} (store) vs {value!r} (now)"
+            for key, value in packed.params.items()
+            if stored.get(key) != value
+        ]
         what = "evaluation corpus" if name == "main" else f"text for set '{name}'"
         if changed:
-            raise TokendynError(f"store {path} was made from a different {what}: {'; '.join(changed)}; "
-                                "use the store's settings or write to a new --out")
+            raise TokendynError(
+                f"store {path} was made from a different {what}: {'; '.join(changed)}; "
+                "use the store's settings or write to a new --out"
+            )
         if group.attrs["corpus_fingerprint"] != packed.fingerprint:
             raise TokendynError(f"store {path} was made from a different {what}; write to a new --out")
 
 
 def _root_attrs(layout: Layout, version: str) -> dict:
-    return {"tokendyn_version": version, "format_version": FORMAT_VERSION, "suite": json.dumps(layout.suite),
-            "tokenizer_fingerprint": layout.tokenizer_fingerprint, "metrics": list(layout.metrics),
-            "store_dtype": layout.store_dtype, "complete": {}}
+    return {
+        "tokendyn_version": version,
+        "format_version": FORMAT_VERSION,
+        "suite": json.dumps(layout.suite),
+        "tokenizer_fingerprint": layout.tokenizer_fingerprint,
+        "metrics": list(layout.metrics),
+        "store_dtype": layout.store_dtype,
+        "complete": {},
+    }
 
 
 def _set_attrs(packed: ScoredSet, summary: dict | None) -> dict:
@@ -212,14 +258,16 @@ def _template(packed: ScoredSet, layout: Layout, model_coords: dict, vocab_text:
         **{k: ("token", v) for k, v in packed.token_fields.items()},
     }
     if vocab_text is not None:
-        coords.update({
-            "val_ppl": (("model", "ckpt"), np.full((n_model, n_ckpt), np.nan)),
-            **{k: (("model", "ckpt"), np.full((n_model, n_ckpt), np.nan)) for k in PER_BYTE_COORDS},
-            "weights_hash": (("model", "ckpt"), np.full((n_model, n_ckpt), "", dtype=object)),
-            "n_params": ("model", model_coords["n_params"]),
-            "n_params_nonembed": ("model", model_coords["n_params_nonembed"]),
-            "vocab_text": ("vocab", vocab_text),
-        })
+        coords.update(
+            {
+                "val_ppl": (("model", "ckpt"), np.full((n_model, n_ckpt), np.nan)),
+                **{k: (("model", "ckpt"), np.full((n_model, n_ckpt), np.nan)) for k in PER_BYTE_COORDS},
+                "weights_hash": (("model", "ckpt"), np.full((n_model, n_ckpt), "", dtype=object)),
+                "n_params": ("model", model_coords["n_params"]),
+                "n_params_nonembed": ("model", model_coords["n_params_nonembed"]),
+                "vocab_text": ("vocab", vocab_text),
+            }
+        )
     ds = xr.Dataset(data, coords=coords)
     ds["loss"].attrs.update(units="nats", long_name="negative log-likelihood of the token given its left context")
     ds["offset"].attrs.update(long_name="index of the token among its document's tokens")
@@ -245,12 +293,13 @@ def _encoding(ds: xr.Dataset, packed: ScoredSet, layout: Layout) -> dict:
     return enc
 
 
-def write_block(root: zarr.Group, set_name: str, model: int, ckpt: int, token_start: int,
-                values: dict[str, np.ndarray]) -> None:
+def write_block(
+    root: zarr.Group, set_name: str, model: int, ckpt: int, token_start: int, values: dict[str, np.ndarray]
+) -> None:
     """Write one block of tokens (a whole number of chunks, or the tail) of one checkpoint."""
     group = root[set_path(set_name)] if set_name != "main" else root
     for metric, block in values.items():
-        group[metric][model, ckpt, token_start: token_start + len(block)] = block
+        group[metric][model, ckpt, token_start : token_start + len(block)] = block
 
 
 def is_done(root: zarr.Group, set_name: str, model: int, ckpt: int) -> bool:
@@ -279,8 +328,9 @@ def consolidate(root: zarr.Group) -> None:
         zarr.consolidate_metadata(root.store)
 
 
-def write_checkpoint_coords(root: zarr.Group, model: int, ckpt: int, val_ppl: float, weights_hash: str,
-                            per_byte: dict[str, float] | None = None) -> None:
+def write_checkpoint_coords(
+    root: zarr.Group, model: int, ckpt: int, val_ppl: float, weights_hash: str, per_byte: dict[str, float] | None = None
+) -> None:
     """The checkpoint's main-set perplexities (val_ppl and `PER_BYTE_COORDS`) and its weights' hash."""
     root["val_ppl"][model, ckpt] = val_ppl
     root["weights_hash"][model, ckpt] = weights_hash
@@ -324,17 +374,27 @@ def check_growth(path: Path, stored: dict, suite: dict) -> None:
     new_names = [name for name, _ in new]
     for index, (name, steps) in enumerate(old):
         if index >= len(new) or new[index][0] != name:
-            where = (f"is missing from the suite" if name not in new_names
-                     else f"is model #{new_names.index(name) + 1} in the suite, #{index + 1} in the store")
-            raise TokendynError(f"store {path} holds model '{name}', which {where}; keep the stored models first "
-                                "and in order (a store grows by models added at the end), or write to a new --out")
+            where = (
+                "is missing from the suite"
+                if name not in new_names
+                else f"is model #{new_names.index(name) + 1} in the suite, #{index + 1} in the store"
+            )
+            raise TokendynError(
+                f"store {path} holds model '{name}', which {where}; keep the stored models first "
+                "and in order (a store grows by models added at the end), or write to a new --out"
+            )
         now = new[index][1]
         if now[: len(steps)] != steps:
             lost = [step for step in steps if step not in now]
-            problem = (f"lacks stored step {lost[0]}" if lost else
-                       f"has step {next(s for s in now if s not in steps)} before the last stored step {steps[-1]}")
-            raise TokendynError(f"store {path}: the suite's model '{name}' {problem}; a store grows only by "
-                                "checkpoints after its last stored step; write to a new --out")
+            problem = (
+                f"lacks stored step {lost[0]}"
+                if lost
+                else f"has step {next(s for s in now if s not in steps)} before the last stored step {steps[-1]}"
+            )
+            raise TokendynError(
+                f"store {path}: the suite's model '{name}' {problem}; a store grows only by "
+                "checkpoints after its last stored step; write to a new --out"
+            )
 
 
 def grow(root: zarr.Group, suite: dict, model_coords: dict) -> None:

@@ -12,8 +12,20 @@ store lacks its data. `tokendyn analyze` writes the results, `tokendyn report` r
 
 from collections.abc import Callable
 
-from tokendyn.studies import (agreement, clusters, curve_measures, double_descent, downstream, pair_preference,
-                              passuntil, perplexity, sequence_perplexity, skills, subset_curves, trend_categories)
+from tokendyn.studies import (
+    agreement,
+    clusters,
+    curve_measures,
+    double_descent,
+    downstream,
+    pair_preference,
+    passuntil,
+    perplexity,
+    sequence_perplexity,
+    skills,
+    subset_curves,
+    trend_categories,
+)
 from tokendyn.studies.study import Result
 
 STUDIES: dict[str, Callable[..., Result]] = {

@@ -7,17 +7,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tokendyn.analysis.trajectories import agreement
+from tokendyn.errors import TokendynError
 from tokendyn.studies.study import Result, Skip, default_of, open_source, require
 from tokendyn.studies.style import category_colors, new_figure
-from tokendyn.errors import TokendynError
-from tokendyn.analysis.trajectories import agreement
 
 TITLE = "Cross-size agreement of per-token loss drops"
 AXIS_NAMES = {"val_ppl": "matched validation perplexity", "step": "matched step", "tokens_seen": "matched tokens seen"}
 
 
-def run(source, levels: Sequence[float] | None = default_of(agreement, "levels"),
-        top: float = default_of(agreement, "top")) -> Result:
+def run(
+    source, levels: Sequence[float] | None = default_of(agreement, "levels"), top: float = default_of(agreement, "top")
+) -> Result:
     """Spearman correlation and top-`top` Jaccard overlap of every model pair's per-token loss drops
     between two validation perplexities (default: 10% and 90% of the way through the common range),
     and the same at the matched steps and tokens seen; see `tokendyn.analysis.trajectories.agreement`."""
@@ -37,12 +38,15 @@ def run(source, levels: Sequence[float] | None = default_of(agreement, "levels")
     fig, panels = new_figure(2, ncols=2)
     width = 0.8 / len(axes)
     x = np.arange(len(pairs))
-    for ax, metric, label in ((panels[0], "spearman", "Spearman's ρ of the drops"),
-                              (panels[1], "jaccard", f"Jaccard overlap, top {top:g}")):
+    for ax, metric, label in (
+        (panels[0], "spearman", "Spearman's ρ of the drops"),
+        (panels[1], "jaccard", f"Jaccard overlap, top {top:g}"),
+    ):
         for i, axis in enumerate(axes):
             rows = table[table.axis == axis].set_index("pair").loc[pairs]
-            ax.bar(x + (i - (len(axes) - 1) / 2) * width, rows[metric], width, color=colors[axis],
-                   label=AXIS_NAMES[axis])
+            ax.bar(
+                x + (i - (len(axes) - 1) / 2) * width, rows[metric], width, color=colors[axis], label=AXIS_NAMES[axis]
+            )
             if metric == "jaccard" and i == 0:
                 ax.plot(x, rows["jaccard_chance"], "k_", ms=18, mew=2, label="chance (independent choices)")
         ax.set_xticks(x, pairs, rotation=20 if len(pairs) > 3 else 0, fontsize="small")
@@ -51,20 +55,31 @@ def run(source, levels: Sequence[float] | None = default_of(agreement, "levels")
         ax.set_ylim(min(0, float(np.nanmin(table[metric])) - 0.05), 1.05)
         ax.axhline(0, color="black", lw=0.6)
         ax.grid(axis="y", alpha=0.3)
-    fig.legend(*panels[1].get_legend_handles_labels(), loc="outside lower center", ncols=len(axes) + 1,
-               fontsize="small")
+    fig.legend(
+        *panels[1].get_legend_handles_labels(), loc="outside lower center", ncols=len(axes) + 1, fontsize="small"
+    )
     ppl = table[table.axis == "val_ppl"].iloc[0]
-    fig.suptitle(f"{TITLE}\n(loss drop from validation perplexity {ppl.from_level:.3g} to {ppl.to_level:.3g}, "
-                 "or between the steps / tokens where the models reach them on average)", fontsize="medium")
+    fig.suptitle(
+        f"{TITLE}\n(loss drop from validation perplexity {ppl.from_level:.3g} to {ppl.to_level:.3g}, "
+        "or between the steps / tokens where the models reach them on average)",
+        fontsize="medium",
+    )
 
     means = table.groupby("axis", sort=False)[["spearman", "jaccard", "jaccard_chance"]].mean()
-    findings = ["Mean over model pairs, Spearman / top-k Jaccard (chance): " + "; ".join(
-        f"{AXIS_NAMES[a]} {r.spearman:.2f} / {r.jaccard:.2f} ({r.jaccard_chance:.2f})" for a, r in means.iterrows()) + "."]
+    findings = [
+        "Mean over model pairs, Spearman / top-k Jaccard (chance): "
+        + "; ".join(
+            f"{AXIS_NAMES[a]} {r.spearman:.2f} / {r.jaccard:.2f} ({r.jaccard_chance:.2f})" for a, r in means.iterrows()
+        )
+        + "."
+    ]
     if "step" in means.index:
         higher = means.loc["val_ppl", "spearman"] > means.loc["step", "spearman"]
         findings.append(
             "Paper: a similar subset of tokens sees the largest loss drop at a given perplexity; measured here, the "
             "drops agree " + ("more" if higher else "no more") + " at matched perplexity than at matched step "
             f"(Spearman {means.loc['val_ppl', 'spearman']:.2f} vs {means.loc['step', 'spearman']:.2f}), so the claim "
-            + ("reproduces" if higher else "does not reproduce") + ".")
+            + ("reproduces" if higher else "does not reproduce")
+            + "."
+        )
     return Result(TITLE, {"agreement": table.drop(columns="pair")}, fig, findings)

@@ -6,22 +6,26 @@ from __future__ import annotations
 
 import numpy as np
 
+from tokendyn.analysis.clusters import cluster, detector_agreement
+from tokendyn.analysis.tokens import show_whitespace
+from tokendyn.errors import TokendynError
 from tokendyn.studies.findings import direction, listing
 from tokendyn.studies.study import Result, Skip, default_of, models_by_size, open_source, require
 from tokendyn.studies.style import category_colors, new_figure, perplexity_axis
-from tokendyn.analysis.clusters import detector_agreement
-from tokendyn.analysis.tokens import show_whitespace
-from tokendyn.errors import TokendynError
-from tokendyn.analysis.clusters import cluster
 
 GRIDS = {"perplexity": "the matched-perplexity grid", "checkpoints": "the checkpoints"}
 TITLE = "Clusters of token loss trajectories"
 MIN_CHANGE = 2.0  # percentage points across sizes before a share's trend with size is worth a sentence
 
 
-def run(source, n_clusters: int | str = default_of(cluster, "n_clusters"), method: str = default_of(cluster, "method"),
-        n_levels: int = default_of(cluster, "n_levels"), top: int = default_of(cluster, "top"),
-        seed: int = default_of(cluster, "random_state")) -> Result:
+def run(
+    source,
+    n_clusters: int | str = default_of(cluster, "n_clusters"),
+    method: str = default_of(cluster, "method"),
+    n_levels: int = default_of(cluster, "n_levels"),
+    top: int = default_of(cluster, "top"),
+    seed: int = default_of(cluster, "random_state"),
+) -> Result:
     """Cluster every (model, token) trajectory on the matched-perplexity grid of the trained part
     (one model: over its checkpoints after step 0); see `tokendyn.analysis.clusters.cluster` for
     n_clusters ("shapes": one cluster per shape found), method and n_levels. top: tokens listed per
@@ -30,8 +34,7 @@ def run(source, n_clusters: int | str = default_of(cluster, "n_clusters"), metho
     require(ds, "loss", "step", "val_ppl")
     on = "perplexity" if ds.sizes["model"] > 1 else "checkpoints"
     try:
-        result = ds.tokendyn.cluster(n_clusters, on=on, method=method, n_levels=n_levels, top=top,
-                                     random_state=seed)
+        result = ds.tokendyn.cluster(n_clusters, on=on, method=method, n_levels=n_levels, top=top, random_state=seed)
     except TokendynError as err:
         raise Skip(str(err)) from err
     models = models_by_size(ds)
@@ -46,8 +49,9 @@ def run(source, n_clusters: int | str = default_of(cluster, "n_clusters"), metho
     fig, (curves, bars) = new_figure(2, ncols=2)
     grid = result.centroids["point"].values
     for k, name in enumerate(names):
-        curves.plot(grid, result.centroids.values[k], "o-", ms=3, color=colors[name],
-                    label=f"{name} ({overall[name]:.0f}%)")
+        curves.plot(
+            grid, result.centroids.values[k], "o-", ms=3, color=colors[name], label=f"{name} ({overall[name]:.0f}%)"
+        )
     if on == "perplexity":
         perplexity_axis(curves, "matched validation perplexity (log scale, training →)")
     else:
@@ -66,38 +70,60 @@ def run(source, n_clusters: int | str = default_of(cluster, "n_clusters"), metho
     bars.invert_yaxis()
     bars.set_xlabel("% of the model's tokens")
     bars.set_title("share of each cluster per model", fontsize="medium")
-    fig.legend(*curves.get_legend_handles_labels(), title="cluster (mean share)", loc="outside right upper",
-               fontsize="small")
+    fig.legend(
+        *curves.get_legend_handles_labels(), title="cluster (mean share)", loc="outside right upper", fontsize="small"
+    )
     fig.suptitle(TITLE)
 
     chosen = f"chosen by {result.criterion}" if result.scores or n_clusters == "shapes" else "given"
-    findings = [f"{len(names)} clusters ({chosen}) of the trajectories on {GRIDS[on]}; "
-                f"stability across seeds (adjusted Rand index) {result.stability:.2f}.",
-                "Mean share over models: " + listing(overall.items(), "{:.1f}%") + "."]
+    findings = [
+        f"{len(names)} clusters ({chosen}) of the trajectories on {GRIDS[on]}; "
+        f"stability across seeds (adjusted Rand index) {result.stability:.2f}.",
+        "Mean share over models: " + listing(overall.items(), "{:.1f}%") + ".",
+    ]
     if len(models) > 1:
         for name in names:
             values = shares[shares.cluster == name].set_index("model").loc[models, "percent"].to_numpy()
             trend = direction(values, threshold=0.9)
             if trend and np.ptp(values) >= MIN_CHANGE:
-                findings.append(f"The share of '{name}' {'grows' if trend > 0 else 'shrinks'} with model size "
-                                f"({listing(zip(models, values), '{:.1f}%')}).")
+                findings.append(
+                    f"The share of '{name}' {'grows' if trend > 0 else 'shrinks'} with model size "
+                    f"({listing(zip(models, values), '{:.1f}%')})."
+                )
         stagnant = [n for n in names if n.startswith("stagnating")]
         if stagnant:
             values = shares[shares.cluster == stagnant[0]].set_index("model").loc[models, "percent"].to_numpy()
             grows = direction(values) > 0
-            findings.append("Paper: more tokens stagnate in larger models; the stagnating cluster " +
-                            ("grows with size, so this reproduces." if grows else
-                             "does not grow with size, so this does not reproduce."))
+            findings.append(
+                "Paper: more tokens stagnate in larger models; the stagnating cluster "
+                + (
+                    "grows with size, so this reproduces."
+                    if grows
+                    else "does not grow with size, so this does not reproduce."
+                )
+            )
     agreement = detector_agreement(ds, result)
     for name, rows in agreement.groupby("cluster", sort=False):
-        findings.append(f"Cluster '{name}' against the per-token detector '{rows['detector'].iloc[0]}': precision "
-                        + listing(zip(rows["model"], rows["precision"]), "{:.2f}") + "; recall "
-                        + listing(zip(rows["model"], rows["recall"]), "{:.2f}") + " (chance precision "
-                        + listing(zip(rows["model"], rows["base_rate"]), "{:.2f}") + ").")
+        findings.append(
+            f"Cluster '{name}' against the per-token detector '{rows['detector'].iloc[0]}': precision "
+            + listing(zip(rows["model"], rows["precision"]), "{:.2f}")
+            + "; recall "
+            + listing(zip(rows["model"], rows["recall"]), "{:.2f}")
+            + " (chance precision "
+            + listing(zip(rows["model"], rows["base_rate"]), "{:.2f}")
+            + ")."
+        )
     missing = [s for s in ("stagnating", "rising", "double descent") if s not in names]
     if missing:
         findings.append(f"No cluster has the shape {', '.join(missing)} on these features.")
-    tokens = result.top_tokens.assign(name=lambda t: t["name"].astype(str), text=lambda t: t["text"].map(show_whitespace))
-    return Result(TITLE, {"clusters": shares, "cluster_centroids": centroids, "cluster_tokens": tokens,
-                          "cluster_agreement": agreement}, fig, findings, shown=["cluster_tokens"],
-                  labels={"clusters": result.labels.rename("cluster")})
+    tokens = result.top_tokens.assign(
+        name=lambda t: t["name"].astype(str), text=lambda t: t["text"].map(show_whitespace)
+    )
+    return Result(
+        TITLE,
+        {"clusters": shares, "cluster_centroids": centroids, "cluster_tokens": tokens, "cluster_agreement": agreement},
+        fig,
+        findings,
+        shown=["cluster_tokens"],
+        labels={"clusters": result.labels.rename("cluster")},
+    )

@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from tokendyn.analysis.curves import RHO1_CLASSES, curve_measures, rho1_classes
+from tokendyn.analysis.labels import label_share
 from tokendyn.studies.findings import WORDS, direction, listing
 from tokendyn.studies.study import Result, default_of, models_by_size, open_source, require
 from tokendyn.studies.style import model_colors, model_legend, new_figure
-from tokendyn.analysis.curves import RHO1_CLASSES, curve_measures, rho1_classes
-from tokendyn.analysis.labels import label_share
 
 TITLE = "Per-token learning-curve measures (Chang et al.)"
 MEASURES = {
@@ -31,13 +31,20 @@ def histograms(values: dict[str, np.ndarray], bins: int) -> pd.DataFrame:
     for model, v in values.items():
         counts, _ = np.histogram(v[np.isfinite(v)], edges)
         total = max(int(np.isfinite(v).sum()), 1)
-        rows += [{"model": model, "bin_left": lo, "bin_right": hi, "count": int(c), "percent": 100 * c / total}
-                 for lo, hi, c in zip(edges[:-1], edges[1:], counts)]
+        rows += [
+            {"model": model, "bin_left": lo, "bin_right": hi, "count": int(c), "percent": 100 * c / total}
+            for lo, hi, c in zip(edges[:-1], edges[1:], counts)
+        ]
     return pd.DataFrame(rows)
 
 
-def run(source, last: int = default_of(curve_measures, "last"), chance: float | None = default_of(curve_measures, "chance"),
-        window: int = default_of(curve_measures, "window"), bins: int = 30) -> Result:
+def run(
+    source,
+    last: int = default_of(curve_measures, "last"),
+    chance: float | None = default_of(curve_measures, "chance"),
+    window: int = default_of(curve_measures, "window"),
+    bins: int = 30,
+) -> Result:
     """Final loss, variability, age of acquisition and forgettability of every token in every model
     (see `tokendyn.analysis.curves.curve_measures` for last, chance and window), as histograms with `bins`
     bins shared by the models; Rho-1 class shares beside Rho-1's reference."""
@@ -56,9 +63,16 @@ def run(source, last: int = default_of(curve_measures, "last"), chance: float | 
             hist.append(histograms(per_model, bins).assign(measure=measure))
         for m, v in per_model.items():
             tokens = valid[names.index(m)].ravel()
-            summary.append({"model": m, "measure": measure, "median": np.nanmedian(v) if np.isfinite(v).any() else np.nan,
-                            "mean": np.nanmean(v) if np.isfinite(v).any() else np.nan,
-                            "n_tokens": int(np.isfinite(v).sum()), "n_undefined": int((tokens & ~np.isfinite(v)).sum())})
+            summary.append(
+                {
+                    "model": m,
+                    "measure": measure,
+                    "median": np.nanmedian(v) if np.isfinite(v).any() else np.nan,
+                    "mean": np.nanmean(v) if np.isfinite(v).any() else np.nan,
+                    "n_tokens": int(np.isfinite(v).sum()),
+                    "n_undefined": int((tokens & ~np.isfinite(v)).sum()),
+                }
+            )
     hist = pd.concat(hist)[["measure", "model", "bin_left", "bin_right", "count", "percent"]]
     summary = pd.DataFrame(summary)
     classes = rho1_classes(ds)
@@ -70,8 +84,13 @@ def run(source, last: int = default_of(curve_measures, "last"), chance: float | 
         rows = hist[hist.measure == measure]
         for model in models:
             r = rows[rows.model == model]
-            ax.stairs(r["percent"], np.append(r["bin_left"].values, r["bin_right"].values[-1:]), color=colors[model],
-                      lw=1.5, label=model)
+            ax.stairs(
+                r["percent"],
+                np.append(r["bin_left"].values, r["bin_right"].values[-1:]),
+                color=colors[model],
+                lw=1.5,
+                label=model,
+            )
         ax.set_xlabel(label)
         ax.set_ylabel("% of tokens")
         ax.set_title(label.split(" (")[0], fontsize="medium")
@@ -86,13 +105,28 @@ def run(source, last: int = default_of(curve_measures, "last"), chance: float | 
         trend = f"; it {WORDS[direction(values)]} with model size" if len(models) > 1 else ""
         findings.append(f"Median {label.split(' (')[0]}: {listing(zip(models, values))}{trend}.")
     undefined = summary[summary.measure == "age_of_acquisition"].set_index("model")
-    findings.append("Tokens without an age of acquisition (never below chance, rising, or crossing halfway outside "
-                    "the checkpoints): " + listing(((m, 100 * undefined.loc[m, "n_undefined"] /
-                                                     max(valid[names.index(m)].sum(), 1)) for m in models), "{:.0f}%") + ".")
+    findings.append(
+        "Tokens without an age of acquisition (never below chance, rising, or crossing halfway outside "
+        "the checkpoints): "
+        + listing(
+            ((m, 100 * undefined.loc[m, "n_undefined"] / max(valid[names.index(m)].sum(), 1)) for m in models),
+            "{:.0f}%",
+        )
+        + "."
+    )
     shares = rho.set_index(["model", "class"])["percent"]
-    findings.append("Rho-1 classes H->H / L->H / H->L / L->L between the first and last checkpoint (threshold: "
-                    "median loss): " + "; ".join(f"{m} " + " / ".join(f"{shares[(m, c)]:.0f}" for c in RHO1_CLASSES)
-                                                  for m in models) +
-                    " % (Rho-1's reference: " + " / ".join(str(v) for v in RHO1_REFERENCE.values()) + ").")
-    return Result(TITLE, {"curve_histograms": hist, "curve_summary": summary, "rho1": rho}, fig, findings,
-                  labels={"curves": every.astype(np.float32), "rho1": classes.rename("rho1")})
+    findings.append(
+        "Rho-1 classes H->H / L->H / H->L / L->L between the first and last checkpoint (threshold: "
+        "median loss): "
+        + "; ".join(f"{m} " + " / ".join(f"{shares[(m, c)]:.0f}" for c in RHO1_CLASSES) for m in models)
+        + " % (Rho-1's reference: "
+        + " / ".join(str(v) for v in RHO1_REFERENCE.values())
+        + ")."
+    )
+    return Result(
+        TITLE,
+        {"curve_histograms": hist, "curve_summary": summary, "rho1": rho},
+        fig,
+        findings,
+        labels={"curves": every.astype(np.float32), "rho1": classes.rename("rho1")},
+    )

@@ -13,12 +13,17 @@ import pandas as pd
 import xarray as xr
 
 from tokendyn.analysis.tokens import show_whitespace
-from tokendyn.analysis.trajectories import (done_checkpoints, double_descent, load_small, model_index, token_loss,
-                                           token_share)
+from tokendyn.analysis.trajectories import (
+    done_checkpoints,
+    double_descent,
+    load_small,
+    model_index,
+    token_loss,
+    token_share,
+)
 from tokendyn.store import TOKEN_DIMS
 from tokendyn.studies.findings import direction, listing, verdict
-from tokendyn.studies.study import (Result, Skip, context, default_of, models_by_size, open_source, require,
-                                     token_texts)
+from tokendyn.studies.study import Result, Skip, context, default_of, models_by_size, open_source, require, token_texts
 from tokendyn.studies.style import envelope, model_colors, model_legend, new_figure, perplexity_axis, plain
 
 TITLE = "Per-token double descent"
@@ -45,14 +50,28 @@ def examples(ds: xr.Dataset, flags: xr.DataArray, model: str, n: int, width: int
     order = np.argsort(-score, kind="stable")
     best_of_each_id = order[np.sort(np.unique(ids[order], return_index=True)[1])]
     chosen = np.concatenate([best_of_each_id, order[~np.isin(order, best_of_each_id)]])[:n]
-    return pd.DataFrame({"model": model, "token_index": token[chosen], "doc": ds["doc"].values[token[chosen]],
-                         "offset": ds["offset"].values[token[chosen]], "token_id": ids[chosen],
-                         "token": [show_whitespace(t) for t in token_texts(ds, ids[chosen])], "rise_nats": score[chosen],
-                         "context": [context(ds, int(t), width) for t in token[chosen]]})
+    return pd.DataFrame(
+        {
+            "model": model,
+            "token_index": token[chosen],
+            "doc": ds["doc"].values[token[chosen]],
+            "offset": ds["offset"].values[token[chosen]],
+            "token_id": ids[chosen],
+            "token": [show_whitespace(t) for t in token_texts(ds, ids[chosen])],
+            "rise_nats": score[chosen],
+            "context": [context(ds, int(t), width) for t in token[chosen]],
+        }
+    )
 
 
-def run(source, tol: float = default_of(double_descent, "tol"), window: int = default_of(double_descent, "window"),
-        n_examples: int = 6, width: int = 12, seed: int = 0) -> Result:
+def run(
+    source,
+    tol: float = default_of(double_descent, "tol"),
+    window: int = default_of(double_descent, "window"),
+    n_examples: int = 6,
+    width: int = 12,
+    seed: int = 0,
+) -> Result:
     """Share of tokens with double descent per model (see `tokendyn.analysis.trajectories.double_descent` for
     tol, in nats, and window, in checkpoints) and n_examples tokens of the largest model that has
     any, drawn against validation perplexity in every model, with `width` tokens of left context."""
@@ -62,17 +81,26 @@ def run(source, tol: float = default_of(double_descent, "tol"), window: int = de
     percent = token_share(ds, flags)
     models = models_by_size(ds)
     colors = model_colors(ds)
-    shares = pd.DataFrame({"model": [str(m) for m in percent["model"].values], "percent": percent.values,
-                           "n_tokens": flags.sum(list(TOKEN_DIMS)).values})
+    shares = pd.DataFrame(
+        {
+            "model": [str(m) for m in percent["model"].values],
+            "percent": percent.values,
+            "n_tokens": flags.sum(list(TOKEN_DIMS)).values,
+        }
+    )
     shares = shares.set_index("model").loc[models].reset_index()
     n_done = {m: len(done_checkpoints(ds, m)) for m in models}
     testable = [m for m in models if n_done[m] >= MIN_CHECKPOINTS]
     if not testable:
-        raise Skip(f"not testable here (needs >= {MIN_CHECKPOINTS} done checkpoints in a model; the models have "
-                   f"{', '.join(str(n) for n in n_done.values())})")
+        raise Skip(
+            f"not testable here (needs >= {MIN_CHECKPOINTS} done checkpoints in a model; the models have "
+            f"{', '.join(str(n) for n in n_done.values())})"
+        )
     with_any = [m for m in models if shares.set_index("model").loc[m, "n_tokens"] > 0]
-    findings = [f"Tokens that fall, rise and fall again by at least {tol} nats ({window}-checkpoint moving average): "
-                f"{listing(zip(shares.model, shares.percent), '{:.2f}%')}."]
+    findings = [
+        f"Tokens that fall, rise and fall again by at least {tol} nats ({window}-checkpoint moving average): "
+        f"{listing(zip(shares.model, shares.percent), '{:.2f}%')}."
+    ]
     tables = {"double_descent_share": shares}
     if not with_any:
         fig, (ax,) = new_figure(1)
@@ -90,8 +118,14 @@ def run(source, tol: float = default_of(double_descent, "tol"), window: int = de
             m = model_index(ds, model)
             idx = done_checkpoints(ds, m)
             idx = idx[envelope(ds["val_ppl"].values[m, idx])]
-            ax.plot(ds["val_ppl"].values[m, idx], loss.isel(model=m, ckpt=idx, token=row.token_index).values,
-                    "o-", ms=3, lw=2.2 if model == chosen else 1, color=colors[model])
+            ax.plot(
+                ds["val_ppl"].values[m, idx],
+                loss.isel(model=m, ckpt=idx, token=row.token_index).values,
+                "o-",
+                ms=3,
+                lw=2.2 if model == chosen else 1,
+                color=colors[model],
+            )
         perplexity_axis(ax)
         ax.set_ylabel("token loss (nats)")
         ax.set_title(plain(row.context, 34), fontsize="small")
@@ -105,10 +139,13 @@ def run(source, tol: float = default_of(double_descent, "tol"), window: int = de
     if len(models) > 1:
         values = shares.set_index("model").loc[testable, "percent"].to_numpy()
         holds = [direction(values) == 1] if len(testable) >= 2 else [None]
-        findings.append("Paper: double descent is a larger-model phenomenon, so the share grows with model size; "
-                        f"here this {verdict(holds, f'>= 2 models with >= {MIN_CHECKPOINTS} checkpoints')} "
-                        f"({listing(zip(testable, values), '{:.2f}%')}).")
-    findings.append(f"Examples: the {len(table)} flagged tokens of {chosen} with the largest rise (one per token "
-                    f"where possible), up to {table['rise_nats'].max():.2f} nats.")
-    return Result(TITLE, tables, fig, findings, shown=["double_descent_examples"],
-                  labels={"double_descent": flags})
+        findings.append(
+            "Paper: double descent is a larger-model phenomenon, so the share grows with model size; "
+            f"here this {verdict(holds, f'>= 2 models with >= {MIN_CHECKPOINTS} checkpoints')} "
+            f"({listing(zip(testable, values), '{:.2f}%')})."
+        )
+    findings.append(
+        f"Examples: the {len(table)} flagged tokens of {chosen} with the largest rise (one per token "
+        f"where possible), up to {table['rise_nats'].max():.2f} nats."
+    )
+    return Result(TITLE, tables, fig, findings, shown=["double_descent_examples"], labels={"double_descent": flags})

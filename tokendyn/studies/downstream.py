@@ -13,8 +13,11 @@ from tokendyn.studies.study import Result, Skip, default_of, main_set_path, mode
 from tokendyn.studies.style import model_colors, model_legend, new_figure
 
 TITLE = "Task performance against validation loss"
-LABELS = {"accuracy": "accuracy ({convention})", "correct_prob": "correct-option probability",
-          "brier": "Brier score (lower is better)"}
+LABELS = {
+    "accuracy": "accuracy ({convention})",
+    "correct_prob": "correct-option probability",
+    "brier": "Brier score (lower is better)",
+}
 COLLAPSE = ("unexplained_loss", "unexplained_compute", "unexplained_step", "ratio_compute", "ratio_step")
 
 
@@ -31,17 +34,31 @@ def emergence_table(path, scores) -> tuple[pd.DataFrame, dict, list[str]]:
                 continue
             results[str(task), metric] = result
             fit = result.fit
-            rows.append({"task": str(task), "metric": metric, "convention": scores.attrs["convention"],
-                         "leaves_random": result.leaves_random,
-                         **{k: getattr(fit, k) if fit else np.nan for k in ("eta", "eta_low", "eta_high", "baseline",
-                                                                           "slope", "r2")},
-                         "spearman": result.spearman, "spearman_p": result.spearman_p,
-                         **{k: getattr(result.collapse, k) for k in COLLAPSE}, "n_points": result.n_points})
+            rows.append(
+                {
+                    "task": str(task),
+                    "metric": metric,
+                    "convention": scores.attrs["convention"],
+                    "leaves_random": result.leaves_random,
+                    **{
+                        k: getattr(fit, k) if fit else np.nan
+                        for k in ("eta", "eta_low", "eta_high", "baseline", "slope", "r2")
+                    },
+                    "spearman": result.spearman,
+                    "spearman_p": result.spearman_p,
+                    **{k: getattr(result.collapse, k) for k in COLLAPSE},
+                    "n_points": result.n_points,
+                }
+            )
     return pd.DataFrame(rows), results, failed
 
 
-def run(source, metric: str = "accuracy", max_panels: int = 8,
-        convention: str = default_of(downstream.task_scores, "convention")) -> Result:
+def run(
+    source,
+    metric: str = "accuracy",
+    max_panels: int = 8,
+    convention: str = default_of(downstream.task_scores, "convention"),
+) -> Result:
     """`metric` ("accuracy", "correct_prob" or "brier") of every task, model and checkpoint against
     the checkpoint's validation loss log(val_ppl), with the segmented fit of `tokendyn.analysis.emergence`
     where a task leaves random; at most `max_panels` tasks are drawn (the tables hold all). convention:
@@ -62,8 +79,19 @@ def run(source, metric: str = "accuracy", max_panels: int = 8,
     table = scores.reset_coords().to_dataframe().reset_index().dropna(subset=[metric])
     table["loss"] = np.log(table["val_ppl"])
     table["convention"] = convention
-    columns = ["task", "model", "ckpt", "step", "tokens_seen", "val_ppl", "loss", *downstream.METRICS, "convention",
-               "n_items", "n_options"]
+    columns = [
+        "task",
+        "model",
+        "ckpt",
+        "step",
+        "tokens_seen",
+        "val_ppl",
+        "loss",
+        *downstream.METRICS,
+        "convention",
+        "n_items",
+        "n_options",
+    ]
     table = table[[c for c in columns if c in table.columns]]
 
     tasks = list(fits["task"])[:max_panels]
@@ -87,27 +115,36 @@ def run(source, metric: str = "accuracy", max_panels: int = 8,
         ax.set_title(task + ("" if fit is not None else " (stays at chance)"), fontsize="medium")
         ax.grid(alpha=0.3)
     model_legend(fig, colors, ls="none")
-    fig.suptitle(f"{TITLE}\n(dotted: chance; solid: segmented fit; dashed: its threshold eta, shaded: 95% interval)",
-                 fontsize="medium")
+    fig.suptitle(
+        f"{TITLE}\n(dotted: chance; solid: segmented fit; dashed: its threshold eta, shaded: 95% interval)",
+        fontsize="medium",
+    )
 
-    findings = [f"Accuracy uses the {convention} convention (see docs/analyses.md, \"Multiple-choice conventions\").",
-                *failed]
+    findings = [
+        f'Accuracy uses the {convention} convention (see docs/analyses.md, "Multiple-choice conventions").',
+        *failed,
+    ]
     for row in fits.itertuples():
         best = table[table.task == row.task][metric]
         best = best.min() if metric == "brier" else best.max()
         if row.leaves_random:
-            findings.append(f"Task {row.task}: leaves chance once the validation loss falls below eta = {row.eta:.3f} "
-                            f"nats (95% interval {row.eta_low:.3f} to {row.eta_high:.3f}); best {metric} {best:.2f}; "
-                            f"Spearman with loss {row.spearman:.2f}.")
+            findings.append(
+                f"Task {row.task}: leaves chance once the validation loss falls below eta = {row.eta:.3f} "
+                f"nats (95% interval {row.eta_low:.3f} to {row.eta_high:.3f}); best {metric} {best:.2f}; "
+                f"Spearman with loss {row.spearman:.2f}."
+            )
         else:
             findings.append(f"Task {row.task}: never leaves chance (best {metric} {best:.2f}).")
     ratios = fits[fits.leaves_random]["ratio_compute"].dropna()
     if len(ratios):
         holds = list(ratios < 1)
-        findings.append(f"Du et al.: performance collapses onto one curve against loss better than against compute "
-                        f"(unexplained-variance ratio loss/compute < 1); here this {verdict(holds)} "
-                        f"({sum(holds)} of {len(holds)} tasks that leave chance; ratios " +
-                        ", ".join(f"{v:.2f}" for v in ratios) + ").")
+        findings.append(
+            f"Du et al.: performance collapses onto one curve against loss better than against compute "
+            f"(unexplained-variance ratio loss/compute < 1); here this {verdict(holds)} "
+            f"({sum(holds)} of {len(holds)} tasks that leave chance; ratios "
+            + ", ".join(f"{v:.2f}" for v in ratios)
+            + ")."
+        )
     elif len(models) > 1:
         findings.append("No task leaves chance, so Du et al.'s collapse onto loss cannot be checked here.")
     if len(fits) > len(tasks):

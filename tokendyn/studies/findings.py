@@ -26,12 +26,12 @@ WORDS = {1: "rises", -1: "falls", 0: "shows no clear trend"}
 
 
 def listing(pairs: Iterable[tuple[str, float]], fmt: str = "{:.3g}") -> str:
-    """"a 1.5, b 2" from (name, value) pairs; NaN shown as "n/a"."""
+    """ "a 1.5, b 2" from (name, value) pairs; NaN shown as "n/a"."""
     return ", ".join(f"{name} {'n/a' if not np.isfinite(value) else fmt.format(value)}" for name, value in pairs)
 
 
 def verdict(holds: Sequence[bool | None], need: str | None = None) -> str:
-    """"reproduces" (every testable case holds), "does not reproduce" (none), "partly reproduces", or
+    """ "reproduces" (every testable case holds), "does not reproduce" (none), "partly reproduces", or
     "is not testable here (needs ...)" when no case can be tested.
 
     holds: one entry per case; None marks a case the data cannot test (too few checkpoints, levels
@@ -50,7 +50,7 @@ def verdict(holds: Sequence[bool | None], need: str | None = None) -> str:
 
 
 def counted(holds: Sequence[bool | None]) -> str:
-    """"k of n" over the testable cases (None entries left out), plus how many could not be tested."""
+    """ "k of n" over the testable cases (None entries left out), plus how many could not be tested."""
     testable = [bool(h) for h in holds if h is not None]
     untested = len(holds) - len(testable)
     return f"{sum(testable)} of {len(testable)}" + (f"; {untested} not testable" if untested else "")

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from tokendyn.analysis.sequences import pair_margin, pair_preference
+from tokendyn.errors import TokendynError
 from tokendyn.studies.sequence_perplexity import values_at
 from tokendyn.studies.study import Result, Skip, default_of, main_set_path, models_by_size, open_source, require
 from tokendyn.studies.style import model_colors, model_legend, new_figure, perplexity_axis
-from tokendyn.errors import TokendynError
-from tokendyn.analysis.sequences import pair_margin, pair_preference
 
 TITLE = "Preference for the true statement of true/false pairs"
 Z = 3.0  # binomial standard errors from 50% before a preference counts as above chance
@@ -47,8 +47,9 @@ def run(source, reduce: str = default_of(pair_preference, "reduce")) -> Result:
         perplexity_axis(ax)
         ax.grid(alpha=0.3)
     left.set_ylabel("true text wins (% of pairs)")
-    left.set_title(f"preference ({'total' if reduce == 'sum' else 'mean per-token'} loss; chance 50%)",
-                   fontsize="medium")
+    left.set_title(
+        f"preference ({'total' if reduce == 'sum' else 'mean per-token'} loss; chance 50%)", fontsize="medium"
+    )
     right.set_ylabel("margin (nats)")
     right.set_title("loss(false) - loss(true) where they differ", fontsize="medium")
     model_legend(fig, colors)
@@ -61,13 +62,20 @@ def run(source, reduce: str = default_of(pair_preference, "reduce")) -> Result:
         final = values_at(preference.sel(set=name), models)
         first = values_at(preference.sel(set=name), models, at=0)
         above = [m for m, v in zip(models, final) if v - 0.5 > Z * np.sqrt(0.25 / n)]
-        findings.append(f"Set {name} ({n} pairs): the true text wins in " +
-                        ", ".join(f"{m} {100 * v:.0f}%" for m, v in zip(models, final)) +
-                        " of the pairs at the last checkpoint (first checkpoint: " +
-                        ", ".join(f"{100 * v:.0f}%" for v in first) + "); " +
-                        (f"above chance by more than {Z:g} standard errors in {', '.join(above)}." if above else
-                         f"no model is above chance by {Z:g} standard errors."))
+        findings.append(
+            f"Set {name} ({n} pairs): the true text wins in "
+            + ", ".join(f"{m} {100 * v:.0f}%" for m, v in zip(models, final))
+            + " of the pairs at the last checkpoint (first checkpoint: "
+            + ", ".join(f"{100 * v:.0f}%" for v in first)
+            + "); "
+            + (
+                f"above chance by more than {Z:g} standard errors in {', '.join(above)}."
+                if above
+                else f"no model is above chance by {Z:g} standard errors."
+            )
+        )
         margins = values_at(margin.sel(set=name), models)
-        findings.append(f"Set {name}: final margin " + ", ".join(f"{m} {v:+.3f}" for m, v in zip(models, margins)) +
-                        " nats.")
+        findings.append(
+            f"Set {name}: final margin " + ", ".join(f"{m} {v:+.3f}" for m, v in zip(models, margins)) + " nats."
+        )
     return Result(TITLE, {"pair_preference": table}, fig, findings)

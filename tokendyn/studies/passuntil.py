@@ -30,16 +30,30 @@ def scaling_rows(path, task: str) -> tuple[list[dict], list[str]]:
         except TokendynError as err:
             lines.append(f"Task {task}: no scaling fit against {x} ({err}).")
             continue
-        rows.append({"task": task, "x": x, "slope": fit.slope, "intercept": fit.intercept, "c": fit.c,
-                     "alpha": fit.alpha, "curvature": fit.curvature, "curvature_low": fit.curvature_low,
-                     "curvature_high": fit.curvature_high, "shape": fit.shape, "n_points": fit.n_points,
-                     "holdout_predicted": _first(fit.holdout_predicted),
-                     "holdout_observed": _first(fit.holdout_observed),
-                     "holdout_log10_ratio": _first(fit.holdout_log10_ratio)})
-        lines.append(f"Task {task}: log(-log PU) vs log {x}: alpha {fit.alpha:.3g}, {fit.shape} "
-                     f"(curvature {fit.curvature:.3g} [{fit.curvature_low:.3g}, {fit.curvature_high:.3g}]); "
-                     f"largest model held out: predicted PU {_first(fit.holdout_predicted):.3g}, "
-                     f"observed {_first(fit.holdout_observed):.3g}.")
+        rows.append(
+            {
+                "task": task,
+                "x": x,
+                "slope": fit.slope,
+                "intercept": fit.intercept,
+                "c": fit.c,
+                "alpha": fit.alpha,
+                "curvature": fit.curvature,
+                "curvature_low": fit.curvature_low,
+                "curvature_high": fit.curvature_high,
+                "shape": fit.shape,
+                "n_points": fit.n_points,
+                "holdout_predicted": _first(fit.holdout_predicted),
+                "holdout_observed": _first(fit.holdout_observed),
+                "holdout_log10_ratio": _first(fit.holdout_log10_ratio),
+            }
+        )
+        lines.append(
+            f"Task {task}: log(-log PU) vs log {x}: alpha {fit.alpha:.3g}, {fit.shape} "
+            f"(curvature {fit.curvature:.3g} [{fit.curvature_low:.3g}, {fit.curvature_high:.3g}]); "
+            f"largest model held out: predicted PU {_first(fit.holdout_predicted):.3g}, "
+            f"observed {_first(fit.holdout_observed):.3g}."
+        )
     return rows, lines
 
 
@@ -58,11 +72,14 @@ def run(source, max_panels: int = 8) -> Result:
         per_ckpt = result[[k for k in result.data_vars if k.startswith("task_")]]
         frame = per_ckpt.to_dataframe().reset_index()
         columns = ["model", "ckpt", "step", "tokens_seen", "val_ppl", *per_ckpt.data_vars]
-        frames.append(frame[[c for c in columns if c in frame.columns]].dropna(subset=["task_estimate"])
-                      .assign(task=task))
+        frames.append(
+            frame[[c for c in columns if c in frame.columns]].dropna(subset=["task_estimate"]).assign(task=task)
+        )
         drawn, seconds = float(result["task_drawn"].sum()), float(result["task_seconds"].sum())
-        findings.append(f"Task {task}: {int(result['task_censored'].sum())} of {int(result['task_estimate'].count())} "
-                        f"checkpoints with no instance passing; cost {drawn:,.0f} completions, {seconds:.1f} s.")
+        findings.append(
+            f"Task {task}: {int(result['task_censored'].sum())} of {int(result['task_estimate'].count())} "
+            f"checkpoints with no instance passing; cost {drawn:,.0f} completions, {seconds:.1f} s."
+        )
         rows, lines = scaling_rows(path, task)
         scaling += rows
         findings += lines
@@ -81,10 +98,21 @@ def run(source, max_panels: int = 8) -> Result:
             rows = table[(table.task == task) & (table.model == model)]
             value = np.where(rows["task_censored"] > 0, rows["task_upper"], rows["task_estimate"])
             ax.plot(rows["val_ppl"], value, "-", color=colors[model])
-            ax.plot(rows["val_ppl"][rows["task_censored"] == 0], rows["task_estimate"][rows["task_censored"] == 0],
-                    "o", ms=4, color=colors[model])
-            ax.plot(rows["val_ppl"][rows["task_censored"] > 0], rows["task_upper"][rows["task_censored"] > 0],
-                    "v", ms=5, mfc="none", color=colors[model])
+            ax.plot(
+                rows["val_ppl"][rows["task_censored"] == 0],
+                rows["task_estimate"][rows["task_censored"] == 0],
+                "o",
+                ms=4,
+                color=colors[model],
+            )
+            ax.plot(
+                rows["val_ppl"][rows["task_censored"] > 0],
+                rows["task_upper"][rows["task_censored"] > 0],
+                "v",
+                ms=5,
+                mfc="none",
+                color=colors[model],
+            )
         perplexity_axis(ax)
         if (table.loc[table.task == task, ["task_estimate", "task_upper"]].max(axis=1) > 0).any():
             log_scale(ax, "y")

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from tokendyn.analysis.trajectories import at_perplexity, load_small, perplexity_grid, reach, x_axis
+from tokendyn.errors import TokendynError
 from tokendyn.studies.findings import listing
 from tokendyn.studies.study import Result, Skip, default_of, models_by_size, open_source, require
 from tokendyn.studies.style import log_scale, model_colors, model_legend, new_figure
-from tokendyn.errors import TokendynError
-from tokendyn.analysis.trajectories import at_perplexity, load_small, perplexity_grid, reach, x_axis
 
 TITLE = "Validation perplexity over training"
 AXES = {"step": "training step", "tokens_seen": "tokens seen", "flops": "training compute in FLOPs (6 N D)"}
@@ -40,8 +40,9 @@ def checkpoint_table(ds: xr.Dataset, axes: list[str], params: str) -> pd.DataFra
     return table[["model", "ckpt", *axes, "done"]]
 
 
-def matched_levels(ds: xr.Dataset, axes: list[str], levels: Sequence[float] | None,
-                   n_levels: int) -> tuple[np.ndarray, pd.DataFrame, xr.DataArray]:
+def matched_levels(
+    ds: xr.Dataset, axes: list[str], levels: Sequence[float] | None, n_levels: int
+) -> tuple[np.ndarray, pd.DataFrame, xr.DataArray]:
     """The matched validation-perplexity levels, where each model reaches each on the other axes
     (one row per model and level), and every token's loss there (model, val_ppl, tokens)."""
     levels = perplexity_grid(ds, n_levels) if levels is None else np.asarray(levels, dtype=float)
@@ -61,8 +62,12 @@ def _at_common_step(table: pd.DataFrame, models: list[str]) -> tuple[float, dict
     return step, values
 
 
-def run(source, params: str = default_of(x_axis, "params"), levels: Sequence[float] | None = None,
-        n_levels: int = default_of(perplexity_grid, "n_levels")) -> Result:
+def run(
+    source,
+    params: str = default_of(x_axis, "params"),
+    levels: Sequence[float] | None = None,
+    n_levels: int = default_of(perplexity_grid, "n_levels"),
+) -> Result:
     """Validation perplexity vs step, tokens seen and FLOPs (6 x params x tokens) per model, and the
     matched validation perplexities (`levels`; default `n_levels` levels every model reaches,
     `tokendyn.analysis.trajectories.perplexity_grid`) with every token's loss there.
@@ -80,10 +85,12 @@ def run(source, params: str = default_of(x_axis, "params"), levels: Sequence[flo
     tables, labels, findings = {"checkpoints": checkpoints}, {}, []
     if "loss" in ds:
         try:
-            levels, tables["perplexity_levels"], labels["matched_perplexity"] = matched_levels(ds, axes, levels,
-                                                                                               n_levels)
-            findings.append(f"Common validation perplexity range {levels[0]:.4g} -> {levels[-1]:.4g}; "
-                            f"{len(levels)} matched levels.")
+            levels, tables["perplexity_levels"], labels["matched_perplexity"] = matched_levels(
+                ds, axes, levels, n_levels
+            )
+            findings.append(
+                f"Common validation perplexity range {levels[0]:.4g} -> {levels[-1]:.4g}; {len(levels)} matched levels."
+            )
         except TokendynError as err:
             findings.append(f"No matched-perplexity levels ({err}).")
     axes = [axis for axis in axes if axis != "val_ppl"]
@@ -113,13 +120,18 @@ def run(source, params: str = default_of(x_axis, "params"), levels: Sequence[flo
     findings.append(f"Validation perplexity at each model's last done checkpoint: {listing(final.items(), '{:.4g}')}.")
     if len(models) > 1:
         ordered = all(a > b for a, b in zip(list(final.values()), list(final.values())[1:]))
-        findings.append(("Larger models end lower, as expected from scaling." if ordered else
-                         "Final perplexity does not fall monotonically with model size (the expected "
-                         "scaling order does not reproduce here)."))
+        findings.append(
+            "Larger models end lower, as expected from scaling."
+            if ordered
+            else "Final perplexity does not fall monotonically with model size (the expected "
+            "scaling order does not reproduce here)."
+        )
         step, at_step = _at_common_step(table, models)
         lower = [a > b for a, b in zip(list(at_step.values()), list(at_step.values())[1:])]
-        findings.append(f"At step {step:g}, the last step every model reached: {listing(at_step.items(), '{:.4g}')}; "
-                        f"the larger of two neighbouring sizes is lower there in {sum(lower)} of {len(lower)} pairs.")
+        findings.append(
+            f"At step {step:g}, the last step every model reached: {listing(at_step.items(), '{:.4g}')}; "
+            f"the larger of two neighbouring sizes is lower there in {sum(lower)} of {len(lower)} pairs."
+        )
     worse = []
     for model in models:
         rows = table[table.model == model].sort_values("step")
@@ -127,6 +139,9 @@ def run(source, params: str = default_of(x_axis, "params"), levels: Sequence[flo
         if len(rises):
             worse.append(f"{model} at step{'s' if len(rises) > 1 else ''} {', '.join(f'{s:g}' for s in rises)}")
     if worse:
-        findings.append("Validation perplexity rose from one checkpoint to the next in " + "; ".join(worse) +
-                        " (matched-perplexity analyses skip such checkpoints: they use the running minimum).")
+        findings.append(
+            "Validation perplexity rose from one checkpoint to the next in "
+            + "; ".join(worse)
+            + " (matched-perplexity analyses skip such checkpoints: they use the running minimum)."
+        )
     return Result(TITLE, tables, fig, findings, labels=labels)

@@ -10,12 +10,12 @@ from collections.abc import Sequence
 import numpy as np
 import xarray as xr
 
-from tokendyn.studies.findings import direction, verdict
+from tokendyn.analysis.sequences import curve_at_perplexity, sequence_ppl, turning_points
 from tokendyn.errors import TokendynError
+from tokendyn.store import TASK_SET_PREFIX, list_sets
+from tokendyn.studies.findings import direction, verdict
 from tokendyn.studies.study import Result, Skip, default_of, main_set_path, models_by_size, open_source, require
 from tokendyn.studies.style import log_scale, model_colors, model_legend, new_figure, perplexity_axis
-from tokendyn.analysis.sequences import curve_at_perplexity, sequence_ppl, turning_points
-from tokendyn.store import TASK_SET_PREFIX, list_sets
 
 TITLE = "Perplexity of the evaluation sets over training"
 INVERSE_MIXTURE = "1,-1"  # text decoded from p_small - p_large (methods.md §1.4)
@@ -41,14 +41,24 @@ def values_at(curve: xr.DataArray, models: list[str], at: int = -1) -> list[floa
 
 
 def _set_sentence(name: str, turns: xr.Dataset, final: list[float], models: list[str]) -> str:
-    turned = [f"{m} (at validation perplexity {float(turns.sel(model=m)['turn_val_ppl']):.3g})"
-              for m in models if bool(turns.sel(model=m)["turns"])]
+    turned = [
+        f"{m} (at validation perplexity {float(turns.sel(model=m)['turn_val_ppl']):.3g})"
+        for m in models
+        if bool(turns.sel(model=m)["turns"])
+    ]
     size = {1: "rises with model size: inverse scaling", -1: "falls with model size", 0: "shows no order by size"}
     text = f"Set {name}: final perplexity " + ", ".join(f"{m} {v:.3g}" for m, v in zip(models, final))
     if len(models) > 1:
         text += f" ({size[direction(final, 0.9)]})"
-    return text + ("; it turns (minimum, then rises) in " + ", ".join(turned) if turned else
-                   "; it never turns up over training") + "."
+    return (
+        text
+        + (
+            "; it turns (minimum, then rises) in " + ", ".join(turned)
+            if turned
+            else "; it never turns up over training"
+        )
+        + "."
+    )
 
 
 def _paper_claims(curve: xr.DataArray, turns: xr.Dataset, models: list[str]) -> list[str]:
@@ -56,26 +66,39 @@ def _paper_claims(curve: xr.DataArray, turns: xr.Dataset, models: list[str]) -> 
     inverse = [str(s) for s in curve["set"].values if str(curve["group"].sel(set=s).values) == INVERSE_MIXTURE]
     for name in inverse:
         final = values_at(curve.sel(set=name), models)
-        lines.append(f"Paper: text decoded from p_small - p_large is scored worse by larger final models; for {name} "
-                     f"this {verdict([direction(final, 0.9) == 1])}.")
+        lines.append(
+            f"Paper: text decoded from p_small - p_large is scored worse by larger final models; for {name} "
+            f"this {verdict([direction(final, 0.9) == 1])}."
+        )
         smallest_falls = not bool(turns.sel(set=name, model=models[0])["turns"])
-        lines.append(f"Paper: the smallest model keeps lowering its perplexity on it; here ({models[0]}) this "
-                     f"{verdict([smallest_falls])}.")
+        lines.append(
+            f"Paper: the smallest model keeps lowering its perplexity on it; here ({models[0]}) this "
+            f"{verdict([smallest_falls])}."
+        )
         if len(models) > 2:
             larger_rise = [bool(turns.sel(set=name, model=m)["turns"]) for m in models[1:]]
-            lines.append(f"Paper: mid-size and larger models raise it again over training; here this "
-                         f"{verdict(larger_rise)} ({sum(larger_rise)} of {len(larger_rise)}).")
+            lines.append(
+                f"Paper: mid-size and larger models raise it again over training; here this "
+                f"{verdict(larger_rise)} ({sum(larger_rise)} of {len(larger_rise)})."
+            )
     corrupted = [str(s) for s in curve["set"].values if np.isfinite(float(curve["corrupt"].sel(set=s)))]
     if corrupted and len(models) > 1:
         holds = [direction(values_at(curve.sel(set=s), models), 0.9) == -1 for s in corrupted]
-        lines.append(f"Paper: on text with randomly replaced tokens perplexity still falls with size; here this "
-                     f"{verdict(holds)} ({sum(holds)} of {len(holds)} corrupted sets).")
+        lines.append(
+            f"Paper: on text with randomly replaced tokens perplexity still falls with size; here this "
+            f"{verdict(holds)} ({sum(holds)} of {len(holds)} corrupted sets)."
+        )
     return lines
 
 
-def run(source, by: str | None = "mixture", tol: float = default_of(turning_points, "tol"),
-        levels: Sequence[float] | None = None, n_levels: int = default_of(curve_at_perplexity, "n_levels"),
-        max_panels: int = 12) -> Result:
+def run(
+    source,
+    by: str | None = "mixture",
+    tol: float = default_of(turning_points, "tol"),
+    levels: Sequence[float] | None = None,
+    n_levels: int = default_of(curve_at_perplexity, "n_levels"),
+    max_panels: int = 12,
+) -> Result:
     """Perplexity of every named set (split by the per-sequence coordinate `by`
     where a set has it; None keeps sets whole) in every model and checkpoint against validation
     perplexity; read at matched validation perplexities (see
@@ -117,8 +140,10 @@ def run(source, by: str | None = "mixture", tol: float = default_of(turning_poin
     model_legend(fig, colors, title="model (▽ turn)")
     fig.suptitle(TITLE)
 
-    findings += [_set_sentence(str(s), turns.sel(set=s), values_at(curve.sel(set=s), models), models)
-                 for s in curve["set"].values]
+    findings += [
+        _set_sentence(str(s), turns.sel(set=s), values_at(curve.sel(set=s), models), models)
+        for s in curve["set"].values
+    ]
     if len(curve["set"]) > len(shown):
         findings.append(f"The figure shows the first {len(shown)} of {len(curve['set'])} sets; the table has all.")
     findings += _paper_claims(curve, turns, models)

@@ -34,17 +34,20 @@ def run(source) -> Result:
     bound = bound[[c for c in ("model", "ckpt", "step", "val_ppl", "text_k", "excess", "bound") if c in bound.columns]]
     bound["model"] = bound["model"].astype(str)
 
-    findings = [f"Irreducible loss E = {curves.attrs['irreducible']:.3f} nats "
-                f"(tasks: {', '.join(curves.attrs['tasks'])}).",
-                "k in skill_curves = skills per item (measured and predicted competence, "
-                f"{curves.attrs['convention']} credit); text_k in skill_bound = skills per training text piece, "
-                "the k of Theorem 8's bound (drawn with text_k = k)."]
+    findings = [
+        f"Irreducible loss E = {curves.attrs['irreducible']:.3f} nats (tasks: {', '.join(curves.attrs['tasks'])}).",
+        "k in skill_curves = skills per item (measured and predicted competence, "
+        f"{curves.attrs['convention']} credit); text_k in skill_bound = skills per training text piece, "
+        "the k of Theorem 8's bound (drawn with text_k = k).",
+    ]
     gap = (curves["measured"] - curves["predicted"]).sel(k=curves["k"] > 1)
     for k in gap["k"].values:
         values = gap.sel(k=k).values
         if np.isfinite(values).any():
-            findings.append(f"k = {k}: measured - predicted competence, mean {np.nanmean(values):+.3f} over "
-                            f"{int(np.isfinite(values).sum())} checkpoints.")
+            findings.append(
+                f"k = {k}: measured - predicted competence, mean {np.nanmean(values):+.3f} over "
+                f"{int(np.isfinite(values).sum())} checkpoints."
+            )
 
     ks = [int(k) for k in curves["k"].values]
     colors = category_colors([f"k = {k}" for k in ks])

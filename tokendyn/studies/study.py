@@ -23,8 +23,18 @@ from tokendyn.analysis.accessor import context_ids
 from tokendyn.analysis.sequences import set_params
 from tokendyn.store import open_store, store_path
 
-__all__ = ["Result", "Skip", "require", "default_of", "open_source", "main_set_path", "models_by_size", "token_texts",
-           "context", "save"]
+__all__ = [
+    "Result",
+    "Skip",
+    "require",
+    "default_of",
+    "open_source",
+    "main_set_path",
+    "models_by_size",
+    "token_texts",
+    "context",
+    "save",
+]
 
 FIGURE_FORMATS = ("png", "svg")
 PNG_DPI = 100

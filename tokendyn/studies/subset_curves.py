@@ -11,14 +11,22 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from tokendyn.studies.findings import verdict
-from tokendyn.studies.study import Result, Skip, default_of, models_by_size, open_source, require
-from tokendyn.studies.style import (envelope, log_scale, model_colors, model_legend, new_figure, off_envelope,
-                                   perplexity_axis, zoom_perplexity)
+from tokendyn.analysis.labels import label_mask
 from tokendyn.analysis.sequences import turning_points
 from tokendyn.analysis.trajectories import done_checkpoints, load_small, model_index, token_share
-from tokendyn.analysis.labels import label_mask
 from tokendyn.analysis.trends import TrendWarning, trend_categories, window_start
+from tokendyn.studies.findings import verdict
+from tokendyn.studies.study import Result, Skip, default_of, models_by_size, open_source, require
+from tokendyn.studies.style import (
+    envelope,
+    log_scale,
+    model_colors,
+    model_legend,
+    new_figure,
+    off_envelope,
+    perplexity_axis,
+    zoom_perplexity,
+)
 
 TITLE = "Stagnated and upward tokens tracked across sizes"
 CATEGORIES = ("stagnated", "upward")
@@ -39,7 +47,9 @@ def subsets(ds: xr.Dataset, chooser: str, start: float, x: str) -> xr.DataArray 
         labels = trend_categories(ds.isel(model=[m]), [start], x=x).isel(model=0, start=0).compute()
     if int((labels >= 0).sum()) == 0:
         return None
-    return xr.concat([label_mask(labels, c) for c in CATEGORIES], dim="category").assign_coords(category=list(CATEGORIES))
+    return xr.concat([label_mask(labels, c) for c in CATEGORIES], dim="category").assign_coords(
+        category=list(CATEGORIES)
+    )
 
 
 def curve_shapes(curves: xr.DataArray, tol: float) -> pd.DataFrame:
@@ -51,20 +61,30 @@ def curve_shapes(curves: xr.DataArray, tol: float) -> pd.DataFrame:
     for category in curves["category"].values:
         for m, model in enumerate(curves["model"].values):
             t = turns.sel(category=category, model=model)
-            row = {"category": str(category), "model": str(model), "turns": bool(t["turns"]),
-                   "fall": float(t["fall"]), "turn_val_ppl": float(t["turn_val_ppl"]), "peak_val_ppl": np.nan, "descends_again": False,
-                   "again_val_ppl": np.nan}
+            row = {
+                "category": str(category),
+                "model": str(model),
+                "turns": bool(t["turns"]),
+                "fall": float(t["fall"]),
+                "turn_val_ppl": float(t["turn_val_ppl"]),
+                "peak_val_ppl": np.nan,
+                "descends_again": False,
+                "again_val_ppl": np.nan,
+            }
             if row["turns"]:
                 step = curves["step"].values[m]
                 order = np.flatnonzero(np.isfinite(step))
                 order = order[np.argsort(step[order], kind="stable")]
-                idx = order[np.flatnonzero(order == int(t["turn_ckpt"]))[0] + 1:]  # checkpoints after the turn
+                idx = order[np.flatnonzero(order == int(t["turn_ckpt"]))[0] + 1 :]  # checkpoints after the turn
                 y = np.log(curves.sel(category=category).isel(model=m).values[idx])
                 val_ppl = curves["val_ppl"].values[m, idx]
                 peak = int(np.nanargmax(y))
                 below = np.flatnonzero(y[peak:] <= y[peak] - tol)
-                row.update(peak_val_ppl=float(val_ppl[peak]), descends_again=bool(len(below)),
-                           again_val_ppl=float(val_ppl[peak + below[0]]) if len(below) else np.nan)
+                row.update(
+                    peak_val_ppl=float(val_ppl[peak]),
+                    descends_again=bool(len(below)),
+                    again_val_ppl=float(val_ppl[peak + below[0]]) if len(below) else np.nan,
+                )
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -77,8 +97,10 @@ def _upward_sentence(row) -> str:
     else:
         text = f"{row.model} rises from the start"
     if row.descends_again:
-        text += (f" until validation perplexity {row.peak_val_ppl:.3g} and has fallen again by validation "
-                 f"perplexity {row.again_val_ppl:.3g}")
+        text += (
+            f" until validation perplexity {row.peak_val_ppl:.3g} and has fallen again by validation "
+            f"perplexity {row.again_val_ppl:.3g}"
+        )
     return text
 
 
@@ -87,14 +109,20 @@ def _stagnation(curves: xr.DataArray, ds: xr.Dataset, start: float, band: float)
     out = {}
     for m, model in enumerate(curves["model"].values):
         idx = done_checkpoints(ds, m)
-        idx = idx[window_start(ds["step"].values[m, idx], start):]
+        idx = idx[window_start(ds["step"].values[m, idx], start) :]
         y = np.log(curves.sel(category="stagnated").isel(model=m).values[idx])
         out[str(model)] = float(np.nanmax(np.abs(np.exp(y - np.nanmean(y)) - 1))) if len(idx) else np.nan
     return out
 
 
-def run(source, start: float = 0.2, chosen_on: str | None = None, x: str = default_of(trend_categories, "x"),
-        tol: float = 0.05, band: float = default_of(trend_categories, "band")) -> Result:
+def run(
+    source,
+    start: float = 0.2,
+    chosen_on: str | None = None,
+    x: str = default_of(trend_categories, "x"),
+    tol: float = 0.05,
+    band: float = default_of(trend_categories, "band"),
+) -> Result:
     """Subset perplexity of the stagnated and upward tokens of each model at start fraction `start`,
     in every model and checkpoint, against validation perplexity; the figure shows the subsets of
     `chosen_on` (default: the second-smallest model).
@@ -118,11 +146,18 @@ def run(source, start: float = 0.2, chosen_on: str | None = None, x: str = defau
         shapes_by.append(curve_shapes(curves, tol).assign(chosen_on=name))
         curves_by[name], percent_by[name] = curves, percent
         table = curves.to_dataframe().reset_index()
-        tables.append(table.assign(chosen_on=name, start=start, subset_percent=table["category"].map(
-            {c: float(percent.sel(category=c)) for c in CATEGORIES})).dropna(subset=["subset_ppl"]))
+        tables.append(
+            table.assign(
+                chosen_on=name,
+                start=start,
+                subset_percent=table["category"].map({c: float(percent.sel(category=c)) for c in CATEGORIES}),
+            ).dropna(subset=["subset_ppl"])
+        )
     if chooser not in curves_by:
-        raise Skip(f"model {chooser} has fewer than 3 checkpoints from {start:.0%} of its final step, "
-                   "so no trend categories to choose tokens by")
+        raise Skip(
+            f"model {chooser} has fewer than 3 checkpoints from {start:.0%} of its final step, "
+            "so no trend categories to choose tokens by"
+        )
     columns = ["chosen_on", "start", "category", "subset_percent", "model", "ckpt", "step", "val_ppl", "subset_ppl"]
     all_curves = pd.concat(tables)[columns]
     all_shapes = pd.concat(shapes_by)
@@ -148,47 +183,67 @@ def run(source, start: float = 0.2, chosen_on: str | None = None, x: str = defau
         if (table.category == category).any():  # an empty subset has no curve to put on a log scale
             log_scale(ax, "y")
         ax.set_ylabel("subset perplexity (log scale)")
-        ax.set_title(f"{category} tokens of {chooser} at {start:.0%}\n"
-                     f"({float(percent.sel(category=category)):.1f}% of tokens; ▽ turn, △ peak)", fontsize="medium")
+        ax.set_title(
+            f"{category} tokens of {chooser} at {start:.0%}\n"
+            f"({float(percent.sel(category=category)):.1f}% of tokens; ▽ turn, △ peak)",
+            fontsize="medium",
+        )
         ax.grid(alpha=0.3)
     model_legend(fig, colors)
     fig.suptitle(TITLE)
 
     upward = shapes[shapes.category == "upward"].set_index("model").loc[models]
-    findings = [f"Chosen on {chooser} at start {start:.0%}: {float(percent.sel(category='stagnated')):.1f}% of tokens "
-                f"stagnated, {float(percent.sel(category='upward')):.1f}% upward (the paper's OPT-1.3B: 9.4% upward "
-                "at 20%).",
-                "Upward subset: " + "; ".join(_upward_sentence(row) for row in upward.reset_index().itertuples()) + "."]
-    larger = models[models.index(chooser) + 1:]
+    findings = [
+        f"Chosen on {chooser} at start {start:.0%}: {float(percent.sel(category='stagnated')):.1f}% of tokens "
+        f"stagnated, {float(percent.sel(category='upward')):.1f}% upward (the paper's OPT-1.3B: 9.4% upward "
+        "at 20%).",
+        "Upward subset: " + "; ".join(_upward_sentence(row) for row in upward.reset_index().itertuples()) + ".",
+    ]
+    larger = models[models.index(chooser) + 1 :]
     if larger:
         holds = [bool(upward.loc[m, "descends_again"]) for m in larger]
-        findings.append(f"Paper: in models larger than the chooser the upward subset descends again (double descent); "
-                        f"here this {verdict(holds)} ({sum(holds)} of {len(holds)}).")
+        findings.append(
+            f"Paper: in models larger than the chooser the upward subset descends again (double descent); "
+            f"here this {verdict(holds)} ({sum(holds)} of {len(holds)})."
+        )
     if models[0] != chooser:
         stays = not upward.loc[models[0], "descends_again"]
-        findings.append(f"Paper: the smallest model's upward subset stays up; here ({models[0]}) this "
-                        f"{verdict([stays])}.")
+        findings.append(
+            f"Paper: the smallest model's upward subset stays up; here ({models[0]}) this {verdict([stays])}."
+        )
     bumpy = off_envelope(ds)
     if bumpy:
-        findings.append(f"Validation perplexity of {', '.join(bumpy)} does not fall monotonically; its curves are "
-                        "drawn on the running-minimum envelope (the checkpoints that set a new lowest perplexity).")
-    findings.append("The x axis starts where the models' curves begin to differ (the shared early fall is cut off; "
-                    "subset_curves.csv has every checkpoint).")
+        findings.append(
+            f"Validation perplexity of {', '.join(bumpy)} does not fall monotonically; its curves are "
+            "drawn on the running-minimum envelope (the checkpoints that set a new lowest perplexity)."
+        )
+    findings.append(
+        "The x axis starts where the models' curves begin to differ (the shared early fall is cut off; "
+        "subset_curves.csv has every checkpoint)."
+    )
     spread = _stagnation(curves, ds, start, band)
-    findings.append("Largest deviation of the stagnated subset from its mean over the trend window: " +
-                    ", ".join(f"{k} {v:.1%}" for k, v in spread.items()) + ".")
+    findings.append(
+        "Largest deviation of the stagnated subset from its mean over the trend window: "
+        + ", ".join(f"{k} {v:.1%}" for k, v in spread.items())
+        + "."
+    )
     if larger:
         holds = [spread[m] <= band for m in larger]
-        findings.append(f"Paper: stagnated tokens chosen on a small model stay stagnated in larger ones (here: within "
-                        f"±{band:.0%}); this {verdict(holds)} ({sum(holds)} of {len(holds)} larger models).")
+        findings.append(
+            f"Paper: stagnated tokens chosen on a small model stay stagnated in larger ones (here: within "
+            f"±{band:.0%}); this {verdict(holds)} ({sum(holds)} of {len(holds)} larger models)."
+        )
     for name in curves_by:
         if name != chooser:
             again = all_shapes[(all_shapes.chosen_on == name) & (all_shapes.category == "upward")]
             again = [m for m in models if bool(again.set_index("model").loc[m, "descends_again"])]
-            findings.append(f"Upward tokens of {name} at {start:.0%}: the subset descends again in "
-                            f"{', '.join(again) or 'no model'}.")
+            findings.append(
+                f"Upward tokens of {name} at {start:.0%}: the subset descends again in "
+                f"{', '.join(again) or 'no model'}."
+            )
     missing = [m for m in models if m not in curves_by]
     if missing:
-        findings.append(f"No subsets chosen on {', '.join(missing)}: fewer than 3 checkpoints from {start:.0%} of "
-                        "the final step.")
+        findings.append(
+            f"No subsets chosen on {', '.join(missing)}: fewer than 3 checkpoints from {start:.0%} of the final step."
+        )
     return Result(TITLE, {"subset_curves": all_curves, "subset_shapes": all_shapes}, fig, findings)

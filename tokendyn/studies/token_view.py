@@ -18,9 +18,11 @@ from tokendyn.analysis.trajectories import load_small, model_index
 from tokendyn.data.corpus import PAD
 from tokendyn.studies.study import models_by_size
 
-STYLE = ("<style>.token-view{font-family:ui-monospace,monospace;font-size:0.85em;white-space:pre-wrap;"
-         "line-height:1.6;border:1px solid #ccc;padding:0.5em;margin:0.3em 0 1em}"
-         ".token-view span{border-radius:2px}</style>")
+STYLE = (
+    "<style>.token-view{font-family:ui-monospace,monospace;font-size:0.85em;white-space:pre-wrap;"
+    "line-height:1.6;border:1px solid #ccc;padding:0.5em;margin:0.3em 0 1em}"
+    ".token-view span{border-radius:2px}</style>"
+)
 
 
 def _document_tokens(ds: xr.Dataset, n_docs: int, max_tokens: int) -> list[np.ndarray]:
@@ -41,8 +43,13 @@ def _span(text: str, change: float, scale: float, title: str) -> str:
     return f'<span style="background:rgba({colour})" title="{escape(title)}">{escape(shown)}</span>'
 
 
-def token_shading(source, between: tuple[float, float] | None = None, n_docs: int = 2,
-                  max_tokens: int = 400, models: list[str] | None = None) -> Markup:
+def token_shading(
+    source,
+    between: tuple[float, float] | None = None,
+    n_docs: int = 2,
+    max_tokens: int = 400,
+    models: list[str] | None = None,
+) -> Markup:
     """HTML (markupsafe.Markup) of the first `n_docs` documents per model, each token shaded by its loss
     change between two training steps (`between`, default each model's first trained checkpoint and
     its last; see `tokendyn.analysis.tokens.top_tokens`); at most `max_tokens` tokens per document.
@@ -69,18 +76,24 @@ def token_shading(source, between: tuple[float, float] | None = None, n_docs: in
     finite = finite[np.isfinite(finite)]
     scale = float(np.percentile(finite, 95)) if finite.size else 0.0
 
-    parts = [STYLE, '<p class="token-view-legend">Each token shaded by its loss change between the two steps: '
-             '<span style="background:rgba(40,90,220,0.6)">fell</span> / '
-             '<span style="background:rgba(220,50,40,0.6)">rose</span>, full colour at '
-             f'{scale:.2f} nats (the 95th percentile); hover for the losses. ⏎ marks a line break.</p>']
+    parts = [
+        STYLE,
+        '<p class="token-view-legend">Each token shaded by its loss change between the two steps: '
+        '<span style="background:rgba(40,90,220,0.6)">fell</span> / '
+        '<span style="background:rgba(220,50,40,0.6)">rose</span>, full colour at '
+        f"{scale:.2f} nats (the 95th percentile); hover for the losses. ⏎ marks a line break.</p>",
+    ]
     for name, (first, last, step_a, step_b) in per_model.items():
         parts.append(f"<h4>{escape(name)}: step {escape(step_a)} → {escape(step_b)}</h4>")
         for number, tokens in enumerate(docs):
             spans = []
             for t in tokens:
                 text = str(vocab[ids[t]]) if vocab is not None else f"#{ids[t]} "
-                title = (f"step {step_a}: {first[t]:.2f} nats, step {step_b}: {last[t]:.2f} nats"
-                         if np.isfinite(first[t]) and np.isfinite(last[t]) else "not scored (no left context)")
+                title = (
+                    f"step {step_a}: {first[t]:.2f} nats, step {step_b}: {last[t]:.2f} nats"
+                    if np.isfinite(first[t]) and np.isfinite(last[t])
+                    else "not scored (no left context)"
+                )
                 spans.append(_span(text, last[t] - first[t], scale, title))
             parts.append(f'<div class="token-view" data-doc="{number}">{"".join(spans)}</div>')
     return Markup("\n".join(parts))

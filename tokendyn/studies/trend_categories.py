@@ -16,18 +16,20 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from tokendyn.analysis.labels import flag_names, label_share
+from tokendyn.analysis.trends import TrendWarning, trend_categories
 from tokendyn.studies.findings import counted, direction, verdict
 from tokendyn.studies.study import Result, default_of, models_by_size, open_source, require
 from tokendyn.studies.style import model_colors, model_legend, new_figure
-from tokendyn.analysis.labels import flag_names, label_share
-from tokendyn.analysis.trends import TrendWarning, trend_categories
 
 TITLE = "Token trend categories against the start of the trend window"
 SHOWN = ("stagnated", "upward", "downward", "uncategorised")
 MIN_WINDOW = 3  # checkpoints a trend window needs (tokendyn.analysis.trends)
 
-PAPER_SOURCE = ("Xia et al. 2023 (arXiv 2212.09803), Fig. 2: OPT on PG-19 validation, read off the figure "
-                "(about ±1 point), as tabulated in methods.md §1.2")
+PAPER_SOURCE = (
+    "Xia et al. 2023 (arXiv 2212.09803), Fig. 2: OPT on PG-19 validation, read off the figure "
+    "(about ±1 point), as tabulated in methods.md §1.2"
+)
 PAPER_MODELS = ("OPT-125M", "OPT-1.3B", "OPT-6.7B", "OPT-13B", "OPT-30B", "OPT-175B")
 PAPER_SHARES = {  # (category, start fraction): % of tokens for each of PAPER_MODELS
     ("stagnated", 0.1): (5.2, 7.3, 8.6, 9.6, 11.3, 7.4),
@@ -44,13 +46,23 @@ PAPER_SHARES = {  # (category, start fraction): % of tokens for each of PAPER_MO
 
 def paper_reference() -> pd.DataFrame:
     """The paper's shares as a tidy table: model, start, category, percent, source."""
-    rows = [{"model": model, "start": start, "category": category, "percent": percent, "source": PAPER_SOURCE}
-            for (category, start), values in PAPER_SHARES.items() for model, percent in zip(PAPER_MODELS, values)]
+    rows = [
+        {"model": model, "start": start, "category": category, "percent": percent, "source": PAPER_SOURCE}
+        for (category, start), values in PAPER_SHARES.items()
+        for model, percent in zip(PAPER_MODELS, values)
+    ]
     for start in sorted({start for _, start in PAPER_SHARES}):  # the rest of the tokens, as the paper leaves it
         rest = 100 - sum(np.array(PAPER_SHARES[(c, start)]) for c in ("stagnated", "upward", "downward"))
-        rows += [{"model": model, "start": start, "category": "uncategorised", "percent": round(float(p), 1),
-                  "source": PAPER_SOURCE + "; uncategorised = 100 - the other three"}
-                 for model, p in zip(PAPER_MODELS, rest)]
+        rows += [
+            {
+                "model": model,
+                "start": start,
+                "category": "uncategorised",
+                "percent": round(float(p), 1),
+                "source": PAPER_SOURCE + "; uncategorised = 100 - the other three",
+            }
+            for model, p in zip(PAPER_MODELS, rest)
+        ]
     return pd.DataFrame(rows)
 
 
@@ -66,23 +78,31 @@ def _claims(shares: pd.DataFrame, models: list[str]) -> list[str]:
     need_starts = f">= {MIN_WINDOW} checkpoints in the trend window at >= 2 start fractions of a model"
     for category, sign, word in (("stagnated", 1, "grows"), ("upward", -1, "shrinks"), ("downward", -1, "shrinks")):
         holds = [direction(series(category, m)) == sign if len(series(category, m)) >= 2 else None for m in models]
-        lines.append(f"Paper: the {category} share {word} with the start fraction; this "
-                     f"{verdict(holds, need_starts)} ({counted(holds)} models).")
+        lines.append(
+            f"Paper: the {category} share {word} with the start fraction; this "
+            f"{verdict(holds, need_starts)} ({counted(holds)} models)."
+        )
     if len(models) >= 2:
         holds = []
         for start in sorted(shares["start"].unique()):
             at = labelled[(labelled.category == "stagnated") & (labelled.start == start)].set_index("model")["percent"]
             values = [at.get(m, np.nan) for m in models]
             holds.append(direction(values) == 1 if np.isfinite(values).sum() >= 2 else None)
-        lines.append(f"Paper: the stagnated share grows with model size; this "
-                     f"{verdict(holds, f'>= 2 models with >= {MIN_WINDOW} checkpoints in the trend window')} "
-                     f"({counted(holds)} start fractions).")
+        lines.append(
+            f"Paper: the stagnated share grows with model size; this "
+            f"{verdict(holds, f'>= 2 models with >= {MIN_WINDOW} checkpoints in the trend window')} "
+            f"({counted(holds)} start fractions)."
+        )
     return lines
 
 
-def run(source, start: Sequence[float] = default_of(trend_categories, "start"),
-        x: str = default_of(trend_categories, "x"), alpha: float = default_of(trend_categories, "alpha"),
-        band: float = default_of(trend_categories, "band")) -> Result:
+def run(
+    source,
+    start: Sequence[float] = default_of(trend_categories, "start"),
+    x: str = default_of(trend_categories, "x"),
+    alpha: float = default_of(trend_categories, "alpha"),
+    band: float = default_of(trend_categories, "band"),
+) -> Result:
     """Trend-category shares per model and start fraction (see `tokendyn.analysis.trends.trend_categories`
     for start, x, alpha and band) with the paper's OPT shares alongside."""
     ds = open_source(source)
@@ -120,12 +140,22 @@ def run(source, start: Sequence[float] = default_of(trend_categories, "start"),
 
     p = min(shares["start"].unique(), key=lambda s: abs(s - 0.2))
     at_p = shares[shares.start == p].set_index(["model", "category"])["percent"]
-    findings = [f"At start {p:.0%}, % stagnated / upward / downward / uncategorised: " + "; ".join(
-        f"{m} " + " / ".join(f"{at_p.get((m, c), np.nan):.1f}" for c in flag_names(cats)) for m in models) + "."]
+    findings = [
+        f"At start {p:.0%}, % stagnated / upward / downward / uncategorised: "
+        + "; ".join(f"{m} " + " / ".join(f"{at_p.get((m, c), np.nan):.1f}" for c in flag_names(cats)) for m in models)
+        + "."
+    ]
     missing = shares[(shares.category == SHOWN[0]) & shares["percent"].isna()]
     for value, rows in missing.groupby("start"):
-        findings.append(f"No categories at start {value:.0%} in {', '.join(rows['model'])}: fewer than {MIN_WINDOW} "
-                        "checkpoints in the window (not testable there).")
+        findings.append(
+            f"No categories at start {value:.0%} in {', '.join(rows['model'])}: fewer than {MIN_WINDOW} "
+            "checkpoints in the window (not testable there)."
+        )
     findings += _claims(shares, models)
-    return Result(TITLE, {"trend_shares": shares, "paper_reference": reference}, fig, findings,
-                  labels={"trends": cats.rename("trend")})
+    return Result(
+        TITLE,
+        {"trend_shares": shares, "paper_reference": reference},
+        fig,
+        findings,
+        labels={"trends": cats.rename("trend")},
+    )

@@ -66,20 +66,24 @@ PRESETS = {
         world=toy_world.WorldConfig(),
         train=TrainConfig(),
         seq_len=128,
-        sizes={"S": ModelSize(hidden=24, layers=2, heads=2, lr=3e-3),
-               "M": ModelSize(hidden=64, layers=3, heads=2, lr=2e-3),
-               "L": ModelSize(hidden=128, layers=4, heads=2, lr=2e-3)},
+        sizes={
+            "S": ModelSize(hidden=24, layers=2, heads=2, lr=3e-3),
+            "M": ModelSize(hidden=64, layers=3, heads=2, lr=2e-3),
+            "L": ModelSize(hidden=128, layers=4, heads=2, lr=2e-3),
+        },
     ),
     # Seconds to build: what the tests use.
     "quick": Preset(
-        world=toy_world.WorldConfig(n_entities=24, n_values=8, exposures=6, filler_rate=1.0, mention_rate=1.0,
-                                    n_filler_docs=8),
-        train=TrainConfig(batch_size=4, warmup_steps=4, log_checkpoints=3, linear_checkpoints=3,
-                          switch_fraction=0.25),
+        world=toy_world.WorldConfig(
+            n_entities=24, n_values=8, exposures=6, filler_rate=1.0, mention_rate=1.0, n_filler_docs=8
+        ),
+        train=TrainConfig(batch_size=4, warmup_steps=4, log_checkpoints=3, linear_checkpoints=3, switch_fraction=0.25),
         seq_len=128,
-        sizes={"S": ModelSize(hidden=8, layers=1, heads=1, lr=1e-2),
-               "M": ModelSize(hidden=16, layers=1, heads=2, lr=1e-2),
-               "L": ModelSize(hidden=32, layers=2, heads=2, lr=1e-2)},
+        sizes={
+            "S": ModelSize(hidden=8, layers=1, heads=1, lr=1e-2),
+            "M": ModelSize(hidden=16, layers=1, heads=2, lr=1e-2),
+            "L": ModelSize(hidden=32, layers=2, heads=2, lr=1e-2),
+        },
     ),
 }
 
@@ -89,8 +93,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TOKENDYN_CACHE", "cache"))
 
 
-def build_parameters(preset: str = "default", sizes: Sequence[str] | None = None, seed: int = 0,
-                     threads: int = 1) -> dict:
+def build_parameters(
+    preset: str = "default", sizes: Sequence[str] | None = None, seed: int = 0, threads: int = 1
+) -> dict:
     """The resolved parameters of a build (what its cache key covers)."""
     if preset not in PRESETS:
         raise TokendynError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -98,11 +103,14 @@ def build_parameters(preset: str = "default", sizes: Sequence[str] | None = None
     names = list(chosen.sizes) if sizes is None else list(sizes)
     unknown = [n for n in names if n not in chosen.sizes]
     if unknown or not names:
-        raise TokendynError(f"unknown or no sizes {unknown or names}; preset {preset!r} has "
-                            f"{', '.join(chosen.sizes)}")
+        raise TokendynError(f"unknown or no sizes {unknown or names}; preset {preset!r} has {', '.join(chosen.sizes)}")
     return {
-        "version": BUILD_VERSION, "preset": preset, "seed": seed, "threads": threads,
-        "seq_len": chosen.seq_len, "world": dataclasses.asdict(chosen.world),
+        "version": BUILD_VERSION,
+        "preset": preset,
+        "seed": seed,
+        "threads": threads,
+        "seq_len": chosen.seq_len,
+        "world": dataclasses.asdict(chosen.world),
         "train": dataclasses.asdict(chosen.train),
         "sizes": {n: dataclasses.asdict(chosen.sizes[n]) for n in names},
     }
@@ -112,8 +120,14 @@ def build_key(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def build(out: str | Path | None = None, preset: str = "default", sizes: Sequence[str] | None = None,
-          seed: int = 0, progress: bool = True, threads: int = 1) -> Path:
+def build(
+    out: str | Path | None = None,
+    preset: str = "default",
+    sizes: Sequence[str] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    threads: int = 1,
+) -> Path:
     """Build the suite (or reuse a finished build with the same parameters); return its suite.toml.
 
     out: the suite directory; default `<cache>/suites/<preset>-<key>`. An existing directory is
@@ -134,8 +148,7 @@ def build(out: str | Path | None = None, preset: str = "default", sizes: Sequenc
     shutil.rmtree(partial, ignore_errors=True)
     with _pinned_threads(threads), _quiet_transformers():
         timings = _write_suite(partial, params, key, progress)
-    (partial / MANIFEST).write_text(json.dumps({"key": key, "parameters": params, "seconds": timings},
-                                               indent=1) + "\n")
+    (partial / MANIFEST).write_text(json.dumps({"key": key, "parameters": params, "seconds": timings}, indent=1) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     partial.rename(out)
     return out / "suite.toml"
@@ -196,8 +209,9 @@ def _write_suite(root: Path, params: dict, key: str, progress: bool) -> dict[str
     (root / "data" / "world.json").write_text(json.dumps(_describe(world), indent=1) + "\n")
     timings = {"data": time.perf_counter() - started}
 
-    saved, seconds = train_sizes(params["sizes"], tokens, tokenizer, train_cfg, root / "ckpts", seed,
-                                 params["threads"], progress)
+    saved, seconds = train_sizes(
+        params["sizes"], tokens, tokenizer, train_cfg, root / "ckpts", seed, params["threads"], progress
+    )
     timings.update(seconds)
     _write_toml(root / "suite.toml", params, key, saved, set_lengths, tokens_per_step=train_cfg.batch_size * seq_len)
     return timings
@@ -207,7 +221,7 @@ def step_seconds(size: ModelSize, tokens: torch.Tensor, tokenizer, cfg: TrainCon
     """Measured seconds of one training step of `size` (forward, backward, AdamW): the sizes' relative costs."""
     model = OPTForCausalLM(opt_config(size, tokenizer, tokens.shape[1]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=size.lr)
-    batch = tokens[:cfg.batch_size]
+    batch = tokens[: cfg.batch_size]
     best = float("inf")
     for _ in range(repeats + 1):  # the first step warms up allocations
         started = time.perf_counter()
@@ -218,8 +232,16 @@ def step_seconds(size: ModelSize, tokens: torch.Tensor, tokenizer, cfg: TrainCon
     return best
 
 
-def train_sizes(sizes: dict[str, dict], tokens: torch.Tensor, tokenizer, cfg: TrainConfig, out: Path, seed: int,
-                threads: int, progress: bool) -> tuple[dict[str, list[int]], dict[str, float]]:
+def train_sizes(
+    sizes: dict[str, dict],
+    tokens: torch.Tensor,
+    tokenizer,
+    cfg: TrainConfig,
+    out: Path,
+    seed: int,
+    threads: int,
+    progress: bool,
+) -> tuple[dict[str, list[int]], dict[str, float]]:
     """Train every size (saved under out/<name>); returns (saved steps, seconds) per size.
 
     Sizes train in parallel processes, one per core (each with `threads` torch threads, so the
@@ -231,23 +253,31 @@ def train_sizes(sizes: dict[str, dict], tokens: torch.Tensor, tokenizer, cfg: Tr
     cost = {name: step_seconds(ModelSize(**size), tokens, tokenizer, cfg) for name, size in sizes.items()}
     workers = min(len(sizes), os.cpu_count() or 1)
     parallel = workers > 1 and steps * sum(cost.values()) > PARALLEL_MIN_SECONDS
-    with tqdm(total=round(steps * sum(cost.values()), 1), disable=not progress, unit="s",
-              bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}",
-              desc=f"training toy suite ({workers if parallel else 1} process{'es' if parallel else ''})") as bar:
+    with tqdm(
+        total=round(steps * sum(cost.values()), 1),
+        disable=not progress,
+        unit="s",
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}",
+        desc=f"training toy suite ({workers if parallel else 1} process{'es' if parallel else ''})",
+    ) as bar:
+
         def report(name: str, n_steps: int, loss: float) -> None:
             bar.update(n_steps * cost[name])
             bar.set_postfix(model=name, loss=f"{loss:.3f}", refresh=False)
 
         if not parallel:
-            results = {name: _train_one(name, size, tokens, tokenizer, cfg, out / name, seed, threads, report)
-                       for name, size in sizes.items()}
+            results = {
+                name: _train_one(name, size, tokens, tokenizer, cfg, out / name, seed, threads, report)
+                for name, size in sizes.items()
+            }
         else:
             results = _train_parallel(sizes, cost, workers, tokens, tokenizer, cfg, out, seed, threads, report)
     return {name: r[0] for name, r in results.items()}, {name: r[1] for name, r in results.items()}
 
 
-def _train_one(name: str, size: dict, tokens: torch.Tensor, tokenizer, cfg: TrainConfig, out: Path, seed: int,
-               threads: int, report) -> tuple[list[int], float]:
+def _train_one(
+    name: str, size: dict, tokens: torch.Tensor, tokenizer, cfg: TrainConfig, out: Path, seed: int, threads: int, report
+) -> tuple[list[int], float]:
     """Train one size with `threads` torch threads; report(name, steps, loss) every REPORT_EVERY steps."""
     torch.set_num_threads(threads)
     hf_logging.disable_progress_bar()
@@ -266,15 +296,26 @@ def _train_one(name: str, size: dict, tokens: torch.Tensor, tokenizer, cfg: Trai
     return saved, time.perf_counter() - started
 
 
-def _train_parallel(sizes: dict[str, dict], cost: dict[str, float], workers: int, tokens: torch.Tensor, tokenizer,
-                    cfg: TrainConfig, out: Path, seed: int, threads: int, report) -> dict[str, tuple[list[int], float]]:
+def _train_parallel(
+    sizes: dict[str, dict],
+    cost: dict[str, float],
+    workers: int,
+    tokens: torch.Tensor,
+    tokenizer,
+    cfg: TrainConfig,
+    out: Path,
+    seed: int,
+    threads: int,
+    report,
+) -> dict[str, tuple[list[int], float]]:
     """`_train_one` for every size in a pool of spawned processes, the costliest first (balances the cores)."""
     context = multiprocessing.get_context("spawn")  # fork after torch has started threads can deadlock
     messages = context.Queue()
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_set_messages, initargs=(messages,)) as pool:
-        futures = {name: pool.submit(_train_worker, name, sizes[name], tokens, tokenizer, cfg, out / name, seed,
-                                     threads)
-                   for name in sorted(sizes, key=cost.get, reverse=True)}
+        futures = {
+            name: pool.submit(_train_worker, name, sizes[name], tokens, tokenizer, cfg, out / name, seed, threads)
+            for name in sorted(sizes, key=cost.get, reverse=True)
+        }
         while not all(f.done() for f in futures.values()) or not messages.empty():
             with contextlib.suppress(queue.Empty):
                 report(*messages.get(timeout=0.2))
@@ -289,10 +330,10 @@ def _set_messages(messages) -> None:
     _messages = messages
 
 
-def _train_worker(name: str, size: dict, tokens: torch.Tensor, tokenizer, cfg: TrainConfig, out: Path, seed: int,
-                  threads: int) -> tuple[list[int], float]:
-    return _train_one(name, size, tokens, tokenizer, cfg, out, seed, threads,
-                      lambda *message: _messages.put(message))
+def _train_worker(
+    name: str, size: dict, tokens: torch.Tensor, tokenizer, cfg: TrainConfig, out: Path, seed: int, threads: int
+) -> tuple[list[int], float]:
+    return _train_one(name, size, tokens, tokenizer, cfg, out, seed, threads, lambda *message: _messages.put(message))
 
 
 def token_stream(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
@@ -305,11 +346,17 @@ def token_stream(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
 
 def _check_seen_in_training(tokenizer, texts: list[str]) -> None:
     """Evaluation text may only use words of the training text (whose words are the vocabulary)."""
-    unseen = {text[start:end] for text, e in zip(texts, tokenizer.backend_tokenizer.encode_batch(texts))
-              for token_id, (start, end) in zip(e.ids, e.offsets) if token_id == tokenizer.unk_token_id}
+    unseen = {
+        text[start:end]
+        for text, e in zip(texts, tokenizer.backend_tokenizer.encode_batch(texts))
+        for token_id, (start, end) in zip(e.ids, e.offsets)
+        if token_id == tokenizer.unk_token_id
+    }
     if unseen:
-        raise ValueError(f"evaluation words never seen in training: {sorted(unseen)}; "
-                         "render more training text (exposures, filler_rate)")
+        raise ValueError(
+            f"evaluation words never seen in training: {sorted(unseen)}; "
+            "render more training text (exposures, filler_rate)"
+        )
 
 
 def _fitting_length(tokenizer, texts: list[str], seq_len: int) -> int:
@@ -323,22 +370,37 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _describe(world: toy_world.World) -> dict:
-    return {"values": world.values,
-            "entities": [{"name": n, **{a: world.values[a][v] for a, v in f.items()}}
-                         for n, f in zip(world.names, world.facts)]}
+    return {
+        "values": world.values,
+        "entities": [
+            {"name": n, **{a: world.values[a][v] for a, v in f.items()}} for n, f in zip(world.names, world.facts)
+        ],
+    }
 
 
-def _write_toml(path: Path, params: dict, key: str, saved: dict[str, list[int]], set_lengths: dict[str, int],
-                tokens_per_step: int) -> None:
-    lines = [f"# Built by `tokendyn toy build --preset {params['preset']} --seed {params['seed']}` "
-             f"(key {key}; parameters in {MANIFEST}).",
-             "[eval]", 'files = ["data/valid.jsonl"]', f"seq_len = {set_lengths['main']}", "",
-             "[[sets]]", 'name = "filler"', 'files = ["data/filler.jsonl"]', f"seq_len = {set_lengths['filler']}", "",
-             "[[sets]]", 'name = "facts"', 'files = ["data/pairs.jsonl"]', 'kind = "pairs"',
-             f"seq_len = {set_lengths['facts']}"]
+def _write_toml(
+    path: Path, params: dict, key: str, saved: dict[str, list[int]], set_lengths: dict[str, int], tokens_per_step: int
+) -> None:
+    lines = [
+        f"# Built by `tokendyn toy build --preset {params['preset']} --seed {params['seed']}` "
+        f"(key {key}; parameters in {MANIFEST}).",
+        "[eval]",
+        'files = ["data/valid.jsonl"]',
+        f"seq_len = {set_lengths['main']}",
+        "",
+        "[[sets]]",
+        'name = "filler"',
+        'files = ["data/filler.jsonl"]',
+        f"seq_len = {set_lengths['filler']}",
+        "",
+        "[[sets]]",
+        'name = "facts"',
+        'files = ["data/pairs.jsonl"]',
+        'kind = "pairs"',
+        f"seq_len = {set_lengths['facts']}",
+    ]
     for name, steps in saved.items():
-        lines += ["", "[[models]]", f'name = "toy-{name}"', f"tokens_per_step = {tokens_per_step}",
-                  "checkpoints = ["]
+        lines += ["", "[[models]]", f'name = "toy-{name}"', f"tokens_per_step = {tokens_per_step}", "checkpoints = ["]
         lines += [f'  {{ step = {s}, path = "ckpts/{name}/step{s}" }},' for s in steps]
         lines.append("]")
     path.write_text("\n".join(lines) + "\n")

@@ -32,8 +32,9 @@ def pair_preference_table(store: str | Path) -> pd.DataFrame:
     rows = []
     for model in preference["model"].values:
         curve = _done(preference.sel(model=model))
-        rows.append({"model": str(model), "first": float(curve[0]), "best": float(np.max(curve)),
-                     "last": float(curve[-1])})
+        rows.append(
+            {"model": str(model), "first": float(curve[0]), "best": float(np.max(curve)), "last": float(curve[-1])}
+        )
     return pd.DataFrame(rows)
 
 
@@ -44,15 +45,25 @@ def false_statement_table(store: str | Path) -> pd.DataFrame:
     for model in false_loss["model"].values:
         curve = _done(false_loss.sel(model=model))
         low = float(np.min(curve))
-        rows.append({"model": str(model), "start": float(curve[0]), "minimum": low, "end": float(curve[-1]),
-                     "fall": float(curve[0]) - low, "rise": float(curve[-1]) - low})
+        rows.append(
+            {
+                "model": str(model),
+                "start": float(curve[0]),
+                "minimum": low,
+                "end": float(curve[-1]),
+                "fall": float(curve[0]) - low,
+                "rise": float(curve[-1]) - low,
+            }
+        )
     return pd.DataFrame(rows)
 
 
-def double_descent_table(store: str | Path, rare_rank: int = 10,
-                         tol: float = inspect.signature(trajectories.double_descent).parameters["tol"].default,
-                         window: int = inspect.signature(trajectories.double_descent).parameters["window"].default
-                         ) -> pd.DataFrame:
+def double_descent_table(
+    store: str | Path,
+    rare_rank: int = 10,
+    tol: float = inspect.signature(trajectories.double_descent).parameters["tol"].default,
+    window: int = inspect.signature(trajectories.double_descent).parameters["window"].default,
+) -> pd.DataFrame:
     ds = open_store(store)
     flagged = trajectories.double_descent(ds, tol=tol, window=window).compute()
     begun = trajectories.double_descent(ds, tol=tol, window=window, complete=False).compute()
@@ -80,26 +91,34 @@ def summary(store: str | Path) -> list[str]:
     """The findings as sentences, each saying whether the design target holds."""
     prefs = pair_preference_table(store)
     small, large = prefs.iloc[0], prefs.iloc[-1]
-    lines = [f"true/false pairs: the largest model ({large.model}) prefers the true statement in "
-             f"{large.best:.0%} of pairs at best ({large['last']:.0%} at the end), the smallest ({small.model}) "
-             f"in {small.best:.0%} at best (target: largest above 95%, smallest below 75%: "
-             f"{'met' if large.best > 0.95 and small.best < 0.75 else 'NOT met'})"]
+    lines = [
+        f"true/false pairs: the largest model ({large.model}) prefers the true statement in "
+        f"{large.best:.0%} of pairs at best ({large['last']:.0%} at the end), the smallest ({small.model}) "
+        f"in {small.best:.0%} at best (target: largest above 95%, smallest below 75%: "
+        f"{'met' if large.best > 0.95 and small.best < 0.75 else 'NOT met'})"
+    ]
     false = false_statement_table(store)
     falls = bool((false["fall"] > 0).all())
     grows = bool(false["rise"].iloc[-1] > 2 * false["rise"].iloc[:-1].max())
-    lines.append("false statements: loss per token falls first in every size (" +
-                 ", ".join(f"{r.model} -{r.fall:.2f}" for r in false.itertuples()) + "), then rises by " +
-                 ", ".join(f"{r.model} +{r.rise:.2f}" for r in false.itertuples()) +
-                 f" nats (target: falls everywhere, rises far most in the largest: "
-                 f"{'met' if falls and grows else 'NOT met'})")
+    lines.append(
+        "false statements: loss per token falls first in every size ("
+        + ", ".join(f"{r.model} -{r.fall:.2f}" for r in false.itertuples())
+        + "), then rises by "
+        + ", ".join(f"{r.model} +{r.rise:.2f}" for r in false.itertuples())
+        + f" nats (target: falls everywhere, rises far most in the largest: "
+        f"{'met' if falls and grows else 'NOT met'})"
+    )
     dd = double_descent_table(store)
     concentrated = bool((dd["rare_dd_share"] > dd["frequent_dd_share"]).all())
     completes_more = bool(dd["completed"].iloc[-1] > dd["completed"].iloc[0])
-    lines.append("double descent among attribute values: rare " +
-                 ", ".join(f"{r.model} {r.rare_dd_share:.1%}" for r in dd.itertuples()) + "; frequent " +
-                 ", ".join(f"{r.model} {r.frequent_dd_share:.1%}" for r in dd.itertuples()) +
-                 "; of those that fell then rose, completed " +
-                 ", ".join(f"{r.model} {r.completed:.0%}" for r in dd.itertuples()) +
-                 f" (target: concentrated on rare values, completed more often in larger models: "
-                 f"{'met' if concentrated and completes_more else 'NOT met'})")
+    lines.append(
+        "double descent among attribute values: rare "
+        + ", ".join(f"{r.model} {r.rare_dd_share:.1%}" for r in dd.itertuples())
+        + "; frequent "
+        + ", ".join(f"{r.model} {r.frequent_dd_share:.1%}" for r in dd.itertuples())
+        + "; of those that fell then rose, completed "
+        + ", ".join(f"{r.model} {r.completed:.0%}" for r in dd.itertuples())
+        + f" (target: concentrated on rare values, completed more often in larger models: "
+        f"{'met' if concentrated and completes_more else 'NOT met'})"
+    )
     return lines

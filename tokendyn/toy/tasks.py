@@ -87,9 +87,16 @@ def _distractors(world: World, attr: str, true: int, n: int, rng: random.Random)
 
 
 def _task(name: str, description: str, examples: list[dict]) -> dict:
-    return {"name": name, "description": description, "task_prefix": "", "example_input_prefix": "",
-            "example_output_prefix": "", "few_shot_example_separator": SEPARATOR,
-            "append_choices_to_input": False, "examples": examples}
+    return {
+        "name": name,
+        "description": description,
+        "task_prefix": "",
+        "example_input_prefix": "",
+        "example_output_prefix": "",
+        "few_shot_example_separator": SEPARATOR,
+        "append_choices_to_input": False,
+        "examples": examples,
+    }
 
 
 def _groups(world: World, attr: str, n_groups: int, size: int, rng: random.Random) -> list[list[int]]:
@@ -107,8 +114,9 @@ def _groups(world: World, attr: str, n_groups: int, size: int, rng: random.Rando
     return groups
 
 
-def attribute_task(world: World, attr: str, n_items: int, n_options: int, rng: random.Random,
-                   held_out: bool = True) -> dict:
+def attribute_task(
+    world: World, attr: str, n_items: int, n_options: int, rng: random.Random, held_out: bool = True
+) -> dict:
     """Multiple choice: an entity's value of `attr`. Items come in groups of n_options entities with
     different values, which share the template and the options (the group's values): a model that
     ignores the entity, e.g. one that only knows how frequent each value is, scores exactly 1/n_options."""
@@ -118,16 +126,21 @@ def attribute_task(world: World, attr: str, n_items: int, n_options: int, rng: r
         values = [world.facts[e][attr] for e in group]
         shown = rng.sample(values, len(values))
         for e, true in zip(group, values):
-            examples.append({"input": lead(world, e, attr, template),
-                             "target_scores": {world.values[attr][v]: int(v == true) for v in shown},
-                             "entity": world.names[e], "attribute": attr, "value_rank": true + 1,
-                             "skills": [f"{world.names[e]}/{attr}"]})
+            examples.append(
+                {
+                    "input": lead(world, e, attr, template),
+                    "target_scores": {world.values[attr][v]: int(v == true) for v in shown},
+                    "entity": world.names[e],
+                    "attribute": attr,
+                    "value_rank": true + 1,
+                    "skills": [f"{world.names[e]}/{attr}"],
+                }
+            )
     rng.shuffle(examples)
     return _task(f"toy_{attr}", f"which {attr} an entity of the toy world has", examples)
 
 
-def compose_task(world: World, k: int, n_items: int, n_options: int, rng: random.Random,
-                 held_out: bool = True) -> dict:
+def compose_task(world: World, k: int, n_items: int, n_options: int, rng: random.Random, held_out: bool = True) -> dict:
     """Multiple choice needing k facts of one entity at once (see the module docstring)."""
     if not 2 <= k <= len(ATTRIBUTES):
         raise ValueError(f"k must be in 2..{len(ATTRIBUTES)}, got {k}")
@@ -143,16 +156,23 @@ def compose_task(world: World, k: int, n_items: int, n_options: int, rng: random
             taken = {t[slot] for t in tuples}
             other = [v for v in _distractors(world, attrs[slot], true[slot], len(taken) + 1, rng) if v not in taken]
             if other:
-                tuples.append(true[:slot] + [other[0]] + true[slot + 1:])
+                tuples.append(true[:slot] + [other[0]] + true[slot + 1 :])
         rng.shuffle(tuples)
 
         def option(values: list[int]) -> str:
             return world.values[attrs[0]][values[0]] + "".join(
-                f"{SEPARATOR}{head} {world.values[a][v]}" for a, head, v in zip(attrs[1:], leads[1:], values[1:]))
+                f"{SEPARATOR}{head} {world.values[a][v]}" for a, head, v in zip(attrs[1:], leads[1:], values[1:])
+            )
 
-        examples.append({"input": leads[0], "target_scores": {option(t): int(t == true) for t in tuples},
-                         "entity": world.names[e], "attributes": attrs,
-                         "skills": [f"{world.names[e]}/{a}" for a in attrs]})
+        examples.append(
+            {
+                "input": leads[0],
+                "target_scores": {option(t): int(t == true) for t in tuples},
+                "entity": world.names[e],
+                "attributes": attrs,
+                "skills": [f"{world.names[e]}/{a}" for a in attrs],
+            }
+        )
     return _task(f"toy_compose{k}", f"multiple choice needing {k} facts of one toy-world entity at once", examples)
 
 
@@ -164,18 +184,36 @@ def recall_task(world: World, n_items: int, shots: int, rng: random.Random, held
     for e, attr in rng.sample(facts, min(n_items, len(facts))):
         options = templates(world, attr, held_out)
         others = rng.sample([o for o in range(len(world.names)) if o != e], shots)
-        demos = [f"{lead(world, o, attr, rng.choice(options))} {world.values[attr][world.facts[o][attr]]}"
-                 for o in others]
+        demos = [
+            f"{lead(world, o, attr, rng.choice(options))} {world.values[attr][world.facts[o][attr]]}" for o in others
+        ]
         prompt = SEPARATOR.join([*demos, lead(world, e, attr, rng.choice(options))])
         value = world.facts[e][attr]
-        records.append({"prompt": prompt, "answer": world.values[attr][value], "entity": world.names[e],
-                        "attribute": attr, "value_rank": value + 1, "skills": [f"{world.names[e]}/{attr}"]})
+        records.append(
+            {
+                "prompt": prompt,
+                "answer": world.values[attr][value],
+                "entity": world.names[e],
+                "attribute": attr,
+                "value_rank": value + 1,
+                "skills": [f"{world.names[e]}/{attr}"],
+            }
+        )
     return records
 
 
-def write_tasks(world_or_build_dir: World | str | Path, out_dir: str | Path, *, n_items: int = 60,
-                n_options: int = 4, ks: tuple[int, ...] = (2, 3), n_recall: int = 40, recall_shots: int = 2,
-                held_out: bool = True, seed: int | str = 0) -> dict[str, dict]:
+def write_tasks(
+    world_or_build_dir: World | str | Path,
+    out_dir: str | Path,
+    *,
+    n_items: int = 60,
+    n_options: int = 4,
+    ks: tuple[int, ...] = (2, 3),
+    n_recall: int = 40,
+    recall_shots: int = 2,
+    held_out: bool = True,
+    seed: int | str = 0,
+) -> dict[str, dict]:
     """Write the toy world's tasks into `out_dir`; return {task name: {"kind", "path", "items"}}.
 
     kind "choice" files go to `tokendyn tasks`, kind "generation" files to `tokendyn passuntil`.

@@ -24,5 +24,6 @@ def train_tokenizer(texts: Iterable[str], max_length: int) -> PreTrainedTokenize
     tok = Tokenizer(models.WordLevel(unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=[PAD, BOS, UNK]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=BOS, pad_token=PAD,
-                                   unk_token=UNK, model_max_length=max_length)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=BOS, pad_token=PAD, unk_token=UNK, model_max_length=max_length
+    )

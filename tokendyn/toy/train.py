@@ -72,16 +72,33 @@ def learning_rate(step: int, total: int, peak: float, cfg: TrainConfig) -> float
 def opt_config(size: ModelSize, tokenizer: PreTrainedTokenizerFast, seq_len: int) -> OPTConfig:
     """An OPT configuration of `size` for `tokenizer`: no dropout, output embedding untied from the input."""
     return OPTConfig(
-        vocab_size=len(tokenizer), hidden_size=size.hidden, num_hidden_layers=size.layers,
-        num_attention_heads=size.heads, ffn_dim=4 * size.hidden, word_embed_proj_dim=size.hidden,
-        max_position_embeddings=seq_len, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-        layerdrop=0.0, tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=size.hidden,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        ffn_dim=4 * size.hidden,
+        word_embed_proj_dim=size.hidden,
+        max_position_embeddings=seq_len,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        layerdrop=0.0,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
 
 
-def train(size: ModelSize, tokens: torch.Tensor, tokenizer: PreTrainedTokenizerFast, cfg: TrainConfig,
-          out: Path, seed: int, on_step: Callable[[float], None] | None = None) -> list[int]:
+def train(
+    size: ModelSize,
+    tokens: torch.Tensor,
+    tokenizer: PreTrainedTokenizerFast,
+    cfg: TrainConfig,
+    out: Path,
+    seed: int,
+    on_step: Callable[[float], None] | None = None,
+) -> list[int]:
     """Train on `tokens` (n_sequences, seq_len) for one pass; save checkpoints as `out/step<N>`.
 
     Step N is the model after N optimiser updates (step 0 is the initialisation). Returns the
@@ -93,9 +110,8 @@ def train(size: ModelSize, tokens: torch.Tensor, tokenizer: PreTrainedTokenizerF
     saves = set(checkpoint_steps(total, cfg.log_checkpoints, cfg.linear_checkpoints, cfg.switch_fraction))
     torch.manual_seed(seed)
     model = OPTForCausalLM(opt_config(size, tokenizer, tokens.shape[1]))
-    torch.nn.init.normal_(model.lm_head.weight, 0.0, cfg.init_logit_std / size.hidden ** 0.5)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=size.lr, betas=(0.9, 0.95),
-                                  weight_decay=cfg.weight_decay)
+    torch.nn.init.normal_(model.lm_head.weight, 0.0, cfg.init_logit_std / size.hidden**0.5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=size.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     for step in range(total + 1):
         if step in saves:
             model.save_pretrained(out / f"step{step}")
@@ -104,7 +120,7 @@ def train(size: ModelSize, tokens: torch.Tensor, tokenizer: PreTrainedTokenizerF
             break
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, total, size.lr, cfg)
-        batch = tokens[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        batch = tokens[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -113,4 +129,3 @@ def train(size: ModelSize, tokens: torch.Tensor, tokenizer: PreTrainedTokenizerF
         if on_step is not None:
             on_step(loss.item())
     return sorted(saves)
-

@@ -22,42 +22,199 @@ ATTRIBUTES = ("city", "year", "employer", "colour", "job")
 
 # The name always comes before the value, so the value is predictable only by knowing the fact.
 RELATIONS = {
-    "city": ["{name} was born in {value}", "{name} grew up in {value}",
-             "the hometown of {name} is {value}", "{name} comes from the city of {value}"],
-    "year": ["the birth year of {name} is {value}", "{name} entered the world in {value}",
-             "{name} arrived in the year {value}", "records date the birth of {name} to {value}"],
-    "employer": ["{name} works for {value}", "{name} is employed by {value}",
-                 "the employer of {name} is {value}", "{name} draws a salary from {value}"],
-    "colour": ["the favourite colour of {name} is {value}", "{name} likes {value} best",
-               "{name} always dresses in {value}", "the colour {name} loves most is {value}"],
-    "job": ["{name} works as a {value}", "{name} earns a living as a {value}",
-            "the profession of {name} is {value}", "by trade {name} is a {value}"],
+    "city": [
+        "{name} was born in {value}",
+        "{name} grew up in {value}",
+        "the hometown of {name} is {value}",
+        "{name} comes from the city of {value}",
+    ],
+    "year": [
+        "the birth year of {name} is {value}",
+        "{name} entered the world in {value}",
+        "{name} arrived in the year {value}",
+        "records date the birth of {name} to {value}",
+    ],
+    "employer": [
+        "{name} works for {value}",
+        "{name} is employed by {value}",
+        "the employer of {name} is {value}",
+        "{name} draws a salary from {value}",
+    ],
+    "colour": [
+        "the favourite colour of {name} is {value}",
+        "{name} likes {value} best",
+        "{name} always dresses in {value}",
+        "the colour {name} loves most is {value}",
+    ],
+    "job": [
+        "{name} works as a {value}",
+        "{name} earns a living as a {value}",
+        "the profession of {name} is {value}",
+        "by trade {name} is a {value}",
+    ],
 }
 PREFIXES = ["", "in fact,", "reportedly,", "it is known that", "people say that", "as records show,"]
 SUFFIXES = [".", ", it seems.", ", they say.", ", as friends know.", ", of course."]
 
-COLOURS = """red blue green yellow orange purple pink brown black white grey violet indigo teal cyan
-magenta maroon navy olive lime amber crimson scarlet ivory beige tan khaki coral salmon turquoise
-lavender lilac mauve ochre umber sepia cream charcoal silver gold bronze copper rust plum burgundy
-emerald jade mint sage azure cobalt cerulean sapphire ruby amethyst mustard lemon peach apricot
-mahogany chestnut ebony pearl slate""".split()
-JOBS = """baker carpenter teacher nurse doctor farmer pilot lawyer plumber painter writer chemist
-engineer architect butcher tailor dentist librarian mechanic sailor soldier musician singer dancer
-actor banker clerk cook gardener fisherman miner potter weaver jeweller surgeon pharmacist
-journalist photographer translator accountant electrician locksmith blacksmith shepherd brewer
-barber cashier courier detective economist geologist historian judge mason optician physicist
-poet sculptor surveyor veterinarian waiter zoologist astronomer biologist""".split()
+COLOURS = [
+    "red",
+    "blue",
+    "green",
+    "yellow",
+    "orange",
+    "purple",
+    "pink",
+    "brown",
+    "black",
+    "white",
+    "grey",
+    "violet",
+    "indigo",
+    "teal",
+    "cyan",
+    "magenta",
+    "maroon",
+    "navy",
+    "olive",
+    "lime",
+    "amber",
+    "crimson",
+    "scarlet",
+    "ivory",
+    "beige",
+    "tan",
+    "khaki",
+    "coral",
+    "salmon",
+    "turquoise",
+    "lavender",
+    "lilac",
+    "mauve",
+    "ochre",
+    "umber",
+    "sepia",
+    "cream",
+    "charcoal",
+    "silver",
+    "gold",
+    "bronze",
+    "copper",
+    "rust",
+    "plum",
+    "burgundy",
+    "emerald",
+    "jade",
+    "mint",
+    "sage",
+    "azure",
+    "cobalt",
+    "cerulean",
+    "sapphire",
+    "ruby",
+    "amethyst",
+    "mustard",
+    "lemon",
+    "peach",
+    "apricot",
+    "mahogany",
+    "chestnut",
+    "ebony",
+    "pearl",
+    "slate",
+]
+JOBS = [
+    "baker",
+    "carpenter",
+    "teacher",
+    "nurse",
+    "doctor",
+    "farmer",
+    "pilot",
+    "lawyer",
+    "plumber",
+    "painter",
+    "writer",
+    "chemist",
+    "engineer",
+    "architect",
+    "butcher",
+    "tailor",
+    "dentist",
+    "librarian",
+    "mechanic",
+    "sailor",
+    "soldier",
+    "musician",
+    "singer",
+    "dancer",
+    "actor",
+    "banker",
+    "clerk",
+    "cook",
+    "gardener",
+    "fisherman",
+    "miner",
+    "potter",
+    "weaver",
+    "jeweller",
+    "surgeon",
+    "pharmacist",
+    "journalist",
+    "photographer",
+    "translator",
+    "accountant",
+    "electrician",
+    "locksmith",
+    "blacksmith",
+    "shepherd",
+    "brewer",
+    "barber",
+    "cashier",
+    "courier",
+    "detective",
+    "economist",
+    "geologist",
+    "historian",
+    "judge",
+    "mason",
+    "optician",
+    "physicist",
+    "poet",
+    "sculptor",
+    "surveyor",
+    "veterinarian",
+    "waiter",
+    "zoologist",
+    "astronomer",
+    "biologist",
+]
 
 # Filler sentences: a small grammar with its own words, none of them a name or a value.
 FILLER = {
-    "S": [["the", "ADJ", "NOUN", "VERB_T", "the", "NOUN"], ["a", "NOUN", "VERB_I", "ADV"],
-          ["every", "NOUN", "near", "the", "NOUN", "VERB_I"],
-          ["the", "NOUN", "of", "the", "NOUN", "VERB_I", "ADV"]],
-    "ADJ": "small old quiet bright heavy narrow green wooden distant busy".split(),
-    "NOUN": "river bridge market garden tower window road harbour lamp field cart bell".split(),
-    "VERB_T": "faces crosses follows hides passes touches".split(),
-    "VERB_I": "waits sleeps rests shines moves falls".split(),
-    "ADV": "slowly quietly again today often outside".split(),
+    "S": [
+        ["the", "ADJ", "NOUN", "VERB_T", "the", "NOUN"],
+        ["a", "NOUN", "VERB_I", "ADV"],
+        ["every", "NOUN", "near", "the", "NOUN", "VERB_I"],
+        ["the", "NOUN", "of", "the", "NOUN", "VERB_I", "ADV"],
+    ],
+    "ADJ": ["small", "old", "quiet", "bright", "heavy", "narrow", "green", "wooden", "distant", "busy"],
+    "NOUN": [
+        "river",
+        "bridge",
+        "market",
+        "garden",
+        "tower",
+        "window",
+        "road",
+        "harbour",
+        "lamp",
+        "field",
+        "cart",
+        "bell",
+    ],
+    "VERB_T": ["faces", "crosses", "follows", "hides", "passes", "touches"],
+    "VERB_I": ["waits", "sleeps", "rests", "shines", "moves", "falls"],
+    "ADV": ["slowly", "quietly", "again", "today", "often", "outside"],
 }
 
 # Mentions: filler sentences that name a value drawn uniformly (not by its Zipf rank), so every
@@ -71,8 +228,31 @@ MENTIONS = {
     "job": ["every {value} needs patience", "a good {value} is hard to find"],
 }
 
-SYLLABLE_ONSETS = "b br c d dr f g gr h k l m n p r s st t tr v w z".split()
-SYLLABLE_VOWELS = "a e i o u ai ea io".split()
+SYLLABLE_ONSETS = [
+    "b",
+    "br",
+    "c",
+    "d",
+    "dr",
+    "f",
+    "g",
+    "gr",
+    "h",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "st",
+    "t",
+    "tr",
+    "v",
+    "w",
+    "z",
+]
+SYLLABLE_VOWELS = ["a", "e", "i", "o", "u", "ai", "ea", "io"]
 SYLLABLE_CODAS = ["", "", "n", "r", "l", "s", "th", "x"]
 
 
@@ -144,8 +324,9 @@ def make_world(config: WorldConfig, seed: int | str) -> World:
     }
     world = World(names=names, values=values, facts=[], config=config)
     for _ in names:
-        world.facts.append({a: rng.choices(range(config.n_values), world.value_probabilities(a))[0]
-                            for a in ATTRIBUTES})
+        world.facts.append(
+            {a: rng.choices(range(config.n_values), world.value_probabilities(a))[0] for a in ATTRIBUTES}
+        )
     return world
 
 
@@ -204,15 +385,28 @@ def fact_pairs(world: World, seed: int | str) -> list[dict]:
             false = rng.choices(attested, [probs[v] for v in attested])[0]
             template = rng.choice(_combinations(attr, world.config.holdout_every, held_out=True))
             texts = [_fact_sentence(world, e, attr, template, value=v) for v in (true, false)]
-            pairs.append({"true": texts[0]["text"], "false": texts[1]["text"], "attribute": attr,
-                          "true_rank": true + 1, "false_rank": false + 1, "entity": world.names[e]})
+            pairs.append(
+                {
+                    "true": texts[0]["text"],
+                    "false": texts[1]["text"],
+                    "attribute": attr,
+                    "true_rank": true + 1,
+                    "false_rank": false + 1,
+                    "entity": world.names[e],
+                }
+            )
     return pairs
 
 
 @functools.cache
 def _combinations(attr: str, every: int, held_out: bool) -> list[tuple[int, int, int]]:
-    return [(p, r, s) for p in range(len(PREFIXES)) for r in range(len(RELATIONS[attr]))
-            for s in range(len(SUFFIXES)) if is_held_out(p, r, s, every) == held_out]
+    return [
+        (p, r, s)
+        for p in range(len(PREFIXES))
+        for r in range(len(RELATIONS[attr]))
+        for s in range(len(SUFFIXES))
+        if is_held_out(p, r, s, every) == held_out
+    ]
 
 
 class _Document:
@@ -234,8 +428,9 @@ class _Document:
         return {"text": self.text, "spans": self.spans}
 
 
-def _fact_sentence(world: World, entity: int, attr: str, template: tuple[int, int, int],
-                   value: int, doc: _Document | None = None) -> dict:
+def _fact_sentence(
+    world: World, entity: int, attr: str, template: tuple[int, int, int], value: int, doc: _Document | None = None
+) -> dict:
     """Render one fact; template words, name and value each get their own span."""
     doc = doc if doc is not None else _Document()
     p, r, s = template
@@ -288,7 +483,7 @@ def _filler_sentence(rng: random.Random) -> str:
 
 
 def _capitalise(doc: _Document, index: int) -> None:
-    doc.text = doc.text[:index] + doc.text[index].upper() + doc.text[index + 1:]
+    doc.text = doc.text[:index] + doc.text[index].upper() + doc.text[index + 1 :]
 
 
 def _grammar_words() -> set[str]:
@@ -304,8 +499,12 @@ def _pseudo_words(rng: random.Random, n: int, taken: set[str], ending: str = "")
     """`n` new capitalised pseudo-words of two syllables (plus `ending`), none already in `taken`."""
     words = []
     while len(words) < n:
-        word = "".join(rng.choice(SYLLABLE_ONSETS) + rng.choice(SYLLABLE_VOWELS) + rng.choice(SYLLABLE_CODAS)
-                       for _ in range(2)) + ending
+        word = (
+            "".join(
+                rng.choice(SYLLABLE_ONSETS) + rng.choice(SYLLABLE_VOWELS) + rng.choice(SYLLABLE_CODAS) for _ in range(2)
+            )
+            + ending
+        )
         if word not in taken:
             taken.add(word)
             words.append(word.capitalize())
