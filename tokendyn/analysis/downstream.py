@@ -93,8 +93,8 @@ def option_scores(source, task: str) -> xr.Dataset:
     per_option = {}
     for name, values in (
         ("length", length),
-        ("chars", ds["option_chars"].values),
-        ("target_score", ds["target_score"].values),
+        ("chars", ds["option_chars"].values[first]),
+        ("target_score", ds["target_score"].values[first]),
     ):
         per_option[name] = np.full(shape, np.nan)
         per_option[name][item, option] = values
