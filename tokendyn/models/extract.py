@@ -249,13 +249,14 @@ def score_checkpoint(
     allow_pickle: bool,
     trust_remote_code: bool,
     bar: tqdm,
-    commit: Callable = store.mark_done,
+    commit: Callable | None = None,
 ) -> list[str]:
     """Score checkpoint `c` of model `m` on `sets`, writing only the chunks it owns, then mark each set done.
 
     A set whose scores are not all finite is not marked done: the reason is kept in the store and
     returned (one line per set), and the run goes on with the other checkpoints. commit: records a
-    set's done flag (`store.mark_done`; cluster workers serialise it with a lock).
+    set's done flag (cluster workers serialise it with a lock); default `store.mark_done`, with the
+    consolidated metadata refreshed once after the last set rather than after each.
     """
     ckpt = suite.models[m].checkpoints[c]
     bar.set_description(f"{ckpt.model} step {ckpt.step}")
@@ -280,7 +281,12 @@ def score_checkpoint(
         if name == "main":
             val_ppl, per_byte = perplexities(total, sets[name])
             store.write_checkpoint_coords(root, m, c, val_ppl, weights_hash, per_byte)
-        commit(root, name, m, c, ckpt.model)
+        if commit is None:
+            store.mark_done(root, name, m, c, ckpt.model, refresh=False)
+        else:
+            commit(root, name, m, c, ckpt.model)
+    if commit is None:
+        store.consolidate(root)
     return refused
 
 
