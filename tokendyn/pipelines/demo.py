@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -59,10 +60,12 @@ PHASES = ("build", "generate", "extract", "tasks", "passuntil", "analyze", "repo
 FLOPS_PER_SECOND = 4e10
 STEP_OVERHEAD = 0.004  # seconds per layer per training step (Python, small kernels)
 FORWARD_OVERHEAD = 0.001  # seconds per layer per forward call (scoring batches, sampling steps)
-LOAD_SECONDS = 0.15  # loading and fingerprinting one checkpoint
+LOAD_SECONDS = 0.3  # loading and fingerprinting one checkpoint
+SET_SECONDS = 0.12  # per set and checkpoint: packing, writing and committing the scores
 TOKENS_PER_SENTENCE = 11.7  # training tokens per rendered sentence (measured on the default world)
 ANALYZE_PER_VALUE = 2e-6  # analyze, per (token, checkpoint, model) of the main set
-ANALYZE_FIXED = 20.0  # analyze and report: importing, fitting and drawing regardless of size
+ANALYZE_FIXED = 40.0  # analyze: importing and fitting regardless of size (measured on the quick preset)
+REPORT_FIXED = 70.0  # report: drawing every figure (measured on the quick preset)
 SUMMARY_FIXED = 3.0
 
 
@@ -113,10 +116,13 @@ def makespan(costs: list[float], workers: int) -> float:
     return max(loads)
 
 
-def scoring_seconds(shapes: dict[str, ModelShape], tokens: float, calls: float = 1.0) -> float:
-    """Reference seconds to score `tokens` under every checkpoint of every size (forward only)."""
+def scoring_seconds(shapes: dict[str, ModelShape], tokens: float, n_sets: int, calls: float = 1.0) -> float:
+    """Reference seconds to score `tokens` in `n_sets` sets under every checkpoint of every size (forward only)."""
     per_checkpoint = {
-        name: s.forward_flops(tokens) / FLOPS_PER_SECOND + LOAD_SECONDS + FORWARD_OVERHEAD * s.layers * calls
+        name: s.forward_flops(tokens) / FLOPS_PER_SECOND
+        + LOAD_SECONDS
+        + SET_SECONDS * n_sets
+        + FORWARD_OVERHEAD * s.layers * calls
         for name, s in shapes.items()
     }
     return sum(s.checkpoints * per_checkpoint[name] for name, s in shapes.items())
@@ -136,11 +142,14 @@ def estimate_costs(preset: str, workers: int = 1) -> dict[str, float]:
     generated_tokens = GENERATE_PROMPTS * GENERATE_MIXTURES * (GENERATE_TOKENS + 6)
     corrupted_tokens = len(CORRUPT_RATES) * max(CORRUPT_MIN * 40, CORRUPT_SHARE * main_tokens)
     extract_tokens = main_tokens + filler_tokens + pairs_tokens + generated_tokens + corrupted_tokens
-    extract_workers = workers if scoring_seconds(shapes, extract_tokens) > PARALLEL_EXTRACT_MIN else 1
+    extract_sets = 4 + len(CORRUPT_RATES)  # main, filler, facts, hallucinated, corrupted
+    extract_seconds = scoring_seconds(shapes, extract_tokens, extract_sets)
+    extract_workers = workers if extract_seconds > PARALLEL_EXTRACT_MIN else 1
     largest = max(shapes.values(), key=lambda s: s.params)
     smallest = min(shapes.values(), key=lambda s: s.params)
     # Choice tasks: a group of 4 options per item, with 2 demonstrations, for every attribute and composition.
-    task_tokens = world.n_entities * (len(ATTRIBUTES) + 2) * 4 * 3 * fact_tokens
+    task_items = min(world.n_entities, inspect.signature(toy_tasks.write_tasks).parameters["n_items"].default)
+    task_tokens = task_items * (len(ATTRIBUTES) + 2) * 4 * 3 * fact_tokens
     recall_samples = RECALL_INSTANCES * RECALL_CAP
     analyze_values = main_tokens * sum(s.checkpoints for s in shapes.values())
     return {
@@ -151,11 +160,11 @@ def estimate_costs(preset: str, workers: int = 1) -> dict[str, float]:
         * (largest.forward_flops(GENERATE_TOKENS) + smallest.forward_flops(GENERATE_TOKENS))
         / FLOPS_PER_SECOND
         / 32,  # batches of 32 prompts, each step re-reading the sequence so far
-        "extract": scoring_seconds(shapes, extract_tokens) / extract_workers,
-        "tasks": scoring_seconds(shapes, task_tokens),
-        "passuntil": scoring_seconds(shapes, recall_samples * RECALL_TOKENS * 3 * fact_tokens, RECALL_TOKENS),
+        "extract": extract_seconds / extract_workers,
+        "tasks": scoring_seconds(shapes, task_tokens, len(ATTRIBUTES) + 2),
+        "passuntil": scoring_seconds(shapes, recall_samples * RECALL_TOKENS * 3 * fact_tokens, 1, RECALL_TOKENS),
         "analyze": ANALYZE_FIXED + ANALYZE_PER_VALUE * analyze_values,
-        "report": ANALYZE_FIXED,
+        "report": REPORT_FIXED,
         "findings": SUMMARY_FIXED,
     }
 
