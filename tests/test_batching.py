@@ -41,7 +41,8 @@ def test_scores_do_not_depend_on_the_batching(tmp_path, monkeypatch):
     stores = {}
     for label, kwargs in {"size1": dict(batch_size=1), "size3": dict(batch_size=3), "tokens": {}}.items():
         rows_seen.clear()
-        stores[label] = xr.open_zarr(extract(suite, tmp_path / f"{label}.zarr", metrics=["rank"], progress=False, **kwargs))
+        out = extract(suite, tmp_path / f"{label}.zarr", metrics=["rank"], progress=False, **kwargs)
+        stores[label] = xr.open_zarr(out)
         if label == "size1":
             assert set(rows_seen) == {1}
         if label == "size3":

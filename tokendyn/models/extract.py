@@ -137,17 +137,14 @@ def extract(
     force : recompute checkpoints that are already complete.
     scheduler, workers : run on the dask cluster at this address, or on a new local cluster of this many
         workers (one task per checkpoint; see `tokendyn.models.distributed`).
-    prefetch : hub checkpoints downloaded ahead while the current one is scored (single process).
+    prefetch : hub checkpoints downloaded ahead while the current one is scored (on a cluster: per worker).
     evict : delete each scored hub revision this run downloaded from the Hugging Face cache.
 
     A rerun skips complete checkpoints and recomputes interrupted ones.
     """
     batch_tokens, batch_size = batching(batch_tokens, batch_size)
-    if evict and (scheduler is not None or workers is not None):
-        raise TokendynError(
-            "--evict works in single-process runs only; on a cluster, fetch the revisions "
-            "beforehand with `tokendyn download SUITE` and leave --evict out"
-        )
+    if prefetch < 0:
+        raise TokendynError(f"--prefetch {prefetch} is negative; give 0 (no prefetch) or more")
     cached_before = cache_state() if evict else None  # before any download: evict only what this run fetches
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
     out = Path(out)
@@ -196,7 +193,18 @@ def extract(
         if scheduler is not None or workers is not None:
             from tokendyn.models.distributed import run_on_cluster
 
-            run_on_cluster(suite, out, sets, todo, options, scheduler=scheduler, workers=workers, progress=progress)
+            run_on_cluster(
+                suite,
+                out,
+                sets,
+                todo,
+                options,
+                scheduler=scheduler,
+                workers=workers,
+                progress=progress,
+                prefetch=prefetch,
+                cached_before=cached_before,
+            )
             stored = open_group(out, mode="r")
             refused = [
                 reason
