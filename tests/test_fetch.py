@@ -18,8 +18,8 @@ import huggingface_hub
 import numpy as np
 import pytest
 import xarray as xr
-from huggingface_hub import constants as hub_constants
 from distributed import WorkerPlugin
+from huggingface_hub import constants as hub_constants
 from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
 
 import tokendyn.models.extract as extract_module
@@ -238,7 +238,12 @@ def test_cluster_prefetch_and_evict_leave_the_cache_as_before(hub, tmp_path, mon
     with local_cluster(2) as cluster, Client(cluster) as client:
         client.register_plugin(FakeHubPlugin(cache, fake.remote, 0.3, log), name="fake-hub")
         out = extract(
-            suite, tmp_path / "cluster.zarr", evict=True, prefetch=1, progress=False, scheduler=cluster.scheduler_address
+            suite,
+            tmp_path / "cluster.zarr",
+            evict=True,
+            prefetch=1,
+            progress=False,
+            scheduler=cluster.scheduler_address,
         )
     repo = cache / "models--org--run"
     assert sorted(p.name for p in (repo / "refs").iterdir()) == ["step1000"]  # scored revisions are gone
