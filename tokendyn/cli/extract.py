@@ -99,13 +99,14 @@ def register(subparsers) -> None:
         type=int,
         default=1,
         metavar="K",
-        help="download the next K hub checkpoints while one is scored (default: 1; 0: no prefetch)",
+        help="download the next K hub checkpoints while one is scored (default: 1; 0: no prefetch); "
+        "on a cluster, K per worker (workers need the resources score=1 fetch=1; see docs/scale.md)",
     )
     p.add_argument(
         "--evict",
         action="store_true",
         help="delete each hub revision this run downloaded from the Hugging Face cache once it is "
-        "scored (revisions cached before the run are kept)",
+        "scored (revisions cached before the run are kept); on a cluster, the workers must share one cache",
     )
     add_model_options(p)
     p.set_defaults(func=run)
