@@ -16,7 +16,7 @@ so the final store equals a single-process run.
 Hub checkpoints (a Hugging Face cache shared by the workers, e.g. HF_HOME on a shared file system):
 
 - prefetch K: each scoring task depends on a download task (`fetch_task`, holding `fetch`), and the
-  client keeps workers x (1 + K) checkpoints submitted, adding the next pair as one completes: while
+  client keeps workers x (1 + K) checkpoints submitted, topping up as one completes: while
   a worker scores, the next downloads run on the workers' `fetch` threads. Without `fetch`
   resources on the cluster, each scoring task downloads its own checkpoint first.
 - evict: the client records what the cache held before the run, before it reads any checkpoint;
@@ -206,17 +206,22 @@ def run_on_cluster(
     try:
         if progress:
             tqdm.write(f"dask dashboard: {client.dashboard_link}")
+        if not client.scheduler_info()["workers"]:
+            if progress:
+                tqdm.write("waiting for a dask worker to join the cluster")
+            client.wait_for_workers(1)
         plan = _Plan(client, suite, out, todo, options, prefetch, cached_before, progress)
         shared = client.scatter(sets, broadcast=True)
-        queue = iter(todo)
-        futures = as_completed([plan.submit(shared, *task) for task in _take(queue, plan.in_flight)])
+        queue, futures = iter(todo), as_completed()
+        for task in _take(queue, plan.window()):
+            futures.add(plan.submit(shared, *task))
         tokens, start, seen = 0, time.perf_counter(), set()
         with tqdm(total=len(todo), unit="ckpt", disable=not progress, dynamic_ncols=True) as bar:
             for future in futures:
                 result = future.result()  # a task's TokendynError stops the run here
-                for task in _take(queue, 1):
-                    futures.add(plan.submit(shared, *task))
                 plan.done(future.key)
+                for task in _take(queue, plan.window() - futures.count()):  # workers may have joined
+                    futures.add(plan.submit(shared, *task))
                 tokens += result["tokens"]
                 for message in result["warnings"]:
                     if message not in seen:
@@ -241,7 +246,8 @@ class _Plan:
         self, client, suite: Suite, out: Path, todo, options: dict, prefetch: int, cached_before, progress: bool
     ) -> None:
         self.client, self.suite, self.out, self.options = client, suite, str(out), options
-        resources = [set(w.get("resources", {})) for w in client.scheduler_info()["workers"].values()]
+        self.n_tasks = len(todo)
+        resources = self._resources()
         self.score_resources = {SCORE: 1} if any(SCORE in r for r in resources) else None
         hub = [suite.models[m].checkpoints[c] for m, c, _ in todo if suite.models[m].checkpoints[c].path is None]
         self.prefetch = prefetch if hub and any(FETCH in r for r in resources) else 0
@@ -250,13 +256,21 @@ class _Plan:
                 f"no worker holds the resources {SCORE}=1 {FETCH}=1: each task downloads its checkpoint "
                 "before scoring it, without prefetch (see docs/scale.md)"
             )
-        slots = sum(SCORE in r for r in resources) or len(resources)
-        self.in_flight = max(1, slots) * (1 + self.prefetch) if self.prefetch else len(todo)
         self.keep = None if cached_before is None else set(cached_before)
         revisions = [(c.hub_id, c.revision) for c in hub]
         self.users = {rev: revisions.count(rev) for rev in revisions}  # tasks per revision
         self.remaining = dict(self.users)
         self.keys: dict[str, tuple[str, str] | None] = {}
+
+    def _resources(self) -> list[set[str]]:
+        return [set(w.get("resources", {})) for w in self.client.scheduler_info()["workers"].values()]
+
+    def window(self) -> int:
+        """Tasks to keep submitted: all without prefetch, else (1 + prefetch) per scoring slot of the cluster now."""
+        if not self.prefetch:
+            return self.n_tasks
+        resources = self._resources()
+        return max(1, sum(SCORE in r for r in resources) or len(resources)) * (1 + self.prefetch)
 
     def submit(self, shared, m: int, c: int, names: list[str]):
         ckpt = self.suite.models[m].checkpoints[c]
