@@ -60,12 +60,12 @@ PHASES = ("build", "generate", "extract", "tasks", "passuntil", "analyze", "repo
 FLOPS_PER_SECOND = 4e10
 STEP_OVERHEAD = 0.004  # seconds per layer per training step (Python, small kernels)
 FORWARD_OVERHEAD = 0.001  # seconds per layer per forward call (scoring batches, sampling steps)
-LOAD_SECONDS = 0.3  # loading and fingerprinting one checkpoint
-SET_SECONDS = 0.12  # per set and checkpoint: packing, writing and committing the scores
+LOAD_SECONDS = 0.2  # loading and fingerprinting one checkpoint
+SET_SECONDS = 0.05  # per set and checkpoint: packing, writing and committing the scores
 TOKENS_PER_SENTENCE = 11.7  # training tokens per rendered sentence (measured on the default world)
 ANALYZE_PER_VALUE = 2e-6  # analyze, per (token, checkpoint, model) of the main set
-ANALYZE_FIXED = 40.0  # analyze: importing and fitting regardless of size (measured on the quick preset)
-REPORT_FIXED = 70.0  # report: drawing every figure (measured on the quick preset)
+ANALYZE_FIXED = 35.0  # analyze: importing and fitting regardless of size (measured on the quick preset)
+REPORT_FIXED = 50.0  # report: drawing every figure (measured on the quick preset)
 SUMMARY_FIXED = 3.0
 
 
