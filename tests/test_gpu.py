@@ -61,7 +61,9 @@ def test_fused_head_wiring_gives_the_chunked_losses(monkeypatch, tokenizer, tmp_
         logits = e @ c.T + (0 if bias is None else bias)
         return torch.nn.functional.cross_entropy(logits.float(), targets, reduction=reduction)
 
-    monkeypatch.setitem(sys.modules, "cut_cross_entropy", types.SimpleNamespace(linear_cross_entropy=linear_cross_entropy))
+    monkeypatch.setitem(
+        sys.modules, "cut_cross_entropy", types.SimpleNamespace(linear_cross_entropy=linear_cross_entropy)
+    )
     model = save_checkpoint(tmp_path, "gpt_neox", tokenizer, seed=1)
     ids = torch.randint(0, len(tokenizer), (3, 12))
     ids[1, 7:] = -1
