@@ -102,14 +102,15 @@ def run_tool(python: Path, tool: str, args, model_dir: Path) -> dict:
     """One tool in a fresh process: its JSON result plus wall and CPU seconds of the whole process."""
     command = [str(python), __file__, "--worker", tool, "--dir", str(model_dir), "--window", str(args.window)]
     command += ["--dtype", args.dtype, "--batch-tokens", str(args.batch_tokens)]
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - started
-    out, err = process.stdout.read(), process.stderr.read()
-    process.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:  # a full pipe would block
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True)
+        _, status, usage = os.wait4(process.pid, 0)  # wait4: the child's own CPU seconds
+        wall = time.perf_counter() - started
+        stdout.seek(0), stderr.seek(0)
+        out, err = stdout.read(), stderr.read()
     lines = [line for line in out.splitlines() if line.startswith("{")]
-    if process.returncode != 0 or not lines:
+    if os.waitstatus_to_exitcode(status) != 0 or not lines:
         tail = (err.strip().splitlines() or ["no output"])[-1]
         return {"skipped": tail[:110]}
     return {**json.loads(lines[-1]), "wall": wall, "cpu": usage.ru_utime + usage.ru_stime}
