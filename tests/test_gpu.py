@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -55,7 +57,6 @@ def test_fused_head_off_on_cpu(tokenizer, tmp_path):
 def test_fused_head_wiring_gives_the_chunked_losses(monkeypatch, tokenizer, tmp_path):
     """With the fused kernel standing in for cut-cross-entropy, token_scores returns the chunked head's losses."""
     import sys
-    import types
 
     def linear_cross_entropy(e, c, targets, bias=None, reduction="mean"):
         logits = e @ c.T + (0 if bias is None else bias)
@@ -74,3 +75,17 @@ def test_fused_head_wiring_gives_the_chunked_losses(monkeypatch, tokenizer, tmp_
         fused = token_scores(model, ids, score)["loss"]
     assert fused.shape == chunked.shape == (int(score[:, 1:].sum()),)
     torch.testing.assert_close(fused, chunked, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batches", [(8192, None), (None, 64)])
+def test_scoring_on_cuda_sizes_batches_from_free_memory(monkeypatch, tokenizer, tmp_path, batches):
+    """_score_set's CUDA branch keeps the caller's batching mode and lowers it to what free memory holds."""
+    import numpy as np
+
+    from tokendyn.models import extract as ex
+
+    model = save_checkpoint(tmp_path, "llama", tokenizer, seed=0)
+    scored = types.SimpleNamespace(lengths=np.full(10, 33))  # windows of 33 positions
+    monkeypatch.setattr(gpu, "cuda_batch_tokens", lambda model, window, cap, chunk: min(cap, 4 * window))
+    batch_tokens, batch_size = ex._fit_device_memory(model, scored, batches)
+    assert (batch_tokens, batch_size) == ((4 * 33, None) if batches[0] else (None, 4))

@@ -381,7 +381,7 @@ def _score_set(
     finished = np.zeros(len(scored.windows), dtype=bool)
     frontier = written = 0  # windows [0, frontier) are scored; tokens [0, written) are in the store
     if model.device.type == "cuda":
-        batch_tokens = gpu.cuda_batch_tokens(model, int(scored.lengths.max(initial=1)), batch_tokens, CHUNK_LOGITS)
+        batches = _fit_device_memory(model, scored, batches)
     with torch.inference_mode():
         for rows in plan_batches(scored.lengths, batches[0], batch_size=batches[1]):
             ids, score, index = _batch(scored, rows)
@@ -398,6 +398,14 @@ def _score_set(
                 store.write_block(root, name, m, c, written, {k: v[written:upto] for k, v in values.items()})
                 written = upto
     return float(values["loss"].astype(np.float64).sum())
+
+
+def _fit_device_memory(model, scored: ScoredSet, batches: tuple[int | None, int | None]) -> tuple:
+    """(batch_tokens, batch_size) lowered to what the free CUDA memory holds (`gpu.cuda_batch_tokens`)."""
+    batch_tokens, batch_size = batches
+    window = int(scored.lengths.max(initial=1))
+    fit = gpu.cuda_batch_tokens(model, window, batch_tokens or batch_size * window, CHUNK_LOGITS)
+    return (fit, None) if batch_tokens is not None else (None, max(1, fit // window))
 
 
 def _batch(scored: ScoredSet, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
