@@ -136,6 +136,7 @@ def section(outcome: Outcome, files: dict[str, Path], folder: Path) -> dict:
         "findings": result.findings,
         "notes": outcome.notes,
         "tables": [(name, table_view(result.tables[name])) for name in result.shown],
+        "html": result.html,
         "files": [(path.name, path.relative_to(folder).as_posix()) for path in files.values()],
     }
 

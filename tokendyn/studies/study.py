@@ -52,7 +52,9 @@ class Result:
     table name belongs to one study). figure: one matplotlib figure drawn from the tables.
     findings: sentences computed from the tables. shown: names of tables small enough to print in
     the report page (e.g. examples with their text). labels: per-token results by name, on the
-    store's token grid (written by `tokendyn analyze` as groups of labels.zarr).
+    store's token grid (written by `tokendyn analyze` as groups of labels.zarr). html: a fragment the
+    report shows below the figure, drawn from the tables; only a `markupsafe.Markup` (every piece of
+    store text in it escaped by the study) is inserted as HTML, anything else is shown as text.
     """
 
     title: str
@@ -61,6 +63,7 @@ class Result:
     findings: list[str]
     shown: list[str] = field(default_factory=list)
     labels: dict[str, xr.Dataset | xr.DataArray] = field(default_factory=dict)
+    html: str = ""
 
 
 def require(ds: xr.Dataset, *names: str) -> None:
