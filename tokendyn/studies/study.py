@@ -33,6 +33,7 @@ __all__ = [
     "models_by_size",
     "token_texts",
     "context",
+    "step_text",
     "save",
 ]
 
@@ -115,6 +116,13 @@ def context(ds: xr.Dataset, token: int, width: int = 12) -> str:
         return ds.tokendyn.context(token, width)
     ids = context_ids(ds, token, width)
     return " ".join(f"#{i}" for i in ids[:-1]) + f" [[#{ids[-1]}]]"
+
+
+def step_text(step: float) -> str:
+    """A training step as printed in findings, tables and figures: an integer where it is one
+    (143000, never 1.43e+05), else a short decimal."""
+    step = float(step)
+    return f"{step:.0f}" if np.isfinite(step) and step == round(step) else f"{step:g}"
 
 
 def save(result: Result, folder: Path) -> dict[str, Path]:

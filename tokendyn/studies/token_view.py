@@ -29,7 +29,7 @@ from tokendyn.analysis.tokens import flat_tokens, show_whitespace, steps_between
 from tokendyn.analysis.trajectories import load_small, model_index
 from tokendyn.analysis.trends import CATEGORIES, TrendWarning, trend_categories
 from tokendyn.data.corpus import PAD
-from tokendyn.studies.study import Result, Skip, default_of, models_by_size, open_source, require
+from tokendyn.studies.study import Result, Skip, default_of, models_by_size, open_source, require, step_text
 from tokendyn.studies.style import model_colors, new_figure
 
 TITLE = "The text, token by token: loss change and trend category"
@@ -55,11 +55,6 @@ STYLE = (
     )
     + "</style>"
 )
-
-
-def step_text(step: float) -> str:
-    """A training step as printed: an integer where it is one."""
-    return f"{step:.0f}" if float(step) == round(float(step)) else f"{step:g}"
 
 
 def _document_tokens(ds: xr.Dataset, n_docs: int, max_tokens: int) -> list[np.ndarray]:
