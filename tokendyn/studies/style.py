@@ -15,7 +15,14 @@ import xarray as xr
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FixedLocator, FuncFormatter, LogFormatter, NullFormatter, ScalarFormatter
+from matplotlib.ticker import (
+    FixedLocator,
+    FuncFormatter,
+    LogFormatter,
+    MaxNLocator,
+    NullFormatter,
+    ScalarFormatter,
+)
 
 from tokendyn.studies.study import models_by_size
 
@@ -74,9 +81,9 @@ TICK_STEPS = ((1,), (1, 3), (1, 2, 5), (1, 1.5, 2, 3, 5, 7), (1, 1.2, 1.5, 2, 2.
 
 def perplexity_ticks(ax: Axes, max_ticks: int = 6) -> None:
     """Legible labels on a log x axis over its current range: at most `max_ticks` round values
-    (powers of ten, else 1-3, 1-2-5, ... steps), printed plainly, minor ticks unlabelled. Call it once
-    the data are drawn and the range is set (a short range, e.g. matched perplexity 2-6, has no power
-    of ten in it, and labelled minor ticks run into each other)."""
+    (powers of ten, else 1-3, 1-2-5, ... steps, else evenly spaced round values), printed plainly,
+    minor ticks unlabelled. Call it once the data are drawn and the range is set (a short range, e.g.
+    matched perplexity 2-6, has no power of ten in it, and labelled minor ticks run into each other)."""
     lo, hi = sorted(ax.get_xlim())
     if not (lo > 0 and hi > lo):
         return
@@ -86,8 +93,9 @@ def perplexity_ticks(ax: Axes, max_ticks: int = 6) -> None:
         ticks = [float(f"{m * 10.0**e:.3g}") for e in decades for m in steps if lo <= m * 10.0**e <= hi]
         if len(ticks) >= 3:
             break
-    if len(ticks) < 2:
-        ticks = [float(f"{v:.3g}") for v in np.geomspace(lo, hi, 3)]
+    if len(ticks) < 3:  # a range of less than a few tens of percent: round values, evenly spaced
+        ticks = [float(f"{t:.6g}") for t in MaxNLocator(4, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)]
+        ticks = [t for t in ticks if lo <= t <= hi]
     ticks = ticks[:: -(-len(ticks) // max_ticks)]
     ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
