@@ -34,6 +34,7 @@ TABLES = {
     "cluster_centroids",
     "cluster_tokens",
     "cluster_agreement",
+    "token_view",
 }
 GROUPS = {"matched_perplexity", "trends", "double_descent", "curves", "rho1", "clusters"}
 
@@ -108,7 +109,7 @@ def test_summary_is_printed_and_missing_data_is_skipped(tmp_path, capsys):
 
 def test_the_registry_is_explicit_and_a_study_added_to_it_runs(tmp_path, monkeypatch, capsys):
     assert list(tokendyn.studies.STUDIES)[:3] == ["perplexity", "trend_categories", "subset_curves"]
-    assert len(set(tokendyn.studies.STUDIES)) == len(tokendyn.studies.STUDIES) == 12
+    assert len(set(tokendyn.studies.STUDIES)) == len(tokendyn.studies.STUDIES) == 13
 
     def tokens(source):
         from matplotlib.figure import Figure

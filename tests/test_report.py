@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pandas as pd
 
@@ -13,7 +14,8 @@ import tokendyn.studies as analyses
 from conftest import write_suite
 from planted_stores import HOSTILE, planted_report
 from tokendyn.cli import main
-from tokendyn.pipelines.report import write_report
+from tokendyn.pipelines.report import table_view, write_report
+from tokendyn.studies.study import step_text
 
 SET_STUDIES = ("sequence_perplexity", "pair_preference", "downstream", "passuntil", "skills")
 
@@ -146,3 +148,32 @@ def test_report_command(tmp_path_factory, tmp_path, capsys):
     _check_layout(tmp_path / "r" / "index.html", ["perplexity"])
     assert main(["report", str(store), "--studies", "nonsense"]) == 2
     assert "unknown study nonsense" in capsys.readouterr().err
+
+
+def test_steps_and_counts_print_as_integers():
+    table = pd.DataFrame({"step": [143000.0, 2.5, float("nan")], "n_tokens": [10, 20, 30], "share": [0.5, 1 / 3, 1e-5]})
+    cells = [[cell["text"] for cell in row] for row in table_view(table)["rows"]]
+    assert cells == [["143000", "10", "0.5"], ["2.5", "20", "0.3333"], ["", "30", "1e-05"]]
+    assert step_text(143000.0) == "143000" and step_text(1_430_000) == "1430000" and step_text(12.5) == "12.5"
+
+
+def test_the_planted_report_shows_steps_as_integers_and_the_uncategorised_share(tmp_path_factory):
+    index = planted_report(tmp_path_factory) / "report" / "index.html"
+    page = Page(index.read_text(encoding="utf-8"))
+    assert "e+0" not in page.text  # no step or count in exponent notation (the last step was "1e+04")
+    shares = pd.read_csv(index.parent / "trend_categories" / "trend_shares.csv")
+    assert "uncategorised" in set(shares["category"])  # drawn in its own panels beside the other three
+    titles = (index.parent / "trend_categories" / "figure.svg").read_text()
+    assert "uncategorised: this store" in titles and "uncategorised: paper" in titles
+
+
+def test_the_paper_year_is_the_same_everywhere():
+    root = Path(__file__).resolve().parents[1]
+    files = [
+        *root.glob("tokendyn/**/*.py"),
+        *root.glob("tokendyn/**/*.j2"),
+        *root.glob("docs/*.md"),
+        root / "README.md",
+    ]
+    years = {m for f in files for m in re.findall(r"Xia et al\.,? (\d{4})", f.read_text(encoding="utf-8"))}
+    assert years == {"2023"}  # ACL 2023 (arXiv 2212.09803), as docs/analyses.md states

@@ -13,6 +13,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.image import imread
 
@@ -54,6 +55,36 @@ window.addEventListener("load", function () {
 </script>"""
 
 
+# Reads the token view as the browser draws it: the shaded spans, their text, and what the switch to
+# the trend-category view changes (computed styles, so the CSS is checked, not just the markup).
+TOKEN_HOOK = """<script>
+window.addEventListener("load", function () {
+  var spans = Array.prototype.slice.call(document.querySelectorAll(".token-view span"));
+  function bg(e) { return getComputedStyle(e).backgroundColor; }
+  function shown(e) { return getComputedStyle(e).display !== "none"; }
+  var clear = function (c) { return c === "rgba(0, 0, 0, 0)" || /, 0\\)$/.test(c); };
+  var byChange = spans.map(bg);
+  var before = {change: shown(document.querySelector(".tv-legend-change")),
+                category: shown(document.querySelector(".tv-legend-category"))};
+  document.getElementById("tv-category").checked = true;
+  var byCategory = spans.map(bg);
+  var out = document.createElement("pre");
+  out.id = "browser-check";
+  out.textContent = JSON.stringify({
+    spans: spans.length, views: document.querySelectorAll(".token-view").length,
+    shaded: byChange.filter(function (c) { return !clear(c); }).length,
+    texts: spans.map(function (e) { return e.textContent; }),
+    titles: spans.map(function (e) { return e.title; }),
+    classes: spans.map(function (e) { return e.className; }),
+    by_change: byChange, by_category: byCategory, legend_before: before,
+    legend_after: {change: shown(document.querySelector(".tv-legend-change")),
+                   category: shown(document.querySelector(".tv-legend-category"))},
+    scripts: document.scripts.length, bold: document.querySelectorAll(".token-view b").length});
+  document.body.appendChild(out);
+});
+</script>"""
+
+
 @pytest.fixture(scope="module")
 def chromium() -> str:
     path = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -73,11 +104,11 @@ def browse(chromium: str, page: Path, profile: Path, *args: str) -> subprocess.C
     )
 
 
-def check_page(chromium: str, page: Path, profile: Path) -> tuple[dict, list[str]]:
+def check_page(chromium: str, page: Path, profile: Path, hook: str = HOOK) -> tuple[dict, list[str]]:
     """What the hook saw in a copy of `page` (beside it, so relative links resolve), and the
     browser's console lines."""
     checked = page.with_name("browser-check.html")
-    checked.write_text(page.read_text(encoding="utf-8").replace("<head>", "<head>" + HOOK, 1), encoding="utf-8")
+    checked.write_text(page.read_text(encoding="utf-8").replace("<head>", "<head>" + hook, 1), encoding="utf-8")
     done = browse(chromium, checked, profile, "--dump-dom")
     found = re.search(r'<pre id="browser-check">(.*?)</pre>', done.stdout, re.S)
     assert found, f"the page did not finish loading:\n{done.stderr[-2000:]}"
@@ -112,3 +143,36 @@ def test_every_figure_of_the_report_loads_without_errors(chromium, tmp_path_fact
     assert pixels.shape[:2] == (2400, 1200)
     colours = np.unique((pixels[..., :3] * 255).astype(np.uint8).reshape(-1, 3), axis=0)
     assert len(colours) > 100  # text, tables and plotted lines, not a blank page
+
+
+def test_the_token_view_renders_shaded_spans_and_shows_hostile_tokens_as_text(chromium, tmp_path_factory, tmp_path):
+    index = planted_report(tmp_path_factory) / "report" / "index.html"
+    table = pd.read_csv(index.parent / "token_view" / "token_view.csv", keep_default_na=False)
+    seen, console = check_page(chromium, index, tmp_path / "profile", hook=TOKEN_HOOK)
+    assert console == [], console
+    assert seen["spans"] == len(table) and seen["views"] == table.groupby(["model", "doc"]).ngroups
+    assert seen["shaded"] > len(table) // 2  # most tokens moved, so most are shaded
+    assert seen["texts"] == list(table["token"])  # the text as written, in order: "<script>..." is text
+    assert "<script>alert(1)</script>" in seen["texts"] and "&amp;" in seen["texts"]
+    assert seen["scripts"] == 1 and seen["bold"] == 0  # the hook's own script; no element from token text
+    rows = table.iloc[[seen["texts"].index("<script>alert(1)</script>")]].itertuples()
+    row = next(rows)
+    assert (
+        "<script>alert(1)</script>" in seen["titles"][row.Index]
+        and f"{row.loss_a:.2f} nats" in seen["titles"][row.Index]
+        and row.category in seen["titles"][row.Index]
+    )
+    # falling tokens are blue, rising ones red, by loss change
+    blue = [c for c, change in zip(seen["by_change"], table["change"]) if change < -0.5]
+    red = [c for c, change in zip(seen["by_change"], table["change"]) if change > 0.5]
+    assert blue and all(c.startswith("rgba(40, 90, 220") for c in blue)
+    assert red and all(c.startswith("rgba(220, 50, 40") for c in red)
+    # the switch recolours every token by its category, and swaps the legends
+    assert seen["legend_before"] == {"change": True, "category": False}
+    assert seen["legend_after"] == {"change": False, "category": True}
+    for colour, cls in zip(seen["by_category"], seen["classes"]):
+        if cls == "tv-downward":
+            assert colour == "rgba(30, 150, 80, 0.5)"
+        if cls == "tv-stagnated":
+            assert colour == "rgba(150, 150, 150, 0.55)"
+    assert set(seen["classes"]) >= {"tv-downward", "tv-stagnated"}

@@ -113,3 +113,23 @@ def test_token_view_in_a_browser(planted, chromium, tmp_path):  # noqa: F811  (t
     )
     seen, console = check_page(chromium, page, tmp_path / "p")
     assert seen["errors"] == [] and not console
+
+
+SENTENCE = "It seems. In fact, the cat sat.\nThe end"
+
+
+def test_token_texts_keep_the_spaces_of_the_text(tokenizer):
+    """The store's token texts (`surface_texts`) joined give back running text, so contexts read
+    "seems. In fact," and never "seems.Infact," (decoding tokens one by one loses the spaces)."""
+    from tokendyn.models.checkpoints import surface_texts
+    from tokendyn.toy.tokenizer import train_tokenizer
+
+    byte_level = surface_texts(tokenizer)  # the tests' byte-level BPE: exact text
+    ids = tokenizer(SENTENCE, add_special_tokens=False)["input_ids"]
+    assert "".join(byte_level[i] for i in ids) == SENTENCE
+    word_level = train_tokenizer([SENTENCE], max_length=32)  # the built-in suite's: words and punctuation
+    texts = surface_texts(word_level)
+    ids = word_level(SENTENCE, add_special_tokens=False)["input_ids"]
+    joined = "".join(texts[i] for i in ids)
+    assert "Infact" not in joined and " In fact" in joined and " cat sat" in joined
+    assert joined.split() == SENTENCE.replace(".", " .").replace(",", " ,").split()

@@ -89,6 +89,8 @@ def write_report(
 def _cell(value: object) -> dict:
     """A table cell: its text and whether it is a number (right-aligned)."""
     if isinstance(value, (float, np.floating)):
+        if np.isfinite(value) and value == round(value) and abs(value) < 1e15:  # steps, counts: 143000, not 1.43e+05
+            return {"text": f"{value:.0f}", "number": True}
         return {"text": "" if np.isnan(value) else f"{value:.4g}", "number": True}
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return {"text": str(value), "number": True}
@@ -136,6 +138,7 @@ def section(outcome: Outcome, files: dict[str, Path], folder: Path) -> dict:
         "findings": result.findings,
         "notes": outcome.notes,
         "tables": [(name, table_view(result.tables[name])) for name in result.shown],
+        "html": result.html,
         "files": [(path.name, path.relative_to(folder).as_posix()) for path in files.values()],
     }
 

@@ -24,6 +24,7 @@ from tokendyn.studies import (
     sequence_perplexity,
     skills,
     subset_curves,
+    token_view,
     trend_categories,
 )
 from tokendyn.studies.study import Result
@@ -41,4 +42,5 @@ STUDIES: dict[str, Callable[..., Result]] = {
     "downstream": downstream.run,
     "passuntil": passuntil.run,
     "skills": skills.run,
+    "token_view": token_view.run,
 }

@@ -11,7 +11,7 @@ from tokendyn.analysis.tokens import show_whitespace
 from tokendyn.errors import TokendynError
 from tokendyn.studies.findings import direction, listing
 from tokendyn.studies.study import Result, Skip, default_of, models_by_size, open_source, require
-from tokendyn.studies.style import category_colors, new_figure, perplexity_axis
+from tokendyn.studies.style import category_colors, new_figure, perplexity_axis, perplexity_ticks
 
 GRIDS = {"perplexity": "the matched-perplexity grid", "checkpoints": "the checkpoints"}
 TITLE = "Clusters of token loss trajectories"
@@ -54,11 +54,11 @@ def run(
         )
     if on == "perplexity":
         perplexity_axis(curves, "matched validation perplexity (log scale, training →)")
+        perplexity_ticks(curves)  # a few round values: the grid often spans less than a decade
     else:
         curves.set_xlabel("training step")
     curves.set_ylabel("loss change from the first point (nats)")
-    curves.tick_params(axis="x", which="both", labelsize="x-small")
-    curves.xaxis.set_minor_formatter("")  # minor labels overlap on a short log axis
+    curves.tick_params(axis="x", which="both", labelsize="small")
     curves.set_title("centroids (mean trajectory of each cluster)", fontsize="medium")
     curves.axhline(0, color="black", lw=0.6)
     curves.grid(alpha=0.3)

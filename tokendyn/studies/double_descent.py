@@ -24,7 +24,17 @@ from tokendyn.analysis.trajectories import (
 from tokendyn.store import TOKEN_DIMS
 from tokendyn.studies.findings import direction, listing, verdict
 from tokendyn.studies.study import Result, Skip, context, default_of, models_by_size, open_source, require, token_texts
-from tokendyn.studies.style import envelope, model_colors, model_legend, new_figure, perplexity_axis, plain
+from tokendyn.studies.style import (
+    ZOOM_FINDING,
+    envelope,
+    envelope_findings,
+    model_colors,
+    model_legend,
+    new_figure,
+    perplexity_axis,
+    plain,
+    zoom_perplexity,
+)
 
 TITLE = "Per-token double descent"
 CANDIDATES = 256  # flagged tokens whose trajectories are read to pick the clearest examples
@@ -113,20 +123,17 @@ def run(
 
     fig, panels = new_figure(len(table), ncols=min(3, len(table)))
     loss = token_loss(ds)
+    zoomed = False
     for ax, row in zip(panels, table.itertuples()):
+        drawn = []
         for model in models:
             m = model_index(ds, model)
             idx = done_checkpoints(ds, m)
             idx = idx[envelope(ds["val_ppl"].values[m, idx])]
-            ax.plot(
-                ds["val_ppl"].values[m, idx],
-                loss.isel(model=m, ckpt=idx, token=row.token_index).values,
-                "o-",
-                ms=3,
-                lw=2.2 if model == chosen else 1,
-                color=colors[model],
-            )
+            drawn.append((ds["val_ppl"].values[m, idx], loss.isel(model=m, ckpt=idx, token=row.token_index).values))
+            ax.plot(*drawn[-1], "o-", ms=3, lw=2.2 if model == chosen else 1, color=colors[model])
         perplexity_axis(ax)
+        zoomed |= zoom_perplexity(ax, drawn)
         ax.set_ylabel("token loss (nats)")
         ax.set_title(plain(row.context, 34), fontsize="small")
         ax.grid(alpha=0.3)
@@ -148,4 +155,5 @@ def run(
         f"Examples: the {len(table)} flagged tokens of {chosen} with the largest rise (one per token "
         f"where possible), up to {table['rise_nats'].max():.2f} nats."
     )
+    findings += envelope_findings(ds) + ([ZOOM_FINDING] if zoomed else [])
     return Result(TITLE, tables, fig, findings, shown=["double_descent_examples"], labels={"double_descent": flags})

@@ -10,7 +10,7 @@ from tokendyn.analysis import downstream
 from tokendyn.errors import TokendynError
 from tokendyn.studies.findings import verdict
 from tokendyn.studies.study import Result, Skip, default_of, main_set_path, models_by_size, open_source, require
-from tokendyn.studies.style import model_colors, model_legend, new_figure
+from tokendyn.studies.style import model_colors, model_legend, new_figure, on_envelope, zoom_start
 
 TITLE = "Task performance against validation loss"
 LABELS = {
@@ -18,6 +18,7 @@ LABELS = {
     "correct_prob": "correct-option probability",
     "brier": "Brier score (lower is better)",
 }
+ZOOM_REL = 0.1  # share of a panel's score range a model must depart from chance by before the x axis starts
 COLLAPSE = ("unexplained_loss", "unexplained_compute", "unexplained_step", "ratio_compute", "ratio_step")
 
 
@@ -96,12 +97,16 @@ def run(
 
     tasks = list(fits["task"])[:max_panels]
     fig, panels = new_figure(len(tasks))
+    zoomed = False
     for ax, task in zip(panels, tasks):
         rows = table[table.task == task]
+        chance = rows["random_brier" if metric == "brier" else "random_accuracy"].mean()
+        drawn = [(rows["val_ppl"].to_numpy(), np.full(len(rows), chance))]  # chance: where a task leaves it
         for model in models:
             r = rows[rows.model == model]
             ax.plot(r["loss"], r[metric], "o", ms=4, color=colors[model])
-        chance = rows["random_brier" if metric == "brier" else "random_accuracy"].mean()
+            on = on_envelope(r)
+            drawn.append((on["val_ppl"].to_numpy(), on[metric].to_numpy()))
         ax.axhline(chance, color="black", ls=":", lw=0.8)
         fit = results[task, metric].fit
         if fit is not None:
@@ -110,6 +115,10 @@ def run(
             ax.axvspan(fit.eta_low, fit.eta_high, color="grey", alpha=0.2)
             ax.axvline(fit.eta, color="black", ls="--", lw=0.8)
         ax.invert_xaxis()
+        start = zoom_start(drawn, ZOOM_REL)
+        if start is not None and np.log(start) < ax.get_xlim()[0]:
+            ax.set_xlim(np.log(start), ax.get_xlim()[1])
+            zoomed = True
         ax.set_xlabel("validation loss (nats, training →)")
         ax.set_ylabel(LABELS[metric].format(convention=convention))
         ax.set_title(task + ("" if fit is not None else " (stays at chance)"), fontsize="medium")
@@ -149,4 +158,9 @@ def run(
         findings.append("No task leaves chance, so Du et al.'s collapse onto loss cannot be checked here.")
     if len(fits) > len(tasks):
         findings.append(f"The figure shows the first {len(tasks)} of {len(fits)} tasks; the tables have all.")
+    if zoomed:
+        findings.append(
+            "The x axis starts shortly before the first checkpoints whose score departs from chance (the "
+            "early checkpoints at chance are cut off; the tables and the fit use every checkpoint)."
+        )
     return Result(TITLE, {"task_scores": table, "emergence": every}, fig, findings)

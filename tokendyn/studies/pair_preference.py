@@ -9,7 +9,16 @@ from tokendyn.analysis.sequences import pair_margin, pair_preference
 from tokendyn.errors import TokendynError
 from tokendyn.studies.sequence_perplexity import values_at
 from tokendyn.studies.study import Result, Skip, default_of, main_set_path, models_by_size, open_source, require
-from tokendyn.studies.style import model_colors, model_legend, new_figure, perplexity_axis
+from tokendyn.studies.style import (
+    ZOOM_FINDING,
+    envelope_findings,
+    model_colors,
+    model_legend,
+    new_figure,
+    on_envelope,
+    perplexity_axis,
+    zoom_perplexity,
+)
 
 TITLE = "Preference for the true statement of true/false pairs"
 Z = 3.0  # binomial standard errors from 50% before a preference counts as above chance
@@ -35,16 +44,21 @@ def run(source, reduce: str = default_of(pair_preference, "reduce")) -> Result:
     table = frame[[c for c in columns if c in frame.columns]].dropna(subset=["pair_preference"])
 
     fig, (left, right) = new_figure(2, ncols=2)
+    drawn = {left: [], right: []}
     for s, name in enumerate(sets):
         for model in models:
-            rows = table[(table.set == name) & (table.model == model)]
+            rows = on_envelope(table[(table.set == name) & (table.model == model)])  # no zig-zag
             style = dict(ls=LINESTYLES[s % len(LINESTYLES)], marker="o", ms=3, color=colors[model])
             left.plot(rows["val_ppl"], 100 * rows["pair_preference"], **style)
             right.plot(rows["val_ppl"], rows["pair_margin"], **style)
+            drawn[left].append((rows["val_ppl"].to_numpy(), 100 * rows["pair_preference"].to_numpy()))
+            drawn[right].append((rows["val_ppl"].to_numpy(), rows["pair_margin"].to_numpy()))
     left.axhline(50, color="black", lw=0.8, ls=":")
     right.axhline(0, color="black", lw=0.8, ls=":")
+    zoomed = False
     for ax in (left, right):
         perplexity_axis(ax)
+        zoomed |= zoom_perplexity(ax, drawn[ax])
         ax.grid(alpha=0.3)
     left.set_ylabel("true text wins (% of pairs)")
     left.set_title(
@@ -78,4 +92,5 @@ def run(source, reduce: str = default_of(pair_preference, "reduce")) -> Result:
         findings.append(
             f"Set {name}: final margin " + ", ".join(f"{m} {v:+.3f}" for m, v in zip(models, margins)) + " nats."
         )
+    findings += envelope_findings(ds) + ([ZOOM_FINDING] if zoomed else [])
     return Result(TITLE, {"pair_preference": table}, fig, findings)

@@ -10,7 +10,17 @@ import pandas as pd
 from tokendyn.analysis import downstream
 from tokendyn.errors import TokendynError
 from tokendyn.studies.study import Result, Skip, main_set_path, models_by_size, open_source, require
-from tokendyn.studies.style import log_scale, model_colors, model_legend, new_figure, perplexity_axis
+from tokendyn.studies.style import (
+    ZOOM_FINDING,
+    envelope_findings,
+    log_scale,
+    model_colors,
+    model_legend,
+    new_figure,
+    on_envelope,
+    perplexity_axis,
+    zoom_perplexity,
+)
 
 TITLE = "PassUntil rates over training and the task scaling law"
 SCALING_AXES = ("n_params", "excess_loss")
@@ -93,11 +103,14 @@ def run(source, max_panels: int = 8) -> Result:
     colors = model_colors(ds)
     shown = tasks[:max_panels]
     fig, panels = new_figure(len(shown))
+    zoomed = False
     for ax, task in zip(panels, shown):
+        drawn = []
         for model in models:
-            rows = table[(table.task == task) & (table.model == model)]
+            rows = on_envelope(table[(table.task == task) & (table.model == model)])  # no zig-zag
             value = np.where(rows["task_censored"] > 0, rows["task_upper"], rows["task_estimate"])
             ax.plot(rows["val_ppl"], value, "-", color=colors[model])
+            drawn.append((rows["val_ppl"].to_numpy(), value))
             ax.plot(
                 rows["val_ppl"][rows["task_censored"] == 0],
                 rows["task_estimate"][rows["task_censored"] == 0],
@@ -114,6 +127,7 @@ def run(source, max_panels: int = 8) -> Result:
                 color=colors[model],
             )
         perplexity_axis(ax)
+        zoomed |= zoom_perplexity(ax, drawn)
         if (table.loc[table.task == task, ["task_estimate", "task_upper"]].max(axis=1) > 0).any():
             log_scale(ax, "y")
         ax.set_ylabel("pass rate (PU)")
@@ -123,4 +137,5 @@ def run(source, max_panels: int = 8) -> Result:
     fig.suptitle(TITLE)
     if len(tasks) > len(shown):
         findings.append(f"The figure shows the first {len(shown)} of {len(tasks)} tasks; the tables have all.")
+    findings += envelope_findings(ds) + ([ZOOM_FINDING] if zoomed else [])
     return Result(TITLE, tables, fig, findings)

@@ -12,7 +12,7 @@ import xarray as xr
 from tokendyn.analysis.trajectories import at_perplexity, load_small, perplexity_grid, reach, x_axis
 from tokendyn.errors import TokendynError
 from tokendyn.studies.findings import listing
-from tokendyn.studies.study import Result, Skip, default_of, models_by_size, open_source, require
+from tokendyn.studies.study import Result, Skip, default_of, models_by_size, open_source, require, step_text
 from tokendyn.studies.style import log_scale, model_colors, model_legend, new_figure
 
 TITLE = "Validation perplexity over training"
@@ -129,7 +129,7 @@ def run(
         step, at_step = _at_common_step(table, models)
         lower = [a > b for a, b in zip(list(at_step.values()), list(at_step.values())[1:])]
         findings.append(
-            f"At step {step:g}, the last step every model reached: {listing(at_step.items(), '{:.4g}')}; "
+            f"At step {step_text(step)}, the last step every model reached: {listing(at_step.items(), '{:.4g}')}; "
             f"the larger of two neighbouring sizes is lower there in {sum(lower)} of {len(lower)} pairs."
         )
     worse = []
@@ -137,7 +137,7 @@ def run(
         rows = table[table.model == model].sort_values("step")
         rises = rows["step"].values[1:][np.diff(rows["val_ppl"].values) > 0]
         if len(rises):
-            worse.append(f"{model} at step{'s' if len(rises) > 1 else ''} {', '.join(f'{s:g}' for s in rises)}")
+            worse.append(f"{model} at step{'s' if len(rises) > 1 else ''} {', '.join(step_text(s) for s in rises)}")
     if worse:
         findings.append(
             "Validation perplexity rose from one checkpoint to the next in "

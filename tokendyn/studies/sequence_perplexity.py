@@ -15,7 +15,17 @@ from tokendyn.errors import TokendynError
 from tokendyn.store import TASK_SET_PREFIX, list_sets
 from tokendyn.studies.findings import direction, verdict
 from tokendyn.studies.study import Result, Skip, default_of, main_set_path, models_by_size, open_source, require
-from tokendyn.studies.style import log_scale, model_colors, model_legend, new_figure, perplexity_axis
+from tokendyn.studies.style import (
+    ZOOM_FINDING,
+    envelope_findings,
+    log_scale,
+    model_colors,
+    model_legend,
+    new_figure,
+    on_envelope,
+    perplexity_axis,
+    zoom_perplexity,
+)
 
 TITLE = "Perplexity of the evaluation sets over training"
 INVERSE_MIXTURE = "1,-1"  # text decoded from p_small - p_large (methods.md §1.4)
@@ -125,14 +135,18 @@ def run(
 
     shown = [str(s) for s in curve["set"].values][:max_panels]
     fig, panels = new_figure(len(shown))
+    zoomed = False
     for ax, name in zip(panels, shown):
+        drawn = []
         for model in models:
-            rows = table[(table.set == name) & (table.model == model)]
+            rows = on_envelope(table[(table.set == name) & (table.model == model)])  # no zig-zag
             ax.plot(rows["val_ppl"], rows["sequence_ppl"], "o-", ms=3, color=colors[model])
+            drawn.append((rows["val_ppl"].to_numpy(), np.log(rows["sequence_ppl"].to_numpy())))
             t = turns.sel(set=name, model=model)
             if bool(t["turns"]):
                 ax.plot(float(t["turn_val_ppl"]), float(t["turn_value"]), "v", ms=9, mfc="none", color=colors[model])
         perplexity_axis(ax, "validation perplexity (log, training →)")
+        zoomed |= zoom_perplexity(ax, drawn)
         log_scale(ax, "y")
         ax.set_ylabel("set perplexity (log scale)")
         ax.set_title(name, fontsize="medium")
@@ -147,4 +161,5 @@ def run(
     if len(curve["set"]) > len(shown):
         findings.append(f"The figure shows the first {len(shown)} of {len(curve['set'])} sets; the table has all.")
     findings += _paper_claims(curve, turns, models)
+    findings += envelope_findings(ds) + ([ZOOM_FINDING] if zoomed else [])
     return Result(TITLE, tables, fig, findings)

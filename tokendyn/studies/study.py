@@ -33,6 +33,7 @@ __all__ = [
     "models_by_size",
     "token_texts",
     "context",
+    "step_text",
     "save",
 ]
 
@@ -52,7 +53,9 @@ class Result:
     table name belongs to one study). figure: one matplotlib figure drawn from the tables.
     findings: sentences computed from the tables. shown: names of tables small enough to print in
     the report page (e.g. examples with their text). labels: per-token results by name, on the
-    store's token grid (written by `tokendyn analyze` as groups of labels.zarr).
+    store's token grid (written by `tokendyn analyze` as groups of labels.zarr). html: a fragment the
+    report shows below the figure, drawn from the tables; only a `markupsafe.Markup` (every piece of
+    store text in it escaped by the study) is inserted as HTML, anything else is shown as text.
     """
 
     title: str
@@ -61,6 +64,7 @@ class Result:
     findings: list[str]
     shown: list[str] = field(default_factory=list)
     labels: dict[str, xr.Dataset | xr.DataArray] = field(default_factory=dict)
+    html: str = ""
 
 
 def require(ds: xr.Dataset, *names: str) -> None:
@@ -112,6 +116,13 @@ def context(ds: xr.Dataset, token: int, width: int = 12) -> str:
         return ds.tokendyn.context(token, width)
     ids = context_ids(ds, token, width)
     return " ".join(f"#{i}" for i in ids[:-1]) + f" [[#{ids[-1]}]]"
+
+
+def step_text(step: float) -> str:
+    """A training step as printed in findings, tables and figures: an integer where it is one
+    (143000, never 1.43e+05), else a short decimal."""
+    step = float(step)
+    return f"{step:.0f}" if np.isfinite(step) and step == round(step) else f"{step:g}"
 
 
 def save(result: Result, folder: Path) -> dict[str, Path]:

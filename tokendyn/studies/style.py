@@ -10,11 +10,19 @@ from collections.abc import Sequence
 
 import matplotlib
 import numpy as np
+import pandas as pd
 import xarray as xr
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import LogFormatter, ScalarFormatter
+from matplotlib.ticker import (
+    FixedLocator,
+    FuncFormatter,
+    LogFormatter,
+    MaxNLocator,
+    NullFormatter,
+    ScalarFormatter,
+)
 
 from tokendyn.studies.study import models_by_size
 
@@ -68,6 +76,32 @@ def perplexity_axis(ax: Axes, label: str = PPL_LABEL) -> None:
     ax.set_xlabel(label)
 
 
+TICK_STEPS = ((1,), (1, 3), (1, 2, 5), (1, 1.5, 2, 3, 5, 7), (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9))
+
+
+def perplexity_ticks(ax: Axes, max_ticks: int = 6) -> None:
+    """Legible labels on a log x axis over its current range: at most `max_ticks` round values
+    (powers of ten, else 1-3, 1-2-5, ... steps, else evenly spaced round values), printed plainly,
+    minor ticks unlabelled. Call it once the data are drawn and the range is set (a short range, e.g.
+    matched perplexity 2-6, has no power of ten in it, and labelled minor ticks run into each other)."""
+    lo, hi = sorted(ax.get_xlim())
+    if not (lo > 0 and hi > lo):
+        return
+    decades = range(int(np.floor(np.log10(lo))), int(np.ceil(np.log10(hi))) + 1)
+    ticks: list[float] = []
+    for steps in TICK_STEPS:
+        ticks = [float(f"{m * 10.0**e:.3g}") for e in decades for m in steps if lo <= m * 10.0**e <= hi]
+        if len(ticks) >= 3:
+            break
+    if len(ticks) < 3:  # a range of less than a few tens of percent: round values, evenly spaced
+        ticks = [float(f"{t:.6g}") for t in MaxNLocator(4, steps=[1, 2, 2.5, 5, 10]).tick_values(lo, hi)]
+        ticks = [t for t in ticks if lo <= t <= hi]
+    ticks = ticks[:: -(-len(ticks) // max_ticks)]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def envelope(ppl: np.ndarray) -> np.ndarray:
     """Mask of the checkpoints (in step order) on the running-minimum envelope of validation
     perplexity: those that set a new lowest value. Curves against validation perplexity are drawn on
@@ -91,33 +125,85 @@ def off_envelope(ds: xr.Dataset) -> list[str]:
     return out
 
 
-def zoom_perplexity(ax: Axes, curves: Sequence[tuple[np.ndarray, np.ndarray]], rel: float = 0.02) -> None:
-    """Limit a validation-perplexity x axis (decreasing to the right) to where the curves differ.
+def on_envelope(rows: pd.DataFrame, x: str = "val_ppl") -> pd.DataFrame:
+    """The rows of one model's curve in step order, kept where `x` (validation perplexity) is on its
+    running-minimum envelope (`envelope`): what a line against validation perplexity is drawn through."""
+    rows = rows.sort_values("step", kind="stable") if "step" in rows.columns else rows
+    return rows[envelope(rows[x].to_numpy(dtype=float))]
 
-    curves: (x = perplexities, y) per model. The range starts at the highest perplexity where the
-    curves' spread (max - min over curves, interpolated in log x) exceeds `rel` of the overall y
-    range, with a margin; the axis is left alone when the curves differ everywhere.
+
+def envelope_findings(ds: xr.Dataset) -> list[str]:
+    """The sentence a study adds when it draws against validation perplexity and some model's
+    validation perplexity does not fall monotonically (`off_envelope`); none otherwise."""
+    bumpy = off_envelope(ds)
+    if not bumpy:
+        return []
+    return [
+        f"Validation perplexity of {', '.join(bumpy)} does not fall monotonically; curves against it are "
+        "drawn on the running-minimum envelope (the checkpoints that set a new lowest perplexity; the "
+        "tables have every checkpoint)."
+    ]
+
+
+ZOOM_FINDING = (
+    "The x axis starts where the models' curves begin to differ (the shared early fall from random "
+    "initialisation is cut off; the tables have every checkpoint)."
+)
+
+
+def zoom_start(curves: Sequence[tuple[np.ndarray, np.ndarray]], rel: float = 0.02) -> float | None:
+    """The highest validation perplexity from which the curves differ, with a margin; None when they
+    differ from the start (or there are fewer than two curves to compare).
+
+    curves: (x = perplexities, y) per curve. Below the highest perplexity every curve reaches, the
+    curves differ where their spread (max - min over curves, interpolated linearly in log x)
+    exceeds `rel` of the overall y range, or where some curve has ended (one model trained further
+    than another: what is left to see is there).
     """
     curves = [(np.asarray(x, float), np.asarray(y, float)) for x, y in curves]
     curves = [(x[np.isfinite(x) & np.isfinite(y)], y[np.isfinite(x) & np.isfinite(y)]) for x, y in curves]
-    curves = [(x, y) for x, y in curves if len(x) >= 2]
+    curves = [(x, y) for x, y in curves if len(x) >= 2 and np.all(x > 0)]
     if len(curves) < 2:
-        return
-    lo = max(x.min() for x, _ in curves)
+        return None
+    lo = min(x.min() for x, _ in curves)
     hi = min(x.max() for x, _ in curves)
     if not hi > lo:
-        return
+        return None
     grid = np.geomspace(hi, lo, 60)
-    values = np.array([np.interp(np.log(grid), np.log(x[np.argsort(x)]), y[np.argsort(x)]) for x, y in curves])
-    spread = values.max(0) - values.min(0)
+    values = np.array(
+        [
+            np.where(grid >= x.min(), np.interp(np.log(grid), np.log(x[np.argsort(x)]), y[np.argsort(x)]), np.nan)
+            for x, y in curves
+        ]
+    )
+    spread = np.nanmax(values, 0) - np.nanmin(values, 0)
     span = np.nanmax(values) - np.nanmin(values)
-    differ = np.flatnonzero(spread > rel * span) if span > 0 else []
+    differ = np.flatnonzero((spread > rel * span) | np.isnan(values).any(0))
     if len(differ) == 0 or differ[0] == 0:
-        return
-    start = grid[max(0, differ[0] - 2)] * 1.05
-    left, right = ax.get_xlim()  # inverted: left is the highest perplexity
-    if ax.xaxis_inverted() and start < left:
-        ax.set_xlim(start, right)
+        return None
+    return float(grid[max(0, differ[0] - 2)] * 1.05)
+
+
+def zoom_perplexity(ax: Axes, curves: Sequence[tuple[np.ndarray, np.ndarray]], rel: float = 0.02) -> bool:
+    """Limit a validation-perplexity x axis (log, decreasing to the right) to where the curves differ
+    (`zoom_start`; left alone when they differ everywhere), fit the y range to what is left in view,
+    and label the x axis legibly (`perplexity_ticks`). Call it after drawing, before a log y scale.
+    Returns whether the axis was cut."""
+    start = zoom_start(curves, rel)
+    left = ax.get_xlim()[0]  # inverted: left is the highest perplexity
+    cut = start is not None and ax.xaxis_inverted() and start < left
+    if cut:
+        x = np.concatenate([np.asarray(x, float) for x, _ in curves])
+        y = np.concatenate([np.asarray(y, float) for _, y in curves])
+        seen = np.isfinite(x) & np.isfinite(y) & (x > 0)
+        ax.set_xlim(start, x[seen].min() / 1.05)
+        shown = y[seen & (x <= start)]
+        if shown.size:
+            lo, hi = float(shown.min()), float(shown.max())
+            pad = 0.08 * (hi - lo) if hi > lo else 0.1 * max(abs(hi), 1e-9)
+            ax.set_ylim(lo - pad if lo - pad > 0 or lo <= 0 else lo / 1.1, hi + pad)
+    perplexity_ticks(ax)
+    return cut
 
 
 def model_legend(fig: Figure, colors: dict[str, tuple], title: str = "model", **style) -> None:

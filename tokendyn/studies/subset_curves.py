@@ -18,12 +18,13 @@ from tokendyn.analysis.trends import TrendWarning, trend_categories, window_star
 from tokendyn.studies.findings import verdict
 from tokendyn.studies.study import Result, Skip, default_of, models_by_size, open_source, require
 from tokendyn.studies.style import (
-    envelope,
+    ZOOM_FINDING,
+    envelope_findings,
     log_scale,
     model_colors,
     model_legend,
     new_figure,
-    off_envelope,
+    on_envelope,
     perplexity_axis,
     zoom_perplexity,
 )
@@ -167,11 +168,11 @@ def run(
     shapes = all_shapes[all_shapes.chosen_on == chooser]
 
     fig, panels = new_figure(len(CATEGORIES), ncols=2)
+    zoomed = False
     for ax, category in zip(panels, CATEGORIES):
         drawn = []
         for model in models:
-            rows = table[(table.category == category) & (table.model == model)].sort_values("step")
-            rows = rows[envelope(rows["val_ppl"].to_numpy())]  # no zig-zag where val_ppl rises again
+            rows = on_envelope(table[(table.category == category) & (table.model == model)])  # no zig-zag
             drawn.append((rows["val_ppl"].to_numpy(), rows["subset_ppl"].to_numpy()))
             ax.plot(rows["val_ppl"], rows["subset_ppl"], "o-", ms=3, color=colors[model], label=model)
             shape = shapes[(shapes.category == category) & (shapes.model == model)].iloc[0]
@@ -179,7 +180,7 @@ def run(
                 hit = rows[np.isclose(rows["val_ppl"], shape[where])]
                 ax.plot(hit["val_ppl"], hit["subset_ppl"], marker, ms=9, mfc="none", color=colors[model])
         perplexity_axis(ax)
-        zoom_perplexity(ax, drawn)
+        zoomed |= zoom_perplexity(ax, drawn)
         if (table.category == category).any():  # an empty subset has no curve to put on a log scale
             log_scale(ax, "y")
         ax.set_ylabel("subset perplexity (log scale)")
@@ -211,16 +212,7 @@ def run(
         findings.append(
             f"Paper: the smallest model's upward subset stays up; here ({models[0]}) this {verdict([stays])}."
         )
-    bumpy = off_envelope(ds)
-    if bumpy:
-        findings.append(
-            f"Validation perplexity of {', '.join(bumpy)} does not fall monotonically; its curves are "
-            "drawn on the running-minimum envelope (the checkpoints that set a new lowest perplexity)."
-        )
-    findings.append(
-        "The x axis starts where the models' curves begin to differ (the shared early fall is cut off; "
-        "subset_curves.csv has every checkpoint)."
-    )
+    findings += envelope_findings(ds) + ([ZOOM_FINDING] if zoomed else [])
     spread = _stagnation(curves, ds, start, band)
     findings.append(
         "Largest deviation of the stagnated subset from its mean over the trend window: "

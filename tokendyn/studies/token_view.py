@@ -1,27 +1,59 @@
-"""The evaluation text with every token shaded by its loss change: a report section (safe HTML).
+"""The evaluation text with every token shaded by its loss change or its trend category: a report
+section (safe HTML), per model, for the first documents of the main set.
 
-For each model (smallest first) and each of the first documents, the text is drawn token by token;
-a token's background is blue where its loss fell between the two compared steps and red where it
-rose, stronger for a larger change (full strength at the 95th percentile of |change| over the shown
-tokens of all models). Hovering a token shows its loss at both steps. The text keeps its spaces and
-line breaks (a newline also shows as ⏎); every token string is HTML-escaped.
+For each model (smallest first) and each of the first documents, the text is drawn token by token.
+By loss change (the default view), a token's background is blue where its loss fell between the two
+compared steps and red where it rose, stronger for a larger change (full strength at the 95th
+percentile of |change| over the shown tokens of all models). By trend category (the other view, a
+switch above the text), it has the colour of its category at the trend window's start fraction
+(`tokendyn.analysis.trends`). Hovering a token shows its text, its loss at both steps and its
+category. The text keeps its spaces and line breaks (a newline also shows as ⏎); every token string
+is HTML-escaped.
+
+The study's table (`token_view`: one row per shown token and model) is what `tokendyn analyze`
+writes; the HTML is drawn from that table, so the report shows the same numbers.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
+import pandas as pd
 import xarray as xr
 from markupsafe import Markup, escape
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LinearSegmentedColormap, Normalize
 
-from tokendyn.analysis.tokens import flat_tokens, steps_between
+from tokendyn.analysis.tokens import flat_tokens, show_whitespace, steps_between
 from tokendyn.analysis.trajectories import load_small, model_index
+from tokendyn.analysis.trends import CATEGORIES, TrendWarning, trend_categories
 from tokendyn.data.corpus import PAD
-from tokendyn.studies.study import models_by_size
+from tokendyn.studies.study import Result, Skip, default_of, models_by_size, open_source, require, step_text
+from tokendyn.studies.style import model_colors, new_figure
 
+TITLE = "The text, token by token: loss change and trend category"
+FELL, ROSE = "40,90,220", "220,50,40"  # RGB of a falling and a rising token
+MAX_ALPHA = 0.75  # background opacity of the largest change
+# Background of each trend category in the category view; names are tokendyn's own (CATEGORIES), never store text.
+CATEGORY_RGBA = {
+    "stagnated": "150,150,150,0.55",
+    "upward": "230,120,20,0.6",
+    "downward": "30,150,80,0.5",
+    "uncategorised": "255,255,255,0",
+}
+NO_CATEGORY = "none"  # a token whose model has too few checkpoints in the trend window
 STYLE = (
     "<style>.token-view{font-family:ui-monospace,monospace;font-size:0.85em;white-space:pre-wrap;"
     "line-height:1.6;border:1px solid #ccc;padding:0.5em;margin:0.3em 0 1em}"
-    ".token-view span{border-radius:2px}</style>"
+    ".token-view span{border-radius:2px;background:var(--c)}"
+    ".tv-legend-category{display:none}"
+    "#tv-category:checked~.tv-legend-category{display:block}#tv-category:checked~.tv-legend-change{display:none}"
+    + "".join(
+        f"#tv-category:checked~div .token-view span.tv-{name}{{background:rgba({rgba})}}"
+        for name, rgba in {**CATEGORY_RGBA, NO_CATEGORY: "255,255,255,0"}.items()
+    )
+    + "</style>"
 )
 
 
@@ -34,13 +66,118 @@ def _document_tokens(ds: xr.Dataset, n_docs: int, max_tokens: int) -> list[np.nd
     return [np.flatnonzero(real & (doc == d))[:max_tokens] for d in firsts]
 
 
-def _span(text: str, change: float, scale: float, title: str) -> str:
+def _categories(ds: xr.Dataset, shown: np.ndarray, start: float, x: str) -> np.ndarray:
+    """Trend category names (model, shown token) at start fraction `start`, fitted on the shown tokens
+    only (the fit is per token); NO_CATEGORY where a model's window has too few checkpoints."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TrendWarning)  # a finding names the models without categories
+        codes = trend_categories(ds.isel(token=shown), start, x=x).isel(start=0).values
+    names = np.array([*CATEGORIES, NO_CATEGORY], dtype=object)
+    return names[np.where(codes >= 0, codes, len(CATEGORIES))]
+
+
+def token_table(
+    source,
+    between: tuple[float, float] | None = None,
+    n_docs: int = 3,
+    max_tokens: int = 150,
+    models: list[str] | None = None,
+    start: float = 0.2,
+    x: str = default_of(trend_categories, "x"),
+) -> pd.DataFrame:
+    """One row per model and shown token of the first `n_docs` documents (at most `max_tokens` each):
+    model, doc (its number among the shown documents), token_index (along the store's token dim),
+    token (its text as in the running text, not escaped), step_a and step_b (the compared steps:
+    `between`, default each model's first trained checkpoint and its last; see
+    `tokendyn.analysis.tokens.top_tokens`), loss_a, loss_b, change (nats) and category (trend
+    category at start fraction `start` with x axis `x`; `tokendyn.analysis.trends.trend_categories`)."""
+    ds = load_small(open_source(source))
+    docs = _document_tokens(ds, n_docs, max_tokens)
+    shown = np.concatenate(docs) if docs else np.zeros(0, np.int64)
+    if not shown.size:
+        raise Skip("the main set has no scored tokens to show")
+    vocab = ds["vocab_text"].values if "vocab_text" in ds.variables else None
+    ids = flat_tokens(ds["token_id"])[shown]
+    texts = [str(vocab[i]) if vocab is not None and 0 <= i < len(vocab) else f"#{i} " for i in ids]
+    categories = _categories(ds, shown, start, x)
+    frames = []
+    for name in models or models_by_size(ds):
+        m = model_index(ds, name)
+        a, b = steps_between(ds, m, between)
+        loss = ds["loss"].isel(model=m, token=shown)
+        first, last = (np.asarray(loss.isel(ckpt=c).values, dtype=float) for c in (a, b))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "model": str(name),
+                    "doc": np.repeat(np.arange(len(docs)), [len(d) for d in docs]),
+                    "token_index": shown,
+                    "token": texts,
+                    "step_a": ds["step"].values[m, a],
+                    "step_b": ds["step"].values[m, b],
+                    "loss_a": first,
+                    "loss_b": last,
+                    "change": last - first,
+                    "category": categories[m],
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def colour_scale(table: pd.DataFrame) -> float:
+    """|change| at full colour: the 95th percentile over the table's tokens (0 without any)."""
+    change = np.abs(table["change"].to_numpy(dtype=float))
+    change = change[np.isfinite(change)]
+    return float(np.percentile(change, 95)) if change.size else 0.0
+
+
+def _span(row, scale: float) -> str:
     colour = "255,255,255,0"
-    if np.isfinite(change) and scale > 0:
-        strength = min(1.0, abs(change) / scale) * 0.75
-        colour = f"{'40,90,220' if change < 0 else '220,50,40'},{strength:.2f}"
-    shown = text.replace("\n", "⏎\n").replace("\t", "→\t")
-    return f'<span style="background:rgba({colour})" title="{escape(title)}">{escape(shown)}</span>'
+    if np.isfinite(row.change) and scale > 0:
+        colour = f"{FELL if row.change < 0 else ROSE},{min(1.0, abs(row.change) / scale) * MAX_ALPHA:.2f}"
+    losses = (
+        f"step {step_text(row.step_a)}: {row.loss_a:.2f} nats → step {step_text(row.step_b)}: {row.loss_b:.2f} "
+        f"nats ({row.change:+.2f})"
+        if np.isfinite(row.change)
+        else "not scored (no left context)"
+    )
+    title = f"{show_whitespace(row.token)} · {losses} · {row.category}"
+    shown = row.token.replace("\n", "⏎\n").replace("\t", "→\t")
+    return (
+        f'<span class="tv-{escape(row.category)}" style="--c:rgba({colour})" title="{escape(title)}">'
+        f"{escape(shown)}</span>"
+    )
+
+
+def shading_html(table: pd.DataFrame) -> Markup:
+    """The HTML (markupsafe.Markup) of a `token_table`: a switch between the loss-change and the
+    trend-category view (plain CSS, no script), their legends, then per model its documents, one
+    span per token with a tooltip. Every token string and name is escaped."""
+    scale = colour_scale(table)
+    swatch = '<span style="background:rgba({})">{}</span>'
+    parts = [
+        STYLE,
+        '<div class="token-views">',
+        '<input type="radio" name="tv-mode" id="tv-change" checked><label for="tv-change">loss change</label> '
+        '<input type="radio" name="tv-mode" id="tv-category"><label for="tv-category">trend category</label>',
+        '<p class="tv-legend-change">Each token shaded by its loss change between the two steps: '
+        f"{swatch.format(FELL + ',0.6', 'fell')} / {swatch.format(ROSE + ',0.6', 'rose')}, full colour at "
+        f"{scale:.2f} nats (the 95th percentile of |change| over the shown tokens); hover for the losses. "
+        "⏎ marks a line break.</p>",
+        '<p class="tv-legend-category">Each token coloured by its trend category: '
+        + " / ".join(swatch.format(CATEGORY_RGBA[c], c) for c in CATEGORIES)
+        + f" ({NO_CATEGORY}: too few checkpoints in the trend window); hover for the losses.</p>",
+    ]
+    for name, rows in table.groupby("model", sort=False):
+        first = rows.iloc[0]
+        parts.append(f"<div><h4>{escape(name)}: step {step_text(first.step_a)} → {step_text(first.step_b)}</h4>")
+        for number, doc in rows.groupby("doc", sort=True):
+            spans = "".join(_span(row, scale) for row in doc.itertuples())
+            parts.append(f'<div class="token-view" data-doc="{int(number)}">{spans}</div>')
+        parts.append("</div>")
+    parts.append("</div>")
+    return Markup("\n".join(parts))
 
 
 def token_shading(
@@ -52,48 +189,98 @@ def token_shading(
 ) -> Markup:
     """HTML (markupsafe.Markup) of the first `n_docs` documents per model, each token shaded by its loss
     change between two training steps (`between`, default each model's first trained checkpoint and
-    its last; see `tokendyn.analysis.tokens.top_tokens`); at most `max_tokens` tokens per document.
+    its last), with the trend-category view one click away; at most `max_tokens` tokens per document.
     models: which models, default all (smallest first). The token texts come from the store's
     vocabulary (`#<id>` without one) and are escaped."""
-    from tokendyn.studies.study import open_source
+    return shading_html(token_table(source, between, n_docs, max_tokens, models))
 
-    ds = load_small(open_source(source))
-    names = models or models_by_size(ds)
-    vocab = ds["vocab_text"].values if "vocab_text" in ds.variables else None
-    ids = flat_tokens(ds["token_id"])
-    docs = _document_tokens(ds, n_docs, max_tokens)
-    per_model = {}
-    for name in names:
-        m = model_index(ds, name)
-        a, b = steps_between(ds, m, between)
-        loss = ds["loss"].isel(model=m)
-        first, last = flat_tokens(loss.isel(ckpt=a)).astype(float), flat_tokens(loss.isel(ckpt=b)).astype(float)
-        steps = ds["step"].values[m]
-        per_model[name] = (first, last, f"{steps[a]:.0f}", f"{steps[b]:.0f}")
-    shown = np.concatenate(docs) if docs else np.zeros(0, int)
-    changes = np.concatenate([(last - first)[shown] for first, last, _, _ in per_model.values()]) if shown.size else []
-    finite = np.abs(np.asarray(changes, dtype=float))
-    finite = finite[np.isfinite(finite)]
-    scale = float(np.percentile(finite, 95)) if finite.size else 0.0
 
-    parts = [
-        STYLE,
-        '<p class="token-view-legend">Each token shaded by its loss change between the two steps: '
-        '<span style="background:rgba(40,90,220,0.6)">fell</span> / '
-        '<span style="background:rgba(220,50,40,0.6)">rose</span>, full colour at '
-        f"{scale:.2f} nats (the 95th percentile); hover for the losses. ⏎ marks a line break.</p>",
+def _figure(table: pd.DataFrame, models: list[str], colors: dict, scale: float):
+    """Left: the distribution of the shown tokens' loss change per model over the colour scale of the
+    view; right: the share of each trend category among them."""
+    fig, (hist, bars) = new_figure(2, ncols=2)
+    change = table["change"].to_numpy(dtype=float)
+    finite = change[np.isfinite(change)]
+    limit = max(scale, float(np.abs(finite).max()) if finite.size else 1.0, 1e-6)
+    bins = np.linspace(-limit, limit, 41)
+    for model in models:
+        values = table.loc[table.model == model, "change"].dropna()
+        hist.hist(values, bins=bins, histtype="step", lw=1.5, color=colors[model], label=model)
+    cmap = LinearSegmentedColormap.from_list(
+        "token_view",
+        [tuple(int(v) / 255 for v in FELL.split(",")), (1, 1, 1), tuple(int(v) / 255 for v in ROSE.split(","))],
+    )
+    fig.colorbar(
+        ScalarMappable(Normalize(-max(scale, 1e-6), max(scale, 1e-6)), cmap),
+        ax=hist,
+        orientation="horizontal",
+        label="shade in the text view (nats)",
+    )
+    hist.set_xlabel("loss change (nats)")
+    hist.set_ylabel("tokens")
+    hist.set_title("loss change of the shown tokens", fontsize="medium")
+    hist.legend(title="model", fontsize="small")
+    hist.grid(alpha=0.3)
+    shares = (
+        table.groupby("model")["category"]
+        .value_counts(normalize=True)
+        .mul(100)
+        .unstack(fill_value=0.0)
+        .reindex(index=models, columns=[*CATEGORIES, NO_CATEGORY], fill_value=0.0)
+    )
+    left = np.zeros(len(models))
+    for category in shares.columns:
+        rgba = [float(v) for v in {**CATEGORY_RGBA, NO_CATEGORY: "255,255,255,0"}[category].split(",")]
+        colour = (*[v / 255 for v in rgba[:3]], max(rgba[3], 0.15))
+        bars.barh(models, shares[category], left=left, color=colour, edgecolor="grey", lw=0.5, label=category)
+        left += shares[category].to_numpy()
+    bars.invert_yaxis()
+    bars.set_xlabel("% of the shown tokens")
+    bars.set_title("trend category of the shown tokens", fontsize="medium")
+    bars.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.0, 1.0), title="category")
+    fig.suptitle(TITLE)
+    return fig
+
+
+def run(
+    source,
+    between: tuple[float, float] | None = None,
+    n_docs: int = 3,
+    max_tokens: int = 150,
+    start: float = 0.2,
+    x: str = default_of(trend_categories, "x"),
+) -> Result:
+    """The first `n_docs` documents of the main set (at most `max_tokens` tokens each) with every token
+    shaded per model by its loss change between two steps (`between`, default the first trained
+    checkpoint and the last) or by its trend category at start fraction `start` (see `token_table`)."""
+    ds = open_source(source)
+    require(ds, "loss", "step", "token_id")
+    models = models_by_size(ds)
+    table = token_table(ds, between, n_docs, max_tokens, models, start, x)
+    scale = colour_scale(table)
+    fig = _figure(table, models, model_colors(ds), scale)
+    n_docs_shown = table["doc"].nunique()
+    per_model = table.groupby("model", sort=False)
+    findings = [
+        f"The first {n_docs_shown} documents of the main set ({per_model.size().iloc[0]} tokens, at most "
+        f"{max_tokens} per document), shaded per model by the loss change from "
+        + ", ".join(f"{m} step {step_text(r.step_a.iloc[0])} to {step_text(r.step_b.iloc[0])}" for m, r in per_model)
+        + f" (full colour at {scale:.2f} nats), or by trend category at start {start:.0%}."
     ]
-    for name, (first, last, step_a, step_b) in per_model.items():
-        parts.append(f"<h4>{escape(name)}: step {escape(step_a)} → {escape(step_b)}</h4>")
-        for number, tokens in enumerate(docs):
-            spans = []
-            for t in tokens:
-                text = str(vocab[ids[t]]) if vocab is not None else f"#{ids[t]} "
-                title = (
-                    f"step {step_a}: {first[t]:.2f} nats, step {step_b}: {last[t]:.2f} nats"
-                    if np.isfinite(first[t]) and np.isfinite(last[t])
-                    else "not scored (no left context)"
-                )
-                spans.append(_span(text, last[t] - first[t], scale, title))
-            parts.append(f'<div class="token-view" data-doc="{number}">{"".join(spans)}</div>')
-    return Markup("\n".join(parts))
+    for model, rows in per_model:
+        change = rows["change"].dropna()
+        if change.empty:
+            continue
+        low, high = rows.loc[change.idxmin()], rows.loc[change.idxmax()]
+        findings.append(
+            f"{model}: {(change < 0).mean():.0%} of the shown tokens fell; the largest fall "
+            f"{show_whitespace(low.token)!r} ({low.change:+.2f} nats), the largest rise "
+            f"{show_whitespace(high.token)!r} ({high.change:+.2f} nats)."
+        )
+    without = [m for m, rows in per_model if (rows["category"] == NO_CATEGORY).all()]
+    if without:
+        findings.append(
+            f"No trend categories in {', '.join(without)}: fewer than 3 checkpoints from {start:.0%} of the final "
+            "step (not testable there)."
+        )
+    return Result(TITLE, {"token_view": table}, fig, findings, html=shading_html(table))
