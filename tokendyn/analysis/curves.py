@@ -13,7 +13,6 @@ take part.
 
 from __future__ import annotations
 
-import itertools
 from functools import partial
 
 import numpy as np
@@ -106,42 +105,74 @@ def _grid_start(y: np.ndarray, x: np.ndarray, chance: float) -> np.ndarray:
     return np.stack([k[best], x0[best], t[rows, best] / uu[best]], -1).astype(np.float64)
 
 
+def _solve3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solutions of the symmetric 3x3 systems a x = b (..., 3, 3), (..., 3) by cofactors: one vectorised
+    expression instead of a LAPACK call per token. NaN where a is singular."""
+    c00 = a[..., 1, 1] * a[..., 2, 2] - a[..., 1, 2] * a[..., 2, 1]
+    c01 = a[..., 1, 2] * a[..., 2, 0] - a[..., 1, 0] * a[..., 2, 2]
+    c02 = a[..., 1, 0] * a[..., 2, 1] - a[..., 1, 1] * a[..., 2, 0]
+    c11 = a[..., 0, 0] * a[..., 2, 2] - a[..., 0, 2] * a[..., 2, 0]
+    c12 = a[..., 0, 1] * a[..., 2, 0] - a[..., 0, 0] * a[..., 2, 1]
+    c22 = a[..., 0, 0] * a[..., 1, 1] - a[..., 0, 1] * a[..., 1, 0]
+    det = a[..., 0, 0] * c00 + a[..., 0, 1] * c01 + a[..., 0, 2] * c02
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.stack(
+            [
+                c00 * b[..., 0] + c01 * b[..., 1] + c02 * b[..., 2],
+                c01 * b[..., 0] + c11 * b[..., 1] + c12 * b[..., 2],
+                c02 * b[..., 0] + c12 * b[..., 1] + c22 * b[..., 2],
+            ],
+            -1,
+        ) / det[..., None]
+
+
 def _sigmoid_midpoint(y: np.ndarray, x: np.ndarray, chance: float, n_iter: int) -> np.ndarray:
     """Midpoint x0 of the least-squares fit y ~ lo + (chance - lo) / (1 + exp(k (x - x0))).
 
     y is (ckpt, token), x the log10 steps; the upper level is fixed at `chance`, (k, x0, lo) fitted:
     start from the best point of a (k, x0) grid (`_grid_start`, all tokens at once), then take
-    Levenberg-Marquardt steps, vectorised over tokens (a 3x3 solve per token).
+    Levenberg-Marquardt steps, vectorised over tokens. The (token, ckpt) arrays are float32 (the
+    parameters, normal equations and sums of squares float64): per step one pass builds the Jacobian
+    and residual rows, one batched product gives J'J, J'r and |r|^2, and the 3x3 solve is closed form.
     NaN unless the fit falls (k > 0) from chance to lo < chance with x0 inside the data, and the
     first checkpoint is above halfway and the last below.
     """
-    y = np.ascontiguousarray(y.T, dtype=np.float64)  # (token, ckpt): the fit's sums run along checkpoints
+    y = np.ascontiguousarray(y.T, dtype=np.float32)  # (token, ckpt): the fit's sums run along checkpoints
     theta = _grid_start(y, x, chance)
+    x32 = x.astype(np.float32)
+    rows = np.empty((len(y), 4, len(x)), np.float32)  # d fit / d (k, x0, lo), then the residual
 
-    def fit(theta):
-        s = scipy.special.expit(-theta[..., :1] * (x - theta[..., 1:2]))
-        return s, y - (theta[..., 2:] + (chance - theta[..., 2:]) * s)
+    def fill(theta: np.ndarray) -> np.ndarray:
+        """Jacobian and residual rows at theta; returns the (token, 4, 4) Gram matrix of the rows."""
+        k, x0, lo = (theta[:, i : i + 1].astype(np.float32) for i in range(3))
+        d = x32 - x0
+        s = k * d
+        np.clip(s, -60, 60, out=s)
+        np.exp(s, out=s)
+        s += 1
+        np.reciprocal(s, out=s)  # s = 1 / (1 + exp(k (x - x0))), falling from 1 to 0
+        np.subtract(1, s, out=rows[:, 2])
+        slope = (chance - lo) * s * rows[:, 2]
+        np.multiply(slope, d, out=rows[:, 0])
+        np.negative(rows[:, 0], out=rows[:, 0])
+        np.multiply(slope, k, out=rows[:, 1])
+        np.subtract(y, lo, out=rows[:, 3])
+        rows[:, 3] -= (chance - lo) * s
+        return np.matmul(rows, rows.transpose(0, 2, 1), dtype=np.float32).astype(np.float64)
 
-    s, r = fit(theta)
-    sse = (r * r).sum(-1)
+    gram = fill(theta)
+    sse = gram[:, 3, 3]
     damping = np.full(sse.shape, 1e-3)
+    eye = np.eye(3)
     for _ in range(n_iter):
-        slope_s = (chance - theta[..., 2:]) * s * (1 - s)
-        jac = [-slope_s * (x - theta[..., 1:2]), slope_s * theta[..., :1], 1 - s]  # d fit / d (k, x0, lo)
-        jtj = np.empty(sse.shape + (3, 3))
-        for i, j in itertools.combinations_with_replacement(range(3), 2):
-            jtj[..., i, j] = jtj[..., j, i] = (jac[i] * jac[j]).sum(-1)
-        jtj += damping[..., None, None] * np.eye(3) * np.diagonal(jtj, axis1=-2, axis2=-1)[..., None, :]
-        jtr = np.stack([(part * r).sum(-1) for part in jac], -1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            step = np.linalg.solve(jtj + 1e-12 * np.eye(3), jtr[..., None])[..., 0]
-        trial = theta + np.nan_to_num(step)
-        s_new, r_new = fit(trial)
-        sse_new = (r_new * r_new).sum(-1)
-        better = sse_new < sse
-        theta = np.where(better[..., None], trial, theta)
-        s, r = np.where(better[..., None], s_new, s), np.where(better[..., None], r_new, r)
-        sse = np.where(better, sse_new, sse)
+        jtj = gram[:, :3, :3]
+        jtj = jtj + damping[:, None, None] * eye * np.diagonal(jtj, axis1=-2, axis2=-1)[:, None, :] + 1e-12 * eye
+        trial = theta + np.nan_to_num(_solve3(jtj, gram[:, :3, 3]))
+        trial_gram = fill(trial)
+        better = trial_gram[:, 3, 3] < sse
+        theta = np.where(better[:, None], trial, theta)
+        gram = np.where(better[:, None, None], trial_gram, gram)  # the normal equations at the kept theta
+        sse = gram[:, 3, 3]
         damping = np.where(better, damping / 3, damping * 4)
     k, x0, lo = theta[..., 0], theta[..., 1], theta[..., 2]
     half = (lo + chance) / 2
