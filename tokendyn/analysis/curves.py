@@ -40,6 +40,7 @@ AOA_SLICE_TOKENS = 1024  # the sigmoid fit keeps ~15 float64 copies of its slice
 # AOA_GRID_K[0] to AOA_GRID_K[1] per span of log10 steps (a fall over twice the span to 1/50 of it).
 AOA_GRID = (32, 12)
 AOA_GRID_K = (2.0, 200.0)
+AOA_STEPS = 3  # Levenberg-Marquardt steps from the grid's best point
 
 
 def last_checkpoints(ds: xr.Dataset, last: int) -> xr.DataArray:
@@ -73,10 +74,11 @@ def final_loss(ds: xr.Dataset, last: int = 5) -> xr.Dataset:
 def _grid_start(y: np.ndarray, x: np.ndarray, chance: float) -> np.ndarray:
     """(k, x0, lo) per token of the best least-squares fit over a grid of (k, x0), lo solved exactly.
 
-    For a fixed (k, x0) the sigmoid s is the same for every token and the fit is linear in lo, so
-    the sum of squares of every token at every grid point follows from one matrix product y @ s.T:
-    with u = 1 - s and t = y.u - chance s.u, the best lo is t / u.u and the sum of squares is
-    |y|^2 - 2 chance y.s + chance^2 s.s - t^2 / u.u.
+    For a fixed (k, x0) the sigmoid s is the same for every token and the fit is linear in lo: with
+    u = 1 - s and t = y.u - chance s.u, the best lo is t / u.u and the sum of squares is
+    |y|^2 - 2 chance y.s + chance^2 s.s - t^2 / u.u. Up to a per-token constant that is
+    e - (z + b)^2 with z = y . (s / |u| - 1 / |u|) (y.u = sum(y) - y.s), b = chance (s.u / |u| + |u|)
+    and e = chance^2 (u.u + s.s + 2 s.u): one matrix product and three passes over (token, grid).
     float32 throughout: it only ranks grid points. y is (token, ckpt).
     """
     span = max(float(x.max() - x.min()), 1e-6)
@@ -88,21 +90,16 @@ def _grid_start(y: np.ndarray, x: np.ndarray, chance: float) -> np.ndarray:
     )
     s = scipy.special.expit(-k[:, None] * (x - x0[:, None]))  # (grid, ckpt)
     u = 1 - s
-    uu, su = (u * u).sum(-1), (s * u).sum(-1)
-    y32 = y.astype(np.float32)
-    # t = sum(y) - y.s - chance s.u, computed in place over the product (few (token, grid) temporaries)
-    t = y32 @ s.T.astype(np.float32)
-    np.negative(t, out=t)
-    t += y32.sum(-1, keepdims=True) - (chance * su).astype(np.float32)
-    # with y.s = sum(y) - chance s.u - t, the sum of squares up to a per-token constant is
-    # t (2 chance - t / u.u) + chance^2 (s.s + 2 s.u)
-    score = t * (-1 / uu).astype(np.float32)
-    score += 2 * chance
-    score *= t
-    score += (chance * chance * ((s * s).sum(-1) + 2 * su)).astype(np.float32)
-    best = np.argmin(score, axis=-1)
-    rows = np.arange(len(best))
-    return np.stack([k[best], x0[best], t[rows, best] / uu[best]], -1).astype(np.float64)
+    uu, su, ss = (u * u).sum(-1), (s * u).sum(-1), (s * s).sum(-1)
+    norm = np.sqrt(uu)
+    y32 = y.astype(np.float32, copy=False)
+    z = y32 @ ((s - 1) / norm[:, None]).T.astype(np.float32)
+    z += (chance * (su / norm + norm)).astype(np.float32)
+    np.square(z, out=z)
+    np.subtract((chance * chance * (uu + ss + 2 * su)).astype(np.float32), z, out=z)
+    best = np.argmin(z, axis=-1)
+    t = y32.sum(-1, dtype=np.float64) - (y32 * s[best]).sum(-1, dtype=np.float64) - chance * su[best]
+    return np.stack([k[best], x0[best], t / uu[best]], -1)
 
 
 def _solve3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -195,7 +192,7 @@ def uniform_loss(ds: xr.Dataset) -> float:
 
 
 def age_of_acquisition(
-    ds: xr.Dataset, chance: float | None = None, n_iter: int = 3, chunk_mb: float = CHUNK_MB
+    ds: xr.Dataset, chance: float | None = None, n_iter: int = AOA_STEPS, chunk_mb: float = CHUNK_MB
 ) -> xr.DataArray:
     """Age of acquisition: log10 step where a fitted sigmoid crosses halfway between chance and
     the sigmoid's minimum (Chang et al.).
@@ -331,12 +328,98 @@ def cartography(ds: xr.Dataset) -> xr.Dataset:
     )
 
 
-def curve_measures(ds: xr.Dataset, last: int = 5, chance: float | None = None, window: int = 3) -> xr.Dataset:
+MEASURES = ("final_loss", "final_variability", "age_of_acquisition", "forgettability", "confidence", "variability")
+
+
+def curve_measures(
+    ds: xr.Dataset,
+    last: int = 5,
+    chance: float | None = None,
+    window: int = 3,
+    n_iter: int = AOA_STEPS,
+    chunk_mb: float = CHUNK_MB,
+) -> xr.Dataset:
     """All per-token §5 measures in one lazy Dataset (model, token): final_loss,
-    final_variability, age_of_acquisition, forgettability, confidence, variability."""
+    final_variability, age_of_acquisition, forgettability, confidence, variability.
+
+    The same numbers as `final_loss`, `age_of_acquisition`, `forgettability` and `cartography`
+    (see them for last, chance, window and n_iter), computed together from each slice of tokens
+    as it is read, so the store is read once per model instead of once per measure.
+    """
     ds = load_small(ds)
-    return xr.merge(
-        [final_loss(ds, last), age_of_acquisition(ds, chance), forgettability(ds, window), cartography(ds)],
-        compat="override",
-        join="override",
+    if last < 1:
+        raise TokendynError("last must be at least 1 checkpoint")
+    level = uniform_loss(ds) if chance is None else float(chance)
+    loss = token_loss(ds)
+    per_model = []
+    for m in range(ds.sizes["model"]):
+        done = done_checkpoints(ds, m)
+        steps = ds["step"].values[m]
+        trained = done[steps[done] > 0]
+        per_model.append(
+            xr.apply_ufunc(
+                partial(over_token_slices, _measures, slice_tokens=AOA_SLICE_TOKENS),
+                chunk_tokens(loss.isel(model=m), chunk_mb),
+                input_core_dims=[["ckpt"]],
+                output_core_dims=[["measure"]],
+                dask="parallelized",
+                output_dtypes=[float],
+                dask_gufunc_kwargs={"output_sizes": {"measure": len(MEASURES)}},
+                kwargs=dict(
+                    done=done,
+                    last=done[-last:],
+                    trained=trained,
+                    x=np.log10(steps[trained]),
+                    chance=level,
+                    n_iter=n_iter,
+                    window=window,
+                ),
+            )
+        )
+    out = xr.concat(per_model, dim="model").assign_coords(model=ds["model"].values).where(valid_tokens(ds))
+    described = {
+        "final_loss": ("mean loss over the last checkpoints", "nats"),
+        "final_variability": ("standard deviation of the loss over the last checkpoints", "nats"),
+        "age_of_acquisition": ("age of acquisition (log10 step)", None),
+        "forgettability": ("summed upward moves of the smoothed loss", "nats"),
+        "confidence": ("mean probability of the true token", None),
+        "variability": ("standard deviation of the probability of the true token", None),
+    }
+    return xr.Dataset(
+        {
+            name: describe(out.isel(measure=i, drop=True).rename(name), *described[name])
+            for i, name in enumerate(MEASURES)
+        }
+    )
+
+
+def _measures(
+    loss: np.ndarray,
+    done: np.ndarray,
+    last: np.ndarray,
+    trained: np.ndarray,
+    x: np.ndarray,
+    chance: float,
+    n_iter: int,
+    window: int,
+) -> np.ndarray:
+    """The six measures of `curve_measures` (token, measure) from one slice of loss (ckpt, token) over
+    all the store's checkpoints (NaN where not done); done, last, trained: checkpoint indices."""
+    tail = loss[last].astype(np.float64)
+    prob = np.exp(-loss[done].astype(np.float64))
+    aoa = (
+        _sigmoid_midpoint(loss[trained], x, chance, n_iter)
+        if len(trained) >= 3
+        else np.full(loss.shape[1], np.nan)
+    )
+    return np.stack(
+        [
+            np.nanmean(tail, axis=0),
+            np.nanstd(tail, axis=0),
+            aoa,
+            _upward_moves(loss.astype(np.float64), window),
+            np.nanmean(prob, axis=0),
+            np.nanstd(prob, axis=0),
+        ],
+        axis=-1,
     )
