@@ -113,14 +113,17 @@ def _solve3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     c22 = a[..., 0, 0] * a[..., 1, 1] - a[..., 0, 1] * a[..., 1, 0]
     det = a[..., 0, 0] * c00 + a[..., 0, 1] * c01 + a[..., 0, 2] * c02
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.stack(
-            [
-                c00 * b[..., 0] + c01 * b[..., 1] + c02 * b[..., 2],
-                c01 * b[..., 0] + c11 * b[..., 1] + c12 * b[..., 2],
-                c02 * b[..., 0] + c12 * b[..., 1] + c22 * b[..., 2],
-            ],
-            -1,
-        ) / det[..., None]
+        return (
+            np.stack(
+                [
+                    c00 * b[..., 0] + c01 * b[..., 1] + c02 * b[..., 2],
+                    c01 * b[..., 0] + c11 * b[..., 1] + c12 * b[..., 2],
+                    c02 * b[..., 0] + c12 * b[..., 1] + c22 * b[..., 2],
+                ],
+                -1,
+            )
+            / det[..., None]
+        )
 
 
 def _sigmoid_midpoint(y: np.ndarray, x: np.ndarray, chance: float, n_iter: int) -> np.ndarray:
@@ -407,11 +410,7 @@ def _measures(
     all the store's checkpoints (NaN where not done); done, last, trained: checkpoint indices."""
     tail = loss[last].astype(np.float64)
     prob = np.exp(-loss[done].astype(np.float64))
-    aoa = (
-        _sigmoid_midpoint(loss[trained], x, chance, n_iter)
-        if len(trained) >= 3
-        else np.full(loss.shape[1], np.nan)
-    )
+    aoa = _sigmoid_midpoint(loss[trained], x, chance, n_iter) if len(trained) >= 3 else np.full(loss.shape[1], np.nan)
     return np.stack(
         [
             np.nanmean(tail, axis=0),
