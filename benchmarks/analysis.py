@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 import tokendyn
 from tokendyn.analysis import curves
+from tokendyn.analysis.labels import label_share
 from tokendyn.analysis.trajectories import over_token_slices
 from tokendyn.analysis.trends import STARTS
 from tokendyn.pipelines.analyze import run_study, write_results
@@ -224,7 +225,7 @@ def bench_large(root: Path) -> None:
     print(f"store {large.name}: {dict(ds['loss'].sizes)}, {ds['loss'].nbytes / 1e9:.2f} GB {ds['loss'].dtype}")
     read = read_once(ds)
     trends = f"trend categories, {len(STARTS)} starts, + shares (out of core)"
-    timed(trends, lambda: ds.tokendyn.trend_categories(STARTS).share(), read)
+    timed(trends, lambda: label_share(ds.tokendyn.trend_categories(STARTS)), read)
 
 
 def main() -> None:
