@@ -191,20 +191,21 @@ def per_study(ds: xr.Dataset, folder: Path, reference: float) -> None:
 
 
 def run_analyze(store: Path, out: Path, label: str) -> None:
-    """`tokendyn analyze` in a child process: its wall and CPU seconds and its own peak memory."""
-    command = [str(Path(sys.executable).with_name("tokendyn")), "analyze", str(store), "--out", str(out), "--quiet"]
+    """`tokendyn analyze` in a child process: its wall and CPU seconds and its own peak memory.
+
+    The child runs under /usr/bin/time: a child forked straight from this (large) process would
+    report this process's resident memory at the fork as its own peak.
+    """
+    timing = out.with_name(out.name + ".time")
+    tokendyn_cli = str(Path(sys.executable).with_name("tokendyn"))
+    command = ["/usr/bin/time", "-f", "%M %U %S", "-o", str(timing), tokendyn_cli, "analyze", str(store)]
     started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(child.pid, 0)
+    done = subprocess.run([*command, "--out", str(out), "--quiet"], capture_output=True, text=True)
     wall = time.perf_counter() - started
-    error = child.stderr.read().strip().splitlines()
-    child.stderr.close()
-    ok = "ok" if os.waitstatus_to_exitcode(status) == 0 else f"FAILED: {(error or ['?'])[-1]}"
-    print(
-        f"{label:<52} {wall:8.2f} s wall {usage.ru_utime + usage.ru_stime:8.2f} s cpu   "
-        f"peak {usage.ru_maxrss / 2**20:.2f} GB   {ok}",
-        flush=True,
-    )
+    peak_kb, user, system = (float(v) for v in timing.read_text().split()[-3:])
+    ok = "ok" if done.returncode == 0 else f"FAILED: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
+    cpu, peak = user + system, peak_kb / 2**20
+    print(f"{label:<52} {wall:8.2f} s wall {cpu:8.2f} s cpu   peak {peak:.2f} GB   {ok}", flush=True)
 
 
 def read_once(ds: xr.Dataset) -> float:
