@@ -24,7 +24,7 @@ from transformers.utils import logging as hf_logging
 
 from tokendyn import __version__, store
 from tokendyn.config.suite import EvalSet, Suite, load_suite
-from tokendyn.data.corpus import PAD, ScoredSet, describe, plan_batches, tokenize_set
+from tokendyn.data.corpus import DEFAULT_BATCH_TOKENS, PAD, ScoredSet, describe, plan_batches, tokenize_set
 from tokendyn.errors import TokendynError
 from tokendyn.models import checkpoints, hardware
 from tokendyn.models.fetch import Fetcher, cache_state
@@ -110,7 +110,8 @@ def extract(
     device: str = "auto",
     dtype: str = "auto",
     store_dtype: str | None = None,
-    batch_tokens: int = 8192,
+    batch_tokens: int | None = None,
+    batch_size: int | None = None,
     force: bool = False,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
@@ -129,27 +130,26 @@ def extract(
     device, dtype : where and in which precision the model runs ("auto": see `tokendyn.models.hardware`);
         log-softmax is always float32.
     store_dtype : "float32" (default) or "float16" on disk.
-    batch_tokens : model positions per forward pass, padding included (at least one window per batch).
+    batch_tokens : model positions per forward pass, padding included (at least one window per batch);
+        default 8192 unless batch_size is given.
+    batch_size : windows (sequences) per forward pass at most, as lm-eval's --batch-size; give this or
+        batch_tokens, not both. The scores do not depend on either.
     force : recompute checkpoints that are already complete.
     scheduler, workers : run on the dask cluster at this address, or on a new local cluster of this many
         workers (one task per checkpoint; see `tokendyn.models.distributed`).
-    prefetch : hub checkpoints downloaded ahead while the current one is scored (single process).
+    prefetch : hub checkpoints downloaded ahead while the current one is scored (on a cluster: per worker).
     evict : delete each scored hub revision this run downloaded from the Hugging Face cache.
 
     A rerun skips complete checkpoints and recomputes interrupted ones.
     """
-    if evict and (scheduler is not None or workers is not None):
-        raise TokendynError(
-            "--evict works in single-process runs only; on a cluster, fetch the revisions "
-            "beforehand with `tokendyn download SUITE` and leave --evict out"
-        )
+    batch_tokens, batch_size = batching(batch_tokens, batch_size)
+    if prefetch < 0:
+        raise TokendynError(f"--prefetch {prefetch} is negative; give 0 (no prefetch) or more")
     cached_before = cache_state() if evict else None  # before any download: evict only what this run fetches
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
     out = Path(out)
     suite = replace(suite, sets=tuple(suite.sets) + tuple(extra_sets))
     _check_unique_sets(suite)
-    if batch_tokens < 1:
-        raise TokendynError(f"batch_tokens = {batch_tokens} must be at least 1; pass e.g. --batch-tokens 8192")
     device, torch_dtype = hardware.choose(device, dtype)
     existing = _existing_attrs(out)
     metrics = _parse_metrics(metrics, existing)
@@ -164,7 +164,7 @@ def extract(
     model_coords = _model_coords(suite, trust_remote_code)
     vocab_text = np.asarray(checkpoints.surface_texts(tokenizer), dtype=object)
     layout = store.Layout(suite.to_dict(), tokenizer_fp, metrics, store_dtype)
-    summaries = {name: scored.summary(batch_tokens) for name, scored in sets.items()}
+    summaries = {name: scored.summary(batch_tokens, batch_size) for name, scored in sets.items()}
     if not force and store.up_to_date(out, layout, sets):
         return out  # nothing to write, so nothing written: a read-only store works
     if progress:
@@ -184,6 +184,7 @@ def extract(
         options = dict(
             metrics=metrics,
             batch_tokens=batch_tokens,
+            batch_size=batch_size,
             device=device,
             dtype=torch_dtype,
             allow_pickle=allow_pickle,
@@ -192,7 +193,18 @@ def extract(
         if scheduler is not None or workers is not None:
             from tokendyn.models.distributed import run_on_cluster
 
-            run_on_cluster(suite, out, sets, todo, options, scheduler=scheduler, workers=workers, progress=progress)
+            run_on_cluster(
+                suite,
+                out,
+                sets,
+                todo,
+                options,
+                scheduler=scheduler,
+                workers=workers,
+                progress=progress,
+                prefetch=prefetch,
+                cached_before=cached_before,
+            )
             stored = open_group(out, mode="r")
             refused = [
                 reason
@@ -221,6 +233,16 @@ def extract(
     return out
 
 
+def batching(batch_tokens: int | None, batch_size: int | None) -> tuple[int | None, int | None]:
+    """(batch_tokens, batch_size) with exactly one set: the token budget by default, else the batch size."""
+    if batch_tokens is not None and batch_size is not None:
+        raise TokendynError("give --batch-size (windows per batch) or --batch-tokens (tokens per batch), not both")
+    for name, value in (("batch-tokens", batch_tokens), ("batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise TokendynError(f"--{name} {value} must be at least 1")
+    return (DEFAULT_BATCH_TOKENS if batch_size is None and batch_tokens is None else batch_tokens), batch_size
+
+
 def _repair(out: Path) -> None:
     """Before writing: repair what `tokendyn verify` finds (checkpoints with missing chunks are recomputed)."""
     if not (out / "zarr.json").is_file():
@@ -243,13 +265,14 @@ def score_checkpoint(
     c: int,
     *,
     metrics: tuple[str, ...],
-    batch_tokens: int,
+    batch_tokens: int | None,
     device: str,
     dtype: torch.dtype,
     allow_pickle: bool,
     trust_remote_code: bool,
     bar: tqdm,
     commit: Callable = store.mark_done,
+    batch_size: int | None = None,
 ) -> list[str]:
     """Score checkpoint `c` of model `m` on `sets`, writing only the chunks it owns, then mark each set done.
 
@@ -267,7 +290,7 @@ def score_checkpoint(
     refused = []
     for name in sorted(sets, key=lambda n: n == "main"):  # main last: its flag follows val_ppl
         store.clear_done(root, name, m, c)
-        total = _score_set(model, sets[name], root, name, m, c, metrics, batch_tokens, bar)
+        total = _score_set(model, sets[name], root, name, m, c, metrics, (batch_tokens, batch_size), bar)
         reason = check_scores(
             store.read_checkpoint(root, name, m, c, metrics), sets[name].n_tokens, root.attrs["store_dtype"]
         )
@@ -329,9 +352,19 @@ def perplexities(total_loss: float, scored: ScoredSet) -> tuple[float, dict[str,
 
 
 def _score_set(
-    model, scored: ScoredSet, root, name: str, m: int, c: int, metrics: tuple[str, ...], batch_tokens: int, bar: tqdm
+    model,
+    scored: ScoredSet,
+    root,
+    name: str,
+    m: int,
+    c: int,
+    metrics: tuple[str, ...],
+    batches: tuple[int | None, int | None],
+    bar: tqdm,
 ) -> float:
     """Score one set with one checkpoint, writing every chunk of tokens as soon as it is complete.
+
+    batches: (batch_tokens, batch_size) of `plan_batches`.
 
     Returns the summed loss (nats, float64) over the set's scored tokens.
     """
@@ -342,7 +375,7 @@ def _score_set(
     finished = np.zeros(len(scored.windows), dtype=bool)
     frontier = written = 0  # windows [0, frontier) are scored; tokens [0, written) are in the store
     with torch.inference_mode():
-        for rows in plan_batches(scored.lengths, batch_tokens):
+        for rows in plan_batches(scored.lengths, batches[0], batch_size=batches[1]):
             ids, score, index = _batch(scored, rows)
             results = token_scores(model, torch.from_numpy(ids), torch.from_numpy(score), metrics)
             for metric in metrics:
