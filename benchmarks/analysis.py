@@ -1,23 +1,21 @@
 """Analysis at suite scale, measured side by side in one run.
 
-    python benchmarks/analysis.py [--tokens 1000000] [--ckpts 50] [--models 3] [--large]
+    python benchmarks/analysis.py [--tokens 1000000] [--ckpts 50] [--models 3] [--large] [--no-analyze]
 
-Builds once (then reuses) a float16 store of synthetic per-token loss curves (sigmoid falls in
-log step of every width and midpoint, flat and rising tokens, noise) in the store's layout with
-chunks (1, 1, 128, 2048) as `tokendyn extract` writes them. Then prints wall and CPU seconds,
-and the process's peak memory so far, of:
-  - reading the loss once (a sum over the store): the I/O floor every ratio is relative to,
-  - trend categories at 4 start fractions with their shares,
-  - the per-token measures of `curve_measures` (final loss, age of acquisition, forgettability,
-    cartography), each written to a Zarr store as `tokendyn analyze` does,
-  - the age-of-acquisition kernel before this change (10 Levenberg-Marquardt steps from a logit
-    line on slices of 8192 tokens), timed on a sample and extrapolated,
-  - `tokendyn analyze` end to end (a child process; its own peak memory).
-Target: analyze <= 30 s at 1,000,000 tokens x 50 checkpoints x 3 models on a 2-core machine.
+Builds once (then reuses, under cache/bench/) float16 format-2 stores of synthetic per-token loss
+curves (sigmoid falls in log step of every width and midpoint, flat and rising tokens, noise) in
+the chunks `tokendyn extract` writes, at --tokens and at a quarter of it. Then prints wall and CPU
+seconds (CPU seconds are what to compare on a shared machine) and peak memory of:
+  - reading the loss once (decompressed to float32 and summed): every ratio is relative to it,
+  - the age-of-acquisition kernel now and before issue 15 (logit-line start, 10 steps), per token,
+  - every study as `tokendyn analyze` runs it (run, then write its results), in one process,
+  - `tokendyn analyze` end to end in a child process at both sizes, each with its own peak memory
+    (the two peaks should be close: memory must not grow with the number of tokens).
+Target: analyze <= 30 s wall at 1,000,000 tokens x 50 checkpoints x 3 models on 2 idle cores.
 
---large adds Pythia's shape out of core: 10,000,000 tokens x 154 checkpoints x 1 model in
-float16 (3 GB on disk, built once): reading it once and its trend categories.
-The machine may be shared: the load average is printed before and after.
+--large adds Pythia's shape out of core: 10,000,000 tokens x 154 checkpoints x 1 model in float16
+(3.1 GB, built once): its build time, reading it once, and its trend categories at 4 starts.
+The load average is printed before and after: on a shared machine wall times are upper bounds.
 """
 
 from __future__ import annotations
@@ -38,47 +36,65 @@ import numpy as np
 import torch
 import xarray as xr
 import zarr
+from tqdm import tqdm
 
 import tokendyn
 from tokendyn.analysis import curves
+from tokendyn.analysis.labels import label_share
+from tokendyn.analysis.trajectories import over_token_slices
 from tokendyn.analysis.trends import STARTS
+from tokendyn.pipelines.analyze import run_study, write_results
+from tokendyn.store.layout import FORMAT_VERSION, token_chunk
+from tokendyn.studies import STUDIES
 
-SEQ_LEN, SEQ_CHUNK = 2048, 128
-CHANCE = 10.8  # ln(50k): the loss of a uniform guess over a Pythia-sized vocabulary
+CHANCE = float(np.log(50_000))  # ln(vocabulary size): the store's vocabulary has Pythia's size, 50k
+DOC_TOKENS = 2048  # tokens per synthetic document (doc and offset coordinates)
 
 
-def _block(model: int, ckpt: int, seq_block: int, x: float, x_range: tuple[float, float], n_seq: int) -> np.ndarray:
-    """Loss of one (model, ckpt, seq chunk) at log10 step x: token shapes fixed per seq chunk, noise per block."""
-    rng = np.random.default_rng(seq_block)
-    shape = (n_seq, SEQ_LEN)
-    kind = rng.choice(3, size=shape, p=[0.7, 0.2, 0.1])  # falling (sigmoid), flat, rising
-    lo, k = rng.uniform(0.5, 6, shape), rng.uniform(1, 20, shape)
-    mid = rng.uniform(*x_range, shape) - 0.3 * model  # larger models learn earlier
-    falling = lo + (CHANCE - lo) / (1 + np.exp(np.clip(k * (x - mid), -50, 50)))
-    flat = lo + 2
-    rising = lo + (x - x_range[0]) / (x_range[1] - x_range[0])
-    noise = np.random.default_rng([model, ckpt, seq_block]).normal(0, 0.1, shape)
-    loss = (np.select([kind == 0, kind == 1], [falling, flat], rising) + noise).astype(np.float16)
-    loss[:, 0] = np.nan
-    return loss[None, None]
+class Curves:
+    """Synthetic per-token loss curves against log10 step x: 70% fall along a sigmoid from chance to a
+    floor (every width and midpoint; larger models earlier), 20% flat, 10% rising; noise per checkpoint.
+
+    Token parameters are drawn once per model (float32, a few arrays of n_tokens); each checkpoint
+    then costs a few vectorised passes, so a 10M-token x 154-checkpoint store builds in about a minute.
+    """
+
+    def __init__(self, n_tokens: int, model: int, x_range: tuple[float, float]):
+        rng = np.random.default_rng(model)
+        self.kind = rng.choice(np.arange(3, dtype=np.int8), size=n_tokens, p=[0.7, 0.2, 0.1])
+        self.lo = rng.uniform(0.5, 6, n_tokens).astype(np.float32)
+        self.k = rng.uniform(1, 20, n_tokens).astype(np.float32)
+        self.mid = (rng.uniform(*x_range, n_tokens) - 0.3 * model).astype(np.float32)
+        self.x_range = x_range
+        self.noise = rng.normal(0, 0.1, n_tokens + 4099).astype(np.float32)  # shifted per checkpoint: cheap noise
+
+    def at(self, x: float, ckpt: int) -> np.ndarray:
+        t = self.k * (np.float32(x) - self.mid)
+        np.clip(t, -50, 50, out=t)
+        np.exp(t, out=t)
+        t += 1
+        falling = self.lo + (CHANCE - self.lo) / t
+        rising = self.lo + np.float32((x - self.x_range[0]) / (self.x_range[1] - self.x_range[0]))
+        loss = np.where(self.kind == 0, falling, np.where(self.kind == 1, self.lo + 2, rising))
+        shift = (ckpt * 1031) % 4099
+        loss += self.noise[shift : shift + len(loss)]
+        return loss.astype(np.float16)
 
 
 def build_store(path: Path, n_tokens: int, n_ckpts: int, n_models: int) -> None:
-    """A float16 store of synthetic curves in the store's layout (Pythia's log-spaced steps)."""
-    n_seq = -(-n_tokens // SEQ_LEN)
+    """A float16 format-2 store of synthetic curves with Pythia's log-spaced steps, written checkpoint
+    by checkpoint straight into Zarr in the chunks `tokendyn extract` writes (1, 1, 2**18 tokens)."""
     steps = np.geomspace(1000, 143_000, n_ckpts)
     x = np.log10(steps)
     x_range = (float(x[len(x) // 4]), float(x[-3]))
-
-    def block(block_info=None):
-        m, c, s, _ = block_info[None]["chunk-location"]
-        return _block(m, c, s, x[c], x_range, block_info[None]["chunk-shape"][2])
-
-    seq_chunks = da.core.normalize_chunks(SEQ_CHUNK, (n_seq,))[0]
-    loss = da.map_blocks(block, dtype=np.float16, chunks=((1,) * n_models, (1,) * n_ckpts, seq_chunks, (SEQ_LEN,)))
+    chunk = token_chunk(n_tokens)
+    token = np.arange(n_tokens)
     ds = xr.Dataset(
         {
-            "loss": (("model", "ckpt", "seq", "pos"), loss),
+            "loss": (
+                ("model", "ckpt", "token"),
+                da.zeros((n_models, n_ckpts, n_tokens), dtype=np.float16, chunks=(1, 1, chunk)),
+            ),
             "done": (("model", "ckpt"), np.ones((n_models, n_ckpts), bool)),
         },
         coords={
@@ -88,15 +104,27 @@ def build_store(path: Path, n_tokens: int, n_ckpts: int, n_models: int) -> None:
             "tokens_seen": (("model", "ckpt"), np.tile(steps * 2**21, (n_models, 1))),
             "val_ppl": (("model", "ckpt"), np.ones((n_models, n_ckpts))),
             "n_params": ("model", 1e7 * 10.0 ** np.arange(n_models)),
-            "token_id": (("seq", "pos"), np.random.default_rng(0).integers(0, 50_000, (n_seq, SEQ_LEN))),
+            "token_id": ("token", np.random.default_rng(0).integers(0, 50_000, n_tokens)),
+            "doc": ("token", token // DOC_TOKENS),
+            "offset": ("token", token % DOC_TOKENS),
+            "n_context": ("token", token % DOC_TOKENS),
+            "vocab_text": ("vocab", np.array([f"t{i}" for i in range(50_000)], dtype=object)),
         },
-        attrs={"tokendyn_version": tokendyn.__version__},
+        attrs={"tokendyn_version": tokendyn.__version__, "format_version": FORMAT_VERSION},
     )
+    encoding = {"loss": {"chunks": (1, 1, chunk)}, **{n: {"chunks": (chunk,)} for n in ("token_id", "doc", "offset")}}
     print(f"building {path} ({ds['loss'].nbytes / 1e9:.2f} GB of float16 loss) ...", flush=True)
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    ds.to_zarr(partial, mode="w")
-    val_ppl = np.exp(xr.open_zarr(partial)["loss"].astype(np.float32).mean(["seq", "pos"]).values)
+    ds.to_zarr(partial, mode="w", compute=False, encoding=encoding, consolidated=False)
+    loss = zarr.open_array(partial / "loss", mode="r+")
+    val_ppl = np.empty((n_models, n_ckpts))
+    for m in range(n_models):
+        curves = Curves(n_tokens, m, x_range)
+        for c in tqdm(range(n_ckpts), desc=f"model {m}", unit="ckpt", leave=False):
+            row = curves.at(x[c], c)
+            loss[m, c] = row
+            val_ppl[m, c] = np.exp(row.mean(dtype=np.float64))
     zarr.open_group(partial, mode="r+")["val_ppl"][...] = val_ppl
     zarr.consolidate_metadata(partial)
     partial.rename(path)
@@ -108,10 +136,11 @@ def peak_gb() -> float:
 
 
 def timed(label: str, fn, reference: float | None = None) -> float:
+    """Run fn; print wall and CPU seconds (and CPU seconds over `reference`'s) and the peak so far."""
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    ratio = f"  {wall / reference:6.1f} x the read" if reference else " " * 21
+    ratio = f"  {cpu / reference:6.1f} x the read" if reference else " " * 21
     print(f"{label:<52} {wall:8.2f} s wall {cpu:8.2f} s cpu{ratio}   peak {peak_gb():.2f} GB", flush=True)
     return wall
 
@@ -121,51 +150,83 @@ def old_aoa_seconds(ds: xr.Dataset, n_sample: int = 8192) -> float:
     sys.path.insert(0, str(Path(__file__).parent))
     from aoa_before import sigmoid_midpoint_before  # the kernel as it was, kept for this comparison
 
-    loss = ds["loss"].isel(model=0, seq=slice(0, 8)).values.reshape(ds.sizes["ckpt"], -1)[:, :n_sample]
+    loss = ds["loss"].isel(model=0, token=slice(0, n_sample)).values
     x = np.log10(ds["step"].values[0])
     start = time.process_time()
     sigmoid_midpoint_before(loss.astype(np.float64), x, CHANCE, n_iter=10)
     per_token = (time.process_time() - start) / loss.shape[1]
-    return per_token * ds.sizes["seq"] * ds.sizes["pos"] * ds.sizes["model"]
+    return per_token * ds.sizes["token"] * ds.sizes["model"]
 
 
-def write_measure(data: xr.DataArray, folder: Path) -> None:
-    """Write per-token results chunk by chunk (token coordinates stay in the store, as in `tokendyn analyze`)."""
-    data = data.reset_coords(drop=True)
-    data.encoding = {}
-    data.chunk({d: max(c) for d, c in zip(data.dims, data.chunks)}).to_dataset(name=data.name).to_zarr(
-        folder / f"{data.name}.zarr", mode="w", consolidated=False
-    )
+def aoa_kernels(ds: xr.Dataset, n_sample: int = 16_384) -> tuple[float, float]:
+    """CPU microseconds per token of the age-of-acquisition kernel now and before, one thread, same tokens."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from aoa_before import sigmoid_midpoint_before  # the kernel as it was, kept for this comparison
+
+    loss = ds["loss"].isel(model=0, token=slice(0, n_sample)).values
+    x = np.log10(ds["step"].values[0])
+    start = time.process_time()
+    over_token_slices(curves._sigmoid_midpoint, loss.T, curves.AOA_SLICE_TOKENS, x=x, chance=CHANCE, n_iter=3)
+    now = time.process_time() - start
+    start = time.process_time()
+    over_token_slices(sigmoid_midpoint_before, loss.T.astype(np.float64), 8192, x=x, chance=CHANCE, n_iter=10)
+    before = time.process_time() - start
+    return 1e6 * now / n_sample, 1e6 * before / n_sample
 
 
-def run_analyze(store: Path, out: Path) -> None:
-    """`tokendyn analyze` in a child process; prints its wall time and peak memory."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+def per_study(ds: xr.Dataset, folder: Path, reference: float) -> None:
+    """Each study as `tokendyn analyze` runs it (run, then write its tables and labels), timed."""
+    total_wall = total_cpu = 0.0
+    for name in STUDIES:
+        wall, cpu = time.perf_counter(), time.process_time()
+        outcome = run_study(name, ds)
+        if outcome.result is not None:
+            write_results(outcome.result, folder)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        total_wall, total_cpu = total_wall + wall, total_cpu + cpu
+        note = f"   skipped ({outcome.skipped[:50]})" if outcome.skipped else f"   peak {peak_gb():.2f} GB"
+        print(f"{'  study ' + name:<52} {wall:8.2f} s wall {cpu:8.2f} s cpu  {cpu / reference:6.1f} x the read{note}")
+    ratio = total_cpu / reference
+    print(f"{'  all studies':<52} {total_wall:8.2f} s wall {total_cpu:8.2f} s cpu  {ratio:6.1f} x the read")
+
+
+def run_analyze(store: Path, out: Path, label: str) -> None:
+    """`tokendyn analyze` in a child process: its wall and CPU seconds and its own peak memory.
+
+    The child runs under /usr/bin/time: a child forked straight from this (large) process would
+    report this process's resident memory at the fork as its own peak.
+    """
+    timing = out.with_name(out.name + ".time")
+    tokendyn_cli = str(Path(sys.executable).with_name("tokendyn"))
+    command = ["/usr/bin/time", "-f", "%M %U %S", "-o", str(timing), tokendyn_cli, "analyze", str(store)]
     started = time.perf_counter()
-    command = [str(Path(sys.executable).with_name("tokendyn")), "analyze", str(store), "--out", str(out), "--quiet"]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run([*command, "--out", str(out), "--quiet"], capture_output=True, text=True)
     wall = time.perf_counter() - started
-    peak = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 2**20
-    status = "ok" if done.returncode == 0 else f"FAILED: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
-    print(
-        f"{'tokendyn analyze (child process, end to end)':<52} {wall:8.2f} s wall   peak {peak:.2f} GB   {status}",
-        flush=True,
-    )
+    peak_kb, user, system = (float(v) for v in timing.read_text().split()[-3:])
+    ok = "ok" if done.returncode == 0 else f"FAILED: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
+    cpu, peak = user + system, peak_kb / 2**20
+    print(f"{label:<52} {wall:8.2f} s wall {cpu:8.2f} s cpu   peak {peak:.2f} GB   {ok}", flush=True)
 
 
-def bench(store: Path) -> tuple[xr.Dataset, float]:
-    """Open the store, time reading it once and its trend categories."""
-    ds = tokendyn.open_store(store)
-    print(
-        f"store {store}: {dict(ds['loss'].sizes)}, {ds['loss'].nbytes / 1e9:.2f} GB {ds['loss'].dtype}, "
-        f"chunks {ds['loss'].data.chunksize}",
-        flush=True,
-    )
-    read = timed("read the loss once (sum)", lambda: ds["loss"].sum().compute())
-    timed(
-        f"trend categories, {len(STARTS)} starts, + shares", lambda: ds.tokendyn.trend_categories(STARTS).share(), read
-    )
-    return ds, read
+def read_once(ds: xr.Dataset) -> float:
+    """CPU seconds of reading the loss once (decompress and convert to float32: every analysis does that)."""
+    start = time.process_time()
+    timed("read the loss once (float32 sum)", lambda: ds["loss"].astype(np.float32).sum().compute())
+    return time.process_time() - start
+
+
+def bench_large(root: Path) -> None:
+    """Pythia's shape out of core: 10M tokens x 154 checkpoints x 1 model, float16 (built once)."""
+    large = root / "analysis-10000000-154-1-f16.zarr"
+    if not large.is_dir():
+        started = time.perf_counter()
+        build_store(large, 10_000_000, 154, 1)
+        print(f"{'  built in':<52} {time.perf_counter() - started:8.2f} s wall")
+    ds = tokendyn.open_store(large)
+    print(f"store {large.name}: {dict(ds['loss'].sizes)}, {ds['loss'].nbytes / 1e9:.2f} GB {ds['loss'].dtype}")
+    read = read_once(ds)
+    trends = f"trend categories, {len(STARTS)} starts, + shares (out of core)"
+    timed(trends, lambda: label_share(ds.tokendyn.trend_categories(STARTS)), read)
 
 
 def main() -> None:
@@ -173,8 +234,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=1_000_000)
     parser.add_argument("--ckpts", type=int, default=50)
     parser.add_argument("--models", type=int, default=3)
-    parser.add_argument("--large", action="store_true", help="also 10M tokens x 154 checkpoints out of core (3 GB)")
-    parser.add_argument("--no-analyze", action="store_true", help="skip the end-to-end `tokendyn analyze` run")
+    parser.add_argument("--large", action="store_true", help="also 10M tokens x 154 checkpoints x 1 model out of core")
+    parser.add_argument("--no-analyze", action="store_true", help="skip the end-to-end `tokendyn analyze` runs")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     root = Path(__file__).resolve().parents[1] / "cache" / "bench"
@@ -183,32 +244,25 @@ def main() -> None:
         f"load average before {os.getloadavg()[0]:.1f}",
         flush=True,
     )
-    store = root / f"analysis-{args.tokens}-{args.ckpts}-{args.models}-f16.zarr"
-    if not store.is_dir():
-        store.parent.mkdir(parents=True, exist_ok=True)
-        build_store(store, args.tokens, args.ckpts, args.models)
+    stores = {}
+    for n_tokens in (args.tokens // 4, args.tokens):  # the quarter-size store: does peak memory grow with tokens?
+        stores[n_tokens] = root / f"analysis-{n_tokens}-{args.ckpts}-{args.models}-f16.zarr"
+        if not stores[n_tokens].is_dir():
+            stores[n_tokens].parent.mkdir(parents=True, exist_ok=True)
+            build_store(stores[n_tokens], n_tokens, args.ckpts, args.models)
+    ds = tokendyn.open_store(stores[args.tokens])
+    print(f"store {stores[args.tokens].name}: {dict(ds['loss'].sizes)}, {ds['loss'].nbytes / 1e9:.2f} GB float16")
+    read = read_once(ds)
+    now, before = aoa_kernels(ds)
+    label = "age-of-acquisition kernel, cpu us/token, one thread"
+    print(f"{label:<52} now {now:.1f}, before {before:.1f} ({before / now:.1f}x)", flush=True)
     with tempfile.TemporaryDirectory(dir=root) as scratch:
-        scratch = Path(scratch)
-        ds, read = bench(store)
-        total = 0.0
-        for name in ("final_loss", "age_of_acquisition", "forgettability", "cartography"):
-            result = (
-                getattr(curves, name)(ds)
-                if name != "age_of_acquisition"
-                else curves.age_of_acquisition(ds, chance=CHANCE)
-            )
-            arrays = [result] if isinstance(result, xr.DataArray) else list(result.data_vars.values())
-            total += timed(f"curve measure: {name}", lambda: [write_measure(a, scratch) for a in arrays], read)
-        print(f"{'  all curve measures':<52} {total:8.2f} s wall", flush=True)
-        before = old_aoa_seconds(ds)
-        print(f"{'  age of acquisition before (extrapolated cpu)':<52} {before:8.2f} s cpu", flush=True)
+        per_study(ds, Path(scratch), read)
         if not args.no_analyze:
-            run_analyze(store, scratch / "analysis")
+            for n_tokens, store in stores.items():
+                run_analyze(store, Path(scratch) / f"analysis-{n_tokens}", f"tokendyn analyze, {n_tokens:,} tokens")
     if args.large:
-        large = root / "analysis-10000000-154-1-f16.zarr"
-        if not large.is_dir():
-            build_store(large, 10_000_000, 154, 1)
-        bench(large)
+        bench_large(root)
     print(f"load average after {os.getloadavg()[0]:.1f}")
 
 

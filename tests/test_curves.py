@@ -12,6 +12,7 @@ from planted_stores import flat, write_store
 from tokendyn.analysis.curves import (
     RHO1_CLASSES,
     _sigmoid_midpoint,
+    _solve3,
     age_of_acquisition,
     cartography,
     curve_measures,
@@ -189,3 +190,25 @@ def test_curve_measures_gathers_everything(random_store):
         "variability",
     }
     assert all(out[name].dims == ("model", "token") for name in out.data_vars)
+
+
+def test_curve_measures_in_one_pass_equal_the_separate_measures(random_store):
+    """The fused kernel gives each measure's own function's numbers (model 0 has checkpoints not done)."""
+    together = curve_measures(random_store, last=2, chance=5.0).compute()
+    apart = [
+        final_loss(random_store, last=2),
+        age_of_acquisition(random_store, chance=5.0).to_dataset(),
+        forgettability(random_store).to_dataset(),
+        cartography(random_store),
+    ]
+    for measures in apart:
+        for name, expected in measures.compute().data_vars.items():
+            np.testing.assert_allclose(together[name].values, expected.values, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_closed_form_solve_matches_lapack():
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(50, 3, 3))
+    a = a @ a.transpose(0, 2, 1) + 0.1 * np.eye(3)  # symmetric positive definite, like damped normal equations
+    b = rng.normal(size=(50, 3))
+    np.testing.assert_allclose(_solve3(a, b), np.linalg.solve(a, b[..., None])[..., 0], rtol=1e-9, atol=1e-12)

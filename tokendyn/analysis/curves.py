@@ -13,7 +13,6 @@ take part.
 
 from __future__ import annotations
 
-import itertools
 from functools import partial
 
 import numpy as np
@@ -41,6 +40,7 @@ AOA_SLICE_TOKENS = 1024  # the sigmoid fit keeps ~15 float64 copies of its slice
 # AOA_GRID_K[0] to AOA_GRID_K[1] per span of log10 steps (a fall over twice the span to 1/50 of it).
 AOA_GRID = (32, 12)
 AOA_GRID_K = (2.0, 200.0)
+AOA_STEPS = 3  # Levenberg-Marquardt steps from the grid's best point
 
 
 def last_checkpoints(ds: xr.Dataset, last: int) -> xr.DataArray:
@@ -74,10 +74,11 @@ def final_loss(ds: xr.Dataset, last: int = 5) -> xr.Dataset:
 def _grid_start(y: np.ndarray, x: np.ndarray, chance: float) -> np.ndarray:
     """(k, x0, lo) per token of the best least-squares fit over a grid of (k, x0), lo solved exactly.
 
-    For a fixed (k, x0) the sigmoid s is the same for every token and the fit is linear in lo, so
-    the sum of squares of every token at every grid point follows from one matrix product y @ s.T:
-    with u = 1 - s and t = y.u - chance s.u, the best lo is t / u.u and the sum of squares is
-    |y|^2 - 2 chance y.s + chance^2 s.s - t^2 / u.u.
+    For a fixed (k, x0) the sigmoid s is the same for every token and the fit is linear in lo: with
+    u = 1 - s and t = y.u - chance s.u, the best lo is t / u.u and the sum of squares is
+    |y|^2 - 2 chance y.s + chance^2 s.s - t^2 / u.u. Up to a per-token constant that is
+    e - (z + b)^2 with z = y . (s / |u| - 1 / |u|) (y.u = sum(y) - y.s), b = chance (s.u / |u| + |u|)
+    and e = chance^2 (u.u + s.s + 2 s.u): one matrix product and three passes over (token, grid).
     float32 throughout: it only ranks grid points. y is (token, ckpt).
     """
     span = max(float(x.max() - x.min()), 1e-6)
@@ -89,21 +90,40 @@ def _grid_start(y: np.ndarray, x: np.ndarray, chance: float) -> np.ndarray:
     )
     s = scipy.special.expit(-k[:, None] * (x - x0[:, None]))  # (grid, ckpt)
     u = 1 - s
-    uu, su = (u * u).sum(-1), (s * u).sum(-1)
-    y32 = y.astype(np.float32)
-    # t = sum(y) - y.s - chance s.u, computed in place over the product (few (token, grid) temporaries)
-    t = y32 @ s.T.astype(np.float32)
-    np.negative(t, out=t)
-    t += y32.sum(-1, keepdims=True) - (chance * su).astype(np.float32)
-    # with y.s = sum(y) - chance s.u - t, the sum of squares up to a per-token constant is
-    # t (2 chance - t / u.u) + chance^2 (s.s + 2 s.u)
-    score = t * (-1 / uu).astype(np.float32)
-    score += 2 * chance
-    score *= t
-    score += (chance * chance * ((s * s).sum(-1) + 2 * su)).astype(np.float32)
-    best = np.argmin(score, axis=-1)
-    rows = np.arange(len(best))
-    return np.stack([k[best], x0[best], t[rows, best] / uu[best]], -1).astype(np.float64)
+    uu, su, ss = (u * u).sum(-1), (s * u).sum(-1), (s * s).sum(-1)
+    norm = np.sqrt(uu)
+    y32 = y.astype(np.float32, copy=False)
+    z = y32 @ ((s - 1) / norm[:, None]).T.astype(np.float32)
+    z += (chance * (su / norm + norm)).astype(np.float32)
+    np.square(z, out=z)
+    np.subtract((chance * chance * (uu + ss + 2 * su)).astype(np.float32), z, out=z)
+    best = np.argmin(z, axis=-1)
+    t = y32.sum(-1, dtype=np.float64) - (y32 * s[best]).sum(-1, dtype=np.float64) - chance * su[best]
+    return np.stack([k[best], x0[best], t / uu[best]], -1)
+
+
+def _solve3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Solutions of the symmetric 3x3 systems a x = b (..., 3, 3), (..., 3) by cofactors: one vectorised
+    expression instead of a LAPACK call per token. NaN where a is singular."""
+    c00 = a[..., 1, 1] * a[..., 2, 2] - a[..., 1, 2] * a[..., 2, 1]
+    c01 = a[..., 1, 2] * a[..., 2, 0] - a[..., 1, 0] * a[..., 2, 2]
+    c02 = a[..., 1, 0] * a[..., 2, 1] - a[..., 1, 1] * a[..., 2, 0]
+    c11 = a[..., 0, 0] * a[..., 2, 2] - a[..., 0, 2] * a[..., 2, 0]
+    c12 = a[..., 0, 1] * a[..., 2, 0] - a[..., 0, 0] * a[..., 2, 1]
+    c22 = a[..., 0, 0] * a[..., 1, 1] - a[..., 0, 1] * a[..., 1, 0]
+    det = a[..., 0, 0] * c00 + a[..., 0, 1] * c01 + a[..., 0, 2] * c02
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (
+            np.stack(
+                [
+                    c00 * b[..., 0] + c01 * b[..., 1] + c02 * b[..., 2],
+                    c01 * b[..., 0] + c11 * b[..., 1] + c12 * b[..., 2],
+                    c02 * b[..., 0] + c12 * b[..., 1] + c22 * b[..., 2],
+                ],
+                -1,
+            )
+            / det[..., None]
+        )
 
 
 def _sigmoid_midpoint(y: np.ndarray, x: np.ndarray, chance: float, n_iter: int) -> np.ndarray:
@@ -111,37 +131,48 @@ def _sigmoid_midpoint(y: np.ndarray, x: np.ndarray, chance: float, n_iter: int) 
 
     y is (ckpt, token), x the log10 steps; the upper level is fixed at `chance`, (k, x0, lo) fitted:
     start from the best point of a (k, x0) grid (`_grid_start`, all tokens at once), then take
-    Levenberg-Marquardt steps, vectorised over tokens (a 3x3 solve per token).
+    Levenberg-Marquardt steps, vectorised over tokens. The (token, ckpt) arrays are float32 (the
+    parameters, normal equations and sums of squares float64): per step one pass builds the Jacobian
+    and residual rows, one batched product gives J'J, J'r and |r|^2, and the 3x3 solve is closed form.
     NaN unless the fit falls (k > 0) from chance to lo < chance with x0 inside the data, and the
     first checkpoint is above halfway and the last below.
     """
-    y = np.ascontiguousarray(y.T, dtype=np.float64)  # (token, ckpt): the fit's sums run along checkpoints
+    y = np.ascontiguousarray(y.T, dtype=np.float32)  # (token, ckpt): the fit's sums run along checkpoints
     theta = _grid_start(y, x, chance)
+    x32 = x.astype(np.float32)
+    rows = np.empty((len(y), 4, len(x)), np.float32)  # d fit / d (k, x0, lo), then the residual
 
-    def fit(theta):
-        s = scipy.special.expit(-theta[..., :1] * (x - theta[..., 1:2]))
-        return s, y - (theta[..., 2:] + (chance - theta[..., 2:]) * s)
+    def fill(theta: np.ndarray) -> np.ndarray:
+        """Jacobian and residual rows at theta; returns the (token, 4, 4) Gram matrix of the rows."""
+        k, x0, lo = (theta[:, i : i + 1].astype(np.float32) for i in range(3))
+        d = x32 - x0
+        s = k * d
+        np.clip(s, -60, 60, out=s)
+        np.exp(s, out=s)
+        s += 1
+        np.reciprocal(s, out=s)  # s = 1 / (1 + exp(k (x - x0))), falling from 1 to 0
+        np.subtract(1, s, out=rows[:, 2])
+        slope = (chance - lo) * s * rows[:, 2]
+        np.multiply(slope, d, out=rows[:, 0])
+        np.negative(rows[:, 0], out=rows[:, 0])
+        np.multiply(slope, k, out=rows[:, 1])
+        np.subtract(y, lo, out=rows[:, 3])
+        rows[:, 3] -= (chance - lo) * s
+        return np.matmul(rows, rows.transpose(0, 2, 1), dtype=np.float32).astype(np.float64)
 
-    s, r = fit(theta)
-    sse = (r * r).sum(-1)
+    gram = fill(theta)
+    sse = gram[:, 3, 3]
     damping = np.full(sse.shape, 1e-3)
+    eye = np.eye(3)
     for _ in range(n_iter):
-        slope_s = (chance - theta[..., 2:]) * s * (1 - s)
-        jac = [-slope_s * (x - theta[..., 1:2]), slope_s * theta[..., :1], 1 - s]  # d fit / d (k, x0, lo)
-        jtj = np.empty(sse.shape + (3, 3))
-        for i, j in itertools.combinations_with_replacement(range(3), 2):
-            jtj[..., i, j] = jtj[..., j, i] = (jac[i] * jac[j]).sum(-1)
-        jtj += damping[..., None, None] * np.eye(3) * np.diagonal(jtj, axis1=-2, axis2=-1)[..., None, :]
-        jtr = np.stack([(part * r).sum(-1) for part in jac], -1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            step = np.linalg.solve(jtj + 1e-12 * np.eye(3), jtr[..., None])[..., 0]
-        trial = theta + np.nan_to_num(step)
-        s_new, r_new = fit(trial)
-        sse_new = (r_new * r_new).sum(-1)
-        better = sse_new < sse
-        theta = np.where(better[..., None], trial, theta)
-        s, r = np.where(better[..., None], s_new, s), np.where(better[..., None], r_new, r)
-        sse = np.where(better, sse_new, sse)
+        jtj = gram[:, :3, :3]
+        jtj = jtj + damping[:, None, None] * eye * np.diagonal(jtj, axis1=-2, axis2=-1)[:, None, :] + 1e-12 * eye
+        trial = theta + np.nan_to_num(_solve3(jtj, gram[:, :3, 3]))
+        trial_gram = fill(trial)
+        better = trial_gram[:, 3, 3] < sse
+        theta = np.where(better[:, None], trial, theta)
+        gram = np.where(better[:, None, None], trial_gram, gram)  # the normal equations at the kept theta
+        sse = gram[:, 3, 3]
         damping = np.where(better, damping / 3, damping * 4)
     k, x0, lo = theta[..., 0], theta[..., 1], theta[..., 2]
     half = (lo + chance) / 2
@@ -164,7 +195,7 @@ def uniform_loss(ds: xr.Dataset) -> float:
 
 
 def age_of_acquisition(
-    ds: xr.Dataset, chance: float | None = None, n_iter: int = 3, chunk_mb: float = CHUNK_MB
+    ds: xr.Dataset, chance: float | None = None, n_iter: int = AOA_STEPS, chunk_mb: float = CHUNK_MB
 ) -> xr.DataArray:
     """Age of acquisition: log10 step where a fitted sigmoid crosses halfway between chance and
     the sigmoid's minimum (Chang et al.).
@@ -300,12 +331,94 @@ def cartography(ds: xr.Dataset) -> xr.Dataset:
     )
 
 
-def curve_measures(ds: xr.Dataset, last: int = 5, chance: float | None = None, window: int = 3) -> xr.Dataset:
+MEASURES = ("final_loss", "final_variability", "age_of_acquisition", "forgettability", "confidence", "variability")
+
+
+def curve_measures(
+    ds: xr.Dataset,
+    last: int = 5,
+    chance: float | None = None,
+    window: int = 3,
+    n_iter: int = AOA_STEPS,
+    chunk_mb: float = CHUNK_MB,
+) -> xr.Dataset:
     """All per-token §5 measures in one lazy Dataset (model, token): final_loss,
-    final_variability, age_of_acquisition, forgettability, confidence, variability."""
+    final_variability, age_of_acquisition, forgettability, confidence, variability.
+
+    The same numbers as `final_loss`, `age_of_acquisition`, `forgettability` and `cartography`
+    (see them for last, chance, window and n_iter), computed together from each slice of tokens
+    as it is read, so the store is read once per model instead of once per measure.
+    """
     ds = load_small(ds)
-    return xr.merge(
-        [final_loss(ds, last), age_of_acquisition(ds, chance), forgettability(ds, window), cartography(ds)],
-        compat="override",
-        join="override",
+    if last < 1:
+        raise TokendynError("last must be at least 1 checkpoint")
+    level = uniform_loss(ds) if chance is None else float(chance)
+    loss = token_loss(ds)
+    per_model = []
+    for m in range(ds.sizes["model"]):
+        done = done_checkpoints(ds, m)
+        steps = ds["step"].values[m]
+        trained = done[steps[done] > 0]
+        per_model.append(
+            xr.apply_ufunc(
+                partial(over_token_slices, _measures, slice_tokens=AOA_SLICE_TOKENS),
+                chunk_tokens(loss.isel(model=m), chunk_mb),
+                input_core_dims=[["ckpt"]],
+                output_core_dims=[["measure"]],
+                dask="parallelized",
+                output_dtypes=[float],
+                dask_gufunc_kwargs={"output_sizes": {"measure": len(MEASURES)}},
+                kwargs=dict(
+                    done=done,
+                    last=done[-last:],
+                    trained=trained,
+                    x=np.log10(steps[trained]),
+                    chance=level,
+                    n_iter=n_iter,
+                    window=window,
+                ),
+            )
+        )
+    out = xr.concat(per_model, dim="model").assign_coords(model=ds["model"].values).where(valid_tokens(ds))
+    described = {
+        "final_loss": ("mean loss over the last checkpoints", "nats"),
+        "final_variability": ("standard deviation of the loss over the last checkpoints", "nats"),
+        "age_of_acquisition": ("age of acquisition (log10 step)", None),
+        "forgettability": ("summed upward moves of the smoothed loss", "nats"),
+        "confidence": ("mean probability of the true token", None),
+        "variability": ("standard deviation of the probability of the true token", None),
+    }
+    return xr.Dataset(
+        {
+            name: describe(out.isel(measure=i, drop=True).rename(name), *described[name])
+            for i, name in enumerate(MEASURES)
+        }
+    )
+
+
+def _measures(
+    loss: np.ndarray,
+    done: np.ndarray,
+    last: np.ndarray,
+    trained: np.ndarray,
+    x: np.ndarray,
+    chance: float,
+    n_iter: int,
+    window: int,
+) -> np.ndarray:
+    """The six measures of `curve_measures` (token, measure) from one slice of loss (ckpt, token) over
+    all the store's checkpoints (NaN where not done); done, last, trained: checkpoint indices."""
+    tail = loss[last].astype(np.float64)
+    prob = np.exp(-loss[done].astype(np.float64))
+    aoa = _sigmoid_midpoint(loss[trained], x, chance, n_iter) if len(trained) >= 3 else np.full(loss.shape[1], np.nan)
+    return np.stack(
+        [
+            np.nanmean(tail, axis=0),
+            np.nanstd(tail, axis=0),
+            aoa,
+            _upward_moves(loss.astype(np.float64), window),
+            np.nanmean(prob, axis=0),
+            np.nanstd(prob, axis=0),
+        ],
+        axis=-1,
     )

@@ -328,19 +328,33 @@ def moving_average(y: np.ndarray, window: int) -> np.ndarray:
     """Centred moving average along axis 0 over `window` points, skipping NaN (fewer points at the
     ends, like a rolling mean with min_periods=1); NaN points stay NaN."""
     n, half = len(y), window // 2
-    total, count = np.zeros(y.shape), np.zeros(y.shape)
+    # float32 data (float16 stores) is averaged in float32: half the memory traffic of float64
+    dtype = np.result_type(y.dtype, np.float32)
+    total, count = np.zeros(y.shape, dtype), np.zeros(y.shape, dtype)
+    valid = ~np.isnan(y)
+    values = np.where(valid, y, 0)
     for offset in range(-half, window - half):
-        source = y[max(offset, 0) : n + min(offset, 0)]
+        source = slice(max(offset, 0), n + min(offset, 0))
         target = slice(max(-offset, 0), n - max(offset, 0))
-        total[target] += np.nan_to_num(source)
-        count[target] += ~np.isnan(source)
-    return np.where(np.isnan(y), np.nan, total / np.maximum(count, 1))
+        total[target] += values[source]
+        count[target] += valid[source]
+    return np.where(valid, total / np.maximum(count, 1), np.nan)
+
+
+def running(ufunc: np.ufunc, y: np.ndarray) -> np.ndarray:
+    """ufunc.accumulate(y, axis=0) one row at a time: each step is vectorised over the other axes
+    (numpy's accumulate along the first axis walks each column separately, several times slower)."""
+    out = np.empty_like(y)
+    out[:1] = y[:1]
+    for i in range(1, len(y)):
+        ufunc(out[i - 1 : i], y[i : i + 1], out=out[i : i + 1])  # slices: rows stay arrays for 1-D y too
+    return out
 
 
 def _peaks(y: np.ndarray, tol: float) -> np.ndarray:
     """Along axis 0, per point: it lies >= tol above an earlier point that lies >= tol below an earlier one."""
-    after_fall = np.fmax.accumulate(y, axis=0) - y >= tol
-    lowest = np.fmin.accumulate(np.where(after_fall, y, np.inf), axis=0)
+    after_fall = running(np.fmax, y) - y >= tol
+    lowest = running(np.fmin, np.where(after_fall, y, np.inf))
     return y - lowest >= tol
 
 
@@ -351,7 +365,7 @@ def falls_rises(y: np.ndarray, tol: float) -> np.ndarray:
 
 def falls_rises_falls(y: np.ndarray, tol: float) -> np.ndarray:
     """Along axis 0: a fall >= tol to a point, a rise >= tol above it, then a fall >= tol."""
-    falls_later = y - np.fmin.accumulate(y[::-1], axis=0)[::-1] >= tol
+    falls_later = y - running(np.fmin, y[::-1])[::-1] >= tol
     return (_peaks(y, tol) & falls_later).any(axis=0)
 
 

@@ -92,6 +92,23 @@ def window_start(steps: np.ndarray, start: float) -> int:
     return int(np.searchsorted(steps, start * steps[-1], side="left"))
 
 
+def _window_sums(loss: np.ndarray, x: np.ndarray, starts: list[int]) -> dict[int, tuple[np.ndarray, ...]]:
+    """Per window start j: sums over checkpoints j.. of ppl, x ppl, ppl^2 and loss (each per token).
+
+    One backward pass over the checkpoints gives every window's sums (windows share their tails),
+    instead of one pass per window; NaN propagates as in a direct sum.
+    """
+    sums, out = None, {}
+    for i in range(len(loss) - 1, min(starts) - 1, -1):
+        row = loss[i].astype(np.float64)
+        ppl = np.exp(row)
+        terms = (ppl, x[i] * ppl, ppl * ppl, row)
+        sums = [t.copy() for t in terms] if sums is None else [acc + t for acc, t in zip(sums, terms)]
+        if i in starts:
+            out[i] = tuple(sums)
+    return out
+
+
 def _categorise(
     loss: np.ndarray, x: np.ndarray, starts: Sequence[int | None], alpha: float, band: float, var_condition: bool
 ) -> np.ndarray:
@@ -99,24 +116,39 @@ def _categorise(
 
     Regressing ppl_i or ppl_i / ppl_j on x gives the same t statistic and slope sign (ppl_j is a
     positive constant per token), so ppl is computed once for all starts; and p < alpha is
-    tested as |t| > the Student-t critical value, which avoids a p-value per token.
+    tested as |t| > the Student-t critical value, which avoids a p-value per token. The least-squares
+    sums of every window come from one backward pass (`_window_sums`); the slope's t statistic is
+    then the one `_fit` gives.
     """
-    loss = loss.astype(np.float64)
-    ppl = np.exp(loss)
     codes = np.full(loss.shape[1:] + (len(starts),), MISSING, dtype=np.int8)
+    used = [j for j in starts if j is not None]
+    if not used:
+        return codes
+    sums = _window_sums(loss, x, used)
+    ppl_last = np.exp(loss[-1].astype(np.float64))
     for s, j in enumerate(starts):
         if j is None:
             continue
-        slope, _, t = _fit(ppl[j:], x[j:])
-        significant = np.abs(t) > scipy.stats.t.isf(alpha / 2, len(x) - j - 2)
-        log_geo_mean = loss[j:].mean(axis=0)
-        stagnated = (np.abs(ppl[j] / np.exp(log_geo_mean) - 1) <= band) & (
-            np.abs(ppl[-1] / np.exp(log_geo_mean) - 1) <= band
-        )
+        n = len(x) - j
+        sum_y, sum_xy, sum_y2, sum_loss = sums[j]
+        xc = x[j:] - x[j:].mean()
+        sxx = xc @ xc
+        sxy = sum_xy - x[j:].mean() * sum_y
+        syy = sum_y2 - sum_y**2 / n
+        flat = syy <= 16 * n * np.finfo(np.float64).eps * sum_y2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            slope = np.where(flat, 0.0, sxy / sxx)
+            stderr = np.sqrt(np.maximum(syy - slope * sxy, 0.0) / (n - 2) / sxx)
+            t = np.where(flat, 0.0, slope / stderr)
+        significant = np.abs(t) > scipy.stats.t.isf(alpha / 2, n - 2)
+        geo_mean = np.exp(sum_loss / n)
+        ppl_first = np.exp(loss[j].astype(np.float64))
+        stagnated = (np.abs(ppl_first / geo_mean - 1) <= band) & (np.abs(ppl_last / geo_mean - 1) <= band)
         if var_condition:
-            stagnated &= ppl[j:].var(axis=0) < ppl[j:].mean(axis=0)
+            mean = sum_y / n
+            stagnated &= sum_y2 / n - mean**2 < mean
         code = np.select([significant & (slope > 0), significant & (slope < 0), stagnated], [1, 2, 0], 3)
-        codes[..., s] = np.where(np.isnan(log_geo_mean), MISSING, code)
+        codes[..., s] = np.where(np.isnan(sum_loss), MISSING, code)
     return codes
 
 

@@ -122,15 +122,16 @@ def run(
     table = tables["double_descent_examples"] = examples(ds, flags, chosen, n_examples, width, seed)
 
     fig, panels = new_figure(len(table), ncols=min(3, len(table)))
-    loss = token_loss(ds)
+    # every example's trajectory in every model in one read (a token at a time would read each chunk again)
+    loss = token_loss(ds).isel(token=table["token_index"].to_numpy()).values  # (model, ckpt, example)
     zoomed = False
-    for ax, row in zip(panels, table.itertuples()):
+    for ax, (i, row) in zip(panels, enumerate(table.itertuples())):
         drawn = []
         for model in models:
             m = model_index(ds, model)
             idx = done_checkpoints(ds, m)
             idx = idx[envelope(ds["val_ppl"].values[m, idx])]
-            drawn.append((ds["val_ppl"].values[m, idx], loss.isel(model=m, ckpt=idx, token=row.token_index).values))
+            drawn.append((ds["val_ppl"].values[m, idx], loss[m, idx, i]))
             ax.plot(*drawn[-1], "o-", ms=3, lw=2.2 if model == chosen else 1, color=colors[model])
         perplexity_axis(ax)
         zoomed |= zoom_perplexity(ax, drawn)

@@ -39,18 +39,21 @@ def default_chooser(ds: xr.Dataset) -> str:
     return models[1] if len(models) > 1 else models[0]
 
 
-def subsets(ds: xr.Dataset, chooser: str, start: float, x: str) -> xr.DataArray | None:
-    """Masks (category, tokens) of the stagnated and upward tokens of `chooser` at start fraction
-    `start`; None when the model has no trend categories there (too few checkpoints)."""
-    m = model_index(ds, chooser)
+def subsets(ds: xr.Dataset, choosers: list[str], start: float, x: str) -> dict[str, xr.DataArray]:
+    """Per chooser: masks (category, tokens) of its stagnated and upward tokens at start fraction
+    `start`; a model without trend categories there (too few checkpoints) is left out. The
+    categories of every chooser come from one pass over the store."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrendWarning)
-        labels = trend_categories(ds.isel(model=[m]), [start], x=x).isel(model=0, start=0).compute()
-    if int((labels >= 0).sum()) == 0:
-        return None
-    return xr.concat([label_mask(labels, c) for c in CATEGORIES], dim="category").assign_coords(
-        category=list(CATEGORIES)
-    )
+        labels = trend_categories(ds, [start], x=x).isel(start=0).compute()
+    masks = {}
+    for chooser in choosers:
+        chosen = labels.isel(model=model_index(ds, chooser))
+        if int((chosen >= 0).sum()):
+            masks[chooser] = xr.concat([label_mask(chosen, c) for c in CATEGORIES], dim="category").assign_coords(
+                category=list(CATEGORIES)
+            )
+    return masks
 
 
 def curve_shapes(curves: xr.DataArray, tol: float) -> pd.DataFrame:
@@ -138,12 +141,13 @@ def run(
     models = models_by_size(ds)
     colors = model_colors(ds)
     tables, shapes_by, curves_by, percent_by = [], [], {}, {}
-    for name in [chooser, *(m for m in models if m != chooser)]:
-        masks = subsets(ds, name, start, x)
-        if masks is None:
-            continue
+    masks_by = subsets(ds, [chooser, *(m for m in models if m != chooser)], start, x)
+    if masks_by:  # every chooser's subsets tracked in every model in one pass over the store
+        stacked = xr.concat(list(masks_by.values()), dim="chosen_on").assign_coords(chosen_on=list(masks_by))
+        curves_all = ds.tokendyn.subset_curve(stacked.drop_vars("model", errors="ignore"))
+    for name, masks in masks_by.items():
         percent = token_share(ds, masks)
-        curves = ds.tokendyn.subset_curve(masks)
+        curves = curves_all.sel(chosen_on=name, drop=True)
         shapes_by.append(curve_shapes(curves, tol).assign(chosen_on=name))
         curves_by[name], percent_by[name] = curves, percent
         table = curves.to_dataframe().reset_index()

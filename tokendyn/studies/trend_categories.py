@@ -109,7 +109,8 @@ def run(
     require(ds, "loss", "step")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrendWarning)  # the findings name the starts without categories
-        cats = trend_categories(ds, start, x=x, alpha=alpha, band=band)
+        # computed once (int8 per token) for the shares and the labels: lazy, each would read the store
+        cats = trend_categories(ds, start, x=x, alpha=alpha, band=band).compute()
     shares = label_share(cats).rename("percent").reset_coords(drop=True).to_dataframe().reset_index()
     shares["model"] = shares["model"].astype(str)
     models = models_by_size(ds)
