@@ -144,12 +144,11 @@ def test_analyze_a_real_extracted_store(tmp_path, capsys):
     ds = tokendyn.open_store(store)
     shares = pd.read_csv(folder / "trend_shares.csv")
     assert shares.groupby(["model", "start"])["percent"].sum().to_numpy() == pytest.approx(100)
-    # Random tiny models may share no validation-perplexity range: then clustering on it is skipped, and says why.
-    if (folder / "cluster_tokens.csv").is_file():
-        tokens = pd.read_csv(folder / "cluster_tokens.csv", keep_default_na=False)
-        vocab = ds["vocab_text"].values
-        assert all(text == show_whitespace(vocab[i]) for i, text in zip(tokens["token_id"], tokens["text"]))
-    else:
-        assert "clusters: skipped (no validation perplexity is reached by every model" in out
+    # Random tiny models may share no validation-perplexity range: clustering runs on each model's own
+    # checkpoints all the same.
+    assert "clusters: skipped" not in out
+    tokens = pd.read_csv(folder / "cluster_tokens.csv", keep_default_na=False)
+    vocab = ds["vocab_text"].values
+    assert all(text == show_whitespace(vocab[i]) for i, text in zip(tokens["token_id"], tokens["text"]))
     trends = xr.open_zarr(folder / "labels.zarr", group="trends", consolidated=False)["trend"]
     assert trends.sizes["token"] == ds.sizes["token"]

@@ -161,3 +161,68 @@ def test_shape_clusters_find_stagnating_rising_and_double_descent(full_range):
     # the same for one model's own checkpoints
     own = cluster(ds, on="checkpoints", model="large")
     assert {"stagnating", "rising", "double descent"} <= set(own.names)
+
+
+def test_study_falls_back_to_training_progress_without_a_shared_perplexity_range(tmp_path):
+    """Two models whose validation perplexities never meet: clustering on the matched-perplexity
+    grid is impossible, so the study clusters on each model's own checkpoints and says so."""
+    from tokendyn.studies import clusters as study
+
+    rng = np.random.default_rng(3)
+    steps = np.array([[0, 10, 20, 40, 80, 160.0]] * 2)
+    shapes = [np.zeros(6), -np.linspace(0, 1, 6), np.linspace(0, 1, 6)]
+    kind = rng.integers(0, 3, (12, 10))
+    loss = np.stack([shapes[k] for k in kind.ravel()], axis=-1).reshape(6, 12, 10)
+    loss = np.stack([3 + loss, 6 + loss]) + rng.normal(0, 0.02, (2, 6, 12, 10))  # 6 nats apart
+    ds = write_store(tmp_path / "apart.zarr", loss, steps)
+    result = study.run(ds, on="perplexity")
+    assert any("share no validation-perplexity range" in f for f in result.findings)
+    assert any("each model's own trained checkpoints" in f for f in result.findings)
+    shares = result.tables["clusters"]
+    assert {"stagnating", "rising"} <= set(shares["cluster"])
+
+
+TOY_STEPS = [0, 1, 2, 3, 5, 7, 12, 20, 34, 56, 92, *np.linspace(151, 919, 14).round()]  # the built-in suite's
+
+
+def _toy_like_loss(kind: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Losses (ckpt, *kind.shape) shaped like the built-in suite's: every token falls from the random
+    initial loss (~6.7 nats) over the first ~100 steps to its own level; then falling tokens keep
+    falling, stagnating ones stay, rising ones rise late, double-descent ones rise and fall again
+    early (learning that rare words are rare, then the fact), all with noise."""
+    s = np.asarray(TOY_STEPS, float).reshape(-1, *[1] * kind.ndim)
+    level = rng.uniform(0.5, 3.0, kind.shape)
+    shared = 6.7 + (level - 6.7) * (1 - np.exp(-s / 30))
+    late = np.clip((s - 300) / 619, 0, 1)
+    bump = np.exp(-(((np.log(np.maximum(s, 1)) - np.log(150)) / 0.5) ** 2))
+    extra = [
+        -rng.uniform(0.4, 1.0, kind.shape) * late,  # falling
+        0 * s,  # stagnating
+        rng.uniform(0.4, 1.0, kind.shape) * late,  # rising
+        rng.uniform(1.5, 2.5, kind.shape) * bump - 0.3 * late,  # double descent
+    ]
+    loss = shared + np.select([kind == k for k in range(4)], np.broadcast_arrays(*extra))
+    return loss + rng.normal(0, 0.01, loss.shape)
+
+
+def test_toy_like_suite_gives_named_clusters_that_agree_with_the_detectors(tmp_path):
+    """The built-in suite's difficulty, planted: a shared fall from random initialisation dominates
+    every trajectory. The default clustering still names stagnating, rising and double-descent
+    clusters, and their members are the tokens the per-token detectors flag."""
+    from tokendyn.analysis.clusters import detector_agreement
+
+    rng = np.random.default_rng(7)
+    kind = rng.choice(4, size=(2, 40, 26), p=[0.55, 0.2, 0.13, 0.12])
+    loss = np.stack([_toy_like_loss(kind[m], rng) for m in range(2)])
+    steps = np.array([TOY_STEPS] * 2, float)
+    ds = write_store(tmp_path / "toy_like.zarr", loss, steps, models=["S", "L"])
+    result = cluster(ds)
+    assert {"stagnating", "rising", "double descent"} <= set(result.names)
+    agreement = detector_agreement(ds, result).set_index("cluster")
+    assert (agreement["detector_tokens"] > 10).all()
+    trends = agreement.loc[["stagnating", "rising"]]
+    assert (trends["precision"] >= 0.9).all() and (trends["recall"] >= 0.9).all()
+    # The smoothed detector (tol 0.5) flags only the deepest planted double descents (~2% of the
+    # tokens): every one is in the cluster, which holds other planted double descents besides.
+    dd = agreement.loc[["double descent"]]
+    assert (dd["recall"] >= 0.9).all() and (dd["precision"] > 5 * dd["base_rate"]).all()

@@ -166,14 +166,16 @@ def progress_loss(ds: xr.Dataset, n_points: int = 10) -> xr.DataArray:
     return out.transpose("model", "point", *TOKEN_DIMS)
 
 
-def normalise(x: np.ndarray, how: str, window: np.ndarray | None = None) -> np.ndarray:
+def normalise(x: np.ndarray, how: str, window: np.ndarray | None = None, weight: float = 1.0) -> np.ndarray:
     """Rows of x (..., point): "window" = the points of the boolean mask `window` (the late
-    window, see `late_window`) minus their mean; "center" = deviation from the row's mean (nats:
+    window, see `late_window`) minus their mean, followed by the whole row minus its mean times
+    `weight`; "center" = deviation from the row's mean (nats:
     magnitudes kept, no single noisy point as the anchor); "start" = change from the first point;
     "zscore" = standardised shape."""
     if how == "window":
         late = x[..., window]
-        return late - late.mean(axis=-1, keepdims=True)
+        whole = x - x.mean(axis=-1, keepdims=True)
+        return np.concatenate([late - late.mean(axis=-1, keepdims=True), weight * whole], axis=-1)
     if how == "center":
         return x - x.mean(axis=-1, keepdims=True)
     if how == "start":
@@ -292,13 +294,13 @@ def _fit_shapes(
     return names, estimator, merge, labels, stability
 
 
-def _predict(x: np.ndarray, estimator, how: str, window: np.ndarray, order: np.ndarray) -> np.ndarray:
+def _predict(x: np.ndarray, estimator, how: str, window: np.ndarray, weight: float, order: np.ndarray) -> np.ndarray:
     """Cluster codes of trajectories x (..., point); MISSING where a point is NaN."""
     flat = x.reshape(-1, x.shape[-1])
     ok = np.isfinite(flat).all(axis=1)
     codes = np.full(len(flat), MISSING, dtype=np.int8)
     if ok.any():
-        codes[ok] = order[estimator.predict(normalise(flat[ok], how, window))]
+        codes[ok] = order[estimator.predict(normalise(flat[ok], how, window, weight))]
     return codes.reshape(x.shape[:-1])
 
 
@@ -405,7 +407,11 @@ def cluster(
     sample = features.isel(token=np.sort(rng.choice(features.sizes["token"], n_fit, replace=False))).values
     raw = sample.reshape(-1, sample.shape[-1])
     raw = raw[np.isfinite(raw).all(axis=1)]
-    x = normalise(raw, normalize, window)
+    # "window": the whole trajectory weighs as much as the late window in total (its shared early
+    # fall would otherwise outweigh the late window's stagnation and rises).
+    late, whole = normalise(raw, "window", window, 1.0)[:, : window.sum()], normalise(raw, "center")
+    weight = float(np.sqrt((late**2).sum() / max((whole**2).sum(), 1e-12)))
+    x = normalise(raw, normalize, window, weight)
     change = raw - raw[:, :1]
     # One OpenMP thread per fit: the sample is small, and k-means' OpenMP threads spin against dask's
     # threads (the fitted estimators keep this setting when they label the chunks in parallel).
@@ -446,7 +452,7 @@ def cluster(
         input_core_dims=[["point"]],
         dask="parallelized",
         output_dtypes=[np.int8],
-        kwargs=dict(estimator=estimator, how=normalize, window=window, order=order),
+        kwargs=dict(estimator=estimator, how=normalize, window=window, weight=weight, order=order),
     )
     labels = flag_array(codes.compute(), names, "cluster", "cluster of the token's loss trajectory")
     centroids = xr.DataArray(
