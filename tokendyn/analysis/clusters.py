@@ -1,19 +1,30 @@
-"""Clustering token loss trajectories into named shapes, with scikit-learn.
+"""Clustering token loss trajectories into named shapes, with scikit-learn (docs/methods.md §5).
 
-Samples are (model, token) pairs; features are the token's loss trajectory in that model, either
-on the matched-perplexity grid (`on="perplexity"`: every model, comparable points) or over one
-model's done checkpoints (`on="checkpoints"`). The estimator is fitted on a random subsample of
-whole sequences (bounded memory) and then labels every token chunk by chunk (lazy, out of core).
+Samples are (model, token) pairs; features are the token's loss trajectory over the trained part
+(steps > 0) in that model: by default (`on="progress"`) over the model's own trained checkpoints,
+the span the per-token detectors see; `on="perplexity"` on the matched-perplexity grid (comparable
+points across sizes, but only the range every model reaches); `on="checkpoints"` one model's
+checkpoints. The estimator is fitted on a random subsample and then labels every token chunk by
+chunk (lazy, out of core).
 
-Naming rules. Each cluster's centroid curve c[0..L-1] is the mean over its members of the loss
-change from the first grid point (nats). With tolerance `tol` (nats), the first rule that holds
-names it:
-1. "stagnating": max(c) - min(c) < tol;
-2. "double descent": a fall >= tol, then a rise >= tol, then a fall >= tol
-   (`trajectories.falls_rises_falls`, the per-token detector without smoothing);
-3. "falling then rising": the minimum is at least tol below both ends;
-4. "rising then falling": the maximum is at least tol above both ends;
-5. "rising": c[-1] - c[0] >= tol;
+Features (`normalize="window"`, default). The late window is the points with step >= start x the
+final step (start = 0.4), the trend categories' window (methods.md §1.2). A token's features are
+its loss over the late window minus its mean there (nats), followed by its whole trajectory minus
+its mean, weighted so that both blocks carry the same total variance in the fit sample. Without
+the window block, the fall from random initialisation that every token shares (about 6 nats on the
+built-in suite) outweighs the late stagnation and rises (tenths of a nat) the detectors look at.
+
+Naming rules mirror the per-token detectors. A cluster's centroid curve c is the mean over its
+members of the loss change from the first point (nats), w its late-window part; the first rule
+that holds names it:
+1. "double descent": a fall >= dd_tol, then a rise >= dd_tol, then a fall >= dd_tol over the
+   whole curve (`trajectories.falls_rises_falls`; dd_tol is the detector's tolerance, 0.5 nats;
+   the centroid is a mean over tokens, so it is not smoothed again);
+2. "stagnating": w varies by less than tol and its ends lie within the stagnation band of its
+   mean ([ln(1 - band), ln(1 + band)], band = 0.05 as in the trend categories);
+3. "rising": w[-1] - w[0] >= tol (the late window rises, as the "upward" category);
+4. "falling then rising": the minimum of c is at least tol below both ends;
+5. "rising then falling": the maximum of c is at least tol above both ends;
 6. falling (c[-1] - c[0] <= -tol), by the share f of the total drop reached at the middle point:
    f >= 2/3 "early-falling", f <= 1/3 "late-falling", else "steadily falling";
 7. "wavy" otherwise.
@@ -21,14 +32,11 @@ Clusters are numbered by size (0 = largest); a name that occurs twice gets the t
 appended, e.g. "steadily falling (-2.10 nats)".
 
 Choosing the number of clusters. The default, n_clusters="shapes", does not under-split: k-means
-(or the mixture) is fitted with `n_fine` clusters, every fine cluster is named by the rules above,
-and fine clusters with the same name are merged, so there is one cluster per shape found. A small
-group with its own shape (stagnating, rising, double-descent tokens) keeps its own cluster even
-when it is a few percent of the tokens; silhouette ("auto" with k-means) prefers two big groups.
-The features cover the trained part of training: the matched-perplexity grid starts at the first
-trained checkpoint (`trajectories.perplexity_range`) and on="checkpoints" leaves out step 0, so
-the shared fall from random initialisation does not dominate them.
-`detector_agreement` compares the named clusters with the per-token detectors.
+(or the mixture) is fitted with `n_fine` (48) clusters, every fine cluster is named by the rules
+above, and fine clusters with the same name are merged, so there is one cluster per shape found. A
+small group with its own shape (stagnating, rising, double-descent tokens) keeps its own cluster
+even when it is a few percent of the tokens; silhouette ("auto" with k-means) prefers two big
+groups. `detector_agreement` compares the named clusters with the per-token detectors.
 """
 
 from __future__ import annotations
@@ -151,7 +159,7 @@ def progress_loss(ds: xr.Dataset, n_points: int = 10) -> xr.DataArray:
     for m, name in enumerate(ds["model"].values):
         idx = trained_checkpoints(ds, m)
         if len(idx) < 2:
-            raise TokendynError(f"model {name} has fewer than 2 trained checkpoints (step > 0); extract more checkpoints")
+            raise TokendynError(f"model {name} has fewer than 2 trained checkpoints (step > 0); extract more")
         position = targets * (len(idx) - 1)
         lo = np.minimum(np.floor(position).astype(int), len(idx) - 2)
         weight = position - lo
