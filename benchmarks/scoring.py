@@ -1,39 +1,50 @@
-"""Scoring speed on real model shapes, measured side by side in one run.
+"""Scoring speed on real model shapes: tokendyn vs lm-eval, minicons, a plain loop and the GEMM bound, in one run.
 
-    python benchmarks/scoring.py [--tokens 4096] [--window 512] [--models llama,neox] [--dtypes float32,bfloat16]
+    python benchmarks/scoring.py [--tokens 4096] [--window 512] [--models llama,neox] [--dtypes float32]
 
-Random-init models with the configs of SmolLM2-135M (Llama) and Pythia-160M (GPT-NeoX) score
-`--tokens` random token ids in windows of `--window` (no padding). For each model and dtype it
-prints tokens/s of:
-  - tokendyn's kernel (`token_scores`, loss only),
-  - a naive transformers loop (one window per forward pass, full logits, log_softmax, gather),
-  - lm-eval's HF backend `loglikelihood_rolling` and minicons' `IncrementalLMScorer`, when they are
-    installed in this environment (they are not tokendyn dependencies; the benchmark says when skipped),
-and the float32 GEMM bound at the model's shapes: the time of the model's matrix products
-(every linear layer and the head, at (tokens x in) @ (in x out)) timed alone, so a kernel at 1.0
-spends its time only in those products. auto's dtype choice on this machine is marked.
-Half precision on a CPU without native bfloat16 is emulated (tens of times slower): it runs on
---half-tokens tokens only. Start-up (imports, model creation) is not timed.
+Random-init models with the configs of SmolLM2-135M (Llama) and Pythia-160M (GPT-NeoX), written
+here (no hub access), score the same ~`--tokens` tokens of real English text (this repository's
+docs, tokenized by a byte-level BPE trained on them) in lm-eval's rolling windows of `--window`
+(one prefix token, stride = window, no padding). Every tool runs in its own fresh process, so
+start-up (imports, loading the model, tokenizing, hashing weights, writing the store) is counted
+the same way for all; each row prints wall seconds with and without start-up, CPU seconds, and the
+summed NLL (equal across tools when they scored the same tokens the same way):
+
+  - tokendyn: the real `tokendyn extract --model DIR --text FILE --seq-len WINDOW` path,
+  - lm-eval: `HFLM(pretrained=DIR).loglikelihood_rolling` on the same text,
+  - minicons: `IncrementalLMScorer.compute_stats` on the same windows (when installable),
+  - a plain transformers loop: one window per forward pass, full logits, log_softmax, gather,
+  - the GEMM bound: every linear layer and the head timed alone at (positions x in) @ (in x out),
+    the model's own shapes, in the run's dtype; a tool at 1.0 x bound spends its time only in those
+    matrix products (attention's own products, norms and the softmax are extra work).
+
+lm-eval and minicons are not tokendyn dependencies: the benchmark runs every tool in a separate
+virtual environment, `benchmarks/.venv-bench` (created on first use from this machine's torch
+wheel, with transformers, lm-eval, minicons and tokendyn itself installed editable; pass --venv
+to use another). On CUDA the tools run on the GPU and the bound is the GPU's GEMM rate in the
+run's dtype (bfloat16 by default there). Ratios are the point: they are measured side by side.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
-import warnings
+from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
-
-from tokendyn.models import hardware
-from tokendyn.models.extract import token_scores
-
+REPO = Path(__file__).resolve().parents[1]
+VENV = REPO / "benchmarks" / ".venv-bench"
+DOCS = ("methods.md", "analyses.md", "suite.md", "store.md", "cli.md")  # English prose and then some
+BPE_VOCAB = 8192
 CONFIGS = {
     "llama": (
         "SmolLM2-135M (Llama)",
-        LlamaConfig(
+        "LlamaConfig",
+        dict(
             vocab_size=49152,
             hidden_size=576,
             intermediate_size=1536,
@@ -47,7 +58,8 @@ CONFIGS = {
     ),
     "neox": (
         "Pythia-160M (GPT-NeoX)",
-        GPTNeoXConfig(
+        "GPTNeoXConfig",
+        dict(
             vocab_size=50304,
             hidden_size=768,
             intermediate_size=3072,
@@ -60,158 +72,363 @@ CONFIGS = {
         ),
     ),
 }
+TOOLS = ("bound", "tokendyn", "lm-eval", "minicons", "loop")
 
 
-def make_model(config, dtype: torch.dtype) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa").eval()
+# --- the driver: a separate environment, one fresh process per tool ----------------------------------
 
 
-def windows(n_tokens: int, window: int, vocab: int) -> torch.Tensor:
-    n = max(1, n_tokens // window)
-    return torch.randint(0, vocab, (n, window), generator=torch.Generator().manual_seed(0))
+def ensure_venv(venv: Path) -> Path:
+    """The benchmark environment's python; created once (torch from this machine's wheel or index)."""
+    python = venv / "bin" / "python"
+    if python.exists():
+        return python
+    print(f"creating {venv} (once): torch, transformers, lm-eval, minicons, tokendyn -e", flush=True)
+    from importlib.metadata import PackageNotFoundError, version
+
+    def pinned(name: str) -> str:
+        try:
+            return f"{name}=={version(name)}"
+        except PackageNotFoundError:
+            return name
+
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    packages = [pinned("torch"), pinned("transformers"), "lm-eval", "minicons"]
+    subprocess.run([str(python), "-m", "pip", "install", "-q", *packages, "-e", str(REPO)], check=True)
+    return python
 
 
-def gemm_bound_seconds(model: torch.nn.Module, n_tokens: int, repeats: int = 2) -> float:
-    """Seconds of the model's float32 matrix products for n_tokens tokens, each timed alone at its shape."""
-    shapes = [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    total = 0.0
-    timed: dict[tuple[int, int], float] = {}
-    for shape in shapes:
-        if shape not in timed:
-            x, w = torch.randn(n_tokens, shape[0]), torch.randn(shape[0], shape[1])
-            x @ w
-            best = math.inf
-            for _ in range(repeats):
-                started = time.perf_counter()
-                x @ w
-                best = min(best, time.perf_counter() - started)
-            timed[shape] = best
-        total += timed[shape]
-    return total
-
-
-def seconds(fn, repeats: int = 1) -> float:
-    fn()  # warm-up
-    best = math.inf
-    for _ in range(repeats):
+def run_tool(python: Path, tool: str, args, model_dir: Path) -> dict:
+    """One tool in a fresh process: its JSON result plus wall and CPU seconds of the whole process."""
+    command = [str(python), __file__, "--worker", tool, "--dir", str(model_dir), "--window", str(args.window)]
+    command += ["--dtype", args.dtype, "--batch-tokens", str(args.batch_tokens)]
+    with tempfile.TemporaryFile("w+") as stdout, tempfile.TemporaryFile("w+") as stderr:  # a full pipe would block
         started = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - started)
-    return best
+        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, text=True)
+        _, status, usage = os.wait4(process.pid, 0)  # wait4: the child's own CPU seconds
+        wall = time.perf_counter() - started
+        stdout.seek(0), stderr.seek(0)
+        out, err = stdout.read(), stderr.read()
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    if os.waitstatus_to_exitcode(status) != 0 or not lines:
+        tail = (err.strip().splitlines() or ["no output"])[-1]
+        return {"skipped": tail[:110]}
+    return {**json.loads(lines[-1]), "wall": wall, "cpu": usage.ru_utime + usage.ru_stime}
 
 
-def kernel(model, ids: torch.Tensor, batch: int) -> None:
-    with torch.inference_mode():
-        for b in range(0, len(ids), batch):
-            token_scores(model, ids[b : b + batch])
-
-
-def naive_loop(model, ids: torch.Tensor) -> None:
-    with torch.inference_mode():
-        for row in ids:
-            logits = model(input_ids=row[None]).logits.float()
-            torch.log_softmax(logits[0, :-1], -1).gather(1, row[1:, None])
-
-
-def lm_eval_rolling(model, ids: torch.Tensor, window: int):
-    """lm-eval's HF backend on the same tokens (its rolling windows of `window`), or None if not installed."""
-    try:
-        from lm_eval.models.huggingface import HFLM
-    except ImportError:
-        return None
-    lm = HFLM(
-        pretrained=model, tokenizer=_identity_tokenizer(model.config.vocab_size), batch_size=len(ids), max_length=window
+def report(label: str, dtype: str, results: dict) -> None:
+    bound = results["bound"]
+    print(
+        f"\n{label}, {dtype}: {bound['positions']} positions, GEMM bound {bound['rate']:.0f} tok/s "
+        f"({bound['gflops']:.1f} GFLOP/s at the model's shapes)"
     )
-    tokens = ids.flatten().tolist()
-
-    def run():
-        # loglikelihood_rolling's own windows, on token ids (skipping its tokenization of text)
-        from lm_eval import utils
-
-        rolling = list(
-            map(
-                utils.make_disjoint_window,
-                utils.get_rolling_token_windows(
-                    token_list=tokens, prefix_token=tokens[0], max_seq_len=window, context_len=1
-                ),
-            )
+    print(
+        f"  {'tool':<10} {'tokens':>6} {'wall s':>7} {'start-up':>8} {'score s':>7} {'CPU s':>6} "
+        f"{'tok/s':>6} {'x bound':>7} {'sum NLL':>10}"
+    )
+    for tool in TOOLS[1:]:
+        r = results[tool]
+        if "skipped" in r:
+            print(f"  {tool:<10} skipped: {r['skipped']}")
+            continue
+        rate = r["tokens"] / r["score"]
+        print(
+            f"  {tool:<10} {r['tokens']:>6} {r['wall']:>7.1f} {r['wall'] - r['score']:>8.1f} {r['score']:>7.1f} "
+            f"{r['cpu']:>6.1f} {rate:>6.0f} {rate / bound['rate']:>7.2f} {r['nll']:>10.2f}"
         )
-        lm._loglikelihood_tokens([(("", ""), ctx, cont) for ctx, cont in rolling], disable_tqdm=True)
-
-    return run
-
-
-def _identity_tokenizer(vocab: int):
-    from tokenizers import Tokenizer, models
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.WordLevel({str(i): i for i in range(vocab)}, unk_token="0")), eos_token="0"
-    )
-
-
-def minicons_scorer(model, ids: torch.Tensor):
-    try:
-        from minicons import scorer
-    except ImportError:
-        return None
-    lm = scorer.IncrementalLMScorer(model, device="cpu", tokenizer=_identity_tokenizer(model.config.vocab_size))
-    texts = [" ".join(map(str, row.tolist())) for row in ids]
-    return lambda: lm.sequence_score(texts, reduction=lambda x: x, bow_correction=False)
+    ours = results["tokendyn"]
+    for tool in ("lm-eval", "minicons", "loop"):
+        other = results[tool]
+        if "skipped" not in other and "skipped" not in ours:
+            print(
+                f"  tokendyn vs {tool}: {other['score'] / ours['score']:.2f}x scoring only, "
+                f"{other['wall'] / ours['wall']:.2f}x with start-up"
+            )
+    if "skipped" not in ours:
+        print(f"  tokendyn weight hash: {ours['hash_s']:.2f} s, in a background thread overlapping scoring")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=4096)
-    parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=4, help="windows per forward pass of the kernel")
+    parser.add_argument("--tokens", type=int, default=4096, help="tokens of text scored")
+    parser.add_argument("--window", type=int, default=512, help="positions per window (seq_len)")
     parser.add_argument("--models", default="llama,neox")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument(
-        "--half-tokens", type=int, default=256, help="tokens for half precision on CPUs that emulate it"
-    )
+    parser.add_argument("--dtypes", default=None, help="comma-separated; default: auto's choice on this machine")
+    parser.add_argument("--batch-tokens", type=int, default=8192, help="tokendyn's and lm-eval's positions per batch")
+    parser.add_argument("--venv", type=Path, default=VENV)
+    parser.add_argument("--worker", choices=(*TOOLS, "prepare"), help=argparse.SUPPRESS)
+    parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    warnings.simplefilter("ignore")
-    device, auto = hardware.choose("cpu", "auto")
-    print(
-        f"{os.cpu_count()} cores, CPU capability {torch.backends.cpu.get_cpu_capability()}, torch threads "
-        f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}; auto dtype: {auto}"
+    if args.worker:
+        WORKERS[args.worker](args)
+        return
+    python = ensure_venv(args.venv)
+    facts = json.loads(
+        subprocess.run(
+            [str(python), __file__, "--worker", "prepare", "--dir", "-", "--tokens", "0"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()[-1]
     )
-    for key in args.models.split(","):
-        label, config = CONFIGS[key]
-        print(f"\n{label}: {args.tokens} tokens in windows of {args.window}")
-        bound = None
-        for name in args.dtypes.split(","):
-            dtype = hardware.DTYPES[hardware.canonical_dtype(name)]
-            model = make_model(config, dtype)
-            emulated = dtype != torch.float32 and not hardware.probe("cpu", "auto").native_bf16()
-            n_tokens = args.half_tokens if emulated else args.tokens
-            ids = windows(n_tokens, min(args.window, n_tokens), config.vocab_size)
-            n = ids.numel()
-            if bound is None:
-                bound = n / gemm_bound_seconds(model, n)
-                print(f"  {'float32 GEMM bound':<34} {bound:9.0f} tok/s")
-            mark = " <- auto" if dtype == auto else ""
-            rows = [
-                ("tokendyn kernel", lambda: kernel(model, ids, args.batch)),
-                ("naive transformers loop", lambda: naive_loop(model, ids)),
-            ]
-            if not emulated:
-                rows += [
-                    ("lm-eval loglikelihood_rolling", lm_eval_rolling(model, ids, args.window)),
-                    ("minicons IncrementalLMScorer", minicons_scorer(model, ids)),
-                ]
-            for what, fn in rows:
-                if fn is None:
-                    print(f"  {what + ' ' + str(dtype)[6:]:<34} skipped: not installed in this environment")
-                    continue
-                rate = n / seconds(fn)
-                print(
-                    f"  {what + ' ' + str(dtype)[6:]:<34} {rate:9.0f} tok/s  {rate / bound:5.2f} x bound{mark}",
-                    flush=True,
-                )
+    print(
+        f"{os.cpu_count()} cores, torch {facts['torch']}, device {facts['device']}, CPU capability "
+        f"{facts['capability']}, torch threads {facts['threads']}, load average {os.getloadavg()[0]:.1f}"
+    )
+    print(f"--dtype auto on this machine: {facts['auto']} ({facts['why']})")
+    dtypes = args.dtypes.split(",") if args.dtypes else [facts["auto"]]
+    with tempfile.TemporaryDirectory(prefix="tokendyn-scoring-") as tmp:
+        subprocess.run(
+            [
+                str(python),
+                __file__,
+                "--worker",
+                "prepare",
+                "--dir",
+                tmp,
+                "--tokens",
+                str(args.tokens),
+                "--models",
+                args.models,
+            ],
+            check=True,
+        )
+        for key in args.models.split(","):
+            for dtype in dtypes:
+                args.dtype = dtype
+                results = {tool: run_tool(python, tool, args, Path(tmp) / key) for tool in TOOLS}
+                mark = " (auto's choice)" if dtype == facts["auto"] else " (not auto's choice here)"
+                report(CONFIGS[key][0], dtype + mark, results)
 
+
+# --- workers: each runs inside the benchmark environment ---------------------------------------------
+
+
+def _emit(**values) -> None:
+    print(json.dumps(values), flush=True)
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def prepare(args) -> None:
+    """Facts about the machine (--dir -), or the text, tokenizer and random-init models under --dir."""
+    import torch
+
+    from tokendyn.models import hardware
+
+    if str(args.dir) == "-":
+        device = _device()
+        choice = hardware.decide_dtype("auto", hardware.probe(device, "auto"))
+        _emit(
+            torch=torch.__version__,
+            device=device,
+            capability=torch.backends.cpu.get_cpu_capability(),
+            threads=torch.get_num_threads(),
+            auto=str(choice.dtype).removeprefix("torch."),
+            why=choice.reason,
+        )
+        return
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    text = "\n\n".join((REPO / "docs" / name).read_text(encoding="utf-8") for name in DOCS)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([text], trainers.BpeTrainer(vocab_size=BPE_VOCAB, special_tokens=["<|endoftext|>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    encoding = bpe.encode(text)
+    cut = encoding.offsets[min(args.tokens, len(encoding.ids)) - 1][1]
+    (args.dir / "text.txt").write_text(text[:cut], encoding="utf-8")
+    for key in args.models.split(","):
+        _, config_class, config = CONFIGS[key]
+        config = getattr(transformers, config_class)(**config, eos_token_id=0, bos_token_id=0)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config)
+        model.save_pretrained(args.dir / key)
+        tokenizer.save_pretrained(args.dir / key)
+
+
+def bound(args) -> None:
+    """Seconds of the model's linear layers and head alone at its shapes, for one batch of positions."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device, dtype = _device(), getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.dir, dtype=dtype)
+    n_text = _n_tokens(args)
+    positions = min(n_text, max(1, args.batch_tokens // (args.window + 1)) * args.window)
+    shapes: dict[tuple[int, int], int] = {}
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            shape = (module.in_features, module.out_features)
+            shapes[shape] = shapes.get(shape, 0) + 1
+    total = flops = 0.0
+    for (n_in, n_out), count in shapes.items():
+        x = torch.randn(positions, n_in, dtype=dtype, device=device)
+        w = torch.randn(n_out, n_in, dtype=dtype, device=device)
+        torch.nn.functional.linear(x[:64], w)  # warm-up (thread pool, allocator)
+        best = math.inf
+        for _ in range(2 if n_in * n_out < 2**24 else 1):
+            _sync()
+            started = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            _sync()
+            best = min(best, time.perf_counter() - started)
+        total += count * best
+        flops += count * 2 * positions * n_in * n_out
+    _emit(positions=n_text, rate=positions / total, gflops=flops / total / 1e9)
+
+
+def _n_tokens(args) -> int:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.dir)
+    return len(tokenizer((args.dir.parent / "text.txt").read_text(encoding="utf-8"))["input_ids"])
+
+
+def tokendyn_extract(args) -> None:
+    """The real CLI path; scoring time is the sum of `_score_set` calls, the rest is start-up."""
+    from tokendyn.cli import main as cli
+    from tokendyn.models import checkpoints
+    from tokendyn.models import extract as ex
+
+    scoring = []
+    score_set = ex._score_set
+
+    def timed(*a, **k):
+        started = time.perf_counter()
+        try:
+            return score_set(*a, **k)
+        finally:
+            _sync()
+            scoring.append(time.perf_counter() - started)
+
+    ex._score_set = timed
+    out = Path(tempfile.mkdtemp()) / "s.zarr"
+    cli(
+        [
+            "extract",
+            "--model",
+            str(args.dir),
+            "--text",
+            str(args.dir.parent / "text.txt"),
+            "--seq-len",
+            str(args.window),
+            "--out",
+            str(out),
+            "--dtype",
+            args.dtype,
+            "--batch-tokens",
+            str(args.batch_tokens),
+            "--no-progress",
+        ]
+    )
+    import numpy as np
+
+    import tokendyn
+
+    loss = tokendyn.open_store(out).loss.values.astype(np.float64)
+    started = time.perf_counter()
+    checkpoints._files_digest(checkpoints.weight_files(args.dir)[0])  # what the background thread hashed
+    hash_s = time.perf_counter() - started
+    _emit(tokens=int(np.isfinite(loss).sum()), score=sum(scoring), nll=float(np.nansum(loss)), hash_s=hash_s)
+
+
+def lm_eval(args) -> None:
+    """lm-eval's HF backend: load, then loglikelihood_rolling on the text (its own windows of --window)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    windows_per_batch = max(1, args.batch_tokens // (args.window + 1))
+    lm = HFLM(
+        pretrained=str(args.dir),
+        backend="causal",
+        device=_device(),
+        dtype=args.dtype,
+        batch_size=windows_per_batch,
+        max_length=args.window,
+    )
+    text = (args.dir.parent / "text.txt").read_text(encoding="utf-8")
+    request = Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text,), idx=0)
+    started = time.perf_counter()
+    (loglikelihood,) = lm.loglikelihood_rolling([request], disable_tqdm=True)
+    _sync()
+    seconds = time.perf_counter() - started
+    _emit(tokens=len(lm.tok_encode(text)), score=seconds, nll=-float(loglikelihood))
+
+
+def _windows(tokenizer, window: int) -> list[tuple[list[int], int]]:
+    """lm-eval's rolling rule, written out: (model input ids, number of scored last positions)."""
+    text = (Path(tokenizer.name_or_path).parent / "text.txt").read_text(encoding="utf-8")
+    z = [tokenizer.eos_token_id, *tokenizer(text)["input_ids"]]
+    out, b = [], 0
+    while b < len(z) - 1:
+        e = min(len(z) - 1, b + window)  # scores z[b+1 : e+1]
+        out.append((z[max(0, e + 1 - window - 1) : e + 1], e - b))
+        b = e
+    return out
+
+
+def loop(args) -> None:
+    """What most scripts do: one window per forward pass, full logits, log_softmax, gather."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(args.dir, dtype=getattr(torch, args.dtype)).to(_device()).eval()
+    windows = _windows(AutoTokenizer.from_pretrained(args.dir), args.window)
+    started, nll, n = time.perf_counter(), 0.0, 0
+    with torch.no_grad():
+        for ids, scored in windows:
+            ids = torch.tensor([ids], device=model.device)
+            logp = torch.log_softmax(model(input_ids=ids[:, :-1]).logits.float(), -1)[0]
+            nll -= logp[-scored:].gather(1, ids[0, -scored:, None]).sum().item()
+            n += scored
+    _emit(tokens=n, score=time.perf_counter() - started, nll=nll)
+
+
+def minicons(args) -> None:
+    """minicons' IncrementalLMScorer on the same windows (their text; it re-tokenizes)."""
+    import torch
+    from minicons import scorer
+
+    lm = scorer.IncrementalLMScorer(str(args.dir), device=_device(), dtype=getattr(torch, args.dtype))
+    windows = _windows(lm.tokenizer, args.window)
+    texts = [lm.tokenizer.decode(ids) for ids, _ in windows]
+    started, nll, n = time.perf_counter(), 0.0, 0
+    batch = max(1, args.batch_tokens // (args.window + 1))
+    for b in range(0, len(texts), batch):
+        scores = lm.compute_stats(lm.prepare_text(texts[b : b + batch]))
+        for (_, scored), values in zip(windows[b : b + batch], scores):
+            nll -= float(sum(values[-scored:]))
+            n += min(scored, len(values))
+    _sync()
+    _emit(tokens=n, score=time.perf_counter() - started, nll=nll)
+
+
+WORKERS = {
+    "prepare": prepare,
+    "bound": bound,
+    "tokendyn": tokendyn_extract,
+    "lm-eval": lm_eval,
+    "minicons": minicons,
+    "loop": loop,
+}
 
 if __name__ == "__main__":
     main()

@@ -28,6 +28,7 @@ from tokendyn.models.checkpoints import (
     resolve,
     tokenizer_fingerprint,
     weights_fingerprint,
+    weights_fingerprint_async,
 )
 
 EVAL = '[eval]\nfiles = ["valid.txt"]\nseq_len = 16\n'
@@ -149,6 +150,23 @@ def test_weights_fingerprint(ckpts, tmp_path):
     assert first != other
     file_hash = hashlib.sha256((root / "neox0" / "model.safetensors").read_bytes()).hexdigest()
     assert first == hashlib.sha256(f"model.safetensors:{file_hash}\n".encode()).hexdigest()
+
+
+def test_weights_fingerprint_in_background(ckpts, monkeypatch):
+    """The background hash equals the foreground one, runs off the calling thread, and still tells copies apart."""
+    import threading
+
+    from tokendyn.models import checkpoints
+
+    root, _ = ckpts
+    threads = []
+    real = checkpoints._sha256
+    monkeypatch.setattr(checkpoints, "_sha256", lambda f: threads.append(threading.get_ident()) or real(f))
+    futures = {n: weights_fingerprint_async(local(root / n)) for n in ("neox0", "neox0_again", "neox1")}
+    digests = {n: f.result(timeout=60) for n, f in futures.items()}
+    assert digests["neox0"] == digests["neox0_again"] == weights_fingerprint(local(root / "neox0"))
+    assert digests["neox0"] != digests["neox1"]
+    assert threads[0] != threading.get_ident()  # the first three hashes ran in background threads
 
 
 def test_count_params_by_hand(ckpts):

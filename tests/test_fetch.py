@@ -18,6 +18,7 @@ import huggingface_hub
 import numpy as np
 import pytest
 import xarray as xr
+from distributed import WorkerPlugin
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
 
@@ -43,6 +44,7 @@ class FakeHub:
     def __init__(self, cache: Path, remote: dict[str, Path], delay: float) -> None:
         self.cache, self.remote, self.delay = cache, remote, delay
         self.calls: list[tuple[str, str, float, float]] = []  # (revision, thread, start, end)
+        self.copied: list[str] = []  # revisions of the calls that copied files
 
     def __call__(self, repo_id, revision=None, allow_patterns=None, **_):
         start = time.perf_counter()
@@ -65,6 +67,7 @@ class FakeHub:
             copied = True
         if copied:
             time.sleep(self.delay)
+            self.copied.append(revision)
         self.calls.append((revision, threading.current_thread().name, start, time.perf_counter()))
         return str(snapshot)
 
@@ -190,3 +193,63 @@ def test_store_equal_with_and_without_prefetch(hub, tmp_path):
     a = extract(suite, tmp_path / "a.zarr", prefetch=2, progress=False)
     b = extract(suite, tmp_path / "b.zarr", prefetch=0, progress=False)
     np.testing.assert_array_equal(xr.open_zarr(a).loss.values, xr.open_zarr(b).loss.values)
+
+
+class FakeHubPlugin(WorkerPlugin):
+    """Installs `FakeHub` in every worker process of a cluster (and in any worker a nanny restarts).
+
+    Each download with weights is logged to `log` as "revision start end" (worker processes cannot
+    report back through the test's FakeHub object).
+    """
+
+    def __init__(self, cache: Path, remote: dict[str, Path], delay: float, log: Path) -> None:
+        self.cache, self.remote, self.delay, self.log = str(cache), remote, delay, log
+
+    def setup(self, worker) -> None:
+        fake = FakeHub(Path(self.cache), self.remote, self.delay)
+        log = self.log
+
+        def logged(repo_id, revision=None, allow_patterns=None, **kwargs):
+            copied = len(fake.copied)
+            folder = fake(repo_id, revision=revision, allow_patterns=allow_patterns, **kwargs)
+            if len(fake.copied) > copied and "*.safetensors" in allow_patterns:
+                _, _, start, end = fake.calls[-1]
+                with log.open("a") as f:
+                    f.write(f"{revision} {start} {end}\n")
+            return folder
+
+        hub_constants.HF_HUB_CACHE = self.cache
+        hub_constants.HF_HUB_OFFLINE = True
+        huggingface_hub.snapshot_download = logged
+
+
+@pytest.mark.slow
+def test_cluster_prefetch_and_evict_leave_the_cache_as_before(hub, tmp_path, monkeypatch):
+    from distributed import Client
+
+    from tokendyn.models.distributed import local_cluster
+
+    fake, cache, suite = hub
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    before = cache_files(cache)
+    reference = extract(suite, tmp_path / "single.zarr", evict=True, prefetch=0, progress=False)
+    assert cache_files(cache) == before
+    log = tmp_path / "downloads.log"
+    with local_cluster(2) as cluster, Client(cluster) as client:
+        client.register_plugin(FakeHubPlugin(cache, fake.remote, 0.3, log), name="fake-hub")
+        out = extract(
+            suite,
+            tmp_path / "cluster.zarr",
+            evict=True,
+            prefetch=1,
+            progress=False,
+            scheduler=cluster.scheduler_address,
+        )
+    repo = cache / "models--org--run"
+    assert sorted(p.name for p in (repo / "refs").iterdir()) == ["step1000"]  # scored revisions are gone
+    assert cache_files(cache) == before  # what was there before is untouched
+    downloaded = sorted(line.split()[0] for line in log.read_text().splitlines())
+    assert downloaded == ["step2000", "step3000", "step4000"]  # on the workers, each once
+    got, want = xr.open_zarr(out), xr.open_zarr(reference)
+    for name in ("loss", "done", "val_ppl", "weights_hash"):
+        np.testing.assert_array_equal(got[name].values, want[name].values, err_msg=name)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from tokendyn import store
-from tokendyn.cli.options import add_model_options, model_options
+from tokendyn.cli.options import add_batch_options, add_model_options, model_options
 from tokendyn.config.suite import EvalSet, load_suite, parse_set_table
 from tokendyn.errors import TokendynError
 
@@ -78,7 +78,7 @@ def register(subparsers) -> None:
         choices=store.STORE_DTYPES,
         help="on-disk precision (default: float32; float16 halves the store)",
     )
-    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward pass (default: 8192)")
+    add_batch_options(p)
     p.add_argument("--force", action="store_true", help="recompute checkpoints that are already complete")
     p.add_argument(
         "--workers",
@@ -99,13 +99,14 @@ def register(subparsers) -> None:
         type=int,
         default=1,
         metavar="K",
-        help="download the next K hub checkpoints while one is scored (default: 1; 0: no prefetch)",
+        help="download the next K hub checkpoints while one is scored (default: 1; 0: no prefetch); "
+        "on a cluster, K per worker (workers need the resources score=1 fetch=1; see docs/scale.md)",
     )
     p.add_argument(
         "--evict",
         action="store_true",
         help="delete each hub revision this run downloaded from the Hugging Face cache once it is "
-        "scored (revisions cached before the run are kept)",
+        "scored (revisions cached before the run are kept); on a cluster, the workers must share one cache",
     )
     add_model_options(p)
     p.set_defaults(func=run)
@@ -130,6 +131,7 @@ def run(args: argparse.Namespace) -> None:
         metrics=metrics,
         store_dtype=args.store_dtype,
         batch_tokens=args.batch_tokens,
+        batch_size=args.batch_size,
         force=args.force,
         scheduler=args.scheduler,
         workers=args.workers,

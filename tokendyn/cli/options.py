@@ -33,6 +33,27 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     add_quiet(p)
 
 
+def add_batch_options(p: argparse.ArgumentParser) -> None:
+    """--batch-size (windows per forward pass, as in lm-eval) or --batch-tokens (a token budget)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="windows (sequences) per forward pass, at most, as lm-eval's --batch-size; "
+        "the alternative to --batch-tokens (the scores do not depend on either)",
+    )
+    group.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=None,
+        metavar="T",
+        help="model positions per forward pass, padding included (as many windows as fit, at least one; "
+        "default: 8192 unless --batch-size is given)",
+    )
+
+
 def add_quiet(p: argparse.ArgumentParser) -> None:
     """-q/--quiet: no progress bar (as analyze and report had it); results and errors are still printed."""
     if not any("--quiet" in action.option_strings for action in p._actions):

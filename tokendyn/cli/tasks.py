@@ -6,7 +6,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from tokendyn.cli.options import add_model_options, model_options
+from tokendyn.cli.options import add_batch_options, add_model_options, model_options
 from tokendyn.errors import TokendynError
 
 
@@ -40,7 +40,7 @@ def register(subparsers) -> None:
         "--name", default=None, help="the task's name (one --task only; default: the BIG-Bench name or the file name)"
     )
     p.add_argument("--delimiter", default=" ", help="text between a prompt and an option (default: one space)")
-    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward pass (default: 8192)")
+    add_batch_options(p)
     add_model_options(p)
     p.set_defaults(func=run)
 
@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> None:
         seed=args.seed,
         delimiter=args.delimiter,
         batch_tokens=args.batch_tokens,
+        batch_size=args.batch_size,
         **model_options(args),
     )
     names = ", ".join(f"task.{t.name} ({len(t.items)} items)" for t in tasks)

@@ -50,6 +50,7 @@ from tokendyn.errors import TokendynError
 
 PAD = -1
 RESERVED_JSONL = ("spans", "token_ids", "context_ids")  # JSONL keys that are not document fields
+DEFAULT_BATCH_TOKENS = 8192  # model positions per forward pass when neither a token budget nor a batch size is given
 PADDING_TOLERANCE = 0.04  # most padding share of the positions computed in any one batch
 
 
@@ -108,11 +109,12 @@ class ScoredSet:
             digest.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
         return digest.hexdigest()[:16]
 
-    def summary(self, batch_tokens: int) -> dict:
-        """What the protocol costs and gives (docs/store.md, "Protocol summary")."""
+    def summary(self, batch_tokens: int | None, batch_size: int | None = None) -> dict:
+        """What the protocol costs and gives (docs/store.md, "Protocol summary"); batching as in `plan_batches`."""
         lengths = self.lengths
         positions = int(lengths.sum())
-        padded = sum(len(rows) * int(lengths[rows].max()) for rows in plan_batches(lengths, batch_tokens))
+        batches = plan_batches(lengths, batch_tokens, batch_size=batch_size)
+        padded = sum(len(rows) * int(lengths[rows].max()) for rows in batches)
         context = self.n_context
         return {
             "context": self.params["context"],
@@ -132,6 +134,7 @@ class ScoredSet:
             "bytes": self.n_bytes,
             "words": self.n_words,
             "batch_tokens": batch_tokens,
+            "batch_size": batch_size,
         }
 
 
@@ -144,33 +147,48 @@ def describe(summary: dict) -> list[str]:
         f"documents, {summary['scored_tokens']} scored tokens, {summary['windows']} windows",
         f"context per scored token: min {summary['min_context']}, median {summary['median_context']:g}; "
         f"re-read context {100 * summary['reread_share']:.1f}% of the compute, padding "
-        f"{100 * summary['padding_share']:.1f}% (batches of {summary['batch_tokens']} tokens)",
+        f"{100 * summary['padding_share']:.1f}% ({_batches(summary)})",
         f"prefix {summary['prefix']}; tokens inserted (context only, never scored): {inserted}; "
         f"first tokens unscored (no prefix): {summary['unscored_first_tokens']}",
     ]
 
 
-def plan_batches(lengths: np.ndarray, batch_tokens: int, block_batches: int = 8) -> list[np.ndarray]:
+def _batches(summary: dict) -> str:
+    if summary.get("batch_size"):
+        return f"batches of at most {summary['batch_size']} windows"
+    return f"batches of {summary['batch_tokens']} tokens"
+
+
+def plan_batches(
+    lengths: np.ndarray, batch_tokens: int | None, block_batches: int = 8, *, batch_size: int | None = None
+) -> list[np.ndarray]:
     """Windows grouped into batches of similar length, in blocks of consecutive windows.
 
-    Windows are taken in order in blocks of about block_batches x batch_tokens positions (so
-    results complete, and can be written, roughly in token order); inside a block they are sorted
-    by length, longest first, and cut into batches whose rows x longest row stays within
-    batch_tokens (at least one window per batch) and whose padding stays within
-    PADDING_TOLERANCE of that. Returns the window indices of every batch.
+    A batch is limited either by `batch_tokens` (rows x longest row, padding included) or, given
+    `batch_size` instead, by its number of windows (lm-eval's --batch-size); at least one window
+    per batch. Windows are taken in order in blocks of about block_batches batches (so results
+    complete, and can be written, roughly in token order); inside a block they are sorted by
+    length, longest first, and cut into batches within that limit whose padding stays within
+    PADDING_TOLERANCE of their positions. Returns the window indices of every batch.
     """
+    if (batch_tokens is None) == (batch_size is None):
+        raise ValueError("give exactly one of batch_tokens and batch_size")
     lengths = np.asarray(lengths, dtype=np.int64)
-    block_limit = block_batches * batch_tokens
     batches, start = [], 0
     while start < len(lengths):
-        stop = start + max(1, int(np.searchsorted(np.cumsum(lengths[start:]), block_limit, side="right")))
+        if batch_size is None:
+            block = int(np.searchsorted(np.cumsum(lengths[start:]), block_batches * batch_tokens, side="right"))
+        else:
+            block = block_batches * batch_size
+        stop = start + max(1, block)
         order = start + np.argsort(-lengths[start:stop], kind="stable")
         rows: list[int] = []
         padding = 0
         for w in order:
             longest = lengths[rows[0]] if rows else lengths[w]
             grown = (len(rows) + 1) * longest
-            if rows and (grown > batch_tokens or padding + longest - lengths[w] > PADDING_TOLERANCE * grown):
+            full = len(rows) + 1 > batch_size if batch_size is not None else grown > batch_tokens
+            if rows and (full or padding + longest - lengths[w] > PADDING_TOLERANCE * grown):
                 batches.append(np.asarray(rows))
                 rows, padding, longest = [], 0, lengths[w]
             padding += longest - lengths[w]

@@ -10,6 +10,7 @@ import hashlib
 import json
 import pickle
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import huggingface_hub
@@ -314,6 +315,19 @@ def weights_fingerprint(ckpt: Checkpoint, allow_pickle: bool = False) -> str:
     """
     folder = resolve(ckpt, weights=True, allow_pickle=allow_pickle)
     return _files_digest(_weights_to_load(ckpt, folder, allow_pickle=True))
+
+
+def weights_fingerprint_async(ckpt: Checkpoint, allow_pickle: bool = False) -> Future[str]:
+    """`weights_fingerprint` computed in a background thread; `.result()` waits for it.
+
+    Hashing a local checkpoint reads every weight byte (about a second per GB); hashlib releases the
+    GIL on large blocks, so the hash overlaps with scoring instead of delaying its start. Hub
+    checkpoints cost nothing either way: their blobs are named by their sha256.
+    """
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokendyn-fingerprint")
+    future = pool.submit(weights_fingerprint, ckpt, allow_pickle)
+    pool.shutdown(wait=False)  # the thread ends with its one task
+    return future
 
 
 def context_length(ckpt: Checkpoint) -> int | None:

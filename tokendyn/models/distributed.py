@@ -1,8 +1,9 @@
 """Extraction on a dask.distributed cluster: one task per (model, checkpoint).
 
 `extract(..., scheduler=ADDRESS)` uses an existing cluster; `extract(..., workers=N)` starts a
-`LocalCluster` of N single-threaded worker processes (with `device="cuda"`: dask-cuda's
-`LocalCUDACluster` when installed, else one worker per GPU, each holding a "GPU" resource).
+`LocalCluster` of N worker processes (with `device="cuda"`: dask-cuda's `LocalCUDACluster` when
+installed, else one worker per GPU). The workers tokendyn starts hold the resources `score=1` and
+`fetch=1` (two threads): a worker scores one checkpoint at a time and downloads one at a time.
 
 The client prepares the store and packs the text once (the packed sets are scattered to every
 worker); each task loads its checkpoint once, scores every set, writes only the chunks that
@@ -11,6 +12,16 @@ the store's metadata are committed under a cluster-wide `distributed.Lock`, so c
 concurrent tasks do not overwrite each other. A worker that dies mid-task loses only that task:
 the scheduler runs it again elsewhere, and the rerun rescores the checkpoint from its start,
 so the final store equals a single-process run.
+
+Hub checkpoints (a Hugging Face cache shared by the workers, e.g. HF_HOME on a shared file system):
+
+- prefetch K: each scoring task depends on a download task (`fetch_task`, holding `fetch`), and the
+  client keeps workers x (1 + K) checkpoints submitted, topping up as one completes: while
+  a worker scores, the next downloads run on the workers' `fetch` threads. Without `fetch`
+  resources on the cluster, each scoring task downloads its own checkpoint first.
+- evict: the client records what the cache held before the run, before it reads any checkpoint;
+  a scoring task deletes its revision after marking the checkpoint done, unless it was cached
+  before. A revision used by several tasks is deleted by the client once the last one is done.
 """
 
 from __future__ import annotations
@@ -23,11 +34,13 @@ import zarr
 from tqdm.auto import tqdm
 
 from tokendyn import store
-from tokendyn.config.suite import Suite
+from tokendyn.config.suite import Checkpoint, Suite
 from tokendyn.data.corpus import ScoredSet
 from tokendyn.errors import TokendynError
+from tokendyn.models.fetch import evict
 
-RESOURCE = "GPU"  # the worker resource a GPU task holds on a cluster without dask-cuda
+SCORE, FETCH = "score", "fetch"  # worker resources: scoring and downloading slots (one each per worker)
+SLOTS = {SCORE: 1, FETCH: 1}
 
 
 class _TokenCounter:
@@ -58,10 +71,32 @@ def _commit(out: Path):
     return commit
 
 
+def fetch_task(ckpt: Checkpoint, allow_pickle: bool) -> str:
+    """Run on a worker: download a hub checkpoint into the Hugging Face cache; returns its folder."""
+    from transformers.utils import logging as hf_logging
+
+    from tokendyn.models import checkpoints
+
+    hf_logging.disable_progress_bar()
+    return str(checkpoints.resolve(ckpt, True, allow_pickle))
+
+
 def score_task(
-    suite: Suite, out: str, sets: dict[str, ScoredSet], names: list[str], m: int, c: int, options: dict
+    suite: Suite,
+    out: str,
+    sets: dict[str, ScoredSet],
+    names: list[str],
+    m: int,
+    c: int,
+    options: dict,
+    fetched: str | None = None,
+    keep: set[tuple[str, str]] | None = None,
 ) -> dict:
-    """Run on a worker: score checkpoint `c` of model `m` on the named sets; returns tokens, seconds, warnings."""
+    """Run on a worker: score checkpoint `c` of model `m` on the named sets; returns tokens, seconds, warnings.
+
+    fetched: the result of the checkpoint's `fetch_task` (passed so that this task waits for it).
+    keep: evict the checkpoint's hub revision once it is done, unless its commit is in `keep`.
+    """
     from distributed import Lock, get_worker
     from transformers.utils import logging as hf_logging
 
@@ -84,7 +119,10 @@ def score_task(
         score_checkpoint(
             suite, root, {name: sets[name] for name in names}, m, c, bar=counter, commit=_commit(out), **options
         )
+    ckpt = suite.models[m].checkpoints[c]
+    freed = evict(ckpt.hub_id, ckpt.revision, keep) if keep is not None and ckpt.path is None else 0
     return {
+        "freed": freed,
         "tokens": counter.n,
         "seconds": time.perf_counter() - start,
         "warnings": sorted({str(w.message) for w in caught}),
@@ -104,7 +142,7 @@ def _worker_device(device: str, worker_name) -> str:
 
 def start_client(scheduler: str | None, workers: int | None, device: str):
     """A client of the cluster at `scheduler`, or of a new local cluster of `workers` processes."""
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if scheduler is not None:
         try:
@@ -117,8 +155,16 @@ def start_client(scheduler: str | None, workers: int | None, device: str):
         raise TokendynError(f"--workers {workers} must be at least 1")
     if device.startswith("cuda"):
         return Client(_gpu_cluster(workers))
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0")
-    return Client(cluster)
+    return Client(local_cluster(workers))
+
+
+def local_cluster(workers: int | None):
+    """A LocalCluster of `workers` processes (default: one per core), each with a scoring and a download slot."""
+    from distributed import LocalCluster
+
+    return LocalCluster(
+        n_workers=workers, threads_per_worker=2, processes=True, dashboard_address=":0", resources=SLOTS
+    )
 
 
 def _gpu_cluster(workers: int | None):
@@ -130,9 +176,9 @@ def _gpu_cluster(workers: int | None):
     except ImportError:
         count = workers or torch.cuda.device_count()
         return LocalCluster(
-            n_workers=count, threads_per_worker=1, processes=True, dashboard_address=":0", resources={RESOURCE: 1}
+            n_workers=count, threads_per_worker=2, processes=True, dashboard_address=":0", resources=SLOTS
         )
-    return LocalCUDACluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0")
+    return LocalCUDACluster(n_workers=workers, threads_per_worker=2, dashboard_address=":0", resources=SLOTS)
 
 
 def run_on_cluster(
@@ -145,11 +191,14 @@ def run_on_cluster(
     scheduler: str | None = None,
     workers: int | None = None,
     progress: bool = True,
+    prefetch: int = 1,
+    cached_before: set[tuple[str, str]] | None = None,
 ) -> None:
     """Score `todo` ((model, checkpoint, set names) triples) as one task each; one bar over checkpoints.
 
     options: the keyword arguments of `score_checkpoint` other than the bar (metrics, batch_tokens,
-    device, dtype, allow_pickle, trust_remote_code).
+    device, dtype, allow_pickle, trust_remote_code). prefetch: hub checkpoints downloaded ahead per
+    worker. cached_before: `cache_state()` before the run, given to evict what the run downloads.
     """
     from distributed import as_completed
 
@@ -157,28 +206,22 @@ def run_on_cluster(
     try:
         if progress:
             tqdm.write(f"dask dashboard: {client.dashboard_link}")
+        if not client.scheduler_info()["workers"]:
+            if progress:
+                tqdm.write("waiting for a dask worker to join the cluster")
+            client.wait_for_workers(1)
+        plan = _Plan(client, suite, out, todo, options, prefetch, cached_before, progress)
         shared = client.scatter(sets, broadcast=True)
-        resources = {RESOURCE: 1} if _has_gpu_resources(client) else None
-        futures = [
-            client.submit(
-                score_task,
-                suite,
-                str(out),
-                shared,
-                names,
-                m,
-                c,
-                options,
-                pure=False,
-                key=f"tokendyn-{m}-{c}-{time.time_ns()}",
-                resources=resources,
-            )
-            for m, c, names in todo
-        ]
+        queue, futures = iter(todo), as_completed()
+        for task in _take(queue, plan.window()):
+            futures.add(plan.submit(shared, *task))
         tokens, start, seen = 0, time.perf_counter(), set()
-        with tqdm(total=len(futures), unit="ckpt", disable=not progress, dynamic_ncols=True) as bar:
-            for future in as_completed(futures):
+        with tqdm(total=len(todo), unit="ckpt", disable=not progress, dynamic_ncols=True) as bar:
+            for future in futures:
                 result = future.result()  # a task's TokendynError stops the run here
+                plan.done(future.key)
+                for task in _take(queue, plan.window() - futures.count()):  # workers may have joined
+                    futures.add(plan.submit(shared, *task))
                 tokens += result["tokens"]
                 for message in result["warnings"]:
                     if message not in seen:
@@ -192,6 +235,80 @@ def run_on_cluster(
             client.cluster.close()
 
 
-def _has_gpu_resources(client) -> bool:
-    info = client.scheduler_info()["workers"].values()
-    return any(RESOURCE in worker.get("resources", {}) for worker in info)
+def _take(queue, n: int) -> list:
+    return [task for _, task in zip(range(n), queue)]
+
+
+class _Plan:
+    """How the tasks of a run are submitted: resources, downloads ahead, and who evicts what."""
+
+    def __init__(
+        self, client, suite: Suite, out: Path, todo, options: dict, prefetch: int, cached_before, progress: bool
+    ) -> None:
+        self.client, self.suite, self.out, self.options = client, suite, str(out), options
+        self.n_tasks = len(todo)
+        resources = self._resources()
+        self.score_resources = {SCORE: 1} if any(SCORE in r for r in resources) else None
+        hub = [suite.models[m].checkpoints[c] for m, c, _ in todo if suite.models[m].checkpoints[c].path is None]
+        self.prefetch = prefetch if hub and any(FETCH in r for r in resources) else 0
+        if prefetch and hub and not self.prefetch and progress:
+            tqdm.write(
+                f"no worker holds the resources {SCORE}=1 {FETCH}=1: each task downloads its checkpoint "
+                "before scoring it, without prefetch (see docs/scale.md)"
+            )
+        self.keep = None if cached_before is None else set(cached_before)
+        revisions = [(c.hub_id, c.revision) for c in hub]
+        self.users = {rev: revisions.count(rev) for rev in revisions}  # tasks per revision
+        self.remaining = dict(self.users)
+        self.keys: dict[str, tuple[str, str] | None] = {}
+
+    def _resources(self) -> list[set[str]]:
+        return [set(w.get("resources", {})) for w in self.client.scheduler_info()["workers"].values()]
+
+    def window(self) -> int:
+        """Tasks to keep submitted: all without prefetch, else (1 + prefetch) per scoring slot of the cluster now."""
+        if not self.prefetch:
+            return self.n_tasks
+        resources = self._resources()
+        return max(1, sum(SCORE in r for r in resources) or len(resources)) * (1 + self.prefetch)
+
+    def submit(self, shared, m: int, c: int, names: list[str]):
+        ckpt = self.suite.models[m].checkpoints[c]
+        revision = None if ckpt.path is not None else (ckpt.hub_id, ckpt.revision)
+        fetched = None
+        if self.prefetch and revision is not None:
+            fetched = self.client.submit(
+                fetch_task,
+                ckpt,
+                self.options["allow_pickle"],
+                pure=False,
+                key=f"tokendyn-fetch-{m}-{c}-{time.time_ns()}",
+                resources={FETCH: 1},
+            )
+        alone = revision is not None and self.users[revision] == 1  # evicted by its task; else by the client
+        future = self.client.submit(
+            score_task,
+            self.suite,
+            self.out,
+            shared,
+            names,
+            m,
+            c,
+            self.options,
+            fetched,
+            self.keep if alone else None,
+            pure=False,
+            key=f"tokendyn-{m}-{c}-{time.time_ns()}",
+            resources=self.score_resources,
+        )
+        self.keys[future.key] = revision
+        return future
+
+    def done(self, key: str) -> None:
+        """The task `key` completed: evict a revision shared by several tasks once the last of them is done."""
+        revision = self.keys.pop(key)
+        if revision is None or self.keep is None:
+            return
+        self.remaining[revision] -= 1
+        if self.remaining[revision] == 0 and self.users[revision] > 1:
+            evict(*revision, self.keep)

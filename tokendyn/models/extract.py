@@ -24,15 +24,16 @@ from transformers.utils import logging as hf_logging
 
 from tokendyn import __version__, store
 from tokendyn.config.suite import EvalSet, Suite, load_suite
-from tokendyn.data.corpus import PAD, ScoredSet, describe, plan_batches, tokenize_set
+from tokendyn.data.corpus import DEFAULT_BATCH_TOKENS, PAD, ScoredSet, describe, plan_batches, tokenize_set
 from tokendyn.errors import TokendynError
-from tokendyn.models import checkpoints, hardware
+from tokendyn.models import checkpoints, gpu, hardware
 from tokendyn.models.fetch import Fetcher, cache_state
 from tokendyn.store.read import open_group
 
-# Logits materialised at once in the head: 16 MiB in float32; small enough for the CPU allocator to
-# reuse the block from chunk to chunk, large enough for the head's matrix product to run at full speed.
-CHUNK_LOGITS = 2**22
+# Logits materialised at once in the head: 64 MiB in float32 (~330 positions of a 50k vocabulary), a
+# bound that does not grow with batch x seq x vocab. Smaller chunks starve the head's matrix product:
+# at 2**22 (83 rows of Pythia's vocabulary) it ran 1.7x slower than at 1,024 rows, at 2**24 at full speed.
+CHUNK_LOGITS = 2**24
 # Config attributes that make the head's logits differ from a plain projection of the hidden state;
 # such models are scored through their own full forward pass instead.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -47,7 +48,7 @@ def token_scores(
     input_ids[b, t] (t >= 1) is scored given input_ids[b, :t]. The model reads input_ids[:, :-1]
     (the last column is only a target). Returns float32 tensors of shape (n_scored,), in
     row-major order of `score`. Metrics: ``loss`` (NLL, nats), ``entropy`` (nats), ``rank``
-    (0 = argmax).
+    (0 = argmax). Everything is computed on the model's device; only the results are copied back.
     """
     metrics = tuple(metrics)
     valid = score[:, 1:].to(torch.bool)
@@ -56,8 +57,10 @@ def token_scores(
         return out
     ids = input_ids.clamp(min=0)
     hidden, head = _hidden_and_head(model, ids[:, :-1])
-    hidden = hidden[valid.to(hidden.device)]
-    targets = ids[:, 1:][valid].to(hidden.device)
+    hidden = hidden[valid.to(hidden.device)]  # the scored positions only: one gather, no copy of padding
+    targets = ids[:, 1:][valid].to(hidden.device, non_blocking=True)
+    if metrics == ("loss",) and gpu.fused_head_available(model, hidden):
+        return {"loss": gpu.fused_head_loss(model, hidden, targets).float().cpu()}
     rows = max(1, CHUNK_LOGITS // model.config.get_text_config().vocab_size)
     parts = {m: [] for m in metrics}
     for start in range(0, len(targets), rows):
@@ -69,18 +72,20 @@ def token_scores(
 
 
 def _chunk_metrics(logits: torch.Tensor, target: torch.Tensor, metrics: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Metrics of (rows, vocab) float32 logits on their device, without a second (rows, vocab) array for the loss.
+    """Metrics of (rows, vocab) float32 logits on their device.
 
-    loss = logsumexp - target logit; entropy = logsumexp - E_p[logit]; rank = #logits above the target's.
+    One fused log-softmax (a row at a time in cache; on CPU 2-3x faster than logsumexp's separate
+    max, subtract, exp and sum passes over the chunk): loss = -log p(target); entropy = -sum p log p;
+    rank = number of tokens more probable than the target (log p is monotone in the logit).
     """
-    lse = torch.logsumexp(logits, dim=-1)
-    target_logit = logits.gather(1, target[:, None])[:, 0]
-    out = {"loss": lse - target_logit}
+    logp = torch.log_softmax(logits, dim=-1)
+    del logits  # its memory is reused by the next chunk's head output
+    target_logp = logp.gather(1, target[:, None])[:, 0]
+    out = {"loss": -target_logp}
     if "entropy" in metrics:
-        probs = torch.softmax(logits, dim=-1)
-        out["entropy"] = lse - (probs * logits).sum(-1)
+        out["entropy"] = -(logp.exp() * logp).sum(-1)
     if "rank" in metrics:
-        out["rank"] = (logits > target_logit[:, None]).sum(-1).float()
+        out["rank"] = (logp > target_logp[:, None]).sum(-1).float()
     return {m: out[m] for m in metrics}
 
 
@@ -88,16 +93,17 @@ def _hidden_and_head(model: torch.nn.Module, ids: torch.Tensor):
     """Final hidden states and the function mapping them to logits.
 
     Right padding needs no attention mask: causal attention keeps every real token blind to the
-    padding after it, and positions then count from 0 as in an unpadded sequence.
+    padding after it, and positions then count from 0 as in an unpadded sequence. No key/value
+    cache (it would only copy every layer's keys and values into a cache nobody reads).
     """
     if model.device.type == "cuda":
         ids = ids.pin_memory()  # lets the copy below overlap with queued GPU work
     ids = ids.to(model.device, non_blocking=True)
     config = model.config.get_text_config()
     if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
-        logits = model(input_ids=ids).logits
+        logits = model(input_ids=ids, use_cache=False).logits
         return logits, lambda h: h
-    hidden = model.base_model(input_ids=ids).last_hidden_state
+    hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
     return hidden, model.get_output_embeddings()
 
 
@@ -110,7 +116,8 @@ def extract(
     device: str = "auto",
     dtype: str = "auto",
     store_dtype: str | None = None,
-    batch_tokens: int = 8192,
+    batch_tokens: int | None = None,
+    batch_size: int | None = None,
     force: bool = False,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
@@ -129,27 +136,26 @@ def extract(
     device, dtype : where and in which precision the model runs ("auto": see `tokendyn.models.hardware`);
         log-softmax is always float32.
     store_dtype : "float32" (default) or "float16" on disk.
-    batch_tokens : model positions per forward pass, padding included (at least one window per batch).
+    batch_tokens : model positions per forward pass, padding included (at least one window per batch);
+        default 8192 unless batch_size is given.
+    batch_size : windows (sequences) per forward pass at most, as lm-eval's --batch-size; give this or
+        batch_tokens, not both. The scores do not depend on either.
     force : recompute checkpoints that are already complete.
     scheduler, workers : run on the dask cluster at this address, or on a new local cluster of this many
         workers (one task per checkpoint; see `tokendyn.models.distributed`).
-    prefetch : hub checkpoints downloaded ahead while the current one is scored (single process).
+    prefetch : hub checkpoints downloaded ahead while the current one is scored (on a cluster: per worker).
     evict : delete each scored hub revision this run downloaded from the Hugging Face cache.
 
     A rerun skips complete checkpoints and recomputes interrupted ones.
     """
-    if evict and (scheduler is not None or workers is not None):
-        raise TokendynError(
-            "--evict works in single-process runs only; on a cluster, fetch the revisions "
-            "beforehand with `tokendyn download SUITE` and leave --evict out"
-        )
+    batch_tokens, batch_size = batching(batch_tokens, batch_size)
+    if prefetch < 0:
+        raise TokendynError(f"--prefetch {prefetch} is negative; give 0 (no prefetch) or more")
     cached_before = cache_state() if evict else None  # before any download: evict only what this run fetches
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
     out = Path(out)
     suite = replace(suite, sets=tuple(suite.sets) + tuple(extra_sets))
     _check_unique_sets(suite)
-    if batch_tokens < 1:
-        raise TokendynError(f"batch_tokens = {batch_tokens} must be at least 1; pass e.g. --batch-tokens 8192")
     device, torch_dtype = hardware.choose(device, dtype)
     existing = _existing_attrs(out)
     metrics = _parse_metrics(metrics, existing)
@@ -164,7 +170,7 @@ def extract(
     model_coords = _model_coords(suite, trust_remote_code)
     vocab_text = np.asarray(checkpoints.surface_texts(tokenizer), dtype=object)
     layout = store.Layout(suite.to_dict(), tokenizer_fp, metrics, store_dtype)
-    summaries = {name: scored.summary(batch_tokens) for name, scored in sets.items()}
+    summaries = {name: scored.summary(batch_tokens, batch_size) for name, scored in sets.items()}
     if not force and store.up_to_date(out, layout, sets):
         return out  # nothing to write, so nothing written: a read-only store works
     if progress:
@@ -184,6 +190,7 @@ def extract(
         options = dict(
             metrics=metrics,
             batch_tokens=batch_tokens,
+            batch_size=batch_size,
             device=device,
             dtype=torch_dtype,
             allow_pickle=allow_pickle,
@@ -192,7 +199,18 @@ def extract(
         if scheduler is not None or workers is not None:
             from tokendyn.models.distributed import run_on_cluster
 
-            run_on_cluster(suite, out, sets, todo, options, scheduler=scheduler, workers=workers, progress=progress)
+            run_on_cluster(
+                suite,
+                out,
+                sets,
+                todo,
+                options,
+                scheduler=scheduler,
+                workers=workers,
+                progress=progress,
+                prefetch=prefetch,
+                cached_before=cached_before,
+            )
             stored = open_group(out, mode="r")
             refused = [
                 reason
@@ -221,6 +239,16 @@ def extract(
     return out
 
 
+def batching(batch_tokens: int | None, batch_size: int | None) -> tuple[int | None, int | None]:
+    """(batch_tokens, batch_size) with exactly one set: the token budget by default, else the batch size."""
+    if batch_tokens is not None and batch_size is not None:
+        raise TokendynError("give --batch-size (windows per batch) or --batch-tokens (tokens per batch), not both")
+    for name, value in (("batch-tokens", batch_tokens), ("batch-size", batch_size)):
+        if value is not None and value < 1:
+            raise TokendynError(f"--{name} {value} must be at least 1")
+    return (DEFAULT_BATCH_TOKENS if batch_size is None and batch_tokens is None else batch_tokens), batch_size
+
+
 def _repair(out: Path) -> None:
     """Before writing: repair what `tokendyn verify` finds (checkpoints with missing chunks are recomputed)."""
     if not (out / "zarr.json").is_file():
@@ -243,31 +271,32 @@ def score_checkpoint(
     c: int,
     *,
     metrics: tuple[str, ...],
-    batch_tokens: int,
+    batch_tokens: int | None,
     device: str,
     dtype: torch.dtype,
     allow_pickle: bool,
     trust_remote_code: bool,
     bar: tqdm,
-    commit: Callable = store.mark_done,
+    commit: Callable | None = None,
+    batch_size: int | None = None,
 ) -> list[str]:
     """Score checkpoint `c` of model `m` on `sets`, writing only the chunks it owns, then mark each set done.
 
     A set whose scores are not all finite is not marked done: the reason is kept in the store and
     returned (one line per set), and the run goes on with the other checkpoints. commit: records a
-    set's done flag (`store.mark_done`; cluster workers serialise it with a lock).
+    set's done flag (cluster workers serialise it with a lock); default `store.mark_done`, with the
+    consolidated metadata refreshed once after the last set rather than after each.
     """
     ckpt = suite.models[m].checkpoints[c]
     bar.set_description(f"{ckpt.model} step {ckpt.step}")
     model = checkpoints.load_model(
         ckpt, device=device, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
     )
-    weights_hash = checkpoints.weights_fingerprint(ckpt)
-    _warn_identical(root, suite, m, c, weights_hash)
+    weights_hash = checkpoints.weights_fingerprint_async(ckpt, allow_pickle)  # overlaps with the scoring below
     refused = []
     for name in sorted(sets, key=lambda n: n == "main"):  # main last: its flag follows val_ppl
         store.clear_done(root, name, m, c)
-        total = _score_set(model, sets[name], root, name, m, c, metrics, batch_tokens, bar)
+        total = _score_set(model, sets[name], root, name, m, c, metrics, (batch_tokens, batch_size), bar)
         reason = check_scores(
             store.read_checkpoint(root, name, m, c, metrics), sets[name].n_tokens, root.attrs["store_dtype"]
         )
@@ -279,8 +308,14 @@ def score_checkpoint(
             continue
         if name == "main":
             val_ppl, per_byte = perplexities(total, sets[name])
-            store.write_checkpoint_coords(root, m, c, val_ppl, weights_hash, per_byte)
-        commit(root, name, m, c, ckpt.model)
+            store.write_checkpoint_coords(root, m, c, val_ppl, weights_hash.result(), per_byte)
+        if commit is None:
+            store.mark_done(root, name, m, c, ckpt.model, refresh=False)
+        else:
+            commit(root, name, m, c, ckpt.model)
+    if commit is None:
+        store.consolidate(root)
+    _warn_identical(root, suite, m, c, weights_hash.result())
     return refused
 
 
@@ -329,9 +364,19 @@ def perplexities(total_loss: float, scored: ScoredSet) -> tuple[float, dict[str,
 
 
 def _score_set(
-    model, scored: ScoredSet, root, name: str, m: int, c: int, metrics: tuple[str, ...], batch_tokens: int, bar: tqdm
+    model,
+    scored: ScoredSet,
+    root,
+    name: str,
+    m: int,
+    c: int,
+    metrics: tuple[str, ...],
+    batches: tuple[int | None, int | None],
+    bar: tqdm,
 ) -> float:
     """Score one set with one checkpoint, writing every chunk of tokens as soon as it is complete.
+
+    batches: (batch_tokens, batch_size) of `plan_batches`.
 
     Returns the summed loss (nats, float64) over the set's scored tokens.
     """
@@ -341,8 +386,10 @@ def _score_set(
     first = np.minimum.accumulate(first[::-1])[::-1]  # first token still unscored once windows < w are done
     finished = np.zeros(len(scored.windows), dtype=bool)
     frontier = written = 0  # windows [0, frontier) are scored; tokens [0, written) are in the store
+    if model.device.type == "cuda":
+        batches = _fit_device_memory(model, scored, batches)
     with torch.inference_mode():
-        for rows in plan_batches(scored.lengths, batch_tokens):
+        for rows in plan_batches(scored.lengths, batches[0], batch_size=batches[1]):
             ids, score, index = _batch(scored, rows)
             results = token_scores(model, torch.from_numpy(ids), torch.from_numpy(score), metrics)
             for metric in metrics:
@@ -357,6 +404,14 @@ def _score_set(
                 store.write_block(root, name, m, c, written, {k: v[written:upto] for k, v in values.items()})
                 written = upto
     return float(values["loss"].astype(np.float64).sum())
+
+
+def _fit_device_memory(model, scored: ScoredSet, batches: tuple[int | None, int | None]) -> tuple:
+    """(batch_tokens, batch_size) lowered to what the free CUDA memory holds (`gpu.cuda_batch_tokens`)."""
+    batch_tokens, batch_size = batches
+    window = int(scored.lengths.max(initial=1))
+    fit = gpu.cuda_batch_tokens(model, window, batch_tokens or batch_size * window, CHUNK_LOGITS)
+    return (fit, None) if batch_tokens is not None else (None, max(1, fit // window))
 
 
 def _batch(scored: ScoredSet, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -307,8 +307,13 @@ def is_done(root: zarr.Group, set_name: str, model: int, ckpt: int) -> bool:
     return bool(group["done"][model, ckpt])
 
 
-def mark_done(root: zarr.Group, set_name: str, model: int, ckpt: int, model_name: str) -> None:
-    """Set the checkpoint's `done` flag (the commit point), then record it in the `complete` attribute."""
+def mark_done(root: zarr.Group, set_name: str, model: int, ckpt: int, model_name: str, refresh: bool = True) -> None:
+    """Set the checkpoint's `done` flag (the commit point), then record it in the `complete` attribute.
+
+    refresh: also refresh the consolidated metadata. A caller marking several sets of one checkpoint
+    passes False and calls `consolidate` once after the last (each refresh rereads the whole store's
+    metadata); until then the consolidated copy claims less than is done, never more.
+    """
     group = root[set_path(set_name)] if set_name != "main" else root
     group["done"][model, ckpt] = True
     refused = dict(group.attrs.get("refused", {}))
@@ -318,7 +323,8 @@ def mark_done(root: zarr.Group, set_name: str, model: int, ckpt: int, model_name
     complete = dict(group.attrs.get("complete", {}))
     complete[model_name] = [int(c) for c in np.flatnonzero(done)]
     group.attrs["complete"] = complete
-    consolidate(root)
+    if refresh:
+        consolidate(root)
 
 
 def consolidate(root: zarr.Group) -> None:

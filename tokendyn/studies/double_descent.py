@@ -44,7 +44,7 @@ def examples(ds: xr.Dataset, flags: xr.DataArray, model: str, n: int, width: int
     token = token[np.random.default_rng(seed).permutation(len(token))[:CANDIDATES]]
     idx = done_checkpoints(ds, m)
     loss = token_loss(ds).isel(model=m, ckpt=idx)
-    curves = loss.isel(token=token).transpose("token", ...).values
+    curves = loss.isel(token=token).transpose("ckpt", "token").values
     ids = ds["token_id"].values[token]
     score = rise(curves)
     order = np.argsort(-score, kind="stable")

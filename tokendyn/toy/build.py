@@ -120,6 +120,14 @@ def build_key(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def cached(preset: str = "default", sizes: Sequence[str] | None = None, seed: int = 0, threads: int = 1) -> Path | None:
+    """The suite.toml of a finished build with these parameters in the cache directory, else None."""
+    params = build_parameters(preset, sizes, seed, threads)
+    key = build_key(params)
+    out = cache_dir() / "suites" / f"{preset}-{key}"
+    return out / "suite.toml" if _manifest_key(out) == key else None
+
+
 def build(
     out: str | Path | None = None,
     preset: str = "default",
