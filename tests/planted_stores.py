@@ -215,7 +215,7 @@ def write_tiled_store(
 # --- the shared planted store ------------------------------------------------------------------------
 
 HOSTILE = {50: "<script>alert(1)</script>", 51: "&amp;", 40: '"q" <b>bold</b>', 10: "$x$ & y"}
-REPORT_OPTIONS = {"clusters": {"n_clusters": 4}}  # a fixed k: the automatic choice fits k = 2..8
+REPORT_OPTIONS = {"clusters": {"n_clusters": "shapes"}}  # one cluster per shape (the default, stated)
 
 
 def vocabulary(size: int = 64) -> np.ndarray:

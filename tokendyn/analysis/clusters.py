@@ -1,19 +1,30 @@
-"""Clustering token loss trajectories into named shapes, with scikit-learn.
+"""Clustering token loss trajectories into named shapes, with scikit-learn (docs/methods.md §5).
 
-Samples are (model, token) pairs; features are the token's loss trajectory in that model, either
-on the matched-perplexity grid (`on="perplexity"`: every model, comparable points) or over one
-model's done checkpoints (`on="checkpoints"`). The estimator is fitted on a random subsample of
-whole sequences (bounded memory) and then labels every token chunk by chunk (lazy, out of core).
+Samples are (model, token) pairs; features are the token's loss trajectory over the trained part
+(steps > 0) in that model: by default (`on="progress"`) over the model's own trained checkpoints,
+the span the per-token detectors see; `on="perplexity"` on the matched-perplexity grid (comparable
+points across sizes, but only the range every model reaches); `on="checkpoints"` one model's
+checkpoints. The estimator is fitted on a random subsample and then labels every token chunk by
+chunk (lazy, out of core).
 
-Naming rules. Each cluster's centroid curve c[0..L-1] is the mean over its members of the loss
-change from the first grid point (nats). With tolerance `tol` (nats), the first rule that holds
-names it:
-1. "stagnating": max(c) - min(c) < tol;
-2. "double descent": a fall >= tol, then a rise >= tol, then a fall >= tol
-   (`trajectories.falls_rises_falls`, the per-token detector without smoothing);
-3. "falling then rising": the minimum is at least tol below both ends;
-4. "rising then falling": the maximum is at least tol above both ends;
-5. "rising": c[-1] - c[0] >= tol;
+Features (`normalize="window"`, default). The late window is the points with step >= start x the
+final step (start = 0.4), the trend categories' window (methods.md §1.2). A token's features are
+its loss over the late window minus its mean there (nats), followed by its whole trajectory minus
+its mean, weighted so that both blocks carry the same total variance in the fit sample. Without
+the window block, the fall from random initialisation that every token shares (about 6 nats on the
+built-in suite) outweighs the late stagnation and rises (tenths of a nat) the detectors look at.
+
+Naming rules mirror the per-token detectors. A cluster's centroid curve c is the mean over its
+members of the loss change from the first point (nats), w its late-window part; the first rule
+that holds names it:
+1. "double descent": a fall >= dd_tol, then a rise >= dd_tol, then a fall >= dd_tol over the
+   whole curve (`trajectories.falls_rises_falls`; dd_tol is the detector's tolerance, 0.5 nats;
+   the centroid is a mean over tokens, so it is not smoothed again);
+2. "stagnating": w varies by less than tol and its ends lie within the stagnation band of its
+   mean ([ln(1 - band), ln(1 + band)], band = 0.05 as in the trend categories);
+3. "rising": w[-1] - w[0] >= tol (the late window rises, as the "upward" category);
+4. "falling then rising": the minimum of c is at least tol below both ends;
+5. "rising then falling": the maximum of c is at least tol above both ends;
 6. falling (c[-1] - c[0] <= -tol), by the share f of the total drop reached at the middle point:
    f >= 2/3 "early-falling", f <= 1/3 "late-falling", else "steadily falling";
 7. "wavy" otherwise.
@@ -21,21 +32,20 @@ Clusters are numbered by size (0 = largest); a name that occurs twice gets the t
 appended, e.g. "steadily falling (-2.10 nats)".
 
 Choosing the number of clusters. The default, n_clusters="shapes", does not under-split: k-means
-(or the mixture) is fitted with `n_fine` clusters, every fine cluster is named by the rules above,
-and fine clusters with the same name are merged, so there is one cluster per shape found. A small
-group with its own shape (stagnating, rising, double-descent tokens) keeps its own cluster even
-when it is a few percent of the tokens; silhouette ("auto" with k-means) prefers two big groups.
-The features cover the trained part of training: the matched-perplexity grid starts at the first
-trained checkpoint (`trajectories.perplexity_range`) and on="checkpoints" leaves out step 0, so
-the shared fall from random initialisation does not dominate them.
-`detector_agreement` compares the named clusters with the per-token detectors.
+(or the mixture) is fitted with `n_fine` (48) clusters, every fine cluster is named by the rules
+above, and fine clusters with the same name are merged, so there is one cluster per shape found. A
+small group with its own shape (stagnating, rising, double-descent tokens) keeps its own cluster
+even when it is a few percent of the tokens; silhouette ("auto" with k-means) prefers two big
+groups. `detector_agreement` compares the named clusters with the per-token detectors.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -53,14 +63,21 @@ from tokendyn.analysis.trajectories import (
     load_small,
     model_index,
     model_loss,
+    token_loss,
+    trained_checkpoints,
     valid_tokens,
 )
+from tokendyn.analysis.trends import trend_categories
 from tokendyn.errors import TokendynError
 from tokendyn.store.layout import TOKEN_DIMS
 
+FEATURES = ("perplexity", "progress", "checkpoints")
 METHODS = ("kmeans", "gmm")
 MIN_FINE_SIZE = 30  # "shapes": fit samples per fine cluster at least, so a fine centroid averages out the noise
-NORMALIZATIONS = ("center", "start", "zscore")
+NORMALIZATIONS = ("window", "center", "start", "zscore")
+# The per-token detectors' own defaults, so that the names use their definitions (one place per default).
+DD_TOL = inspect.signature(double_descent).parameters["tol"].default
+BAND = inspect.signature(trend_categories).parameters["band"].default
 
 
 @dataclass
@@ -108,6 +125,8 @@ def trajectory_features(
         grid = at_perplexity(ds, levels, n_levels)
         reached = np.isfinite(grid["step"].values).all(axis=0)
         grid = grid.isel(val_ppl=np.flatnonzero(reached)).rename(val_ppl="point")
+    elif on == "progress":
+        grid = progress_loss(ds, n_levels)
     elif on == "checkpoints":
         if model is None and ds.sizes["model"] > 1:
             raise TokendynError("clustering on checkpoints needs one model: pass model=NAME")
@@ -117,15 +136,54 @@ def trajectory_features(
         grid = grid.rename(ckpt="point").assign_coords(point=grid["step"].values).drop_vars("step")
         grid = grid.expand_dims(model=[ds["model"].values[m]])
     else:
-        raise TokendynError(f"unknown clustering features {on!r}; choose 'perplexity' or 'checkpoints'")
+        raise TokendynError(f"unknown clustering features {on!r}; choose one of {', '.join(FEATURES)}")
     if grid.sizes["point"] < 2:
         raise TokendynError("clustering needs trajectories of at least 2 points; add levels or checkpoints")
     return grid.transpose("model", *TOKEN_DIMS, "point").chunk({"point": -1})
 
 
-def normalise(x: np.ndarray, how: str) -> np.ndarray:
-    """Rows of x (..., point): "center" = deviation from the row's mean (nats: magnitudes kept, no
-    single noisy point as the anchor); "start" = change from the first point; "zscore" = standardised shape."""
+def progress_loss(ds: xr.Dataset, n_points: int = 10) -> xr.DataArray:
+    """Every model's loss over its own trained part (steps > 0): (model, point, token), lazy.
+
+    `point` is the training progress in [0, 1] along the model's own trained checkpoints: point p
+    lies at position p * (n - 1) in its sequence of n trained checkpoints, linearly interpolated
+    between the two around it (the double-descent detector's axis, methods.md §1.3; it follows the
+    suite's own checkpoint spacing, dense where it saved often). A `step` coordinate
+    (model, point) holds the interpolated steps. Unlike the matched-perplexity grid it needs no
+    perplexity range shared by the models: every model is seen over its whole run.
+    """
+    ds = load_small(ds)
+    loss = token_loss(ds)
+    targets = np.linspace(0.0, 1.0, n_points)
+    per_model, steps = [], []
+    for m, name in enumerate(ds["model"].values):
+        idx = trained_checkpoints(ds, m)
+        if len(idx) < 2:
+            raise TokendynError(f"model {name} has fewer than 2 trained checkpoints (step > 0); extract more")
+        position = targets * (len(idx) - 1)
+        lo = np.minimum(np.floor(position).astype(int), len(idx) - 2)
+        weight = position - lo
+        a = loss.isel(model=m, ckpt=xr.DataArray(idx[lo], dims="point"))
+        b = loss.isel(model=m, ckpt=xr.DataArray(idx[lo + 1], dims="point"))
+        per_model.append((a + xr.DataArray(weight, dims="point") * (b - a)).reset_coords(drop=True))
+        step = ds["step"].values[m, idx]
+        steps.append(step[lo] + weight * (step[lo + 1] - step[lo]))
+    out = xr.concat(per_model, dim="model").assign_coords(
+        model=ds["model"].values, point=targets, step=(("model", "point"), np.array(steps))
+    )
+    return out.transpose("model", "point", *TOKEN_DIMS)
+
+
+def normalise(x: np.ndarray, how: str, window: np.ndarray | None = None, weight: float = 1.0) -> np.ndarray:
+    """Rows of x (..., point): "window" = the points of the boolean mask `window` (the late
+    window, see `late_window`) minus their mean, followed by the whole row minus its mean times
+    `weight`; "center" = deviation from the row's mean (nats:
+    magnitudes kept, no single noisy point as the anchor); "start" = change from the first point;
+    "zscore" = standardised shape."""
+    if how == "window":
+        late = x[..., window]
+        whole = x - x.mean(axis=-1, keepdims=True)
+        return np.concatenate([late - late.mean(axis=-1, keepdims=True), weight * whole], axis=-1)
     if how == "center":
         return x - x.mean(axis=-1, keepdims=True)
     if how == "start":
@@ -134,19 +192,40 @@ def normalise(x: np.ndarray, how: str) -> np.ndarray:
     return np.where(std > 0, (x - x.mean(axis=-1, keepdims=True)) / np.where(std > 0, std, 1), 0.0)
 
 
-def name_shape(curve: np.ndarray, tol: float) -> str:
-    """Name of a centroid curve (change from its first point, nats) by the module's rules."""
+def late_window(steps: np.ndarray, start: float) -> np.ndarray:
+    """Mask of the points in the trend window: step >= start * final step in every model.
+
+    steps: (point,) or (model, point). As `trends.trend_categories` (methods.md §1.2), so that a
+    cluster's name over this window means what the trend category means; at least the last 2
+    points.
+    """
+    steps = np.atleast_2d(np.asarray(steps, dtype=float))
+    window = (steps >= start * steps[:, -1:]).all(axis=0)
+    window[-2:] = True
+    return window
+
+
+def name_shape(
+    curve: np.ndarray, tol: float, *, window: np.ndarray | None = None, dd_tol: float | None = None, band: float = BAND
+) -> str:
+    """Name of a centroid curve (change from its first point, nats) by the module's rules.
+
+    window: mask of the late-window points (default: all); dd_tol: the double-descent tolerance
+    (default: tol); band: the trend categories' stagnation band.
+    """
     total = curve[-1] - curve[0]
-    if curve.max() - curve.min() < tol:
-        return "stagnating"
-    if falls_rises_falls(curve, tol):
+    if falls_rises_falls(curve, tol if dd_tol is None else dd_tol):
         return "double descent"
+    late = curve if window is None else curve[window]
+    ends = late[[0, -1]] - late.mean()
+    if late.max() - late.min() < tol and np.all((ends >= np.log1p(-band)) & (ends <= np.log1p(band))):
+        return "stagnating"
+    if late[-1] - late[0] >= tol:
+        return "rising"
     if min(curve[0], curve[-1]) - curve.min() >= tol:
         return "falling then rising"
     if curve.max() - max(curve[0], curve[-1]) >= tol:
         return "rising then falling"
-    if total >= tol:
-        return "rising"
     if total <= -tol:
         early = (curve[(len(curve) - 1) // 2] - curve[0]) / total
         return "early-falling" if early >= 2 / 3 else "late-falling" if early <= 1 / 3 else "steadily falling"
@@ -194,16 +273,16 @@ def _fit(
     return n_clusters, scores, estimator, labels, stability
 
 
-def _shape_merge(labels: np.ndarray, change: np.ndarray, k: int, tol: float) -> tuple[np.ndarray, list[str]]:
+def _shape_merge(labels: np.ndarray, change: np.ndarray, k: int, namer: Callable) -> tuple[np.ndarray, list[str]]:
     """(map from fine cluster to merged cluster, merged names): fine clusters with the same shape name
     share one cluster, which keeps that name."""
-    names = [name_shape(change[labels == j].mean(axis=0), tol) if (labels == j).any() else "empty" for j in range(k)]
+    names = [namer(change[labels == j].mean(axis=0)) if (labels == j).any() else "empty" for j in range(k)]
     distinct = list(dict.fromkeys(names))
     return np.array([distinct.index(n) for n in names]), distinct
 
 
 def _fit_shapes(
-    x: np.ndarray, change: np.ndarray, method: str, n_fine: int, n_seeds: int, seed: int, tol: float
+    x: np.ndarray, change: np.ndarray, method: str, n_fine: int, n_seeds: int, seed: int, namer: Callable
 ) -> tuple[list[str], object, np.ndarray, np.ndarray, float]:
     """("shapes") (merged cluster names, fine estimator, fine -> merged map, merged labels of x,
     mean ARI of the merged labels of refits with other seeds)."""
@@ -214,7 +293,7 @@ def _fit_shapes(
     def fit(s: int):
         estimator = _estimator(method, k, s).fit(x)
         fine = estimator.predict(x)
-        merge, names = _shape_merge(fine, change, k, tol)
+        merge, names = _shape_merge(fine, change, k, namer)
         return estimator, merge, merge[fine], names
 
     estimator, merge, labels, names = fit(seed)
@@ -223,13 +302,13 @@ def _fit_shapes(
     return names, estimator, merge, labels, stability
 
 
-def _predict(x: np.ndarray, estimator, how: str, order: np.ndarray) -> np.ndarray:
+def _predict(x: np.ndarray, estimator, how: str, window: np.ndarray, weight: float, order: np.ndarray) -> np.ndarray:
     """Cluster codes of trajectories x (..., point); MISSING where a point is NaN."""
     flat = x.reshape(-1, x.shape[-1])
     ok = np.isfinite(flat).all(axis=1)
     codes = np.full(len(flat), MISSING, dtype=np.int8)
     if ok.any():
-        codes[ok] = order[estimator.predict(normalise(flat[ok], how))]
+        codes[ok] = order[estimator.predict(normalise(flat[ok], how, window, weight))]
     return codes.reshape(x.shape[:-1])
 
 
@@ -279,17 +358,19 @@ def top_tokens(labels: xr.DataArray, token_id: np.ndarray, top: int = 10, token_
 def cluster(
     ds: xr.Dataset,
     n_clusters: int | str = "shapes",
-    on: str = "perplexity",
+    on: str = "progress",
     model: int | str | None = None,
     levels: Sequence[float] | None = None,
     n_levels: int = 10,
     method: str = "kmeans",
-    normalize: str = "center",
+    normalize: str = "window",
+    start: float = 0.4,
     k_range: Sequence[int] = range(2, 9),
-    n_fine: int = 16,
+    n_fine: int = 48,
     max_fit_tokens: int = 50_000,
     n_seeds: int = 5,
     tol: float = 0.1,
+    dd_tol: float = DD_TOL,
     top: int = 10,
     token_text: Callable[[Sequence[int]], Sequence[str]] | None = None,
     random_state: int = 0,
@@ -301,12 +382,18 @@ def cluster(
     tokens, merged by shape name: one cluster per shape),
     a number, or "auto": the k in `k_range` with the highest silhouette score (method="kmeans",
     MiniBatchKMeans) or the lowest BIC (method="gmm", diagonal Gaussian mixture).
-    on/model/levels/n_levels: the features (`trajectory_features`). normalize: "center" (loss
-    minus the token's mean over the points: keeps magnitudes, and unlike "start", the change from
-    the first point, does not split flat tokens by the noise of their first point) or "zscore"
-    (shape only).
+    on/model/levels/n_levels: the features (`trajectory_features`; default "progress": each
+    model over its own trained checkpoints, the span the per-token detectors see). normalize:
+    "window" (default: the loss over the late window, the points with step >= start * final step,
+    minus its mean there, in nats: the trend categories' window, past the fall from random
+    initialisation that every token shares), "center" (the whole trajectory minus its mean; unlike
+    "start", the change from the first point, it does not split flat tokens by the noise of their
+    first point) or "zscore" (shape only). start: the late window's start fraction (0.4, one of
+    the trend study's start fractions), used by the names too.
     max_fit_tokens: size of the fit subsample, drawn as whole random sequences. n_seeds: refits
-    for the stability score. tol: naming tolerance (nats). top: tokens listed per cluster.
+    for the stability score. tol: naming tolerance (nats) of stagnating, rising and the falling
+    shapes. dd_tol: the double-descent name's tolerance (nats; default: the per-token detector's).
+    top: tokens listed per cluster.
     token_text: callable from token ids to their texts, or a tokenizer with `decode`; default: the
     store's vocabulary (`vocab_text`), else the ids are shown. Labels are computed (int8 per model
     and token).
@@ -318,12 +405,21 @@ def cluster(
         raise TokendynError(f"unknown normalisation {normalize!r}; choose one of {', '.join(NORMALIZATIONS)}")
     features = trajectory_features(ds, on, model, levels, n_levels)
     features = features.where(valid_tokens(ds))
+    if not 0 <= start < 1:
+        raise TokendynError(f"start must be a fraction in [0, 1), e.g. 0.4, not {start}")
+    steps = features["step"].values if "step" in features.coords else features["point"].values
+    window = late_window(steps, start)
+    namer = partial(name_shape, tol=tol, window=window, dd_tol=dd_tol)
     rng = np.random.default_rng(random_state)
     n_fit = min(features.sizes["token"], max(1, math.ceil(max_fit_tokens / features.sizes["model"])))
     sample = features.isel(token=np.sort(rng.choice(features.sizes["token"], n_fit, replace=False))).values
     raw = sample.reshape(-1, sample.shape[-1])
     raw = raw[np.isfinite(raw).all(axis=1)]
-    x = normalise(raw, normalize)
+    # "window": the whole trajectory weighs as much as the late window in total (its shared early
+    # fall would otherwise outweigh the late window's stagnation and rises).
+    late, whole = normalise(raw, "window", window, 1.0)[:, : window.sum()], normalise(raw, "center")
+    weight = float(np.sqrt((late**2).sum() / max((whole**2).sum(), 1e-12)))
+    x = normalise(raw, normalize, window, weight)
     change = raw - raw[:, :1]
     # One OpenMP thread per fit: the sample is small, and k-means' OpenMP threads spin against dask's
     # threads (the fitted estimators keep this setting when they label the chunks in parallel).
@@ -332,7 +428,7 @@ def cluster(
         if n_clusters == "shapes":
             n_fine = max(2, min(n_fine, len(x) // MIN_FINE_SIZE))
             shape_names, estimator, merge, fit_labels, stability = _fit_shapes(
-                x, change, method, n_fine, n_seeds, random_state, tol
+                x, change, method, n_fine, n_seeds, random_state, namer
             )
             n_clusters, scores, criterion = len(shape_names), {}, f"shape names of {n_fine} fine clusters"
         else:
@@ -353,7 +449,7 @@ def cluster(
         ]
     )
     if shape_names is None:
-        names = [name_shape(curve, tol) for curve in curves]
+        names = [namer(curve) for curve in curves]
         names = [f"{n} ({c[-1] - c[0]:+.2f} nats)" if names.count(n) > 1 else n for n, c in zip(names, curves)]
     else:  # each merged cluster keeps the name its fine clusters share
         names = [shape_names[k] for k in np.argsort(-sizes, kind="stable")]
@@ -364,14 +460,26 @@ def cluster(
         input_core_dims=[["point"]],
         dask="parallelized",
         output_dtypes=[np.int8],
-        kwargs=dict(estimator=estimator, how=normalize, order=order),
+        kwargs=dict(estimator=estimator, how=normalize, window=window, weight=weight, order=order),
     )
     labels = flag_array(codes.compute(), names, "cluster", "cluster of the token's loss trajectory")
     centroids = xr.DataArray(
         curves,
         dims=("cluster", "point"),
-        coords={"cluster": np.arange(n_clusters), "name": ("cluster", names), "point": features["point"].values},
-        attrs={"on": on, "long_name": "mean loss change from the first point", "units": "nats", "tol": tol},
+        coords={
+            "cluster": np.arange(n_clusters),
+            "name": ("cluster", names),
+            "point": features["point"].values,
+            "late_window": ("point", window),
+        },
+        attrs={
+            "on": on,
+            "long_name": "mean loss change from the first point",
+            "units": "nats",
+            "tol": tol,
+            "dd_tol": dd_tol,
+            "start": start,
+        },
     )
     if token_text is None and "vocab_text" in ds.variables:
         vocab = ds["vocab_text"].values
@@ -385,21 +493,26 @@ DETECTED = {"stagnating": "stagnated", "rising": "upward", "double descent": "do
 
 
 def detector_agreement(
-    ds: xr.Dataset, clustering: Clustering, *, dd_tol: float = 0.5, dd_window: int = 3, trend_start: float = 0.0
+    ds: xr.Dataset,
+    clustering: Clustering,
+    *,
+    dd_tol: float = DD_TOL,
+    dd_window: int = inspect.signature(double_descent).parameters["window"].default,
+    trend_start: float | None = None,
 ) -> pd.DataFrame:
     """How well the named clusters agree with the per-token detectors, per model.
 
     "stagnating" and "rising" clusters against the trend categories "stagnated" and "upward"
-    (`trends.trend_categories` with start `trend_start`: the window from the first trained
-    checkpoint), "double descent" against `trajectories.double_descent(dd_tol, dd_window)`.
+    (`trends.trend_categories` with start `trend_start`, default the clustering's late-window
+    start), "double descent" against `trajectories.double_descent(dd_tol, dd_window)`.
     Rows: model, cluster, detector, cluster_tokens, detector_tokens, both, precision (share of the
     cluster the detector flags), recall (share of the flagged tokens in the cluster), and the
     detector's share of all labelled tokens (`base_rate`, what precision would be by chance).
     Clusters without a detector are left out.
     """
-    from tokendyn.analysis.trends import trend_categories
-
     ds = load_small(ds)
+    if trend_start is None:
+        trend_start = clustering.centroids.attrs["start"]
     codes = clustering.labels
     models = [str(m) for m in codes["model"].values]
     trends = None

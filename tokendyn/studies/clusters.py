@@ -8,12 +8,17 @@ import numpy as np
 
 from tokendyn.analysis.clusters import cluster, detector_agreement
 from tokendyn.analysis.tokens import show_whitespace
+from tokendyn.analysis.trajectories import perplexity_range
 from tokendyn.errors import TokendynError
 from tokendyn.studies.findings import direction, listing
 from tokendyn.studies.study import Result, Skip, default_of, models_by_size, open_source, require
 from tokendyn.studies.style import category_colors, new_figure, perplexity_axis, perplexity_ticks
 
-GRIDS = {"perplexity": "the matched-perplexity grid", "checkpoints": "the checkpoints"}
+GRIDS = {
+    "perplexity": "the matched-perplexity grid",
+    "progress": "each model's own trained checkpoints (training progress)",
+    "checkpoints": "the checkpoints",
+}
 TITLE = "Clusters of token loss trajectories"
 MIN_CHANGE = 2.0  # percentage points across sizes before a share's trend with size is worth a sentence
 
@@ -21,18 +26,32 @@ MIN_CHANGE = 2.0  # percentage points across sizes before a share's trend with s
 def run(
     source,
     n_clusters: int | str = default_of(cluster, "n_clusters"),
+    on: str = default_of(cluster, "on"),
     method: str = default_of(cluster, "method"),
     n_levels: int = default_of(cluster, "n_levels"),
     top: int = default_of(cluster, "top"),
     seed: int = default_of(cluster, "random_state"),
 ) -> Result:
-    """Cluster every (model, token) trajectory on the matched-perplexity grid of the trained part
-    (one model: over its checkpoints after step 0); see `tokendyn.analysis.clusters.cluster` for
-    n_clusters ("shapes": one cluster per shape found), method and n_levels. top: tokens listed per
-    cluster. The named clusters are compared with the per-token detectors (`detector_agreement`)."""
+    """Cluster every (model, token) trajectory of the trained part: over each model's own
+    checkpoints (on="progress", default), or on="perplexity", the matched-perplexity grid, which
+    falls back to "progress" (and says so) when the models share no perplexity range; one model:
+    over its checkpoints after step 0. See `tokendyn.analysis.clusters.cluster` for n_clusters
+    ("shapes": one cluster per shape found), method and n_levels. top: tokens listed per cluster.
+    The named clusters are compared with the per-token detectors (`detector_agreement`)."""
     ds = open_source(source)
     require(ds, "loss", "step", "val_ppl")
-    on = "perplexity" if ds.sizes["model"] > 1 else "checkpoints"
+    notes = []
+    if ds.sizes["model"] == 1:
+        on = "checkpoints"
+    elif on == "perplexity":
+        try:
+            perplexity_range(ds)
+        except TokendynError as err:
+            on = "progress"
+            notes.append(
+                f"The models share no validation-perplexity range ({err}), so the trajectories are "
+                f"compared on {GRIDS[on]} instead."
+            )
     try:
         result = ds.tokendyn.cluster(n_clusters, on=on, method=method, n_levels=n_levels, top=top, random_state=seed)
     except TokendynError as err:
@@ -55,6 +74,8 @@ def run(
     if on == "perplexity":
         perplexity_axis(curves, "matched validation perplexity (log scale, training →)")
         perplexity_ticks(curves)  # a few round values: the grid often spans less than a decade
+    elif on == "progress":
+        curves.set_xlabel("training progress (share of each model's trained checkpoints)")
     else:
         curves.set_xlabel("training step")
     curves.set_ylabel("loss change from the first point (nats)")
@@ -80,6 +101,7 @@ def run(
         f"{len(names)} clusters ({chosen}) of the trajectories on {GRIDS[on]}; "
         f"stability across seeds (adjusted Rand index) {result.stability:.2f}.",
         "Mean share over models: " + listing(overall.items(), "{:.1f}%") + ".",
+        *notes,
     ]
     if len(models) > 1:
         for name in names:
