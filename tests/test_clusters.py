@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from planted_stores import KIND_TOKENS, KINDS, flat, write_store
-from tokendyn.analysis.clusters import cluster, name_shape
+from tokendyn.analysis.clusters import cluster, detector_agreement, name_shape
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +226,14 @@ def test_toy_like_suite_gives_named_clusters_that_agree_with_the_detectors(tmp_p
     # tokens): every one is in the cluster, which holds other planted double descents besides.
     dd = agreement.loc[["double descent"]]
     assert (dd["recall"] >= 0.9).all() and (dd["precision"] > 5 * dd["base_rate"]).all()
+
+
+def test_agreement_without_a_detected_shape_is_an_empty_table_with_its_columns(planted):
+    ds, _ = planted
+    result = cluster(ds, n_clusters=5, on="checkpoints", model="large", normalize="center")
+    n = len(result.names)
+    result.labels.attrs["flag_meanings"] = " ".join(f"falling_{i}" for i in range(n))
+    agreement = detector_agreement(ds, result)
+    assert agreement.empty
+    assert {"model", "cluster", "detector", "precision", "recall", "base_rate"} <= set(agreement.columns)
+    assert list(agreement.groupby("cluster")) == []

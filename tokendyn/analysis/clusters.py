@@ -546,4 +546,5 @@ def detector_agreement(
                     "base_rate": flagged.sum() / labelled.sum() if labelled.any() else np.nan,
                 }
             )
-    return pd.DataFrame(rows)
+    columns = ["model", "cluster", "detector", "cluster_tokens", "detector_tokens", "both", "precision", "recall"]
+    return pd.DataFrame(rows, columns=[*columns, "base_rate"])  # the columns even when no cluster has a detector
