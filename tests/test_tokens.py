@@ -133,3 +133,18 @@ def test_token_texts_keep_the_spaces_of_the_text(tokenizer):
     joined = "".join(texts[i] for i in ids)
     assert "Infact" not in joined and " In fact" in joined and " cat sat" in joined
     assert joined.split() == SENTENCE.replace(".", " .").replace(",", " ,").split()
+
+
+def test_token_view_names_a_rise_only_when_a_token_rose(planted, tmp_path):
+    from tokendyn.studies import token_view
+
+    rose = token_view.run(planted, n_docs=3).findings
+    assert any("the largest rise '␣rises' (+3.00 nats)" in line for line in rose)  # planted: +3 after step 100
+    token_id = np.tile(np.arange(8), (2, 1))
+    falling = 2.0 + np.array([3.0, 2.0, 1.0, 0.5])[None, :, None, None] + np.linspace(0, 1, 16).reshape(1, 1, 2, 8)
+    fell = token_view.run(
+        write_store(tmp_path / "f.zarr", falling, STEPS[:1], models=["a"], token_id=token_id, vocab=VOCAB)
+    ).findings
+    model_line = next(line for line in fell if line.startswith("a: "))
+    assert model_line.startswith("a: 100% of the shown tokens fell") and "smallest fall (none rose)" in model_line
+    assert not any("largest rise" in line for line in fell)

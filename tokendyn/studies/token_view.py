@@ -274,8 +274,9 @@ def run(
         low, high = rows.loc[change.idxmin()], rows.loc[change.idxmax()]
         findings.append(
             f"{model}: {(change < 0).mean():.0%} of the shown tokens fell; the largest fall "
-            f"{show_whitespace(low.token)!r} ({low.change:+.2f} nats), the largest rise "
-            f"{show_whitespace(high.token)!r} ({high.change:+.2f} nats)."
+            f"{show_whitespace(low.token)!r} ({low.change:+.2f} nats), "
+            + ("the largest rise" if high.change > 0 else "the smallest fall (none rose)")
+            + f" {show_whitespace(high.token)!r} ({high.change:+.2f} nats)."
         )
     without = [m for m, rows in per_model if (rows["category"] == NO_CATEGORY).all()]
     if without:
