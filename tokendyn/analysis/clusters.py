@@ -56,6 +56,7 @@ from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
 from tokendyn.analysis.labels import MISSING, flag_array, flag_names, label_mask, label_share
+from tokendyn.analysis.shared import computed
 from tokendyn.analysis.trajectories import (
     at_perplexity,
     double_descent,
@@ -521,13 +522,14 @@ def detector_agreement(
         detector = next((d for shape, d in DETECTED.items() if name == shape or name.startswith(shape + " (")), None)
         if detector is None:
             continue
+        # computed: shared with the double-descent and trend studies when `tokendyn analyze` runs them
         if detector == "double descent":
-            flags = double_descent(ds, dd_tol, dd_window)
+            flags = computed(double_descent, ds, tol=dd_tol, window=dd_window)
         else:
             if trends is None:
-                trends = trend_categories(ds, [trend_start])
+                trends = computed(trend_categories, ds, along="start", start=[trend_start])
             flags = label_mask(trends, detector).isel(start=0)
-        flags = flags.sel(model=models).compute()
+        flags = flags.sel(model=models)
         for model in models:
             member = (codes.sel(model=model) == k).values
             labelled = (codes.sel(model=model) >= 0).values

@@ -13,6 +13,7 @@ take part.
 
 from __future__ import annotations
 
+import functools
 from functools import partial
 
 import numpy as np
@@ -71,16 +72,12 @@ def final_loss(ds: xr.Dataset, last: int = 5) -> xr.Dataset:
     )
 
 
-def _grid_start(y: np.ndarray, x: np.ndarray, chance: float) -> np.ndarray:
-    """(k, x0, lo) per token of the best least-squares fit over a grid of (k, x0), lo solved exactly.
-
-    For a fixed (k, x0) the sigmoid s is the same for every token and the fit is linear in lo: with
-    u = 1 - s and t = y.u - chance s.u, the best lo is t / u.u and the sum of squares is
-    |y|^2 - 2 chance y.s + chance^2 s.s - t^2 / u.u. Up to a per-token constant that is
-    e - (z + b)^2 with z = y . (s / |u| - 1 / |u|) (y.u = sum(y) - y.s), b = chance (s.u / |u| + |u|)
-    and e = chance^2 (u.u + s.s + 2 s.u): one matrix product and three passes over (token, grid).
-    float32 throughout: it only ranks grid points. y is (token, ckpt).
-    """
+@functools.lru_cache(maxsize=8)
+def _grid(x: tuple[float, ...], chance: float) -> tuple[np.ndarray, ...]:
+    """The starting grid for checkpoints at x (log10 steps), computed once per x and chance (every
+    slice of tokens of a model shares it): (k, x0, s, su, uu) per grid point, the float32 matrix g
+    and offsets b, e of `_grid_start`."""
+    x = np.asarray(x)
     span = max(float(x.max() - x.min()), 1e-6)
     k, x0 = (
         grid.ravel()
@@ -92,14 +89,31 @@ def _grid_start(y: np.ndarray, x: np.ndarray, chance: float) -> np.ndarray:
     u = 1 - s
     uu, su, ss = (u * u).sum(-1), (s * u).sum(-1), (s * s).sum(-1)
     norm = np.sqrt(uu)
-    y32 = y.astype(np.float32, copy=False)
-    z = y32 @ ((s - 1) / norm[:, None]).T.astype(np.float32)
-    z += (chance * (su / norm + norm)).astype(np.float32)
+    g = ((s - 1) / norm[:, None]).T.astype(np.float32)
+    b = (chance * (su / norm + norm)).astype(np.float32)
+    e = (chance * chance * (uu + ss + 2 * su)).astype(np.float32)
+    return k, x0, s.astype(np.float32), su, uu, g, b, e
+
+
+def _grid_start(y: np.ndarray, x: np.ndarray, chance: float) -> np.ndarray:
+    """(k, x0, lo) of every token, (3, token): the best least-squares fit over a grid of (k, x0), lo
+    solved exactly.
+
+    For a fixed (k, x0) the sigmoid s is the same for every token and the fit is linear in lo: with
+    u = 1 - s and t = y.u - chance s.u, the best lo is t / u.u and the sum of squares is
+    |y|^2 - 2 chance y.s + chance^2 s.s - t^2 / u.u. Up to a per-token constant that is
+    e - (z + b)^2 with z = y . (s / |u| - 1 / |u|) (y.u = sum(y) - y.s), b = chance (s.u / |u| + |u|)
+    and e = chance^2 (u.u + s.s + 2 s.u): one matrix product and three passes over (token, grid).
+    float32 throughout: it only ranks grid points. y is (ckpt, token) float32.
+    """
+    k, x0, s, su, uu, g, b, e = _grid(tuple(x.tolist()), float(chance))
+    z = y.T @ g  # (token, grid): the argmin runs along contiguous rows
+    z += b
     np.square(z, out=z)
-    np.subtract((chance * chance * (uu + ss + 2 * su)).astype(np.float32), z, out=z)
+    np.subtract(e, z, out=z)
     best = np.argmin(z, axis=-1)
-    t = y32.sum(-1, dtype=np.float64) - (y32 * s[best]).sum(-1, dtype=np.float64) - chance * su[best]
-    return np.stack([k[best], x0[best], t / uu[best]], -1)
+    t = y.sum(0, dtype=np.float64) - (y * s[best].T).sum(0, dtype=np.float64) - chance * su[best]
+    return np.stack([k[best], x0[best], t / uu[best]])
 
 
 def _solve3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -131,52 +145,66 @@ def _sigmoid_midpoint(y: np.ndarray, x: np.ndarray, chance: float, n_iter: int) 
 
     y is (ckpt, token), x the log10 steps; the upper level is fixed at `chance`, (k, x0, lo) fitted:
     start from the best point of a (k, x0) grid (`_grid_start`, all tokens at once), then take
-    Levenberg-Marquardt steps, vectorised over tokens. The (token, ckpt) arrays are float32 (the
-    parameters, normal equations and sums of squares float64): per step one pass builds the Jacobian
-    and residual rows, one batched product gives J'J, J'r and |r|^2, and the 3x3 solve is closed form.
+    Levenberg-Marquardt steps, vectorised over tokens. The (ckpt, token) arrays are float32 (the
+    parameters, normal equations and sums of squares float64), with tokens along the contiguous
+    axis so that every operation runs over whole rows of tokens: per step one pass builds the
+    Jacobian and residual rows, ten row products summed over checkpoints give J'J, J'r and |r|^2,
+    and the 3x3 solve is closed form.
     NaN unless the fit falls (k > 0) from chance to lo < chance with x0 inside the data, and the
     first checkpoint is above halfway and the last below.
     """
-    y = np.ascontiguousarray(y.T, dtype=np.float32)  # (token, ckpt): the fit's sums run along checkpoints
+    y = np.ascontiguousarray(y, dtype=np.float32)
     theta = _grid_start(y, x, chance)
-    x32 = x.astype(np.float32)
-    rows = np.empty((len(y), 4, len(x)), np.float32)  # d fit / d (k, x0, lo), then the residual
+    x32 = x.astype(np.float32)[:, None]
+    rows = np.empty((4,) + y.shape, np.float32)  # d fit / d (k, x0, lo), then the residual
+    d, s, work = (np.empty(y.shape, np.float32) for _ in range(3))
+    pairs = [(i, j) for i in range(4) for j in range(i, 4)]
 
     def fill(theta: np.ndarray) -> np.ndarray:
-        """Jacobian and residual rows at theta; returns the (token, 4, 4) Gram matrix of the rows."""
-        k, x0, lo = (theta[:, i : i + 1].astype(np.float32) for i in range(3))
-        d = x32 - x0
-        s = k * d
+        """Jacobian and residual rows at theta (3, token); returns their Gram matrices (4, 4, token)."""
+        k, x0, lo = theta.astype(np.float32)
+        amplitude = np.float32(chance) - lo
+        np.subtract(x32, x0, out=d)
+        np.multiply(k, d, out=s)
         np.clip(s, -60, 60, out=s)
         np.exp(s, out=s)
-        s += 1
+        np.add(s, 1, out=s)
         np.reciprocal(s, out=s)  # s = 1 / (1 + exp(k (x - x0))), falling from 1 to 0
-        np.subtract(1, s, out=rows[:, 2])
-        slope = (chance - lo) * s * rows[:, 2]
-        np.multiply(slope, d, out=rows[:, 0])
-        np.negative(rows[:, 0], out=rows[:, 0])
-        np.multiply(slope, k, out=rows[:, 1])
-        np.subtract(y, lo, out=rows[:, 3])
-        rows[:, 3] -= (chance - lo) * s
-        return np.matmul(rows, rows.transpose(0, 2, 1), dtype=np.float32).astype(np.float64)
+        np.subtract(1, s, out=rows[2])
+        np.multiply(s, rows[2], out=work)
+        np.multiply(work, amplitude, out=work)  # the slope of the fit in its argument
+        np.multiply(work, d, out=rows[0])
+        np.negative(rows[0], out=rows[0])
+        np.multiply(work, k, out=rows[1])
+        np.subtract(y, lo, out=rows[3])
+        np.multiply(s, amplitude, out=work)
+        rows[3] -= work
+        gram = np.empty((4, 4, y.shape[1]))
+        for i, j in pairs:
+            np.multiply(rows[i], rows[j], out=work)
+            gram[i, j] = gram[j, i] = work.sum(axis=0)
+        return gram
 
     gram = fill(theta)
-    sse = gram[:, 3, 3]
+    sse = gram[3, 3]
     damping = np.full(sse.shape, 1e-3)
-    eye = np.eye(3)
+    diagonal = np.arange(3)
     for _ in range(n_iter):
-        jtj = gram[:, :3, :3]
-        jtj = jtj + damping[:, None, None] * eye * np.diagonal(jtj, axis1=-2, axis2=-1)[:, None, :] + 1e-12 * eye
-        trial = theta + np.nan_to_num(_solve3(jtj, gram[:, :3, 3]))
+        jtj = gram[:3, :3].copy()
+        jtj[diagonal, diagonal] *= 1 + damping
+        jtj[diagonal, diagonal] += 1e-12
+        # _solve3 takes (..., 3, 3): views with the token axis first, whose elements are contiguous rows
+        step = _solve3(np.moveaxis(jtj, -1, 0), np.moveaxis(gram[:3, 3], -1, 0))
+        trial = theta + np.nan_to_num(step.T)
         trial_gram = fill(trial)
-        better = trial_gram[:, 3, 3] < sse
-        theta = np.where(better[:, None], trial, theta)
-        gram = np.where(better[:, None, None], trial_gram, gram)  # the normal equations at the kept theta
-        sse = gram[:, 3, 3]
+        better = trial_gram[3, 3] < sse
+        theta = np.where(better, trial, theta)
+        gram = np.where(better, trial_gram, gram)  # the normal equations at the kept theta
+        sse = gram[3, 3]
         damping = np.where(better, damping / 3, damping * 4)
-    k, x0, lo = theta[..., 0], theta[..., 1], theta[..., 2]
+    k, x0, lo = theta
     half = (lo + chance) / 2
-    crosses = (y[:, 0] > half) & (y[:, -1] < half)  # the data itself goes from above halfway to below
+    crosses = (y[0] > half) & (y[-1] < half)  # the data itself goes from above halfway to below
     ok = (lo < chance) & (k > 0) & (x0 >= x.min()) & (x0 <= x.max()) & crosses
     return np.where(ok, x0, np.nan)
 
@@ -408,17 +436,22 @@ def _measures(
 ) -> np.ndarray:
     """The six measures of `curve_measures` (token, measure) from one slice of loss (ckpt, token) over
     all the store's checkpoints (NaN where not done); done, last, trained: checkpoint indices."""
-    tail = loss[last].astype(np.float64)
-    prob = np.exp(-loss[done].astype(np.float64))
+    loss = loss.astype(np.float32)  # float16 stores: one conversion; sums below are float64
     aoa = _sigmoid_midpoint(loss[trained], x, chance, n_iter) if len(trained) >= 3 else np.full(loss.shape[1], np.nan)
     return np.stack(
         [
-            np.nanmean(tail, axis=0),
-            np.nanstd(tail, axis=0),
+            *_mean_std(loss[last]),
             aoa,
-            _upward_moves(loss.astype(np.float64), window),
-            np.nanmean(prob, axis=0),
-            np.nanstd(prob, axis=0),
+            _upward_moves(loss, window),
+            *_mean_std(np.exp(-loss[done])),
         ],
         axis=-1,
     )
+
+
+def _mean_std(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (ddof 0) along axis 0 in float64, skipping NaN; a slice without
+    NaN (the usual case) takes numpy's plain mean and std, several times faster than the nan versions."""
+    if np.isnan(values).any():
+        return np.nanmean(values, axis=0, dtype=np.float64), np.nanstd(values, axis=0, dtype=np.float64)
+    return values.mean(axis=0, dtype=np.float64), values.std(axis=0, dtype=np.float64)

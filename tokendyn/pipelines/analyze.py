@@ -23,6 +23,7 @@ from pathlib import Path
 import xarray as xr
 from tqdm import tqdm
 
+from tokendyn.analysis.shared import sharing
 from tokendyn.errors import TokendynError
 from tokendyn.pipelines.output import mark, output_folder
 from tokendyn.store import TOKEN_DIMS, open_store
@@ -90,11 +91,16 @@ def run_studies(
     progress: bool = True,
     desc: str = "analyze",
 ) -> Iterator[Outcome]:
-    """Run the named studies in turn (options: keyword arguments per study), yielding each outcome."""
+    """Run the named studies in turn (options: keyword arguments per study), yielding each outcome.
+
+    Per-token results that several studies use (trend categories, double-descent flags) are computed
+    once for the whole run (`tokendyn.analysis.shared`).
+    """
     bar = tqdm(names, desc=desc, unit="study", disable=not progress)
-    for name in bar:
-        bar.set_postfix_str(name)
-        yield run_study(name, ds, (options or {}).get(name))
+    with sharing():
+        for name in bar:
+            bar.set_postfix_str(name)
+            yield run_study(name, ds, (options or {}).get(name))
 
 
 def write_labels(folder: Path, name: str, data: xr.Dataset | xr.DataArray) -> None:

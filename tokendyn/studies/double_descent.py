@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from tokendyn.analysis.shared import computed
 from tokendyn.analysis.tokens import show_whitespace
 from tokendyn.analysis.trajectories import (
     done_checkpoints,
@@ -87,7 +88,7 @@ def run(
     any, drawn against validation perplexity in every model, with `width` tokens of left context."""
     ds = load_small(open_source(source))
     require(ds, "loss", "step", "val_ppl")
-    flags = double_descent(ds, tol, window).compute().rename("double_descent")
+    flags = computed(double_descent, ds, tol=tol, window=window).rename("double_descent")
     percent = token_share(ds, flags)
     models = models_by_size(ds)
     colors = model_colors(ds)

@@ -13,6 +13,7 @@ import xarray as xr
 
 from tokendyn.analysis.labels import label_mask
 from tokendyn.analysis.sequences import turning_points
+from tokendyn.analysis.shared import computed
 from tokendyn.analysis.trajectories import done_checkpoints, load_small, model_index, token_share
 from tokendyn.analysis.trends import TrendWarning, trend_categories, window_start
 from tokendyn.studies.findings import verdict
@@ -45,7 +46,7 @@ def subsets(ds: xr.Dataset, choosers: list[str], start: float, x: str) -> dict[s
     categories of every chooser come from one pass over the store."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrendWarning)
-        labels = trend_categories(ds, [start], x=x).isel(start=0).compute()
+        labels = computed(trend_categories, ds, along="start", start=[start], x=x).isel(start=0)
     masks = {}
     for chooser in choosers:
         chosen = labels.isel(model=model_index(ds, chooser))

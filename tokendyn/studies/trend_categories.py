@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from tokendyn.analysis.labels import flag_names, label_share
+from tokendyn.analysis.shared import computed
 from tokendyn.analysis.trends import TrendWarning, trend_categories
 from tokendyn.studies.findings import counted, direction, verdict
 from tokendyn.studies.study import Result, default_of, models_by_size, open_source, require
@@ -110,7 +111,7 @@ def run(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrendWarning)  # the findings name the starts without categories
         # computed once (int8 per token) for the shares and the labels: lazy, each would read the store
-        cats = trend_categories(ds, start, x=x, alpha=alpha, band=band).compute()
+        cats = computed(trend_categories, ds, along="start", start=start, x=x, alpha=alpha, band=band)
     shares = label_share(cats).rename("percent").reset_coords(drop=True).to_dataframe().reset_index()
     shares["model"] = shares["model"].astype(str)
     models = models_by_size(ds)

@@ -1,0 +1,81 @@
+"""Per-token results that several studies use, computed once per `tokendyn analyze` run.
+
+The trend categories are used by the trend, subset and cluster studies, the double-descent flags by
+the double-descent and cluster studies; each computation reads the whole store. Inside `sharing()`
+(which `tokendyn analyze` and `tokendyn report` hold while they run the studies) `computed` keeps
+each result it computes, in memory, keyed by the function, the dataset and the parameters, and
+hands it to every later caller that asks for the same; outside `sharing()` it just computes. Only
+small results are shared this way (int8 or boolean per token and model).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+_RESULTS: ContextVar[dict | None] = ContextVar("tokendyn_shared_results", default=None)
+
+
+@contextmanager
+def sharing() -> Iterator[None]:
+    """While held, `computed` keeps its results and serves repeated requests from them."""
+    token = _RESULTS.set({})
+    try:
+        yield
+    finally:
+        _RESULTS.reset(token)
+
+
+def _frozen(value: Any) -> Any:
+    """A hashable stand-in for a parameter value (lists and arrays become tuples)."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return tuple(_frozen(v) for v in np.asarray(value, dtype=object).ravel())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _dataset_key(ds: xr.Dataset) -> tuple:
+    """What identifies a dataset's per-token results: its loss array (the dask graph's name, which
+    shallow copies of the dataset share) and the checkpoints' done flags and steps."""
+    loss = ds["loss"].data
+    small = tuple(np.asarray(ds[name].values).tobytes() for name in ("done", "step") if name in ds.variables)
+    return (getattr(loss, "name", None) or id(loss), ds.sizes["model"], small)
+
+
+def computed(function: Callable[..., xr.DataArray], ds: xr.Dataset, along: str | None = None, **params) -> xr.DataArray:
+    """`function(ds, **params)` computed into memory; inside `sharing()`, computed once per dataset
+    and parameters.
+
+    along: a parameter of `function` that lists values of the result's dimension of the same name
+    (the trend categories' `start`): a result kept for more values serves a request for some of
+    them (by `.sel`).
+    """
+    results = _RESULTS.get()
+    if results is None:
+        return function(ds, **params).compute()
+    bound = inspect.signature(function).bind(ds, **params)
+    bound.apply_defaults()
+    arguments = dict(list(bound.arguments.items())[1:])
+    wanted = np.atleast_1d(arguments.pop(along)) if along else None
+    key = (
+        function.__module__,
+        function.__qualname__,
+        _dataset_key(ds),
+        tuple((name, _frozen(value)) for name, value in sorted(arguments.items())),
+    )
+    for held, result, _ in results.get(key, []):
+        if wanted is None:
+            return result
+        if np.isin(wanted, held).all():
+            return result.sel({along: wanted})
+    result = function(ds, **params).compute()
+    # the loss array is kept with the result: a key made from its id() must not pass to another array
+    results.setdefault(key, []).append((wanted, result, ds["loss"].data))
+    return result
