@@ -41,9 +41,9 @@ from tqdm import tqdm
 import tokendyn
 from tokendyn.analysis import curves
 from tokendyn.analysis.labels import label_share
+from tokendyn.analysis.shared import sharing
 from tokendyn.analysis.trajectories import over_token_slices
 from tokendyn.analysis.trends import STARTS
-from tokendyn.analysis.shared import sharing
 from tokendyn.pipelines.analyze import run_study, write_results
 from tokendyn.store.layout import FORMAT_VERSION, token_chunk
 from tokendyn.studies import STUDIES

@@ -74,6 +74,9 @@ from tokendyn.store.layout import TOKEN_DIMS
 
 FEATURES = ("perplexity", "progress", "checkpoints")
 METHODS = ("kmeans", "gmm")
+# k-means++ starts per k-means fit (the best is kept). The refits that only score stability take
+# fewer: the starts are most of a fit's time, and the labels come from the main fit alone.
+N_INIT, REFIT_N_INIT = 10, 3
 MIN_FINE_SIZE = 30  # "shapes": fit samples per fine cluster at least, so a fine centroid averages out the noise
 NORMALIZATIONS = ("window", "center", "start", "zscore")
 # The per-token detectors' own defaults, so that the names use their definitions (one place per default).
@@ -233,9 +236,9 @@ def name_shape(
     return "wavy"
 
 
-def _estimator(method: str, k: int, seed: int):
+def _estimator(method: str, k: int, seed: int, n_init: int = N_INIT):
     if method == "kmeans":
-        return MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=10, batch_size=4096)
+        return MiniBatchKMeans(n_clusters=k, random_state=seed, n_init=n_init, batch_size=4096)
     return GaussianMixture(n_components=k, covariance_type="diag", random_state=seed)
 
 
@@ -269,7 +272,7 @@ def _fit(
             raise TokendynError(f"n_clusters must be between 1 and {len(x) - 1} for these tokens")
     estimator = _estimator(method, n_clusters, seed).fit(x)
     labels = estimator.predict(x)
-    refits = [_estimator(method, n_clusters, seed + s).fit(x).predict(x) for s in range(1, n_seeds + 1)]
+    refits = [_estimator(method, n_clusters, seed + s, REFIT_N_INIT).fit(x).predict(x) for s in range(1, n_seeds + 1)]
     stability = float(np.mean([adjusted_rand_score(labels, r) for r in refits])) if refits else np.nan
     return n_clusters, scores, estimator, labels, stability
 
@@ -291,14 +294,14 @@ def _fit_shapes(
     if k < 1:
         raise TokendynError("too few tokens to cluster; pass more tokens or fewer clusters")
 
-    def fit(s: int):
-        estimator = _estimator(method, k, s).fit(x)
+    def fit(s: int, n_init: int = N_INIT):
+        estimator = _estimator(method, k, s, n_init).fit(x)
         fine = estimator.predict(x)
         merge, names = _shape_merge(fine, change, k, namer)
         return estimator, merge, merge[fine], names
 
     estimator, merge, labels, names = fit(seed)
-    refits = [fit(seed + s)[2] for s in range(1, n_seeds + 1)]
+    refits = [fit(seed + s, REFIT_N_INIT)[2] for s in range(1, n_seeds + 1)]
     stability = float(np.mean([adjusted_rand_score(labels, r) for r in refits])) if refits else np.nan
     return names, estimator, merge, labels, stability
 
