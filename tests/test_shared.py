@@ -1,0 +1,76 @@
+"""Results shared between studies (`tokendyn.analysis.shared`) equal the direct computation; the
+agreement's pair statistics equal scipy's on drops with ties and gaps."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from tokendyn.analysis import shared
+from tokendyn.analysis.shared import computed, sharing
+from tokendyn.analysis.trajectories import _pair_rows, double_descent, load_small
+from tokendyn.analysis.trends import trend_categories
+
+
+@pytest.fixture(scope="module")
+def planted(planted_store):
+    return planted_store[0]  # the shared planted store (conftest.py)
+
+
+def test_shared_results_equal_direct_ones_and_are_computed_once(planted, monkeypatch):
+    calls = []
+    real = trend_categories
+
+    def counting(ds, *args, **kwargs):
+        calls.append(kwargs.get("start"))
+        return real(ds, *args, **kwargs)
+
+    counting.__signature__ = inspect.signature(real)  # computed() binds the real parameters
+    direct = real(planted, [0.2, 0.4]).compute()
+    direct_dd = double_descent(planted, tol=0.3).compute()
+    with sharing():
+        both = computed(counting, planted, along="start", start=[0.2, 0.4])
+        # a shallow copy of the dataset (what studies make with load_small) shares the result
+        one = computed(counting, load_small(planted), along="start", start=[0.4])
+        assert len(calls) == 1
+        assert computed(counting, planted, along="start", start=[0.2, 0.4], x="index") is not both
+        assert len(calls) == 2  # other parameters: computed again
+        dd = computed(double_descent, planted, tol=0.3)
+        assert computed(double_descent, planted, tol=0.3) is dd
+    np.testing.assert_array_equal(both.values, direct.values)
+    np.testing.assert_array_equal(one.values, direct.sel(start=[0.4]).values)
+    assert list(one["start"].values) == [0.4] and one.attrs.keys() == direct.attrs.keys()
+    np.testing.assert_array_equal(dd.values, direct_dd.values)
+    assert shared._RESULTS.get() is None  # nothing is kept after the run
+    computed(counting, planted, along="start", start=[0.4])
+    computed(counting, planted, along="start", start=[0.4])
+    assert len(calls) == 4  # outside sharing() every call computes
+
+
+def _scipy_rows(drops, top):
+    rows = []
+    for a, b in itertools.combinations(range(len(drops)), 2):
+        both = np.isfinite(drops[a]) & np.isfinite(drops[b])
+        da, db = drops[a][both], drops[b][both]
+        k = max(1, round(top * len(da)))
+        top_a, top_b = set(np.argsort(-da, kind="stable")[:k]), set(np.argsort(-db, kind="stable")[:k])
+        rows.append((scipy.stats.spearmanr(da, db).statistic, len(top_a & top_b) / len(top_a | top_b)))
+    return rows
+
+
+def test_pair_statistics_equal_scipy_with_ties_and_gaps():
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=2000)
+    # float16-like drops: many ties; distinct values at the top so that the top k is unambiguous
+    drops = np.stack([np.round(base + rng.normal(0, s, 2000), 1) for s in (0.3, 0.5, 0.8)])
+    drops[:, :100] = 10 + np.arange(100)[::-1] + rng.normal(0, 0.01, (3, 100))
+    drops[1, 500:520] = np.nan  # model 1 lacks some tokens: its pairs rank their common tokens only
+    rows = _pair_rows(drops, ["a", "b", "c"], top=0.05)
+    for row, (spearman, jaccard) in zip(rows, _scipy_rows(drops, 0.05)):
+        assert row["spearman"] == pytest.approx(spearman, rel=1e-12)
+        assert row["jaccard"] == pytest.approx(jaccard)
+    assert [r["n_tokens"] for r in rows] == [1980, 2000, 1980]
