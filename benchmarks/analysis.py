@@ -41,10 +41,9 @@ from tqdm import tqdm
 import tokendyn
 from tokendyn.analysis import curves
 from tokendyn.analysis.labels import label_share
-from tokendyn.analysis.shared import sharing
 from tokendyn.analysis.trajectories import over_token_slices
 from tokendyn.analysis.trends import STARTS
-from tokendyn.pipelines.analyze import run_study, write_results
+from tokendyn.pipelines.analyze import run_studies, write_results
 from tokendyn.store.layout import FORMAT_VERSION, token_chunk
 from tokendyn.studies import STUDIES
 
@@ -176,20 +175,22 @@ def aoa_kernels(ds: xr.Dataset, n_sample: int = 16_384) -> tuple[float, float]:
 
 
 def per_study(ds: xr.Dataset, folder: Path, reference: float) -> None:
-    """Each study as `tokendyn analyze` runs it (run, then write its tables and labels), timed; the
-    results several studies use are computed once, by the first (`tokendyn.analysis.shared`)."""
+    """Each study as `tokendyn analyze` runs it (`run_studies`: results several studies use are
+    computed once, by the first), then writing its tables and labels, timed."""
     total_wall = total_cpu = 0.0
-    with sharing():
-        for name in STUDIES:
-            wall, cpu = time.perf_counter(), time.process_time()
-            outcome = run_study(name, ds)
-            if outcome.result is not None:
-                write_results(outcome.result, folder)
-            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            total_wall, total_cpu = total_wall + wall, total_cpu + cpu
-            note = f"   skipped ({outcome.skipped[:50]})" if outcome.skipped else f"   peak {peak_gb():.2f} GB"
-            label = f"{'  study ' + name:<52} {wall:8.2f} s wall {cpu:8.2f} s cpu"
-            print(f"{label}  {cpu / reference:6.1f} x the read{note}", flush=True)
+    studies = run_studies(ds, list(STUDIES), progress=False)
+    while True:
+        wall, cpu = time.perf_counter(), time.process_time()
+        outcome = next(studies, None)
+        if outcome is None:
+            break
+        if outcome.result is not None:
+            write_results(outcome.result, folder)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        total_wall, total_cpu = total_wall + wall, total_cpu + cpu
+        note = f"   skipped ({outcome.skipped[:50]})" if outcome.skipped else f"   peak {peak_gb():.2f} GB"
+        label = f"{'  study ' + outcome.name:<52} {wall:8.2f} s wall {cpu:8.2f} s cpu"
+        print(f"{label}  {cpu / reference:6.1f} x the read{note}", flush=True)
     ratio = total_cpu / reference
     print(f"{'  all studies':<52} {total_wall:8.2f} s wall {total_cpu:8.2f} s cpu  {ratio:6.1f} x the read")
 
