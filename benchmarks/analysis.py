@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import xarray as xr
 import zarr
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 import tokendyn
@@ -160,11 +161,16 @@ def old_aoa_seconds(ds: xr.Dataset, n_sample: int = 8192) -> float:
 
 def aoa_kernels(ds: xr.Dataset, n_sample: int = 16_384) -> tuple[float, float]:
     """CPU microseconds per token of the age-of-acquisition kernel now and before, one thread, same tokens."""
+    loss = ds["loss"].isel(model=0, token=slice(0, n_sample)).values
+    x = np.log10(ds["step"].values[0])
+    with threadpool_limits(limits=1, user_api="blas"):  # one thread, as inside `tokendyn analyze`
+        return _aoa_kernels(loss, x, n_sample)
+
+
+def _aoa_kernels(loss: np.ndarray, x: np.ndarray, n_sample: int) -> tuple[float, float]:
     sys.path.insert(0, str(Path(__file__).parent))
     from aoa_before import sigmoid_midpoint_before  # the kernel as it was, kept for this comparison
 
-    loss = ds["loss"].isel(model=0, token=slice(0, n_sample)).values
-    x = np.log10(ds["step"].values[0])
     start = time.process_time()
     over_token_slices(curves._sigmoid_midpoint, loss.T, curves.AOA_SLICE_TOKENS, x=x, chance=CHANCE, n_iter=3)
     now = time.process_time() - start
