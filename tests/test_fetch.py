@@ -157,7 +157,7 @@ def test_evict_keeps_a_commit_until_every_revision_on_it_is_scored(hub, tmp_path
     suite = shared_commit_suite(hub, tmp_path)
     before = cache_files(cache)
     out = extract(suite, tmp_path / "s.zarr", evict=True, prefetch=prefetch, progress=False)
-    # Each commit's weights were fetched once: step4000's (or main's) were not deleted under the other and fetched again.
+    # Each commit's weights were fetched once: step4000's (or main's) were not deleted under the other and refetched.
     assert sorted(fake.aliases.get(revision, revision) for revision in fake.weights) == ["step2000", "step4000"]
     assert cache_files(cache) == before  # and the shared commit is gone once both are scored
     got = xr.open_zarr(out)
@@ -302,7 +302,12 @@ def test_cluster_evict_keeps_a_commit_until_every_revision_on_it_is_scored(hub, 
     with local_cluster(2) as cluster, Client(cluster) as client:
         client.register_plugin(FakeHubPlugin(cache, fake.remote, 0.3, log, fake.aliases), name="fake-hub")
         out = extract(
-            suite, tmp_path / "cluster.zarr", evict=True, prefetch=1, progress=False, scheduler=cluster.scheduler_address
+            suite,
+            tmp_path / "cluster.zarr",
+            evict=True,
+            prefetch=1,
+            progress=False,
+            scheduler=cluster.scheduler_address,
         )
     downloaded = sorted(line.split()[0] for line in log.read_text().splitlines())
     assert downloaded in (["step2000", "step4000"], ["main", "step2000"])  # the shared commit once
