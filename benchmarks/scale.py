@@ -181,8 +181,7 @@ def prefetch_overlap(tmp: Path, remote: dict[str, Path], hub_suite: Path) -> dic
     for prefetch in (0, 1):
         print(
             f"    --prefetch {prefetch}: {runs[prefetch]['wall']:.2f} s wall, {runs[prefetch]['cpu']:.2f} s CPU; "
-            f"wall / pure compute = {runs[prefetch]['wall'] / reference:.3f}"
-            + ("  (goal <= 1.05)" if prefetch else "")
+            f"wall / pure compute = {runs[prefetch]['wall'] / reference:.3f}" + ("  (goal <= 1.05)" if prefetch else "")
         )
     return {"pure": pure, "store": tmp / "pure.zarr"}
 
