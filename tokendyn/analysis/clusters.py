@@ -269,7 +269,8 @@ def descent_depth(y: np.ndarray) -> np.ndarray:
     `trajectories.falls_rises_falls(y, tol)` holds exactly when the depth is >= tol (NaN-free rows):
     the double-descent detector's test as a number.
     """
-    y = np.asarray(y, dtype=np.float64)
+    y = np.asarray(y)
+    y = y.astype(np.result_type(y.dtype, np.float32))  # float32 data stays float32: half the memory traffic
     fall_to = np.maximum.accumulate(y, axis=-1) - y  # fall from the highest earlier point to b
     fall_after = y - np.minimum.accumulate(y[..., ::-1], axis=-1)[..., ::-1]  # fall from c to its lowest later point
     depth = np.zeros(y.shape[:-1])
@@ -291,9 +292,9 @@ def change_statistics(y: np.ndarray, late_x: np.ndarray, smooth: int, alpha: flo
     trend), clipped to +-TREND_CLIP, 0 with fewer than 3 points; "late_spread", the larger distance
     of the window's first and last loss from its mean (nats; the stagnation band's test).
     """
-    y = np.asarray(y, dtype=np.float64)
-    descent = descent_depth(np.moveaxis(moving_average(np.moveaxis(y, -1, 0), smooth), 0, -1))
-    window = y[..., y.shape[-1] - len(late_x) :]
+    y = np.asarray(y)
+    descent = descent_depth(np.moveaxis(moving_average(np.moveaxis(y, -1, 0), smooth), 0, -1))  # as the detector
+    window = y[..., y.shape[-1] - len(late_x) :].astype(np.float64)
     trend = np.zeros(y.shape[:-1])
     if len(late_x) >= 3:
         slope, stderr, _ = ols(np.exp(window - window[..., :1]), np.asarray(late_x, dtype=np.float64))
@@ -302,7 +303,7 @@ def change_statistics(y: np.ndarray, late_x: np.ndarray, smooth: int, alpha: flo
         trend = np.clip(t / scipy.stats.t.isf(alpha / 2, len(late_x) - 2), -TREND_CLIP, TREND_CLIP)
     mean = window.mean(axis=-1)
     spread = np.maximum(np.abs(window[..., 0] - mean), np.abs(window[..., -1] - mean))
-    return np.stack([descent, np.where(np.isnan(mean), np.nan, trend), spread], axis=-1)
+    return np.stack([descent, np.where(np.isnan(mean), np.nan, trend), spread], axis=-1).astype(np.float64)
 
 
 def change_features(ds: xr.Dataset, start: float = 0.4, smooth: int = DD_WINDOW) -> xr.DataArray:
