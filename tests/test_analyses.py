@@ -215,7 +215,9 @@ def test_clusters_recover_the_planted_kinds(planted):
     shares = _table(planted, "clusters", "clusters")
     stagnating = shares[shares.cluster == "stagnating"]
     planted_share = 100 * (truth["kind"][_valid(truth)] == KINDS.index("stagnating")).mean()
-    assert len(stagnating) == 3 and np.allclose(stagnating["percent"], planted_share, atol=1.0)
+    # atol 2: the stagnating name uses the trend categories' 5% band, and the noise puts an end of 5-10%
+    # of the planted flat tokens outside it (the trend categories do not call those stagnated either).
+    assert len(stagnating) == 3 and np.allclose(stagnating["percent"], planted_share, atol=2.0)
     assert np.allclose(shares.groupby("model")["percent"].sum(), 100)
     tokens = _table(planted, "clusters", "cluster_tokens")
     top = tokens[tokens.name == "stagnating"]

@@ -13,6 +13,7 @@ from conftest import SAMPLE_TEXT, write_suite
 from tokendyn.cli import main
 from tokendyn.data.corpus import plan_batches
 from tokendyn.errors import TokendynError
+from tokendyn.models import gpu
 from tokendyn.models.extract import extract
 
 
@@ -62,3 +63,40 @@ def test_batch_size_and_batch_tokens_are_exclusive(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["extract", "suite.toml", "--out", "s.zarr", "--batch-size", "2", "--batch-tokens", "64"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_batch_size_auto_follows_the_free_memory_and_scores_as_batch_size_1(tmp_path, monkeypatch, capsys):
+    suite = write_suite(tmp_path, families=("gpt_neox",), steps=(0, 1), text=SAMPLE_TEXT * 3, split="paragraph")
+    rows_seen = []
+    real = extract_module.token_scores
+
+    def spy(model, input_ids, score, metrics=("loss",)):
+        rows_seen.append(input_ids.shape[0])
+        return real(model, input_ids, score, metrics)
+
+    monkeypatch.setattr(extract_module, "token_scores", spy)
+    reference = xr.open_zarr(extract(suite, tmp_path / "one.zarr", batch_size=1, progress=False))
+    n_windows = len(rows_seen) // 2  # one window per batch, two checkpoints
+    assert n_windows > 4
+
+    def run(label: str, free_bytes: int) -> tuple[int, list[int]]:
+        monkeypatch.setattr(gpu, "free_memory", lambda device: (free_bytes, "test memory"))
+        rows_seen.clear()
+        out = main(["extract", str(suite), "--out", str(tmp_path / f"{label}.zarr"), "--batch-size", "auto"])
+        assert out == 0
+        ds = xr.open_zarr(tmp_path / f"{label}.zarr")
+        np.testing.assert_allclose(ds.loss.values, reference.loss.values, rtol=1e-5, atol=1e-6)
+        return json.loads(ds.attrs["summary"])["batch_size"], list(rows_seen)
+
+    # The sizing written out independently: 70% of the memory, less the weights (float32) and the head's
+    # 3 float32 copies of CHUNK_LOGITS logits, over 4 bytes x (6 x (hidden + intermediate) + hidden) per position.
+    hidden, intermediate, window = 32, 64, 16
+    weights = 4 * int(reference.n_params.values[0])
+    per_window = window * 4 * (6 * (hidden + intermediate) + hidden)
+    fixed = 3 * 4 * extract_module.CHUNK_LOGITS
+    small = int(weights + (fixed + 3.5 * per_window) / 0.7)  # room for 3 windows
+    size, rows = run("small", small)
+    assert size == 3 and max(rows) == 3  # no batch holds more than the chosen size
+    assert "--batch-size auto: 3 windows" in capsys.readouterr().out
+    size, rows = run("large", 2**40)
+    assert size == n_windows and max(rows) > 3  # ample memory: every window in one batch, as lm-eval's largest fit

@@ -171,6 +171,29 @@ def test_chunked_head_equals_one_chunk(monkeypatch, tokenizer, tmp_path):
     np.testing.assert_allclose(whole["loss"][: len(expected)], expected, atol=1e-5)
 
 
+def test_head_with_bias_scores_through_the_model_head(tokenizer, tmp_path):
+    """A head other than a bias-free linear layer skips the reused logits buffer and equals transformers' loss."""
+    import tokendyn.models.extract as ex
+
+    model = save_checkpoint(tmp_path, "gpt_neox", tokenizer, seed=4)
+    plain = model.get_output_embeddings()
+    biased = torch.nn.Linear(plain.in_features, plain.out_features, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(plain.weight)
+        biased.bias.copy_(torch.linspace(-1, 1, plain.out_features))
+    model.set_output_embeddings(biased)
+    assert ex._logits_buffer(biased, 4, torch.zeros(3, plain.in_features)) is None
+    assert ex._logits_buffer(plain, 4, torch.zeros(3, plain.in_features)).shape == (3, plain.out_features)
+    ids = torch.randint(0, len(tokenizer), (2, 10))
+    score = torch.ones_like(ids, dtype=torch.bool)
+    score[:, 0] = False
+    loss = token_scores(model, ids, score)["loss"]
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(input_ids=ids[:, :-1]).logits.double(), -1)
+    expected = -logp.gather(2, ids[:, 1:, None])[..., 0].reshape(-1)
+    np.testing.assert_allclose(loss, expected, atol=1e-5)
+
+
 def test_xarray_sees_lazy_chunks(store):
     ds = xr.open_zarr(store)
     assert ds.loss.data.chunksize[:2] == (1, 1)

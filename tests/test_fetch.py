@@ -41,20 +41,23 @@ def commit_of(revision: str) -> str:
 class FakeHub:
     """snapshot_download from local folders: copies the allowed files into the cache, `delay` seconds per call."""
 
-    def __init__(self, cache: Path, remote: dict[str, Path], delay: float) -> None:
+    def __init__(self, cache: Path, remote: dict[str, Path], delay: float, aliases: dict[str, str] | None = None):
         self.cache, self.remote, self.delay = cache, remote, delay
+        self.aliases = aliases or {}  # revision name -> the revision whose commit it points to (main -> step4000)
         self.calls: list[tuple[str, str, float, float]] = []  # (revision, thread, start, end)
         self.copied: list[str] = []  # revisions of the calls that copied files
+        self.weights: list[str] = []  # revisions of the calls that copied weight files
 
     def __call__(self, repo_id, revision=None, allow_patterns=None, **_):
         start = time.perf_counter()
         repo = self.cache / ("models--" + repo_id.replace("/", "--"))
-        snapshot = repo / "snapshots" / commit_of(revision)
+        commit = commit_of(self.aliases.get(revision, revision))
+        snapshot = repo / "snapshots" / commit
         snapshot.mkdir(parents=True, exist_ok=True)
         (repo / "blobs").mkdir(exist_ok=True)
         (repo / "refs").mkdir(exist_ok=True)
         if not (repo / "refs" / revision).is_file():
-            (repo / "refs" / revision).write_text(commit_of(revision))
+            (repo / "refs" / revision).write_text(commit)
         copied = False
         for file in sorted(self.remote[revision].iterdir()):
             if (snapshot / file.name).exists() or not any(fnmatch.fnmatch(file.name, p) for p in allow_patterns):
@@ -65,6 +68,8 @@ class FakeHub:
                 blob.write_bytes(data)
             (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
             copied = True
+            if file.suffix == ".safetensors":
+                self.weights.append(revision)
         if copied:
             time.sleep(self.delay)
             self.copied.append(revision)
@@ -130,6 +135,34 @@ def test_evict_deletes_only_what_the_run_downloaded(hub, tmp_path):
     assert sorted(p.name for p in (repo / "snapshots").iterdir()) == [commit_of("step1000")]
     assert cache_files(cache) == before  # what was there before is untouched
     assert xr.open_zarr(out).done.values.tolist() == [[True] * 4]
+
+
+def shared_commit_suite(hub, tmp_path) -> Path:
+    """`main` points to step4000's commit; model 'final' scores it after model 'run' scored step4000."""
+    fake, _, _ = hub
+    fake.remote["main"] = fake.remote["step4000"]
+    fake.aliases["main"] = "step4000"
+    suite = tmp_path / "shared.toml"
+    suite.write_text(
+        '[eval]\nfiles = ["valid.txt"]\nseq_len = 16\n\n'
+        f'[[models]]\nname = "run"\nhub_id = "{REPO}"\nrevisions = ["step2000", "step4000"]\n\n'
+        f'[[models]]\nname = "final"\nhub_id = "{REPO}"\ncheckpoints = [{{ step = 4000, revision = "main" }}]\n'
+    )
+    return suite
+
+
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_evict_keeps_a_commit_until_every_revision_on_it_is_scored(hub, tmp_path, prefetch):
+    fake, cache, _ = hub
+    suite = shared_commit_suite(hub, tmp_path)
+    before = cache_files(cache)
+    out = extract(suite, tmp_path / "s.zarr", evict=True, prefetch=prefetch, progress=False)
+    # Each commit's weights were fetched once: step4000's (or main's) were not deleted under the other and refetched.
+    assert sorted(fake.aliases.get(revision, revision) for revision in fake.weights) == ["step2000", "step4000"]
+    assert cache_files(cache) == before  # and the shared commit is gone once both are scored
+    got = xr.open_zarr(out)
+    assert got.done.values.tolist() == [[True, True], [True, False]]  # 'final' has one checkpoint
+    np.testing.assert_array_equal(got.loss.values[1, 0], got.loss.values[0, 1])  # one commit, one set of weights
 
 
 def test_extract_without_evict_keeps_the_cache(hub, tmp_path):
@@ -202,11 +235,11 @@ class FakeHubPlugin(WorkerPlugin):
     report back through the test's FakeHub object).
     """
 
-    def __init__(self, cache: Path, remote: dict[str, Path], delay: float, log: Path) -> None:
-        self.cache, self.remote, self.delay, self.log = str(cache), remote, delay, log
+    def __init__(self, cache: Path, remote: dict[str, Path], delay: float, log: Path, aliases=None) -> None:
+        self.cache, self.remote, self.delay, self.log, self.aliases = str(cache), remote, delay, log, aliases
 
     def setup(self, worker) -> None:
-        fake = FakeHub(Path(self.cache), self.remote, self.delay)
+        fake = FakeHub(Path(self.cache), self.remote, self.delay, self.aliases)
         log = self.log
 
         def logged(repo_id, revision=None, allow_patterns=None, **kwargs):
@@ -253,3 +286,30 @@ def test_cluster_prefetch_and_evict_leave_the_cache_as_before(hub, tmp_path, mon
     got, want = xr.open_zarr(out), xr.open_zarr(reference)
     for name in ("loss", "done", "val_ppl", "weights_hash"):
         np.testing.assert_array_equal(got[name].values, want[name].values, err_msg=name)
+
+
+@pytest.mark.slow
+def test_cluster_evict_keeps_a_commit_until_every_revision_on_it_is_scored(hub, tmp_path, monkeypatch):
+    from distributed import Client
+
+    from tokendyn.models.distributed import local_cluster
+
+    fake, cache, _ = hub
+    suite = shared_commit_suite(hub, tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    before = cache_files(cache)
+    log = tmp_path / "downloads.log"
+    with local_cluster(2) as cluster, Client(cluster) as client:
+        client.register_plugin(FakeHubPlugin(cache, fake.remote, 0.3, log, fake.aliases), name="fake-hub")
+        out = extract(
+            suite,
+            tmp_path / "cluster.zarr",
+            evict=True,
+            prefetch=1,
+            progress=False,
+            scheduler=cluster.scheduler_address,
+        )
+    downloaded = sorted(line.split()[0] for line in log.read_text().splitlines())
+    assert downloaded in (["step2000", "step4000"], ["main", "step2000"])  # the shared commit once
+    assert cache_files(cache) == before
+    assert xr.open_zarr(out).done.values.tolist() == [[True, True], [True, False]]

@@ -8,21 +8,33 @@ checkpoints. The estimator is fitted on a random subsample and then labels every
 chunk (lazy, out of core).
 
 Features (`normalize="window"`, default). The late window is the points with step >= start x the
-final step (start = 0.4), the trend categories' window (methods.md §1.2). A token's features are
-its loss over the late window minus its mean there (nats), followed by its whole trajectory minus
-its mean, weighted so that both blocks carry the same total variance in the fit sample. Without
-the window block, the fall from random initialisation that every token shares (about 6 nats on the
-built-in suite) outweighs the late stagnation and rises (tenths of a nat) the detectors look at.
+final step (start = 0.4), the trend categories' window (methods.md §1.2). A token's trajectory
+features are its loss over the late window minus its mean there (nats), followed by its whole
+trajectory minus its mean, weighted so that both blocks carry the same total variance in the fit
+sample. Without the window block, the fall from random initialisation that every token shares
+(about 6 nats on the built-in suite) outweighs the late stagnation and rises (tenths of a nat) the
+detectors look at.
+
+Change features (`change_statistics`), appended to the trajectory features: the statistics the
+per-token detectors threshold, computed on the checkpoints each detector sees, so that a shape
+counts whenever in training it happens (a time-aligned curve smears a double descent whose timing
+varies from token to token):
+- "descent": the double-descent depth (nats), the largest d such that the smoothed loss falls by d,
+  rises d and falls d again (`descent_depth`; the detector flags depth >= its tol);
+- "late_trend": the trend categories' slope t statistic over the trend window in units of its
+  critical value (|late_trend| >= 1: a significant trend), clipped to +-2;
+- "late_spread": the larger distance of the trend window's first and last loss from its mean
+  (nats; the stagnation band's test).
+Each is scaled so that the change block carries `change_weight` (1) x the trajectory block's total
+variance in the fit sample, in equal shares.
 
 Naming rules mirror the per-token detectors. A cluster's centroid curve c is the mean over its
-members of the loss change from the first point (nats), w its late-window part; the first rule
-that holds names it:
-1. "double descent": a fall >= dd_tol, then a rise >= dd_tol, then a fall >= dd_tol over the
-   whole curve (`trajectories.falls_rises_falls`; dd_tol is the detector's tolerance, 0.5 nats;
-   the centroid is a mean over tokens, so it is not smoothed again);
-2. "stagnating": w varies by less than tol and its ends lie within the stagnation band of its
-   mean ([ln(1 - band), ln(1 + band)], band = 0.05 as in the trend categories);
-3. "rising": w[-1] - w[0] >= tol (the late window rises, as the "upward" category);
+members of the loss change from the first point (nats); D, T and S are its members' mean descent,
+late_trend and late_spread; the first rule that holds names it:
+1. "double descent": D >= dd_tol (the detector's tolerance, 0.5 nats);
+2. "stagnating": |T| < 1 and S <= ln(1 + band) (no significant trend, ends within the stagnation
+   band, band = 0.05 as in the trend categories);
+3. "rising": T >= 1 (a significant rise, as the "upward" category);
 4. "falling then rising": the minimum of c is at least tol below both ends;
 5. "rising then falling": the maximum of c is at least tol above both ends;
 6. falling (c[-1] - c[0] <= -tol), by the share f of the total drop reached at the middle point:
@@ -32,7 +44,7 @@ Clusters are numbered by size (0 = largest); a name that occurs twice gets the t
 appended, e.g. "steadily falling (-2.10 nats)".
 
 Choosing the number of clusters. The default, n_clusters="shapes", does not under-split: k-means
-(or the mixture) is fitted with `n_fine` (48) clusters, every fine cluster is named by the rules
+(or the mixture) is fitted with `n_fine` (96) clusters, every fine cluster is named by the rules
 above, and fine clusters with the same name are merged, so there is one cluster per shape found. A
 small group with its own shape (stagnating, rising, double-descent tokens) keeps its own cluster
 even when it is a few percent of the tokens; silhouette ("auto" with k-means) prefers two big
@@ -49,6 +61,7 @@ from functools import partial
 
 import numpy as np
 import pandas as pd
+import scipy.stats
 import xarray as xr
 from sklearn.cluster import MiniBatchKMeans
 from sklearn.metrics import adjusted_rand_score, silhouette_score
@@ -60,15 +73,15 @@ from tokendyn.analysis.shared import computed
 from tokendyn.analysis.trajectories import (
     at_perplexity,
     double_descent,
-    falls_rises_falls,
     load_small,
     model_index,
     model_loss,
+    moving_average,
     token_loss,
     trained_checkpoints,
     valid_tokens,
 )
-from tokendyn.analysis.trends import trend_categories
+from tokendyn.analysis.trends import ols, trend_categories, window_start
 from tokendyn.errors import TokendynError
 from tokendyn.store.layout import TOKEN_DIMS
 
@@ -81,7 +94,9 @@ MIN_FINE_SIZE = 30  # "shapes": fit samples per fine cluster at least, so a fine
 NORMALIZATIONS = ("window", "center", "start", "zscore")
 # The per-token detectors' own defaults, so that the names use their definitions (one place per default).
 DD_TOL = inspect.signature(double_descent).parameters["tol"].default
+DD_WINDOW = inspect.signature(double_descent).parameters["window"].default
 BAND = inspect.signature(trend_categories).parameters["band"].default
+ALPHA = inspect.signature(trend_categories).parameters["alpha"].default
 
 
 @dataclass
@@ -90,7 +105,7 @@ class Clustering:
 
     labels: cluster of every (model, token), a label array (`tokendyn.analysis.labels`); names: the
     cluster names. centroids: (cluster, point) mean loss change from the first point, nats, with
-    the grid as a coordinate. scores:
+    the grid as a coordinate and the members' mean change features (CHANGES) per cluster. scores:
     criterion value per candidate number of clusters (empty when given). stability: mean
     adjusted Rand index between the fit and refits with other seeds, on the fit sample.
     top_tokens: the most frequent token ids of each cluster with their text and frequencies.
@@ -210,21 +225,31 @@ def late_window(steps: np.ndarray, start: float) -> np.ndarray:
 
 
 def name_shape(
-    curve: np.ndarray, tol: float, *, window: np.ndarray | None = None, dd_tol: float | None = None, band: float = BAND
+    curve: np.ndarray,
+    tol: float,
+    *,
+    window: np.ndarray | None = None,
+    dd_tol: float | None = None,
+    band: float = BAND,
+    changes: np.ndarray | None = None,
 ) -> str:
     """Name of a centroid curve (change from its first point, nats) by the module's rules.
 
-    window: mask of the late-window points (default: all); dd_tol: the double-descent tolerance
-    (default: tol); band: the trend categories' stagnation band.
+    window: mask of the late-window points (default: all; a suffix of the points); dd_tol: the
+    double-descent tolerance (default: tol); band: the trend categories' stagnation band.
+    changes: the cluster's mean change features (descent, late_change, late_spread; see
+    `change_statistics`); default: the curve's own, unsmoothed, with the point index as x.
     """
+    if changes is None:
+        late = np.arange(len(curve), dtype=float)[slice(None) if window is None else window]
+        changes = change_statistics(curve, late, smooth=1)
+    descent, late_trend, late_spread = changes
     total = curve[-1] - curve[0]
-    if falls_rises_falls(curve, tol if dd_tol is None else dd_tol):
+    if descent >= (tol if dd_tol is None else dd_tol):
         return "double descent"
-    late = curve if window is None else curve[window]
-    ends = late[[0, -1]] - late.mean()
-    if late.max() - late.min() < tol and np.all((ends >= np.log1p(-band)) & (ends <= np.log1p(band))):
+    if late_spread <= np.log1p(band) and abs(late_trend) < 1:
         return "stagnating"
-    if late[-1] - late[0] >= tol:
+    if late_trend >= 1:
         return "rising"
     if min(curve[0], curve[-1]) - curve.min() >= tol:
         return "falling then rising"
@@ -234,6 +259,88 @@ def name_shape(
         early = (curve[(len(curve) - 1) // 2] - curve[0]) / total
         return "early-falling" if early >= 2 / 3 else "late-falling" if early <= 1 / 3 else "steadily falling"
     return "wavy"
+
+
+CHANGES = ("descent", "late_trend", "late_spread")
+TREND_CLIP = 2.0  # late_trend is clipped to +-2 critical values: past that, a trend is certain
+
+
+def descent_depth(y: np.ndarray) -> np.ndarray:
+    """Depth of the deepest double descent along the last axis of y (its units), whatever its timing.
+
+    The largest d such that y falls by d to some point b, later rises d above y[b] to a peak c,
+    and later still falls d below y[c]; 0 when y has no fall-rise-fall. So
+    `trajectories.falls_rises_falls(y, tol)` holds exactly when the depth is >= tol (NaN-free rows):
+    the double-descent detector's test as a number.
+    """
+    y = np.asarray(y)
+    y = y.astype(np.result_type(y.dtype, np.float32))  # float32 data stays float32: half the memory traffic
+    fall_to = np.maximum.accumulate(y, axis=-1) - y  # fall from the highest earlier point to b
+    fall_after = y - np.minimum.accumulate(y[..., ::-1], axis=-1)[..., ::-1]  # fall from c to its lowest later point
+    depth = np.zeros(y.shape[:-1])
+    for c in range(1, y.shape[-1]):
+        rise = np.minimum(fall_to[..., :c], y[..., c : c + 1] - y[..., :c]).max(axis=-1)
+        depth = np.maximum(depth, np.minimum(rise, fall_after[..., c]))
+    return depth
+
+
+def change_statistics(y: np.ndarray, late_x: np.ndarray, smooth: int, alpha: float = ALPHA) -> np.ndarray:
+    """The change features of loss trajectories y (..., point) over one model's checkpoints: the
+    statistics the per-token detectors threshold, none depending on when in training a shape happens.
+
+    Returns (..., 3) in the order of CHANGES. "descent": the double-descent depth (nats,
+    `descent_depth`) after the detector's centred moving average over `smooth` points.
+    Over the trend window, the last len(late_x) points at x = late_x (their log steps):
+    "late_trend", the t statistic of the least-squares slope of perplexity against x (the trend
+    categories' test) in units of its critical value at `alpha` (|late_trend| >= 1: a significant
+    trend), clipped to +-TREND_CLIP, 0 with fewer than 3 points; "late_spread", the larger distance
+    of the window's first and last loss from its mean (nats; the stagnation band's test).
+    """
+    y = np.asarray(y)
+    descent = descent_depth(np.moveaxis(moving_average(np.moveaxis(y, -1, 0), smooth), 0, -1))  # as the detector
+    window = y[..., y.shape[-1] - len(late_x) :].astype(np.float64)
+    trend = np.zeros(y.shape[:-1])
+    if len(late_x) >= 3:
+        slope, stderr, _ = ols(np.exp(window - window[..., :1]), np.asarray(late_x, dtype=np.float64))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(slope == 0, 0.0, slope / stderr)  # an exact line: +-inf, clipped below
+        trend = np.clip(t / scipy.stats.t.isf(alpha / 2, len(late_x) - 2), -TREND_CLIP, TREND_CLIP)
+    mean = window.mean(axis=-1)
+    spread = np.maximum(np.abs(window[..., 0] - mean), np.abs(window[..., -1] - mean))
+    return np.stack([descent, np.where(np.isnan(mean), np.nan, trend), spread], axis=-1).astype(np.float64)
+
+
+def change_features(ds: xr.Dataset, start: float = 0.4, smooth: int = DD_WINDOW) -> xr.DataArray:
+    """`change_statistics` of every token in every model: (model, token, change), lazy.
+
+    Each over the checkpoints its detector sees: the descent over all done checkpoints (step 0
+    included when the suite has it), as `trajectories.double_descent`; late_change and late_spread
+    over the trend window of `trends.trend_categories`, the trained checkpoints (step > 0) with
+    step >= start x the final step (at least the last 2).
+    """
+    ds = load_small(ds)
+    per_model = []
+    for m, name in enumerate(ds["model"].values):
+        loss = model_loss(ds, m)
+        steps = loss["step"].values
+        trained = int(np.searchsorted(steps, 0, side="right"))  # the first step > 0
+        if len(steps) - trained < 2:
+            raise TokendynError(f"model {name} has fewer than 2 trained checkpoints (step > 0); extract more")
+        late = min(max(window_start(steps, start), trained), len(steps) - 2)
+        per_model.append(
+            xr.apply_ufunc(
+                change_statistics,
+                loss.drop_vars("step"),
+                input_core_dims=[["ckpt"]],
+                output_core_dims=[["change"]],
+                kwargs=dict(late_x=np.log(steps[late:]), smooth=smooth),
+                dask="parallelized",
+                output_dtypes=[np.float64],
+                dask_gufunc_kwargs={"output_sizes": {"change": len(CHANGES)}},
+            )
+        )
+    out = xr.concat(per_model, dim="model").assign_coords(model=ds["model"].values, change=list(CHANGES))
+    return out.transpose("model", *TOKEN_DIMS, "change")
 
 
 def _estimator(method: str, k: int, seed: int, n_init: int = N_INIT):
@@ -277,16 +384,31 @@ def _fit(
     return n_clusters, scores, estimator, labels, stability
 
 
-def _shape_merge(labels: np.ndarray, change: np.ndarray, k: int, namer: Callable) -> tuple[np.ndarray, list[str]]:
+def _shape_merge(
+    labels: np.ndarray, change: np.ndarray, stats: np.ndarray, k: int, namer: Callable
+) -> tuple[np.ndarray, list[str]]:
     """(map from fine cluster to merged cluster, merged names): fine clusters with the same shape name
-    share one cluster, which keeps that name."""
-    names = [namer(change[labels == j].mean(axis=0)) if (labels == j).any() else "empty" for j in range(k)]
+    share one cluster, which keeps that name. change: loss change from the first point per sample;
+    stats: change features per sample."""
+    names = [
+        namer(change[labels == j].mean(axis=0), changes=stats[labels == j].mean(axis=0))
+        if (labels == j).any()
+        else "empty"
+        for j in range(k)
+    ]
     distinct = list(dict.fromkeys(names))
     return np.array([distinct.index(n) for n in names]), distinct
 
 
 def _fit_shapes(
-    x: np.ndarray, change: np.ndarray, method: str, n_fine: int, n_seeds: int, seed: int, namer: Callable
+    x: np.ndarray,
+    change: np.ndarray,
+    stats: np.ndarray,
+    method: str,
+    n_fine: int,
+    n_seeds: int,
+    seed: int,
+    namer: Callable,
 ) -> tuple[list[str], object, np.ndarray, np.ndarray, float]:
     """("shapes") (merged cluster names, fine estimator, fine -> merged map, merged labels of x,
     mean ARI of the merged labels of refits with other seeds)."""
@@ -297,7 +419,7 @@ def _fit_shapes(
     def fit(s: int, n_init: int = N_INIT):
         estimator = _estimator(method, k, s, n_init).fit(x)
         fine = estimator.predict(x)
-        merge, names = _shape_merge(fine, change, k, namer)
+        merge, names = _shape_merge(fine, change, stats, k, namer)
         return estimator, merge, merge[fine], names
 
     estimator, merge, labels, names = fit(seed)
@@ -306,13 +428,22 @@ def _fit_shapes(
     return names, estimator, merge, labels, stability
 
 
-def _predict(x: np.ndarray, estimator, how: str, window: np.ndarray, weight: float, order: np.ndarray) -> np.ndarray:
-    """Cluster codes of trajectories x (..., point); MISSING where a point is NaN."""
-    flat = x.reshape(-1, x.shape[-1])
-    ok = np.isfinite(flat).all(axis=1)
+def design(
+    x: np.ndarray, stats: np.ndarray, how: str, window: np.ndarray, weight: float, scale: np.ndarray
+) -> np.ndarray:
+    """The fit features of rows x (n, point) with their change features stats (n, change): the
+    normalised trajectory (`normalise`) followed by the change features times `scale` (per feature)."""
+    return np.concatenate([normalise(x, how, window, weight), scale * stats], axis=-1)
+
+
+def _predict(x: np.ndarray, stats: np.ndarray, estimator, order: np.ndarray, **design_kwargs) -> np.ndarray:
+    """Cluster codes of trajectories x (..., point) with change features stats (..., change);
+    MISSING where a value is NaN."""
+    flat, flat_stats = x.reshape(-1, x.shape[-1]), stats.reshape(-1, stats.shape[-1])
+    ok = np.isfinite(flat).all(axis=1) & np.isfinite(flat_stats).all(axis=1)
     codes = np.full(len(flat), MISSING, dtype=np.int8)
     if ok.any():
-        codes[ok] = order[estimator.predict(normalise(flat[ok], how, window, weight))]
+        codes[ok] = order[estimator.predict(design(flat[ok], flat_stats[ok], **design_kwargs))]
     return codes.reshape(x.shape[:-1])
 
 
@@ -370,11 +501,13 @@ def cluster(
     normalize: str = "window",
     start: float = 0.4,
     k_range: Sequence[int] = range(2, 9),
-    n_fine: int = 48,
+    n_fine: int = 96,
     max_fit_tokens: int = 50_000,
     n_seeds: int = 5,
+    change_weight: float = 1.0,
     tol: float = 0.1,
     dd_tol: float = DD_TOL,
+    dd_window: int = DD_WINDOW,
     top: int = 10,
     token_text: Callable[[Sequence[int]], Sequence[str]] | None = None,
     random_state: int = 0,
@@ -393,11 +526,13 @@ def cluster(
     initialisation that every token shares), "center" (the whole trajectory minus its mean; unlike
     "start", the change from the first point, it does not split flat tokens by the noise of their
     first point) or "zscore" (shape only). start: the late window's start fraction (0.4, one of
-    the trend study's start fractions), used by the names too.
+    the trend study's start fractions), used by the names and the change features too.
+    change_weight: total variance of the change features (`change_features`) relative to the
+    trajectory features' (1: equal; 0: trajectories only, the names still use the change features).
     max_fit_tokens: size of the fit subsample, drawn as whole random sequences. n_seeds: refits
-    for the stability score. tol: naming tolerance (nats) of stagnating, rising and the falling
-    shapes. dd_tol: the double-descent name's tolerance (nats; default: the per-token detector's).
-    top: tokens listed per cluster.
+    for the stability score. tol: naming tolerance (nats) of the falling and U shapes.
+    dd_tol, dd_window: the double-descent name's tolerance (nats) and the descent's moving-average
+    window (checkpoints); default: the per-token detector's. top: tokens listed per cluster.
     token_text: callable from token ids to their texts, or a tokenizer with `decode`; default: the
     store's vocabulary (`vocab_text`), else the ids are shown. Labels are computed (int8 per model
     and token).
@@ -411,19 +546,29 @@ def cluster(
     features = features.where(valid_tokens(ds))
     if not 0 <= start < 1:
         raise TokendynError(f"start must be a fraction in [0, 1), e.g. 0.4, not {start}")
+    if not change_weight >= 0:
+        raise TokendynError(f"change_weight must be >= 0 (0: trajectories only), not {change_weight}")
+    changes = change_features(ds, start, dd_window).sel(model=features["model"].values)
     steps = features["step"].values if "step" in features.coords else features["point"].values
     window = late_window(steps, start)
     namer = partial(name_shape, tol=tol, window=window, dd_tol=dd_tol)
     rng = np.random.default_rng(random_state)
     n_fit = min(features.sizes["token"], max(1, math.ceil(max_fit_tokens / features.sizes["model"])))
-    sample = features.isel(token=np.sort(rng.choice(features.sizes["token"], n_fit, replace=False))).values
-    raw = sample.reshape(-1, sample.shape[-1])
-    raw = raw[np.isfinite(raw).all(axis=1)]
+    fit_tokens = np.sort(rng.choice(features.sizes["token"], n_fit, replace=False))
+    raw = features.isel(token=fit_tokens).values.reshape(-1, features.sizes["point"])
+    stats = changes.isel(token=fit_tokens).values.reshape(-1, len(CHANGES))
+    ok = np.isfinite(raw).all(axis=1) & np.isfinite(stats).all(axis=1)
+    raw, stats = raw[ok], stats[ok]
     # "window": the whole trajectory weighs as much as the late window in total (its shared early
     # fall would otherwise outweigh the late window's stagnation and rises).
     late, whole = normalise(raw, "window", window, 1.0)[:, : window.sum()], normalise(raw, "center")
     weight = float(np.sqrt((late**2).sum() / max((whole**2).sum(), 1e-12)))
-    x = normalise(raw, normalize, window, weight)
+    # The change block carries change_weight x the trajectory block's total variance, in equal shares:
+    # its raw variance is mostly the late change of the falling tokens, not the rarer shapes' statistics.
+    curve_variance = normalise(raw, normalize, window, weight).var(axis=0).sum()
+    scale = change_weight * np.sqrt(curve_variance / len(CHANGES) / np.maximum(stats.var(axis=0), 1e-12))
+    design_kwargs = dict(how=normalize, window=window, weight=weight, scale=scale)
+    x = design(raw, stats, **design_kwargs)
     change = raw - raw[:, :1]
     # One OpenMP thread per fit: the sample is small, and k-means' OpenMP threads spin against dask's
     # threads (the fitted estimators keep this setting when they label the chunks in parallel).
@@ -432,7 +577,7 @@ def cluster(
         if n_clusters == "shapes":
             n_fine = max(2, min(n_fine, len(x) // MIN_FINE_SIZE))
             shape_names, estimator, merge, fit_labels, stability = _fit_shapes(
-                x, change, method, n_fine, n_seeds, random_state, namer
+                x, change, stats, method, n_fine, n_seeds, random_state, namer
             )
             n_clusters, scores, criterion = len(shape_names), {}, f"shape names of {n_fine} fine clusters"
         else:
@@ -443,28 +588,30 @@ def cluster(
             criterion = "silhouette" if method == "kmeans" else "bic"
 
     sizes = np.bincount(fit_labels, minlength=n_clusters)
+    by_size = np.argsort(-sizes, kind="stable")
     rank = np.empty(n_clusters, dtype=np.int8)
-    rank[np.argsort(-sizes, kind="stable")] = np.arange(n_clusters)  # code by size, 0 = largest
+    rank[by_size] = np.arange(n_clusters)  # code by size, 0 = largest
     order = rank[merge]  # estimator label -> code
     curves = np.array(
-        [
-            change[fit_labels == k].mean(axis=0) if sizes[k] else np.full(raw.shape[1], np.nan)
-            for k in np.argsort(-sizes, kind="stable")
-        ]
+        [change[fit_labels == k].mean(axis=0) if sizes[k] else np.full(raw.shape[1], np.nan) for k in by_size]
+    )
+    means = np.array(
+        [stats[fit_labels == k].mean(axis=0) if sizes[k] else np.full(len(CHANGES), np.nan) for k in by_size]
     )
     if shape_names is None:
-        names = [namer(curve) for curve in curves]
+        names = [namer(curve, changes=m) for curve, m in zip(curves, means)]
         names = [f"{n} ({c[-1] - c[0]:+.2f} nats)" if names.count(n) > 1 else n for n, c in zip(names, curves)]
     else:  # each merged cluster keeps the name its fine clusters share
-        names = [shape_names[k] for k in np.argsort(-sizes, kind="stable")]
+        names = [shape_names[k] for k in by_size]
 
     codes = xr.apply_ufunc(
         _predict,
         features,
-        input_core_dims=[["point"]],
+        changes.chunk({"change": -1}),
+        input_core_dims=[["point"], ["change"]],
         dask="parallelized",
         output_dtypes=[np.int8],
-        kwargs=dict(estimator=estimator, how=normalize, window=window, weight=weight, order=order),
+        kwargs=dict(estimator=estimator, order=order, **design_kwargs),
     )
     labels = flag_array(codes.compute(), names, "cluster", "cluster of the token's loss trajectory")
     centroids = xr.DataArray(
@@ -475,6 +622,7 @@ def cluster(
             "name": ("cluster", names),
             "point": features["point"].values,
             "late_window": ("point", window),
+            **{name: ("cluster", means[:, i]) for i, name in enumerate(CHANGES)},
         },
         attrs={
             "on": on,
@@ -482,6 +630,7 @@ def cluster(
             "units": "nats",
             "tol": tol,
             "dd_tol": dd_tol,
+            "dd_window": dd_window,
             "start": start,
         },
     )

@@ -38,11 +38,12 @@ def add_batch_options(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument(
         "--batch-size",
-        type=int,
+        type=batch_size,
         default=None,
-        metavar="N",
-        help="windows (sequences) per forward pass, at most, as lm-eval's --batch-size; "
-        "the alternative to --batch-tokens (the scores do not depend on either)",
+        metavar="N|auto",
+        help="windows (sequences) per forward pass, at most, as lm-eval's --batch-size; auto: the most that "
+        "fit in memory (free GPU memory on CUDA, else available RAM, beside the weights; the choice and "
+        "its reason are printed); the alternative to --batch-tokens (the scores do not depend on either)",
     )
     group.add_argument(
         "--batch-tokens",
@@ -52,6 +53,16 @@ def add_batch_options(p: argparse.ArgumentParser) -> None:
         help="model positions per forward pass, padding included (as many windows as fit, at least one; "
         "default: 8192 unless --batch-size is given)",
     )
+
+
+def batch_size(text: str) -> int | str:
+    """--batch-size: a whole number, or "auto"."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a number nor auto") from None
 
 
 def add_quiet(p: argparse.ArgumentParser) -> None:

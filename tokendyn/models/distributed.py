@@ -21,7 +21,9 @@ Hub checkpoints (a Hugging Face cache shared by the workers, e.g. HF_HOME on a s
   resources on the cluster, each scoring task downloads its own checkpoint first.
 - evict: the client records what the cache held before the run, before it reads any checkpoint;
   a scoring task deletes its revision after marking the checkpoint done, unless it was cached
-  before. A revision used by several tasks is deleted by the client once the last one is done.
+  before. A commit used by several tasks (one revision listed twice, or two revision names such as
+  `main` and `step143000` that point to one commit, `fetch.revision_key`) is deleted by the client
+  once the last of them is done.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from tokendyn import store
 from tokendyn.config.suite import Checkpoint, Suite
 from tokendyn.data.corpus import ScoredSet
 from tokendyn.errors import TokendynError
-from tokendyn.models.fetch import evict
+from tokendyn.models.fetch import evict, revision_key
 
 SCORE, FETCH = "score", "fetch"  # worker resources: scoring and downloading slots (one each per worker)
 SLOTS = {SCORE: 1, FETCH: 1}
@@ -257,10 +259,11 @@ class _Plan:
                 "before scoring it, without prefetch (see docs/scale.md)"
             )
         self.keep = None if cached_before is None else set(cached_before)
-        revisions = [(c.hub_id, c.revision) for c in hub]
-        self.users = {rev: revisions.count(rev) for rev in revisions}  # tasks per revision
+        self.commit = {(c.hub_id, c.revision): revision_key(c) for c in hub}  # resolved once, before any eviction
+        commits = [self.commit[c.hub_id, c.revision] for c in hub]
+        self.users = {commit: commits.count(commit) for commit in commits}  # tasks per commit
         self.remaining = dict(self.users)
-        self.keys: dict[str, tuple[str, str] | None] = {}
+        self.keys: dict[str, tuple[tuple[str, str], tuple[str, str]] | None] = {}  # task -> (revision, commit)
 
     def _resources(self) -> list[set[str]]:
         return [set(w.get("resources", {})) for w in self.client.scheduler_info()["workers"].values()]
@@ -285,7 +288,8 @@ class _Plan:
                 key=f"tokendyn-fetch-{m}-{c}-{time.time_ns()}",
                 resources={FETCH: 1},
             )
-        alone = revision is not None and self.users[revision] == 1  # evicted by its task; else by the client
+        commit = None if revision is None else self.commit[revision]
+        alone = commit is not None and self.users[commit] == 1  # evicted by its task; else by the client
         future = self.client.submit(
             score_task,
             self.suite,
@@ -301,14 +305,15 @@ class _Plan:
             key=f"tokendyn-{m}-{c}-{time.time_ns()}",
             resources=self.score_resources,
         )
-        self.keys[future.key] = revision
+        self.keys[future.key] = None if revision is None else (revision, commit)
         return future
 
     def done(self, key: str) -> None:
-        """The task `key` completed: evict a revision shared by several tasks once the last of them is done."""
-        revision = self.keys.pop(key)
-        if revision is None or self.keep is None:
+        """The task `key` completed: evict a commit shared by several tasks once the last of them is done."""
+        entry = self.keys.pop(key)
+        if entry is None or self.keep is None:
             return
-        self.remaining[revision] -= 1
-        if self.remaining[revision] == 0 and self.users[revision] > 1:
+        revision, commit = entry
+        self.remaining[commit] -= 1
+        if self.remaining[commit] == 0 and self.users[commit] > 1:
             evict(*revision, self.keep)

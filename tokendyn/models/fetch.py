@@ -5,7 +5,10 @@
 so loading overlaps compute. With `evict`, a revision is deleted from the Hugging Face cache with
 huggingface_hub's cache API once its checkpoint is scored and marked done, and only if its commit
 was not in the cache when the run started (`cache_state()`): files tokendyn did not download are
-never touched. Local checkpoints pass through untouched.
+never touched. Revisions are counted by the commit they resolve to (`revision_key`): when two names
+point to one commit (`main` and `step143000` of a finished run), the commit is evicted only after the
+last checkpoint that uses it is scored, so it is neither deleted under a pending checkpoint nor
+downloaded twice. Local checkpoints pass through untouched.
 """
 
 from __future__ import annotations
@@ -46,6 +49,15 @@ def cached_commit(hub_id: str, revision: str) -> str | None:
     return revision if len(revision) == 40 and all(ch in "0123456789abcdef" for ch in revision) else None
 
 
+def revision_key(ckpt: Checkpoint) -> tuple[str, str]:
+    """(hub id, commit) of a hub checkpoint, or (hub id, revision name) while its commit is unknown.
+
+    The commit comes from the cache's refs, which every hub checkpoint has once its config was fetched
+    (`extract` reads every checkpoint's config and tokenizer before scoring).
+    """
+    return ckpt.hub_id, cached_commit(ckpt.hub_id, ckpt.revision) or ckpt.revision
+
+
 def evict(hub_id: str, revision: str, keep: set[tuple[str, str]]) -> int:
     """Delete `hub_id@revision` from the cache unless its commit is in `keep`; returns the bytes freed."""
     commit = cached_commit(hub_id, revision)
@@ -77,6 +89,7 @@ class Fetcher:
         if evict and before is None:
             before = cache_state()
         self.order = [c for c in ckpts if c.path is None]
+        self.keys = [revision_key(c) for c in self.order]  # checkpoints sharing a commit share a key
         self.prefetch, self.evict, self.allow_pickle, self.before = prefetch, evict, allow_pickle, before or set()
         self.freed = 0
         self._futures: dict[int, Future] = {}
@@ -106,12 +119,11 @@ class Fetcher:
         self._futures.pop(index).result()  # re-raises a failed download's TokendynError here
 
     def release(self, ckpt: Checkpoint) -> None:
-        """`ckpt` is scored and marked done: evict its revision unless a later checkpoint still needs it."""
+        """`ckpt` is scored and marked done: evict its revision unless a later checkpoint uses the same commit."""
         if not self.evict or ckpt.path is not None:
             return
         index = self._index(ckpt)
-        later = any((c.hub_id, c.revision) == (ckpt.hub_id, ckpt.revision) for c in self.order[index + 1 :])
-        if not later:
+        if self.keys[index] not in self.keys[index + 1 :]:
             self.freed += evict(ckpt.hub_id, ckpt.revision, self.before)
 
     def _index(self, ckpt: Checkpoint) -> int:

@@ -1,10 +1,11 @@
-"""The CUDA side of scoring: batches sized from free memory, and the optional fused head.
+"""Batches sized from free memory, and the optional fused head of the CUDA side of scoring.
 
 On a GPU the scoring kernel (`tokendyn.models.extract.token_scores`) keeps everything on the
 device and copies back only the per-token results. Two things only matter there:
 
 - how many positions one forward pass may hold, from the free device memory
-  (`batch_tokens_for_memory`, a pure function of the numbers so it is tested without a GPU);
+  (`batch_tokens_for_memory`, a pure function of the numbers so it is tested without a GPU; it is
+  also the rule of `--batch-size auto`, on CPUs from the available RAM, `free_memory`);
 - the head and its cross-entropy fused by Apple's `cut-cross-entropy` package
   (`cut_cross_entropy.linear_cross_entropy`), which never materialises the positions x vocab
   logits. It is used only when the package is installed, the model runs on CUDA in half precision,
@@ -55,16 +56,36 @@ def batch_tokens_for_memory(
     return max(window, min(cap, fit // window * window))
 
 
-def cuda_batch_tokens(model: torch.nn.Module, window: int, cap: int, chunk_logits: int) -> int:
-    """`batch_tokens_for_memory` for `model` on its CUDA device, from `torch.cuda.mem_get_info`."""
-    config = model.config.get_text_config()
-    free, _total = torch.cuda.mem_get_info(model.device)
+def config_batch_tokens(config, free_bytes: int, dtype_bytes: int, window: int, cap: int, chunk_logits: int) -> int:
+    """`batch_tokens_for_memory` for a model of this transformers `config` (its text part)."""
+    config = config.get_text_config()
     hidden = config.hidden_size
     intermediate = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None) or 4 * hidden
-    dtype_bytes = next(model.parameters()).element_size()
     return batch_tokens_for_memory(
-        free, hidden, intermediate, config.vocab_size, chunk_logits, dtype_bytes, window, cap
+        free_bytes, hidden, intermediate, config.vocab_size, chunk_logits, dtype_bytes, window, cap
     )
+
+
+def cuda_batch_tokens(model: torch.nn.Module, window: int, cap: int, chunk_logits: int) -> int:
+    """`batch_tokens_for_memory` for `model` on its CUDA device, from `torch.cuda.mem_get_info`."""
+    free, _total = torch.cuda.mem_get_info(model.device)
+    dtype_bytes = next(model.parameters()).element_size()
+    return config_batch_tokens(model.config, free, dtype_bytes, window, cap, chunk_logits)
+
+
+def free_memory(device: str) -> tuple[int, str]:
+    """Bytes a batch may take on `device` now, and what they are: free CUDA memory, else available RAM.
+
+    On CPUs (and Apple's unified memory) the batch lives in RAM: psutil's `available` (free memory
+    plus what the kernel can reclaim at once, such as the page cache).
+    """
+    kind = torch.device(device).type
+    if kind == "cuda":
+        free, _total = torch.cuda.mem_get_info(torch.device(device))
+        return free, f"free memory of {device}"
+    import psutil  # a dependency of dask.distributed
+
+    return psutil.virtual_memory().available, "available RAM"
 
 
 def fused_head_available(model: torch.nn.Module, hidden: torch.Tensor) -> bool:
