@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import zarr
 
+from tokendyn import store
+from tokendyn.models import extract
 from tokendyn.pipelines import demo
 from tokendyn.toy import build
 
@@ -94,3 +98,16 @@ def test_second_quick_demo_recomputes_nothing(tmp_path, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in first["store"].rglob("*") if p.is_file()} == store_files
     assert second["findings"] == first["findings"] and second["analysis_lines"] == first["analysis_lines"]
     assert second["findings"] and second["analysis_lines"]
+    assert (first["report"].parent / "perplexity" / "figure.png").is_file()  # one run of the studies wrote both
+    assert (first["analysis"] / "perplexity_levels.csv").is_file()
+    # The cost model's set sizes track the store's within a factor; the named sets and tasks are done
+    # exactly at the checkpoints extract schedules for every SPARSE_EVERY-th.
+    root = zarr.open_group(first["store"], mode="r")
+    estimated = demo.demo_sets("quick")
+    assert sorted(["main", *store.list_sets(first["store"])]) == sorted(estimated)
+    for name, (tokens, every) in estimated.items():
+        group = root if name == "main" else root[store.set_path(name)]
+        assert 0.5 < group["loss"].shape[-1] / tokens < 2, name
+        done = np.asarray(group["done"][...])
+        n = done.shape[1]
+        assert done.tolist() == [[extract.scored_at(c, n, every) for c in range(n)]] * done.shape[0], name
