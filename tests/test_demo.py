@@ -56,7 +56,7 @@ def test_the_estimate_follows_the_presets_and_every_phase_has_one():
     assert list(quick) == list(demo.PHASES) == list(default)
     assert all(default[p] > quick[p] for p in ("build", "extract", "passuntil"))
     sets = demo.demo_sets("default")
-    assert sets["main"][1] == 1 and all(every == demo.SPARSE_EVERY for name, (_, every) in sets.items() if name != "main")
+    assert sets.pop("main")[1] == 1 and all(every == demo.SPARSE_EVERY for _, every in sets.values())
     # two workers halve the scoring once it is long enough to be worth a cluster's start-up
     parallel = demo.estimate_costs("default", workers=2)["extract"]
     assert parallel == pytest.approx(default["extract"] / 2 + demo.CLUSTER_SECONDS)

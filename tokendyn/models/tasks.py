@@ -100,8 +100,9 @@ def score_tasks(
 
     Each task becomes the evaluation set `task.<name>` (its documents are written to
     `documents_dir(out)`); the main set, the suite's own sets and `extra_sets` are scored too where
-    not done yet (each checkpoint is loaded once for all of them), and a rerun resumes. extract_options go to `tokendyn.models.extract.extract` (device, dtype,
-    batch_tokens, allow_pickle, progress, ...). Rerunning a task with other shots, seed or items
+    not done yet (each checkpoint is loaded once for all of them), and a rerun resumes.
+    extract_options go to `tokendyn.models.extract.extract` (device, dtype, batch_tokens,
+    allow_pickle, progress, every, ...). Rerunning a task with other shots, seed or items
     is refused by the store (its text differs): write to a new store.
     """
     from tokendyn.models.extract import extract
