@@ -77,10 +77,10 @@ CLUSTER_SECONDS = 8.0  # starting a local dask cluster and scattering the packed
 FILLER_DOCUMENT_TOKENS = 26.7  # tokens of a filler document
 SENTENCE_TOKENS = 13.1  # tokens of a fact sentence with its BOS (main set, each side of a pair)
 TASK_DOCUMENT_TOKENS = 31.0  # tokens of one option of a 2-shot one-fact task (k-fact compositions: k times)
-PASSUNTIL_PROMPT_TOKENS = 40.0  # a recall prompt: two demonstration sentences and the question
+PASSUNTIL_FIXED = 5.0  # PassUntil: checking that the main set is done, preparing the task's group
 TOKENS_PER_SENTENCE = 11.7  # training tokens per rendered sentence (measured on the default world)
-ANALYZE_PER_VALUE = 2e-6  # analyze, per (token, checkpoint, model) of the main set
-ANALYZE_FIXED = 60.0  # analyze: running every study regardless of size
+ANALYZE_PER_VALUE = 3.4e-5  # analyze, per (token, checkpoint, model) of the main set (default 84 s, quick 35 s)
+ANALYZE_FIXED = 35.0  # analyze: running every study regardless of size (the quick preset)
 FIGURE_SECONDS = 2.5  # drawing and saving one study's figure (PNG and SVG)
 SUMMARY_FIXED = 10.0  # the toy findings: reading the pairs and attribute-value tokens
 
@@ -137,13 +137,18 @@ def scored_checkpoints(n: int, every: int) -> int:
     return sum(extract.scored_at(c, n, every) for c in range(n))
 
 
+def token_seconds(shape: ModelShape) -> float:
+    """Reference seconds to score one token: its forward FLOPs and the log-softmax over the vocabulary."""
+    return shape.forward_flops(1) / SCORING_FLOPS_PER_SECOND + shape.vocab * LOGIT_SECONDS
+
+
 def scoring_seconds(shapes: dict[str, ModelShape], sets: dict[str, tuple[float, int]]) -> float:
     """Reference seconds to score `sets` ({name: (tokens, every)}) with every size: per scored checkpoint
     and set the forward FLOPs and the per-token log-softmax over the vocabulary, plus a fixed cost per
     set, and one load per checkpoint."""
     total = 0.0
     for shape in shapes.values():
-        per_token = shape.forward_flops(1) / SCORING_FLOPS_PER_SECOND + shape.vocab * LOGIT_SECONDS
+        per_token = token_seconds(shape)
         for tokens, every in sets.values():
             total += scored_checkpoints(shape.checkpoints, every) * (tokens * per_token + SET_SECONDS)
         total += shape.checkpoints * LOAD_SECONDS
@@ -181,10 +186,12 @@ def estimate_costs(preset: str, workers: int = 1) -> dict[str, float]:
     largest = max(shapes.values(), key=lambda s: s.params)
     smallest = min(shapes.values(), key=lambda s: s.params)
     # PassUntil: per checkpoint and recall question, one batch of RECALL_CAP completions (the toy models
-    # rarely pass twice in fewer): the prompts' forward pass, then a KV-cached call per new token.
-    recall_tokens = RECALL_INSTANCES * RECALL_CAP * PASSUNTIL_PROMPT_TOKENS
-    passuntil = scoring_seconds(shapes, {"recall": (recall_tokens, 1)}) + sum(
-        s.checkpoints * RECALL_INSTANCES * RECALL_TOKENS * FORWARD_OVERHEAD * s.layers for s in shapes.values()
+    # rarely pass twice in fewer; the default suite drew 100 for each): a KV-cached call per new token
+    # and one for the prompt, each over the batch's last positions.
+    calls = RECALL_INSTANCES * (RECALL_TOKENS + 1)
+    passuntil = PASSUNTIL_FIXED + sum(
+        s.checkpoints * (LOAD_SECONDS + calls * (FORWARD_OVERHEAD * s.layers + RECALL_CAP * token_seconds(s)))
+        for s in shapes.values()
     )
     main_tokens = demo_sets(preset)["main"][0]
     analyze_values = main_tokens * sum(s.checkpoints for s in shapes.values())
