@@ -53,9 +53,9 @@ GENERATE_MIXTURES = len(generate.MIXTURES)
 RECALL_INSTANCES = 8
 RECALL_CAP = 100
 RECALL_TOKENS = 4  # a value is one or two words
-# Extraction runs on a local dask cluster of one process per core when estimated to take longer than
-# this (reference seconds): starting the cluster costs seconds.
-PARALLEL_EXTRACT_MIN = 60.0
+# Extraction runs in this process, torch's threads over the cores: on an idle 2-core machine that scored
+# 38.6k tokens/s (1.65 cores busy) where 2 dask workers of one thread each reached 21k.
+THREADED_SPEEDUP = 1.65
 # The named sets and the tasks are read for the shape of their curves over training (where a set's
 # perplexity turns, the loss at which a task leaves chance, pair preference first/best/last): scored
 # at every second checkpoint of each model (and its last) every finding they support still shows on
@@ -73,7 +73,6 @@ LOGIT_SECONDS = 1.35e-8  # scoring, per token and vocabulary entry: log-softmax,
 FORWARD_OVERHEAD = 0.001  # seconds per layer per forward call (sampling steps)
 LOAD_SECONDS = 0.3  # loading and fingerprinting one checkpoint
 SET_SECONDS = 0.05  # per set and checkpoint: packing, writing and committing the scores
-CLUSTER_SECONDS = 8.0  # starting a local dask cluster and scattering the packed sets
 FILLER_DOCUMENT_TOKENS = 26.7  # tokens of a filler document
 SENTENCE_TOKENS = 13.1  # tokens of a fact sentence with its BOS (main set, each side of a pair)
 TASK_DOCUMENT_TOKENS = 31.0  # tokens of one option of a 2-shot one-fact task (k-fact compositions: k times)
@@ -182,7 +181,6 @@ def estimate_costs(preset: str, workers: int = 1) -> dict[str, float]:
     batch_tokens = chosen.train.batch_size * chosen.seq_len
     train = [training_seconds(s, steps, batch_tokens) for s in shapes.values()]
     extract_seconds = scoring_seconds(shapes, demo_sets(preset))
-    parallel = workers > 1 and extract_seconds > PARALLEL_EXTRACT_MIN
     largest = max(shapes.values(), key=lambda s: s.params)
     smallest = min(shapes.values(), key=lambda s: s.params)
     # PassUntil: per checkpoint and recall question, one batch of RECALL_CAP completions (the toy models
@@ -203,7 +201,7 @@ def estimate_costs(preset: str, workers: int = 1) -> dict[str, float]:
         * (largest.forward_flops(GENERATE_TOKENS) + smallest.forward_flops(GENERATE_TOKENS))
         / FLOPS_PER_SECOND
         / 32,  # batches of 32 prompts, each step re-reading the sequence so far
-        "extract": extract_seconds / workers + CLUSTER_SECONDS if parallel else extract_seconds,
+        "extract": extract_seconds / (THREADED_SPEEDUP if workers > 1 else 1.0),
         "passuntil": passuntil,
         "analyze": ANALYZE_FIXED + ANALYZE_PER_VALUE * analyze_values + FIGURE_SECONDS * len(STUDIES),
         "findings": SUMMARY_FIXED,
@@ -319,7 +317,6 @@ def run_demo(preset: str = "default", seed: int = 0, progress: bool = True) -> d
         )
         for rate in CORRUPT_RATES
     ]
-    extract_workers = workers if steps.costs["extract"] * workers > PARALLEL_EXTRACT_MIN and workers > 1 else None
     task_dir = out.with_name(stem + ".toy-tasks")
 
     def task_files() -> dict:
@@ -336,7 +333,6 @@ def run_demo(preset: str = "default", seed: int = 0, progress: bool = True) -> d
             seed=seed,
             extra_sets=extra,
             every={name: SPARSE_EVERY for name in named},
-            workers=extract_workers,
             progress=progress,
         )
 
