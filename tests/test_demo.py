@@ -107,7 +107,7 @@ def test_second_quick_demo_recomputes_nothing(tmp_path, monkeypatch):
     assert sorted(["main", *store.list_sets(first["store"])]) == sorted(estimated)
     for name, (tokens, every) in estimated.items():
         group = root if name == "main" else root[store.set_path(name)]
-        assert 0.5 < group["loss"].shape[-1] / tokens < 2, name
+        assert 1 / 3 < group["loss"].shape[-1] / tokens < 3, name  # generated text may stop early at EOS
         done = np.asarray(group["done"][...])
         n = done.shape[1]
         assert done.tolist() == [[extract.scored_at(c, n, every) for c in range(n)]] * done.shape[0], name
