@@ -3,8 +3,8 @@
     python benchmarks/demo.py [--preset default] [--cache DIR] [--keep]
 
 Runs `run_demo` twice in a fresh cache directory (default: a temporary one, deleted afterwards
-unless --keep) and prints, per phase (build, generate, extract, tasks, passuntil, analyze, report,
-findings), whether it ran or was skipped, its wall seconds and CPU seconds (this process plus its
+unless --keep) and prints, per phase (build, generate, extract, passuntil, analyze, findings),
+whether it ran or was skipped, its wall seconds and CPU seconds (this process plus its
 finished child processes: the parallel training, the dask workers of a parallel extraction). CPU
 seconds stay meaningful on a shared machine where wall times are inflated; their sum over the wall
 time shows how well the cores were used. Targets: the first run <= 6 minutes on an idle 2-core

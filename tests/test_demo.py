@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import zarr
 
+from tokendyn import store
+from tokendyn.models import extract
 from tokendyn.pipelines import demo
 from tokendyn.toy import build
 
@@ -23,6 +27,39 @@ def test_training_cost_follows_model_flops_and_the_parallel_makespan():
     costs = demo.estimate_costs("default", workers=2)
     assert costs["build"] == pytest.approx(max(seconds["L"], seconds["M"] + seconds["S"]))
     assert demo.estimate_costs("default", workers=1)["build"] == pytest.approx(sum(seconds.values()))
+
+
+def test_scoring_cost_follows_tokens_checkpoints_model_size_and_sparse_sets():
+    small = demo.ModelShape(hidden=24, layers=2, vocab=1000, seq_len=128, checkpoints=25)
+    large = demo.ModelShape(hidden=128, layers=4, vocab=1000, seq_len=128, checkpoints=25)
+    doubled = demo.ModelShape(hidden=24, layers=2, vocab=1000, seq_len=128, checkpoints=50)
+
+    def cost(shape, tokens, every=1):
+        return demo.scoring_seconds({"m": shape}, {"set": (tokens, every)})
+
+    loads = 25 * demo.LOAD_SECONDS
+    # per scored checkpoint: forward FLOPs at the scoring rate + the log-softmax over the vocabulary, written out here
+    per_token = (2 * (12 * 24**2 * 2 + 1000 * 24) + 4 * 2 * 128 * 24) / demo.SCORING_FLOPS_PER_SECOND
+    per_token += 1000 * demo.LOGIT_SECONDS
+    assert cost(small, 1e4) == pytest.approx(25 * (1e4 * per_token + demo.SET_SECONDS) + loads)
+    assert cost(small, 2e4) - cost(small, 1e4) == pytest.approx(25 * 1e4 * per_token)  # linear in tokens
+    assert cost(doubled, 1e4) == pytest.approx(2 * cost(small, 1e4))  # linear in checkpoints
+    # the default preset's largest size measured 5.5x the smallest's seconds per scored token
+    assert 4 < (cost(large, 1e4) - loads) / (cost(small, 1e4) - loads) < 7
+    # a set scored at every second checkpoint: 13 of 25 (0, 2, ..., 24), as extract schedules it
+    assert demo.scored_checkpoints(25, 2) == 13 and demo.scored_checkpoints(26, 2) == 14
+    assert cost(small, 1e4, every=2) - loads == pytest.approx(13 / 25 * (cost(small, 1e4) - loads))
+
+
+def test_the_estimate_follows_the_presets_and_every_phase_has_one():
+    quick, default = demo.estimate_costs("quick", workers=1), demo.estimate_costs("default", workers=1)
+    assert list(quick) == list(demo.PHASES) == list(default)
+    assert all(default[p] > quick[p] for p in ("build", "extract", "passuntil"))
+    sets = demo.demo_sets("default")
+    assert sets.pop("main")[1] == 1 and all(every == demo.SPARSE_EVERY for _, every in sets.values())
+    # two cores: torch's threads, at the speed-up measured on the default preset
+    parallel = demo.estimate_costs("default", workers=2)["extract"]
+    assert parallel == pytest.approx(default["extract"] / demo.THREADED_SPEEDUP)
 
 
 def test_makespan_puts_the_longest_jobs_first():
@@ -61,3 +98,16 @@ def test_second_quick_demo_recomputes_nothing(tmp_path, monkeypatch):
     assert {p: p.stat().st_mtime_ns for p in first["store"].rglob("*") if p.is_file()} == store_files
     assert second["findings"] == first["findings"] and second["analysis_lines"] == first["analysis_lines"]
     assert second["findings"] and second["analysis_lines"]
+    assert (first["report"].parent / "perplexity" / "figure.png").is_file()  # one run of the studies wrote both
+    assert (first["analysis"] / "perplexity_levels.csv").is_file()
+    # The cost model's set sizes track the store's within a factor; the named sets and tasks are done
+    # exactly at the checkpoints extract schedules for every SPARSE_EVERY-th.
+    root = zarr.open_group(first["store"], mode="r")
+    estimated = demo.demo_sets("quick")
+    assert sorted(["main", *store.list_sets(first["store"])]) == sorted(estimated)
+    for name, (tokens, every) in estimated.items():
+        group = root if name == "main" else root[store.set_path(name)]
+        assert 1 / 3 < group["loss"].shape[-1] / tokens < 3, name  # generated text may stop early at EOS
+        done = np.asarray(group["done"][...])
+        n = done.shape[1]
+        assert done.tolist() == [[extract.scored_at(c, n, every) for c in range(n)]] * done.shape[0], name

@@ -12,7 +12,7 @@ import pandas as pd
 
 import tokendyn.studies as analyses
 from conftest import write_suite
-from planted_stores import HOSTILE, planted_report
+from planted_stores import HOSTILE, planted_folder, planted_report
 from tokendyn.cli import main
 from tokendyn.pipelines.report import table_view, write_report
 from tokendyn.studies.study import step_text
@@ -177,3 +177,23 @@ def test_the_paper_year_is_the_same_everywhere():
     ]
     years = {m for f in files for m in re.findall(r"Xia et al\.,? (\d{4})", f.read_text(encoding="utf-8"))}
     assert years == {"2023"}  # ACL 2023 (arXiv 2212.09803), as docs/analyses.md states
+
+
+def test_report_with_analysis_writes_what_analyze_writes_from_one_run_of_the_studies(tmp_path_factory, tmp_path):
+    from tokendyn.pipelines import analyze
+    from tokendyn.store import open_store
+
+    store = planted_folder(tmp_path_factory) / "p.zarr"
+    ran = ["perplexity", "double_descent"]  # double_descent also writes per-token labels
+    index = write_report(store, tmp_path / "report", studies=ran, progress=False, analysis=tmp_path / "both")
+    _check_layout(index, ran)
+    lines = analyze.analyze(open_store(store), tmp_path / "alone", only=ran, progress=False)
+    both, alone = tmp_path / "both", tmp_path / "alone"
+    assert (both / analyze.FINDINGS).read_text().splitlines() == lines
+    assert sorted(p.name for p in both.glob("*.csv")) == sorted(p.name for p in alone.glob("*.csv"))
+    for table in alone.glob("*.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(both / table.name), pd.read_csv(table))
+    labels = sorted(p.relative_to(alone).as_posix() for p in (alone / analyze.LABELS_STORE).rglob("zarr.json"))
+    assert labels and labels == sorted(
+        p.relative_to(both).as_posix() for p in (both / analyze.LABELS_STORE).rglob("zarr.json")
+    )

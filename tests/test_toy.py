@@ -23,7 +23,7 @@ from tokendyn.toy import findings
 from tokendyn.toy import world as toy_world
 from tokendyn.toy.build import MANIFEST, PRESETS, build, build_key, build_parameters, token_stream
 from tokendyn.toy.tokenizer import train_tokenizer
-from tokendyn.toy.train import ModelSize, TrainConfig, checkpoint_steps, opt_config, train
+from tokendyn.toy.train import ModelSize, TrainConfig, checkpoint_steps, opt_config
 
 
 @pytest.fixture(scope="module")
@@ -245,34 +245,6 @@ def test_cache_key_covers_every_parameter(monkeypatch):
     assert base not in keys and len(set(keys)) == len(keys)
 
 
-def test_largest_size_takes_more_threads_at_a_fixed_step(small_world, tmp_path, monkeypatch):
-    _, train_docs, tokenizer = small_world
-    tokens = token_stream([d["text"] for d in train_docs[:20]], tokenizer, 32)
-    cfg = TrainConfig(batch_size=4, warmup_steps=2, log_checkpoints=2, linear_checkpoints=1)
-    seen = []
-    torch.set_num_threads(1)
-    train(
-        ModelSize(hidden=8, layers=1, heads=1, lr=1e-2),
-        tokens,
-        tokenizer,
-        cfg,
-        tmp_path / "m",
-        seed=0,
-        on_step=lambda loss: seen.append(torch.get_num_threads()),
-        threads_from={3: 2},
-    )
-    torch.set_num_threads(1)
-    assert seen == [1, 1, 1] + [2] * (len(tokens) // cfg.batch_size - 3)
-    # the preset says when, as a share of the steps; the key covers it
-    monkeypatch.setitem(PRESETS, "quick", dataclasses.replace(PRESETS["quick"], share_cores_after=0.5))
-    params = build_parameters("quick", threads=1)
-    assert params["share_cores"] == {"size": "L", "after": 0.5, "threads": 2}
-    assert toy_build._threads_from(params["share_cores"], 40) == {"L": {20: 2}}
-    monkeypatch.setitem(PRESETS, "quick", dataclasses.replace(PRESETS["quick"], share_cores_after=None))
-    assert "share_cores" not in build_parameters("quick", threads=1)  # earlier builds' keys still hold
-    assert build_key(params) != build_key(build_parameters("quick", threads=1))
-
-
 def test_build_refuses_to_replace_a_foreign_directory(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(TokendynError, match="not a toy suite"):
@@ -304,10 +276,9 @@ def test_parallel_training_equals_sequential(small_world, tmp_path, monkeypatch)
     steps = len(tokens) // cfg.batch_size
     monkeypatch.setattr(toy_build, "PARALLEL_MIN_SECONDS", 0.0)
     monkeypatch.setattr(toy_build.os, "cpu_count", lambda: 2)
-    schedule = {"b": {steps // 2: 2}}  # the larger size takes both cores half-way
-    parallel, seconds = toy_build.train_sizes(sizes, tokens, tokenizer, cfg, tmp_path / "par", 0, 1, False, schedule)
+    parallel, seconds = toy_build.train_sizes(sizes, tokens, tokenizer, cfg, tmp_path / "par", 0, 1, False)
     monkeypatch.setattr(toy_build, "PARALLEL_MIN_SECONDS", math.inf)
-    sequential, _ = toy_build.train_sizes(sizes, tokens, tokenizer, cfg, tmp_path / "seq", 0, 1, False, schedule)
+    sequential, _ = toy_build.train_sizes(sizes, tokens, tokenizer, cfg, tmp_path / "seq", 0, 1, False)
     assert parallel == sequential and set(seconds) == {"a", "b"}
     for name, saved in parallel.items():
         assert saved[-1] == steps

@@ -67,8 +67,8 @@ def _commit(out: Path):
     from distributed import Lock
 
     def commit(_root, name: str, m: int, c: int, model_name: str) -> None:
-        with Lock(lock_name(out)):
-            store.mark_done(zarr.open_group(out, mode="r+"), name, m, c, model_name)
+        with Lock(lock_name(out)):  # the consolidated metadata is refreshed once per checkpoint, by score_task
+            store.mark_done(zarr.open_group(out, mode="r+"), name, m, c, model_name, refresh=False)
 
     return commit
 
@@ -121,6 +121,10 @@ def score_task(
         score_checkpoint(
             suite, root, {name: sets[name] for name in names}, m, c, bar=counter, commit=_commit(out), **options
         )
+    # Once for all the sets (each refresh rereads the whole store's metadata, under the lock that
+    # serialises the workers' commits); until then the consolidated copy claims less than is done.
+    with Lock(lock_name(out)):
+        store.consolidate(zarr.open_group(out, mode="r+"))
     ckpt = suite.models[m].checkpoints[c]
     freed = evict(ckpt.hub_id, ckpt.revision, keep) if keep is not None and ckpt.path is None else 0
     return {

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -141,6 +141,7 @@ def extract(
     workers: int | None = None,
     prefetch: int = 1,
     evict: bool = False,
+    every: Mapping[str, int] | None = None,
 ) -> Path:
     """Score every evaluation set of `suite` with every checkpoint into the store at `out`.
 
@@ -161,6 +162,9 @@ def extract(
         workers (one task per checkpoint; see `tokendyn.models.distributed`).
     prefetch : hub checkpoints downloaded ahead while the current one is scored (on a cluster: per worker).
     evict : delete each scored hub revision this run downloaded from the Hugging Face cache.
+    every : {set name: k}: score that set only at every k-th checkpoint of each model and at its last
+        (`scored_at`); it stays not done (NaN in the analyses) at the others, which a later run
+        without `every` fills in. For sets that only need the shape of a curve.
 
     A rerun skips complete checkpoints and recomputes interrupted ones.
     """
@@ -183,6 +187,7 @@ def extract(
     tokenizer_fp = checkpoints.check_tokenizers(suite)
     _check_context(suite, max(s.seq_len for s in (suite.eval, *suite.sets)), trust_remote_code)  # before packing
     sets = {"main": tokenize_set(suite.eval, tokenizer), **{s.name: tokenize_set(s, tokenizer) for s in suite.sets}}
+    every = _check_every(every, sets)
     model_coords = _model_coords(suite, trust_remote_code)
     vocab_text = np.asarray(checkpoints.surface_texts(tokenizer), dtype=object)
     layout = store.Layout(suite.to_dict(), tokenizer_fp, metrics, store_dtype)
@@ -205,7 +210,16 @@ def extract(
         _repair(out)
         root = store.prepare(out, layout, sets, model_coords, vocab_text, __version__, summaries)
         todo = [
-            (m, c, [name for name in sets if force or not store.is_done(root, name, m, c)])
+            (
+                m,
+                c,
+                [
+                    name
+                    for name in sets
+                    if scored_at(c, len(spec.checkpoints), every.get(name, 1))
+                    and (force or not store.is_done(root, name, m, c))
+                ],
+            )
             for m, spec in enumerate(suite.models)
             for c in range(len(spec.checkpoints))
         ]
@@ -262,6 +276,12 @@ def extract(
     return out
 
 
+def scored_at(c: int, n: int, every: int) -> bool:
+    """Whether a set scored at every `every`-th checkpoint is scored at checkpoint `c` of a model's `n`:
+    c = 0, every, 2 every, ... and the last, n - 1."""
+    return c % every == 0 or c == n - 1
+
+
 def batching(batch_tokens: int | None, batch_size: int | str | None) -> tuple[int | None, int | str | None]:
     """(batch_tokens, batch_size) with exactly one set: the token budget by default, else the batch size.
 
@@ -315,6 +335,14 @@ def auto_batch_size(
         f"--batch-size auto: {size} windows of up to {window} tokens per forward pass, the most that fit in "
         f"{gpu.MEMORY_SHARE:.0%} of {memory} beside the weights of model '{limit}'"
     )
+def _check_every(every: Mapping[str, int] | None, sets: Mapping[str, ScoredSet]) -> dict[str, int]:
+    every = dict(every or {})
+    for name, k in every.items():
+        if name not in sets or name == "main":
+            raise TokendynError(f"every: '{name}' is not a named evaluation set of this run; name one of its sets")
+        if not isinstance(k, int) or k < 1:
+            raise TokendynError(f"every: {name}={k!r}; give a whole number of checkpoints, at least 1")
+    return every
 
 
 def _repair(out: Path) -> None:

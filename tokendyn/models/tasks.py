@@ -93,14 +93,16 @@ def score_tasks(
     seed: int = 0,
     delimiter: str = " ",
     trust_remote_code: bool = False,
+    extra_sets: Sequence[EvalSet] = (),
     **extract_options,
 ) -> Path:
     """Score every option of every task with every checkpoint of the suite into the store at `out`.
 
     Each task becomes the evaluation set `task.<name>` (its documents are written to
-    `documents_dir(out)`); the main set and the suite's own sets are scored too where not done yet,
-    and a rerun resumes. extract_options go to `tokendyn.models.extract.extract` (device, dtype,
-    batch_tokens, allow_pickle, progress, ...). Rerunning a task with other shots, seed or items
+    `documents_dir(out)`); the main set, the suite's own sets and `extra_sets` are scored too where
+    not done yet (each checkpoint is loaded once for all of them), and a rerun resumes.
+    extract_options go to `tokendyn.models.extract.extract` (device, dtype, batch_tokens,
+    allow_pickle, progress, every, ...). Rerunning a task with other shots, seed or items
     is refused by the store (its text differs): write to a new store.
     """
     from tokendyn.models.extract import extract
@@ -126,4 +128,4 @@ def score_tasks(
         )
         for t in tasks
     ]
-    return extract(suite, out, extra_sets=sets, trust_remote_code=trust_remote_code, **extract_options)
+    return extract(suite, out, extra_sets=[*extra_sets, *sets], trust_remote_code=trust_remote_code, **extract_options)

@@ -1,7 +1,8 @@
 """`tokendyn demo`: the whole job on the built-in suite, from nothing to findings, in one call.
 
-build (or reuse) the toy suite -> generate the contrastive sets -> extract every evaluation set ->
-score the world's multiple-choice tasks and run PassUntil on its recall questions -> analyze -> report ->
+build (or reuse) the toy suite -> generate the contrastive sets -> extract every evaluation set and
+the world's multiple-choice tasks (each checkpoint loaded once for all of them) -> run PassUntil on its
+recall questions -> analyze, writing the analysis folder and the report from one run of the studies ->
 findings. Every phase is skipped when its output is up to date: the build is cached by its
 parameters, generated text is kept next to the store, and a ledger next to the store
 (`<store>.demo.json`) records for every later phase a hash of its inputs (its parameters, tokendyn's
@@ -27,11 +28,13 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from tokendyn import __version__, store
+from tokendyn import __version__
 from tokendyn.config.suite import EvalSet, load_suite
 from tokendyn.data.tasks import read_task
 from tokendyn.models import extract, generate, sampling, tasks
 from tokendyn.pipelines import analyze, report
+from tokendyn.store import TASK_SET_PREFIX
+from tokendyn.studies import STUDIES
 from tokendyn.toy import build, findings
 from tokendyn.toy import tasks as toy_tasks
 from tokendyn.toy.train import checkpoint_steps
@@ -50,23 +53,35 @@ GENERATE_MIXTURES = len(generate.MIXTURES)
 RECALL_INSTANCES = 8
 RECALL_CAP = 100
 RECALL_TOKENS = 4  # a value is one or two words
-# Extraction runs on a local dask cluster of one process per core when estimated to take longer than
-# this (reference seconds): starting the cluster costs seconds.
-PARALLEL_EXTRACT_MIN = 60.0
-PHASES = ("build", "generate", "extract", "tasks", "passuntil", "analyze", "report", "findings")
+# Extraction runs in this process, torch's threads over the cores: on an idle 2-core machine that scored
+# 38.6k tokens/s (1.65 cores busy) where 2 dask workers of one thread each reached 21k.
+THREADED_SPEEDUP = 1.65
+# The named sets and the tasks are read for the shape of their curves over training (where a set's
+# perplexity turns, the loss at which a task leaves chance, pair preference first/best/last): scored
+# at every second checkpoint of each model (and its last) every finding they support still shows on
+# the default suite, at half the cost. The main set, whose per-token trajectories most studies read,
+# keeps every checkpoint.
+SPARSE_EVERY = 2
+PHASES = ("build", "generate", "extract", "passuntil", "analyze", "findings")
 
-# The cost model, in seconds of one reference core (AVX2, float32). The rate is what tiny models
-# reach (far below the GEMM peak); the overheads are per model call and per checkpoint load.
-FLOPS_PER_SECOND = 4e10
+# The cost model, in seconds of one reference core (AVX2, float32), each constant measured on the
+# default preset (benchmarks/demo.py prints the estimates beside the measurements).
+FLOPS_PER_SECOND = 4e10  # training: batches of 4096 tokens
 STEP_OVERHEAD = 0.004  # seconds per layer per training step (Python, small kernels)
-FORWARD_OVERHEAD = 0.001  # seconds per layer per forward call (scoring batches, sampling steps)
-LOAD_SECONDS = 0.2  # loading and fingerprinting one checkpoint
+SCORING_FLOPS_PER_SECOND = 2.2e10  # scoring: the toy models' narrow layers run far below the training rate
+LOGIT_SECONDS = 1.35e-8  # scoring, per token and vocabulary entry: log-softmax, metrics, writing
+FORWARD_OVERHEAD = 0.001  # seconds per layer per forward call (sampling steps)
+LOAD_SECONDS = 0.3  # loading and fingerprinting one checkpoint
 SET_SECONDS = 0.05  # per set and checkpoint: packing, writing and committing the scores
+FILLER_DOCUMENT_TOKENS = 26.7  # tokens of a filler document
+SENTENCE_TOKENS = 13.1  # tokens of a fact sentence with its BOS (main set, each side of a pair)
+TASK_DOCUMENT_TOKENS = 31.0  # tokens of one option of a 2-shot one-fact task (k-fact compositions: k times)
+PASSUNTIL_FIXED = 5.0  # PassUntil: checking that the main set is done, preparing the task's group
 TOKENS_PER_SENTENCE = 11.7  # training tokens per rendered sentence (measured on the default world)
-ANALYZE_PER_VALUE = 2e-6  # analyze, per (token, checkpoint, model) of the main set
-ANALYZE_FIXED = 35.0  # analyze: importing and fitting regardless of size (measured on the quick preset)
-REPORT_FIXED = 50.0  # report: drawing every figure (measured on the quick preset)
-SUMMARY_FIXED = 3.0
+ANALYZE_PER_VALUE = 3.4e-5  # analyze, per (token, checkpoint, model) of the main set (default 84 s, quick 35 s)
+ANALYZE_FIXED = 35.0  # analyze: running every study regardless of size (the quick preset)
+FIGURE_SECONDS = 2.5  # drawing and saving one study's figure (PNG and SVG)
+SUMMARY_FIXED = 10.0  # the toy findings: reading the pairs and attribute-value tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,41 +131,67 @@ def makespan(costs: list[float], workers: int) -> float:
     return max(loads)
 
 
-def scoring_seconds(shapes: dict[str, ModelShape], tokens: float, n_sets: int, calls: float = 1.0) -> float:
-    """Reference seconds to score `tokens` in `n_sets` sets under every checkpoint of every size (forward only)."""
-    per_checkpoint = {
-        name: s.forward_flops(tokens) / FLOPS_PER_SECOND
-        + LOAD_SECONDS
-        + SET_SECONDS * n_sets
-        + FORWARD_OVERHEAD * s.layers * calls
-        for name, s in shapes.items()
+def scored_checkpoints(n: int, every: int) -> int:
+    """How many of a model's n checkpoints a set scored at every `every`-th is scored at (`extract.scored_at`)."""
+    return sum(extract.scored_at(c, n, every) for c in range(n))
+
+
+def token_seconds(shape: ModelShape) -> float:
+    """Reference seconds to score one token: its forward FLOPs and the log-softmax over the vocabulary."""
+    return shape.forward_flops(1) / SCORING_FLOPS_PER_SECOND + shape.vocab * LOGIT_SECONDS
+
+
+def scoring_seconds(shapes: dict[str, ModelShape], sets: dict[str, tuple[float, int]]) -> float:
+    """Reference seconds to score `sets` ({name: (tokens, every)}) with every size: per scored checkpoint
+    and set the forward FLOPs and the per-token log-softmax over the vocabulary, plus a fixed cost per
+    set, and one load per checkpoint."""
+    total = 0.0
+    for shape in shapes.values():
+        per_token = token_seconds(shape)
+        for tokens, every in sets.values():
+            total += scored_checkpoints(shape.checkpoints, every) * (tokens * per_token + SET_SECONDS)
+        total += shape.checkpoints * LOAD_SECONDS
+    return total
+
+
+def demo_sets(preset: str) -> dict[str, tuple[float, int]]:
+    """The sets the demo's extract phase scores, {name: (tokens, every)}, estimated from the world's size."""
+    world = build.PRESETS[preset].world
+    facts = world.n_entities * len(ATTRIBUTES)
+    defaults = {name: p.default for name, p in inspect.signature(toy_tasks.write_tasks).parameters.items()}
+    n_items, options = min(world.n_entities, defaults["n_items"]), defaults["n_options"]
+    task_sets = {f"task.toy_{a}": 1 for a in ATTRIBUTES} | {f"task.toy_compose{k}": k for k in defaults["ks"]}
+    sets = {
+        "main": (facts * SENTENCE_TOKENS, 1),
+        "filler": (world.n_filler_docs * FILLER_DOCUMENT_TOKENS, SPARSE_EVERY),
+        "facts": (2 * facts * SENTENCE_TOKENS, SPARSE_EVERY),
+        "hallucinated": (GENERATE_PROMPTS * GENERATE_MIXTURES * GENERATE_TOKENS, SPARSE_EVERY),
     }
-    return sum(s.checkpoints * per_checkpoint[name] for name, s in shapes.items())
+    n_main = max(1, facts // len(ATTRIBUTES))  # one document per entity
+    corrupted = max(CORRUPT_MIN, int(CORRUPT_SHARE * n_main)) / n_main * sets["main"][0]
+    sets |= {f"corrupted-{rate}": (corrupted, SPARSE_EVERY) for rate in CORRUPT_RATES}
+    sets |= {name: (n_items * options * k * TASK_DOCUMENT_TOKENS, SPARSE_EVERY) for name, k in task_sets.items()}
+    return sets
 
 
 def estimate_costs(preset: str, workers: int = 1) -> dict[str, float]:
     """Estimated wall seconds of every phase of a fresh demo on `workers` idle reference cores."""
     chosen = build.PRESETS[preset]
     shapes, steps = preset_shapes(preset)
-    world = chosen.world
     batch_tokens = chosen.train.batch_size * chosen.seq_len
     train = [training_seconds(s, steps, batch_tokens) for s in shapes.values()]
-    fact_tokens = 8  # a held-out fact sentence
-    main_tokens = world.n_entities * len(ATTRIBUTES) * fact_tokens
-    filler_tokens = world.n_filler_docs * 4 * TOKENS_PER_SENTENCE
-    pairs_tokens = 2 * world.n_entities * len(ATTRIBUTES) * fact_tokens
-    generated_tokens = GENERATE_PROMPTS * GENERATE_MIXTURES * (GENERATE_TOKENS + 6)
-    corrupted_tokens = len(CORRUPT_RATES) * max(CORRUPT_MIN * 40, CORRUPT_SHARE * main_tokens)
-    extract_tokens = main_tokens + filler_tokens + pairs_tokens + generated_tokens + corrupted_tokens
-    extract_sets = 4 + len(CORRUPT_RATES)  # main, filler, facts, hallucinated, corrupted
-    extract_seconds = scoring_seconds(shapes, extract_tokens, extract_sets)
-    extract_workers = workers if extract_seconds > PARALLEL_EXTRACT_MIN else 1
+    extract_seconds = scoring_seconds(shapes, demo_sets(preset))
     largest = max(shapes.values(), key=lambda s: s.params)
     smallest = min(shapes.values(), key=lambda s: s.params)
-    # Choice tasks: a group of 4 options per item, with 2 demonstrations, for every attribute and composition.
-    task_items = min(world.n_entities, inspect.signature(toy_tasks.write_tasks).parameters["n_items"].default)
-    task_tokens = task_items * (len(ATTRIBUTES) + 2) * 4 * 3 * fact_tokens
-    recall_samples = RECALL_INSTANCES * RECALL_CAP
+    # PassUntil: per checkpoint and recall question, one batch of RECALL_CAP completions (the toy models
+    # rarely pass twice in fewer; the default suite drew 100 for each): a KV-cached call per new token
+    # and one for the prompt, each over the batch's last positions.
+    calls = RECALL_INSTANCES * (RECALL_TOKENS + 1)
+    passuntil = PASSUNTIL_FIXED + sum(
+        s.checkpoints * (LOAD_SECONDS + calls * (FORWARD_OVERHEAD * s.layers + RECALL_CAP * token_seconds(s)))
+        for s in shapes.values()
+    )
+    main_tokens = demo_sets(preset)["main"][0]
     analyze_values = main_tokens * sum(s.checkpoints for s in shapes.values())
     return {
         "build": makespan(train, min(workers, len(train))),
@@ -160,11 +201,9 @@ def estimate_costs(preset: str, workers: int = 1) -> dict[str, float]:
         * (largest.forward_flops(GENERATE_TOKENS) + smallest.forward_flops(GENERATE_TOKENS))
         / FLOPS_PER_SECOND
         / 32,  # batches of 32 prompts, each step re-reading the sequence so far
-        "extract": extract_seconds / extract_workers,
-        "tasks": scoring_seconds(shapes, task_tokens, len(ATTRIBUTES) + 2),
-        "passuntil": scoring_seconds(shapes, recall_samples * RECALL_TOKENS * 3 * fact_tokens, 1, RECALL_TOKENS),
-        "analyze": ANALYZE_FIXED + ANALYZE_PER_VALUE * analyze_values,
-        "report": REPORT_FIXED,
+        "extract": extract_seconds / (THREADED_SPEEDUP if workers > 1 else 1.0),
+        "passuntil": passuntil,
+        "analyze": ANALYZE_FIXED + ANALYZE_PER_VALUE * analyze_values + FIGURE_SECONDS * len(STUDIES),
         "findings": SUMMARY_FIXED,
     }
 
@@ -278,28 +317,35 @@ def run_demo(preset: str = "default", seed: int = 0, progress: bool = True) -> d
         )
         for rate in CORRUPT_RATES
     ]
-    extract_workers = workers if steps.costs["extract"] * workers > PARALLEL_EXTRACT_MIN and workers > 1 else None
-
-    def run_extract() -> None:
-        extract.extract(suite, out, extra_sets=extra, progress=progress, workers=extract_workers)
-
-    ledger.run(steps, "extract", [suite_key, [dataclasses.asdict(s) for s in extra]], run_extract, out)
-
     task_dir = out.with_name(stem + ".toy-tasks")
 
     def task_files() -> dict:
         return toy_tasks.write_tasks(suite_path.parent, task_dir, n_recall=RECALL_INSTANCES, seed=seed)
 
-    def run_tasks() -> None:
+    def run_extract() -> None:
         choice = [read_task(t["path"]) for t in task_files().values() if t["kind"] == "choice"]
-        tasks.score_tasks(suite, out, choice, shots=2, seed=seed, progress=progress)
+        named = [s.name for s in (*suite.sets, *extra)] + [TASK_SET_PREFIX + t.name for t in choice]
+        tasks.score_tasks(
+            suite,
+            out,
+            choice,
+            shots=2,
+            seed=seed,
+            extra_sets=extra,
+            every={name: SPARSE_EVERY for name in named},
+            progress=progress,
+        )
 
-    ledger.run(steps, "tasks", [suite_key, seed, RECALL_INSTANCES], run_tasks, out)
+    inputs = [suite_key, [dataclasses.asdict(s) for s in extra], seed, RECALL_INSTANCES, SPARSE_EVERY]
+    ledger.run(steps, "extract", inputs, run_extract, out)
 
     def run_pass_until() -> None:
+        # Without the named sets: PassUntil's own extraction then only checks that the main set is done
+        # (it would otherwise score the sets at the checkpoints the extract phase left out).
+        main_only = dataclasses.replace(suite, sets=())
         for task in (t for t in task_files().values() if t["kind"] == "generation"):
             sampling.run_pass_until(
-                suite,
+                main_only,
                 out,
                 task["path"],
                 passes=2,
@@ -313,16 +359,12 @@ def run_demo(preset: str = "default", seed: int = 0, progress: bool = True) -> d
 
     stamp = _stamp(out)
     folder = analyze.default_folder(out)
-    summary_file = folder / "summary.txt"
+    index = report.default_folder(out) / report.INDEX
 
     def run_analyze() -> None:
-        lines = analyze.analyze(store.open_store(out), folder, progress=progress)
-        summary_file.write_text("\n".join(lines) + "\n")
+        report.write_report(out, index.parent, progress=progress, analysis=folder)
 
-    ledger.run(steps, "analyze", [stamp], run_analyze, store_out=None, outputs=[summary_file])
-    report_dir = out.with_name(stem + ".report")
-    index = report_dir / "index.html"
-    ledger.run(steps, "report", [stamp], lambda: report.write_report(out, report_dir, progress=progress), None, [index])
+    ledger.run(steps, "analyze", [stamp], run_analyze, store_out=None, outputs=[folder / analyze.FINDINGS, index])
     findings_file = out.with_name(stem + ".findings.txt")
     ledger.run(
         steps,
@@ -336,7 +378,7 @@ def run_demo(preset: str = "default", seed: int = 0, progress: bool = True) -> d
         "suite": suite_path,
         "store": out,
         "analysis": folder,
-        "analysis_lines": summary_file.read_text().splitlines(),
+        "analysis_lines": (folder / analyze.FINDINGS).read_text().splitlines(),
         "findings": findings_file.read_text().splitlines(),
         "report": index,
         "phases": steps.status,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import datetime
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import jinja2
@@ -28,7 +29,7 @@ import pandas as pd
 import xarray as xr
 
 import tokendyn
-from tokendyn.pipelines.analyze import Outcome, run_studies, select
+from tokendyn.pipelines.analyze import FINDINGS, Outcome, run_studies, select, write_results
 from tokendyn.pipelines.output import mark, output_folder
 from tokendyn.store import open_store
 from tokendyn.studies.study import save
@@ -50,20 +51,24 @@ def write_report(
     options: dict[str, dict] | None = None,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
+    analysis: str | Path | None = None,
 ) -> Path:
     """Run the studies (all of `STUDIES`, or those named) on the store's main set and write the
     report into out_dir (default: beside the store, `<name>.report`). Returns the path of index.html.
 
     options: keyword arguments per study, e.g. {"trend_categories": {"x": "index"}}. out_dir is
     replaced whole when the report is complete (a folder tokendyn did not write is refused). echo:
-    called with one line per study (done, or skipped and why).
+    called with one line per study (done, or skipped and why). analysis: also write the analysis
+    folder there, as `tokendyn analyze` does (tables, labels.zarr, findings.txt), from the same run
+    of the studies, so that a caller wanting both runs each study once.
     """
     store = Path(store)
     names = select(studies)
     ds = open_store(store)
     out = Path(out_dir) if out_dir is not None else default_folder(store)
-    with output_folder(out) as tmp:
-        sections, skipped = [], []
+    also = output_folder(Path(analysis)) if analysis is not None else nullcontext()
+    with output_folder(out) as tmp, also as analysis_tmp:
+        sections, skipped, lines = [], [], []
         for outcome in run_studies(ds, names, options, progress, desc="report"):
             if echo:
                 echo(
@@ -73,12 +78,17 @@ def write_report(
                 )
                 for note in outcome.notes:
                     echo(f"{outcome.name}: warning: {note}")
+            lines += outcome.lines()
             if outcome.result is None:
                 skipped.append(outcome)
             else:
+                if analysis_tmp is not None:
+                    write_results(outcome.result, analysis_tmp)
                 files = save(outcome.result, tmp / outcome.name)
                 mark(tmp / outcome.name)  # so `python -m analyses.NAME` may replace it
                 sections.append(section(outcome, files, tmp))
+        if analysis_tmp is not None:
+            (analysis_tmp / FINDINGS).write_text("\n".join(lines) + "\n", encoding="utf-8")
         (tmp / INDEX).write_text(render(store, ds, sections, skipped), encoding="utf-8")
     return out / INDEX
 

@@ -50,20 +50,12 @@ REPORT_EVERY = 10  # training steps between progress messages
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-    """Everything a build depends on besides the seed: world, training, sequence length, sizes.
-
-    share_cores_after: the share of its steps after which the largest size trains with twice the
-        threads (None: never). The sizes train in parallel, the largest alone on one core and the
-        others after each other on the other; this is when those are done, so the largest size
-        then has both cores. A fixed step, not the moment they finish, because the weights depend
-        on the thread count.
-    """
+    """Everything a build depends on besides the seed: world, training, sequence length, sizes."""
 
     world: toy_world.WorldConfig
     train: TrainConfig
     seq_len: int
     sizes: dict[str, ModelSize]
-    share_cores_after: float | None = None
 
 
 PRESETS = {
@@ -112,7 +104,7 @@ def build_parameters(
     unknown = [n for n in names if n not in chosen.sizes]
     if unknown or not names:
         raise TokendynError(f"unknown or no sizes {unknown or names}; preset {preset!r} has {', '.join(chosen.sizes)}")
-    params = {
+    return {
         "version": BUILD_VERSION,
         "preset": preset,
         "seed": seed,
@@ -122,15 +114,6 @@ def build_parameters(
         "train": dataclasses.asdict(chosen.train),
         "sizes": {n: dataclasses.asdict(chosen.sizes[n]) for n in names},
     }
-    if chosen.share_cores_after is not None:  # absent otherwise, so the keys of earlier builds still hold
-        params["share_cores"] = _share_cores(chosen, threads)
-    return params
-
-
-def _share_cores(preset: Preset, threads: int) -> dict:
-    """The preset's largest size, the share of its steps after which it trains with `threads` doubled."""
-    largest = max(preset.sizes, key=lambda n: preset.sizes[n].layers * preset.sizes[n].hidden ** 2)
-    return {"size": largest, "after": preset.share_cores_after, "threads": 2 * threads}
 
 
 def build_key(params: dict) -> str:
@@ -235,26 +218,11 @@ def _write_suite(root: Path, params: dict, key: str, progress: bool) -> dict[str
     timings = {"data": time.perf_counter() - started}
 
     saved, seconds = train_sizes(
-        params["sizes"],
-        tokens,
-        tokenizer,
-        train_cfg,
-        root / "ckpts",
-        seed,
-        params["threads"],
-        progress,
-        threads_from=_threads_from(params.get("share_cores"), len(tokens) // train_cfg.batch_size),
+        params["sizes"], tokens, tokenizer, train_cfg, root / "ckpts", seed, params["threads"], progress
     )
     timings.update(seconds)
     _write_toml(root / "suite.toml", params, key, saved, set_lengths, tokens_per_step=train_cfg.batch_size * seq_len)
     return timings
-
-
-def _threads_from(share_cores: dict | None, steps: int) -> dict[str, dict[int, int]]:
-    """size -> {step: threads} (train's threads_from) for the build parameters' `share_cores`."""
-    if share_cores is None:
-        return {}
-    return {share_cores["size"]: {round(share_cores["after"] * steps): share_cores["threads"]}}
 
 
 def step_seconds(size: ModelSize, tokens: torch.Tensor, tokenizer, cfg: TrainConfig, repeats: int = 2) -> float:
@@ -281,18 +249,15 @@ def train_sizes(
     seed: int,
     threads: int,
     progress: bool,
-    threads_from: dict[str, dict[int, int]] | None = None,
 ) -> tuple[dict[str, list[int]], dict[str, float]]:
     """Train every size (saved under out/<name>); returns (saved steps, seconds) per size.
 
     Sizes train in parallel processes, one per core (each with `threads` torch threads, so the
     weights equal a sequential build's), when the training is long enough to pay for starting
-    them (PARALLEL_MIN_SECONDS); `threads_from` gives a size's later steps more threads (train's
-    argument). The progress bar counts each size's steps weighted by its measured step cost, so
-    its ETA holds although the sizes' steps cost very different times.
+    them (PARALLEL_MIN_SECONDS). The progress bar counts each size's steps weighted by its
+    measured step cost, so its ETA holds although the sizes' steps cost very different times.
     """
     steps = len(tokens) // cfg.batch_size
-    threads_from = threads_from or {}
     cost = {name: step_seconds(ModelSize(**size), tokens, tokenizer, cfg) for name, size in sizes.items()}
     workers = min(len(sizes), os.cpu_count() or 1)
     parallel = workers > 1 and steps * sum(cost.values()) > PARALLEL_MIN_SECONDS
@@ -310,32 +275,18 @@ def train_sizes(
 
         if not parallel:
             results = {
-                name: _train_one(
-                    name, size, tokens, tokenizer, cfg, out / name, seed, threads, threads_from.get(name), report
-                )
+                name: _train_one(name, size, tokens, tokenizer, cfg, out / name, seed, threads, report)
                 for name, size in sizes.items()
             }
         else:
-            results = _train_parallel(
-                sizes, cost, workers, tokens, tokenizer, cfg, out, seed, threads, threads_from, report
-            )
+            results = _train_parallel(sizes, cost, workers, tokens, tokenizer, cfg, out, seed, threads, report)
     return {name: r[0] for name, r in results.items()}, {name: r[1] for name, r in results.items()}
 
 
 def _train_one(
-    name: str,
-    size: dict,
-    tokens: torch.Tensor,
-    tokenizer,
-    cfg: TrainConfig,
-    out: Path,
-    seed: int,
-    threads: int,
-    threads_from: dict[int, int] | None,
-    report,
+    name: str, size: dict, tokens: torch.Tensor, tokenizer, cfg: TrainConfig, out: Path, seed: int, threads: int, report
 ) -> tuple[list[int], float]:
-    """Train one size with `threads` torch threads (then `threads_from`); report(name, steps, loss) every
-    REPORT_EVERY steps."""
+    """Train one size with `threads` torch threads; report(name, steps, loss) every REPORT_EVERY steps."""
     torch.set_num_threads(threads)
     hf_logging.disable_progress_bar()
     started, count, last = time.perf_counter(), 0, float("nan")
@@ -347,7 +298,7 @@ def _train_one(
             report(name, count, loss)
             count = 0
 
-    saved = train(ModelSize(**size), tokens, tokenizer, cfg, out, seed=seed, on_step=on_step, threads_from=threads_from)
+    saved = train(ModelSize(**size), tokens, tokenizer, cfg, out, seed=seed, on_step=on_step)
     if count:
         report(name, count, last)
     return saved, time.perf_counter() - started
@@ -363,7 +314,6 @@ def _train_parallel(
     out: Path,
     seed: int,
     threads: int,
-    threads_from: dict[str, dict[int, int]],
     report,
 ) -> dict[str, tuple[list[int], float]]:
     """`_train_one` for every size in a pool of spawned processes, the costliest first (balances the cores)."""
@@ -371,18 +321,7 @@ def _train_parallel(
     messages = context.Queue()
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_set_messages, initargs=(messages,)) as pool:
         futures = {
-            name: pool.submit(
-                _train_worker,
-                name,
-                sizes[name],
-                tokens,
-                tokenizer,
-                cfg,
-                out / name,
-                seed,
-                threads,
-                threads_from.get(name),
-            )
+            name: pool.submit(_train_worker, name, sizes[name], tokens, tokenizer, cfg, out / name, seed, threads)
             for name in sorted(sizes, key=cost.get, reverse=True)
         }
         while not all(f.done() for f in futures.values()) or not messages.empty():
@@ -400,19 +339,9 @@ def _set_messages(messages) -> None:
 
 
 def _train_worker(
-    name: str,
-    size: dict,
-    tokens: torch.Tensor,
-    tokenizer,
-    cfg: TrainConfig,
-    out: Path,
-    seed: int,
-    threads: int,
-    threads_from: dict[int, int] | None,
+    name: str, size: dict, tokens: torch.Tensor, tokenizer, cfg: TrainConfig, out: Path, seed: int, threads: int
 ) -> tuple[list[int], float]:
-    return _train_one(
-        name, size, tokens, tokenizer, cfg, out, seed, threads, threads_from, lambda *message: _messages.put(message)
-    )
+    return _train_one(name, size, tokens, tokenizer, cfg, out, seed, threads, lambda *message: _messages.put(message))
 
 
 def token_stream(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:

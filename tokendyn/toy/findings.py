@@ -40,7 +40,8 @@ def pair_preference_table(store: str | Path) -> pd.DataFrame:
 
 def false_statement_table(store: str | Path) -> pd.DataFrame:
     scores = sequences.pair_scores(open_store(store, set=PAIRS_SET)).sel(side="false")
-    false_loss = (scores["total"].sum("pair") / scores["n_tokens"].sum("pair")).compute()
+    # min_count: a checkpoint at which the set was not scored stays NaN (a plain sum would make it 0 nats)
+    false_loss = (scores["total"].sum("pair", min_count=1) / scores["n_tokens"].sum("pair")).compute()
     rows = []
     for model in false_loss["model"].values:
         curve = _done(false_loss.sel(model=model))

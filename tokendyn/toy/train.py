@@ -98,16 +98,12 @@ def train(
     out: Path,
     seed: int,
     on_step: Callable[[float], None] | None = None,
-    threads_from: dict[int, int] | None = None,
 ) -> list[int]:
     """Train on `tokens` (n_sequences, seq_len) for one pass; save checkpoints as `out/step<N>`.
 
     Step N is the model after N optimiser updates (step 0 is the initialisation). Returns the
     saved steps. `on_step(loss)` is called after every update (for progress bars).
-    threads_from: {step: n} sets torch's CPU thread count to n before that step (the weights
-        depend on it, so it is fixed by step, never by timing).
     """
-    threads_from = threads_from or {}
     total = len(tokens) // cfg.batch_size
     if total < 1:
         raise ValueError(f"{len(tokens)} sequences make no batch of {cfg.batch_size}")
@@ -122,8 +118,6 @@ def train(
             tokenizer.save_pretrained(out / f"step{step}")
         if step == total:
             break
-        if step in threads_from:
-            torch.set_num_threads(threads_from[step])
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, total, size.lr, cfg)
         batch = tokens[step * cfg.batch_size : (step + 1) * cfg.batch_size]
