@@ -335,6 +335,8 @@ def auto_batch_size(
         f"--batch-size auto: {size} windows of up to {window} tokens per forward pass, the most that fit in "
         f"{gpu.MEMORY_SHARE:.0%} of {memory} beside the weights of model '{limit}'"
     )
+
+
 def _check_every(every: Mapping[str, int] | None, sets: Mapping[str, ScoredSet]) -> dict[str, int]:
     every = dict(every or {})
     for name, k in every.items():
