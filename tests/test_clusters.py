@@ -328,3 +328,21 @@ def test_change_features_reproduce_the_detectors(planted):
     trend = changes.sel(change="late_trend").values
     np.testing.assert_array_equal(trend >= 1, label_mask(trends, "upward").values)
     np.testing.assert_array_equal(trend <= -1, label_mask(trends, "downward").values)
+
+
+def test_fit_sample_reads_few_chunks_of_a_long_store():
+    """Many token chunks: the sample comes from whole chunks holding SAMPLE_POOL x its size; few: from all."""
+    import xarray as xr
+
+    from tokendyn.analysis.clusters import SAMPLE_POOL, fit_sample
+
+    def store(n_tokens, chunk):
+        loss = xr.DataArray(np.zeros((2, 3, n_tokens), np.float16), dims=("model", "ckpt", "token"))
+        return xr.Dataset({"loss": loss.chunk({"token": chunk})})
+
+    picked = fit_sample(store(10_000, 100), 50, np.random.default_rng(0))
+    assert len(picked) == len(np.unique(picked)) == 50 and np.all(np.diff(picked) > 0)
+    assert len(np.unique(picked // 100)) <= SAMPLE_POOL * 50 // 100  # from 2 of the 100 chunks
+    spread = fit_sample(store(10_000, 5_000), 2_000, np.random.default_rng(0))
+    assert len(np.unique(spread // 5_000)) == 2  # a pool of every chunk: drawn from all tokens
+    np.testing.assert_array_equal(fit_sample(store(30, 10), 40, np.random.default_rng(0)), np.arange(30))
