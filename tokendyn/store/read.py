@@ -16,12 +16,12 @@ from tokendyn.store.layout import FORMAT_VERSION, MAIN_COORDS, SETS_GROUP, set_p
 
 def list_sets(path: str | Path) -> list[str]:
     """Names of the named evaluation sets in a store (the main set excluded)."""
-    return list(_set_names(str(path), _stamp(path)))
+    return list(_set_names(str(path), metadata_stamp(path)))
 
 
 def open_store(path: str | Path, set: str = "main") -> xr.Dataset:
     """Open a store (or one of its named sets) as a lazy, dask-backed `xarray.Dataset`."""
-    stamp = _stamp(path)
+    stamp = metadata_stamp(path)
     names = _set_names(str(path), stamp)  # checks that path is a store this tokendyn reads
     if set != "main" and set not in names:
         raise TokendynError(f"store {path} has no set '{set}'; it has: {', '.join(['main', *names])}")
@@ -33,8 +33,10 @@ def open_store(path: str | Path, set: str = "main") -> xr.Dataset:
 # file is unchanged (every change to the store's layout rewrites it); data is read lazily either way.
 
 
-def _stamp(path: str | Path) -> tuple[int, int] | None:
-    """The root metadata file's modification time and size (None when there is none)."""
+def metadata_stamp(path: str | Path) -> tuple[int, int] | None:
+    """The root metadata file's modification time and size (None when there is none). Writers
+    rewrite that file whenever they commit a checkpoint (`write.mark_done`) or change the layout, so
+    it keys caches of what was read from the store."""
     try:
         info = (Path(path) / "zarr.json").stat()
     except OSError:
