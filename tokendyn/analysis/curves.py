@@ -39,7 +39,7 @@ from tokendyn.analysis.trajectories import (
 from tokendyn.errors import TokendynError
 
 RHO1_CLASSES = ("H->H", "L->H", "H->L", "L->L")
-AOA_SLICE_TOKENS = 1024  # tokens per slice of the fit: its (token, grid) float32 scores (1.5 MB) stay in the cache
+AOA_SLICE_TOKENS = 2048  # tokens per slice of the kernels: its (token, grid) float32 scores (3 MB) stay in the cache
 # The fit's starting grid: AOA_GRID = (x0 values across the steps, k values) with k from
 # AOA_GRID_K[0] to AOA_GRID_K[1] per span of log10 steps (a fall over twice the span to 1/50 of it).
 AOA_GRID = (32, 12)
@@ -354,9 +354,9 @@ def age_of_acquisition(
     For each token, its loss over the model's done checkpoints with step > 0 is fitted (least
     squares) by lo + (chance - lo) / (1 + exp(k (log10 step - x0))), with the upper level fixed at
     `chance` and k, x0 and the floor lo fitted; the halfway crossing is then x0. Chang et al. fit
-    each token separately with a generic optimiser; here the same least-squares problem is
-    solved for all tokens at once: the best point of a (k, x0) grid (one matrix product), then
-    `n_iter` vectorised Levenberg-Marquardt steps.
+    each token separately with a generic optimiser; here the same least-squares problem starts
+    from the best point of a (k, x0) grid (one matrix product for a slice of tokens), then takes
+    `n_iter` Levenberg-Marquardt steps token by token in a compiled kernel (`_sigmoid_midpoint`).
     chance: the loss of an uninformed model; default `uniform_loss(ds)` = ln(vocabulary size), the
     loss of the uniform distribution (Chang et al.'s chance surprisal), which does not depend on
     which checkpoints the suite has. NaN unless the token's loss goes from above halfway at the
@@ -504,26 +504,24 @@ def curve_measures(
     if last < 1:
         raise TokendynError("last must be at least 1 checkpoint")
     level = uniform_loss(ds) if chance is None else float(chance)
-    loss = token_loss(ds)
     per_model = []
     for m in range(ds.sizes["model"]):
-        done = done_checkpoints(ds, m)
-        steps = ds["step"].values[m]
-        trained = done[steps[done] > 0]
+        loss = model_loss(ds, m, chunk_mb)  # only the done checkpoints are read
+        steps = loss["step"].values
         per_model.append(
             xr.apply_ufunc(
-                partial(over_token_slices, _measures, slice_tokens=AOA_SLICE_TOKENS),
-                chunk_tokens(loss.isel(model=m), chunk_mb),
+                _measures,
+                loss.drop_vars("step"),
                 input_core_dims=[["ckpt"]],
                 output_core_dims=[["measure"]],
                 dask="parallelized",
                 output_dtypes=[float],
                 dask_gufunc_kwargs={"output_sizes": {"measure": len(MEASURES)}},
                 kwargs=dict(
-                    done=done,
-                    last=done[-last:],
-                    trained=trained,
-                    x=np.log10(steps[trained]),
+                    done=done_checkpoints(ds, m),
+                    n_last=min(last, len(steps)),
+                    trained=np.flatnonzero(steps > 0),
+                    x=np.log10(steps[steps > 0]),
                     chance=level,
                     n_iter=n_iter,
                     window=window,
@@ -548,26 +546,29 @@ def curve_measures(
 
 
 def _measures(
-    loss: np.ndarray,
+    block: np.ndarray,
     done: np.ndarray,
-    last: np.ndarray,
+    n_last: int,
     trained: np.ndarray,
     x: np.ndarray,
     chance: float,
     n_iter: int,
     window: int,
 ) -> np.ndarray:
-    """The six measures of `curve_measures` (token, measure) from one slice of loss (ckpt, token) over
-    all the store's checkpoints; done, last, trained: checkpoint indices (last and trained among done)."""
-    rows = _rows(loss, done)  # each token's curve over the done checkpoints, read once
-    out = _curve_stats(rows, np.asarray(done, np.int64), len(last), window)
-    if len(trained) >= 3:
-        at = np.searchsorted(done, trained)  # the trained checkpoints among the done ones: usually a run
-        if at[-1] - at[0] == len(at) - 1:
-            columns = slice(at[0], at[-1] + 1)
-        else:
-            rows, columns = np.ascontiguousarray(rows[:, at]), slice(None)
-        out[:, MEASURES.index("age_of_acquisition")] = _midpoints(rows, columns, x, chance, n_iter)
+    """The six measures of `curve_measures` (token, measure) from one block of a model's loss (token,
+    ckpt) over its done checkpoints `done` (their indices among all the store's): the last n_last of
+    them averaged, those at positions `trained` (step > 0, log10 steps x) fitted. Slice by slice of
+    AOA_SLICE_TOKENS tokens, each read straight from the block (its layout is the store's (ckpt,
+    token)) into float32 rows, one per token."""
+    loss = block.T
+    out = np.empty((loss.shape[1], len(MEASURES)))
+    run = len(trained) and trained[-1] - trained[0] == len(trained) - 1  # usually: the fit reads a view
+    for i in range(0, loss.shape[1], AOA_SLICE_TOKENS):
+        rows = _rows(loss[:, i : i + AOA_SLICE_TOKENS], np.arange(len(loss)))
+        out[i : i + AOA_SLICE_TOKENS] = _curve_stats(rows, np.asarray(done, np.int64), n_last, window)
+        if len(trained) >= 3:
+            fit = (rows, slice(trained[0], trained[-1] + 1)) if run else (rows[:, trained].copy(), slice(None))
+            out[i : i + AOA_SLICE_TOKENS, MEASURES.index("age_of_acquisition")] = _midpoints(*fit, x, chance, n_iter)
     return out
 
 
