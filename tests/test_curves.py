@@ -276,6 +276,21 @@ def test_fused_measures_across_gaps(fitted):
         np.testing.assert_allclose(got[:, MEASURES.index(name)], values, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_a_model_without_done_checkpoints_has_no_measures(tmp_path):
+    """A suite still being extracted: model 0 has no checkpoint done, model 1 only two trained ones."""
+    rng = np.random.default_rng(3)
+    steps = np.array([[np.nan] * 4, [0, 10, 20, np.nan]])
+    ds = write_store(tmp_path / "s.zarr", rng.uniform(0.5, 4, (2, 4, 2, 5)), steps, vocab=[f"t{i}" for i in range(50)])
+    out = curve_measures(ds).compute()
+    for name in MEASURES:
+        if name == "forgettability":
+            assert (out[name].values[0] == 0).all()  # as from a curve of NaN: nothing rises
+        else:
+            assert np.isnan(out[name].values[0]).all()
+    assert np.isfinite(out["final_loss"].values[1]).all() and np.isnan(out["age_of_acquisition"].values[1]).all()
+    assert np.isnan(age_of_acquisition(ds).values).all()
+
+
 def test_closed_form_solve_matches_lapack():
     rng = np.random.default_rng(2)
     a = rng.normal(size=(50, 3, 3))

@@ -345,6 +345,11 @@ def uniform_loss(ds: xr.Dataset) -> float:
     return float(np.log(ds.sizes["vocab"]))
 
 
+def _unmeasured(ds: xr.Dataset, model: int, value: float = np.nan) -> xr.DataArray:
+    """A lazy per-token array of `value` for a model with too few done checkpoints to measure."""
+    return xr.full_like(ds["loss"].isel(model=model, ckpt=0, drop=True).reset_coords(drop=True), value, dtype=float)
+
+
 def age_of_acquisition(
     ds: xr.Dataset, chance: float | None = None, n_iter: int = AOA_STEPS, chunk_mb: float = CHUNK_MB
 ) -> xr.DataArray:
@@ -367,12 +372,12 @@ def age_of_acquisition(
     level = uniform_loss(ds) if chance is None else float(chance)
     per_model = []
     for m in range(ds.sizes["model"]):
+        if (ds["step"].values[m][done_checkpoints(ds, m)] > 0).sum() < 3:
+            per_model.append(_unmeasured(ds, m))
+            continue
         loss = model_loss(ds, m, chunk_mb)
         steps = loss["step"].values
         loss = loss.isel(ckpt=np.flatnonzero(steps > 0)).drop_vars("step")
-        if loss.sizes["ckpt"] < 3:
-            per_model.append(xr.full_like(loss.isel(ckpt=0, drop=True), np.nan, dtype=float))
-            continue
         per_model.append(
             xr.apply_ufunc(
                 partial(over_token_slices, _sigmoid_midpoint, slice_tokens=AOA_SLICE_TOKENS),
@@ -506,6 +511,10 @@ def curve_measures(
     level = uniform_loss(ds) if chance is None else float(chance)
     per_model = []
     for m in range(ds.sizes["model"]):
+        if not len(done_checkpoints(ds, m)):  # nothing scored yet: no measure, and no rise (forgettability 0)
+            unmeasured = [_unmeasured(ds, m, 0.0 if name == "forgettability" else np.nan) for name in MEASURES]
+            per_model.append(xr.concat(unmeasured, dim="measure").transpose(..., "measure"))
+            continue
         loss = model_loss(ds, m, chunk_mb)  # only the done checkpoints are read
         steps = loss["step"].values
         per_model.append(
