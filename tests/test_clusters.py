@@ -293,6 +293,19 @@ def test_descent_depth_against_brute_force():
     assert np.isnan(descent_depth(np.array([[3.0, 1.0, np.nan, 2.0, 0.0]]))[0])
 
 
+def test_change_features_read_float16_as_its_float32_values():
+    """A float16 store's values are converted inside the kernels: the same features as from float32."""
+    from tokendyn.analysis.clusters import change_statistics, descent_depth
+
+    y = np.cumsum(np.random.default_rng(2).normal(0, 0.4, (300, 20)), axis=1).astype(np.float16)
+    y[5, 3] = np.nan
+    wide = y.astype(np.float32)
+    np.testing.assert_array_equal(descent_depth(y, smooth=3), descent_depth(wide, smooth=3))
+    x = np.log(np.arange(1, 9) * 1000.0)
+    np.testing.assert_array_equal(change_statistics(y, x, smooth=3), change_statistics(wide, x, smooth=3))
+    assert np.isnan(change_statistics(y, x, smooth=3)[5, 0])  # the depth; the NaN is before the late window
+
+
 def test_change_statistics_against_scipy():
     import scipy.stats
 

@@ -69,6 +69,7 @@ from sklearn.metrics import adjusted_rand_score, silhouette_score
 from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
+from tokendyn.analysis.compiled import decoded
 from tokendyn.analysis.labels import MISSING, flag_array, flag_names, label_mask, label_share
 from tokendyn.analysis.shared import computed
 from tokendyn.analysis.trajectories import (
@@ -275,17 +276,27 @@ def descent_depth(y: np.ndarray, smooth: int = 1) -> np.ndarray:
     float32.
     """
     y = np.asarray(y)
-    dtype = np.float64 if y.dtype == np.float64 else np.float32
-    rows = np.ascontiguousarray(y.reshape(-1, y.shape[-1]), dtype=dtype)  # dask hands (token, point) blocks
-    depth = np.zeros(len(rows))
-    if rows.shape[1]:
-        _descent_depth_rows(rows, smooth, depth)
+    depth = np.zeros(int(np.prod(y.shape[:-1])))
+    if y.shape[-1]:
+        work = np.float64 if y.dtype == np.float64 else np.float32
+        _descent_depth_rows(_stored_rows(y), smooth, np.empty(y.shape[-1], work), depth)
     return depth.reshape(y.shape[:-1])
 
 
+def _stored_rows(y: np.ndarray) -> np.ndarray:
+    """y as contiguous rows (..., point) for a compiled kernel: dask hands (token, point) blocks, so
+    usually without a copy; float16 as its bits (the kernel reads them with `decoded`)."""
+    if y.dtype == np.float16:
+        y = y.view(np.uint16)
+    elif y.dtype != np.float64:
+        y = y.astype(np.float32, copy=False)
+    return np.ascontiguousarray(y.reshape(-1, y.shape[-1]))
+
+
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def _descent_depth_rows(rows: np.ndarray, smooth: int, depth: np.ndarray) -> None:
-    """`descent_depth` of each row, into depth; one pass per row, no temporaries per token.
+def _descent_depth_rows(rows: np.ndarray, smooth: int, y: np.ndarray, depth: np.ndarray) -> None:
+    """`descent_depth` of each row of stored values (`decoded`), into depth, in y's precision (y:
+    a work row); one pass per row, no temporaries per token.
 
     The smoothing sums a point's neighbours in `moving_average`'s order, so the smoothed values are
     the same to the bit. With M the running maximum and L the minimum from each point on, a peak c
@@ -295,21 +306,23 @@ def _descent_depth_rows(rows: np.ndarray, smooth: int, depth: np.ndarray) -> Non
     """
     n = rows.shape[1]
     half = smooth // 2
-    y = np.empty(n, rows.dtype)
-    top = np.empty(n, rows.dtype)
-    low = np.empty(n, rows.dtype)
+    top = np.empty_like(y)
+    low = np.empty_like(y)
+    zero = y.dtype.type(0)
     for r in range(rows.shape[0]):
         raw = rows[r]
-        if np.isnan(raw).any():
-            depth[r] = np.nan
-            continue
+        missing = False
         for i in range(n):
-            total = raw.dtype.type(0)
+            total = zero
             count = 0
             for j in range(max(i - half, 0), min(i + smooth - half, n)):
-                total += raw[j]
+                total += decoded(raw[j])
                 count += 1
-            y[i] = total / raw.dtype.type(count)
+            y[i] = total / y.dtype.type(count)
+            missing |= np.isnan(y[i])
+        if missing:
+            depth[r] = np.nan
+            continue
         top[0], low[n - 1] = y[0], y[n - 1]
         for i in range(1, n):
             top[i] = max(top[i - 1], y[i])
@@ -342,10 +355,10 @@ def change_statistics(y: np.ndarray, late_x: np.ndarray, smooth: int, alpha: flo
     of the window's first and last loss from its mean (nats; the stagnation band's test).
     """
     y = np.asarray(y)
-    window = np.ascontiguousarray(y[..., y.shape[-1] - len(late_x) :].reshape(-1, len(late_x)), dtype=np.float64)
-    t, spread = np.empty(len(window)), np.empty(len(window))
-    _late_window_rows(window, np.asarray(late_x, dtype=np.float64), t, spread)
-    trend = np.zeros(len(window))
+    rows = _stored_rows(y)
+    t, spread = np.empty(len(rows)), np.empty(len(rows))
+    _late_window_rows(rows, np.asarray(late_x, dtype=np.float64), t, spread)
+    trend = np.zeros(len(rows))
     if len(late_x) >= 3:
         trend = np.clip(t / scipy.stats.t.isf(alpha / 2, len(late_x) - 2), -TREND_CLIP, TREND_CLIP)
     trend[np.isnan(spread)] = np.nan
@@ -354,17 +367,20 @@ def change_statistics(y: np.ndarray, late_x: np.ndarray, smooth: int, alpha: flo
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")
-def _late_window_rows(window: np.ndarray, x: np.ndarray, t: np.ndarray, spread: np.ndarray) -> None:
-    """Per row of the trend window (loss at x): the t statistic of the least-squares slope of
-    perplexity relative to the first point, exp(loss - loss[0]), against x, as `trends.ols` computes
-    it (0 for a row flat to rounding or a slope of exactly 0, +-inf for an exact line), and the
-    larger distance of the first and last loss from the mean. NaN in a row gives NaN."""
+def _late_window_rows(rows: np.ndarray, x: np.ndarray, t: np.ndarray, spread: np.ndarray) -> None:
+    """Per row of stored values (`decoded`) over its last len(x) points, the trend window (loss at
+    x), in float64: the t statistic of the least-squares slope of perplexity relative to the first
+    point, exp(loss - loss[0]), against x, as `trends.ols` computes it (0 for a row flat to rounding
+    or a slope of exactly 0, +-inf for an exact line), and the larger distance of the first and last
+    loss from the mean. NaN in a row gives NaN."""
     n = len(x)
     xc = x - x.mean()
     sxx = (xc * xc).sum()
     eps = np.finfo(np.float64).eps
-    for r in range(window.shape[0]):
-        w = window[r]
+    w = np.empty(n)
+    for r in range(rows.shape[0]):
+        for i in range(n):
+            w[i] = decoded(rows[r, rows.shape[1] - n + i])
         mean = w.mean()
         spread[r] = max(abs(w[0] - mean), abs(w[n - 1] - mean))
         sum_y = sum_y2 = sxy = 0.0

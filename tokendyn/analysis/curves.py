@@ -16,13 +16,13 @@ from __future__ import annotations
 import functools
 from functools import partial
 
-import llvmlite.ir
 import numba
 import numba.extending
 import numpy as np
 import scipy.special
 import xarray as xr
 
+from tokendyn.analysis.compiled import as_float32
 from tokendyn.analysis.labels import MISSING, describe, flag_array
 from tokendyn.analysis.trajectories import (
     CHUNK_MB,
@@ -124,18 +124,6 @@ def _grid_scores(z, b, e):
             z[t, p] = e[p] - w * w
 
 
-@numba.extending.intrinsic
-def _float32(typingctx, value):
-    """value as float32; a uint16 is read as the bits of a float16 (numba has no float16 on the CPU)."""
-
-    def codegen(context, builder, signature, args):
-        if signature.args[0] == numba.types.uint16:
-            return builder.fpext(builder.bitcast(args[0], llvmlite.ir.HalfType()), llvmlite.ir.FloatType())
-        return context.cast(builder, args[0], signature.args[0], numba.types.float32)
-
-    return numba.types.float32(value), codegen
-
-
 @numba.njit(nogil=True, cache=True)
 def _transpose(block, columns):
     """(token, len(columns)) float32 rows of the checkpoints `columns` of block (ckpt, token)."""
@@ -143,7 +131,7 @@ def _transpose(block, columns):
     for j in range(len(columns)):
         row = block[columns[j]]
         for t in range(block.shape[1]):
-            out[t, j] = _float32(row[t])
+            out[t, j] = as_float32(row[t])
     return out
 
 
