@@ -56,6 +56,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
@@ -89,6 +90,7 @@ METHODS = ("kmeans", "gmm")
 # k-means++ starts per k-means fit (the best is kept). The refits that only score stability take
 # fewer: the starts are most of a fit's time, and the labels come from the main fit alone.
 N_INIT, REFIT_N_INIT = 10, 3
+FIT_THREADS = 2  # the stability refits run beside the fit (scikit-learn's loops release the GIL)
 MIN_FINE_SIZE = 30  # "shapes": fit samples per fine cluster at least, so a fine centroid averages out the noise
 NORMALIZATIONS = ("window", "center", "start", "zscore")
 # The per-token detectors' own defaults, so that the names use their definitions (one place per default).
@@ -465,9 +467,15 @@ def _fit(
         n_clusters, scores = int(n_clusters), {}
         if not 1 <= n_clusters < len(x):
             raise TokendynError(f"n_clusters must be between 1 and {len(x) - 1} for these tokens")
-    estimator = _estimator(method, n_clusters, seed).fit(x)
-    labels = estimator.predict(x)
-    refits = [_estimator(method, n_clusters, seed + s, REFIT_N_INIT).fit(x).predict(x) for s in range(1, n_seeds + 1)]
+
+    def refit(s: int) -> np.ndarray:
+        return _estimator(method, n_clusters, seed + s, REFIT_N_INIT).fit(x).predict(x)
+
+    with ThreadPoolExecutor(FIT_THREADS) as pool:
+        refitting = [pool.submit(refit, s) for s in range(1, n_seeds + 1)]
+        estimator = _estimator(method, n_clusters, seed).fit(x)
+        labels = estimator.predict(x)
+        refits = [job.result() for job in refitting]
     stability = float(np.mean([adjusted_rand_score(labels, r) for r in refits])) if refits else np.nan
     return n_clusters, scores, estimator, labels, stability
 
@@ -510,8 +518,11 @@ def _fit_shapes(
         merge, names = _shape_merge(fine, change, stats, k, namer)
         return estimator, merge, merge[fine], names
 
-    estimator, merge, labels, names = fit(seed)
-    refits = [fit(seed + s, REFIT_N_INIT)[2] for s in range(1, n_seeds + 1)]
+    # The fit and its refits are independent and release the GIL in their loops: two at a time
+    with ThreadPoolExecutor(FIT_THREADS) as pool:
+        refitting = [pool.submit(fit, seed + s, REFIT_N_INIT) for s in range(1, n_seeds + 1)]
+        estimator, merge, labels, names = fit(seed)
+        refits = [job.result()[2] for job in refitting]
     stability = float(np.mean([adjusted_rand_score(labels, r) for r in refits])) if refits else np.nan
     return names, estimator, merge, labels, stability
 
