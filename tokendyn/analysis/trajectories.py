@@ -18,6 +18,7 @@ import math
 from collections.abc import Sequence
 from functools import partial
 
+import numba
 import numpy as np
 import pandas as pd
 import scipy.stats
@@ -30,6 +31,7 @@ from tokendyn.store.layout import TOKEN_DIMS
 AXES = ("step", "tokens_seen", "flops", "val_ppl")
 CHUNK_MB = 64  # loss data per dask chunk of the per-token computations (ckpt whole, token chunked)
 SLICE_TOKENS = 2**15  # tokens per slice inside a kernel: bounds its float64 temporaries
+DESCENT_TOKENS = 2048  # tokens per slice of the double-descent kernel: its buffers stay in cache
 
 
 # --- selecting checkpoints -------------------------------------------------------------------------
@@ -326,47 +328,128 @@ def subset_curve(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
 
 def moving_average(y: np.ndarray, window: int) -> np.ndarray:
     """Centred moving average along axis 0 over `window` points, skipping NaN (fewer points at the
-    ends, like a rolling mean with min_periods=1); NaN points stay NaN."""
-    n, half = len(y), window // 2
-    # float32 data (float16 stores) is averaged in float32: half the memory traffic of float64
+    ends, like a rolling mean with min_periods=1); NaN points stay NaN.
+
+    Float32 data (float16 stores) is averaged in float32, float64 in float64. Any memory layout:
+    the kernel walks the axis-0 neighbours of a point where they are contiguous (a (token, ckpt)
+    array seen as (ckpt, token)) and whole rows otherwise.
+    """
     dtype = np.result_type(y.dtype, np.float32)
-    total, count = np.zeros(y.shape, dtype), np.zeros(y.shape, dtype)
-    valid = ~np.isnan(y)
-    values = np.where(valid, y, 0)
-    for offset in range(-half, window - half):
-        source = slice(max(offset, 0), n + min(offset, 0))
-        target = slice(max(-offset, 0), n - max(offset, 0))
-        total[target] += values[source]
-        count[target] += valid[source]
-    return np.where(valid, total / np.maximum(count, 1), np.nan)
+    flat = np.asarray(y, dtype=dtype).reshape(len(y), -1)
+    out = np.empty_like(flat)  # in flat's memory order
+    if flat.strides[0] < flat.strides[1]:
+        _average_columns(flat, window, out)
+    else:
+        _average_rows(flat, window, out)
+    return out.reshape(y.shape)
 
 
-def running(ufunc: np.ufunc, y: np.ndarray) -> np.ndarray:
-    """ufunc.accumulate(y, axis=0) one row at a time: each step is vectorised over the other axes
-    (numpy's accumulate along the first axis walks each column separately, several times slower)."""
-    out = np.empty_like(y)
-    out[:1] = y[:1]
-    for i in range(1, len(y)):
-        ufunc(out[i - 1 : i], y[i : i + 1], out=out[i : i + 1])  # slices: rows stay arrays for 1-D y too
-    return out
+@numba.njit(nogil=True, cache=True)
+def _average_rows(y: np.ndarray, window: int, out: np.ndarray) -> None:
+    """`moving_average` of 2-D y into out, a row at a time (inner loops run along contiguous rows).
+
+    As numpy would: NaN adds 0 and no count, the sums accumulate in out's dtype in the window's
+    order, and the counts are of out's dtype.
+    """
+    n, m = y.shape
+    half = window // 2
+    count = np.empty(m, out.dtype)
+    zero, one = np.zeros(1, out.dtype)[0], np.ones(1, out.dtype)[0]  # typed: the loops stay in out's dtype
+    for i in range(n):
+        total = out[i]
+        total[:] = zero
+        count[:] = zero
+        for j in range(max(i - half, 0), min(i + window - half, n)):
+            row = y[j]
+            for t in range(m):
+                valid = row[t] == row[t]
+                total[t] += row[t] if valid else zero
+                count[t] += one if valid else zero
+        row = y[i]
+        for t in range(m):
+            total[t] = total[t] / max(count[t], one) if row[t] == row[t] else np.nan
 
 
-def _peaks(y: np.ndarray, tol: float) -> np.ndarray:
-    """Along axis 0, per point: it lies >= tol above an earlier point that lies >= tol below an earlier one."""
-    after_fall = running(np.fmax, y) - y >= tol
-    lowest = running(np.fmin, np.where(after_fall, y, np.inf))
-    return y - lowest >= tol
+@numba.njit(nogil=True, cache=True)
+def _average_columns(y: np.ndarray, window: int, out: np.ndarray) -> None:
+    """`moving_average` of 2-D y into out, a column at a time (for columns contiguous in memory)."""
+    n, m = y.shape
+    half = window // 2
+    for t in range(m):
+        for i in range(n):
+            if np.isnan(y[i, t]):
+                out[i, t] = np.nan
+                continue
+            out[i, t] = 0
+            count = 0
+            for j in range(max(i - half, 0), min(i + window - half, n)):
+                if not np.isnan(y[j, t]):
+                    out[i, t] += y[j, t]
+                    count += 1
+            out[i, t] /= max(count, 1)
+
+
+@numba.njit(nogil=True, cache=True)
+def _descents(z: np.ndarray, tol, complete: bool) -> np.ndarray:
+    """Per column of z (ckpt, token): whether it falls >= tol to a point, rises >= tol above it and,
+    if `complete`, later falls >= tol below that peak; NaN points are skipped.
+
+    A backward pass marks the points with a fall >= tol after them; a forward pass keeps, per
+    column, the running maximum and the lowest point reached after a fall. All arithmetic is in
+    z's dtype (tol is of z's dtype too), as numpy's; the loops run along contiguous rows.
+    """
+    n, m = z.shape
+    falls_after = np.ones((n, m), np.bool_)
+    if complete:
+        lowest_after = z[n - 1].copy()
+        for i in range(n - 1, -1, -1):
+            row, falls = z[i], falls_after[i]
+            for t in range(m):
+                low = lowest_after[t]
+                low = row[t] if (row[t] < low) | (low != low) else low  # fmin: NaN skipped
+                lowest_after[t] = low
+                falls[t] = row[t] - low >= tol
+    highest = np.full(m, np.nan, z.dtype)
+    lowest = np.full(m, np.inf, z.dtype)  # lowest point so far that lies >= tol below an earlier one
+    found = np.zeros(m, np.bool_)
+    for i in range(n):
+        row, falls = z[i], falls_after[i]
+        for t in range(m):
+            high = highest[t]
+            high = row[t] if (row[t] > high) | (high != high) else high  # fmax: NaN skipped
+            highest[t] = high
+            low = lowest[t]
+            low = row[t] if (high - row[t] >= tol) & (row[t] < low) else low
+            lowest[t] = low
+            found[t] |= (row[t] - low >= tol) & falls[t]
+    return found
+
+
+@numba.njit(nogil=True, cache=True)
+def _smoothed_descents(y: np.ndarray, window: int, tol, complete: bool) -> np.ndarray:
+    """`_descents` of the `window`-point moving average of y (ckpt, token), C-contiguous."""
+    smoothed = np.empty_like(y)
+    _average_rows(y, window, smoothed)
+    return _descents(smoothed, tol, complete)
+
+
+def _double_descent_flags(y: np.ndarray, tol: float, window: int = 1, complete: bool = True) -> np.ndarray:
+    """Per trajectory along axis 0 of y (any other dims): the double-descent test of
+    `detect_double_descent` after a `window`-point moving average, in y's float precision
+    (float32 at least, as `moving_average`)."""
+    dtype = np.result_type(y.dtype, np.float32)
+    flat = np.ascontiguousarray(y.reshape(len(y), -1), dtype=dtype)
+    return _smoothed_descents(flat, window, dtype.type(tol), complete).reshape(y.shape[1:])
 
 
 def falls_rises(y: np.ndarray, tol: float) -> np.ndarray:
     """Along axis 0: a fall >= tol to a point, then a rise >= tol above it (a double descent begun)."""
-    return _peaks(y, tol).any(axis=0)
+    return _double_descent_flags(np.asarray(y), tol, complete=False)
 
 
 def falls_rises_falls(y: np.ndarray, tol: float) -> np.ndarray:
     """Along axis 0: a fall >= tol to a point, a rise >= tol above it, then a fall >= tol."""
-    falls_later = y - running(np.fmin, y[::-1])[::-1] >= tol
-    return (_peaks(y, tol) & falls_later).any(axis=0)
+    return _double_descent_flags(np.asarray(y), tol, complete=True)
 
 
 def detect_double_descent(
@@ -383,17 +466,13 @@ def detect_double_descent(
     if getattr(curve.data, "chunks", None) is not None:
         curve = curve.chunk({dim: -1})
     return xr.apply_ufunc(
-        partial(over_token_slices, _smoothed_double_descent),
+        partial(over_token_slices, _double_descent_flags, slice_tokens=DESCENT_TOKENS),
         curve,
         input_core_dims=[[dim]],
         kwargs={"tol": tol, "window": window, "complete": complete},
         dask="parallelized",
         output_dtypes=[bool],
     ).rename("double_descent")
-
-
-def _smoothed_double_descent(y: np.ndarray, tol: float, window: int, complete: bool) -> np.ndarray:
-    return (falls_rises_falls if complete else falls_rises)(moving_average(y, window), tol)
 
 
 def double_descent(
