@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Sequence
 from functools import partial
 
+import numba
 import numpy as np
 import scipy.special
 import scipy.stats
@@ -92,21 +93,35 @@ def window_start(steps: np.ndarray, start: float) -> int:
     return int(np.searchsorted(steps, start * steps[-1], side="left"))
 
 
-def _window_sums(loss: np.ndarray, x: np.ndarray, starts: list[int]) -> dict[int, tuple[np.ndarray, ...]]:
-    """Per window start j: sums over checkpoints j.. of ppl, x ppl, ppl^2 and loss (each per token).
+def _window_sums(loss: np.ndarray, x: np.ndarray, starts: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per window start j: the sums over checkpoints j.. of ppl, x ppl, ppl^2 and loss (4, token),
+    and ppl at j.
 
     One backward pass over the checkpoints gives every window's sums (windows share their tails),
     instead of one pass per window; NaN propagates as in a direct sum.
     """
-    sums, out = None, {}
+    sums, out = np.empty((4, loss.shape[1])), {}
     for i in range(len(loss) - 1, min(starts) - 1, -1):
         row = loss[i].astype(np.float64)
-        ppl = np.exp(row)
-        terms = (ppl, x[i] * ppl, ppl * ppl, row)
-        sums = [t.copy() for t in terms] if sums is None else [acc + t for acc, t in zip(sums, terms)]
+        ppl = np.exp(row)  # numpy's exp, a row at a time: its temporaries stay small
+        _accumulate(sums, ppl, row, x[i], i == len(loss) - 1)
         if i in starts:
-            out[i] = tuple(sums)
+            out[i] = (sums.copy(), ppl)
     return out
+
+
+@numba.njit(nogil=True, cache=True)
+def _accumulate(sums: np.ndarray, ppl: np.ndarray, loss: np.ndarray, x: float, first: bool) -> None:
+    """Add one checkpoint's ppl, x ppl, ppl^2 and loss to `sums` (4, token); the first sets them."""
+    for t in range(len(ppl)):
+        p = ppl[t]
+        if first:
+            sums[0, t], sums[1, t], sums[2, t], sums[3, t] = p, x * p, p * p, loss[t]
+        else:
+            sums[0, t] += p
+            sums[1, t] += x * p
+            sums[2, t] += p * p
+            sums[3, t] += loss[t]
 
 
 def _categorise(
@@ -127,28 +142,64 @@ def _categorise(
     sums = _window_sums(loss, x, used)
     ppl_last = np.exp(loss[-1].astype(np.float64))
     for s, j in enumerate(starts):
-        if j is None:
+        if j is not None:
+            n = len(x) - j
+            xc = x[j:] - x[j:].mean()
+            (sum_j, ppl_first) = sums[j]
+            codes[..., s] = _codes(
+                sum_j,
+                ppl_first,
+                ppl_last,
+                np.exp(sum_j[3] / n),
+                n,
+                x[j:].mean(),
+                xc @ xc,
+                scipy.stats.t.isf(alpha / 2, n - 2),
+                band,
+                var_condition,
+            )
+    return codes
+
+
+@numba.njit(nogil=True, cache=True)
+def _codes(
+    sums: np.ndarray,
+    ppl_first: np.ndarray,
+    ppl_last: np.ndarray,
+    geo_mean: np.ndarray,
+    n: int,
+    x_mean: float,
+    sxx: float,
+    critical: float,
+    band: float,
+    var_condition: bool,
+) -> np.ndarray:
+    """Category code per token of one window from its sums (`_window_sums`): the slope's t statistic
+    as `_fit` computes it (a trajectory flat to rounding has t 0), |t| > `critical` for a trend,
+    the band around the geometric mean for stagnation; MISSING where the loss has NaN."""
+    codes = np.empty(sums.shape[1], np.int8)
+    tiny = 16 * n * np.finfo(np.float64).eps
+    for t in range(len(codes)):
+        sum_y, sum_xy, sum_y2, sum_loss = sums[0, t], sums[1, t], sums[2, t], sums[3, t]
+        if np.isnan(sum_loss):
+            codes[t] = MISSING
             continue
-        n = len(x) - j
-        sum_y, sum_xy, sum_y2, sum_loss = sums[j]
-        xc = x[j:] - x[j:].mean()
-        sxx = xc @ xc
-        sxy = sum_xy - x[j:].mean() * sum_y
+        sxy = sum_xy - x_mean * sum_y
         syy = sum_y2 - sum_y**2 / n
-        flat = syy <= 16 * n * np.finfo(np.float64).eps * sum_y2
-        with np.errstate(divide="ignore", invalid="ignore"):
-            slope = np.where(flat, 0.0, sxy / sxx)
-            stderr = np.sqrt(np.maximum(syy - slope * sxy, 0.0) / (n - 2) / sxx)
-            t = np.where(flat, 0.0, slope / stderr)
-        significant = np.abs(t) > scipy.stats.t.isf(alpha / 2, n - 2)
-        geo_mean = np.exp(sum_loss / n)
-        ppl_first = np.exp(loss[j].astype(np.float64))
-        stagnated = (np.abs(ppl_first / geo_mean - 1) <= band) & (np.abs(ppl_last / geo_mean - 1) <= band)
+        flat = syy <= tiny * sum_y2
+        slope = 0.0 if flat else sxy / sxx
+        stderr = np.sqrt(max(syy - slope * sxy, 0.0) / (n - 2) / sxx)
+        significant = False if flat else abs(slope / stderr) > critical  # 0/0 is NaN: not significant
+        stagnated = abs(ppl_first[t] / geo_mean[t] - 1) <= band and abs(ppl_last[t] / geo_mean[t] - 1) <= band
         if var_condition:
             mean = sum_y / n
-            stagnated &= sum_y2 / n - mean**2 < mean
-        code = np.select([significant & (slope > 0), significant & (slope < 0), stagnated], [1, 2, 0], 3)
-        codes[..., s] = np.where(np.isnan(sum_loss), MISSING, code)
+            stagnated = stagnated and sum_y2 / n - mean**2 < mean
+        if significant and slope > 0:
+            codes[t] = 1
+        elif significant and slope < 0:
+            codes[t] = 2
+        else:
+            codes[t] = 0 if stagnated else 3
     return codes
 
 
