@@ -18,6 +18,7 @@ import math
 from collections.abc import Sequence
 from functools import partial
 
+import dask.array as da
 import numba
 import numpy as np
 import pandas as pd
@@ -308,7 +309,7 @@ def subset_curve(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
 
     mask: boolean (token,), e.g. `cats.sel(model="m", start=0.2) == "upward"`; chosen on one
     model, tracked in all. Extra dims (other than model/ckpt) give one curve each, computed in one
-    pass. Returns (..., model, ckpt) with the `val_ppl` and `step` coordinates, so it plots
+    pass. Returns (model, ckpt, ...) with the `val_ppl` and `step` coordinates, so it plots
     against validation perplexity directly; NaN for an empty subset. Computed.
     """
     ds = load_small(ds)
@@ -318,12 +319,64 @@ def subset_curve(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
             f"the mask must have the token dim and no model/ckpt dims, not {mask.dims}; "
             "select one model (and start) first"
         )
-    loss = ds["loss"].where(ds["done"]) if "done" in ds else ds["loss"]
-    weight = mask.astype(float)
-    total = xr.dot(loss.fillna(0), weight, dim=TOKEN_DIMS)
-    count = xr.dot(loss.notnull().astype(float), weight, dim=TOKEN_DIMS)
-    ppl = np.exp(total / count.where(count > 0)).rename("subset_ppl").compute()
+    extra = [dim for dim in mask.dims if dim not in TOKEN_DIMS]
+    mask = mask.transpose(*extra, *TOKEN_DIMS)
+    flat = np.asarray(mask.values, dtype=bool).reshape(-1, ds.sizes["token"])  # (subset, token)
+    members = [np.flatnonzero(row) for row in flat]
+    loss = ds["loss"].transpose("model", "ckpt", *TOKEN_DIMS).data
+    loss = loss if hasattr(loss, "chunks") else da.from_array(loss, chunks=(1, 1, -1))
+    # per stored chunk: the sums and counts of its subset tokens (each chunk read once, never rechunked)
+    parts = da.map_blocks(
+        _subset_block,
+        loss,
+        members=members,
+        chunks=(*loss.chunks[:2], (1,) * len(loss.chunks[2]), (len(members),), (2,)),
+        new_axis=[3, 4],
+        dtype=np.float64,
+        meta=np.array((), dtype=np.float64),
+    )
+    total, count = np.moveaxis(parts.sum(axis=2).compute(), -1, 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ppl = np.exp(total / np.where(count > 0, count, np.nan))
+    if "done" in ds:
+        ppl = np.where(ds["done"].values[..., None], ppl, np.nan)
+    shape = (ds.sizes["model"], ds.sizes["ckpt"], *(mask.sizes[dim] for dim in extra))
+    ppl = xr.DataArray(
+        ppl.reshape(shape),
+        dims=("model", "ckpt", *extra),
+        coords={name: coord for name, coord in ds.coords.items() if set(coord.dims) <= {"model", "ckpt"}}
+        | {name: mask.coords[name] for name in extra if name in mask.coords},
+    ).rename("subset_ppl")
     return describe(ppl, "perplexity of the token subset")
+
+
+def _subset_block(block: np.ndarray, members: list[np.ndarray], block_info=None) -> np.ndarray:
+    """Sums and counts (model, ckpt, 1, subset, 2) of the non-NaN loss of each subset's tokens in a
+    (model, ckpt, token) block; `members`: each subset's token positions in the whole token dim."""
+    first, stop = block_info[0]["array-location"][2]
+    index = [m[np.searchsorted(m, first) : np.searchsorted(m, stop)] - first for m in members]
+    starts = np.cumsum([0] + [len(i) for i in index])
+    rows = block.reshape(-1, block.shape[-1])
+    sums = _subset_sums(rows.astype(np.float32, copy=False), np.concatenate(index), starts)
+    return sums.reshape(*block.shape[:2], 1, len(members), 2)
+
+
+@numba.njit(nogil=True, cache=True)
+def _subset_sums(loss: np.ndarray, index: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """(row, subset, 2): per row of loss (row, token), the float64 sum of the non-NaN loss at each
+    subset's tokens (index[starts[j]:starts[j + 1]] for subset j) and how many they are."""
+    out = np.zeros((loss.shape[0], len(starts) - 1, 2))
+    for r in range(loss.shape[0]):
+        row = loss[r]
+        for j in range(len(starts) - 1):
+            total, count = 0.0, 0
+            for i in range(starts[j], starts[j + 1]):
+                value = row[index[i]]
+                if value == value:
+                    total += value
+                    count += 1
+            out[r, j, 0], out[r, j, 1] = total, count
+    return out
 
 
 def moving_average(y: np.ndarray, window: int) -> np.ndarray:
