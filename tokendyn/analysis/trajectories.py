@@ -116,13 +116,14 @@ def token_loss(ds: xr.Dataset) -> xr.DataArray:
     return loss.drop_vars([name for name in loss.coords if "ckpt" in loss[name].dims and name != "ckpt"])
 
 
-def model_loss(ds: xr.Dataset, model: int | str, chunk_mb: float = CHUNK_MB) -> xr.DataArray:
+def model_loss(ds: xr.Dataset, model: int | str, chunk_mb: float = CHUNK_MB, first: int = 0) -> xr.DataArray:
     """One model's loss over its done checkpoints as (ckpt, token), ckpt in a single chunk.
 
+    first: leave out the model's first `first` done checkpoints (in step order); they are not read.
     The `step` coordinate of the selected checkpoints is kept.
     """
     m = model_index(ds, model)
-    idx = done_checkpoints(ds, m)
+    idx = done_checkpoints(ds, m)[first:]
     contiguous = len(idx) > 0 and np.array_equal(idx, np.arange(idx[0], idx[0] + len(idx)))
     loss = ds["loss"].isel(model=m, ckpt=slice(idx[0], idx[-1] + 1) if contiguous else idx)
     return chunk_tokens(loss.reset_coords(drop=True).assign_coords(step=("ckpt", loss["step"].values)), chunk_mb)

@@ -30,7 +30,14 @@ import scipy.stats
 import xarray as xr
 
 from tokendyn.analysis.labels import MISSING, flag_array
-from tokendyn.analysis.trajectories import CHUNK_MB, load_small, model_loss, over_token_slices, valid_tokens
+from tokendyn.analysis.trajectories import (
+    CHUNK_MB,
+    done_checkpoints,
+    load_small,
+    model_loss,
+    over_token_slices,
+    valid_tokens,
+)
 from tokendyn.errors import TokendynError
 from tokendyn.store.layout import TOKEN_DIMS
 
@@ -227,12 +234,11 @@ def trend_categories(
         raise TokendynError("start fractions must lie in [0, 1), e.g. 0.2 for 20%")
     per_model = []
     for m, name in enumerate(ds["model"].values):
-        loss = model_loss(ds, m, chunk_mb)
-        keep, xs = fit_points(loss["step"].values, x)
-        loss = loss.isel(ckpt=np.flatnonzero(keep))
+        steps = ds["step"].values[m, done_checkpoints(ds, m)]
+        keep, xs = fit_points(steps, x)  # steps increase: the kept checkpoints are the last ones
         js = []
         for p in starts:
-            j = window_start(loss["step"].values, p) if len(xs) else len(xs)
+            j = window_start(steps[keep], p) if len(xs) else len(xs)
             if len(xs) - j < 3:
                 warnings.warn(
                     f"model {name}: fewer than 3 checkpoints from {p:.0%} of the final step; no trend categories there",
@@ -242,12 +248,21 @@ def trend_categories(
                 js.append(None)
             else:
                 js.append(j)
+        # only the checkpoints from the earliest window start on are read
+        first = min((j for j in js if j is not None), default=0)
+        loss = model_loss(ds, m, chunk_mb, first=len(steps) - len(xs) + first)
         codes = xr.apply_ufunc(
             partial(over_token_slices, _categorise),
             loss.drop_vars("step"),
             input_core_dims=[["ckpt"]],
             output_core_dims=[["start"]],
-            kwargs=dict(x=xs, starts=js, alpha=alpha, band=band, var_condition=var_condition),
+            kwargs=dict(
+                x=xs[first:],
+                starts=[None if j is None else j - first for j in js],
+                alpha=alpha,
+                band=band,
+                var_condition=var_condition,
+            ),
             dask="parallelized",
             output_dtypes=[np.int8],
             dask_gufunc_kwargs={"output_sizes": {"start": len(starts)}},
