@@ -634,10 +634,15 @@ def agreement(
             matched[axis] = np.nanmean(reach(ds, "val_ppl", levels, of=axis).values, axis=0)
         except TokendynError:
             continue  # tokens seen unknown: that comparison is left out
-    rows = []
+    rows, by_plan = [], {}
     for axis, pair in matched.items():
-        grid = at_axis(ds, axis, pair).where(valid)
-        drops = (grid.isel({axis: 0}) - grid.isel({axis: 1})).values.reshape(len(models), -1)
-        for row in _pair_rows(drops, models, top):
+        # Axes read at the same checkpoints with the same weights (tokens seen a constant times the
+        # step, as in most suites) have the same drops: computed and ranked once.
+        plan = tuple(np.asarray(v).tobytes() for per_model in _interpolation(ds, axis, pair) for v in per_model)
+        if plan not in by_plan:
+            grid = at_axis(ds, axis, pair).where(valid)
+            drops = (grid.isel({axis: 0}) - grid.isel({axis: 1})).values.reshape(len(models), -1)
+            by_plan[plan] = _pair_rows(drops, models, top)
+        for row in by_plan[plan]:
             rows.append({"axis": axis, "from_level": pair[0], "to_level": pair[1], **row})
     return pd.DataFrame(rows)
