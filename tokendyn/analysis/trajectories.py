@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import dask.array as da
@@ -26,6 +26,7 @@ import scipy.stats
 import xarray as xr
 
 from tokendyn.analysis.labels import describe
+from tokendyn.analysis.shared import alongside
 from tokendyn.errors import TokendynError
 from tokendyn.store.layout import TOKEN_DIMS
 
@@ -305,13 +306,17 @@ def at_perplexity(ds: xr.Dataset, levels: Sequence[float] | None = None, n_level
 # --- subsets and double descent --------------------------------------------------------------------
 
 
-def subset_curve(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
+def subset_curve(
+    ds: xr.Dataset, mask: xr.DataArray, also: Sequence[tuple[Callable[..., xr.DataArray], dict]] = ()
+) -> xr.DataArray:
     """Perplexity of a token subset in every model and checkpoint: exp(mean loss over the mask).
 
     mask: boolean (token,), e.g. `cats.sel(model="m", start=0.2) == "upward"`; chosen on one
     model, tracked in all. Extra dims (other than model/ckpt) give one curve each, computed in one
     pass. Returns (model, ckpt, ...) with the `val_ppl` and `step` coordinates, so it plots
     against validation perplexity directly; NaN for an empty subset. Computed.
+    also: shared per-token results, (function, params) pairs, to compute in the same pass over the
+    store (`tokendyn.analysis.shared.alongside`).
     """
     ds = load_small(ds)
     mask = mask.reset_coords(drop=True)
@@ -336,7 +341,7 @@ def subset_curve(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
         dtype=np.float64,
         meta=np.array((), dtype=np.float64),
     )
-    total, count = np.moveaxis(parts.sum(axis=2).compute(), -1, 0)
+    total, count = np.moveaxis(alongside(ds, parts.sum(axis=2), also), -1, 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         ppl = np.exp(total / np.where(count > 0, count, np.nan))
     if "done" in ds:
