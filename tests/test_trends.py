@@ -12,7 +12,7 @@ import scipy.stats
 
 from planted_stores import KINDS, planted_loss, write_store, write_tiled_store
 from tokendyn.analysis.labels import label_mask, label_share, label_text
-from tokendyn.analysis.trends import CATEGORIES, TrendWarning, ols, trend_categories, trend_fit
+from tokendyn.analysis.trends import CATEGORIES, TrendWarning, _loss_and_ppl, ols, trend_categories, trend_fit
 from tokendyn.errors import TokendynError
 
 
@@ -180,3 +180,11 @@ def test_categories_out_of_core_under_a_worker_memory_cap(tmp_path):
     assert got.sel(category="stagnated").values == pytest.approx(expected["stagnating"])
     assert got.sel(category="downward").values == pytest.approx(expected["downward"])
     assert got.sel(category="upward").values == pytest.approx(expected["upward"])
+
+
+def test_float16_rows_are_looked_up_as_numpy_computes_them():
+    every = np.arange(2**16, dtype=np.uint16).view(np.float16)  # every float16 value, NaN and inf too
+    loss, ppl = _loss_and_ppl(every)
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.testing.assert_array_equal(loss, every.astype(np.float64))
+        np.testing.assert_array_equal(ppl, np.exp(every.astype(np.float64)))

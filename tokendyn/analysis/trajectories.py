@@ -112,7 +112,7 @@ def over_token_slices(func, block: np.ndarray, slice_tokens: int = SLICE_TOKENS,
 def token_loss(ds: xr.Dataset) -> xr.DataArray:
     """`loss` with NaN outside done checkpoints, without the per-checkpoint coordinates."""
     loss = ds["loss"]
-    if "done" in ds:
+    if "done" in ds and not ds["done"].all():  # all done: no masked copy of every value
         loss = loss.where(ds["done"])
     return loss.drop_vars([name for name in loss.coords if "ckpt" in loss[name].dims and name != "ckpt"])
 

@@ -109,12 +109,27 @@ def _window_sums(loss: np.ndarray, x: np.ndarray, starts: list[int]) -> dict[int
     """
     sums, out = np.empty((4, loss.shape[1])), {}
     for i in range(len(loss) - 1, min(starts) - 1, -1):
-        row = loss[i].astype(np.float64)
-        ppl = np.exp(row)  # numpy's exp, a row at a time: its temporaries stay small
+        row, ppl = _loss_and_ppl(loss[i])
         _accumulate(sums, ppl, row, x[i], i == len(loss) - 1)
         if i in starts:
             out[i] = (sums.copy(), ppl)
     return out
+
+
+_HALVES = np.arange(2**16, dtype=np.uint16).view(np.float16).astype(np.float64)  # every float16 value
+with np.errstate(over="ignore", invalid="ignore"):
+    _EXP_OF_HALVES = np.exp(_HALVES)
+
+
+def _loss_and_ppl(loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(loss, exp(loss)) in float64 for a row of losses; numpy's exp, a row at a time (small
+    temporaries). A float16 row (65,536 possible values) is looked up in a table of numpy's exp
+    of every float16 value: the same numbers, several times faster."""
+    if loss.dtype == np.float16:
+        bits = loss.view(np.uint16)
+        return _HALVES.take(bits), _EXP_OF_HALVES.take(bits)
+    row = loss.astype(np.float64)
+    return row, np.exp(row)
 
 
 @numba.njit(nogil=True, cache=True)
@@ -147,7 +162,7 @@ def _categorise(
     if not used:
         return codes
     sums = _window_sums(loss, x, used)
-    ppl_last = np.exp(loss[-1].astype(np.float64))
+    ppl_last = _loss_and_ppl(loss[-1])[1]
     for s, j in enumerate(starts):
         if j is not None:
             n = len(x) - j
