@@ -193,6 +193,15 @@ def test_double_descent_kernel_equals_numpy(dtype, tol):
     np.testing.assert_array_equal(falls_rises(y, tol), _numpy_double_descent(y.astype(smoothed.dtype), tol, False))
 
 
+def test_double_descent_of_a_store_equals_numpy(planted):
+    ds, _ = planted
+    assert not ds["done"].values.all()  # missing checkpoints are skipped, not read as losses
+    loss = ds["loss"].where(ds["done"]).values  # (model, ckpt, token)
+    for tol, window in ((0.5, 3), (0.2, 1), (0.3, 2)):
+        expected = [_numpy_double_descent(_numpy_moving_average(y, window), tol, True) for y in loss]
+        np.testing.assert_array_equal(double_descent(ds, tol=tol, window=window).values, expected)
+
+
 def _reference_pairs(a, b, top):
     both = np.isfinite(a) & np.isfinite(b)
     a, b = a[both], b[both]

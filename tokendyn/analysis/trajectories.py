@@ -539,14 +539,55 @@ def double_descent(
 ) -> xr.DataArray:
     """Per-token double descent over each model's checkpoints: (model, token), lazy.
 
-    See `detect_double_descent` for `tol` (nats), `window` (checkpoints) and `complete`.
+    See `detect_double_descent` for `tol` (nats), `window` (checkpoints) and `complete`. Each task
+    takes the stored chunks of a token range in every checkpoint as they are (no rechunked copy
+    of the loss) and copies DESCENT_TOKENS tokens at a time into the kernel's (ckpt, token) layout.
+    chunk_mb: data per task for a loss held in memory (a store's loss keeps its chunks).
     """
     ds = load_small(ds)
-    loss = chunk_tokens(token_loss(ds), chunk_mb)
-    return describe(
-        detect_double_descent(loss, "ckpt", tol, window, complete) & valid_tokens(ds),
-        "token's loss shows double descent",
+    loss = ds["loss"].transpose("model", "ckpt", *TOKEN_DIMS)
+    if loss.chunks is None:
+        loss = chunk_tokens(loss.chunk(), chunk_mb)
+    done = ds["done"].values if "done" in ds else np.ones(loss.shape[:2], bool)
+    flags = da.blockwise(
+        _descent_blocks,
+        "mt",
+        loss.data,
+        "mct",
+        da.from_array(done, chunks=loss.chunks[:2]),
+        "mc",
+        concatenate=False,
+        dtype=bool,
+        meta=np.array((), dtype=bool),
+        tol=tol,
+        window=window,
+        complete=complete,
     )
+    coords = {name: coord for name, coord in loss.coords.items() if "ckpt" not in coord.dims}
+    flags = xr.DataArray(flags, dims=("model", *TOKEN_DIMS), coords=coords, name="double_descent")
+    return describe(flags & valid_tokens(ds), "token's loss shows double descent")
+
+
+def _descent_blocks(
+    blocks: list[np.ndarray], done: list[np.ndarray], tol: float, window: int, complete: bool
+) -> np.ndarray:
+    """`detect_double_descent` along the checkpoints of (model, ckpt, token) blocks, one per chunk of
+    checkpoints; NaN at checkpoints not `done` (the blocks of the done flags, (model, ckpt))."""
+    n_model, _, n_token = blocks[0].shape
+    dtype = np.result_type(blocks[0].dtype, np.float32)
+    ends = np.cumsum([0] + [block.shape[1] for block in blocks])
+    y = np.empty((ends[-1], min(DESCENT_TOKENS, n_token)), dtype)
+    out = np.empty((n_model, n_token), bool)
+    for m in range(n_model):
+        missing = ~np.concatenate([d[m] for d in done])
+        for first in range(0, n_token, DESCENT_TOKENS):
+            part = y[:, : min(DESCENT_TOKENS, n_token - first)]
+            for block, start, stop in zip(blocks, ends[:-1], ends[1:]):
+                part[start:stop] = block[m, :, first : first + part.shape[1]]
+            part[missing] = np.nan
+            part = np.ascontiguousarray(part)
+            out[m, first : first + part.shape[1]] = _smoothed_descents(part, window, dtype.type(tol), complete)
+    return out
 
 
 def token_share(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
