@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from functools import partial
+from functools import lru_cache, partial
 
 import numba
 import numpy as np
@@ -176,11 +176,18 @@ def _categorise(
                 n,
                 x[j:].mean(),
                 xc @ xc,
-                scipy.stats.t.isf(alpha / 2, n - 2),
+                _critical_t(alpha, n - 2),
                 band,
                 var_condition,
             )
     return codes
+
+
+@lru_cache
+def _critical_t(alpha: float, dof: int) -> float:
+    """|t| above which a slope is significant at level alpha (two-sided): asked per token slice,
+    computed once (scipy's distributions parse their arguments slowly)."""
+    return float(scipy.stats.t.isf(alpha / 2, dof))
 
 
 @numba.njit(nogil=True, cache=True)
