@@ -241,20 +241,52 @@ def at_axis(ds: xr.Dataset, axis: str, levels: Sequence[float]) -> xr.DataArray:
     levels = np.asarray(levels, dtype=float)
     if levels.ndim != 1 or len(levels) == 0:
         raise TokendynError("levels must be a non-empty list of numbers")
-    loss = token_loss(ds)
-    per_model = []
-    for m, (lo, hi, weight, reachable) in enumerate(_interpolation(ds, axis, levels)):
-        model = loss.isel(model=m)
-        a = model.isel(ckpt=xr.DataArray(lo, dims=axis))
-        b = model.isel(ckpt=xr.DataArray(hi, dims=axis))
-        w = xr.DataArray(weight, dims=axis)
-        per_model.append((a + w * (b - a)).where(xr.DataArray(reachable, dims=axis)))
-    out = xr.concat(per_model, dim="model", coords="minimal", compat="override").drop_vars("ckpt")
-    model_coords = {name: coord for name, coord in ds.coords.items() if coord.dims == ("model",)}
-    out = out.assign_coords({axis: levels, **model_coords}).transpose("model", axis, *TOKEN_DIMS)
+    lo, hi, weight, reachable = (np.stack(part) for part in zip(*_interpolation(ds, axis, levels)))
+    # only the checkpoints some level reads (done ones) are taken; lo and hi become positions among them
+    used, position = np.unique(np.concatenate([lo.ravel(), hi.ravel()]), return_inverse=True)
+    lo, hi = position[: lo.size].reshape(lo.shape), position[lo.size :].reshape(hi.shape)
+    loss = ds["loss"].transpose("model", "ckpt", *TOKEN_DIMS).isel(ckpt=used)
+    loss = loss if loss.chunks is not None else loss.chunk()
+    plans = [da.from_array(plan, chunks=(loss.chunks[0], -1)) for plan in (lo, hi, weight, reachable)]
+    # each task takes a token range's stored chunks as they are and reads its two rows per level
+    data = da.blockwise(
+        _interpolate_blocks,
+        "mlt",
+        loss.data,
+        "mct",
+        *(arg for plan in plans for arg in (plan, "ml")),
+        concatenate=False,
+        dtype=np.float64,
+        meta=np.array((), dtype=np.float64),
+    ).rechunk({1: 1})
+    coords = {name: coord for name, coord in ds.coords.items() if coord.dims == ("model",)}
+    coords |= {name: coord for name, coord in loss.coords.items() if set(coord.dims) <= set(TOKEN_DIMS)}
+    out = xr.DataArray(data, dims=("model", axis, *TOKEN_DIMS), coords=coords | {axis: levels})
     if axis != "step":
         out = out.assign_coords(step=reach(ds, axis, levels, "step"))
     return describe(out.rename("loss"), f"loss at matched {axis}", "nats")
+
+
+def _interpolate_blocks(
+    blocks: list[np.ndarray], lo: np.ndarray, hi: np.ndarray, weight: np.ndarray, reachable: np.ndarray
+) -> np.ndarray:
+    """(model, level, token) float64 from (model, ckpt, token) blocks, one per chunk of checkpoints:
+    per model and level, a + weight (b - a) of the rows a = lo, b = hi (b - a in the loss's dtype,
+    as numpy computes it), NaN where not reachable."""
+    ends = np.cumsum([0] + [block.shape[1] for block in blocks])
+
+    def row(m: int, ckpt: int) -> np.ndarray:
+        k = np.searchsorted(ends, ckpt, side="right") - 1
+        return blocks[k][m, ckpt - ends[k]]
+
+    out = np.empty((*lo.shape, blocks[0].shape[2]))
+    for m, level in np.ndindex(lo.shape):
+        if reachable[m, level]:
+            a, b = row(m, lo[m, level]), row(m, hi[m, level])
+            out[m, level] = a + weight[m, level : level + 1] * (b - a)
+        else:
+            out[m, level] = np.nan
+    return out
 
 
 def perplexity_range(ds: xr.Dataset) -> tuple[float, float]:
