@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Sequence
 from functools import lru_cache, partial
 
+import dask.array as da
 import numba
 import numpy as np
 import scipy.special
@@ -32,6 +33,8 @@ import xarray as xr
 from tokendyn.analysis.labels import MISSING, flag_array
 from tokendyn.analysis.trajectories import (
     CHUNK_MB,
+    SLICE_TOKENS,
+    chunk_tokens,
     done_checkpoints,
     load_small,
     model_loss,
@@ -100,14 +103,16 @@ def window_start(steps: np.ndarray, start: float) -> int:
     return int(np.searchsorted(steps, start * steps[-1], side="left"))
 
 
-def _window_sums(loss: np.ndarray, x: np.ndarray, starts: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+def _window_sums(
+    loss: Sequence[np.ndarray], x: np.ndarray, starts: list[int]
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """Per window start j: the sums over checkpoints j.. of ppl, x ppl, ppl^2 and loss (4, token),
     and ppl at j.
 
     One backward pass over the checkpoints gives every window's sums (windows share their tails),
     instead of one pass per window; NaN propagates as in a direct sum.
     """
-    sums, out = np.empty((4, loss.shape[1])), {}
+    sums, out = np.empty((4, len(loss[0]))), {}
     for i in range(len(loss) - 1, min(starts) - 1, -1):
         row, ppl = _loss_and_ppl(loss[i])
         _accumulate(sums, ppl, row, x[i], i == len(loss) - 1)
@@ -147,9 +152,15 @@ def _accumulate(sums: np.ndarray, ppl: np.ndarray, loss: np.ndarray, x: float, f
 
 
 def _categorise(
-    loss: np.ndarray, x: np.ndarray, starts: Sequence[int | None], alpha: float, band: float, var_condition: bool
+    loss: Sequence[np.ndarray],
+    x: np.ndarray,
+    starts: Sequence[int | None],
+    alpha: float,
+    band: float,
+    var_condition: bool,
 ) -> np.ndarray:
-    """Category codes (token, start) of trajectories loss (ckpt, token) for window starts `starts`.
+    """Category codes (token, start) of trajectories loss (ckpt, token: an array or its rows) for
+    window starts `starts`.
 
     Regressing ppl_i or ppl_i / ppl_j on x gives the same t statistic and slope sign (ppl_j is a
     positive constant per token), so ppl is computed once for all starts; and p < alpha is
@@ -157,7 +168,7 @@ def _categorise(
     sums of every window come from one backward pass (`_window_sums`); the slope's t statistic is
     then the one `_fit` gives.
     """
-    codes = np.full(loss.shape[1:] + (len(starts),), MISSING, dtype=np.int8)
+    codes = np.full((len(loss[0]), len(starts)), MISSING, dtype=np.int8)
     used = [j for j in starts if j is not None]
     if not used:
         return codes
@@ -232,6 +243,21 @@ def _codes(
     return codes
 
 
+def _categorise_blocks(blocks: list[np.ndarray], **kwargs) -> np.ndarray:
+    """`_categorise` of (ckpt, token) blocks, one per chunk of checkpoints, SLICE_TOKENS tokens at a
+    time: their rows are used in place, never copied into one array."""
+    rows = [row for block in blocks for row in block]
+    n_token = blocks[0].shape[1]
+    if not rows:
+        return np.full((n_token, len(kwargs["starts"])), MISSING, dtype=np.int8)
+    return np.concatenate(
+        [
+            _categorise([row[i : i + SLICE_TOKENS] for row in rows], **kwargs)
+            for i in range(0, max(n_token, 1), SLICE_TOKENS)
+        ]
+    )
+
+
 def trend_categories(
     ds: xr.Dataset,
     start: float | Sequence[float] = STARTS,
@@ -272,24 +298,25 @@ def trend_categories(
                 js.append(j)
         # only the checkpoints from the earliest window start on are read
         first = min((j for j in js if j is not None), default=0)
-        loss = model_loss(ds, m, chunk_mb, first=len(steps) - len(xs) + first)
-        codes = xr.apply_ufunc(
-            partial(over_token_slices, _categorise),
-            loss.drop_vars("step"),
-            input_core_dims=[["ckpt"]],
-            output_core_dims=[["start"]],
-            kwargs=dict(
-                x=xs[first:],
-                starts=[None if j is None else j - first for j in js],
-                alpha=alpha,
-                band=band,
-                var_condition=var_condition,
-            ),
-            dask="parallelized",
-            output_dtypes=[np.int8],
-            dask_gufunc_kwargs={"output_sizes": {"start": len(starts)}},
+        idx = done_checkpoints(ds, m)[len(steps) - len(xs) + first :]
+        loss = ds["loss"].isel(model=m, ckpt=idx).transpose("ckpt", *TOKEN_DIMS)
+        loss = loss if loss.chunks is not None else chunk_tokens(loss.chunk(), chunk_mb)
+        codes = da.blockwise(  # a task per token range takes its stored chunks as they are (not rechunked)
+            _categorise_blocks,
+            "ts",
+            loss.data,
+            "ct",
+            new_axes={"s": len(starts)},
+            concatenate=False,
+            dtype=np.int8,
+            meta=np.array((), dtype=np.int8),
+            x=xs[first:],
+            starts=[None if j is None else j - first for j in js],
+            alpha=alpha,
+            band=band,
+            var_condition=var_condition,
         )
-        per_model.append(codes)
+        per_model.append(xr.DataArray(codes, dims=(*TOKEN_DIMS, "start")))
     codes = xr.concat(per_model, dim="model").assign_coords(model=ds["model"].values, start=starts)
     codes = codes.where(valid_tokens(ds), MISSING).astype(np.int8)
     return flag_array(
