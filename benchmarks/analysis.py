@@ -4,13 +4,16 @@
 
 Builds once (then reuses, under cache/bench/) float16 format-2 stores of synthetic per-token loss
 curves (sigmoid falls in log step of every width and midpoint, flat and rising tokens, noise) in
-the chunks `tokendyn extract` writes, at --tokens and at a quarter of it. Then prints wall and CPU
+the chunks `tokendyn extract` writes, at --tokens and at twice that. Then prints wall and CPU
 seconds (CPU seconds are what to compare on a shared machine) and peak memory of:
   - reading the loss once (decompressed to float32 and summed): every ratio is relative to it,
   - the age-of-acquisition kernel now and before issue 15 (logit-line start, 10 steps), per token,
   - every study as `tokendyn analyze` runs it (run, then write its results), in one process,
-  - `tokendyn analyze` end to end in a child process at both sizes, each with its own peak memory
-    (the two peaks should be close: memory must not grow with the number of tokens).
+  - `tokendyn analyze` end to end in a child process at both sizes, each with its own peak memory,
+    and what the second size added per (token, model). Both sizes span several of the analyses'
+    chunks (whole checkpoints x about 0.5M tokens at 50 checkpoints), so the working memory is the
+    same in both and the difference is the per-token results held until written (a few bytes per
+    token and model), not the loss (100 bytes per token and model at 50 float16 checkpoints).
 Target: analyze <= 30 s wall at 1,000,000 tokens x 50 checkpoints x 3 models on 2 idle cores.
 
 --large adds Pythia's shape out of core: 10,000,000 tokens x 154 checkpoints x 1 model in float16
@@ -171,6 +174,7 @@ def _aoa_kernels(loss: np.ndarray, x: np.ndarray, n_sample: int) -> tuple[float,
     sys.path.insert(0, str(Path(__file__).parent))
     from aoa_before import sigmoid_midpoint_before  # the kernel as it was, kept for this comparison
 
+    curves._sigmoid_midpoint(np.ascontiguousarray(loss[:, :64]), x, CHANCE, n_iter=3)  # compile or load: untimed
     start = time.process_time()
     over_token_slices(curves._sigmoid_midpoint, loss.T, curves.AOA_SLICE_TOKENS, x=x, chance=CHANCE, n_iter=3)
     now = time.process_time() - start
@@ -201,8 +205,9 @@ def per_study(ds: xr.Dataset, folder: Path, reference: float) -> None:
     print(f"{'  all studies':<52} {total_wall:8.2f} s wall {total_cpu:8.2f} s cpu  {ratio:6.1f} x the read")
 
 
-def run_analyze(store: Path, out: Path, label: str) -> None:
-    """`tokendyn analyze` in a child process: its wall and CPU seconds and its own peak memory.
+def run_analyze(store: Path, out: Path, label: str) -> float:
+    """`tokendyn analyze` in a child process: print its wall and CPU seconds and return its own peak
+    memory (GB).
 
     The child runs under /usr/bin/time: a child forked straight from this (large) process would
     report this process's resident memory at the fork as its own peak.
@@ -217,6 +222,7 @@ def run_analyze(store: Path, out: Path, label: str) -> None:
     ok = "ok" if done.returncode == 0 else f"FAILED: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
     cpu, peak = user + system, peak_kb / 2**20
     print(f"{label:<52} {wall:8.2f} s wall {cpu:8.2f} s cpu   peak {peak:.2f} GB   {ok}", flush=True)
+    return peak
 
 
 def read_once(ds: xr.Dataset) -> float:
@@ -256,7 +262,7 @@ def main() -> None:
         flush=True,
     )
     stores = {}
-    for n_tokens in (args.tokens // 4, args.tokens):  # the quarter-size store: does peak memory grow with tokens?
+    for n_tokens in (args.tokens, 2 * args.tokens):  # does peak memory grow with tokens?
         stores[n_tokens] = root / f"analysis-{n_tokens}-{args.ckpts}-{args.models}-f16.zarr"
         if not stores[n_tokens].is_dir():
             stores[n_tokens].parent.mkdir(parents=True, exist_ok=True)
@@ -270,8 +276,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=root) as scratch:
         per_study(ds, Path(scratch), read)
         if not args.no_analyze:
-            for n_tokens, store in stores.items():
-                run_analyze(store, Path(scratch) / f"analysis-{n_tokens}", f"tokendyn analyze, {n_tokens:,} tokens")
+            peaks = {
+                n: run_analyze(store, Path(scratch) / f"analysis-{n}", f"tokendyn analyze, {n:,} tokens")
+                for n, store in stores.items()
+            }
+            (small, low), (large, high) = sorted(peaks.items())
+            added = (high - low) * 2**30 / ((large - small) * args.models)
+            print(f"{'  peak added per (token, model)':<52} {added:8.1f} bytes (the loss: {2 * args.ckpts} bytes)")
     if args.large:
         bench_large(root)
     print(f"load average after {os.getloadavg()[0]:.1f}")

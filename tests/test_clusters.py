@@ -263,12 +263,34 @@ def test_descent_depth_by_hand(curve, depth):
 def test_descent_depth_is_the_detectors_test_as_a_number():
     """depth >= tol exactly where `falls_rises_falls` (the double-descent detector's test) holds."""
     from tokendyn.analysis.clusters import descent_depth
-    from tokendyn.analysis.trajectories import falls_rises_falls
+    from tokendyn.analysis.trajectories import falls_rises_falls, moving_average
 
     y = np.cumsum(np.random.default_rng(0).normal(0, 0.4, (500, 12)), axis=1)
     depth = descent_depth(y)
     for tol in (0.2, 0.5, 1.0):
         np.testing.assert_array_equal(depth >= tol, falls_rises_falls(y.T, tol))
+    # with the detector's smoothing, on float32 rows (the store's precision after reading)
+    smoothed = descent_depth(y.astype(np.float32), smooth=3)
+    for tol in (0.2, 0.5, 1.0):
+        np.testing.assert_array_equal(smoothed >= tol, falls_rises_falls(moving_average(y.T.astype(np.float32), 3), tol))
+
+
+def test_descent_depth_against_brute_force():
+    """The depth is max over a <= b < c <= e of min(y[a] - y[b], y[c] - y[b], y[c] - y[e]), written out."""
+    from tokendyn.analysis.clusters import descent_depth
+
+    y = np.cumsum(np.random.default_rng(1).normal(0, 0.4, (60, 9)), axis=1)
+    n = y.shape[1]
+    for row, depth in zip(y, descent_depth(y)):
+        pairs = [
+            min(row[a] - row[b], row[c] - row[b], row[c] - row[e])
+            for a in range(n)
+            for b in range(a, n)
+            for c in range(b + 1, n)
+            for e in range(c, n)
+        ]
+        assert depth == pytest.approx(max(0.0, *pairs), abs=1e-12)
+    assert np.isnan(descent_depth(np.array([[3.0, 1.0, np.nan, 2.0, 0.0]]))[0])
 
 
 def test_change_statistics_against_scipy():
@@ -306,3 +328,21 @@ def test_change_features_reproduce_the_detectors(planted):
     trend = changes.sel(change="late_trend").values
     np.testing.assert_array_equal(trend >= 1, label_mask(trends, "upward").values)
     np.testing.assert_array_equal(trend <= -1, label_mask(trends, "downward").values)
+
+
+def test_fit_sample_reads_few_chunks_of_a_long_store():
+    """Many token chunks: the sample comes from whole chunks holding SAMPLE_POOL x its size; few: from all."""
+    import xarray as xr
+
+    from tokendyn.analysis.clusters import SAMPLE_POOL, fit_sample
+
+    def store(n_tokens, chunk):
+        loss = xr.DataArray(np.zeros((2, 3, n_tokens), np.float16), dims=("model", "ckpt", "token"))
+        return xr.Dataset({"loss": loss.chunk({"token": chunk})})
+
+    picked = fit_sample(store(10_000, 100), 50, np.random.default_rng(0))
+    assert len(picked) == len(np.unique(picked)) == 50 and np.all(np.diff(picked) > 0)
+    assert len(np.unique(picked // 100)) <= SAMPLE_POOL * 50 // 100  # from 2 of the 100 chunks
+    spread = fit_sample(store(10_000, 5_000), 2_000, np.random.default_rng(0))
+    assert len(np.unique(spread // 5_000)) == 2  # a pool of every chunk: drawn from all tokens
+    np.testing.assert_array_equal(fit_sample(store(30, 10), 40, np.random.default_rng(0)), np.arange(30))

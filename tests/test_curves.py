@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
 import scipy.optimize
 
+import aoa_numpy
 from planted_stores import flat, write_store
 from tokendyn.analysis.curves import (
+    MEASURES,
     RHO1_CLASSES,
+    _exp32,
+    _measures,
+    _rows,
     _sigmoid_midpoint,
     _solve3,
+    _upward_moves,
     age_of_acquisition,
     cartography,
     curve_measures,
@@ -163,16 +170,21 @@ def _scipy_midpoint(y, x, chance):
     return best
 
 
-def test_vectorised_fit_matches_scipy_token_by_token():
-    """A few hundred noisy tokens (sigmoids of all widths and flat curves): the same optimum as scipy."""
-    rng = np.random.default_rng(7)
-    x = np.log10(np.geomspace(1000, 143000, 30))
-    n, chance = 240, 10.8
+def _noisy_tokens(rng, n, n_ckpt=30, chance=10.8):
+    """x and (ckpt, token) curves: sigmoids of every width, midpoint and floor with noise; 1/6 flat."""
+    x = np.log10(np.geomspace(1000, 143000, n_ckpt))
     k, x0, lo = rng.uniform(1, 20, n), rng.uniform(3.1, 5.1, n), rng.uniform(0.5, 8, n)
     y = _sigmoid(x[:, None], k, x0, lo, chance) + rng.normal(0, 0.3, (len(x), n))
-    y[:, :40] = rng.uniform(1, 10, 40) + rng.normal(0, 0.5, (len(x), 40))  # flat: mostly no age
+    y[:, : n // 6] = rng.uniform(1, 10, n // 6) + rng.normal(0, 0.5, (len(x), n // 6))  # flat: mostly no age
+    return x, y
+
+
+def test_compiled_fit_matches_scipy_token_by_token():
+    """A few hundred noisy tokens (sigmoids of all widths and flat curves): the same optimum as scipy."""
+    chance = 10.8
+    x, y = _noisy_tokens(np.random.default_rng(7), 240, chance=chance)
     got = _sigmoid_midpoint(y, x, chance, n_iter=3)
-    ref = np.array([_scipy_midpoint(y[:, t], x, chance)[0] for t in range(n)])
+    ref = np.array([_scipy_midpoint(y[:, t], x, chance)[0] for t in range(y.shape[1])])
     both = np.isfinite(got) & (ref > x.min()) & (ref < x.max())
     assert both.sum() > 150
     assert np.abs(got[both] - ref[both]).max() < 0.02
@@ -206,9 +218,84 @@ def test_curve_measures_in_one_pass_equal_the_separate_measures(random_store):
             np.testing.assert_allclose(together[name].values, expected.values, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_compiled_fit_matches_the_numpy_vectorised_fit():
+    """The same method as the numpy code it replaced (tests/aoa_numpy.py), float32 sums in another
+    order: the same tokens with an age, the same ages to float32 rounding through three steps."""
+    chance = 10.8
+    x, y = _noisy_tokens(np.random.default_rng(11), 600, n_ckpt=50, chance=chance)
+    y[5, 7] = np.nan  # a gap: no age
+    got = _sigmoid_midpoint(y.astype(np.float16), x, chance, n_iter=3)
+    ref = aoa_numpy.sigmoid_midpoint(y.astype(np.float16).astype(np.float32), x, chance, n_iter=3)
+    assert np.isnan(got[7]) and np.isnan(ref[7])
+    assert (np.isfinite(got) != np.isfinite(ref)).sum() <= 3  # at most a borderline token or so
+    both = np.isfinite(got) & np.isfinite(ref)
+    assert both.sum() > 400
+    assert np.abs(got[both] - ref[both]).max() < 2e-3
+    assert np.median(np.abs(got[both] - ref[both])) < 1e-5
+
+
+def test_float16_rows_and_fast_exp():
+    rng = np.random.default_rng(1)
+    block = (rng.uniform(0, 12, (7, 33))).astype(np.float16)
+    block[2, 3], block[4, 5], block[6, 1] = np.nan, np.inf, 65504
+    columns = np.array([0, 2, 3, 6])
+    np.testing.assert_array_equal(_rows(block, columns), block[columns].T.astype(np.float32))
+    a = np.linspace(-87, 88, 20001, dtype=np.float32)
+    got = np.array([_exp32(v) for v in a], dtype=np.float64)
+    assert np.abs(got / np.exp(a.astype(np.float64)) - 1).max() < 2.5 * np.finfo(np.float32).eps
+
+
+@pytest.mark.parametrize("fitted", [np.arange(1, 9), np.array([1, 2, 3, 5, 6, 7, 8])])
+def test_fused_measures_across_gaps(fitted):
+    """A block with checkpoints not done in the middle and tokens with NaN at done checkpoints: the fused
+    kernel equals the numpy computations (means skip NaN; no rise across a gap), whether the fitted
+    checkpoints are a run of the done ones or not."""
+    rng = np.random.default_rng(9)
+    loss = rng.uniform(0.5, 4, (12, 64)).astype(np.float32)
+    done = np.array([0, 1, 2, 4, 5, 8, 9, 10, 11])
+    loss[np.setdiff1d(np.arange(12), done)] = np.nan
+    loss[[1, 9], 3] = np.nan
+    loss[:, 5] = np.nan
+    trained = done[fitted]
+    x = np.log10(10.0 * np.arange(1, 13))[trained]
+    got = _measures(loss[done].T, done, 4, fitted, x, chance=5.0, n_iter=3, window=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        prob = np.exp(-loss[done].astype(np.float64))
+        expected = {
+            "final_loss": np.nanmean(loss[done[-4:]], axis=0),
+            "final_variability": np.nanstd(loss[done[-4:]], axis=0),
+            "forgettability": _upward_moves(loss, 3),
+            "confidence": np.nanmean(prob, axis=0),
+            "variability": np.nanstd(prob, axis=0),
+            "age_of_acquisition": _sigmoid_midpoint(loss[trained], x, 5.0, 3),
+        }
+    expected["forgettability"][5] = 0  # no loss at all: nothing rises (nansum)
+    assert np.isfinite(expected["age_of_acquisition"]).sum() >= 3
+    for name, values in expected.items():
+        np.testing.assert_allclose(got[:, MEASURES.index(name)], values, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_a_model_without_done_checkpoints_has_no_measures(tmp_path):
+    """A suite still being extracted: model 0 has no checkpoint done, model 1 only two trained ones."""
+    rng = np.random.default_rng(3)
+    steps = np.array([[np.nan] * 4, [0, 10, 20, np.nan]])
+    ds = write_store(tmp_path / "s.zarr", rng.uniform(0.5, 4, (2, 4, 2, 5)), steps, vocab=[f"t{i}" for i in range(50)])
+    out = curve_measures(ds).compute()
+    for name in MEASURES:
+        if name == "forgettability":
+            assert (out[name].values[0] == 0).all()  # as from a curve of NaN: nothing rises
+        else:
+            assert np.isnan(out[name].values[0]).all()
+    assert np.isfinite(out["final_loss"].values[1]).all() and np.isnan(out["age_of_acquisition"].values[1]).all()
+    assert np.isnan(age_of_acquisition(ds).values).all()
+
+
 def test_closed_form_solve_matches_lapack():
     rng = np.random.default_rng(2)
     a = rng.normal(size=(50, 3, 3))
     a = a @ a.transpose(0, 2, 1) + 0.1 * np.eye(3)  # symmetric positive definite, like damped normal equations
     b = rng.normal(size=(50, 3))
-    np.testing.assert_allclose(_solve3(a, b), np.linalg.solve(a, b[..., None])[..., 0], rtol=1e-9, atol=1e-12)
+    got = [_solve3(m[0, 0], m[0, 1], m[0, 2], m[1, 1], m[1, 2], m[2, 2], *v) for m, v in zip(a, b)]
+    np.testing.assert_allclose(got, np.linalg.solve(a, b[..., None])[..., 0], rtol=1e-9, atol=1e-12)
+    assert np.isnan(_solve3(1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 2.0, 3.0)).all()  # singular

@@ -45,7 +45,7 @@ def test_scoring_cost_follows_tokens_checkpoints_model_size_and_sparse_sets():
     assert cost(small, 2e4) - cost(small, 1e4) == pytest.approx(25 * 1e4 * per_token)  # linear in tokens
     assert cost(doubled, 1e4) == pytest.approx(2 * cost(small, 1e4))  # linear in checkpoints
     # the default preset's largest size measured 5.5x the smallest's seconds per scored token
-    assert 4 < (cost(large, 1e4) - loads) / (cost(small, 1e4) - loads) < 7
+    assert 4 < (cost(large, 2e4) - cost(large, 1e4)) / (cost(small, 2e4) - cost(small, 1e4)) < 7
     # a set scored at every second checkpoint: 13 of 25 (0, 2, ..., 24), as extract schedules it
     assert demo.scored_checkpoints(25, 2) == 13 and demo.scored_checkpoints(26, 2) == 14
     assert cost(small, 1e4, every=2) - loads == pytest.approx(13 / 25 * (cost(small, 1e4) - loads))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 
@@ -32,3 +33,27 @@ def test_task_items_cannot_replace_generated_fields(tmp_path):
     path.write_text(json.dumps({**line, "n_options": 3}) + "\n")
     with pytest.raises(TokendynError, match="field 'n_options', which tokendyn sets itself"):
         read_task(path)
+
+
+def test_open_store_reuses_the_parsed_store_until_it_changes(tmp_path):
+    """A reopened store is the parsed one while its metadata is unchanged, never the same object
+    (callers' attribute changes stay theirs), and a change to the store is seen at once."""
+    import zarr
+
+    import tokendyn
+    from planted_stores import planted_suite
+
+    path = tmp_path / "p.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr's note that consolidated metadata is not in the v3 spec
+        planted_suite(path)
+    first = tokendyn.open_store(path)
+    first.attrs["mine"] = True
+    again = tokendyn.open_store(path)
+    assert again is not first and "mine" not in again.attrs and again["loss"].data.name == first["loss"].data.name
+    root = zarr.open_group(path, mode="r+")
+    root.attrs["note"] = "changed"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(path)
+    assert tokendyn.open_store(path).attrs["note"] == "changed"

@@ -59,6 +59,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
+import numba
 import numpy as np
 import pandas as pd
 import scipy.stats
@@ -76,12 +77,9 @@ from tokendyn.analysis.trajectories import (
     load_small,
     model_index,
     model_loss,
-    moving_average,
-    token_loss,
-    trained_checkpoints,
     valid_tokens,
 )
-from tokendyn.analysis.trends import ols, trend_categories, window_start
+from tokendyn.analysis.trends import trend_categories, window_start
 from tokendyn.errors import TokendynError
 from tokendyn.store.layout import TOKEN_DIMS
 
@@ -172,21 +170,21 @@ def progress_loss(ds: xr.Dataset, n_points: int = 10) -> xr.DataArray:
     perplexity range shared by the models: every model is seen over its whole run.
     """
     ds = load_small(ds)
-    loss = token_loss(ds)
     targets = np.linspace(0.0, 1.0, n_points)
     per_model, steps = [], []
     for m, name in enumerate(ds["model"].values):
-        idx = trained_checkpoints(ds, m)
+        # model_loss, as change_features reads it: computed together, the two share their reads
+        loss = model_loss(ds, m)
+        step = loss["step"].values
+        idx = np.flatnonzero(step > 0)
         if len(idx) < 2:
             raise TokendynError(f"model {name} has fewer than 2 trained checkpoints (step > 0); extract more")
         position = targets * (len(idx) - 1)
         lo = np.minimum(np.floor(position).astype(int), len(idx) - 2)
         weight = position - lo
-        a = loss.isel(model=m, ckpt=xr.DataArray(idx[lo], dims="point"))
-        b = loss.isel(model=m, ckpt=xr.DataArray(idx[lo + 1], dims="point"))
+        a, b = (loss.isel(ckpt=xr.DataArray(idx[i], dims="point")).astype(np.float32) for i in (lo, lo + 1))
         per_model.append((a + xr.DataArray(weight, dims="point") * (b - a)).reset_coords(drop=True))
-        step = ds["step"].values[m, idx]
-        steps.append(step[lo] + weight * (step[lo + 1] - step[lo]))
+        steps.append(step[idx][lo] + weight * (step[idx][lo + 1] - step[idx][lo]))
     out = xr.concat(per_model, dim="model").assign_coords(
         model=ds["model"].values, point=targets, step=(("model", "point"), np.array(steps))
     )
@@ -265,23 +263,70 @@ CHANGES = ("descent", "late_trend", "late_spread")
 TREND_CLIP = 2.0  # late_trend is clipped to +-2 critical values: past that, a trend is certain
 
 
-def descent_depth(y: np.ndarray) -> np.ndarray:
+def descent_depth(y: np.ndarray, smooth: int = 1) -> np.ndarray:
     """Depth of the deepest double descent along the last axis of y (its units), whatever its timing.
 
-    The largest d such that y falls by d to some point b, later rises d above y[b] to a peak c,
-    and later still falls d below y[c]; 0 when y has no fall-rise-fall. So
-    `trajectories.falls_rises_falls(y, tol)` holds exactly when the depth is >= tol (NaN-free rows):
-    the double-descent detector's test as a number.
+    After the double-descent detector's centred moving average over `smooth` points
+    (`trajectories.moving_average`; 1 = none): the largest d such that the curve falls by d to
+    some point b, later rises d above it to a peak c, and later still falls d below the peak; 0
+    when it has no fall-rise-fall, NaN when the row has a NaN. So
+    `trajectories.double_descent(tol, window=smooth)` flags a NaN-free row exactly when its depth
+    is >= tol: the detector's test as a number. float64 rows are computed in float64, others in
+    float32.
     """
     y = np.asarray(y)
-    y = y.astype(np.result_type(y.dtype, np.float32))  # float32 data stays float32: half the memory traffic
-    fall_to = np.maximum.accumulate(y, axis=-1) - y  # fall from the highest earlier point to b
-    fall_after = y - np.minimum.accumulate(y[..., ::-1], axis=-1)[..., ::-1]  # fall from c to its lowest later point
-    depth = np.zeros(y.shape[:-1])
-    for c in range(1, y.shape[-1]):
-        rise = np.minimum(fall_to[..., :c], y[..., c : c + 1] - y[..., :c]).max(axis=-1)
-        depth = np.maximum(depth, np.minimum(rise, fall_after[..., c]))
-    return depth
+    dtype = np.float64 if y.dtype == np.float64 else np.float32
+    rows = np.ascontiguousarray(y.reshape(-1, y.shape[-1]), dtype=dtype)  # dask hands (token, point) blocks
+    depth = np.zeros(len(rows))
+    if rows.shape[1]:
+        _descent_depth_rows(rows, smooth, depth)
+    return depth.reshape(y.shape[:-1])
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _descent_depth_rows(rows: np.ndarray, smooth: int, depth: np.ndarray) -> None:
+    """`descent_depth` of each row, into depth; one pass per row, no temporaries per token.
+
+    The smoothing sums a point's neighbours in `moving_average`'s order, so the smoothed values are
+    the same to the bit. With M the running maximum and L the minimum from each point on, a peak c
+    after a low point b gives the depth min(M[b] - y[b], y[c] - y[b], y[c] - L[c]); the largest
+    over b < c is kept. A peak c is tried only when it could beat the depth so far and the next
+    point is lower (a later, higher point would do at least as well), so few peaks cost a pass.
+    """
+    n = rows.shape[1]
+    half = smooth // 2
+    y = np.empty(n, rows.dtype)
+    top = np.empty(n, rows.dtype)
+    low = np.empty(n, rows.dtype)
+    for r in range(rows.shape[0]):
+        raw = rows[r]
+        if np.isnan(raw).any():
+            depth[r] = np.nan
+            continue
+        for i in range(n):
+            total = raw.dtype.type(0)
+            count = 0
+            for j in range(max(i - half, 0), min(i + smooth - half, n)):
+                total += raw[j]
+                count += 1
+            y[i] = total / raw.dtype.type(count)
+        top[0], low[n - 1] = y[0], y[n - 1]
+        for i in range(1, n):
+            top[i] = max(top[i - 1], y[i])
+            low[n - 1 - i] = min(low[n - i], y[n - 1 - i])
+        best = 0.0
+        lowest, deepest = y[0], 0.0  # before c: the lowest point, the largest fall to a point
+        for c in range(1, n - 1):
+            bound = min(y[c] - low[c], y[c] - lowest, deepest)  # no b < c gives more than this
+            lowest, deepest = min(lowest, y[c]), max(deepest, top[c] - y[c])
+            if bound <= best or y[c + 1] >= y[c]:
+                continue
+            fall_after = y[c] - low[c]
+            rise = -np.inf
+            for b in range(c):
+                rise = max(rise, min(top[b], y[c]) - y[b])
+            best = max(best, min(rise, fall_after))
+        depth[r] = best
 
 
 def change_statistics(y: np.ndarray, late_x: np.ndarray, smooth: int, alpha: float = ALPHA) -> np.ndarray:
@@ -297,17 +342,44 @@ def change_statistics(y: np.ndarray, late_x: np.ndarray, smooth: int, alpha: flo
     of the window's first and last loss from its mean (nats; the stagnation band's test).
     """
     y = np.asarray(y)
-    descent = descent_depth(np.moveaxis(moving_average(np.moveaxis(y, -1, 0), smooth), 0, -1))  # as the detector
-    window = y[..., y.shape[-1] - len(late_x) :].astype(np.float64)
-    trend = np.zeros(y.shape[:-1])
+    window = np.ascontiguousarray(y[..., y.shape[-1] - len(late_x) :].reshape(-1, len(late_x)), dtype=np.float64)
+    t, spread = np.empty(len(window)), np.empty(len(window))
+    _late_window_rows(window, np.asarray(late_x, dtype=np.float64), t, spread)
+    trend = np.zeros(len(window))
     if len(late_x) >= 3:
-        slope, stderr, _ = ols(np.exp(window - window[..., :1]), np.asarray(late_x, dtype=np.float64))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            t = np.where(slope == 0, 0.0, slope / stderr)  # an exact line: +-inf, clipped below
         trend = np.clip(t / scipy.stats.t.isf(alpha / 2, len(late_x) - 2), -TREND_CLIP, TREND_CLIP)
-    mean = window.mean(axis=-1)
-    spread = np.maximum(np.abs(window[..., 0] - mean), np.abs(window[..., -1] - mean))
-    return np.stack([descent, np.where(np.isnan(mean), np.nan, trend), spread], axis=-1).astype(np.float64)
+    trend[np.isnan(spread)] = np.nan
+    changes = np.stack([descent_depth(y, smooth).ravel(), trend, spread], axis=-1)
+    return changes.reshape(*y.shape[:-1], len(CHANGES))
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _late_window_rows(window: np.ndarray, x: np.ndarray, t: np.ndarray, spread: np.ndarray) -> None:
+    """Per row of the trend window (loss at x): the t statistic of the least-squares slope of
+    perplexity relative to the first point, exp(loss - loss[0]), against x, as `trends.ols` computes
+    it (0 for a row flat to rounding or a slope of exactly 0, +-inf for an exact line), and the
+    larger distance of the first and last loss from the mean. NaN in a row gives NaN."""
+    n = len(x)
+    xc = x - x.mean()
+    sxx = (xc * xc).sum()
+    eps = np.finfo(np.float64).eps
+    for r in range(window.shape[0]):
+        w = window[r]
+        mean = w.mean()
+        spread[r] = max(abs(w[0] - mean), abs(w[n - 1] - mean))
+        sum_y = sum_y2 = sxy = 0.0
+        for i in range(n):
+            e = np.exp(w[i] - w[0])
+            sum_y += e
+            sum_y2 += e * e
+            sxy += xc[i] * e
+        syy = sum_y2 - sum_y * sum_y / n
+        slope = sxy / sxx
+        if n < 3 or syy <= 16 * n * eps * sum_y2 or slope == 0:
+            t[r] = 0.0 if mean == mean else np.nan
+            continue
+        stderr = np.sqrt(max(syy - slope * sxy, 0.0) / (n - 2) / sxx)
+        t[r] = slope / stderr if stderr > 0 else np.sign(slope) * np.inf
 
 
 def change_features(ds: xr.Dataset, start: float = 0.4, smooth: int = DD_WINDOW) -> xr.DataArray:
@@ -436,6 +508,32 @@ def design(
     return np.concatenate([normalise(x, how, window, weight), scale * stats], axis=-1)
 
 
+SAMPLE_POOL = 4  # fit_sample draws from stored token chunks holding at least this many times the sample
+
+
+def fit_sample(ds: xr.Dataset, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of n random tokens (all of them when there are fewer), sorted.
+
+    In a store of many token chunks, the tokens are drawn from randomly chosen whole chunks that
+    hold at least SAMPLE_POOL x n tokens, so that reading the sample reads those chunks only: its
+    cost stays the same however long the evaluation text is.
+    """
+    n_tokens = ds.sizes["token"]
+    if n >= n_tokens:
+        return np.arange(n_tokens)
+    loss = ds["loss"]
+    chunks = loss.chunks[loss.get_axis_num("token")] if loss.chunks is not None else None
+    if chunks is None or SAMPLE_POOL * n > n_tokens - max(chunks):  # the pool would be every chunk
+        return np.sort(rng.choice(n_tokens, n, replace=False))
+    starts = np.cumsum([0, *chunks])
+    pool: list[np.ndarray] = []
+    for c in rng.permutation(len(chunks)):
+        pool.append(np.arange(starts[c], starts[c + 1]))
+        if sum(len(p) for p in pool) >= SAMPLE_POOL * n:
+            break
+    return np.sort(rng.choice(np.concatenate(pool), n, replace=False))
+
+
 def _predict(x: np.ndarray, stats: np.ndarray, estimator, order: np.ndarray, **design_kwargs) -> np.ndarray:
     """Cluster codes of trajectories x (..., point) with change features stats (..., change);
     MISSING where a value is NaN."""
@@ -529,7 +627,7 @@ def cluster(
     the trend study's start fractions), used by the names and the change features too.
     change_weight: total variance of the change features (`change_features`) relative to the
     trajectory features' (1: equal; 0: trajectories only, the names still use the change features).
-    max_fit_tokens: size of the fit subsample, drawn as whole random sequences. n_seeds: refits
+    max_fit_tokens: size of the fit subsample (`fit_sample`), pooled over models. n_seeds: refits
     for the stability score. tol: naming tolerance (nats) of the falling and U shapes.
     dd_tol, dd_window: the double-descent name's tolerance (nats) and the descent's moving-average
     window (checkpoints); default: the per-token detector's. top: tokens listed per cluster.
@@ -553,10 +651,15 @@ def cluster(
     window = late_window(steps, start)
     namer = partial(name_shape, tol=tol, window=window, dd_tol=dd_tol)
     rng = np.random.default_rng(random_state)
-    n_fit = min(features.sizes["token"], max(1, math.ceil(max_fit_tokens / features.sizes["model"])))
-    fit_tokens = np.sort(rng.choice(features.sizes["token"], n_fit, replace=False))
-    raw = features.isel(token=fit_tokens).values.reshape(-1, features.sizes["point"])
-    stats = changes.isel(token=fit_tokens).values.reshape(-1, len(CHANGES))
+    fit_tokens = fit_sample(ds, max(1, math.ceil(max_fit_tokens / features.sizes["model"])), rng)
+    # The sample's features from the sample's loss: selecting them from the lazy features of every
+    # token would compute those for every token once more than labelling them does.
+    sample = ds.isel(token=fit_tokens)
+    sample["loss"] = sample["loss"].compute()  # read once for both
+    raw = trajectory_features(sample, on, model, levels, n_levels).where(valid_tokens(sample)).values
+    raw = raw.reshape(-1, features.sizes["point"])
+    stats = change_features(sample, start, dd_window).sel(model=features["model"].values).values
+    stats = stats.reshape(-1, len(CHANGES))
     ok = np.isfinite(raw).all(axis=1) & np.isfinite(stats).all(axis=1)
     raw, stats = raw[ok], stats[ok]
     # "window": the whole trajectory weighs as much as the late window in total (its shared early

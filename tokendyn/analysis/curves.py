@@ -16,6 +16,9 @@ from __future__ import annotations
 import functools
 from functools import partial
 
+import llvmlite.ir
+import numba
+import numba.extending
 import numpy as np
 import scipy.special
 import xarray as xr
@@ -36,7 +39,7 @@ from tokendyn.analysis.trajectories import (
 from tokendyn.errors import TokendynError
 
 RHO1_CLASSES = ("H->H", "L->H", "H->L", "L->L")
-AOA_SLICE_TOKENS = 1024  # the sigmoid fit keeps ~15 float64 copies of its slice: small enough for the cache
+AOA_SLICE_TOKENS = 2048  # tokens per slice of the kernels: its (token, grid) float32 scores (3 MB) stay in the cache
 # The fit's starting grid: AOA_GRID = (x0 values across the steps, k values) with k from
 # AOA_GRID_K[0] to AOA_GRID_K[1] per span of log10 steps (a fall over twice the span to 1/50 of it).
 AOA_GRID = (32, 12)
@@ -95,118 +98,238 @@ def _grid(x: tuple[float, ...], chance: float) -> tuple[np.ndarray, ...]:
     return k, x0, s.astype(np.float32), su, uu, g, b, e
 
 
-def _grid_start(y: np.ndarray, x: np.ndarray, chance: float) -> np.ndarray:
-    """(k, x0, lo) of every token, (3, token): the best least-squares fit over a grid of (k, x0), lo
-    solved exactly.
+def _grid_start(rows: np.ndarray, x: np.ndarray, chance: float) -> np.ndarray:
+    """The index into `_grid` of every token's best least-squares fit over the (k, x0) grid, lo solved
+    exactly (`_fit` solves it again at the chosen point). rows: the curves (token, ckpt) float32.
 
     For a fixed (k, x0) the sigmoid s is the same for every token and the fit is linear in lo: with
     u = 1 - s and t = y.u - chance s.u, the best lo is t / u.u and the sum of squares is
     |y|^2 - 2 chance y.s + chance^2 s.s - t^2 / u.u. Up to a per-token constant that is
     e - (z + b)^2 with z = y . (s / |u| - 1 / |u|) (y.u = sum(y) - y.s), b = chance (s.u / |u| + |u|)
-    and e = chance^2 (u.u + s.s + 2 s.u): one matrix product and three passes over (token, grid).
-    float32 throughout: it only ranks grid points. y is (ckpt, token) float32.
+    and e = chance^2 (u.u + s.s + 2 s.u): one matrix product, one compiled pass over (token, grid) and
+    numpy's argmin (SIMD: a compiled argmin does not vectorise). float32: it only ranks grid points.
     """
-    k, x0, s, su, uu, g, b, e = _grid(tuple(x.tolist()), float(chance))
-    z = y.T @ g  # (token, grid): the argmin runs along contiguous rows
-    z += b
-    np.square(z, out=z)
-    np.subtract(e, z, out=z)
-    best = np.argmin(z, axis=-1)
-    t = y.sum(0, dtype=np.float64) - (y * s[best].T).sum(0, dtype=np.float64) - chance * su[best]
-    return np.stack([k[best], x0[best], t / uu[best]])
+    *_, g, b, e = _grid(tuple(x.tolist()), float(chance))
+    z = rows @ g  # (token, grid): the argmin runs along contiguous rows
+    _grid_scores(z, b, e)
+    return np.argmin(z, axis=-1)
 
 
-def _solve3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Solutions of the symmetric 3x3 systems a x = b (..., 3, 3), (..., 3) by cofactors: one vectorised
-    expression instead of a LAPACK call per token. NaN where a is singular."""
-    c00 = a[..., 1, 1] * a[..., 2, 2] - a[..., 1, 2] * a[..., 2, 1]
-    c01 = a[..., 1, 2] * a[..., 2, 0] - a[..., 1, 0] * a[..., 2, 2]
-    c02 = a[..., 1, 0] * a[..., 2, 1] - a[..., 1, 1] * a[..., 2, 0]
-    c11 = a[..., 0, 0] * a[..., 2, 2] - a[..., 0, 2] * a[..., 2, 0]
-    c12 = a[..., 0, 1] * a[..., 2, 0] - a[..., 0, 0] * a[..., 2, 1]
-    c22 = a[..., 0, 0] * a[..., 1, 1] - a[..., 0, 1] * a[..., 1, 0]
-    det = a[..., 0, 0] * c00 + a[..., 0, 1] * c01 + a[..., 0, 2] * c02
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return (
-            np.stack(
-                [
-                    c00 * b[..., 0] + c01 * b[..., 1] + c02 * b[..., 2],
-                    c01 * b[..., 0] + c11 * b[..., 1] + c12 * b[..., 2],
-                    c02 * b[..., 0] + c12 * b[..., 1] + c22 * b[..., 2],
-                ],
-                -1,
-            )
-            / det[..., None]
+@numba.njit(nogil=True, cache=True)
+def _grid_scores(z, b, e):
+    """z <- e - (z + b)^2, in place (see `_grid_start`)."""
+    for t in range(z.shape[0]):
+        for p in range(z.shape[1]):
+            w = z[t, p] + b[p]
+            z[t, p] = e[p] - w * w
+
+
+@numba.extending.intrinsic
+def _float32(typingctx, value):
+    """value as float32; a uint16 is read as the bits of a float16 (numba has no float16 on the CPU)."""
+
+    def codegen(context, builder, signature, args):
+        if signature.args[0] == numba.types.uint16:
+            return builder.fpext(builder.bitcast(args[0], llvmlite.ir.HalfType()), llvmlite.ir.FloatType())
+        return context.cast(builder, args[0], signature.args[0], numba.types.float32)
+
+    return numba.types.float32(value), codegen
+
+
+@numba.njit(nogil=True, cache=True)
+def _transpose(block, columns):
+    """(token, len(columns)) float32 rows of the checkpoints `columns` of block (ckpt, token)."""
+    out = np.empty((block.shape[1], len(columns)), np.float32)
+    for j in range(len(columns)):
+        row = block[columns[j]]
+        for t in range(block.shape[1]):
+            out[t, j] = _float32(row[t])
+    return out
+
+
+def _rows(block: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """Each token's curve over the checkpoints `columns` of block (ckpt, token) as a contiguous float32
+    row: the compiled kernels go token by token. float16 is converted in the same pass."""
+    if block.dtype == np.float16:
+        block = block.view(np.uint16)
+    return _transpose(block, np.asarray(columns, np.int64))
+
+
+# Cephes' expf: exp(a) = 2^n exp(r), n = round(a / ln 2), r = a - n ln 2 (ln 2 in two parts), exp(r) a
+# degree-7 polynomial on |r| <= ln(2) / 2; within 2 ulp of float32.
+_LOG2E, _LN2_HI, _LN2_LO = np.float32(1.44269504088896341), np.float32(0.693359375), np.float32(-2.12194440e-4)
+_P0, _P1, _P2 = np.float32(1.9875691500e-4), np.float32(1.3981999507e-3), np.float32(8.3334519073e-3)
+_P3, _P4, _P5 = np.float32(4.1665795894e-2), np.float32(1.6666665459e-1), np.float32(5.0000001201e-1)
+_HALF, _ONE = np.float32(0.5), np.float32(1)
+
+
+@numba.extending.intrinsic
+def _pow2(typingctx, n):
+    """2^n for a float32 n holding an integer in [-126, 127], from its bits (numba has no bit cast)."""
+
+    def codegen(context, builder, signature, args):
+        int32 = context.get_value_type(numba.types.int32)
+        exponent = builder.add(builder.fptosi(args[0], int32), int32(127))
+        return builder.bitcast(builder.shl(exponent, int32(23)), context.get_value_type(numba.types.float32))
+
+    return numba.types.float32(numba.types.float32), codegen
+
+
+@numba.njit(nogil=True, cache=True)
+def _exp32(a):
+    """exp(a) for a float32 a in [-87, 88] (the callers clip), in plain arithmetic so that loops over it
+    vectorise: LLVM's exp is a libm call per element (numba vectorises it only with Intel's SVML)."""
+    n = np.floor(a * _LOG2E + _HALF)
+    r = a - n * _LN2_HI - n * _LN2_LO
+    p = ((((_P0 * r + _P1) * r + _P2) * r + _P3) * r + _P4) * r + _P5
+    return (p * r * r + r + _ONE) * _pow2(n)
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"}, error_model="numpy")
+def _normal_equations(y, x, k, x0, lo, chance):
+    """Levenberg-Marquardt's sums at (k, x0, lo) for one token's curve y over x (float32 arrays):
+    J'J (6 entries), J'r (3) and r'r, J the Jacobian of the fit in (k, x0, lo), r the residual.
+
+    One fused pass over the checkpoints in float32, vectorised: fastmath reassoc and contract only (the
+    sums run in any order; NaN and inf keep their meaning), error_model numpy (a division by zero gives
+    inf, as in numpy, instead of a check per element that stops vectorisation)."""
+    k32, x032, lo32 = np.float32(k), np.float32(x0), np.float32(lo)
+    amplitude = np.float32(chance) - lo32
+    a00 = a01 = a02 = a11 = a12 = a22 = b0 = b1 = b2 = rr = np.float32(0)
+    for c in range(len(y)):
+        d = x[c] - x032
+        s = _ONE / (_ONE + _exp32(min(max(k32 * d, np.float32(-60)), np.float32(60))))
+        u = _ONE - s  # s falls from 1 to 0; the fit is lo + amplitude s
+        slope = s * u * amplitude
+        j0, j1, j2 = -slope * d, slope * k32, u  # d fit / d (k, x0, lo)
+        r = y[c] - lo32 - s * amplitude
+        a00 += j0 * j0
+        a01 += j0 * j1
+        a02 += j0 * j2
+        a11 += j1 * j1
+        a12 += j1 * j2
+        a22 += j2 * j2
+        b0 += j0 * r
+        b1 += j1 * r
+        b2 += j2 * r
+        rr += r * r
+    return a00, a01, a02, a11, a12, a22, b0, b1, b2, rr
+
+
+@numba.njit(nogil=True, cache=True)
+def _solve3(a00, a01, a02, a11, a12, a22, b0, b1, b2):
+    """Solution of the symmetric 3x3 system a x = b by cofactors; NaN or inf where a is singular."""
+    c00 = a11 * a22 - a12 * a12
+    c01 = a12 * a02 - a01 * a22
+    c02 = a01 * a12 - a11 * a02
+    c11 = a00 * a22 - a02 * a02
+    c12 = a01 * a02 - a00 * a12
+    c22 = a00 * a11 - a01 * a01
+    det = a00 * c00 + a01 * c01 + a02 * c02
+    if det == 0:
+        return np.nan, np.nan, np.nan
+    return (
+        (c00 * b0 + c01 * b1 + c02 * b2) / det,
+        (c01 * b0 + c11 * b1 + c12 * b2) / det,
+        (c02 * b0 + c12 * b1 + c22 * b2) / det,
+    )
+
+
+@numba.njit(nogil=True, cache=True)
+def _finite(v):
+    """np.nan_to_num of a scalar: NaN to 0, +-inf to the largest finite float64."""
+    if np.isnan(v):
+        return 0.0
+    return min(max(v, -1.7976931348623157e308), 1.7976931348623157e308)
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"}, error_model="numpy")
+def _fit(y, x, chance, n_iter, best, grid_k, grid_x0, grid_s, grid_su, grid_uu):
+    """(k, x0, lo) of one token's fit: y its curve (ckpt,) float32 without NaN, x float32, best its grid
+    point (`_grid_start`), grid_* from `_grid`."""
+    total = along = 0.0
+    for c in range(len(y)):
+        total += y[c]
+        along += y[c] * grid_s[best, c]
+    k, x0, lo = grid_k[best], grid_x0[best], (total - along - chance * grid_su[best]) / grid_uu[best]
+    sums = _normal_equations(y, x, k, x0, lo, chance)
+    damping = 1e-3
+    for _ in range(n_iter):
+        scale = 1 + damping
+        step = _solve3(
+            sums[0] * scale + 1e-12,
+            sums[1],
+            sums[2],
+            sums[3] * scale + 1e-12,
+            sums[4],
+            sums[5] * scale + 1e-12,
+            sums[6],
+            sums[7],
+            sums[8],
         )
+        trial_k, trial_x0, trial_lo = k + _finite(step[0]), x0 + _finite(step[1]), lo + _finite(step[2])
+        trial = _normal_equations(y, x, trial_k, trial_x0, trial_lo, chance)
+        if trial[9] < sums[9]:  # a smaller sum of squares: keep the step, trust the linear model more
+            k, x0, lo, sums = trial_k, trial_x0, trial_lo, trial
+            damping /= 3
+        else:
+            damping *= 4
+    return k, x0, lo
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def _fit_tokens(rows, first, stop, x, chance, n_iter, best, grid_k, grid_x0, grid_s, grid_su, grid_uu):
+    """`_midpoints` given the grid points `best` (`_grid_start`)."""
+    out = np.full(rows.shape[0], np.nan)
+    x32, lowest, highest = x.astype(np.float32), x.min(), x.max()
+    for t in range(rows.shape[0]):
+        curve = rows[t, first:stop]
+        gaps = False
+        for c in range(len(curve)):
+            gaps |= np.isnan(curve[c])
+        if gaps:  # a fit through NaN is NaN
+            continue
+        k, x0, lo = _fit(curve, x32, chance, n_iter, best[t], grid_k, grid_x0, grid_s, grid_su, grid_uu)
+        half = (lo + chance) / 2
+        crosses = curve[0] > half and curve[-1] < half  # the data itself goes from above halfway to below
+        if lo < chance and k > 0 and lowest <= x0 <= highest and crosses:
+            out[t] = x0
+    return out
+
+
+def _midpoints(rows: np.ndarray, columns: slice, x: np.ndarray, chance: float, n_iter: int) -> np.ndarray:
+    """`_sigmoid_midpoint` of the curves rows[:, columns] (rows: (token, ckpt) float32).
+
+    Only tokens whose curve ends below chance and below where it starts are fitted: the others have
+    no age whatever the fit (lo < chance and a crossing of halfway, (lo + chance) / 2, need both).
+    """
+    k, x0, s, su, uu, *_ = _grid(tuple(x.tolist()), float(chance))
+    first, stop, _ = columns.indices(rows.shape[1])
+    falls = np.flatnonzero((rows[:, first] > rows[:, stop - 1]) & (rows[:, stop - 1] < chance))
+    out = np.full(len(rows), np.nan)
+    if len(falls):
+        rows = rows[falls]
+        best = _grid_start(rows[:, columns], x, chance)
+        out[falls] = _fit_tokens(
+            rows, first, stop, np.asarray(x, np.float64), float(chance), n_iter, best, k, x0, s, su, uu
+        )
+    return out
 
 
 def _sigmoid_midpoint(y: np.ndarray, x: np.ndarray, chance: float, n_iter: int) -> np.ndarray:
     """Midpoint x0 of the least-squares fit y ~ lo + (chance - lo) / (1 + exp(k (x - x0))).
 
     y is (ckpt, token), x the log10 steps; the upper level is fixed at `chance`, (k, x0, lo) fitted:
-    start from the best point of a (k, x0) grid (`_grid_start`, all tokens at once), then take
-    Levenberg-Marquardt steps, vectorised over tokens. The (ckpt, token) arrays are float32 (the
-    parameters, normal equations and sums of squares float64), with tokens along the contiguous
-    axis so that every operation runs over whole rows of tokens: per step one pass builds the
-    Jacobian and residual rows, ten row products summed over checkpoints give J'J, J'r and |r|^2,
-    and the 3x3 solve is closed form.
+    start from the best point of a (k, x0) grid (`_grid_start`: one matrix product for all tokens),
+    then take `n_iter` Levenberg-Marquardt steps (damping 1e-3 at the start, a step kept only when it
+    lowers the sum of squares, the damping then divided by 3, else multiplied by 4). Token by token
+    in compiled kernels (numba, no GIL: dask's threads run them in parallel) that write no
+    (ckpt, token) temporaries: the curve, the fit and its derivatives in float32, one fused pass over
+    the checkpoints per step (`_normal_equations`), the parameters and the 3x3 solve in float64.
     NaN unless the fit falls (k > 0) from chance to lo < chance with x0 inside the data, and the
-    first checkpoint is above halfway and the last below.
+    first checkpoint is above halfway and the last below; NaN where the curve has NaN.
     """
-    y = np.ascontiguousarray(y, dtype=np.float32)
-    theta = _grid_start(y, x, chance)
-    x32 = x.astype(np.float32)[:, None]
-    rows = np.empty((4,) + y.shape, np.float32)  # d fit / d (k, x0, lo), then the residual
-    d, s, work = (np.empty(y.shape, np.float32) for _ in range(3))
-    pairs = [(i, j) for i in range(4) for j in range(i, 4)]
-
-    def fill(theta: np.ndarray) -> np.ndarray:
-        """Jacobian and residual rows at theta (3, token); returns their Gram matrices (4, 4, token)."""
-        k, x0, lo = theta.astype(np.float32)
-        amplitude = np.float32(chance) - lo
-        np.subtract(x32, x0, out=d)
-        np.multiply(k, d, out=s)
-        np.clip(s, -60, 60, out=s)
-        np.exp(s, out=s)
-        np.add(s, 1, out=s)
-        np.reciprocal(s, out=s)  # s = 1 / (1 + exp(k (x - x0))), falling from 1 to 0
-        np.subtract(1, s, out=rows[2])
-        np.multiply(s, rows[2], out=work)
-        np.multiply(work, amplitude, out=work)  # the slope of the fit in its argument
-        np.multiply(work, d, out=rows[0])
-        np.negative(rows[0], out=rows[0])
-        np.multiply(work, k, out=rows[1])
-        np.subtract(y, lo, out=rows[3])
-        np.multiply(s, amplitude, out=work)
-        rows[3] -= work
-        gram = np.empty((4, 4, y.shape[1]))
-        for i, j in pairs:
-            np.multiply(rows[i], rows[j], out=work)
-            gram[i, j] = gram[j, i] = work.sum(axis=0)
-        return gram
-
-    gram = fill(theta)
-    sse = gram[3, 3]
-    damping = np.full(sse.shape, 1e-3)
-    diagonal = np.arange(3)
-    for _ in range(n_iter):
-        jtj = gram[:3, :3].copy()
-        jtj[diagonal, diagonal] *= 1 + damping
-        jtj[diagonal, diagonal] += 1e-12
-        # _solve3 takes (..., 3, 3): views with the token axis first, whose elements are contiguous rows
-        step = _solve3(np.moveaxis(jtj, -1, 0), np.moveaxis(gram[:3, 3], -1, 0))
-        trial = theta + np.nan_to_num(step.T)
-        trial_gram = fill(trial)
-        better = trial_gram[3, 3] < sse
-        theta = np.where(better, trial, theta)
-        gram = np.where(better, trial_gram, gram)  # the normal equations at the kept theta
-        sse = gram[3, 3]
-        damping = np.where(better, damping / 3, damping * 4)
-    k, x0, lo = theta
-    half = (lo + chance) / 2
-    crosses = (y[0] > half) & (y[-1] < half)  # the data itself goes from above halfway to below
-    ok = (lo < chance) & (k > 0) & (x0 >= x.min()) & (x0 <= x.max()) & crosses
-    return np.where(ok, x0, np.nan)
+    return _midpoints(_rows(y, np.arange(len(y))), slice(None), x, chance, n_iter)
 
 
 def uniform_loss(ds: xr.Dataset) -> float:
@@ -222,6 +345,11 @@ def uniform_loss(ds: xr.Dataset) -> float:
     return float(np.log(ds.sizes["vocab"]))
 
 
+def _unmeasured(ds: xr.Dataset, model: int, value: float = np.nan) -> xr.DataArray:
+    """A lazy per-token array of `value` for a model with too few done checkpoints to measure."""
+    return xr.full_like(ds["loss"].isel(model=model, ckpt=0, drop=True).reset_coords(drop=True), value, dtype=float)
+
+
 def age_of_acquisition(
     ds: xr.Dataset, chance: float | None = None, n_iter: int = AOA_STEPS, chunk_mb: float = CHUNK_MB
 ) -> xr.DataArray:
@@ -231,9 +359,9 @@ def age_of_acquisition(
     For each token, its loss over the model's done checkpoints with step > 0 is fitted (least
     squares) by lo + (chance - lo) / (1 + exp(k (log10 step - x0))), with the upper level fixed at
     `chance` and k, x0 and the floor lo fitted; the halfway crossing is then x0. Chang et al. fit
-    each token separately with a generic optimiser; here the same least-squares problem is
-    solved for all tokens at once: the best point of a (k, x0) grid (one matrix product), then
-    `n_iter` vectorised Levenberg-Marquardt steps.
+    each token separately with a generic optimiser; here the same least-squares problem starts
+    from the best point of a (k, x0) grid (one matrix product for a slice of tokens), then takes
+    `n_iter` Levenberg-Marquardt steps token by token in a compiled kernel (`_sigmoid_midpoint`).
     chance: the loss of an uninformed model; default `uniform_loss(ds)` = ln(vocabulary size), the
     loss of the uniform distribution (Chang et al.'s chance surprisal), which does not depend on
     which checkpoints the suite has. NaN unless the token's loss goes from above halfway at the
@@ -244,12 +372,12 @@ def age_of_acquisition(
     level = uniform_loss(ds) if chance is None else float(chance)
     per_model = []
     for m in range(ds.sizes["model"]):
+        if (ds["step"].values[m][done_checkpoints(ds, m)] > 0).sum() < 3:
+            per_model.append(_unmeasured(ds, m))
+            continue
         loss = model_loss(ds, m, chunk_mb)
         steps = loss["step"].values
         loss = loss.isel(ckpt=np.flatnonzero(steps > 0)).drop_vars("step")
-        if loss.sizes["ckpt"] < 3:
-            per_model.append(xr.full_like(loss.isel(ckpt=0, drop=True), np.nan, dtype=float))
-            continue
         per_model.append(
             xr.apply_ufunc(
                 partial(over_token_slices, _sigmoid_midpoint, slice_tokens=AOA_SLICE_TOKENS),
@@ -381,26 +509,28 @@ def curve_measures(
     if last < 1:
         raise TokendynError("last must be at least 1 checkpoint")
     level = uniform_loss(ds) if chance is None else float(chance)
-    loss = token_loss(ds)
     per_model = []
     for m in range(ds.sizes["model"]):
-        done = done_checkpoints(ds, m)
-        steps = ds["step"].values[m]
-        trained = done[steps[done] > 0]
+        if not len(done_checkpoints(ds, m)):  # nothing scored yet: no measure, and no rise (forgettability 0)
+            unmeasured = [_unmeasured(ds, m, 0.0 if name == "forgettability" else np.nan) for name in MEASURES]
+            per_model.append(xr.concat(unmeasured, dim="measure").transpose(..., "measure"))
+            continue
+        loss = model_loss(ds, m, chunk_mb)  # only the done checkpoints are read
+        steps = loss["step"].values
         per_model.append(
             xr.apply_ufunc(
-                partial(over_token_slices, _measures, slice_tokens=AOA_SLICE_TOKENS),
-                chunk_tokens(loss.isel(model=m), chunk_mb),
+                _measures,
+                loss.drop_vars("step"),
                 input_core_dims=[["ckpt"]],
                 output_core_dims=[["measure"]],
                 dask="parallelized",
                 output_dtypes=[float],
                 dask_gufunc_kwargs={"output_sizes": {"measure": len(MEASURES)}},
                 kwargs=dict(
-                    done=done,
-                    last=done[-last:],
-                    trained=trained,
-                    x=np.log10(steps[trained]),
+                    done=done_checkpoints(ds, m),
+                    n_last=min(last, len(steps)),
+                    trained=np.flatnonzero(steps > 0),
+                    x=np.log10(steps[steps > 0]),
                     chance=level,
                     n_iter=n_iter,
                     window=window,
@@ -425,33 +555,86 @@ def curve_measures(
 
 
 def _measures(
-    loss: np.ndarray,
+    block: np.ndarray,
     done: np.ndarray,
-    last: np.ndarray,
+    n_last: int,
     trained: np.ndarray,
     x: np.ndarray,
     chance: float,
     n_iter: int,
     window: int,
 ) -> np.ndarray:
-    """The six measures of `curve_measures` (token, measure) from one slice of loss (ckpt, token) over
-    all the store's checkpoints (NaN where not done); done, last, trained: checkpoint indices."""
-    loss = loss.astype(np.float32)  # float16 stores: one conversion; sums below are float64
-    aoa = _sigmoid_midpoint(loss[trained], x, chance, n_iter) if len(trained) >= 3 else np.full(loss.shape[1], np.nan)
-    return np.stack(
-        [
-            *_mean_std(loss[last]),
-            aoa,
-            _upward_moves(loss, window),
-            *_mean_std(np.exp(-loss[done])),
-        ],
-        axis=-1,
-    )
+    """The six measures of `curve_measures` (token, measure) from one block of a model's loss (token,
+    ckpt) over its done checkpoints `done` (their indices among all the store's): the last n_last of
+    them averaged, those at positions `trained` (step > 0, log10 steps x) fitted. Slice by slice of
+    AOA_SLICE_TOKENS tokens, each read straight from the block (its layout is the store's (ckpt,
+    token)) into float32 rows, one per token."""
+    loss = block.T
+    out = np.empty((loss.shape[1], len(MEASURES)))
+    run = len(trained) and trained[-1] - trained[0] == len(trained) - 1  # usually: the fit reads a view
+    for i in range(0, loss.shape[1], AOA_SLICE_TOKENS):
+        rows = _rows(loss[:, i : i + AOA_SLICE_TOKENS], np.arange(len(loss)))
+        out[i : i + AOA_SLICE_TOKENS] = _curve_stats(rows, np.asarray(done, np.int64), n_last, window)
+        if len(trained) >= 3:
+            fit = (rows, slice(trained[0], trained[-1] + 1)) if run else (rows[:, trained].copy(), slice(None))
+            out[i : i + AOA_SLICE_TOKENS, MEASURES.index("age_of_acquisition")] = _midpoints(*fit, x, chance, n_iter)
+    return out
 
 
-def _mean_std(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and standard deviation (ddof 0) along axis 0 in float64, skipping NaN; a slice without
-    NaN (the usual case) takes numpy's plain mean and std, several times faster than the nan versions."""
-    if np.isnan(values).any():
-        return np.nanmean(values, axis=0, dtype=np.float64), np.nanstd(values, axis=0, dtype=np.float64)
-    return values.mean(axis=0, dtype=np.float64), values.std(axis=0, dtype=np.float64)
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"}, error_model="numpy")
+def _curve_stats(rows, done, n_last, window):
+    """`MEASURES` but the age of acquisition (left NaN) of the curves rows (token, done checkpoint)
+    float32 over the done checkpoints `done` (indices among all), token by token: mean and std of the
+    loss over the last n_last and of exp(-loss) over all, skipping NaN, in float64; the rises of the
+    moving average over `window` checkpoints (`moving_average` over all checkpoints, NaN where not
+    done: float32, a checkpoint not done is a gap) summed in float64. Every loop runs over whole rows
+    with NaN tests as selects, not branches, so that it vectorises."""
+    n, half = rows.shape[1], window // 2
+    out = np.full((rows.shape[0], len(MEASURES)), np.nan)
+    # weight[o, i]: 1 where done checkpoint i + o - half is in the moving window of done checkpoint i
+    weight = np.zeros((window, n), np.float32)
+    for o in range(window):
+        for i in range(max(half - o, 0), min(n + half - o, n)):
+            weight[o, i] = done[i] - half <= done[i + o - half] < done[i] + window - half
+    step = np.zeros(n, np.bool_)  # done checkpoints i - 1 and i are next to each other: a rise counts
+    step[1:] = done[1:] == done[:-1] + 1
+    padded = np.full(n + window, np.nan, np.float32)  # the curve with NaN around: no bounds in the loops
+    total, count, prob = np.empty(n, np.float32), np.empty(n, np.float32), np.empty(n, np.float32)
+    for t in range(rows.shape[0]):
+        curve = rows[t]
+        out[t, 0], out[t, 1] = _mean_std(curve[n - n_last :])
+        padded[half : n + half] = curve
+        total[:] = 0
+        count[:] = 0
+        for o in range(window):
+            for i in range(n):
+                value, w, gap = padded[i + o], weight[o, i], np.isnan(padded[i + o])
+                total[i] += np.float32(0) if gap else value * w
+                count[i] += np.float32(0) if gap else w
+        rises = 0.0
+        for i in range(1, n):
+            rise = total[i] / count[i] - total[i - 1] / count[i - 1]
+            seen = step[i] & ~np.isnan(curve[i]) & ~np.isnan(curve[i - 1])  # NaN or a gap: no rise
+            rises += rise if seen & (rise > 0) else np.float32(0)
+        out[t, 3] = rises
+        for i in range(n):
+            loss = curve[i]
+            power = -loss if -loss > -87 else np.float32(-87)  # exp(-87) is 0 in float32 terms
+            prob[i] = loss if np.isnan(loss) else _exp32(power)
+        out[t, 4], out[t, 5] = _mean_std(prob)
+    return out
+
+
+@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"}, error_model="numpy")
+def _mean_std(values):
+    """Mean and standard deviation (ddof 0) of float32 values skipping NaN, in float64; NaN if all are."""
+    total = count = spread = 0.0
+    for i in range(len(values)):
+        value, gap = np.float64(values[i]), np.isnan(values[i])
+        total += 0.0 if gap else value
+        count += 0.0 if gap else 1.0
+    mean = total / count
+    for i in range(len(values)):
+        value, gap = np.float64(values[i]), np.isnan(values[i])
+        spread += 0.0 if gap else (value - mean) ** 2
+    return mean, np.sqrt(spread / count)

@@ -19,6 +19,7 @@ store's path or a dataset opened from it (`ds.encoding["source"]` gives the path
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +30,15 @@ import xarray as xr
 from tokendyn.analysis import choices, passuntil, skills
 from tokendyn.analysis import emergence as emergence_module
 from tokendyn.errors import TokendynError
-from tokendyn.store import CHECKPOINT_COORDS, ITEM_FIELDS, OPTION_FIELD, TASK_SET_PREFIX, list_sets, open_store
+from tokendyn.store import (
+    CHECKPOINT_COORDS,
+    ITEM_FIELDS,
+    OPTION_FIELD,
+    TASK_SET_PREFIX,
+    list_sets,
+    metadata_stamp,
+    open_store,
+)
 from tokendyn.store import passuntil as runs_store
 
 METRICS = (*choices.METRICS, "correct_ppl", "incorrect_ppl")
@@ -76,7 +85,14 @@ def option_scores(source, task: str) -> xr.Dataset:
     `target_score` (item, option), the option's target score; `answer` (item); `done` (model, ckpt);
     item fields as coordinates."""
     _check_task(source, task)
-    ds = open_store(source_path(source), set=TASK_SET_PREFIX + task)
+    path = source_path(source)
+    # The task, emergence and skill studies all read every task: read each once per store state.
+    return _option_scores(str(path), task, metadata_stamp(path)).copy()
+
+
+@functools.lru_cache(maxsize=32)
+def _option_scores(path: str, task: str, stamp: tuple[int, int] | None) -> xr.Dataset:
+    ds = open_store(path, set=TASK_SET_PREFIX + task)
     in_option = ds[OPTION_FIELD].values == 1
     doc = ds["doc"].values
     loss = ds["loss"].where(ds["done"]).astype(np.float64).values[..., in_option]  # (model, ckpt, option tokens)

@@ -68,8 +68,11 @@ PHASES = ("build", "generate", "extract", "passuntil", "analyze", "findings")
 # default preset (benchmarks/demo.py prints the estimates beside the measurements).
 FLOPS_PER_SECOND = 4e10  # training: batches of 4096 tokens
 STEP_OVERHEAD = 0.004  # seconds per layer per training step (Python, small kernels)
-SCORING_FLOPS_PER_SECOND = 2.2e10  # scoring: the toy models' narrow layers run far below the training rate
-LOGIT_SECONDS = 1.35e-8  # scoring, per token and vocabulary entry: log-softmax, metrics, writing
+# Scoring, fitted to the default preset's extraction with the tasks inside it (222 CPU s on an idle
+# machine, 2026-12-01): forward FLOPs per second, and seconds per token and vocabulary entry
+# (log-softmax, metrics, writing).
+SCORING_FLOPS_PER_SECOND = 5.5e10
+LOGIT_SECONDS = 5.4e-9
 FORWARD_OVERHEAD = 0.001  # seconds per layer per forward call (sampling steps)
 LOAD_SECONDS = 0.3  # loading and fingerprinting one checkpoint
 SET_SECONDS = 0.05  # per set and checkpoint: packing, writing and committing the scores

@@ -26,7 +26,7 @@ from tokendyn.store.layout import (
     token_chunk,
 )
 from tokendyn.store.lock import writer_lock
-from tokendyn.store.read import list_sets, open_store, read_attrs, read_checkpoint, store_path
+from tokendyn.store.read import list_sets, metadata_stamp, open_store, read_attrs, read_checkpoint, store_path
 from tokendyn.store.write import (
     clear_done,
     consolidate,
@@ -59,6 +59,7 @@ __all__ = [
     "consolidate",
     "is_done",
     "list_sets",
+    "metadata_stamp",
     "mark_done",
     "open_store",
     "prepare",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Literal
 
@@ -15,18 +16,45 @@ from tokendyn.store.layout import FORMAT_VERSION, MAIN_COORDS, SETS_GROUP, set_p
 
 def list_sets(path: str | Path) -> list[str]:
     """Names of the named evaluation sets in a store (the main set excluded)."""
-    sets = open_group(path, mode="r").get(SETS_GROUP)
-    return sorted(sets.group_keys()) if isinstance(sets, zarr.Group) else []
+    return list(_set_names(str(path), metadata_stamp(path)))
 
 
 def open_store(path: str | Path, set: str = "main") -> xr.Dataset:
     """Open a store (or one of its named sets) as a lazy, dask-backed `xarray.Dataset`."""
-    open_group(path, mode="r")
-    if set != "main" and set not in list_sets(path):
-        raise TokendynError(f"store {path} has no set '{set}'; it has: {', '.join(['main', *list_sets(path)])}")
+    stamp = metadata_stamp(path)
+    names = _set_names(str(path), stamp)  # checks that path is a store this tokendyn reads
+    if set != "main" and set not in names:
+        raise TokendynError(f"store {path} has no set '{set}'; it has: {', '.join(['main', *names])}")
+    return _opened(str(path), set, stamp).copy()  # a shallow copy: callers may change its attributes
+
+
+# Opening parses the store's consolidated metadata (every set and task of it): the studies of one
+# report open the same store dozens of times. The parsed result is reused while the root metadata
+# file is unchanged (every change to the store's layout rewrites it); data is read lazily either way.
+
+
+def metadata_stamp(path: str | Path) -> tuple[int, int] | None:
+    """The root metadata file's modification time and size (None when there is none). Writers
+    rewrite that file whenever they commit a checkpoint (`write.mark_done`) or change the layout, so
+    it keys caches of what was read from the store."""
+    try:
+        info = (Path(path) / "zarr.json").stat()
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size
+
+
+@functools.lru_cache(maxsize=8)
+def _set_names(path: str, stamp: tuple[int, int] | None) -> tuple[str, ...]:
+    sets = open_group(path, mode="r").get(SETS_GROUP)
+    return tuple(sorted(sets.group_keys())) if isinstance(sets, zarr.Group) else ()
+
+
+@functools.lru_cache(maxsize=64)
+def _opened(path: str, set: str, stamp: tuple[int, int] | None) -> xr.Dataset:
     ds = xr.open_zarr(path, group=set_path(set) or None)
     if set != "main":
-        main = xr.open_zarr(path)
+        main = _opened(path, "main", stamp)
         ds = ds.assign_coords({name: main[name] for name in MAIN_COORDS if name in main.variables})
     ds.attrs["tokendyn_set"] = set
     return ds

@@ -9,6 +9,7 @@ import pandas as pd
 
 from tokendyn.analysis.curves import RHO1_CLASSES, curve_measures, rho1_classes
 from tokendyn.analysis.labels import label_share
+from tokendyn.analysis.trajectories import load_small
 from tokendyn.studies.findings import WORDS, direction, listing
 from tokendyn.studies.study import Result, default_of, models_by_size, open_source, require
 from tokendyn.studies.style import model_colors, model_legend, new_figure
@@ -48,9 +49,10 @@ def run(
     """Final loss, variability, age of acquisition and forgettability of every token in every model
     (see `tokendyn.analysis.curves.curve_measures` for last, chance and window), as histograms with `bins`
     bins shared by the models; Rho-1 class shares beside Rho-1's reference."""
-    ds = open_source(source)
+    ds = load_small(open_source(source))  # once here, not once in each analysis called
     require(ds, "loss", "step")
-    every = curve_measures(ds, last=last, chance=chance, window=window).compute()
+    # float32 (the labels' precision) from each block: half the memory of the per-token results held here
+    every = curve_measures(ds, last=last, chance=chance, window=window).astype(np.float32).compute()
     valid = np.isfinite(every["final_loss"].values)  # tokens with a prediction in a done checkpoint
     models = models_by_size(ds)
     colors = model_colors(ds)
@@ -128,5 +130,5 @@ def run(
         {"curve_histograms": hist, "curve_summary": summary, "rho1": rho},
         fig,
         findings,
-        labels={"curves": every.astype(np.float32), "rho1": classes.rename("rho1")},
+        labels={"curves": every, "rho1": classes.rename("rho1")},
     )
