@@ -363,17 +363,24 @@ def subset_curve(
     members = [np.flatnonzero(row) for row in flat]
     loss = ds["loss"].transpose("model", "ckpt", *TOKEN_DIMS).data
     loss = loss if hasattr(loss, "chunks") else da.from_array(loss, chunks=(1, 1, -1))
-    # per stored chunk: the sums and counts of its subset tokens (each chunk read once, never rechunked)
-    parts = da.map_blocks(
-        _subset_block,
+    # a task per token range takes its stored chunks as they are (the double-descent flags' tasks take
+    # the same ones: brought `also`, each chunk is read once and then released)
+    parts = da.blockwise(
+        _subset_blocks,
+        "mtxsv",
         loss,
+        "mct",
+        da.from_array(np.cumsum((0, *loss.chunks[2][:-1])), chunks=1),
+        "t",
+        new_axes={"x": loss.shape[1], "s": len(members), "v": 2},
+        adjust_chunks={"t": 1},
+        align_arrays=False,
+        concatenate=False,
         members=members,
-        chunks=(*loss.chunks[:2], (1,) * len(loss.chunks[2]), (len(members),), (2,)),
-        new_axis=[3, 4],
         dtype=np.float64,
         meta=np.array((), dtype=np.float64),
     )
-    total, count = np.moveaxis(alongside(ds, parts.sum(axis=2), also), -1, 0)
+    total, count = np.moveaxis(alongside(ds, parts.sum(axis=1), also), -1, 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         ppl = np.exp(total / np.where(count > 0, count, np.nan))
     if "done" in ds:
@@ -388,15 +395,20 @@ def subset_curve(
     return describe(ppl, "perplexity of the token subset")
 
 
-def _subset_block(block: np.ndarray, members: list[np.ndarray], block_info=None) -> np.ndarray:
-    """Sums and counts (model, ckpt, 1, subset, 2) of the non-NaN loss of each subset's tokens in a
-    (model, ckpt, token) block; `members`: each subset's token positions in the whole token dim."""
-    first, stop = block_info[0]["array-location"][2]
-    index = [m[np.searchsorted(m, first) : np.searchsorted(m, stop)] - first for m in members]
+def _subset_blocks(blocks: list[np.ndarray], first: np.ndarray, members: list[np.ndarray]) -> np.ndarray:
+    """Sums and counts (model, 1, ckpt, subset, 2) of the non-NaN loss of each subset's tokens in the
+    token range from `first` ([position]) of (model, ckpt, token) blocks, one per chunk of
+    checkpoints; `members`: each subset's token positions in the whole token dim."""
+    n_model, _, n_token = blocks[0].shape
+    index = [m[np.searchsorted(m, first[0]) : np.searchsorted(m, first[0] + n_token)] - first[0] for m in members]
     starts = np.cumsum([0] + [len(i) for i in index])
-    rows = block.reshape(-1, block.shape[-1])
-    sums = _subset_sums(rows.astype(np.float32, copy=False), np.concatenate(index), starts)
-    return sums.reshape(*block.shape[:2], 1, len(members), 2)
+    sums = [
+        _subset_sums(block.reshape(-1, n_token).astype(np.float32, copy=False), np.concatenate(index), starts).reshape(
+            n_model, block.shape[1], len(members), 2
+        )
+        for block in blocks
+    ]
+    return np.concatenate(sums, axis=1)[:, None]
 
 
 @numba.njit(nogil=True, cache=True)
