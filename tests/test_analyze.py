@@ -15,6 +15,7 @@ from conftest import write_suite
 from planted_stores import KINDS, planted_report, write_store
 from tokendyn.analysis.labels import flag_names
 from tokendyn.analysis.tokens import show_whitespace
+from tokendyn.analysis.trajectories import at_perplexity
 from tokendyn.cli import main
 
 TABLES = {
@@ -56,6 +57,9 @@ def test_writes_every_table_and_label_group(analysed):
         assert labels.sizes["token"] == ds.sizes["token"]
     trends = xr.open_zarr(folder / "labels.zarr", group="trends", consolidated=False)["trend"]
     assert trends.dims == ("model", "start", "token") and flag_names(trends)[0] == "stagnated"
+    # float labels are written with their own codec (FLOAT_LABELS_CODEC): read back bit for bit
+    matched = xr.open_zarr(folder / "labels.zarr", group="matched_perplexity", consolidated=False)
+    np.testing.assert_array_equal(matched["loss"].values, at_perplexity(ds).astype(np.float32).values)
 
 
 def test_analyze_writes_the_tables_the_report_shows(analysed, tmp_path_factory):

@@ -12,7 +12,7 @@ import scipy.stats
 
 from tokendyn.analysis import shared
 from tokendyn.analysis.shared import computed, sharing
-from tokendyn.analysis.trajectories import _pair_rows, double_descent, load_small
+from tokendyn.analysis.trajectories import _pair_rows, double_descent, load_small, subset_curve
 from tokendyn.analysis.trends import trend_categories
 
 
@@ -49,6 +49,29 @@ def test_shared_results_equal_direct_ones_and_are_computed_once(planted, monkeyp
     computed(counting, planted, along="start", start=[0.4])
     computed(counting, planted, along="start", start=[0.4])
     assert len(calls) == 4  # outside sharing() every call computes
+
+
+def test_alongside_keeps_results_computed_in_the_same_pass(planted):
+    calls = []
+
+    def counting(ds, *args, **kwargs):
+        calls.append(kwargs)
+        return double_descent(ds, *args, **kwargs)
+
+    counting.__signature__ = inspect.signature(double_descent)
+    mask = planted["token_id"].isin([40, 41, 42])
+    direct = double_descent(planted, tol=0.3).compute()
+    with sharing():
+        curve = subset_curve(planted, mask, also=[(counting, {"tol": 0.3})])
+        assert len(calls) == 1
+        flags = computed(counting, load_small(planted), tol=0.3)  # served from the pass above
+        assert len(calls) == 1
+        subset_curve(planted, mask, also=[(counting, {"tol": 0.3})])
+        assert len(calls) == 1  # held: not computed again
+    np.testing.assert_array_equal(flags.values, direct.values)
+    np.testing.assert_array_equal(curve.values, subset_curve(planted, mask).values)
+    subset_curve(planted, mask, also=[(counting, {"tol": 0.3})])
+    assert len(calls) == 1  # outside sharing() nothing is kept, so nothing extra is computed
 
 
 def _scipy_rows(drops, top):

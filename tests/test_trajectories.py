@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.stats
+import xarray as xr
 
 from planted_stores import KINDS, TOKENS_PER_STEP, write_store
 from tokendyn.analysis.trajectories import (
@@ -14,7 +15,9 @@ from tokendyn.analysis.trajectories import (
     at_perplexity,
     detect_double_descent,
     double_descent,
+    falls_rises,
     falls_rises_falls,
+    moving_average,
     perplexity_grid,
     subset_curve,
     x_axis,
@@ -126,11 +129,77 @@ def test_planted_double_descent_is_detected(planted):
 
 
 def test_detector_smoothing_removes_single_point_noise():
-    import xarray as xr
-
     noisy = xr.DataArray(np.array([3, 2, 1, 1.8, 1, 0.9, 0.8]), dims="ckpt")
     assert bool(detect_double_descent(noisy, tol=0.5, window=1))
     assert not bool(detect_double_descent(noisy, tol=0.5, window=3))
+
+
+def _numpy_moving_average(y, window):
+    """The moving average written with numpy, a shifted slice at a time."""
+    n, half = len(y), window // 2
+    dtype = np.result_type(y.dtype, np.float32)
+    total, count = np.zeros(y.shape, dtype), np.zeros(y.shape, dtype)
+    valid = ~np.isnan(y)
+    values = np.where(valid, y, 0)
+    for offset in range(-half, window - half):
+        source = slice(max(offset, 0), n + min(offset, 0))
+        target = slice(max(-offset, 0), n - max(offset, 0))
+        total[target] += values[source]
+        count[target] += valid[source]
+    return np.where(valid, total / np.maximum(count, 1), np.nan)
+
+
+def _numpy_double_descent(y, tol, complete):
+    """The detector written with numpy accumulations along axis 0."""
+    lowest_after = np.fmin.accumulate(y[::-1], axis=0)[::-1]
+    after_fall = np.fmax.accumulate(y, axis=0) - y >= tol
+    peaks = y - np.fmin.accumulate(np.where(after_fall, y, np.inf), axis=0) >= tol
+    return (peaks & (y - lowest_after >= tol)).any(axis=0) if complete else peaks.any(axis=0)
+
+
+def _random_walks(dtype):
+    """Trajectories (ckpt, token) that fall, rise and fall by chance, with NaN checkpoints and tokens."""
+    rng = np.random.default_rng(0)
+    y = np.cumsum(rng.normal(0, 0.4, (30, 3000)), axis=0).astype(dtype)
+    y[rng.random(y.shape) < 0.1] = np.nan
+    y[:, :5] = np.nan
+    return y
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("window", [1, 2, 3, 5])
+def test_moving_average_equals_numpy_in_every_layout(dtype, window):
+    y = _random_walks(dtype)
+    expected = _numpy_moving_average(y, window)
+    np.testing.assert_array_equal(moving_average(y, window), expected)
+    by_token = np.ascontiguousarray(y.T)  # (token, ckpt) seen as (ckpt, token): the columns are contiguous
+    np.testing.assert_array_equal(moving_average(by_token.T, window), expected)
+    np.testing.assert_array_equal(moving_average(y.reshape(30, 3, 1000), window), expected.reshape(30, 3, 1000))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("tol", [0.5, 0.3, 1.1])
+def test_double_descent_kernel_equals_numpy(dtype, tol):
+    y = _random_walks(dtype)
+    for window in (1, 3):
+        smoothed = _numpy_moving_average(y, window)
+        complete = _numpy_double_descent(smoothed, tol, complete=True)
+        assert 0 < complete.sum() < complete.size  # the test sees both outcomes
+        flags = detect_double_descent(xr.DataArray(y, dims=("ckpt", "token")), tol=tol, window=window)
+        np.testing.assert_array_equal(flags.values, complete)
+        begun = detect_double_descent(xr.DataArray(y, dims=("ckpt", "token")), tol=tol, window=window, complete=False)
+        np.testing.assert_array_equal(begun.values, _numpy_double_descent(smoothed, tol, complete=False))
+    np.testing.assert_array_equal(falls_rises_falls(y, tol), _numpy_double_descent(y.astype(smoothed.dtype), tol, True))
+    np.testing.assert_array_equal(falls_rises(y, tol), _numpy_double_descent(y.astype(smoothed.dtype), tol, False))
+
+
+def test_double_descent_of_a_store_equals_numpy(planted):
+    ds, _ = planted
+    assert not ds["done"].values.all()  # missing checkpoints are skipped, not read as losses
+    loss = ds["loss"].where(ds["done"]).values  # (model, ckpt, token)
+    for tol, window in ((0.5, 3), (0.2, 1), (0.3, 2)):
+        expected = [_numpy_double_descent(_numpy_moving_average(y, window), tol, True) for y in loss]
+        np.testing.assert_array_equal(double_descent(ds, tol=tol, window=window).values, expected)
 
 
 def _reference_pairs(a, b, top):

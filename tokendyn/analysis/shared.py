@@ -5,17 +5,20 @@ the double-descent and cluster studies; each computation reads the whole store. 
 (which `tokendyn analyze` and `tokendyn report` hold while they run the studies) `computed` keeps
 each result it computes, in memory, keyed by the function, the dataset and the parameters, and
 hands it to every later caller that asks for the same; outside `sharing()` it just computes. Only
-small results are shared this way (int8 or boolean per token and model).
+small results are shared this way (int8 or boolean per token and model). `alongside` computes such
+results in the same pass over the store as another computation that reads every chunk (the subset
+curves read the chunks the double-descent flags need).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
+import dask
 import numpy as np
 import xarray as xr
 
@@ -49,6 +52,26 @@ def _dataset_key(ds: xr.Dataset) -> tuple:
     return (getattr(loss, "name", None) or id(loss), ds.sizes["model"], small)
 
 
+def _key(function: Callable[..., xr.DataArray], ds: xr.Dataset, along: str | None, params: dict) -> tuple:
+    """(the key of function's result on ds with params, the requested values of `along` or None)."""
+    bound = inspect.signature(function).bind(ds, **params)
+    bound.apply_defaults()
+    arguments = dict(list(bound.arguments.items())[1:])
+    wanted = np.atleast_1d(arguments.pop(along)) if along else None
+    key = (
+        function.__module__,
+        function.__qualname__,
+        _dataset_key(ds),
+        tuple((name, _frozen(value)) for name, value in sorted(arguments.items())),
+    )
+    return key, wanted
+
+
+def _keep(results: dict, key: tuple, wanted, result: xr.DataArray, ds: xr.Dataset) -> None:
+    # the loss array is kept with the result: a key made from its id() must not pass to another array
+    results.setdefault(key, []).append((wanted, result, ds["loss"].data))
+
+
 def computed(function: Callable[..., xr.DataArray], ds: xr.Dataset, along: str | None = None, **params) -> xr.DataArray:
     """`function(ds, **params)` computed into memory; inside `sharing()`, computed once per dataset
     and parameters.
@@ -60,22 +83,29 @@ def computed(function: Callable[..., xr.DataArray], ds: xr.Dataset, along: str |
     results = _RESULTS.get()
     if results is None:
         return function(ds, **params).compute()
-    bound = inspect.signature(function).bind(ds, **params)
-    bound.apply_defaults()
-    arguments = dict(list(bound.arguments.items())[1:])
-    wanted = np.atleast_1d(arguments.pop(along)) if along else None
-    key = (
-        function.__module__,
-        function.__qualname__,
-        _dataset_key(ds),
-        tuple((name, _frozen(value)) for name, value in sorted(arguments.items())),
-    )
+    key, wanted = _key(function, ds, along, params)
     for held, result, _ in results.get(key, []):
         if wanted is None:
             return result
         if np.isin(wanted, held).all():
             return result.sel({along: wanted})
     result = function(ds, **params).compute()
-    # the loss array is kept with the result: a key made from its id() must not pass to another array
-    results.setdefault(key, []).append((wanted, result, ds["loss"].data))
+    _keep(results, key, wanted, result, ds)
     return result
+
+
+def alongside(ds: xr.Dataset, lazy: Any, requests: Sequence[tuple[Callable[..., xr.DataArray], dict]]) -> Any:
+    """`lazy` (a dask collection over ds's loss) computed in one pass with the shared results
+    `requests` ((function, params) pairs, as `computed` takes them) that are not held yet, which
+    are then kept for the studies that ask for them: the store's chunks both read are read once.
+    Outside `sharing()` only `lazy` is computed."""
+    results = _RESULTS.get()
+    pending = []
+    for function, params in requests if results is not None else ():
+        key, _ = _key(function, ds, None, params)
+        if key not in results:
+            pending.append((key, function(ds, **params)))
+    value, *extra = dask.compute(lazy, *(result for _, result in pending))
+    for (key, _), result in zip(pending, extra):
+        _keep(results, key, None, result, ds)
+    return value

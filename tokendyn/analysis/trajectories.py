@@ -15,21 +15,25 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
+import dask.array as da
+import numba
 import numpy as np
 import pandas as pd
 import scipy.stats
 import xarray as xr
 
 from tokendyn.analysis.labels import describe
+from tokendyn.analysis.shared import alongside
 from tokendyn.errors import TokendynError
 from tokendyn.store.layout import TOKEN_DIMS
 
 AXES = ("step", "tokens_seen", "flops", "val_ppl")
 CHUNK_MB = 64  # loss data per dask chunk of the per-token computations (ckpt whole, token chunked)
 SLICE_TOKENS = 2**15  # tokens per slice inside a kernel: bounds its float64 temporaries
+DESCENT_TOKENS = 2048  # tokens per slice of the double-descent kernel: its buffers stay in cache
 
 
 # --- selecting checkpoints -------------------------------------------------------------------------
@@ -108,18 +112,19 @@ def over_token_slices(func, block: np.ndarray, slice_tokens: int = SLICE_TOKENS,
 def token_loss(ds: xr.Dataset) -> xr.DataArray:
     """`loss` with NaN outside done checkpoints, without the per-checkpoint coordinates."""
     loss = ds["loss"]
-    if "done" in ds:
+    if "done" in ds and not ds["done"].all():  # all done: no masked copy of every value
         loss = loss.where(ds["done"])
     return loss.drop_vars([name for name in loss.coords if "ckpt" in loss[name].dims and name != "ckpt"])
 
 
-def model_loss(ds: xr.Dataset, model: int | str, chunk_mb: float = CHUNK_MB) -> xr.DataArray:
+def model_loss(ds: xr.Dataset, model: int | str, chunk_mb: float = CHUNK_MB, first: int = 0) -> xr.DataArray:
     """One model's loss over its done checkpoints as (ckpt, token), ckpt in a single chunk.
 
+    first: leave out the model's first `first` done checkpoints (in step order); they are not read.
     The `step` coordinate of the selected checkpoints is kept.
     """
     m = model_index(ds, model)
-    idx = done_checkpoints(ds, m)
+    idx = done_checkpoints(ds, m)[first:]
     contiguous = len(idx) > 0 and np.array_equal(idx, np.arange(idx[0], idx[0] + len(idx)))
     loss = ds["loss"].isel(model=m, ckpt=slice(idx[0], idx[-1] + 1) if contiguous else idx)
     return chunk_tokens(loss.reset_coords(drop=True).assign_coords(step=("ckpt", loss["step"].values)), chunk_mb)
@@ -236,20 +241,52 @@ def at_axis(ds: xr.Dataset, axis: str, levels: Sequence[float]) -> xr.DataArray:
     levels = np.asarray(levels, dtype=float)
     if levels.ndim != 1 or len(levels) == 0:
         raise TokendynError("levels must be a non-empty list of numbers")
-    loss = token_loss(ds)
-    per_model = []
-    for m, (lo, hi, weight, reachable) in enumerate(_interpolation(ds, axis, levels)):
-        model = loss.isel(model=m)
-        a = model.isel(ckpt=xr.DataArray(lo, dims=axis))
-        b = model.isel(ckpt=xr.DataArray(hi, dims=axis))
-        w = xr.DataArray(weight, dims=axis)
-        per_model.append((a + w * (b - a)).where(xr.DataArray(reachable, dims=axis)))
-    out = xr.concat(per_model, dim="model", coords="minimal", compat="override").drop_vars("ckpt")
-    model_coords = {name: coord for name, coord in ds.coords.items() if coord.dims == ("model",)}
-    out = out.assign_coords({axis: levels, **model_coords}).transpose("model", axis, *TOKEN_DIMS)
+    lo, hi, weight, reachable = (np.stack(part) for part in zip(*_interpolation(ds, axis, levels)))
+    # only the checkpoints some level reads (done ones) are taken; lo and hi become positions among them
+    used, position = np.unique(np.concatenate([lo.ravel(), hi.ravel()]), return_inverse=True)
+    lo, hi = position[: lo.size].reshape(lo.shape), position[lo.size :].reshape(hi.shape)
+    loss = ds["loss"].transpose("model", "ckpt", *TOKEN_DIMS).isel(ckpt=used)
+    loss = loss if loss.chunks is not None else loss.chunk()
+    plans = [da.from_array(plan, chunks=(loss.chunks[0], -1)) for plan in (lo, hi, weight, reachable)]
+    # each task takes a token range's stored chunks as they are and reads its two rows per level
+    data = da.blockwise(
+        _interpolate_blocks,
+        "mlt",
+        loss.data,
+        "mct",
+        *(arg for plan in plans for arg in (plan, "ml")),
+        concatenate=False,
+        dtype=np.float64,
+        meta=np.array((), dtype=np.float64),
+    ).rechunk({1: 1})
+    coords = {name: coord for name, coord in ds.coords.items() if coord.dims == ("model",)}
+    coords |= {name: coord for name, coord in loss.coords.items() if set(coord.dims) <= set(TOKEN_DIMS)}
+    out = xr.DataArray(data, dims=("model", axis, *TOKEN_DIMS), coords=coords | {axis: levels})
     if axis != "step":
         out = out.assign_coords(step=reach(ds, axis, levels, "step"))
     return describe(out.rename("loss"), f"loss at matched {axis}", "nats")
+
+
+def _interpolate_blocks(
+    blocks: list[np.ndarray], lo: np.ndarray, hi: np.ndarray, weight: np.ndarray, reachable: np.ndarray
+) -> np.ndarray:
+    """(model, level, token) float64 from (model, ckpt, token) blocks, one per chunk of checkpoints:
+    per model and level, a + weight (b - a) of the rows a = lo, b = hi (b - a in the loss's dtype,
+    as numpy computes it), NaN where not reachable."""
+    ends = np.cumsum([0] + [block.shape[1] for block in blocks])
+
+    def row(m: int, ckpt: int) -> np.ndarray:
+        k = np.searchsorted(ends, ckpt, side="right") - 1
+        return blocks[k][m, ckpt - ends[k]]
+
+    out = np.empty((*lo.shape, blocks[0].shape[2]))
+    for m, level in np.ndindex(lo.shape):
+        if reachable[m, level]:
+            a, b = row(m, lo[m, level]), row(m, hi[m, level])
+            out[m, level] = a + weight[m, level : level + 1] * (b - a)
+        else:
+            out[m, level] = np.nan
+    return out
 
 
 def perplexity_range(ds: xr.Dataset) -> tuple[float, float]:
@@ -301,13 +338,17 @@ def at_perplexity(ds: xr.Dataset, levels: Sequence[float] | None = None, n_level
 # --- subsets and double descent --------------------------------------------------------------------
 
 
-def subset_curve(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
+def subset_curve(
+    ds: xr.Dataset, mask: xr.DataArray, also: Sequence[tuple[Callable[..., xr.DataArray], dict]] = ()
+) -> xr.DataArray:
     """Perplexity of a token subset in every model and checkpoint: exp(mean loss over the mask).
 
     mask: boolean (token,), e.g. `cats.sel(model="m", start=0.2) == "upward"`; chosen on one
     model, tracked in all. Extra dims (other than model/ckpt) give one curve each, computed in one
-    pass. Returns (..., model, ckpt) with the `val_ppl` and `step` coordinates, so it plots
+    pass. Returns (model, ckpt, ...) with the `val_ppl` and `step` coordinates, so it plots
     against validation perplexity directly; NaN for an empty subset. Computed.
+    also: shared per-token results, (function, params) pairs, to compute in the same pass over the
+    store (`tokendyn.analysis.shared.alongside`).
     """
     ds = load_small(ds)
     mask = mask.reset_coords(drop=True)
@@ -316,57 +357,202 @@ def subset_curve(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
             f"the mask must have the token dim and no model/ckpt dims, not {mask.dims}; "
             "select one model (and start) first"
         )
-    loss = ds["loss"].where(ds["done"]) if "done" in ds else ds["loss"]
-    weight = mask.astype(float)
-    total = xr.dot(loss.fillna(0), weight, dim=TOKEN_DIMS)
-    count = xr.dot(loss.notnull().astype(float), weight, dim=TOKEN_DIMS)
-    ppl = np.exp(total / count.where(count > 0)).rename("subset_ppl").compute()
+    extra = [dim for dim in mask.dims if dim not in TOKEN_DIMS]
+    mask = mask.transpose(*extra, *TOKEN_DIMS)
+    flat = np.asarray(mask.values, dtype=bool).reshape(-1, ds.sizes["token"])  # (subset, token)
+    members = [np.flatnonzero(row) for row in flat]
+    loss = ds["loss"].transpose("model", "ckpt", *TOKEN_DIMS).data
+    loss = loss if hasattr(loss, "chunks") else da.from_array(loss, chunks=(1, 1, -1))
+    # a task per token range takes its stored chunks as they are (the double-descent flags' tasks take
+    # the same ones: brought `also`, each chunk is read once and then released)
+    parts = da.blockwise(
+        _subset_blocks,
+        "mtxsv",
+        loss,
+        "mct",
+        da.from_array(np.cumsum((0, *loss.chunks[2][:-1])), chunks=1),
+        "t",
+        new_axes={"x": loss.shape[1], "s": len(members), "v": 2},
+        adjust_chunks={"t": 1},
+        align_arrays=False,
+        concatenate=False,
+        members=members,
+        dtype=np.float64,
+        meta=np.array((), dtype=np.float64),
+    )
+    total, count = np.moveaxis(alongside(ds, parts.sum(axis=1), also), -1, 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ppl = np.exp(total / np.where(count > 0, count, np.nan))
+    if "done" in ds:
+        ppl = np.where(ds["done"].values[..., None], ppl, np.nan)
+    shape = (ds.sizes["model"], ds.sizes["ckpt"], *(mask.sizes[dim] for dim in extra))
+    ppl = xr.DataArray(
+        ppl.reshape(shape),
+        dims=("model", "ckpt", *extra),
+        coords={name: coord for name, coord in ds.coords.items() if set(coord.dims) <= {"model", "ckpt"}}
+        | {name: mask.coords[name] for name in extra if name in mask.coords},
+    ).rename("subset_ppl")
     return describe(ppl, "perplexity of the token subset")
+
+
+def _subset_blocks(blocks: list[np.ndarray], first: np.ndarray, members: list[np.ndarray]) -> np.ndarray:
+    """Sums and counts (model, 1, ckpt, subset, 2) of the non-NaN loss of each subset's tokens in the
+    token range from `first` ([position]) of (model, ckpt, token) blocks, one per chunk of
+    checkpoints; `members`: each subset's token positions in the whole token dim."""
+    n_model, _, n_token = blocks[0].shape
+    index = [m[np.searchsorted(m, first[0]) : np.searchsorted(m, first[0] + n_token)] - first[0] for m in members]
+    starts = np.cumsum([0] + [len(i) for i in index])
+    sums = [
+        _subset_sums(block.reshape(-1, n_token).astype(np.float32, copy=False), np.concatenate(index), starts).reshape(
+            n_model, block.shape[1], len(members), 2
+        )
+        for block in blocks
+    ]
+    return np.concatenate(sums, axis=1)[:, None]
+
+
+@numba.njit(nogil=True, cache=True)
+def _subset_sums(loss: np.ndarray, index: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """(row, subset, 2): per row of loss (row, token), the float64 sum of the non-NaN loss at each
+    subset's tokens (index[starts[j]:starts[j + 1]] for subset j) and how many they are."""
+    out = np.zeros((loss.shape[0], len(starts) - 1, 2))
+    for r in range(loss.shape[0]):
+        row = loss[r]
+        for j in range(len(starts) - 1):
+            total, count = 0.0, 0
+            for i in range(starts[j], starts[j + 1]):
+                value = row[index[i]]
+                if value == value:
+                    total += value
+                    count += 1
+            out[r, j, 0], out[r, j, 1] = total, count
+    return out
 
 
 def moving_average(y: np.ndarray, window: int) -> np.ndarray:
     """Centred moving average along axis 0 over `window` points, skipping NaN (fewer points at the
-    ends, like a rolling mean with min_periods=1); NaN points stay NaN."""
-    n, half = len(y), window // 2
-    # float32 data (float16 stores) is averaged in float32: half the memory traffic of float64
+    ends, like a rolling mean with min_periods=1); NaN points stay NaN.
+
+    Float32 data (float16 stores) is averaged in float32, float64 in float64. Any memory layout:
+    the kernel walks the axis-0 neighbours of a point where they are contiguous (a (token, ckpt)
+    array seen as (ckpt, token)) and whole rows otherwise.
+    """
     dtype = np.result_type(y.dtype, np.float32)
-    total, count = np.zeros(y.shape, dtype), np.zeros(y.shape, dtype)
-    valid = ~np.isnan(y)
-    values = np.where(valid, y, 0)
-    for offset in range(-half, window - half):
-        source = slice(max(offset, 0), n + min(offset, 0))
-        target = slice(max(-offset, 0), n - max(offset, 0))
-        total[target] += values[source]
-        count[target] += valid[source]
-    return np.where(valid, total / np.maximum(count, 1), np.nan)
+    flat = np.asarray(y, dtype=dtype).reshape(len(y), -1)
+    out = np.empty_like(flat)  # in flat's memory order
+    if flat.strides[0] < flat.strides[1]:
+        _average_columns(flat, window, out)
+    else:
+        _average_rows(flat, window, out)
+    return out.reshape(y.shape)
 
 
-def running(ufunc: np.ufunc, y: np.ndarray) -> np.ndarray:
-    """ufunc.accumulate(y, axis=0) one row at a time: each step is vectorised over the other axes
-    (numpy's accumulate along the first axis walks each column separately, several times slower)."""
-    out = np.empty_like(y)
-    out[:1] = y[:1]
-    for i in range(1, len(y)):
-        ufunc(out[i - 1 : i], y[i : i + 1], out=out[i : i + 1])  # slices: rows stay arrays for 1-D y too
-    return out
+@numba.njit(nogil=True, cache=True)
+def _average_rows(y: np.ndarray, window: int, out: np.ndarray) -> None:
+    """`moving_average` of 2-D y into out, a row at a time (inner loops run along contiguous rows).
+
+    As numpy would: NaN adds 0 and no count, the sums accumulate in out's dtype in the window's
+    order, and the counts are of out's dtype.
+    """
+    n, m = y.shape
+    half = window // 2
+    count = np.empty(m, out.dtype)
+    zero, one = np.zeros(1, out.dtype)[0], np.ones(1, out.dtype)[0]  # typed: the loops stay in out's dtype
+    for i in range(n):
+        total = out[i]
+        total[:] = zero
+        count[:] = zero
+        for j in range(max(i - half, 0), min(i + window - half, n)):
+            row = y[j]
+            for t in range(m):
+                valid = row[t] == row[t]
+                total[t] += row[t] if valid else zero
+                count[t] += one if valid else zero
+        row = y[i]
+        for t in range(m):
+            total[t] = total[t] / max(count[t], one) if row[t] == row[t] else np.nan
 
 
-def _peaks(y: np.ndarray, tol: float) -> np.ndarray:
-    """Along axis 0, per point: it lies >= tol above an earlier point that lies >= tol below an earlier one."""
-    after_fall = running(np.fmax, y) - y >= tol
-    lowest = running(np.fmin, np.where(after_fall, y, np.inf))
-    return y - lowest >= tol
+@numba.njit(nogil=True, cache=True)
+def _average_columns(y: np.ndarray, window: int, out: np.ndarray) -> None:
+    """`moving_average` of 2-D y into out, a column at a time (for columns contiguous in memory)."""
+    n, m = y.shape
+    half = window // 2
+    for t in range(m):
+        for i in range(n):
+            if np.isnan(y[i, t]):
+                out[i, t] = np.nan
+                continue
+            out[i, t] = 0
+            count = 0
+            for j in range(max(i - half, 0), min(i + window - half, n)):
+                if not np.isnan(y[j, t]):
+                    out[i, t] += y[j, t]
+                    count += 1
+            out[i, t] /= max(count, 1)
+
+
+@numba.njit(nogil=True, cache=True)
+def _descents(z: np.ndarray, tol, complete: bool) -> np.ndarray:
+    """Per column of z (ckpt, token): whether it falls >= tol to a point, rises >= tol above it and,
+    if `complete`, later falls >= tol below that peak; NaN points are skipped.
+
+    A backward pass marks the points with a fall >= tol after them; a forward pass keeps, per
+    column, the running maximum and the lowest point reached after a fall. All arithmetic is in
+    z's dtype (tol is of z's dtype too), as numpy's; the loops run along contiguous rows.
+    """
+    n, m = z.shape
+    falls_after = np.ones((n, m), np.bool_)
+    if complete:
+        lowest_after = z[n - 1].copy()
+        for i in range(n - 1, -1, -1):
+            row, falls = z[i], falls_after[i]
+            for t in range(m):
+                low = lowest_after[t]
+                low = row[t] if (row[t] < low) | (low != low) else low  # fmin: NaN skipped
+                lowest_after[t] = low
+                falls[t] = row[t] - low >= tol
+    highest = np.full(m, np.nan, z.dtype)
+    lowest = np.full(m, np.inf, z.dtype)  # lowest point so far that lies >= tol below an earlier one
+    found = np.zeros(m, np.bool_)
+    for i in range(n):
+        row, falls = z[i], falls_after[i]
+        for t in range(m):
+            high = highest[t]
+            high = row[t] if (row[t] > high) | (high != high) else high  # fmax: NaN skipped
+            highest[t] = high
+            low = lowest[t]
+            low = row[t] if (high - row[t] >= tol) & (row[t] < low) else low
+            lowest[t] = low
+            found[t] |= (row[t] - low >= tol) & falls[t]
+    return found
+
+
+@numba.njit(nogil=True, cache=True)
+def _smoothed_descents(y: np.ndarray, window: int, tol, complete: bool) -> np.ndarray:
+    """`_descents` of the `window`-point moving average of y (ckpt, token), C-contiguous."""
+    smoothed = np.empty_like(y)
+    _average_rows(y, window, smoothed)
+    return _descents(smoothed, tol, complete)
+
+
+def _double_descent_flags(y: np.ndarray, tol: float, window: int = 1, complete: bool = True) -> np.ndarray:
+    """Per trajectory along axis 0 of y (any other dims): the double-descent test of
+    `detect_double_descent` after a `window`-point moving average, in y's float precision
+    (float32 at least, as `moving_average`)."""
+    dtype = np.result_type(y.dtype, np.float32)
+    flat = np.ascontiguousarray(y.reshape(len(y), -1), dtype=dtype)
+    return _smoothed_descents(flat, window, dtype.type(tol), complete).reshape(y.shape[1:])
 
 
 def falls_rises(y: np.ndarray, tol: float) -> np.ndarray:
     """Along axis 0: a fall >= tol to a point, then a rise >= tol above it (a double descent begun)."""
-    return _peaks(y, tol).any(axis=0)
+    return _double_descent_flags(np.asarray(y), tol, complete=False)
 
 
 def falls_rises_falls(y: np.ndarray, tol: float) -> np.ndarray:
     """Along axis 0: a fall >= tol to a point, a rise >= tol above it, then a fall >= tol."""
-    falls_later = y - running(np.fmin, y[::-1])[::-1] >= tol
-    return (_peaks(y, tol) & falls_later).any(axis=0)
+    return _double_descent_flags(np.asarray(y), tol, complete=True)
 
 
 def detect_double_descent(
@@ -383,7 +569,7 @@ def detect_double_descent(
     if getattr(curve.data, "chunks", None) is not None:
         curve = curve.chunk({dim: -1})
     return xr.apply_ufunc(
-        partial(over_token_slices, _smoothed_double_descent),
+        partial(over_token_slices, _double_descent_flags, slice_tokens=DESCENT_TOKENS),
         curve,
         input_core_dims=[[dim]],
         kwargs={"tol": tol, "window": window, "complete": complete},
@@ -392,23 +578,60 @@ def detect_double_descent(
     ).rename("double_descent")
 
 
-def _smoothed_double_descent(y: np.ndarray, tol: float, window: int, complete: bool) -> np.ndarray:
-    return (falls_rises_falls if complete else falls_rises)(moving_average(y, window), tol)
-
-
 def double_descent(
     ds: xr.Dataset, tol: float = 0.5, window: int = 3, chunk_mb: float = CHUNK_MB, complete: bool = True
 ) -> xr.DataArray:
     """Per-token double descent over each model's checkpoints: (model, token), lazy.
 
-    See `detect_double_descent` for `tol` (nats), `window` (checkpoints) and `complete`.
+    See `detect_double_descent` for `tol` (nats), `window` (checkpoints) and `complete`. Each task
+    takes the stored chunks of a token range in every checkpoint as they are (no rechunked copy
+    of the loss) and copies DESCENT_TOKENS tokens at a time into the kernel's (ckpt, token) layout.
+    chunk_mb: data per task for a loss held in memory (a store's loss keeps its chunks).
     """
     ds = load_small(ds)
-    loss = chunk_tokens(token_loss(ds), chunk_mb)
-    return describe(
-        detect_double_descent(loss, "ckpt", tol, window, complete) & valid_tokens(ds),
-        "token's loss shows double descent",
+    loss = ds["loss"].transpose("model", "ckpt", *TOKEN_DIMS)
+    if loss.chunks is None:
+        loss = chunk_tokens(loss.chunk(), chunk_mb)
+    done = ds["done"].values if "done" in ds else np.ones(loss.shape[:2], bool)
+    flags = da.blockwise(
+        _descent_blocks,
+        "mt",
+        loss.data,
+        "mct",
+        da.from_array(done, chunks=loss.chunks[:2]),
+        "mc",
+        concatenate=False,
+        dtype=bool,
+        meta=np.array((), dtype=bool),
+        tol=tol,
+        window=window,
+        complete=complete,
     )
+    coords = {name: coord for name, coord in loss.coords.items() if "ckpt" not in coord.dims}
+    flags = xr.DataArray(flags, dims=("model", *TOKEN_DIMS), coords=coords, name="double_descent")
+    return describe(flags & valid_tokens(ds), "token's loss shows double descent")
+
+
+def _descent_blocks(
+    blocks: list[np.ndarray], done: list[np.ndarray], tol: float, window: int, complete: bool
+) -> np.ndarray:
+    """`detect_double_descent` along the checkpoints of (model, ckpt, token) blocks, one per chunk of
+    checkpoints; NaN at checkpoints not `done` (the blocks of the done flags, (model, ckpt))."""
+    n_model, _, n_token = blocks[0].shape
+    dtype = np.result_type(blocks[0].dtype, np.float32)
+    ends = np.cumsum([0] + [block.shape[1] for block in blocks])
+    y = np.empty((ends[-1], min(DESCENT_TOKENS, n_token)), dtype)
+    out = np.empty((n_model, n_token), bool)
+    for m in range(n_model):
+        missing = ~np.concatenate([d[m] for d in done])
+        for first in range(0, n_token, DESCENT_TOKENS):
+            part = y[:, : min(DESCENT_TOKENS, n_token - first)]
+            for block, start, stop in zip(blocks, ends[:-1], ends[1:]):
+                part[start:stop] = block[m, :, first : first + part.shape[1]]
+            part[missing] = np.nan
+            part = np.ascontiguousarray(part)
+            out[m, first : first + part.shape[1]] = _smoothed_descents(part, window, dtype.type(tol), complete)
+    return out
 
 
 def token_share(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
@@ -501,10 +724,15 @@ def agreement(
             matched[axis] = np.nanmean(reach(ds, "val_ppl", levels, of=axis).values, axis=0)
         except TokendynError:
             continue  # tokens seen unknown: that comparison is left out
-    rows = []
+    rows, by_plan = [], {}
     for axis, pair in matched.items():
-        grid = at_axis(ds, axis, pair).where(valid)
-        drops = (grid.isel({axis: 0}) - grid.isel({axis: 1})).values.reshape(len(models), -1)
-        for row in _pair_rows(drops, models, top):
+        # Axes read at the same checkpoints with the same weights (tokens seen a constant times the
+        # step, as in most suites) have the same drops: computed and ranked once.
+        plan = tuple(np.asarray(v).tobytes() for per_model in _interpolation(ds, axis, pair) for v in per_model)
+        if plan not in by_plan:
+            grid = at_axis(ds, axis, pair).where(valid)
+            drops = (grid.isel({axis: 0}) - grid.isel({axis: 1})).values.reshape(len(models), -1)
+            by_plan[plan] = _pair_rows(drops, models, top)
+        for row in by_plan[plan]:
             rows.append({"axis": axis, "from_level": pair[0], "to_level": pair[1], **row})
     return pd.DataFrame(rows)

@@ -21,15 +21,26 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from functools import partial
+from functools import lru_cache, partial
 
+import dask.array as da
+import numba
 import numpy as np
 import scipy.special
 import scipy.stats
 import xarray as xr
 
 from tokendyn.analysis.labels import MISSING, flag_array
-from tokendyn.analysis.trajectories import CHUNK_MB, load_small, model_loss, over_token_slices, valid_tokens
+from tokendyn.analysis.trajectories import (
+    CHUNK_MB,
+    SLICE_TOKENS,
+    chunk_tokens,
+    done_checkpoints,
+    load_small,
+    model_loss,
+    over_token_slices,
+    valid_tokens,
+)
 from tokendyn.errors import TokendynError
 from tokendyn.store.layout import TOKEN_DIMS
 
@@ -92,27 +103,64 @@ def window_start(steps: np.ndarray, start: float) -> int:
     return int(np.searchsorted(steps, start * steps[-1], side="left"))
 
 
-def _window_sums(loss: np.ndarray, x: np.ndarray, starts: list[int]) -> dict[int, tuple[np.ndarray, ...]]:
-    """Per window start j: sums over checkpoints j.. of ppl, x ppl, ppl^2 and loss (each per token).
+def _window_sums(
+    loss: Sequence[np.ndarray], x: np.ndarray, starts: list[int]
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per window start j: the sums over checkpoints j.. of ppl, x ppl, ppl^2 and loss (4, token),
+    and ppl at j.
 
     One backward pass over the checkpoints gives every window's sums (windows share their tails),
     instead of one pass per window; NaN propagates as in a direct sum.
     """
-    sums, out = None, {}
+    sums, out = np.empty((4, len(loss[0]))), {}
     for i in range(len(loss) - 1, min(starts) - 1, -1):
-        row = loss[i].astype(np.float64)
-        ppl = np.exp(row)
-        terms = (ppl, x[i] * ppl, ppl * ppl, row)
-        sums = [t.copy() for t in terms] if sums is None else [acc + t for acc, t in zip(sums, terms)]
+        row, ppl = _loss_and_ppl(loss[i])
+        _accumulate(sums, ppl, row, x[i], i == len(loss) - 1)
         if i in starts:
-            out[i] = tuple(sums)
+            out[i] = (sums.copy(), ppl)
     return out
 
 
+_HALVES = np.arange(2**16, dtype=np.uint16).view(np.float16).astype(np.float64)  # every float16 value
+with np.errstate(over="ignore", invalid="ignore"):
+    _EXP_OF_HALVES = np.exp(_HALVES)
+
+
+def _loss_and_ppl(loss: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(loss, exp(loss)) in float64 for a row of losses; numpy's exp, a row at a time (small
+    temporaries). A float16 row (65,536 possible values) is looked up in a table of numpy's exp
+    of every float16 value: the same numbers, several times faster."""
+    if loss.dtype == np.float16:
+        bits = loss.view(np.uint16)
+        return _HALVES.take(bits), _EXP_OF_HALVES.take(bits)
+    row = loss.astype(np.float64)
+    return row, np.exp(row)
+
+
+@numba.njit(nogil=True, cache=True)
+def _accumulate(sums: np.ndarray, ppl: np.ndarray, loss: np.ndarray, x: float, first: bool) -> None:
+    """Add one checkpoint's ppl, x ppl, ppl^2 and loss to `sums` (4, token); the first sets them."""
+    for t in range(len(ppl)):
+        p = ppl[t]
+        if first:
+            sums[0, t], sums[1, t], sums[2, t], sums[3, t] = p, x * p, p * p, loss[t]
+        else:
+            sums[0, t] += p
+            sums[1, t] += x * p
+            sums[2, t] += p * p
+            sums[3, t] += loss[t]
+
+
 def _categorise(
-    loss: np.ndarray, x: np.ndarray, starts: Sequence[int | None], alpha: float, band: float, var_condition: bool
+    loss: Sequence[np.ndarray],
+    x: np.ndarray,
+    starts: Sequence[int | None],
+    alpha: float,
+    band: float,
+    var_condition: bool,
 ) -> np.ndarray:
-    """Category codes (token, start) of trajectories loss (ckpt, token) for window starts `starts`.
+    """Category codes (token, start) of trajectories loss (ckpt, token: an array or its rows) for
+    window starts `starts`.
 
     Regressing ppl_i or ppl_i / ppl_j on x gives the same t statistic and slope sign (ppl_j is a
     positive constant per token), so ppl is computed once for all starts; and p < alpha is
@@ -120,36 +168,94 @@ def _categorise(
     sums of every window come from one backward pass (`_window_sums`); the slope's t statistic is
     then the one `_fit` gives.
     """
-    codes = np.full(loss.shape[1:] + (len(starts),), MISSING, dtype=np.int8)
+    codes = np.full((len(loss[0]), len(starts)), MISSING, dtype=np.int8)
     used = [j for j in starts if j is not None]
     if not used:
         return codes
     sums = _window_sums(loss, x, used)
-    ppl_last = np.exp(loss[-1].astype(np.float64))
+    ppl_last = _loss_and_ppl(loss[-1])[1]
     for s, j in enumerate(starts):
-        if j is None:
+        if j is not None:
+            n = len(x) - j
+            xc = x[j:] - x[j:].mean()
+            (sum_j, ppl_first) = sums[j]
+            codes[..., s] = _codes(
+                sum_j,
+                ppl_first,
+                ppl_last,
+                np.exp(sum_j[3] / n),
+                n,
+                x[j:].mean(),
+                xc @ xc,
+                _critical_t(alpha, n - 2),
+                band,
+                var_condition,
+            )
+    return codes
+
+
+@lru_cache
+def _critical_t(alpha: float, dof: int) -> float:
+    """|t| above which a slope is significant at level alpha (two-sided): asked per token slice,
+    computed once (scipy's distributions parse their arguments slowly)."""
+    return float(scipy.stats.t.isf(alpha / 2, dof))
+
+
+@numba.njit(nogil=True, cache=True)
+def _codes(
+    sums: np.ndarray,
+    ppl_first: np.ndarray,
+    ppl_last: np.ndarray,
+    geo_mean: np.ndarray,
+    n: int,
+    x_mean: float,
+    sxx: float,
+    critical: float,
+    band: float,
+    var_condition: bool,
+) -> np.ndarray:
+    """Category code per token of one window from its sums (`_window_sums`): the slope's t statistic
+    as `_fit` computes it (a trajectory flat to rounding has t 0), |t| > `critical` for a trend,
+    the band around the geometric mean for stagnation; MISSING where the loss has NaN."""
+    codes = np.empty(sums.shape[1], np.int8)
+    tiny = 16 * n * np.finfo(np.float64).eps
+    for t in range(len(codes)):
+        sum_y, sum_xy, sum_y2, sum_loss = sums[0, t], sums[1, t], sums[2, t], sums[3, t]
+        if np.isnan(sum_loss):
+            codes[t] = MISSING
             continue
-        n = len(x) - j
-        sum_y, sum_xy, sum_y2, sum_loss = sums[j]
-        xc = x[j:] - x[j:].mean()
-        sxx = xc @ xc
-        sxy = sum_xy - x[j:].mean() * sum_y
+        sxy = sum_xy - x_mean * sum_y
         syy = sum_y2 - sum_y**2 / n
-        flat = syy <= 16 * n * np.finfo(np.float64).eps * sum_y2
-        with np.errstate(divide="ignore", invalid="ignore"):
-            slope = np.where(flat, 0.0, sxy / sxx)
-            stderr = np.sqrt(np.maximum(syy - slope * sxy, 0.0) / (n - 2) / sxx)
-            t = np.where(flat, 0.0, slope / stderr)
-        significant = np.abs(t) > scipy.stats.t.isf(alpha / 2, n - 2)
-        geo_mean = np.exp(sum_loss / n)
-        ppl_first = np.exp(loss[j].astype(np.float64))
-        stagnated = (np.abs(ppl_first / geo_mean - 1) <= band) & (np.abs(ppl_last / geo_mean - 1) <= band)
+        flat = syy <= tiny * sum_y2
+        slope = 0.0 if flat else sxy / sxx
+        stderr = np.sqrt(max(syy - slope * sxy, 0.0) / (n - 2) / sxx)
+        significant = False if flat else abs(slope / stderr) > critical  # 0/0 is NaN: not significant
+        stagnated = abs(ppl_first[t] / geo_mean[t] - 1) <= band and abs(ppl_last[t] / geo_mean[t] - 1) <= band
         if var_condition:
             mean = sum_y / n
-            stagnated &= sum_y2 / n - mean**2 < mean
-        code = np.select([significant & (slope > 0), significant & (slope < 0), stagnated], [1, 2, 0], 3)
-        codes[..., s] = np.where(np.isnan(sum_loss), MISSING, code)
+            stagnated = stagnated and sum_y2 / n - mean**2 < mean
+        if significant and slope > 0:
+            codes[t] = 1
+        elif significant and slope < 0:
+            codes[t] = 2
+        else:
+            codes[t] = 0 if stagnated else 3
     return codes
+
+
+def _categorise_blocks(blocks: list[np.ndarray], **kwargs) -> np.ndarray:
+    """`_categorise` of (ckpt, token) blocks, one per chunk of checkpoints, SLICE_TOKENS tokens at a
+    time: their rows are used in place, never copied into one array."""
+    rows = [row for block in blocks for row in block]
+    n_token = blocks[0].shape[1]
+    if not rows:
+        return np.full((n_token, len(kwargs["starts"])), MISSING, dtype=np.int8)
+    return np.concatenate(
+        [
+            _categorise([row[i : i + SLICE_TOKENS] for row in rows], **kwargs)
+            for i in range(0, max(n_token, 1), SLICE_TOKENS)
+        ]
+    )
 
 
 def trend_categories(
@@ -176,12 +282,11 @@ def trend_categories(
         raise TokendynError("start fractions must lie in [0, 1), e.g. 0.2 for 20%")
     per_model = []
     for m, name in enumerate(ds["model"].values):
-        loss = model_loss(ds, m, chunk_mb)
-        keep, xs = fit_points(loss["step"].values, x)
-        loss = loss.isel(ckpt=np.flatnonzero(keep))
+        steps = ds["step"].values[m, done_checkpoints(ds, m)]
+        keep, xs = fit_points(steps, x)  # steps increase: the kept checkpoints are the last ones
         js = []
         for p in starts:
-            j = window_start(loss["step"].values, p) if len(xs) else len(xs)
+            j = window_start(steps[keep], p) if len(xs) else len(xs)
             if len(xs) - j < 3:
                 warnings.warn(
                     f"model {name}: fewer than 3 checkpoints from {p:.0%} of the final step; no trend categories there",
@@ -191,17 +296,27 @@ def trend_categories(
                 js.append(None)
             else:
                 js.append(j)
-        codes = xr.apply_ufunc(
-            partial(over_token_slices, _categorise),
-            loss.drop_vars("step"),
-            input_core_dims=[["ckpt"]],
-            output_core_dims=[["start"]],
-            kwargs=dict(x=xs, starts=js, alpha=alpha, band=band, var_condition=var_condition),
-            dask="parallelized",
-            output_dtypes=[np.int8],
-            dask_gufunc_kwargs={"output_sizes": {"start": len(starts)}},
+        # only the checkpoints from the earliest window start on are read
+        first = min((j for j in js if j is not None), default=0)
+        idx = done_checkpoints(ds, m)[len(steps) - len(xs) + first :]
+        loss = ds["loss"].isel(model=m, ckpt=idx).transpose("ckpt", *TOKEN_DIMS)
+        loss = loss if loss.chunks is not None else chunk_tokens(loss.chunk(), chunk_mb)
+        codes = da.blockwise(  # a task per token range takes its stored chunks as they are (not rechunked)
+            _categorise_blocks,
+            "ts",
+            loss.data,
+            "ct",
+            new_axes={"s": len(starts)},
+            concatenate=False,
+            dtype=np.int8,
+            meta=np.array((), dtype=np.int8),
+            x=xs[first:],
+            starts=[None if j is None else j - first for j in js],
+            alpha=alpha,
+            band=band,
+            var_condition=var_condition,
         )
-        per_model.append(codes)
+        per_model.append(xr.DataArray(codes, dims=(*TOKEN_DIMS, "start")))
     codes = xr.concat(per_model, dim="model").assign_coords(model=ds["model"].values, start=starts)
     codes = codes.where(valid_tokens(ds), MISSING).astype(np.int8)
     return flag_array(

@@ -23,6 +23,7 @@ from pathlib import Path
 import xarray as xr
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
+from zarr.codecs import BloscCodec
 
 from tokendyn.analysis.shared import sharing
 from tokendyn.errors import TokendynError
@@ -32,6 +33,9 @@ from tokendyn.studies import STUDIES
 from tokendyn.studies.study import Result, Skip, save
 
 LABELS_STORE = "labels.zarr"
+# Per-token floats (losses at matched perplexity) are noise to a compressor: LZ4 after a byte shuffle
+# writes them in 0.3x the CPU time of Zarr's default Zstandard, in files 2% larger (measured, 240 MB).
+FLOAT_LABELS_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 FINDINGS = "findings.txt"
 # Names of the analysis steps before the studies took them over, still accepted by --steps.
 FORMER_STEPS = {
@@ -119,6 +123,8 @@ def write_labels(folder: Path, name: str, data: xr.Dataset | xr.DataArray) -> No
     for variable in data.variables.values():
         variable.encoding.pop("chunks", None)  # chunks come from dask, not from the source store
         variable.encoding.pop("preferred_chunks", None)
+        if variable.dtype.kind == "f":
+            variable.encoding["compressors"] = (FLOAT_LABELS_CODEC,)
     # One variable at a time: computed together from the same loss chunks, the fast ones would
     # keep those chunks in memory until the slowest had used them.
     for i, variable in enumerate(data.data_vars):

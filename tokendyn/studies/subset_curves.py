@@ -14,7 +14,7 @@ import xarray as xr
 from tokendyn.analysis.labels import label_mask
 from tokendyn.analysis.sequences import turning_points
 from tokendyn.analysis.shared import computed
-from tokendyn.analysis.trajectories import done_checkpoints, load_small, model_index, token_share
+from tokendyn.analysis.trajectories import done_checkpoints, double_descent, load_small, model_index, token_share
 from tokendyn.analysis.trends import TrendWarning, trend_categories, window_start
 from tokendyn.studies.findings import verdict
 from tokendyn.studies.study import Result, Skip, default_of, models_by_size, open_source, require
@@ -145,7 +145,8 @@ def run(
     masks_by = subsets(ds, [chooser, *(m for m in models if m != chooser)], start, x)
     if masks_by:  # every chooser's subsets tracked in every model in one pass over the store
         stacked = xr.concat(list(masks_by.values()), dim="chosen_on").assign_coords(chosen_on=list(masks_by))
-        curves_all = ds.tokendyn.subset_curve(stacked.drop_vars("model", errors="ignore"))
+        # the double-descent flags (default parameters) read every chunk too: computed in the same pass
+        curves_all = ds.tokendyn.subset_curve(stacked.drop_vars("model", errors="ignore"), also=[(double_descent, {})])
     for name, masks in masks_by.items():
         percent = token_share(ds, masks)
         curves = curves_all.sel(chosen_on=name, drop=True)
