@@ -272,7 +272,8 @@ def test_descent_depth_is_the_detectors_test_as_a_number():
     # with the detector's smoothing, on float32 rows (the store's precision after reading)
     smoothed = descent_depth(y.astype(np.float32), smooth=3)
     for tol in (0.2, 0.5, 1.0):
-        np.testing.assert_array_equal(smoothed >= tol, falls_rises_falls(moving_average(y.T.astype(np.float32), 3), tol))
+        flagged = falls_rises_falls(moving_average(y.T.astype(np.float32), 3), tol)
+        np.testing.assert_array_equal(smoothed >= tol, flagged)
 
 
 def test_descent_depth_against_brute_force():
