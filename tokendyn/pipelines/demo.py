@@ -81,9 +81,13 @@ SENTENCE_TOKENS = 13.1  # tokens of a fact sentence with its BOS (main set, each
 TASK_DOCUMENT_TOKENS = 31.0  # tokens of one option of a 2-shot one-fact task (k-fact compositions: k times)
 PASSUNTIL_FIXED = 5.0  # PassUntil: checking that the main set is done, preparing the task's group
 TOKENS_PER_SENTENCE = 11.7  # training tokens per rendered sentence (measured on the default world)
-ANALYZE_PER_VALUE = 3.4e-5  # analyze, per (token, checkpoint, model) of the main set (default 84 s, quick 35 s)
-ANALYZE_FIXED = 35.0  # analyze: running every study regardless of size (the quick preset)
-FIGURE_SECONDS = 2.5  # drawing and saving one study's figure (PNG and SVG)
+# Analyze, measured 2026-12-01 with the analysis kernels compiled (their first use after an install
+# adds about 27 s): per (token, checkpoint, model) of the main set (`tokendyn analyze` on 1M tokens x
+# 50 checkpoints x 3 models: 24.4 s), the studies' fixed cost (the default preset's sets, tasks and
+# PassUntil runs: 41.5 s in all, its figures included), and drawing and saving one figure (PNG, SVG).
+ANALYZE_PER_VALUE = 1.6e-7
+ANALYZE_FIXED = 27.0
+FIGURE_SECONDS = 1.1
 SUMMARY_FIXED = 10.0  # the toy findings: reading the pairs and attribute-value tokens
 
 
