@@ -74,6 +74,7 @@ from tokendyn.analysis.compiled import decoded
 from tokendyn.analysis.labels import MISSING, flag_array, flag_names, label_mask, label_share
 from tokendyn.analysis.shared import computed
 from tokendyn.analysis.trajectories import (
+    _average_columns,
     at_perplexity,
     double_descent,
     load_small,
@@ -300,29 +301,21 @@ def _descent_depth_rows(rows: np.ndarray, smooth: int, y: np.ndarray, depth: np.
     """`descent_depth` of each row of stored values (`decoded`), into depth, in y's precision (y:
     a work row); one pass per row, no temporaries per token.
 
-    The smoothing sums a point's neighbours in `moving_average`'s order, so the smoothed values are
-    the same to the bit. With M the running maximum and L the minimum from each point on, a peak c
+    The smoothing is `moving_average`'s own kernel, so the smoothed values are the same to the
+    bit. With M the running maximum and L the minimum from each point on, a peak c
     after a low point b gives the depth min(M[b] - y[b], y[c] - y[b], y[c] - L[c]); the largest
     over b < c is kept. A peak c is tried only when it could beat the depth so far and the next
     point is lower (a later, higher point would do at least as well), so few peaks cost a pass.
     """
     n = rows.shape[1]
-    half = smooth // 2
+    raw = np.empty_like(y)
     top = np.empty_like(y)
     low = np.empty_like(y)
-    zero = y.dtype.type(0)
     for r in range(rows.shape[0]):
-        raw = rows[r]
-        missing = False
         for i in range(n):
-            total = zero
-            count = 0
-            for j in range(max(i - half, 0), min(i + smooth - half, n)):
-                total += decoded(raw[j])
-                count += 1
-            y[i] = total / y.dtype.type(count)
-            missing |= np.isnan(y[i])
-        if missing:
+            raw[i] = decoded(rows[r, i])
+        _average_columns(raw.reshape(n, 1), smooth, y.reshape(n, 1))  # the row as one column
+        if np.isnan(y).any():
             depth[r] = np.nan
             continue
         top[0], low[n - 1] = y[0], y[n - 1]
