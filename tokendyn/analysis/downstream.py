@@ -87,7 +87,7 @@ def option_scores(source, task: str) -> xr.Dataset:
     _check_task(source, task)
     path = source_path(source)
     # The task, emergence and skill studies all read every task: read each once per store state.
-    return _option_scores(str(path), task, metadata_stamp(path)).copy()
+    return _option_scores(str(path), task, metadata_stamp(path)).copy(deep=True)  # the caller may change it
 
 
 @functools.lru_cache(maxsize=32)
