@@ -23,7 +23,7 @@ from tokendyn.toy import findings
 from tokendyn.toy import world as toy_world
 from tokendyn.toy.build import MANIFEST, PRESETS, build, build_key, build_parameters, token_stream
 from tokendyn.toy.tokenizer import train_tokenizer
-from tokendyn.toy.train import ModelSize, TrainConfig, checkpoint_steps, opt_config
+from tokendyn.toy.train import ModelSize, TrainConfig, checkpoint_steps, opt_config, train
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +238,8 @@ def test_cache_key_covers_every_parameter(monkeypatch):
             variants.append(build_parameters("quick"))
     small = preset.sizes["S"]
     for f in dataclasses.fields(small):
-        sizes = {**preset.sizes, "S": dataclasses.replace(small, **{f.name: getattr(small, f.name) + 1})}
+        value = getattr(small, f.name)
+        sizes = {**preset.sizes, "S": dataclasses.replace(small, **{f.name: 0.5 if value is None else value + 1})}
         monkeypatch.setitem(PRESETS, "quick", dataclasses.replace(preset, sizes=sizes))
         variants.append(build_parameters("quick"))
     keys = [build_key(p) for p in variants]
@@ -263,15 +264,28 @@ def test_cli_builds_and_prints_the_suite(tmp_path, capsys):
     assert main(["toy", "build", "--out", str(tmp_path / "s"), "--sizes", "XL"]) == 2
 
 
+def test_training_takes_more_threads_from_a_fixed_step(small_world, tmp_path):
+    _, train_docs, tokenizer = small_world
+    tokens = token_stream([d["text"] for d in train_docs[:40]], tokenizer, 32)
+    cfg = TrainConfig(batch_size=4, warmup_steps=2, log_checkpoints=2, linear_checkpoints=1)
+    size = ModelSize(hidden=8, layers=1, heads=1, lr=1e-2, more_threads_from=0.5)
+    before, used = torch.get_num_threads(), []
+    train(size, tokens, tokenizer, cfg, tmp_path, seed=0, on_step=lambda _: used.append(torch.get_num_threads()))
+    half = round(0.5 * len(used))
+    assert len(used) == len(tokens) // cfg.batch_size and used == [1] * half + [2] * (len(used) - half)
+    assert torch.get_num_threads() == before
+
+
 @pytest.mark.slow
 def test_parallel_training_equals_sequential(small_world, tmp_path, monkeypatch):
-    """Sizes trained in spawned processes give the same weights as in this process, and progress covers all steps."""
+    """Sizes trained in spawned processes give the same weights as in this process (a size switching to more
+    threads included), and progress covers all steps."""
     _, train_docs, tokenizer = small_world
     tokens = token_stream([d["text"] for d in train_docs[:40]], tokenizer, 32)
     cfg = TrainConfig(batch_size=4, warmup_steps=2, log_checkpoints=2, linear_checkpoints=1)
     sizes = {
         "a": dataclasses.asdict(ModelSize(hidden=8, layers=1, heads=1, lr=1e-2)),
-        "b": dataclasses.asdict(ModelSize(hidden=16, layers=1, heads=2, lr=1e-2)),
+        "b": dataclasses.asdict(ModelSize(hidden=16, layers=1, heads=2, lr=1e-2, more_threads_from=0.5)),
     }
     steps = len(tokens) // cfg.batch_size
     monkeypatch.setattr(toy_build, "PARALLEL_MIN_SECONDS", 0.0)

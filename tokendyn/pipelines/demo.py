@@ -37,7 +37,7 @@ from tokendyn.store import TASK_SET_PREFIX
 from tokendyn.studies import STUDIES
 from tokendyn.toy import build, findings
 from tokendyn.toy import tasks as toy_tasks
-from tokendyn.toy.train import checkpoint_steps
+from tokendyn.toy.train import ModelSize, checkpoint_steps
 from tokendyn.toy.world import ATTRIBUTES
 
 CORRUPT_RATES = (0.2, 0.4, 0.8)
@@ -68,6 +68,7 @@ PHASES = ("build", "generate", "extract", "passuntil", "analyze", "findings")
 # default preset (benchmarks/demo.py prints the estimates beside the measurements).
 FLOPS_PER_SECOND = 4e10  # training: batches of 4096 tokens
 STEP_OVERHEAD = 0.004  # seconds per layer per training step (Python, small kernels)
+TRAIN_THREADS_SPEEDUP = 1.8  # toy-L's training step on 2 torch threads against 1 (idle 2-core AVX2 machine)
 # Scoring, fitted to the default preset's extraction with the tasks inside it (222 CPU s on an idle
 # machine, 2026-12-01): forward FLOPs per second, and seconds per token and vocabulary entry
 # (log-softmax, metrics, writing).
@@ -75,18 +76,19 @@ SCORING_FLOPS_PER_SECOND = 5.5e10
 LOGIT_SECONDS = 5.4e-9
 FORWARD_OVERHEAD = 0.001  # seconds per layer per forward call (sampling steps)
 LOAD_SECONDS = 0.3  # loading and fingerprinting one checkpoint
-SET_SECONDS = 0.05  # per set and checkpoint: packing, writing and committing the scores
+SET_SECONDS = 0.12  # per set and checkpoint: packing, writing, committing (a profile of the default demo: 0.115)
 FILLER_DOCUMENT_TOKENS = 26.7  # tokens of a filler document
 SENTENCE_TOKENS = 13.1  # tokens of a fact sentence with its BOS (main set, each side of a pair)
 TASK_DOCUMENT_TOKENS = 31.0  # tokens of one option of a 2-shot one-fact task (k-fact compositions: k times)
 PASSUNTIL_FIXED = 5.0  # PassUntil: checking that the main set is done, preparing the task's group
 TOKENS_PER_SENTENCE = 11.7  # training tokens per rendered sentence (measured on the default world)
-# Analyze, measured 2026-12-01 with the analysis kernels compiled (their first use after an install
-# adds about 27 s): per (token, checkpoint, model) of the main set (`tokendyn analyze` on 1M tokens x
-# 50 checkpoints x 3 models: 24.4 s), the studies' fixed cost (the default preset's sets, tasks and
-# PassUntil runs: 41.5 s in all, its figures included), and drawing and saving one figure (PNG, SVG).
+# Analyze, measured 2026-12-01 with the analysis kernels compiled (scripts/setup compiles them): per
+# (token, checkpoint, model) of the main set (`tokendyn analyze` on 1M tokens x 50 checkpoints x 3
+# models: 24.4 s), the studies' fixed cost (the default preset's sets, tasks and PassUntil runs: the
+# phase took 41.5-73.5 s in idle runs on the same machine, its figures included), and drawing and
+# saving one figure (PNG, SVG).
 ANALYZE_PER_VALUE = 1.6e-7
-ANALYZE_FIXED = 27.0
+ANALYZE_FIXED = 40.0
 FIGURE_SECONDS = 1.1
 SUMMARY_FIXED = 10.0  # the toy findings: reading the pairs and attribute-value tokens
 
@@ -128,6 +130,21 @@ def preset_shapes(preset: str) -> tuple[dict[str, ModelShape], int]:
 def training_seconds(shape: ModelShape, steps: int, batch_tokens: int) -> float:
     """Reference seconds to train one size: forward + backward (3x forward) + a per-layer overhead."""
     return steps * (3 * shape.forward_flops(batch_tokens) / FLOPS_PER_SECOND + STEP_OVERHEAD * shape.layers)
+
+
+def build_seconds(costs: dict[str, float], sizes: dict[str, ModelSize], workers: int) -> float:
+    """Wall seconds of training sizes costing `costs` (reference seconds) on `workers` processes.
+
+    The longest job starts first and the others share the remaining processes. A longest size with
+    `more_threads_from` runs the rest of its steps on two threads (TRAIN_THREADS_SPEEDUP faster) once
+    it reaches that share of its steps and the others are done.
+    """
+    longest = max(costs, key=costs.__getitem__)
+    share = sizes[longest].more_threads_from
+    if workers < 2 or share is None:
+        return makespan(list(costs.values()), workers)
+    others = makespan([cost for name, cost in costs.items() if name != longest], workers - 1)
+    return max(others, share * costs[longest]) + (1 - share) * costs[longest] / TRAIN_THREADS_SPEEDUP
 
 
 def makespan(costs: list[float], workers: int) -> float:
@@ -186,7 +203,7 @@ def estimate_costs(preset: str, workers: int = 1) -> dict[str, float]:
     chosen = build.PRESETS[preset]
     shapes, steps = preset_shapes(preset)
     batch_tokens = chosen.train.batch_size * chosen.seq_len
-    train = [training_seconds(s, steps, batch_tokens) for s in shapes.values()]
+    train = {name: training_seconds(s, steps, batch_tokens) for name, s in shapes.items()}
     extract_seconds = scoring_seconds(shapes, demo_sets(preset))
     largest = max(shapes.values(), key=lambda s: s.params)
     smallest = min(shapes.values(), key=lambda s: s.params)
@@ -201,7 +218,7 @@ def estimate_costs(preset: str, workers: int = 1) -> dict[str, float]:
     main_tokens = demo_sets(preset)["main"][0]
     analyze_values = main_tokens * sum(s.checkpoints for s in shapes.values())
     return {
-        "build": makespan(train, min(workers, len(train))),
+        "build": build_seconds(train, chosen.sizes, min(workers, len(train))),
         "generate": GENERATE_MIXTURES
         * GENERATE_PROMPTS
         * GENERATE_TOKENS

@@ -6,7 +6,8 @@ A plain loop in the spirit of nanoGPT: batches are taken in order from a precomp
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,12 +18,19 @@ from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
 @dataclass(frozen=True)
 class ModelSize:
-    """Shape and learning rate of one model: `hidden` width, `layers`, attention `heads`, peak `lr`."""
+    """Shape and learning rate of one model: `hidden` width, `layers`, attention `heads`, peak `lr`.
+
+    more_threads_from: from this fraction of the training steps on, train with twice the build's
+        torch threads (None: never). The largest size uses it to take over the core the smaller sizes
+        leave idle once they have finished beside it. The switch is at a fixed step, not when they
+        finish, because the weights depend on the thread count: a fixed step keeps a build reproducible.
+    """
 
     hidden: int
     layers: int
     heads: int
     lr: float
+    more_threads_from: float | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,17 @@ class TrainConfig:
     log_checkpoints: int = 10
     linear_checkpoints: int = 14
     switch_fraction: float = 0.1
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int) -> Iterator[None]:
+    """torch's CPU thread count set to `threads` inside the block, restored after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def checkpoint_steps(total: int, n_log: int, n_linear: int, switch_fraction: float) -> list[int]:
@@ -98,34 +117,40 @@ def train(
     out: Path,
     seed: int,
     on_step: Callable[[float], None] | None = None,
+    threads: int = 1,
 ) -> list[int]:
     """Train on `tokens` (n_sequences, seq_len) for one pass; save checkpoints as `out/step<N>`.
 
     Step N is the model after N optimiser updates (step 0 is the initialisation). Returns the
-    saved steps. `on_step(loss)` is called after every update (for progress bars).
+    saved steps. `on_step(loss)` is called after every update (for progress bars). `threads` is
+    torch's thread count (doubled from `size.more_threads_from` on); the weights depend on it.
     """
     total = len(tokens) // cfg.batch_size
     if total < 1:
         raise ValueError(f"{len(tokens)} sequences make no batch of {cfg.batch_size}")
     saves = set(checkpoint_steps(total, cfg.log_checkpoints, cfg.linear_checkpoints, cfg.switch_fraction))
+    more_threads_at = total if size.more_threads_from is None else round(size.more_threads_from * total)
     torch.manual_seed(seed)
     model = OPTForCausalLM(opt_config(size, tokenizer, tokens.shape[1]))
     torch.nn.init.normal_(model.lm_head.weight, 0.0, cfg.init_logit_std / size.hidden**0.5)
     optimizer = torch.optim.AdamW(model.parameters(), lr=size.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    for step in range(total + 1):
-        if step in saves:
-            model.save_pretrained(out / f"step{step}")
-            tokenizer.save_pretrained(out / f"step{step}")
-        if step == total:
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, total, size.lr, cfg)
-        batch = tokens[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if on_step is not None:
-            on_step(loss.item())
+    with pinned_threads(threads):
+        for step in range(total + 1):
+            if step in saves:
+                model.save_pretrained(out / f"step{step}")
+                tokenizer.save_pretrained(out / f"step{step}")
+            if step == total:
+                break
+            if step == more_threads_at:
+                torch.set_num_threads(2 * threads)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, total, size.lr, cfg)
+            batch = tokens[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if on_step is not None:
+                on_step(loss.item())
     return sorted(saves)
