@@ -121,6 +121,42 @@ def test_zoom_start_against_a_hand_made_case():
     assert ax.get_xlim()[0] == pytest.approx(start)
 
 
+def _points_out_of_view(ax: Axes) -> int:
+    """Points of the drawn curves inside the x range but outside the y range."""
+    (x0, x1), (y0, y1) = sorted(ax.get_xlim()), sorted(ax.get_ylim())
+    out = 0
+    for line in ax.get_lines():
+        x, y = np.asarray(line.get_xdata(), float), np.asarray(line.get_ydata(), float)
+        in_x = (x >= x0) & (x <= x1)
+        out += int((in_x & ((y < y0) | (y > y1))).sum())
+    return out
+
+
+@pytest.mark.parametrize("log_y", [False, True])
+def test_the_zoomed_y_range_holds_every_point_in_view(log_y):
+    """Perplexities in the hundreds on a log y axis: the y range is set in the curves' own units."""
+    x = np.geomspace(1000, 2, 30)
+    same = 200 + 50 * np.log(x)
+    apart = np.where(x < 20, same * (1 + 0.5 * np.log(20 / x)), same)
+    fig = Figure()
+    ax = fig.subplots()
+    ax.plot(x, same)
+    ax.plot(x, apart)
+    perplexity_axis(ax)
+    assert zoom_perplexity(ax, [(x, same), (x, apart)], log_y=log_y)
+    if log_y:
+        ax.set_yscale("log")
+    assert _points_out_of_view(ax) == 0
+    lo, hi = ax.get_ylim()
+    assert lo > 0.5 * min(same[x <= 20].min(), apart[x <= 20].min()) and hi < 2 * apart.max()
+
+
+@pytest.mark.parametrize("study", [subset_curves, double_descent])
+def test_zoomed_study_panels_show_every_point_in_view(bumpy, study):
+    result = study.run(bumpy)
+    assert all(_points_out_of_view(ax) == 0 for ax in _ppl_axes(result.figure))
+
+
 def _tick_labels(fig: Figure, ax: Axes) -> list:
     FigureCanvasAgg(fig).draw()
     renderer = fig.canvas.get_renderer()

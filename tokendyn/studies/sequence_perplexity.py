@@ -141,12 +141,12 @@ def run(
         for model in models:
             rows = on_envelope(table[(table.set == name) & (table.model == model)])  # no zig-zag
             ax.plot(rows["val_ppl"], rows["sequence_ppl"], "o-", ms=3, color=colors[model])
-            drawn.append((rows["val_ppl"].to_numpy(), np.log(rows["sequence_ppl"].to_numpy())))
+            drawn.append((rows["val_ppl"].to_numpy(), rows["sequence_ppl"].to_numpy()))
             t = turns.sel(set=name, model=model)
             if bool(t["turns"]):
                 ax.plot(float(t["turn_val_ppl"]), float(t["turn_value"]), "v", ms=9, mfc="none", color=colors[model])
         perplexity_axis(ax, "validation perplexity (log, training →)")
-        zoomed |= zoom_perplexity(ax, drawn)
+        zoomed |= zoom_perplexity(ax, drawn, log_y=True)
         log_scale(ax, "y")
         ax.set_ylabel("set perplexity (log scale)")
         ax.set_title(name, fontsize="medium")

@@ -64,7 +64,9 @@ def log_scale(ax: Axes, which: str = "y") -> None:
     """A log axis labelled with plain numbers (30, 100) rather than powers of ten."""
     axis = ax.yaxis if which == "y" else ax.xaxis
     (ax.set_yscale if which == "y" else ax.set_xscale)("log")
-    axis.set_major_formatter(ScalarFormatter())
+    plain_numbers = ScalarFormatter()
+    plain_numbers.set_powerlimits((-6, 9))  # no "1e6" multiplier above the axis: a perplexity of 1000000 reads as such
+    axis.set_major_formatter(plain_numbers)
     axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
@@ -184,26 +186,39 @@ def zoom_start(curves: Sequence[tuple[np.ndarray, np.ndarray]], rel: float = 0.0
     return float(grid[max(0, differ[0] - 2)] * 1.05)
 
 
-def zoom_perplexity(ax: Axes, curves: Sequence[tuple[np.ndarray, np.ndarray]], rel: float = 0.02) -> bool:
+def zoom_perplexity(
+    ax: Axes, curves: Sequence[tuple[np.ndarray, np.ndarray]], rel: float = 0.02, log_y: bool = False
+) -> bool:
     """Limit a validation-perplexity x axis (log, decreasing to the right) to where the curves differ
     (`zoom_start`; left alone when they differ everywhere), fit the y range to what is left in view,
     and label the x axis legibly (`perplexity_ticks`). Call it after drawing, before a log y scale.
-    Returns whether the axis was cut."""
-    start = zoom_start(curves, rel)
+    curves: (x, y) as drawn. log_y: the y axis will be logarithmic, so the curves are compared and
+    the y range padded in log y. Returns whether the axis was cut."""
+    transform = np.log if log_y else np.asarray
+    curves = [(np.asarray(x, float), np.asarray(y, float)) for x, y in curves]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        start = zoom_start([(x, transform(y)) for x, y in curves], rel)
     left = ax.get_xlim()[0]  # inverted: left is the highest perplexity
     cut = start is not None and ax.xaxis_inverted() and start < left
     if cut:
-        x = np.concatenate([np.asarray(x, float) for x, _ in curves])
-        y = np.concatenate([np.asarray(y, float) for _, y in curves])
-        seen = np.isfinite(x) & np.isfinite(y) & (x > 0)
+        x = np.concatenate([x for x, _ in curves])
+        y = np.concatenate([y for _, y in curves])
+        seen = np.isfinite(x) & np.isfinite(y) & (x > 0) & ((y > 0) if log_y else True)
         ax.set_xlim(start, x[seen].min() / 1.05)
         shown = y[seen & (x <= start)]
         if shown.size:
-            lo, hi = float(shown.min()), float(shown.max())
-            pad = 0.08 * (hi - lo) if hi > lo else 0.1 * max(abs(hi), 1e-9)
-            ax.set_ylim(lo - pad if lo - pad > 0 or lo <= 0 else lo / 1.1, hi + pad)
+            ax.set_ylim(*_padded(float(shown.min()), float(shown.max()), log_y))
     perplexity_ticks(ax)
     return cut
+
+
+def _padded(lo: float, hi: float, log_y: bool) -> tuple[float, float]:
+    """A y range around [lo, hi] with 8% of its span to spare each side (in log y when log_y)."""
+    if log_y:
+        pad = 0.08 * np.log(hi / lo) if hi > lo else 0.1
+        return lo * float(np.exp(-pad)), hi * float(np.exp(pad))
+    pad = 0.08 * (hi - lo) if hi > lo else 0.1 * max(abs(hi), 1e-9)
+    return (lo - pad if lo - pad > 0 or lo <= 0 else lo / 1.1), hi + pad
 
 
 def model_legend(fig: Figure, colors: dict[str, tuple], title: str = "model", **style) -> None:
