@@ -7,8 +7,8 @@ installed, else one worker per GPU). The workers tokendyn starts hold the resour
 
 The client prepares the store and packs the text once (the packed sets are scattered to every
 worker); each task loads its checkpoint once, scores every set, writes only the chunks that
-checkpoint owns (so tasks never write the same file) and then marks it done. The done flags and
-the store's metadata are committed under a cluster-wide `distributed.Lock`, so commits of
+checkpoint owns (so tasks never write the same file) and then commits it (`store.commit_checkpoint`:
+done flags, attributes, consolidated metadata) under a cluster-wide `distributed.Lock`, so commits of
 concurrent tasks do not overwrite each other. A worker that dies mid-task loses only that task:
 the scheduler runs it again elsewhere, and the rerun rescores the checkpoint from its start,
 so the final store equals a single-process run.
@@ -63,12 +63,12 @@ def lock_name(out: Path) -> str:
 
 
 def _commit(out: Path):
-    """A `store.mark_done` that holds the store's cluster-wide lock and reads the latest metadata."""
+    """A `store.commit_checkpoint` that holds the store's cluster-wide lock and reads the latest metadata."""
     from distributed import Lock
 
-    def commit(_root, name: str, m: int, c: int, model_name: str) -> None:
-        with Lock(lock_name(out)):  # the consolidated metadata is refreshed once per checkpoint, by score_task
-            store.mark_done(zarr.open_group(out, mode="r+"), name, m, c, model_name, refresh=False)
+    def commit(_root, m: int, c: int, model_name: str, done: list[str], refused: dict[str, str]) -> None:
+        with Lock(lock_name(out)):  # flags, attributes and consolidated metadata, read and written under the lock
+            store.commit_checkpoint(zarr.open_group(out, mode="r+"), m, c, model_name, done, refused)
 
     return commit
 
@@ -121,10 +121,6 @@ def score_task(
         score_checkpoint(
             suite, root, {name: sets[name] for name in names}, m, c, bar=counter, commit=_commit(out), **options
         )
-    # Once for all the sets (each refresh rereads the whole store's metadata, under the lock that
-    # serialises the workers' commits); until then the consolidated copy claims less than is done.
-    with Lock(lock_name(out)):
-        store.consolidate(zarr.open_group(out, mode="r+"))
     ckpt = suite.models[m].checkpoints[c]
     freed = evict(ckpt.hub_id, ckpt.revision, keep) if keep is not None and ckpt.path is None else 0
     return {

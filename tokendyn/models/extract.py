@@ -209,6 +209,7 @@ def extract(
     with store.writer_lock(out):
         _repair(out)
         root = store.prepare(out, layout, sets, model_coords, vocab_text, __version__, summaries)
+        rows = {}  # each set's done flags per model, read once (we hold the writer lock): `store.done_row`
         todo = [
             (
                 m,
@@ -217,7 +218,7 @@ def extract(
                     name
                     for name in sets
                     if scored_at(c, len(spec.checkpoints), every.get(name, 1))
-                    and (force or not store.is_done(root, name, m, c))
+                    and (force or not store.is_done(root, name, m, c, rows))
                 ],
             )
             for m, spec in enumerate(suite.models)
@@ -248,6 +249,7 @@ def extract(
                 prefetch=prefetch,
                 cached_before=cached_before,
             )
+            store.consolidate(open_group(out, mode="r+"))  # once, from every node on disk (see below)
             stored = open_group(out, mode="r")
             refused = [
                 reason
@@ -265,9 +267,10 @@ def extract(
                     for (m, c, names), ckpt in zip(todo, ckpts):
                         fetcher.wait(ckpt)
                         refused += score_checkpoint(
-                            suite, root, {name: sets[name] for name in names}, m, c, bar=bar, **options
+                            suite, root, {name: sets[name] for name in names}, m, c, bar=bar, rows=rows, **options
                         )
                         fetcher.release(ckpt)
+                store.consolidate(root)  # once, from every node on disk: what each checkpoint's refresh kept up to date
     if refused:
         more = (
             f" (and {len(refused) - 1} more checkpoint-sets; see `tokendyn verify {out}`)" if len(refused) > 1 else ""
@@ -377,13 +380,16 @@ def score_checkpoint(
     bar: tqdm,
     commit: Callable | None = None,
     batch_size: int | None = None,
+    rows: dict | None = None,
 ) -> list[str]:
-    """Score checkpoint `c` of model `m` on `sets`, writing only the chunks it owns, then mark each set done.
+    """Score checkpoint `c` of model `m` on `sets`, writing only the chunks it owns, then commit it.
 
     A set whose scores are not all finite is not marked done: the reason is kept in the store and
-    returned (one line per set), and the run goes on with the other checkpoints. commit: records a
-    set's done flag (cluster workers serialise it with a lock); default `store.mark_done`, with the
-    consolidated metadata refreshed once after the last set rather than after each.
+    returned (one line per set), and the run goes on with the other checkpoints. The sets are
+    committed together once all are scored (`store.commit_checkpoint`: done flags, then attributes,
+    then consolidated metadata); a process killed before recomputes the checkpoint's sets.
+    commit: replaces `store.commit_checkpoint` (same arguments but `rows`; cluster workers take a lock).
+    rows: the writer's done flags (`store.done_row`), for a writer holding the store's writer lock.
     """
     ckpt = suite.models[m].checkpoints[c]
     bar.set_description(f"{ckpt.model} step {ckpt.step}")
@@ -391,30 +397,32 @@ def score_checkpoint(
         ckpt, device=device, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
     )
     weights_hash = checkpoints.weights_fingerprint_async(ckpt, allow_pickle)  # overlaps with the scoring below
-    refused = []
+    store_dtype = root.attrs["store_dtype"]
+    done, refused = [], {}
     for name in sorted(sets, key=lambda n: n == "main"):  # main last: its flag follows val_ppl
-        store.clear_done(root, name, m, c)
-        total = _score_set(model, sets[name], root, name, m, c, metrics, (batch_tokens, batch_size), bar)
-        reason = check_scores(
-            store.read_checkpoint(root, name, m, c, metrics), sets[name].n_tokens, root.attrs["store_dtype"]
-        )
+        store.clear_done(root, name, m, c, rows)
+        values = _score_set(model, sets[name], root, name, m, c, metrics, (batch_tokens, batch_size), bar)
+        reason = check_scores(as_stored(values, store_dtype), sets[name].n_tokens, store_dtype)
         if reason is not None:
-            reason = f"model '{ckpt.model}' step {ckpt.step}, set '{name}': {reason}"
-            store.refuse(root, name, m, c, reason)
-            warnings.warn(reason, stacklevel=2)
-            refused.append(reason)
+            refused[name] = f"model '{ckpt.model}' step {ckpt.step}, set '{name}': {reason}"
+            warnings.warn(refused[name], stacklevel=2)
             continue
         if name == "main":
-            val_ppl, per_byte = perplexities(total, sets[name])
+            val_ppl, per_byte = perplexities(float(values["loss"].astype(np.float64).sum()), sets[name])
             store.write_checkpoint_coords(root, m, c, val_ppl, weights_hash.result(), per_byte)
-        if commit is None:
-            store.mark_done(root, name, m, c, ckpt.model, refresh=False)
-        else:
-            commit(root, name, m, c, ckpt.model)
+        done.append(name)
     if commit is None:
-        store.consolidate(root)
+        store.commit_checkpoint(root, m, c, ckpt.model, done, refused, rows)
+    else:
+        commit(root, m, c, ckpt.model, done, refused)
     _warn_identical(root, suite, m, c, weights_hash.result())
-    return refused
+    return list(refused.values())
+
+
+def as_stored(values: dict[str, np.ndarray], store_dtype: str) -> dict[str, np.ndarray]:
+    """The values as a store of `store_dtype` holds them (the same cast zarr makes: float16 overflows to inf)."""
+    with np.errstate(over="ignore"):
+        return {metric: np.asarray(v, dtype=store_dtype) for metric, v in values.items()}
 
 
 def check_scores(scores: dict[str, np.ndarray], n_predicted: int, store_dtype: str) -> str | None:
@@ -476,7 +484,7 @@ def _score_set(
 
     batches: (batch_tokens, batch_size) of `plan_batches`.
 
-    Returns the summed loss (nats, float64) over the set's scored tokens.
+    Returns the values written, per metric (float32, one per scored token), all of them in the store.
     """
     chunk = store.token_chunk(scored.n_tokens)
     values = {metric: np.full(scored.n_tokens, np.nan, dtype=np.float32) for metric in metrics}
@@ -501,7 +509,9 @@ def _score_set(
             if upto > written:
                 store.write_block(root, name, m, c, written, {k: v[written:upto] for k, v in values.items()})
                 written = upto
-    return float(values["loss"].astype(np.float64).sum())
+    if written != scored.n_tokens:  # the values are checked in memory (`check_scores`): they must all be stored
+        raise RuntimeError(f"set '{name}': {written} of {scored.n_tokens} tokens written")
+    return values
 
 
 def _fit_device_memory(model, scored: ScoredSet, batches: tuple[int | None, int | None]) -> tuple:

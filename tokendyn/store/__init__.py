@@ -29,7 +29,9 @@ from tokendyn.store.lock import writer_lock
 from tokendyn.store.read import list_sets, metadata_stamp, open_store, read_attrs, read_checkpoint, store_path
 from tokendyn.store.write import (
     clear_done,
+    commit_checkpoint,
     consolidate,
+    done_row,
     is_done,
     mark_done,
     prepare,
@@ -56,7 +58,9 @@ __all__ = [
     "Layout",
     "check_field_names",
     "clear_done",
+    "commit_checkpoint",
     "consolidate",
+    "done_row",
     "is_done",
     "list_sets",
     "metadata_stamp",

@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import dask.array as da
@@ -302,29 +304,103 @@ def write_block(
         group[metric][model, ckpt, token_start : token_start + len(block)] = block
 
 
-def is_done(root: zarr.Group, set_name: str, model: int, ckpt: int) -> bool:
-    group = root[set_path(set_name)] if set_name != "main" else root
-    return bool(group["done"][model, ckpt])
+def is_done(root: zarr.Group, set_name: str, model: int, ckpt: int, rows: dict | None = None) -> bool:
+    """Whether the checkpoint's `done` flag is set (rows: see `done_row`)."""
+    return bool(done_row(root, set_name, model, rows)[ckpt])
+
+
+def done_row(root: zarr.Group, set_name: str, model: int, rows: dict | None = None) -> np.ndarray:
+    """The `done` flags of every checkpoint of one model in one set.
+
+    rows: {(set name, model): flags} of a writer that holds the store's writer lock (so no one else
+    writes flags meanwhile): each row is read once, then kept in step with that writer's own
+    `clear_done` and `commit_checkpoint` (reading a row reads one chunk file per checkpoint).
+    """
+    if rows is not None and (set_name, model) in rows:
+        return rows[set_name, model]
+    row = np.asarray(_group(root, set_name)["done"][model], dtype=bool)
+    if rows is not None:
+        rows[set_name, model] = row
+    return row
+
+
+def clear_done(root: zarr.Group, set_name: str, model: int, ckpt: int, rows: dict | None = None) -> None:
+    """Unset a checkpoint's flag before recomputing it (--force), so an interrupted redo stays incomplete.
+
+    A flag that is not set is left as it is (no write). One that is set leaves the `complete`
+    attribute (and the consolidated metadata) first, so they never claim more than the flags.
+    rows: see `done_row`.
+    """
+    row = done_row(root, set_name, model, rows)
+    if not row[ckpt]:
+        return
+    row[ckpt] = False
+    model_name = str(np.asarray(root["model"][model]))
+    commit_checkpoint(root, model, ckpt, model_name, [], rows={(set_name, model): row}, recount=[set_name])
+    _group(root, set_name)["done"][model, ckpt] = False
+
+
+def commit_checkpoint(
+    root: zarr.Group,
+    model: int,
+    ckpt: int,
+    model_name: str,
+    done: Sequence[str],
+    refused: Mapping[str, str] | None = None,
+    rows: dict | None = None,
+    refresh: bool = True,
+    recount: Sequence[str] = (),
+) -> None:
+    """Commit one scored checkpoint of model `model` (named `model_name`): the sets `done` are marked
+    done, the sets of `refused` keep why they are not ({set name: reason}, the `refused` attribute).
+
+    The chunks of the `done` sets must all be written. In this order: the refused sets' reasons, the
+    `done` flags (each set's commit point), the attributes (`complete`: model -> done checkpoints;
+    the checkpoint's `refused` entry removed), then the consolidated metadata, refreshed for the
+    changed groups only (`_refresh_consolidated`; refresh=False leaves it to the caller). So a
+    process killed at any moment leaves attributes and consolidated metadata that claim at most
+    what the flags do. rows: see `done_row` (without, each set's row of flags is read). recount: more
+    sets whose `complete` is recounted from their flags (the refused sets' always is).
+    """
+    rows = {} if rows is None else rows
+    key = f"{model},{ckpt}"
+    changed: dict[str, dict] = {}  # set name -> its group's zarr.json, attributes updated
+
+    def document(name: str) -> dict:
+        if name not in changed:
+            changed[name] = json.loads((_folder(root, name) / "zarr.json").read_text())
+        return changed[name]
+
+    for name, reason in (refused or {}).items():
+        attrs = document(name)["attributes"]
+        attrs["refused"] = {**attrs.get("refused", {}), key: reason}
+    for name in done:
+        _group(root, name)["done"][model, ckpt] = True
+        done_row(root, name, model, rows)[ckpt] = True
+    for name in dict.fromkeys([*done, *(refused or {}), *recount]):
+        attrs = document(name)["attributes"]
+        if name in done and key in attrs.get("refused", {}):
+            attrs["refused"] = {k: v for k, v in attrs["refused"].items() if k != key}
+        attrs["complete"] = {
+            **attrs.get("complete", {}),
+            model_name: [int(c) for c in np.flatnonzero(done_row(root, name, model, rows))],
+        }
+    for name, doc in changed.items():
+        if name != "main" or not refresh:  # with refresh, the root's attributes go with its consolidated metadata
+            _write_json(_folder(root, name) / "zarr.json", doc)
+    if refresh and changed:
+        _refresh_consolidated(root, {name: doc["attributes"] for name, doc in changed.items()})
 
 
 def mark_done(root: zarr.Group, set_name: str, model: int, ckpt: int, model_name: str, refresh: bool = True) -> None:
-    """Set the checkpoint's `done` flag (the commit point), then record it in the `complete` attribute.
+    """Set one set's `done` flag (the commit point), then record it in the `complete` attribute
+    (`commit_checkpoint` of that set alone). refresh: also refresh the consolidated metadata."""
+    commit_checkpoint(root, model, ckpt, model_name, [set_name], refresh=refresh)
 
-    refresh: also refresh the consolidated metadata. A caller marking several sets of one checkpoint
-    passes False and calls `consolidate` once after the last (each refresh rereads the whole store's
-    metadata); until then the consolidated copy claims less than is done, never more.
-    """
-    group = root[set_path(set_name)] if set_name != "main" else root
-    group["done"][model, ckpt] = True
-    refused = dict(group.attrs.get("refused", {}))
-    if refused.pop(f"{model},{ckpt}", None) is not None:
-        group.attrs["refused"] = refused
-    done = np.asarray(group["done"][model])
-    complete = dict(group.attrs.get("complete", {}))
-    complete[model_name] = [int(c) for c in np.flatnonzero(done)]
-    group.attrs["complete"] = complete
-    if refresh:
-        consolidate(root)
+
+def refuse(root: zarr.Group, set_name: str, model: int, ckpt: int, reason: str) -> None:
+    """Keep why a checkpoint's scores were not marked done, in the set's `refused` attribute ("model,ckpt": reason)."""
+    commit_checkpoint(root, model, ckpt, "", [], {set_name: reason})
 
 
 def consolidate(root: zarr.Group) -> None:
@@ -344,17 +420,53 @@ def write_checkpoint_coords(
         root[name][model, ckpt] = value
 
 
-def clear_done(root: zarr.Group, set_name: str, model: int, ckpt: int) -> None:
-    """Unset a checkpoint's flag before recomputing it (--force), so an interrupted redo stays incomplete."""
-    group = root[set_path(set_name)] if set_name != "main" else root
-    group["done"][model, ckpt] = False
+def _group(root: zarr.Group, set_name: str) -> zarr.Group:
+    return root[set_path(set_name)] if set_name != "main" else root
 
 
-def refuse(root: zarr.Group, set_name: str, model: int, ckpt: int, reason: str) -> None:
-    """Keep why a checkpoint's scores were not marked done, in the set's `refused` attribute ("model,ckpt": reason)."""
-    group = root[set_path(set_name)] if set_name != "main" else root
-    group.attrs["refused"] = {**group.attrs.get("refused", {}), f"{model},{ckpt}": reason}
-    consolidate(root)
+def _folder(root: zarr.Group, set_name: str) -> Path:
+    return Path(root.store.root) / set_path(set_name)
+
+
+# Attributes are written as zarr writes them (the node's zarr.json with its `attributes` replaced, the
+# same JSON encoding), from and to the files on disk: the zarr.Group objects of a writer hold the
+# attributes and consolidated metadata as they were when opened, and do not see these writes.
+
+
+def _refresh_consolidated(root: zarr.Group, changed: dict[str, dict]) -> None:
+    """Write the new attributes of the sets in `changed` ({set name: attributes}) into the root's
+    consolidated metadata (and the main set's into the root itself), in one write of the root zarr.json.
+
+    What `consolidate` writes when only these attributes changed since it last ran (the case during
+    extraction, where nothing else changes metadata), without rereading every node of the store.
+    Falls back to `consolidate` when the consolidated metadata does not list a changed group.
+    """
+    folder = Path(root.store.root)
+    document = json.loads((folder / "zarr.json").read_text())
+    listing = (document.get("consolidated_metadata") or {}).get("metadata")
+    if listing is None or any(set_path(name) not in listing for name in changed if name != "main"):
+        if "main" in changed:
+            _write_json(folder / "zarr.json", {**document, "attributes": changed["main"]})
+        consolidate(root)
+        return
+    for name, attributes in changed.items():
+        if name == "main":
+            document["attributes"] = attributes
+        else:
+            listing[set_path(name)]["attributes"] = attributes
+    _write_json(folder / "zarr.json", document)
+
+
+def _write_json(file: Path, document: dict) -> None:
+    """Write a metadata file atomically (a temporary file renamed over it), encoded as zarr encodes it."""
+    text = json.dumps(document, indent=zarr.config.get("json_indent"), allow_nan=True)
+    temporary = file.with_name(f".{file.name}.{os.getpid()}.partial")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, file)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 # ---- Growth: more models or checkpoints on the model and ckpt axes ----------------------------------------------
