@@ -28,11 +28,11 @@ RUNNER = """
 import os, signal, sys
 import tokendyn.store.write as write
 real, calls = write._write_json, {"n": 0}
-def write_json(file, document):
+def write_json(file, document, **options):
     calls["n"] += 1
     if calls["n"] == int(sys.argv[1]):
         os.kill(os.getpid(), signal.SIGKILL)
-    real(file, document)
+    real(file, document, **options)
 write._write_json = write_json
 from tokendyn.cli import main
 sys.exit(main(["extract", *sys.argv[2:], "--no-progress"]))
@@ -121,7 +121,8 @@ def test_killed_between_flags_and_attributes(work, tmp_path, kill_at):
         for var in ("loss", "done", "val_ppl", "token_id"):
             np.testing.assert_array_equal(got[var].values, want[var].values, err_msg=f"{name} {var}")
         assert got.attrs["complete"] == {"opt": [0, 1, 2]}
-    assert consolidated(path)["consolidated_metadata"] == consolidated(root_dir / "reference.zarr")[
-        "consolidated_metadata"
-    ]
+    assert (
+        consolidated(path)["consolidated_metadata"]
+        == consolidated(root_dir / "reference.zarr")["consolidated_metadata"]
+    )
     assert xr.open_zarr(path).attrs["complete"] == {"opt": [0, 1, 2]}

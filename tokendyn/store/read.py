@@ -35,7 +35,7 @@ def open_store(path: str | Path, set: str = "main") -> xr.Dataset:
 
 def metadata_stamp(path: str | Path) -> tuple[int, int] | None:
     """The root metadata file's modification time and size (None when there is none). Writers
-    rewrite that file whenever they commit a checkpoint (`write.mark_done`) or change the layout, so
+    rewrite that file whenever they commit a checkpoint (`write.commit_checkpoint`) or change the layout, so
     it keys caches of what was read from the store."""
     try:
         info = (Path(path) / "zarr.json").stat()
