@@ -13,7 +13,8 @@ The store keeps them in the group `passuntil/<task>`:
 Not yet run: -1 (NaN for seconds). An instance's results are written with `samples` last, so a run
 killed at any moment resumes at the first instance without them; the checkpoint's `done` flag
 follows its last instance. The group's `params` attribute (task fingerprint, passes, cap, batch
-size, top_p, new_tokens, stop strings, checker, seed) must match on a rerun (or pass force=True).
+size, top_p, new_tokens, stop strings, checker, seed) must match on a rerun (or pass force=True);
+`every` is not among them (`tokendyn.models.sampling`): a run at fewer checkpoints leaves the others not done.
 """
 
 from __future__ import annotations
