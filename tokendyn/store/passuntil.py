@@ -28,6 +28,7 @@ import zarr
 
 from tokendyn.errors import TokendynError
 from tokendyn.store.atomic import create_atomically, is_partial, replace_atomically
+from tokendyn.store.read import open_store
 from tokendyn.store.write import consolidate
 
 GROUP = "passuntil"
@@ -142,8 +143,9 @@ def read_runs(path: str | Path, task: str) -> xr.Dataset:
             f"store {path} has no PassUntil task '{task}'; it has: {', '.join(names) or 'none'} "
             "(run tokendyn passuntil first)"
         )
-    runs = xr.open_zarr(path, group=f"{GROUP}/{task}", consolidated=False)
-    main = xr.open_zarr(path)
+    # Read whole without dask: a (1, 1, instance) chunk per checkpoint, which dask would read one by one.
+    runs = xr.open_zarr(path, group=f"{GROUP}/{task}", consolidated=False, chunks=None).load()
+    main = open_store(path)
     runs = runs.assign_coords({k: main[k].variable for k in ATTACHED_COORDS})
     runs.attrs["params"] = json.loads(runs.attrs["params"])
     return runs.load()

@@ -11,7 +11,7 @@ import xarray as xr
 import zarr
 
 from tokendyn.errors import TokendynError
-from tokendyn.store.layout import FORMAT_VERSION, MAIN_COORDS, SETS_GROUP, set_path
+from tokendyn.store.layout import FORMAT_VERSION, MAIN_COORDS, SETS_GROUP, TOKEN_DIMS, set_path
 
 
 def list_sets(path: str | Path) -> list[str]:
@@ -53,6 +53,12 @@ def _set_names(path: str, stamp: tuple[int, int] | None) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=64)
 def _opened(path: str, set: str, stamp: tuple[int, int] | None) -> xr.Dataset:
     ds = xr.open_zarr(path, group=set_path(set) or None)
+    # Per-checkpoint variables (done, step, val_ppl, ...) are tiny but stored a (1, 1) chunk per
+    # checkpoint: read through dask, every computation touching them re-read every chunk (in the
+    # built-in demo's report, most of the time spent reading its small sets). They are read once
+    # here, without dask (one read per variable), for as long as the store's metadata is unchanged.
+    small = [name for name, variable in ds.variables.items() if not any(d in TOKEN_DIMS for d in variable.dims)]
+    ds.update(xr.open_zarr(path, group=set_path(set) or None, chunks=None)[small].load())
     if set != "main":
         main = _opened(path, "main", stamp)
         ds = ds.assign_coords({name: main[name] for name in MAIN_COORDS if name in main.variables})
