@@ -20,7 +20,8 @@ def list_sets(path: str | Path) -> list[str]:
 
 
 def open_store(path: str | Path, set: str = "main") -> xr.Dataset:
-    """Open a store (or one of its named sets) as a lazy, dask-backed `xarray.Dataset`."""
+    """Open a store (or one of its named sets) as a lazy, dask-backed `xarray.Dataset`; its variables
+    without a token dimension (per checkpoint, per model) are read into memory."""
     stamp = metadata_stamp(path)
     names = _set_names(str(path), stamp)  # checks that path is a store this tokendyn reads
     if set != "main" and set not in names:
