@@ -114,3 +114,7 @@ def test_second_quick_demo_recomputes_nothing(tmp_path, monkeypatch):
         done = np.asarray(group["done"][...])
         n = done.shape[1]
         assert done.tolist() == [[extract.scored_at(c, n, every) for c in range(n)]] * done.shape[0], name
+    # PassUntil too: its recall questions are sampled at the same checkpoints.
+    done = np.asarray(root["passuntil/toy_recall/done"][...])
+    n = done.shape[1]
+    assert done.tolist() == [[extract.scored_at(c, n, demo.SPARSE_EVERY) for c in range(n)]] * done.shape[0]

@@ -197,3 +197,84 @@ def test_passuntil_cli(suite, task_file, tmp_path, capsys):
     assert runs.attrs["params"]["top_p"] == 0.9 and runs.attrs["params"]["stop"] == ["\n"]
     assert main([*args[:4], "--passes", "1", *args[6:]]) == 2
     assert "passes >= 2" in capsys.readouterr().err
+
+
+# --every: a suite of four checkpoints per model, so every=2 leaves one out (c = 0, 2 and the last, 3).
+EVERY_OPTIONS = dict(passes=2, max_samples=64, batch_size=64, seed=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+    return write_suite(tmp_path_factory.mktemp("pu4"), families=("opt", "llama"), steps=(0, 10, 20, 30))
+
+
+@pytest.fixture(scope="module")
+def sparse_store(four_steps, task_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sparse") / "s.zarr"
+    run_pass_until(four_steps, out, task_file, every=2, **EVERY_OPTIONS)
+    return out
+
+
+def test_every_runs_only_the_checkpoints_extract_scores_a_set_at(sparse_store):
+    runs = read_runs(sparse_store, "recall")
+    expected = np.array([[True, False, True, True]] * 2)  # written out, not from scored_at
+    np.testing.assert_array_equal(runs["done"].values, expected)
+    assert (runs["samples"].values[expected] > 0).all() and (runs["samples"].values[~expected] == -1).all()
+    assert np.isnan(runs["seconds"].values[~expected]).all()
+    assert "every" not in runs.attrs["params"]  # so a rerun with another every adds to the same group
+
+
+def test_a_rerun_at_every_checkpoint_fills_in_the_rest_and_keeps_the_first(
+    sparse_store, four_steps, task_file, tmp_path
+):
+    import shutil
+
+    out = shutil.copytree(sparse_store, tmp_path / "s.zarr")
+    before = read_runs(out, "recall")
+    run_pass_until(four_steps, out, task_file, **EVERY_OPTIONS)
+    after = read_runs(out, "recall")
+    assert after["done"].values.all()
+    kept = before["done"].values
+    # Wall-clock seconds differ on any redo: equal ones mean the first run's checkpoints were not sampled again.
+    np.testing.assert_array_equal(after["seconds"].values[kept], before["seconds"].values[kept])
+    # The filled-in store holds what one run at every checkpoint gives (each checkpoint has its own seed).
+    whole = tmp_path / "whole.zarr"
+    run_pass_until(four_steps, whole, task_file, **EVERY_OPTIONS)
+    for name in ("passes", "samples", "drawn", "batches", "done"):
+        np.testing.assert_array_equal(after[name].values, read_runs(whole, "recall")[name].values, err_msg=name)
+
+
+def test_passuntil_study_on_a_store_run_at_every_second_checkpoint(sparse_store):
+    from tokendyn.studies import passuntil as study
+
+    result = study.run(tokendyn.open_store(sparse_store))
+    table = result.tables["passuntil"]
+    runs = read_runs(sparse_store, "recall")
+    steps = runs["step"].where(runs["done"]).to_series().dropna()
+    done = {(model, int(step)) for (model, _), step in steps.items()}
+    assert len(done) == 6 and {(m, int(s)) for m, s in zip(table["model"], table["step"])} == done  # those run
+    assert table["task_estimate"].notna().all()
+    lines = [line for ax in result.figure.axes for line in ax.lines if len(line.get_xdata())]
+    assert lines and all(np.isfinite(np.asarray(line.get_ydata(), dtype=float)).all() for line in lines)
+    assert all(np.isfinite(np.asarray(line.get_xdata(), dtype=float)).all() for line in lines)
+    censored = int((table["task_censored"] > 0).sum())
+    assert f"Task recall: {censored} of 6 checkpoints with no instance passing (run at 6 of the 8 checkpoints)" in (
+        " ".join(result.findings)
+    )
+
+
+@pytest.mark.parametrize("every", [0, -2, 1.5, True, "2"])
+def test_bad_every_is_a_one_line_error_before_any_work(every, four_steps, task_file, tmp_path):
+    with pytest.raises(TokendynError, match=r"^--every .* is not a whole number of checkpoints >= 1; give") as err:
+        run_pass_until(four_steps, tmp_path / "s.zarr", task_file, every=every, **EVERY_OPTIONS)
+    assert "\n" not in str(err.value) and not (tmp_path / "s.zarr").exists()
+
+
+def test_passuntil_cli_every(four_steps, task_file, tmp_path, capsys):
+    out = tmp_path / "cli.zarr"
+    args = ["passuntil", str(four_steps), "--task", str(task_file), "--max-samples", "32", "--batch-size", "32"]
+    assert main([*args, "--out", str(out), "--every", "0", "--no-progress"]) == 2
+    assert "--every 0 is not a whole number" in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--out", str(out), "--every", "3", "--no-progress"]) == 0
+    assert "4 instances x 4 checkpoints" in capsys.readouterr().out  # c = 0 and the last, 3, of each model
+    np.testing.assert_array_equal(read_runs(out, "recall")["done"].values, [[True, False, False, True]] * 2)

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from tokendyn.analysis import choices, passuntil, skills
+from tokendyn.analysis import choices, passuntil, skills, trajectories
 from tokendyn.analysis import emergence as emergence_module
 from tokendyn.errors import TokendynError
 from tokendyn.store import (
@@ -92,7 +92,7 @@ def option_scores(source, task: str) -> xr.Dataset:
 
 @functools.lru_cache(maxsize=32)
 def _option_scores(path: str, task: str, stamp: tuple[int, int] | None) -> xr.Dataset:
-    ds = open_store(path, set=TASK_SET_PREFIX + task)
+    ds = trajectories.load_if_small(open_store(path, set=TASK_SET_PREFIX + task))
     in_option = ds[OPTION_FIELD].values == 1
     doc = ds["doc"].values
     loss = ds["loss"].where(ds["done"]).astype(np.float64).values[..., in_option]  # (model, ckpt, option tokens)

@@ -43,7 +43,8 @@ def set_params(ds: xr.Dataset) -> dict:
 
 
 def open_sets(source: str | Path | xr.Dataset, sets: Sequence[str] | None = None) -> dict[str, xr.Dataset]:
-    """name -> dataset of the store's sets (default: main and every named set except task sets)."""
+    """name -> dataset of the store's sets (default: main and every named set except task sets); a set
+    of at most `trajectories.SMALL_SET_BYTES` is read into memory."""
     if isinstance(source, xr.Dataset):
         path = store_path(source)
         if path is None:
@@ -53,7 +54,7 @@ def open_sets(source: str | Path | xr.Dataset, sets: Sequence[str] | None = None
         names = ["main", *(name for name in list_sets(source) if not name.startswith(TASK_SET_PREFIX))]
     else:
         names = list(sets)
-    return {name: open_store(source, set=name) for name in names}
+    return {name: trajectories.load_if_small(open_store(source, set=name)) for name in names}
 
 
 # --- perplexity of sets ----------------------------------------------------------------------------

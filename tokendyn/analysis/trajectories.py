@@ -33,6 +33,7 @@ from tokendyn.store.layout import TOKEN_DIMS
 AXES = ("step", "tokens_seen", "flops", "val_ppl")
 CHUNK_MB = 64  # loss data per dask chunk of the per-token computations (ckpt whole, token chunked)
 SLICE_TOKENS = 2**15  # tokens per slice inside a kernel: bounds its float64 temporaries
+SMALL_SET_BYTES = 64 * 2**20  # a set this small is read whole into memory by the analyses that span sets
 DESCENT_TOKENS = 2048  # tokens per slice of the double-descent kernel: its buffers stay in cache
 
 
@@ -49,6 +50,15 @@ def load_small(ds: xr.Dataset) -> xr.Dataset:
         if not set(variable.dims) & set(TOKEN_DIMS):
             variable.load()
     return ds
+
+
+def load_if_small(ds: xr.Dataset, limit: int = SMALL_SET_BYTES) -> xr.Dataset:
+    """ds read into memory (a copy) when its variables total at most `limit` bytes, else ds itself.
+
+    For the named sets and tasks that sequence and task analyses read whole: one read, where each
+    use of a lazy set would be a dask computation over its (model, ckpt) chunks.
+    """
+    return ds.copy().load() if ds.nbytes <= limit else ds
 
 
 def model_index(ds: xr.Dataset, model: int | str) -> int:

@@ -60,6 +60,14 @@ def register(subparsers) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
     p.add_argument("--force", action="store_true", help="redo the task's runs if the store has them")
+    p.add_argument(
+        "--every",
+        type=int,
+        default=1,
+        metavar="K",
+        help="run only at every K-th checkpoint of each model and at its last; the others stay missing in "
+        "the analyses until a rerun with --every 1 fills them in, keeping the runs done (default: 1)",
+    )
     add_model_options(p)
     p.set_defaults(func=run)
 
@@ -83,6 +91,7 @@ def run(args: argparse.Namespace) -> None:
         checker=args.checker,
         seed=args.seed,
         force=args.force,
+        every=args.every,
         **model_options(args),
     )
     runs = read_runs(out, task.name)

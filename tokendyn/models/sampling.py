@@ -14,6 +14,11 @@ word); BOS is prepended when the suite's main set uses it.
 Runs are drawn by `tokendyn.analysis.passuntil.pass_until`, with the random numbers of (model, checkpoint,
 instance) seeded by `numpy.random.default_rng([seed, model, ckpt, instance])`: a rerun or a resumed
 run gives the same results. The store keeps them in the group `passuntil/<task>` (layout: `tokendyn.store.passuntil`).
+
+`every = k` runs only at every k-th checkpoint of each model and at its last (`tokendyn.models.extract.scored_at`,
+the rule extraction's `every` uses). It is not one of the group's parameters: the runs do not depend on it
+(their seeds are per checkpoint), so a later run with every = 1 fills in the remaining checkpoints and keeps
+the ones done. The analyses read the checkpoints not run as missing.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from tokendyn.data.corpus import PAD, json_lines, prefix_ids
 from tokendyn.data.tasks import clean_name
 from tokendyn.errors import TokendynError
 from tokendyn.models import checkpoints, hardware
+from tokendyn.models.extract import extract, scored_at
 from tokendyn.models.generate import decode
 from tokendyn.models.tasks import suite_context
 from tokendyn.store.lock import writer_lock
@@ -206,13 +212,15 @@ def run_pass_until(
     checker: str | None = None,
     seed: int = 0,
     force: bool = False,
+    every: int = 1,
     device: str = "auto",
     dtype: str = "auto",
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     progress: bool = True,
 ) -> Path:
-    """PassUntil for every instance of `task` under every checkpoint of the suite, into the store at `out`.
+    """PassUntil for every instance of `task` under every checkpoint of the suite (or every `every`-th),
+    into the store at `out`.
 
     Parameters
     ----------
@@ -223,18 +231,20 @@ def run_pass_until(
     stop : completions are cut at the first of these strings. checker : `package.module:function`
         called as function(completion, instance) -> bool (default: exact match).
     seed : seeds every run (see the module docstring). force : redo a task already in the store.
+    every : run only at every `every`-th checkpoint of each model and at its last (`extract.scored_at`);
+        the others stay not done (missing in the analyses) until a run with every=1 fills them in. Not
+        part of the group's parameters, so runs with different `every` add to the same group.
 
     The main set (and the suite's own sets) are extracted first where not done, which creates the
     store or checks that it belongs to this suite, and gives every checkpoint its validation loss.
     """
-    from tokendyn.models.extract import extract
-
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
     task = task if isinstance(task, GenerationTask) else read_generation_task(task)
     if top_p is not None and not 0 < top_p <= 1:
         raise TokendynError(f"top_p = {top_p} must be in (0, 1]; or leave it out for temperature-1 sampling")
     if passes < 2 or max_samples < passes or batch_size < 1:
         raise TokendynError("PassUntil needs passes >= 2, max_samples >= passes and batch_size >= 1")
+    _check_every(every)
     check = load_checker(checker)
     out = Path(out)
     # The prompts and lengths are checked before the main extraction, which may take long.
@@ -283,6 +293,7 @@ def run_pass_until(
             top_p=top_p,
             stop=stop,
             seed=seed,
+            every=every,
             device=device,
             dtype=dtype,
             allow_pickle=allow_pickle,
@@ -290,6 +301,13 @@ def run_pass_until(
             progress=progress,
         )
     return out
+
+
+def _check_every(every: int) -> None:
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise TokendynError(
+            f"--every {every!r} is not a whole number of checkpoints >= 1; give e.g. 2 (every second), or 1 (all)"
+        )
 
 
 def _run_all(
@@ -307,17 +325,24 @@ def _run_all(
     top_p: float | None,
     stop: Sequence[str],
     seed: int,
+    every: int,
     device: str,
     dtype: str,
     allow_pickle: bool,
     trust_remote_code: bool,
     progress: bool,
 ) -> None:
-    """Every (checkpoint, instance) of the task not yet done, written into its group as it completes."""
+    """Every (checkpoint, instance) of the task not yet done at the checkpoints `every` selects, written
+    into its group as it completes."""
     device, torch_dtype = hardware.choose(device, dtype)
     hf_logging.disable_progress_bar()
     done = np.asarray(group["done"])
-    todo = [(m, c) for m, spec in enumerate(suite.models) for c in range(len(spec.checkpoints)) if not done[m, c]]
+    todo = [
+        (m, c)
+        for m, spec in enumerate(suite.models)
+        for c in range(len(spec.checkpoints))
+        if not done[m, c] and scored_at(c, len(spec.checkpoints), every)
+    ]
     n = len(task.prompts)
     with tqdm(total=len(todo) * n, unit="instance", disable=not progress, dynamic_ncols=True) as bar:
         for m, c in todo:

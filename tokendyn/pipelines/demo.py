@@ -210,12 +210,13 @@ def estimate_costs(preset: str, workers: int = 1) -> dict[str, float]:
     extract_seconds = scoring_seconds(shapes, demo_sets(preset))
     largest = max(shapes.values(), key=lambda s: s.params)
     smallest = min(shapes.values(), key=lambda s: s.params)
-    # PassUntil: per checkpoint and recall question, one batch of RECALL_CAP completions (the toy models
-    # rarely pass twice in fewer; the default suite drew 100 for each): a KV-cached call per new token
-    # and one for the prompt, each over the batch's last positions.
+    # PassUntil: per checkpoint it runs at (every SPARSE_EVERY-th) and recall question, one batch of
+    # RECALL_CAP completions (the toy models rarely pass twice in fewer; the default suite drew 100 for
+    # each): a KV-cached call per new token and one for the prompt, each over the batch's last positions.
     calls = RECALL_INSTANCES * (RECALL_TOKENS + 1)
     passuntil = PASSUNTIL_FIXED + sum(
-        s.checkpoints * (LOAD_SECONDS + calls * (FORWARD_OVERHEAD * s.layers + RECALL_CAP * token_seconds(s)))
+        scored_checkpoints(s.checkpoints, SPARSE_EVERY)
+        * (LOAD_SECONDS + calls * (FORWARD_OVERHEAD * s.layers + RECALL_CAP * token_seconds(s)))
         for s in shapes.values()
     )
     main_tokens = demo_sets(preset)["main"][0]
@@ -379,10 +380,11 @@ def run_demo(preset: str = "default", seed: int = 0, progress: bool = True) -> d
                 max_samples=RECALL_CAP,
                 batch_size=RECALL_CAP,
                 seed=seed,
+                every=SPARSE_EVERY,
                 progress=progress,
             )
 
-    ledger.run(steps, "passuntil", [suite_key, seed, RECALL_INSTANCES, RECALL_CAP], run_pass_until, out)
+    ledger.run(steps, "passuntil", [suite_key, seed, RECALL_INSTANCES, RECALL_CAP, SPARSE_EVERY], run_pass_until, out)
 
     stamp = _stamp(out)
     folder = analyze.default_folder(out)

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import base64
 import datetime
+import os
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import jinja2
 import numpy as np
@@ -30,9 +32,10 @@ import xarray as xr
 
 import tokendyn
 from tokendyn.pipelines.analyze import FINDINGS, Outcome, run_studies, select, write_results
+from tokendyn.pipelines.draw import FigureDrawer, draw_here
 from tokendyn.pipelines.output import mark, output_folder
 from tokendyn.store import open_store
-from tokendyn.studies.study import save
+from tokendyn.studies.study import save_tables
 
 INDEX = "index.html"
 TEMPLATE = "report.html.j2"
@@ -67,8 +70,8 @@ def write_report(
     ds = open_store(store)
     out = Path(out_dir) if out_dir is not None else default_folder(store)
     also = output_folder(Path(analysis)) if analysis is not None else nullcontext()
-    with output_folder(out) as tmp, also as analysis_tmp:
-        sections, skipped, lines = [], [], []
+    with output_folder(out) as tmp, also as analysis_tmp, figure_drawer(len(names)) as drawer:
+        sections, skipped, lines, drawn = [], [], [], []
         for outcome in run_studies(ds, names, options, progress, desc="report"):
             if echo:
                 echo(
@@ -84,13 +87,22 @@ def write_report(
             else:
                 if analysis_tmp is not None:
                     write_results(outcome.result, analysis_tmp)
-                files = save(outcome.result, tmp / outcome.name)
-                mark(tmp / outcome.name)  # so `python -m analyses.NAME` may replace it
-                sections.append(section(outcome, files, tmp))
+                drawn.append((outcome, drawer.draw(outcome.result.figure, tmp / outcome.name)))
+        for outcome, figure_paths in drawn:
+            files = {**figure_paths(), **save_tables(outcome.result, tmp / outcome.name)}
+            mark(tmp / outcome.name)  # so `python -m analyses.NAME` may replace it
+            sections.append(section(outcome, files, tmp))
         if analysis_tmp is not None:
             (analysis_tmp / FINDINGS).write_text("\n".join(lines) + "\n", encoding="utf-8")
         (tmp / INDEX).write_text(render(store, ds, sections, skipped), encoding="utf-8")
     return out / INDEX
+
+
+def figure_drawer(n_studies: int) -> FigureDrawer | nullcontext:
+    """Figures drawn in a child process while the next study computes, when there are several and a core to spare."""
+    if n_studies > 1 and (os.cpu_count() or 1) > 1:
+        return FigureDrawer()
+    return nullcontext(SimpleNamespace(draw=draw_here))
 
 
 # --- HTML -------------------------------------------------------------------------------------------

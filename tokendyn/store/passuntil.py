@@ -13,7 +13,8 @@ The store keeps them in the group `passuntil/<task>`:
 Not yet run: -1 (NaN for seconds). An instance's results are written with `samples` last, so a run
 killed at any moment resumes at the first instance without them; the checkpoint's `done` flag
 follows its last instance. The group's `params` attribute (task fingerprint, passes, cap, batch
-size, top_p, new_tokens, stop strings, checker, seed) must match on a rerun (or pass force=True).
+size, top_p, new_tokens, stop strings, checker, seed) must match on a rerun (or pass force=True);
+`every` is not among them (`tokendyn.models.sampling`): a run at fewer checkpoints leaves the others not done.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import zarr
 
 from tokendyn.errors import TokendynError
 from tokendyn.store.atomic import create_atomically, is_partial, replace_atomically
+from tokendyn.store.read import open_store
 from tokendyn.store.write import consolidate
 
 GROUP = "passuntil"
@@ -141,8 +143,9 @@ def read_runs(path: str | Path, task: str) -> xr.Dataset:
             f"store {path} has no PassUntil task '{task}'; it has: {', '.join(names) or 'none'} "
             "(run tokendyn passuntil first)"
         )
-    runs = xr.open_zarr(path, group=f"{GROUP}/{task}", consolidated=False)
-    main = xr.open_zarr(path)
+    # Read whole without dask: a (1, 1, instance) chunk per checkpoint, which dask would read one by one.
+    runs = xr.open_zarr(path, group=f"{GROUP}/{task}", consolidated=False, chunks=None).load()
+    main = open_store(path)
     runs = runs.assign_coords({k: main[k].variable for k in ATTACHED_COORDS})
     runs.attrs["params"] = json.loads(runs.attrs["params"])
     return runs.load()

@@ -11,7 +11,7 @@ import xarray as xr
 import zarr
 
 from tokendyn.errors import TokendynError
-from tokendyn.store.layout import FORMAT_VERSION, MAIN_COORDS, SETS_GROUP, set_path
+from tokendyn.store.layout import FORMAT_VERSION, MAIN_COORDS, SETS_GROUP, TOKEN_DIMS, set_path
 
 
 def list_sets(path: str | Path) -> list[str]:
@@ -20,7 +20,8 @@ def list_sets(path: str | Path) -> list[str]:
 
 
 def open_store(path: str | Path, set: str = "main") -> xr.Dataset:
-    """Open a store (or one of its named sets) as a lazy, dask-backed `xarray.Dataset`."""
+    """Open a store (or one of its named sets) as a lazy, dask-backed `xarray.Dataset`; its variables
+    without a token dimension (per checkpoint, per model) are read into memory."""
     stamp = metadata_stamp(path)
     names = _set_names(str(path), stamp)  # checks that path is a store this tokendyn reads
     if set != "main" and set not in names:
@@ -53,6 +54,12 @@ def _set_names(path: str, stamp: tuple[int, int] | None) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=64)
 def _opened(path: str, set: str, stamp: tuple[int, int] | None) -> xr.Dataset:
     ds = xr.open_zarr(path, group=set_path(set) or None)
+    # Per-checkpoint variables (done, step, val_ppl, ...) are tiny but stored a (1, 1) chunk per
+    # checkpoint: read through dask, every computation touching them re-read every chunk (in the
+    # built-in demo's report, most of the time spent reading its small sets). They are read once
+    # here, without dask (one read per variable), for as long as the store's metadata is unchanged.
+    small = [name for name, variable in ds.variables.items() if not any(d in TOKEN_DIMS for d in variable.dims)]
+    ds.update(xr.open_zarr(path, group=set_path(set) or None, chunks=None)[small].load())
     if set != "main":
         main = _opened(path, "main", stamp)
         ds = ds.assign_coords({name: main[name] for name in MAIN_COORDS if name in main.variables})

@@ -86,9 +86,12 @@ def run(source, max_panels: int = 8) -> Result:
             frame[[c for c in columns if c in frame.columns]].dropna(subset=["task_estimate"]).assign(task=task)
         )
         drawn, seconds = float(result["task_drawn"].sum()), float(result["task_seconds"].sum())
+        n_run, present = int(result["task_drawn"].count()), int(np.isfinite(result["step"]).sum())
         findings.append(
             f"Task {task}: {int(result['task_censored'].sum())} of {int(result['task_estimate'].count())} "
-            f"checkpoints with no instance passing; cost {drawn:,.0f} completions, {seconds:.1f} s."
+            "checkpoints with no instance passing"
+            + (f" (run at {n_run} of the {present} checkpoints)" if n_run < present else "")
+            + f"; cost {drawn:,.0f} completions, {seconds:.1f} s."
         )
         rows, lines = scaling_rows(path, task)
         scaling += rows

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import xarray as xr
+from matplotlib import rc_context
 from matplotlib.figure import Figure
 
 import tokendyn  # noqa: F401  (registers the ds.tokendyn accessor)
@@ -127,14 +128,27 @@ def step_text(step: float) -> str:
 
 def save(result: Result, folder: Path) -> dict[str, Path]:
     """Write the figure (figure.png, figure.svg), the tables (<name>.csv) and findings.txt into folder."""
+    return {**save_figure(result.figure, folder), **save_tables(result, folder)}
+
+
+def save_figure(figure: Figure, folder: Path) -> dict[str, Path]:
+    """Draw the figure into folder as figure.png and figure.svg; returns {format: path}."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
     for fmt in FIGURE_FORMATS:
         paths[fmt] = folder / f"figure.{fmt}"
-        result.figure.savefig(paths[fmt], dpi=PNG_DPI, metadata={"Date": None} if fmt == "svg" else None)
+        with rc_context({"svg.hashsalt": "tokendyn"}):  # SVG element ids the same on every drawing
+            figure.savefig(paths[fmt], dpi=PNG_DPI, metadata={"Date": None} if fmt == "svg" else None)
         # The layout solved for the first format holds for the next: solving it again costs a third
         # of the drawing time, more than a fast figure takes to draw.
-        result.figure.set_layout_engine("none")
+        figure.set_layout_engine("none")
+    return paths
+
+
+def save_tables(result: Result, folder: Path) -> dict[str, Path]:
+    """Write the tables (<name>.csv) and findings.txt into folder; returns {table name or "findings": path}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
     for name, table in result.tables.items():
         paths[name] = folder / f"{name}.csv"
         table.to_csv(paths[name], index=False)

@@ -17,11 +17,11 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import (
     FixedLocator,
-    FuncFormatter,
     LogFormatter,
     MaxNLocator,
     NullFormatter,
     ScalarFormatter,
+    StrMethodFormatter,
 )
 
 from tokendyn.studies.study import models_by_size
@@ -100,7 +100,7 @@ def perplexity_ticks(ax: Axes, max_ticks: int = 6) -> None:
         ticks = [t for t in ticks if lo <= t <= hi]
     ticks = ticks[:: -(-len(ticks) // max_ticks)]
     ax.xaxis.set_major_locator(FixedLocator(ticks))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))  # not a lambda: figures are pickled to be drawn
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
