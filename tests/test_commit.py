@@ -89,8 +89,11 @@ def test_clear_done_writes_only_set_flags(work, tmp_path):
     root = zarr.open_group(path, mode="r+")
     rows = {}
     chunk = path / "done" / "c" / "0" / "1"
+    stamp = store.metadata_stamp(path)
     with zarr.config.set({"array.write_empty_chunks": True}):  # as under the writer lock
         store.clear_done(root, "main", 0, 1, rows)
+        assert store.metadata_stamp(path) != stamp  # readers' caches see the cleared flag
+        assert not tokendyn.open_store(path).done.values[0, 1]
         written = chunk.stat().st_mtime_ns
         assert rows["main", 0].tolist() == [True, False, True]
         store.clear_done(root, "main", 0, 1, rows)  # already unset: nothing written

@@ -328,8 +328,9 @@ def clear_done(root: zarr.Group, set_name: str, model: int, ckpt: int, rows: dic
     """Unset a checkpoint's flag before recomputing it (--force), so an interrupted redo stays incomplete.
 
     A flag that is not set is left as it is (no write). One that is set leaves the `complete`
-    attribute (and the consolidated metadata) first, so they never claim more than the flags.
-    rows: see `done_row`.
+    attribute (and the consolidated metadata) first, so they never claim more than the flags; then
+    the root metadata file's time is renewed, so caches keyed by it (`read.metadata_stamp`) see the
+    cleared flag. rows: see `done_row`.
     """
     row = done_row(root, set_name, model, rows)
     if not row[ckpt]:
@@ -338,6 +339,7 @@ def clear_done(root: zarr.Group, set_name: str, model: int, ckpt: int, rows: dic
     model_name = str(np.asarray(root["model"][model]))
     commit_checkpoint(root, model, ckpt, model_name, [], rows={(set_name, model): row}, recount=[set_name])
     _group(root, set_name)["done"][model, ckpt] = False
+    os.utime(Path(root.store.root) / "zarr.json")
 
 
 def commit_checkpoint(
