@@ -65,6 +65,15 @@ def test_the_estimate_follows_the_presets_and_every_phase_has_one():
     assert parallel == pytest.approx(default["extract"] / demo.THREADED_SPEEDUP)
 
 
+def test_figures_are_drawn_beside_the_studies_on_a_second_core():
+    n = len(demo.STUDIES)
+    one = demo.estimate_costs("default", workers=1)["analyze"]
+    two = demo.estimate_costs("default", workers=2)["analyze"]
+    assert one - two == pytest.approx(min(two, demo.FIGURE_SECONDS * n))
+    assert demo.analyze_seconds(10.0, 20, workers=2) == pytest.approx(max(10.0, 20 * demo.FIGURE_SECONDS))
+    assert demo.analyze_seconds(10.0, 20, workers=1) == pytest.approx(10.0 + 20 * demo.FIGURE_SECONDS)
+
+
 def test_makespan_puts_the_longest_jobs_first():
     assert demo.makespan([5, 3, 3, 1], 2) == 6  # 5+1 | 3+3
     assert demo.makespan([5, 3, 3, 1], 1) == 12

@@ -79,7 +79,9 @@ SCORING_FLOPS_PER_SECOND = 5.5e10
 LOGIT_SECONDS = 5.4e-9
 FORWARD_OVERHEAD = 0.001  # seconds per layer per forward call (sampling steps)
 LOAD_SECONDS = 0.3  # loading and fingerprinting one checkpoint
-SET_SECONDS = 0.12  # per set and checkpoint: packing, writing, committing (a profile of the default demo: 0.115)
+# Per set and checkpoint: packing, writing, checking; refitted to the default demo's extraction once a
+# checkpoint's sets were committed together (85-88 s measured against 112 estimated at 0.12, 2026-12-01).
+SET_SECONDS = 0.065
 FILLER_DOCUMENT_TOKENS = 26.7  # tokens of a filler document
 SENTENCE_TOKENS = 13.1  # tokens of a fact sentence with its BOS (main set, each side of a pair)
 TASK_DOCUMENT_TOKENS = 31.0  # tokens of one option of a 2-shot one-fact task (k-fact compositions: k times)
@@ -88,12 +90,12 @@ TOKENS_PER_SENTENCE = 11.7  # training tokens per rendered sentence (measured on
 # Analyze, measured 2026-12-01 with the analysis kernels compiled (scripts/setup compiles them): per
 # (token, checkpoint, model) of the main set (`tokendyn analyze` on 1M tokens x 50 checkpoints x 3
 # models: 24.4 s), the studies' fixed cost (the default preset's sets, tasks and PassUntil runs: the
-# phase took 41.5-73.5 s in idle runs on the same machine, its figures included), and drawing and
-# saving one figure (PNG, SVG).
+# phase took 30.6-31.6 s in idle runs, its figures drawn beside in a child process), and drawing and
+# saving one figure (PNG, SVG), which adds to the studies' time only on a single core.
 ANALYZE_PER_VALUE = 1.6e-7
-ANALYZE_FIXED = 40.0
+ANALYZE_FIXED = 33.0
 FIGURE_SECONDS = 1.1
-SUMMARY_FIXED = 10.0  # the toy findings: reading the pairs and attribute-value tokens
+SUMMARY_FIXED = 3.5  # the toy findings: reading the pairs and attribute-value tokens (2.8-3.2 s measured)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,9 +233,16 @@ def estimate_costs(preset: str, workers: int = 1) -> dict[str, float]:
         / 32,  # batches of 32 prompts, each step re-reading the sequence so far
         "extract": extract_seconds / (THREADED_SPEEDUP if workers > 1 else 1.0),
         "passuntil": passuntil,
-        "analyze": ANALYZE_FIXED + ANALYZE_PER_VALUE * analyze_values + FIGURE_SECONDS * len(STUDIES),
+        "analyze": analyze_seconds(ANALYZE_FIXED + ANALYZE_PER_VALUE * analyze_values, len(STUDIES), workers),
         "findings": SUMMARY_FIXED,
     }
+
+
+def analyze_seconds(studies: float, n_figures: int, workers: int) -> float:
+    """The analyze phase: the studies' seconds and their figures', drawn beside them in a child process
+    when there is a second core (`tokendyn.pipelines.draw`), else after each study in turn."""
+    figures = FIGURE_SECONDS * n_figures
+    return max(studies, figures) if workers > 1 else studies + figures
 
 
 class Progress:
