@@ -148,4 +148,4 @@ def read_runs(path: str | Path, task: str) -> xr.Dataset:
     main = open_store(path)
     runs = runs.assign_coords({k: main[k].variable for k in ATTACHED_COORDS})
     runs.attrs["params"] = json.loads(runs.attrs["params"])
-    return runs.load()
+    return runs
