@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 import scipy.stats
 import xarray as xr
 
 from planted_stores import KINDS, TOKENS_PER_STEP, write_store
+from tokendyn.analysis.compiled import as_float16, assign
 from tokendyn.analysis.trajectories import (
+    _interpolate_blocks,
+    _interpolation,
     agreement,
     at_axis,
     at_perplexity,
@@ -228,3 +232,72 @@ def test_agreement_matched_perplexity_beats_matched_step(planted):
     reached = at_perplexity(ds, [50, 32])["step"].values
     step_row = table[table["axis"] == "step"].iloc[0]
     assert [step_row["from_level"], step_row["to_level"]] == pytest.approx(reached.mean(axis=0))
+
+
+def _as_float16_store(ds: xr.Dataset) -> xr.Dataset:
+    """The store's loss in float16, in token chunks of 64 as dask hands a float16 store's chunks."""
+    return ds.assign(loss=ds["loss"].astype(np.float16).chunk({"model": 1, "ckpt": 1, "token": 64}))
+
+
+def test_float16_stores_give_numpys_numbers(planted):
+    """The compiled kernels read float16 as its bits: the same numbers numpy computes from the float16 values."""
+    ds = _as_float16_store(planted[0])
+    loss = ds["loss"].values  # float16 (model, ckpt, token)
+    levels = perplexity_grid(ds, 7)
+    lo, hi, weight, reachable = (np.stack(part) for part in zip(*_interpolation(ds, "val_ppl", levels)))
+    for m, level in np.ndindex(lo.shape):
+        a, b = loss[m, lo[m, level]], loss[m, hi[m, level]]
+        expected = a + weight[m, level : level + 1] * (b - a) if reachable[m, level] else np.full(a.shape, np.nan)
+        np.testing.assert_array_equal(at_perplexity(ds, levels).values[m, level], expected)
+    mask = ds["token_id"].isin([40, 41, 42])
+    members = np.where(mask.values, loss.astype(np.float32), np.nan)
+    expected = np.exp(np.nansum(members, axis=-1, dtype=np.float64) / np.isfinite(members).sum(-1))
+    np.testing.assert_allclose(subset_curve(ds, mask).values, expected, rtol=1e-12)
+    done = np.where(ds["done"].values[..., None], loss.astype(np.float32), np.nan)
+    for tol, window in ((0.5, 3), (0.2, 1)):
+        expected = [_numpy_double_descent(_numpy_moving_average(y, window), tol, True) for y in done]
+        np.testing.assert_array_equal(double_descent(ds, tol=tol, window=window).values, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_interpolation_kernel_equals_numpy(dtype):
+    """b - a in the stored dtype (float16 rounds it), then a + weight (b - a) in float64, as numpy does."""
+    rng = np.random.default_rng(6)
+    blocks = [(rng.uniform(0, 12, (2, 4, 5000)) * 10.0 ** rng.integers(-4, 1, (2, 4, 5000))).astype(dtype)]
+    blocks[0][0, 1, ::9] = np.nan
+    lo, hi = np.array([[0, 1, 2], [1, 0, 3]]), np.array([[1, 3, 3], [2, 2, 3]])
+    weight, reachable = rng.uniform(0, 1, (2, 3)), np.array([[True, True, False], [True, True, True]])
+    got = _interpolate_blocks(blocks, lo, hi, weight, reachable)
+    for m, level in np.ndindex(lo.shape):
+        a, b = blocks[0][m, lo[m, level]], blocks[0][m, hi[m, level]]
+        expected = a + weight[m, level : level + 1] * (b - a) if reachable[m, level] else np.full(a.shape, np.nan)
+        np.testing.assert_array_equal(got[m, level], expected)
+
+
+def test_moving_average_of_rows_without_nan_equals_numpy():
+    y = np.cumsum(np.random.default_rng(1).normal(0, 0.4, (30, 500)), axis=0).astype(np.float32)
+    for window in (1, 2, 3, 5):
+        np.testing.assert_array_equal(moving_average(y, window), _numpy_moving_average(y, window))
+
+
+def test_float16_rounding_and_assignment_match_numpy():
+    values = np.random.default_rng(3).standard_normal(200_000).astype(np.float32)
+    values *= np.float32(10.0) ** np.random.default_rng(4).integers(-9, 6, values.size).astype(np.float32)
+    values[:6] = [np.nan, np.inf, -np.inf, 65519.99, 65520, 2.98e-8]  # overflow and the smallest subnormal
+    rounded = _rounded_to_float16(values)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(rounded, values.astype(np.float16).astype(np.float32))
+    block = np.random.default_rng(5).uniform(0, 9, (3, 20, 300)).astype(np.float16)
+    block[0, 4, ::7] = np.nan
+    out = np.zeros((20, 400), np.float32)
+    assign(out[:, 50:250], block[0, :, 100:300])  # strided views on both sides
+    np.testing.assert_array_equal(out[:, 50:250], block[0, :, 100:300].astype(np.float32))
+    assert not out[:, :50].any() and not out[:, 250:].any()
+
+
+@numba.njit
+def _rounded_to_float16(values):
+    out = np.empty_like(values)
+    for i in range(len(values)):
+        out[i] = as_float16(values[i])
+    return out

@@ -312,12 +312,14 @@ def _descent_depth_rows(rows: np.ndarray, smooth: int, y: np.ndarray, depth: np.
     top = np.empty_like(y)
     low = np.empty_like(y)
     for r in range(rows.shape[0]):
+        clean = True
         for i in range(n):
             raw[i] = decoded(rows[r, i])
-        _average_columns(raw.reshape(n, 1), smooth, y.reshape(n, 1))  # the row as one column
-        if np.isnan(y).any():
+            clean &= raw[i] == raw[i]
+        if not clean:
             depth[r] = np.nan
             continue
+        _average_columns(raw.reshape(n, 1), smooth, y.reshape(n, 1))  # the row as one column
         top[0], low[n - 1] = y[0], y[n - 1]
         for i in range(1, n):
             top[i] = max(top[i - 1], y[i])
@@ -479,11 +481,12 @@ def _shape_merge(
     """(map from fine cluster to merged cluster, merged names): fine clusters with the same shape name
     share one cluster, which keeps that name. change: loss change from the first point per sample;
     stats: change features per sample."""
+    # each cluster's members in index order, as labels == j selects them (so the same means), one sort
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(k + 1))
+    members = [order[bounds[j] : bounds[j + 1]] for j in range(k)]
     names = [
-        namer(change[labels == j].mean(axis=0), changes=stats[labels == j].mean(axis=0))
-        if (labels == j).any()
-        else "empty"
-        for j in range(k)
+        namer(change[rows].mean(axis=0), changes=stats[rows].mean(axis=0)) if len(rows) else "empty" for rows in members
     ]
     distinct = list(dict.fromkeys(names))
     return np.array([distinct.index(n) for n in names]), distinct
