@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 
 import dask.array as da
@@ -36,6 +37,7 @@ CHUNK_MB = 64  # loss data per dask chunk of the per-token computations (ckpt wh
 SLICE_TOKENS = 2**15  # tokens per slice inside a kernel: bounds its float64 temporaries
 SMALL_SET_BYTES = 64 * 2**20  # a set this small is read whole into memory by the analyses that span sets
 DESCENT_TOKENS = 2048  # tokens per slice of the double-descent kernel: its buffers stay in cache
+RANK_THREADS = 2  # models ranked at once by `agreement` (numpy's sorts release the GIL)
 
 
 # --- selecting checkpoints -------------------------------------------------------------------------
@@ -695,23 +697,31 @@ def _pair_rows(drops: np.ndarray, models: Sequence[str], top: float) -> list[dic
     """Spearman and top-k Jaccard of per-token drops (model, token) for every model pair.
 
     Spearman's rho is the correlation of the average ranks; a model's ranks and top k are computed
-    once and reused by every pair that has all of its tokens (sorting a million drops is the cost).
+    once and reused by every pair that has all of its tokens (sorting a million drops is the cost),
+    two models at a time (numpy's sorts release the GIL).
     """
     finite = np.isfinite(drops)
-    reused: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-
-    def ranked(m: int, both: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if not np.array_equal(both, finite[m]):  # the pair lacks some of this model's tokens
-            return _ranked(drops[m][both], k)
-        if (m, k) not in reused:
-            reused[m, k] = _ranked(drops[m][both], k)
-        return reused[m, k]
-
-    rows = []
+    pairs = []
     for a, b in itertools.combinations(range(len(models)), 2):
         both = finite[a] & finite[b]
         n = int(both.sum())
         k = max(1, round(top * n)) if top < 1 else int(top)
+        pairs.append((a, b, both, n, k))
+
+    def key(m: int, pair: tuple) -> tuple:
+        a, b, both, _, k = pair
+        return (m, k) if np.array_equal(both, finite[m]) else (m, k, a, b)  # (m, k): all of m's tokens
+
+    with ThreadPoolExecutor(RANK_THREADS) as pool:
+        ranked: dict[tuple, Future] = {}
+        for pair in pairs:
+            a, b, both, n, k = pair
+            for m in (a, b) if n >= 3 and k <= n else ():
+                if key(m, pair) not in ranked:
+                    ranked[key(m, pair)] = pool.submit(_ranked, drops[m][both], k)
+    rows = []
+    for pair in pairs:
+        a, b, _, n, k = pair
         row = {
             "model_a": models[a],
             "model_b": models[b],
@@ -722,7 +732,7 @@ def _pair_rows(drops: np.ndarray, models: Sequence[str], top: float) -> list[dic
             "jaccard_chance": k / (2 * n - k) if n >= k else np.nan,
         }
         if n >= 3 and k <= n:
-            (rank_a, top_a), (rank_b, top_b) = ranked(a, both, k), ranked(b, both, k)
+            (rank_a, top_a), (rank_b, top_b) = ranked[key(a, pair)].result(), ranked[key(b, pair)].result()
             row["spearman"] = np.corrcoef(rank_a, rank_b)[0, 1]
             inter = int((top_a & top_b).sum())
             row["jaccard"] = inter / (2 * k - inter)
