@@ -27,7 +27,7 @@ from conftest import build_tokenizer, save_checkpoint
 from test_checkpoints import make_hub_cache
 from tokendyn.cli import main
 from tokendyn.config.suite import load_suite
-from tokendyn.models import download
+from tokendyn.models import download, fetch
 from tokendyn.models.checkpoints import weights_fingerprint
 from tokendyn.models.extract import extract
 
@@ -101,8 +101,10 @@ def hub(tmp_path, monkeypatch):
 
 
 def cache_files(cache: Path) -> dict[str, int]:
-    """Every file and link of the cache with its modification time (directories change as entries come and go)."""
-    return {str(p.relative_to(cache)): p.lstat().st_mtime_ns for p in cache.rglob("*") if not p.is_dir()}
+    """Every file and link of the cache with its modification time (directories change as entries come and
+    go), but lock files (huggingface_hub's and tokendyn's eviction lock live under .locks)."""
+    files = (p for p in cache.rglob("*") if not p.is_dir() and p.relative_to(cache).parts[0] != ".locks")
+    return {str(p.relative_to(cache)): p.lstat().st_mtime_ns for p in files}
 
 
 def test_prefetch_downloads_the_next_checkpoint_while_one_is_scored(hub, tmp_path, monkeypatch):
@@ -135,6 +137,32 @@ def test_evict_deletes_only_what_the_run_downloaded(hub, tmp_path):
     assert sorted(p.name for p in (repo / "snapshots").iterdir()) == [commit_of("step1000")]
     assert cache_files(cache) == before  # what was there before is untouched
     assert xr.open_zarr(out).done.values.tolist() == [[True] * 4]
+
+
+def test_evict_scans_again_when_another_worker_changed_the_cache(hub, monkeypatch):
+    """On a cluster another worker may delete a revision while this one's cache scan lists it: the scan
+    then fails on a vanished file, and is tried again."""
+    _, cache, _ = hub
+    snapshot = cache / "models--org--run" / "snapshots" / commit_of("step1000")
+    real, failures = huggingface_hub.scan_cache_dir, []
+
+    def changed_meanwhile(*args, **kwargs):
+        if len(failures) < fetch.SCAN_ATTEMPTS - 1:
+            failures.append(1)
+            raise FileNotFoundError(2, "No such file or directory", str(snapshot))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "scan_cache_dir", changed_meanwhile)
+    assert fetch.evict(REPO, "step1000", keep=set()) > 0
+    assert not snapshot.exists() and len(failures) == fetch.SCAN_ATTEMPTS - 1
+
+    def always_changing(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", str(snapshot))
+
+    monkeypatch.setattr(fetch, "SCAN_ATTEMPTS", 2)
+    monkeypatch.setattr(huggingface_hub, "scan_cache_dir", always_changing)
+    with pytest.raises(FileNotFoundError):  # a cache that keeps changing is an error, not an empty cache
+        fetch.cache_state()
 
 
 def shared_commit_suite(hub, tmp_path) -> Path:

@@ -13,9 +13,11 @@ downloaded twice. Local checkpoints pass through untouched.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import filelock
 import huggingface_hub
 from huggingface_hub import constants as hub_constants
 
@@ -23,14 +25,27 @@ from tokendyn.config.suite import Checkpoint
 from tokendyn.errors import TokendynError
 from tokendyn.models import checkpoints
 
+SCAN_ATTEMPTS = 5  # scans of a cache that other workers change meanwhile
+EVICT_LOCK = ".locks/tokendyn-evict.lock"  # beside huggingface_hub's own lock files in the cache
+
+
+def scan_cache() -> huggingface_hub.HFCacheInfo:
+    """`huggingface_hub.scan_cache_dir` of the cache, tried again when a file it listed is gone before it
+    was read: on a cluster, another worker evicts its revision or finishes a download meanwhile."""
+    for attempt in range(SCAN_ATTEMPTS - 1):
+        try:
+            return huggingface_hub.scan_cache_dir(hub_constants.HF_HUB_CACHE)
+        except FileNotFoundError:
+            time.sleep(0.05 * 2**attempt)
+    return huggingface_hub.scan_cache_dir(hub_constants.HF_HUB_CACHE)  # its error, if any, is the caller's
+
 
 def cache_state() -> set[tuple[str, str]]:
     """(repo id, commit) of every model revision in the Hugging Face cache now."""
-    cache = Path(hub_constants.HF_HUB_CACHE)
-    if not cache.is_dir():
+    if not Path(hub_constants.HF_HUB_CACHE).is_dir():
         return set()
     try:
-        info = huggingface_hub.scan_cache_dir(cache)
+        info = scan_cache()
     except huggingface_hub.CacheNotFound:
         return set()
     return {
@@ -63,8 +78,13 @@ def evict(hub_id: str, revision: str, keep: set[tuple[str, str]]) -> int:
     commit = cached_commit(hub_id, revision)
     if commit is None or (hub_id, commit) in keep:
         return 0
-    strategy = huggingface_hub.scan_cache_dir(hub_constants.HF_HUB_CACHE).delete_revisions(commit)
-    strategy.execute()
+    # The workers of a cluster evict from one cache one at a time: two scans made before either deletion
+    # would each keep a blob the other revision shares (tokenizer files), and neither would delete it.
+    lock = Path(hub_constants.HF_HUB_CACHE) / EVICT_LOCK
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(lock):
+        strategy = scan_cache().delete_revisions(commit)
+        strategy.execute()
     return strategy.expected_freed_size
 
 
