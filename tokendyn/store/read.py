@@ -11,7 +11,8 @@ import xarray as xr
 import zarr
 
 from tokendyn.errors import TokendynError
-from tokendyn.store.layout import FORMAT_VERSION, MAIN_COORDS, SETS_GROUP, TOKEN_DIMS, set_path
+from tokendyn.store.chunks import chunk_files
+from tokendyn.store.layout import FORMAT_VERSION, MAIN_COORDS, METRICS, SETS_GROUP, TOKEN_DIMS, set_path
 
 
 def list_sets(path: str | Path) -> list[str]:
@@ -60,6 +61,12 @@ def _opened(path: str, set: str, stamp: tuple[int, int] | None) -> xr.Dataset:
     # here, without dask (one read per variable), for as long as the store's metadata is unchanged.
     small = [name for name, variable in ds.variables.items() if not any(d in TOKEN_DIMS for d in variable.dims)]
     ds.update(xr.open_zarr(path, group=set_path(set) or None, chunks=None)[small].load())
+    # The per-token metrics (loss, ...) are most of every read: their chunk files are read directly
+    # (`tokendyn.store.chunks`), without zarr's per-chunk overhead, where the layout allows.
+    for name in METRICS:
+        array = chunk_files(Path(path) / set_path(set) / name) if name in ds.data_vars else None
+        if array is not None and array.chunks == ds[name].data.chunks and array.dtype == ds[name].dtype:
+            ds[name] = ds[name].copy(data=array)
     if set != "main":
         main = _opened(path, "main", stamp)
         ds = ds.assign_coords({name: main[name] for name in MAIN_COORDS if name in main.variables})
