@@ -54,3 +54,8 @@ def test_other_layouts_are_left_to_zarr(tmp_path, options):
     options = {"dtype": "float32", "fill_value": np.nan, **options}
     zarr.create_array(tmp_path / "a", shape=(2, 3, 70), chunks=(1, 2, 32), **options)
     assert chunk_files(tmp_path / "a") is None
+
+
+def test_a_folder_without_array_metadata_is_left_to_zarr(tmp_path):
+    assert chunk_files(tmp_path / "not-an-array") is None
+

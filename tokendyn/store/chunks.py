@@ -26,7 +26,10 @@ ZSTD = numcodecs.Zstd()
 
 def chunk_files(folder: Path) -> da.Array | None:
     """The zarr v3 array at `folder` as a dask array of one task per stored chunk, or None when its
-    layout is not one this reader handles. Chunks without a file hold the fill value, as in zarr."""
+    layout is not one this reader handles (or it is not in a local folder: a store opened by URL keeps
+    zarr's reader). Chunks without a file hold the fill value, as in zarr."""
+    if not (folder / "zarr.json").is_file():
+        return None
     meta = json.loads((folder / "zarr.json").read_text())
     layout = _layout(meta)
     if layout is None:
