@@ -58,4 +58,3 @@ def test_other_layouts_are_left_to_zarr(tmp_path, options):
 
 def test_a_folder_without_array_metadata_is_left_to_zarr(tmp_path):
     assert chunk_files(tmp_path / "not-an-array") is None
-
