@@ -64,8 +64,8 @@ def _layout(meta: dict) -> tuple[np.dtype, tuple[int, ...], str, float, bool] | 
     ):
         return None
     fill = meta.get("fill_value")
-    if isinstance(fill, str) and fill not in ("NaN", "Infinity", "-Infinity"):
-        return None  # a fill value given as raw bits: left to zarr
+    if fill is None or (isinstance(fill, str) and fill not in ("NaN", "Infinity", "-Infinity")):
+        return None  # no fill value, or one given as raw bits: left to zarr
     separator = meta["chunk_key_encoding"].get("configuration", {}).get("separator", "/")
     chunk = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
     return np.dtype(meta["data_type"]).newbyteorder("<"), chunk, separator, float(fill), "zstd" in names
