@@ -70,7 +70,7 @@ from sklearn.metrics import adjusted_rand_score, silhouette_score
 from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
-from tokendyn.analysis.compiled import decoded
+from tokendyn.analysis.compiled import decoded, stored
 from tokendyn.analysis.labels import MISSING, flag_array, flag_names, label_mask, label_share
 from tokendyn.analysis.shared import computed
 from tokendyn.analysis.trajectories import (
@@ -288,12 +288,8 @@ def descent_depth(y: np.ndarray, smooth: int = 1) -> np.ndarray:
 
 def _stored_rows(y: np.ndarray) -> np.ndarray:
     """y as contiguous rows (..., point) for a compiled kernel: dask hands (token, point) blocks, so
-    usually without a copy; float16 as its bits (the kernel reads them with `decoded`)."""
-    if y.dtype == np.float16:
-        y = y.view(np.uint16)
-    elif y.dtype != np.float64:
-        y = y.astype(np.float32, copy=False)
-    return np.ascontiguousarray(y.reshape(-1, y.shape[-1]))
+    usually without a copy; float16 as its bits (`compiled.stored`)."""
+    return np.ascontiguousarray(stored(y).reshape(-1, y.shape[-1]))
 
 
 @numba.njit(nogil=True, cache=True, error_model="numpy")

@@ -45,6 +45,14 @@ def as_float16(typingctx, value):
     return numba.types.float32(numba.types.float32), codegen
 
 
+def stored(values: np.ndarray) -> np.ndarray:
+    """values as the compiled kernels read them with `decoded`: float16 as its bits (uint16), float64 as
+    it is, any other dtype in float32 (no copy when already float32)."""
+    if values.dtype == np.float16:
+        return values.view(np.uint16)
+    return values if values.dtype == np.float64 else values.astype(np.float32, copy=False)
+
+
 def stored_difference(b, a):
     """b - a of two stored values as numpy computes it in the store's dtype: for float16 bits (uint16),
     in float32 rounded to float16; any other dtype in its own precision. Compiled by its overload."""

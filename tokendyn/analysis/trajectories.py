@@ -26,7 +26,7 @@ import pandas as pd
 import scipy.stats
 import xarray as xr
 
-from tokendyn.analysis.compiled import assign, decoded, stored_difference
+from tokendyn.analysis.compiled import assign, decoded, stored, stored_difference
 from tokendyn.analysis.labels import describe
 from tokendyn.analysis.shared import alongside
 from tokendyn.errors import TokendynError
@@ -297,7 +297,7 @@ def _interpolate_blocks(
         if reachable[m, level]:
             a, b = row(m, lo[m, level]), row(m, hi[m, level])
             if a.dtype in (np.float16, np.float32) and a.dtype == b.dtype and weight.dtype == np.float64:
-                _interpolate_row(_stored(a), _stored(b), float(weight[m, level]), out[m, level])
+                _interpolate_row(stored(a), stored(b), float(weight[m, level]), out[m, level])
             else:
                 out[m, level] = a + weight[m, level : level + 1] * (b - a)
         else:
@@ -427,18 +427,12 @@ def _subset_blocks(blocks: list[np.ndarray], first: np.ndarray, members: list[np
     index = [m[np.searchsorted(m, first[0]) : np.searchsorted(m, first[0] + n_token)] - first[0] for m in members]
     starts = np.cumsum([0] + [len(i) for i in index])
     sums = [
-        _subset_sums(_stored(block.reshape(-1, n_token)), np.concatenate(index), starts).reshape(
+        _subset_sums(stored(block.reshape(-1, n_token)), np.concatenate(index), starts).reshape(
             n_model, block.shape[1], len(members), 2
         )
         for block in blocks
     ]
     return np.concatenate(sums, axis=1)[:, None]
-
-
-def _stored(block: np.ndarray) -> np.ndarray:
-    """A block for kernels that read it with `decoded`: float16 as its bits, float32 as it is, other
-    dtypes in float32."""
-    return block.view(np.uint16) if block.dtype == np.float16 else block.astype(np.float32, copy=False)
 
 
 @numba.njit(nogil=True, cache=True)
