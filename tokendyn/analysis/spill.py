@@ -154,9 +154,9 @@ class Summary:
             self.lower[upper] = self.lower.get(upper, 0) + lower
 
     def median(self) -> float:
-        """numpy's nanmedian of every value added (NaN if none is finite)."""
-        if not self.n_finite:
-            return np.nan
+        """numpy's nanmedian of every value added, as a float32 (NaN without any)."""
+        if not self.n:
+            return np.float32(np.nan)
         middle = []
         for rank in self._middle():
             upper = self._bin(rank)
@@ -168,3 +168,17 @@ class Summary:
     def mean(self) -> float:
         """numpy's nanmean of every value added (NaN if none is finite), summed in float64."""
         return np.float32(self.total / self.n) if self.n_finite else np.nan
+
+
+def nanmedian(values: xr.DataArray) -> float:
+    """numpy's nanmedian of a lazy float16 or float32 array (of the same dtype), read a token window
+    at a time twice (`Summary`); an array in memory, or of wider floats, is passed to numpy whole."""
+    if values.chunks is None or values.dtype.itemsize > 4 or "token" not in values.dims:
+        return np.nanmedian(values.values)
+    summary = Summary()
+    windows = list(_windows(values))
+    for where in windows:
+        summary.add(values.isel(where).values.ravel().astype(np.float32))
+    for where in windows:
+        summary.refine(values.isel(where).values.ravel().astype(np.float32))
+    return summary.median().astype(values.dtype)

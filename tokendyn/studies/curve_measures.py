@@ -66,7 +66,7 @@ def summaries(every: xr.Dataset, models: list[str], bins: int) -> tuple[pd.DataF
             {
                 "model": model,
                 "measure": measure,
-                "median": part.median(),
+                "median": part.median() if part.n_finite else np.nan,
                 "mean": part.mean(),
                 "n_tokens": part.n_finite,
                 "n_undefined": undefined[measure, model],
