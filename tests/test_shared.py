@@ -97,3 +97,12 @@ def test_pair_statistics_equal_scipy_with_ties_and_gaps():
         assert row["spearman"] == pytest.approx(spearman, rel=1e-12)
         assert row["jaccard"] == pytest.approx(jaccard)
     assert [r["n_tokens"] for r in rows] == [1980, 2000, 1980]
+
+
+def test_average_ranks_equal_scipy():
+    from tokendyn.analysis.trajectories import _average_ranks
+
+    rng = np.random.default_rng(5)
+    for values in (rng.normal(size=1000), np.round(rng.normal(size=1000), 1), np.zeros(7), np.array([3.0])):
+        ranks = _average_ranks(values, np.argsort(values, kind="stable"))
+        np.testing.assert_array_equal(ranks, scipy.stats.rankdata(values))

@@ -22,7 +22,6 @@ import dask.array as da
 import numba
 import numpy as np
 import pandas as pd
-import scipy.stats
 import xarray as xr
 
 from tokendyn.analysis.labels import describe
@@ -644,11 +643,51 @@ def token_share(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
 # --- cross-size agreement --------------------------------------------------------------------------
 
 
+@numba.njit(nogil=True, cache=True)
+def _average_ranks(values: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """1-based average ranks of values (ties share the mean of their ranks, as `scipy.stats.rankdata`)
+    given the order that sorts them: one float64 array, no temporaries."""
+    n = len(values)
+    ranks = np.empty(n)
+    i = 0
+    while i < n:
+        j = i
+        while j + 1 < n and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        rank = (i + j + 2) / 2
+        for t in range(i, j + 1):
+            ranks[order[t]] = rank
+        i = j + 1
+    return ranks
+
+
 def _ranked(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Average ranks of values (as `scipy.stats.rankdata`) and a mask of their k largest."""
+    """Average ranks of (finite) values (as `scipy.stats.rankdata`) and a mask of their k largest."""
     top = np.zeros(len(values), bool)
     top[np.argpartition(-values, k - 1)[:k]] = True
-    return scipy.stats.rankdata(values), top
+    return _average_ranks(values, np.argsort(values, kind="stable")), top
+
+
+def _correlation(a: np.ndarray, b: np.ndarray, window: int = SLICE_TOKENS) -> float:
+    """Pearson's correlation of a and b (as `np.corrcoef`, clipped to [-1, 1]), summed a window at a
+    time: no centred copies of the whole arrays."""
+    mean_a, mean_b = a.mean(), b.mean()
+    ab = aa = bb = 0.0
+    for i in range(0, len(a), window):
+        da, db = a[i : i + window] - mean_a, b[i : i + window] - mean_b
+        ab, aa, bb = ab + da @ db, aa + da @ da, bb + db @ db
+    return float(np.clip(ab / np.sqrt(aa) / np.sqrt(bb), -1, 1))
+
+
+def _drops(grid: xr.DataArray, axis: str) -> np.ndarray:
+    """(model, token) float64 loss drops from the first level of `axis` to the second, filled a token
+    chunk at a time into one array (computed whole, dask would hold every chunk and their concatenation)."""
+    drop = grid.isel({axis: 0}) - grid.isel({axis: 1})
+    out = np.empty((drop.sizes["model"], drop.sizes["token"]))
+    step = max(drop.chunks[drop.dims.index("token")]) if drop.chunks else drop.sizes["token"]
+    for begin in range(0, drop.sizes["token"], step):
+        out[:, begin : begin + step] = drop.isel(token=slice(begin, begin + step)).transpose("model", "token").values
+    return out
 
 
 def _pair_rows(drops: np.ndarray, models: Sequence[str], top: float) -> list[dict]:
@@ -683,7 +722,7 @@ def _pair_rows(drops: np.ndarray, models: Sequence[str], top: float) -> list[dic
         }
         if n >= 3 and k <= n:
             (rank_a, top_a), (rank_b, top_b) = ranked(a, both, k), ranked(b, both, k)
-            row["spearman"] = np.corrcoef(rank_a, rank_b)[0, 1]
+            row["spearman"] = _correlation(rank_a, rank_b)
             inter = int((top_a & top_b).sum())
             row["jaccard"] = inter / (2 * k - inter)
         rows.append(row)
@@ -730,9 +769,8 @@ def agreement(
         # step, as in most suites) have the same drops: computed and ranked once.
         plan = tuple(np.asarray(v).tobytes() for per_model in _interpolation(ds, axis, pair) for v in per_model)
         if plan not in by_plan:
-            grid = at_axis(ds, axis, pair).where(valid)
-            drops = (grid.isel({axis: 0}) - grid.isel({axis: 1})).values.reshape(len(models), -1)
-            by_plan[plan] = _pair_rows(drops, models, top)
+            # one axis's drops in memory at a time
+            by_plan[plan] = _pair_rows(_drops(at_axis(ds, axis, pair).where(valid), axis), models, top)
         for row in by_plan[plan]:
             rows.append({"axis": axis, "from_level": pair[0], "to_level": pair[1], **row})
     return pd.DataFrame(rows)
