@@ -736,7 +736,10 @@ def cluster(
         output_dtypes=[np.int8],
         kwargs=dict(estimator=estimator, order=order, **design_kwargs),
     )
-    labels = flag_array(codes.compute(), names, "cluster", "cluster of the token's loss trajectory")
+    # the codes in memory, their per-token coordinates (token_id, doc, ...) left lazy
+    labels = flag_array(
+        codes.copy(data=np.asarray(codes.data)), names, "cluster", "cluster of the token's loss trajectory"
+    )
     centroids = xr.DataArray(
         curves,
         dims=("cluster", "point"),

@@ -359,23 +359,21 @@ def subset_curve(
     extra = [dim for dim in mask.dims if dim not in TOKEN_DIMS]
     mask = mask.transpose(*extra, *TOKEN_DIMS)
     flat = np.asarray(mask.values, dtype=bool).reshape(-1, ds.sizes["token"])  # (subset, token)
-    members = [np.flatnonzero(row) for row in flat]
     loss = ds["loss"].transpose("model", "ckpt", *TOKEN_DIMS).data
     loss = loss if hasattr(loss, "chunks") else da.from_array(loss, chunks=(1, 1, -1))
     # a task per token range takes its stored chunks as they are (the double-descent flags' tasks take
-    # the same ones: brought `also`, each chunk is read once and then released)
+    # the same ones: brought `also`, each chunk is read once and then released), and the mask's
+    # columns of that range: no list of every subset's token positions is made
     parts = da.blockwise(
         _subset_blocks,
         "mtxsv",
         loss,
         "mct",
-        da.from_array(np.cumsum((0, *loss.chunks[2][:-1])), chunks=1),
-        "t",
-        new_axes={"x": loss.shape[1], "s": len(members), "v": 2},
+        da.from_array(flat, chunks=(-1, loss.chunks[2])),
+        "st",
+        new_axes={"x": loss.shape[1], "v": 2},
         adjust_chunks={"t": 1},
-        align_arrays=False,
         concatenate=False,
-        members=members,
         dtype=np.float64,
         meta=np.array((), dtype=np.float64),
     )
@@ -394,16 +392,16 @@ def subset_curve(
     return describe(ppl, "perplexity of the token subset")
 
 
-def _subset_blocks(blocks: list[np.ndarray], first: np.ndarray, members: list[np.ndarray]) -> np.ndarray:
-    """Sums and counts (model, 1, ckpt, subset, 2) of the non-NaN loss of each subset's tokens in the
-    token range from `first` ([position]) of (model, ckpt, token) blocks, one per chunk of
-    checkpoints; `members`: each subset's token positions in the whole token dim."""
+def _subset_blocks(blocks: list[np.ndarray], mask: np.ndarray) -> np.ndarray:
+    """Sums and counts (model, 1, ckpt, subset, 2) of the non-NaN loss of each subset's tokens in a
+    token range: (model, ckpt, token) blocks, one per chunk of checkpoints, and the subsets' mask
+    (subset, token) of the same range."""
     n_model, _, n_token = blocks[0].shape
-    index = [m[np.searchsorted(m, first[0]) : np.searchsorted(m, first[0] + n_token)] - first[0] for m in members]
+    index = [np.flatnonzero(row) for row in mask]
     starts = np.cumsum([0] + [len(i) for i in index])
     sums = [
         _subset_sums(block.reshape(-1, n_token).astype(np.float32, copy=False), np.concatenate(index), starts).reshape(
-            n_model, block.shape[1], len(members), 2
+            n_model, block.shape[1], len(index), 2
         )
         for block in blocks
     ]
