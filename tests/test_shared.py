@@ -106,3 +106,16 @@ def test_average_ranks_equal_scipy():
     for values in (rng.normal(size=1000), np.round(rng.normal(size=1000), 1), np.zeros(7), np.array([3.0])):
         ranks = _average_ranks(values, np.argsort(values, kind="stable"))
         np.testing.assert_array_equal(ranks, scipy.stats.rankdata(values))
+
+
+def test_shared_results_leave_the_token_coordinates_on_disk(planted):
+    """A shared result is held in memory, its per-token coordinates (token_id, doc, ...) are not:
+    computing the DataArray whole would load them, 8 bytes per token each."""
+    lazy = [name for name, c in planted.coords.items() if "token" in c.dims and c.chunks is not None]
+    assert lazy  # the store's token coordinates are lazy to begin with
+    with sharing():
+        flags = computed(double_descent, planted)
+        assert set(lazy) <= set(flags.coords)  # the flags carry the token coordinates ...
+        for result in (flags, computed(trend_categories, planted, along="start")):
+            assert isinstance(result.data, np.ndarray)
+            assert all(result[name].chunks is not None for name in lazy if name in result.coords)  # ... lazily
