@@ -184,10 +184,11 @@ def _aoa_kernels(loss: np.ndarray, x: np.ndarray, n_sample: int) -> tuple[float,
     return 1e6 * now / n_sample, 1e6 * before / n_sample
 
 
-def per_study(ds: xr.Dataset, folder: Path, reference: float) -> None:
+def per_study(ds: xr.Dataset, folder: Path, reference: float) -> list[str]:
     """Each study as `tokendyn analyze` runs it (`run_studies`: results several studies use are
-    computed once, by the first), then writing its tables and labels, timed."""
+    computed once, by the first), then writing its tables and labels, timed; return those that ran."""
     total_wall = total_cpu = 0.0
+    ran = []
     studies = run_studies(ds, list(STUDIES), progress=False)
     while True:
         wall, cpu = time.perf_counter(), time.process_time()
@@ -196,6 +197,7 @@ def per_study(ds: xr.Dataset, folder: Path, reference: float) -> None:
             break
         if outcome.result is not None:
             write_results(outcome.result, folder)
+            ran.append(outcome.name)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         total_wall, total_cpu = total_wall + wall, total_cpu + cpu
         note = f"   skipped ({outcome.skipped[:50]})" if outcome.skipped else f"   peak {peak_gb():.2f} GB"
@@ -203,6 +205,7 @@ def per_study(ds: xr.Dataset, folder: Path, reference: float) -> None:
         print(f"{label}  {cpu / reference:6.1f} x the read{note}", flush=True)
     ratio = total_cpu / reference
     print(f"{'  all studies':<52} {total_wall:8.2f} s wall {total_cpu:8.2f} s cpu  {ratio:6.1f} x the read")
+    return ran
 
 
 def run_analyze(store: Path, out: Path, label: str, studies: str | None = None) -> float:
@@ -232,10 +235,10 @@ def added_bytes(peaks: dict[int, float], n_models: int) -> float:
     return (high - low) * 2**30 / ((large - small) * n_models)
 
 
-def study_growth(stores: dict[int, Path], scratch: Path, n_models: int) -> None:
+def study_growth(stores: dict[int, Path], scratch: Path, n_models: int, names: list[str]) -> None:
     """Each study alone (`tokendyn analyze --studies NAME`) at both sizes, one after the other in
     child processes: its peak memory at each and what the larger size added per (token, model)."""
-    for name in STUDIES:
+    for name in names:
         peaks = {
             n: run_analyze(store, scratch / f"{name}-{n}", f"  --studies {name}, {n:,} tokens", name)
             for n, store in stores.items()
@@ -296,8 +299,7 @@ def main() -> None:
     label = "age-of-acquisition kernel, cpu us/token, one thread"
     print(f"{label:<52} now {now:.1f}, before {before:.1f} ({before / now:.1f}x)", flush=True)
     with tempfile.TemporaryDirectory(dir=root) as scratch:
-        if not args.no_studies:
-            per_study(ds, Path(scratch), read)
+        ran = list(STUDIES) if args.no_studies else per_study(ds, Path(scratch), read)
         if not args.no_analyze:
             peaks = {
                 n: run_analyze(store, Path(scratch) / f"analysis-{n}", f"tokendyn analyze, {n:,} tokens")
@@ -306,7 +308,7 @@ def main() -> None:
             added = added_bytes(peaks, args.models)
             print(f"{'  peak added per (token, model)':<52} {added:8.1f} bytes (the loss: {2 * args.ckpts} bytes)")
             if args.per_study:
-                study_growth(stores, Path(scratch), args.models)
+                study_growth(stores, Path(scratch), args.models, ran)
     if args.large:
         bench_large(root)
     print(f"load average after {os.getloadavg()[0]:.1f}")
