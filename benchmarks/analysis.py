@@ -1,6 +1,7 @@
 """Analysis at suite scale, measured side by side in one run.
 
     python benchmarks/analysis.py [--tokens 1000000] [--ckpts 50] [--models 3] [--large] [--no-analyze]
+                                  [--per-study] [--no-studies]
 
 Builds once (then reuses, under cache/bench/) float16 format-2 stores of synthetic per-token loss
 curves (sigmoid falls in log step of every width and midpoint, flat and rising tokens, noise) in
@@ -14,6 +15,9 @@ seconds (CPU seconds are what to compare on a shared machine) and peak memory of
     chunks (whole checkpoints x about 0.5M tokens at 50 checkpoints), so the working memory is the
     same in both and the difference is the per-token results held until written (a few bytes per
     token and model), not the loss (100 bytes per token and model at 50 float16 checkpoints).
+--per-study adds every study alone (`tokendyn analyze --studies NAME`, child processes) at both sizes:
+its peak memory at each and what the larger size added per (token, model). --no-studies skips
+timing the studies in this process.
 Target: analyze <= 30 s wall at 1,000,000 tokens x 50 checkpoints x 3 models on 2 idle cores.
 
 --large adds Pythia's shape out of core: 10,000,000 tokens x 154 checkpoints x 1 model in float16
