@@ -1,6 +1,7 @@
 """Analysis at suite scale, measured side by side in one run.
 
     python benchmarks/analysis.py [--tokens 1000000] [--ckpts 50] [--models 3] [--large] [--no-analyze]
+                                  [--per-study] [--no-studies]
 
 Builds once (then reuses, under cache/bench/) float16 format-2 stores of synthetic per-token loss
 curves (sigmoid falls in log step of every width and midpoint, flat and rising tokens, noise) in
@@ -14,6 +15,9 @@ seconds (CPU seconds are what to compare on a shared machine) and peak memory of
     chunks (whole checkpoints x about 0.5M tokens at 50 checkpoints), so the working memory is the
     same in both and the difference is the per-token results held until written (a few bytes per
     token and model), not the loss (100 bytes per token and model at 50 float16 checkpoints).
+--per-study adds every study alone (`tokendyn analyze --studies NAME`, child processes) at both sizes:
+its peak memory at each and what the larger size added per (token, model). --no-studies skips
+timing the studies in this process.
 Target: analyze <= 30 s wall at 1,000,000 tokens x 50 checkpoints x 3 models on 2 idle cores.
 
 --large adds Pythia's shape out of core: 10,000,000 tokens x 154 checkpoints x 1 model in float16
@@ -184,10 +188,11 @@ def _aoa_kernels(loss: np.ndarray, x: np.ndarray, n_sample: int) -> tuple[float,
     return 1e6 * now / n_sample, 1e6 * before / n_sample
 
 
-def per_study(ds: xr.Dataset, folder: Path, reference: float) -> None:
+def per_study(ds: xr.Dataset, folder: Path, reference: float) -> list[str]:
     """Each study as `tokendyn analyze` runs it (`run_studies`: results several studies use are
-    computed once, by the first), then writing its tables and labels, timed."""
+    computed once, by the first), then writing its tables and labels, timed; return those that ran."""
     total_wall = total_cpu = 0.0
+    ran = []
     studies = run_studies(ds, list(STUDIES), progress=False)
     while True:
         wall, cpu = time.perf_counter(), time.process_time()
@@ -196,6 +201,7 @@ def per_study(ds: xr.Dataset, folder: Path, reference: float) -> None:
             break
         if outcome.result is not None:
             write_results(outcome.result, folder)
+            ran.append(outcome.name)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         total_wall, total_cpu = total_wall + wall, total_cpu + cpu
         note = f"   skipped ({outcome.skipped[:50]})" if outcome.skipped else f"   peak {peak_gb():.2f} GB"
@@ -203,11 +209,12 @@ def per_study(ds: xr.Dataset, folder: Path, reference: float) -> None:
         print(f"{label}  {cpu / reference:6.1f} x the read{note}", flush=True)
     ratio = total_cpu / reference
     print(f"{'  all studies':<52} {total_wall:8.2f} s wall {total_cpu:8.2f} s cpu  {ratio:6.1f} x the read")
+    return ran
 
 
-def run_analyze(store: Path, out: Path, label: str) -> float:
-    """`tokendyn analyze` in a child process: print its wall and CPU seconds and return its own peak
-    memory (GB).
+def run_analyze(store: Path, out: Path, label: str, studies: str | None = None) -> float:
+    """`tokendyn analyze` (only `studies`, comma-separated, if given) in a child process: print its
+    wall and CPU seconds and return its own peak memory (GB).
 
     The child runs under /usr/bin/time: a child forked straight from this (large) process would
     report this process's resident memory at the fork as its own peak.
@@ -215,14 +222,32 @@ def run_analyze(store: Path, out: Path, label: str) -> float:
     timing = out.with_name(out.name + ".time")
     tokendyn_cli = str(Path(sys.executable).with_name("tokendyn"))
     command = ["/usr/bin/time", "-f", "%M %U %S", "-o", str(timing), tokendyn_cli, "analyze", str(store)]
+    command += ["--out", str(out), "--quiet"] + (["--studies", studies] if studies else [])
     started = time.perf_counter()
-    done = subprocess.run([*command, "--out", str(out), "--quiet"], capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - started
     peak_kb, user, system = (float(v) for v in timing.read_text().split()[-3:])
     ok = "ok" if done.returncode == 0 else f"FAILED: {(done.stderr.strip().splitlines() or ['?'])[-1]}"
     cpu, peak = user + system, peak_kb / 2**20
     print(f"{label:<52} {wall:8.2f} s wall {cpu:8.2f} s cpu   peak {peak:.2f} GB   {ok}", flush=True)
     return peak
+
+
+def added_bytes(peaks: dict[int, float], n_models: int) -> float:
+    """Peak memory the larger size added per (token, model), in bytes, from {n_tokens: peak GB}."""
+    (small, low), (large, high) = sorted(peaks.items())
+    return (high - low) * 2**30 / ((large - small) * n_models)
+
+
+def study_growth(stores: dict[int, Path], scratch: Path, n_models: int, names: list[str]) -> None:
+    """Each study alone (`tokendyn analyze --studies NAME`) at both sizes, one after the other in
+    child processes: its peak memory at each and what the larger size added per (token, model)."""
+    for name in names:
+        peaks = {
+            n: run_analyze(store, scratch / f"{name}-{n}", f"  --studies {name}, {n:,} tokens", name)
+            for n, store in stores.items()
+        }
+        print(f"{'    peak added per (token, model)':<52} {added_bytes(peaks, n_models):8.1f} bytes", flush=True)
 
 
 def read_once(ds: xr.Dataset) -> float:
@@ -253,6 +278,10 @@ def main() -> None:
     parser.add_argument("--models", type=int, default=3)
     parser.add_argument("--large", action="store_true", help="also 10M tokens x 154 checkpoints x 1 model out of core")
     parser.add_argument("--no-analyze", action="store_true", help="skip the end-to-end `tokendyn analyze` runs")
+    parser.add_argument(
+        "--per-study", action="store_true", help="also each study alone at both sizes: its peak memory growth"
+    )
+    parser.add_argument("--no-studies", action="store_true", help="skip timing every study in this process")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     root = Path(__file__).resolve().parents[1] / "cache" / "bench"
@@ -274,15 +303,16 @@ def main() -> None:
     label = "age-of-acquisition kernel, cpu us/token, one thread"
     print(f"{label:<52} now {now:.1f}, before {before:.1f} ({before / now:.1f}x)", flush=True)
     with tempfile.TemporaryDirectory(dir=root) as scratch:
-        per_study(ds, Path(scratch), read)
+        ran = list(STUDIES) if args.no_studies else per_study(ds, Path(scratch), read)
         if not args.no_analyze:
             peaks = {
                 n: run_analyze(store, Path(scratch) / f"analysis-{n}", f"tokendyn analyze, {n:,} tokens")
                 for n, store in stores.items()
             }
-            (small, low), (large, high) = sorted(peaks.items())
-            added = (high - low) * 2**30 / ((large - small) * args.models)
+            added = added_bytes(peaks, args.models)
             print(f"{'  peak added per (token, model)':<52} {added:8.1f} bytes (the loss: {2 * args.ckpts} bytes)")
+            if args.per_study:
+                study_growth(stores, Path(scratch), args.models, ran)
     if args.large:
         bench_large(root)
     print(f"load average after {os.getloadavg()[0]:.1f}")

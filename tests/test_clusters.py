@@ -360,3 +360,24 @@ def test_fit_sample_reads_few_chunks_of_a_long_store():
     spread = fit_sample(store(10_000, 5_000), 2_000, np.random.default_rng(0))
     assert len(np.unique(spread // 5_000)) == 2  # a pool of every chunk: drawn from all tokens
     np.testing.assert_array_equal(fit_sample(store(30, 10), 40, np.random.default_rng(0)), np.arange(30))
+
+
+def test_top_token_counts_by_window_equal_numpy_unique():
+    """The top tokens per cluster are counted a window of tokens at a time (bincount per window);
+    the counts equal np.unique's over every labelled token at once."""
+    from tokendyn.analysis import clusters as module
+
+    rng = np.random.default_rng(2)
+    n = 3 * module.WINDOW_TOKENS // 2 + 17  # two windows, the second partial
+    codes = rng.integers(-1, 4, (2, n)).astype(np.int8)
+    token_id = rng.integers(0, 300, n)
+    token_id[: n // 3] = rng.integers(0, 20, n // 3)  # frequent ids
+    per_cluster, corpus = module._id_counts(codes, token_id, 4)
+    ids = np.broadcast_to(token_id, codes.shape)
+    expected_ids, expected = np.unique(ids[codes >= 0], return_counts=True)
+    np.testing.assert_array_equal(np.flatnonzero(corpus), expected_ids)
+    np.testing.assert_array_equal(corpus[expected_ids], expected)
+    for k in range(4):
+        member_ids, counts = np.unique(ids[codes == k], return_counts=True)
+        np.testing.assert_array_equal(np.flatnonzero(per_cluster[k]), member_ids)
+        np.testing.assert_array_equal(per_cluster[k][member_ids], counts)

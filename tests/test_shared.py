@@ -11,8 +11,9 @@ import pytest
 import scipy.stats
 
 from tokendyn.analysis import shared
+from tokendyn.analysis.ranks import average_ranks, pair_statistics
 from tokendyn.analysis.shared import computed, sharing
-from tokendyn.analysis.trajectories import _pair_rows, double_descent, load_small, subset_curve
+from tokendyn.analysis.trajectories import double_descent, load_small, subset_curve
 from tokendyn.analysis.trends import trend_categories
 
 
@@ -92,8 +93,38 @@ def test_pair_statistics_equal_scipy_with_ties_and_gaps():
     drops = np.stack([np.round(base + rng.normal(0, s, 2000), 1) for s in (0.3, 0.5, 0.8)])
     drops[:, :100] = 10 + np.arange(100)[::-1] + rng.normal(0, 0.01, (3, 100))
     drops[1, 500:520] = np.nan  # model 1 lacks some tokens: its pairs rank their common tokens only
-    rows = _pair_rows(drops, ["a", "b", "c"], top=0.05)
-    for row, (spearman, jaccard) in zip(rows, _scipy_rows(drops, 0.05)):
-        assert row["spearman"] == pytest.approx(spearman, rel=1e-12)
-        assert row["jaccard"] == pytest.approx(jaccard)
-    assert [r["n_tokens"] for r in rows] == [1980, 2000, 1980]
+    expected = _scipy_rows(drops, 0.05)
+    # in one window and one sort, and in windows of 300 tokens and sorts of at most 256 values
+    # (ranges that split between equal values would give wrong average ranks)
+    for blocks, sizes in (([drops], {}), (np.array_split(drops, 9, axis=1), dict(window=300, group=256))):
+        rows = pair_statistics(blocks, ["a", "b", "c"], top=0.05, **sizes)
+        for row, (spearman, jaccard) in zip(rows, expected):
+            assert row["spearman"] == pytest.approx(spearman, rel=1e-12)
+            assert row["jaccard"] == pytest.approx(jaccard)
+        assert [r["n_tokens"] for r in rows] == [1980, 2000, 1980]
+
+
+def test_top_k_takes_the_later_tokens_among_equal_values_at_the_boundary():
+    values = np.array([[0.0, 1.0, 1.0, 1.0, 2.0, -0.0], [0.0, 1.0, 1.0, 1.0, 2.0, 0.0]])
+    (row,) = pair_statistics([values], ["a", "b"], top=3, group=1)
+    assert row["jaccard"] == 1.0 and row["spearman"] == pytest.approx(1.0)  # -0.0 ties with 0.0
+
+
+def test_average_ranks_equal_scipy():
+    rng = np.random.default_rng(5)
+    for values in (rng.normal(size=1000), np.round(rng.normal(size=1000), 1), np.zeros(7), np.array([3.0])):
+        ranks = average_ranks(values, np.argsort(values, kind="stable"))
+        np.testing.assert_array_equal(ranks, scipy.stats.rankdata(values))
+
+
+def test_shared_results_leave_the_token_coordinates_on_disk(planted):
+    """A shared result is held in memory, its per-token coordinates (token_id, doc, ...) are not:
+    computing the DataArray whole would load them, 8 bytes per token each."""
+    lazy = [name for name, c in planted.coords.items() if "token" in c.dims and c.chunks is not None]
+    assert lazy  # the store's token coordinates are lazy to begin with
+    with sharing():
+        flags = computed(double_descent, planted)
+        assert set(lazy) <= set(flags.coords)  # the flags carry the token coordinates ...
+        for result in (flags, computed(trend_categories, planted, along="start")):
+            assert isinstance(result.data, np.ndarray)
+            assert all(result[name].chunks is not None for name in lazy if name in result.coords)  # ... lazily

@@ -148,3 +148,26 @@ def test_token_view_names_a_rise_only_when_a_token_rose(planted, tmp_path):
     model_line = next(line for line in fell if line.startswith("a: "))
     assert model_line.startswith("a: 100% of the shown tokens fell") and "smallest fall (none rose)" in model_line
     assert not any("largest rise" in line for line in fell)
+
+
+@pytest.mark.parametrize("n_docs, max_tokens", [(3, 4), (2, 100), (10, 1)])
+def test_shown_documents_read_chunk_by_chunk_match_the_whole_arrays(n_docs, max_tokens):
+    """The token view reads token ids and documents a chunk at a time; the documents and tokens it
+    shows are those a plain computation on the whole arrays picks (documents in order of their first
+    real token, interleaved across chunks, padding and negative documents left out)."""
+    import xarray as xr
+
+    from tokendyn.data.corpus import PAD
+    from tokendyn.studies.token_view import _document_tokens
+
+    rng = np.random.default_rng(1)
+    doc = rng.choice([-1, 4, 2, 7, 0, 9], size=200)
+    ids = np.where(rng.random(200) < 0.2, PAD, rng.integers(0, 50, 200))
+    ds = xr.Dataset(coords={"token_id": ("token", ids), "doc": ("token", doc)}).chunk(token=17)
+    real = ids != PAD
+    firsts = [d for d in dict.fromkeys(doc[real].tolist()) if d >= 0][:n_docs]
+    expected = [np.flatnonzero(real & (doc == d))[:max_tokens] for d in firsts]
+    got = _document_tokens(ds, n_docs, max_tokens)
+    assert len(got) == len(expected) > 0
+    for g, e in zip(got, expected):
+        np.testing.assert_array_equal(g, e)

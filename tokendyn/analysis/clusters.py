@@ -73,7 +73,9 @@ from threadpoolctl import threadpool_limits
 from tokendyn.analysis.compiled import decoded, stored
 from tokendyn.analysis.labels import MISSING, flag_array, flag_names, label_mask, label_share
 from tokendyn.analysis.shared import computed
+from tokendyn.analysis.spill import filled
 from tokendyn.analysis.trajectories import (
+    SLICE_TOKENS,
     _average_columns,
     at_perplexity,
     double_descent,
@@ -94,6 +96,7 @@ N_INIT, REFIT_N_INIT = 10, 3
 FIT_THREADS = 2  # the stability refits run beside the fit (scikit-learn's loops release the GIL)
 MIN_FINE_SIZE = 30  # "shapes": fit samples per fine cluster at least, so a fine centroid averages out the noise
 NORMALIZATIONS = ("window", "center", "start", "zscore")
+WINDOW_TOKENS = 2**18  # tokens per window of the top-token counts (ids read, counted, released)
 # The per-token detectors' own defaults, so that the names use their definitions (one place per default).
 DD_TOL = inspect.signature(double_descent).parameters["tol"].default
 DD_WINDOW = inspect.signature(double_descent).parameters["window"].default
@@ -559,8 +562,13 @@ def _predict(x: np.ndarray, stats: np.ndarray, estimator, order: np.ndarray, **d
     flat, flat_stats = x.reshape(-1, x.shape[-1]), stats.reshape(-1, stats.shape[-1])
     ok = np.isfinite(flat).all(axis=1) & np.isfinite(flat_stats).all(axis=1)
     codes = np.full(len(flat), MISSING, dtype=np.int8)
-    if ok.any():
-        codes[ok] = order[estimator.predict(design(flat[ok], flat_stats[ok], **design_kwargs))]
+    # a slice of tokens at a time: the design matrix and k-means' distances of a whole chunk are
+    # hundreds of MB in float64, held by every thread at once
+    for i in range(0, len(flat), SLICE_TOKENS):
+        rows = slice(i, i + SLICE_TOKENS)
+        keep = np.flatnonzero(ok[rows]) + i
+        if len(keep):
+            codes[keep] = order[estimator.predict(design(flat[keep], flat_stats[keep], **design_kwargs))]
     return codes.reshape(x.shape[:-1])
 
 
@@ -573,21 +581,40 @@ def _decode(ids: Sequence[int], token_text) -> list[str]:
     return [str(text) for text in token_text([int(i) for i in ids])]
 
 
-def top_tokens(labels: xr.DataArray, token_id: np.ndarray, top: int = 10, token_text=None) -> pd.DataFrame:
+def _id_counts(codes: np.ndarray, token_id: np.ndarray | xr.Variable, n_clusters: int) -> tuple[np.ndarray, np.ndarray]:
+    """(per cluster, all labelled) occurrences of every token id, (cluster, id) and (id,), counted a
+    window of tokens at a time: the token ids are read a window at a time (a lazy array stays on
+    disk) and no per-token copy is made. Labelled tokens are never padding: their ids are >= 0."""
+    codes = codes.reshape(-1, codes.shape[-1])
+    per_cluster, corpus = np.zeros((n_clusters, 0), np.int64), np.zeros(0, np.int64)
+    for begin in range(0, codes.shape[1], WINDOW_TOKENS):
+        part = codes[:, begin : begin + WINDOW_TOKENS]
+        ids = np.broadcast_to(np.asarray(token_id[begin : begin + WINDOW_TOKENS]), part.shape)
+        labelled = part >= 0
+        size = max(per_cluster.shape[1], int(ids[labelled].max()) + 1 if labelled.any() else 0)
+        per_cluster = np.pad(per_cluster, ((0, 0), (0, size - per_cluster.shape[1])))
+        corpus = np.pad(corpus, (0, size - len(corpus)))
+        corpus += np.bincount(ids[labelled], minlength=size)
+        for k in range(n_clusters):
+            per_cluster[k] += np.bincount(ids[part == k], minlength=size)
+    return per_cluster, corpus
+
+
+def top_tokens(
+    labels: xr.DataArray, token_id: np.ndarray | xr.Variable, top: int = 10, token_text=None
+) -> pd.DataFrame:
     """Most frequent token ids per cluster, pooled over models.
 
     Columns: cluster, name, token_id, text, count (occurrences in the cluster), cluster_share
     (% of the cluster), corpus_count (occurrences among labelled tokens, all models),
     token_share (% of that token's occurrences that fall in this cluster).
     """
-    codes = np.asarray(labels.values).reshape(-1, token_id.size)
-    ids = np.broadcast_to(token_id.reshape(1, -1), codes.shape)
-    labelled = codes >= 0
-    corpus_ids, corpus_counts = np.unique(ids[labelled], return_counts=True)
-    corpus = dict(zip(corpus_ids.tolist(), corpus_counts.tolist()))
+    names = flag_names(labels)
+    per_cluster, corpus = _id_counts(np.asarray(labels.values), token_id, len(names))
     rows = []
-    for k, name in enumerate(flag_names(labels)):
-        member_ids, counts = np.unique(ids[codes == k], return_counts=True)
+    for k, name in enumerate(names):
+        member_ids = np.flatnonzero(per_cluster[k])
+        counts = per_cluster[k][member_ids]
         best = np.argsort(-counts, kind="stable")[:top]
         texts = _decode(member_ids[best].tolist(), token_text)
         for i, text in zip(best, texts):
@@ -735,7 +762,7 @@ def cluster(
         output_dtypes=[np.int8],
         kwargs=dict(estimator=estimator, order=order, **design_kwargs),
     )
-    labels = flag_array(codes.compute(), names, "cluster", "cluster of the token's loss trajectory")
+    labels = flag_array(filled(codes), names, "cluster", "cluster of the token's loss trajectory")
     centroids = xr.DataArray(
         curves,
         dims=("cluster", "point"),
@@ -759,7 +786,7 @@ def cluster(
     if token_text is None and "vocab_text" in ds.variables:
         vocab = ds["vocab_text"].values
         token_text = vocab.__getitem__  # labelled tokens are never padding, so every id indexes the vocabulary
-    table = top_tokens(labels, np.asarray(ds["token_id"].values), top, token_text)
+    table = top_tokens(labels, ds["token_id"].variable, top, token_text)  # read a window at a time
     return Clustering(labels, centroids, criterion, scores, stability, table)
 
 

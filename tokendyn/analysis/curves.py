@@ -24,6 +24,7 @@ import xarray as xr
 
 from tokendyn.analysis.compiled import as_float32
 from tokendyn.analysis.labels import MISSING, describe, flag_array
+from tokendyn.analysis.spill import nanmedian
 from tokendyn.analysis.trajectories import (
     CHUNK_MB,
     chunk_tokens,
@@ -443,8 +444,7 @@ def rho1_classes(
     a, b = a.drop_vars("step"), b.drop_vars("step")
     valid = valid_tokens(ds)
     if threshold is None:
-        pooled = xr.concat([a, b], dim="which").where(valid).values
-        threshold = float(np.nanmedian(pooled))
+        threshold = float(nanmedian(xr.concat([a, b], dim="which").where(valid)))  # out of core
     high_a, high_b = a > threshold, b > threshold
     codes = xr.where(high_a, xr.where(high_b, 0, 2), xr.where(high_b, 1, 3))
     codes = codes.where(valid & a.notnull() & b.notnull(), MISSING).astype(np.int8)

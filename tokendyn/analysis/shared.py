@@ -82,16 +82,23 @@ def computed(function: Callable[..., xr.DataArray], ds: xr.Dataset, along: str |
     """
     results = _RESULTS.get()
     if results is None:
-        return function(ds, **params).compute()
+        return _in_memory(function(ds, **params))
     key, wanted = _key(function, ds, along, params)
     for held, result, _ in results.get(key, []):
         if wanted is None:
             return result
         if np.isin(wanted, held).all():
             return result.sel({along: wanted})
-    result = function(ds, **params).compute()
+    result = _in_memory(function(ds, **params))
     _keep(results, key, wanted, result, ds)
     return result
+
+
+def _in_memory(result: xr.DataArray, data: Any = None) -> xr.DataArray:
+    """`result` with its values (`data`, else computed) in memory and its coordinates as they were:
+    computing it whole would also load its lazy per-token coordinates (token_id, doc, offset, ...:
+    8 bytes per token each, more than an int8 result itself)."""
+    return result.copy(data=dask.compute(result.data)[0] if data is None else data)
 
 
 def alongside(ds: xr.Dataset, lazy: Any, requests: Sequence[tuple[Callable[..., xr.DataArray], dict]]) -> Any:
@@ -105,7 +112,7 @@ def alongside(ds: xr.Dataset, lazy: Any, requests: Sequence[tuple[Callable[..., 
         key, _ = _key(function, ds, None, params)
         if key not in results:
             pending.append((key, function(ds, **params)))
-    value, *extra = dask.compute(lazy, *(result for _, result in pending))
-    for (key, _), result in zip(pending, extra):
-        _keep(results, key, None, result, ds)
+    value, *extra = dask.compute(lazy, *(result.data for _, result in pending))
+    for (key, result), data in zip(pending, extra):
+        _keep(results, key, None, _in_memory(result, data), ds)
     return value

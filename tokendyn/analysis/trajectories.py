@@ -13,21 +13,19 @@ Conventions used throughout tokendyn's analyses:
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
 import dask.array as da
 import numba
 import numpy as np
 import pandas as pd
-import scipy.stats
 import xarray as xr
 
 from tokendyn.analysis.compiled import assign, decoded, stored, stored_difference
 from tokendyn.analysis.labels import describe
+from tokendyn.analysis.ranks import pair_statistics
 from tokendyn.analysis.shared import alongside
 from tokendyn.errors import TokendynError
 from tokendyn.store.layout import TOKEN_DIMS
@@ -37,7 +35,6 @@ CHUNK_MB = 64  # loss data per dask chunk of the per-token computations (ckpt wh
 SLICE_TOKENS = 2**15  # tokens per slice inside a kernel: bounds its float64 temporaries
 SMALL_SET_BYTES = 64 * 2**20  # a set this small is read whole into memory by the analyses that span sets
 DESCENT_TOKENS = 2048  # tokens per slice of the double-descent kernel: its buffers stay in cache
-RANK_THREADS = 2  # models ranked at once by `agreement` (numpy's sorts release the GIL)
 
 
 # --- selecting checkpoints -------------------------------------------------------------------------
@@ -384,23 +381,21 @@ def subset_curve(
     extra = [dim for dim in mask.dims if dim not in TOKEN_DIMS]
     mask = mask.transpose(*extra, *TOKEN_DIMS)
     flat = np.asarray(mask.values, dtype=bool).reshape(-1, ds.sizes["token"])  # (subset, token)
-    members = [np.flatnonzero(row) for row in flat]
     loss = ds["loss"].transpose("model", "ckpt", *TOKEN_DIMS).data
     loss = loss if hasattr(loss, "chunks") else da.from_array(loss, chunks=(1, 1, -1))
     # a task per token range takes its stored chunks as they are (the double-descent flags' tasks take
-    # the same ones: brought `also`, each chunk is read once and then released)
+    # the same ones: brought `also`, each chunk is read once and then released), and the mask's
+    # columns of that range: no list of every subset's token positions is made
     parts = da.blockwise(
         _subset_blocks,
         "mtxsv",
         loss,
         "mct",
-        da.from_array(np.cumsum((0, *loss.chunks[2][:-1])), chunks=1),
-        "t",
-        new_axes={"x": loss.shape[1], "s": len(members), "v": 2},
+        da.from_array(flat, chunks=(-1, loss.chunks[2])),
+        "st",
+        new_axes={"x": loss.shape[1], "v": 2},
         adjust_chunks={"t": 1},
-        align_arrays=False,
         concatenate=False,
-        members=members,
         dtype=np.float64,
         meta=np.array((), dtype=np.float64),
     )
@@ -419,16 +414,16 @@ def subset_curve(
     return describe(ppl, "perplexity of the token subset")
 
 
-def _subset_blocks(blocks: list[np.ndarray], first: np.ndarray, members: list[np.ndarray]) -> np.ndarray:
-    """Sums and counts (model, 1, ckpt, subset, 2) of the non-NaN loss of each subset's tokens in the
-    token range from `first` ([position]) of (model, ckpt, token) blocks, one per chunk of
-    checkpoints; `members`: each subset's token positions in the whole token dim."""
+def _subset_blocks(blocks: list[np.ndarray], mask: np.ndarray) -> np.ndarray:
+    """Sums and counts (model, 1, ckpt, subset, 2) of the non-NaN loss of each subset's tokens in a
+    token range: (model, ckpt, token) blocks, one per chunk of checkpoints, and the subsets' mask
+    (subset, token) of the same range."""
     n_model, _, n_token = blocks[0].shape
-    index = [m[np.searchsorted(m, first[0]) : np.searchsorted(m, first[0] + n_token)] - first[0] for m in members]
+    index = [np.flatnonzero(row) for row in mask]
     starts = np.cumsum([0] + [len(i) for i in index])
     sums = [
         _subset_sums(stored(block.reshape(-1, n_token)), np.concatenate(index), starts).reshape(
-            n_model, block.shape[1], len(members), 2
+            n_model, block.shape[1], len(index), 2
         )
         for block in blocks
     ]
@@ -680,58 +675,13 @@ def token_share(ds: xr.Dataset, mask: xr.DataArray) -> xr.DataArray:
 # --- cross-size agreement --------------------------------------------------------------------------
 
 
-def _ranked(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Average ranks of values (as `scipy.stats.rankdata`) and a mask of their k largest."""
-    top = np.zeros(len(values), bool)
-    top[np.argpartition(-values, k - 1)[:k]] = True
-    return scipy.stats.rankdata(values), top
-
-
-def _pair_rows(drops: np.ndarray, models: Sequence[str], top: float) -> list[dict]:
-    """Spearman and top-k Jaccard of per-token drops (model, token) for every model pair.
-
-    Spearman's rho is the correlation of the average ranks; a model's ranks and top k are computed
-    once and reused by every pair that has all of its tokens (sorting a million drops is the cost),
-    two models at a time (numpy's sorts release the GIL).
-    """
-    finite = np.isfinite(drops)
-    pairs = []
-    for a, b in itertools.combinations(range(len(models)), 2):
-        both = finite[a] & finite[b]
-        n = int(both.sum())
-        k = max(1, round(top * n)) if top < 1 else int(top)
-        pairs.append((a, b, both, n, k))
-
-    def key(m: int, pair: tuple) -> tuple:
-        a, b, both, _, k = pair
-        return (m, k) if np.array_equal(both, finite[m]) else (m, k, a, b)  # (m, k): all of m's tokens
-
-    with ThreadPoolExecutor(RANK_THREADS) as pool:
-        ranked: dict[tuple, Future] = {}
-        for pair in pairs:
-            a, b, both, n, k = pair
-            for m in (a, b) if n >= 3 and k <= n else ():
-                if key(m, pair) not in ranked:
-                    ranked[key(m, pair)] = pool.submit(_ranked, drops[m][both], k)
-    rows = []
-    for pair in pairs:
-        a, b, _, n, k = pair
-        row = {
-            "model_a": models[a],
-            "model_b": models[b],
-            "n_tokens": n,
-            "top_k": k,
-            "spearman": np.nan,
-            "jaccard": np.nan,
-            "jaccard_chance": k / (2 * n - k) if n >= k else np.nan,
-        }
-        if n >= 3 and k <= n:
-            (rank_a, top_a), (rank_b, top_b) = ranked[key(a, pair)].result(), ranked[key(b, pair)].result()
-            row["spearman"] = np.corrcoef(rank_a, rank_b)[0, 1]
-            inter = int((top_a & top_b).sum())
-            row["jaccard"] = inter / (2 * k - inter)
-        rows.append(row)
-    return rows
+def _drop_blocks(grid: xr.DataArray, axis: str) -> Iterator[np.ndarray]:
+    """(model, token) float64 loss drops from the first level of `axis` to the second, a token chunk
+    at a time (computed whole, dask would hold every chunk and their concatenation)."""
+    drop = (grid.isel({axis: 0}) - grid.isel({axis: 1})).transpose("model", "token")
+    step = max(drop.chunks[1]) if drop.chunks else drop.sizes["token"]
+    for begin in range(0, drop.sizes["token"], step):
+        yield drop.isel(token=slice(begin, begin + step)).values.astype(np.float64, copy=False)
 
 
 def agreement(
@@ -774,9 +724,7 @@ def agreement(
         # step, as in most suites) have the same drops: computed and ranked once.
         plan = tuple(np.asarray(v).tobytes() for per_model in _interpolation(ds, axis, pair) for v in per_model)
         if plan not in by_plan:
-            grid = at_axis(ds, axis, pair).where(valid)
-            drops = (grid.isel({axis: 0}) - grid.isel({axis: 1})).values.reshape(len(models), -1)
-            by_plan[plan] = _pair_rows(drops, models, top)
+            by_plan[plan] = pair_statistics(_drop_blocks(at_axis(ds, axis, pair).where(valid), axis), models, top)
         for row in by_plan[plan]:
             rows.append({"axis": axis, "from_level": pair[0], "to_level": pair[1], **row})
     return pd.DataFrame(rows)

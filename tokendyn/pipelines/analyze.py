@@ -14,6 +14,7 @@ the studies for the report (`run_studies`) and one study from the command line (
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -21,21 +22,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import xarray as xr
+import zarr
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
-from zarr.codecs import BloscCodec
 
 from tokendyn.analysis.shared import sharing
+from tokendyn.analysis.spill import FLOAT_CODEC, SPILLED, prepared, write_by_windows
 from tokendyn.errors import TokendynError
 from tokendyn.pipelines.output import mark, output_folder
-from tokendyn.store import TOKEN_DIMS, open_store
+from tokendyn.store import open_store
 from tokendyn.studies import STUDIES
 from tokendyn.studies.study import Result, Skip, save
 
 LABELS_STORE = "labels.zarr"
-# Per-token floats (losses at matched perplexity) are noise to a compressor: LZ4 after a byte shuffle
-# writes them in 0.3x the CPU time of Zarr's default Zstandard, in files 2% larger (measured, 240 MB).
-FLOAT_LABELS_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+FLOAT_LABELS_CODEC = FLOAT_CODEC  # per-token floats: LZ4 after a byte shuffle (tokendyn.analysis.spill)
 FINDINGS = "findings.txt"
 # Names of the analysis steps before the studies took them over, still accepted by --steps.
 FORMER_STEPS = {
@@ -111,24 +111,20 @@ def run_studies(
 
 
 def write_labels(folder: Path, name: str, data: xr.Dataset | xr.DataArray) -> None:
-    """Write per-token results as group `name` of the labels store, chunk by chunk."""
-    if isinstance(data, xr.DataArray):
-        data = data.to_dataset(name=data.name or name)
-    # Token coordinates (token_id, ...) stay in the store, which the labels line up with.
-    data = data.drop_vars([n for n, c in data.coords.items() if n not in data.dims and set(c.dims) & set(TOKEN_DIMS)])
-    # Zarr needs equal chunks (but the last): take each variable's largest chunk per dim.
-    data = data.map(
-        lambda v: v.chunk({d: max(c) for d, c in zip(v.dims, v.chunks)}) if v.chunks else v, keep_attrs=True
-    )
-    for variable in data.variables.values():
-        variable.encoding.pop("chunks", None)  # chunks come from dask, not from the source store
-        variable.encoding.pop("preferred_chunks", None)
-        if variable.dtype.kind == "f":
-            variable.encoding["compressors"] = (FLOAT_LABELS_CODEC,)
+    """Write per-token results as group `name` of the labels store, a token window at a time
+    (`tokendyn.analysis.spill`); results a study spilled to a temporary store are copied as written."""
+    store = folder / LABELS_STORE
+    if isinstance(data, xr.Dataset) and SPILLED in data.encoding:
+        source, group = data.encoding[SPILLED]
+        zarr.open_group(store, mode="a")  # the root group, as a first write makes it
+        shutil.rmtree(store / name, ignore_errors=True)
+        shutil.copytree(source / group, store / name)
+        return
+    data = prepared(data, name)
     # One variable at a time: computed together from the same loss chunks, the fast ones would
     # keep those chunks in memory until the slowest had used them.
     for i, variable in enumerate(data.data_vars):
-        data[[variable]].to_zarr(folder / LABELS_STORE, group=name, mode="a" if i else "w", consolidated=False)
+        write_by_windows(data[[variable]], store, name, mode="a" if i else "w")
 
 
 def write_results(result: Result, folder: Path) -> None:

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import xarray as xr
 
 from tokendyn.analysis.curves import RHO1_CLASSES, curve_measures, rho1_classes
 from tokendyn.analysis.labels import label_share
+from tokendyn.analysis.spill import Summary, spill, token_windows
 from tokendyn.analysis.trajectories import load_small
 from tokendyn.studies.findings import WORDS, direction, listing
 from tokendyn.studies.study import Result, default_of, models_by_size, open_source, require
@@ -24,19 +26,53 @@ MEASURES = {
 RHO1_REFERENCE = dict(zip(RHO1_CLASSES, (11, 12, 26, 51)))  # Lin et al. 2024 (Rho-1), % of tokens; methods.md §5
 
 
-def histograms(values: dict[str, np.ndarray], bins: int) -> pd.DataFrame:
-    """Counts per model on bins shared by all models: measure-free table model, bin_left, bin_right, count, percent."""
-    finite = np.concatenate([v[np.isfinite(v)] for v in values.values()])
-    edges = np.histogram_bin_edges(finite, bins) if len(finite) else np.array([0.0, 1.0])
-    rows = []
-    for model, v in values.items():
-        counts, _ = np.histogram(v[np.isfinite(v)], edges)
-        total = max(int(np.isfinite(v).sum()), 1)
-        rows += [
-            {"model": model, "bin_left": lo, "bin_right": hi, "count": int(c), "percent": 100 * c / total}
-            for lo, hi, c in zip(edges[:-1], edges[1:], counts)
-        ]
-    return pd.DataFrame(rows)
+def summaries(every: xr.Dataset, models: list[str], bins: int) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, int]]:
+    """(histograms, summary, valid tokens per model) of the per-token measures, read a token window at
+    a time in two passes.
+
+    histograms: counts per model of each measure in MEASURES on bins shared by all models (numpy's
+    `histogram_bin_edges` of their finite values): measure, model, bin_left, bin_right, count, percent.
+    summary: per measure and model the median and mean (numpy's nanmedian and nanmean, exactly
+    and summed in float64), n_tokens (finite values) and n_undefined (tokens with a prediction, a
+    finite final loss, but no value).
+    """
+    names = [str(m) for m in every["model"].values]
+    parts = {(measure, m): Summary() for measure in every.data_vars for m in models}
+    valid, undefined = np.zeros(len(names), np.int64), dict.fromkeys(parts, 0)
+    for window in token_windows(every):  # pass 1: counts, sums, ranges, the medians' upper bits
+        final = np.isfinite(window["final_loss"].values.reshape(len(names), -1))
+        valid += final.sum(axis=1)
+        for (measure, model), part in parts.items():
+            v = window[measure].values[names.index(model)].ravel()
+            part.add(v)
+            undefined[measure, model] += int((final[names.index(model)] & ~np.isfinite(v)).sum())
+    edges = {}
+    for measure in MEASURES:
+        ranges = [parts[measure, m] for m in models if parts[measure, m].n_finite]
+        finite = np.array([p.low for p in ranges] + [p.high for p in ranges], np.float32)
+        edges[measure] = np.histogram_bin_edges(finite, bins) if len(finite) else np.array([0.0, 1.0])
+    for window in token_windows(every):  # pass 2: histograms, the medians' lower bits
+        for (measure, model), part in parts.items():
+            part.refine(window[measure].values[names.index(model)].ravel(), edges.get(measure))
+    hist, summary = [], []
+    for (measure, model), part in parts.items():
+        if measure in MEASURES:
+            percent = 100 * part.counts / max(part.n_finite, 1)
+            hist += [
+                {"measure": measure, "model": model, "bin_left": lo, "bin_right": hi, "count": int(c), "percent": p}
+                for lo, hi, c, p in zip(edges[measure][:-1], edges[measure][1:], part.counts, percent)
+            ]
+        summary.append(
+            {
+                "model": model,
+                "measure": measure,
+                "median": part.median() if part.n_finite else np.nan,
+                "mean": part.mean(),
+                "n_tokens": part.n_finite,
+                "n_undefined": undefined[measure, model],
+            }
+        )
+    return pd.DataFrame(hist), pd.DataFrame(summary), dict(zip(names, valid))
 
 
 def run(
@@ -51,32 +87,12 @@ def run(
     bins shared by the models; Rho-1 class shares beside Rho-1's reference."""
     ds = load_small(open_source(source))  # once here, not once in each analysis called
     require(ds, "loss", "step")
-    # float32 (the labels' precision) from each block: half the memory of the per-token results held here
-    every = curve_measures(ds, last=last, chance=chance, window=window).astype(np.float32).compute()
-    valid = np.isfinite(every["final_loss"].values)  # tokens with a prediction in a done checkpoint
+    # float32 (the labels' precision) from each block, computed to a temporary store a window of
+    # tokens at a time and summarised from there: memory never holds every token's measures
+    every = spill(curve_measures(ds, last=last, chance=chance, window=window).astype(np.float32))
     models = models_by_size(ds)
     colors = model_colors(ds)
-    names = [str(m) for m in every["model"].values]
-
-    hist, summary = [], []
-    for measure in every.data_vars:  # summaries of every measure; histograms of those drawn
-        per_model = {m: every[measure].values[names.index(m)].ravel() for m in models}
-        if measure in MEASURES:
-            hist.append(histograms(per_model, bins).assign(measure=measure))
-        for m, v in per_model.items():
-            tokens = valid[names.index(m)].ravel()
-            summary.append(
-                {
-                    "model": m,
-                    "measure": measure,
-                    "median": np.nanmedian(v) if np.isfinite(v).any() else np.nan,
-                    "mean": np.nanmean(v) if np.isfinite(v).any() else np.nan,
-                    "n_tokens": int(np.isfinite(v).sum()),
-                    "n_undefined": int((tokens & ~np.isfinite(v)).sum()),
-                }
-            )
-    hist = pd.concat(hist)[["measure", "model", "bin_left", "bin_right", "count", "percent"]]
-    summary = pd.DataFrame(summary)
+    hist, summary, valid = summaries(every, models, bins)
     classes = rho1_classes(ds)
     rho = label_share(classes).rename("percent").reset_coords(drop=True).to_dataframe().reset_index()
     rho = rho.rename(columns={"category": "class"}).assign(model=lambda t: t["model"].astype(str))
@@ -111,7 +127,7 @@ def run(
         "Tokens without an age of acquisition (never below chance, rising, or crossing halfway outside "
         "the checkpoints): "
         + listing(
-            ((m, 100 * undefined.loc[m, "n_undefined"] / max(valid[names.index(m)].sum(), 1)) for m in models),
+            ((m, 100 * undefined.loc[m, "n_undefined"] / max(valid[m], 1)) for m in models),
             "{:.0f}%",
         )
         + "."

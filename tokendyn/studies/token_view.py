@@ -25,7 +25,7 @@ from markupsafe import Markup, escape
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LinearSegmentedColormap, Normalize
 
-from tokendyn.analysis.tokens import flat_tokens, show_whitespace, steps_between
+from tokendyn.analysis.tokens import show_whitespace, steps_between
 from tokendyn.analysis.trajectories import load_small, model_index
 from tokendyn.analysis.trends import CATEGORIES, TrendWarning, trend_categories
 from tokendyn.data.corpus import PAD
@@ -58,12 +58,28 @@ STYLE = (
 
 
 def _document_tokens(ds: xr.Dataset, n_docs: int, max_tokens: int) -> list[np.ndarray]:
-    """Flat token indices of the first `n_docs` documents (at most `max_tokens` each), in text order."""
-    ids = flat_tokens(ds["token_id"])
-    doc = flat_tokens(ds["doc"]) if "doc" in ds.variables else np.zeros_like(ids)
-    real = ids != PAD
-    firsts = [d for d in dict.fromkeys(doc[real].tolist()) if d >= 0][:n_docs]
-    return [np.flatnonzero(real & (doc == d))[:max_tokens] for d in firsts]
+    """Flat token indices of the first `n_docs` documents (at most `max_tokens` each), in text order.
+
+    The token ids and documents are read a stored chunk at a time: no per-token array is held.
+    """
+    ids, doc = ds["token_id"], ds["doc"] if "doc" in ds.variables else None
+    step = max(ids.chunks[0]) if ids.chunks else ids.size
+    firsts: list[int] = []  # documents in order of their first real token
+    found: dict[int, list[np.ndarray]] = {}
+    for begin in range(0, ids.size, step):
+        part = slice(begin, begin + step)
+        real = np.asarray(ids[part].values) != PAD
+        docs = np.asarray(doc[part].values) if doc is not None else np.zeros(real.shape, np.int64)
+        values, first = np.unique(docs[real], return_index=True)
+        for d in values[np.argsort(first, kind="stable")].tolist():
+            if d >= 0 and d not in found and len(firsts) < n_docs:
+                firsts.append(d)
+                found[d] = []
+        for d in firsts:
+            have = sum(len(i) for i in found[d])
+            if have < max_tokens:
+                found[d].append(begin + np.flatnonzero(real & (docs == d))[: max_tokens - have])
+    return [np.concatenate(found[d]) if found[d] else np.zeros(0, np.int64) for d in firsts]
 
 
 def _categories(ds: xr.Dataset, shown: np.ndarray, start: float, x: str) -> np.ndarray:
@@ -97,7 +113,7 @@ def token_table(
     if not shown.size:
         raise Skip("the main set has no scored tokens to show")
     vocab = ds["vocab_text"].values if "vocab_text" in ds.variables else None
-    ids = flat_tokens(ds["token_id"])[shown]
+    ids = np.asarray(ds["token_id"].isel(token=shown).values)
     texts = [str(vocab[i]) if vocab is not None and 0 <= i < len(vocab) else f"#{i} " for i in ids]
     categories = _categories(ds, shown, start, x)
     frames = []
