@@ -182,8 +182,8 @@ def pair_statistics(
             keys = [(m, None if n == finite[m] else o, k) for m, o in ((a, b), (b, a))]
             plans.append((a, b, n, k, keys if n >= 3 and k <= n else []))
         with ThreadPoolExecutor(RANK_THREADS) as pool:
-            jobs = {key: None for *_, keys in plans for key in keys}
-            futures = {key: pool.submit(_rank, files, *key, group) for key in jobs}
+            wanted = dict.fromkeys(key for *_, keys in plans for key in keys)  # each ranking once: they share files
+            futures = {key: pool.submit(_rank, files, *key, group) for key in wanted}
             ranked = {key: future.result() for key, future in futures.items()}
         rows = []
         for a, b, n, k, keys in plans:
