@@ -57,7 +57,7 @@ def test_writes_every_table_and_label_group(analysed):
         assert labels.sizes["token"] == ds.sizes["token"]
     trends = xr.open_zarr(folder / "labels.zarr", group="trends", consolidated=False)["trend"]
     assert trends.dims == ("model", "start", "token") and flag_names(trends)[0] == "stagnated"
-    # float labels are written with their own codec (FLOAT_LABELS_CODEC): read back bit for bit
+    # float labels are written with their own codec (spill.FLOAT_CODEC): read back bit for bit
     matched = xr.open_zarr(folder / "labels.zarr", group="matched_perplexity", consolidated=False)
     np.testing.assert_array_equal(matched["loss"].values, at_perplexity(ds).astype(np.float32).values)
 

@@ -27,7 +27,7 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from tokendyn.analysis.shared import sharing
-from tokendyn.analysis.spill import FLOAT_CODEC, SPILLED, prepared, write_by_windows
+from tokendyn.analysis.spill import SPILLED, prepared, write_by_windows
 from tokendyn.errors import TokendynError
 from tokendyn.pipelines.output import mark, output_folder
 from tokendyn.store import open_store
@@ -35,7 +35,6 @@ from tokendyn.studies import STUDIES
 from tokendyn.studies.study import Result, Skip, save
 
 LABELS_STORE = "labels.zarr"
-FLOAT_LABELS_CODEC = FLOAT_CODEC  # per-token floats: LZ4 after a byte shuffle (tokendyn.analysis.spill)
 FINDINGS = "findings.txt"
 # Names of the analysis steps before the studies took them over, still accepted by --steps.
 FORMER_STEPS = {
