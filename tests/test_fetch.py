@@ -41,8 +41,15 @@ def commit_of(revision: str) -> str:
 class FakeHub:
     """snapshot_download from local folders: copies the allowed files into the cache, `delay` seconds per call."""
 
-    def __init__(self, cache: Path, remote: dict[str, Path], delay: float, aliases: dict[str, str] | None = None):
-        self.cache, self.remote, self.delay = cache, remote, delay
+    def __init__(
+        self,
+        cache: Path,
+        remote: dict[str, Path],
+        delay: float,
+        aliases: dict[str, str] | None = None,
+        log: Path | None = None,
+    ):
+        self.cache, self.remote, self.delay, self.log = cache, remote, delay, log
         self.aliases = aliases or {}  # revision name -> the revision whose commit it points to (main -> step4000)
         self.calls: list[tuple[str, str, float, float]] = []  # (revision, thread, start, end)
         self.copied: list[str] = []  # revisions of the calls that copied files
@@ -58,7 +65,7 @@ class FakeHub:
         (repo / "refs").mkdir(exist_ok=True)
         if not (repo / "refs" / revision).is_file():
             (repo / "refs" / revision).write_text(commit)
-        copied = False
+        copied = weights = False
         for file in sorted(self.remote[revision].iterdir()):
             if (snapshot / file.name).exists() or not any(fnmatch.fnmatch(file.name, p) for p in allow_patterns):
                 continue
@@ -70,10 +77,15 @@ class FakeHub:
             copied = True
             if file.suffix == ".safetensors":
                 self.weights.append(revision)
+                weights = True
         if copied:
             time.sleep(self.delay)
             self.copied.append(revision)
-        self.calls.append((revision, threading.current_thread().name, start, time.perf_counter()))
+        end = time.perf_counter()
+        self.calls.append((revision, threading.current_thread().name, start, end))
+        if weights and self.log is not None:  # this call's own copies: other threads share the lists above
+            with self.log.open("a") as f:
+                f.write(f"{revision} {start} {end} {threading.current_thread().name}\n")
         return str(snapshot)
 
 
@@ -259,7 +271,7 @@ def test_store_equal_with_and_without_prefetch(hub, tmp_path):
 class FakeHubPlugin(WorkerPlugin):
     """Installs `FakeHub` in every worker process of a cluster (and in any worker a nanny restarts).
 
-    Each download with weights is logged to `log` as "revision start end" (worker processes cannot
+    Each download with weights is logged to `log` as "revision start end thread" (worker processes cannot
     report back through the test's FakeHub object).
     """
 
@@ -267,21 +279,10 @@ class FakeHubPlugin(WorkerPlugin):
         self.cache, self.remote, self.delay, self.log, self.aliases = str(cache), remote, delay, log, aliases
 
     def setup(self, worker) -> None:
-        fake = FakeHub(Path(self.cache), self.remote, self.delay, self.aliases)
-        log = self.log
-
-        def logged(repo_id, revision=None, allow_patterns=None, **kwargs):
-            copied = len(fake.copied)
-            folder = fake(repo_id, revision=revision, allow_patterns=allow_patterns, **kwargs)
-            if len(fake.copied) > copied and "*.safetensors" in allow_patterns:
-                _, _, start, end = fake.calls[-1]
-                with log.open("a") as f:
-                    f.write(f"{revision} {start} {end}\n")
-            return folder
-
+        fake = FakeHub(Path(self.cache), self.remote, self.delay, self.aliases, self.log)
         hub_constants.HF_HUB_CACHE = self.cache
         hub_constants.HF_HUB_OFFLINE = True
-        huggingface_hub.snapshot_download = logged
+        huggingface_hub.snapshot_download = fake
 
 
 @pytest.mark.slow
@@ -310,7 +311,7 @@ def test_cluster_prefetch_and_evict_leave_the_cache_as_before(hub, tmp_path, mon
     assert sorted(p.name for p in (repo / "refs").iterdir()) == ["step1000"]  # scored revisions are gone
     assert cache_files(cache) == before  # what was there before is untouched
     downloaded = sorted(line.split()[0] for line in log.read_text().splitlines())
-    assert downloaded == ["step2000", "step3000", "step4000"]  # on the workers, each once
+    assert downloaded == ["step2000", "step3000", "step4000"], log.read_text()  # on the workers, each once
     got, want = xr.open_zarr(out), xr.open_zarr(reference)
     for name in ("loss", "done", "val_ppl", "weights_hash"):
         np.testing.assert_array_equal(got[name].values, want[name].values, err_msg=name)
