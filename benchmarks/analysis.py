@@ -11,7 +11,8 @@ seconds (CPU seconds are what to compare on a shared machine) and peak memory of
   - the age-of-acquisition kernel now and before issue 15 (logit-line start, 10 steps), per token,
   - every study as `tokendyn analyze` runs it (run, then write its results), in one process,
   - `tokendyn analyze` end to end in a child process at both sizes, each with its own peak memory,
-    and what the second size added per (token, model). Both sizes span several of the analyses'
+    and what the second size added per (token, model); then the same with glibc's own malloc
+    thresholds (before `tokendyn.cli.memory` fixed them). Both sizes span several of the analyses'
     chunks (whole checkpoints x about 0.5M tokens at 50 checkpoints), so the working memory is the
     same in both and the difference is the per-token results held until written (a few bytes per
     token and model), not the loss (100 bytes per token and model at 50 float16 checkpoints).
@@ -212,16 +213,26 @@ def per_study(ds: xr.Dataset, folder: Path, reference: float) -> list[str]:
     return ran
 
 
-def run_analyze(store: Path, out: Path, label: str, studies: str | None = None) -> float:
+# `tokendyn` with glibc's own malloc thresholds: the CLI without `tokendyn.cli.memory.return_freed_memory`.
+GLIBC_DEFAULTS = (
+    "import sys, tokendyn.cli.analyze as a, tokendyn.cli;"
+    " a.return_freed_memory = lambda: False; sys.exit(tokendyn.cli.main())"
+)
+
+
+def run_analyze(store: Path, out: Path, label: str, studies: str | None = None, glibc_defaults: bool = False) -> float:
     """`tokendyn analyze` (only `studies`, comma-separated, if given) in a child process: print its
-    wall and CPU seconds and return its own peak memory (GB).
+    wall and CPU seconds and return its own peak memory (GB). glibc_defaults: leave glibc's malloc
+    thresholds as they are (what `tokendyn analyze` did before it fixed them).
 
     The child runs under /usr/bin/time: a child forked straight from this (large) process would
     report this process's resident memory at the fork as its own peak.
     """
     timing = out.with_name(out.name + ".time")
-    tokendyn_cli = str(Path(sys.executable).with_name("tokendyn"))
-    command = ["/usr/bin/time", "-f", "%M %U %S", "-o", str(timing), tokendyn_cli, "analyze", str(store)]
+    tokendyn_cli = (
+        [sys.executable, "-c", GLIBC_DEFAULTS] if glibc_defaults else [str(Path(sys.executable).with_name("tokendyn"))]
+    )
+    command = ["/usr/bin/time", "-f", "%M %U %S", "-o", str(timing), *tokendyn_cli, "analyze", str(store)]
     command += ["--out", str(out), "--quiet"] + (["--studies", studies] if studies else [])
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
@@ -305,12 +316,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=root) as scratch:
         ran = list(STUDIES) if args.no_studies else per_study(ds, Path(scratch), read)
         if not args.no_analyze:
-            peaks = {
-                n: run_analyze(store, Path(scratch) / f"analysis-{n}", f"tokendyn analyze, {n:,} tokens")
-                for n, store in stores.items()
-            }
-            added = added_bytes(peaks, args.models)
-            print(f"{'  peak added per (token, model)':<52} {added:8.1f} bytes (the loss: {2 * args.ckpts} bytes)")
+            for glibc_defaults in (False, True):
+                suffix = ", glibc thresholds" if glibc_defaults else ""
+                peaks = {
+                    n: run_analyze(
+                        store,
+                        Path(scratch) / f"analysis-{n}-{glibc_defaults}",
+                        f"tokendyn analyze, {n:,} tokens{suffix}",
+                        glibc_defaults=glibc_defaults,
+                    )
+                    for n, store in stores.items()
+                }
+                added = added_bytes(peaks, args.models)
+                print(f"{'  peak added per (token, model)':<52} {added:8.1f} bytes (the loss: {2 * args.ckpts} bytes)")
             if args.per_study:
                 study_growth(stores, Path(scratch), args.models, ran)
     if args.large:

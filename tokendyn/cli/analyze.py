@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tokendyn.cli.memory import return_freed_memory
+
 # option dest -> the (study, parameter) pairs it sets; the first one's default is shown in --help
 STUDY_OPTIONS = {
     "start": [("trend_categories", "start")],
@@ -146,6 +148,7 @@ def run(args: argparse.Namespace) -> None:
     from tokendyn.pipelines.analyze import analyze, default_folder
     from tokendyn.store import open_store
 
+    return_freed_memory()  # the peak stays flat in the number of tokens (tokendyn.cli.memory)
     ds = open_store(args.store, set=args.set)
     folder = args.out or default_folder(args.store, args.set)
     lines = analyze(ds, folder, study_options(args), only=args.studies, progress=not args.quiet)
