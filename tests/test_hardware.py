@@ -75,14 +75,33 @@ def test_devices():
             hardware.resolve_device("cuda:1")
 
 
-def test_choose_on_this_machine_prints_the_reason(capsys):
+@pytest.fixture
+def fresh_choice(monkeypatch):
+    """`choose` without the tests' TOKENDYN_DTYPE (conftest.py), its cache cleared before and after."""
+    monkeypatch.delenv("TOKENDYN_DTYPE")
     hardware.choose.cache_clear()
+    yield monkeypatch
+    hardware.choose.cache_clear()
+
+
+def test_choose_on_this_machine_prints_the_reason(capsys, fresh_choice):
     device, dtype = hardware.choose("cpu", "auto")
     err = capsys.readouterr().err
     assert device == "cpu" and f"in {str(dtype).removeprefix('torch.')} (" in err
     hw = hardware.probe("cpu", "auto")
     assert hw.cpu_capability == torch.backends.cpu.get_cpu_capability()
     assert (dtype is torch.bfloat16) == decide_dtype("auto", hw).name.startswith("bf")
+
+
+def test_tokendyn_dtype_names_what_auto_stands_for(capsys, fresh_choice):
+    fresh_choice.setenv("TOKENDYN_DTYPE", "bf16")
+    assert hardware.choose("cpu", "auto") == ("cpu", torch.bfloat16)
+    assert "running on cpu in bfloat16 (TOKENDYN_DTYPE=bf16)" in capsys.readouterr().err
+    assert hardware.choose("cpu", "float32") == ("cpu", torch.float32)  # an explicit dtype wins
+    hardware.choose.cache_clear()
+    fresh_choice.setenv("TOKENDYN_DTYPE", "double")
+    with pytest.raises(TokendynError, match="TOKENDYN_DTYPE=double: unknown dtype 'double'"):
+        hardware.choose("cpu", "auto")
 
 
 def test_time_matmul_measures_positive_seconds():

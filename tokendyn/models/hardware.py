@@ -6,12 +6,16 @@ none; AVX512_BF16 and AMX do) torch emulates bfloat16 and runs it many times slo
 so an explicit half precision there is timed and warned about.
 
 The decisions are pure functions of the facts (`Hardware`), so they are tested without the
-hardware; `probe()` gathers the facts of this machine.
+hardware; `probe()` gathers the facts of this machine. TOKENDYN_DTYPE in the environment names
+what auto stands for instead (float32: the same numbers on every machine of a pool, whatever
+their CPUs run natively); an explicit --dtype still wins.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
 import sys
 import time
 import warnings
@@ -35,6 +39,7 @@ MIN_SPEEDUP = 1.1
 # Timed matmul: (n x n) @ (n x n) a few times; ~30 ms in float32 on a laptop core.
 PROBE_SIZE = 256
 PROBE_REPEATS = 3
+AUTO_DTYPE_ENV = "TOKENDYN_DTYPE"  # what --dtype auto stands for when set (a dtype name or alias)
 
 
 @dataclass(frozen=True)
@@ -200,11 +205,22 @@ def choose(device: str = "auto", dtype: str = "auto", verbose: bool = True) -> t
     """Resolve `device` and `dtype` (names, aliases or auto) for this machine; returns (device, torch dtype).
 
     Prints auto's choice and its reason to stderr and warns when an explicit half precision is
-    slow here. Cached: the timing and the message happen once per process.
+    slow here. auto stands for $TOKENDYN_DTYPE when that is set. Cached: the timing and the
+    message happen once per process.
     """
     device = resolve_device(device)
     requested = canonical_dtype(dtype)
-    choice = decide_dtype(requested, probe(device, requested))
+    pinned = os.environ.get(AUTO_DTYPE_ENV, "") if requested == "auto" else ""
+    if pinned:
+        try:
+            name = canonical_dtype(pinned)
+        except TokendynError as err:
+            raise TokendynError(f"{AUTO_DTYPE_ENV}={pinned}: {err}") from None
+        choice = decide_dtype(name, probe(device, name))
+        if name != "auto":
+            choice = dataclasses.replace(choice, reason=f"{AUTO_DTYPE_ENV}={pinned}")
+    else:
+        choice = decide_dtype(requested, probe(device, requested))
     if choice.warning:
         warnings.warn(choice.warning, stacklevel=2)
     if verbose and requested == "auto":
