@@ -41,7 +41,8 @@ def test_shared_results_equal_direct_ones_and_are_computed_once(planted, monkeyp
         assert computed(counting, planted, along="start", start=[0.2, 0.4], x="index") is not both
         assert len(calls) == 2  # other parameters: computed again
         dd = computed(double_descent, planted, tol=0.3)
-        assert computed(double_descent, planted, tol=0.3) is dd
+        again = computed(double_descent, planted, tol=0.3)
+        assert again is not dd and again.identical(dd)  # a copy, read back from disk
     np.testing.assert_array_equal(both.values, direct.values)
     np.testing.assert_array_equal(one.values, direct.sel(start=[0.4]).values)
     assert list(one["start"].values) == [0.4] and one.attrs.keys() == direct.attrs.keys()
@@ -115,6 +116,19 @@ def test_average_ranks_equal_scipy():
     for values in (rng.normal(size=1000), np.round(rng.normal(size=1000), 1), np.zeros(7), np.array([3.0])):
         ranks = average_ranks(values, np.argsort(values, kind="stable"))
         np.testing.assert_array_equal(ranks, scipy.stats.rankdata(values))
+
+
+def test_shared_results_are_held_on_disk_until_the_run_ends(planted):
+    with sharing():
+        flags = computed(double_descent, planted)
+        (kept,) = [k for held in shared._RESULTS.get().results.values() for k in held]
+        folder = kept.path.parent
+        assert kept.shell.values.strides == (0,) * flags.ndim  # no values in memory: one, broadcast
+        np.testing.assert_array_equal(np.load(kept.path), flags.values)
+        del flags
+        served = computed(double_descent, planted)
+        assert served.identical(kept.load()) and served.values.flags.writeable  # the caller's own copy
+    assert not folder.exists()  # removed with the run
 
 
 def test_shared_results_leave_the_token_coordinates_on_disk(planted):

@@ -3,36 +3,64 @@
 The trend categories are used by the trend, subset and cluster studies, the double-descent flags by
 the double-descent and cluster studies; each computation reads the whole store. Inside `sharing()`
 (which `tokendyn analyze` and `tokendyn report` hold while they run the studies) `computed` keeps
-each result it computes, in memory, keyed by the function, the dataset and the parameters, and
-hands it to every later caller that asks for the same; outside `sharing()` it just computes. Only
-small results are shared this way (int8 or boolean per token and model). `alongside` computes such
-results in the same pass over the store as another computation that reads every chunk (the subset
-curves read the chunks the double-descent flags need).
+each result it computes, keyed by the function, the dataset and the parameters, and hands a copy to
+every later caller that asks for the same; outside `sharing()` it just computes. Only small results
+are shared this way (int8 or boolean per token and model). They are kept on disk, in a temporary
+folder that `sharing()` removes (under TMPDIR), not in memory: held between studies, they would
+add their bytes per token to the peak of every later study. `alongside` computes such results in
+the same pass over the store as another computation that reads every chunk (the subset curves read
+the chunks the double-descent flags need).
 """
 
 from __future__ import annotations
 
 import inspect
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import dask
 import numpy as np
 import xarray as xr
 
-_RESULTS: ContextVar[dict | None] = ContextVar("tokendyn_shared_results", default=None)
+
+@dataclass
+class _Kept:
+    """A shared result on disk: its values in `path` (.npy), the rest (coordinates, attributes) in
+    `shell`, whose data is a zero-stride view of one value; the loss array it was computed from is
+    held so that a key made from that array's id() cannot pass to another array."""
+
+    wanted: np.ndarray | None
+    shell: xr.DataArray
+    path: Path
+    loss: Any
+
+    def load(self) -> xr.DataArray:
+        return self.shell.copy(data=np.load(self.path))
+
+
+@dataclass
+class _Shared:
+    folder: Path
+    results: dict[tuple, list[_Kept]] = field(default_factory=dict)
+
+
+_RESULTS: ContextVar[_Shared | None] = ContextVar("tokendyn_shared_results", default=None)
 
 
 @contextmanager
 def sharing() -> Iterator[None]:
-    """While held, `computed` keeps its results and serves repeated requests from them."""
-    token = _RESULTS.set({})
-    try:
-        yield
-    finally:
-        _RESULTS.reset(token)
+    """While held, `computed` keeps its results (in a temporary folder) and serves repeated requests from them."""
+    with tempfile.TemporaryDirectory(prefix="tokendyn-shared-") as folder:
+        token = _RESULTS.set(_Shared(Path(folder)))
+        try:
+            yield
+        finally:
+            _RESULTS.reset(token)
 
 
 def _frozen(value: Any) -> Any:
@@ -67,9 +95,11 @@ def _key(function: Callable[..., xr.DataArray], ds: xr.Dataset, along: str | Non
     return key, wanted
 
 
-def _keep(results: dict, key: tuple, wanted, result: xr.DataArray, ds: xr.Dataset) -> None:
-    # the loss array is kept with the result: a key made from its id() must not pass to another array
-    results.setdefault(key, []).append((wanted, result, ds["loss"].data))
+def _keep(shared: _Shared, key: tuple, wanted, result: xr.DataArray, ds: xr.Dataset) -> None:
+    path = shared.folder / f"{sum(len(kept) for kept in shared.results.values())}.npy"
+    np.save(path, result.values)
+    shell = result.copy(data=np.broadcast_to(np.zeros((), result.dtype), result.shape))
+    shared.results.setdefault(key, []).append(_Kept(wanted, shell, path, ds["loss"].data))
 
 
 def computed(function: Callable[..., xr.DataArray], ds: xr.Dataset, along: str | None = None, **params) -> xr.DataArray:
@@ -80,17 +110,17 @@ def computed(function: Callable[..., xr.DataArray], ds: xr.Dataset, along: str |
     (the trend categories' `start`): a result kept for more values serves a request for some of
     them (by `.sel`).
     """
-    results = _RESULTS.get()
-    if results is None:
+    shared = _RESULTS.get()
+    if shared is None:
         return _in_memory(function(ds, **params))
     key, wanted = _key(function, ds, along, params)
-    for held, result, _ in results.get(key, []):
+    for kept in shared.results.get(key, []):
         if wanted is None:
-            return result
-        if np.isin(wanted, held).all():
-            return result.sel({along: wanted})
+            return kept.load()
+        if np.isin(wanted, kept.wanted).all():
+            return kept.load().sel({along: wanted})
     result = _in_memory(function(ds, **params))
-    _keep(results, key, wanted, result, ds)
+    _keep(shared, key, wanted, result, ds)
     return result
 
 
@@ -106,13 +136,13 @@ def alongside(ds: xr.Dataset, lazy: Any, requests: Sequence[tuple[Callable[..., 
     `requests` ((function, params) pairs, as `computed` takes them) that are not held yet, which
     are then kept for the studies that ask for them: the store's chunks both read are read once.
     Outside `sharing()` only `lazy` is computed."""
-    results = _RESULTS.get()
+    shared = _RESULTS.get()
     pending = []
-    for function, params in requests if results is not None else ():
+    for function, params in requests if shared is not None else ():
         key, _ = _key(function, ds, None, params)
-        if key not in results:
+        if key not in shared.results:
             pending.append((key, function(ds, **params)))
     value, *extra = dask.compute(lazy, *(result.data for _, result in pending))
     for (key, result), data in zip(pending, extra):
-        _keep(results, key, None, _in_memory(result, data), ds)
+        _keep(shared, key, None, _in_memory(result, data), ds)
     return value
