@@ -182,8 +182,9 @@ def test_head_with_bias_scores_through_the_model_head(tokenizer, tmp_path):
         biased.weight.copy_(plain.weight)
         biased.bias.copy_(torch.linspace(-1, 1, plain.out_features))
     model.set_output_embeddings(biased)
-    assert ex._logits_buffer(biased, 4, torch.zeros(3, plain.in_features)) is None
-    assert ex._logits_buffer(plain, 4, torch.zeros(3, plain.in_features)).shape == (3, plain.out_features)
+    assert ex._head_buffers(biased, 4, torch.zeros(3, plain.in_features)) is None
+    products, logits = ex._head_buffers(plain, 4, torch.zeros(3, plain.in_features))
+    assert products is logits and logits.shape == (3, plain.out_features)  # float32: one buffer
     ids = torch.randint(0, len(tokenizer), (2, 10))
     score = torch.ones_like(ids, dtype=torch.bool)
     score[:, 0] = False
@@ -192,6 +193,28 @@ def test_head_with_bias_scores_through_the_model_head(tokenizer, tmp_path):
         logp = torch.log_softmax(model(input_ids=ids[:, :-1]).logits.double(), -1)
     expected = -logp.gather(2, ids[:, 1:, None])[..., 0].reshape(-1)
     np.testing.assert_allclose(loss, expected, atol=1e-5)
+
+
+def test_bfloat16_head_reuses_its_buffers_and_equals_the_models_logits(tokenizer, tmp_path, monkeypatch):
+    """In half precision the head's product goes to a reused bfloat16 buffer and is copied into
+    float32 logits: the same numbers as the model's own (bfloat16) logits taken to float32."""
+    import tokendyn.models.extract as ex
+
+    model = save_checkpoint(tmp_path, "llama", tokenizer, seed=5).to(torch.bfloat16)
+    head = model.get_output_embeddings()
+    products, logits = ex._head_buffers(head, 4, torch.zeros(3, head.in_features, dtype=torch.bfloat16))
+    assert (products.dtype, logits.dtype) == (torch.bfloat16, torch.float32)
+    assert products.shape == logits.shape == (3, head.out_features)
+    ids = torch.randint(0, len(tokenizer), (2, 12))
+    score = torch.ones_like(ids, dtype=torch.bool)
+    score[:, 0] = False
+    monkeypatch.setattr(ex, "CHUNK_LOGITS", len(tokenizer) * 5)  # five positions per chunk, the last one short
+    with torch.inference_mode():
+        got = token_scores(model, ids, score, ["loss", "rank"])
+        logp = torch.log_softmax(model(input_ids=ids[:, :-1]).logits.float(), -1)
+    target = logp.gather(2, ids[:, 1:, None])
+    np.testing.assert_allclose(got["loss"], -target[..., 0].reshape(-1), rtol=1e-6)
+    np.testing.assert_array_equal(got["rank"], (logp > target).sum(-1).reshape(-1).float())
 
 
 def test_xarray_sees_lazy_chunks(store):

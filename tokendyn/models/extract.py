@@ -65,26 +65,38 @@ def token_scores(
         return {"loss": gpu.fused_head_loss(model, hidden, targets).float().cpu()}
     rows = max(1, CHUNK_LOGITS // model.config.get_text_config().vocab_size)
     parts = {m: [] for m in metrics}
-    buffer = _logits_buffer(head, rows, hidden)
+    buffers = _head_buffers(head, rows, hidden)
     for start in range(0, len(targets), rows):
         chunk = hidden[start : start + rows]
-        logits = head(chunk).float() if buffer is None else torch.mm(chunk, head.weight.t(), out=buffer[: len(chunk)])
+        if buffers is None:
+            logits = head(chunk).float()
+        else:
+            products, logits = (buffer[: len(chunk)] for buffer in buffers)
+            torch.mm(chunk, head.weight.t(), out=products)
+            if logits is not products:
+                logits.copy_(products)  # a half-precision head: the log-softmax runs in float32
         for m, values in _chunk_metrics(logits, targets[start : start + rows], metrics).items():
             parts[m].append(values)
     return {m: torch.cat(parts[m]).cpu() for m in metrics}  # only the per-token results leave the device
 
 
-def _logits_buffer(head, rows: int, hidden: torch.Tensor) -> torch.Tensor | None:
-    """One (rows, vocab) float32 buffer every chunk's logits are written into, when the head is a plain
-    float32 linear layer (else None: the head allocates its output).
+def _head_buffers(head, rows: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(products, logits): the (rows, vocab) buffers every chunk's head product and float32 logits are
+    written into, when the head is a plain linear layer in the hidden states' dtype (else None: the
+    head allocates its output). In float32 both are one buffer; in half precision the product is
+    written in that precision and copied into the float32 logits.
 
     On CPU a fresh 64 MiB tensor per chunk is a new memory map whose pages the kernel faults in and
     zeroes, twice per chunk (logits, then log-softmax): reusing one buffer made the head 20% faster.
     """
     plain = isinstance(head, torch.nn.Linear) and head.bias is None
-    if not plain or head.weight.dtype != torch.float32 or hidden.dtype != torch.float32:
+    if not plain or head.weight.dtype != hidden.dtype or not hidden.dtype.is_floating_point:
         return None
-    return torch.empty((min(rows, len(hidden)), head.out_features), dtype=torch.float32, device=hidden.device)
+    shape = (min(rows, len(hidden)), head.out_features)
+    logits = torch.empty(shape, dtype=torch.float32, device=hidden.device)
+    if hidden.dtype == torch.float32:
+        return logits, logits
+    return torch.empty(shape, dtype=hidden.dtype, device=hidden.device), logits
 
 
 def _chunk_metrics(logits: torch.Tensor, target: torch.Tensor, metrics: tuple[str, ...]) -> dict[str, torch.Tensor]:
