@@ -106,3 +106,28 @@ def test_tokendyn_dtype_names_what_auto_stands_for(capsys, fresh_choice):
 
 def test_time_matmul_measures_positive_seconds():
     assert 0 < hardware.time_matmul("float32", size=32, repeats=2) < 1
+
+
+def test_time_matmul_keeps_the_best_of_many_products(monkeypatch):
+    calls = []
+    real = torch.matmul
+    monkeypatch.setattr(torch, "matmul", lambda a, b: calls.append(1) or real(a, b))
+    hardware.time_matmul("float32", size=8, repeats=2, seconds=0)
+    assert len(calls) == 3  # a warm-up, then `repeats` timed products
+    calls.clear()
+    hardware.time_matmul("float32", size=8, repeats=2, seconds=0.02)
+    assert len(calls) > 10  # products of microseconds, repeated until 20 ms were spent in them
+
+
+def test_probe_times_the_dtypes_in_alternating_rounds(monkeypatch):
+    timed = []
+    seconds = iter([4.0, 3.0, 1.0, 2.0])  # float32, bfloat16, float32, bfloat16
+    monkeypatch.setattr(hardware, "time_matmul", lambda name: timed.append(name) or next(seconds))
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
+    hardware.probe.cache_clear()
+    try:
+        hw = hardware.probe("cpu", "auto")
+    finally:
+        hardware.probe.cache_clear()
+    assert timed == ["float32", "bfloat16"] * hardware.PROBE_ROUNDS
+    assert hw.matmul_seconds == {"float32": 1.0, "bfloat16": 2.0}  # the best round of each
