@@ -52,7 +52,6 @@ class FakeHub:
         self.cache, self.remote, self.delay, self.log = cache, remote, delay, log
         self.aliases = aliases or {}  # revision name -> the revision whose commit it points to (main -> step4000)
         self.calls: list[tuple[str, str, float, float]] = []  # (revision, thread, start, end)
-        self.copied: list[str] = []  # revisions of the calls that copied files
         self.weights: list[str] = []  # revisions of the calls that copied weight files
 
     def __call__(self, repo_id, revision=None, allow_patterns=None, **_):
@@ -80,7 +79,6 @@ class FakeHub:
                 weights = True
         if copied:
             time.sleep(self.delay)
-            self.copied.append(revision)
         end = time.perf_counter()
         self.calls.append((revision, threading.current_thread().name, start, end))
         if weights and self.log is not None:  # this call's own copies: other threads share the lists above
