@@ -41,7 +41,7 @@ def test_a_threshold_the_user_set_is_left_alone(name):
 
 
 @pytest.mark.parametrize("command", ["analyze", "report"])
-def test_analyze_and_report_set_them_before_the_studies(command, tmp_path, monkeypatch):
+def test_analyze_and_report_set_them(command, tmp_path, monkeypatch):
     calls = []
     module = tokendyn.cli.analyze if command == "analyze" else tokendyn.cli.report
     monkeypatch.setattr(module, "return_freed_memory", lambda: calls.append(command) or True)
