@@ -15,10 +15,13 @@ import itertools
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import dask.array as da
 import numcodecs
 import numpy as np
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 CODECS = (["bytes"], ["bytes", "zstd"])  # the codec chains read here; anything else goes through zarr
 ZSTD = numcodecs.Zstd()
@@ -28,6 +31,8 @@ def chunk_files(folder: Path) -> da.Array | None:
     """The zarr v3 array at `folder` as a dask array of one task per stored chunk, or None when its
     layout is not one this reader handles (or it is not in a local folder: a store opened by URL keeps
     zarr's reader). Chunks without a file hold the fill value, as in zarr."""
+    import dask.array as da  # here, not at the top: `tokendyn extract` writes stores without dask (0.4 s of import)
+
     if not (folder / "zarr.json").is_file():
         return None
     meta = json.loads((folder / "zarr.json").read_text())
