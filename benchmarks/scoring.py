@@ -308,6 +308,7 @@ def _n_tokens(args) -> int:
 
 def tokendyn_extract(args) -> None:
     """The real CLI path; scoring time is the sum of `_score_set` calls, the rest is start-up."""
+    from tokendyn.cli import exit_quickly
     from tokendyn.cli import main as cli
     from tokendyn.models import checkpoints
     from tokendyn.models import extract as ex
@@ -325,7 +326,7 @@ def tokendyn_extract(args) -> None:
 
     ex._score_set = timed
     out = Path(tempfile.mkdtemp()) / "s.zarr"
-    cli(
+    code = cli(
         [
             "extract",
             "--model",
@@ -359,6 +360,7 @@ def tokendyn_extract(args) -> None:
         hash_s=hash_s,
         checks=time.perf_counter() - finished,
     )
+    exit_quickly(code)  # as the `tokendyn` console script ends
 
 
 def lm_eval(args) -> None:

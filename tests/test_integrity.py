@@ -213,7 +213,7 @@ def test_two_concurrent_extracts_leave_a_sound_store(work):
     command = [
         sys.executable,
         "-c",
-        "import sys; from tokendyn.cli import main; sys.exit(main(sys.argv[1:]))",
+        "from tokendyn.cli import entry; entry()",  # the console script's path, exit included
         *extract(work, out="c.zarr"),
     ]
     runs = [

