@@ -190,13 +190,15 @@ def main() -> None:
         "--rounds",
         type=int,
         default=1,
-        help="run every tool this many times, in a rotated order each round, and keep each tool's fastest run",
+        help="run every tool this many times, in a rotated order each round, and keep each measure's best",
     )
     parser.add_argument("--venv", type=Path, default=VENV)
     parser.add_argument("--worker", choices=(*TOOLS, "prepare"), help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: give 1 or more")
     if args.worker:
         WORKERS[args.worker](args)
         return

@@ -128,7 +128,7 @@ def _create_metrics(folder: Path, template: xr.Dataset, layout: Layout, chunks: 
 
     xarray lists in each variable's `coordinates` attribute the non-index coordinates whose
     dimensions are among the variable's, and the rest in the group's: the token coordinates move
-    from the group's list to the metrics'. `tests/test_store.py` compares the result with
+    from the group's list to the metrics'. `tests/test_layout.py` compares the result with
     xarray's own writing of the same dataset.
     """
     shape = (template.sizes["model"], template.sizes["ckpt"], template.sizes["token"])
