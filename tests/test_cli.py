@@ -40,3 +40,14 @@ def test_entry_exits_with_the_commands_code_after_finalizing_its_garbage(tmp_pat
     assert run.returncode == 3, run.stderr
     assert (tmp_path / "finalized").is_file()
     assert int(run.stdout.split()[-1]) > 1000  # the import-time objects, spared at shutdown
+
+
+def test_import_and_help_load_neither_dask_nor_torch():
+    """`import tokendyn` and the parser behind `tokendyn --help` stay light: dask, torch and
+    transformers load only in the commands that use them (each costs seconds of start-up)."""
+    program = "import sys; from tokendyn.cli import build_parser; build_parser(); " + (
+        "print(*[m for m in ('dask', 'torch', 'transformers') if m in sys.modules])"
+    )
+    run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == []

@@ -31,7 +31,7 @@ def chunk_files(folder: Path) -> da.Array | None:
     """The zarr v3 array at `folder` as a dask array of one task per stored chunk, or None when its
     layout is not one this reader handles (or it is not in a local folder: a store opened by URL keeps
     zarr's reader). Chunks without a file hold the fill value, as in zarr."""
-    import dask.array as da  # here, not at the top: `tokendyn extract` writes stores without dask (0.3 s of import)
+    import dask.array as da  # here, not at the top: `import tokendyn` and `tokendyn --help` need not load dask (0.3 s)
 
     if not (folder / "zarr.json").is_file():
         return None

@@ -1,9 +1,7 @@
 """Writing a store: creation, compatibility checks, per-checkpoint writes and the `done` commit flag.
 
-The layout is written once, its coordinates through xarray (so `xarray.open_zarr` reads it
-natively) and the per-token metric arrays with plain zarr in the metadata xarray would write
-(`_create_metrics`; xarray would need dask to write arrays without their data). Every checkpoint's
-results are then written with plain zarr into chunks that checkpoint owns. A checkpoint
+The layout is written once through xarray (so `xarray.open_zarr` reads it natively), then every
+checkpoint's results are written with plain zarr into chunks that checkpoint owns. A checkpoint
 counts as complete only once its `done` flag is written, after all its data: zarr writes each
 chunk file atomically (temporary file, then rename), so a process killed at any moment leaves
 either a complete checkpoint or one whose flag is unset and which a rerun recomputes.
@@ -12,12 +10,10 @@ either a complete checkpoint or one whose flag is unset and which a rerun recomp
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import functools
 import json
 import os
-import struct
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -32,15 +28,6 @@ from tokendyn.store.atomic import create_atomically, replace_atomically
 from tokendyn.store.integrity import verify
 from tokendyn.store.layout import FORMAT_VERSION, METRICS, PER_BYTE_COORDS, SETS_GROUP, Layout, set_path, token_chunk
 from tokendyn.store.read import list_sets, open_group
-
-METRIC_DIMS = ("model", "ckpt", "token")
-METRIC_ATTRS = {
-    "loss": {"units": "nats", "long_name": "negative log-likelihood of the token given its left context"},
-    "entropy": {"units": "nats", "long_name": "entropy of the predictive distribution"},
-    "rank": {"long_name": "rank of the true token among the vocabulary (0 = most likely)"},
-}
-# How xarray records a float NaN fill value in a zarr v3 array's attributes (base64 of a little-endian double).
-NAN_FILL = base64.standard_b64encode(struct.pack("<d", np.nan)).decode()
 
 
 def prepare(
@@ -62,7 +49,7 @@ def prepare(
     """
     summaries = summaries or {}
     for packed in sets.values():
-        _check_field_names(packed, model_coords, vocab_text)
+        _check_field_names(packed, layout, model_coords, vocab_text)
     templates = {
         name: _set_template(name, packed, layout, model_coords, vocab_text, version, summaries.get(name))
         for name, packed in sets.items()
@@ -71,7 +58,7 @@ def prepare(
         open_group(path, mode="r")  # a store of another format: its one-line error
     if not (path / "zarr.json").is_file():
         _check_writable(path)
-    elif not _missing_nodes(path, templates["main"], layout.metrics):
+    elif not _missing_nodes(path, templates["main"]):
         root = open_group(path, mode="r+")
         _check_compatible(path, root, layout, sets)
         if checkpoint_grid(json.loads(root.attrs["suite"])) != checkpoint_grid(layout.suite):
@@ -83,16 +70,16 @@ def prepare(
             zarr.open_group(path, mode="r+", use_consolidated=False).require_group(SETS_GROUP)
         if not folder.exists() or (name == "main" and not (folder / "zarr.json").is_file()):
             create_atomically(folder, build)
-        elif not (folder / "zarr.json").is_file() or _missing_nodes(folder, templates[name], layout.metrics):
+        elif not (folder / "zarr.json").is_file() or _missing_nodes(folder, templates[name]):
             replace_atomically(folder, build)
     root = zarr.open_group(path, mode="r+", use_consolidated=False)
     consolidate(root)
     return zarr.open_group(path, mode="r+")  # reopened, so that its consolidated metadata lists new sets
 
 
-def _check_field_names(packed: ScoredSet, model_coords: dict, vocab_text: np.ndarray) -> None:
+def _check_field_names(packed: ScoredSet, layout: Layout, model_coords: dict, vocab_text: np.ndarray) -> None:
     """A document or span field must not take the name of a variable, coordinate or dimension of the store."""
-    bare = _template(dataclasses.replace(packed, token_fields={}), model_coords, vocab_text)
+    bare = _template(dataclasses.replace(packed, token_fields={}), layout, model_coords, vocab_text)
     taken = {*map(str, bare.variables), *map(str, bare.dims), *METRICS}
     for field in packed.token_fields:
         if field in taken:
@@ -111,7 +98,7 @@ def _set_template(
     version: str,
     summary: dict | None = None,
 ) -> xr.Dataset:
-    template = _template(packed, model_coords, vocab_text if name == "main" else None)
+    template = _template(packed, layout, model_coords, vocab_text if name == "main" else None)
     template.attrs.update(_set_attrs(packed, summary))
     if name == "main":
         template.attrs.update(_root_attrs(layout, version))
@@ -119,50 +106,23 @@ def _set_template(
 
 
 def _write_template(folder: Path, template: xr.Dataset, packed: ScoredSet, layout: Layout) -> None:
-    template.to_zarr(folder, mode="w-", consolidated=False, encoding=_encoding(template, packed), zarr_format=3)
-    _create_metrics(folder, template, layout, (1, 1, token_chunk(packed.n_tokens)))
-
-
-def _create_metrics(folder: Path, template: xr.Dataset, layout: Layout, chunks: tuple[int, ...]) -> None:
-    """The empty (model, ckpt, token) metric arrays, with the metadata xarray writes for them.
-
-    xarray lists in each variable's `coordinates` attribute the non-index coordinates whose
-    dimensions are among the variable's, and the rest in the group's: the token coordinates move
-    from the group's list to the metrics'. `tests/test_layout.py` compares the result with
-    xarray's own writing of the same dataset.
-    """
-    shape = (template.sizes["model"], template.sizes["ckpt"], template.sizes["token"])
-    attached = sorted(
-        str(n) for n, v in template.coords.items() if n not in template.dims and set(v.dims) <= {*METRIC_DIMS}
+    template.to_zarr(
+        folder,
+        mode="w-",
+        compute=False,
+        consolidated=False,
+        encoding=_encoding(template, packed, layout),
+        zarr_format=3,
     )
-    group = zarr.open_group(folder, mode="r+", use_consolidated=False)
-    for metric in layout.metrics:
-        attributes = {**METRIC_ATTRS[metric], "coordinates": " ".join(attached), "_FillValue": NAN_FILL}
-        group.create_array(
-            metric,
-            shape=shape,
-            chunks=chunks,
-            dtype=layout.store_dtype,
-            fill_value=np.nan,
-            dimension_names=METRIC_DIMS,
-            attributes=attributes,
-        )
-    unattached = [n for n in group.attrs.get("coordinates", "").split() if n not in attached]
-    if unattached:
-        group.attrs["coordinates"] = " ".join(unattached)
-    elif "coordinates" in group.attrs:
-        del group.attrs["coordinates"]
 
 
-def _missing_nodes(folder: Path, template: xr.Dataset, metrics: Sequence[str]) -> list[str]:
-    """Arrays of `template` and `metrics` without metadata under `folder`: a half-made set (or store) if any.
+def _missing_nodes(folder: Path, template: xr.Dataset) -> list[str]:
+    """Arrays of `template` without metadata under `folder`: a half-made set (or store) if any.
 
     A set with missing arrays but done checkpoints is not half-made but damaged: refused with a
     one-line error, never rebuilt.
     """
-    missing = [
-        name for name in [*map(str, template.variables), *metrics] if not (folder / name / "zarr.json").is_file()
-    ]
+    missing = [name for name in template.variables if not (folder / str(name) / "zarr.json").is_file()]
     if (folder / "zarr.json").is_file() and "corpus_fingerprint" not in _attributes(folder):
         missing.append("attributes")
     if (
@@ -279,10 +239,15 @@ def _set_attrs(packed: ScoredSet, summary: dict | None) -> dict:
     return attrs
 
 
-def _template(packed: ScoredSet, model_coords: dict, vocab_text: np.ndarray | None) -> xr.Dataset:
-    """A set's layout without its metric arrays (`_create_metrics`): coordinates and `done` flags."""
+def _template(packed: ScoredSet, layout: Layout, model_coords: dict, vocab_text: np.ndarray | None) -> xr.Dataset:
+    import dask.array as da  # here, not at the top: `import tokendyn` need not load dask (0.3 s)
+
     n_model, n_ckpt = model_coords["step"].shape
-    data = {"done": (("model", "ckpt"), np.zeros((n_model, n_ckpt), dtype=bool))}
+    shape = (n_model, n_ckpt, packed.n_tokens)
+    chunks = (1, 1, token_chunk(packed.n_tokens))
+    dims = ("model", "ckpt", "token")
+    data = {m: (dims, da.full(shape, np.nan, dtype=layout.store_dtype, chunks=chunks)) for m in layout.metrics}
+    data["done"] = (("model", "ckpt"), np.zeros((n_model, n_ckpt), dtype=bool))
     coords = {
         "model": ("model", model_coords["model"]),
         "ckpt": ("ckpt", np.arange(n_ckpt)),
@@ -307,19 +272,24 @@ def _template(packed: ScoredSet, model_coords: dict, vocab_text: np.ndarray | No
             }
         )
     ds = xr.Dataset(data, coords=coords)
+    ds["loss"].attrs.update(units="nats", long_name="negative log-likelihood of the token given its left context")
     ds["offset"].attrs.update(long_name="index of the token among its document's tokens")
     ds["n_context"].attrs.update(long_name="tokens the model read before predicting the token (inserted ones included)")
     if vocab_text is not None:
         ds["bits_per_byte"].attrs.update(long_name="total loss / (UTF-8 bytes of the scored text x ln 2), as lm-eval")
         ds["word_ppl"].attrs.update(long_name="exp(total loss / words of the scored text), as lm-eval")
+    if "entropy" in ds:
+        ds["entropy"].attrs.update(units="nats", long_name="entropy of the predictive distribution")
+    if "rank" in ds:
+        ds["rank"].attrs.update(long_name="rank of the true token among the vocabulary (0 = most likely)")
     return ds
 
 
-def _encoding(ds: xr.Dataset, packed: ScoredSet) -> dict:
-    """Per-checkpoint variables get (1, 1) chunks so each checkpoint owns its chunks (the metrics'
-    (1, 1, token_chunk) are set in `_create_metrics`)."""
+def _encoding(ds: xr.Dataset, packed: ScoredSet, layout: Layout) -> dict:
+    """Per-checkpoint variables get (1, 1) or (1, 1, token_chunk) chunks so each checkpoint owns its chunks."""
     chunk = token_chunk(packed.n_tokens)
-    enc = {name: {"chunks": (chunk,)} for name, v in ds.coords.items() if v.dims == ("token",)}
+    enc = {m: {"chunks": (1, 1, chunk)} for m in layout.metrics}
+    enc.update({name: {"chunks": (chunk,)} for name, v in ds.coords.items() if v.dims == ("token",)})
     for name in ("done", "val_ppl", "weights_hash", *PER_BYTE_COORDS):
         if name in ds.variables:
             enc[name] = {"chunks": (1, 1)}
