@@ -1,4 +1,5 @@
-"""The `tokendyn` console script's exit: the command's exit code, its garbage finalized, the rest frozen."""
+"""The `tokendyn` console script: what its import loads, and its exit (the command's exit code, its
+garbage finalized, the rest frozen)."""
 
 from __future__ import annotations
 

@@ -78,8 +78,8 @@ def exit_quickly(code: int) -> NoReturn:
 
     At exit CPython's cycle collector walks every object still tracked, with torch and transformers
     loaded some 400k objects from imports: 1.3-1.5 s of each `tokendyn extract` run. One collection
-    here still finalizes whatever garbage the command left; the survivors are then frozen
-    (`gc.freeze`) and shutdown skips them (0.2 s in all).
+    here (0.25 s) still finalizes whatever garbage the command left; the survivors are then frozen
+    (`gc.freeze`) and shutdown skips them (0.2 s).
     """
     gc.collect()
     gc.freeze()
