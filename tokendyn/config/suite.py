@@ -77,7 +77,7 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class EvalSet:
-    """Text to score and how (docs/protocols.md). `name` is "main" for the [eval] table.
+    """Text to score and how (docs/suite.md, methods.md §0). `name` is "main" for the [eval] table.
 
     Parameters
     ----------
