@@ -116,6 +116,40 @@ def test_summary_is_printed_and_missing_data_is_skipped(tmp_path, capsys):
     assert "unknown study nonsense" in capsys.readouterr().err
 
 
+def test_a_run_where_every_study_is_skipped_keeps_the_earlier_results(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    write_store(tmp_path / "one.zarr", rng.uniform(1, 3, (1, 5, 4, 8)), np.array([[100, 200, 300, 400, 500.0]]))
+    store, folder = str(tmp_path / "one.zarr"), tmp_path / "one.analysis"
+    assert main(["analyze", store, "--quiet", "--studies", "perplexity"]) == 0
+    before = sorted(p.name for p in folder.iterdir())
+    assert "checkpoints.csv" in before
+    assert main(["analyze", store, "--quiet", "--studies", "agreement"]) == 2
+    err = capsys.readouterr().err
+    assert "no result to write, agreement: skipped (needs at least two models)" in err and "left as it was" in err
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert main(["report", store, "--quiet", "--studies", "agreement"]) == 2
+    assert "nothing to report" in capsys.readouterr().err
+    assert not (tmp_path / "one.report").exists()
+
+
+@pytest.mark.parametrize(
+    "option",
+    [["--start", "1.5"], ["--levels", "-3"], ["--levels", "nan"], ["--dd-tol", "-1"], ["--turn-tol", "inf"]],
+)
+def test_out_of_range_study_options_are_refused_before_anything_runs(tmp_path, capsys, option):
+    with pytest.raises(SystemExit) as exit:
+        main(["analyze", str(tmp_path / "absent.zarr"), *option])
+    assert exit.value.code == 2
+    assert f"argument {option[0]}: expected" in capsys.readouterr().err
+
+
+def test_levels_below_one_are_refused_by_the_analysis_too(tmp_path):
+    rng = np.random.default_rng(0)
+    write_store(tmp_path / "one.zarr", rng.uniform(1, 3, (1, 5, 4, 8)), np.array([[100, 200, 300, 400, 500.0]]))
+    with pytest.raises(tokendyn.TokendynError, match="perplexity levels must be finite numbers >= 1"):
+        at_perplexity(tokendyn.open_store(tmp_path / "one.zarr"), levels=[-3.0])
+
+
 def test_the_registry_is_explicit_and_a_study_added_to_it_runs(tmp_path, monkeypatch, capsys):
     assert list(tokendyn.studies.STUDIES)[:3] == ["perplexity", "trend_categories", "subset_curves"]
     assert len(set(tokendyn.studies.STUDIES)) == len(tokendyn.studies.STUDIES) == 13

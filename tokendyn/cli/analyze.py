@@ -32,6 +32,30 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
 
 
+def _fractions(text: str) -> list[float]:
+    values = _floats(text)
+    if not values or not all(0 <= v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected fractions in [0, 1), e.g. 0.2,0.5, got {text!r}")
+    return values
+
+
+def _perplexities(text: str) -> list[float]:
+    values = _floats(text)
+    if not values or not all(v >= 1 for v in values):  # also refuses nan and -inf
+        raise argparse.ArgumentTypeError(f"expected perplexities of at least 1, e.g. 40,30,20, got {text!r}")
+    return values
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from err
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
 def _n_clusters(text: str) -> int | str:
     if text in ("auto", "shapes"):
         return text
@@ -64,7 +88,7 @@ class StudyDefaults(argparse.HelpFormatter):
 
 def add_study_options(p: argparse.ArgumentParser) -> None:
     """The options that set study parameters (see STUDY_OPTIONS); unset, each study uses its default."""
-    p.add_argument("--start", type=_floats, help="trend start fractions, comma-separated")
+    p.add_argument("--start", type=_fractions, help="trend start fractions, comma-separated")
     p.add_argument(
         "--trend-x",
         choices=["log_step", "index"],
@@ -72,10 +96,10 @@ def add_study_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--levels",
-        type=_floats,
+        type=_perplexities,
         help="matched validation perplexity levels, comma-separated (default: levels every model reaches)",
     )
-    p.add_argument("--dd-tol", type=float, help="double-descent tolerance in nats")
+    p.add_argument("--dd-tol", type=_tolerance, help="double-descent tolerance in nats")
     p.add_argument(
         "--n-clusters",
         type=_n_clusters,
@@ -84,7 +108,7 @@ def add_study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster-method", choices=["kmeans", "gmm"], help="clustering estimator")
     p.add_argument(
         "--turn-tol",
-        type=float,
+        type=_tolerance,
         help="a set's perplexity curve turns when it rises this much (in log) above its minimum",
     )
     p.add_argument(

@@ -151,15 +151,19 @@ def analyze(
     return the summary lines.
 
     options: keyword arguments per study, e.g. {"clusters": {"n_clusters": 4}}. `folder` is
-    replaced whole when the run completes (a folder tokendyn did not write is refused).
+    replaced whole when the run completes (a folder tokendyn did not write is refused), and kept
+    as it was when every study was skipped (TokendynError with the reasons).
     """
     names = select(only)
-    lines = []
+    lines, produced = [], False
     with output_folder(folder) as tmp:
         for outcome in run_studies(ds, names, options, progress):
             if outcome.result is not None:
                 write_results(outcome.result, tmp)
+                produced = True
             lines += outcome.lines()
+        if not produced:  # raised inside: the temporary folder goes, the earlier results stay
+            raise TokendynError(f"no result to write, {'; '.join(lines)}; {folder} was left as it was")
         (tmp / FINDINGS).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return lines
 

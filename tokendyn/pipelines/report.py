@@ -31,6 +31,7 @@ import pandas as pd
 import xarray as xr
 
 import tokendyn
+from tokendyn.errors import TokendynError
 from tokendyn.pipelines.analyze import FINDINGS, Outcome, run_studies, select, write_results
 from tokendyn.pipelines.draw import FigureDrawer, draw_here
 from tokendyn.pipelines.output import mark, output_folder
@@ -60,7 +61,8 @@ def write_report(
     report into out_dir (default: beside the store, `<name>.report`). Returns the path of index.html.
 
     options: keyword arguments per study, e.g. {"trend_categories": {"x": "index"}}. out_dir is
-    replaced whole when the report is complete (a folder tokendyn did not write is refused). echo:
+    replaced whole when the report is complete (a folder tokendyn did not write is refused) and kept
+    as it was when every study was skipped (TokendynError with the reasons). echo:
     called with one line per study (done, or skipped and why). analysis: also write the analysis
     folder there, as `tokendyn analyze` does (tables, labels.zarr, findings.txt), from the same run
     of the studies, so that a caller wanting both runs each study once.
@@ -88,6 +90,8 @@ def write_report(
                 if analysis_tmp is not None:
                     write_results(outcome.result, analysis_tmp)
                 drawn.append((outcome, drawer.draw(outcome.result.figure, tmp / outcome.name)))
+        if not drawn:  # raised inside: the temporary folders go, the earlier report stays
+            raise TokendynError(f"nothing to report, {'; '.join(lines)}; {out} was left as it was")
         for outcome, figure_paths in drawn:
             files = {**figure_paths(), **save_tables(outcome.result, tmp / outcome.name)}
             mark(tmp / outcome.name)  # so `python -m analyses.NAME` may replace it

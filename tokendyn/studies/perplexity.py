@@ -85,12 +85,12 @@ def run(
     tables, labels, findings = {"checkpoints": checkpoints}, {}, []
     if "loss" in ds:
         try:
+            given = levels
             levels, tables["perplexity_levels"], labels["matched_perplexity"] = matched_levels(
-                ds, axes, levels, n_levels
+                ds, axes, given, n_levels
             )
-            findings.append(
-                f"Common validation perplexity range {levels[0]:.4g} -> {levels[-1]:.4g}; {len(levels)} matched levels."
-            )
+            span = f"{levels[0]:.4g} -> {levels[-1]:.4g}; {len(levels)} matched levels"
+            findings.append(f"Common validation perplexity range {span}." if given is None else f"Levels given {span}.")
         except TokendynError as err:
             findings.append(f"No matched-perplexity levels ({err}).")
     axes = [axis for axis in axes if axis != "val_ppl"]
