@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -260,6 +261,30 @@ def test_checkpoint_without_tokenizer_files(ckpts, tmp_path, tokenizer):
     suite = write_suite_toml(tmp_path, bare_only)
     suite.write_text(suite.read_text().replace("seq_len", f'tokenizer = "{root / "neox0"}"\nseq_len'))
     assert check_tokenizers(load_suite(suite)) == expected
+
+
+def test_a_tokenizer_shipping_its_own_code_runs_only_with_trust_remote_code(ckpts, tmp_path, monkeypatch):
+    """A tokenizer class in the checkpoint folder (`auto_map`) is user code: not run by default (the
+    standard class loads the same vocabulary), run with trust_remote_code, which must reach the tokenizer."""
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    folder = copy_of(ckpts, "neox0", tmp_path)
+    ran = tmp_path / "ran"
+    (folder / "custom_tokenizer.py").write_text(
+        f"from pathlib import Path\nfrom transformers import PreTrainedTokenizerFast\n\nPath({str(ran)!r}).touch()\n\n"
+        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["auto_map"] = {"AutoTokenizer": [None, "custom_tokenizer.CustomTokenizer"]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    suite = load_suite(
+        write_suite_toml(tmp_path, f'[[models]]\nname = "a"\ncheckpoints = [{{ step = 1, path = "{folder}" }}]\n')
+    )
+    expected = tokenizer_fingerprint(load_tokenizer(suite))
+    assert check_tokenizers(suite) == expected
+    assert not ran.exists()
+    assert type(load_tokenizer(suite, trust_remote_code=True)).__name__ == "CustomTokenizer"
+    assert ran.exists()
+    assert check_tokenizers(suite, trust_remote_code=True) == expected
 
 
 def test_vocab_too_small_for_tokenizer(ckpts, tmp_path):

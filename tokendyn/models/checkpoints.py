@@ -195,9 +195,10 @@ def _check_safetensors(ckpt: Checkpoint, file: Path) -> None:
         ) from err
 
 
-def _load_tokenizer(source: str | Path, label: str) -> PreTrainedTokenizerBase:
+def _load_tokenizer(source: str | Path, label: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
     try:
-        return AutoTokenizer.from_pretrained(source)
+        # explicit False: left unset, transformers asks on a terminal and runs the code on "y"
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as err:  # the Rust `tokenizers` library raises a bare Exception for a garbled tokenizer.json
         raise TokendynError(
             f"cannot load the tokenizer of {label}: {_first_line(err)}; check its tokenizer "
@@ -209,17 +210,18 @@ def _has_tokenizer(folder: Path) -> bool:
     return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
-def load_tokenizer(suite: Suite) -> PreTrainedTokenizerBase:
-    """The suite's tokenizer: [eval] tokenizer (path or hub id), else the first checkpoint's."""
+def load_tokenizer(suite: Suite, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The suite's tokenizer: [eval] tokenizer (path or hub id), else the first checkpoint's.
+    trust_remote_code: run a tokenizer class shipped with the checkpoint (user code; off by default)."""
     if suite.tokenizer is not None:
-        return _load_tokenizer(suite.tokenizer, f"[eval] tokenizer = {suite.tokenizer}")
+        return _load_tokenizer(suite.tokenizer, f"[eval] tokenizer = {suite.tokenizer}", trust_remote_code)
     first = suite.models[0].checkpoints[0]
     folder = resolve(first, weights=False)
     if not _has_tokenizer(folder):
         raise TokendynError(
             f'no tokenizer files in {_label(first)}; set [eval] tokenizer = "path or hub id" in the suite TOML'
         )
-    return _load_tokenizer(folder, _label(first))
+    return _load_tokenizer(folder, _label(first), trust_remote_code)
 
 
 def surface_texts(tokenizer: PreTrainedTokenizerBase) -> list[str]:
@@ -252,13 +254,13 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-def check_tokenizers(suite: Suite) -> str:
+def check_tokenizers(suite: Suite, trust_remote_code: bool = False) -> str:
     """Check that every checkpoint shares the suite's tokenizer; return its fingerprint.
 
     Checkpoints without tokenizer files are checked only for a vocabulary large enough for the
     tokenizer. Tokenizers whose files are byte-identical are loaded once (Pythia has 154 copies).
     """
-    reference = load_tokenizer(suite)
+    reference = load_tokenizer(suite, trust_remote_code)
     expected = tokenizer_fingerprint(reference)
     first = suite.models[0].checkpoints[0]
     reference_label = f"[eval] tokenizer = {suite.tokenizer}" if suite.tokenizer is not None else _label(first)
@@ -269,7 +271,9 @@ def check_tokenizers(suite: Suite) -> str:
             if _has_tokenizer(folder):
                 digest = _files_digest([folder / name for name in TOKENIZER_FILES if (folder / name).is_file()])
                 if digest not in fingerprints:
-                    fingerprints[digest] = tokenizer_fingerprint(_load_tokenizer(folder, _label(ckpt)))
+                    fingerprints[digest] = tokenizer_fingerprint(
+                        _load_tokenizer(folder, _label(ckpt), trust_remote_code)
+                    )
                 if fingerprints[digest] != expected:
                     raise TokendynError(
                         f"the tokenizer of {_label(ckpt)} differs from that of {reference_label}; "

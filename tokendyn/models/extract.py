@@ -195,8 +195,8 @@ def extract(
     if store_dtype not in store.STORE_DTYPES:
         raise TokendynError(f"unknown store dtype '{store_dtype}'; use one of {', '.join(store.STORE_DTYPES)}")
 
-    tokenizer = checkpoints.load_tokenizer(suite)
-    tokenizer_fp = checkpoints.check_tokenizers(suite)
+    tokenizer = checkpoints.load_tokenizer(suite, trust_remote_code)
+    tokenizer_fp = checkpoints.check_tokenizers(suite, trust_remote_code)
     _check_context(suite, max(s.seq_len for s in (suite.eval, *suite.sets)), trust_remote_code)  # before packing
     sets = {"main": tokenize_set(suite.eval, tokenizer), **{s.name: tokenize_set(s, tokenizer) for s in suite.sets}}
     every = _check_every(every, sets)

@@ -246,7 +246,7 @@ def generate(
         default_small, default_large = smallest_and_largest(suite, trust_remote_code)
         small, large = small or default_small, large or default_large
     roles = [find_checkpoint(suite, small, small_step), find_checkpoint(suite, large, large_step)]
-    tokenizer = checkpoints.load_tokenizer(suite)
+    tokenizer = checkpoints.load_tokenizer(suite, trust_remote_code)
     bos = prefix_ids(suite.eval.prefix, tokenizer)  # the main set's context-only prefix
     chosen = prompts_from_suite(suite, tokenizer, prompts, prompt_tokens)
     _check_context(roles, len(bos) + prompt_tokens + new_tokens, trust_remote_code)

@@ -248,7 +248,7 @@ def run_pass_until(
     check = load_checker(checker)
     out = Path(out)
     # The prompts and lengths are checked before the main extraction, which may take long.
-    tokenizer = checkpoints.load_tokenizer(suite)
+    tokenizer = checkpoints.load_tokenizer(suite, trust_remote_code)
     ids, lengths = prompt_ids(task, tokenizer, prefix_ids(suite.eval.prefix, tokenizer), new_tokens)
     context = suite_context(suite, trust_remote_code)
     longest = max(len(i) + n for i, n in zip(ids, lengths))

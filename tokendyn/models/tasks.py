@@ -113,7 +113,7 @@ def score_tasks(
         raise TokendynError(f"give one or more tasks with distinct names (got {', '.join(names) or 'none'})")
     for task in tasks:
         check_field_names({key for item in task.items for key in item.fields}, f"task '{task.name}'")
-    tokenizer = checkpoints.load_tokenizer(suite)
+    tokenizer = checkpoints.load_tokenizer(suite, trust_remote_code)
     context = suite_context(suite, trust_remote_code)
     sets = [
         task_set(
