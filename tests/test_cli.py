@@ -8,6 +8,10 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
+from tokendyn.cli import main
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -52,3 +56,22 @@ def test_import_and_help_load_neither_dask_nor_torch():
     run = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["extract", "s.toml", "--out", "o.zarr", "--corrupt-seed", "-1"],
+        ["generate", "s.toml", "--out", "o.jsonl", "--seed", "-1"],
+        ["tasks", "s.toml", "--out", "o.zarr", "--task", "t", "--seed", "-2"],
+        ["passuntil", "s.toml", "--out", "o.zarr", "--task", "t", "--seed", "x"],
+        ["demo", "--seed", "-1"],
+        ["toy", "build", "out", "--seed", "-1"],
+        ["toy", "build", "out", "--threads", "0"],
+    ],
+)
+def test_seeds_and_thread_counts_out_of_range_are_refused_by_the_parser(argv, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    assert exit.value.code == 2
+    assert "expected a whole number >=" in capsys.readouterr().err

@@ -177,6 +177,12 @@ def test_hub_revisions_and_tokens(root):
     assert olmo.checkpoints[1].source == "org/olmo@step1000-tokens4B" and olmo.checkpoints[1].path is None
     assert [(c.step, c.tokens_seen) for c in p.checkpoints] == [(1, 100.0), (3, 300.0)]
     (final,) = opt.checkpoints
+    zero = (
+        EVAL
+        + '[[models]]\nname = "z"\nhub_id = "org/z"\n'
+        + 'checkpoints = [{ step = 0, revision = "step0", tokens_seen = 0 }]\n'
+    )
+    assert load_suite(write(root, zero)).models[0].checkpoints[0].tokens_seen == 0  # as quick suites write step 0
     assert (final.step, final.hub_id, final.revision, final.tokens_seen) == (143000, "facebook/opt-125m", "main", 3e11)
 
 
@@ -299,6 +305,14 @@ CASES = {
     "seq_len bool": (EVAL.replace("32", "true") + LOCAL_MODEL, "key 'seq_len': True is not an integer"),
     "seq_len 1": (EVAL.replace("32", "1") + LOCAL_MODEL, "key 'seq_len': 1 leaves no token to predict"),
     "max_sequences 0": (EVAL + "max_sequences = 0\n" + LOCAL_MODEL, "key 'max_sequences': 0 must be positive"),
+    "negative seed": (
+        EVAL + LOCAL_MODEL + '[[sets]]\nname = "c"\nfiles = ["data/valid.txt"]\ncorrupt = 0.1\nseed = -1\n',
+        "key 'seed': -1 must be 0 or more",
+    ),
+    "negative tokens_seen": (
+        EVAL + '[[models]]\nname = "a"\ncheckpoints = [{ step = 1, path = "ck/a10", tokens_seen = -5 }]\n',
+        "key 'tokens_seen': -5.0 must be 0 or more",
+    ),
     "missing file": (EVAL.replace("valid", "nope") + LOCAL_MODEL, "key 'files': file"),
     "wrong suffix": (EVAL.replace('"data/valid.txt"', '"suite.toml"') + LOCAL_MODEL, "is neither .txt nor .jsonl"),
     "empty glob": (EVAL.replace("valid.txt", "*.md") + LOCAL_MODEL, "matches no file"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tokendyn.cli.options import add_quiet
+from tokendyn.cli.options import add_quiet, seed_value
 
 
 def register(subparsers) -> None:
@@ -22,7 +22,9 @@ def register(subparsers) -> None:
         choices=("default", "quick"),
         help="suite size: default (minutes to build once) or quick (seconds)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the world, the weights and the sampling (default: 0)")
+    p.add_argument(
+        "--seed", type=seed_value, default=0, help="seed of the world, the weights and the sampling (default: 0)"
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_quiet(p)
     p.set_defaults(func=run)

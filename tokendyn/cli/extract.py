@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from tokendyn import store
-from tokendyn.cli.options import add_batch_options, add_model_options, model_options
+from tokendyn.cli.options import add_batch_options, add_model_options, model_options, seed_value
 from tokendyn.config.suite import EvalSet, load_suite, parse_set_table
 from tokendyn.errors import TokendynError
 
@@ -65,7 +65,10 @@ def register(subparsers) -> None:
         "(default: the file name without extension); repeatable",
     )
     p.add_argument(
-        "--corrupt-seed", type=int, default=0, help="seed of the random token replacement of NAME:R sets (default: 0)"
+        "--corrupt-seed",
+        type=seed_value,
+        default=0,
+        help="seed of the random token replacement of NAME:R sets (default: 0)",
     )
     p.add_argument(
         "--metrics",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tokendyn.cli.options import add_model_options, model_options
+from tokendyn.cli.options import add_model_options, model_options, seed_value
 from tokendyn.errors import TokendynError
 
 ROLES = ("small", "large")
@@ -55,7 +55,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--top-p", type=float, default=None, help="nucleus sampling with this mass, e.g. 0.9 (default: greedy decoding)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the sampling (default: 0)")
     p.add_argument(
         "--no-stop-at-eos",
         action="store_true",

@@ -67,6 +67,20 @@ def batch_size(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"'{text}' is neither a number nor auto") from None
 
 
+def seed_value(text: str) -> int:
+    """--seed: a whole number >= 0 (numpy's generators take no negative seed)."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text}'")
+    return int(text)
+
+
+def count(text: str) -> int:
+    """A whole number >= 1 (threads, workers)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'")
+    return int(text)
+
+
 def add_quiet(p: argparse.ArgumentParser) -> None:
     """-q/--quiet: no progress bar (as analyze and report had it); results and errors are still printed."""
     if not any("--quiet" in action.option_strings for action in p._actions):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tokendyn.cli.options import add_model_options, model_options
+from tokendyn.cli.options import add_model_options, model_options, seed_value
 
 
 def register(subparsers) -> None:
@@ -58,7 +58,7 @@ def register(subparsers) -> None:
         help="pass judge called as function(completion, instance) -> bool (default: exact match); "
         "imports and runs that Python code with your permissions: name only code you trust",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the sampling (default: 0)")
     p.add_argument("--force", action="store_true", help="redo the task's runs if the store has them")
     p.add_argument(
         "--every",

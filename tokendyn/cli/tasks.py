@@ -6,7 +6,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from tokendyn.cli.options import add_batch_options, add_model_options, model_options
+from tokendyn.cli.options import add_batch_options, add_model_options, model_options, seed_value
 from tokendyn.errors import TokendynError
 
 
@@ -34,7 +34,9 @@ def register(subparsers) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="store path (a directory ending in .zarr)")
     p.add_argument("--shots", type=int, default=2, help="demonstrations per prompt (default: 2)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the demonstrations and choice orders (default: 0)")
+    p.add_argument(
+        "--seed", type=seed_value, default=0, help="seed of the demonstrations and choice orders (default: 0)"
+    )
     p.add_argument("--max-items", type=int, default=None, help="keep the first N items of each task (default: all)")
     p.add_argument(
         "--name", default=None, help="the task's name (one --task only; default: the BIG-Bench name or the file name)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tokendyn.cli.options import add_quiet
+from tokendyn.cli.options import add_quiet, count, seed_value
 
 
 def register(subparsers) -> None:
@@ -43,9 +43,9 @@ def register(subparsers) -> None:
         metavar="SIZE",
         help="model sizes to train, e.g. S L (default: all sizes of the preset)",
     )
-    b.add_argument("--seed", type=int, default=0, help="seeds the world, the text and the weights (default: 0)")
+    b.add_argument("--seed", type=seed_value, default=0, help="seeds the world, the text and the weights (default: 0)")
     b.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads while training; weights depend on it (default: 1)"
+        "--threads", type=count, default=1, help="torch CPU threads while training; weights depend on it (default: 1)"
     )
     b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_quiet(b)

@@ -332,6 +332,12 @@ class _Table:
             self.fail(key, f"{value!r} must be positive; fix its value")
         return value
 
+    def non_negative(self, key: str, kind: type, default: Any = _REQUIRED) -> Any:
+        value = self.get(key, kind, default)
+        if value is not None and value < 0:
+            self.fail(key, f"{value!r} must be 0 or more; fix its value")
+        return value
+
     def choice(self, key: str, choices: tuple[str, ...]) -> str:
         value = self.get(key, str, choices[0])
         if value not in choices:
@@ -389,7 +395,7 @@ def _parse_set(t: _Table, base: Path, name: str | None, default_seq_len: int | N
             max_sequences=t.positive("max_sequences", int, None),
             kind=kind,
             corrupt=corrupt,
-            seed=t.get("seed", int, 0),
+            seed=t.non_negative("seed", int, 0),
             **_protocol(t, kind),
         )
     except TokendynError as err:
@@ -574,7 +580,7 @@ def _parse_checkpoint(
                 f"checkpoint directory {directory} does not exist; fix the path "
                 "(relative paths start at the TOML's folder)",
             )
-    tokens_seen = t.positive("tokens_seen", float, None)
+    tokens_seen = t.non_negative("tokens_seen", float, None)
     if tokens_seen is None:
         tokens_seen = _tokens_seen(step, tokens_per_step, revision)
     # A local checkpoint has no hub source (revision is None there: exactly one of path and revision is given).
