@@ -578,7 +578,8 @@ def test_generate_writes_atomically(work, monkeypatch):
     from tokendyn.models import generate
 
     out = work / "gen_out.jsonl"
-    out.write_text("previous results\n")
+    previous = json.dumps({"mixture": "1,0", "decoding": "greedy", "context_ids": [1], "token_ids": [2]}) + "\n"
+    out.write_text(previous)
 
     def records():
         yield {"text": "a"}
@@ -586,5 +587,20 @@ def test_generate_writes_atomically(work, monkeypatch):
 
     with pytest.raises(tokendyn.errors.TokendynError, match="cannot write"):
         generate.write_jsonl(records(), out)
-    assert out.read_text() == "previous results\n"
+    assert out.read_text() == previous
     assert [p.name for p in work.glob(".gen_out*")] == []
+
+
+def test_generate_refuses_to_replace_a_file_it_did_not_write(work, capsys):
+    from tokendyn.models import generate
+
+    notes = work / "notes.jsonl"
+    notes.write_text('{"text": "my own data"}\n')
+    err = one_line_error(capsys, ["generate", str(work / "suite.toml"), "--out", str(notes)])
+    assert "exists and was not written by tokendyn generate" in err
+    with pytest.raises(tokendyn.errors.TokendynError, match="not written by tokendyn generate"):
+        generate.write_jsonl([{"text": "a"}], notes)
+    assert notes.read_text() == '{"text": "my own data"}\n'
+    empty = work / "empty.jsonl"
+    empty.touch()
+    assert generate.write_jsonl([{"text": "a"}], empty).read_text() == '{"text": "a"}\n'

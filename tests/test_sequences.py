@@ -380,8 +380,9 @@ def test_analyze_writes_the_sequence_tables(built, tmp_path):
         "pair_preference",
         "pair_margin",
     ]
-    skipped = analyze(tokendyn.open_store(out, set="facts"), tmp_path / "b", only=["pairs"], progress=False)
-    assert "skipped" in skipped[0]
+    with pytest.raises(tokendyn.TokendynError, match="no result to write, pair_preference: skipped"):
+        analyze(tokendyn.open_store(out, set="facts"), tmp_path / "b", only=["pairs"], progress=False)
+    assert not (tmp_path / "b").exists()
 
 
 def test_set_options(tmp_path, monkeypatch):

@@ -104,8 +104,9 @@ def parse_model(text: str | None) -> tuple[str | None, int | None]:
 
 
 def run(args: argparse.Namespace) -> None:
-    from tokendyn.models.generate import MIXTURES, generate, write_jsonl
+    from tokendyn.models.generate import MIXTURES, check_out, generate, write_jsonl
 
+    check_out(args.out)  # before any model loads
     small, small_step = parse_model(args.small)
     large, large_step = parse_model(args.large)
     mixtures = MIXTURES if args.mix is None else [parse_mixture(m) for m in args.mix]

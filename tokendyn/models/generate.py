@@ -175,7 +175,7 @@ def smallest_and_largest(suite: Suite, trust_remote_code: bool = False) -> tuple
     sizes = []
     for spec in suite.models:
         config = AutoConfig.from_pretrained(
-            checkpoints.resolve(spec.checkpoints[-1]), trust_remote_code=trust_remote_code
+            checkpoints.resolve(spec.checkpoints[-1], weights=False), trust_remote_code=trust_remote_code
         )
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
@@ -291,7 +291,9 @@ def generate(
 
 def _check_context(roles: Sequence[Checkpoint], length: int, trust_remote_code: bool) -> None:
     for ckpt in roles:
-        config = AutoConfig.from_pretrained(checkpoints.resolve(ckpt), trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(
+            checkpoints.resolve(ckpt, weights=False), trust_remote_code=trust_remote_code
+        )
         context = checkpoints.max_context(config)
         if context is not None and length > context:
             raise TokendynError(
@@ -337,15 +339,37 @@ def _record(
     return record
 
 
+def check_out(path: str | Path) -> Path:
+    """`path` if generations may be written there: absent, empty, or a file of earlier generations
+    (its first line a record with the fields `_record` writes); else a one-line TokendynError."""
+    path = Path(path)
+    if path.is_dir():
+        raise TokendynError(f"--out {path} is a folder; give the path of a .jsonl file")
+    if path.exists() and path.stat().st_size and not _generations(path):
+        raise TokendynError(
+            f"--out {path} exists and was not written by tokendyn generate; give a new path "
+            "(tokendyn replaces only its own generations)"
+        )
+    return path
+
+
+def _generations(path: Path) -> bool:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            first = json.loads(handle.readline())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(first, dict) and {"mixture", "decoding", "context_ids", "token_ids"} <= first.keys()
+
+
 def write_jsonl(records: Sequence[dict], path: str | Path) -> Path:
     """Write records as JSON lines (UTF-8); the file is usable as an evaluation set.
 
     Written to a temporary file beside `path` and renamed over it once complete, so a killed run or
-    a full disk never leaves a truncated file (or an existing one half-overwritten).
+    a full disk never leaves a truncated file (or an existing one half-overwritten). A file at
+    `path` that is not earlier generations is refused (`check_out`).
     """
-    path = Path(path)
-    if path.is_dir():
-        raise TokendynError(f"--out {path} is a folder; give the path of a .jsonl file")
+    path = check_out(path)
     temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
