@@ -18,7 +18,7 @@ import pytest
 
 from planted_stores import write_store
 from tokendyn.cli import main
-from tokendyn.pipelines.output import MARKER, output_folder
+from tokendyn.pipelines.output import MARKER, mark, output_folder
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -117,10 +117,36 @@ def test_a_failed_run_leaves_the_previous_results_and_a_run_killed_mid_swap_is_r
         (tmp / "result.csv").write_text("half")
         raise RuntimeError("killed")
     assert (out / "result.csv").read_text() == "first" and len(list(tmp_path.iterdir())) == 1
-    out.rename(tmp_path / ".out.old-12345")  # as a kill between the two renames of the swap leaves it
+    out.rename(tmp_path / f".out.old-{dead_pid()}")  # as a kill between the two renames of the swap leaves it
     with pytest.raises(RuntimeError), output_folder(out):
         raise RuntimeError("killed again")
     assert (out / "result.csv").read_text() == "first" and len(list(tmp_path.iterdir())) == 1
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_the_working_folder_of_a_run_still_going_is_left_alone(tmp_path):
+    out = tmp_path / "out"
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        theirs = tmp_path / f".out.tmp-{live.pid}"
+        theirs.mkdir()
+        mark(theirs)
+        (theirs / "result.csv").write_text("in progress")
+        dead = tmp_path / f".out.tmp-{dead_pid()}"
+        dead.mkdir()
+        mark(dead)
+        with output_folder(out) as tmp:
+            (tmp / "result.csv").write_text("ours")
+        assert (theirs / "result.csv").read_text() == "in progress"
+        assert not dead.exists() and (out / "result.csv").read_text() == "ours"
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_sigkill_of_analyze_mid_run_leaves_the_previous_results_whole(small_store, tmp_path):

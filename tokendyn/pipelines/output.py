@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tokendyn.errors import TokendynError
+from tokendyn.store.atomic import process_alive
 
 MARKER = ".tokendyn-output"
 
@@ -33,11 +34,16 @@ def mark(folder: Path) -> None:
 
 
 def _siblings(folder: Path, kind: str) -> list[Path]:
-    """Leftovers `.NAME.<kind>-PID` of earlier runs that carry the marker (so tokendyn made them)."""
+    """Leftovers `.NAME.<kind>-PID` of runs no longer alive that carry the marker (so tokendyn made
+    them); a run still going on the same folder keeps its own."""
+    prefix = f".{folder.name}.{kind}-"
     return [
         p
-        for p in folder.parent.glob(f".{folder.name}.{kind}-*")
-        if p.is_dir() and not p.is_symlink() and (p / MARKER).is_file()
+        for p in folder.parent.glob(f"{prefix}*")
+        if p.is_dir()
+        and not p.is_symlink()
+        and (p / MARKER).is_file()
+        and not (p.name[len(prefix) :].isdigit() and process_alive(int(p.name[len(prefix) :]), own_ok=True))
     ]
 
 
@@ -55,7 +61,8 @@ def check(folder: Path) -> None:
 
 
 def _recover(folder: Path) -> None:
-    """Put back the previous results of a run killed mid-swap; delete the temporary folders of killed runs."""
+    """Put back the previous results of a run killed mid-swap; delete the temporary folders of killed runs
+    (those of live runs stay: two runs on one folder each finish, the last swap wins)."""
     old = _siblings(folder, "old")
     if not folder.exists() and old:
         old[0].rename(folder)

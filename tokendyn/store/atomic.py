@@ -68,7 +68,7 @@ def remove_partials(target: Path) -> None:
     for folder in target.parent.glob(f".{target.name}{PARTIAL}*"):
         owner_host, _, rest = folder.name.removeprefix(f".{target.name}{PARTIAL}").rpartition("-")
         pid = rest.split(".")[0]
-        if owner_host == host and pid.isdigit() and not _alive(int(pid), own_ok=True):
+        if owner_host == host and pid.isdigit() and not process_alive(int(pid), own_ok=True):
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -81,7 +81,8 @@ def _partial(target: Path) -> Path:
     return target.with_name(f".{target.name}{PARTIAL}{socket.gethostname()}-{os.getpid()}")
 
 
-def _alive(pid: int, own_ok: bool) -> bool:
+def process_alive(pid: int, own_ok: bool) -> bool:
+    """Whether process `pid` of this host runs; this process counts as dead when own_ok (its leftovers may go)."""
     if pid == os.getpid():
         return not own_ok
     try:
