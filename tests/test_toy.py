@@ -218,7 +218,7 @@ def test_cache_reuses_and_rebuilds(tmp_path, monkeypatch):
     after = load_file(next(out.glob("ckpts/S/step*/model.safetensors")))
     assert json.loads((out / MANIFEST).read_text())["parameters"]["seed"] == 1
     assert not all(torch.equal(before[k], after[k]) for k in before)
-    assert not out.with_name("fixed.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "fixed"]  # no temporary folder left
 
 
 def test_cache_key_covers_every_parameter(monkeypatch):

@@ -24,7 +24,6 @@ import json
 import multiprocessing
 import os
 import queue
-import shutil
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -36,6 +35,7 @@ from transformers import OPTForCausalLM
 from transformers.utils import logging as hf_logging
 
 from tokendyn.errors import TokendynError
+from tokendyn.store.atomic import create_atomically, replace_atomically
 from tokendyn.toy import world as toy_world
 from tokendyn.toy.tokenizer import train_tokenizer
 from tokendyn.toy.train import ModelSize, TrainConfig, opt_config, pinned_threads, train
@@ -154,13 +154,18 @@ def build(
         return out / "suite.toml"
     if out.exists() and any(out.iterdir()) and _manifest_key(out) is None:
         raise TokendynError(f"{out} exists and is not a toy suite; choose an empty or new --out directory")
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    with pinned_threads(threads), _quiet_transformers():
-        timings = _write_suite(partial, params, key, progress)
-    (partial / MANIFEST).write_text(json.dumps({"key": key, "parameters": params, "seconds": timings}, indent=1) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)
+
+    def write(folder: Path) -> None:
+        with pinned_threads(threads), _quiet_transformers():
+            timings = _write_suite(folder, params, key, progress)
+        manifest = {"key": key, "parameters": params, "seconds": timings}
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+
+    # built aside under a name of this process and swapped in whole; only dead builds' leftovers are removed
+    if out.exists() and any(out.iterdir()):
+        replace_atomically(out, write)
+    elif not create_atomically(out, write) and _manifest_key(out) != key:
+        raise TokendynError(f"another process wrote {out} meanwhile; rerun to use or replace it")
     return out / "suite.toml"
 
 
