@@ -143,6 +143,20 @@ def test_out_of_range_study_options_are_refused_before_anything_runs(tmp_path, c
     assert f"argument {option[0]}: expected" in capsys.readouterr().err
 
 
+def test_trend_x_reaches_the_token_view_too(tmp_path):
+    from tokendyn.studies.token_view import token_table
+
+    rng = np.random.default_rng(3)
+    steps = np.array([[1, 2, 4, 8, 100, 1000, 2000, 3000.0]])
+    loss = rng.uniform(1, 3, (1, 8, 4, 8)) + np.linspace(0, 1, 8)[None, :, None, None] * rng.normal(size=(1, 1, 4, 8))
+    write_store(tmp_path / "s.zarr", loss, steps)
+    assert main(["analyze", str(tmp_path / "s.zarr"), "--quiet", "--studies", "token_view", "--trend-x", "index"]) == 0
+    shown = pd.read_csv(tmp_path / "s.analysis" / "token_view.csv")["category"].tolist()
+    ds = tokendyn.open_store(tmp_path / "s.zarr")
+    assert shown == token_table(ds, x="index")["category"].tolist()
+    assert shown != token_table(ds, x="log_step")["category"].tolist()  # the option changes what is shown
+
+
 def test_levels_below_one_are_refused_by_the_analysis_too(tmp_path):
     rng = np.random.default_rng(0)
     write_store(tmp_path / "one.zarr", rng.uniform(1, 3, (1, 5, 4, 8)), np.array([[100, 200, 300, 400, 500.0]]))

@@ -15,7 +15,7 @@ from tokendyn.cli.memory import return_freed_memory
 # option dest -> the (study, parameter) pairs it sets; the first one's default is shown in --help
 STUDY_OPTIONS = {
     "start": [("trend_categories", "start")],
-    "trend_x": [("trend_categories", "x"), ("subset_curves", "x")],
+    "trend_x": [("trend_categories", "x"), ("subset_curves", "x"), ("token_view", "x")],
     "levels": [("perplexity", "levels"), ("sequence_perplexity", "levels")],
     "dd_tol": [("double_descent", "tol")],
     "n_clusters": [("clusters", "n_clusters")],

@@ -125,7 +125,7 @@ def run(
     start: float = 0.2,
     chosen_on: str | None = None,
     x: str = default_of(trend_categories, "x"),
-    tol: float = 0.05,
+    tol: float = default_of(turning_points, "tol"),
     band: float = default_of(trend_categories, "band"),
 ) -> Result:
     """Subset perplexity of the stagnated and upward tokens of each model at start fraction `start`,

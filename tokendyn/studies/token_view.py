@@ -29,6 +29,7 @@ from tokendyn.analysis.tokens import show_whitespace, steps_between
 from tokendyn.analysis.trajectories import load_small, model_index
 from tokendyn.analysis.trends import CATEGORIES, TrendWarning, trend_categories
 from tokendyn.data.corpus import PAD
+from tokendyn.studies import subset_curves
 from tokendyn.studies.study import Result, Skip, default_of, models_by_size, open_source, require, step_text
 from tokendyn.studies.style import model_colors, new_figure
 
@@ -98,7 +99,7 @@ def token_table(
     n_docs: int = 3,
     max_tokens: int = 150,
     models: list[str] | None = None,
-    start: float = 0.2,
+    start: float = default_of(subset_curves.run, "start"),
     x: str = default_of(trend_categories, "x"),
 ) -> pd.DataFrame:
     """One row per model and shown token of the first `n_docs` documents (at most `max_tokens` each):
@@ -199,8 +200,8 @@ def shading_html(table: pd.DataFrame) -> Markup:
 def token_shading(
     source,
     between: tuple[float, float] | None = None,
-    n_docs: int = 2,
-    max_tokens: int = 400,
+    n_docs: int = default_of(token_table, "n_docs"),
+    max_tokens: int = default_of(token_table, "max_tokens"),
     models: list[str] | None = None,
 ) -> Markup:
     """HTML (markupsafe.Markup) of the first `n_docs` documents per model, each token shaded by its loss
@@ -261,9 +262,9 @@ def _figure(table: pd.DataFrame, models: list[str], colors: dict, scale: float):
 def run(
     source,
     between: tuple[float, float] | None = None,
-    n_docs: int = 3,
-    max_tokens: int = 150,
-    start: float = 0.2,
+    n_docs: int = default_of(token_table, "n_docs"),
+    max_tokens: int = default_of(token_table, "max_tokens"),
+    start: float = default_of(subset_curves.run, "start"),
     x: str = default_of(trend_categories, "x"),
 ) -> Result:
     """The first `n_docs` documents of the main set (at most `max_tokens` tokens each) with every token
