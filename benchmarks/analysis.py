@@ -154,19 +154,6 @@ def timed(label: str, fn, reference: float | None = None) -> float:
     return wall
 
 
-def old_aoa_seconds(ds: xr.Dataset, n_sample: int = 8192) -> float:
-    """Seconds of the previous age-of-acquisition kernel for every token of every model, from a sample."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from aoa_before import sigmoid_midpoint_before  # the kernel as it was, kept for this comparison
-
-    loss = ds["loss"].isel(model=0, token=slice(0, n_sample)).values
-    x = np.log10(ds["step"].values[0])
-    start = time.process_time()
-    sigmoid_midpoint_before(loss.astype(np.float64), x, CHANCE, n_iter=10)
-    per_token = (time.process_time() - start) / loss.shape[1]
-    return per_token * ds.sizes["token"] * ds.sizes["model"]
-
-
 def aoa_kernels(ds: xr.Dataset, n_sample: int = 16_384) -> tuple[float, float]:
     """CPU microseconds per token of the age-of-acquisition kernel now and before, one thread, same tokens."""
     loss = ds["loss"].isel(model=0, token=slice(0, n_sample)).values

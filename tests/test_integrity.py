@@ -170,6 +170,7 @@ def test_huge_losses_give_infinite_perplexity_not_a_crash(work):
     assert ds.done.values.all()
     losses = ds.loss.values[0, 1]
     assert np.nanmean(losses) > 709 and np.isinf(ds.val_ppl.values[0, 1])  # exp(mean loss) overflows float64
+    assert np.isinf(ds.word_ppl.values[0, 1])  # more tokens than words: overflows too, not capped at exp(700)
 
 
 def test_float16_overflow_is_refused(capsys, work):

@@ -10,6 +10,10 @@ from tokendyn.cli.options import add_batch_options, add_model_options, model_opt
 from tokendyn.config.suite import EvalSet, load_suite, parse_set_table
 from tokendyn.errors import TokendynError
 
+QUICK_SEQ_LEN = (
+    1024  # --model without --seq-len: windows of the model's context, capped here (long contexts cost memory)
+)
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -44,7 +48,7 @@ def register(subparsers) -> None:
         "--seq-len",
         type=int,
         default=None,
-        help="tokens per sequence with --model (default: the model's context, at most 1024)",
+        help=f"tokens per sequence with --model (default: the model's context, at most {QUICK_SEQ_LEN})",
     )
     p.add_argument(
         "--set",
@@ -159,7 +163,7 @@ def _suite_argument(args: argparse.Namespace) -> Path:
         from tokendyn.models.checkpoints import context_length
 
         draft = parse_suite(quick_suite(args.models, args.texts, 2), base=Path.cwd())
-        seq_len = min(1024, context_length(draft.models[0].checkpoints[0]) or 1024)
+        seq_len = min(QUICK_SEQ_LEN, context_length(draft.models[0].checkpoints[0]) or QUICK_SEQ_LEN)
     path = write_generated(args.out, quick_suite(args.models, args.texts, seq_len))
     print(f"suite written: {path}")
     return path

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from tokendyn.data.corpus import DEFAULT_BATCH_TOKENS
+
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
     """--device, --dtype, --allow-pickle, --trust-remote-code and --no-progress."""
@@ -53,7 +55,7 @@ def add_batch_options(p: argparse.ArgumentParser) -> None:
         default=None,
         metavar="T",
         help="model positions per forward pass, padding included (as many windows as fit, at least one; "
-        "default: 8192 unless --batch-size is given)",
+        f"default: {DEFAULT_BATCH_TOKENS} unless --batch-size is given)",
     )
 
 

@@ -477,7 +477,7 @@ def perplexities(total_loss: float, scored: ScoredSet) -> tuple[float, dict[str,
     val_ppl = perplexity(total_loss / max(scored.n_tokens, 1))
     return val_ppl, {
         "bits_per_byte": total_loss / (max(scored.n_bytes, 1) * math.log(2)),
-        "word_ppl": math.exp(min(total_loss / max(scored.n_words, 1), 700.0)),
+        "word_ppl": perplexity(total_loss / max(scored.n_words, 1)),
     }
 
 
@@ -491,7 +491,7 @@ def _score_set(
     metrics: tuple[str, ...],
     batches: tuple[int | None, int | None],
     bar: tqdm,
-) -> float:
+) -> dict[str, np.ndarray]:
     """Score one set with one checkpoint, writing every chunk of tokens as soon as it is complete.
 
     batches: (batch_tokens, batch_size) of `plan_batches`.

@@ -28,7 +28,6 @@ from tokendyn.errors import TokendynError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
-DTYPE_CHOICES = ("auto", *DTYPES, *DTYPE_ALIASES)
 DEVICE_CHOICES = "auto, cpu, cuda[:N] or mps"
 # /proc/cpuinfo flags of x86 CPUs that multiply bfloat16 natively (oneDNN uses them).
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")

@@ -471,8 +471,6 @@ def _write_json(file: Path, document: dict, indent: int | None | str = "zarr") -
 # grid the store claims) is written last, so a grow killed midway is redone by the rerun; new checkpoints
 # are not `done`, and extraction scores exactly them.
 
-GROWN_DIMS = ("model", "ckpt")
-
 
 def checkpoint_grid(suite: dict) -> list:
     """Model names and steps: what the store's layout depends on (folders may move)."""
