@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 import xarray as xr
+from numpy.typing import ArrayLike
 from scipy.special import softmax
 
 from tokendyn.errors import TokendynError
@@ -84,7 +85,7 @@ def _targets(target_scores, answer: np.ndarray, shape: tuple) -> np.ndarray:
     return scores
 
 
-def option_probabilities(logprob, length=None) -> np.ndarray:
+def option_probabilities(logprob: ArrayLike, length: ArrayLike | None = None) -> np.ndarray:
     """Probabilities over an item's options (..., item, option): softmax of the summed log-prob,
     or of the length-normalised score when `length` is given; 0 on padded (NaN) options."""
     logprob = np.asarray(logprob, dtype=float)
@@ -93,13 +94,13 @@ def option_probabilities(logprob, length=None) -> np.ndarray:
 
 
 def choice_metrics(
-    logprob,
-    answer,
+    logprob: ArrayLike,
+    answer: ArrayLike,
     *,
     convention: str = DEFAULT_CONVENTION,
-    chars=None,
-    tokens=None,
-    target_scores=None,
+    chars: ArrayLike | None = None,
+    tokens: ArrayLike | None = None,
+    target_scores: ArrayLike | None = None,
     prob_per_token: bool = False,
 ) -> dict[str, np.ndarray]:
     """Accuracy (by `convention`), correct-choice probability, Brier score and random baselines,
@@ -141,7 +142,12 @@ def choice_metrics(
 
 
 def choice_scores(
-    logprob: xr.DataArray, answer, *, item_dim: str = "item", option_dim: str = "option", **options
+    logprob: xr.DataArray,
+    answer: xr.DataArray | ArrayLike,
+    *,
+    item_dim: str = "item",
+    option_dim: str = "option",
+    **options,
 ) -> xr.Dataset:
     """`choice_metrics` on labelled arrays: logprob with dims (..., item_dim, option_dim), e.g.
     (task, model, ckpt, item, option); answer with dims (..., item_dim); options as in

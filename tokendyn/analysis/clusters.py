@@ -601,7 +601,10 @@ def _id_counts(codes: np.ndarray, token_id: np.ndarray | xr.Variable, n_clusters
 
 
 def top_tokens(
-    labels: xr.DataArray, token_id: np.ndarray | xr.Variable, top: int = 10, token_text=None
+    labels: xr.DataArray,
+    token_id: np.ndarray | xr.Variable,
+    top: int = 10,
+    token_text: Callable[[Sequence[int]], Sequence[str]] | None = None,
 ) -> pd.DataFrame:
     """Most frequent token ids per cluster, pooled over models.
 

@@ -21,7 +21,7 @@ def as_float32(typingctx, value):
     return numba.types.float32(value), codegen
 
 
-def decoded(value):
+def decoded(value: np.number | float) -> np.number | float:
     """A kernel's read of one stored value: `as_float32` for the bits of a float16 (a uint16), any
     other number unchanged (float64 data stays float64). Compiled by its overload below."""
     return value
@@ -53,7 +53,7 @@ def stored(values: np.ndarray) -> np.ndarray:
     return values if values.dtype == np.float64 else values.astype(np.float32, copy=False)
 
 
-def stored_difference(b, a):
+def stored_difference(b: np.number | float, a: np.number | float) -> np.number | float:
     """b - a of two stored values as numpy computes it in the store's dtype: for float16 bits (uint16),
     in float32 rounded to float16; any other dtype in its own precision. Compiled by its overload."""
     return b - a

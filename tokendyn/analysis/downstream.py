@@ -60,7 +60,7 @@ def _main(source) -> xr.Dataset:
     return open_store(source_path(source))
 
 
-def task_names(source) -> list[str]:
+def task_names(source: str | Path | xr.Dataset) -> list[str]:
     """The multiple-choice tasks of a store (its sets named task.<name>)."""
     return [
         name.removeprefix(TASK_SET_PREFIX)
@@ -78,7 +78,7 @@ def _check_task(source, task: str) -> None:
         )
 
 
-def option_scores(source, task: str) -> xr.Dataset:
+def option_scores(source: str | Path | xr.Dataset, task: str) -> xr.Dataset:
     """Per-option scores of one task: `logprob` (model, ckpt, item, option), the summed log-probability
     of the option's tokens (NaN where the checkpoint is not done or the item has fewer options);
     `length` (item, option) in tokens; `chars` (item, option), the option's length in characters;
@@ -179,7 +179,7 @@ def _option_ppl(scores: xr.Dataset) -> dict[str, np.ndarray]:
 
 
 def task_scores(
-    source,
+    source: str | Path | xr.Dataset,
     tasks: Sequence[str] | None = None,
     *,
     convention: str = choices.DEFAULT_CONVENTION,
@@ -216,7 +216,11 @@ def task_scores(
 
 
 def item_correct(
-    source, task: str, *, convention: str = choices.DEFAULT_CONVENTION, prob_per_token: bool = False
+    source: str | Path | xr.Dataset,
+    task: str,
+    *,
+    convention: str = choices.DEFAULT_CONVENTION,
+    prob_per_token: bool = False,
 ) -> xr.DataArray:
     """Per-item credit (model, ckpt, item) by `convention` (see `task_scores`): 1 or 0 for "acc" and
     "acc_norm", the chosen option's target score for "grade"; NaN where the checkpoint is not done;
@@ -240,7 +244,7 @@ def _loss_axes(curve: xr.Dataset | xr.DataArray, params: str = "n_params") -> di
 
 
 def emergence(
-    source,
+    source: str | Path | xr.Dataset,
     task: str,
     metric: str = "accuracy",
     *,
@@ -283,7 +287,7 @@ def emergence(
     )
 
 
-def pass_until_tasks(source) -> list[str]:
+def pass_until_tasks(source: str | Path | xr.Dataset) -> list[str]:
     """The PassUntil tasks of a store."""
     return runs_store.list_tasks(source_path(source))
 
@@ -326,7 +330,13 @@ def _one_pass_until(source, task: str, confidence: float, n_boot: int, ci: float
 
 
 def pass_until(
-    source, task: str | None = None, *, confidence: float = 0.95, n_boot: int = 2000, ci: float = 0.95, seed: int = 0
+    source: str | Path | xr.Dataset,
+    task: str | None = None,
+    *,
+    confidence: float = 0.95,
+    n_boot: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
 ) -> xr.Dataset:
     """PassUntil estimates of one task, or of every task of the store along a `task` dimension.
 
@@ -350,7 +360,9 @@ def pass_until(
     return xr.concat(stripped, dim=pd.Index(names, name="task"), join="outer", combine_attrs="drop")
 
 
-def excess_loss(source, *, law: str = "auto", irreducible: float | None = None) -> xr.DataArray:
+def excess_loss(
+    source: str | Path | xr.Dataset, *, law: str = "auto", irreducible: float | None = None
+) -> xr.DataArray:
     """Excess loss log(val_ppl) - E per (model, ckpt), E from `skills.fit_loss_law` fitted on every
     done checkpoint (law "joint" = E + A N^-a + B D^-b with N = n_params, D = tokens seen; "tokens" =
     E + B D^-b; "auto" = joint when the suite has two or more sizes), or E = `irreducible` when given.
@@ -372,7 +384,7 @@ def excess_loss(source, *, law: str = "auto", irreducible: float | None = None) 
 
 
 def task_scaling_fit(
-    source,
+    source: str | Path | xr.Dataset,
     task: str | None = None,
     *,
     x: str = "n_params",
@@ -428,14 +440,14 @@ def task_scaling_fit(
     )
 
 
-def skill_tasks(source) -> list[str]:
+def skill_tasks(source: str | Path | xr.Dataset) -> list[str]:
     """The multiple-choice tasks whose items name the skills they need (an item field `skills`)."""
     path = source_path(source)
     return [t for t in task_names(path) if "skills" in open_store(path, set=TASK_SET_PREFIX + t).coords]
 
 
 def skill_curves(
-    source,
+    source: str | Path | xr.Dataset,
     k: Sequence[int] = (1, 2, 3),
     tasks: Sequence[str] | None = None,
     *,

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.stats import spearmanr
 from sklearn.isotonic import IsotonicRegression
 
@@ -42,7 +43,7 @@ class SegmentedFit:
     n_points: int
     ci: float
 
-    def predict(self, loss) -> np.ndarray:
+    def predict(self, loss: ArrayLike) -> np.ndarray:
         return self.baseline + self.slope * np.maximum(self.eta - np.asarray(loss, dtype=float), 0.0)
 
 
@@ -97,7 +98,14 @@ def _segmented_sse(loss: np.ndarray, perf: np.ndarray, etas: np.ndarray, weights
 
 
 def fit_segmented(
-    loss, perf, *, n_grid: int = 200, min_side: int = 3, n_boot: int = 1000, ci: float = 0.95, seed: int = 0
+    loss: ArrayLike,
+    perf: ArrayLike,
+    *,
+    n_grid: int = 200,
+    min_side: int = 3,
+    n_boot: int = 1000,
+    ci: float = 0.95,
+    seed: int = 0,
 ) -> SegmentedFit:
     """Fit the loss threshold eta of the segmented model by grid search.
 
@@ -133,7 +141,7 @@ def fit_segmented(
     )
 
 
-def unexplained_variance(x, perf) -> float:
+def unexplained_variance(x: ArrayLike, perf: ArrayLike) -> float:
     """Residual variance of perf around the best monotone curve of perf against x (isotonic
     regression, increasing or decreasing, whichever fits better), over the total variance of perf.
     Isotonic fits are invariant to monotone transforms of x: raw or log compute give the same number."""
@@ -147,7 +155,9 @@ def unexplained_variance(x, perf) -> float:
     return float(residual / total)
 
 
-def collapse_score(loss, perf, compute=None, step=None) -> Collapse:
+def collapse_score(
+    loss: ArrayLike, perf: ArrayLike, compute: ArrayLike | None = None, step: ArrayLike | None = None
+) -> Collapse:
     """Compare how well one monotone curve of performance explains the points against validation
     loss, against training compute (6 N D) and against step (all checkpoints of all models).
 
@@ -173,7 +183,9 @@ def collapse_score(loss, perf, compute=None, step=None) -> Collapse:
     )
 
 
-def leaves_random(perf, baseline: float, margin: float, *, higher_is_better: bool = True, min_beyond: int = 3) -> bool:
+def leaves_random(
+    perf: ArrayLike, baseline: float, margin: float, *, higher_is_better: bool = True, min_beyond: int = 3
+) -> bool:
     """Whether a task leaves random: at least `min_beyond` checkpoints beat `baseline` by more than
     `margin` in the better direction. For accuracy, `tokendyn.analysis.choices.chance_margin` gives a margin
     of z binomial standard errors; requiring several checkpoints guards against single noisy ones."""
@@ -183,13 +195,13 @@ def leaves_random(perf, baseline: float, margin: float, *, higher_is_better: boo
 
 
 def emergence_threshold(
-    loss,
-    perf,
+    loss: ArrayLike,
+    perf: ArrayLike,
     *,
     baseline: float,
     margin: float,
-    compute=None,
-    step=None,
+    compute: ArrayLike | None = None,
+    step: ArrayLike | None = None,
     higher_is_better: bool = True,
     min_beyond: int = 3,
     n_grid: int = 200,

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy.stats import beta as beta_dist
 
 from tokendyn.errors import TokendynError
@@ -120,7 +121,7 @@ def _design_unbiased(passes: np.ndarray, samples: np.ndarray, target: int) -> np
     return np.where(stopped, (passes - 1) / np.maximum(samples - 1, 1), passes / samples)
 
 
-def instance_rates(passes, samples, target: int, *, confidence: float = 0.95) -> InstanceRates:
+def instance_rates(passes: ArrayLike, samples: ArrayLike, target: int, *, confidence: float = 0.95) -> InstanceRates:
     """Per-instance rates from PassUntil runs. passes, samples: arrays of any shape (e.g. (model,
     instance)); target: the pass target of the runs (r); censored = the cap was hit before 2 passes."""
     passes, samples = _validate_runs(passes, samples, target)
@@ -154,7 +155,14 @@ def _bootstrap_weights(n: int, n_boot: int, seed: int) -> np.ndarray:
 
 
 def task_rate(
-    passes, samples, target: int, *, confidence: float = 0.95, n_boot: int = 2000, ci: float = 0.95, seed: int = 0
+    passes: ArrayLike,
+    samples: ArrayLike,
+    target: int,
+    *,
+    confidence: float = 0.95,
+    n_boot: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
 ) -> TaskRate:
     """The per-task PassUntil estimate from one checkpoint's runs: passes, samples of shape (instance,)."""
     passes, samples = _validate_runs(passes, samples, target)
@@ -175,7 +183,7 @@ def task_rate(
     )
 
 
-def log_neg_log(rate) -> np.ndarray:
+def log_neg_log(rate: ArrayLike) -> np.ndarray:
     """F = log(-log rate); NaN where the rate is not in (0, 1)."""
     rate = np.asarray(rate, dtype=float)
     valid = (rate > 0) & (rate < 1)
@@ -249,12 +257,12 @@ def _instance_fits(u: np.ndarray, rates: InstanceRates) -> InstanceScaling:
 
 
 def fit_task_scaling(
-    passes,
-    samples,
+    passes: ArrayLike,
+    samples: ArrayLike,
     target: int,
-    n_params,
+    n_params: ArrayLike,
     *,
-    excess_loss=None,
+    excess_loss: ArrayLike | None = None,
     confidence: float = 0.95,
     n_boot: int = 1000,
     ci: float = 0.95,

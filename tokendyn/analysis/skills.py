@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
+from numpy.typing import ArrayLike
 from scipy.optimize import curve_fit
 from scipy.special import entr
 from sklearn.isotonic import IsotonicRegression
@@ -45,7 +46,7 @@ class LossLaw:
     rmse: float
     n_points: int
 
-    def predict(self, tokens, n_params=None) -> np.ndarray:
+    def predict(self, tokens: ArrayLike, n_params: ArrayLike | None = None) -> np.ndarray:
         p = self.params
         d = np.asarray(tokens, dtype=float) / p["D0"]
         loss = self.irreducible + p["B"] * d ** -p["b"]
@@ -53,12 +54,14 @@ class LossLaw:
             loss = loss + p["A"] * (np.asarray(n_params, dtype=float) / p["N0"]) ** -p["a"]
         return loss
 
-    def excess(self, loss) -> np.ndarray:
+    def excess(self, loss: ArrayLike) -> np.ndarray:
         """Excess loss = loss - E (negative where a checkpoint lies below the fitted E)."""
         return np.asarray(loss, dtype=float) - self.irreducible
 
 
-def fit_loss_law(loss, tokens, n_params=None, *, law: str = "joint") -> LossLaw:
+def fit_loss_law(
+    loss: ArrayLike, tokens: ArrayLike, n_params: ArrayLike | None = None, *, law: str = "joint"
+) -> LossLaw:
     """Fit the irreducible loss of a suite by nonlinear least squares (scipy curve_fit).
 
     loss: validation loss per checkpoint, e.g. log(val_ppl) of shape (model, ckpt).
@@ -127,13 +130,13 @@ def fit_loss_law(loss, tokens, n_params=None, *, law: str = "joint") -> LossLaw:
     )
 
 
-def binary_entropy(p) -> np.ndarray:
+def binary_entropy(p: ArrayLike) -> np.ndarray:
     """H(p) = -p ln p - (1 - p) ln(1 - p), in nats."""
     p = np.asarray(p, dtype=float)
     return entr(p) + entr(1 - p)
 
 
-def theorem8_lhs(theta, k: float, alpha, beta: float) -> np.ndarray:
+def theorem8_lhs(theta: ArrayLike, k: float, alpha: ArrayLike, beta: float) -> np.ndarray:
     """Left side of Theorem 8's condition (broadcasts over theta and alpha):
     H(theta) + k theta (H(beta alpha) - beta alpha ln(1/alpha) - (1 - beta alpha) ln(1/(1 - alpha))).
     The bracket equals -KL(beta alpha || alpha). The theorem applies where this is < 0."""
@@ -143,7 +146,7 @@ def theorem8_lhs(theta, k: float, alpha, beta: float) -> np.ndarray:
     return binary_entropy(theta) + k * theta * bracket
 
 
-def competent_fraction_bound(theta, k: float, beta: float, *, n_grid: int = 20000) -> np.ndarray:
+def competent_fraction_bound(theta: ArrayLike, k: float, beta: float, *, n_grid: int = 20000) -> np.ndarray:
     """Theorem 8's lower bound on the fraction of skills with competence >= 1 - beta * theta.
 
     The largest 1 - alpha such that the condition holds, searched over alpha on a geometric grid
@@ -189,7 +192,7 @@ def skill_competence(
     return xr.Dataset({"by_k": by_k, "by_skill": by_skill})
 
 
-def slingshot_prediction(excess, single, ks: Sequence[int]) -> np.ndarray:
+def slingshot_prediction(excess: ArrayLike, single: ArrayLike, ks: Sequence[int]) -> np.ndarray:
     """Predicted k-tuple competence at each point: the single-skill competence curve evaluated at
     k times the point's excess loss (theta is taken proportional to excess loss, so "k-tuples at
     theta / k equal single skills at theta" needs no constant).

@@ -103,7 +103,9 @@ def chunk_tokens(da: xr.DataArray, chunk_mb: float = CHUNK_MB) -> xr.DataArray:
     return da.chunk({"ckpt": -1, "token": n_token} if "ckpt" in da.dims else {"token": n_token})
 
 
-def over_token_slices(func, block: np.ndarray, slice_tokens: int = SLICE_TOKENS, **kwargs) -> np.ndarray:
+def over_token_slices(
+    func: Callable[..., np.ndarray], block: np.ndarray, slice_tokens: int = SLICE_TOKENS, **kwargs
+) -> np.ndarray:
     """Apply func to (ckpt, tokens) slices of a (..., ckpt) block of at most `slice_tokens` tokens.
 
     func returns (tokens, ...) per slice; the result is (..., ...) over the block's leading dims.

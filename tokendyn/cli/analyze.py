@@ -132,7 +132,7 @@ def study_options(args: argparse.Namespace) -> dict[str, dict]:
     return options
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "analyze",
         help="run every study the store has data for and write tables, labels and findings next to it",

@@ -7,7 +7,7 @@ import argparse
 from tokendyn.cli.options import add_quiet, seed_value
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo",
         help="the whole job on the built-in suite: build, extract, analyze, report",

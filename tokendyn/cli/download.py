@@ -8,7 +8,7 @@ from pathlib import Path
 from tokendyn.cli.options import add_quiet
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "download",
         help="fetch every hub revision of a suite in advance (for nodes without internet)",

@@ -15,7 +15,7 @@ QUICK_SEQ_LEN = (
 )
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "extract",
         help="score every checkpoint of a suite into a Zarr store",

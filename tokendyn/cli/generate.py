@@ -11,7 +11,7 @@ from tokendyn.errors import TokendynError
 ROLES = ("small", "large")
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "generate",
         help="generate text from a mixture of a small and a large model (hallucinated text)",

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "info",
         help="summarise a store: models, checkpoints done/missing, tokens, size",

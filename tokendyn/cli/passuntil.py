@@ -8,7 +8,7 @@ from pathlib import Path
 from tokendyn.cli.options import add_model_options, model_options, seed_value
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "passuntil",
         help="estimate tiny pass rates: sample per instance and checkpoint until r passes (PassUntil)",

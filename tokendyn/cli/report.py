@@ -10,7 +10,7 @@ from tokendyn.cli.analyze import StudyDefaults, add_study_options, comma_list, s
 from tokendyn.cli.memory import return_freed_memory
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "report",
         help="write an HTML report with a figure and findings per study (one self-contained file)",

@@ -10,7 +10,7 @@ from tokendyn.cli.options import add_batch_options, add_model_options, model_opt
 from tokendyn.errors import TokendynError
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "tasks",
         help="score multiple-choice tasks (BIG-Bench JSON or JSONL) with every checkpoint",

@@ -8,7 +8,7 @@ from pathlib import Path
 from tokendyn.cli.options import add_quiet, count, seed_value
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "toy",
         help="the built-in suite: tiny OPT models trained offline on a synthetic world",

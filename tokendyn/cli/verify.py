@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "verify",
         help="check a store: every done checkpoint has its chunks and values, metadata is consistent",

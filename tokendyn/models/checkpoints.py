@@ -23,7 +23,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from safetensors import SafetensorError, safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from tokendyn.config.suite import Checkpoint, Suite
 from tokendyn.errors import TokendynError
@@ -345,7 +345,7 @@ def context_length(ckpt: Checkpoint) -> int | None:
     return None
 
 
-def max_context(config) -> int | None:
+def max_context(config: PretrainedConfig) -> int | None:
     """The longest input the model was built for (max_position_embeddings or its equivalent)."""
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for attribute in CONTEXT_ATTRIBUTES:

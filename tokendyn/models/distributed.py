@@ -31,6 +31,7 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zarr
 from tqdm.auto import tqdm
@@ -40,6 +41,9 @@ from tokendyn.config.suite import Checkpoint, Suite
 from tokendyn.data.corpus import ScoredSet
 from tokendyn.errors import TokendynError
 from tokendyn.models.fetch import evict, revision_key
+
+if TYPE_CHECKING:
+    from distributed import Client, LocalCluster
 
 SCORE, FETCH = "score", "fetch"  # worker resources: scoring and downloading slots (one each per worker)
 SLOTS = {SCORE: 1, FETCH: 1}
@@ -142,7 +146,7 @@ def _worker_device(device: str, worker_name) -> str:
     return f"cuda:{index % count}" if count > 1 else device
 
 
-def start_client(scheduler: str | None, workers: int | None, device: str):
+def start_client(scheduler: str | None, workers: int | None, device: str) -> Client:
     """A client of the cluster at `scheduler`, or of a new local cluster of `workers` processes."""
     from distributed import Client
 
@@ -160,7 +164,7 @@ def start_client(scheduler: str | None, workers: int | None, device: str):
     return Client(local_cluster(workers))
 
 
-def local_cluster(workers: int | None):
+def local_cluster(workers: int | None) -> LocalCluster:
     """A LocalCluster of `workers` processes (default: one per core), each with a scoring and a download slot."""
     from distributed import LocalCluster
 

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from tokendyn.errors import TokendynError
 from tokendyn.models import checkpoints, gpu, hardware
 from tokendyn.models.fetch import Fetcher, cache_state
 from tokendyn.store.read import open_group
+
+if TYPE_CHECKING:
+    import zarr
 
 # Logits materialised at once in the head: 64 MiB in float32 (~330 positions of a 50k vocabulary), a
 # bound that does not grow with batch x seq x vocab. Smaller chunks starve the head's matrix product:
@@ -378,7 +382,7 @@ def _repair(out: Path) -> None:
 
 def score_checkpoint(
     suite: Suite,
-    root,
+    root: zarr.Group,
     sets: dict[str, ScoredSet],
     m: int,
     c: int,

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from tokendyn.config.suite import Checkpoint, Suite, load_suite
@@ -127,7 +127,7 @@ def decode(
 
 
 def prompts_from_suite(
-    suite: Suite, tokenizer, n_prompts: int | None, prompt_tokens: int
+    suite: Suite, tokenizer: PreTrainedTokenizerBase, n_prompts: int | None, prompt_tokens: int
 ) -> list[tuple[int, list[int]]]:
     """(document index, first `prompt_tokens` token ids) of validation documents of the main set.
 

@@ -16,8 +16,12 @@ device and copies back only the per-token results. Two things only matter there:
 from __future__ import annotations
 
 import importlib.util
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 # Share of the free device memory a batch may use: the rest absorbs allocator fragmentation and
 # the memory other processes take meanwhile.
@@ -56,7 +60,9 @@ def batch_tokens_for_memory(
     return max(window, min(cap, fit // window * window))
 
 
-def config_batch_tokens(config, free_bytes: int, dtype_bytes: int, window: int, cap: int, chunk_logits: int) -> int:
+def config_batch_tokens(
+    config: PretrainedConfig, free_bytes: int, dtype_bytes: int, window: int, cap: int, chunk_logits: int
+) -> int:
     """`batch_tokens_for_memory` for a model of this transformers `config` (its text part)."""
     config = config.get_text_config()
     hidden = config.hidden_size

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -48,6 +49,9 @@ from tokendyn.models.generate import decode
 from tokendyn.models.tasks import suite_context
 from tokendyn.store.lock import writer_lock
 from tokendyn.store.passuntil import COUNTS, RESERVED, prepare_task
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -179,7 +183,7 @@ class Sampler:
 
 
 def prompt_ids(
-    task: GenerationTask, tokenizer, prefix: list[int], new_tokens: int | None
+    task: GenerationTask, tokenizer: PreTrainedTokenizerBase, prefix: list[int], new_tokens: int | None
 ) -> tuple[list[list[int]], list[int]]:
     """Token ids of every prompt (the main set's prefix tokens first, `corpus.prefix_ids`) and the
     tokens to generate per instance: `new_tokens`, or as many as the answer takes after the prompt (at least 1)."""

@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from transformers import AutoConfig
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from tokendyn.config.suite import EvalSet, Suite, load_suite
 from tokendyn.data.corpus import prefix_ids
@@ -33,7 +33,7 @@ def documents_dir(store: str | Path) -> Path:
 
 def task_set(
     task: ChoiceTask,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     folder: str | Path,
     *,
     shots: int = 2,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import xarray as xr
@@ -45,7 +46,20 @@ ATTACHED_COORDS = ("val_ppl", "tokens_seen", "n_params", "n_params_nonembed")
 RESERVED = {"model", "ckpt", "step", "instance", "new_tokens", "seconds", "done", *ATTACHED_COORDS, *COUNTS}
 
 
-def prepare_task(out: Path, task, lengths: list[int], params: dict, force: bool) -> zarr.Group:
+class PassUntilTask(Protocol):
+    """What the store reads of a PassUntil task (a `tokendyn.models.sampling.GenerationTask`)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def prompts(self) -> list[str]: ...
+    @property
+    def answers(self) -> list[str]: ...
+    @property
+    def fields(self) -> dict[str, list]: ...
+
+
+def prepare_task(out: Path, task: PassUntilTask, lengths: list[int], params: dict, force: bool) -> zarr.Group:
     """Create the task's group, or check that the existing one was made with the same parameters.
 
     Call with the writer lock held. The group is built under a temporary name and renamed into

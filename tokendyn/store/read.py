@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -102,7 +103,9 @@ def store_path(ds: xr.Dataset) -> Path | None:
     return Path(source) if source else None
 
 
-def read_checkpoint(root: zarr.Group, set_name: str, model: int, ckpt: int, names) -> dict[str, np.ndarray]:
+def read_checkpoint(
+    root: zarr.Group, set_name: str, model: int, ckpt: int, names: Iterable[str]
+) -> dict[str, np.ndarray]:
     """The stored values of one checkpoint of one set, per variable name (arrays with dims model, ckpt, ...)."""
     group = root[set_path(set_name)] if set_name != "main" else root
     return {

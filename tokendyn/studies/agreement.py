@@ -9,7 +9,7 @@ import numpy as np
 
 from tokendyn.analysis.trajectories import agreement
 from tokendyn.errors import TokendynError
-from tokendyn.studies.study import Result, Skip, default_of, open_source, require
+from tokendyn.studies.study import Result, Skip, Source, default_of, open_source, require
 from tokendyn.studies.style import category_colors, new_figure
 
 TITLE = "Cross-size agreement of per-token loss drops"
@@ -17,7 +17,9 @@ AXIS_NAMES = {"val_ppl": "matched validation perplexity", "step": "matched step"
 
 
 def run(
-    source, levels: Sequence[float] | None = default_of(agreement, "levels"), top: float = default_of(agreement, "top")
+    source: Source,
+    levels: Sequence[float] | None = default_of(agreement, "levels"),
+    top: float = default_of(agreement, "top"),
 ) -> Result:
     """Spearman correlation and top-`top` Jaccard overlap of every model pair's per-token loss drops
     between two validation perplexities (default: 10% and 90% of the way through the common range),

@@ -11,7 +11,7 @@ from tokendyn.analysis.tokens import show_whitespace
 from tokendyn.analysis.trajectories import perplexity_range
 from tokendyn.errors import TokendynError
 from tokendyn.studies.findings import direction, listing
-from tokendyn.studies.study import Result, Skip, default_of, models_by_size, open_source, require
+from tokendyn.studies.study import Result, Skip, Source, default_of, models_by_size, open_source, require
 from tokendyn.studies.style import category_colors, new_figure, perplexity_axis, perplexity_ticks
 
 GRIDS = {
@@ -24,7 +24,7 @@ MIN_CHANGE = 2.0  # percentage points across sizes before a share's trend with s
 
 
 def run(
-    source,
+    source: Source,
     n_clusters: int | str = default_of(cluster, "n_clusters"),
     on: str = default_of(cluster, "on"),
     method: str = default_of(cluster, "method"),

@@ -13,7 +13,7 @@ from tokendyn.analysis.labels import label_share
 from tokendyn.analysis.spill import Summary, spill, token_windows
 from tokendyn.analysis.trajectories import load_small
 from tokendyn.studies.findings import WORDS, direction, listing
-from tokendyn.studies.study import Result, default_of, models_by_size, open_source, require
+from tokendyn.studies.study import Result, Source, default_of, models_by_size, open_source, require
 from tokendyn.studies.style import model_colors, model_legend, new_figure
 
 TITLE = "Per-token learning-curve measures (Chang et al.)"
@@ -76,7 +76,7 @@ def summaries(every: xr.Dataset, models: list[str], bins: int) -> tuple[pd.DataF
 
 
 def run(
-    source,
+    source: Source,
     last: int = default_of(curve_measures, "last"),
     chance: float | None = default_of(curve_measures, "chance"),
     window: int = default_of(curve_measures, "window"),

@@ -24,7 +24,17 @@ from tokendyn.analysis.trajectories import (
 )
 from tokendyn.store import TOKEN_DIMS
 from tokendyn.studies.findings import direction, listing, verdict
-from tokendyn.studies.study import Result, Skip, context, default_of, models_by_size, open_source, require, token_texts
+from tokendyn.studies.study import (
+    Result,
+    Skip,
+    Source,
+    context,
+    default_of,
+    models_by_size,
+    open_source,
+    require,
+    token_texts,
+)
 from tokendyn.studies.style import (
     ZOOM_FINDING,
     envelope,
@@ -76,7 +86,7 @@ def examples(ds: xr.Dataset, flags: xr.DataArray, model: str, n: int, width: int
 
 
 def run(
-    source,
+    source: Source,
     tol: float = default_of(double_descent, "tol"),
     window: int = default_of(double_descent, "window"),
     n_examples: int = 6,

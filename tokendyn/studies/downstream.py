@@ -3,13 +3,16 @@ threshold of emergence (Du et al. 2024; methods.md §1.5, §2; `tokendyn.analysi
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
+import xarray as xr
 
 from tokendyn.analysis import downstream
 from tokendyn.errors import TokendynError
 from tokendyn.studies.findings import verdict
-from tokendyn.studies.study import Result, Skip, default_of, main_set_path, models_by_size, open_source, require
+from tokendyn.studies.study import Result, Skip, Source, default_of, main_set_path, models_by_size, open_source, require
 from tokendyn.studies.style import model_colors, model_legend, new_figure, on_envelope, zoom_start
 
 TITLE = "Task performance against validation loss"
@@ -22,7 +25,7 @@ ZOOM_REL = 0.1  # share of a panel's score range a model must depart from chance
 COLLAPSE = ("unexplained_loss", "unexplained_compute", "unexplained_step", "ratio_compute", "ratio_step")
 
 
-def emergence_table(path, scores) -> tuple[pd.DataFrame, dict, list[str]]:
+def emergence_table(path: str | Path, scores: xr.Dataset) -> tuple[pd.DataFrame, dict, list[str]]:
     """One row per task and metric of LABELS with the §2 fit; the results by (task, metric) (for
     drawing the fit); one line per fit that failed."""
     rows, results, failed = [], {}, []
@@ -55,7 +58,7 @@ def emergence_table(path, scores) -> tuple[pd.DataFrame, dict, list[str]]:
 
 
 def run(
-    source,
+    source: Source,
     metric: str = "accuracy",
     max_panels: int = 8,
     convention: str = default_of(downstream.task_scores, "convention"),

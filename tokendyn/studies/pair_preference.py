@@ -8,7 +8,7 @@ import numpy as np
 from tokendyn.analysis.sequences import pair_margin, pair_preference
 from tokendyn.errors import TokendynError
 from tokendyn.studies.sequence_perplexity import values_at
-from tokendyn.studies.study import Result, Skip, default_of, main_set_path, models_by_size, open_source, require
+from tokendyn.studies.study import Result, Skip, Source, default_of, main_set_path, models_by_size, open_source, require
 from tokendyn.studies.style import (
     ZOOM_FINDING,
     envelope_findings,
@@ -25,7 +25,7 @@ Z = 3.0  # binomial standard errors from 50% before a preference counts as above
 LINESTYLES = ("-", "--", ":", "-.")
 
 
-def run(source, reduce: str = default_of(pair_preference, "reduce")) -> Result:
+def run(source: Source, reduce: str = default_of(pair_preference, "reduce")) -> Result:
     """Pair preference (see `tokendyn.analysis.sequences.pair_preference` for reduce) and margin of every
     pairs set of the store, per model and checkpoint, against validation perplexity."""
     ds = open_source(source)

@@ -4,12 +4,14 @@ the task scaling law on each model's final checkpoint against log N and log exce
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
 from tokendyn.analysis import downstream
 from tokendyn.errors import TokendynError
-from tokendyn.studies.study import Result, Skip, main_set_path, models_by_size, open_source, require
+from tokendyn.studies.study import Result, Skip, Source, main_set_path, models_by_size, open_source, require
 from tokendyn.studies.style import (
     ZOOM_FINDING,
     envelope_findings,
@@ -31,7 +33,7 @@ def _first(values) -> float:
     return float(values[0]) if values.size else float("nan")
 
 
-def scaling_rows(path, task: str) -> tuple[list[dict], list[str]]:
+def scaling_rows(path: str | Path, task: str) -> tuple[list[dict], list[str]]:
     """The scaling fit of one task against each of SCALING_AXES (a row each), and a finding per axis."""
     rows, lines = [], []
     for x in SCALING_AXES:
@@ -67,7 +69,7 @@ def scaling_rows(path, task: str) -> tuple[list[dict], list[str]]:
     return rows, lines
 
 
-def run(source, max_panels: int = 8) -> Result:
+def run(source: Source, max_panels: int = 8) -> Result:
     """PassUntil estimates (see `tokendyn.analysis.downstream.pass_until`) of every task of the store
     against validation perplexity, and the task scaling fits; at most `max_panels` tasks are drawn."""
     ds = open_source(source)

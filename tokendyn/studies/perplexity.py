@@ -12,7 +12,7 @@ import xarray as xr
 from tokendyn.analysis.trajectories import at_perplexity, load_small, perplexity_grid, reach, x_axis
 from tokendyn.errors import TokendynError
 from tokendyn.studies.findings import listing
-from tokendyn.studies.study import Result, Skip, default_of, models_by_size, open_source, require, step_text
+from tokendyn.studies.study import Result, Skip, Source, default_of, models_by_size, open_source, require, step_text
 from tokendyn.studies.style import log_scale, model_colors, model_legend, new_figure
 
 TITLE = "Validation perplexity over training"
@@ -63,7 +63,7 @@ def _at_common_step(table: pd.DataFrame, models: list[str]) -> tuple[float, dict
 
 
 def run(
-    source,
+    source: Source,
     params: str = default_of(x_axis, "params"),
     levels: Sequence[float] | None = None,
     n_levels: int = default_of(perplexity_grid, "n_levels"),

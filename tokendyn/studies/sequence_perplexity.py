@@ -14,7 +14,7 @@ from tokendyn.analysis.sequences import curve_at_perplexity, sequence_ppl, turni
 from tokendyn.errors import TokendynError
 from tokendyn.store import TASK_SET_PREFIX, list_sets
 from tokendyn.studies.findings import direction, verdict
-from tokendyn.studies.study import Result, Skip, default_of, main_set_path, models_by_size, open_source, require
+from tokendyn.studies.study import Result, Skip, Source, default_of, main_set_path, models_by_size, open_source, require
 from tokendyn.studies.style import (
     ZOOM_FINDING,
     envelope_findings,
@@ -102,7 +102,7 @@ def _paper_claims(curve: xr.DataArray, turns: xr.Dataset, models: list[str]) -> 
 
 
 def run(
-    source,
+    source: Source,
     by: str | None = "mixture",
     tol: float = default_of(turning_points, "tol"),
     levels: Sequence[float] | None = None,

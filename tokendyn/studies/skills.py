@@ -8,13 +8,13 @@ import numpy as np
 
 from tokendyn.analysis import downstream
 from tokendyn.errors import TokendynError
-from tokendyn.studies.study import Result, Skip, main_set_path, models_by_size, open_source, require
+from tokendyn.studies.study import Result, Skip, Source, main_set_path, models_by_size, open_source, require
 from tokendyn.studies.style import category_colors, new_figure
 
 TITLE = "Skill composition against excess loss"
 
 
-def run(source) -> Result:
+def run(source: Source) -> Result:
     """Measured, predicted and bound competence per model, checkpoint and k (see
     `tokendyn.analysis.downstream.skill_curves`), drawn against the excess loss."""
     ds = open_source(source)

@@ -12,6 +12,7 @@ import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,7 @@ from tokendyn.store import open_store, store_path
 __all__ = [
     "Result",
     "Skip",
+    "Source",
     "require",
     "default_of",
     "open_source",
@@ -40,6 +42,8 @@ __all__ = [
 
 FIGURE_FORMATS = ("png", "svg")
 PNG_DPI = 100
+
+Source: TypeAlias = str | Path | xr.Dataset  # what a study reads: a store path or a dataset from open_store
 
 
 class Skip(Exception):
@@ -75,13 +79,13 @@ def require(ds: xr.Dataset, *names: str) -> None:
         raise Skip(f"the store has no {', '.join(missing)}")
 
 
-def default_of(function: Callable, parameter: str):
+def default_of(function: Callable, parameter: str) -> Any:
     """The default of `parameter` in `function`'s signature: a study passing a parameter on to an
     analysis function uses it as its own default, so the default is written once."""
     return inspect.signature(function).parameters[parameter].default
 
 
-def open_source(source: str | Path | xr.Dataset) -> xr.Dataset:
+def open_source(source: Source) -> xr.Dataset:
     """The main set of a store path, or the dataset itself."""
     return source if isinstance(source, xr.Dataset) else open_store(source)
 

@@ -17,7 +17,7 @@ from tokendyn.analysis.shared import computed
 from tokendyn.analysis.trajectories import done_checkpoints, double_descent, load_small, model_index, token_share
 from tokendyn.analysis.trends import TrendWarning, trend_categories, window_start
 from tokendyn.studies.findings import verdict
-from tokendyn.studies.study import Result, Skip, default_of, models_by_size, open_source, require
+from tokendyn.studies.study import Result, Skip, Source, default_of, models_by_size, open_source, require
 from tokendyn.studies.style import (
     ZOOM_FINDING,
     envelope_findings,
@@ -121,7 +121,7 @@ def _stagnation(curves: xr.DataArray, ds: xr.Dataset, start: float, band: float)
 
 
 def run(
-    source,
+    source: Source,
     start: float = 0.2,
     chosen_on: str | None = None,
     x: str = default_of(trend_categories, "x"),

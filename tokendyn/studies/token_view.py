@@ -30,7 +30,7 @@ from tokendyn.analysis.trajectories import load_small, model_index
 from tokendyn.analysis.trends import CATEGORIES, TrendWarning, trend_categories
 from tokendyn.data.corpus import PAD
 from tokendyn.studies import subset_curves
-from tokendyn.studies.study import Result, Skip, default_of, models_by_size, open_source, require, step_text
+from tokendyn.studies.study import Result, Skip, Source, default_of, models_by_size, open_source, require, step_text
 from tokendyn.studies.style import model_colors, new_figure
 
 TITLE = "The text, token by token: loss change and trend category"
@@ -94,7 +94,7 @@ def _categories(ds: xr.Dataset, shown: np.ndarray, start: float, x: str) -> np.n
 
 
 def token_table(
-    source,
+    source: Source,
     between: tuple[float, float] | None = None,
     n_docs: int = 3,
     max_tokens: int = 150,
@@ -198,7 +198,7 @@ def shading_html(table: pd.DataFrame) -> Markup:
 
 
 def token_shading(
-    source,
+    source: Source,
     between: tuple[float, float] | None = None,
     n_docs: int = default_of(token_table, "n_docs"),
     max_tokens: int = default_of(token_table, "max_tokens"),
@@ -260,7 +260,7 @@ def _figure(table: pd.DataFrame, models: list[str], colors: dict, scale: float):
 
 
 def run(
-    source,
+    source: Source,
     between: tuple[float, float] | None = None,
     n_docs: int = default_of(token_table, "n_docs"),
     max_tokens: int = default_of(token_table, "max_tokens"),

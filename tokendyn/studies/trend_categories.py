@@ -20,7 +20,7 @@ from tokendyn.analysis.labels import flag_names, label_share
 from tokendyn.analysis.shared import computed
 from tokendyn.analysis.trends import TrendWarning, trend_categories
 from tokendyn.studies.findings import counted, direction, verdict
-from tokendyn.studies.study import Result, default_of, models_by_size, open_source, require
+from tokendyn.studies.study import Result, Source, default_of, models_by_size, open_source, require
 from tokendyn.studies.style import model_colors, model_legend, new_figure
 
 TITLE = "Token trend categories against the start of the trend window"
@@ -98,7 +98,7 @@ def _claims(shares: pd.DataFrame, models: list[str]) -> list[str]:
 
 
 def run(
-    source,
+    source: Source,
     start: Sequence[float] = default_of(trend_categories, "start"),
     x: str = default_of(trend_categories, "x"),
     alpha: float = default_of(trend_categories, "alpha"),

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import OPTForCausalLM
+from transformers import OPTForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from tokendyn.errors import TokendynError
@@ -222,7 +222,9 @@ def _write_suite(root: Path, params: dict, key: str, progress: bool) -> dict[str
     return timings
 
 
-def step_seconds(size: ModelSize, tokens: torch.Tensor, tokenizer, cfg: TrainConfig, repeats: int = 2) -> float:
+def step_seconds(
+    size: ModelSize, tokens: torch.Tensor, tokenizer: PreTrainedTokenizerFast, cfg: TrainConfig, repeats: int = 2
+) -> float:
     """Measured seconds of one training step of `size` (forward, backward, AdamW): the sizes' relative costs."""
     model = OPTForCausalLM(opt_config(size, tokenizer, tokens.shape[1]))
     optimizer = torch.optim.AdamW(model.parameters(), lr=size.lr)
@@ -240,7 +242,7 @@ def step_seconds(size: ModelSize, tokens: torch.Tensor, tokenizer, cfg: TrainCon
 def train_sizes(
     sizes: dict[str, dict],
     tokens: torch.Tensor,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerFast,
     cfg: TrainConfig,
     out: Path,
     seed: int,
@@ -340,7 +342,7 @@ def _train_worker(
     return _train_one(name, size, tokens, tokenizer, cfg, out, seed, threads, lambda *message: _messages.put(message))
 
 
-def token_stream(texts: list[str], tokenizer, seq_len: int) -> torch.Tensor:
+def token_stream(texts: list[str], tokenizer: PreTrainedTokenizerFast, seq_len: int) -> torch.Tensor:
     """All documents as one stream, each preceded by BOS, cut into (n_sequences, seq_len)."""
     ids = [[tokenizer.bos_token_id, *e.ids] for e in tokenizer.backend_tokenizer.encode_batch(texts)]
     stream = torch.tensor([i for doc in ids for i in doc], dtype=torch.long)
