@@ -68,10 +68,26 @@ def test_import_and_help_load_neither_dask_nor_torch():
         ["demo", "--seed", "-1"],
         ["toy", "build", "out", "--seed", "-1"],
         ["toy", "build", "out", "--threads", "0"],
+        ["extract", "s.toml", "--out", "o.zarr", "--workers", "-2"],
+        ["extract", "--model", "m", "--text", "t.txt", "--out", "o.zarr", "--seq-len", "1"],
+        ["generate", "s.toml", "--out", "o.jsonl", "--new-tokens", "0"],
+        ["generate", "s.toml", "--out", "o.jsonl", "--batch-size", "0"],
+        ["passuntil", "s.toml", "--out", "o.zarr", "--task", "t", "--passes", "1"],
+        ["passuntil", "s.toml", "--out", "o.zarr", "--task", "t", "--max-samples", "0"],
     ],
 )
-def test_seeds_and_thread_counts_out_of_range_are_refused_by_the_parser(argv, capsys):
+def test_counts_and_seeds_out_of_range_are_refused_by_the_parser(argv, capsys):
     with pytest.raises(SystemExit) as exit:
         main(argv)
     assert exit.value.code == 2
     assert "expected a whole number >=" in capsys.readouterr().err
+
+
+def test_seq_len_without_model_is_refused_and_quiet_has_its_short_form(tmp_path, capsys):
+    (tmp_path / "s.toml").write_text("")
+    assert main(["extract", str(tmp_path / "s.toml"), "--out", str(tmp_path / "o.zarr"), "--seq-len", "64"]) == 2
+    assert "--seq-len applies only with --model" in capsys.readouterr().err
+    assert not (tmp_path / "o.zarr").exists()
+    for command in ("analyze", "report"):
+        assert main([command, str(tmp_path / "absent.zarr"), "-q"]) == 2  # -q parsed; the store is what is missing
+        assert "absent.zarr" in capsys.readouterr().err

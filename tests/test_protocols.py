@@ -244,6 +244,17 @@ def test_generated_ids_scored_with_prompt_as_context(family_suites, tmp_path):
     np.testing.assert_allclose(ds.loss.values[0, 0], expected, atol=1e-5, rtol=0)
 
 
+def test_the_printed_summary_keeps_long_set_names_apart_from_their_text(family_suites, tmp_path, capsys):
+    root, _, _ = family_suites["opt"]
+    long_name = "a-set-name-longer-than-the-column"
+    (root / "more.txt").write_text(DOCS[0])
+    extra = [EvalSet(long_name, (root / "more.txt",), seq_len=L)]
+    extract(suite_toml(root, "opt", ""), tmp_path / "s.zarr", extra_sets=extra, progress=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith(f"{long_name}  rolling windows of") for line in lines), lines
+    assert any(line.startswith("main" + " " * (len(long_name) - 2) + "rolling windows of") for line in lines), lines
+
+
 def test_bits_per_byte_and_word_perplexity(family_suites, tmp_path):
     root, tokenizer, _ = family_suites["opt"]
     ds = stored(root, "opt", 'split = "paragraph"', tmp_path)

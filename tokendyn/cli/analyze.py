@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from tokendyn.cli.memory import return_freed_memory
+from tokendyn.cli.options import add_quiet
 
 # option dest -> the (study, parameter) pairs it sets; the first one's default is shown in --help
 STUDY_OPTIONS = {
@@ -143,8 +144,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "and true/false pairs; task metrics and emergence thresholds, PassUntil and skill curves) and "
         "write their results to a folder beside the store (toy.zarr -> toy.analysis/): tidy CSV "
         "tables, labels.zarr with one group of per-token results per analysis, and findings.txt. "
-        "Prints the findings; studies whose data the store lacks are reported as skipped. The "
-        "folder is replaced only when the run completes, and only if tokendyn wrote it. "
+        "Prints the findings; studies whose data the store lacks are reported as skipped, and when "
+        "every study is skipped nothing is written. The folder is replaced only when the run "
+        "completes, and only if tokendyn wrote it. "
         "Methods: docs/methods.md; outputs: docs/analyses.md.",
     )
     p.add_argument("store", type=Path, help="store path (from `tokendyn extract`)")
@@ -164,7 +166,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "former step names trends, curves, sequence_ppl, pairs and tasks are accepted)",
     )
     add_study_options(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p)
     p.set_defaults(func=run)
 
 

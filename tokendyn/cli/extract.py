@@ -6,13 +6,12 @@ import argparse
 from pathlib import Path
 
 from tokendyn import store
-from tokendyn.cli.options import add_batch_options, add_model_options, model_options, seed_value
+from tokendyn.cli.options import add_batch_options, add_model_options, count, model_options, seed_value, window
 from tokendyn.config.suite import EvalSet, load_suite, parse_set_table
 from tokendyn.errors import TokendynError
 
-QUICK_SEQ_LEN = (
-    1024  # --model without --seq-len: windows of the model's context, capped here (long contexts cost memory)
-)
+# --model without --seq-len: windows of the model's context, capped here (long windows cost memory)
+QUICK_SEQ_LEN = 1024
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--seq-len",
-        type=int,
+        type=window,
         default=None,
         help=f"tokens per sequence with --model (default: the model's context, at most {QUICK_SEQ_LEN})",
     )
@@ -89,7 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="recompute checkpoints that are already complete")
     p.add_argument(
         "--workers",
-        type=int,
+        type=count,
         default=None,
         help="score on a local dask cluster of N worker processes, one task per checkpoint (with "
         "--device cuda: one worker per GPU; dask-cuda's LocalCUDACluster when installed)",
@@ -154,6 +153,8 @@ def _suite_argument(args: argparse.Namespace) -> Path:
     if args.suite is not None:
         if args.models or args.texts:
             raise TokendynError("give a suite file or --model/--text, not both (add the models to the suite file)")
+        if args.seq_len is not None:
+            raise TokendynError("--seq-len applies only with --model; set seq_len in the suite file's [eval] table")
         return args.suite
     from tokendyn.config.quick import quick_suite, write_generated
     from tokendyn.config.suite import parse_suite

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tokendyn.cli.options import add_model_options, model_options, seed_value
+from tokendyn.cli.options import add_model_options, count, model_options, seed_value
 from tokendyn.errors import TokendynError
 
 ROLES = ("small", "large")
@@ -22,7 +22,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "named set: tokendyn extract SUITE --set hallucinated=GEN.jsonl --out STORE.",
     )
     p.add_argument("suite", type=Path, help="suite description (TOML)")
-    p.add_argument("--out", type=Path, required=True, help="output JSONL file")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output JSONL file (an existing one is replaced only if it holds earlier generations)",
+    )
     p.add_argument(
         "--small",
         default=None,
@@ -50,8 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=100,
         help="number of prompts: validation documents, evenly spaced over the files, or 'all' (default: 100)",
     )
-    p.add_argument("--prompt-tokens", type=int, default=5, help="prompt length k in tokens (default: 5)")
-    p.add_argument("--new-tokens", type=int, default=50, help="tokens generated per prompt (default: 50)")
+    p.add_argument("--prompt-tokens", type=count, default=5, help="prompt length k in tokens (default: 5)")
+    p.add_argument("--new-tokens", type=count, default=50, help="tokens generated per prompt (default: 50)")
     p.add_argument(
         "--top-p", type=float, default=None, help="nucleus sampling with this mass, e.g. 0.9 (default: greedy decoding)"
     )
@@ -61,7 +66,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="keep generating after the end-of-sequence token (default: a continuation stops there)",
     )
-    p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together (default: 32)")
+    p.add_argument("--batch-size", type=count, default=32, help="prompts decoded together (default: 32)")
     add_model_options(p)
     p.set_defaults(func=run)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from tokendyn.data.corpus import DEFAULT_BATCH_TOKENS
 
@@ -69,18 +70,21 @@ def batch_size(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"'{text}' is neither a number nor auto") from None
 
 
-def seed_value(text: str) -> int:
-    """--seed: a whole number >= 0 (numpy's generators take no negative seed)."""
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got '{text}'")
-    return int(text)
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= minimum."""
+
+    def parse(text: str) -> int:
+        if not text.isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got '{text}'")
+        return int(text)
+
+    return parse
 
 
-def count(text: str) -> int:
-    """A whole number >= 1 (threads, workers)."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'")
-    return int(text)
+seed_value = whole_number(0)  # numpy's generators take no negative seed
+count = whole_number(1)  # threads, workers, tokens, samples, batch sizes
+at_least_two = whole_number(2)  # PassUntil's pass target: its unbiased estimate needs r >= 2
+window = whole_number(2)  # a window of one position predicts nothing
 
 
 def add_quiet(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tokendyn.cli.options import add_model_options, model_options, seed_value
+from tokendyn.cli.options import add_model_options, at_least_two, count, model_options, seed_value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -23,15 +23,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--task", type=Path, required=True, metavar="FILE", help='JSONL of {"prompt", "answer"} lines')
     p.add_argument("--out", type=Path, required=True, help="store path (a directory ending in .zarr)")
     p.add_argument("--name", default=None, help="the task's name in the store (default: the file name)")
-    p.add_argument("--passes", type=int, default=2, help="passes to reach per instance, r >= 2 (default: 2)")
+    p.add_argument("--passes", type=at_least_two, default=2, help="passes to reach per instance, r >= 2 (default: 2)")
     p.add_argument(
         "--max-samples",
-        type=int,
+        type=count,
         default=100_000,
         help="cap on samples per instance and checkpoint; runs that hit it with fewer than 2 passes "
         "are censored (default: 100000)",
     )
-    p.add_argument("--batch-size", type=int, default=256, help="completions sampled together (default: 256)")
+    p.add_argument("--batch-size", type=count, default=256, help="completions sampled together (default: 256)")
     p.add_argument(
         "--top-p",
         type=float,
@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--new-tokens",
-        type=int,
+        type=count,
         default=None,
         help="tokens per completion (default: as many as the answer takes, per instance)",
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tokendyn.cli.analyze import StudyDefaults, add_study_options, comma_list, study_options
 from tokendyn.cli.memory import return_freed_memory
+from tokendyn.cli.options import add_quiet
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -18,8 +19,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Run the studies (tokendyn.studies.STUDIES, the same as tokendyn analyze) on the store's main "
         "set and write DIR/index.html with every figure embedded, so the one file can be mailed, plus "
         "each study's PNG/SVG figure, CSV tables and findings in DIR/<study>/. Studies whose data the "
-        "store lacks are listed with the reason. The folder is replaced only when the report is "
-        "complete, and only if tokendyn wrote it.",
+        "store lacks are listed with the reason; when every study is skipped nothing is written. The "
+        "folder is replaced only when the report is complete, and only if tokendyn wrote it. Methods: "
+        "docs/methods.md.",
     )
     p.add_argument("store", type=Path, help="store path (from `tokendyn extract`)")
     p.add_argument(
@@ -34,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="only these studies, comma-separated (default: all; see tokendyn.studies.STUDIES)",
     )
     add_study_options(p)
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet(p)
     p.set_defaults(func=run)
 
 

@@ -218,8 +218,10 @@ def extract(
     if progress:
         if why is not None:
             tqdm.write(why)
+        width = max(12, *(len(name) + 2 for name in summaries))  # a long set name never runs into its text
         for name, summary in summaries.items():
-            tqdm.write("\n".join(f"{name if i == 0 else '':<12}{line}" for i, line in enumerate(describe(summary))))
+            lines = describe(summary)
+            tqdm.write("\n".join(f"{name if i == 0 else '':<{width}}{line}" for i, line in enumerate(lines)))
 
     hf_logging.disable_progress_bar()  # one bar for the whole run, not one per weights load
     with store.writer_lock(out):

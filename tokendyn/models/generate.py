@@ -15,6 +15,7 @@ field becomes a document-level coordinate of the store.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from collections.abc import Sequence
@@ -95,6 +96,7 @@ def decode(
     out = torch.full((batch, new_tokens), PAD, dtype=torch.long)
     finished = torch.zeros(batch, dtype=torch.bool)
     caches: list = [None] * len(models)
+    names = [_cache_keyword(model) for model in models]
     sequence = prompt_ids.to(device)
     step_input = sequence
     with torch.inference_mode():
@@ -102,8 +104,8 @@ def decode(
             probs = []
             for i, model in enumerate(models):
                 if use_cache:
-                    result = model(input_ids=step_input, past_key_values=caches[i], use_cache=True)
-                    caches[i] = result.past_key_values
+                    result = model(input_ids=step_input, use_cache=True, **{names[i]: caches[i]})
+                    caches[i] = getattr(result, names[i])
                 else:
                     result = model(input_ids=sequence, use_cache=False)
                 logits = result.logits[:, -1].float()
@@ -163,6 +165,12 @@ def find_checkpoint(suite: Suite, model: str, step: int | None = None) -> Checkp
             f"model '{model}' has no checkpoint at step {step}; its steps: {', '.join(map(str, steps))}"
         )
     return ckpts[steps.index(step)]
+
+
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """The forward keyword (and output field) of the key/value cache: `cache` in recent transformers,
+    which warns on the older `past_key_values` and will drop it."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def smallest_and_largest(suite: Suite, trust_remote_code: bool = False) -> tuple[str, str]:
