@@ -91,3 +91,12 @@ def test_seq_len_without_model_is_refused_and_quiet_has_its_short_form(tmp_path,
     for command in ("analyze", "report"):
         assert main([command, str(tmp_path / "absent.zarr"), "-q"]) == 2  # -q parsed; the store is what is missing
         assert "absent.zarr" in capsys.readouterr().err
+
+
+def test_usage_errors_are_one_line_and_point_at_the_help(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["extract", "s.toml", "--out", "o.zarr", "--store-dtype", "float64"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("tokendyn extract: error: argument --store-dtype")
+    assert err.endswith("(see tokendyn extract --help)\n")
