@@ -100,10 +100,12 @@ def test_phase_finished_without_start_is_an_error():
 
 
 @pytest.mark.slow
-def test_second_quick_demo_recomputes_nothing(tmp_path, monkeypatch):
+def test_second_quick_demo_recomputes_nothing(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TOKENDYN_CACHE", str(tmp_path))
     first = demo.run_demo(preset="quick", progress=False)
     assert set(first["phases"].values()) == {"ran"} and list(first["phases"]) == list(demo.PHASES)
+    printed = capsys.readouterr().out  # without progress bars the phase lines still say where the demo is
+    assert all(f"[demo {i}/{len(demo.PHASES)}] {phase} (ETA" in printed for i, phase in enumerate(demo.PHASES, 1))
     store_files = {p: p.stat().st_mtime_ns for p in first["store"].rglob("*") if p.is_file()}
     second = demo.run_demo(preset="quick", progress=False)
     assert second["phases"] == {phase: "skipped" for phase in demo.PHASES}

@@ -25,12 +25,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seed", type=seed_value, default=0, help="seed of the world, the weights and the sampling (default: 0)"
     )
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars (the phase lines stay)")
     add_quiet(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
+    print("tokendyn demo: loading torch and transformers, then 6 phases", flush=True)  # the imports take seconds
     from tokendyn.pipelines.demo import run_demo
 
     result = run_demo(preset=args.preset, seed=args.seed, progress=not (args.no_progress or args.quiet))

@@ -311,9 +311,11 @@ def stores_dir() -> Path:
 
 def run_demo(preset: str = "default", seed: int = 0, progress: bool = True) -> dict:
     """Run every phase (skipping those up to date); return the paths written, the summary lines and
-    `phases` ({phase: "ran" or "skipped"}) and `seconds` ({phase that ran: (wall, CPU seconds)})."""
+    `phases` ({phase: "ran" or "skipped"}) and `seconds` ({phase that ran: (wall, CPU seconds)}).
+    progress: the progress bars; the phase lines with the ETA are printed either way (a log without
+    them would show nothing for minutes)."""
     workers = min(2, os.cpu_count() or 1)
-    steps = Progress(estimate_costs(preset, workers), show=progress)
+    steps = Progress(estimate_costs(preset, workers))
     suite_path = build.cached(preset=preset, seed=seed)
     if suite_path is not None:
         steps.skip("build")
