@@ -548,20 +548,25 @@ def test_checks_before_work(capsys, work):
     assert "exceeds the context" in one_line_error(capsys, extract(work, out="big.zarr"))
     assert time.monotonic() - started < 30 and not (work / "big.zarr").exists()
     suite.write_text(suite.read_text().replace("seq_len = 1000000000", "seq_len = 16"))
-    err = one_line_error(
-        capsys,
-        [
-            "passuntil",
-            str(suite),
-            "--task",
-            str(work / "gen.jsonl"),
-            "--out",
-            str(work / "g.zarr"),
-            "--new-tokens",
-            "0",
-        ],
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:  # refused by the parser, before the main extraction
+        main(
+            [
+                "passuntil",
+                str(suite),
+                "--task",
+                str(work / "gen.jsonl"),
+                "--out",
+                str(work / "g.zarr"),
+                "--new-tokens",
+                "0",
+            ]
+        )
+    err = capsys.readouterr().err
+    assert (
+        exit.value.code == 2 and err.count("\n") == 1 and "argument --new-tokens: expected a whole number >= 1" in err
     )
-    assert "new_tokens = 0" in err and not (work / "g.zarr").exists()  # refused before the main extraction
+    assert not (work / "g.zarr").exists()
 
 
 def test_unexpected_os_error_is_one_line(capsys, work, monkeypatch):

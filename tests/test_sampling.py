@@ -195,8 +195,9 @@ def test_passuntil_cli(suite, task_file, tmp_path, capsys):
     assert "4 instances x 4 checkpoints" in capsys.readouterr().out
     runs = read_runs(out, "recall")
     assert runs.attrs["params"]["top_p"] == 0.9 and runs.attrs["params"]["stop"] == ["\n"]
-    assert main([*args[:4], "--passes", "1", *args[6:]]) == 2
-    assert "passes >= 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit:
+        main([*args[:4], "--passes", "1", *args[6:]])
+    assert exit.value.code == 2 and "argument --passes: expected a whole number >= 2" in capsys.readouterr().err
 
 
 # --every: a suite of four checkpoints per model, so every=2 leaves one out (c = 0, 2 and the last, 3).
