@@ -1,0 +1,59 @@
+"""Checks of a suite's checkpoints from what the store holds (methods.md §6).
+
+Public suites have served the same weights under several steps, and final weights under early step
+names. The store keeps a hash of every checkpoint's weight files (`weights_hash`) and its validation
+perplexity (`val_ppl`), which are enough to notice both: equal hashes, and a checkpoint whose
+validation loss lies below that of every checkpoint saved after it (within a window), which its
+step cannot explain.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from tokendyn.analysis.trajectories import done_checkpoints, trained_checkpoints
+
+
+def identical_weights(ds: xr.Dataset) -> pd.DataFrame:
+    """One row per model and group of its done checkpoints with equal weight hashes: model, steps
+    (the group's steps, ascending). Empty when the store has no hashes."""
+    rows = []
+    if "weights_hash" in ds.variables:
+        for m, model in enumerate(ds["model"].values):
+            idx = done_checkpoints(ds, m)
+            hashes = np.array([str(h) for h in ds["weights_hash"].values[m, idx]], dtype=object)
+            for digest in dict.fromkeys(h for h in hashes if h):
+                group = idx[hashes == digest]
+                if len(group) > 1:
+                    rows.append({"model": str(model), "steps": [int(s) for s in ds["step"].values[m, group]]})
+    return pd.DataFrame(rows, columns=["model", "steps"])
+
+
+def out_of_order(ds: xr.Dataset, window: int = 3, margin: float = 0.02) -> pd.DataFrame:
+    """Trained checkpoints whose validation loss, log(val_ppl) in nats per token, is lower by more
+    than `margin` than that of each of the next `window` done checkpoints of their model: their
+    weights are likely from later in training.
+
+    Training loss is noisy but falls; a checkpoint beaten by none of the `window` checkpoints after
+    it, by a clear margin, is out of place (a spike lasting `window` checkpoints would be too, so the
+    result is a warning, not a verdict); the last `window` checkpoints have too few after them to be
+    checked. Rows: model, step, loss, later (the lowest loss of the next `window` checkpoints).
+    """
+    rows = []
+    for m, model in enumerate(ds["model"].values):
+        idx = trained_checkpoints(ds, m)
+        loss = np.log(np.asarray(ds["val_ppl"].values[m, idx], dtype=float))
+        for i in range(len(idx) - window):
+            later = loss[i + 1 : i + 1 + window]
+            if np.all(np.isfinite(later)) and loss[i] < later.min() - margin:
+                rows.append(
+                    {
+                        "model": str(model),
+                        "step": int(ds["step"].values[m, idx[i]]),
+                        "loss": loss[i],
+                        "later": later.min(),
+                    }
+                )
+    return pd.DataFrame(rows, columns=["model", "step", "loss", "later"])
