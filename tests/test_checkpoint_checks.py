@@ -44,14 +44,15 @@ def test_noise_and_a_short_spike_are_not_flagged(tmp_path):
     assert out_of_order(ds, window=2).step.tolist() == [300]  # a narrower window sees only the spike
 
 
-def test_identical_weights_found_from_the_hashes_of_a_real_extraction(tmp_path):
+def test_identical_weights_found_from_the_hashes_of_a_real_extraction(tmp_path, capsys):
     suite = write_suite(tmp_path, families=("opt",), steps=(0, 10, 20))
     shutil.rmtree(tmp_path / "ckpts/opt/step20")
     shutil.copytree(tmp_path / "ckpts/opt/step10", tmp_path / "ckpts/opt/step20")  # served twice
     assert main(["extract", str(suite), "--out", str(tmp_path / "s.zarr"), "--quiet"]) == 0
     ds = tokendyn.open_store(tmp_path / "s.zarr")
     assert identical_weights(ds).values.tolist() == [["opt", [10, 20]]]
-    assert (
-        "Checkpoints of opt at steps 10, 20 have identical weights (a known defect of some public suites): "
-        "check those revisions." in perplexity(ds).findings
-    )
+    line = "Checkpoints of opt at steps 10, 20 have identical weights (a known defect of some public suites): "
+    assert line + "check those revisions." in perplexity(ds).findings
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "s.zarr")]) == 0
+    assert f"suspect   {line}" in capsys.readouterr().out

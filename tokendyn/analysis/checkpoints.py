@@ -9,6 +9,8 @@ step cannot explain.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -57,3 +59,20 @@ def out_of_order(ds: xr.Dataset, window: int = 3, margin: float = 0.02) -> pd.Da
                     }
                 )
     return pd.DataFrame(rows, columns=["model", "step", "loss", "later"])
+
+
+def mislabelled(ds: xr.Dataset) -> list[str]:
+    """One sentence per group of identical checkpoints and per out-of-order checkpoint, with the defaults
+    of `identical_weights` and `out_of_order` (the perplexity study's findings and `tokendyn info`)."""
+    lines = [
+        f"Checkpoints of {row.model} at steps {', '.join(map(str, row.steps))} have identical weights "
+        "(a known defect of some public suites): check those revisions."
+        for row in identical_weights(ds).itertuples()
+    ]
+    window = inspect.signature(out_of_order).parameters["window"].default
+    lines += [
+        f"The checkpoint of {row.model} at step {row.step} has a validation loss {row.loss:.3f} nats, below "
+        f"each of the next {window} checkpoints (lowest {row.later:.3f}): its weights may come from later in training."
+        for row in out_of_order(ds).itertuples()
+    ]
+    return lines

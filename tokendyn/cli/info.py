@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> None:
 def describe(path: Path) -> str:
     import json
 
+    from tokendyn.analysis.checkpoints import mislabelled
+    from tokendyn.analysis.trajectories import load_small
     from tokendyn.data.corpus import describe as describe_protocol
     from tokendyn.store import list_sets, open_store, read_attrs, verify, verify_summary
 
@@ -63,6 +65,7 @@ def describe(path: Path) -> str:
             f"{int((present & done[m]).sum())}/{int(present.sum())} checkpoints done{last}"
             + (f"; missing steps {_short(missing)}" if missing else "")
         )
+    lines += [f"suspect   {line}" for line in mislabelled(load_small(ds))]
     problems = verify(path)  # files and metadata only: cheap; `tokendyn verify` also reads the values
     lines.append(
         f"integrity {len(problems)} problem(s): {verify_summary(problems)}; see `tokendyn verify {path}`"

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from tokendyn.analysis.checkpoints import identical_weights, out_of_order
+from tokendyn.analysis.checkpoints import mislabelled
 from tokendyn.analysis.trajectories import at_perplexity, load_small, perplexity_grid, reach, x_axis
 from tokendyn.errors import TokendynError
 from tokendyn.studies.findings import listing
@@ -145,22 +145,5 @@ def run(
             + "; ".join(worse)
             + " (matched-perplexity analyses skip such checkpoints: they use the running minimum)."
         )
-    findings += checkpoint_warnings(ds)
+    findings += mislabelled(ds)
     return Result(TITLE, tables, fig, findings, labels=labels)
-
-
-def checkpoint_warnings(ds: xr.Dataset) -> list[str]:
-    """Findings on checkpoints that look mislabelled (methods.md §6): identical weights under several
-    steps, and checkpoints whose validation loss places them later in training than their step."""
-    lines = [
-        f"Checkpoints of {row.model} at steps {', '.join(step_text(s) for s in row.steps)} have identical "
-        "weights (a known defect of some public suites): check those revisions."
-        for row in identical_weights(ds).itertuples()
-    ]
-    lines += [
-        f"The checkpoint of {row.model} at step {step_text(row.step)} has a validation loss {row.loss:.3f} nats, "
-        f"below each of the next {default_of(out_of_order, 'window')} checkpoints (lowest {row.later:.3f}): "
-        "its weights may come from later in training."
-        for row in out_of_order(ds).itertuples()
-    ]
-    return lines
