@@ -13,9 +13,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "info",
         help="summarise a store: models, checkpoints done/missing, tokens, size",
         description="Print the models of a store with their done and missing "
-        "checkpoints, the evaluation sets and their tokens, the size on disk, "
-        "and a quick integrity check (chunk files and metadata; `tokendyn "
-        "verify` checks the values too). Never writes.",
+        "checkpoints, the evaluation sets and their tokens, the size on disk, checkpoints that look "
+        "mislabelled (identical weights, out of order), and a quick integrity check (chunk files and "
+        "metadata; `tokendyn verify` checks the values too). Never writes.",
     )
     p.add_argument("store", type=Path, help="store path")
     p.set_defaults(func=run)
