@@ -25,8 +25,8 @@ def store_with_losses(path, mean_losses) -> xr.Dataset:
 
 
 def test_a_checkpoint_below_all_of_the_next_ones_is_flagged(tmp_path):
-    # step 300 holds weights from the end of training: its loss is below the next three checkpoints'
-    ds = store_with_losses(tmp_path / "s.zarr", [3.0, 2.8, 2.1, 2.6, 2.5, 2.4, 2.3, 2.2])
+    # step 300 holds the final weights: its loss is below the next three checkpoints' and reached again at the end
+    ds = store_with_losses(tmp_path / "s.zarr", [3.0, 2.8, 2.1, 2.6, 2.5, 2.4, 2.3, 2.1])
     flagged = out_of_order(ds)
     assert flagged[["model", "step"]].values.tolist() == [["m0", 300]]
     np.testing.assert_allclose(flagged[["loss", "later"]].values, [[2.1, 2.4]], rtol=1e-6)
@@ -42,6 +42,11 @@ def test_noise_and_a_short_spike_are_not_flagged(tmp_path):
     ds = store_with_losses(tmp_path / "s.zarr", [3.0, 2.8, 2.7, 3.2, 3.1, 2.6, 2.61, 2.5])
     assert out_of_order(ds).empty
     assert out_of_order(ds, window=2).step.tolist() == [300]  # a narrower window sees only the spike
+
+
+def test_a_model_that_overfits_after_its_best_checkpoint_is_not_flagged(tmp_path):
+    ds = store_with_losses(tmp_path / "s.zarr", [3.0, 2.8, 2.5, 2.3, 2.35, 2.4, 2.45, 2.5])
+    assert out_of_order(ds).empty
 
 
 def test_identical_weights_found_from_the_hashes_of_a_real_extraction(tmp_path, capsys):

@@ -265,7 +265,8 @@ def test_checkpoint_without_tokenizer_files(ckpts, tmp_path, tokenizer):
 
 def test_a_tokenizer_shipping_its_own_code_runs_only_with_trust_remote_code(ckpts, tmp_path, monkeypatch):
     """A tokenizer class in the checkpoint folder (`auto_map`) is user code: not run by default (the
-    standard class loads the same vocabulary), run with trust_remote_code, which must reach the tokenizer."""
+    model type's standard class loads the same vocabulary; a bare tokenizer folder naming the class is
+    refused with the flag to pass), run with trust_remote_code, which must reach the tokenizer."""
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
     folder = copy_of(ckpts, "neox0", tmp_path)
     ran = tmp_path / "ran"
@@ -276,6 +277,16 @@ def test_a_tokenizer_shipping_its_own_code_runs_only_with_trust_remote_code(ckpt
     config = json.loads((folder / "tokenizer_config.json").read_text())
     config["auto_map"] = {"AutoTokenizer": [None, "custom_tokenizer.CustomTokenizer"]}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    named = tmp_path / "named"  # a bare tokenizer folder naming its class: no model type to fall back on
+    build_tokenizer().save_pretrained(named)
+    (named / "custom_tokenizer.py").write_text((folder / "custom_tokenizer.py").read_text())
+    named_config = json.loads((named / "tokenizer_config.json").read_text())
+    named_config |= {"tokenizer_class": "CustomTokenizer", "auto_map": config["auto_map"]}
+    (named / "tokenizer_config.json").write_text(json.dumps(named_config))
+    models = f'tokenizer = "{named}"\n[[models]]\nname = "a"\ncheckpoints = [{{ step = 1, path = "{folder}" }}]\n'
+    with pytest.raises(TokendynError, match="ships its own code; rerun with --trust-remote-code if you trust it$"):
+        load_tokenizer(load_suite(write_suite_toml(named, models)))
+    assert not ran.exists()
     suite = load_suite(
         write_suite_toml(tmp_path, f'[[models]]\nname = "a"\ncheckpoints = [{{ step = 1, path = "{folder}" }}]\n')
     )

@@ -100,3 +100,12 @@ def test_usage_errors_are_one_line_and_point_at_the_help(capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("tokendyn extract: error: argument --store-dtype")
     assert err.endswith("(see tokendyn extract --help)\n")
+
+
+def test_an_unknown_option_of_a_command_points_at_that_commands_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["extract", "s.toml", "--out", "o.zarr", "--bogus"])
+    assert (
+        capsys.readouterr().err
+        == "tokendyn extract: error: unrecognized arguments: --bogus (see tokendyn extract --help)\n"
+    )

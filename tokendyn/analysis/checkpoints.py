@@ -35,13 +35,16 @@ def identical_weights(ds: xr.Dataset) -> pd.DataFrame:
 
 def out_of_order(ds: xr.Dataset, window: int = 3, margin: float = 0.02) -> pd.DataFrame:
     """Trained checkpoints whose validation loss, log(val_ppl) in nats per token, is lower by more
-    than `margin` than that of each of the next `window` done checkpoints of their model: their
-    weights are likely from later in training.
+    than `margin` than that of each of the next `window` done checkpoints of their model, while a
+    later checkpoint comes back down to it (within `margin`): their weights are likely from later
+    in training.
 
     Training loss is noisy but falls; a checkpoint beaten by none of the `window` checkpoints after
-    it, by a clear margin, is out of place (a spike lasting `window` checkpoints would be too, so the
-    result is a warning, not a verdict); the last `window` checkpoints have too few after them to be
-    checked. Rows: model, step, loss, later (the lowest loss of the next `window` checkpoints).
+    it, by a clear margin, is out of place when training does reach its level later. A model that
+    overfits (its loss rises after its best checkpoint and never returns) is not flagged; a spike
+    lasting `window` checkpoints still would be, so the result is a warning, not a verdict. The last
+    `window` checkpoints have too few after them to be checked. Rows: model, step, loss, later (the
+    lowest loss of the next `window` checkpoints).
     """
     rows = []
     for m, model in enumerate(ds["model"].values):
@@ -49,7 +52,8 @@ def out_of_order(ds: xr.Dataset, window: int = 3, margin: float = 0.02) -> pd.Da
         loss = np.log(np.asarray(ds["val_ppl"].values[m, idx], dtype=float))
         for i in range(len(idx) - window):
             later = loss[i + 1 : i + 1 + window]
-            if np.all(np.isfinite(later)) and loss[i] < later.min() - margin:
+            reached = np.nanmin(loss[i + 1 :]) <= loss[i] + margin  # training gets there, only later
+            if np.all(np.isfinite(later)) and loss[i] < later.min() - margin and reached:
                 rows.append(
                     {
                         "model": str(model),

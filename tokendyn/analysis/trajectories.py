@@ -253,7 +253,7 @@ def at_axis(ds: xr.Dataset, axis: str, levels: Sequence[float]) -> xr.DataArray:
     levels = np.asarray(levels, dtype=float)
     if levels.ndim != 1 or len(levels) == 0:
         raise TokendynError("levels must be a non-empty list of numbers")
-    if axis == "val_ppl" and not np.all(levels >= 1):
+    if axis == "val_ppl" and not np.all(np.isfinite(levels) & (levels >= 1)):
         raise TokendynError(f"perplexity levels must be finite numbers >= 1, got {levels.tolist()}; fix --levels")
     lo, hi, weight, reachable = (np.stack(part) for part in zip(*_interpolation(ds, axis, levels)))
     # only the checkpoints some level reads (done ones) are taken; lo and hi become positions among them

@@ -52,12 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(f"tokendyn.cli.{name}").register(subparsers)
     for command in subparsers.choices.values():
         add_quiet(command)  # every command takes -q/--quiet (no progress bar)
+        command.set_defaults(parser=command)  # for errors about the command's own arguments
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # argparse would blame the top-level parser; the command's --help is the one to read
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args) or 0
     except TokendynError as err:

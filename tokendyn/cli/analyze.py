@@ -8,6 +8,7 @@ maps onto the parameters listed in `STUDY_OPTIONS`, and its default is the study
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from tokendyn.cli.memory import return_freed_memory
@@ -42,7 +43,7 @@ def _fractions(text: str) -> list[float]:
 
 def _perplexities(text: str) -> list[float]:
     values = _floats(text)
-    if not values or not all(v >= 1 for v in values):  # also refuses nan and -inf
+    if not values or not all(math.isfinite(v) and v >= 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected perplexities of at least 1, e.g. 40,30,20, got {text!r}")
     return values
 

@@ -74,7 +74,7 @@ def whole_number(minimum: int) -> Callable[[str], int]:
     """An argparse type: a whole number >= minimum."""
 
     def parse(text: str) -> int:
-        if not text.isdigit() or int(text) < minimum:
+        if not (text.isascii() and text.isdigit()) or int(text) < minimum:
             raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got '{text}'")
         return int(text)
 

@@ -30,7 +30,7 @@ from tokendyn.errors import TokendynError
 from tokendyn.models import hardware
 
 # What to fetch from the hub: config, tokenizer and shard-index files, then the weights.
-META_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken"]
+META_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.py"]  # *.py: run only with --trust-remote-code
 SAFETENSORS_PATTERNS = ["*.safetensors"]
 PICKLE_PATTERNS = ["pytorch_model*.bin"]
 # Pickle files that mark a local checkpoint as pickle-only (loading them can run arbitrary code).
@@ -200,6 +200,10 @@ def _load_tokenizer(source: str | Path, label: str, trust_remote_code: bool) -> 
         # explicit False: left unset, transformers asks on a terminal and runs the code on "y"
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as err:  # the Rust `tokenizers` library raises a bare Exception for a garbled tokenizer.json
+        if "trust_remote_code" in str(err) and not trust_remote_code:
+            raise TokendynError(
+                f"the tokenizer of {label} ships its own code; rerun with --trust-remote-code if you trust it"
+            ) from err
         raise TokendynError(
             f"cannot load the tokenizer of {label}: {_first_line(err)}; check its tokenizer "
             "files, or set [eval] tokenizer in the suite TOML"

@@ -62,7 +62,7 @@ def check(folder: Path) -> None:
 
 def _recover(folder: Path) -> None:
     """Put back the previous results of a run killed mid-swap; delete the temporary folders of killed runs
-    (those of live runs stay: two runs on one folder each finish, the last swap wins)."""
+    (those of live runs stay; of two runs that swap at the same moment, one fails with a one-line error)."""
     old = _siblings(folder, "old")
     if not folder.exists() and old:
         old[0].rename(folder)

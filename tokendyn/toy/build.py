@@ -11,8 +11,8 @@
     toy-build.json              the parameters, their key and the build's timings (written last)
 
 A build is keyed by all of its parameters; `build()` reuses a finished build with the same key
-and rebuilds when any parameter changes. It is written to `<out>.partial` and renamed into
-place at the end, so an interrupted build never looks finished.
+and rebuilds when any parameter changes. It is written to a temporary folder of its own process
+(`tokendyn.store.atomic`) and renamed into place at the end, so an interrupted build never looks finished.
 """
 
 from __future__ import annotations
