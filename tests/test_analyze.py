@@ -157,6 +157,14 @@ def test_trend_x_reaches_the_token_view_too(tmp_path):
     assert shown != token_table(ds, x="log_step")["category"].tolist()  # the option changes what is shown
 
 
+@pytest.mark.parametrize("command", ["analyze", "report"])
+def test_help_lists_the_studies(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    assert ", ".join(tokendyn.studies.STUDIES) in text
+
+
 def test_levels_below_one_are_refused_by_the_analysis_too(tmp_path):
     rng = np.random.default_rng(0)
     write_store(tmp_path / "one.zarr", rng.uniform(1, 3, (1, 5, 4, 8)), np.array([[100, 200, 300, 400, 500.0]]))

@@ -71,10 +71,14 @@ def comma_list(text: str) -> list[str]:
 
 
 class StudyDefaults(argparse.HelpFormatter):
-    """Help that shows a study option's default, read from the study's signature when help is printed
-    (so the studies, and matplotlib, are imported only then)."""
+    """Help that shows a study option's default, read from the study's signature, and the study names
+    after --studies, when help is printed (so the studies, and matplotlib, are imported only then)."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.dest == "studies" and action.help is not None:
+            from tokendyn.studies import STUDIES
+
+            return action.help.replace("see tokendyn.studies.STUDIES", ", ".join(STUDIES))
         targets = STUDY_OPTIONS.get(action.dest)
         if not targets or action.help is None:
             return action.help
