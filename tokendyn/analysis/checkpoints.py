@@ -52,8 +52,9 @@ def out_of_order(ds: xr.Dataset, window: int = 3, margin: float = 0.02) -> pd.Da
         loss = np.log(np.asarray(ds["val_ppl"].values[m, idx], dtype=float))
         for i in range(len(idx) - window):
             later = loss[i + 1 : i + 1 + window]
-            reached = np.nanmin(loss[i + 1 :]) <= loss[i] + margin  # training gets there, only later
-            if np.all(np.isfinite(later)) and loss[i] < later.min() - margin and reached:
+            beaten_by_none = np.all(np.isfinite(later)) and loss[i] < later.min() - margin
+            # and training gets there, only later (checked last: then loss[i + 1 :] has finite values)
+            if beaten_by_none and np.nanmin(loss[i + 1 :]) <= loss[i] + margin:
                 rows.append(
                     {
                         "model": str(model),
