@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +19,8 @@ import pytest
 
 from planted_stores import write_store
 from tokendyn.cli import main
+from tokendyn.errors import TokendynError
+from tokendyn.pipelines.analyze import main_one
 from tokendyn.pipelines.output import MARKER, mark, output_folder
 
 
@@ -79,11 +82,45 @@ def test_a_rerun_replaces_its_own_folder_whole_and_leaves_nothing_beside_it(smal
     out = tmp_path / "out"
     assert main(["analyze", str(small_store), "--out", str(out), "--quiet", "--studies", "perplexity"]) == 0
     assert (out / MARKER).is_file() and (out / "checkpoints.csv").is_file()
-    (out / "stale.csv").write_text("from an older version")
     assert main(["analyze", str(small_store), "--out", str(out), "--quiet", "--studies", "trend_categories"]) == 0
-    assert not (out / "stale.csv").exists() and not (out / "checkpoints.csv").exists()
-    assert (out / "trend_shares.csv").is_file()
+    assert not (out / "checkpoints.csv").exists() and (out / "trend_shares.csv").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "s.zarr"]
+
+
+@pytest.mark.parametrize("command", ["analyze", "report"])
+def test_files_a_user_added_to_a_tokendyn_folder_are_refused_and_kept(small_store, tmp_path, capsys, command):
+    out = tmp_path / "out"
+    run = [command, str(small_store), "--out", str(out), "--quiet", "--studies", "perplexity"]
+    assert main(run) == 0
+    inner = next(p for p in out.iterdir() if p.is_dir())
+    (inner / "my_figure.png").write_bytes(b"drawn by hand")
+    (out / "notes").mkdir()
+    (out / "notes" / "todo.md").write_text("mine")
+    before = snapshot(out)
+    assert main(run) == 2
+    _one_line_error(capsys, "did not write", f"{inner.name}/my_figure.png", "notes", "--out")
+    assert snapshot(out) == before
+    (inner / "my_figure.png").unlink()
+    shutil.rmtree(out / "notes")
+    assert main(run) == 0
+
+
+def test_a_folder_from_an_older_tokendyn_is_refused_not_replaced(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / MARKER).write_text("written by tokendyn; the whole folder is replaced by the next run\n")
+    (out / "findings.txt").write_text("old")
+    with pytest.raises(TokendynError, match="older tokendyn"), output_folder(out):
+        pass
+    assert (out / "findings.txt").read_text() == "old"
+
+
+def test_a_study_folder_replaced_by_python_m_analyses_keeps_the_report_replaceable(small_store, tmp_path):
+    report = tmp_path / "s.report"
+    assert main(["report", str(small_store), "--quiet", "--studies", "perplexity,trend_categories"]) == 0
+    assert main_one("trend_categories", [str(small_store)]) == 0
+    assert main(["report", str(small_store), "--quiet", "--studies", "perplexity"]) == 0
+    assert not (report / "trend_categories").exists()
 
 
 def test_files_written_under_out_never_follow_a_symlink_out_of_it(small_store, tmp_path, capsys):

@@ -1,7 +1,8 @@
 """Output folders that never destroy what tokendyn did not write (`analyze`, `report`, `python -m analyses.X`).
 
-A folder written by tokendyn carries a marker file, `.tokendyn-output`. A run writes its results
-into a fresh temporary sibling (`.NAME.tmp-PID`) and swaps it in only when complete:
+A folder written by tokendyn carries a marker file, `.tokendyn-output`, listing every file and
+folder the run wrote. A run writes its results into a fresh temporary sibling (`.NAME.tmp-PID`)
+and swaps it in only when complete:
 
 1. the previous folder (if any) is renamed to `.NAME.old-PID`,
 2. the temporary folder is renamed to NAME,
@@ -11,7 +12,9 @@ So a killed run leaves the previous results whole (under NAME, or, killed betwee
 `.NAME.old-PID`, which the next run puts back before anything else). Every file is created inside
 the fresh temporary folder, which holds no symlinks, so nothing written follows a link out of it.
 A non-empty folder without the marker (the store itself, a folder holding a user's files) is
-refused, and so is a path that is a file.
+refused, and so is a marked folder holding anything its marker does not list (a user's notes
+added to a report), and a path that is a file. A marked sub-folder answers for itself by its own
+marker (`python -m analyses.X` replaces one study's folder inside a report).
 """
 
 from __future__ import annotations
@@ -26,11 +29,46 @@ from tokendyn.errors import TokendynError
 from tokendyn.store.atomic import process_alive
 
 MARKER = ".tokendyn-output"
+HEADER = "# written by tokendyn: the next run replaces the paths listed here and refuses the folder if it holds others\n"
 
 
 def mark(folder: Path) -> None:
-    """Put the marker into a folder tokendyn wrote."""
-    (folder / MARKER).write_text("written by tokendyn; the whole folder is replaced by the next run\n")
+    """Put the marker into a folder tokendyn wrote, listing everything in it now."""
+    listed = sorted(
+        (Path(root) / name).relative_to(folder).as_posix()
+        for root, dirs, files in os.walk(folder)
+        for name in [*dirs, *files]
+    )
+    (folder / MARKER).write_text(HEADER + "".join(f"{path}\n" for path in listed if path != MARKER))
+
+
+def _listed(folder: Path) -> set[str] | None:
+    """The paths a folder's marker lists; None for an older tokendyn's marker, which listed nothing."""
+    text = (folder / MARKER).read_text(encoding="utf-8", errors="replace")
+    return set(text.splitlines()[1:]) if text.startswith(HEADER) else None
+
+
+def _unlisted(folder: Path) -> list[str]:
+    """Paths under a marked folder that tokendyn did not write there (all of them for an old marker)."""
+    listed = _listed(folder) or set()
+    found = []
+
+    def walk(directory: Path) -> None:
+        for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+            path = Path(entry.path)
+            rel = path.relative_to(folder).as_posix()
+            inner = entry.is_dir(follow_symlinks=False)
+            if rel == MARKER:
+                continue
+            if inner and (path / MARKER).is_file():  # a study's folder that `python -m analyses.X` may have replaced
+                found.extend(f"{rel}/{sub}" for sub in _unlisted(path))
+            elif rel not in listed:
+                found.append(rel)
+            elif inner:
+                walk(path)
+
+    walk(folder)
+    return found
 
 
 def _siblings(folder: Path, kind: str) -> list[Path]:
@@ -53,10 +91,24 @@ def check(folder: Path) -> None:
         raise TokendynError(f"output folder {folder} is a symbolic link; give the real folder with --out")
     if folder.exists() and not folder.is_dir():
         raise TokendynError(f"output path {folder} is a file, not a folder; choose another --out")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / MARKER).is_file():
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    if not (folder / MARKER).is_file():
         raise TokendynError(
             f"output folder {folder} is not empty and was not written by tokendyn (no {MARKER}); "
             "choose an empty or new folder with --out"
+        )
+    if _listed(folder) is None:
+        raise TokendynError(
+            f"output folder {folder} was written by an older tokendyn, which did not record its files, so "
+            "files added since cannot be told apart; move what you want to keep, delete the folder, and rerun"
+        )
+    unlisted = _unlisted(folder)
+    if unlisted:
+        shown = ", ".join(unlisted[:3]) + (f" and {len(unlisted) - 3} more" if len(unlisted) > 3 else "")
+        raise TokendynError(
+            f"output folder {folder} holds files tokendyn did not write ({shown}); "
+            "move them out or choose another --out"
         )
 
 
@@ -88,6 +140,7 @@ def output_folder(folder: str | Path) -> Iterator[Path]:
     mark(tmp)
     try:
         yield tmp
+        mark(tmp)  # now listing what the run wrote
         check(folder)  # still ours: nobody put files there while we ran
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
