@@ -29,7 +29,7 @@ from tokendyn.errors import TokendynError
 from tokendyn.store.atomic import process_alive
 
 MARKER = ".tokendyn-output"
-HEADER = "# written by tokendyn: the next run replaces the paths listed here and refuses the folder if it holds others\n"
+HEADER = "# written by tokendyn; the next run replaces the paths below and refuses a folder holding others\n"
 
 
 def mark(folder: Path) -> None:
