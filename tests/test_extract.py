@@ -220,3 +220,25 @@ def test_bfloat16_head_reuses_its_buffers_and_equals_the_models_logits(tokenizer
 def test_xarray_sees_lazy_chunks(store):
     ds = xr.open_zarr(store)
     assert ds.loss.data.chunksize[:2] == (1, 1)
+
+
+def test_a_store_keeps_its_precision(tmp_path, capsys):
+    """auto resumes in the precision the store was scored in; another dtype is refused unless --force."""
+    out = tmp_path / "s.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # an emulated bfloat16 warns on some CPUs
+        extract(write_suite(tmp_path, steps=(0,)), out, dtype="bfloat16", progress=False)
+        grown = write_suite(tmp_path, steps=(0, 5))  # TOKENDYN_DTYPE=float32 (conftest): auto alone means float32
+        extract(grown, out, progress=False)
+        assert "in bfloat16 (the precision of" in capsys.readouterr().err
+        reference = tmp_path / "bf16.zarr"
+        extract(grown, reference, dtype="bf16", progress=False)
+    ds = tokendyn.open_store(out)
+    assert ds.attrs["compute_dtype"] == "bfloat16"
+    np.testing.assert_array_equal(ds.loss.values, tokendyn.open_store(reference).loss.values)
+    with pytest.raises(tokendyn.TokendynError, match="scored in bfloat16, not float32.*--dtype bfloat16"):
+        extract(grown, out, dtype="float32", progress=False)
+    extract(grown, out, dtype="float32", force=True, progress=False)
+    ds = tokendyn.open_store(out)
+    assert ds.attrs["compute_dtype"] == "float32"
+    assert not np.array_equal(ds.loss.values, tokendyn.open_store(reference).loss.values)

@@ -29,17 +29,15 @@ def test_auto_on_cpu_without_native_bf16_is_float32_without_timing():
     assert not choice.warning
 
 
-@pytest.mark.parametrize("bf16_seconds, expected", [(0.5, "bfloat16"), (0.95, "float32"), (3.0, "float32")])
-def test_auto_on_native_bf16_cpu_follows_the_timing(bf16_seconds, expected):
-    hw = Hardware("cpu", "AVX512", SAPPHIRE, matmul_seconds={"float32": 1.0, "bfloat16": bf16_seconds})
-    assert decide_dtype("auto", hw).name == expected
+@pytest.mark.parametrize("bf16_seconds", [None, 0.5, 0.95, 3.0])
+def test_auto_on_native_bf16_cpu_is_bfloat16_whatever_a_timing_says(bf16_seconds):
+    timed = {} if bf16_seconds is None else {"float32": 1.0, "bfloat16": bf16_seconds}
+    choice = decide_dtype("auto", Hardware("cpu", "AVX512", SAPPHIRE, matmul_seconds=timed))
+    assert choice.name == "bfloat16" and "amx_bf16, avx512_bf16" in choice.reason and not choice.warning
 
 
 def test_arm_bf16_feature_counts_as_native():
-    hw = Hardware(
-        "cpu", "DEFAULT", frozenset({"fp", "asimd", "bf16"}), matmul_seconds={"float32": 1.0, "bfloat16": 0.4}
-    )
-    assert decide_dtype("auto", hw).name == "bfloat16"
+    assert decide_dtype("auto", Hardware("cpu", "DEFAULT", frozenset({"fp", "asimd", "bf16"}))).name == "bfloat16"
 
 
 def test_explicit_bf16_on_emulating_cpu_warns_with_the_slowdown():
@@ -48,7 +46,8 @@ def test_explicit_bf16_on_emulating_cpu_warns_with_the_slowdown():
     assert choice.name == "bfloat16" and choice.reason == "requested"
     assert "32.0x slower than float32" in choice.warning and "AVX2" in choice.warning
     fast = Hardware("cpu", "AVX512", SAPPHIRE, matmul_seconds={"float32": 0.01, "bfloat16": 0.005})
-    assert not decide_dtype("bfloat16", fast).warning
+    busy = Hardware("cpu", "AVX512", SAPPHIRE, matmul_seconds={"float32": 0.01, "bfloat16": 0.02})
+    assert not decide_dtype("bfloat16", fast).warning and not decide_dtype("bfloat16", busy).warning
     assert not decide_dtype("float32", hw).warning
 
 
@@ -123,10 +122,10 @@ def test_probe_times_the_dtypes_in_alternating_rounds(monkeypatch):
     timed = []
     seconds = iter([4.0, 3.0, 1.0, 2.0])  # float32, bfloat16, float32, bfloat16
     monkeypatch.setattr(hardware, "time_matmul", lambda name: timed.append(name) or next(seconds))
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset({"avx512_bf16"}))
     hardware.probe.cache_clear()
     try:
-        hw = hardware.probe("cpu", "auto")
+        assert hardware.probe("cpu", "auto").matmul_seconds == {}  # auto follows the flags: nothing timed
+        hw = hardware.probe("cpu", "bfloat16")
     finally:
         hardware.probe.cache_clear()
     assert timed == ["float32", "bfloat16"] * hardware.PROBE_ROUNDS

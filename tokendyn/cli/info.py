@@ -37,7 +37,8 @@ def describe(path: Path) -> str:
     ds = open_store(path)
     lines = [
         f"store     {path}  ({_size(path)} on disk, tokendyn {attrs['tokendyn_version']})",
-        f"metrics   {', '.join(attrs['metrics'])}  stored as {attrs['store_dtype']}",
+        f"metrics   {', '.join(attrs['metrics'])}  stored as {attrs['store_dtype']}, "
+        f"scored in {attrs.get('compute_dtype', 'a precision not recorded (an older store)')}",
     ]
     for name in ["main", *list_sets(path)]:
         s = ds if name == "main" else open_store(path, set=name)

@@ -19,10 +19,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         "--dtype",
         default="auto",
         help="model precision: float32 (fp32), bfloat16 (bf16), float16 (fp16), or auto: bfloat16 where "
-        "the hardware runs it natively (CUDA with bf16, CPUs with AVX512_BF16/AMX, confirmed by a "
-        "timed matmul), else float32; the choice and its reason are printed. The environment variable "
-        "TOKENDYN_DTYPE, when set, names what auto stands for (float32: the same numbers on every "
-        "machine) (default: auto)",
+        "the hardware runs it natively (CUDA with bf16, CPUs with AVX512_BF16/AMX/ARM bf16 flags), "
+        "else float32; the choice and its reason are printed. A store remembers its precision: auto "
+        "keeps it, another --dtype is refused unless --force. The environment variable TOKENDYN_DTYPE, "
+        "when set, names what auto stands for (float32: the same numbers on every machine) "
+        "(default: auto)",
     )
     p.add_argument(
         "--allow-pickle",

@@ -11,6 +11,7 @@ checkpoint's `done` flag is written last (see `tokendyn.store`).
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
@@ -38,7 +39,8 @@ if TYPE_CHECKING:
 # bound that does not grow with batch x seq x vocab. Smaller chunks starve the head's matrix product:
 # at 2**22 (83 rows of Pythia's vocabulary) it ran 1.7x slower than at 1,024 rows, at 2**24 at full speed.
 CHUNK_LOGITS = 2**24
-AUTO = "auto"  # --batch-size auto: the most windows that fit in memory
+AUTO = "auto"  # --batch-size auto: the most windows that fit in memory; --dtype auto
+PRECISION_ATTR = "compute_dtype"  # the store's attribute naming the precision its models ran in
 # Config attributes that make the head's logits differ from a plain projection of the hidden state;
 # such models are scored through their own full forward pass instead.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -192,8 +194,8 @@ def extract(
     out = Path(out)
     suite = replace(suite, sets=tuple(suite.sets) + tuple(extra_sets))
     _check_unique_sets(suite)
-    device, torch_dtype = hardware.choose(device, dtype)
     existing = _existing_attrs(out)
+    device, torch_dtype = _precision(out, existing, device, dtype, force)
     metrics = _parse_metrics(metrics, existing)
     store_dtype = store_dtype or existing.get("store_dtype", "float32")
     if store_dtype not in store.STORE_DTYPES:
@@ -227,6 +229,8 @@ def extract(
     with store.writer_lock(out):
         _repair(out)
         root = store.prepare(out, layout, sets, model_coords, vocab_text, __version__, summaries)
+        if force or not any(existing.get("complete", {}).values()):  # a store of older versions: precision unknown
+            root.attrs[PRECISION_ATTR] = hardware.dtype_name(torch_dtype)
         rows = {}  # each set's done flags per model, read once (we hold the writer lock): `store.done_row`
         todo = [
             (
@@ -614,6 +618,26 @@ def _parse_metrics(metrics: Iterable[str] | None, existing: dict) -> tuple[str, 
     if unknown:
         raise TokendynError(f"unknown metric '{unknown[0]}'; choose from {','.join(store.METRICS)}")
     return tuple(m for m in store.METRICS if m in metrics)
+
+
+def _precision(out: Path, existing: dict, device: str, dtype: str, force: bool) -> tuple[str, torch.dtype]:
+    """Device and dtype to score in. A store keeps the precision it was scored in (`PRECISION_ATTR`):
+    auto stands for it, another dtype is refused unless `force` rescores every checkpoint."""
+    recorded = existing.get(PRECISION_ATTR)
+    if recorded is None or force:
+        return hardware.choose(device, dtype)
+    if hardware.canonical_dtype(dtype) == AUTO:
+        chosen = hardware.choose(device, recorded, verbose=False)
+        print(f"tokendyn: running on {chosen[0]} in {recorded} (the precision of {out})", file=sys.stderr)
+        return chosen
+    chosen = hardware.choose(device, dtype)
+    if hardware.dtype_name(chosen[1]) != recorded:
+        name = hardware.dtype_name(chosen[1])
+        raise TokendynError(
+            f"store {out} was scored in {recorded}, not {name}: one store never mixes precisions; pass "
+            f"--dtype {recorded} (or auto), --force to rescore every checkpoint in {name}, or a new --out"
+        )
+    return chosen
 
 
 def _existing_attrs(out: Path) -> dict:

@@ -1,9 +1,11 @@
 """Where and in which precision models run: `--device auto` and `--dtype auto`.
 
 auto picks the fastest device (cuda, then mps, then cpu) and a half precision only where the
-hardware multiplies it natively; otherwise float32. On a CPU without native bfloat16 (AVX2 has
-none; AVX512_BF16 and AMX do) torch emulates bfloat16 and runs it many times slower than float32,
-so an explicit half precision there is timed and warned about.
+hardware multiplies it natively; otherwise float32. On CPU the choice follows the CPU's feature
+flags alone, so it is the same on every run of a machine (a timed matmul flipped it under load).
+On a CPU without native bfloat16 (AVX2 has none; AVX512_BF16 and AMX do) torch emulates bfloat16
+and runs it many times slower than float32, so an explicit half precision there is timed and
+warned about.
 
 The decisions are pure functions of the facts (`Hardware`), so they are tested without the
 hardware; `probe()` gathers the facts of this machine. TOKENDYN_DTYPE in the environment names
@@ -33,8 +35,9 @@ DEVICE_CHOICES = "auto, cpu, cuda[:N] or mps"
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # aarch64 Features entry of CPUs with bfloat16 dot products (e.g. Graviton3, Apple M2+).
 ARM_BF16_FLAGS = ("bf16",)
-# A half precision counts as fast on a CPU only when its timed matmul beats float32 by this factor.
-MIN_SPEEDUP = 1.1
+# An explicit half precision is warned about when its timed matmul is this many times slower than
+# float32: emulated bfloat16 runs ~30x slower, while a busy machine can make a native one look 2x slower.
+WARN_SLOWDOWN = 3.0
 # Timed matmul: (n x n) @ (n x n), 0.1-0.3 ms in float32 or native bfloat16 on 2 cores, ~40 ms in
 # emulated bfloat16. One such product is at the mercy of one interruption: each dtype is timed in
 # PROBE_ROUNDS alternating rounds of at least PROBE_REPEATS products and PROBE_SECONDS, best kept
@@ -104,6 +107,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name of a torch dtype as `DTYPES` spells it ("float32", "bfloat16", "float16")."""
+    return next(name for name, value in DTYPES.items() if value == dtype)
+
+
 def canonical_dtype(name: str) -> str:
     """`auto`, or the full name of a dtype given by name or alias (bf16, fp16, fp32)."""
     name = DTYPE_ALIASES.get(name.lower(), name.lower())
@@ -115,16 +123,16 @@ def canonical_dtype(name: str) -> str:
 def decide_dtype(requested: str, hw: Hardware) -> DtypeChoice:
     """The dtype for `requested` (a canonical name or "auto") on hardware `hw`.
 
-    auto: bfloat16 on CUDA devices that support it; on CPU, bfloat16 only with native support
-    that a timed matmul confirms (at least MIN_SPEEDUP over float32); float32 otherwise (MPS
-    included: float16 can overflow in models trained in bfloat16). An explicit half precision on
-    a CPU where it was timed slower than float32 comes with a warning giving the slowdown.
+    auto: bfloat16 on CUDA devices that support it and on CPUs with native bfloat16 (feature
+    flags); float32 otherwise (MPS included: float16 can overflow in models trained in bfloat16).
+    An explicit half precision on a CPU where it was timed WARN_SLOWDOWN times slower than float32
+    comes with a warning giving the slowdown.
     """
     kind = hw.device.split(":")[0]
     if requested != "auto":
         slowdown = hw.slowdown(requested) if kind == "cpu" and requested != "float32" else None
         warning = ""
-        if slowdown is not None and slowdown > 1:
+        if slowdown is not None and slowdown > WARN_SLOWDOWN:
             warning = (
                 f"--dtype {requested} is {slowdown:.1f}x slower than float32 on this CPU "
                 f"({hw.cpu_capability or 'unknown capability'}, "
@@ -144,14 +152,8 @@ def decide_dtype(requested: str, hw: Hardware) -> DtypeChoice:
             f"CPU without native bfloat16 ({hw.cpu_capability or 'unknown capability'}, "
             f"none of {', '.join(NATIVE_BF16_FLAGS)}): bfloat16 would be emulated",
         )
-    slowdown = hw.slowdown("bfloat16")
-    if slowdown is None:
-        return DtypeChoice("float32", "CPU bfloat16 speed not measured")
-    if 1 / slowdown >= MIN_SPEEDUP:
-        return DtypeChoice(
-            "bfloat16", f"CPU with native bfloat16: timed matmul {1 / slowdown:.1f}x faster than float32"
-        )
-    return DtypeChoice("float32", f"CPU bfloat16 matmul timed at only {1 / slowdown:.2f}x of float32")
+    flags = ", ".join(sorted(f for f in hw.cpu_flags if f in NATIVE_BF16_FLAGS + ARM_BF16_FLAGS))
+    return DtypeChoice("bfloat16", f"CPU with native bfloat16 ({hw.cpu_capability or 'unknown capability'}, {flags})")
 
 
 def cpu_flags() -> frozenset[str]:
@@ -194,8 +196,7 @@ def time_matmul(
 def probe(device: str, requested: str) -> Hardware:
     """The facts of this machine that the choice of `requested` on `device` needs (timed once per process).
 
-    The CPU matmul is timed only when it can change the outcome: for an explicit half precision
-    (to warn), or for auto on a CPU with native bfloat16 (to confirm it is fast).
+    The CPU matmul is timed only for an explicit half precision (to warn when it is emulated).
     """
     kind = device.split(":")[0]
     flags = cpu_flags()
@@ -205,10 +206,9 @@ def probe(device: str, requested: str) -> Hardware:
         flags,
         cuda_bf16=kind == "cuda" and torch.cuda.is_bf16_supported(),
     )
-    half = [requested] if requested in ("bfloat16", "float16") else ["bfloat16"] if requested == "auto" else []
-    if kind == "cpu" and half and (requested != "auto" or hw.native_bf16()):
+    if kind == "cpu" and requested in ("bfloat16", "float16"):
         timings: dict[str, float] = {}
-        for name in ["float32", *half] * PROBE_ROUNDS:
+        for name in ["float32", requested] * PROBE_ROUNDS:
             timings[name] = min(timings.get(name, float("inf")), time_matmul(name))
         hw = Hardware(hw.device, hw.cpu_capability, hw.cpu_flags, hw.cuda_bf16, timings)
     return hw
