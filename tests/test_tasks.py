@@ -300,8 +300,10 @@ def test_tasks_cli_scores_resumes_and_refuses_other_text(suite, task_file, tmp_p
     assert main(args) == 0  # everything done: nothing is recomputed, nothing changes
     after = tokendyn.open_store(out).tokendyn.task_scores()
     np.testing.assert_array_equal(before["correct_prob"].values, after["correct_prob"].values)
-    assert main([*args, "--shots", "0"]) == 2  # no demonstrations: another text for the same set name
-    assert "different text for set 'task.tiny_colours'" in capsys.readouterr().err
+    documents = (tmp_path / "cli.tasks" / "tiny_colours.jsonl").read_bytes()
+    assert main([*args, "--shots", "0"]) == 2  # no demonstrations: other documents for the same set name
+    assert "tiny_colours.jsonl exists with other documents" in capsys.readouterr().err
+    assert (tmp_path / "cli.tasks" / "tiny_colours.jsonl").read_bytes() == documents
     assert main([*args, "--shots", "3"]) == 2
     assert "exceed the models' context (64); use fewer shots" in capsys.readouterr().err
     assert (
@@ -357,3 +359,22 @@ def test_toy_tasks_use_training_words_and_put_chance_at_one_over_c(small_world, 
             for choice in item.choices:
                 if choice != item.choices[item.answer]:
                     assert sum(a != b for a, b in zip(choice.split(". "), true)) == 1
+
+
+def test_a_refused_tasks_run_keeps_the_users_files_and_leaves_nothing(suite, tmp_path, capsys):
+    mine = tmp_path / "mine.tasks"
+    mine.mkdir()
+    quiz = mine / "quiz.jsonl"  # the user's task file, where the documents of store mine.zarr would go
+    items = [("The lazy", ["dog", "fox"]), ("A cat", ["sat", "ran"])]
+    quiz.write_text("".join(json.dumps({"question": q, "choices": c, "answer": 0}) + "\n" for q, c in items))
+    before = quiz.read_bytes()
+    args = ["tasks", str(suite), "--task", str(quiz), "--shots", "1", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "mine.zarr")]) == 2
+    assert "quiz.jsonl exists with other documents" in capsys.readouterr().err
+    assert quiz.read_bytes() == before and not (tmp_path / "mine.zarr").exists()
+    foreign = tmp_path / "foreign.zarr"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("mine")
+    assert main([*args, "--out", str(foreign)]) == 2  # refused by the store: no documents left behind
+    assert "not a tokendyn store" in capsys.readouterr().err
+    assert not (tmp_path / "foreign.tasks").exists()

@@ -22,7 +22,7 @@ from tokendyn.data.corpus import prefix_ids
 from tokendyn.data.tasks import ChoiceTask, choice_documents
 from tokendyn.errors import TokendynError
 from tokendyn.models import checkpoints
-from tokendyn.store import TASK_SET_PREFIX, check_field_names
+from tokendyn.store import TASK_SET_PREFIX, check_field_names, list_sets
 
 
 def documents_dir(store: str | Path) -> Path:
@@ -62,11 +62,18 @@ def task_set(
             f"({max_context}); use fewer shots or shorter inputs"
         )
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{task.name}.jsonl"
-    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")  # renamed once complete: never truncated
-    temporary.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(temporary, path)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    if path.exists() and path.read_text(encoding="utf-8", errors="replace") != text:
+        raise TokendynError(
+            f"{path} exists with other documents (another --seed, --shots, --delimiter or task file, or a file "
+            "of yours); move it away, or write to a new --out"
+        )
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")  # renamed once complete: never truncated
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
     return EvalSet(
         name=TASK_SET_PREFIX + task.name, files=(path,), seq_len=max(seq_len, 2), context="packed", prefix=prefix
     )
@@ -115,17 +122,31 @@ def score_tasks(
         check_field_names({key for item in task.items for key in item.fields}, f"task '{task.name}'")
     tokenizer = checkpoints.load_tokenizer(suite, trust_remote_code)
     context = suite_context(suite, trust_remote_code)
-    sets = [
-        task_set(
-            t,
-            tokenizer,
-            documents_dir(out),
-            shots=shots,
-            seed=seed,
-            delimiter=delimiter,
-            prefix=suite.eval.prefix,
-            max_context=context,
+    folder = documents_dir(out)
+    new_folder = not folder.exists()
+    new_files = [folder / f"{t.name}.jsonl" for t in tasks if not (folder / f"{t.name}.jsonl").exists()]
+    try:
+        sets = [
+            task_set(
+                t,
+                tokenizer,
+                folder,
+                shots=shots,
+                seed=seed,
+                delimiter=delimiter,
+                prefix=suite.eval.prefix,
+                max_context=context,
+            )
+            for t in tasks
+        ]
+        return extract(
+            suite, out, extra_sets=[*extra_sets, *sets], trust_remote_code=trust_remote_code, **extract_options
         )
-        for t in tasks
-    ]
-    return extract(suite, out, extra_sets=[*extra_sets, *sets], trust_remote_code=trust_remote_code, **extract_options)
+    except TokendynError:  # a refused run leaves no documents of sets the store does not hold
+        held = set(list_sets(out)) if (Path(out) / "zarr.json").is_file() else set()
+        for path in new_files:
+            if TASK_SET_PREFIX + path.stem not in held:
+                path.unlink(missing_ok=True)
+        if new_folder and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
