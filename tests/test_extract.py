@@ -229,7 +229,7 @@ def test_a_store_keeps_its_precision(tmp_path, capsys):
         warnings.simplefilter("ignore")  # an emulated bfloat16 warns on some CPUs
         extract(write_suite(tmp_path, steps=(0,)), out, dtype="bfloat16", progress=False)
         grown = write_suite(tmp_path, steps=(0, 5))  # TOKENDYN_DTYPE=float32 (conftest): auto alone means float32
-        extract(grown, out, progress=False)
+        extract(grown, out)
         assert "in bfloat16 (the precision of" in capsys.readouterr().err
         reference = tmp_path / "bf16.zarr"
         extract(grown, reference, dtype="bf16", progress=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 from tokendyn import store
@@ -124,39 +125,44 @@ def run(args: argparse.Namespace) -> None:
     metrics = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
     if args.scheduler is not None and args.workers is not None:
         raise TokendynError("give --scheduler (an existing cluster) or --workers (a new local one), not both")
-    suite = _suite_argument(args)
+    suite, restore = _suite_argument(args)
     extra_sets = []
     if args.sets or args.pairs:
         seq_len = load_suite(suite).eval.seq_len
         extra_sets += [s for option in args.sets for s in parse_set_option(option, seq_len, args.corrupt_seed)]
         extra_sets += [parse_pairs_option(option, seq_len) for option in args.pairs]
-    out = extract(
-        suite,
-        args.out,
-        extra_sets=extra_sets,
-        metrics=metrics,
-        store_dtype=args.store_dtype,
-        batch_tokens=args.batch_tokens,
-        batch_size=args.batch_size,
-        force=args.force,
-        scheduler=args.scheduler,
-        workers=args.workers,
-        prefetch=args.prefetch,
-        evict=args.evict,
-        **model_options(args),
-    )
+    try:
+        out = extract(
+            suite,
+            args.out,
+            extra_sets=extra_sets,
+            metrics=metrics,
+            store_dtype=args.store_dtype,
+            batch_tokens=args.batch_tokens,
+            batch_size=args.batch_size,
+            force=args.force,
+            scheduler=args.scheduler,
+            workers=args.workers,
+            prefetch=args.prefetch,
+            evict=args.evict,
+            **model_options(args),
+        )
+    except TokendynError:
+        restore()  # a refused run leaves the generated suite as it found it
+        raise
     print(f"store written: {out}  (inspect with: tokendyn info {out})")
 
 
-def _suite_argument(args: argparse.Namespace) -> Path:
-    """The suite file: SUITE, or one generated from --model and --text next to the store."""
+def _suite_argument(args: argparse.Namespace) -> tuple[Path, Callable[[], None]]:
+    """The suite file (SUITE, or one generated from --model and --text next to the store) and a function
+    that undoes the generation."""
     if args.suite is not None:
         if args.models or args.texts:
             raise TokendynError("give a suite file or --model/--text, not both (add the models to the suite file)")
         if args.seq_len is not None:
             raise TokendynError("--seq-len applies only with --model; set seq_len in the suite file's [eval] table")
-        return args.suite
-    from tokendyn.config.quick import quick_suite, write_generated
+        return args.suite, lambda: None
+    from tokendyn.config.quick import quick_suite, restore_generated, write_generated
     from tokendyn.config.suite import parse_suite
 
     seq_len = args.seq_len
@@ -165,9 +171,9 @@ def _suite_argument(args: argparse.Namespace) -> Path:
 
         draft = parse_suite(quick_suite(args.models, args.texts, 2), base=Path.cwd())
         seq_len = min(QUICK_SEQ_LEN, context_length(draft.models[0].checkpoints[0]) or QUICK_SEQ_LEN)
-    path = write_generated(args.out, quick_suite(args.models, args.texts, seq_len))
+    path, previous = write_generated(args.out, quick_suite(args.models, args.texts, seq_len))
     print(f"suite written: {path}")
-    return path
+    return path, lambda: restore_generated(path, previous)
 
 
 def parse_set_option(option: str, seq_len: int, seed: int = 0) -> list[EvalSet]:

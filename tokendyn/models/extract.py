@@ -195,7 +195,7 @@ def extract(
     suite = replace(suite, sets=tuple(suite.sets) + tuple(extra_sets))
     _check_unique_sets(suite)
     existing = _existing_attrs(out)
-    device, torch_dtype = _precision(out, existing, device, dtype, force)
+    device, torch_dtype = _precision(out, existing, device, dtype, force, progress)
     metrics = _parse_metrics(metrics, existing)
     store_dtype = store_dtype or existing.get("store_dtype", "float32")
     if store_dtype not in store.STORE_DTYPES:
@@ -620,7 +620,9 @@ def _parse_metrics(metrics: Iterable[str] | None, existing: dict) -> tuple[str, 
     return tuple(m for m in store.METRICS if m in metrics)
 
 
-def _precision(out: Path, existing: dict, device: str, dtype: str, force: bool) -> tuple[str, torch.dtype]:
+def _precision(
+    out: Path, existing: dict, device: str, dtype: str, force: bool, verbose: bool
+) -> tuple[str, torch.dtype]:
     """Device and dtype to score in. A store keeps the precision it was scored in (`PRECISION_ATTR`):
     auto stands for it, another dtype is refused unless `force` rescores every checkpoint."""
     recorded = existing.get(PRECISION_ATTR)
@@ -628,7 +630,8 @@ def _precision(out: Path, existing: dict, device: str, dtype: str, force: bool) 
         return hardware.choose(device, dtype)
     if hardware.canonical_dtype(dtype) == AUTO:
         chosen = hardware.choose(device, recorded, verbose=False)
-        print(f"tokendyn: running on {chosen[0]} in {recorded} (the precision of {out})", file=sys.stderr)
+        if verbose:
+            print(f"tokendyn: running on {chosen[0]} in {recorded} (the precision of {out})", file=sys.stderr)
         return chosen
     chosen = hardware.choose(device, dtype)
     if hardware.dtype_name(chosen[1]) != recorded:
