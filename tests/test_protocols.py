@@ -244,6 +244,14 @@ def test_generated_ids_scored_with_prompt_as_context(family_suites, tmp_path):
     np.testing.assert_allclose(ds.loss.values[0, 0], expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("key", ["token_ids", "context_ids"])
+def test_given_ids_beyond_the_tokenizer_are_a_one_line_error_before_any_store(tmp_path, tokenizer, key):
+    record = {"text": "ignored", "token_ids": [5, 6], key: [7, len(tokenizer)]}
+    (tmp_path / "gen.jsonl").write_text(json.dumps(record) + "\n")
+    with pytest.raises(TokendynError, match=f"set 'gen': document 0 has \"{key}\" with id {len(tokenizer)}, beyond"):
+        tokenize_set(EvalSet("gen", (tmp_path / "gen.jsonl",), seq_len=8), tokenizer)
+
+
 def test_the_printed_summary_keeps_long_set_names_apart_from_their_text(family_suites, tmp_path, capsys):
     root, _, _ = family_suites["opt"]
     long_name = "a-set-name-longer-than-the-column"

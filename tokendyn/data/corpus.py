@@ -363,6 +363,7 @@ def rolling_windows(length: int, start: int, seq_len: int, stride: int) -> list[
 def tokenize_set(spec: EvalSet, tokenizer, documents: list[Document] | None = None) -> ScoredSet:
     """Tokenize an evaluation set (documents read from its files unless given) and cut it into windows."""
     docs = read_documents(spec) if documents is None else documents
+    _check_given_ids(spec, docs, len(tokenizer))
     text_ids, offsets = _encode(docs, tokenizer)
     if spec.corrupt is not None:
         text_ids = [np.asarray(i) for i in corrupt_tokens(text_ids, spec.corrupt, spec.seed, tokenizer)]
@@ -444,6 +445,17 @@ def tokenize_set(spec: EvalSet, tokenizer, documents: list[Document] | None = No
         n_words,
         inserted,
     )
+
+
+def _check_given_ids(spec: EvalSet, docs: list[Document], n_vocab: int) -> None:
+    """Given token ids must name tokens of the suite's tokenizer (a larger id fails deep in the model)."""
+    for d, doc in enumerate(docs):
+        for key, given in (("token_ids", doc.token_ids), ("context_ids", doc.context_ids)):
+            if given and max(given) >= n_vocab:
+                raise TokendynError(
+                    f"set '{spec.name}': document {d} has \"{key}\" with id {max(given)}, beyond the "
+                    f"tokenizer's {n_vocab} tokens; give ids of the suite's tokenizer"
+                )
 
 
 def _encode(docs: list[Document], tokenizer) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
