@@ -75,7 +75,12 @@ def run(
         )
         + "."
     ]
-    if "step" in means.index:
+    if "step" in means.index and means.loc[["val_ppl", "step"], "spearman"].isna().any():
+        findings.append(
+            "Paper: a similar subset of tokens sees the largest loss drop at a given perplexity; not testable "
+            "here (no Spearman correlation at matched perplexity or step: too few shared levels or steps)."
+        )
+    elif "step" in means.index:
         higher = means.loc["val_ppl", "spearman"] > means.loc["step", "spearman"]
         findings.append(
             "Paper: a similar subset of tokens sees the largest loss drop at a given perplexity; measured here, the "

@@ -117,11 +117,15 @@ def run(
             f"not testable here (needs >= {MIN_CHECKPOINTS} done checkpoints in a model; the models have "
             f"{', '.join(str(n) for n in n_done.values())})"
         )
-    with_any = [m for m in models if shares.set_index("model").loc[m, "n_tokens"] > 0]
+    with_any = [m for m in testable if shares.set_index("model").loc[m, "n_tokens"] > 0]
+    testable_shares = shares.set_index("model").loc[testable, "percent"]
     findings = [
         f"Tokens that fall, rise and fall again by at least {tol} nats ({window}-checkpoint moving average): "
-        f"{listing(zip(shares.model, shares.percent), '{:.2f}%')}."
+        f"{listing(zip(testable_shares.index, testable_shares.to_numpy()), '{:.2f}%')}."
     ]
+    untestable = [m for m in models if m not in testable]
+    if untestable:  # a curve of fewer checkpoints cannot fall, rise and fall: its 0% says nothing
+        findings.append(f"Not testable in {', '.join(untestable)} (fewer than {MIN_CHECKPOINTS} done checkpoints).")
     tables = {"double_descent_share": shares}
     if not with_any:
         fig, (ax,) = new_figure(1)
@@ -152,9 +156,6 @@ def run(
     model_legend(fig, colors)
     fig.suptitle(f"{TITLE}: examples from {chosen} (bold), the token in [[ ]]")
 
-    untestable = [m for m in models if m not in testable]
-    if untestable:
-        findings.append(f"Not testable in {', '.join(untestable)} (fewer than {MIN_CHECKPOINTS} done checkpoints).")
     if len(models) > 1:
         values = shares.set_index("model").loc[testable, "percent"].to_numpy()
         holds = [direction(values) == 1] if len(testable) >= 2 else [None]

@@ -286,6 +286,9 @@ def run(
     ]
     for model, rows in per_model:
         change = rows["change"].dropna()
+        if rows["step_a"].iloc[0] == rows["step_b"].iloc[0]:
+            findings.append(f"{model}: one checkpoint only, so no change to show.")
+            continue
         if change.empty:
             continue
         low, high = rows.loc[change.idxmin()], rows.loc[change.idxmax()]
