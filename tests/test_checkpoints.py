@@ -199,8 +199,9 @@ def test_count_params_by_hand(ckpts):
         + f * h
         + h
     )  # MLP
-    nonembed = n * per_layer + (p + 2) * h + 2 * h  # + learned positions (OPT offsets them by 2), final norm
-    assert count_params(opt) == (nonembed + v * h, nonembed)
+    nonembed = n * per_layer + 2 * h  # + final norm; learned positions are embeddings too (Kaplan et al.'s N)
+    positions = (p + 2) * h  # OPT offsets them by 2
+    assert count_params(opt) == (nonembed + positions + v * h, nonembed)
 
 
 def test_max_context_and_dtypes(ckpts):

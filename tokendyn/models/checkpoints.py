@@ -360,8 +360,9 @@ def max_context(config: PretrainedConfig) -> int | None:
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
-    """(all parameters, parameters outside the input and output embeddings); tied weights count once."""
-    embeddings = [model.get_input_embeddings(), model.get_output_embeddings()]
+    """(all parameters, non-embedding parameters: Kaplan et al.'s N, without the token and learned
+    position embeddings and the output head); tied weights count once."""
+    embeddings = [model.get_output_embeddings(), *(m for m in model.modules() if isinstance(m, torch.nn.Embedding))]
     embedding_ids = {id(p) for module in embeddings if module is not None for p in module.parameters()}
     total = nonembedding = 0
     for parameter in model.parameters():  # yields a tied parameter once
