@@ -242,3 +242,19 @@ def test_a_store_keeps_its_precision(tmp_path, capsys):
     ds = tokendyn.open_store(out)
     assert ds.attrs["compute_dtype"] == "float32"
     assert not np.array_equal(ds.loss.values, tokendyn.open_store(reference).loss.values)
+
+
+def test_a_grown_store_names_the_sets_left_behind(tmp_path, capsys):
+    from tokendyn.cli import main
+    from tokendyn.config.suite import EvalSet
+
+    out = tmp_path / "s.zarr"
+    (tmp_path / "extra.txt").write_text("A cat sat on the mat. The lazy dog slept.")
+    extra = [EvalSet("extra", (tmp_path / "extra.txt",), seq_len=16)]
+    extract(write_suite(tmp_path, steps=(0,)), out, extra_sets=extra, progress=False)
+    extract(write_suite(tmp_path, steps=(0, 5)), out, progress=True)  # grown, without the set
+    assert "sets extra are not in this run" in capsys.readouterr().out
+    assert main(["info", str(out)]) == 0
+    assert "opt: 1/2 checkpoints done; missing steps 5 (rerun extract with this set" in capsys.readouterr().out
+    extract(write_suite(tmp_path, steps=(0, 5)), out, progress=True)  # nothing scored now: nothing to say
+    assert "not in this run" not in capsys.readouterr().out

@@ -48,6 +48,8 @@ def describe(path: Path) -> str:
         else:
             lines.append(f"set       {name}: {s.sizes['token']} scored tokens")
         lines += [f"refused   {reason}" for reason in s.attrs.get("refused", {}).values()]
+        if name != "main":
+            lines += _set_gaps(name, s.done.values, ds.step.values, ds.model.values)
     done = ds.done.values
     steps = ds.step.values
     for m, model in enumerate(ds.model.values):
@@ -74,6 +76,21 @@ def describe(path: Path) -> str:
         else "integrity every done checkpoint has its chunks; metadata consistent"
     )
     return "\n".join(lines)
+
+
+def _set_gaps(name: str, done: np.ndarray, steps: np.ndarray, models: np.ndarray) -> list[str]:
+    """A line per model whose checkpoints a named set lacks (e.g. a set added with --set, not extended when
+    the store grew; or scored with --every)."""
+    lines = []
+    for m, model in enumerate(models):
+        present = np.isfinite(steps[m])
+        missing = [int(step) for step in steps[m][present & ~done[m]]]
+        if missing:
+            lines.append(
+                f"{'':10}{model}: {int((present & done[m]).sum())}/{int(present.sum())} checkpoints done; "
+                f"missing steps {_short(missing)} (rerun extract with this set to fill them)"
+            )
+    return lines
 
 
 def _short(values: list[int], most: int = 8) -> str:

@@ -247,6 +247,16 @@ def extract(
             for c in range(len(spec.checkpoints))
         ]
         todo = [(m, c, names) for m, c, names in todo if names]
+        left_out = [
+            name
+            for name in store.list_sets(out)
+            if name not in sets and any(not store.is_done(root, name, m, c, rows) for m, c, _ in todo)
+        ]
+        if left_out and progress:
+            tqdm.write(
+                f"tokendyn: the store's sets {', '.join(left_out)} are not in this run, so the checkpoints scored "
+                "now stay missing in them (`tokendyn info` lists them); pass them again (--set, --pairs) to fill them"
+            )
         options = dict(
             metrics=metrics,
             batch_tokens=batch_tokens,
