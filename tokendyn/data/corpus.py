@@ -503,7 +503,7 @@ def _streams(spec: EvalSet, docs: list[Document], text_ids: list[np.ndarray], pr
 
 
 def _token_fields(docs: list[Document], offsets: list, doc: np.ndarray, offset: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-token values of span fields (the span holding the token's first character) and document fields."""
+    """Per-token values of span fields (the span holding the token's anchor, `_anchors`) and document fields."""
     out = {}
     span_keys = sorted({k for d in docs for s in d.spans for k in s if k not in ("start", "end")})
     for key in span_keys:
@@ -513,15 +513,27 @@ def _token_fields(docs: list[Document], offsets: list, doc: np.ndarray, offset: 
             rows = np.flatnonzero(doc == d)
             if offsets[d] is None:
                 continue
-            starts = offsets[d][offset[rows], 0]
+            anchors = _anchors(docs[d].text, offsets[d][offset[rows]])
             for span in docs[d].spans:
                 if key in span:
-                    values[rows[(starts >= span["start"]) & (starts < span["end"])]] = span[key]
+                    values[rows[(anchors >= span["start"]) & (anchors < span["end"])]] = span[key]
         out[key] = values
     for key in sorted({k for d in docs for k in d.fields}):
         per_doc = _field_array([d.fields.get(key, _missing_like(docs, key)) for d in docs])
         out[key] = per_doc[doc]
     return out
+
+
+def _anchors(text: str, token_offsets: np.ndarray) -> np.ndarray:
+    """The character of each (start, end) token that a span must hold for the token to count as inside it:
+    its first non-space character, or its first if it is all space. Byte-level BPE puts the space before
+    a word into the word's token (' cat' starts at the space), so a span over "cat" still holds ' cat'."""
+    starts, ends = token_offsets[:, 0], token_offsets[:, 1]
+    n = len(text)
+    positions = np.where([not c.isspace() for c in text], np.arange(n), n)
+    next_word = np.append(np.minimum.accumulate(positions[::-1])[::-1], n)  # first non-space at or after i
+    first = next_word[np.minimum(starts, n)]
+    return np.where(first < ends, first, starts)
 
 
 def _text_size(

@@ -5,7 +5,7 @@ of a JSONL written beside the store, with a character span over delimiter + opti
 field `in_option`) and the fields `item`, `option`, `answer`, `n_options`. `score_tasks` adds one
 evaluation set per task, named `task.<name>`, so results live in the store and resume like any
 set. An option's log-probability is minus the summed loss of its tokens (those whose first
-character lies in the span; a token that straddles the prompt/option boundary counts for the prompt).
+non-space character lies in the span; a token that straddles the prompt/option boundary counts for the prompt).
 """
 
 from __future__ import annotations
