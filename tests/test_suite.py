@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,7 +45,7 @@ def load_error(root: Path, text: str) -> str:
         load_suite(path)
     message = str(info.value)
     assert "\n" not in message
-    assert str(path) in message
+    assert message.count(f"{path}: ") == 1, message  # named once, not once per layer of parsing
     return message
 
 
@@ -145,7 +147,8 @@ def test_protocol_keys(root):
         'max_tokens = 6\nprefix = 2\ntext_field = "body"\n[[sets]]\nname = "p"\nkind = "pairs"\n'
         'files = ["data/pairs.jsonl"]\npacking = "document"\nbos = true\n'
     )
-    suite = load_suite(write(root, text))
+    with pytest.warns(UserWarning, match="key 'text_field' is ignored: it names the text field of .jsonl files only"):
+        suite = load_suite(write(root, text))
     assert (suite.eval.context, suite.eval.stride, suite.eval.prefix, suite.eval.split) == ("rolling", 4, "<s>", "line")
     x, p = suite.sets
     assert (x.context, x.max_tokens, x.prefix, x.text_field) == ("truncate", 6, 2, "body")
@@ -407,6 +410,37 @@ CASES = {
         'applies to kind = "text" sets only',
     ),
 }
+
+
+@pytest.mark.parametrize(
+    "keys, ignored",
+    [
+        ("max_tokens = 4", "'max_tokens' is ignored: only context = \"truncate\" reads it"),
+        (
+            'context = "truncate"\nstride = 4',
+            "'stride' is ignored: context = \"truncate\" scores one window per document",
+        ),
+        ('text_field = "body"', "'text_field' is ignored: it names the text field of .jsonl files only"),
+    ],
+)
+def test_keys_the_protocol_never_reads_are_warned_about(root, keys, ignored):
+    path = write(root, EVAL + keys + "\n" + LOCAL_MODEL)
+    with pytest.warns(UserWarning) as caught:
+        load_suite(path)
+    assert [str(w.message) for w in caught] == [f"{path}: [eval] key {ignored}; remove it or change the set"]
+
+
+def test_the_command_line_shows_a_warning_in_one_line(root):
+    path = write(root, EVAL + "max_tokens = 4\n" + LOCAL_MODEL)
+    command = "import sys; from tokendyn.cli import main; sys.exit(main(sys.argv[1:]))"
+    run = subprocess.run(
+        [sys.executable, "-c", command, "extract", str(path), "--out", str(root / "s.zarr"), "-q"],
+        capture_output=True,
+        text=True,
+    )
+    lines = run.stderr.splitlines()
+    assert f"tokendyn: warning: {path}: [eval] key 'max_tokens' is ignored" in lines[0], run.stderr
+    assert not any("warnings.warn" in line or "UserWarning" in line for line in lines), run.stderr
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

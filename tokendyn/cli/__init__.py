@@ -12,6 +12,7 @@ import gc
 import importlib
 import sys
 import traceback
+import warnings
 from typing import NoReturn
 
 from tokendyn import __version__
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:  # argparse would blame the top-level parser; the command's --help is the one to read
         args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    shown = warnings.formatwarning
+    if not args.debug:
+        warnings.formatwarning = _one_line_warning
     try:
         return args.func(args) or 0
     except TokendynError as err:
@@ -76,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"tokendyn: error: {os_error_message(err)}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = shown
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as a command-line user reads it: one line, without Python's source line (--debug keeps it)."""
+    return f"tokendyn: warning: {message}\n"
 
 
 def entry() -> NoReturn:

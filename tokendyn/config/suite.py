@@ -11,6 +11,7 @@ import difflib
 import glob
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -387,19 +388,41 @@ def _parse_set(t: _Table, base: Path, name: str | None, default_seq_len: int | N
     seq_len = t.positive("seq_len", int, default_seq_len if default_seq_len is not None else _REQUIRED)
     if seq_len < 2:
         t.fail("seq_len", f"{seq_len} leaves no token to predict; use at least 2")
+    max_sequences, seed, protocol = (
+        t.positive("max_sequences", int, None),
+        t.non_negative("seed", int, 0),
+        _protocol(t, kind),
+    )
+    _warn_unused(t, kind, files, protocol)
     try:
         return EvalSet(
             name=name,
             files=files,
             seq_len=seq_len,
-            max_sequences=t.positive("max_sequences", int, None),
+            max_sequences=max_sequences,
             kind=kind,
             corrupt=corrupt,
-            seed=t.non_negative("seed", int, 0),
-            **_protocol(t, kind),
+            seed=seed,
+            **protocol,
         )
-    except TokendynError as err:
+    except TokendynError as err:  # EvalSet's own checks name the set, not the table
         raise TokendynError(f"{t.where}: {err}") from None
+
+
+def _warn_unused(t: _Table, kind: str, files: tuple[Path, ...], protocol: dict) -> None:
+    """Warn about protocol keys this set's context or files never read (a warning, so that suites
+    written before keep loading)."""
+    context = protocol["context"]
+    unused = {
+        "max_tokens": context != "truncate" and 'only context = "truncate" reads it',
+        "stride": context in ("truncate", "packed") and f'context = "{context}" scores one window per document',
+        "split": (kind == "pairs" or all(f.suffix == ".jsonl" for f in files)) and "it splits .txt files only",
+        "text_field": (kind == "pairs" or all(f.suffix != ".jsonl" for f in files))
+        and "it names the text field of .jsonl files only",
+    }
+    for key, why in unused.items():
+        if key in t.data and why:
+            warnings.warn(f"{t.where} key '{key}' is ignored: {why}; remove it or change the set", stacklevel=4)
 
 
 def _protocol(t: _Table, kind: str) -> dict:
