@@ -58,7 +58,7 @@ def edit(suite: Path, old: str, new: str) -> None:
     "case, message",
     [
         ("missing_dir", "does not exist"),
-        ("seq_len", "exceeds the context"),
+        ("seq_len", "exceeds the context of model 'opt' (64 tokens); lower seq_len to at most 64 (the suite's"),
         ("empty", "has no documents"),
         ("not_utf8", "is not UTF-8"),
         ("other_corpus", "different evaluation corpus"),
@@ -66,6 +66,8 @@ def edit(suite: Path, old: str, new: str) -> None:
         ("metric", "unknown metric 'perplexity'"),
         ("dtype", "float8"),
         ("store_metrics", "holds metrics loss"),
+        ("missing_set_file", "nowhere.txt does not exist; fix the path (relative paths start at "),
+        ("tokenizer", "cannot load the tokenizer of [eval] tokenizer = org/nowhere: "),
     ],
 )
 def test_refused_and_store_untouched(capsys, workspace, case, message):
@@ -92,8 +94,16 @@ def test_refused_and_store_untouched(capsys, workspace, case, message):
         extra = ["--dtype", "float8"]
     elif case == "store_metrics":
         extra = ["--metrics", "loss,entropy"]
+    elif case == "missing_set_file":
+        extra = ["--set", "extra=nowhere.txt"]
+    elif case == "tokenizer":
+        edit(suite, "[eval]\n", '[eval]\ntokenizer = "org/nowhere"\n')
     err = run_error(capsys, suite, "--out", store, *extra)
     assert message in err
+    if case == "missing_set_file":
+        assert f"relative paths start at {Path.cwd()})" in err
+    if case == "tokenizer":
+        assert "check that path or hub id" in err
     assert digest(store) == before
 
 

@@ -472,7 +472,7 @@ def _parse_files(t: _Table, base: Path) -> tuple[Path, ...]:
             if not matches:
                 t.fail("files", f"pattern '{entry}' matches no file (relative to {base}); fix the pattern")
         elif not pattern.is_file():
-            t.fail("files", f"file {pattern} does not exist; fix the path (relative paths start at the TOML's folder)")
+            t.fail("files", f"file {pattern} does not exist; fix the path (relative paths start at {base})")
         else:
             matches = [pattern]
         for match in matches:

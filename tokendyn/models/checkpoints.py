@@ -204,10 +204,12 @@ def _load_tokenizer(source: str | Path, label: str, trust_remote_code: bool) -> 
             raise TokendynError(
                 f"the tokenizer of {label} ships its own code; rerun with --trust-remote-code if you trust it"
             ) from err
-        raise TokendynError(
-            f"cannot load the tokenizer of {label}: {_first_line(err)}; check its tokenizer "
-            "files, or set [eval] tokenizer in the suite TOML"
-        ) from err
+        fix = (
+            "check that path or hub id (a hub tokenizer is downloaded on first use, which needs the network once)"
+            if label.startswith("[eval] tokenizer")
+            else "check its tokenizer files, or set [eval] tokenizer in the suite TOML"
+        )
+        raise TokendynError(f"cannot load the tokenizer of {label}: {_first_line(err)}; {fix}") from err
 
 
 def _has_tokenizer(folder: Path) -> bool:

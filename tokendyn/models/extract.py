@@ -577,7 +577,7 @@ def _check_context(suite: Suite, seq_len: int, trust_remote_code: bool) -> None:
         if context is not None and seq_len > context:
             raise TokendynError(
                 f"seq_len {seq_len} exceeds the context of model '{spec.name}' ({context} tokens); "
-                f"lower seq_len in the suite TOML to at most {context}"
+                f"lower seq_len to at most {context} (the suite's [eval] seq_len, or --seq-len with --model)"
             )
 
 
