@@ -194,6 +194,17 @@ def test_chat_tokenizer_inserts_nothing_scored(tmp_path):
     assert summary["inserted"] == {} and summary["prefix"] == "none" and summary["unscored_first_tokens"] == 3
 
 
+def test_the_summary_counts_the_documents_reached_and_their_unscored_first_tokens(tmp_path, tokenizer):
+    path = tmp_path / "many.txt"
+    path.write_text("\n\n".join(f"Paragraph {i}: the cat sat on the mat." for i in range(20)))
+    common = dict(seq_len=8, split="paragraph", prefix="none")
+    scored = tokenize_set(EvalSet("main", (path,), max_sequences=5, **common), tokenizer)
+    cut, reached = scored.summary(64), len(set(scored.doc.tolist()))
+    assert cut["documents"] == reached < 20 and cut["unscored_first_tokens"] == reached
+    concat = tokenize_set(EvalSet("main", (path,), context="concat", **common), tokenizer).summary(64)
+    assert concat["documents"] == 20 and concat["unscored_first_tokens"] == 1  # only the stream's first token
+
+
 def test_every_token_of_a_multi_document_file_once(tmp_path, tokenizer):
     path = tmp_path / "many.txt"
     texts = [f"Paragraph {i}: " + "the cat sat on the mat. " * (i % 5 + 1) for i in range(12)]

@@ -116,11 +116,15 @@ class ScoredSet:
         batches = plan_batches(lengths, batch_tokens, batch_size=batch_size)
         padded = sum(len(rows) * int(lengths[rows].max()) for rows in batches)
         context = self.n_context
+        # documents up to the last one scored (max_sequences may stop early); the first token of each is
+        # unscored unless something precedes it (a prefix, a prompt, the previous document under concat)
+        reached = int(self.doc.max()) + 1 if len(self.doc) else 0
+        unscored_first = reached - len(np.unique(self.doc[self.offset == 0]))
         return {
             "context": self.params["context"],
             "seq_len": self.seq_len,
             "stride": self.params.get("stride"),
-            "documents": self.n_documents,
+            "documents": reached,
             "scored_tokens": self.n_tokens,
             "windows": len(self.windows),
             "positions": positions,
@@ -130,7 +134,7 @@ class ScoredSet:
             "median_context": float(np.median(context)) if len(context) else 0.0,
             "prefix": self.params["prefix_text"],
             "inserted": dict(self.inserted),
-            "unscored_first_tokens": self.params["unscored_first_tokens"],
+            "unscored_first_tokens": unscored_first,
             "bytes": self.n_bytes,
             "words": self.n_words,
             "batch_tokens": batch_tokens,
