@@ -35,7 +35,11 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run model code shipped with a hub checkpoint; only for code you trust",
     )
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="hide the progress bar and the protocol summary printed before scoring (as -q)",
+    )
     add_quiet(p)
 
 
@@ -49,7 +53,7 @@ def add_batch_options(p: argparse.ArgumentParser) -> None:
         metavar="N|auto",
         help="windows (sequences) per forward pass, at most, as lm-eval's --batch-size; auto: the most that "
         "fit in memory (free GPU memory on CUDA, else available RAM, beside the weights; the choice and "
-        "its reason are printed); the alternative to --batch-tokens (the scores do not depend on either)",
+        "its reason are printed, unless -q); the alternative to --batch-tokens (the scores do not depend on either)",
     )
     group.add_argument(
         "--batch-tokens",
@@ -91,7 +95,9 @@ window = whole_number(2)  # a window of one position predicts nothing
 def add_quiet(p: argparse.ArgumentParser) -> None:
     """-q/--quiet: no progress bar (as analyze and report had it); results and errors are still printed."""
     if not any("--quiet" in action.option_strings for action in p._actions):
-        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        p.add_argument(
+            "-q", "--quiet", action="store_true", help="no progress bar (nor, where there is one, the protocol summary)"
+        )
 
 
 def model_options(args: argparse.Namespace) -> dict:
