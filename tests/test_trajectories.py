@@ -41,6 +41,8 @@ def test_x_axes(planted):
     flops = 6 * ds["n_params"].values[:, None] * steps * TOKENS_PER_STEP
     np.testing.assert_allclose(x_axis(ds, "flops").values, flops)
     np.testing.assert_allclose(x_axis(ds, "flops", params="n_params_nonembed").values, flops / 2)
+    assert x_axis(ds, "flops").attrs == {"long_name": "training compute, 6 N D", "units": "FLOP", "params": "n_params"}
+    assert all(x_axis(ds, a).attrs["long_name"] for a in ("step", "tokens_seen", "val_ppl"))
     with pytest.raises(TokendynError, match="unknown x axis"):
         x_axis(ds, "epochs")
 

@@ -107,6 +107,11 @@ def test_step_zero_is_left_out_of_log_step_fits(tmp_path):
     ppl = np.exp(np.array([3.0, 2.0, 1.5, 1.2]))
     ref = scipy.stats.linregress(np.log([10, 20, 30, 40]), ppl / ppl[0])
     assert float(fit["slope"][0, 0]) == pytest.approx(ref.slope)  # (model, token)
+    assert float(fit["pvalue"][0, 0]) == pytest.approx(ref.pvalue) and float(fit["stderr"][0, 0]) == pytest.approx(
+        ref.stderr
+    )
+    assert fit.attrs == {"x": "log_step", "start": 0.0} and "nats" not in str(fit["slope"].attrs)
+    assert fit["slope"].attrs["long_name"].startswith("slope of ppl_i / ppl_first against log_step")
     fit_index = trend_fit(ds, start=0.0, x="index")
     ppl0 = np.exp(np.array([9.0, 3.0, 2.0, 1.5, 1.2]))
     ref_index = scipy.stats.linregress(np.arange(5.0), ppl0 / ppl0[0])

@@ -154,6 +154,14 @@ def valid_tokens(ds: xr.Dataset) -> xr.DataArray:
 # --- x axes ----------------------------------------------------------------------------------------
 
 
+AXIS_ATTRS = {  # long_name, units of each x axis
+    "step": ("training step", "steps"),
+    "tokens_seen": ("tokens seen in training", "tokens"),
+    "val_ppl": ("validation perplexity of the main set", "1"),
+    "flops": ("training compute, 6 N D", "FLOP"),
+}
+
+
 def x_axis(ds: xr.Dataset, axis: str = "step", params: str = "n_params") -> xr.DataArray:
     """Values of an x axis per (model, ckpt).
 
@@ -173,7 +181,11 @@ def x_axis(ds: xr.Dataset, axis: str = "step", params: str = "n_params") -> xr.D
         raise TokendynError(
             f"the store has no tokens_seen values, so no {axis!r} axis; set tokens_per_step in the suite and re-extract"
         )
-    return values.rename(axis)
+    values = values.rename(axis)
+    values.attrs = {"long_name": AXIS_ATTRS[axis][0], "units": AXIS_ATTRS[axis][1]}
+    if axis == "flops":
+        values.attrs["params"] = params
+    return values
 
 
 def _envelope(ppl: np.ndarray) -> np.ndarray:

@@ -324,6 +324,13 @@ def trend_categories(
     )
 
 
+FIT_NAMES = {
+    "slope": "slope of ppl_i / ppl_first against {x} in the trend window",
+    "stderr": "standard error of that slope",
+    "pvalue": "two-sided p-value of the slope (n - 2 degrees of freedom)",
+}
+
+
 def trend_fit(ds: xr.Dataset, start: float = 0.2, x: str = "log_step", chunk_mb: float = CHUNK_MB) -> xr.Dataset:
     """Slope, standard error and p-value of every token's fit ppl_i/ppl_j = a + b x_i: (model, token).
 
@@ -357,6 +364,9 @@ def trend_fit(ds: xr.Dataset, start: float = 0.2, x: str = "log_step", chunk_mb:
             dask_gufunc_kwargs={"output_sizes": {"stat": 3}},
         )
         per_model.append(stats.to_dataset("stat").rename({0: "slope", 1: "stderr", 2: "pvalue"}))
-    return (
-        xr.concat(per_model, dim="model").assign_coords(model=ds["model"].values, start=start).where(valid_tokens(ds))
-    )
+    fits = xr.concat(per_model, dim="model").assign_coords(model=ds["model"].values, start=start)
+    fits = fits.where(valid_tokens(ds))
+    fits.attrs = {"x": x, "start": start}  # not the loss's attributes: these are slopes, not nats
+    for name, long_name in FIT_NAMES.items():
+        fits[name].attrs = {"long_name": long_name.format(x=x), "units": "1"}
+    return fits
