@@ -91,6 +91,12 @@ def test_eta_scales_the_remaining_estimates_by_the_measured_rate():
     steps.skip("b")  # a skipped phase costs nothing and does not change the rate
     assert steps.eta() == pytest.approx(2 * 60.0)
     assert steps.status == {"a": "ran", "b": "skipped"}
+    short = demo.Progress({"imports": 1.0, "rest": 300.0}, show=False, clock=lambda: now[0])
+    now[0] = 0.0
+    short.start("imports")
+    now[0] = 40.0  # a short phase taking 40x its estimate (the first torch import on a busy machine)
+    short.finish("imports")
+    assert short.eta() == 300.0  # does not scale the long phases
 
 
 def test_phase_finished_without_start_is_an_error():

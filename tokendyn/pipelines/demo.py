@@ -245,11 +245,17 @@ def analyze_seconds(studies: float, n_figures: int, workers: int) -> float:
     return max(studies, figures) if workers > 1 else studies + figures
 
 
+RATED_SECONDS = 10.0  # phases estimated shorter than this do not set the ETA's rate (see Progress)
+
+
 class Progress:
     """Prints each phase as it starts (or is skipped) with the ETA of the whole demo.
 
     The ETA is the sum of the remaining phases' estimates, scaled by how long the phases run so
-    far took against their estimates (so a slow or busy machine gets a longer ETA).
+    far took against their estimates (so a slow or busy machine gets a longer ETA). Only phases
+    estimated at RATED_SECONDS or more set that rate: a phase of a second or two is mostly fixed
+    costs (the first import of torch), and 40 s against an estimate of 1 s once put the ETA at
+    114 minutes for an 8-minute run.
     """
 
     def __init__(self, costs: dict[str, float], show: bool = True, clock: Callable[[], float] = time.perf_counter):
@@ -264,7 +270,7 @@ class Progress:
 
     def rate(self) -> float:
         """Measured seconds per estimated second (1 until a phase with a real cost has run)."""
-        return self.measured_done / self.estimated_done if self.estimated_done > 1.0 else 1.0
+        return self.measured_done / self.estimated_done if self.estimated_done else 1.0
 
     def eta(self) -> float:
         """Seconds left: the phases not finished, at the measured rate."""
@@ -284,8 +290,9 @@ class Progress:
         if started_name != name:
             raise RuntimeError(f"phase {name} finished without starting")
         self.seconds[name] = (self.clock() - started_at, cpu_seconds() - started_cpu)
-        self.measured_done += self.seconds[name][0]
-        self.estimated_done += self.costs[name]
+        if self.costs[name] >= RATED_SECONDS:
+            self.measured_done += self.seconds[name][0]
+            self.estimated_done += self.costs[name]
         self.status[name] = "ran"
         self._started = None
 
