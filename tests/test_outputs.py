@@ -219,3 +219,13 @@ def test_analyze_and_report_only_read_the_store(small_store, tmp_path):
     assert main(["report", str(small_store), "--out", str(tmp_path / "r"), "--quiet"]) == 0
     assert snapshot(small_store) == before
     assert {p: p.stat().st_mtime_ns for p in small_store.rglob("*")} == mtimes
+
+
+@pytest.mark.parametrize("command", ["analyze", "report"])
+def test_a_damaged_store_is_analysed_with_a_warning(small_store, tmp_path, capsys, command):
+    assert main([command, str(small_store), "--quiet", "--studies", "perplexity"]) == 0
+    assert "integrity problem" not in capsys.readouterr().err
+    next(p for p in sorted((small_store / "loss" / "c").rglob("*")) if p.is_file()).unlink()
+    assert main([command, str(small_store), "--quiet", "--studies", "perplexity"]) == 0
+    err = capsys.readouterr().err
+    assert f"tokendyn: warning: {small_store} has 1 integrity problem(s)" in err and "tokendyn verify" in err, err

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from tokendyn.cli.memory import return_freed_memory
-from tokendyn.cli.options import add_quiet
+from tokendyn.cli.options import add_quiet, warn_if_damaged
 
 # option dest -> the (study, parameter) pairs it sets; the first one's default is shown in --help
 STUDY_OPTIONS = {
@@ -180,6 +180,7 @@ def run(args: argparse.Namespace) -> None:
     from tokendyn.store import open_store
 
     return_freed_memory()  # the peak stays flat in the number of tokens (tokendyn.cli.memory)
+    warn_if_damaged(args.store)
     ds = open_store(args.store, set=args.set)
     folder = args.out or default_folder(args.store, args.set)
     lines = analyze(ds, folder, study_options(args), only=args.studies, progress=not args.quiet)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from tokendyn.data.corpus import DEFAULT_BATCH_TOKENS
 
@@ -109,3 +111,16 @@ def model_options(args: argparse.Namespace) -> dict:
         trust_remote_code=args.trust_remote_code,
         progress=not (args.no_progress or args.quiet),
     )
+
+
+def warn_if_damaged(store: Path) -> None:
+    """Analyses of a store that `tokendyn verify` rejects run, but their findings may rest on missing data: say so."""
+    from tokendyn.store import verify, verify_summary
+
+    problems = verify(store)
+    if problems:
+        print(
+            f"tokendyn: warning: {store} has {len(problems)} integrity problem(s) ({verify_summary(problems)}), so "
+            f"findings may rest on missing values; see `tokendyn verify {store}`",
+            file=sys.stderr,
+        )

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tokendyn.cli.analyze import StudyDefaults, add_study_options, comma_list, study_options
 from tokendyn.cli.memory import return_freed_memory
-from tokendyn.cli.options import add_quiet
+from tokendyn.cli.options import add_quiet, warn_if_damaged
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> None:
     from tokendyn.pipelines.report import write_report
 
     return_freed_memory()  # as `tokendyn analyze`: the studies' peak stays flat in the number of tokens
+    warn_if_damaged(args.store)
     index = write_report(
         args.store, args.out, studies=args.studies, options=study_options(args), progress=not args.quiet, echo=print
     )
