@@ -237,7 +237,7 @@ def _read_text(path: Path) -> str:
     if not path.is_file():
         raise TokendynError(f"file {path} does not exist; fix the path (in the suite TOML or the command)")
     try:
-        return path.read_bytes().decode("utf-8")
+        return path.read_bytes().decode("utf-8-sig")  # a byte-order mark is not text (it was scored as 3 tokens)
     except UnicodeDecodeError as err:
         raise TokendynError(f"file {path} is not UTF-8 (byte {err.start}); re-encode it as UTF-8") from None
 
