@@ -133,7 +133,7 @@ def test_a_byte_order_mark_is_not_scored(tmp_path, tokenizer):
     text = "Alice was born in Paris.\n"
     (tmp_path / "plain.txt").write_text(text, encoding="utf-8")
     (tmp_path / "bom.txt").write_text(text, encoding="utf-8-sig")
-    (tmp_path / "bom.jsonl").write_text(json.dumps({"text": text}) + "\n", encoding="utf-8-sig")
+    (tmp_path / "bom.jsonl").write_text(json.dumps({"text": text.strip()}) + "\n", encoding="utf-8-sig")
     plain, bom, jsonl = (
         tokenize_set(EvalSet(name="main", files=(tmp_path / name,), seq_len=32), tokenizer).token_id.tolist()
         for name in ("plain.txt", "bom.txt", "bom.jsonl")
