@@ -30,6 +30,7 @@ from tokendyn.cli import main
 from tokendyn.store import verify, writer_lock
 from tokendyn.store.integrity import consolidate as reconsolidate
 from tokendyn.store.passuntil import list_tasks
+from tokendyn.store.read import _opened
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,6 +139,144 @@ def test_all_nan_done_checkpoint_is_recomputed(work):
     with pytest.warns(UserWarning, match="repaired"):
         assert main(extract(work)) == 0
     np.testing.assert_allclose(values(store), before, rtol=1e-6)
+
+
+def garble(file: Path, text: str = "garbage") -> None:
+    file.write_text(text)
+
+
+@pytest.mark.parametrize("damaged", ["loss/c/0/1/0", "done/c/0/1", "val_ppl/c/0/1", "weights_hash/c/0/1"])
+def test_unreadable_chunk_of_a_done_checkpoint_is_found_and_recomputed(capsys, work, damaged):
+    store = work / "s.zarr"
+    before = {name: values(store, name) for name in ("loss", "val_ppl", "weights_hash")}
+    garble(store / damaged)
+    capsys.readouterr()
+    assert main(["verify", str(store)]) == 1  # was: a zstd RuntimeError traceback
+    out = capsys.readouterr().out
+    assert f"{store}/{damaged}: " in out and "unreadable" in out and "rerun the extract command" in out
+    if not damaged.startswith("loss"):  # info reads the per-checkpoint variables: one line naming the file
+        _opened.cache_clear()  # as in a new process: the chunk changed, the metadata that keys the cache did not
+        assert f"{store}/{damaged} is unreadable" in one_line_error(capsys, ["info", str(store)])
+    with pytest.warns(UserWarning, match="repaired"):
+        assert main(extract(work)) == 0  # was: the same traceback; now the checkpoint is recomputed
+    for name, value in before.items():
+        if value.dtype.kind == "f":
+            np.testing.assert_allclose(values(store, name), value, rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(values(store, name), value)
+    assert verify(store, full=True) == []
+
+
+def test_unreadable_array_metadata_is_restored(capsys, work):
+    store = work / "s.zarr"
+    before = values(store)
+    garble(store / "loss" / "zarr.json", '{"broken')
+    problems = verify(store, full=True)  # was: a JSONDecodeError traceback
+    assert [str(p) for p in problems] == ["loss: zarr.json is not readable JSON"]
+    assert main(["info", str(store)]) == 0
+    assert "loss: zarr.json is not readable JSON" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="repaired"):
+        assert main(extract(work)) == 0
+    np.testing.assert_array_equal(values(store), before)
+    assert verify(store, full=True) == []
+
+
+def test_unreadable_root_metadata_is_one_line_everywhere(capsys, work):
+    store = work / "s.zarr"
+    garble(store / "zarr.json", '{"broken')
+    before = snapshot(store)
+    for argv in (
+        ["info", str(store)],
+        ["verify", str(store)],
+        ["analyze", str(store), "--out", str(work / "results")],
+        extract(work),
+    ):
+        assert f"{store / 'zarr.json'} is unreadable" in one_line_error(capsys, argv), argv
+    assert snapshot(store) == before
+
+
+def test_unreadable_coordinate_chunk_is_reported_and_refused(capsys, work):
+    store = work / "s.zarr"
+    garble(store / "token_id" / "c" / "0")  # an integer coordinate, written once: no rerun recomputes it
+    problems = verify(store, full=True)
+    assert [p.node for p in problems] == ["token_id/c/0"] and not problems[0].repairable
+    before = snapshot(store)
+    assert "token_id/c/0: chunk file is unreadable" in one_line_error(capsys, extract(work))
+    assert snapshot(store) == before
+
+
+def test_set_without_its_zarr_json_is_refused_not_rescored(capsys, work):
+    store = work / "s.zarr"
+    assert main(extract(work, "--set", f"extra={work / 'extra.txt'}")) == 0
+    (store / "sets" / "extra" / "zarr.json").unlink()
+    root = json.loads((store / "zarr.json").read_text())
+    root["consolidated_metadata"] = None  # nothing to restore it from
+    (store / "zarr.json").write_text(json.dumps(root))
+    problems = verify(store)
+    assert [p.node for p in problems] == ["sets/extra"] and not problems[0].repairable  # was: "sound"
+    before = snapshot(store / "sets" / "extra")
+    err = one_line_error(capsys, extract(work, "--set", f"extra={work / 'extra.txt'}"))
+    assert "sets/extra: zarr.json is missing" in err and "done checkpoints" in err
+    assert snapshot(store / "sets" / "extra") == before  # was: rebuilt, every done checkpoint rescored
+
+
+@pytest.mark.parametrize("coordinate", ["val_ppl", "bits_per_byte", "word_ppl", "weights_hash"])
+def test_lost_checkpoint_coordinate_is_found_and_recomputed(capsys, work, coordinate):
+    store = work / "s.zarr"
+    before = values(store, coordinate)
+    (store / coordinate / "c" / "0" / "1").unlink()
+    capsys.readouterr()
+    assert main(["verify", str(store)]) == 1  # was: "sound", and info showed NaN for a done checkpoint
+    assert f"lack chunks of '{coordinate}'" in capsys.readouterr().out
+    with pytest.warns(UserWarning, match="repaired"):
+        assert main(extract(work)) == 0
+    if before.dtype.kind == "f":
+        np.testing.assert_allclose(values(store, coordinate), before, rtol=1e-6)
+    else:
+        np.testing.assert_array_equal(values(store, coordinate), before)
+    assert verify(store, full=True) == []
+
+
+def test_shapes_disagreeing_with_consolidated_metadata_are_reported(capsys, work):
+    store = work / "s.zarr"
+    for name in ("done", "loss"):  # as a store grow killed after resizing these arrays leaves them
+        array = zarr.open_array(store / name, mode="r+")
+        array.resize((array.shape[0], 3, *array.shape[2:]))
+    capsys.readouterr()
+    assert main(["verify", str(store)]) == 1  # was: "metadata consistent"
+    out = capsys.readouterr().out
+    assert "done: own metadata disagrees with the consolidated metadata: shape (1, 3) on disk, (1, 2)" in out
+    assert "a store grow was interrupted" in out and "rerun the extract command" in out
+
+
+def test_writer_lock_is_taken_on_the_resolved_path(capsys, work):
+    (work / "link.zarr").symlink_to(work / "s.zarr")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from tokendyn.store import writer_lock\n"
+            "with writer_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)",
+            str(work / "link.zarr"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert f"process {holder.pid}" in one_line_error(capsys, extract(work, "--force"))  # was: both ran
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_out_that_is_a_file_is_refused(capsys, work):
+    (work / "afile").write_text("mine")
+    before = sorted(p.name for p in work.iterdir())
+    assert "afile is a file, not a store folder" in one_line_error(capsys, extract(work, out="afile"))
+    assert sorted(p.name for p in work.iterdir()) == before  # was: a .afile.lock left behind
+    assert (work / "afile").read_text() == "mine"
 
 
 # --- numbers checked before "done" -------------------------------------------------------------------------

@@ -229,3 +229,14 @@ def test_a_damaged_store_is_analysed_with_a_warning(small_store, tmp_path, capsy
     assert main([command, str(small_store), "--quiet", "--studies", "perplexity"]) == 0
     err = capsys.readouterr().err
     assert f"tokendyn: warning: {small_store} has 1 integrity problem(s)" in err and "tokendyn verify" in err, err
+
+
+def test_an_unreadable_chunk_is_a_one_line_error_naming_it(small_store, tmp_path, capsys):
+    chunk = next(p for p in sorted((small_store / "loss" / "c").rglob("*")) if p.is_file())
+    chunk.write_bytes(b"garbage")
+    assert (
+        main(["analyze", str(small_store), "--out", str(tmp_path / "out"), "--quiet", "--studies", "perplexity"]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"chunk file {chunk} is unreadable" in err[-1] and f"tokendyn verify {small_store}`" in err[-1], err
+    assert "Traceback" not in "\n".join(err)

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import numcodecs
 import numpy as np
 
+from tokendyn.errors import TokendynError
+
 if TYPE_CHECKING:
     import dask.array as da
 
@@ -86,8 +88,15 @@ def _read_chunk(
     except FileNotFoundError:
         return np.full(tuple(s.stop for s in part), fill, dtype)
     values = np.empty(chunk, dtype)
-    if zstd:
-        ZSTD.decode(raw, out=values)
-    else:
-        values.reshape(-1)[:] = np.frombuffer(raw, dtype)
+    try:
+        if zstd:
+            ZSTD.decode(raw, out=values)
+        else:
+            values.reshape(-1)[:] = np.frombuffer(raw, dtype)
+    except Exception as err:  # noqa: BLE001  (codecs raise assorted types for a damaged file)
+        store = min((p for p in path.parents if (p / "zarr.json").is_file()), key=lambda p: len(p.parts))
+        raise TokendynError(
+            f"chunk file {path} is unreadable ({str(err).splitlines()[0][:80] or type(err).__name__}); "
+            f"run `tokendyn verify {store}`, then rerun extract to recompute it"
+        ) from None
     return values[part]

@@ -5,8 +5,8 @@ distributed extraction) holds `writer_lock(store)` for as long as it writes. Rea
 The lock is an operating-system lock (`filelock`, fcntl on Unix): a process killed by SIGKILL
 releases it, so a stale lock never blocks a rerun. Its holder writes its host and pid beside it so
 that a second writer can say who holds the store. The lock file lives beside the store
-(`.NAME.lock` next to `NAME`), so that it can be taken before the store exists and covers its
-creation.
+(`.NAME.lock` next to `NAME`, the store's path resolved: the same lock whatever symlink leads to the
+store), so that it can be taken before the store exists and covers its creation.
 """
 
 from __future__ import annotations
@@ -39,26 +39,28 @@ def writer_lock(store: str | Path) -> Iterator[None]:
     Does not wait: a second writer fails at once, naming the holder, instead of queueing behind a run
     that may take days. Reentrant within a process (`passuntil` holds it while calling `extract`).
     """
-    folder = Path(store)
-    key = (os.getpid(), folder.resolve())
+    folder = Path(store).resolve()  # a store reached through a symlink has one lock, beside the real folder
+    key = (os.getpid(), folder)
     if key in _HELD:
         yield
         return
+    if folder.exists() and not folder.is_dir():
+        raise TokendynError(f"{store} is a file, not a store folder; choose another --out")
     lock = filelock.FileLock(lock_path(folder), timeout=0)
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     except filelock.Timeout:
         raise TokendynError(
-            f"store {folder} is being written by {_holder(folder)}; wait for that run to finish (or stop it) and rerun"
+            f"store {store} is being written by {_holder(folder)}; wait for that run to finish (or stop it) and rerun"
         ) from None
     except OSError as err:
         if folder.is_dir():
             raise TokendynError(
-                f"cannot write into store {folder} ({err.strerror}); it is read-only or not yours: "
+                f"cannot write into store {store} ({err.strerror}); it is read-only or not yours: "
                 "copy it somewhere writable to extend it"
             ) from None
-        raise TokendynError(f"cannot write the store at {folder} ({err.strerror}); choose a writable --out") from None
+        raise TokendynError(f"cannot write the store at {store} ({err.strerror}); choose a writable --out") from None
     _HELD.add(key)
     try:
         _write_holder(folder)

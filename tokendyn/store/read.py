@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, NoReturn
 
 import numpy as np
 import xarray as xr
@@ -13,7 +13,11 @@ import zarr
 
 from tokendyn.errors import TokendynError
 from tokendyn.store.chunks import chunk_files
+from tokendyn.store.integrity import root_document, unreadable_chunk
 from tokendyn.store.layout import FORMAT_VERSION, MAIN_COORDS, METRICS, SETS_GROUP, TOKEN_DIMS, set_path
+
+if TYPE_CHECKING:
+    import dask.array as da
 
 
 def list_sets(path: str | Path) -> list[str]:
@@ -61,11 +65,14 @@ def _opened(path: str, set: str, stamp: tuple[int, int] | None) -> xr.Dataset:
     # built-in demo's report, most of the time spent reading its small sets). They are read once
     # here, without dask (one read per variable), for as long as the store's metadata is unchanged.
     small = [name for name, variable in ds.variables.items() if not any(d in TOKEN_DIMS for d in variable.dims)]
-    ds.update(xr.open_zarr(path, group=set_path(set) or None, chunks=None)[small].load())
+    try:
+        ds.update(xr.open_zarr(path, group=set_path(set) or None, chunks=None)[small].load())
+    except Exception as err:  # codecs raise assorted exception types on a damaged chunk: name the file
+        _raise_unreadable(Path(path) / set_path(set), small, err)
     # The per-token metrics (loss, ...) are most of every read: their chunk files are read directly
     # (`tokendyn.store.chunks`), without zarr's per-chunk overhead, where the layout allows.
     for name in METRICS:
-        array = chunk_files(Path(path) / set_path(set) / name) if name in ds.data_vars else None
+        array = _chunk_files(Path(path) / set_path(set) / name) if name in ds.data_vars else None
         if array is not None and array.chunks == ds[name].data.chunks and array.dtype == ds[name].dtype:
             ds[name] = ds[name].copy(data=array)
     if set != "main":
@@ -73,6 +80,27 @@ def _opened(path: str, set: str, stamp: tuple[int, int] | None) -> xr.Dataset:
         ds = ds.assign_coords({name: main[name] for name in MAIN_COORDS if name in main.variables})
     ds.attrs["tokendyn_set"] = set
     return ds
+
+
+def _chunk_files(folder: Path) -> da.Array | None:
+    """`chunk_files`, or None (zarr's reader, from the consolidated metadata) when the array's own
+    zarr.json is unreadable: `tokendyn verify` reports it and a writer restores it."""
+    try:
+        return chunk_files(folder)
+    except (OSError, ValueError):
+        return None
+
+
+def _raise_unreadable(group: Path, names: Iterable[str], err: Exception) -> NoReturn:
+    """A one-line error naming the first unreadable chunk of the arrays `names` of `group`, else `err` again."""
+    for name in names:
+        bad = unreadable_chunk(group / name)
+        if bad is not None:
+            raise TokendynError(
+                f"store file {bad[0]} is unreadable ({bad[1]}); `tokendyn verify` lists every damaged file "
+                "and rerunning the extract command repairs the store"
+            ) from err
+    raise err
 
 
 def read_attrs(path: str | Path) -> dict:
@@ -85,6 +113,7 @@ def open_group(path: str | Path, mode: Literal["r", "r+"]) -> zarr.Group:
     path = Path(path)
     if not (path / "zarr.json").is_file():
         raise TokendynError(f"{path} is not a tokendyn store (no zarr.json); create it with `tokendyn extract`")
+    root_document(path)  # a one-line error if it is unreadable
     root = zarr.open_group(path, mode=mode)
     if "tokendyn_version" not in root.attrs:
         raise TokendynError(f"{path} is a Zarr store but not a tokendyn store; pass a store made by `tokendyn extract`")

@@ -70,7 +70,7 @@ def prepare(
             zarr.open_group(path, mode="r+", use_consolidated=False).require_group(SETS_GROUP)
         if not folder.exists() or (name == "main" and not (folder / "zarr.json").is_file()):
             create_atomically(folder, build)
-        elif not (folder / "zarr.json").is_file() or _missing_nodes(folder, templates[name]):
+        elif _missing_nodes(folder, templates[name]):  # raises for a set holding done checkpoints
             replace_atomically(folder, build)
     root = zarr.open_group(path, mode="r+", use_consolidated=False)
     consolidate(root)
@@ -123,7 +123,9 @@ def _missing_nodes(folder: Path, template: xr.Dataset) -> list[str]:
     one-line error, never rebuilt.
     """
     missing = [name for name in template.variables if not (folder / str(name) / "zarr.json").is_file()]
-    if (folder / "zarr.json").is_file() and "corpus_fingerprint" not in _attributes(folder):
+    if not (folder / "zarr.json").is_file():
+        missing.append("its zarr.json (the set's attributes)")
+    elif "corpus_fingerprint" not in _attributes(folder):
         missing.append("attributes")
     if (
         missing
@@ -131,7 +133,7 @@ def _missing_nodes(folder: Path, template: xr.Dataset) -> list[str]:
         and np.asarray(zarr.open_array(folder / "done", mode="r")[...]).any()
     ):
         raise TokendynError(
-            f"store {folder} has done checkpoints but lacks {', '.join(missing)}; "
+            f"store {folder} has done checkpoints but lacks {', '.join(map(str, missing))}; "
             f"run `tokendyn verify` on it and write to a new --out"
         )
     return missing
@@ -165,13 +167,17 @@ def up_to_date(path: Path, layout: Layout, sets: dict[str, ScoredSet]) -> bool:
             np.asarray(root[set_path(name)]["done"][...] if name != "main" else root["done"][...])[present].all()
             for name in sets
         )
-    except KeyError:  # a half-made or damaged store: the writer repairs it
+    except TokendynError:  # a store made for other models, text or options
+        raise
+    except Exception:  # a half-made store (KeyError) or a damaged chunk (codecs raise assorted types): repaired
         return False
-    return complete and not verify(path, sample=True)
+    return complete and not verify(path, full=True)  # every chunk, as the writer's repair reads them
 
 
 def _check_writable(path: Path) -> None:
     parent = path.parent if path.parent != Path("") else Path(".")
+    if path.exists() and not path.is_dir():
+        raise TokendynError(f"{path} is a file, not a store folder; choose another --out")
     if path.exists() and any(path.iterdir()):
         raise TokendynError(f"{path} exists and is not a tokendyn store; choose another --out")
     try:
