@@ -26,7 +26,16 @@ from tokendyn.data.corpus import ScoredSet
 from tokendyn.errors import TokendynError
 from tokendyn.store.atomic import create_atomically, replace_atomically
 from tokendyn.store.integrity import verify
-from tokendyn.store.layout import FORMAT_VERSION, METRICS, PER_BYTE_COORDS, SETS_GROUP, Layout, set_path, token_chunk
+from tokendyn.store.layout import (
+    FORMAT_VERSION,
+    METRICS,
+    PER_BYTE_COORDS,
+    SET_NAMES,
+    SETS_GROUP,
+    Layout,
+    set_path,
+    token_chunk,
+)
 from tokendyn.store.read import list_sets, open_group
 
 
@@ -223,6 +232,20 @@ def _check_compatible(path: Path, root: zarr.Group, layout: Layout, sets: dict[s
             )
         if group.attrs["corpus_fingerprint"] != packed.fingerprint:
             raise TokendynError(f"store {path} was made from a different {what}; write to a new --out")
+        stored_fields = set(group.array_keys()) - SET_NAMES
+        if stored_fields != set(packed.token_fields):  # the text is the same, its document or span fields are not
+            gained, lost = (
+                sorted(set(packed.token_fields) - stored_fields),
+                sorted(stored_fields - set(packed.token_fields)),
+            )
+            change = "; ".join(
+                [f"gained field(s) {', '.join(gained)}"] * bool(gained)
+                + [f"lost field(s) {', '.join(lost)}"] * bool(lost)
+            )
+            raise TokendynError(
+                f"store {path} was made from the same {what} with other fields (the files {change}); "
+                "write to a new --out to keep them, or restore the files' fields"
+            )
 
 
 def _root_attrs(layout: Layout, version: str) -> dict:
