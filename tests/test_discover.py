@@ -160,6 +160,8 @@ def test_extract_one_model_without_a_toml(tmp_path, capsys):
     reference = tmp_path / "ref.zarr"
     assert main(["extract", str(generated), "--out", str(reference), "--quiet"]) == 0
     assert capsys.readouterr().err == ""  # no progress bar
+    assert main(["extract", str(generated), "--out", str(reference), "--quiet"]) == 0
+    assert "store up to date, nothing to score: " in capsys.readouterr().out
     np.testing.assert_array_equal(ds.loss.values, xr.open_zarr(reference).loss.values)
 
     # A single checkpoint folder, a hub id that is not cached, and a suite file that tokendyn did not write.

@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> None:
         seq_len = load_suite(suite).eval.seq_len
         extra_sets += [s for option in args.sets for s in parse_set_option(option, seq_len, args.corrupt_seed)]
         extra_sets += [parse_pairs_option(option, seq_len) for option in args.pairs]
+    before = _stamp(args.out)
     try:
         out = extract(
             suite,
@@ -150,7 +151,16 @@ def run(args: argparse.Namespace) -> None:
     except TokendynError:
         restore()  # a refused run leaves the generated suite as it found it
         raise
-    print(f"store written: {out}  (inspect with: tokendyn info {out})")
+    done = "store written" if _stamp(out) != before else "store up to date, nothing to score"
+    print(f"{done}: {out}  (inspect with: tokendyn info {out})")
+
+
+def _stamp(store: Path) -> int | None:
+    """When the store's root metadata last changed: every commit and repair rewrites it."""
+    try:
+        return (Path(store) / "zarr.json").stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def _suite_argument(args: argparse.Namespace) -> tuple[Path, Callable[[], None]]:
