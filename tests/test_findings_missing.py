@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from planted_stores import write_store
-from tokendyn.studies import double_descent, token_view
+from tokendyn.studies import agreement, double_descent, token_view
 
 
 def test_double_descent_does_not_count_a_model_with_too_few_checkpoints(tmp_path):
@@ -24,3 +24,12 @@ def test_token_view_with_one_checkpoint_shows_no_change(tmp_path):
     findings = token_view.run(ds).findings
     assert "m0: one checkpoint only, so no change to show." in findings
     assert not any("largest fall" in f for f in findings)
+
+
+def test_agreement_without_shared_steps_is_not_testable(tmp_path):
+    rng = np.random.default_rng(0)
+    steps = np.array([[100, 200, 300, 400, 500.0], [1000, 2000, 3000, 4000, 5000.0]])  # no step in common
+    loss = np.linspace(3, 1, 5)[None, :, None, None] + rng.uniform(0, 0.5, (2, 5, 4, 8))
+    findings = agreement.run(write_store(tmp_path / "s.zarr", loss, steps)).findings
+    assert "matched step nan" in findings[0]
+    assert "not testable here" in findings[1] and "reproduce" not in findings[1], findings
