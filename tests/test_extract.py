@@ -278,3 +278,15 @@ def test_fields_added_to_the_same_text_are_refused_not_dropped(tmp_path, complet
     ):
         extract(suite, out, progress=False)
     assert "topic" not in tokendyn.open_store(out)
+
+
+def test_per_checkpoint_perplexities_of_an_unfinished_checkpoint_read_as_nan(tmp_path):
+    out = tmp_path / "s.zarr"
+    extract(write_suite(tmp_path, steps=(0, 5)), out, progress=False)
+    root = zarr.open_group(out, mode="r+")
+    tokendyn.store.clear_done(root, "main", 0, 1)  # as a run killed between val_ppl and its done flag leaves it
+    tokendyn.store.consolidate(root)
+    assert np.isfinite(zarr.open_array(out / "val_ppl", mode="r")[0, 1])  # on disk
+    ds = tokendyn.open_store(out)
+    for name in ("val_ppl", "bits_per_byte", "word_ppl"):
+        assert np.isnan(ds[name].values[0, 1]) and np.isfinite(ds[name].values[0, 0]), name

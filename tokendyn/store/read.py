@@ -14,7 +14,15 @@ import zarr
 from tokendyn.errors import TokendynError
 from tokendyn.store.chunks import chunk_files
 from tokendyn.store.integrity import root_document, unreadable_chunk
-from tokendyn.store.layout import FORMAT_VERSION, MAIN_COORDS, METRICS, SETS_GROUP, TOKEN_DIMS, set_path
+from tokendyn.store.layout import (
+    FORMAT_VERSION,
+    MAIN_COORDS,
+    METRICS,
+    PER_BYTE_COORDS,
+    SETS_GROUP,
+    TOKEN_DIMS,
+    set_path,
+)
 
 if TYPE_CHECKING:
     import dask.array as da
@@ -75,7 +83,11 @@ def _opened(path: str, set: str, stamp: tuple[int, int] | None) -> xr.Dataset:
         array = _chunk_files(Path(path) / set_path(set) / name) if name in ds.data_vars else None
         if array is not None and array.chunks == ds[name].data.chunks and array.dtype == ds[name].dtype:
             ds[name] = ds[name].copy(data=array)
-    if set != "main":
+    if set == "main":  # written just before the done flag: a killed run can leave them for an unfinished checkpoint
+        for name in ("val_ppl", *PER_BYTE_COORDS):
+            if name in ds.variables:
+                ds[name] = ds[name].where(ds["done"])
+    else:
         main = _opened(path, "main", stamp)
         ds = ds.assign_coords({name: main[name] for name in MAIN_COORDS if name in main.variables})
     ds.attrs["tokendyn_set"] = set
