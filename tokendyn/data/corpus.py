@@ -510,15 +510,16 @@ def _token_fields(docs: list[Document], offsets: list, doc: np.ndarray, offset: 
     """Per-token values of span fields (the span holding the token's anchor, `_anchors`) and document fields."""
     out = {}
     span_keys = sorted({k for d in docs for s in d.spans for k in s if k not in ("start", "end")})
+    spanned = []  # (rows, anchors, spans) of every document with spans and text offsets
+    for d in np.unique(doc) if span_keys else ():
+        if docs[d].spans and offsets[d] is not None:
+            rows = np.flatnonzero(doc == d)
+            spanned.append((rows, _anchors(docs[d].text, offsets[d][offset[rows]]), docs[d].spans))
     for key in span_keys:
         value, dtype = _fill(np.asarray([next(s[key] for d in docs for s in d.spans if key in s)]))
         values = np.full(len(doc), value, dtype=dtype)
-        for d in np.unique(doc):
-            rows = np.flatnonzero(doc == d)
-            if offsets[d] is None:
-                continue
-            anchors = _anchors(docs[d].text, offsets[d][offset[rows]])
-            for span in docs[d].spans:
+        for rows, anchors, spans in spanned:
+            for span in spans:
                 if key in span:
                     values[rows[(anchors >= span["start"]) & (anchors < span["end"])]] = span[key]
         out[key] = values

@@ -143,7 +143,10 @@ def score_tasks(
             suite, out, extra_sets=[*extra_sets, *sets], trust_remote_code=trust_remote_code, **extract_options
         )
     except TokendynError:  # a refused run leaves no documents of sets the store does not hold
-        held = set(list_sets(out)) if (Path(out) / "zarr.json").is_file() else set()
+        try:
+            held = set(list_sets(out)) if (Path(out) / "zarr.json").is_file() else set()
+        except TokendynError:  # not a store this tokendyn reads: it holds none of the sets
+            held = set()
         for path in new_files:
             if TASK_SET_PREFIX + path.stem not in held:
                 path.unlink(missing_ok=True)
