@@ -229,8 +229,11 @@ def extract(
     with store.writer_lock(out):
         _repair(out)
         root = store.prepare(out, layout, sets, model_coords, vocab_text, __version__, summaries)
-        if force or not any(existing.get("complete", {}).values()):  # a store of older versions: precision unknown
-            root.attrs[PRECISION_ATTR] = hardware.dtype_name(torch_dtype)
+        # Recorded on a new (or fully rescored) store; a store of older versions with done checkpoints stays
+        # unrecorded: its precision is unknown.
+        precision = hardware.dtype_name(torch_dtype)
+        if root.attrs.get(PRECISION_ATTR) != precision and (force or not any(existing.get("complete", {}).values())):
+            root.attrs[PRECISION_ATTR] = precision
         rows = {}  # each set's done flags per model, read once (we hold the writer lock): `store.done_row`
         todo = [
             (
