@@ -42,11 +42,15 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tokendyn.config.suite import EvalSet
 from tokendyn.errors import TokendynError
+
+if TYPE_CHECKING:  # for annotations only: the data layer never imports transformers at run time
+    from transformers import PreTrainedTokenizerBase
 
 PAD = -1
 RESERVED_JSONL = ("spans", "token_ids", "context_ids")  # JSONL keys that are not document fields
@@ -309,7 +313,7 @@ def _pair_documents(path: Path) -> list[Document]:
 # --- special tokens --------------------------------------------------------------------------------
 
 
-def prefix_ids(prefix: str | int, tokenizer) -> list[int]:
+def prefix_ids(prefix: str | int, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """The context-only token(s) before every document.
 
     "auto": the tokens the tokenizer's own `add_special_tokens=True` puts before a text (Llama
@@ -364,7 +368,9 @@ def rolling_windows(length: int, start: int, seq_len: int, stride: int) -> list[
     return windows
 
 
-def tokenize_set(spec: EvalSet, tokenizer, documents: list[Document] | None = None) -> ScoredSet:
+def tokenize_set(
+    spec: EvalSet, tokenizer: PreTrainedTokenizerBase, documents: list[Document] | None = None
+) -> ScoredSet:
     """Tokenize an evaluation set (documents read from its files unless given) and cut it into windows."""
     docs = read_documents(spec) if documents is None else documents
     _check_given_ids(spec, docs, len(tokenizer))
@@ -566,7 +572,7 @@ def _text_size(
     return n_bytes, n_words
 
 
-def corrupt_tokens(token_ids: list, rate: float, seed: int, tokenizer) -> list[np.ndarray]:
+def corrupt_tokens(token_ids: list, rate: float, seed: int, tokenizer: PreTrainedTokenizerBase) -> list[np.ndarray]:
     """Replace round(rate * n) of the n tokens of all documents by random other non-special tokens.
 
     One random permutation of the token positions and one replacement draw per position come from

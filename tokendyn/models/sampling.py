@@ -51,7 +51,7 @@ from tokendyn.store.lock import writer_lock
 from tokendyn.store.passuntil import COUNTS, RESERVED, prepare_task
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,13 @@ class Sampler:
     """`sample(n, rng)` for one model and one prompt: n completions as text (see the module docstring)."""
 
     def __init__(
-        self, model, tokenizer, prompt_ids: list[int], new_tokens: int, top_p: float | None, stop: Sequence[str]
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_ids: list[int],
+        new_tokens: int,
+        top_p: float | None,
+        stop: Sequence[str],
     ) -> None:
         self.model, self.tokenizer, self.stop = model, tokenizer, tuple(stop)
         self.prompt = torch.tensor(prompt_ids, dtype=torch.long)[None]

@@ -264,6 +264,7 @@ def train_sizes(
         total=round(steps * sum(cost.values()), 1),
         disable=not progress,
         unit="s",
+        smoothing=0,  # rate since the start: the two processes' reports arrive in bursts
         bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}",
         desc=f"training toy suite ({workers if parallel else 1} process{'es' if parallel else ''})",
     ) as bar:
