@@ -172,6 +172,25 @@ def test_unreadable_chunk_of_a_done_checkpoint_is_found_and_recomputed(capsys, w
     assert verify(store, full=True) == []
 
 
+def passuntil(work: Path) -> list[str]:
+    task = ["--task", str(work / "gen.jsonl"), "--max-samples", "4", "--batch-size", "4"]
+    return ["passuntil", str(work / "suite.toml"), *task, "--out", str(work / "s.zarr"), "--no-progress"]
+
+
+def test_unreadable_passuntil_chunk_is_redone_by_a_passuntil_rerun(work):
+    store = work / "s.zarr"
+    assert main(passuntil(work)) == 0
+    runs = store / "passuntil" / "gen"
+    before = {name: zarr.open_array(runs / name)[:] for name in ("passes", "samples", "drawn")}
+    garble(runs / "passes" / "c" / "0" / "1" / "0")
+    assert [p.checkpoints for p in verify(store, full=True)] == [[(0, 1)]]
+    with pytest.warns(UserWarning, match="repaired"):
+        assert main(passuntil(work)) == 0  # was: the flag set again over the unreadable chunk
+    assert verify(store, full=True) == []
+    for name, value in before.items():  # redone with the same seeds
+        np.testing.assert_array_equal(zarr.open_array(runs / name)[:], value)
+
+
 def test_unreadable_array_metadata_is_restored(capsys, work):
     store = work / "s.zarr"
     before = values(store)

@@ -51,6 +51,7 @@ from tokendyn.store.lock import writer_lock
 from tokendyn.store.passuntil import COUNTS, RESERVED, prepare_task
 
 if TYPE_CHECKING:
+    import zarr
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -322,9 +323,9 @@ def _check_every(every: int) -> None:
 
 def _run_all(
     suite: Suite,
-    group,
+    group: zarr.Group,
     task: GenerationTask,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     ids: list[list[int]],
     lengths: list[int],
     check: Callable[[str, dict], bool],
@@ -358,7 +359,7 @@ def _run_all(
         for m, c in todo:
             ckpt = suite.models[m].checkpoints[c]
             bar.set_description(f"passuntil {task.name}: {ckpt.model} step {ckpt.step}")
-            committed = np.asarray(group["samples"][m, c]) > 0
+            committed = _committed(group, m, c)
             bar.update(int(committed.sum()))
             if not committed.all():
                 model = checkpoints.load_model(
@@ -387,3 +388,20 @@ def _run_all(
                     bar.set_postfix(drawn=run.drawn, passes=run.passes, refresh=False)
                 del model
             group["done"][m, c] = True
+
+
+def _committed(group: zarr.Group, m: int, c: int) -> np.ndarray:
+    """Which instances of checkpoint (m, c) hold their results (`samples` is written last).
+
+    A checkpoint with a chunk that no longer decodes (the writer's repair, run by the main set's
+    extraction, cleared its `done` flag) is reset to "not yet run" and redone whole, since its
+    instances' other counts cannot be trusted and a partial write would have to decode the chunk.
+    """
+    try:
+        for name in (*COUNTS, "seconds"):
+            group[name][m, c]
+    except Exception:  # noqa: BLE001  (codecs raise assorted types for a damaged file)
+        for name in COUNTS:
+            group[name][m, c] = -1
+        group["seconds"][m, c] = np.nan
+    return np.asarray(group["samples"][m, c]) > 0
