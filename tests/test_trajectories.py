@@ -155,10 +155,11 @@ def _numpy_moving_average(y, window):
     return np.where(valid, total / np.maximum(count, 1), np.nan)
 
 
-def _numpy_double_descent(y, tol, complete):
+def _numpy_double_descent(y, tol, complete, min_fall=None):
     """The detector written with numpy accumulations along axis 0."""
     lowest_after = np.fmin.accumulate(y[::-1], axis=0)[::-1]
-    after_fall = np.fmax.accumulate(y, axis=0) - y >= tol
+    fall = np.fmax.accumulate(y, axis=0) - y
+    after_fall = (fall >= (tol if min_fall is None else min_fall)) & (fall > 0)
     peaks = y - np.fmin.accumulate(np.where(after_fall, y, np.inf), axis=0) >= tol
     return (peaks & (y - lowest_after >= tol)).any(axis=0) if complete else peaks.any(axis=0)
 
@@ -199,13 +200,34 @@ def test_double_descent_kernel_equals_numpy(dtype, tol):
     np.testing.assert_array_equal(falls_rises(y, tol), _numpy_double_descent(y.astype(smoothed.dtype), tol, False))
 
 
+@pytest.mark.parametrize("min_fall", [0.0, 0.2, 1.1])
+def test_double_descent_with_its_own_first_fall_equals_numpy(min_fall):
+    y = _random_walks(np.float32)
+    flags = detect_double_descent(xr.DataArray(y, dims=("ckpt", "token")), tol=0.5, window=3, min_fall=min_fall)
+    expected = _numpy_double_descent(_numpy_moving_average(y, 3), 0.5, True, min_fall)
+    assert (expected != _numpy_double_descent(_numpy_moving_average(y, 3), 0.5, True)).any()  # the parameter counts
+    np.testing.assert_array_equal(flags.values, expected)
+
+
+def test_first_fall_is_min_fall_deep():
+    """docs/methods.md §1.3: min_fall bounds the first fall (default tol); 0 accepts any fall, not a plateau."""
+    curves = np.array([[5.0, 4.8, 5.5, 4.0], [5.0, 5.0, 5.5, 4.0], [5.6, 5.0, 5.5, 4.0]]).T  # falls 0.2, 0, 0.6
+    found = [
+        detect_double_descent(
+            xr.DataArray(curves, dims=("ckpt", "token")), tol=0.5, window=1, min_fall=f
+        ).values.tolist()
+        for f in (None, 0.0)
+    ]
+    assert found == [[False, False, True], [True, False, True]]
+
+
 def test_double_descent_of_a_store_equals_numpy(planted):
     ds, _ = planted
     assert not ds["done"].values.all()  # missing checkpoints are skipped, not read as losses
     loss = ds["loss"].where(ds["done"]).values  # (model, ckpt, token)
-    for tol, window in ((0.5, 3), (0.2, 1), (0.3, 2)):
-        expected = [_numpy_double_descent(_numpy_moving_average(y, window), tol, True) for y in loss]
-        np.testing.assert_array_equal(double_descent(ds, tol=tol, window=window).values, expected)
+    for tol, window, fall in ((0.5, 3, None), (0.2, 1, None), (0.3, 2, None), (0.5, 3, 0.0)):
+        expected = [_numpy_double_descent(_numpy_moving_average(y, window), tol, True, fall) for y in loss]
+        np.testing.assert_array_equal(double_descent(ds, tol=tol, window=window, min_fall=fall).values, expected)
 
 
 def _reference_pairs(a, b, top):

@@ -540,9 +540,10 @@ def _average_columns(y: np.ndarray, window: int, out: np.ndarray) -> None:
 
 
 @numba.njit(nogil=True, cache=True)
-def _descents(z: np.ndarray, tol, complete: bool) -> np.ndarray:
-    """Per column of z (ckpt, token): whether it falls >= tol to a point, rises >= tol above it and,
-    if `complete`, later falls >= tol below that peak; NaN points are skipped.
+def _descents(z: np.ndarray, tol, min_fall, complete: bool) -> np.ndarray:
+    """Per column of z (ckpt, token): whether it falls >= min_fall (and below an earlier point) to a
+    point, rises >= tol above it and, if `complete`, later falls >= tol below that peak; NaN points
+    are skipped.
 
     A backward pass marks the points with a fall >= tol after them; a forward pass keeps, per
     column, the running maximum and the lowest point reached after a fall. All arithmetic is in
@@ -560,7 +561,7 @@ def _descents(z: np.ndarray, tol, complete: bool) -> np.ndarray:
                 lowest_after[t] = low
                 falls[t] = row[t] - low >= tol
     highest = np.full(m, np.nan, z.dtype)
-    lowest = np.full(m, np.inf, z.dtype)  # lowest point so far that lies >= tol below an earlier one
+    lowest = np.full(m, np.inf, z.dtype)  # lowest point so far that lies >= min_fall below an earlier one
     found = np.zeros(m, np.bool_)
     for i in range(n):
         row, falls = z[i], falls_after[i]
@@ -569,27 +570,30 @@ def _descents(z: np.ndarray, tol, complete: bool) -> np.ndarray:
             high = row[t] if (row[t] > high) | (high != high) else high  # fmax: NaN skipped
             highest[t] = high
             low = lowest[t]
-            low = row[t] if (high - row[t] >= tol) & (row[t] < low) else low
+            low = row[t] if (high - row[t] >= min_fall) & (row[t] < high) & (row[t] < low) else low
             lowest[t] = low
             found[t] |= (row[t] - low >= tol) & falls[t]
     return found
 
 
 @numba.njit(nogil=True, cache=True)
-def _smoothed_descents(y: np.ndarray, window: int, tol, complete: bool) -> np.ndarray:
+def _smoothed_descents(y: np.ndarray, window: int, tol, min_fall, complete: bool) -> np.ndarray:
     """`_descents` of the `window`-point moving average of y (ckpt, token), C-contiguous."""
     smoothed = np.empty_like(y)
     _average_rows(y, window, smoothed)
-    return _descents(smoothed, tol, complete)
+    return _descents(smoothed, tol, min_fall, complete)
 
 
-def _double_descent_flags(y: np.ndarray, tol: float, window: int = 1, complete: bool = True) -> np.ndarray:
+def _double_descent_flags(
+    y: np.ndarray, tol: float, window: int = 1, complete: bool = True, min_fall: float | None = None
+) -> np.ndarray:
     """Per trajectory along axis 0 of y (any other dims): the double-descent test of
     `detect_double_descent` after a `window`-point moving average, in y's float precision
     (float32 at least, as `moving_average`)."""
     dtype = np.result_type(y.dtype, np.float32)
     flat = np.ascontiguousarray(y.reshape(len(y), -1), dtype=dtype)
-    return _smoothed_descents(flat, window, dtype.type(tol), complete).reshape(y.shape[1:])
+    fall = dtype.type(tol if min_fall is None else min_fall)
+    return _smoothed_descents(flat, window, dtype.type(tol), fall, complete).reshape(y.shape[1:])
 
 
 def falls_rises(y: np.ndarray, tol: float) -> np.ndarray:
@@ -603,15 +607,22 @@ def falls_rises_falls(y: np.ndarray, tol: float) -> np.ndarray:
 
 
 def detect_double_descent(
-    curve: xr.DataArray, dim: str = "ckpt", tol: float = 0.5, window: int = 3, complete: bool = True
+    curve: xr.DataArray,
+    dim: str = "ckpt",
+    tol: float = 0.5,
+    window: int = 3,
+    complete: bool = True,
+    min_fall: float | None = None,
 ) -> xr.DataArray:
     """Per-trajectory double descent along `dim` (boolean; any other dims are kept).
 
     After a centred moving average over `window` points (1 = none), a trajectory is flagged when
-    it falls by at least `tol` to some point, later rises at least `tol` above that point, and
-    later still falls at least `tol` below that peak. `tol` is in the curve's units (nats for
-    loss). NaN points are skipped. complete=False drops the last condition: the double descents
-    begun (fall, rise), of which the complete ones are a part.
+    it falls by at least `min_fall` to some point, later rises at least `tol` above that point,
+    and later still falls at least `tol` below that peak (docs/methods.md §1.3). `tol` and
+    `min_fall` are in the curve's units (nats for loss). min_fall: None = `tol`; 0 = any fall (the
+    spec's literal rule, which also flags the early rise of a token's loss above its initial value
+    while the model learns token frequencies). NaN points are skipped. complete=False drops the
+    last condition: the double descents begun (fall, rise), of which the complete ones are a part.
     """
     if getattr(curve.data, "chunks", None) is not None:
         curve = curve.chunk({dim: -1})
@@ -619,18 +630,23 @@ def detect_double_descent(
         partial(over_token_slices, _double_descent_flags, slice_tokens=DESCENT_TOKENS),
         curve,
         input_core_dims=[[dim]],
-        kwargs={"tol": tol, "window": window, "complete": complete},
+        kwargs={"tol": tol, "window": window, "complete": complete, "min_fall": min_fall},
         dask="parallelized",
         output_dtypes=[bool],
     ).rename("double_descent")
 
 
 def double_descent(
-    ds: xr.Dataset, tol: float = 0.5, window: int = 3, chunk_mb: float = CHUNK_MB, complete: bool = True
+    ds: xr.Dataset,
+    tol: float = 0.5,
+    window: int = 3,
+    chunk_mb: float = CHUNK_MB,
+    complete: bool = True,
+    min_fall: float | None = None,
 ) -> xr.DataArray:
     """Per-token double descent over each model's checkpoints: (model, token), lazy.
 
-    See `detect_double_descent` for `tol` (nats), `window` (checkpoints) and `complete`. Each task
+    See `detect_double_descent` for `tol` (nats), `window` (checkpoints), `complete` and `min_fall`. Each task
     takes the stored chunks of a token range in every checkpoint as they are (no rechunked copy
     of the loss) and copies DESCENT_TOKENS tokens at a time into the kernel's (ckpt, token) layout.
     chunk_mb: data per task for a loss held in memory (a store's loss keeps its chunks).
@@ -653,6 +669,7 @@ def double_descent(
         tol=tol,
         window=window,
         complete=complete,
+        min_fall=tol if min_fall is None else min_fall,
     )
     coords = {name: coord for name, coord in loss.coords.items() if "ckpt" not in coord.dims}
     flags = xr.DataArray(flags, dims=("model", *TOKEN_DIMS), coords=coords, name="double_descent")
@@ -660,7 +677,7 @@ def double_descent(
 
 
 def _descent_blocks(
-    blocks: list[np.ndarray], done: list[np.ndarray], tol: float, window: int, complete: bool
+    blocks: list[np.ndarray], done: list[np.ndarray], tol: float, window: int, complete: bool, min_fall: float
 ) -> np.ndarray:
     """`detect_double_descent` along the checkpoints of (model, ckpt, token) blocks, one per chunk of
     checkpoints; NaN at checkpoints not `done` (the blocks of the done flags, (model, ckpt))."""
@@ -677,7 +694,9 @@ def _descent_blocks(
                 assign(part[start:stop], block[m, :, first : first + part.shape[1]])
             part[missing] = np.nan
             part = np.ascontiguousarray(part)
-            out[m, first : first + part.shape[1]] = _smoothed_descents(part, window, dtype.type(tol), complete)
+            out[m, first : first + part.shape[1]] = _smoothed_descents(
+                part, window, dtype.type(tol), dtype.type(min_fall), complete
+            )
     return out
 
 

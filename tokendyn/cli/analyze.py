@@ -20,6 +20,7 @@ STUDY_OPTIONS = {
     "trend_x": [("trend_categories", "x"), ("subset_curves", "x"), ("token_view", "x")],
     "levels": [("perplexity", "levels"), ("sequence_perplexity", "levels")],
     "dd_tol": [("double_descent", "tol")],
+    "dd_min_fall": [("double_descent", "min_fall")],
     "n_clusters": [("clusters", "n_clusters")],
     "cluster_method": [("clusters", "method")],
     "turn_tol": [("sequence_perplexity", "tol")],
@@ -105,7 +106,12 @@ def add_study_options(p: argparse.ArgumentParser) -> None:
         type=_perplexities,
         help="matched validation perplexity levels, comma-separated (default: levels every model reaches)",
     )
-    p.add_argument("--dd-tol", type=_tolerance, help="double-descent tolerance in nats")
+    p.add_argument("--dd-tol", type=_tolerance, help="double-descent tolerance in nats: the least rise and second fall")
+    p.add_argument(
+        "--dd-min-fall",
+        type=_tolerance,
+        help="double descent's least first fall in nats (default: --dd-tol; 0: any fall, docs/methods.md §1.3)",
+    )
     p.add_argument(
         "--n-clusters",
         type=_n_clusters,

@@ -11,7 +11,7 @@ new targets `z[b:e]`; earlier positions are context it re-reads. The protocols (
   targets as fit; each later one scores the next `stride` targets and reads the `seq_len` tokens
   before its end, so the last, partial window is right-aligned and keeps a full context. With
   ``stride = seq_len`` and one prefix token this is lm-eval's `loglikelihood_rolling` window rule.
-- ``truncate``: the first `max_tokens` tokens of each document only (Xia et al.: 2,048), rolled
+- ``truncate``: the first `max_tokens` tokens of each document only (Xia et al.: 2,047 after the prefix), rolled
   as above if the context makes them longer than a window.
 - ``packed``: one window per (short) document; a document that does not fit is an error.
 - ``concat``: all documents joined into one stream, each followed by EOS (context only), then

@@ -89,16 +89,17 @@ def run(
     source: Source,
     tol: float = default_of(double_descent, "tol"),
     window: int = default_of(double_descent, "window"),
+    min_fall: float | None = default_of(double_descent, "min_fall"),
     n_examples: int = 6,
     width: int = 12,
     seed: int = 0,
 ) -> Result:
     """Share of tokens with double descent per model (see `tokendyn.analysis.trajectories.double_descent` for
-    tol, in nats, and window, in checkpoints) and n_examples tokens of the largest model that has
+    tol and min_fall, in nats, and window, in checkpoints) and n_examples tokens of the largest model that has
     any, drawn against validation perplexity in every model, with `width` tokens of left context."""
     ds = load_small(open_source(source))
     require(ds, "loss", "step", "val_ppl")
-    flags = computed(double_descent, ds, tol=tol, window=window).rename("double_descent")
+    flags = computed(double_descent, ds, tol=tol, window=window, min_fall=min_fall).rename("double_descent")
     percent = token_share(ds, flags)
     models = models_by_size(ds)
     colors = model_colors(ds)
@@ -119,8 +120,9 @@ def run(
         )
     with_any = [m for m in testable if shares.set_index("model").loc[m, "n_tokens"] > 0]
     testable_shares = shares.set_index("model").loc[testable, "percent"]
+    first = "fall" if min_fall is None or min_fall == tol else f"fall (by at least {min_fall} nats)"
     findings = [
-        f"Tokens that fall, rise and fall again by at least {tol} nats ({window}-checkpoint moving average): "
+        f"Tokens that {first}, rise and fall again by at least {tol} nats ({window}-checkpoint moving average): "
         f"{listing(zip(testable_shares.index, testable_shares.to_numpy()), '{:.2f}%')}."
     ]
     untestable = [m for m in models if m not in testable]
