@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import xarray as xr
 
+import tokendyn
 from planted_stores import write_store
 from tokendyn.analysis import clusters, curves, downstream, sequences, tokens, trajectories, trends
 from tokendyn.analysis.accessor import TokendynAccessor, TokendynCurveAccessor
+from tokendyn.analysis.labels import MISSING
 
 DATASET_METHODS = {
     "x_axis": trajectories.x_axis,
@@ -78,3 +80,49 @@ def test_methods_call_the_function_with_the_dataset(ds):
     xr.testing.assert_identical(ds.tokendyn.double_descent(tol=0.2), trajectories.double_descent(ds, 0.2))
     curve = ds["loss"].mean("token").compute()
     xr.testing.assert_identical(curve.tokendyn.turning_points(tol=0.01), sequences.turning_points(curve, 0.01))
+
+
+def test_open_store_returns_independent_in_memory_arrays(ds):
+    """Editing one opened dataset's done flags or steps reaches neither the store nor later opens."""
+    path = ds.encoding["source"]
+    first = tokendyn.open_store(path)
+    first["done"][:, 2:] = False
+    first["step"].values[0, 1] = 999
+    again = tokendyn.open_store(path)
+    assert again["done"].values.all() and again["step"].values[0, 1] == 10
+
+
+def test_single_model_without_its_dimension_is_a_one_line_error(ds):
+    one = ds.sel(model="m0")
+    with pytest.raises(tokendyn.TokendynError, match=r"keep the dimension: \.sel\(model=\['m0'\]\)"):
+        one.tokendyn.double_descent()
+    assert ds.sel(model=["m0"]).tokendyn.double_descent().sizes["model"] == 1
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda d: d.double_descent(window=0),
+        lambda d: d.curve_measures(window=0),
+        lambda d: d.double_descent(tol=0),
+        lambda d: d.double_descent(min_fall=-1),
+    ],
+)
+def test_smoothing_window_and_tolerances_are_checked(ds, call):
+    with pytest.raises(tokendyn.TokendynError, match="window = 0|tol = 0|min_fall = -1"):
+        call(ds.tokendyn)
+
+
+def test_rho1_classes_leave_a_model_with_one_trained_checkpoint_unlabelled(ds):
+    with pytest.warns(UserWarning, match="m0 left unlabelled"):
+        classes = ds.isel(ckpt=[0, 3]).tokendyn.rho1_classes()  # step 0 and one trained checkpoint
+    assert (classes.values == MISSING).all()
+
+
+def test_top_tokens_asks_for_one_start_of_trend_labels(ds):
+    labels = ds.tokendyn.trend_categories(start=[0.0, 0.25], x="index")
+    with pytest.raises(
+        tokendyn.TokendynError, match=r"dims \['start'\] besides the tokens; pick one, e\.g\. \.sel\(start=0\.0\)"
+    ):
+        ds.tokendyn.top_tokens(labels=labels)
+    assert len(ds.tokendyn.top_tokens(labels=labels.sel(start=0.0), k=3)) == 3

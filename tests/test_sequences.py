@@ -119,6 +119,17 @@ def test_store_has_every_set_and_the_accessor_reaches_them(built):
     assert list(hallucinated["mixture"].values[first]) == ["1,-1", "1,-1", "-1,1", "-1,1"]
 
 
+def test_a_selection_reads_the_other_sets_within_it(built):
+    """An analysis of ds.isel(...) reads the store's other sets at the selected models and checkpoints only."""
+    _, out = built
+    ds = tokendyn.open_store(out)
+    selected = ds.isel(model=[1], ckpt=[1]).tokendyn.sequence_ppl()
+    assert dict(selected.sizes) == {"set": 5, "model": 1, "ckpt": 1}
+    xr.testing.assert_equal(selected, ds.tokendyn.sequence_ppl().isel(model=[1], ckpt=[1]))
+    preference = ds.isel(model=[0]).tokendyn.pair_preference()
+    xr.testing.assert_equal(preference, ds.tokendyn.pair_preference().isel(model=[0]))
+
+
 def test_set_perplexity_equals_transformers(built, hf_models, tokenizer):
     _, out = built
     ppl = sequences.sequence_ppl(out, sets=["hallucinated", "corrupted-0.3"], by="mixture")

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import xarray as xr
 import zarr
 from transformers import AutoModelForCausalLM
 
@@ -165,6 +166,13 @@ def _transformers_logprob(model, tokenizer, text: str, prompt: str) -> tuple[flo
     targets = ids[0, 1:]
     per_token = logp[torch.arange(len(targets)), targets].numpy()
     return float(per_token[len(head) :].sum()), len(full) - len(head)
+
+
+def test_task_scores_of_a_selection_stay_within_it(store):
+    ds = tokendyn.open_store(store)
+    selected = ds.isel(model=[1], ckpt=[0]).tokendyn.task_scores()
+    assert dict(selected["accuracy"].sizes) == {"task": 1, "model": 1, "ckpt": 1}
+    xr.testing.assert_equal(selected, ds.tokendyn.task_scores().isel(model=[1], ckpt=[0]))
 
 
 def test_option_scores_equal_transformers_log_probabilities(store, suite, task_file):

@@ -18,13 +18,13 @@ import numpy as np
 import xarray as xr
 
 from tokendyn.data.corpus import PAD
+from tokendyn.errors import TokendynError
 
 
 def context_ids(ds: xr.Dataset, token: int, width: int) -> list[int]:
     """Ids of up to `width` stored tokens of the same document before `token`, then the token's own id."""
-    lo = max(0, token - width)
-    ids = ds["token_id"].values[lo : token + 1]
-    docs = ds["doc"].values[lo : token + 1]
+    around = ds[["token_id", "doc"]].isel(token=slice(max(0, token - width), token + 1))  # not the whole arrays
+    ids, docs = around["token_id"].values, around["doc"].values
     return [int(i) for i in ids[docs == docs[-1]]]
 
 
@@ -55,7 +55,18 @@ class Delegate:
             unbound: Any = functools.wraps(func)(lambda self, *args, **kwargs: func(self._obj, *args, **kwargs))
             unbound.__signature__ = signature.replace(parameters=[params[0].replace(name="self"), *params[1:]])
             return unbound
-        bound: Any = functools.wraps(func)(functools.partial(func, accessor._obj))
+        obj = accessor._obj
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if "model" in obj.coords and "model" not in obj.dims:  # the analyses work per model along the dim
+                model = obj["model"].item()
+                raise TokendynError(
+                    f"this data holds model {model!r} without its dimension (.sel(model={model!r})); "
+                    f"keep the dimension: .sel(model=[{model!r}])"
+                )
+            return func(obj, *args, **kwargs)
+
+        bound: Any = functools.wraps(func)(call)
         bound.__signature__ = signature.replace(parameters=params[1:])
         return bound
 

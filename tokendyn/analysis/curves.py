@@ -14,6 +14,7 @@ take part.
 from __future__ import annotations
 
 import functools
+import warnings
 from functools import partial
 
 import numba
@@ -27,6 +28,7 @@ from tokendyn.analysis.labels import MISSING, describe, flag_array
 from tokendyn.analysis.spill import nanmedian
 from tokendyn.analysis.trajectories import (
     CHUNK_MB,
+    check_window,
     chunk_tokens,
     done_checkpoints,
     load_small,
@@ -384,6 +386,7 @@ def age_of_acquisition(
 def forgettability(ds: xr.Dataset, window: int = 3) -> xr.DataArray:
     """Sum of the upward moves of each token's loss curve after a centred moving average over
     `window` checkpoints (Chang et al.): 0 for a curve that never goes up. Nats."""
+    check_window(window)
     ds = load_small(ds)
     out = xr.apply_ufunc(
         partial(over_token_slices, _upward_moves),
@@ -434,15 +437,23 @@ def rho1_classes(
     Rho-1 (Lin et al. 2024) states no numeric threshold that transfers to other models and data;
     the default is the median loss over the valid tokens of both compared checkpoints of all models
     (this loads those two checkpoints' losses). The threshold and the compared steps are attributes.
-    A label array (`tokendyn.analysis.labels`) of codes (model, token).
+    A label array (`tokendyn.analysis.labels`) of codes (model, token); a model whose first compared
+    checkpoint is not before its last (one trained checkpoint) is left unlabelled, with a warning.
     """
     ds = load_small(ds)
     n_models = ds.sizes["model"]
     a = _at(ds, [0] * n_models, trained=True) if first is None else _at(ds, [first] * n_models, trained=False)
     b = _at(ds, [last] * n_models, trained=False)
     steps = {"first_step": a["step"].values.tolist(), "last_step": b["step"].values.tolist()}
+    compared = xr.DataArray(a["step"].values < b["step"].values, dims="model")
+    if not compared.all():  # one trained checkpoint (or first after last): no change to classify
+        unlabelled = ", ".join(str(m) for m in ds["model"].values[~compared.values])
+        warnings.warn(
+            f"Rho-1 classes: {unlabelled} left unlabelled (the first compared checkpoint is not before the last)",
+            stacklevel=2,
+        )
     a, b = a.drop_vars("step"), b.drop_vars("step")
-    valid = valid_tokens(ds)
+    valid = valid_tokens(ds) & compared
     if threshold is None:
         threshold = float(nanmedian(xr.concat([a, b], dim="which").where(valid)))  # out of core
     high_a, high_b = a > threshold, b > threshold
@@ -493,6 +504,7 @@ def curve_measures(
     (see them for last, chance, window and n_iter), computed together from each slice of tokens
     as it is read, so the store is read once per model instead of once per measure.
     """
+    check_window(window)
     ds = load_small(ds)
     if last < 1:
         raise TokendynError("last must be at least 1 checkpoint")

@@ -38,6 +38,7 @@ from tokendyn.store import (
     list_sets,
     metadata_stamp,
     open_store,
+    within_selection,
 )
 from tokendyn.store import passuntil as runs_store
 
@@ -57,7 +58,7 @@ def source_path(source: str | Path | xr.Dataset) -> Path:
 
 
 def _main(source) -> xr.Dataset:
-    return open_store(source_path(source))
+    return within_selection(open_store(source_path(source)), source)
 
 
 def task_names(source: str | Path | xr.Dataset) -> list[str]:
@@ -87,7 +88,8 @@ def option_scores(source: str | Path | xr.Dataset, task: str) -> xr.Dataset:
     _check_task(source, task)
     path = source_path(source)
     # The task, emergence and skill studies all read every task: read each once per store state.
-    return _option_scores(str(path), task, metadata_stamp(path)).copy(deep=True)  # the caller may change it
+    scores = _option_scores(str(path), task, metadata_stamp(path))
+    return within_selection(scores, source).copy(deep=True)  # the caller may change it
 
 
 @functools.lru_cache(maxsize=32)
@@ -292,8 +294,12 @@ def pass_until_tasks(source: str | Path | xr.Dataset) -> list[str]:
     return runs_store.list_tasks(source_path(source))
 
 
+def _runs(source, task: str) -> xr.Dataset:
+    return within_selection(runs_store.read_runs(source_path(source), task), source)
+
+
 def _one_pass_until(source, task: str, confidence: float, n_boot: int, ci: float, seed: int) -> xr.Dataset:
-    runs = runs_store.read_runs(source_path(source), task)
+    runs = _runs(source, task)
     target = int(runs.attrs["params"]["passes"])
     done = runs["done"].values
     passes, samples = runs["passes"].values, runs["samples"].values
@@ -412,7 +418,7 @@ def task_scaling_fit(
         if len(names) != 1:
             raise TokendynError(f"name the PassUntil task to fit; the store has: {', '.join(names) or 'none'}")
         task = names[0]
-    runs = runs_store.read_runs(source_path(source), task)
+    runs = _runs(source, task)
     done = runs["done"].values
     if points == "final":
         last = np.where(done.any(1), done.shape[1] - 1 - np.argmax(done[:, ::-1], axis=1), -1)

@@ -26,7 +26,15 @@ import xarray as xr
 from tokendyn.analysis import trajectories
 from tokendyn.data.corpus import PAD
 from tokendyn.errors import TokendynError
-from tokendyn.store import CHECKPOINT_COORDS, TASK_SET_PREFIX, TOKEN_DIMS, list_sets, open_store, store_path
+from tokendyn.store import (
+    CHECKPOINT_COORDS,
+    TASK_SET_PREFIX,
+    TOKEN_DIMS,
+    list_sets,
+    open_store,
+    store_path,
+    within_selection,
+)
 
 REDUCTIONS = ("sum", "mean")
 
@@ -44,17 +52,16 @@ def set_params(ds: xr.Dataset) -> dict:
 
 def open_sets(source: str | Path | xr.Dataset, sets: Sequence[str] | None = None) -> dict[str, xr.Dataset]:
     """name -> dataset of the store's sets (default: main and every named set except task sets); a set
-    of at most `trajectories.SMALL_SET_BYTES` is read into memory."""
-    if isinstance(source, xr.Dataset):
-        path = store_path(source)
-        if path is None:
-            return {set_params(source)["name"]: source}
-        source = path
+    of at most `trajectories.SMALL_SET_BYTES` is read into memory. A dataset `source` gives its store
+    and its models and checkpoints (`tokendyn.store.within_selection`)."""
+    path = store_path(source) if isinstance(source, xr.Dataset) else Path(source)
+    if path is None:
+        return {set_params(source)["name"]: source}
     if sets is None:
-        names = ["main", *(name for name in list_sets(source) if not name.startswith(TASK_SET_PREFIX))]
+        names = ["main", *(name for name in list_sets(path) if not name.startswith(TASK_SET_PREFIX))]
     else:
         names = list(sets)
-    return {name: trajectories.load_if_small(open_store(source, set=name)) for name in names}
+    return {name: trajectories.load_if_small(within_selection(open_store(path, set=name), source)) for name in names}
 
 
 # --- perplexity of sets ----------------------------------------------------------------------------

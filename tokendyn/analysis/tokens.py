@@ -76,26 +76,41 @@ def flat_tokens(da: xr.DataArray) -> np.ndarray:
     return np.asarray(da.transpose(*TOKEN_DIMS).values).reshape(-1)
 
 
+def _model_values(array: xr.DataArray, m: int, what: str) -> np.ndarray:
+    """array's values for model m over the token dims, flattened; a one-line error for any other dim."""
+    array = array.isel(model=m) if "model" in array.dims else array
+    extra = [d for d in array.dims if d not in TOKEN_DIMS]
+    if extra:
+        example = f"{extra[0]}={array[extra[0]].values[0].item()!r}" if extra[0] in array.coords else f"{extra[0]}=0"
+        raise TokendynError(f"{what} has the dims {extra} besides the tokens; pick one, e.g. .sel({example})")
+    return flat_tokens(array)
+
+
 def _contexts(
-    ids: np.ndarray, doc: np.ndarray | None, vocab: np.ndarray | None, flat_idx: np.ndarray, width: int
+    ds: xr.Dataset, vocab: np.ndarray | None, flat_idx: np.ndarray, width: int
 ) -> tuple[list[str], list[str]]:
     """(token text, context) of tokens at flat indices: up to `width` tokens either side within the
-    token's document, their text joined as it is (spaces kept), the token between [[ ]]."""
+    token's document, their text joined as it is (spaces kept), the token between [[ ]]. Reads only
+    the tokens around each one, not the store's every id."""
 
     def text(i: int) -> str:
         return str(vocab[i]) if vocab is not None and 0 <= i < len(vocab) else f"#{i}"
 
+    (dim,) = TOKEN_DIMS
     tokens, contexts = [], []
     for t in flat_idx:
-
-        def same(j: int, t: int = t) -> bool:
-            return ids[j] != PAD and (doc is None or doc[j] == doc[t])
-
-        left = [j for j in range(max(0, t - width), t) if same(j)]
-        right = [j for j in range(t + 1, min(len(ids), t + 1 + width)) if same(j)]
-        tokens.append(text(ids[t]))
-        around = "".join(text(ids[j]) for j in left) + "[[" + text(ids[t]) + "]]" + "".join(text(ids[j]) for j in right)
-        contexts.append(show_whitespace(around, spaces=False))
+        lo = max(0, t - width)
+        around = ds[["token_id", "doc"] if "doc" in ds.variables else ["token_id"]].isel(
+            {dim: slice(lo, t + 1 + width)}
+        )
+        ids = around["token_id"].values
+        same = ids != PAD
+        if "doc" in around:
+            same &= around["doc"].values == around["doc"].values[t - lo]
+        shown = [text(i) for i in ids]
+        shown[t - lo] = "[[" + shown[t - lo] + "]]"
+        tokens.append(text(ids[t - lo]))
+        contexts.append(show_whitespace("".join(x for x, keep in zip(shown, same) if keep), spaces=False))
     return tokens, contexts
 
 
@@ -163,7 +178,7 @@ def top_tokens(
     first, last = flat_tokens(loss.isel(ckpt=a)).astype(float), flat_tokens(loss.isel(ckpt=b)).astype(float)
     change = last - first
     if isinstance(by, xr.DataArray):
-        score = flat_tokens(by.isel(model=m) if "model" in by.dims else by).astype(float)
+        score = _model_values(by, m, "by").astype(float)
     elif by in RANKINGS:
         score = {"drop": -change, "rise": change, "change": np.abs(change), "loss": last}[by]
     else:
@@ -171,31 +186,29 @@ def top_tokens(
     score = np.where(np.isfinite(score) & np.isfinite(change), score, -np.inf)
     order = np.argsort(-score, kind="stable")[:k]
     order = order[np.isfinite(score[order])]
-    ids = flat_tokens(ds["token_id"])
-    doc = flat_tokens(ds["doc"]) if "doc" in ds.variables else None
     vocab = ds["vocab_text"].values if "vocab_text" in ds.variables else None
-    tokens, contexts = _contexts(ids, doc, vocab, order, width)
+    tokens, contexts = _contexts(ds, vocab, order, width)
     shape = tuple(ds.sizes[d] for d in TOKEN_DIMS)
     index = dict(zip(TOKEN_DIMS, np.unravel_index(order, shape)))
+    picked = {d: xr.DataArray(v, dims="picked") for d, v in index.items()}
     where = {f"{dim}_index": value for dim, value in index.items()}
     for name in ("doc", "offset"):  # where the token stands in its document
         if name in ds.coords and ds[name].dims == TOKEN_DIMS:
-            where[name] = flat_tokens(ds[name])[order]
+            where[name] = ds[name].isel(picked).values
     table = pd.DataFrame(where)
     table.insert(0, "model", str(ds["model"].values[m]))
-    table["token_id"] = ids[order]
+    table["token_id"] = ds["token_id"].isel(picked).values
     table["token"] = [show_whitespace(t) for t in tokens]
     table["context"] = contexts
     named = {"category": labels} if isinstance(labels, xr.DataArray) else dict(labels or {})
     for column, lab in named.items():
         names = flag_names(lab)
-        codes = flat_tokens(lab.isel(model=m) if "model" in lab.dims else lab)[order]
+        codes = _model_values(lab, m, f"labels '{column}'")[order]
         table[column] = [names[c] if c >= 0 else "" for c in codes]
     table["change"] = change[order]
     steps = ds["step"].values[m]
     done = done_checkpoints(ds, m)
-    picked = loss.isel(ckpt=done, **{d: xr.DataArray(v, dims="picked") for d, v in index.items()})
-    per_ckpt = np.asarray(picked.transpose("ckpt", "picked").values, dtype=float)
+    per_ckpt = np.asarray(loss.isel(ckpt=done, **picked).transpose("ckpt", "picked").values, dtype=float)
     for row, c in zip(per_ckpt, done):
         label = f"{steps[c]:.0f}" if steps[c] == round(steps[c]) else f"{steps[c]:g}"
         table[f"loss@{label}"] = row

@@ -266,7 +266,9 @@ def at_axis(ds: xr.Dataset, axis: str, levels: Sequence[float]) -> xr.DataArray:
     if levels.ndim != 1 or len(levels) == 0:
         raise TokendynError("levels must be a non-empty list of numbers")
     if axis == "val_ppl" and not np.all(np.isfinite(levels) & (levels >= 1)):
-        raise TokendynError(f"perplexity levels must be finite numbers >= 1, got {levels.tolist()}; fix --levels")
+        raise TokendynError(
+            f"perplexity levels must be finite numbers >= 1, got {levels.tolist()}; fix them (--levels in the CLI)"
+        )
     lo, hi, weight, reachable = (np.stack(part) for part in zip(*_interpolation(ds, axis, levels)))
     # only the checkpoints some level reads (done ones) are taken; lo and hi become positions among them
     used, position = np.unique(np.concatenate([lo.ravel(), hi.ravel()]), return_inverse=True)
@@ -465,6 +467,21 @@ def _subset_sums(loss: np.ndarray, index: np.ndarray, starts: np.ndarray) -> np.
     return out
 
 
+def check_window(window: int) -> None:
+    """A one-line error unless `window` (checkpoints of a moving average) is a whole number >= 1."""
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise TokendynError(f"window = {window!r}: give a whole number of checkpoints >= 1 (1 = no smoothing)")
+
+
+def _check_descent(window: int, tol: float, min_fall: float | None) -> None:
+    """One-line errors for a window below 1 and for tolerances with which every trajectory qualifies."""
+    check_window(window)
+    if not (math.isfinite(tol) and tol > 0):
+        raise TokendynError(f"tol = {tol!r}: give a positive number of nats (with tol <= 0 every curve qualifies)")
+    if min_fall is not None and not (math.isfinite(min_fall) and min_fall >= 0):
+        raise TokendynError(f"min_fall = {min_fall!r}: give a number of nats >= 0 (0: any fall), or None for tol")
+
+
 def moving_average(y: np.ndarray, window: int) -> np.ndarray:
     """Centred moving average along axis 0 over `window` points, skipping NaN (fewer points at the
     ends, like a rolling mean with min_periods=1); NaN points stay NaN.
@@ -473,6 +490,7 @@ def moving_average(y: np.ndarray, window: int) -> np.ndarray:
     the kernel walks the axis-0 neighbours of a point where they are contiguous (a (token, ckpt)
     array seen as (ckpt, token)) and whole rows otherwise.
     """
+    check_window(window)
     dtype = np.result_type(y.dtype, np.float32)
     flat = np.asarray(y, dtype=dtype).reshape(len(y), -1)
     out = np.empty_like(flat)  # in flat's memory order
@@ -624,6 +642,7 @@ def detect_double_descent(
     while the model learns token frequencies). NaN points are skipped. complete=False drops the
     last condition: the double descents begun (fall, rise), of which the complete ones are a part.
     """
+    _check_descent(window, tol, min_fall)
     if getattr(curve.data, "chunks", None) is not None:
         curve = curve.chunk({dim: -1})
     return xr.apply_ufunc(
@@ -651,6 +670,7 @@ def double_descent(
     of the loss) and copies DESCENT_TOKENS tokens at a time into the kernel's (ckpt, token) layout.
     chunk_mb: data per task for a loss held in memory (a store's loss keeps its chunks).
     """
+    _check_descent(window, tol, min_fall)
     ds = load_small(ds)
     loss = ds["loss"].transpose("model", "ckpt", *TOKEN_DIMS)
     if loss.chunks is None:

@@ -26,7 +26,15 @@ from tokendyn.store.layout import (
     token_chunk,
 )
 from tokendyn.store.lock import writer_lock
-from tokendyn.store.read import list_sets, metadata_stamp, open_store, read_attrs, read_checkpoint, store_path
+from tokendyn.store.read import (
+    list_sets,
+    metadata_stamp,
+    open_store,
+    read_attrs,
+    read_checkpoint,
+    store_path,
+    within_selection,
+)
 from tokendyn.store.write import (
     clear_done,
     commit_checkpoint,
@@ -73,6 +81,7 @@ __all__ = [
     "up_to_date",
     "verify",
     "verify_summary",
+    "within_selection",
     "write_block",
     "write_checkpoint_coords",
     "writer_lock",

@@ -40,7 +40,27 @@ def open_store(path: str | Path, set: str = "main") -> xr.Dataset:
     names = _set_names(str(path), stamp)  # checks that path is a store this tokendyn reads
     if set != "main" and set not in names:
         raise TokendynError(f"store {path} has no set '{set}'; it has: {', '.join(['main', *names])}")
-    return _opened(str(path), set, stamp).copy()  # a shallow copy: callers may change its attributes
+    ds = _opened(str(path), set, stamp)
+    # The caller may change attributes and edit the in-memory arrays (done, step, ...) of its copy;
+    # neither may reach the cached dataset that later opens return. The lazy arrays are shared.
+    in_memory = {
+        name: v.copy(deep=True) for name, v in ds.variables.items() if v.chunks is None and name not in ds.indexes
+    }
+    return (
+        ds.copy()
+        .assign_coords({k: v for k, v in in_memory.items() if k in ds.coords})
+        .assign({k: v for k, v in in_memory.items() if k not in ds.coords})
+    )
+
+
+def within_selection(read: xr.Dataset, source: object) -> xr.Dataset:
+    """`read` (another set or group of the store a dataset `source` was opened from) limited to the
+    models and checkpoints `source` holds: an analysis of a selection (`ds.isel(model=[0, 2])`) stays
+    within it when it reads the store's other sets. A path `source` selects nothing."""
+    if not isinstance(source, xr.Dataset):
+        return read
+    picks = {dim: source[dim].values for dim in ("model", "ckpt") if dim in source.dims and dim in read.dims}
+    return read.sel(picks) if picks else read
 
 
 # Opening parses the store's consolidated metadata (every set and task of it): the studies of one

@@ -136,7 +136,12 @@ def run(
     findings.append(
         "Rho-1 classes H->H / L->H / H->L / L->L between the first and last checkpoint (threshold: "
         "median loss): "
-        + "; ".join(f"{m} " + " / ".join(f"{shares[(m, c)]:.0f}" for c in RHO1_CLASSES) for m in models)
+        + "; ".join(
+            f"{m} not testable (one trained checkpoint)"
+            if np.isnan(shares[(m, RHO1_CLASSES[0])])
+            else f"{m} " + " / ".join(f"{shares[(m, c)]:.0f}" for c in RHO1_CLASSES)
+            for m in models
+        )
         + " % (Rho-1's reference: "
         + " / ".join(str(v) for v in RHO1_REFERENCE.values())
         + ")."

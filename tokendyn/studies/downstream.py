@@ -3,8 +3,6 @@ threshold of emergence (Du et al. 2024; methods.md §1.5, §2; `tokendyn.analysi
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -25,14 +23,14 @@ ZOOM_REL = 0.1  # share of a panel's score range a model must depart from chance
 COLLAPSE = ("unexplained_loss", "unexplained_compute", "unexplained_step", "ratio_compute", "ratio_step")
 
 
-def emergence_table(path: str | Path, scores: xr.Dataset) -> tuple[pd.DataFrame, dict, list[str]]:
+def emergence_table(source: Source, scores: xr.Dataset) -> tuple[pd.DataFrame, dict, list[str]]:
     """One row per task and metric of LABELS with the §2 fit; the results by (task, metric) (for
     drawing the fit); one line per fit that failed."""
     rows, results, failed = [], {}, []
     for task in scores["task"].values:
         for metric in LABELS:
             try:
-                result = downstream.emergence(path, str(task), metric, scores=scores)
+                result = downstream.emergence(source, str(task), metric, scores=scores)
             except TokendynError as err:
                 failed.append(f"Task {task}: no emergence fit for {metric} ({err}).")
                 continue
@@ -75,8 +73,8 @@ def run(
         raise Skip("the store has no multiple-choice tasks (add some with tokendyn tasks)")
     if metric not in LABELS:
         raise TokendynError(f"unknown metric {metric!r}; choose one of {', '.join(LABELS)}")
-    scores = downstream.task_scores(path, convention=convention)
-    every, results, failed = emergence_table(path, scores)
+    scores = downstream.task_scores(ds, convention=convention)
+    every, results, failed = emergence_table(ds, scores)
     fits = every[every.metric == metric]
     models = models_by_size(ds)
     colors = model_colors(ds)

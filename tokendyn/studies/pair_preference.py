@@ -30,12 +30,12 @@ def run(source: Source, reduce: str = default_of(pair_preference, "reduce")) -> 
     pairs set of the store, per model and checkpoint, against validation perplexity."""
     ds = open_source(source)
     require(ds, "loss", "step", "val_ppl")
-    path = main_set_path(ds, "pairs sets")
+    main_set_path(ds, "pairs sets")  # Skip unless the main set of a store on disk
     try:
-        preference = pair_preference(path, reduce=reduce)
+        preference = pair_preference(ds, reduce=reduce)
     except TokendynError as err:
         raise Skip(str(err)) from err
-    margin = pair_margin(path)
+    margin = pair_margin(ds)
     models = models_by_size(ds)
     colors = model_colors(ds)
     sets = [str(s) for s in preference["set"].values]

@@ -4,8 +4,6 @@ the task scaling law on each model's final checkpoint against log N and log exce
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
@@ -33,12 +31,12 @@ def _first(values) -> float:
     return float(values[0]) if values.size else float("nan")
 
 
-def scaling_rows(path: str | Path, task: str) -> tuple[list[dict], list[str]]:
+def scaling_rows(source: Source, task: str) -> tuple[list[dict], list[str]]:
     """The scaling fit of one task against each of SCALING_AXES (a row each), and a finding per axis."""
     rows, lines = [], []
     for x in SCALING_AXES:
         try:
-            fit = downstream.task_scaling_fit(path, task, x=x)
+            fit = downstream.task_scaling_fit(source, task, x=x)
         except TokendynError as err:
             lines.append(f"Task {task}: no scaling fit against {x} ({err}).")
             continue
@@ -80,7 +78,7 @@ def run(source: Source, max_panels: int = 8) -> Result:
         raise Skip("the store has no PassUntil runs (add some with tokendyn passuntil)")
     frames, scaling, findings = [], [], []
     for task in tasks:
-        result = downstream.pass_until(path, task)
+        result = downstream.pass_until(ds, task)
         per_ckpt = result[[k for k in result.data_vars if k.startswith("task_")]]
         frame = per_ckpt.to_dataframe().reset_index()
         columns = ["model", "ckpt", "step", "tokens_seen", "val_ppl", *per_ckpt.data_vars]
@@ -95,7 +93,7 @@ def run(source: Source, max_panels: int = 8) -> Result:
             + (f" (run at {n_run} of the {present} checkpoints)" if n_run < present else "")
             + f"; cost {drawn:,.0f} completions, {seconds:.1f} s."
         )
-        rows, lines = scaling_rows(path, task)
+        rows, lines = scaling_rows(ds, task)
         scaling += rows
         findings += lines
     table = pd.concat(frames)

@@ -117,7 +117,7 @@ def run(
     ds = open_source(source)
     require(ds, "loss", "step", "val_ppl")
     names = named_sets(ds)
-    curve = sequence_ppl(main_set_path(ds, "evaluation sets"), sets=names, by=by)
+    curve = sequence_ppl(ds, sets=names, by=by)
     turns = turning_points(curve, tol)
     models = models_by_size(ds)
     colors = model_colors(ds)

@@ -23,7 +23,7 @@ def run(source: Source) -> Result:
     if not downstream.skill_tasks(path):
         raise Skip("the store has no task with skill-labelled items")
     try:
-        curves = downstream.skill_curves(path)
+        curves = downstream.skill_curves(ds)
     except TokendynError as err:
         raise Skip(str(err)) from err
     frame = curves.drop_vars("bound").to_dataframe().reset_index()
