@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tokendyn.config.suite import EvalSet
-from tokendyn.data.corpus import read_documents, rolling_windows, tokenize_set
+from tokendyn.data.corpus import json_lines, read_documents, rolling_windows, tokenize_set
 from tokendyn.errors import TokendynError
 
 DOCS = [
@@ -26,6 +26,13 @@ def text_set(tmp_path, **kwargs) -> EvalSet:
 
 def ids_of(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_unpaired_surrogate_escape_in_jsonl_is_a_one_line_error(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"text": "a pair \\ud83d\\ude00"}\n{"text": "lone \\ud800 x"}\n')
+    with pytest.raises(TokendynError, match=r"t\.jsonl:2: a \\u escape is half of a UTF-16 surrogate pair"):
+        list(json_lines(path))
 
 
 def test_rolling_windows_rule():

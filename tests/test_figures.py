@@ -190,3 +190,22 @@ def test_cluster_centroid_axis_is_legible(planted_store):
     centroid_axis = result.figure.axes[0]
     labels = _tick_labels(result.figure, centroid_axis)
     assert len(labels) >= 2 and not _overlap([box for _, box in labels])
+
+
+def test_names_with_dollars_and_invisible_characters_are_drawn_as_written(tmp_path):
+    """A `$` in a model name is no mathtext (unbalanced, it failed the drawing); control characters,
+    which SVG cannot hold, are shown by code point."""
+    import xml.etree.ElementTree as ElementTree
+
+    from tokendyn.studies.study import save_figure
+    from tokendyn.studies.style import plain
+
+    fig = Figure()
+    ax = fig.subplots()
+    ax.plot([0, 1], [1, 0], label="lr $1e-3^$")
+    ax.set_yticks([0, 1], ["$x_1$", plain("a\u0001b\u202e")])
+    ax.legend()
+    paths = save_figure(fig, tmp_path)
+    svg = paths["svg"].read_text()
+    ElementTree.parse(paths["svg"])  # well-formed
+    assert "lr $1e-3^$" in svg and "$x_1$" in svg and "a⟨U+0001⟩b⟨U+202E⟩" in svg

@@ -341,6 +341,10 @@ CASES = {
         "unknown key 'tokens_per_stp'; did you mean 'tokens_per_step'",
     ),
     "no checkpoints": (EVAL + '[[models]]\nname = "a"\n', "[[models]] #1 ('a') key 'checkpoints': is missing"),
+    "name with a bidi override": (
+        EVAL + LOCAL_MODEL.replace('name = "a"', 'name = "a\\u202e1"'),
+        "model name 'a\\u202e1' holds the control or format characters U+202E; give it a printable name",
+    ),
     "empty checkpoints": (EVAL + '[[models]]\nname = "a"\ncheckpoints = []\n', "key 'checkpoints': is empty"),
     "checkpoint typo": (
         EVAL + '[[models]]\nname = "a"\ncheckpoints = [{ step = 1, paht = "ck/a10" }]\n',

@@ -78,6 +78,12 @@ def test_whitespace_is_visible():
     assert show_whitespace(" a\tb\n", spaces=False) == " a→b⏎"
 
 
+def test_invisible_and_reordering_characters_are_shown_by_code_point():
+    """A right-to-left override in a token would mirror the report's text after it; it is shown instead."""
+    assert show_whitespace("a\u202e1.5\u0001\u200d") == "a⟨U+202E⟩1.5⟨U+0001⟩⟨U+200D⟩"
+    assert show_whitespace("é 😀", spaces=False) == "é 😀"
+
+
 class _Text(HTMLParser):
     def __init__(self):
         super().__init__()
@@ -146,7 +152,7 @@ def test_token_view_names_a_rise_only_when_a_token_rose(planted, tmp_path):
         write_store(tmp_path / "f.zarr", falling, STEPS[:1], models=["a"], token_id=token_id, vocab=VOCAB)
     ).findings
     model_line = next(line for line in fell if line.startswith("a: "))
-    assert model_line.startswith("a: 100% of the shown tokens fell") and "smallest fall (none rose)" in model_line
+    assert model_line.startswith("a: 14 of the 14 shown tokens fell") and "smallest fall (none rose)" in model_line
     assert not any("largest rise" in line for line in fell)
 
 

@@ -8,6 +8,7 @@ are the tokens next to it in that order that belong to the same document (`doc`)
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -21,17 +22,20 @@ from tokendyn.errors import TokendynError
 from tokendyn.store.layout import TOKEN_DIMS
 
 WHITESPACE = {"\n": "⏎", " ": "␣", "\t": "→", "\r": "␍"}
+INVISIBLE = ("Cc", "Cf", "Cs")  # Unicode categories shown by code point: controls, format characters, surrogates
 RANKINGS = ("drop", "rise", "change", "loss")
 
 
 def show_whitespace(text: str, spaces: bool = True) -> str:
-    """Whitespace made visible: newline ⏎, tab →, carriage return ␍, and (with `spaces`) space ␣.
+    """Whitespace made visible: newline ⏎, tab →, carriage return ␍, and (with `spaces`) space ␣;
+    every other control or format character (bidirectional overrides, zero-width joiners, ...) as
+    ⟨U+XXXX⟩, so that it can neither hide nor reorder the text around it.
 
     Token columns show every space (a token " the" and "the" differ); running text keeps its spaces
     (`spaces=False`) and shows only the characters that would break a line or vanish.
     """
     table = WHITESPACE if spaces else {k: v for k, v in WHITESPACE.items() if k != " "}
-    return text.translate(str.maketrans(table))
+    return "".join(table.get(c, f"⟨U+{ord(c):04X}⟩" if unicodedata.category(c) in INVISIBLE else c) for c in text)
 
 
 # --- selection by training step --------------------------------------------------------------------

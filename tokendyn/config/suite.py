@@ -11,6 +11,7 @@ import difflib
 import glob
 import os
 import re
+import unicodedata
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -642,6 +643,12 @@ def _parse_preset(t: _Table) -> ModelSpec:
 
 
 def _model(t: _Table, key: str, name: str, checkpoints: list[Checkpoint]) -> ModelSpec:
+    hidden = sorted({f"U+{ord(c):04X}" for c in name if unicodedata.category(c) in ("Cc", "Cf", "Cs")})
+    if hidden or not name.strip():
+        # Names reach tables, figures (SVG cannot hold control characters) and the report, where a
+        # bidirectional override would reorder the text after it.
+        problem = f"holds the control or format characters {', '.join(hidden)}" if hidden else "is blank"
+        t.fail("name", f"model name {name!r} {problem}; give it a printable name")
     checkpoints = sorted(checkpoints, key=lambda c: c.step)
     for previous, current in zip(checkpoints, checkpoints[1:]):
         if previous.step == current.step:

@@ -53,6 +53,7 @@ if TYPE_CHECKING:  # for annotations only: the data layer never imports transfor
     from transformers import PreTrainedTokenizerBase
 
 PAD = -1
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape of a UTF-16 surrogate
 RESERVED_JSONL = ("spans", "token_ids", "context_ids")  # JSONL keys that are not document fields
 DEFAULT_BATCH_TOKENS = 8192  # model positions per forward pass when neither a token budget nor a batch size is given
 PADDING_TOLERANCE = 0.04  # most padding share of the positions computed in any one batch
@@ -258,6 +259,14 @@ def json_lines(path: str | Path) -> Iterator[tuple[int, dict]]:
             raise TokendynError(f"{path}:{number}: not valid JSON ({err.msg}); one JSON object per line") from None
         if not isinstance(record, dict):
             raise TokendynError(f"{path}:{number}: expected a JSON object per line")
+        if _SURROGATE_ESCAPE.search(line):  # JSON accepts an unpaired half; tokenizers and UTF-8 do not
+            try:
+                json.dumps(record, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise TokendynError(
+                    f"{path}:{number}: a \\u escape is half of a UTF-16 surrogate pair without its other half "
+                    "(no character); fix or remove it"
+                ) from None
         yield number, record
 
 

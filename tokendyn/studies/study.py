@@ -19,6 +19,7 @@ import pandas as pd
 import xarray as xr
 from matplotlib import rc_context
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 import tokendyn  # noqa: F401  (registers the ds.tokendyn accessor)
 from tokendyn.analysis.accessor import context_ids
@@ -136,12 +137,19 @@ def save(result: Result, folder: Path) -> dict[str, Path]:
 
 
 def save_figure(figure: Figure, folder: Path) -> dict[str, Path]:
-    """Draw the figure into folder as figure.png and figure.svg; returns {format: path}."""
+    """Draw the figure into folder as figure.png and figure.svg; returns {format: path}.
+
+    Every text is drawn as written: a `$` in a model name or token is not mathtext (an unbalanced
+    one would fail the drawing), also in the tick labels made while drawing.
+    """
     folder.mkdir(parents=True, exist_ok=True)
+    for text in figure.findobj(Text):
+        text.set_parse_math(False)
     paths = {}
     for fmt in FIGURE_FORMATS:
         paths[fmt] = folder / f"figure.{fmt}"
-        with rc_context({"svg.hashsalt": "tokendyn"}):  # SVG element ids the same on every drawing
+        # svg.hashsalt: SVG element ids the same on every drawing
+        with rc_context({"svg.hashsalt": "tokendyn", "text.parse_math": False}):
             figure.savefig(paths[fmt], dpi=PNG_DPI, metadata={"Date": None} if fmt == "svg" else None)
         # The layout solved for the first format holds for the next: solving it again costs a third
         # of the drawing time, more than a fast figure takes to draw.

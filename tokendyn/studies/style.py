@@ -24,6 +24,7 @@ from matplotlib.ticker import (
     StrMethodFormatter,
 )
 
+from tokendyn.analysis.tokens import show_whitespace
 from tokendyn.studies.study import models_by_size
 
 MODEL_CMAP = "viridis"  # sequential: from the smallest model (dark) to the largest (yellow-green)
@@ -228,9 +229,8 @@ def model_legend(fig: Figure, colors: dict[str, tuple], title: str = "model", **
 
 
 def plain(text: str, limit: int | None = None) -> str:
-    """Text as matplotlib draws it literally: `$` escaped (no mathtext), newlines and tabs shown as
-    symbols, cut to `limit` characters from the left (the end, where the token is, is kept)."""
-    text = text.replace("\n", "⏎").replace("\t", "→")
-    if limit is not None and len(text) > limit:
-        text = "…" + text[-limit:]
-    return text.replace("$", r"\$")
+    """Token text for a figure: newlines, tabs and invisible characters shown (`show_whitespace`),
+    cut to `limit` characters from the left (the end, where the token is, is kept). `save_figure`
+    draws it literally (no mathtext)."""
+    text = show_whitespace(text, spaces=False)
+    return "…" + text[-limit:] if limit is not None and len(text) > limit else text

@@ -47,7 +47,7 @@ NO_CATEGORY = "none"  # a token whose model has too few checkpoints in the trend
 STYLE = (
     "<style>.token-view{font-family:ui-monospace,monospace;font-size:0.85em;white-space:pre-wrap;"
     "line-height:1.6;border:1px solid #ccc;padding:0.5em;margin:0.3em 0 1em}"
-    ".token-view span{border-radius:2px;background:var(--c)}"
+    ".token-view span{border-radius:2px;background:var(--c);unicode-bidi:isolate}"
     ".tv-legend-category{display:none}"
     "#tv-category:checked~.tv-legend-category{display:block}#tv-category:checked~.tv-legend-change{display:none}"
     + "".join(
@@ -293,7 +293,7 @@ def run(
             continue
         low, high = rows.loc[change.idxmin()], rows.loc[change.idxmax()]
         findings.append(
-            f"{model}: {(change < 0).mean():.0%} of the shown tokens fell; the largest fall "
+            f"{model}: {int((change < 0).sum())} of the {len(change)} shown tokens fell; the largest fall "
             f"{show_whitespace(low.token)!r} ({low.change:+.2f} nats), "
             + ("the largest rise" if high.change > 0 else "the smallest fall (none rose)")
             + f" {show_whitespace(high.token)!r} ({high.change:+.2f} nats)."
