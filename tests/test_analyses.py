@@ -162,6 +162,19 @@ def test_subset_curves_track_the_choosers_upward_tokens_in_every_model(planted):
     assert not shapes.loc["stagnated", "turns"].any()
 
 
+def test_subset_curves_choose_stagnated_tokens_with_their_band(planted):
+    """The study's band reaches the trend categories that choose the stagnated subset (docs/methods.md §1.2)."""
+    from tokendyn.studies import subset_curves
+
+    ds = planted[0]
+    medium = list(ds["model"].values).index("medium")
+    for band in (0.05, 0.5):
+        table = subset_curves.run(ds, band=band).tables["subset_curves"]
+        share = table.loc[(table.chosen_on == "medium") & (table.category == "stagnated"), "subset_percent"].iloc[0]
+        labels = ds.tokendyn.trend_categories(start=0.2, band=band).isel(model=medium, start=0)
+        assert share == pytest.approx(100 * float((labels == 0).sum() / (labels >= 0).sum()))
+
+
 def test_subset_shapes_find_a_planted_second_descent():
     """A curve that falls, rises to a peak and falls again is found, at the right perplexities."""
     y = np.array([[50, 30, 20, 28, 35, 25, 22], [50, 40, 30, 25, 20, 18, 17]], dtype=float)

@@ -15,7 +15,7 @@ from tokendyn.analysis.labels import label_mask
 from tokendyn.analysis.sequences import turning_points
 from tokendyn.analysis.shared import computed
 from tokendyn.analysis.trajectories import done_checkpoints, double_descent, load_small, model_index, token_share
-from tokendyn.analysis.trends import TrendWarning, trend_categories, window_start
+from tokendyn.analysis.trends import TrendWarning, fit_points, ols, trend_categories, window_start
 from tokendyn.studies.findings import verdict
 from tokendyn.studies.study import Result, Skip, Source, default_of, models_by_size, open_source, require
 from tokendyn.studies.style import (
@@ -40,13 +40,13 @@ def default_chooser(ds: xr.Dataset) -> str:
     return models[1] if len(models) > 1 else models[0]
 
 
-def subsets(ds: xr.Dataset, choosers: list[str], start: float, x: str) -> dict[str, xr.DataArray]:
+def subsets(ds: xr.Dataset, choosers: list[str], start: float, x: str, band: float) -> dict[str, xr.DataArray]:
     """Per chooser: masks (category, tokens) of its stagnated and upward tokens at start fraction
     `start`; a model without trend categories there (too few checkpoints) is left out. The
     categories of every chooser come from one pass over the store."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TrendWarning)
-        labels = computed(trend_categories, ds, along="start", start=[start], x=x).isel(start=0)
+        labels = computed(trend_categories, ds, along="start", start=[start], x=x, band=band).isel(start=0)
     masks = {}
     for chooser in choosers:
         chosen = labels.isel(model=model_index(ds, chooser))
@@ -109,14 +109,21 @@ def _upward_sentence(row) -> str:
     return text
 
 
-def _stagnation(curves: xr.DataArray, ds: xr.Dataset, start: float, band: float) -> dict[str, float]:
-    """Per model: largest |ppl / geometric mean - 1| of the stagnated subset over the trend window."""
+def _stagnation(curves: xr.DataArray, ds: xr.Dataset, start: float, x: str) -> dict[str, tuple[float, float]]:
+    """Per model: the stagnated subset's perplexity curve judged by the rule that made its tokens
+    stagnated (docs/methods.md §1.2) over the same trend window: (the larger deviation of its two
+    ends from the window's geometric mean, the p-value of its slope); NaN with fewer than 3 points."""
     out = {}
     for m, model in enumerate(curves["model"].values):
         idx = done_checkpoints(ds, m)
-        idx = idx[window_start(ds["step"].values[m, idx], start) :]
-        y = np.log(curves.sel(category="stagnated").isel(model=m).values[idx])
-        out[str(model)] = float(np.nanmax(np.abs(np.exp(y - np.nanmean(y)) - 1))) if len(idx) else np.nan
+        keep, xs = fit_points(ds["step"].values[m, idx], x)
+        j = window_start(ds["step"].values[m, idx[keep]], start) if len(xs) else 0
+        ppl = curves.sel(category="stagnated").isel(model=m).values[idx[keep][j:]]
+        if len(ppl) < 3 or not np.isfinite(ppl).all():
+            out[str(model)] = (np.nan, np.nan)
+            continue
+        ends = np.exp(np.log(ppl[[0, -1]]) - np.log(ppl).mean())
+        out[str(model)] = (float(np.abs(ends - 1).max()), float(ols(ppl / ppl[0], xs[j:])[2]))
     return out
 
 
@@ -142,7 +149,7 @@ def run(
     models = models_by_size(ds)
     colors = model_colors(ds)
     tables, shapes_by, curves_by, percent_by = [], [], {}, {}
-    masks_by = subsets(ds, [chooser, *(m for m in models if m != chooser)], start, x)
+    masks_by = subsets(ds, [chooser, *(m for m in models if m != chooser)], start, x, band)
     if masks_by:  # every chooser's subsets tracked in every model in one pass over the store
         stacked = xr.concat(list(masks_by.values()), dim="chosen_on").assign_coords(chosen_on=list(masks_by))
         # the double-descent flags (default parameters) read every chunk too: computed in the same pass
@@ -219,17 +226,19 @@ def run(
             f"Paper: the smallest model's upward subset stays up; here ({models[0]}) this {verdict([stays])}."
         )
     findings += envelope_findings(ds) + ([ZOOM_FINDING] if zoomed else [])
-    spread = _stagnation(curves, ds, start, band)
+    alpha = default_of(trend_categories, "alpha")
+    spread = _stagnation(curves, ds, start, x)
     findings.append(
-        "Largest deviation of the stagnated subset from its mean over the trend window: "
-        + ", ".join(f"{k} {v:.1%}" for k, v in spread.items())
-        + "."
+        "The stagnated subset over the trend window (its ends against the window's geometric mean; "
+        "its slope's p-value): " + ", ".join(f"{k} {d:.1%}, p {p:.2g}" for k, (d, p) in spread.items()) + "."
     )
-    if larger:
-        holds = [spread[m] <= band for m in larger]
+    testable = [m for m in larger if np.isfinite(spread[m][0])]
+    if testable:
+        holds = [spread[m][0] <= band and spread[m][1] >= alpha for m in testable]
         findings.append(
-            f"Paper: stagnated tokens chosen on a small model stay stagnated in larger ones (here: within "
-            f"±{band:.0%}); this {verdict(holds)} ({sum(holds)} of {len(holds)} larger models)."
+            f"Paper: stagnated tokens chosen on a small model stay stagnated in larger ones (here: the "
+            f"subset's curve stagnated by §1.2, ends within ±{band:.0%}, no slope at p < {alpha}); this "
+            f"{verdict(holds)} ({sum(holds)} of {len(holds)} larger models)."
         )
     for name in curves_by:
         if name != chooser:
