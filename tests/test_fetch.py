@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -147,6 +148,18 @@ def test_evict_deletes_only_what_the_run_downloaded(hub, tmp_path):
     assert sorted(p.name for p in (repo / "snapshots").iterdir()) == [commit_of("step1000")]
     assert cache_files(cache) == before  # what was there before is untouched
     assert xr.open_zarr(out).done.values.tolist() == [[True] * 4]
+
+
+def test_evict_leaves_other_repos_copies_of_the_same_commit(hub, tmp_path):
+    """A mirror pushed from the same git history has the same commits; only the run's repo loses its copy
+    (was: whichever repo holding the commit huggingface_hub met first, often the user's)."""
+    _, cache, suite = hub
+    shutil.copytree(cache / "models--org--run", cache / "models--org--fork", symlinks=True)
+    before = cache_files(cache)
+    suite.write_text(suite.read_text().replace(f'hub_id = "{REPO}"', 'hub_id = "org/mirror"'))
+    extract(suite, tmp_path / "s.zarr", evict=True, progress=False)
+    assert not list((cache / "models--org--mirror").glob("snapshots/*"))
+    assert {k: v for k, v in cache_files(cache).items() if "models--org--mirror" not in k} == before
 
 
 def test_evict_scans_again_when_another_worker_changed_the_cache(hub, monkeypatch):

@@ -13,6 +13,7 @@ downloaded twice. Local checkpoints pass through untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -83,7 +84,11 @@ def evict(hub_id: str, revision: str, keep: set[tuple[str, str]]) -> int:
     lock = Path(hub_constants.HF_HUB_CACHE) / EVICT_LOCK
     lock.parent.mkdir(parents=True, exist_ok=True)
     with filelock.FileLock(lock):
-        strategy = scan_cache().delete_revisions(commit)
+        info = scan_cache()
+        # Only this repo's copy: another repo (a mirror pushed from the same git history) may hold a
+        # snapshot of the same commit, which `delete_revisions` could pick instead. Blobs are per repo.
+        repos = frozenset(r for r in info.repos if r.repo_type == "model" and r.repo_id == hub_id)
+        strategy = dataclasses.replace(info, repos=repos).delete_revisions(commit)
         strategy.execute()
     return strategy.expected_freed_size
 
