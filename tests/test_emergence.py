@@ -95,3 +95,11 @@ def test_missing_checkpoints_are_dropped_and_shapes_checked():
     assert fit.n_points == loss.size - 5
     with pytest.raises(TokendynError, match="same shape"):
         fit_segmented(loss, perf[:, :3])
+
+
+def test_segmented_fit_keeps_min_side_points_where_the_slope_acts():
+    """docs/methods.md §2: each side of eta keeps min_side points; a point at eta adds nothing to the slope
+    (was: the lowest candidate was the min_side-th loss itself, leaving min_side - 1 points below)."""
+    loss = np.arange(1.0, 9.0)
+    fit = fit_segmented(loss, [10.0, 5.0, 0, 0, 0, 0, 0, 0], min_side=3, n_boot=10)
+    assert (loss < fit.eta).sum() >= 3 and (loss >= fit.eta).sum() >= 3

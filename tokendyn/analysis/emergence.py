@@ -111,7 +111,8 @@ def fit_segmented(
 
     loss, perf: one value per checkpoint, same shape (NaN dropped).
     n_grid: candidate etas, evenly spaced between the losses that leave `min_side` points on each
-        side of eta (the resolution of eta is that range / n_grid).
+        side of eta (below it, where the slope acts, and at or above it; the resolution of eta is
+        that range / n_grid).
     n_boot, ci, seed: percentile bootstrap over checkpoints (resampled with replacement, the grid
         kept fixed) for the interval of eta.
     """
@@ -121,7 +122,9 @@ def fit_segmented(
             f"the segmented fit needs at least {2 * max(min_side, 2)} checkpoints with a loss and a score"
         )
     ordered = np.sort(loss)
-    etas = np.linspace(ordered[min_side - 1], ordered[-min_side], n_grid)
+    # min_side points strictly below the lowest eta (a point at eta adds nothing to the slope) and at
+    # or above the highest
+    etas = np.linspace(ordered[min_side], ordered[-min_side], n_grid)
     sse, intercept, slope = (v[0] for v in _segmented_sse(loss, perf, etas, np.ones((1, loss.size))))
     best = int(np.argmin(sse))
     idx = np.random.default_rng(seed).integers(0, loss.size, (n_boot, loss.size))
