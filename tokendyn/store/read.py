@@ -40,17 +40,13 @@ def open_store(path: str | Path, set: str = "main") -> xr.Dataset:
     names = _set_names(str(path), stamp)  # checks that path is a store this tokendyn reads
     if set != "main" and set not in names:
         raise TokendynError(f"store {path} has no set '{set}'; it has: {', '.join(['main', *names])}")
-    ds = _opened(str(path), set, stamp)
-    # The caller may change attributes and edit the in-memory arrays (done, step, ...) of its copy;
-    # neither may reach the cached dataset that later opens return. The lazy arrays are shared.
-    in_memory = {
-        name: v.copy(deep=True) for name, v in ds.variables.items() if v.chunks is None and name not in ds.indexes
-    }
-    return (
-        ds.copy()
-        .assign_coords({k: v for k, v in in_memory.items() if k in ds.coords})
-        .assign({k: v for k, v in in_memory.items() if k not in ds.coords})
-    )
+    # A copy whose attributes and in-memory arrays (done, step, ...) the caller may edit without
+    # changing the cached dataset that later opens return; the lazy arrays are shared.
+    ds = _opened(str(path), set, stamp).copy()  # new Variable objects, sharing their data
+    for name, variable in ds.variables.items():
+        if variable.chunks is None and name not in ds.indexes:
+            variable.data = variable.data.copy()
+    return ds
 
 
 def within_selection(read: xr.Dataset, source: object) -> xr.Dataset:
