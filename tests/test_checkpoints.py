@@ -10,7 +10,9 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import constants as hub_constants
@@ -19,9 +21,11 @@ from transformers import GPT2Config
 from conftest import build_tokenizer, save_checkpoint
 from tokendyn.config.suite import Checkpoint, load_suite
 from tokendyn.errors import TokendynError
+from tokendyn.models import extract, generate
 from tokendyn.models.checkpoints import (
     check_tokenizers,
     count_params,
+    load_config,
     load_model,
     load_tokenizer,
     max_context,
@@ -31,6 +35,7 @@ from tokendyn.models.checkpoints import (
     weights_fingerprint,
     weights_fingerprint_async,
 )
+from tokendyn.models.tasks import suite_context
 
 EVAL = '[eval]\nfiles = ["valid.txt"]\nseq_len = 16\n'
 
@@ -299,6 +304,49 @@ def test_a_tokenizer_shipping_its_own_code_runs_only_with_trust_remote_code(ckpt
     assert check_tokenizers(suite, trust_remote_code=True) == expected
 
 
+# Every reader of a suite's configs, before any weights load (all go through `load_config`).
+CONFIG_READERS = {
+    "extract context": lambda suite: extract._check_context(suite, 16, False),
+    "extract coords": lambda suite: extract._model_coords(suite, False),
+    "auto batch size": lambda suite: extract.auto_batch_size(
+        suite, {"valid": SimpleNamespace(lengths=np.array([16]), windows=[0])}, "cpu", torch.float32, np.zeros(2)
+    ),
+    "task context": suite_context,
+    "generate sizes": generate.smallest_and_largest,
+    "generate context": lambda suite: generate._check_context([m.checkpoints[0] for m in suite.models], 16, False),
+}
+
+
+@pytest.mark.parametrize("reader", CONFIG_READERS.values(), ids=CONFIG_READERS.keys())
+def test_a_config_shipping_its_own_code_runs_only_with_trust_remote_code(ckpts, tmp_path, monkeypatch, reader):
+    """A config class in the checkpoint folder (`auto_map`) is user code: refused with the flag to pass
+    (was: transformers' ValueError as a traceback), run with trust_remote_code."""
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    folder = copy_of(ckpts, "neox0", tmp_path)
+    ran = tmp_path / "ran"
+    (folder / "configuration_custom.py").write_text(
+        f"from pathlib import Path\nfrom transformers import GPTNeoXConfig\n\nPath({str(ran)!r}).touch()\n\n"
+        "class CustomConfig(GPTNeoXConfig):\n    model_type = 'custom'\n"
+    )
+    config = json.loads((folder / "config.json").read_text())
+    config |= {"model_type": "custom", "auto_map": {"AutoConfig": "configuration_custom.CustomConfig"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    models = "".join(
+        f'[[models]]\nname = "{name}"\ncheckpoints = [{{ step = 1, path = "{path}" }}]\n'
+        for name, path in [("plain", ckpts[0] / "neox0"), ("custom", folder)]
+    )
+    suite = load_suite(write_suite_toml(tmp_path, models))
+    with pytest.raises(TokendynError) as info:
+        reader(suite)
+    assert str(info.value) == (
+        f"the model of {folder} (model 'custom', step 1) ships its own code; "
+        "rerun with --trust-remote-code if you trust it"
+    )
+    assert not ran.exists()
+    assert type(load_config(suite.models[1].checkpoints[0], trust_remote_code=True)).__name__ == "CustomConfig"
+    assert ran.exists()
+
+
 def test_vocab_too_small_for_tokenizer(ckpts, tmp_path):
     root, _ = ckpts
     save_checkpoint(tmp_path / "small", "gpt_neox", build_tokenizer(vocab_size=280), seed=5)
@@ -386,6 +434,19 @@ def test_offline_missing_revision(hub_cache):
     )
     with pytest.raises(TokendynError, match="org/other@step1000 .* is not .* in the Hugging Face cache"):
         resolve(hub("org/other", "step1000"))
+
+
+@pytest.mark.parametrize("allow_pickle", [False, True])
+def test_offline_revision_without_its_weights_in_the_cache(hub_cache, ckpts, tmp_path, allow_pickle):
+    """Config and tokenizer cached, weights not (a run stopped after the pre-fetch): snapshot_download offline
+    returns the snapshot anyway; the error is that the revision is not in the cache (was: "no weights in")."""
+    meta_only = copy_of(ckpts, "neox0", tmp_path)
+    (meta_only / "model.safetensors").unlink()
+    make_hub_cache(hub_cache, "org/name", {"step3000": meta_only})
+    ckpt = hub("org/name", "step3000", 3000)
+    assert (resolve(ckpt, weights=False) / "config.json").is_file()
+    with pytest.raises(TokendynError, match=r"^org/name@step3000 .* is not \(completely\) in the Hugging Face cache"):
+        load_model(ckpt, allow_pickle=allow_pickle)
 
 
 def test_offline_cache_from_hf_home_in_a_fresh_process(ckpts, tmp_path):

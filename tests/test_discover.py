@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 from huggingface_hub import constants as hub_constants
@@ -120,6 +122,26 @@ def test_hub_revision_pattern_without_match(offline_cache, tmp_path):
         load_suite(suite_file(tmp_path, 'hub_id = "org/name"\nrevisions = "ckpt-*"'))
     with pytest.raises(TokendynError, match="'main' has no step number"):
         load_suite(suite_file(tmp_path, 'hub_id = "org/name"\nrevisions = "ma*"'))
+
+
+def unreachable_hub(monkeypatch) -> huggingface_hub.HfApi:
+    """The hub API at a local port nothing listens on, online: every request fails to connect, as without network."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    return huggingface_hub.HfApi(endpoint=f"http://127.0.0.1:{port}")
+
+
+def test_hub_revision_pattern_without_network(tmp_path, monkeypatch):
+    """huggingface_hub 2 raises httpx2's ConnectError, neither an HfHubHTTPError nor an OSError (was: a traceback)."""
+    monkeypatch.setattr(huggingface_hub, "list_repo_refs", unreachable_hub(monkeypatch).list_repo_refs)
+    with pytest.raises(
+        TokendynError,
+        match=r"^cannot list the revisions of org/name \(.*Connection refused\); check the network, "
+        "or set HF_HUB_OFFLINE=1 to use the revisions in the local cache$",
+    ):
+        load_suite(suite_file(tmp_path, 'hub_id = "org/name"\nrevisions = "step*"'))
 
 
 def test_extract_one_model_without_a_toml(tmp_path, capsys):

@@ -75,3 +75,24 @@ def test_local_cluster_of_two_workers_equals_single_process(tmp_path):
     for name in ("loss", "done", "val_ppl", "weights_hash"):
         np.testing.assert_array_equal(got[name].values, want[name].values, err_msg=name)
     assert got.attrs["complete"] == {"opt": [0, 1, 2]}
+
+
+@pytest.mark.slow
+def test_relative_out_names_the_clients_store_on_workers_elsewhere(tmp_path, monkeypatch):
+    """Workers started in another folder (as a Slurm job is) write to the client's store, never to a
+    store of the same relative name in their own folder (was: written over, and "store written")."""
+    from distributed import Client, LocalCluster
+
+    suite = write_suite(tmp_path, families=("opt",), steps=(0, 1))
+    elsewhere = tmp_path / "elsewhere"
+    foreign = extract(suite, elsewhere / "s.zarr", progress=False)
+    before = xr.open_zarr(foreign)["loss"].values.copy()
+    monkeypatch.chdir(tmp_path)
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
+        client.run(os.chdir, str(elsewhere))
+        extract(suite, "s.zarr", progress=False, scheduler=cluster.scheduler_address)
+    assert xr.open_zarr(tmp_path / "s.zarr")["done"].values.all()
+    np.testing.assert_array_equal(xr.open_zarr(foreign)["loss"].values, before)

@@ -131,24 +131,32 @@ def test_unwritable_output(capsys, workspace):
     assert "cannot write the store" in err
 
 
-def test_corrupted_weights_lose_nothing(capsys, made, tmp_path):
-    """A corrupted checkpoint stops the run with a clear error; checkpoints done before it stay done."""
-    root, _ = made
+def test_corrupted_weights_are_refused_before_the_store_grows(capsys, tmp_path):
+    """A truncated checkpoint (a Trainer still writing it) stops the run before the store grows to hold
+    it (was: grown, then refused, and stuck once the folder was gone); the store stays as it was."""
     suite = write_suite(tmp_path, families=("opt",), steps=(0, 10, 20))
+    first = tmp_path / "first.toml"
+    first.write_text(
+        suite.read_text().replace(
+            ', { step = 10, path = "ckpts/opt/step10" }, { step = 20, path = "ckpts/opt/step20" }', ""
+        )
+    )
+    store = tmp_path / "s.zarr"
+    assert main(["extract", str(first), "--out", str(store), "--no-progress"]) == 0
+    before = tokendyn.open_store(store).loss.values
     weights = tmp_path / "ckpts/opt/step10/model.safetensors"
     good = weights.read_bytes()
     weights.write_bytes(good[: len(good) // 3])
-    store = tmp_path / "s.zarr"
     err = run_error(capsys, suite, "--out", store)
     assert "corrupted weights file" in err and "step10" in err
     ds = tokendyn.open_store(store)
-    assert ds.done.values.tolist() == [[True, False, False]]
-    first = ds.loss.isel(ckpt=0).values
+    assert ds.sizes["ckpt"] == 1 and ds.done.values.tolist() == [[True]]
+    np.testing.assert_array_equal(ds.loss.values, before)
     weights.write_bytes(good)
     assert main(["extract", str(suite), "--out", str(store), "--no-progress"]) == 0
     ds = tokendyn.open_store(store)
-    assert bool(ds.done.all())
-    np.testing.assert_array_equal(ds.loss.isel(ckpt=0).values, first)
+    assert bool(ds.done.all()) and ds.sizes["ckpt"] == 3
+    np.testing.assert_array_equal(ds.loss.isel(ckpt=[0]).values, before)
 
 
 def test_pickle_checkpoint_needs_opt_in(capsys, tmp_path):

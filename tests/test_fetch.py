@@ -26,10 +26,12 @@ from huggingface_hub.hf_api import BlobLfsInfo, RepoSibling
 import tokendyn.models.extract as extract_module
 from conftest import build_tokenizer, save_checkpoint
 from test_checkpoints import make_hub_cache
+from test_discover import unreachable_hub
 from tokendyn.cli import main
 from tokendyn.config.suite import load_suite
+from tokendyn.errors import TokendynError
 from tokendyn.models import download, fetch
-from tokendyn.models.checkpoints import weights_fingerprint
+from tokendyn.models.checkpoints import resolve, weights_fingerprint
 from tokendyn.models.extract import extract
 
 REPO = "org/run"
@@ -261,6 +263,32 @@ def test_download_plan_sizes_hashes_and_resume(hub, tmp_path):
     assert all(r.missing_bytes == 0 for r in download.plan(suite, api=FakeApi(fake.remote)))
     # The fingerprint from the hub's hashes equals the one of the files in the cache, which reads no weights.
     assert revisions[1].weights_hash == weights_fingerprint(suite.models[0].checkpoints[1])
+
+
+def test_download_without_network(hub, monkeypatch):
+    """huggingface_hub 2 raises httpx2's ConnectError, neither an HfHubHTTPError nor an OSError (was: a traceback)."""
+    _, _, suite = hub
+    with pytest.raises(
+        TokendynError,
+        match=r"^cannot read the file list of org/run@step1000 \(.*Connection refused\); "
+        "`tokendyn download` needs network access to the hub$",
+    ):
+        download.plan(load_suite(suite), api=unreachable_hub(monkeypatch))
+
+
+def test_pickle_weights_are_fetched_only_without_safetensors(hub):
+    """--allow-pickle is for checkpoints without safetensors: a revision with both gets its safetensors only
+    (was: both, twice the download), in `tokendyn download`'s plan as in the download itself."""
+    fake, cache, suite_path = hub
+    (fake.remote["step2000"] / "pytorch_model.bin").write_bytes(b"pickled weights")
+    (fake.remote["step3000"] / "model.safetensors").rename(fake.remote["step3000"] / "pytorch_model.bin")
+    suite = load_suite(suite_path)
+    revisions = download.plan(suite, allow_pickle=True, api=FakeApi(fake.remote))
+    weights = [sorted(name for name in r.files if "model." in name) for r in revisions]
+    assert weights == [["model.safetensors"], ["model.safetensors"], ["pytorch_model.bin"], ["model.safetensors"]]
+    both, pickle_only = suite.models[0].checkpoints[1:3]
+    assert not (resolve(both, allow_pickle=True) / "pytorch_model.bin").exists()
+    assert (resolve(pickle_only, allow_pickle=True) / "pytorch_model.bin").is_file()
 
 
 def test_cli_version_and_quiet(capsys, tmp_path):

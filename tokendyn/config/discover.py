@@ -132,9 +132,20 @@ def cached_revisions(hub_id: str) -> list[str]:
     return sorted(name for name in names if not name.startswith("pr/"))
 
 
+def hub_errors() -> tuple[type[Exception], ...]:
+    """What a hub request raises for an HTTP error status or no connection. huggingface_hub >= 2
+    speaks httpx2 (its HfHubHTTPError derives from httpx2.HTTPError, and OfflineModeIsEnabled is an
+    OSError); older versions speak requests, whose errors are OSErrors."""
+    try:
+        from httpx2 import HTTPError
+    except ImportError:
+        return (OSError,)
+    return (HTTPError, OSError)
+
+
 def _hub_revisions(hub_id: str) -> list[str]:
     import huggingface_hub
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import RepositoryNotFoundError
 
     try:
         refs = huggingface_hub.list_repo_refs(hub_id)
@@ -143,7 +154,7 @@ def _hub_revisions(hub_id: str) -> list[str]:
             f"hub repo {hub_id} is not found or not accessible; fix hub_id, or log in "
             "(hf auth login) if it is private or gated"
         ) from None
-    except (HfHubHTTPError, OSError) as err:
+    except hub_errors() as err:
         raise TokendynError(
             f"cannot list the revisions of {hub_id} ({str(err).splitlines()[0]}); check the network, "
             "or set HF_HUB_OFFLINE=1 to use the revisions in the local cache"

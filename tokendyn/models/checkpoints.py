@@ -23,7 +23,14 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 from safetensors import SafetensorError, safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from tokendyn.config.suite import Checkpoint, Suite
 from tokendyn.errors import TokendynError
@@ -63,15 +70,27 @@ def resolve(ckpt: Checkpoint, weights: bool = True, allow_pickle: bool = False) 
 
     Hub checkpoints go through `huggingface_hub.snapshot_download`, which downloads what is missing
     when online and reads the cache when offline (HF_HUB_OFFLINE=1). weights=False fetches only the
-    config and tokenizer files; pickle weights are fetched only with allow_pickle.
+    config and tokenizer files; pickle weights are fetched only with allow_pickle, and only for a
+    revision without safetensors.
     """
     if ckpt.path is not None:
         if not ckpt.path.is_dir():
             raise TokendynError(f"checkpoint directory {_label(ckpt)} does not exist; fix its path in the suite TOML")
         return ckpt.path
-    patterns = META_PATTERNS
-    if weights:
-        patterns = patterns + SAFETENSORS_PATTERNS + (PICKLE_PATTERNS if allow_pickle else [])
+    if not weights:
+        return _snapshot(ckpt, META_PATTERNS)
+    folder = _snapshot(ckpt, META_PATTERNS + SAFETENSORS_PATTERNS)
+    safetensors, pickled = weight_files(folder)
+    if allow_pickle and not safetensors:  # pickle only as a fallback: a revision with both would download twice
+        folder = _snapshot(ckpt, PICKLE_PATTERNS)
+        pickled = weight_files(folder)[1]
+    # Offline, snapshot_download returns the cached snapshot without checking that the patterns' files are in it.
+    if hub_constants.HF_HUB_OFFLINE and not safetensors and not pickled:
+        raise _not_cached(ckpt)
+    return folder
+
+
+def _snapshot(ckpt: Checkpoint, patterns: list[str]) -> Path:
     try:
         folder = huggingface_hub.snapshot_download(ckpt.hub_id, revision=ckpt.revision, allow_patterns=patterns)
     except RevisionNotFoundError as err:
@@ -85,17 +104,21 @@ def resolve(ckpt: Checkpoint, weights: bool = True, allow_pickle: bool = False) 
             "fix hub_id in the suite TOML, or log in (hf auth login) if it is private or gated"
         ) from err
     except LocalEntryNotFoundError as err:
-        offline = "HF_HUB_OFFLINE=1 is set" if hub_constants.HF_HUB_OFFLINE else "the hub cannot be reached"
-        raise TokendynError(
-            f"{_label(ckpt)} is not (completely) in the Hugging Face cache "
-            f"{hub_constants.HF_HUB_CACHE} and {offline}; download it with network access, "
-            "or point HF_HOME / HF_HUB_CACHE at a cache that has this revision"
-        ) from err
+        raise _not_cached(ckpt) from err
     except HfHubHTTPError as err:
         raise TokendynError(
             f"could not fetch {_label(ckpt)}: {_first_line(err)}; check the network and the hub id, then rerun"
         ) from err
     return Path(folder)
+
+
+def _not_cached(ckpt: Checkpoint) -> TokendynError:
+    offline = "HF_HUB_OFFLINE=1 is set" if hub_constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+    return TokendynError(
+        f"{_label(ckpt)} is not (completely) in the Hugging Face cache "
+        f"{hub_constants.HF_HUB_CACHE} and {offline}; download it with network access, "
+        "or point HF_HOME / HF_HUB_CACHE at a cache that has this revision"
+    )
 
 
 def weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -193,6 +216,16 @@ def _check_safetensors(ckpt: Checkpoint, file: Path) -> None:
             f"corrupted weights file {file} of {_label(ckpt)} ({_first_line(err)}); "
             "re-download or re-save the checkpoint"
         ) from err
+
+
+def check_local_weights(ckpt: Checkpoint, allow_pickle: bool) -> None:
+    """One-line errors for a local checkpoint's missing, pickle (without allow_pickle) or truncated
+    safetensors weights, from the files' headers only: a run refuses them before it writes anything.
+    A hub checkpoint's weights are checked when they are fetched."""
+    if ckpt.path is not None:
+        for file in _weights_to_load(ckpt, Path(ckpt.path), allow_pickle):
+            if file.suffix == ".safetensors":
+                _check_safetensors(ckpt, file)
 
 
 def _load_tokenizer(source: str | Path, label: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
@@ -349,6 +382,21 @@ def context_length(ckpt: Checkpoint) -> int | None:
         if isinstance(value, int) and value > 0:
             return value
     return None
+
+
+def load_config(ckpt: Checkpoint, trust_remote_code: bool = False) -> PretrainedConfig:
+    """The checkpoint's transformers config (fetching only config and tokenizer files).
+    trust_remote_code: run a config class shipped with the checkpoint (user code; off by default)."""
+    folder = resolve(ckpt, weights=False)
+    try:
+        # explicit False: left unset, transformers asks on a terminal and runs the code on "y"
+        return AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except ValueError as err:
+        if "trust_remote_code" in str(err) and not trust_remote_code:
+            raise TokendynError(
+                f"the model of {_label(ckpt)} ships its own code; rerun with --trust-remote-code if you trust it"
+            ) from err
+        raise
 
 
 def max_context(config: PretrainedConfig) -> int | None:

@@ -15,9 +15,10 @@ import hashlib
 from dataclasses import dataclass, field
 
 import huggingface_hub
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 from tqdm.auto import tqdm
 
+from tokendyn.config.discover import hub_errors
 from tokendyn.config.suite import Checkpoint, Suite
 from tokendyn.errors import TokendynError
 from tokendyn.models import checkpoints
@@ -62,14 +63,17 @@ def patterns(allow_pickle: bool) -> list[str]:
 def plan(suite: Suite, allow_pickle: bool = False, api: huggingface_hub.HfApi | None = None) -> list[Revision]:
     """Every hub checkpoint of the suite with the files `extract` would fetch, their sizes and hashes."""
     api = api or huggingface_hub.HfApi()
-    wanted = patterns(allow_pickle)
     revisions = []
     for model in suite.models:
         for ckpt in model.checkpoints:
             if ckpt.path is not None:
                 continue
             revision = Revision(ckpt)
-            for sibling in _siblings(api, ckpt):
+            siblings = _siblings(api, ckpt)
+            # as `checkpoints.resolve`: pickle weights only for a revision without safetensors
+            safetensors = any(fnmatch.fnmatch(sibling.rfilename, "*.safetensors") for sibling in siblings)
+            wanted = patterns(allow_pickle and not safetensors)
+            for sibling in siblings:
                 if any(fnmatch.fnmatch(sibling.rfilename, p) for p in wanted):
                     sha = sibling.lfs.sha256 if sibling.lfs is not None else None
                     revision.files[sibling.rfilename] = (sibling.size or 0, sha)
@@ -93,7 +97,7 @@ def _siblings(api, ckpt: Checkpoint) -> list:
         raise TokendynError(
             f"hub repo {ckpt.hub_id} is not found or not accessible; fix hub_id, or log in (hf auth login)"
         ) from None
-    except (HfHubHTTPError, OSError) as err:
+    except hub_errors() as err:  # an HTTP error, no connection, or HF_HUB_OFFLINE=1
         raise TokendynError(
             f"cannot read the file list of {ckpt.source} ({str(err).splitlines()[0]}); "
             "`tokendyn download` needs network access to the hub"

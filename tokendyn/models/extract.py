@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from tokendyn import __version__, store
-from tokendyn.config.suite import EvalSet, Suite, load_suite
+from tokendyn.config.suite import Checkpoint, EvalSet, Suite, load_suite
 from tokendyn.data.corpus import DEFAULT_BATCH_TOKENS, PAD, ScoredSet, describe, plan_batches, tokenize_set
 from tokendyn.errors import TokendynError
 from tokendyn.models import checkpoints, gpu, hardware
@@ -228,6 +228,8 @@ def extract(
     hf_logging.disable_progress_bar()  # one bar for the whole run, not one per weights load
     with store.writer_lock(out):
         _repair(out)
+        for ckpt in _unscored(out, suite):  # before the store grows to hold it (a Trainer may still be writing it)
+            checkpoints.check_local_weights(ckpt, allow_pickle)
         root = store.prepare(out, layout, sets, model_coords, vocab_text, __version__, summaries)
         # Recorded on a new (or fully rescored) store; a store of older versions with done checkpoints stays
         # unrecorded: its precision is unknown.
@@ -274,7 +276,7 @@ def extract(
 
             run_on_cluster(
                 suite,
-                out,
+                out.resolve(),  # workers may run in other folders, where a relative path names another store
                 sets,
                 todo,
                 options,
@@ -293,6 +295,14 @@ def extract(
                 .attrs.get("refused", {})
                 .values()
             ]
+            unwritten = [(m, c, n) for m, c, names in todo for n in names if not store.is_done(stored, n, m, c)]
+            if unwritten and not refused:
+                m, c, name = unwritten[0]
+                raise TokendynError(
+                    f"the cluster finished, but {len(unwritten)} checkpoint-sets are not done in {out} (first: "
+                    f"{suite.models[m].checkpoints[c].source}, set {name}); the workers must see the store at "
+                    f"{out.resolve()} (a shared file system); rerun to resume"
+                )
         else:
             total = sum(sets[name].n_tokens for _, _, names in todo for name in names)
             refused = []
@@ -312,6 +322,17 @@ def extract(
         )
         raise TokendynError(f"not marked done, {refused[0]}{more}; the other checkpoints are complete")
     return out
+
+
+def _unscored(out: Path, suite: Suite) -> list[Checkpoint]:
+    """The suite's checkpoints whose step the store at `out` has not scored in its main set (every one
+    without a store)."""
+    done = set()
+    if (out / "zarr.json").is_file():
+        ds = store.open_store(out)
+        for m, model in enumerate(ds["model"].values):
+            done |= {(str(model), float(step)) for step in ds["step"].values[m][ds["done"].values[m]]}
+    return [c for spec in suite.models for c in spec.checkpoints if (spec.name, float(c.step)) not in done]
 
 
 def scored_at(c: int, n: int, every: int) -> bool:
@@ -359,9 +380,7 @@ def auto_batch_size(
     dtype_bytes = torch.empty(0, dtype=dtype).element_size()
     size, limit = most, None
     for spec, params in zip(suite.models, n_params):
-        config = AutoConfig.from_pretrained(
-            checkpoints.resolve(spec.checkpoints[0], weights=False), trust_remote_code=trust_remote_code
-        )
+        config = checkpoints.load_config(spec.checkpoints[0], trust_remote_code)
         room = share - int(params) * dtype_bytes
         fit = gpu.config_batch_tokens(config, room, dtype_bytes, window, most * window, CHUNK_LOGITS) // window
         if fit < size:
@@ -573,9 +592,7 @@ def _batch(scored: ScoredSet, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray,
 def _check_context(suite: Suite, seq_len: int, trust_remote_code: bool) -> None:
     """Refuse a seq_len beyond any model's context, before the text is packed (a huge seq_len fails fast)."""
     for spec in suite.models:
-        config = AutoConfig.from_pretrained(
-            checkpoints.resolve(spec.checkpoints[0], weights=False), trust_remote_code=trust_remote_code
-        )
+        config = checkpoints.load_config(spec.checkpoints[0], trust_remote_code)
         context = checkpoints.max_context(config)
         if context is not None and seq_len > context:
             raise TokendynError(
@@ -602,9 +619,7 @@ def _model_coords(suite: Suite, trust_remote_code: bool) -> dict:
             coords["tokens_seen"][m, c] = np.nan if ckpt.tokens_seen is None else ckpt.tokens_seen
             coords["source"][m, c] = ckpt.source
         first = spec.checkpoints[0]
-        config = AutoConfig.from_pretrained(
-            checkpoints.resolve(first, weights=False), trust_remote_code=trust_remote_code
-        )
+        config = checkpoints.load_config(first, trust_remote_code)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         coords["n_params"][m], coords["n_params_nonembed"][m] = checkpoints.count_params(skeleton)

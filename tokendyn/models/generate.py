@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from tokendyn.config.suite import Checkpoint, Suite, load_suite
@@ -182,9 +182,7 @@ def smallest_and_largest(suite: Suite, trust_remote_code: bool = False) -> tuple
         )
     sizes = []
     for spec in suite.models:
-        config = AutoConfig.from_pretrained(
-            checkpoints.resolve(spec.checkpoints[-1], weights=False), trust_remote_code=trust_remote_code
-        )
+        config = checkpoints.load_config(spec.checkpoints[-1], trust_remote_code)
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         sizes.append(checkpoints.count_params(skeleton)[0])
@@ -299,9 +297,7 @@ def generate(
 
 def _check_context(roles: Sequence[Checkpoint], length: int, trust_remote_code: bool) -> None:
     for ckpt in roles:
-        config = AutoConfig.from_pretrained(
-            checkpoints.resolve(ckpt, weights=False), trust_remote_code=trust_remote_code
-        )
+        config = checkpoints.load_config(ckpt, trust_remote_code)
         context = checkpoints.max_context(config)
         if context is not None and length > context:
             raise TokendynError(

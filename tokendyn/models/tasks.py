@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from transformers import AutoConfig, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from tokendyn.config.suite import EvalSet, Suite, load_suite
 from tokendyn.data.corpus import prefix_ids
@@ -83,10 +83,7 @@ def suite_context(suite: Suite, trust_remote_code: bool = False) -> int | None:
     """The shortest context (tokens) among the suite's models, from their configs (None if unknown)."""
     contexts = []
     for spec in suite.models:
-        config = AutoConfig.from_pretrained(
-            checkpoints.resolve(spec.checkpoints[0], weights=False), trust_remote_code=trust_remote_code
-        )
-        contexts.append(checkpoints.max_context(config))
+        contexts.append(checkpoints.max_context(checkpoints.load_config(spec.checkpoints[0], trust_remote_code)))
     known = [c for c in contexts if c is not None]
     return min(known) if known else None
 
