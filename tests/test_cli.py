@@ -3,6 +3,7 @@ garbage finalized, the rest frozen)."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import textwrap
@@ -109,3 +110,27 @@ def test_an_unknown_option_of_a_command_points_at_that_commands_help(capsys):
         capsys.readouterr().err
         == "tokendyn extract: error: unrecognized arguments: --bogus (see tokendyn extract --help)\n"
     )
+
+
+@pytest.mark.parametrize(
+    "command, function, options",
+    [
+        ("passuntil", "sampling:run_pass_until", ("passes", "max_samples", "batch_size", "seed", "every")),
+        ("generate", "generate:generate", ("prompts", "prompt_tokens", "new_tokens", "seed", "batch_size")),
+        ("tasks", "tasks:score_tasks", ("shots", "seed", "delimiter")),
+    ],
+)
+def test_command_defaults_are_the_functions_defaults(command, function, options):
+    """These commands restate their functions' defaults (reading them would import torch for every
+    command's --help); they must agree."""
+    import importlib
+    import inspect
+
+    from tokendyn.cli import build_parser
+
+    module, name = function.split(":")
+    parameters = inspect.signature(getattr(importlib.import_module(f"tokendyn.models.{module}"), name)).parameters
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = subparsers.choices[command]
+    for option in options:
+        assert parser.get_default(option) == parameters[option].default, option

@@ -53,20 +53,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--prompts",
         type=_count,
         default=100,
-        help="number of prompts: validation documents, evenly spaced over the files, or 'all' (default: 100)",
+        help="number of prompts: validation documents, evenly spaced over the files, or 'all' (default: %(default)s)",
     )
-    p.add_argument("--prompt-tokens", type=count, default=5, help="prompt length k in tokens (default: 5)")
-    p.add_argument("--new-tokens", type=count, default=50, help="tokens generated per prompt (default: 50)")
+    p.add_argument("--prompt-tokens", type=count, default=5, help="prompt length k in tokens (default: %(default)s)")
+    p.add_argument("--new-tokens", type=count, default=50, help="tokens generated per prompt (default: %(default)s)")
     p.add_argument(
         "--top-p", type=float, default=None, help="nucleus sampling with this mass, e.g. 0.9 (default: greedy decoding)"
     )
-    p.add_argument("--seed", type=seed_value, default=0, help="seed of the sampling (default: 0)")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the sampling (default: %(default)s)")
     p.add_argument(
         "--no-stop-at-eos",
         action="store_true",
         help="keep generating after the end-of-sequence token (default: a continuation stops there)",
     )
-    p.add_argument("--batch-size", type=count, default=32, help="prompts decoded together (default: 32)")
+    p.add_argument("--batch-size", type=count, default=32, help="prompts decoded together (default: %(default)s)")
     add_model_options(p)
     p.set_defaults(func=run)
 

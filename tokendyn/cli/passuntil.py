@@ -23,15 +23,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--task", type=Path, required=True, metavar="FILE", help='JSONL of {"prompt", "answer"} lines')
     p.add_argument("--out", type=Path, required=True, help="store path (a directory ending in .zarr)")
     p.add_argument("--name", default=None, help="the task's name in the store (default: the file name)")
-    p.add_argument("--passes", type=at_least_two, default=2, help="passes to reach per instance, r >= 2 (default: 2)")
+    p.add_argument(
+        "--passes", type=at_least_two, default=2, help="passes to reach per instance, r >= 2 (default: %(default)s)"
+    )
     p.add_argument(
         "--max-samples",
         type=count,
         default=100_000,
         help="cap on samples per instance and checkpoint; runs that hit it with fewer than 2 passes "
-        "are censored (default: 100000)",
+        "are censored (default: %(default)s)",
     )
-    p.add_argument("--batch-size", type=count, default=256, help="completions sampled together (default: 256)")
+    p.add_argument("--batch-size", type=count, default=256, help="completions sampled together (default: %(default)s)")
     p.add_argument(
         "--top-p",
         type=float,
@@ -58,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="pass judge called as function(completion, instance) -> bool (default: exact match); "
         "imports and runs that Python code with your permissions: name only code you trust",
     )
-    p.add_argument("--seed", type=seed_value, default=0, help="seed of the sampling (default: 0)")
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the sampling (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="redo the task's runs if the store has them")
     p.add_argument(
         "--every",
@@ -66,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=1,
         metavar="K",
         help="run only at every K-th checkpoint of each model and at its last; the others stay missing in "
-        "the analyses until a rerun with --every 1 fills them in, keeping the runs done (default: 1)",
+        "the analyses until a rerun with --every 1 fills them in, keeping the runs done (default: %(default)s)",
     )
     add_model_options(p)
     p.set_defaults(func=run)

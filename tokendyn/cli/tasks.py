@@ -33,9 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="task file (.json in BIG-Bench's format, or .jsonl); repeatable",
     )
     p.add_argument("--out", type=Path, required=True, help="store path (a directory ending in .zarr)")
-    p.add_argument("--shots", type=int, default=2, help="demonstrations per prompt (default: 2)")
+    p.add_argument("--shots", type=int, default=2, help="demonstrations per prompt (default: %(default)s)")
     p.add_argument(
-        "--seed", type=seed_value, default=0, help="seed of the demonstrations and choice orders (default: 0)"
+        "--seed", type=seed_value, default=0, help="seed of the demonstrations and choice orders (default: %(default)s)"
     )
     p.add_argument("--max-items", type=int, default=None, help="keep the first N items of each task (default: all)")
     p.add_argument(
