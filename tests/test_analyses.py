@@ -26,10 +26,11 @@ from tokendyn.studies import (
     subset_curves,
     trend_categories,
 )
-from tokendyn.studies.findings import direction, verdict
+from tokendyn.studies.findings import direction, size_pairs, size_trend, verdict
 from tokendyn.studies.study import Skip
 
 Planted = namedtuple("Planted", "ds truth loss steps report")
+OPT_SIZES = [125e6, 1.3e9, 6.7e9, 13e9, 30e9, 175e9]  # parameter counts of trend_categories.PAPER_MODELS
 
 
 @pytest.fixture(scope="module")
@@ -115,12 +116,16 @@ def test_trend_reference_is_the_papers_table_and_its_shape_passes_the_papers_che
     assert at[("OPT-175B", 0.7, "stagnated")] == 29.6
     assert at[("OPT-125M", 0.1, "upward")] == 12.5
     assert at[("OPT-13B", 0.4, "downward")] == 14.7
-    claims = trend_categories._claims(reference, list(trend_categories.PAPER_MODELS))
+    models = list(trend_categories.PAPER_MODELS)
+    claims = trend_categories._claims(reference, models, OPT_SIZES)
     assert all("; this reproduces" in line for line in claims), claims
     flipped = reference.assign(percent=-reference["percent"])
-    assert all(
-        "does not reproduce" in line for line in trend_categories._claims(flipped, list(trend_categories.PAPER_MODELS))
-    )
+    assert all("does not reproduce" in line for line in trend_categories._claims(flipped, models, OPT_SIZES))
+    # the paper's 1.3B and 6.7B with the same parameter count: the remaining sizes still show the trend
+    tied = trend_categories._claims(reference, models, [125e6, 1.3e9, 1.3e9, 13e9, 30e9, 175e9])
+    assert "with model size; this reproduces" in tied[-1], tied
+    same = trend_categories._claims(reference, models, [1.3e9] * 6)
+    assert same[-1].endswith("with model size; this is not testable here (the models have the same size)."), same
 
 
 def test_three_checkpoints_are_not_testable_rather_than_not_reproducing(tmp_path):
@@ -295,7 +300,7 @@ def test_sequence_findings_check_the_papers_patterns():
         {"gen:1,-1": np.nan, "noisy-0.4": 0.4},
     )
     models = ["s", "m", "l"]
-    lines = sequence_perplexity._paper_claims(paper_like, turning_points(paper_like), models)
+    lines = sequence_perplexity._paper_claims(paper_like, turning_points(paper_like), models, np.array([1e6, 1e7, 1e8]))
     assert len(lines) == 4 and all("reproduces (" in l or l.endswith("this reproduces.") for l in lines), lines
     opposite = _sequence_curve(
         {
@@ -305,7 +310,7 @@ def test_sequence_findings_check_the_papers_patterns():
         {"gen:1,-1": "1,-1", "noisy-0.4": ""},
         {"gen:1,-1": np.nan, "noisy-0.4": 0.4},
     )
-    lines = sequence_perplexity._paper_claims(opposite, turning_points(opposite), models)
+    lines = sequence_perplexity._paper_claims(opposite, turning_points(opposite), models, np.array([1e6, 1e7, 1e8]))
     assert all("does not reproduce" in l for l in lines), lines
 
 
@@ -314,6 +319,11 @@ def test_findings_helpers():
     assert direction([1, np.nan, 3]) == 1 and direction([5]) == 0
     assert verdict([True, True]) == "reproduces" and verdict([False]) == "does not reproduce"
     assert verdict([True, False]) == "partly reproduces" and verdict([]) == "is not testable here"
+    # models of the same size are never compared by size: only neighbouring different sizes pair up
+    assert size_pairs([1, 1, 2, 3]) == [(0, 2), (1, 2), (2, 3)] and size_pairs([5, 5]) == []
+    assert size_trend([1, 2, 3], [1, 1, 2]) == 1 and size_trend([1, 2, np.nan], [1, 1, 2]) is None
+    # along position 3, 1, 2 falls; by size the tied 3 and 1 are no order, and the larger model is between them
+    assert direction([3, 1, 2]) == -1 and size_trend([3, 1, 2], [1, 1, 2]) == 0
 
 
 def test_a_study_runs_alone_from_the_command_line(planted, capsys, tmp_path):

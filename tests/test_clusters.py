@@ -244,6 +244,20 @@ def test_agreement_without_a_detected_shape_is_an_empty_table_with_its_columns(p
     assert list(agreement.groupby("cluster")) == []
 
 
+def test_agreement_with_a_detector_that_could_not_run_is_nan(tmp_path):
+    """Checkpoints 0, 10, 20, 40, 80: the clustering's late window (from 40%) has 2 checkpoints, too few
+    for a trend category, so no token is labelled stagnated or not: NA counts and NaN rates, not 0."""
+    steps = np.array([[0, 10, 20, 40, 80.0]] * 2)
+    loss = np.random.default_rng(0).normal(3, 0.3, (2, 5, 6, 10))
+    ds = write_store(tmp_path / "few.zarr", loss, steps)
+    result = cluster(ds, n_clusters=2)
+    result.labels.attrs["flag_meanings"] = "stagnating falling"  # cluster 0 checked against "stagnated"
+    agreement = detector_agreement(ds, result)
+    assert list(agreement["model"]) == ["m0", "m1"] and (agreement["cluster_tokens"] > 0).all()
+    assert agreement["detector_tokens"].isna().all() and agreement["both"].isna().all()
+    assert agreement[["precision", "recall", "base_rate"]].isna().all().all()
+
+
 @pytest.mark.parametrize(
     "curve,depth",
     [

@@ -146,3 +146,104 @@ def test_a_byte_order_mark_is_not_scored(tmp_path, tokenizer):
         for name in ("plain.txt", "bom.txt", "bom.jsonl")
     )
     assert bom == plain == jsonl
+
+
+def jsonl_set(tmp_path, records: list[dict], **kwargs) -> EvalSet:
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return EvalSet(name="main", files=(path,), seq_len=kwargs.pop("seq_len", 32), **kwargs)
+
+
+def test_a_field_takes_its_type_from_all_its_values(tmp_path, tokenizer):
+    text = "Hello there world."
+    spans = [{"start": 0, "end": 5, "w": 1, "tag": 1}, {"start": 6, "end": 11, "w": 2.75, "tag": "PER"}]
+    records = [
+        {"text": text, "spans": spans, "year": 1970, "flag": True, "old": True},
+        {"text": "Bob.", "year": None, "flag": False},
+        {"text": "Al.", "year": 2.5, "flag": True},
+    ]
+    scored = tokenize_set(jsonl_set(tmp_path, records), tokenizer)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    starts = np.asarray([a + (text[a] == " " and b > a + 1) for a, b in offsets])  # first non-space character
+    n, spanned = len(starts), [starts < 5, (starts >= 6) & (starts < 11)]
+    np.testing.assert_array_equal(scored.token_fields["w"][:n], np.select(spanned, [1.0, 2.75], np.nan))  # not 2
+    assert scored.token_fields["tag"][:n].tolist() == np.select(spanned, ["1", "PER"], "").tolist()
+    first = np.unique(scored.doc, return_index=True)[1]
+    years = scored.token_fields["year"][first]
+    np.testing.assert_array_equal(years, [1970.0, np.nan, 2.5])  # null is missing; missing is NaN, not -1
+    assert scored.token_fields["flag"].dtype == bool  # a flag every document has stays one (a pair's is_true)
+    assert scored.token_fields["old"][first].tolist() == [1, -1, -1]
+
+
+def test_object_and_list_fields_are_their_compact_json_text(tmp_path, tokenizer):
+    records = [
+        {"text": "Hello there.", "meta": {"pile_set_name": "Wikipedia (en)", "a": "é"}, "tags": ["a", "b"]},
+        {"text": "Bob.", "meta": {"pile_set_name": "ArXiv"}, "spans": [{"start": 0, "end": 3, "ids": [1, 2]}]},
+    ]
+    scored = tokenize_set(jsonl_set(tmp_path, records), tokenizer)
+    first = np.unique(scored.doc, return_index=True)[1]
+    assert scored.token_fields["meta"][first].tolist() == [
+        '{"a":"é","pile_set_name":"Wikipedia (en)"}',
+        '{"pile_set_name":"ArXiv"}',
+    ]
+    assert scored.token_fields["tags"][first].tolist() == ['["a","b"]', ""]
+    assert scored.token_fields["ids"][scored.doc == 1][0] == "[1,2]"
+    records[1]["spans"][0]["ids"] = None
+    with pytest.raises(TokendynError, match=r"d\.jsonl:2: span field 'ids' is null; give it a value or leave it out"):
+        tokenize_set(jsonl_set(tmp_path, records), tokenizer)
+
+
+def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path):
+    path = tmp_path / "d.jsonl"
+    texts = ["one\u2028two", "three\u2029four\x85five"]
+    lines = [json.dumps({"text": t}, ensure_ascii=False) for t in texts]
+    path.write_bytes("\r\n".join([*lines, "", "[1]"]).encode("utf-8"))  # CRLF line ends, a blank line
+    with pytest.raises(TokendynError, match=r"d\.jsonl:4: expected a JSON object per line"):
+        list(json_lines(path))  # lines are numbered by line feeds only
+    path.write_bytes("\r\n".join(lines).encode("utf-8") + b"\r\n")
+    assert [d.text for d in read_documents(EvalSet(name="main", files=(path,), seq_len=8))] == texts
+
+
+def offset_trimming_tokenizer():
+    """Byte-level BPE whose one merge " " + first byte of 日 crosses a character; offsets leave out the space."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE({**vocab, "Ġæ": len(vocab), "</s>": len(vocab) + 1}, [("Ġ", "æ")]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+
+
+def byte_fallback_tokenizer():
+    """SentencePiece-like BPE that spells a character it has no token for as <0xNN> byte tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(["hello world"], trainers.BpeTrainer(special_tokens=["<unk>", "</s>", *bytes_]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize(
+    ("make", "text", "max_tokens", "n_bytes", "n_words"),
+    [
+        (None, "日本語のテキスト", 5, 5, 1),  # 日 and 2 of the 3 bytes of 本 (a token per byte)
+        (None, "a\u3000b", 3, 3, 1),  # "a" and 2 of the 3 bytes of an ideographic space: no second word
+        (offset_trimming_tokenizer, "a 日本", 2, 3, 2),  # "a", then " " + 1 byte of 日 in one token
+        (byte_fallback_tokenizer, "hello 🙂 world", 4, 8, 2),  # "▁hello", "▁", 2 of the 4 bytes of 🙂
+    ],
+)
+def test_bytes_and_words_are_those_of_the_scored_tokens(tmp_path, tokenizer, make, text, max_tokens, n_bytes, n_words):
+    tokenizer = make() if make else tokenizer
+    scored = tokenize_set(jsonl_set(tmp_path, [{"text": text}], context="truncate", max_tokens=max_tokens), tokenizer)
+    assert scored.n_tokens == max_tokens
+    assert (scored.n_bytes, scored.n_words) == (n_bytes, n_words)
+
+
+def test_bytes_of_a_max_sequences_cut_inside_a_character(tmp_path, tokenizer):
+    scored = tokenize_set(jsonl_set(tmp_path, [{"text": "日本語のテキスト"}], seq_len=4, max_sequences=1), tokenizer)
+    assert scored.n_tokens == 4 and scored.n_bytes == 4  # one byte per token

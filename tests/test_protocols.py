@@ -205,6 +205,36 @@ def test_the_summary_counts_the_documents_reached_and_their_unscored_first_token
     assert concat["documents"] == 20 and concat["unscored_first_tokens"] == 1  # only the stream's first token
 
 
+def test_inserted_tokens_are_counted_in_the_documents_reached(tmp_path, tokenizer):
+    path = tmp_path / "three.txt"
+    path.write_text("First doc.\n\nSecond doc.\n\nThird doc.\n")  # 10 tokens each
+    common = dict(seq_len=16, split="paragraph", max_sequences=1)
+    rolling = tokenize_set(EvalSet("main", (path,), **common), tokenizer).summary(64)
+    assert rolling["documents"] == 1 and rolling["inserted"] == {"</s>": 1}
+    concat = tokenize_set(EvalSet("main", (path,), context="concat", **common), tokenizer).summary(64)
+    assert concat["documents"] == 2 and concat["inserted"] == {"</s>": 2}  # the prefix and one separator
+    prompted = tmp_path / "prompted.jsonl"
+    prompted.write_text("".join(json.dumps({"text": t, "context_ids": [5, 6]}) + "\n" for t in ("A b.", "C d.")))
+    summary = tokenize_set(EvalSet("main", (prompted,), seq_len=16, max_sequences=1), tokenizer).summary(64)
+    assert summary["inserted"] == {"</s>": 1, "context_ids (prompts)": 2}
+
+
+def test_jsonl_objects_and_lists_are_stored_as_json_text(family_suites, tmp_path):
+    root, _, _ = family_suites["opt"]
+    records = [
+        {"text": "Bob lives in Berlin.", "meta": {"pile_set_name": "ArXiv"}, "tags": ["a", "b"]},
+        {"text": "A cat.", "meta": {"pile_set_name": "Wikipedia (en)"}, "spans": [{"start": 2, "end": 5, "k": [1]}]},
+    ]
+    (root / "pile.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    extra = [EvalSet("pile", (root / "pile.jsonl",), seq_len=L)]
+    out = extract(suite_toml(root, "opt", ""), tmp_path / "s.zarr", extra_sets=extra, progress=False)
+    ds = tokendyn.open_store(out, set="pile")
+    first = np.unique(ds.doc.values, return_index=True)[1]
+    assert ds.meta.values[first].tolist() == ['{"pile_set_name":"ArXiv"}', '{"pile_set_name":"Wikipedia (en)"}']
+    assert ds.tags.values[first].tolist() == ['["a","b"]', ""]
+    assert set(ds.k.values.tolist()) == {"", "[1]"}
+
+
 def test_every_token_of_a_multi_document_file_once(tmp_path, tokenizer):
     path = tmp_path / "many.txt"
     texts = [f"Paragraph {i}: " + "the cat sat on the mat. " * (i % 5 + 1) for i in range(12)]

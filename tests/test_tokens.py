@@ -13,7 +13,7 @@ from markupsafe import Markup
 import tokendyn  # noqa: F401  (registers the accessor)
 from planted_stores import write_store
 from test_report_browser import check_page, chromium  # noqa: F401  (chromium: the fixture; skips without it)
-from tokendyn.analysis.tokens import show_whitespace
+from tokendyn.analysis.tokens import show_whitespace, steps_between
 from tokendyn.errors import TokendynError
 from tokendyn.studies.token_view import token_shading
 
@@ -45,6 +45,14 @@ def test_selection_by_step(planted):
     assert list(planted.tokendyn.by_step("b")["step"].values) == [0, 100, 200]  # the missing one left out
     with pytest.raises(TokendynError, match="no done checkpoint at step 400; it has steps 0, 100, 200"):
         planted.tokendyn.sel_step(model="b", step=400)
+
+
+def test_steps_between_uses_step_0_only_without_a_second_trained_checkpoint(tmp_path):
+    loss = np.zeros((4, 3, 2, 4))
+    steps = np.array([[0, 100, 200], [0, 100, np.nan], [100, np.nan, np.nan], [0, np.nan, np.nan]])
+    ds = write_store(tmp_path / "s.zarr", loss, steps)
+    # first trained checkpoint and last; step 0 (the untrained model) and the one trained checkpoint; one checkpoint
+    assert [steps_between(ds, m, None) for m in range(4)] == [(1, 2), (0, 1), (0, 0), (0, 0)]
 
 
 def test_top_tokens_returns_the_planted_tokens_with_their_text(planted):

@@ -75,9 +75,12 @@ from tokendyn.analysis.labels import MISSING, flag_array, flag_names, label_mask
 from tokendyn.analysis.shared import computed
 from tokendyn.analysis.spill import filled
 from tokendyn.analysis.trajectories import (
+    DESCENT_TOL,
+    DESCENT_WINDOW,
     SLICE_TOKENS,
     _average_columns,
     at_perplexity,
+    default_of,
     double_descent,
     load_small,
     model_index,
@@ -97,11 +100,12 @@ FIT_THREADS = 2  # the stability refits run beside the fit (scikit-learn's loops
 MIN_FINE_SIZE = 30  # "shapes": fit samples per fine cluster at least, so a fine centroid averages out the noise
 NORMALIZATIONS = ("window", "center", "start", "zscore")
 WINDOW_TOKENS = 2**18  # tokens per window of the top-token counts (ids read, counted, released)
-# The per-token detectors' own defaults, so that the names use their definitions (one place per default).
-DD_TOL = inspect.signature(double_descent).parameters["tol"].default
-DD_WINDOW = inspect.signature(double_descent).parameters["window"].default
-BAND = inspect.signature(trend_categories).parameters["band"].default
-ALPHA = inspect.signature(trend_categories).parameters["alpha"].default
+N_POINTS = 10  # points of a trajectory feature: matched perplexities or training-progress points
+# The per-token detectors' own defaults, so that the names use their definitions (one place per default;
+# the double-descent ones are trajectories.DESCENT_TOL and DESCENT_WINDOW).
+DD_TOL = DESCENT_TOL  # `detector_agreement`'s default
+BAND = default_of(trend_categories, "band")
+ALPHA = default_of(trend_categories, "alpha")
 
 
 @dataclass
@@ -137,7 +141,7 @@ def trajectory_features(
     on: str = "perplexity",
     model: int | str | None = None,
     levels: Sequence[float] | None = None,
-    n_levels: int = 10,
+    n_levels: int = N_POINTS,
 ) -> xr.DataArray:
     """Trajectories as (model, token, point), `point` whole in each chunk. Lazy.
 
@@ -166,7 +170,7 @@ def trajectory_features(
     return grid.transpose("model", *TOKEN_DIMS, "point").chunk({"point": -1})
 
 
-def progress_loss(ds: xr.Dataset, n_points: int = 10) -> xr.DataArray:
+def progress_loss(ds: xr.Dataset, n_points: int = N_POINTS) -> xr.DataArray:
     """Every model's loss over its own trained part (steps > 0): (model, point, token), lazy.
 
     `point` is the training progress in [0, 1] along the model's own trained checkpoints: point p
@@ -394,7 +398,7 @@ def _late_window_rows(rows: np.ndarray, x: np.ndarray, t: np.ndarray, spread: np
         t[r] = slope / stderr if stderr > 0 else np.sign(slope) * np.inf
 
 
-def change_features(ds: xr.Dataset, start: float = 0.4, smooth: int = DD_WINDOW) -> xr.DataArray:
+def change_features(ds: xr.Dataset, start: float = 0.4, smooth: int = DESCENT_WINDOW) -> xr.DataArray:
     """`change_statistics` of every token in every model: (model, token, change), lazy.
 
     Each over the checkpoints its detector sees: the descent over all done checkpoints (step 0
@@ -643,19 +647,19 @@ def cluster(
     on: str = "progress",
     model: int | str | None = None,
     levels: Sequence[float] | None = None,
-    n_levels: int = 10,
+    n_levels: int = default_of(trajectory_features, "n_levels"),
     method: str = "kmeans",
     normalize: str = "window",
-    start: float = 0.4,
+    start: float = default_of(change_features, "start"),
     k_range: Sequence[int] = range(2, 9),
     n_fine: int = 96,
     max_fit_tokens: int = 50_000,
     n_seeds: int = 5,
     change_weight: float = 1.0,
     tol: float = 0.1,
-    dd_tol: float = DD_TOL,
-    dd_window: int = DD_WINDOW,
-    top: int = 10,
+    dd_tol: float = DESCENT_TOL,
+    dd_window: int = DESCENT_WINDOW,
+    top: int = default_of(top_tokens, "top"),
     token_text: Callable[[Sequence[int]], Sequence[str]] | None = None,
     random_state: int = 0,
 ) -> Clustering:
@@ -813,6 +817,8 @@ def detector_agreement(
     Rows: model, cluster, detector, cluster_tokens, detector_tokens, both, precision (share of the
     cluster the detector flags), recall (share of the flagged tokens in the cluster), and the
     detector's share of all labelled tokens (`base_rate`, what precision would be by chance).
+    Where the detector labels none of a model's clustered tokens (trend categories of a window with
+    too few checkpoints), detector_tokens and both are NA and the rates NaN: nothing to compare.
     Clusters without a detector are left out.
     """
     ds = load_small(ds)
@@ -829,28 +835,32 @@ def detector_agreement(
         # computed: shared with the double-descent and trend studies when `tokendyn analyze` runs them
         if detector == "double descent":
             flags = computed(double_descent, ds, tol=dd_tol, window=dd_window)
+            judged = xr.ones_like(flags, dtype=bool)  # a yes or a no for every token
         else:
             if trends is None:
                 trends = computed(trend_categories, ds, along="start", start=[trend_start])
             flags = label_mask(trends, detector).isel(start=0)
-        flags = flags.sel(model=models)
+            judged = trends.isel(start=0) >= 0  # -1: too few checkpoints in the trend window
+        flags, judged = flags.sel(model=models), judged.sel(model=models)
         for model in models:
             member = (codes.sel(model=model) == k).values
             labelled = (codes.sel(model=model) >= 0).values
             flagged = flags.sel(model=model).values.astype(bool) & labelled
             both = int((member & flagged).sum())
-            rows.append(
-                {
-                    "model": model,
-                    "cluster": name,
-                    "detector": detector,
-                    "cluster_tokens": int(member.sum()),
-                    "detector_tokens": int(flagged.sum()),
-                    "both": both,
-                    "precision": both / member.sum() if member.any() else np.nan,
-                    "recall": both / flagged.sum() if flagged.any() else np.nan,
-                    "base_rate": flagged.sum() / labelled.sum() if labelled.any() else np.nan,
-                }
-            )
+            row = {
+                "model": model,
+                "cluster": name,
+                "detector": detector,
+                "cluster_tokens": int(member.sum()),
+                "detector_tokens": int(flagged.sum()),
+                "both": both,
+                "precision": both / member.sum() if member.any() else np.nan,
+                "recall": both / flagged.sum() if flagged.any() else np.nan,
+                "base_rate": flagged.sum() / labelled.sum() if labelled.any() else np.nan,
+            }
+            if not (judged.sel(model=model).values & labelled).any():  # the detector labelled none: nothing to compare
+                row.update(detector_tokens=pd.NA, both=pd.NA, precision=np.nan, recall=np.nan, base_rate=np.nan)
+            rows.append(row)
     columns = ["model", "cluster", "detector", "cluster_tokens", "detector_tokens", "both", "precision", "recall"]
-    return pd.DataFrame(rows, columns=[*columns, "base_rate"])  # the columns even when no cluster has a detector
+    table = pd.DataFrame(rows, columns=[*columns, "base_rate"])  # the columns even when no cluster has a detector
+    return table.astype({"detector_tokens": "Int64", "both": "Int64"})  # NA where the detector labelled nothing

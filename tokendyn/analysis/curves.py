@@ -30,6 +30,7 @@ from tokendyn.analysis.trajectories import (
     CHUNK_MB,
     check_window,
     chunk_tokens,
+    default_of,
     done_checkpoints,
     load_small,
     model_loss,
@@ -491,10 +492,10 @@ MEASURES = ("final_loss", "final_variability", "age_of_acquisition", "forgettabi
 
 def curve_measures(
     ds: xr.Dataset,
-    last: int = 5,
+    last: int = default_of(final_loss, "last"),
     chance: float | None = None,
-    window: int = 3,
-    n_iter: int = AOA_STEPS,
+    window: int = default_of(forgettability, "window"),
+    n_iter: int = default_of(age_of_acquisition, "n_iter"),
     chunk_mb: float = CHUNK_MB,
 ) -> xr.Dataset:
     """All per-token §5 measures in one lazy Dataset (model, token): final_loss,

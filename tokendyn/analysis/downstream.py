@@ -29,6 +29,7 @@ import xarray as xr
 
 from tokendyn.analysis import choices, passuntil, skills, trajectories
 from tokendyn.analysis import emergence as emergence_module
+from tokendyn.analysis.trajectories import default_of
 from tokendyn.errors import TokendynError
 from tokendyn.store import (
     CHECKPOINT_COORDS,
@@ -239,7 +240,7 @@ def item_correct(
     )
 
 
-def _loss_axes(curve: xr.Dataset | xr.DataArray, params: str = "n_params") -> dict[str, xr.DataArray]:
+def _loss_axes(curve: xr.Dataset | xr.DataArray, params: str) -> dict[str, xr.DataArray]:
     loss = np.log(curve["val_ppl"])
     compute = 6 * curve[params] * curve["tokens_seen"]
     return {"loss": loss, "compute": compute if bool(np.isfinite(compute).any()) else None, "step": curve["step"]}
@@ -251,14 +252,15 @@ def emergence(
     metric: str = "accuracy",
     *,
     margin: float | None = None,
-    params: str = "n_params",
+    params: str = default_of(trajectories.x_axis, "params"),
     scores: xr.Dataset | None = None,
     convention: str = choices.DEFAULT_CONVENTION,
     **options,
 ) -> emergence_module.EmergenceResult:
     """The loss threshold of one task (methods.md §2): `metric` ("accuracy", "correct_prob" or "brier")
     of every done checkpoint of every model against log(val_ppl); compute = 6 N D with N = `params`
-    ("n_params" or "n_params_nonembed") and D = tokens seen (left out when tokens seen are unknown).
+    ("n_params" or "n_params_nonembed", default as in `trajectories.x_axis`) and D = tokens seen (left
+    out when tokens seen are unknown).
 
     baseline: the random baseline (1/C, or 1 - 1/C for the Brier score, lower is better there).
     margin: how far beyond it counts as leaving random; default `choices.chance_margin(n_items, C)`,
@@ -339,10 +341,10 @@ def pass_until(
     source: str | Path | xr.Dataset,
     task: str | None = None,
     *,
-    confidence: float = 0.95,
-    n_boot: int = 2000,
-    ci: float = 0.95,
-    seed: int = 0,
+    confidence: float = default_of(passuntil.task_rate, "confidence"),
+    n_boot: int = default_of(passuntil.task_rate, "n_boot"),
+    ci: float = default_of(passuntil.task_rate, "ci"),
+    seed: int = default_of(passuntil.task_rate, "seed"),
 ) -> xr.Dataset:
     """PassUntil estimates of one task, or of every task of the store along a `task` dimension.
 
@@ -352,7 +354,8 @@ def pass_until(
     interval `task_ci_low`/`task_ci_high` (level `ci`, `n_boot` resamples over instances, `seed`),
     `task_upper` (censored instances at their bound), `task_censored` (no instance passed),
     `task_n_censored`, and the cost `task_drawn` (completions generated) and `task_seconds`.
-    NaN where a checkpoint is not done. See `tokendyn.analysis.passuntil` for the estimators.
+    NaN where a checkpoint is not done. See `tokendyn.analysis.passuntil` for the estimators (the
+    defaults of confidence, n_boot, ci and seed are `passuntil.task_rate`'s).
     """
     names = pass_until_tasks(source) if task is None else [task]
     if not names:
@@ -395,12 +398,12 @@ def task_scaling_fit(
     *,
     x: str = "n_params",
     points: str = "final",
-    law: str = "auto",
+    law: str = default_of(excess_loss, "law"),
     irreducible: float | None = None,
-    confidence: float = 0.95,
-    n_boot: int = 1000,
-    ci: float = 0.95,
-    seed: int = 0,
+    confidence: float = default_of(passuntil.fit_task_scaling, "confidence"),
+    n_boot: int = default_of(passuntil.fit_task_scaling, "n_boot"),
+    ci: float = default_of(passuntil.fit_task_scaling, "ci"),
+    seed: int = default_of(passuntil.fit_task_scaling, "seed"),
 ) -> passuntil.ScalingFit:
     """The task scaling law F = log(-log PU) of one PassUntil task (the store's only one by default).
 
@@ -454,12 +457,12 @@ def skill_tasks(source: str | Path | xr.Dataset) -> list[str]:
 
 def skill_curves(
     source: str | Path | xr.Dataset,
-    k: Sequence[int] = (1, 2, 3),
+    k: Sequence[int] = default_of(skills.skill_curves, "ks"),
     tasks: Sequence[str] | None = None,
     *,
     beta: float = 2.0,
     text_k: Sequence[int] | None = None,
-    law: str = "auto",
+    law: str = default_of(excess_loss, "law"),
     irreducible: float | None = None,
     convention: str = choices.DEFAULT_CONVENTION,
 ) -> xr.Dataset:
@@ -469,7 +472,7 @@ def skill_curves(
     - `k` (dimension "k"): the number of skills an *item* needs ("|"-separated skill labels in the
       item field `skills`). `measured`: mean credit (`convention`, see `task_scores`) of the k-skill
       items per (model, ckpt, k); `predicted`: the slingshot prediction from the single-skill items
-      (`skills.skill_curves`).
+      (`skills.skill_curves`, whose `ks` default k takes).
     - `text_k` (dimension "text_k", default the values of k): Theorem 8's k, the number of skills per
       *training text piece*, a property of the training data the theory assumes, not of the items.
       `bound` (model, ckpt, text_k): Theorem 8's lower bound on the fraction of skills with

@@ -25,6 +25,15 @@ from sklearn.isotonic import IsotonicRegression
 
 from tokendyn.errors import TokendynError
 
+# Defaults of `fit_segmented` and `leaves_random`, which `emergence_threshold` passes on (each
+# documented in its function).
+N_GRID = 200  # candidate etas of the segmented fit's grid search
+MIN_SIDE = 3  # checkpoints the segmented fit leaves on each side of every candidate eta
+N_BOOT = 1000  # bootstrap resamples for the interval of eta
+CI = 0.95  # level of that interval
+SEED = 0  # seed of the bootstrap
+MIN_BEYOND = 3  # checkpoints beyond the random baseline for a task to leave random
+
 
 @dataclass(frozen=True)
 class SegmentedFit:
@@ -101,11 +110,11 @@ def fit_segmented(
     loss: ArrayLike,
     perf: ArrayLike,
     *,
-    n_grid: int = 200,
-    min_side: int = 3,
-    n_boot: int = 1000,
-    ci: float = 0.95,
-    seed: int = 0,
+    n_grid: int = N_GRID,
+    min_side: int = MIN_SIDE,
+    n_boot: int = N_BOOT,
+    ci: float = CI,
+    seed: int = SEED,
 ) -> SegmentedFit:
     """Fit the loss threshold eta of the segmented model by grid search.
 
@@ -187,7 +196,7 @@ def collapse_score(
 
 
 def leaves_random(
-    perf: ArrayLike, baseline: float, margin: float, *, higher_is_better: bool = True, min_beyond: int = 3
+    perf: ArrayLike, baseline: float, margin: float, *, higher_is_better: bool = True, min_beyond: int = MIN_BEYOND
 ) -> bool:
     """Whether a task leaves random: at least `min_beyond` checkpoints beat `baseline` by more than
     `margin` in the better direction. For accuracy, `tokendyn.analysis.choices.chance_margin` gives a margin
@@ -206,12 +215,12 @@ def emergence_threshold(
     compute: ArrayLike | None = None,
     step: ArrayLike | None = None,
     higher_is_better: bool = True,
-    min_beyond: int = 3,
-    n_grid: int = 200,
-    min_side: int = 3,
-    n_boot: int = 1000,
-    ci: float = 0.95,
-    seed: int = 0,
+    min_beyond: int = MIN_BEYOND,
+    n_grid: int = N_GRID,
+    min_side: int = MIN_SIDE,
+    n_boot: int = N_BOOT,
+    ci: float = CI,
+    seed: int = SEED,
 ) -> EmergenceResult:
     """The §2 analysis of one task: leaves-random check, segmented fit (only if it leaves random),
     Spearman's rho of performance with loss, collapse score. Arrays: one value per checkpoint,

@@ -34,6 +34,10 @@ from scipy.stats import beta as beta_dist
 
 from tokendyn.errors import TokendynError
 
+CONFIDENCE = 0.95  # level of the one-sided Clopper-Pearson bound of a censored instance
+CI = 0.95  # level of the percentile bootstrap intervals (over instances)
+SEED = 0  # seed of the bootstrap resampling
+
 
 @dataclass(frozen=True)
 class PassUntilRun:
@@ -121,7 +125,9 @@ def _design_unbiased(passes: np.ndarray, samples: np.ndarray, target: int) -> np
     return np.where(stopped, (passes - 1) / np.maximum(samples - 1, 1), passes / samples)
 
 
-def instance_rates(passes: ArrayLike, samples: ArrayLike, target: int, *, confidence: float = 0.95) -> InstanceRates:
+def instance_rates(
+    passes: ArrayLike, samples: ArrayLike, target: int, *, confidence: float = CONFIDENCE
+) -> InstanceRates:
     """Per-instance rates from PassUntil runs. passes, samples: arrays of any shape (e.g. (model,
     instance)); target: the pass target of the runs (r); censored = the cap was hit before 2 passes."""
     passes, samples = _validate_runs(passes, samples, target)
@@ -159,10 +165,10 @@ def task_rate(
     samples: ArrayLike,
     target: int,
     *,
-    confidence: float = 0.95,
+    confidence: float = CONFIDENCE,
     n_boot: int = 2000,
-    ci: float = 0.95,
-    seed: int = 0,
+    ci: float = CI,
+    seed: int = SEED,
 ) -> TaskRate:
     """The per-task PassUntil estimate from one checkpoint's runs: passes, samples of shape (instance,)."""
     passes, samples = _validate_runs(passes, samples, target)
@@ -263,10 +269,10 @@ def fit_task_scaling(
     n_params: ArrayLike,
     *,
     excess_loss: ArrayLike | None = None,
-    confidence: float = 0.95,
+    confidence: float = CONFIDENCE,
     n_boot: int = 1000,
-    ci: float = 0.95,
-    seed: int = 0,
+    ci: float = CI,
+    seed: int = SEED,
 ) -> ScalingFit:
     """Fit the task scaling law to PassUntil runs of several models.
 

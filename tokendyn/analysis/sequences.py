@@ -131,12 +131,16 @@ def sequence_ppl(
     )
 
 
-def curve_at_perplexity(curve: xr.DataArray, levels: Sequence[float] | None = None, n_levels: int = 20) -> xr.DataArray:
+def curve_at_perplexity(
+    curve: xr.DataArray,
+    levels: Sequence[float] | None = None,
+    n_levels: int = trajectories.default_of(trajectories.at_perplexity, "n_levels"),
+) -> xr.DataArray:
     """A per-checkpoint curve (..., model, ckpt) read at matched validation perplexity: (..., model, val_ppl).
 
     `curve` needs the coordinates `val_ppl` and `step` (model, ckpt), as `sequence_ppl` gives;
-    values must be positive (perplexities). levels: validation perplexities (default: 20 levels
-    every model reaches, `trajectories.perplexity_grid`). Levels a model does not reach are NaN.
+    values must be positive (perplexities). levels: validation perplexities (default: `n_levels`
+    levels every model reaches, `trajectories.perplexity_grid`). Levels a model does not reach are NaN.
     """
     missing = [name for name in ("val_ppl", "step") if name not in curve.coords]
     if missing or not {"model", "ckpt"} <= set(curve.dims):

@@ -32,6 +32,7 @@ from sklearn.isotonic import IsotonicRegression
 from tokendyn.errors import TokendynError
 
 LAWS = ("joint", "tokens")
+ITEM_DIM = "item"  # the dimension of per-item correctness (`skill_competence`, `skill_curves`)
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,7 @@ def competent_fraction_bound(theta: ArrayLike, k: float, beta: float, *, n_grid:
 
 
 def skill_competence(
-    correct: xr.DataArray, item_skills: Sequence[Sequence[Hashable]], *, item_dim: str = "item"
+    correct: xr.DataArray, item_skills: Sequence[Sequence[Hashable]], *, item_dim: str = ITEM_DIM
 ) -> xr.Dataset:
     """Measured competence from per-item correctness.
 
@@ -218,7 +219,7 @@ def skill_curves(
     excess: xr.DataArray,
     ks: Sequence[int] = (1, 2, 3),
     *,
-    item_dim: str = "item",
+    item_dim: str = ITEM_DIM,
 ) -> xr.Dataset:
     """Measured k-tuple competence next to the slingshot prediction from single skills.
 

@@ -119,13 +119,15 @@ def _contexts(
 
 
 def steps_between(ds: xr.Dataset, m: int, between: tuple[float, float] | None) -> tuple[int, int]:
-    """ckpt indices of the two compared steps; default the first trained checkpoint and the last."""
+    """ckpt indices of the two compared steps; default the first trained checkpoint (step > 0) and the
+    last, or the first done checkpoint (step 0, the untrained model) and the last when the model has
+    fewer than two trained checkpoints: what training changed is then the only change to show."""
     done = done_checkpoints(ds, m)
     if len(done) == 0:
         raise TokendynError(f"model {ds['model'].values[m]} has no done checkpoint; run extraction first")
     if between is None:
         trained = trained_checkpoints(ds, m)
-        return int((trained if len(trained) else done)[0]), int(done[-1])
+        return int((trained if len(trained) >= 2 else done)[0]), int(done[-1])
     if len(between) != 2:
         raise TokendynError("between takes two training steps, e.g. between=(1000, 143000)")
     steps = ds["step"].values[m, done]
@@ -156,7 +158,8 @@ def top_tokens(
         increase), "change" (largest absolute change), "loss" (highest loss at the second step), or a
         per-token DataArray (dims TOKEN_DIMS, optionally with `model`) ranked highest first, e.g.
         `curve_measures()["forgettability"]`.
-    between: two training steps (default: the model's first trained checkpoint, step > 0, and its last).
+    between: two training steps (default: the model's first trained checkpoint, step > 0, and its last;
+        with one trained checkpoint, step 0 and it: `steps_between`).
     model: a name or index (needed when the store has several models).
     labels: a label array (trend categories, Rho-1 classes, clusters) or {column: label array}; each
         adds a column with the token's label name in this model.

@@ -8,14 +8,18 @@ cross-size agreement of per-token loss drops.
 
 Conventions used throughout tokendyn's analyses:
 - only checkpoints marked `done` with a finite `step` take part, in step order;
-- per-token results stay lazy (dask); small summaries (curves, tables) are computed.
+- per-token results stay lazy (dask); small summaries (curves, tables) are computed;
+- each default is written once: a function that passes a parameter on to another takes the other's
+  default (`default_of`), and a default that several functions define alike is a named constant.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from functools import partial
+from typing import Any
 
 import dask.array as da
 import numba
@@ -35,6 +39,14 @@ CHUNK_MB = 64  # loss data per dask chunk of the per-token computations (ckpt wh
 SLICE_TOKENS = 2**15  # tokens per slice inside a kernel: bounds its float64 temporaries
 SMALL_SET_BYTES = 64 * 2**20  # a set this small is read whole into memory by the analyses that span sets
 DESCENT_TOKENS = 2048  # tokens per slice of the double-descent kernel: its buffers stay in cache
+DESCENT_TOL = 0.5  # double descent: the fall, rise and second fall a trajectory needs (nats for loss)
+DESCENT_WINDOW = 3  # double descent: points of the centred moving average before the test (1 = none)
+
+
+def default_of(function: Callable, parameter: str) -> Any:
+    """The default of `parameter` in `function`'s signature: a function passing a parameter on to
+    another uses it as its own default, so the default is written once, where it is documented."""
+    return inspect.signature(function).parameters[parameter].default
 
 
 # --- selecting checkpoints -------------------------------------------------------------------------
@@ -365,11 +377,13 @@ def perplexity_grid(ds: xr.Dataset, n_levels: int = 20) -> np.ndarray:
     return np.geomspace(high, low, n_levels)
 
 
-def at_perplexity(ds: xr.Dataset, levels: Sequence[float] | None = None, n_levels: int = 20) -> xr.DataArray:
+def at_perplexity(
+    ds: xr.Dataset, levels: Sequence[float] | None = None, n_levels: int = default_of(perplexity_grid, "n_levels")
+) -> xr.DataArray:
     """Loss at matched validation perplexity: (model, val_ppl, token); see `at_axis`.
 
     levels: perplexities to read at; default `perplexity_grid(ds, n_levels)`, the levels every
-    model reaches.
+    model reaches (n_levels: as in `perplexity_grid`).
     """
     return at_axis(ds, "val_ppl", perplexity_grid(ds, n_levels) if levels is None else levels)
 
@@ -627,8 +641,8 @@ def falls_rises_falls(y: np.ndarray, tol: float) -> np.ndarray:
 def detect_double_descent(
     curve: xr.DataArray,
     dim: str = "ckpt",
-    tol: float = 0.5,
-    window: int = 3,
+    tol: float = DESCENT_TOL,
+    window: int = DESCENT_WINDOW,
     complete: bool = True,
     min_fall: float | None = None,
 ) -> xr.DataArray:
@@ -636,11 +650,12 @@ def detect_double_descent(
 
     After a centred moving average over `window` points (1 = none), a trajectory is flagged when
     it falls by at least `min_fall` to some point, later rises at least `tol` above that point,
-    and later still falls at least `tol` below that peak (docs/methods.md §1.3). `tol` and
-    `min_fall` are in the curve's units (nats for loss). min_fall: None = `tol`; 0 = any fall (the
-    spec's literal rule, which also flags the early rise of a token's loss above its initial value
-    while the model learns token frequencies). NaN points are skipped. complete=False drops the
-    last condition: the double descents begun (fall, rise), of which the complete ones are a part.
+    and later still falls at least `tol` below that peak (docs/methods.md §1.3); defaults
+    DESCENT_TOL and DESCENT_WINDOW. `tol` and `min_fall` are in the curve's units (nats for loss).
+    min_fall: None = `tol`; 0 = any fall (the spec's literal rule, which also flags the early rise
+    of a token's loss above its initial value while the model learns token frequencies). NaN
+    points are skipped. complete=False drops the last condition: the double descents begun (fall,
+    rise), of which the complete ones are a part.
     """
     _check_descent(window, tol, min_fall)
     if getattr(curve.data, "chunks", None) is not None:
@@ -657,8 +672,8 @@ def detect_double_descent(
 
 def double_descent(
     ds: xr.Dataset,
-    tol: float = 0.5,
-    window: int = 3,
+    tol: float = DESCENT_TOL,
+    window: int = DESCENT_WINDOW,
     chunk_mb: float = CHUNK_MB,
     complete: bool = True,
     min_fall: float | None = None,

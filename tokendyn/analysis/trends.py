@@ -35,6 +35,7 @@ from tokendyn.analysis.trajectories import (
     CHUNK_MB,
     SLICE_TOKENS,
     chunk_tokens,
+    default_of,
     done_checkpoints,
     load_small,
     model_loss,
@@ -52,6 +53,7 @@ class TrendWarning(UserWarning):
 
 
 STARTS = (0.1, 0.2, 0.4, 0.7)
+START = 0.2  # the start fraction where one trend window is used (`trend_fit`, the subset and trend studies)
 X_KINDS = ("log_step", "index")
 
 
@@ -331,11 +333,13 @@ FIT_NAMES = {
 }
 
 
-def trend_fit(ds: xr.Dataset, start: float = 0.2, x: str = "log_step", chunk_mb: float = CHUNK_MB) -> xr.Dataset:
+def trend_fit(
+    ds: xr.Dataset, start: float = START, x: str = default_of(trend_categories, "x"), chunk_mb: float = CHUNK_MB
+) -> xr.Dataset:
     """Slope, standard error and p-value of every token's fit ppl_i/ppl_j = a + b x_i: (model, token).
 
-    Same window and x as `trend_categories`; NaN where the window has fewer than 3 checkpoints.
-    Lazy.
+    Same window and x as `trend_categories` (start: one start fraction, default `START`); NaN
+    where the window has fewer than 3 checkpoints. Lazy.
     """
     ds = load_small(ds)
 

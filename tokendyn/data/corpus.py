@@ -21,13 +21,15 @@ Tokens tokendyn inserts (prefix, separators, prompt ids) are never scored. Witho
 a document's first token has no context and is not scored either.
 
 Document sources: ``.txt`` files are one document each unless `split` is "paragraph" (blank-line
-separated blocks) or "line"; ``.jsonl`` files hold one JSON object per line with the text in
+separated blocks) or "line", each document stripped of leading and trailing whitespace (JSONL texts are
+used as they are); ``.jsonl`` files hold one JSON object per line with the text in
 `text_field` (default "text"), optional ``"spans"`` (character spans ``{"start", "end", <field>:
 value, ...}`` whose fields become per-token coordinates), optional ``"token_ids"`` (the ids to
 score, used as they are instead of tokenizing the text) and ``"context_ids"`` (ids placed before
 the document as context only, e.g. a generation prompt), and any other keys (document-level
-fields, stored per token). Sets of kind ``"pairs"`` read ``{"true": ..., "false": ...}`` lines and
-yield two documents per pair with the fields ``pair`` (pair index) and ``is_true``.
+fields, stored per token; an object or a list as its JSON text, see `_field_type`). Sets of kind
+``"pairs"`` read ``{"true": ..., "false": ...}`` lines and yield two documents per pair with the
+fields ``pair`` (pair index) and ``is_true``.
 
 Corruption (``corrupt = r``): after tokenization, round(r * n) of the set's n document tokens are
 replaced by uniformly random non-special vocabulary tokens other than the original, positions and
@@ -54,6 +56,7 @@ if TYPE_CHECKING:  # for annotations only: the data layer never imports transfor
 
 PAD = -1
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape of a UTF-16 surrogate
+_BYTE_FALLBACK = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # SentencePiece's token for one byte of a character
 RESERVED_JSONL = ("spans", "token_ids", "context_ids")  # JSONL keys that are not document fields
 DEFAULT_BATCH_TOKENS = 8192  # model positions per forward pass when neither a token budget nor a batch size is given
 PADDING_TOLERANCE = 0.04  # most padding share of the positions computed in any one batch
@@ -248,9 +251,13 @@ def _read_text(path: Path) -> str:
 
 
 def json_lines(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for every non-blank line of a UTF-8 JSONL file; one-line errors otherwise."""
+    """(line number, object) for every non-blank line of a UTF-8 JSONL file; one-line errors otherwise.
+
+    Lines end at line feeds only: str.splitlines() also breaks at U+2028, U+2029 and U+0085, which JSON
+    allows unescaped inside a string. A CRLF file's carriage returns are JSON whitespace.
+    """
     path = Path(path)
-    for number, line in enumerate(_read_text(path).splitlines(), 1):
+    for number, line in enumerate(_read_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -290,7 +297,7 @@ def _is_id(value) -> bool:
 
 
 def _check_spans(spans, text: str, where: str) -> list[dict]:
-    """`spans` must be a list of {"start": int, "end": int, field: scalar, ...} within the text."""
+    """`spans` must be a list of {"start": int, "end": int, field: value (not null), ...} within the text."""
     form = 'a list of {"start": int, "end": int, field: value} objects'
     if not isinstance(spans, list) or not all(isinstance(s, dict) for s in spans):
         raise TokendynError(f'{where}: "spans" must be {form}; fix the line')
@@ -301,10 +308,8 @@ def _check_spans(spans, text: str, where: str) -> list[dict]:
         if end > len(text):
             raise TokendynError(f"{where}: span {span} ends after the text ({len(text)} characters); fix it")
         for key, value in span.items():
-            if key not in ("start", "end") and (value is None or not isinstance(value, (str, int, float))):
-                raise TokendynError(
-                    f"{where}: span field '{key}' must be a string or a number, not {type(value).__name__}; fix it"
-                )
+            if key not in ("start", "end") and value is None:
+                raise TokendynError(f"{where}: span field '{key}' is null; give it a value or leave it out")
     return spans
 
 
@@ -441,12 +446,14 @@ def tokenize_set(
     }
     if spec.corrupt is not None:
         params.update(corrupt=spec.corrupt, seed=spec.seed)
+    # insertions into the documents up to the last one scored (max_sequences may stop early), as in ScoredSet.summary
+    reached = docs[: int(doc.max()) + 1]
     inserted = {}
     if prefix:
-        inserted[" ".join(_token_texts(tokenizer, prefix))] = 1 if spec.context == "concat" else len(docs)
+        inserted[" ".join(_token_texts(tokenizer, prefix))] = 1 if spec.context == "concat" else len(reached)
     if spec.context == "concat" and tokenizer.eos_token_id is not None:
-        inserted[str(tokenizer.eos_token)] = inserted.get(str(tokenizer.eos_token), 0) + len(docs) - 1
-    n_prompt = sum(len(d.context_ids) for d in docs)
+        inserted[str(tokenizer.eos_token)] = inserted.get(str(tokenizer.eos_token), 0) + len(reached) - 1
+    n_prompt = sum(len(d.context_ids) for d in reached)
     if n_prompt:
         inserted["context_ids (prompts)"] = n_prompt
     return ScoredSet(
@@ -531,17 +538,46 @@ def _token_fields(docs: list[Document], offsets: list, doc: np.ndarray, offset: 
             rows = np.flatnonzero(doc == d)
             spanned.append((rows, _anchors(docs[d].text, offsets[d][offset[rows]]), docs[d].spans))
     for key in span_keys:
-        value, dtype = _fill(np.asarray([next(s[key] for d in docs for s in d.spans if key in s)]))
-        values = np.full(len(doc), value, dtype=dtype)
+        fill, dtype = _field_type([s[key] for d in docs for s in d.spans if key in s])
+        values = np.full(len(doc), fill, dtype=dtype)
         for rows, anchors, spans in spanned:
             for span in spans:
                 if key in span:
-                    values[rows[(anchors >= span["start"]) & (anchors < span["end"])]] = span[key]
+                    inside = rows[(anchors >= span["start"]) & (anchors < span["end"])]
+                    values[inside] = _json_text(span[key]) if dtype is object else span[key]
         out[key] = values
     for key in sorted({k for d in docs for k in d.fields}):
-        per_doc = _field_array([d.fields.get(key, _missing_like(docs, key)) for d in docs])
+        given = [d for d, document in enumerate(docs) if document.fields.get(key) is not None]  # null is missing
+        fill, dtype = _field_type([docs[d].fields[key] for d in given], complete=len(given) == len(docs))
+        per_doc = np.full(len(docs), fill, dtype=dtype)
+        for d in given:
+            value = docs[d].fields[key]
+            per_doc[d] = _json_text(value) if dtype is object else value
         out[key] = per_doc[doc]
     return out
+
+
+def _field_type(values: list, complete: bool = False) -> tuple:
+    """Fill value (for tokens or documents without the field) and dtype of a field, from all its values in the set.
+
+    Integers (bools too) give int64 with -1 missing, numbers float64 with NaN missing, anything else text
+    with "" missing (strings as objects: variable-length strings in Zarr). A flag that every document
+    has (a pair's is_true) stays bool.
+    """
+    if complete and all(isinstance(v, bool) for v in values):
+        return False, bool
+    if all(isinstance(v, int) for v in values):
+        return -1, np.int64
+    if all(isinstance(v, (int, float)) for v in values):
+        return np.nan, np.float64
+    return "", object
+
+
+def _json_text(value) -> str:
+    """A value of a text field: a string as it is; a list, an object or a number among strings as compact JSON."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
 def _anchors(text: str, token_offsets: np.ndarray) -> np.ndarray:
@@ -562,7 +598,7 @@ def _text_size(
     """UTF-8 bytes and words (lm-eval's count: pieces of re.split(r"\\s+", text)) of the scored text.
 
     A document counts from its start to the end of its last scored token: all of it when every
-    token is scored, as in lm-eval; the scored part under truncate or max_sequences.
+    token is scored, as in lm-eval; the scored part under truncate or max_sequences (`_scored_part`).
     """
     if len(doc) == 0:
         return 0, 0
@@ -572,13 +608,36 @@ def _text_size(
     for d in np.flatnonzero(last >= 0):
         if docs[d].token_ids is not None:
             text = tokenizer.decode(list(text_ids[d][: last[d] + 1]))
+            size = len(text.encode("utf-8"))
         elif last[d] + 1 == len(text_ids[d]):
             text = docs[d].text
+            size = len(text.encode("utf-8"))
         else:
-            text = docs[d].text[: int(offsets[d][last[d], 1])]
-        n_bytes += len(text.encode("utf-8"))
+            text, size = _scored_part(docs[d].text, offsets[d], text_ids[d], int(last[d]), tokenizer)
+        n_bytes += size
         n_words += len(re.split(r"\s+", text))
     return n_bytes, n_words
+
+
+def _scored_part(text: str, offsets: np.ndarray, ids: np.ndarray, last: int, tokenizer) -> tuple[str, int]:
+    """The characters that tokens 0..last of a text hold whole, and the UTF-8 bytes those tokens hold.
+
+    They differ where token last + 1 starts inside a character: a byte-level tokenizer split it into
+    bytes, and the character offsets of its pieces cannot tell them apart. Then the bytes come from
+    the tokens since the last clean boundary (no earlier token reaching past their start): a byte
+    fallback token (<0xNN>) holds one byte, a byte-level BPE token one per character of its string.
+    """
+    end, following = int(offsets[last, 1]), int(offsets[last + 1, 0])
+    whole = text[: min(end, following)]
+    if following >= end:
+        return whole, len(whole.encode("utf-8"))
+    first = last
+    while first > 0 and offsets[first - 1, 1] > offsets[first, 0]:
+        first -= 1
+    # up to the end of the token before (not the start of `first`: trimmed offsets leave out a leading space)
+    before = len(text[: int(offsets[first - 1, 1])].encode("utf-8")) if first else 0
+    tokens = tokenizer.convert_ids_to_tokens([int(i) for i in ids[first : last + 1]])
+    return whole, before + sum(1 if _BYTE_FALLBACK.fullmatch(t) else len(t) for t in tokens)
 
 
 def corrupt_tokens(token_ids: list, rate: float, seed: int, tokenizer: PreTrainedTokenizerBase) -> list[np.ndarray]:
@@ -604,25 +663,3 @@ def corrupt_tokens(token_ids: list, rate: float, seed: int, tokenizer: PreTraine
     corrupted = flat.copy()
     corrupted[chosen] = pool[draw[: len(chosen)]]
     return np.split(corrupted, np.cumsum(lengths)[:-1])
-
-
-def _field_array(values: list) -> np.ndarray:
-    """Document-level field values; strings as objects (variable-length strings in Zarr, like the span fields)."""
-    array = np.asarray(values)
-    return array.astype(object) if array.dtype.kind == "U" else array
-
-
-def _fill(example: np.ndarray) -> tuple:
-    """Fill value and dtype for a field: -1 for integers, NaN for floats, "" for anything else."""
-    if np.issubdtype(example.dtype, np.integer) or example.dtype == bool:
-        return -1, np.int64
-    if np.issubdtype(example.dtype, np.floating):
-        return np.nan, np.float64
-    return "", object
-
-
-def _missing_like(docs: list[Document], key: str):
-    example = next(d.fields[key] for d in docs if key in d.fields)
-    if isinstance(example, (bool, int)):
-        return -1
-    return np.nan if isinstance(example, float) else ""

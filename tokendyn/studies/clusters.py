@@ -10,8 +10,8 @@ from tokendyn.analysis.clusters import cluster, detector_agreement
 from tokendyn.analysis.tokens import show_whitespace
 from tokendyn.analysis.trajectories import perplexity_range
 from tokendyn.errors import TokendynError
-from tokendyn.studies.findings import direction, listing
-from tokendyn.studies.study import Result, Skip, Source, default_of, models_by_size, open_source, require
+from tokendyn.studies.findings import SAME_SIZE, listing, size_pairs, size_trend
+from tokendyn.studies.study import Result, Skip, Source, default_of, model_sizes, models_by_size, open_source, require
 from tokendyn.studies.style import category_colors, new_figure, perplexity_axis, perplexity_ticks
 
 GRIDS = {
@@ -103,37 +103,53 @@ def run(
         "Mean share over models: " + listing(overall.items(), "{:.1f}%") + ".",
         *notes,
     ]
-    if len(models) > 1:
+    sizes = model_sizes(ds, models)
+    if len(models) > 1 and not size_pairs(sizes):
+        findings.append(f"Cluster shares against model size: not testable ({SAME_SIZE}).")
+    elif len(models) > 1:
         for name in names:
             values = shares[shares.cluster == name].set_index("model").loc[models, "percent"].to_numpy()
-            trend = direction(values, threshold=0.9)
+            trend = size_trend(values, sizes, threshold=0.9)
             if trend and np.ptp(values) >= MIN_CHANGE:
                 findings.append(
                     f"The share of '{name}' {'grows' if trend > 0 else 'shrinks'} with model size "
                     f"({listing(zip(models, values), '{:.1f}%')})."
                 )
-        stagnant = [n for n in names if n.startswith("stagnating")]
-        if stagnant:
-            values = shares[shares.cluster == stagnant[0]].set_index("model").loc[models, "percent"].to_numpy()
-            grows = direction(values) > 0
-            findings.append(
-                "Paper: more tokens stagnate in larger models; the stagnating cluster "
-                + (
-                    "grows with size, so this reproduces."
-                    if grows
-                    else "does not grow with size, so this does not reproduce."
-                )
+    stagnant = [n for n in names if n.startswith("stagnating")]
+    if len(models) > 1 and stagnant:
+        values = shares[shares.cluster == stagnant[0]].set_index("model").loc[models, "percent"].to_numpy()
+        trend = size_trend(values, sizes)
+        findings.append(
+            "Paper: more tokens stagnate in larger models; "
+            + (
+                f"this is not testable here ({SAME_SIZE})."
+                if trend is None
+                else "the stagnating cluster grows with size, so this reproduces."
+                if trend > 0
+                else "the stagnating cluster does not grow with size, so this does not reproduce."
             )
+        )
     agreement = detector_agreement(ds, result)
     for name, rows in agreement.groupby("cluster", sort=False):
+        ran, unlabelled = rows[rows["detector_tokens"].notna()], rows.loc[rows["detector_tokens"].isna(), "model"]
+        parts = []
+        if len(ran):
+            parts.append(
+                "precision "
+                + listing(zip(ran["model"], ran["precision"]), "{:.2f}")
+                + "; recall "
+                + listing(zip(ran["model"], ran["recall"]), "{:.2f}")
+                + " (chance precision "
+                + listing(zip(ran["model"], ran["base_rate"]), "{:.2f}")
+                + ")"
+            )
+        if len(unlabelled):
+            parts.append(
+                f"not testable in {', '.join(unlabelled)} (the detector labelled none of the tokens: "
+                "too few checkpoints in its window)"
+            )
         findings.append(
-            f"Cluster '{name}' against the per-token detector '{rows['detector'].iloc[0]}': precision "
-            + listing(zip(rows["model"], rows["precision"]), "{:.2f}")
-            + "; recall "
-            + listing(zip(rows["model"], rows["recall"]), "{:.2f}")
-            + " (chance precision "
-            + listing(zip(rows["model"], rows["base_rate"]), "{:.2f}")
-            + ")."
+            f"Cluster '{name}' against the per-token detector '{rows['detector'].iloc[0]}': {'; '.join(parts)}."
         )
     missing = [s for s in ("stagnating", "rising", "double descent") if s not in names]
     if missing:

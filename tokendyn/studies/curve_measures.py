@@ -12,8 +12,8 @@ from tokendyn.analysis.curves import RHO1_CLASSES, curve_measures, rho1_classes
 from tokendyn.analysis.labels import label_share
 from tokendyn.analysis.spill import Summary, spill, token_windows
 from tokendyn.analysis.trajectories import load_small
-from tokendyn.studies.findings import WORDS, direction, listing
-from tokendyn.studies.study import Result, Source, default_of, models_by_size, open_source, require
+from tokendyn.studies.findings import SAME_SIZE, WORDS, listing, size_trend
+from tokendyn.studies.study import Result, Source, default_of, model_sizes, models_by_size, open_source, require
 from tokendyn.studies.style import model_colors, model_legend, new_figure
 
 TITLE = "Per-token learning-curve measures (Chang et al.)"
@@ -120,7 +120,12 @@ def run(
     findings = []
     for measure, label in MEASURES.items():
         values = [medians[(measure, m)] for m in models]
-        trend = f"; it {WORDS[direction(values)]} with model size" if len(models) > 1 else ""
+        trend = ""
+        if len(models) > 1:
+            by_size = size_trend(values, model_sizes(ds, models))
+            trend = (
+                f"; by size not testable ({SAME_SIZE})" if by_size is None else f"; it {WORDS[by_size]} with model size"
+            )
         findings.append(f"Median {label.split(' (')[0]}: {listing(zip(models, values))}{trend}.")
     undefined = summary[summary.measure == "age_of_acquisition"].set_index("model")
     findings.append(

@@ -23,13 +23,14 @@ from tokendyn.analysis.trajectories import (
     token_share,
 )
 from tokendyn.store import TOKEN_DIMS
-from tokendyn.studies.findings import direction, listing, verdict
+from tokendyn.studies.findings import listing, size_trend, verdict
 from tokendyn.studies.study import (
     Result,
     Skip,
     Source,
     context,
     default_of,
+    model_sizes,
     models_by_size,
     open_source,
     require,
@@ -160,10 +161,12 @@ def run(
 
     if len(models) > 1:
         values = shares.set_index("model").loc[testable, "percent"].to_numpy()
-        holds = [direction(values) == 1] if len(testable) >= 2 else [None]
+        trend = size_trend(values, model_sizes(ds, testable)) if len(testable) >= 2 else None
+        holds = [None if trend is None else trend == 1]
+        need = f">= 2 models of different sizes with >= {MIN_CHECKPOINTS} checkpoints"
         findings.append(
             "Paper: double descent is a larger-model phenomenon, so the share grows with model size; "
-            f"here this {verdict(holds, f'>= 2 models with >= {MIN_CHECKPOINTS} checkpoints')} "
+            f"here this {verdict(holds, need)} "
             f"({listing(zip(testable, values), '{:.2f}%')})."
         )
     findings.append(

@@ -12,8 +12,18 @@ import xarray as xr
 from tokendyn.analysis.checkpoints import mislabelled
 from tokendyn.analysis.trajectories import at_perplexity, load_small, perplexity_grid, reach, x_axis
 from tokendyn.errors import TokendynError
-from tokendyn.studies.findings import listing
-from tokendyn.studies.study import Result, Skip, Source, default_of, models_by_size, open_source, require, step_text
+from tokendyn.studies.findings import SAME_SIZE, listing, size_pairs
+from tokendyn.studies.study import (
+    Result,
+    Skip,
+    Source,
+    default_of,
+    model_sizes,
+    models_by_size,
+    open_source,
+    require,
+    step_text,
+)
 from tokendyn.studies.style import log_scale, model_colors, model_legend, new_figure
 
 TITLE = "Validation perplexity over training"
@@ -45,8 +55,16 @@ def matched_levels(
     ds: xr.Dataset, axes: list[str], levels: Sequence[float] | None, n_levels: int
 ) -> tuple[np.ndarray, pd.DataFrame, xr.DataArray]:
     """The matched validation-perplexity levels, where each model reaches each on the other axes
-    (one row per model and level), and every token's loss there (model, val_ppl, tokens)."""
-    levels = perplexity_grid(ds, n_levels) if levels is None else np.asarray(levels, dtype=float)
+    (one row per model and level), and every token's loss there (model, val_ppl, tokens).
+
+    Raises TokendynError when the default levels would be one perplexity repeated (a model with a
+    single checkpoint): nothing to match there.
+    """
+    if levels is None:
+        levels = perplexity_grid(ds, n_levels)
+        if len(levels) > 1 and np.isclose(levels[0], levels[-1], rtol=1e-6, atol=0):
+            raise TokendynError(f"the models share one validation perplexity, {levels[0]:.4g}, not a range")
+    levels = np.asarray(levels, dtype=float)
     grid = at_perplexity(ds, levels).astype(np.float32)
     grid = grid.drop_vars([c for c in grid.coords if c not in grid.dims and c != "step"])
     where = xr.Dataset({axis: reach(ds, "val_ppl", levels, axis) for axis in axes if axis != "val_ppl"})
@@ -93,7 +111,7 @@ def run(
             span = f"{levels[0]:.4g} -> {levels[-1]:.4g}; {len(levels)} matched levels"
             findings.append(f"Common validation perplexity range {span}." if given is None else f"Levels given {span}.")
         except TokendynError as err:
-            findings.append(f"No matched-perplexity levels ({err}).")
+            findings.append(f"Matched-perplexity levels: not testable ({err}).")
     axes = [axis for axis in axes if axis != "val_ppl"]
     models = [m for m in models_by_size(ds) if m in set(table.model)]
     colors = model_colors(ds)
@@ -120,19 +138,27 @@ def run(
     final = {m: table[table.model == m].sort_values("step")["val_ppl"].iloc[-1] for m in models}
     findings.append(f"Validation perplexity at each model's last done checkpoint: {listing(final.items(), '{:.4g}')}.")
     if len(models) > 1:
-        ordered = all(a > b for a, b in zip(list(final.values()), list(final.values())[1:]))
-        findings.append(
-            "Larger models end lower, as expected from scaling."
-            if ordered
-            else "Final perplexity does not fall monotonically with model size (the expected "
-            "scaling order does not reproduce here)."
-        )
+        pairs = size_pairs(model_sizes(ds, models))
         step, at_step = _at_common_step(table, models)
-        lower = [a > b for a, b in zip(list(at_step.values()), list(at_step.values())[1:])]
-        findings.append(
-            f"At step {step_text(step)}, the last step every model reached: {listing(at_step.items(), '{:.4g}')}; "
-            f"the larger of two neighbouring sizes is lower there in {sum(lower)} of {len(lower)} pairs."
+        at_common = (
+            f"At step {step_text(step)}, the last step every model reached: {listing(at_step.items(), '{:.4g}')}"
         )
+        if pairs:
+            ends, at = list(final.values()), list(at_step.values())
+            findings.append(
+                "Larger models end lower, as expected from scaling."
+                if all(ends[small] > ends[large] for small, large in pairs)
+                else "Final perplexity does not fall monotonically with model size (the expected "
+                "scaling order does not reproduce here)."
+            )
+            lower = [at[small] > at[large] for small, large in pairs]
+            findings.append(
+                f"{at_common}; the larger of two neighbouring sizes is lower there in {sum(lower)} of "
+                f"{len(lower)} pairs."
+            )
+        else:
+            findings.append(f"{at_common}.")
+            findings.append(f"Whether larger models end lower is not testable ({SAME_SIZE}).")
     worse = []
     for model in models:
         rows = table[table.model == model].sort_values("step")

@@ -13,8 +13,18 @@ import xarray as xr
 from tokendyn.analysis.sequences import curve_at_perplexity, sequence_ppl, turning_points
 from tokendyn.errors import TokendynError
 from tokendyn.store import TASK_SET_PREFIX, list_sets
-from tokendyn.studies.findings import direction, verdict
-from tokendyn.studies.study import Result, Skip, Source, default_of, main_set_path, models_by_size, open_source, require
+from tokendyn.studies.findings import SAME_SIZE, size_trend, verdict
+from tokendyn.studies.study import (
+    Result,
+    Skip,
+    Source,
+    default_of,
+    main_set_path,
+    model_sizes,
+    models_by_size,
+    open_source,
+    require,
+)
 from tokendyn.studies.style import (
     ZOOM_FINDING,
     envelope_findings,
@@ -50,16 +60,21 @@ def values_at(curve: xr.DataArray, models: list[str], at: int = -1) -> list[floa
     return out
 
 
-def _set_sentence(name: str, turns: xr.Dataset, final: list[float], models: list[str]) -> str:
+def _set_sentence(name: str, turns: xr.Dataset, final: list[float], models: list[str], sizes: np.ndarray) -> str:
     turned = [
         f"{m} (at validation perplexity {float(turns.sel(model=m)['turn_val_ppl']):.3g})"
         for m in models
         if bool(turns.sel(model=m)["turns"])
     ]
-    size = {1: "rises with model size: inverse scaling", -1: "falls with model size", 0: "shows no order by size"}
+    size = {
+        1: "rises with model size: inverse scaling",
+        -1: "falls with model size",
+        0: "shows no order by size",
+        None: f"not comparable by size: {SAME_SIZE}",
+    }
     text = f"Set {name}: final perplexity " + ", ".join(f"{m} {v:.3g}" for m, v in zip(models, final))
     if len(models) > 1:
-        text += f" ({size[direction(final, 0.9)]})"
+        text += f" ({size[size_trend(final, sizes, 0.9)]})"
     return (
         text
         + (
@@ -71,14 +86,20 @@ def _set_sentence(name: str, turns: xr.Dataset, final: list[float], models: list
     )
 
 
-def _paper_claims(curve: xr.DataArray, turns: xr.Dataset, models: list[str]) -> list[str]:
+def _by_size(values: list[float], sizes: np.ndarray, expected: int) -> bool | None:
+    """Whether the values follow model size in the `expected` direction (None: the sizes do not differ)."""
+    trend = size_trend(values, sizes, 0.9)
+    return None if trend is None else trend == expected
+
+
+def _paper_claims(curve: xr.DataArray, turns: xr.Dataset, models: list[str], sizes: np.ndarray) -> list[str]:
     lines = []
     inverse = [str(s) for s in curve["set"].values if str(curve["group"].sel(set=s).values) == INVERSE_MIXTURE]
     for name in inverse:
         final = values_at(curve.sel(set=name), models)
         lines.append(
             f"Paper: text decoded from p_small - p_large is scored worse by larger final models; for {name} "
-            f"this {verdict([direction(final, 0.9) == 1])}."
+            f"this {verdict([_by_size(final, sizes, 1)])}."
         )
         smallest_falls = not bool(turns.sel(set=name, model=models[0])["turns"])
         lines.append(
@@ -93,7 +114,7 @@ def _paper_claims(curve: xr.DataArray, turns: xr.Dataset, models: list[str]) -> 
             )
     corrupted = [str(s) for s in curve["set"].values if np.isfinite(float(curve["corrupt"].sel(set=s)))]
     if corrupted and len(models) > 1:
-        holds = [direction(values_at(curve.sel(set=s), models), 0.9) == -1 for s in corrupted]
+        holds = [_by_size(values_at(curve.sel(set=s), models), sizes, -1) for s in corrupted]
         lines.append(
             f"Paper: on text with randomly replaced tokens perplexity still falls with size; here this "
             f"{verdict(holds)} ({sum(holds)} of {len(holds)} corrupted sets)."
@@ -120,6 +141,7 @@ def run(
     curve = sequence_ppl(ds, sets=names, by=by)
     turns = turning_points(curve, tol)
     models = models_by_size(ds)
+    sizes = model_sizes(ds, models)
     colors = model_colors(ds)
     table = curve.to_dataframe().reset_index()
     columns = ["set", "source_set", "group", "kind", "corrupt", "model", "ckpt", "step", "val_ppl", "sequence_ppl"]
@@ -155,11 +177,11 @@ def run(
     fig.suptitle(TITLE)
 
     findings += [
-        _set_sentence(str(s), turns.sel(set=s), values_at(curve.sel(set=s), models), models)
+        _set_sentence(str(s), turns.sel(set=s), values_at(curve.sel(set=s), models), models, sizes)
         for s in curve["set"].values
     ]
     if len(curve["set"]) > len(shown):
         findings.append(f"The figure shows the first {len(shown)} of {len(curve['set'])} sets; the table has all.")
-    findings += _paper_claims(curve, turns, models)
+    findings += _paper_claims(curve, turns, models, sizes)
     findings += envelope_findings(ds) + ([ZOOM_FINDING] if zoomed else [])
     return Result(TITLE, tables, fig, findings)

@@ -8,11 +8,10 @@ a study passes on to an analysis function takes its default from that function's
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -24,6 +23,7 @@ from matplotlib.text import Text
 import tokendyn  # noqa: F401  (registers the ds.tokendyn accessor)
 from tokendyn.analysis.accessor import context_ids
 from tokendyn.analysis.sequences import set_params
+from tokendyn.analysis.trajectories import default_of  # a study's defaults are its analysis functions'
 from tokendyn.store import open_store, store_path
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "open_source",
     "main_set_path",
     "models_by_size",
+    "model_sizes",
     "token_texts",
     "context",
     "step_text",
@@ -80,12 +81,6 @@ def require(ds: xr.Dataset, *names: str) -> None:
         raise Skip(f"the store has no {', '.join(missing)}")
 
 
-def default_of(function: Callable, parameter: str) -> Any:
-    """The default of `parameter` in `function`'s signature: a study passing a parameter on to an
-    analysis function uses it as its own default, so the default is written once."""
-    return inspect.signature(function).parameters[parameter].default
-
-
 def open_source(source: Source) -> xr.Dataset:
     """The main set of a store path, or the dataset itself."""
     return source if isinstance(source, xr.Dataset) else open_store(source)
@@ -107,6 +102,16 @@ def models_by_size(ds: xr.Dataset) -> list[str]:
         return names
     n_params = np.asarray(ds["n_params"].values, dtype=float)
     return [names[i] for i in np.argsort(n_params, kind="stable")]
+
+
+def model_sizes(ds: xr.Dataset, models: Sequence[str]) -> np.ndarray:
+    """Parameter counts of the named models; without parameter counts, their places in store order
+    (the order `models_by_size` takes for size order then)."""
+    names = [str(m) for m in ds["model"].values]
+    if "n_params" not in ds.coords:
+        return np.array([names.index(m) for m in models], dtype=float)
+    n_params = np.asarray(ds["n_params"].values, dtype=float)
+    return np.array([n_params[names.index(m)] for m in models])
 
 
 def token_texts(ds: xr.Dataset, ids: Sequence[int]) -> list[str]:

@@ -15,7 +15,7 @@ from tokendyn.analysis.labels import label_mask
 from tokendyn.analysis.sequences import turning_points
 from tokendyn.analysis.shared import computed
 from tokendyn.analysis.trajectories import done_checkpoints, double_descent, load_small, model_index, token_share
-from tokendyn.analysis.trends import TrendWarning, fit_points, ols, trend_categories, window_start
+from tokendyn.analysis.trends import START, TrendWarning, fit_points, ols, trend_categories, window_start
 from tokendyn.studies.findings import verdict
 from tokendyn.studies.study import Result, Skip, Source, default_of, models_by_size, open_source, require
 from tokendyn.studies.style import (
@@ -129,7 +129,7 @@ def _stagnation(curves: xr.DataArray, ds: xr.Dataset, start: float, x: str) -> d
 
 def run(
     source: Source,
-    start: float = 0.2,
+    start: float = START,
     chosen_on: str | None = None,
     x: str = default_of(trend_categories, "x"),
     tol: float = default_of(turning_points, "tol"),

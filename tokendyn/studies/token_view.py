@@ -105,9 +105,10 @@ def token_table(
     """One row per model and shown token of the first `n_docs` documents (at most `max_tokens` each):
     model, doc (its number among the shown documents), token_index (along the store's token dim),
     token (its text as in the running text, not escaped), step_a and step_b (the compared steps:
-    `between`, default each model's first trained checkpoint and its last; see
-    `tokendyn.analysis.tokens.top_tokens`), loss_a, loss_b, change (nats) and category (trend
-    category at start fraction `start` with x axis `x`; `tokendyn.analysis.trends.trend_categories`)."""
+    `between`, default each model's first trained checkpoint and its last, step 0 and the last with
+    one trained checkpoint; see `tokendyn.analysis.tokens.steps_between`), loss_a, loss_b, change
+    (nats) and category (trend category at start fraction `start` with x axis `x`;
+    `tokendyn.analysis.trends.trend_categories`)."""
     ds = load_small(open_source(source))
     docs = _document_tokens(ds, n_docs, max_tokens)
     shown = np.concatenate(docs) if docs else np.zeros(0, np.int64)
@@ -206,7 +207,7 @@ def token_shading(
 ) -> Markup:
     """HTML (markupsafe.Markup) of the first `n_docs` documents per model, each token shaded by its loss
     change between two training steps (`between`, default each model's first trained checkpoint and
-    its last), with the trend-category view one click away; at most `max_tokens` tokens per document.
+    its last; see `token_table`), with the trend-category view one click away; at most `max_tokens` tokens per document.
     models: which models, default all (smallest first). The token texts come from the store's
     vocabulary (`#<id>` without one) and are escaped."""
     return shading_html(token_table(source, between, n_docs, max_tokens, models))
@@ -289,6 +290,11 @@ def run(
         if rows["step_a"].iloc[0] == rows["step_b"].iloc[0]:
             findings.append(f"{model}: one checkpoint only, so no change to show.")
             continue
+        if between is None and rows["step_a"].iloc[0] == 0:
+            findings.append(
+                f"{model}: one trained checkpoint only, so its change is from step 0, the untrained model "
+                "(the change training made, not a change during training)."
+            )
         if change.empty:
             continue
         low, high = rows.loc[change.idxmin()], rows.loc[change.idxmax()]

@@ -5,8 +5,8 @@ category per model and start fraction as per-token labels (`trends`).
 
 Testability: a trend window needs >= 3 checkpoints (`tokendyn.analysis.trends`); the trend of a share
 with the start fraction needs categories at >= 2 start fractions for that model, and the trend with
-model size needs >= 2 models with categories at that start fraction. Cases short of that are
-"not testable here", never "does not reproduce"."""
+model size needs >= 2 models of different sizes (parameter counts) with categories at that start
+fraction. Cases short of that are "not testable here", never "does not reproduce"."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import pandas as pd
 
 from tokendyn.analysis.labels import flag_names, label_share
 from tokendyn.analysis.shared import computed
-from tokendyn.analysis.trends import TrendWarning, trend_categories
-from tokendyn.studies.findings import counted, direction, verdict
-from tokendyn.studies.study import Result, Source, default_of, models_by_size, open_source, require
+from tokendyn.analysis.trends import START, TrendWarning, trend_categories
+from tokendyn.studies.findings import SAME_SIZE, counted, direction, size_pairs, size_trend, verdict
+from tokendyn.studies.study import Result, Source, default_of, model_sizes, models_by_size, open_source, require
 from tokendyn.studies.style import model_colors, model_legend, new_figure
 
 TITLE = "Token trend categories against the start of the trend window"
@@ -67,8 +67,9 @@ def paper_reference() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _claims(shares: pd.DataFrame, models: list[str]) -> list[str]:
-    """Check the paper's shape (methods.md §1.2) on the store's shares; untestable cases say so."""
+def _claims(shares: pd.DataFrame, models: list[str], sizes: Sequence[float]) -> list[str]:
+    """Check the paper's shape (methods.md §1.2) on the store's shares, models in size order with
+    their sizes (parameter counts); untestable cases say so."""
     labelled = shares.dropna(subset=["percent"])
 
     def series(category: str, model: str) -> np.ndarray:
@@ -83,15 +84,17 @@ def _claims(shares: pd.DataFrame, models: list[str]) -> list[str]:
             f"Paper: the {category} share {word} with the start fraction; this "
             f"{verdict(holds, need_starts)} ({counted(holds)} models)."
         )
-    if len(models) >= 2:
+    if len(models) >= 2 and not size_pairs(sizes):
+        lines.append(f"Paper: the stagnated share grows with model size; this is not testable here ({SAME_SIZE}).")
+    elif len(models) >= 2:
         holds = []
         for start in sorted(shares["start"].unique()):
             at = labelled[(labelled.category == "stagnated") & (labelled.start == start)].set_index("model")["percent"]
-            values = [at.get(m, np.nan) for m in models]
-            holds.append(direction(values) == 1 if np.isfinite(values).sum() >= 2 else None)
+            trend = size_trend([at.get(m, np.nan) for m in models], sizes)
+            holds.append(None if trend is None else trend == 1)
+        need = f">= 2 models of different sizes with >= {MIN_WINDOW} checkpoints in the trend window"
         lines.append(
-            f"Paper: the stagnated share grows with model size; this "
-            f"{verdict(holds, f'>= 2 models with >= {MIN_WINDOW} checkpoints in the trend window')} "
+            f"Paper: the stagnated share grows with model size; this {verdict(holds, need)} "
             f"({counted(holds)} start fractions)."
         )
     return lines
@@ -140,20 +143,26 @@ def run(
     panels[len(SHOWN)].legend(title="paper", fontsize="x-small")
     fig.suptitle(TITLE)
 
-    p = min(shares["start"].unique(), key=lambda s: abs(s - 0.2))
+    p = min(shares["start"].unique(), key=lambda s: abs(s - START))
     at_p = shares[shares.start == p].set_index(["model", "category"])["percent"]
-    findings = [
-        f"At start {p:.0%}, % stagnated / upward / downward / uncategorised: "
-        + "; ".join(f"{m} " + " / ".join(f"{at_p.get((m, c), np.nan):.1f}" for c in flag_names(cats)) for m in models)
-        + "."
-    ]
+    # models without categories at p are named by the not-testable lines below, not listed as nan
+    categorised = [m for m in models if np.isfinite([at_p.get((m, c), np.nan) for c in flag_names(cats)]).any()]
+    findings = []
+    if categorised:
+        findings.append(
+            f"At start {p:.0%}, % stagnated / upward / downward / uncategorised: "
+            + "; ".join(
+                f"{m} " + " / ".join(f"{at_p.get((m, c), np.nan):.1f}" for c in flag_names(cats)) for m in categorised
+            )
+            + "."
+        )
     missing = shares[(shares.category == SHOWN[0]) & shares["percent"].isna()]
     for value, rows in missing.groupby("start"):
         findings.append(
             f"No categories at start {value:.0%} in {', '.join(rows['model'])}: fewer than {MIN_WINDOW} "
             "checkpoints in the window (not testable there)."
         )
-    findings += _claims(shares, models)
+    findings += _claims(shares, models, model_sizes(ds, models))
     return Result(
         TITLE,
         {"trend_shares": shares, "paper_reference": reference},
