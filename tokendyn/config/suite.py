@@ -508,7 +508,7 @@ def _parse_model(data: Any, where: str, base: Path) -> ModelSpec:
     if "preset" in t.data:
         return _parse_preset(t)
     name = t.get("name", str)
-    t.where = f"{where} ('{name}')"
+    t.where = f"{where} ({name!r})"  # repr: a control character in a name stays visible
     hub_id = t.get("hub_id", str, None)
     tokens_per_step = t.positive("tokens_per_step", float, None)
     if "revisions" in t.data:
@@ -632,7 +632,7 @@ def _parse_preset(t: _Table) -> ModelSpec:
     elif size is not None or deduped:
         t.fail("hub_id", "replaces size and deduped; give either size (and deduped) or hub_id")
     name = t.get("name", str, hub_id.split("/")[-1])
-    t.where = f"{t.where} ('{name}')"
+    t.where = f"{t.where} ({name!r})"
     try:
         steps = select_steps(PYTHIA_STEPS, t.data.get("steps"))
     except TokendynError as err:
