@@ -159,6 +159,18 @@ def test_corrupted_weights_are_refused_before_the_store_grows(capsys, tmp_path):
     np.testing.assert_array_equal(ds.loss.isel(ckpt=[0]).values, before)
 
 
+def test_scored_checkpoints_need_no_weights_when_the_store_grows(tmp_path):
+    """Only checkpoints the store has not scored are checked: a done one's weights may be gone."""
+    suite = write_suite(tmp_path, families=("opt",), steps=(0, 10, 20))
+    first = tmp_path / "first.toml"
+    first.write_text(suite.read_text().replace(', { step = 20, path = "ckpts/opt/step20" }', ""))
+    store = tmp_path / "s.zarr"
+    assert main(["extract", str(first), "--out", str(store), "--no-progress"]) == 0
+    (tmp_path / "ckpts/opt/step0/model.safetensors").unlink()
+    assert main(["extract", str(suite), "--out", str(store), "--no-progress"]) == 0
+    assert tokendyn.open_store(store).done.values.tolist() == [[True, True, True]]
+
+
 def test_pickle_checkpoint_needs_opt_in(capsys, tmp_path):
     suite = write_suite(tmp_path, families=("opt",), steps=(0,))
     folder = tmp_path / "ckpts/opt/step0"
