@@ -118,6 +118,9 @@ def test_second_quick_demo_recomputes_nothing(tmp_path, monkeypatch, capsys):
     assert {p: p.stat().st_mtime_ns for p in first["store"].rglob("*") if p.is_file()} == store_files
     assert second["findings"] == first["findings"] and second["analysis_lines"] == first["analysis_lines"]
     assert second["findings"] and second["analysis_lines"]
+    monkeypatch.setattr(demo, "_code_stamp", lambda *packages: "changed analysis code")
+    third = demo.run_demo(preset="quick", progress=False)  # a new commit of tokendyn keeps its version number
+    assert {p: s for p, s in third["phases"].items() if s == "ran"} == {"analyze": "ran", "findings": "ran"}
     assert (first["report"].parent / "perplexity" / "figure.png").is_file()  # one run of the studies wrote both
     assert (first["analysis"] / "perplexity_levels.csv").is_file()
     # The cost model's set sizes track the store's within a factor; the named sets and tasks are done

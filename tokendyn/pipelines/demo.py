@@ -411,12 +411,14 @@ def run_demo(preset: str = "default", seed: int = 0, progress: bool = True) -> d
     def run_analyze() -> None:
         report.write_report(out, index.parent, progress=progress, analysis=folder)
 
-    ledger.run(steps, "analyze", [stamp], run_analyze, store_out=None, outputs=[folder / analyze.FINDINGS, index])
+    # The analyses' code is an input too: the version stays the same between commits of tokendyn.
+    code = _code_stamp("analysis", "studies", "pipelines", "toy")
+    ledger.run(steps, "analyze", [stamp, code], run_analyze, store_out=None, outputs=[folder / analyze.FINDINGS, index])
     findings_file = out.with_name(stem + ".findings.txt")
     ledger.run(
         steps,
         "findings",
-        [stamp],
+        [stamp, code],
         lambda: findings_file.write_text("\n".join(findings.summary(out)) + "\n"),
         None,
         [findings_file],
@@ -476,6 +478,16 @@ class Ledger:
         partial.write_text(json.dumps(self.entries, indent=1) + "\n")
         partial.replace(self.path)
         steps.finish(phase)
+
+
+def _code_stamp(*packages: str) -> str:
+    """A digest of the source files of tokendyn's named subpackages."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for package in packages:
+        for file in sorted((root / package).rglob("*.py")):
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
 
 
 def _stamp(out: Path) -> str:
