@@ -112,7 +112,25 @@ def test_agreement_leaves_out_the_pairs_of_a_model_with_two_checkpoints(tmp_path
     loss = np.linspace(3, 1, 5)[None, :, None, None] + rng.uniform(0, 0.5, (3, 5, 4, 8))
     loss[0, 1] = loss[0, 4]  # m0 ends where the others do: the perplexity range they share
     findings = agreement.run(write_store(tmp_path / "s.zarr", loss, steps)).findings
-    assert "over the model pairs with >= 3 done checkpoints each), so the claim" in findings[1], findings
+    assert "over the model pairs that can tell them apart: >= 3 done checkpoints each" in findings[1], findings
+
+
+def test_agreement_read_between_the_same_two_checkpoints_is_not_testable(tmp_path):
+    """Five checkpoints, but the loss falls only between steps 1 and 10: both matched levels, in
+    perplexity and in step, lie in that one interval in every model, so the axes rank alike by
+    construction (was: "does not reproduce")."""
+    rng = np.random.default_rng(0)
+    curve = np.array([[3.0, 1.0, 0.99, 0.98, 0.97], [3.0, 0.9, 0.89, 0.88, 0.87]])[:, :, None, None]
+    first, later = rng.uniform(0, 0.5, (2, 1, 4, 8)), rng.uniform(0, 0.5, (2, 1, 4, 8))
+    loss = curve + np.where(np.arange(5)[None, :, None, None] == 0, first, later)
+    ds = write_store(tmp_path / "s.zarr", loss, np.array([[1, 10, 20, 40, 80.0]] * 2))
+    table = ds.tokendyn.agreement()
+    assert (
+        table.loc[table.axis == "step", "as_at_val_ppl"].all()
+        and not table.loc[table.axis == "val_ppl", "as_at_val_ppl"].any()
+    )
+    findings = agreement.run(ds).findings
+    assert "not testable here (every pair reads both levels" in findings[1] and "reproduce" not in findings[1], findings
 
 
 def test_one_checkpoint_has_no_matched_perplexity_levels(tmp_path):

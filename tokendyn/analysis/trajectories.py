@@ -771,7 +771,9 @@ def agreement(
     those axes are the mean over models of where each model reaches the two perplexities, and
     every model is read there (a model that does not span them gives NaN for its pairs).
     Returns a tidy table: axis, from_level, to_level, model_a, model_b, n_tokens, top_k,
-    spearman, jaccard, jaccard_chance.
+    spearman, jaccard, jaccard_chance, and `as_at_val_ppl`: both models read both levels of this
+    axis and of matched perplexity between the same two checkpoints, so the pair's drops rank as at
+    matched perplexity by construction (no evidence either way).
     """
     ds = load_small(ds)
     if levels is None:
@@ -789,12 +791,27 @@ def agreement(
         except TokendynError:
             continue  # tokens seen unknown: that comparison is left out
     rows, by_plan = [], {}
+    at_ppl = _one_interval(_interpolation(ds, "val_ppl", levels))
     for axis, pair in matched.items():
+        plans = _interpolation(ds, axis, pair)
         # Axes read at the same checkpoints with the same weights (tokens seen a constant times the
         # step, as in most suites) have the same drops: computed and ranked once.
-        plan = tuple(np.asarray(v).tobytes() for per_model in _interpolation(ds, axis, pair) for v in per_model)
+        plan = tuple(np.asarray(v).tobytes() for per_model in plans for v in per_model)
         if plan not in by_plan:
             by_plan[plan] = pair_statistics(_drop_blocks(at_axis(ds, axis, pair).where(valid), axis), models, top)
+        # A model reading both levels of both axes between the same two checkpoints has drops that are
+        # fractions of that one interval's drop on both: the pair ranks alike there by construction.
+        here = _one_interval(plans)
+        alike = {m: at_ppl[i] is not None and at_ppl[i] == here[i] for i, m in enumerate(models)}
         for row in by_plan[plan]:
-            rows.append({"axis": axis, "from_level": pair[0], "to_level": pair[1], **row})
+            same = axis != "val_ppl" and alike[row["model_a"]] and alike[row["model_b"]]
+            rows.append({"axis": axis, "from_level": pair[0], "to_level": pair[1], **row, "as_at_val_ppl": same})
     return pd.DataFrame(rows)
+
+
+def _one_interval(plans: list[tuple]) -> list[tuple[int, int] | None]:
+    """Per model: the (lo, hi) checkpoints when it reaches both levels between the same two, else None."""
+    return [
+        (int(lo[0]), int(hi[0])) if reachable.all() and lo[0] == lo[1] and hi[0] == hi[1] else None
+        for lo, hi, _, reachable in plans
+    ]

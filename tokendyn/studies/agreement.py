@@ -72,7 +72,11 @@ def run(
 
     means = table.groupby("axis", sort=False)[["spearman", "jaccard", "jaccard_chance"]].mean()
     n_done = {str(m): len(done_checkpoints(ds, str(m))) for m in ds["model"].values}
-    enough = table["model_a"].map(n_done).ge(MIN_CHECKPOINTS) & table["model_b"].map(n_done).ge(MIN_CHECKPOINTS)
+    few = ~(table["model_a"].map(n_done).ge(MIN_CHECKPOINTS) & table["model_b"].map(n_done).ge(MIN_CHECKPOINTS))
+    # a pair whose step drops rank as at matched perplexity by construction is evidence neither way
+    index = table.set_index(["model_a", "model_b"]).index
+    alike = index.isin(index[(table["axis"] == "step") & table["as_at_val_ppl"]])
+    enough = ~few & ~alike
     tested = table[enough].groupby("axis", sort=False)["spearman"].mean()
     findings = [
         "Mean over model pairs, Spearman / top-k Jaccard (chance): "
@@ -83,11 +87,15 @@ def run(
     ]
     claim = "Paper: a similar subset of tokens sees the largest loss drop at a given perplexity; "
     if "step" in means.index and not enough.any():
-        findings.append(
-            claim + f"not testable here (needs two models with >= {MIN_CHECKPOINTS} done checkpoints; the models "
-            f"have {', '.join(str(n) for n in n_done.values())}: with two, the drops at matched perplexity and at "
-            "matched step are the same fraction of the one drop, equal by construction)."
+        why = (
+            f"needs two models with >= {MIN_CHECKPOINTS} done checkpoints; the models have "
+            f"{', '.join(str(n) for n in n_done.values())}: with two, the drops at matched perplexity and at "
+            "matched step are the same fraction of the one drop, equal by construction"
+            if few.all()
+            else "every pair reads both levels, at matched perplexity and at matched step, between the same two "
+            "checkpoints, so its drops rank alike on both by construction"
         )
+        findings.append(claim + f"not testable here ({why}).")
     elif "step" in means.index and tested[["val_ppl", "step"]].isna().any():
         findings.append(
             claim + "not testable here (no Spearman correlation at matched perplexity or step: too few shared "
@@ -95,7 +103,12 @@ def run(
         )
     elif "step" in means.index:
         higher = tested["val_ppl"] > tested["step"]
-        pairs = "" if enough.all() else f" over the model pairs with >= {MIN_CHECKPOINTS} done checkpoints each"
+        pairs = (
+            ""
+            if enough.all()
+            else f" over the model pairs that can tell them apart: >= {MIN_CHECKPOINTS} done checkpoints each, "
+            "and not both levels between the same two checkpoints"
+        )
         findings.append(
             claim + "measured here, the drops agree " + ("more" if higher else "no more") + " at matched perplexity "
             f"than at matched step (Spearman {tested['val_ppl']:.2f} vs {tested['step']:.2f}{pairs}), so the claim "
