@@ -125,7 +125,9 @@ def test_trend_reference_is_the_papers_table_and_its_shape_passes_the_papers_che
     tied = trend_categories._claims(reference, models, [125e6, 1.3e9, 1.3e9, 13e9, 30e9, 175e9])
     assert "with model size; this reproduces" in tied[-1], tied
     same = trend_categories._claims(reference, models, [1.3e9] * 6)
-    assert same[-1].endswith("with model size; this is not testable here (the models have the same size)."), same
+    assert same[-1].endswith(
+        "with model size; this is not testable here (no two models of different sizes have a value)."
+    ), same
 
 
 def test_three_checkpoints_are_not_testable_rather_than_not_reproducing(tmp_path):
@@ -312,6 +314,8 @@ def test_sequence_findings_check_the_papers_patterns():
     )
     lines = sequence_perplexity._paper_claims(opposite, turning_points(opposite), models, np.array([1e6, 1e7, 1e8]))
     assert all("does not reproduce" in l for l in lines), lines
+    same = sequence_perplexity._paper_claims(paper_like, turning_points(paper_like), models, np.array([1e6] * 3))
+    assert "not testable here (0 of 0 corrupted sets that can be compared by size)" in same[-1], same  # was: a crash
 
 
 def test_findings_helpers():

@@ -15,6 +15,7 @@ from tokendyn.studies import (
     token_view,
     trend_categories,
 )
+from tokendyn.studies.findings import SAME_SIZE
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +33,16 @@ def same_size(tmp_path_factory):
 
 def test_models_of_the_same_size_get_no_size_order(same_size):
     findings = perplexity.run(same_size).findings
-    assert "Whether larger models end lower is not testable (the models have the same size)." in findings
+    assert f"Whether larger models end lower is not testable ({SAME_SIZE})." in findings
     assert not any("Larger models end lower" in f or "neighbouring sizes" in f for f in findings), findings
     trend = trend_categories.run(same_size).findings[-1]
-    assert trend.endswith("with model size; this is not testable here (the models have the same size)."), trend
+    assert trend.endswith(f"with model size; this is not testable here ({SAME_SIZE})."), trend
     findings = clusters.run(same_size).findings
-    assert "Cluster shares against model size: not testable (the models have the same size)." in findings
-    assert (
-        "Paper: more tokens stagnate in larger models; this is not testable here (the models have the same size)."
-        in findings
-    )
+    assert f"Cluster shares against model size: not testable ({SAME_SIZE})." in findings
+    assert f"Paper: more tokens stagnate in larger models; this is not testable here ({SAME_SIZE})." in findings
     assert not any("with model size (" in f or "reproduce" in f for f in findings), findings
     medians = [f for f in curve_measures.run(same_size, chance=6.0).findings if f.startswith("Median")]
-    assert medians and all(f.endswith("; by size not testable (the models have the same size).") for f in medians)
+    assert medians and all(f.endswith(f"; by size not testable ({SAME_SIZE}).") for f in medians)
 
 
 def test_tied_sizes_are_left_out_of_the_size_order(tmp_path):

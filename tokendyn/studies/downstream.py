@@ -75,6 +75,8 @@ def run(
         raise TokendynError(f"unknown metric {metric!r}; choose one of {', '.join(LABELS)}")
     scores = downstream.task_scores(ds, convention=convention)
     every, results, failed = emergence_table(ds, scores)
+    if every.empty:  # e.g. a selection of checkpoints at which the tasks were not scored
+        raise Skip(f"no task could be fitted ({len(failed)} fits failed; the first: {failed[0]})")
     fits = every[every.metric == metric]
     models = models_by_size(ds)
     colors = model_colors(ds)

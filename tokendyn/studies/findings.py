@@ -25,8 +25,8 @@ def direction(values: Sequence[float], threshold: float = 0.5, x: Sequence[float
 
 WORDS = {1: "rises", -1: "falls", 0: "shows no clear trend"}
 
-# Why a size-order finding is not testable when every model has the same parameter count.
-SAME_SIZE = "the models have the same size"
+# Why a size-order finding is not testable: the models with a value all have one parameter count.
+SAME_SIZE = "no two models of different sizes have a value"
 
 
 def size_pairs(sizes: Sequence[float]) -> list[tuple[int, int]]:

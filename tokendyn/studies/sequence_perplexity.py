@@ -117,7 +117,8 @@ def _paper_claims(curve: xr.DataArray, turns: xr.Dataset, models: list[str], siz
         holds = [_by_size(values_at(curve.sel(set=s), models), sizes, -1) for s in corrupted]
         lines.append(
             f"Paper: on text with randomly replaced tokens perplexity still falls with size; here this "
-            f"{verdict(holds)} ({sum(holds)} of {len(holds)} corrupted sets)."
+            f"{verdict(holds)} ({sum(h is True for h in holds)} of {sum(h is not None for h in holds)} corrupted "
+            "sets that can be compared by size)."
         )
     return lines
 
