@@ -88,8 +88,10 @@ def test_open_store_returns_independent_in_memory_arrays(ds):
     first = tokendyn.open_store(path)
     first["done"][:, 2:] = False
     first["step"].values[0, 1] = 999
+    first.attrs.setdefault("complete", {})["m0"] = []
     again = tokendyn.open_store(path)
     assert again["done"].values.all() and again["step"].values[0, 1] == 10
+    assert again.attrs.get("complete", {}).get("m0") != []
 
 
 def test_single_model_without_its_dimension_is_a_one_line_error(ds):

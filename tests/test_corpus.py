@@ -175,6 +175,23 @@ def test_a_field_takes_its_type_from_all_its_values(tmp_path, tokenizer):
     assert scored.token_fields["old"][first].tolist() == [1, -1, -1]
 
 
+def test_integers_beyond_int64_are_kept_as_text(tmp_path, tokenizer):
+    """A 64-bit hash id does not fit int64 (was: an OverflowError traceback); it is kept exactly, as text."""
+    records = [{"text": "Hello there.", "id": 2**63 + 5}, {"text": "Bob.", "id": 7}]
+    scored = tokenize_set(jsonl_set(tmp_path, records), tokenizer)
+    first = np.unique(scored.doc, return_index=True)[1]
+    assert scored.token_fields["id"][first].tolist() == [str(2**63 + 5), "7"]
+
+
+def test_a_corrupted_sets_bytes_are_its_texts(tmp_path, tokenizer):
+    """bits_per_byte divides by the bytes of the text: the random replacement tokens do not count."""
+    text = "The cat 日本語日本語日本語 the dog"
+    for k in range(4, 20):
+        clean = tokenize_set(jsonl_set(tmp_path, [{"text": text}], context="truncate", max_tokens=k), tokenizer)
+        spec = jsonl_set(tmp_path, [{"text": text}], context="truncate", max_tokens=k, corrupt=0.9, seed=1)
+        assert tokenize_set(spec, tokenizer).n_bytes == clean.n_bytes, k
+
+
 def test_object_and_list_fields_are_their_compact_json_text(tmp_path, tokenizer):
     records = [
         {"text": "Hello there.", "meta": {"pile_set_name": "Wikipedia (en)", "a": "é"}, "tags": ["a", "b"]},

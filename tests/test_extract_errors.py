@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import constants as hub_constants
+from transformers import AutoModelForCausalLM
 
 import tokendyn
 from conftest import build_tokenizer, save_checkpoint, write_suite
@@ -157,6 +158,22 @@ def test_corrupted_weights_are_refused_before_the_store_grows(capsys, tmp_path):
     ds = tokendyn.open_store(store)
     assert bool(ds.done.all()) and ds.sizes["ckpt"] == 3
     np.testing.assert_array_equal(ds.loss.isel(ckpt=[0]).values, before)
+
+
+def test_a_missing_weight_shard_is_refused_before_the_store_grows(capsys, tmp_path):
+    """A sharded checkpoint whose index lists a shard not on disk (was: the store grew, then the load failed)."""
+    suite = write_suite(tmp_path, families=("opt",), steps=(0, 10))
+    folder = tmp_path / "ckpts/opt/step10"
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    model.save_pretrained(folder, max_shard_size="20KB")
+    shards = sorted(folder.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    capsys.readouterr()  # transformers' progress bars of the re-save
+    err = run_error(capsys, suite, "--out", tmp_path / "s.zarr")
+    assert f"weight shard {shards[-1].name} of" in err and "is missing" in err
+    assert not (tmp_path / "s.zarr" / "zarr.json").exists()
 
 
 def test_scored_checkpoints_need_no_weights_when_the_store_grows(tmp_path):

@@ -389,6 +389,7 @@ def tokenize_set(
     docs = read_documents(spec) if documents is None else documents
     _check_given_ids(spec, docs, len(tokenizer))
     text_ids, offsets = _encode(docs, tokenizer)
+    original_ids = text_ids  # the text's own tokens: a corrupted set's bytes and words are its text's
     if spec.corrupt is not None:
         text_ids = [np.asarray(i) for i in corrupt_tokens(text_ids, spec.corrupt, spec.seed, tokenizer)]
     prefix = prefix_ids(spec.prefix, tokenizer)
@@ -426,7 +427,7 @@ def tokenize_set(
         t = np.flatnonzero(target >= 0)
         n_context[target[t]] = t + 1
     fields = _token_fields(docs, offsets, doc, offset)
-    n_bytes, n_words = _text_size(docs, tokenizer, offsets, text_ids, doc, offset)
+    n_bytes, n_words = _text_size(docs, tokenizer, offsets, original_ids, doc, offset)
     params = {
         "name": spec.name,
         "kind": spec.kind,
@@ -561,13 +562,15 @@ def _field_type(values: list, complete: bool = False) -> tuple:
     """Fill value (for tokens or documents without the field) and dtype of a field, from all its values in the set.
 
     Integers (bools too) give int64 with -1 missing, numbers float64 with NaN missing, anything else text
-    with "" missing (strings as objects: variable-length strings in Zarr). A flag that every document
-    has (a pair's is_true) stays bool.
+    with "" missing (strings as objects: variable-length strings in Zarr), and so do integers beyond
+    int64. A flag that every document has (a pair's is_true) stays bool.
     """
     if complete and all(isinstance(v, bool) for v in values):
         return False, bool
     if all(isinstance(v, int) for v in values):
-        return -1, np.int64
+        if all(-(2**63) <= v < 2**63 for v in values):
+            return -1, np.int64
+        return "", object  # beyond int64 (64-bit hash ids): kept exactly, as text
     if all(isinstance(v, (int, float)) for v in values):
         return np.nan, np.float64
     return "", object

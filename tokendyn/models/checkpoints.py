@@ -223,9 +223,22 @@ def check_local_weights(ckpt: Checkpoint, allow_pickle: bool) -> None:
     safetensors weights, from the files' headers only: a run refuses them before it writes anything.
     A hub checkpoint's weights are checked when they are fetched."""
     if ckpt.path is not None:
-        for file in _weights_to_load(ckpt, Path(ckpt.path), allow_pickle):
+        files = _weights_to_load(ckpt, Path(ckpt.path), allow_pickle)
+        for file in files:
             if file.suffix == ".safetensors":
                 _check_safetensors(ckpt, file)
+        index = Path(ckpt.path) / "model.safetensors.index.json"
+        if files[0].suffix == ".safetensors" and index.is_file():  # sharded: every shard it lists is there
+            try:
+                shards = set(json.loads(index.read_text())["weight_map"].values())
+            except (OSError, ValueError, KeyError, AttributeError) as err:
+                raise TokendynError(f"unreadable {index} ({err}); re-save the checkpoint") from err
+            missing = sorted(s for s in shards if not (Path(ckpt.path) / s).is_file())
+            if missing:
+                raise TokendynError(
+                    f"weight shard {missing[0]} of {_label(ckpt)} is missing ({len(missing)} of {len(shards)}); "
+                    "finish or re-save the checkpoint"
+                )
 
 
 def _load_tokenizer(source: str | Path, label: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Iterable
 from pathlib import Path
@@ -46,6 +47,7 @@ def open_store(path: str | Path, set: str = "main") -> xr.Dataset:
     for name, variable in ds.variables.items():
         if variable.chunks is None and name not in ds.indexes:
             variable.data = variable.data.copy()
+    ds.attrs = copy.deepcopy(ds.attrs)  # lists and dicts (metrics, complete, ...)
     return ds
 
 
