@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from huggingface_hub import constants as hub_constants
-from transformers import GPT2Config
+from transformers import AutoModelForCausalLM, GPT2Config
 
 from conftest import build_tokenizer, save_checkpoint
 from tokendyn.config.suite import Checkpoint, load_suite
@@ -447,6 +447,17 @@ def test_offline_revision_without_its_weights_in_the_cache(hub_cache, ckpts, tmp
     assert (resolve(ckpt, weights=False) / "config.json").is_file()
     with pytest.raises(TokendynError, match=r"^org/name@step3000 .* is not \(completely\) in the Hugging Face cache"):
         load_model(ckpt, allow_pickle=allow_pickle)
+
+
+def test_offline_revision_missing_a_shard_is_not_in_the_cache(hub_cache, ckpts, tmp_path):
+    """A sharded revision whose download stopped before its last shard (was: a load error naming remote code)."""
+    sharded = copy_of(ckpts, "neox0", tmp_path)
+    AutoModelForCausalLM.from_pretrained(sharded).save_pretrained(sharded, max_shard_size="20KB")
+    (sharded / "model.safetensors").unlink(missing_ok=True)  # save_pretrained may have removed it
+    sorted(sharded.glob("model-*.safetensors"))[-1].unlink()
+    make_hub_cache(hub_cache, "org/name", {"step3000": sharded})
+    with pytest.raises(TokendynError, match=r"^org/name@step3000 .* is not \(completely\) in the Hugging Face cache"):
+        load_model(hub("org/name", "step3000", 3000))
 
 
 def test_offline_cache_from_hf_home_in_a_fresh_process(ckpts, tmp_path):

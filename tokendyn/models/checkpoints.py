@@ -85,7 +85,7 @@ def resolve(ckpt: Checkpoint, weights: bool = True, allow_pickle: bool = False) 
         folder = _snapshot(ckpt, PICKLE_PATTERNS)
         pickled = weight_files(folder)[1]
     # Offline, snapshot_download returns the cached snapshot without checking that the patterns' files are in it.
-    if hub_constants.HF_HUB_OFFLINE and not safetensors and not pickled:
+    if hub_constants.HF_HUB_OFFLINE and (not (safetensors or pickled) or (safetensors and _missing_shards(folder)[0])):
         raise _not_cached(ckpt)
     return folder
 
@@ -227,18 +227,24 @@ def check_local_weights(ckpt: Checkpoint, allow_pickle: bool) -> None:
         for file in files:
             if file.suffix == ".safetensors":
                 _check_safetensors(ckpt, file)
-        index = Path(ckpt.path) / "model.safetensors.index.json"
-        if files[0].suffix == ".safetensors" and index.is_file():  # sharded: every shard it lists is there
-            try:
-                shards = set(json.loads(index.read_text())["weight_map"].values())
-            except (OSError, ValueError, KeyError, AttributeError) as err:
-                raise TokendynError(f"unreadable {index} ({err}); re-save the checkpoint") from err
-            missing = sorted(s for s in shards if not (Path(ckpt.path) / s).is_file())
-            if missing:
-                raise TokendynError(
-                    f"weight shard {missing[0]} of {_label(ckpt)} is missing ({len(missing)} of {len(shards)}); "
-                    "finish or re-save the checkpoint"
-                )
+        missing, shards = _missing_shards(Path(ckpt.path))
+        if files[0].suffix == ".safetensors" and missing:
+            raise TokendynError(
+                f"weight shard {missing[0]} of {_label(ckpt)} is missing ({len(missing)} of {shards}); "
+                "finish or re-save the checkpoint"
+            )
+
+
+def _missing_shards(folder: Path) -> tuple[list[str], int]:
+    """(the shards that a sharded safetensors checkpoint's index lists but the folder lacks, how many it lists)."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return [], 0
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        raise TokendynError(f"unreadable {index} ({err}); re-save or re-download the checkpoint") from err
+    return sorted(s for s in shards if not (folder / s).is_file()), len(shards)
 
 
 def _load_tokenizer(source: str | Path, label: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
