@@ -103,7 +103,6 @@ WINDOW_TOKENS = 2**18  # tokens per window of the top-token counts (ids read, co
 N_POINTS = 10  # points of a trajectory feature: matched perplexities or training-progress points
 # The per-token detectors' own defaults, so that the names use their definitions (one place per default;
 # the double-descent ones are trajectories.DESCENT_TOL and DESCENT_WINDOW).
-DD_TOL = DESCENT_TOL  # `detector_agreement`'s default
 BAND = default_of(trend_categories, "band")
 ALPHA = default_of(trend_categories, "alpha")
 
@@ -805,7 +804,7 @@ def detector_agreement(
     ds: xr.Dataset,
     clustering: Clustering,
     *,
-    dd_tol: float = DD_TOL,
+    dd_tol: float = DESCENT_TOL,
     dd_window: int = inspect.signature(double_descent).parameters["window"].default,
     trend_start: float | None = None,
 ) -> pd.DataFrame:
