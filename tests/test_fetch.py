@@ -265,6 +265,24 @@ def test_download_plan_sizes_hashes_and_resume(hub, tmp_path):
     assert revisions[1].weights_hash == weights_fingerprint(suite.models[0].checkpoints[1])
 
 
+def test_download_command_dry_run_then_download(hub, monkeypatch, capsys):
+    """`tokendyn download` as a user runs it: the plan with its sizes, nothing fetched on --dry-run, then the
+    download and the command to run on the compute nodes."""
+    fake, cache, suite_path = hub
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: FakeApi(fake.remote))
+    before = cache_files(cache)
+    assert main(["download", str(suite_path), "--dry-run", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("4 hub revisions, ") and "still to download" in out and "done" not in out
+    assert cache_files(cache) == before
+    assert main(["download", str(suite_path), "-q"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "done: every revision is in the Hugging Face cache; on the compute nodes run "
+        f"HF_HUB_OFFLINE=1 tokendyn extract {suite_path} --out STORE"
+    )
+    assert sorted(revision for revision, *_ in fake.calls) == ["step2000", "step3000", "step4000"]
+
+
 def test_download_without_network(hub, monkeypatch):
     """huggingface_hub 2 raises httpx2's ConnectError, neither an HfHubHTTPError nor an OSError (was: a traceback)."""
     _, _, suite = hub

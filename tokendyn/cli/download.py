@@ -43,7 +43,10 @@ def run(args: argparse.Namespace) -> None:
         print(f"identical weights: {later.source} = {earlier.source} (the cache stores them once)")
     if not args.dry_run:
         download(revisions, allow_pickle=args.allow_pickle, progress=not args.quiet)
-        print(f"done: every revision is in the Hugging Face cache; extract with HF_HUB_OFFLINE=1 {args.suite}")
+        print(
+            "done: every revision is in the Hugging Face cache; on the compute nodes run "
+            f"HF_HUB_OFFLINE=1 tokendyn extract {args.suite} --out STORE"
+        )
 
 
 def _size(n: float) -> str:
