@@ -169,7 +169,7 @@ def extract(
     metrics : any of "loss", "entropy", "rank" ("loss" always included); default: the store's, else loss.
     device, dtype : where and in which precision the model runs ("auto": see `tokendyn.models.hardware`);
         log-softmax is always float32.
-    store_dtype : "float32" (default) or "float16" on disk.
+    store_dtype : "float32" or "float16" on disk; default: the store's, else float32.
     batch_tokens : model positions per forward pass, padding included (at least one window per batch);
         default 8192 unless batch_size is given.
     batch_size : windows (sequences) per forward pass at most, as lm-eval's --batch-size; give this or
@@ -237,31 +237,9 @@ def extract(
         if root.attrs.get(PRECISION_ATTR) != precision and (force or not any(existing.get("complete", {}).values())):
             root.attrs[PRECISION_ATTR] = precision
         rows = {}  # each set's done flags per model, read once (we hold the writer lock): `store.done_row`
-        todo = [
-            (
-                m,
-                c,
-                [
-                    name
-                    for name in sets
-                    if scored_at(c, len(spec.checkpoints), every.get(name, 1))
-                    and (force or not store.is_done(root, name, m, c, rows))
-                ],
-            )
-            for m, spec in enumerate(suite.models)
-            for c in range(len(spec.checkpoints))
-        ]
-        todo = [(m, c, names) for m, c, names in todo if names]
-        left_out = [
-            name
-            for name in store.list_sets(out)
-            if name not in sets and any(not store.is_done(root, name, m, c, rows) for m, c, _ in todo)
-        ]
-        if left_out and progress:
-            tqdm.write(
-                f"tokendyn: the store's sets {', '.join(left_out)} are not in this run, so the checkpoints scored "
-                "now stay missing in them (`tokendyn info` lists them); pass them again (--set, --pairs) to fill them"
-            )
+        todo = _todo(suite, sets, root, rows, every, force)
+        if progress:
+            _warn_left_out(out, sets, root, rows, todo)
         options = dict(
             metrics=metrics,
             batch_tokens=batch_tokens,
@@ -272,56 +250,126 @@ def extract(
             trust_remote_code=trust_remote_code,
         )
         if scheduler is not None or workers is not None:
-            from tokendyn.models.distributed import run_on_cluster
-
-            run_on_cluster(
-                suite,
-                out.resolve(),  # workers may run in other folders, where a relative path names another store
-                sets,
-                todo,
-                options,
-                scheduler=scheduler,
-                workers=workers,
-                progress=progress,
-                prefetch=prefetch,
-                cached_before=cached_before,
+            refused = _score_on_cluster(
+                suite, out, sets, todo, options, scheduler, workers, progress, prefetch, cached_before
             )
-            store.consolidate(open_group(out, mode="r+"))  # once, from every node on disk (see below)
-            stored = open_group(out, mode="r")
-            refused = [
-                reason
-                for name in sets
-                for reason in (stored if name == "main" else stored[store.set_path(name)])
-                .attrs.get("refused", {})
-                .values()
-            ]
-            unwritten = [(m, c, n) for m, c, names in todo for n in names if not store.is_done(stored, n, m, c)]
-            if unwritten and not refused:
-                m, c, name = unwritten[0]
-                raise TokendynError(
-                    f"the cluster finished, but {len(unwritten)} checkpoint-sets are not done in {out} (first: "
-                    f"{suite.models[m].checkpoints[c].source}, set {name}); the workers must see the store at "
-                    f"{out.resolve()} (a shared file system); rerun to resume"
-                )
         else:
-            total = sum(sets[name].n_tokens for _, _, names in todo for name in names)
-            refused = []
-            with tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True) as bar:
-                ckpts = [suite.models[m].checkpoints[c] for m, c, _ in todo]
-                with Fetcher(ckpts, prefetch, evict, allow_pickle, cached_before) as fetcher:
-                    for (m, c, names), ckpt in zip(todo, ckpts):
-                        fetcher.wait(ckpt)
-                        refused += score_checkpoint(
-                            suite, root, {name: sets[name] for name in names}, m, c, bar=bar, rows=rows, **options
-                        )
-                        fetcher.release(ckpt)
-                store.consolidate(root)  # once, from every node on disk: what each checkpoint's refresh kept up to date
+            refused = _score_here(suite, root, sets, todo, rows, options, progress, prefetch, evict, cached_before)
     if refused:
         more = (
             f" (and {len(refused) - 1} more checkpoint-sets; see `tokendyn verify {out}`)" if len(refused) > 1 else ""
         )
         raise TokendynError(f"not marked done, {refused[0]}{more}; the other checkpoints are complete")
     return out
+
+
+Todo = list[tuple[int, int, list[str]]]  # (model, checkpoint, names of the sets to score there)
+
+
+def _todo(suite: Suite, sets: dict[str, ScoredSet], root, rows: dict, every: dict[str, int], force: bool) -> Todo:
+    """Every (model, checkpoint) with the sets still to score there, in the suite's order."""
+    todo = [
+        (
+            m,
+            c,
+            [
+                name
+                for name in sets
+                if scored_at(c, len(spec.checkpoints), every.get(name, 1))
+                and (force or not store.is_done(root, name, m, c, rows))
+            ],
+        )
+        for m, spec in enumerate(suite.models)
+        for c in range(len(spec.checkpoints))
+    ]
+    return [(m, c, names) for m, c, names in todo if names]
+
+
+def _warn_left_out(out: Path, sets: dict[str, ScoredSet], root, rows: dict, todo: Todo) -> None:
+    """Name the store's sets this run leaves missing at the checkpoints it scores."""
+    left_out = [
+        name
+        for name in store.list_sets(out)
+        if name not in sets and any(not store.is_done(root, name, m, c, rows) for m, c, _ in todo)
+    ]
+    if left_out:
+        tqdm.write(
+            f"tokendyn: the store's sets {', '.join(left_out)} are not in this run, so the checkpoints scored "
+            "now stay missing in them (`tokendyn info` lists them); pass them again (--set, --pairs) to fill them"
+        )
+
+
+def _score_here(
+    suite: Suite,
+    root,
+    sets: dict[str, ScoredSet],
+    todo: Todo,
+    rows: dict,
+    options: dict,
+    progress: bool,
+    prefetch: int,
+    evict: bool,
+    cached_before: set[tuple[str, str]] | None,
+) -> list[str]:
+    """Score `todo` in this process, one checkpoint after another; the reasons of refused checkpoint-sets."""
+    total = sum(sets[name].n_tokens for _, _, names in todo for name in names)
+    refused = []
+    with tqdm(total=total, unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True) as bar:
+        ckpts = [suite.models[m].checkpoints[c] for m, c, _ in todo]
+        with Fetcher(ckpts, prefetch, evict, options["allow_pickle"], cached_before) as fetcher:
+            for (m, c, names), ckpt in zip(todo, ckpts):
+                fetcher.wait(ckpt)
+                refused += score_checkpoint(
+                    suite, root, {name: sets[name] for name in names}, m, c, bar=bar, rows=rows, **options
+                )
+                fetcher.release(ckpt)
+    store.consolidate(root)  # once, from every node on disk: what each checkpoint's refresh kept up to date
+    return refused
+
+
+def _score_on_cluster(
+    suite: Suite,
+    out: Path,
+    sets: dict[str, ScoredSet],
+    todo: Todo,
+    options: dict,
+    scheduler: str | None,
+    workers: int | None,
+    progress: bool,
+    prefetch: int,
+    cached_before: set[tuple[str, str]] | None,
+) -> list[str]:
+    """Score `todo` on a dask cluster (one task per checkpoint); the reasons of refused checkpoint-sets."""
+    from tokendyn.models.distributed import run_on_cluster
+
+    run_on_cluster(
+        suite,
+        out.resolve(),  # workers may run in other folders, where a relative path names another store
+        sets,
+        todo,
+        options,
+        scheduler=scheduler,
+        workers=workers,
+        progress=progress,
+        prefetch=prefetch,
+        cached_before=cached_before,
+    )
+    store.consolidate(open_group(out, mode="r+"))  # once, from every node on disk
+    stored = open_group(out, mode="r")
+    refused = [
+        reason
+        for name in sets
+        for reason in (stored if name == "main" else stored[store.set_path(name)]).attrs.get("refused", {}).values()
+    ]
+    unwritten = [(m, c, n) for m, c, names in todo for n in names if not store.is_done(stored, n, m, c)]
+    if unwritten and not refused:
+        m, c, name = unwritten[0]
+        raise TokendynError(
+            f"the cluster finished, but {len(unwritten)} checkpoint-sets are not done in {out} (first: "
+            f"{suite.models[m].checkpoints[c].source}, set {name}); the workers must see the store at "
+            f"{out.resolve()} (a shared file system); rerun to resume"
+        )
+    return refused
 
 
 def _unscored(out: Path, suite: Suite) -> list[Checkpoint]:
