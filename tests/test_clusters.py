@@ -275,18 +275,18 @@ def test_descent_depth_by_hand(curve, depth):
 
 
 def test_descent_depth_is_the_detectors_test_as_a_number():
-    """depth >= tol exactly where `falls_rises_falls` (the double-descent detector's test) holds."""
+    """depth >= tol exactly where the double-descent detector's test (`_double_descent_flags`) holds."""
     from tokendyn.analysis.clusters import descent_depth
-    from tokendyn.analysis.trajectories import falls_rises_falls, moving_average
+    from tokendyn.analysis.trajectories import _double_descent_flags, moving_average
 
     y = np.cumsum(np.random.default_rng(0).normal(0, 0.4, (500, 12)), axis=1)
     depth = descent_depth(y)
     for tol in (0.2, 0.5, 1.0):
-        np.testing.assert_array_equal(depth >= tol, falls_rises_falls(y.T, tol))
+        np.testing.assert_array_equal(depth >= tol, _double_descent_flags(y.T, tol))
     # with the detector's smoothing, on float32 rows (the store's precision after reading)
     smoothed = descent_depth(y.astype(np.float32), smooth=3)
     for tol in (0.2, 0.5, 1.0):
-        flagged = falls_rises_falls(moving_average(y.T.astype(np.float32), 3), tol)
+        flagged = _double_descent_flags(moving_average(y.T.astype(np.float32), 3), tol)
         np.testing.assert_array_equal(smoothed >= tol, flagged)
 
 

@@ -5,14 +5,16 @@ shared fall from random initialisation cut off), with legible tick labels."""
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from planted_stores import KIND_TOKENS, KINDS, planted_loss, write_store
+from tokendyn.analysis.trajectories import envelope
 from tokendyn.studies import clusters, double_descent, subset_curves
-from tokendyn.studies.style import perplexity_axis, perplexity_ticks, zoom_perplexity, zoom_start
+from tokendyn.studies.style import on_envelope, perplexity_axis, perplexity_ticks, zoom_perplexity, zoom_start
 
 STEPS = np.arange(0, 1300, 100.0)  # 13 checkpoints
 SHARED = 4  # the first checkpoints, where every model has the same loss (the shared fall from init)
@@ -83,6 +85,17 @@ def test_curves_are_drawn_on_the_envelope_and_the_finding_says_so(bumpy, study):
     assert not any(np.isclose(x, high).any() for x in curves)
     bumpy_lines = [f for f in result.findings if "does not fall monotonically" in f]
     assert len(bumpy_lines) == 1 and "large" in bumpy_lines[0] and "small" not in bumpy_lines[0]
+
+
+def test_a_missing_checkpoint_is_off_the_envelope_and_does_not_end_it():
+    ppl = np.array([100.0, 80.0, np.nan, 90.0, 70.0, 75.0, 60.0])
+    assert envelope(ppl).tolist() == [True, True, False, False, True, False, True]
+    rows = pd.DataFrame({"step": 100 * np.arange(len(ppl)), "val_ppl": ppl}).iloc[::-1]
+    assert on_envelope(rows)["step"].tolist() == [0, 100, 400, 600]  # in step order, drawn past the gap
+    # without NaN: the running-minimum rule of matched perplexity (strictly lower than every earlier point)
+    walk = np.exp(np.cumsum(np.random.default_rng(0).normal(-0.05, 0.1, 200)))
+    walk[50] = walk[49]  # a tie is not a new minimum
+    np.testing.assert_array_equal(envelope(walk), walk < np.minimum.accumulate(np.r_[np.inf, walk[:-1]]))
 
 
 def test_without_a_rise_nothing_is_said(bumpy):

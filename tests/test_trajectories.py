@@ -12,6 +12,7 @@ import xarray as xr
 from planted_stores import KINDS, TOKENS_PER_STEP, write_store
 from tokendyn.analysis.compiled import as_float16, assign
 from tokendyn.analysis.trajectories import (
+    _double_descent_flags,
     _interpolate_blocks,
     _interpolation,
     agreement,
@@ -19,8 +20,6 @@ from tokendyn.analysis.trajectories import (
     at_perplexity,
     detect_double_descent,
     double_descent,
-    falls_rises,
-    falls_rises_falls,
     moving_average,
     perplexity_grid,
     subset_curve,
@@ -121,7 +120,7 @@ def test_subset_curve_matches_numpy(planted):
     ],
 )
 def test_falls_rises_falls(curve, expected):
-    assert bool(falls_rises_falls(np.array(curve, float), tol=0.5)) is expected
+    assert bool(_double_descent_flags(np.array(curve, float), tol=0.5)) is expected
 
 
 def test_planted_double_descent_is_detected(planted):
@@ -196,8 +195,11 @@ def test_double_descent_kernel_equals_numpy(dtype, tol):
         np.testing.assert_array_equal(flags.values, complete)
         begun = detect_double_descent(xr.DataArray(y, dims=("ckpt", "token")), tol=tol, window=window, complete=False)
         np.testing.assert_array_equal(begun.values, _numpy_double_descent(smoothed, tol, complete=False))
-    np.testing.assert_array_equal(falls_rises_falls(y, tol), _numpy_double_descent(y.astype(smoothed.dtype), tol, True))
-    np.testing.assert_array_equal(falls_rises(y, tol), _numpy_double_descent(y.astype(smoothed.dtype), tol, False))
+    unsmoothed = y.astype(smoothed.dtype)  # window 1: the test on the points themselves
+    np.testing.assert_array_equal(_double_descent_flags(y, tol), _numpy_double_descent(unsmoothed, tol, True))
+    np.testing.assert_array_equal(
+        _double_descent_flags(y, tol, complete=False), _numpy_double_descent(unsmoothed, tol, False)
+    )
 
 
 @pytest.mark.parametrize("min_fall", [0.0, 0.2, 1.1])

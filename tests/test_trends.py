@@ -9,6 +9,7 @@ import dask
 import numpy as np
 import pytest
 import scipy.stats
+import xarray as xr
 
 from planted_stores import KINDS, planted_loss, write_store, write_tiled_store
 from tokendyn.analysis.labels import label_mask, label_share, label_text
@@ -32,6 +33,21 @@ def test_ols_matches_linregress_on_random_trajectories():
 def test_ols_flat_trajectory_is_not_significant():
     slope, _, pvalue = ols(np.full((1, 6), 1.1), np.arange(6.0))
     assert slope[0] == 0 and pvalue[0] == 1
+
+
+def test_a_perplexity_on_an_exact_line_is_a_trend():
+    """Perplexity on a line, to rounding: the compiled kernel's standard error is 0 for many such
+    tokens, so t = +-inf (`compiled.ols_t`), a trend with the line's sign, as `ols` has p-value 0."""
+    rng = np.random.default_rng(0)
+    n_tokens, steps = 400, np.arange(1.0, 8.0)
+    slope = rng.uniform(-0.1, 0.1, n_tokens)
+    ppl = rng.uniform(3, 5, n_tokens) + slope * np.arange(len(steps))[:, None]
+    ds = xr.Dataset(
+        {"loss": (("model", "ckpt", "token"), np.log(ppl)[None])}, coords={"step": (("model", "ckpt"), steps[None])}
+    )
+    codes = trend_categories(ds, start=0.0, x="index").values[0, 0]
+    expected = np.where(slope > 0, CATEGORIES.index("upward"), CATEGORIES.index("downward"))
+    np.testing.assert_array_equal(codes, expected)
 
 
 @pytest.fixture(scope="module")

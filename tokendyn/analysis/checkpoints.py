@@ -9,13 +9,11 @@ step cannot explain.
 
 from __future__ import annotations
 
-import inspect
-
 import numpy as np
 import pandas as pd
 import xarray as xr
 
-from tokendyn.analysis.trajectories import done_checkpoints, trained_checkpoints
+from tokendyn.analysis.trajectories import default_of, done_checkpoints, trained_checkpoints
 
 
 def identical_weights(ds: xr.Dataset) -> pd.DataFrame:
@@ -74,7 +72,7 @@ def mislabelled(ds: xr.Dataset) -> list[str]:
         "(a known defect of some public suites): check those revisions."
         for row in identical_weights(ds).itertuples()
     ]
-    window = inspect.signature(out_of_order).parameters["window"].default
+    window = default_of(out_of_order, "window")
     lines += [
         f"The checkpoint of {row.model} at step {row.step} has a validation loss {row.loss:.3f} nats, below "
         f"each of the next {window} checkpoints (lowest {row.later:.3f}): its weights may come from later in training."

@@ -30,6 +30,8 @@ Other metrics, per item i with options j, averaged over items:
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import xarray as xr
 from numpy.typing import ArrayLike
@@ -147,7 +149,7 @@ def choice_scores(
     *,
     item_dim: str = "item",
     option_dim: str = "option",
-    **options,
+    **options: Any,
 ) -> xr.Dataset:
     """`choice_metrics` on labelled arrays: logprob with dims (..., item_dim, option_dim), e.g.
     (task, model, ckpt, item, option); answer with dims (..., item_dim); options as in

@@ -53,7 +53,6 @@ groups. `detector_agreement` compares the named clusters with the per-token dete
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -70,7 +69,7 @@ from sklearn.metrics import adjusted_rand_score, silhouette_score
 from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 
-from tokendyn.analysis.compiled import decoded, stored
+from tokendyn.analysis.compiled import decoded, ols_t, stored
 from tokendyn.analysis.labels import MISSING, flag_array, flag_names, label_mask, label_share
 from tokendyn.analysis.shared import computed
 from tokendyn.analysis.spill import filled
@@ -116,7 +115,8 @@ class Clustering:
     the grid as a coordinate and the members' mean change features (CHANGES) per cluster. scores:
     criterion value per candidate number of clusters (empty when given). stability: mean
     adjusted Rand index between the fit and refits with other seeds, on the fit sample.
-    top_tokens: the most frequent token ids of each cluster with their text and frequencies.
+    top_tokens: the most frequent token ids of each cluster with their text and frequencies
+    (`cluster_top_tokens`).
     """
 
     labels: xr.DataArray
@@ -245,7 +245,7 @@ def name_shape(
 
     window: mask of the late-window points (default: all; a suffix of the points); dd_tol: the
     double-descent tolerance (default: tol); band: the trend categories' stagnation band.
-    changes: the cluster's mean change features (descent, late_change, late_spread; see
+    changes: the cluster's mean change features (descent, late_trend, late_spread; see
     `change_statistics`); default: the curve's own, unsmoothed, with the point index as x.
     """
     if changes is None:
@@ -369,13 +369,12 @@ def change_statistics(y: np.ndarray, late_x: np.ndarray, smooth: int, alpha: flo
 def _late_window_rows(rows: np.ndarray, x: np.ndarray, t: np.ndarray, spread: np.ndarray) -> None:
     """Per row of stored values (`decoded`) over its last len(x) points, the trend window (loss at
     x), in float64: the t statistic of the least-squares slope of perplexity relative to the first
-    point, exp(loss - loss[0]), against x, as `trends.ols` computes it (0 for a row flat to rounding
-    or a slope of exactly 0, +-inf for an exact line), and the larger distance of the first and last
-    loss from the mean. NaN in a row gives NaN."""
+    point, exp(loss - loss[0]), against x, by `compiled.ols_t` as `trends.ols` computes it (0 for a
+    row flat to rounding, +-inf for an exact line; 0 with fewer than 3 points), and the larger
+    distance of the first and last loss from the mean. NaN in a row gives NaN."""
     n = len(x)
     xc = x - x.mean()
     sxx = (xc * xc).sum()
-    eps = np.finfo(np.float64).eps
     w = np.empty(n)
     for r in range(rows.shape[0]):
         for i in range(n):
@@ -388,20 +387,17 @@ def _late_window_rows(rows: np.ndarray, x: np.ndarray, t: np.ndarray, spread: np
             sum_y += e
             sum_y2 += e * e
             sxy += xc[i] * e
-        syy = sum_y2 - sum_y * sum_y / n
-        slope = sxy / sxx
-        if n < 3 or syy <= 16 * n * eps * sum_y2 or slope == 0:
+        if n < 3:  # no residual degree of freedom: no test
             t[r] = 0.0 if mean == mean else np.nan
-            continue
-        stderr = np.sqrt(max(syy - slope * sxy, 0.0) / (n - 2) / sxx)
-        t[r] = slope / stderr if stderr > 0 else np.sign(slope) * np.inf
+        else:
+            t[r] = ols_t(n, sum_y, sum_y2, sxy, sxx)[1]
 
 
 def change_features(ds: xr.Dataset, start: float = 0.4, smooth: int = DESCENT_WINDOW) -> xr.DataArray:
     """`change_statistics` of every token in every model: (model, token, change), lazy.
 
     Each over the checkpoints its detector sees: the descent over all done checkpoints (step 0
-    included when the suite has it), as `trajectories.double_descent`; late_change and late_spread
+    included when the suite has it), as `trajectories.double_descent`; late_trend and late_spread
     over the trend window of `trends.trend_categories`, the trained checkpoints (step > 0) with
     step >= start x the final step (at least the last 2).
     """
@@ -603,7 +599,7 @@ def _id_counts(codes: np.ndarray, token_id: np.ndarray | xr.Variable, n_clusters
     return per_cluster, corpus
 
 
-def top_tokens(
+def cluster_top_tokens(
     labels: xr.DataArray,
     token_id: np.ndarray | xr.Variable,
     top: int = 10,
@@ -658,7 +654,7 @@ def cluster(
     tol: float = 0.1,
     dd_tol: float = DESCENT_TOL,
     dd_window: int = DESCENT_WINDOW,
-    top: int = default_of(top_tokens, "top"),
+    top: int = default_of(cluster_top_tokens, "top"),
     token_text: Callable[[Sequence[int]], Sequence[str]] | None = None,
     random_state: int = 0,
 ) -> Clustering:
@@ -792,7 +788,7 @@ def cluster(
     if token_text is None and "vocab_text" in ds.variables:
         vocab = ds["vocab_text"].values
         token_text = vocab.__getitem__  # labelled tokens are never padding, so every id indexes the vocabulary
-    table = top_tokens(labels, ds["token_id"].variable, top, token_text)  # read a window at a time
+    table = cluster_top_tokens(labels, ds["token_id"].variable, top, token_text)  # read a window at a time
     return Clustering(labels, centroids, criterion, scores, stability, table)
 
 
@@ -805,7 +801,7 @@ def detector_agreement(
     clustering: Clustering,
     *,
     dd_tol: float = DESCENT_TOL,
-    dd_window: int = inspect.signature(double_descent).parameters["window"].default,
+    dd_window: int = DESCENT_WINDOW,
     trend_start: float | None = None,
 ) -> pd.DataFrame:
     """How well the named clusters agree with the per-token detectors, per model.

@@ -83,3 +83,24 @@ def _assign_halves(out: np.ndarray, bits: np.ndarray) -> None:
     for i in range(out.shape[0]):
         for j in range(out.shape[1]):
             out[i, j] = as_float32(bits[i, j])
+
+
+@numba.njit(nogil=True, cache=True, error_model="numpy")
+def ols_t(n: int, sum_y: float, sum_y2: float, sxy: float, sxx: float) -> tuple[float, float]:
+    """(slope, t statistic) of the least-squares line y = a + b x through n >= 3 points, from the sums
+    of y and y^2, sxy = sum (x - mean x) y and sxx = sum (x - mean x)^2.
+
+    With syy = sum y^2 - (sum y)^2 / n: slope sxy / sxx, standard error
+    sqrt((syy - slope sxy) / (n - 2) / sxx). A trajectory flat to float rounding (common in float16
+    stores), syy <= 16 n eps sum y^2, has slope 0 and t 0, as does a slope of exactly 0; an exact line
+    (standard error 0) has t +-inf; NaN propagates. The trend categories' kernel and the clusters'
+    late-window kernel call it; `trends._fit` is the same rule vectorised with numpy.
+    """
+    syy = sum_y2 - sum_y * sum_y / n
+    if syy <= 16 * n * np.finfo(np.float64).eps * sum_y2:
+        return 0.0, 0.0
+    slope = sxy / sxx
+    if slope == 0:  # t 0, also where the standard error underflows to 0 (no 0/0)
+        return 0.0, 0.0
+    stderr = np.sqrt(max(syy - slope * sxy, 0.0) / (n - 2) / sxx)
+    return slope, slope / stderr

@@ -242,7 +242,7 @@ def item_correct(
 
 def _loss_axes(curve: xr.Dataset | xr.DataArray, params: str) -> dict[str, xr.DataArray]:
     loss = np.log(curve["val_ppl"])
-    compute = 6 * curve[params] * curve["tokens_seen"]
+    compute = trajectories.training_compute(curve[params], curve["tokens_seen"])
     return {"loss": loss, "compute": compute if bool(np.isfinite(compute).any()) else None, "step": curve["step"]}
 
 
@@ -255,15 +255,16 @@ def emergence(
     params: str = default_of(trajectories.x_axis, "params"),
     scores: xr.Dataset | None = None,
     convention: str = choices.DEFAULT_CONVENTION,
-    **options,
+    **options: float,
 ) -> emergence_module.EmergenceResult:
     """The loss threshold of one task (methods.md §2): `metric` ("accuracy", "correct_prob" or "brier")
     of every done checkpoint of every model against log(val_ppl); compute = 6 N D with N = `params`
     ("n_params" or "n_params_nonembed", default as in `trajectories.x_axis`) and D = tokens seen (left
     out when tokens seen are unknown).
 
-    baseline: the random baseline (1/C, or 1 - 1/C for the Brier score, lower is better there).
-    margin: how far beyond it counts as leaving random; default `choices.chance_margin(n_items, C)`,
+    The random baseline is the scores' own: the mean `random_accuracy` (1/C), or for the Brier score
+    the mean `random_brier` (1 - 1/C; lower is better there).
+    margin: how far beyond the baseline counts as leaving random; default `choices.chance_margin(n_items, C)`,
         z = 3 binomial standard errors of chance accuracy, used for every metric.
     scores: `task_scores` output that holds the task (saves reading the store again).
     convention: the accuracy convention when scores are computed here (see `task_scores`).

@@ -16,6 +16,7 @@ them. The helpers below turn names into masks and codes into names and shares:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -26,7 +27,7 @@ from tokendyn.store.layout import TOKEN_DIMS
 MISSING = -1
 
 
-def describe(da: xr.DataArray, long_name: str, units: str | None = None, **attrs) -> xr.DataArray:
+def describe(da: xr.DataArray, long_name: str, units: str | None = None, **attrs: Any) -> xr.DataArray:
     """`da` with exactly these attributes: a derived array otherwise keeps its input's (e.g. the loss's
     `units: nats` on a perplexity, a share or a step), and xarray's plots label axes from them."""
     out = da.copy(deep=False)
@@ -34,7 +35,7 @@ def describe(da: xr.DataArray, long_name: str, units: str | None = None, **attrs
     return out
 
 
-def flag_array(codes: xr.DataArray, names: Sequence[str], name: str, long_name: str, **attrs) -> xr.DataArray:
+def flag_array(codes: xr.DataArray, names: Sequence[str], name: str, long_name: str, **attrs: Any) -> xr.DataArray:
     """Integer codes (code k stands for names[k], -1 = no label) as an int8 CF flag DataArray.
 
     Attributes of `codes` (e.g. the `units` of the loss it was computed from) are dropped; `attrs`

@@ -37,6 +37,8 @@ from tokendyn.errors import TokendynError
 CONFIDENCE = 0.95  # level of the one-sided Clopper-Pearson bound of a censored instance
 CI = 0.95  # level of the percentile bootstrap intervals (over instances)
 SEED = 0  # seed of the bootstrap resampling
+TASK_RATE_BOOT = 2000  # bootstrap resamples of a task rate's interval (`task_rate`)
+SCALING_BOOT = 1000  # bootstrap resamples of the scaling law's curvature interval (`fit_task_scaling`)
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,7 @@ def task_rate(
     target: int,
     *,
     confidence: float = CONFIDENCE,
-    n_boot: int = 2000,
+    n_boot: int = TASK_RATE_BOOT,
     ci: float = CI,
     seed: int = SEED,
 ) -> TaskRate:
@@ -270,7 +272,7 @@ def fit_task_scaling(
     *,
     excess_loss: ArrayLike | None = None,
     confidence: float = CONFIDENCE,
-    n_boot: int = 1000,
+    n_boot: int = SCALING_BOOT,
     ci: float = CI,
     seed: int = SEED,
 ) -> ScalingFit:

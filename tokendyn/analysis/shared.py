@@ -102,7 +102,9 @@ def _keep(shared: _Shared, key: tuple, wanted, result: xr.DataArray, ds: xr.Data
     shared.results.setdefault(key, []).append(_Kept(wanted, shell, path, ds["loss"].data))
 
 
-def computed(function: Callable[..., xr.DataArray], ds: xr.Dataset, along: str | None = None, **params) -> xr.DataArray:
+def computed(
+    function: Callable[..., xr.DataArray], ds: xr.Dataset, along: str | None = None, **params: Any
+) -> xr.DataArray:
     """`function(ds, **params)` computed into memory; inside `sharing()`, computed once per dataset
     and parameters.
 

@@ -116,7 +116,7 @@ def chunk_tokens(da: xr.DataArray, chunk_mb: float = CHUNK_MB) -> xr.DataArray:
 
 
 def over_token_slices(
-    func: Callable[..., np.ndarray], block: np.ndarray, slice_tokens: int = SLICE_TOKENS, **kwargs
+    func: Callable[..., np.ndarray], block: np.ndarray, slice_tokens: int = SLICE_TOKENS, **kwargs: Any
 ) -> np.ndarray:
     """Apply func to (ckpt, tokens) slices of a (..., ckpt) block of at most `slice_tokens` tokens.
 
@@ -174,18 +174,24 @@ AXIS_ATTRS = {  # long_name, units of each x axis
 }
 
 
+def training_compute(n_params: xr.DataArray, tokens_seen: xr.DataArray) -> xr.DataArray:
+    """Training compute C = 6 N D in FLOPs, with N = n_params parameters and D = tokens_seen."""
+    return 6.0 * n_params * tokens_seen
+
+
 def x_axis(ds: xr.Dataset, axis: str = "step", params: str = "n_params") -> xr.DataArray:
     """Values of an x axis per (model, ckpt).
 
-    axis: "step", "tokens_seen", "val_ppl", or "flops" = 6 * ds[params] * tokens_seen (training
-    compute; `params` is "n_params" (default, as in methods.md) or "n_params_nonembed").
+    axis: "step", "tokens_seen", "val_ppl", or "flops", the training compute 6 N D
+    (`training_compute`) with N = ds[params]: "n_params" (default, as in methods.md) or
+    "n_params_nonembed".
     """
     if axis not in AXES:
         raise TokendynError(f"unknown x axis {axis!r}; choose one of {', '.join(AXES)}")
     if axis == "flops":
         if params not in ds.coords:
             raise TokendynError(f"the store has no {params!r} coordinate; FLOPs need parameter counts")
-        values = 6.0 * ds[params] * ds["tokens_seen"]
+        values = training_compute(ds[params], ds["tokens_seen"])
     else:
         values = ds[axis]
     values = values.astype(float).reset_coords(drop=True).compute()
@@ -200,10 +206,18 @@ def x_axis(ds: xr.Dataset, axis: str = "step", params: str = "n_params") -> xr.D
     return values
 
 
-def _envelope(ppl: np.ndarray) -> np.ndarray:
-    """Mask of the checkpoints that set a new running minimum of validation perplexity."""
-    previous_min = np.minimum.accumulate(np.concatenate([[np.inf], ppl[:-1]]))
-    return ppl < previous_min
+def envelope(ppl: np.ndarray) -> np.ndarray:
+    """Mask of the checkpoints (in step order) on the running-minimum envelope of validation
+    perplexity: those that set a new lowest value. Matched perplexity reads the loss on these points
+    (`at_axis`), and the figures draw curves against validation perplexity through them, so that a
+    loss spike or a late rise does not fold a curve back into a zig-zag.
+
+    NaN (a checkpoint without a perplexity) is never on the envelope and does not end it: the
+    points after it are compared with the lowest value before it.
+    """
+    ppl = np.asarray(ppl, dtype=float)
+    previous = np.minimum.accumulate(np.concatenate([[np.inf], np.where(np.isnan(ppl), np.inf, ppl)[:-1]]))
+    return np.isfinite(ppl) & (ppl < previous)
 
 
 def _axis_points(ds: xr.Dataset, axis: str, m: int) -> tuple[np.ndarray, np.ndarray]:
@@ -215,7 +229,7 @@ def _axis_points(ds: xr.Dataset, axis: str, m: int) -> tuple[np.ndarray, np.ndar
     x = x_axis(ds, axis).values[m, idx]
     idx, x = idx[np.isfinite(x)], x[np.isfinite(x)]
     if axis == "val_ppl":
-        keep = _envelope(x)
+        keep = envelope(x)
         return idx[keep], -np.log(x[keep])
     if np.any(np.diff(x) <= 0):
         raise TokendynError(f"{axis} of model {ds['model'].values[m]} is not increasing over its checkpoints")
@@ -626,16 +640,6 @@ def _double_descent_flags(
     flat = np.ascontiguousarray(y.reshape(len(y), -1), dtype=dtype)
     fall = dtype.type(tol if min_fall is None else min_fall)
     return _smoothed_descents(flat, window, dtype.type(tol), fall, complete).reshape(y.shape[1:])
-
-
-def falls_rises(y: np.ndarray, tol: float) -> np.ndarray:
-    """Along axis 0: a fall >= tol to a point, then a rise >= tol above it (a double descent begun)."""
-    return _double_descent_flags(np.asarray(y), tol, complete=False)
-
-
-def falls_rises_falls(y: np.ndarray, tol: float) -> np.ndarray:
-    """Along axis 0: a fall >= tol to a point, a rise >= tol above it, then a fall >= tol."""
-    return _double_descent_flags(np.asarray(y), tol, complete=True)
 
 
 def detect_double_descent(

@@ -30,6 +30,7 @@ import scipy.special
 import scipy.stats
 import xarray as xr
 
+from tokendyn.analysis.compiled import ols_t
 from tokendyn.analysis.labels import MISSING, flag_array
 from tokendyn.analysis.trajectories import (
     CHUNK_MB,
@@ -60,8 +61,8 @@ X_KINDS = ("log_step", "index")
 def _fit(y: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(slope, standard error, t statistic) of least squares y = a + b x along axis 0 of y.
 
-    Sums run over whole rows (one per checkpoint), without a centred copy of y. A trajectory
-    that is flat to float rounding (common in float16 stores) gets slope 0 and t 0.
+    The rule of `compiled.ols_t` (flat to rounding: slope 0 and t 0), vectorised over the tokens:
+    sums run over whole rows (one per checkpoint), without a centred copy of y.
     """
     n = len(x)
     xc = x - x.mean()
@@ -203,7 +204,7 @@ def _critical_t(alpha: float, dof: int) -> float:
     return float(scipy.stats.t.isf(alpha / 2, dof))
 
 
-@numba.njit(nogil=True, cache=True)
+@numba.njit(nogil=True, cache=True, error_model="numpy")
 def _codes(
     sums: np.ndarray,
     ppl_first: np.ndarray,
@@ -217,21 +218,16 @@ def _codes(
     var_condition: bool,
 ) -> np.ndarray:
     """Category code per token of one window from its sums (`_window_sums`): the slope's t statistic
-    as `_fit` computes it (a trajectory flat to rounding has t 0), |t| > `critical` for a trend,
-    the band around the geometric mean for stagnation; MISSING where the loss has NaN."""
+    by `compiled.ols_t` (a trajectory flat to rounding has t 0, an exact line +-inf), |t| > `critical`
+    for a trend, the band around the geometric mean for stagnation; MISSING where the loss has NaN."""
     codes = np.empty(sums.shape[1], np.int8)
-    tiny = 16 * n * np.finfo(np.float64).eps
     for t in range(len(codes)):
         sum_y, sum_xy, sum_y2, sum_loss = sums[0, t], sums[1, t], sums[2, t], sums[3, t]
         if np.isnan(sum_loss):
             codes[t] = MISSING
             continue
-        sxy = sum_xy - x_mean * sum_y
-        syy = sum_y2 - sum_y**2 / n
-        flat = syy <= tiny * sum_y2
-        slope = 0.0 if flat else sxy / sxx
-        stderr = np.sqrt(max(syy - slope * sxy, 0.0) / (n - 2) / sxx)
-        significant = False if flat else abs(slope / stderr) > critical  # 0/0 is NaN: not significant
+        slope, t_stat = ols_t(n, sum_y, sum_y2, sum_xy - x_mean * sum_y, sxx)
+        significant = abs(t_stat) > critical  # NaN: not significant
         stagnated = abs(ppl_first[t] / geo_mean[t] - 1) <= band and abs(ppl_last[t] / geo_mean[t] - 1) <= band
         if var_condition:
             mean = sum_y / n

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tokendyn.analysis.clusters import cluster, detector_agreement
+from tokendyn.analysis.clusters import DETECTED, cluster, detector_agreement
 from tokendyn.analysis.tokens import show_whitespace
 from tokendyn.analysis.trajectories import perplexity_range
 from tokendyn.errors import TokendynError
@@ -64,6 +64,7 @@ def run(
     shares["model"] = shares["model"].astype(str)
     centroids = result.centroids.to_dataframe(name="loss_change").reset_index()
     overall = shares.groupby("cluster", sort=False)["percent"].mean()
+    percent = shares.pivot(index="model", columns="cluster", values="percent").loc[models]  # (model, cluster)
 
     fig, (curves, bars) = new_figure(2, ncols=2)
     grid = result.centroids["point"].values
@@ -85,7 +86,7 @@ def run(
     curves.grid(alpha=0.3)
     left = np.zeros(len(models))
     for name in names:
-        values = shares[shares.cluster == name].set_index("model").loc[models, "percent"].to_numpy()
+        values = percent[name].to_numpy()
         bars.barh(models, values, left=left, color=colors[name], label=name)
         left += values
     bars.invert_yaxis()
@@ -108,7 +109,7 @@ def run(
         findings.append(f"Cluster shares against model size: not testable ({SAME_SIZE}).")
     elif len(models) > 1:
         for name in names:
-            values = shares[shares.cluster == name].set_index("model").loc[models, "percent"].to_numpy()
+            values = percent[name].to_numpy()
             trend = size_trend(values, sizes, threshold=0.9)
             if trend and np.ptp(values) >= MIN_CHANGE:
                 findings.append(
@@ -117,8 +118,7 @@ def run(
                 )
     stagnant = [n for n in names if n.startswith("stagnating")]
     if len(models) > 1 and stagnant:
-        values = shares[shares.cluster == stagnant[0]].set_index("model").loc[models, "percent"].to_numpy()
-        trend = size_trend(values, sizes)
+        trend = size_trend(percent[stagnant[0]].to_numpy(), sizes)
         findings.append(
             "Paper: more tokens stagnate in larger models; "
             + (
@@ -151,7 +151,7 @@ def run(
         findings.append(
             f"Cluster '{name}' against the per-token detector '{rows['detector'].iloc[0]}': {'; '.join(parts)}."
         )
-    missing = [s for s in ("stagnating", "rising", "double descent") if s not in names]
+    missing = [shape for shape in DETECTED if shape not in names]
     if missing:
         findings.append(f"No cluster has the shape {', '.join(missing)} on these features.")
     tokens = result.top_tokens.assign(

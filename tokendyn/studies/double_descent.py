@@ -17,6 +17,7 @@ from tokendyn.analysis.tokens import show_whitespace
 from tokendyn.analysis.trajectories import (
     done_checkpoints,
     double_descent,
+    envelope,
     load_small,
     model_index,
     token_loss,
@@ -38,7 +39,6 @@ from tokendyn.studies.study import (
 )
 from tokendyn.studies.style import (
     ZOOM_FINDING,
-    envelope,
     envelope_findings,
     model_colors,
     model_legend,

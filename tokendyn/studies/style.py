@@ -7,6 +7,7 @@ backend is needed, and figures are freed when dropped.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -25,6 +26,7 @@ from matplotlib.ticker import (
 )
 
 from tokendyn.analysis.tokens import show_whitespace
+from tokendyn.analysis.trajectories import done_checkpoints, envelope
 from tokendyn.studies.study import models_by_size
 
 MODEL_CMAP = "viridis"  # sequential: from the smallest model (dark) to the largest (yellow-green)
@@ -49,7 +51,7 @@ def category_colors(names: Sequence[str]) -> dict[str, tuple]:
     return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
 
 
-def new_figure(n_panels: int, ncols: int | None = None, **subplot_kw) -> tuple[Figure, list[Axes]]:
+def new_figure(n_panels: int, ncols: int | None = None, **subplot_kw: Any) -> tuple[Figure, list[Axes]]:
     """A constrained-layout figure with n_panels axes in a grid (at most 4 per row); surplus axes hidden."""
     ncols = min(n_panels, 4) if ncols is None else ncols
     nrows = -(-n_panels // ncols)
@@ -105,21 +107,9 @@ def perplexity_ticks(ax: Axes, max_ticks: int = 6) -> None:
     ax.xaxis.set_minor_formatter(NullFormatter())
 
 
-def envelope(ppl: np.ndarray) -> np.ndarray:
-    """Mask of the checkpoints (in step order) on the running-minimum envelope of validation
-    perplexity: those that set a new lowest value. Curves against validation perplexity are drawn on
-    these points, so a loss spike or a late rise does not fold a curve back into a zig-zag
-    (the same envelope as matched perplexity, methods.md §1.1)."""
-    ppl = np.asarray(ppl, dtype=float)
-    previous = np.minimum.accumulate(np.concatenate([[np.inf], np.where(np.isnan(ppl), np.inf, ppl)[:-1]]))
-    return np.isfinite(ppl) & (ppl < previous)
-
-
 def off_envelope(ds: xr.Dataset) -> list[str]:
     """Models whose validation perplexity does not fall monotonically over their done checkpoints
     (a finding should say that their curves are drawn on the envelope)."""
-    from tokendyn.analysis.trajectories import done_checkpoints
-
     out = []
     for m, name in enumerate(ds["model"].values):
         idx = done_checkpoints(ds, m)
@@ -130,7 +120,8 @@ def off_envelope(ds: xr.Dataset) -> list[str]:
 
 def on_envelope(rows: pd.DataFrame, x: str = "val_ppl") -> pd.DataFrame:
     """The rows of one model's curve in step order, kept where `x` (validation perplexity) is on its
-    running-minimum envelope (`envelope`): what a line against validation perplexity is drawn through."""
+    running-minimum envelope (`trajectories.envelope`): what a line against validation perplexity is
+    drawn through."""
     rows = rows.sort_values("step", kind="stable") if "step" in rows.columns else rows
     return rows[envelope(rows[x].to_numpy(dtype=float))]
 
@@ -222,7 +213,7 @@ def _padded(lo: float, hi: float, log_y: bool) -> tuple[float, float]:
     return (lo - pad if lo - pad > 0 or lo <= 0 else lo / 1.1), hi + pad
 
 
-def model_legend(fig: Figure, colors: dict[str, tuple], title: str = "model", **style) -> None:
+def model_legend(fig: Figure, colors: dict[str, tuple], title: str = "model", **style: Any) -> None:
     """One legend of the models for the whole figure, outside the panels on the right."""
     handles = [Line2D([], [], color=color, marker="o", ms=4, **style) for color in colors.values()]
     fig.legend(handles, list(colors), title=title, loc="outside right upper", fontsize="small")

@@ -14,7 +14,6 @@ Three findings (issue 3), each a tidy table per model (models in the suite's ord
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import numpy as np
@@ -62,9 +61,17 @@ def false_statement_table(store: str | Path) -> pd.DataFrame:
 def double_descent_table(
     store: str | Path,
     rare_rank: int = 10,
-    tol: float = inspect.signature(trajectories.double_descent).parameters["tol"].default,
-    window: int = inspect.signature(trajectories.double_descent).parameters["window"].default,
+    tol: float = trajectories.DESCENT_TOL,
+    window: int = trajectories.DESCENT_WINDOW,
 ) -> pd.DataFrame:
+    """Double descent of the attribute-value tokens (role "value") per model, rare and frequent values apart.
+
+    rare_rank: a value is rare when its frequency rank within its attribute (`value_rank`, 1 = the
+    most frequent) is above rare_rank, else frequent. tol, window: the detector's
+    (`trajectories.double_descent`). Columns: model; rare_values and frequent_values (how many value
+    tokens); rare_dd_share and frequent_dd_share (the share flagged, NaN for no tokens); completed (of
+    the value tokens whose loss fell then rose, the share that also falls again).
+    """
     ds = open_store(store)
     flagged = trajectories.double_descent(ds, tol=tol, window=window).compute()
     begun = trajectories.double_descent(ds, tol=tol, window=window, complete=False).compute()

@@ -19,7 +19,7 @@
   changed values are drawn from the values some entity holds by the attribute's Zipf weights,
   like the false statements of the pairs set; unlike the attribute tasks, knowing the value
   frequencies alone can beat chance a little here.
-- `toy_recall.jsonl` (PassUntil): free-generation completions: `generation_shots` complete fact
+- `toy_recall.jsonl` (PassUntil): free-generation completions: `recall_shots` complete fact
   sentences of other entities for the same attribute, then the item's sentence up to its value;
   the answer is the value (one token of the built-in word-level tokenizer).
 
