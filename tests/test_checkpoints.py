@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 from conftest import build_tokenizer, save_checkpoint
 from tokendyn.config.suite import Checkpoint, load_suite
 from tokendyn.errors import TokendynError
-from tokendyn.models import extract, generate
+from tokendyn.models import extract, generate, hardware
 from tokendyn.models.checkpoints import (
     check_tokenizers,
     count_params,
@@ -29,7 +29,6 @@ from tokendyn.models.checkpoints import (
     load_model,
     load_tokenizer,
     max_context,
-    parse_dtype,
     resolve,
     tokenizer_fingerprint,
     weights_fingerprint,
@@ -88,7 +87,7 @@ def test_load_model_matches_saved_weights(ckpts, tokenizer):
     model = load_model(local(root / "neox0"))
     assert not model.training and model.dtype == torch.float32
     torch.testing.assert_close(logits(model, tokenizer), logits(models["neox0"], tokenizer), rtol=0, atol=1e-6)
-    half = load_model(local(root / "neox0"), dtype=parse_dtype("bfloat16"))
+    half = load_model(local(root / "neox0"), dtype=hardware.choose("cpu", "bfloat16")[1])
     assert half.dtype == torch.bfloat16 and not half.training
 
 
@@ -214,9 +213,9 @@ def test_max_context_and_dtypes(ckpts):
     assert max_context(models["neox0"].config) == 64
     assert max_context(GPT2Config(n_positions=77)) == 77
     assert max_context(object()) is None
-    assert parse_dtype("float32") is torch.float32 and parse_dtype("fp32") is torch.float32
+    assert hardware.choose("cpu", "float32")[1] is torch.float32 and hardware.choose("cpu", "fp32")[1] is torch.float32
     with pytest.raises(TokendynError, match=r"unknown dtype 'fp8'; use auto, float32 \(fp32\)"):
-        parse_dtype("fp8")
+        hardware.choose("cpu", "fp8")
 
 
 def test_tokenizer_fingerprint(tokenizer):

@@ -115,7 +115,7 @@ def test_an_unknown_option_of_a_command_points_at_that_commands_help(capsys):
 @pytest.mark.parametrize(
     "command, function, options",
     [
-        ("passuntil", "sampling:run_pass_until", ("passes", "max_samples", "batch_size", "seed", "every")),
+        ("passuntil", "sampling:run_pass_until", ("passes", "max_samples", "batch_size", "seed", "every", "stop")),
         ("generate", "generate:generate", ("prompts", "prompt_tokens", "new_tokens", "seed", "batch_size")),
         ("tasks", "tasks:score_tasks", ("shots", "seed", "delimiter")),
     ],
@@ -127,10 +127,14 @@ def test_command_defaults_are_the_functions_defaults(command, function, options)
     import inspect
 
     from tokendyn.cli import build_parser
+    from tokendyn.cli.passuntil import stop_strings
 
     module, name = function.split(":")
     parameters = inspect.signature(getattr(importlib.import_module(f"tokendyn.models.{module}"), name)).parameters
     subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     parser = subparsers.choices[command]
     for option in options:
-        assert parser.get_default(option) == parameters[option].default, option
+        default = parser.get_default(option)
+        if option == "stop":  # --stop appends to a list, so the parser leaves it None for the command to fill in
+            default = stop_strings(default)
+        assert default == parameters[option].default, option

@@ -27,13 +27,13 @@ from tokendyn.store import verify
 RUNNER = """
 import os, signal, sys
 import tokendyn.store.write as write
-real, calls = write._write_json, {"n": 0}
+real, calls = write.write_zarr_json, {"n": 0}
 def write_json(file, document, **options):
     calls["n"] += 1
     if calls["n"] == int(sys.argv[1]):
         os.kill(os.getpid(), signal.SIGKILL)
     real(file, document, **options)
-write._write_json = write_json
+write.write_zarr_json = write_json
 from tokendyn.cli import main
 sys.exit(main(["extract", *sys.argv[2:], "--no-progress"]))
 """

@@ -552,6 +552,81 @@ def test_sigkill_at_passuntil_group_creation(work):
     assert verify(store, full=True) == []
 
 
+# --- atomic files ------------------------------------------------------------------------------------------------
+
+# Writes `size` bytes with write_atomically under a file size limit of 1000 bytes: the write fails halfway, as on a
+# full disk (SIGXFSZ ignored, so the write returns EFBIG instead of killing the process).
+LIMITED_WRITER = """
+import resource, signal, sys
+from pathlib import Path
+from tokendyn.atomic import write_atomically
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+write_atomically(Path(sys.argv[1]), "x" * int(sys.argv[2]))
+"""
+
+
+def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    from tokendyn import atomic
+
+    target = tmp_path / "file.json"
+    target.write_text("old")
+    run = subprocess.run(
+        [sys.executable, "-c", LIMITED_WRITER, str(target), "10000"], capture_output=True, text=True, cwd=REPO
+    )
+    assert run.returncode == 1 and "File too large" in run.stderr, run.stderr
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["file.json"]
+
+    def interrupted(source, destination):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.os, "replace", interrupted)  # interrupted once the temporary file is complete
+    with pytest.raises(KeyboardInterrupt):
+        atomic.write_atomically(target, "new")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["file.json"]
+
+
+def test_a_concurrent_reader_sees_the_old_or_the_new_file_never_a_part(tmp_path):
+    import threading
+
+    from tokendyn.atomic import write_atomically
+
+    target = tmp_path / "file"
+    versions = [bytes([65 + i]) * 300_000 for i in range(2)]
+    write_atomically(target, versions[0])
+    seen, reads, done = set(), [0], threading.Event()
+
+    def read():
+        while not done.is_set():
+            seen.add(target.read_bytes())
+            reads[0] += 1
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(100):
+            write_atomically(target, versions[i % 2])
+    finally:
+        done.set()
+        reader.join()
+    assert reads[0] > 10 and seen <= set(versions)
+
+
+def test_an_atomic_write_removes_the_leftovers_of_dead_processes_only(tmp_path):
+    from tokendyn.atomic import write_atomically
+
+    host = socket.gethostname()
+    target = tmp_path / "file.json"
+    dead = tmp_path / f".file.json.partial-{host}-{2**22 + 1}"  # above Linux's largest pid: never running
+    running = tmp_path / f".file.json.partial-{host}-1"  # init
+    other_host = tmp_path / ".file.json.partial-elsewhere-99"
+    for leftover in (dead, running, other_host):
+        leftover.write_text("{")
+    write_atomically(target, "{}")
+    assert target.read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["file.json", running.name, other_host.name])
+
+
 # --- half-made pieces left by older versions -------------------------------------------------------------------
 
 
@@ -741,18 +816,19 @@ def test_unexpected_os_error_is_one_line(capsys, work, monkeypatch):
 
 
 def test_generate_writes_atomically(work, monkeypatch):
+    from tokendyn import atomic
     from tokendyn.models import generate
 
     out = work / "gen_out.jsonl"
     previous = json.dumps({"mixture": "1,0", "decoding": "greedy", "context_ids": [1], "token_ids": [2]}) + "\n"
     out.write_text(previous)
 
-    def records():
-        yield {"text": "a"}
+    def disk_full(source, destination):
         raise OSError(errno.ENOSPC, "No space left on device")
 
+    monkeypatch.setattr(atomic.os, "replace", disk_full)
     with pytest.raises(tokendyn.errors.TokendynError, match="cannot write"):
-        generate.write_jsonl(records(), out)
+        generate.write_jsonl([{"text": "a"}], out)
     assert out.read_text() == previous
     assert [p.name for p in work.glob(".gen_out*")] == []
 

@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    print("tokendyn demo: loading torch and transformers, then 6 phases", flush=True)  # the imports take seconds
+    print("tokendyn demo: loading torch and transformers", flush=True)  # takes seconds; each phase then prints a line
     from tokendyn.pipelines.demo import run_demo
 
     result = run_demo(preset=args.preset, seed=args.seed, progress=not (args.no_progress or args.quiet))

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from tokendyn.cli.options import add_model_options, at_least_two, count, model_options, seed_value
+from tokendyn.data.tasks import DEFAULT_STOP
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -79,7 +80,6 @@ def run(args: argparse.Namespace) -> None:
     from tokendyn.store.passuntil import read_runs
 
     task = read_generation_task(args.task, args.name)
-    stop = ("\n",) if args.stop is None else tuple(s.replace("\\n", "\n") for s in args.stop)
     out = run_pass_until(
         args.suite,
         args.out,
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         top_p=args.top_p,
         new_tokens=args.new_tokens,
-        stop=stop,
+        stop=stop_strings(args.stop),
         checker=args.checker,
         seed=args.seed,
         force=args.force,
@@ -105,3 +105,8 @@ def run(args: argparse.Namespace) -> None:
         f"{drawn:,} completions sampled in {seconds:.1f} s, {capped} runs hit the cap; "
         f"read them with: tokendyn analyze {out}"
     )
+
+
+def stop_strings(given: list[str] | None) -> tuple[str, ...]:
+    """The --stop strings, `\\n` read as a newline; DEFAULT_STOP when none is given."""
+    return DEFAULT_STOP if given is None else tuple(s.replace("\\n", "\n") for s in given)

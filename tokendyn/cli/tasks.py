@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from tokendyn.cli.options import add_batch_options, add_model_options, model_options, seed_value
+from tokendyn.data.tasks import DEFAULT_DELIMITER, DEFAULT_SEED, DEFAULT_SHOTS, read_task
 from tokendyn.errors import TokendynError
 
 
@@ -33,22 +34,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="task file (.json in BIG-Bench's format, or .jsonl); repeatable",
     )
     p.add_argument("--out", type=Path, required=True, help="store path (a directory ending in .zarr)")
-    p.add_argument("--shots", type=int, default=2, help="demonstrations per prompt (default: %(default)s)")
+    p.add_argument("--shots", type=int, default=DEFAULT_SHOTS, help="demonstrations per prompt (default: %(default)s)")
     p.add_argument(
-        "--seed", type=seed_value, default=0, help="seed of the demonstrations and choice orders (default: %(default)s)"
+        "--seed",
+        type=seed_value,
+        default=DEFAULT_SEED,
+        help="seed of the demonstrations and choice orders (default: %(default)s)",
     )
     p.add_argument("--max-items", type=int, default=None, help="keep the first N items of each task (default: all)")
     p.add_argument(
         "--name", default=None, help="the task's name (one --task only; default: the BIG-Bench name or the file name)"
     )
-    p.add_argument("--delimiter", default=" ", help="text between a prompt and an option (default: one space)")
+    p.add_argument(
+        "--delimiter", default=DEFAULT_DELIMITER, help="text between a prompt and an option (default: one space)"
+    )
     add_batch_options(p)
     add_model_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    from tokendyn.data.tasks import read_task
     from tokendyn.models.tasks import score_tasks
 
     if args.name is not None and len(args.tasks) > 1:

@@ -19,6 +19,7 @@ import os
 import sys
 from pathlib import Path
 
+from tokendyn.atomic import write_atomically
 from tokendyn.config.discover import STEP_IN_REVISION, folder_step, folder_tokens
 from tokendyn.errors import TokendynError
 
@@ -141,9 +142,7 @@ def write_generated(out: Path, suite: dict) -> tuple[Path, str | None]:
             )
     if previous != text:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
+        write_atomically(path, text)
     return path, previous
 
 
@@ -152,6 +151,4 @@ def restore_generated(path: Path, previous: str | None) -> None:
     if previous is None:
         path.unlink(missing_ok=True)
     elif path.read_text(encoding="utf-8", errors="replace") != previous:
-        temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
-        temporary.write_text(previous, encoding="utf-8")
-        os.replace(temporary, path)
+        write_atomically(path, previous)

@@ -56,6 +56,14 @@ FORMAT_KEYS = (
     "choice_prefix",
 )
 
+# Defaults of the k-shot prompts, shared by every caller up to `tokendyn tasks`: demonstrations per prompt,
+# the seed of their draw and of the listed choices' order, and the text between a prompt and an option.
+DEFAULT_SHOTS = 2
+DEFAULT_SEED = 0
+DEFAULT_DELIMITER = " "
+# Where a generation task's completions are cut by default (PassUntil, `tokendyn.models.sampling`): a newline.
+DEFAULT_STOP = ("\n",)
+
 
 @dataclass(frozen=True)
 class ChoiceItem:
@@ -221,8 +229,14 @@ def _input_text(task: ChoiceTask, item: ChoiceItem, rng: np.random.Generator) ->
     return (text + task.output_prefix).rstrip()
 
 
-def prompts(task: ChoiceTask, shots: int = 2, seed: int = 0, delimiter: str = " ") -> list[str]:
-    """The k-shot prompt of every item (see the module docstring); seeded per (seed, item)."""
+def prompts(
+    task: ChoiceTask, shots: int = DEFAULT_SHOTS, seed: int = DEFAULT_SEED, delimiter: str = DEFAULT_DELIMITER
+) -> list[str]:
+    """The k-shot prompt of every item (see the module docstring).
+
+    shots: demonstrations per prompt (0 to items - 1). seed: of the demonstrations drawn and of the
+    order of listed choices, per (seed, item). delimiter: between a demonstration's prompt and its answer.
+    """
     n = len(task.items)
     if shots < 0 or shots > n - 1:
         raise TokendynError(f"task '{task.name}' has {n} items, so it allows 0..{n - 1} shots, not {shots}")
@@ -236,9 +250,15 @@ def prompts(task: ChoiceTask, shots: int = 2, seed: int = 0, delimiter: str = " 
     return out
 
 
-def choice_documents(task: ChoiceTask, shots: int = 2, seed: int = 0, delimiter: str = " ") -> list[dict]:
+def choice_documents(
+    task: ChoiceTask, shots: int = DEFAULT_SHOTS, seed: int = DEFAULT_SEED, delimiter: str = DEFAULT_DELIMITER
+) -> list[dict]:
     """One JSONL record per (item, option): text = prompt + delimiter + option, with a span over
-    delimiter + option, the fields ITEM_FIELDS and the item's own fields (see the module docstring)."""
+    delimiter + option, the fields ITEM_FIELDS and the item's own fields (see the module docstring).
+
+    shots, seed: of the prompts (`prompts`). delimiter: between a prompt and an option, in the
+    demonstrations too.
+    """
     records = []
     for i, (item, prompt) in enumerate(zip(task.items, prompts(task, shots, seed, delimiter))):
         for j, option in enumerate(item.choices):

@@ -34,7 +34,6 @@ from transformers import (
 
 from tokendyn.config.suite import Checkpoint, Suite
 from tokendyn.errors import TokendynError
-from tokendyn.models import hardware
 
 # What to fetch from the hub: config, tokenizer and shard-index files, then the weights.
 META_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.py"]  # *.py: run only with --trust-remote-code
@@ -439,9 +438,3 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
         if id(parameter) not in embedding_ids:
             nonembedding += parameter.numel()
     return total, nonembedding
-
-
-def parse_dtype(name: str, device: str = "cpu") -> torch.dtype:
-    """torch dtype from its name or alias (float32/fp32, bfloat16/bf16, float16/fp16), or auto's choice
-    for `device` (see `tokendyn.models.hardware`)."""
-    return hardware.choose(device, name)[1]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
+from tokendyn.atomic import write_atomically
 from tokendyn.config.suite import Checkpoint, Suite, load_suite
 from tokendyn.data.corpus import PAD, prefix_ids, read_documents
 from tokendyn.errors import TokendynError
@@ -374,14 +374,10 @@ def write_jsonl(records: Sequence[dict], path: str | Path) -> Path:
     `path` that is not earlier generations is refused (`check_out`).
     """
     path = check_out(path)
-    temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temporary, "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(temporary, path)
+        write_atomically(path, text)
     except OSError as err:
-        temporary.unlink(missing_ok=True)
         raise TokendynError(f"cannot write {path} ({err.strerror}); choose a writable --out with free space") from None
     return path

@@ -41,7 +41,7 @@ from transformers.utils import logging as hf_logging
 from tokendyn.analysis.passuntil import pass_until
 from tokendyn.config.suite import Suite, load_suite
 from tokendyn.data.corpus import PAD, json_lines, prefix_ids
-from tokendyn.data.tasks import clean_name
+from tokendyn.data.tasks import DEFAULT_STOP, clean_name
 from tokendyn.errors import TokendynError
 from tokendyn.models import checkpoints, hardware
 from tokendyn.models.extract import extract, scored_at
@@ -219,7 +219,7 @@ def run_pass_until(
     batch_size: int = 256,
     top_p: float | None = None,
     new_tokens: int | None = None,
-    stop: Sequence[str] = ("\n",),
+    stop: Sequence[str] = DEFAULT_STOP,
     checker: str | None = None,
     seed: int = 0,
     force: bool = False,

@@ -11,15 +11,15 @@ non-space character lies in the span; a token that straddles the prompt/option b
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from tokendyn.atomic import write_atomically
 from tokendyn.config.suite import EvalSet, Suite, load_suite
 from tokendyn.data.corpus import prefix_ids
-from tokendyn.data.tasks import ChoiceTask, choice_documents
+from tokendyn.data.tasks import DEFAULT_DELIMITER, DEFAULT_SEED, DEFAULT_SHOTS, ChoiceTask, choice_documents
 from tokendyn.errors import TokendynError
 from tokendyn.models import checkpoints
 from tokendyn.store import TASK_SET_PREFIX, check_field_names, list_sets
@@ -36,9 +36,9 @@ def task_set(
     tokenizer: PreTrainedTokenizerBase,
     folder: str | Path,
     *,
-    shots: int = 2,
-    seed: int = 0,
-    delimiter: str = " ",
+    shots: int = DEFAULT_SHOTS,
+    seed: int = DEFAULT_SEED,
+    delimiter: str = DEFAULT_DELIMITER,
     prefix: str | int = "auto",
     max_context: int | None = None,
 ) -> EvalSet:
@@ -46,6 +46,9 @@ def task_set(
 
     The set is "packed": one window per (item, option); seq_len is the longest document's model
     positions (its prefix tokens included, `corpus.prefix_ids`).
+    shots, seed, delimiter: of the prompts and options (`tokendyn.data.tasks.choice_documents`).
+    prefix: the context-only token before each document (`EvalSet.prefix`). max_context: the
+    models' context in tokens (`suite_context`); prompts longer than that are refused (None: unchecked).
     """
     records = choice_documents(task, shots, seed, delimiter)
     encoded = tokenizer([r["text"] for r in records], add_special_tokens=False, return_offsets_mapping=True)
@@ -71,9 +74,7 @@ def task_set(
         )
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.partial-{os.getpid()}")  # renamed once complete: never truncated
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, path)
+        write_atomically(path, text)
     return EvalSet(
         name=TASK_SET_PREFIX + task.name, files=(path,), seq_len=max(seq_len, 2), context="packed", prefix=prefix
     )
@@ -93,9 +94,9 @@ def score_tasks(
     out: str | Path,
     tasks: Sequence[ChoiceTask],
     *,
-    shots: int = 2,
-    seed: int = 0,
-    delimiter: str = " ",
+    shots: int = DEFAULT_SHOTS,
+    seed: int = DEFAULT_SEED,
+    delimiter: str = DEFAULT_DELIMITER,
     trust_remote_code: bool = False,
     extra_sets: Sequence[EvalSet] = (),
     **extract_options,

@@ -170,6 +170,8 @@ def analyze(
 
 def main_one(name: str, argv: Sequence[str] | None = None) -> int:
     """`python -m analyses.<name> STORE [--out DIR]`: run one study, print its findings, save it."""
+    from tokendyn.pipelines.report import default_folder as report_folder  # report imports this module
+
     run: Callable[..., Result] = STUDIES[name]
     parser = argparse.ArgumentParser(prog=f"python -m analyses.{name}", description=sys.modules[run.__module__].__doc__)
     parser.add_argument("store", type=Path, help="store path (from `tokendyn extract`)")
@@ -180,7 +182,7 @@ def main_one(name: str, argv: Sequence[str] | None = None) -> int:
         f"whole, and refused if it holds files tokendyn did not write)",
     )
     args = parser.parse_args(argv)
-    out = args.out or args.store.with_name(args.store.name.removesuffix(".zarr") + ".report") / name
+    out = args.out or report_folder(args.store) / name
     try:
         outcome = run_study(name, open_store(args.store))
         if outcome.result is None:

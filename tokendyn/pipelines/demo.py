@@ -29,6 +29,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from tokendyn import __version__
+from tokendyn.atomic import write_atomically
 from tokendyn.config.suite import EvalSet, load_suite
 from tokendyn.data.tasks import read_task
 from tokendyn.models import extract, generate, sampling, tasks
@@ -62,7 +63,6 @@ THREADED_SPEEDUP = 1.65
 # the default suite, at half the cost. The main set, whose per-token trajectories most studies read,
 # keeps every checkpoint.
 SPARSE_EVERY = 2
-PHASES = ("build", "generate", "extract", "passuntil", "analyze", "findings")
 
 # The cost model, in seconds of one reference core (AVX2, float32), each constant measured on the
 # default preset (benchmarks/demo.py prints the estimates beside the measurements).
@@ -204,7 +204,10 @@ def demo_sets(preset: str) -> dict[str, tuple[float, int]]:
 
 
 def estimate_costs(preset: str, workers: int = 1) -> dict[str, float]:
-    """Estimated wall seconds of every phase of a fresh demo on `workers` idle reference cores."""
+    """Estimated wall seconds of every phase of a fresh demo on `workers` idle reference cores.
+
+    Its keys are the demo's phases, in the order `run_demo` runs them (`Progress` numbers them so).
+    """
     chosen = build.PRESETS[preset]
     shapes, steps = preset_shapes(preset)
     batch_tokens = chosen.train.batch_size * chosen.seq_len
@@ -345,8 +348,7 @@ def run_demo(preset: str = "default", seed: int = 0, progress: bool = True) -> d
         records = generate.generate(
             suite, prompts=GENERATE_PROMPTS, new_tokens=GENERATE_TOKENS, seed=seed, progress=progress
         )
-        partial = generate.write_jsonl(records, generated.with_name(generated.name + ".partial"))
-        partial.rename(generated)
+        generate.write_jsonl(records, generated)
         steps.finish("generate")
 
     n_main = sum(len(Path(f).read_text().splitlines()) for f in suite.eval.files)  # a window per document
@@ -375,7 +377,6 @@ def run_demo(preset: str = "default", seed: int = 0, progress: bool = True) -> d
             suite,
             out,
             choice,
-            shots=2,
             seed=seed,
             extra_sets=extra,
             every={name: SPARSE_EVERY for name in named},
@@ -474,9 +475,7 @@ class Ledger:
         self.entries[phase] = key
         if store_out is not None:
             self.entries["store"] = _stamp(store_out)
-        partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_text(json.dumps(self.entries, indent=1) + "\n")
-        partial.replace(self.path)
+        write_atomically(self.path, json.dumps(self.entries, indent=1) + "\n")
         steps.finish(phase)
 
 

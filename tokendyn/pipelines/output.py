@@ -25,8 +25,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from tokendyn.atomic import process_alive
 from tokendyn.errors import TokendynError
-from tokendyn.store.atomic import process_alive
 
 MARKER = ".tokendyn-output"
 HEADER = "# written by tokendyn; the next run replaces the paths below and refuses a folder holding others\n"

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from tokendyn.atomic import is_partial, write_atomically
 from tokendyn.errors import TokendynError
-from tokendyn.store.atomic import is_partial
 
 CHECKPOINT_DIMS = ("model", "ckpt")
 
@@ -59,7 +59,13 @@ class Problem:
 
 
 def verify(path: str | Path, *, full: bool = False, sample: bool = False) -> list[Problem]:
-    """Every inconsistency of the store at `path` (see the module docstring); an empty list if none."""
+    """Every inconsistency of the store at `path` (see the module docstring); an empty list if none.
+
+    full: also read every chunk, those of every done checkpoint and those of the arrays no checkpoint
+    owns (coordinates, ...), as `tokendyn verify` does. sample: also read the first chunk of each
+    done checkpoint of every array a checkpoint owns (ignored with full). Neither: the metadata and
+    the presence of chunk files only.
+    """
     path = Path(path)
     root_document(path)  # an unreadable root: no store to check, a one-line error
     consolidated = _consolidated(path)
@@ -105,7 +111,7 @@ def repair(path: str | Path, *, full: bool = True) -> list[Problem]:
     for problem in problems:
         if problem.restore:
             document = {k: v for k, v in consolidated[problem.node].items() if k != "consolidated_metadata"}
-            _write_json(path / problem.node / "zarr.json", document)
+            write_zarr_json(path / problem.node / "zarr.json", document)
             restored.append(problem)
     if restored:  # the chunk checks ran against the consolidated copy; rerun them against the restored files
         problems = restored + verify(path, full=full, sample=True)
@@ -127,11 +133,24 @@ def summary(problems: list[Problem], most: int = 3) -> str:
     return shown + (f"; ... ({len(problems)} problems in all)" if len(problems) > most else "")
 
 
-def consolidate(path: str | Path) -> None:
-    """Rewrite the root's consolidated metadata from the nodes on disk."""
+def consolidate(store: zarr.Group | str | Path, group: str = "") -> None:
+    """Rewrite the root's consolidated metadata from the nodes on disk, so `xarray.open_zarr` opens the
+    store in one read and without warning.
+
+    store: its root group, or its path. group: the path of a group whose own consolidated metadata
+    (of the nodes below it) is rewritten instead.
+    """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-        zarr.consolidate_metadata(zarr.storage.LocalStore(path))
+        zarr.consolidate_metadata(
+            store.store if isinstance(store, zarr.Group) else zarr.storage.LocalStore(store), path=group
+        )
+
+
+def write_zarr_json(file: Path, document: dict, indent: int | None | str = "zarr") -> None:
+    """Write a metadata file atomically, encoded as zarr encodes it (indent: zarr's own by default)."""
+    indent = zarr.config.get("json_indent") if indent == "zarr" else indent
+    write_atomically(file, json.dumps(document, indent=indent, allow_nan=True))
 
 
 def root_document(path: Path) -> dict:
@@ -445,9 +464,3 @@ def _dtype(meta: dict) -> str:
 def _chunks_present(folder: Path, meta: dict, m: int, c: int) -> bool:
     """Whether every chunk of checkpoint (m, c) of an array exists as a file."""
     return all((folder / key).is_file() for key, _ in _chunks(meta, (m, c)))
-
-
-def _write_json(file: Path, document: dict) -> None:
-    temporary = file.with_name(f".{file.name}.{os.getpid()}")
-    temporary.write_text(json.dumps(document, indent=2))
-    os.replace(temporary, file)

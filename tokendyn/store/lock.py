@@ -21,6 +21,7 @@ from pathlib import Path
 import filelock
 import zarr
 
+from tokendyn.atomic import write_atomically
 from tokendyn.errors import TokendynError
 
 # Writers write every chunk, even one holding only fill values, so `tokendyn.store.integrity.verify` can
@@ -82,10 +83,7 @@ def _holder_path(store: Path) -> Path:
 
 
 def _write_holder(folder: Path) -> None:
-    info = {"host": socket.gethostname(), "pid": os.getpid()}
-    temporary = folder.with_name(f"{_holder_path(folder).name}.{os.getpid()}")
-    temporary.write_text(json.dumps(info))
-    os.replace(temporary, _holder_path(folder))
+    write_atomically(_holder_path(folder), json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
 
 
 def _holder(folder: Path) -> str:

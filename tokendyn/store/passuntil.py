@@ -27,8 +27,8 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from tokendyn.atomic import create_atomically, is_partial, replace_atomically
 from tokendyn.errors import TokendynError
-from tokendyn.store.atomic import create_atomically, is_partial, replace_atomically
 from tokendyn.store.read import open_store
 from tokendyn.store.write import consolidate
 

@@ -6,6 +6,7 @@ counts as complete only once its `done` flag is written, after all its data: zar
 chunk file atomically (temporary file, then rename), so a process killed at any moment leaves
 either a complete checkpoint or one whose flag is unset and which a rerun recomputes.
 `val_ppl` is stored at the root only and attached to sets when opened.
+A store grows by models or checkpoints added to its suite (`check_growth`, then `grow`): new ones start not done.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import dataclasses
 import functools
 import json
 import os
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -22,10 +22,10 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from tokendyn.atomic import create_atomically, replace_atomically
 from tokendyn.data.corpus import ScoredSet
 from tokendyn.errors import TokendynError
-from tokendyn.store.atomic import create_atomically, replace_atomically
-from tokendyn.store.integrity import verify
+from tokendyn.store.integrity import consolidate, verify, write_zarr_json
 from tokendyn.store.layout import (
     FORMAT_VERSION,
     METRICS,
@@ -52,7 +52,7 @@ def prepare(
 
     Call with the writer lock held (`tokendyn.store.writer_lock`). Every check runs before anything
     is written, so a refused store is left untouched. The store and each set are built under a
-    temporary name and renamed into place (`tokendyn.store.atomic`); a half-made one left by an
+    temporary name and renamed into place (`tokendyn.atomic`); a half-made one left by an
     older version (no checkpoint done in it) is rebuilt.
     summaries: the protocol summary of each set (`ScoredSet.summary`), stored in its attributes.
     """
@@ -418,16 +418,9 @@ def commit_checkpoint(
         }
     for name, doc in changed.items():
         if name != "main":  # the root's attributes are written with its consolidated metadata
-            _write_json(_folder(root, name) / "zarr.json", doc)
+            write_zarr_json(_folder(root, name) / "zarr.json", doc)
     if changed:
         _refresh_consolidated(root, changed)
-
-
-def consolidate(root: zarr.Group) -> None:
-    """Refresh the consolidated metadata, so `xarray.open_zarr` opens the store in one read and without warning."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-        zarr.consolidate_metadata(root.store)
 
 
 def write_checkpoint_coords(
@@ -469,27 +462,13 @@ def _refresh_consolidated(root: zarr.Group, changed: dict[str, dict]) -> None:
     document = changed.get("main") or json.loads(path.read_text())
     listing = (document.get("consolidated_metadata") or {}).get("metadata")
     if listing is None or any(set_path(name) not in listing for name in changed if name != "main"):
-        _write_json(path, document)
+        write_zarr_json(path, document)
         consolidate(root)
         return
     for name, doc in changed.items():
         if name != "main":
             listing[set_path(name)]["attributes"] = doc["attributes"]
-    _write_json(path, document, indent=None)
-
-
-def _write_json(file: Path, document: dict, indent: int | None | str = "zarr") -> None:
-    """Write a metadata file atomically (a temporary file renamed over it), encoded as zarr encodes it
-    (indent: zarr's own by default)."""
-    indent = zarr.config.get("json_indent") if indent == "zarr" else indent
-    text = json.dumps(document, indent=indent, allow_nan=True)
-    temporary = file.with_name(f".{file.name}.{os.getpid()}.partial")
-    try:
-        temporary.write_text(text)
-        os.replace(temporary, file)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+    write_zarr_json(path, document, indent=None)
 
 
 # ---- Growth: more models or checkpoints on the model and ckpt axes ----------------------------------------------
@@ -552,10 +531,8 @@ def grow(root: zarr.Group, suite: dict, model_coords: dict) -> None:
         else:
             groups.append(path)
     # Groups carry consolidated metadata of their own (listing the old shapes): refresh them deepest first.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-        for path in sorted(groups, key=lambda p: -p.count("/")):
-            zarr.consolidate_metadata(root.store, path=path)
+    for path in sorted(groups, key=lambda p: -p.count("/")):
+        consolidate(root, path)
     root.attrs["suite"] = json.dumps(suite)
     consolidate(root)
 

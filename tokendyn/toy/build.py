@@ -12,7 +12,7 @@
 
 A build is keyed by all of its parameters; `build()` reuses a finished build with the same key
 and rebuilds when any parameter changes. It is written to a temporary folder of its own process
-(`tokendyn.store.atomic`) and renamed into place at the end, so an interrupted build never looks finished.
+(`tokendyn.atomic`) and renamed into place at the end, so an interrupted build never looks finished.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 from transformers import OPTForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
+from tokendyn.atomic import create_atomically, replace_atomically
 from tokendyn.errors import TokendynError
-from tokendyn.store.atomic import create_atomically, replace_atomically
 from tokendyn.toy import world as toy_world
 from tokendyn.toy.tokenizer import train_tokenizer
 from tokendyn.toy.train import ModelSize, TrainConfig, opt_config, pinned_threads, train

@@ -1,10 +1,10 @@
-"""Atomic creation of folders in a store: a store, a named set, a PassUntil group.
+"""Atomic creation of files and folders: a store, a named set, a PassUntil group, a metadata or output file.
 
 A piece is built under a temporary name in the folder that will hold it (`.NAME.partial-HOST-PID`)
 and renamed into place once complete: a process killed or starved of disk at any moment leaves
-either the whole piece or a temporary folder, never a half-made piece under its real name. The
-temporary folders of dead processes on this host are removed by the next writer (`remove_partials`);
-nothing else is ever removed.
+either the whole piece or a temporary file or folder, never a half-made piece under its real name.
+The temporary files and folders of dead processes on this host are removed by the next writer
+(`remove_partials`); nothing else is ever removed.
 """
 
 from __future__ import annotations
@@ -19,8 +19,25 @@ from pathlib import Path
 PARTIAL = ".partial-"
 
 
+def write_atomically(target: Path, data: str | bytes) -> None:
+    """Write `data` (text is encoded as UTF-8) to the file `target` in an existing folder.
+
+    Readers see the old file or the new one, never a truncated one. Any failure removes the
+    temporary file and re-raises, leaving the old file as it was.
+    """
+    remove_partials(target)
+    temporary = _partial(target)
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
 def create_atomically(target: Path, build: Callable[[Path], None]) -> bool:
-    """Build `target` with `build(temporary_folder)` and rename it into place.
+    """Build the folder `target` with `build(temporary_folder)` and rename it into place.
 
     Returns False (and discards the build) if `target` was created meanwhile by another process; an
     existing empty folder is replaced. Any failure removes the temporary folder and re-raises.
@@ -44,7 +61,7 @@ def create_atomically(target: Path, build: Callable[[Path], None]) -> bool:
 
 
 def replace_atomically(target: Path, build: Callable[[Path], None]) -> None:
-    """Rebuild a half-made `target` that tokendyn made: the new one is built aside, then swapped in.
+    """Rebuild a half-made folder `target` that tokendyn made: the new one is built aside, then swapped in.
 
     A kill between the two renames leaves no `target` (a rerun creates it) and the old one under a
     temporary name, which the next writer removes.
@@ -63,17 +80,20 @@ def replace_atomically(target: Path, build: Callable[[Path], None]) -> None:
 
 
 def remove_partials(target: Path) -> None:
-    """Remove temporary folders of `target` left by dead processes of this host (or by this process)."""
+    """Remove temporary files and folders of `target` left by dead processes of this host (or by this process)."""
     host = socket.gethostname()
-    for folder in target.parent.glob(f".{target.name}{PARTIAL}*"):
-        owner_host, _, rest = folder.name.removeprefix(f".{target.name}{PARTIAL}").rpartition("-")
+    for leftover in target.parent.glob(f".{target.name}{PARTIAL}*"):
+        owner_host, _, rest = leftover.name.removeprefix(f".{target.name}{PARTIAL}").rpartition("-")
         pid = rest.split(".")[0]
         if owner_host == host and pid.isdigit() and not process_alive(int(pid), own_ok=True):
-            shutil.rmtree(folder, ignore_errors=True)
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
 
 def is_partial(name: str) -> bool:
-    """Whether a folder name is a temporary one of `create_atomically` (never a real set or task)."""
+    """Whether a file or folder name is a temporary one of this module (never a real set or task)."""
     return name.startswith(".") and PARTIAL in name
 
 
