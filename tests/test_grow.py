@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -146,3 +147,39 @@ def test_other_metrics_and_tokenizer_refused(folder, tmp_path):
     other.write_text(suite_toml(folder, "x", opt_steps=(0,)).read_text().replace("step0", "step99"))
     with pytest.raises(TokendynError, match="different tokenizer"):
         extract(other, store, progress=False)
+
+
+def test_a_scored_checkpoint_with_other_weights_is_refused(tmp_path, monkeypatch):
+    """A run retrained into the same folders, or a stored step pointed at another run's checkpoint, would keep
+    the old values under that step (was: silently, also when growing). A folder moved or copied with its
+    weights is accepted, and only a checkpoint at a new path or with newer weight files is hashed again."""
+    write_suite(tmp_path, families=("opt",), steps=(0, 10, 20, 30))
+    store = tmp_path / "s.zarr"
+    extract(suite_toml(tmp_path, "first", opt_steps=(0, 10)), store, progress=False)
+    before = xr.open_zarr(store)["loss"].values
+
+    shutil.copytree(tmp_path / "ckpts" / "opt" / "step10", tmp_path / "moved" / "step10")  # new mtimes, same bytes
+
+    def moved(steps: tuple[int, ...]) -> Path:
+        text = suite_toml(tmp_path, "x", opt_steps=steps).read_text()
+        (tmp_path / "moved.toml").write_text(text.replace("ckpts/opt/step10", "moved/step10"))
+        return tmp_path / "moved.toml"
+
+    hashed = []
+    real = extract_module.checkpoints.weights_fingerprint
+    monkeypatch.setattr(
+        extract_module.checkpoints, "weights_fingerprint", lambda c, *a: hashed.append(c.step) or real(c, *a)
+    )
+    extract(moved((0, 10, 20)), store, progress=False)
+    assert hashed[0] == 10 and 0 not in hashed  # step 0 is where it was, its weights older than its hash
+    grown = xr.open_zarr(store)
+    np.testing.assert_array_equal(grown["loss"].values[:, :2], before)
+    assert str(grown["source"].values[0, 1]).endswith("moved/step10")
+
+    save_checkpoint(tmp_path / "moved" / "step10", "opt", build_tokenizer(), seed=99)  # retrained in place
+    for steps in ((0, 10, 20), (0, 10, 20, 30)):  # up to date, and growing
+        with pytest.raises(
+            TokendynError, match=r"scored step 10 of model 'opt' from other weights than .*moved/step10"
+        ):
+            extract(moved(steps), store, progress=False)
+    np.testing.assert_array_equal(xr.open_zarr(store)["loss"].values[:, :2], before)

@@ -378,6 +378,15 @@ def weights_fingerprint(ckpt: Checkpoint, allow_pickle: bool = False) -> str:
     return _files_digest(_weights_to_load(ckpt, folder, allow_pickle=True))
 
 
+def weights_modified(ckpt: Checkpoint) -> float | None:
+    """The newest modification time of a local checkpoint's weight files (those `weights_fingerprint`
+    hashes); None for a hub checkpoint or a folder without weights."""
+    if ckpt.path is None:
+        return None
+    safetensors, pickled = weight_files(Path(ckpt.path))
+    return max((file.stat().st_mtime for file in safetensors or pickled), default=None)
+
+
 def weights_fingerprint_async(ckpt: Checkpoint, allow_pickle: bool = False) -> Future[str]:
     """`weights_fingerprint` computed in a background thread; `.result()` waits for it.
 

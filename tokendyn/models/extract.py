@@ -215,7 +215,10 @@ def extract(
             suite, sets, device, torch_dtype, model_coords["n_params"], workers, trust_remote_code
         )
     summaries = {name: scored.summary(batch_tokens, batch_size) for name, scored in sets.items()}
-    if not force and store.up_to_date(out, layout, sets):
+    complete = not force and store.up_to_date(out, layout, sets)  # raises for a store of other models or text
+    if not force:
+        _check_scored_weights(out, suite, allow_pickle)
+    if complete:
         return out  # nothing to write, so nothing written: a read-only store works
     if progress:
         if why is not None:
@@ -385,6 +388,28 @@ def _unscored(out: Path, suite: Suite) -> list[Checkpoint]:
         for m, model in enumerate(models):
             done |= {(str(model), float(step)) for step in steps[m][flags[m]]}
     return [c for spec in suite.models for c in spec.checkpoints if (spec.name, float(c.step)) not in done]
+
+
+def _check_scored_weights(out: Path, suite: Suite, allow_pickle: bool) -> None:
+    """Refuse a local checkpoint the store has scored whose weight files are no longer the ones scored
+    (a run retrained into the same folder, a path now naming another run's checkpoint): the store would
+    keep values of other weights under its step. Only checkpoints at a new path, or with weight files
+    newer than their stored hash, are hashed again."""
+    scored = store.scored_weights(out)
+    for spec in suite.models:
+        for ckpt in spec.checkpoints:
+            source, stored_hash, written = scored.get((spec.name, float(ckpt.step)), ("", "", None))
+            if ckpt.path is None or not stored_hash:
+                continue
+            modified = checkpoints.weights_modified(ckpt)
+            if modified is None or (source == ckpt.source and written is not None and modified <= written):
+                continue  # no weights left to compare (the stored values stand), or none changed since
+            if checkpoints.weights_fingerprint(ckpt, allow_pickle) != stored_hash:
+                raise TokendynError(
+                    f"store {out} scored step {ckpt.step} of model '{spec.name}' from other weights than "
+                    f"{ckpt.source} holds now (weights hash {stored_hash[:12]}); rescore with --force, or "
+                    "write to a new --out"
+                )
 
 
 def scored_at(c: int, n: int, every: int) -> bool:

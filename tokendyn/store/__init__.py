@@ -4,7 +4,7 @@ Only this package knows how a store is laid out on disk; everything else uses th
 functions exported here.
 """
 
-from tokendyn.store.integrity import repair, verify
+from tokendyn.store.integrity import repair, scored_weights, verify
 from tokendyn.store.integrity import summary as verify_summary
 from tokendyn.store.layout import (
     CHECKPOINT_COORDS,
@@ -74,6 +74,7 @@ __all__ = [
     "prepare",
     "read_attrs",
     "read_checkpoint",
+    "scored_weights",
     "repair",
     "set_path",
     "store_path",
