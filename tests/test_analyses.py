@@ -117,14 +117,16 @@ def test_trend_reference_is_the_papers_table_and_its_shape_passes_the_papers_che
     assert at[("OPT-125M", 0.1, "upward")] == 12.5
     assert at[("OPT-13B", 0.4, "downward")] == 14.7
     models = list(trend_categories.PAPER_MODELS)
-    claims = trend_categories._claims(reference, models, OPT_SIZES)
+    starts = sorted(reference["start"].unique())
+    windows = pd.DataFrame([starts] * len(models), index=models, columns=starts)  # every start its own window
+    claims = trend_categories._claims(reference, windows, models, OPT_SIZES)
     assert all("; this reproduces" in line for line in claims), claims
     flipped = reference.assign(percent=-reference["percent"])
-    assert all("does not reproduce" in line for line in trend_categories._claims(flipped, models, OPT_SIZES))
+    assert all("does not reproduce" in line for line in trend_categories._claims(flipped, windows, models, OPT_SIZES))
     # the paper's 1.3B and 6.7B with the same parameter count: the remaining sizes still show the trend
-    tied = trend_categories._claims(reference, models, [125e6, 1.3e9, 1.3e9, 13e9, 30e9, 175e9])
+    tied = trend_categories._claims(reference, windows, models, [125e6, 1.3e9, 1.3e9, 13e9, 30e9, 175e9])
     assert "with model size; this reproduces" in tied[-1], tied
-    same = trend_categories._claims(reference, models, [1.3e9] * 6)
+    same = trend_categories._claims(reference, windows, models, [1.3e9] * 6)
     assert same[-1].endswith(
         "with model size; this is not testable here (no two models of different sizes have a value)."
     ), same
@@ -139,10 +141,16 @@ def test_three_checkpoints_are_not_testable_rather_than_not_reproducing(tmp_path
     ds = write_store(tmp_path / "three.zarr", rng.uniform(1, 4, (2, 3, 4, 8)), steps)
     findings = trend_categories.run(ds).findings
     claims = [line for line in findings if line.startswith("Paper:")]
-    assert claims and all(
-        "this is not testable here (needs >= " in c and ">= 3 checkpoints in the trend window" in c for c in claims
-    )
+    assert claims and all("this is not testable here (needs >= " in c and ">= 3 checkpoints in " in c for c in claims)
     assert not any("does not reproduce" in line for line in findings)
+    # Trainer-like steps 100, 150, 200: the starts 10%, 20% and 40% select the same window, counted once
+    trainer = write_store(tmp_path / "trainer.zarr", rng.uniform(1, 4, (2, 3, 4, 8)), steps + 100)
+    cats = trend_categories.trend_categories(trainer)
+    np.testing.assert_array_equal(cats["window_step"], [[100, 100, 100, np.nan]] * 2)
+    claims = [line for line in trend_categories.run(trainer).findings if line.startswith("Paper:")]
+    assert all(
+        "this is not testable here (needs >= 3 checkpoints in >= 2 different trend windows" in c for c in claims[:3]
+    )
     with pytest.raises(Skip, match="not testable here \\(needs >= 4 done checkpoints"):
         double_descent.run(ds)
     assert verdict([None, True]) == "reproduces" and verdict([None], "x") == "is not testable here (needs x)"

@@ -272,13 +272,15 @@ def trend_categories(
     alpha: significance level of the slope test (0.05). band: stagnation band around the
     geometric mean (0.05, i.e. [0.95, 1.05]). var_condition: also require var(ppl) < mean(ppl).
     Returns a label array (`tokendyn.analysis.labels`): int8 codes (model, start, token) with
-    flag_meanings CATEGORIES; `labels.label_share` gives the percentages per model and start. Lazy.
+    flag_meanings CATEGORIES and coordinate `window_step` (model, start), the first step of each
+    window (NaN without one; two start fractions can select the same window when checkpoints are
+    sparse); `labels.label_share` gives the percentages per model and start. Lazy.
     """
     ds = load_small(ds)
     starts = np.atleast_1d(np.asarray(start, dtype=float))
     if np.any((starts < 0) | (starts >= 1)):
         raise TokendynError("start fractions must lie in [0, 1), e.g. 0.2 for 20%")
-    per_model = []
+    per_model, window_steps = [], []
     for m, name in enumerate(ds["model"].values):
         steps = ds["step"].values[m, done_checkpoints(ds, m)]
         keep, xs = fit_points(steps, x)  # steps increase: the kept checkpoints are the last ones
@@ -294,6 +296,7 @@ def trend_categories(
                 js.append(None)
             else:
                 js.append(j)
+        window_steps.append([np.nan if j is None else float(steps[keep][j]) for j in js])
         # only the checkpoints from the earliest window start on are read
         first = min((j for j in js if j is not None), default=0)
         idx = done_checkpoints(ds, m)[len(steps) - len(xs) + first :]
@@ -315,7 +318,9 @@ def trend_categories(
             var_condition=var_condition,
         )
         per_model.append(xr.DataArray(codes, dims=(*TOKEN_DIMS, "start")))
-    codes = xr.concat(per_model, dim="model").assign_coords(model=ds["model"].values, start=starts)
+    codes = xr.concat(per_model, dim="model").assign_coords(
+        model=ds["model"].values, start=starts, window_step=(("model", "start"), np.asarray(window_steps))
+    )
     codes = codes.where(valid_tokens(ds), MISSING).astype(np.int8)
     return flag_array(
         codes.transpose("model", "start", *TOKEN_DIMS), CATEGORIES, "trend", "trend category of the token's perplexity"

@@ -4,9 +4,9 @@ category per model and start fraction as per-token labels (`trends`).
 
 
 Testability: a trend window needs >= 3 checkpoints (`tokendyn.analysis.trends`); the trend of a share
-with the start fraction needs categories at >= 2 start fractions for that model, and the trend with
-model size needs >= 2 models of different sizes (parameter counts) with categories at that start
-fraction. Cases short of that are "not testable here", never "does not reproduce"."""
+with the start fraction needs categories in >= 2 different windows of that model (start fractions
+that select the same checkpoints count once), and the trend with model size needs >= 2 models of
+different sizes (parameter counts) with categories at that start fraction. Cases short of that are "not testable here", never "does not reproduce"."""
 
 from __future__ import annotations
 
@@ -67,17 +67,19 @@ def paper_reference() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _claims(shares: pd.DataFrame, models: list[str], sizes: Sequence[float]) -> list[str]:
+def _claims(shares: pd.DataFrame, windows: pd.DataFrame, models: list[str], sizes: Sequence[float]) -> list[str]:
     """Check the paper's shape (methods.md §1.2) on the store's shares, models in size order with
-    their sizes (parameter counts); untestable cases say so."""
+    their sizes (parameter counts); untestable cases say so. windows: the first step of each model's
+    window per start fraction; start fractions that select a window already seen count once."""
     labelled = shares.dropna(subset=["percent"])
 
     def series(category: str, model: str) -> np.ndarray:
         rows = labelled[(labelled.category == category) & (labelled.model == model)].sort_values("start")
+        rows = rows[~windows.loc[model, rows["start"]].duplicated().to_numpy()]
         return rows["percent"].to_numpy()
 
     lines = []
-    need_starts = f">= {MIN_WINDOW} checkpoints in the trend window at >= 2 start fractions of a model"
+    need_starts = f">= {MIN_WINDOW} checkpoints in >= 2 different trend windows of a model"
     for category, sign, word in (("stagnated", 1, "grows"), ("upward", -1, "shrinks"), ("downward", -1, "shrinks")):
         holds = [direction(series(category, m)) == sign if len(series(category, m)) >= 2 else None for m in models]
         lines.append(
@@ -162,7 +164,9 @@ def run(
             f"No categories at start {value:.0%} in {', '.join(rows['model'])}: fewer than {MIN_WINDOW} "
             "checkpoints in the window (not testable there)."
         )
-    findings += _claims(shares, models, model_sizes(ds, models))
+    windows = cats["window_step"].to_pandas()
+    windows.index = windows.index.astype(str)
+    findings += _claims(shares, windows, models, model_sizes(ds, models))
     return Result(
         TITLE,
         {"trend_shares": shares, "paper_reference": reference},
