@@ -846,3 +846,28 @@ def test_generate_refuses_to_replace_a_file_it_did_not_write(work, capsys):
     empty = work / "empty.jsonl"
     empty.touch()
     assert generate.write_jsonl([{"text": "a"}], empty).read_text() == '{"text": "a"}\n'
+
+
+def test_a_set_being_created_is_not_a_set(capsys, work):
+    """A writer killed while it builds a named set leaves `sets/.NAME.partial-HOST-PID`; readers skip it
+    (was: listed as a set, `info` crashed with a KeyError)."""
+    store = work / "s.zarr"
+    assert main(extract(work, "--set", f"extra={work / 'extra.txt'}")) == 0
+    zarr.open_group(store / "sets" / ".other.partial-host-1", mode="w")
+    root = json.loads((store / "zarr.json").read_text())  # a new store: the killed writer had not consolidated
+    root.pop("consolidated_metadata")
+    (store / "zarr.json").write_text(json.dumps(root))
+    assert tokendyn.list_sets(store) == ["extra"]
+    assert main(["info", str(store)]) == 0
+    assert ".other" not in capsys.readouterr().out
+
+
+def test_values_of_an_unfinished_checkpoint_read_as_nan(work):
+    """The chunks a killed (or --force) run wrote for a checkpoint it did not finish are not data: `open_store`
+    shows NaN there, as docs/store.md says (was: the finite values, with done false)."""
+    store = work / "s.zarr"
+    assert main(extract(work, "--set", f"extra={work / 'extra.txt'}")) == 0
+    for group, set in ((store, "main"), (store / "sets" / "extra", "extra")):
+        zarr.open_group(group, mode="r+")["done"][0, 1] = False
+        loss = values(store, set=set)
+        assert np.isnan(loss[0, 1]).all() and np.isfinite(loss[0, 0]).all()

@@ -12,6 +12,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from tokendyn.atomic import is_partial
 from tokendyn.errors import TokendynError
 from tokendyn.store.chunks import chunk_files
 from tokendyn.store.integrity import root_document, unreadable_chunk
@@ -80,7 +81,9 @@ def metadata_stamp(path: str | Path) -> tuple[int, int] | None:
 @functools.lru_cache(maxsize=8)
 def _set_names(path: str, stamp: tuple[int, int] | None) -> tuple[str, ...]:
     sets = open_group(path, mode="r").get(SETS_GROUP)
-    return tuple(sorted(sets.group_keys())) if isinstance(sets, zarr.Group) else ()
+    if not isinstance(sets, zarr.Group):
+        return ()
+    return tuple(sorted(name for name in sets.group_keys() if not is_partial(name)))  # a set being created is not one
 
 
 @functools.lru_cache(maxsize=64)
@@ -108,6 +111,12 @@ def _opened(path: str, set: str, stamp: tuple[int, int] | None) -> xr.Dataset:
     else:
         main = _opened(path, "main", stamp)
         ds = ds.assign_coords({name: main[name] for name in MAIN_COORDS if name in main.variables})
+    # A killed (or --force) run leaves the chunks it wrote of a checkpoint it did not finish; a model's
+    # padding (no step) has no chunks, so a store of unequal models keeps its plain chunk reads.
+    if (~ds["done"] & ds["step"].notnull()).any():
+        for name in METRICS:
+            if name in ds.data_vars:
+                ds[name] = ds[name].where(ds["done"])
     ds.attrs["tokendyn_set"] = set
     return ds
 

@@ -6,7 +6,8 @@ category per model and start fraction as per-token labels (`trends`).
 Testability: a trend window needs >= 3 checkpoints (`tokendyn.analysis.trends`); the trend of a share
 with the start fraction needs categories in >= 2 different windows of that model (start fractions
 that select the same checkpoints count once), and the trend with model size needs >= 2 models of
-different sizes (parameter counts) with categories at that start fraction. Cases short of that are "not testable here", never "does not reproduce"."""
+different sizes (parameter counts) with categories at that start fraction. Cases short of that are
+"not testable here", never "does not reproduce"."""
 
 from __future__ import annotations
 
