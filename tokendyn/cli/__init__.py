@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tokendyn: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        # zarr's async reads cut off by the interrupt are collected unawaited: say only what to do
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
         print("tokendyn: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except OSError as err:  # disk full, read-only folder, ...: what failed and what to do, on one line
