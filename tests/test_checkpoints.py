@@ -23,6 +23,7 @@ from tokendyn.config.suite import Checkpoint, load_suite
 from tokendyn.errors import TokendynError
 from tokendyn.models import extract, generate, hardware
 from tokendyn.models.checkpoints import (
+    check_local_weights,
     check_tokenizers,
     count_params,
     load_config,
@@ -33,6 +34,7 @@ from tokendyn.models.checkpoints import (
     tokenizer_fingerprint,
     weights_fingerprint,
     weights_fingerprint_async,
+    weights_modified,
 )
 from tokendyn.models.tasks import suite_context
 
@@ -135,6 +137,80 @@ def test_pickle_refused_unless_allowed(ckpts, tmp_path, tokenizer):
     assert str(info.value) == expected
     model = load_model(local(folder), allow_pickle=True)
     torch.testing.assert_close(logits(model, tokenizer), logits(models["neox1"], tokenizer), rtol=0, atol=1e-6)
+
+
+def trainer_files(folder: Path) -> None:
+    """What a Hugging Face Trainer saves beside the model in every checkpoint-N folder (all pickles)."""
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
+        torch.save({"state": torch.zeros(3)}, folder / name)
+
+
+def test_trainer_files_are_not_weights(ckpts, tmp_path):
+    """optimizer.pt, scheduler.pt, rng_state.pth are no model weights (was: a checkpoint without
+    model.safetensors was refused as "pickle checkpoint .../optimizer.pt", and with allow_pickle
+    they were loaded, then failed late)."""
+    folder = copy_of(ckpts, "neox0", tmp_path)
+    trainer_files(folder)
+    (folder / "model.safetensors").unlink()
+    for allow_pickle in (False, True):
+        with pytest.raises(TokendynError, match=r"^no weights in .*neox0 \(model 'm', step 0\): no model\.safetensors"):
+            check_local_weights(local(folder), allow_pickle)
+        with pytest.raises(TokendynError, match="^no weights in"):
+            load_model(local(folder), allow_pickle=allow_pickle)
+
+
+def test_pickle_weights_are_what_from_pretrained_reads(ckpts, tmp_path, tokenizer):
+    """A pickle Trainer checkpoint: the refusal names pytorch_model.bin, and with allow_pickle the
+    fingerprint and the modification time are those of pytorch_model.bin alone (was: optimizer.pt,
+    rng_state.pth and scheduler.pt hashed too)."""
+    root, models = ckpts
+    folder = copy_of(ckpts, "neox1", tmp_path)
+    (folder / "model.safetensors").unlink()
+    torch.save(models["neox1"].state_dict(), folder / "pytorch_model.bin")
+    trainer_files(folder)
+    with pytest.raises(TokendynError, match=f"^refusing pickle checkpoint {folder / 'pytorch_model.bin'} "):
+        check_local_weights(local(folder), allow_pickle=False)
+    file_hash = hashlib.sha256((folder / "pytorch_model.bin").read_bytes()).hexdigest()
+    fingerprint = hashlib.sha256(f"pytorch_model.bin:{file_hash}\n".encode()).hexdigest()
+    assert weights_fingerprint(local(folder), allow_pickle=True) == fingerprint
+    weights_time = (folder / "pytorch_model.bin").stat().st_mtime
+    os.utime(folder / "optimizer.pt", (weights_time + 60, weights_time + 60))
+    assert weights_modified(local(folder)) == weights_time
+    model = load_model(local(folder), allow_pickle=True)
+    torch.testing.assert_close(logits(model, tokenizer), logits(models["neox1"], tokenizer), rtol=0, atol=1e-6)
+
+
+def test_sharded_pickle_weights(ckpts, tmp_path, tokenizer):
+    """pytorch_model.bin.index.json and its shards: loaded and hashed with allow_pickle; a missing shard
+    is refused before loading."""
+    root, models = ckpts
+    folder = copy_of(ckpts, "neox1", tmp_path)
+    (folder / "model.safetensors").unlink()
+    state = models["neox1"].state_dict()
+    names = sorted(state)
+    shards = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for shard, keys in shards.items():
+        torch.save({key: state[key] for key in keys}, folder / shard)
+    weight_map = {key: shard for shard, keys in shards.items() for key in keys}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    trainer_files(folder)
+    digest = hashlib.sha256()
+    for shard in sorted(shards):
+        digest.update(f"{shard}:{hashlib.sha256((folder / shard).read_bytes()).hexdigest()}\n".encode())
+    assert weights_fingerprint(local(folder), allow_pickle=True) == digest.hexdigest()
+    model = load_model(local(folder), allow_pickle=True)
+    torch.testing.assert_close(logits(model, tokenizer), logits(models["neox1"], tokenizer), rtol=0, atol=1e-6)
+    (folder / "pytorch_model-00002-of-00002.bin").unlink()
+    with pytest.raises(TokendynError, match="^weight shard pytorch_model-00002-of-00002.bin of .* is missing"):
+        check_local_weights(local(folder), allow_pickle=True)
+
+
+def test_only_the_safetensors_from_pretrained_reads_are_hashed(ckpts, tmp_path):
+    """Another .safetensors file beside model.safetensors (an adapter, a copy) is not part of the weights."""
+    root, _ = ckpts
+    folder = copy_of(ckpts, "neox0", tmp_path)
+    shutil.copy(folder / "model.safetensors", folder / "adapter_model.safetensors")
+    assert weights_fingerprint(local(folder)) == weights_fingerprint(local(root / "neox0"))
 
 
 def test_weights_missing_from_file(ckpts, tmp_path):

@@ -241,20 +241,118 @@ def test_model_on_a_trainer_output_dir_says_its_checkpoints_are_not_scored(tmp_p
     tokenizer = build_tokenizer()
     save_checkpoint(tmp_path / "run", "opt", tokenizer, seed=0)  # the final model, at the root
     save_checkpoint(tmp_path / "run" / "checkpoint-10", "opt", tokenizer, seed=1)
-    assert model_table(str(tmp_path / "run"))["checkpoints"] == [{"step": 0, "path": str(tmp_path / "run")}]
+    table = model_table(str(tmp_path / "run"), alone=True)
+    assert table["checkpoints"] == [{"step": 0, "path": str(tmp_path / "run")}]
     assert f"pass --model '{tmp_path / 'run'}/*'" in capsys.readouterr().err
+
+
+def test_the_hint_about_inner_checkpoints_is_printed_once(tmp_path, capsys):
+    """(was: twice, the suite being made twice to learn the model's context)"""
+    from conftest import SAMPLE_TEXT, build_tokenizer, save_checkpoint
+    from tokendyn.cli import main
+
+    tokenizer = build_tokenizer()
+    save_checkpoint(tmp_path / "run", "opt", tokenizer, seed=0)
+    save_checkpoint(tmp_path / "run" / "checkpoint-10", "opt", tokenizer, seed=1)
+    (tmp_path / "valid.txt").write_text(SAMPLE_TEXT)
+    capsys.readouterr()
+    args = ["extract", "--model", str(tmp_path / "run"), "--text", str(tmp_path / "valid.txt")]
+    assert main([*args, "--out", str(tmp_path / "run.zarr"), "-q"]) == 0
+    assert capsys.readouterr().err.count(f"scoring the model in {tmp_path / 'run'} alone") == 1
+
+
+def test_a_model_without_a_step_beside_another_model_is_refused(tmp_path, capsys):
+    """A final model saved outside checkpoint-N (no number, no trainer_state.json) would pass for step 0,
+    the untrained model, beside another --model; alone it is scored as step 0."""
+    from conftest import SAMPLE_TEXT, build_tokenizer, save_checkpoint
+    from tokendyn.cli import main
+    from tokendyn.config.quick import model_table
+
+    tokenizer = build_tokenizer()
+    save_checkpoint(tmp_path / "final", "opt", tokenizer, seed=0)
+    save_checkpoint(tmp_path / "run" / "checkpoint-10", "opt", tokenizer, seed=1)
+    (tmp_path / "valid.txt").write_text(SAMPLE_TEXT)
+    capsys.readouterr()
+    final = str(tmp_path / "final")
+    with pytest.raises(TokendynError, match=r"^--model .*final: cannot tell the step of .*rename it with its step"):
+        model_table(final, alone=False)
+    models = ["--model", final, "--model", str(tmp_path / "run" / "checkpoint-10")]
+    out = tmp_path / "two.zarr"
+    assert main(["extract", *models, "--text", str(tmp_path / "valid.txt"), "--out", str(out), "-q"]) == 2
+    captured = capsys.readouterr()
+    assert f"cannot tell the step of {final}" in captured.err and "{ step = N, path = ... }" in captured.err
+    assert "suite written" not in captured.out and not (tmp_path / "two.suite.toml").exists()
+    assert model_table(final, alone=True)["checkpoints"] == [{"step": 0, "path": final}]
+
+
+def trainer_run(root: Path, steps=(10, 20), tokenizer_in_run: bool = True) -> Path:
+    """A Trainer output_dir without processing_class: checkpoint-N folders without tokenizer files;
+    the tokenizer saved in the output_dir itself (tokenizer_in_run), or nowhere."""
+    from conftest import build_tokenizer, save_checkpoint
+    from tokendyn.config.discover import TOKENIZER_FILES
+
+    tokenizer = build_tokenizer()
+    for index, step in enumerate(steps):
+        folder = root / f"checkpoint-{step}"
+        save_checkpoint(folder, "opt", tokenizer, seed=index)
+        for name in TOKENIZER_FILES:
+            (folder / name).unlink(missing_ok=True)
+    if tokenizer_in_run:
+        tokenizer.save_pretrained(root)
+    return root
+
+
+@pytest.mark.parametrize("spec", ["run", "run/checkpoint-*", "run/checkpoint-20"])
+def test_model_takes_the_tokenizer_of_the_run_folder(tmp_path, capsys, spec):
+    """(was: "suite written", then "no tokenizer files ...; set [eval] tokenizer in the suite TOML", the
+    suite file removed again)"""
+    import tomllib
+
+    from conftest import SAMPLE_TEXT
+    from tokendyn.cli import main
+
+    run = trainer_run(tmp_path / "run")
+    (tmp_path / "valid.txt").write_text(SAMPLE_TEXT)
+    capsys.readouterr()
+    args = ["extract", "--model", str(tmp_path / spec), "--text", str(tmp_path / "valid.txt")]
+    assert main([*args, "--out", str(tmp_path / "s.zarr"), "-q"]) == 0
+    assert f"suite written: {tmp_path / 's.suite.toml'} ([eval] tokenizer = {run}: " in capsys.readouterr().out
+    assert tomllib.loads((tmp_path / "s.suite.toml").read_text())["eval"]["tokenizer"] == str(run)
+
+
+def test_model_without_any_tokenizer_names_the_tokenizer_option(tmp_path, capsys):
+    import tomllib
+
+    from conftest import SAMPLE_TEXT, build_tokenizer
+    from tokendyn.cli import main
+
+    trainer_run(tmp_path / "run", tokenizer_in_run=False)
+    (tmp_path / "valid.txt").write_text(SAMPLE_TEXT)
+    capsys.readouterr()
+    args = ["extract", "--model", str(tmp_path / "run"), "--text", str(tmp_path / "valid.txt")]
+    assert main([*args, "--out", str(tmp_path / "s.zarr"), "-q"]) == 2
+    captured = capsys.readouterr()
+    assert "no tokenizer files in" in captured.err and "pass --tokenizer PATH_OR_HUB_ID" in captured.err
+    assert "suite written" not in captured.out and not (tmp_path / "s.suite.toml").exists()
+
+    build_tokenizer().save_pretrained(tmp_path / "tok")
+    assert main([*args, "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "s.zarr"), "-q"]) == 0
+    assert capsys.readouterr().out.startswith(f"suite written: {tmp_path / 's.suite.toml'}\n")
+    assert tomllib.loads((tmp_path / "s.suite.toml").read_text())["eval"]["tokenizer"] == str(tmp_path / "tok")
+    assert main([*args, "--tokenizer", "./nowhere", "--out", str(tmp_path / "t.zarr"), "-q"]) == 2
+    assert "--tokenizer ./nowhere: no such directory" in capsys.readouterr().err
 
 
 def test_quick_suite_tables(tmp_path):
     from tokendyn.config.quick import model_table
 
-    assert model_table("org/name") == {
+    assert model_table("org/name", alone=True) == {
         "name": "name",
         "hub_id": "org/name",
         "checkpoints": [{"step": 0, "revision": "main"}],
     }
-    assert model_table("org/name@step1000")["revisions"] == ["step1000"]
-    assert model_table("org/name@step*")["revisions"] == "step*"
-    assert model_table("org/name@all")["revisions"] == "all"
+    assert model_table("org/name@step1000", alone=True)["revisions"] == ["step1000"]
+    assert model_table("org/name@step*", alone=True)["revisions"] == "step*"
+    assert model_table("org/name@all", alone=True)["revisions"] == "all"
     with pytest.raises(TokendynError, match="no such directory, and not a hub id"):
-        model_table(str(tmp_path / "missing"))
+        model_table(str(tmp_path / "missing"), alone=True)

@@ -218,6 +218,38 @@ def test_bfloat16_head_reuses_its_buffers_and_equals_the_models_logits(tokenizer
     np.testing.assert_array_equal(got["rank"], (logp > target).sum(-1).reshape(-1).float())
 
 
+def test_no_attention_mask_warning_for_a_gpt2_style_tokenizer():
+    """pad = bos = eos (GPT-2): every window starts with the pad id, and transformers warns (once per
+    process) to pass an attention mask, which tokendyn leaves out on purpose; it is dropped where tokendyn
+    calls the model, and only there (was: printed by every extract, even with -q)."""
+    import logging
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
+    model = GPT2LMHeadModel(config).eval()
+    ids = torch.randint(1, 40, (2, 9))
+    ids[:, 0] = 0  # the BOS that starts every window
+    score = torch.ones_like(ids, dtype=torch.bool)
+    score[:, 0] = False
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers.modeling_utils")
+    logger.addHandler(handler)
+    try:
+        logging.Logger.warning_once.cache_clear()  # a warning logged earlier in this process would hide it
+        token_scores(model, ids, score)
+        assert not any("attention_mask" in r.getMessage() for r in records)
+        logging.Logger.warning_once.cache_clear()
+        with torch.inference_mode():
+            model(input_ids=ids)  # outside tokendyn's call, transformers' warning is as it was
+        assert any("attention_mask" in r.getMessage() for r in records)
+    finally:
+        logger.removeHandler(handler)
+
+
 def test_xarray_sees_lazy_chunks(store):
     ds = xr.open_zarr(store)
     assert ds.loss.data.chunksize[:2] == (1, 1)

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 import tokendyn
 from conftest import build_tokenizer, save_checkpoint, write_suite
 from tokendyn.cli import main
+from tokendyn.models import hardware
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +199,22 @@ def test_pickle_checkpoint_needs_opt_in(capsys, tmp_path):
     err = run_error(capsys, suite, "--out", tmp_path / "s.zarr")
     assert "pickle" in err and "--allow-pickle" in err
     assert main(["extract", str(suite), "--out", str(tmp_path / "s.zarr"), "--allow-pickle", "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("allow_pickle", [[], ["--allow-pickle"]])
+def test_a_trainer_checkpoint_without_its_weights_is_refused_before_scoring(capsys, tmp_path, allow_pickle):
+    """Trainer's optimizer.pt, scheduler.pt and rng_state.pth are not weights (was: "refusing pickle checkpoint
+    .../optimizer.pt, pass --allow-pickle"; with it, the first checkpoint was scored, then the load failed)."""
+    suite = write_suite(tmp_path, families=("opt",), steps=(0, 10))
+    for step in (0, 10):
+        for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
+            torch.save({"state": torch.zeros(3)}, tmp_path / f"ckpts/opt/step{step}" / name)
+    (tmp_path / "ckpts/opt/step10/model.safetensors").unlink()
+    hardware.choose("auto", "auto")  # its "running on" line comes once per process: here, not in the error
+    capsys.readouterr()  # that line, and transformers' progress bars of the saves
+    err = run_error(capsys, suite, "--out", tmp_path / "s.zarr", *allow_pickle)
+    assert "no weights in" in err and "step10" in err and "optimizer.pt" not in err
+    assert not (tmp_path / "s.zarr" / "zarr.json").exists()
 
 
 def test_debug_shows_traceback(capsys, workspace):

@@ -265,6 +265,21 @@ def test_download_plan_sizes_hashes_and_resume(hub, tmp_path):
     assert revisions[1].weights_hash == weights_fingerprint(suite.models[0].checkpoints[1])
 
 
+def test_only_the_weights_from_pretrained_reads_are_fetched(hub):
+    """A revision that also ships other safetensors (Mistral's consolidated.safetensors, adapters) gets and
+    hashes only model.safetensors (was: every *.safetensors: twice the download, and a planned weights hash
+    unlike the fingerprint of what extract loads)."""
+    fake, cache, suite_path = hub
+    shutil.copy(fake.remote["step2000"] / "model.safetensors", fake.remote["step2000"] / "consolidated.safetensors")
+    suite = load_suite(suite_path)
+    revisions = download.plan(suite, api=FakeApi(fake.remote))
+    assert "consolidated.safetensors" not in revisions[1].files and "model.safetensors" in revisions[1].files
+    download.download(revisions, progress=False)
+    ckpt = suite.models[0].checkpoints[1]
+    assert not (resolve(ckpt) / "consolidated.safetensors").exists()
+    assert revisions[1].weights_hash == weights_fingerprint(ckpt)
+
+
 def test_download_command_dry_run_then_download(hub, monkeypatch, capsys):
     """`tokendyn download` as a user runs it: the plan with its sizes, nothing fetched on --dry-run, then the
     download and the command to run on the compute nodes."""

@@ -45,6 +45,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the text --model scores (.txt or .jsonl, or a glob pattern); repeatable",
     )
     p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="PATH_OR_HUB_ID",
+        help="the tokenizer --model scores with: a folder or a hub id (default: the checkpoints' own; "
+        "without one, the run folder's: the --model folder or the folder around the checkpoints)",
+    )
+    p.add_argument(
         "--seq-len",
         type=window,
         default=None,
@@ -125,14 +132,14 @@ def run(args: argparse.Namespace) -> None:
     metrics = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
     if args.scheduler is not None and args.workers is not None:
         raise TokendynError("give --scheduler (an existing cluster) or --workers (a new local one), not both")
-    suite, restore = _suite_argument(args)
-    extra_sets = []
-    if args.sets or args.pairs:
-        seq_len = load_suite(suite).eval.seq_len
-        extra_sets += [s for option in args.sets for s in parse_set_option(option, seq_len, args.corrupt_seed)]
-        extra_sets += [parse_pairs_option(option, seq_len) for option in args.pairs]
+    suite, written, restore = _suite_argument(args)
     before = _stamp(args.out)
     try:
+        extra_sets = []
+        if args.sets or args.pairs:
+            seq_len = load_suite(suite).eval.seq_len
+            extra_sets += [s for option in args.sets for s in parse_set_option(option, seq_len, args.corrupt_seed)]
+            extra_sets += [parse_pairs_option(option, seq_len) for option in args.pairs]
         out = extract(
             suite,
             args.out,
@@ -151,6 +158,8 @@ def run(args: argparse.Namespace) -> None:
     except TokendynError:
         restore()  # a refused run leaves the generated suite as it found it
         raise
+    if written is not None:  # reported only now: a refused run takes the file back
+        print(written)
     done = "store written" if _stamp(out) != before else "store up to date, nothing to score"
     print(f"{done}: {out}  (inspect with: tokendyn info {out})")
 
@@ -163,27 +172,31 @@ def _stamp(store: Path) -> int | None:
         return None
 
 
-def _suite_argument(args: argparse.Namespace) -> tuple[Path, Callable[[], None]]:
-    """The suite file (SUITE, or one generated from --model and --text next to the store) and a function
-    that undoes the generation."""
+def _suite_argument(args: argparse.Namespace) -> tuple[Path, str | None, Callable[[], None]]:
+    """The suite file (SUITE, or one generated from --model and --text next to the store), the line that
+    reports a generated one (None for SUITE), and a function that undoes the generation."""
     if args.suite is not None:
         if args.models or args.texts:
             raise TokendynError("give a suite file or --model/--text, not both (add the models to the suite file)")
         if args.seq_len is not None:
             raise TokendynError("--seq-len applies only with --model; set seq_len in the suite file's [eval] table")
-        return args.suite, lambda: None
+        if args.tokenizer is not None:
+            raise TokendynError("--tokenizer applies only with --model; set tokenizer in the suite file's [eval] table")
+        return args.suite, None, lambda: None
     from tokendyn.config.quick import quick_suite, restore_generated, write_generated
     from tokendyn.config.suite import parse_suite
 
-    seq_len = args.seq_len
-    if seq_len is None:
+    suite = quick_suite(args.models, args.texts, args.seq_len or QUICK_SEQ_LEN, args.tokenizer)
+    if args.seq_len is None:
         from tokendyn.models.checkpoints import context_length
 
-        draft = parse_suite(quick_suite(args.models, args.texts, 2), base=Path.cwd())
-        seq_len = min(QUICK_SEQ_LEN, context_length(draft.models[0].checkpoints[0]) or QUICK_SEQ_LEN)
-    path, previous = write_generated(args.out, quick_suite(args.models, args.texts, seq_len))
-    print(f"suite written: {path}")
-    return path, lambda: restore_generated(path, previous)
+        first = parse_suite(suite, base=Path.cwd()).models[0].checkpoints[0]
+        suite["eval"]["seq_len"] = min(QUICK_SEQ_LEN, context_length(first) or QUICK_SEQ_LEN)
+    path, previous = write_generated(args.out, suite)
+    written = f"suite written: {path}"
+    if args.tokenizer is None and "tokenizer" in suite["eval"]:
+        written += f" ([eval] tokenizer = {suite['eval']['tokenizer']}: the checkpoints have no tokenizer files)"
+    return path, written, lambda: restore_generated(path, previous)
 
 
 def parse_set_option(option: str, seq_len: int, seed: int = 0) -> list[EvalSet]:

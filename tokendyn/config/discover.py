@@ -27,6 +27,17 @@ from tokendyn.errors import TokendynError
 _FOLDER_STEP_RE = re.compile(r"(?:checkpoint|global_step|step)[-_]?(\d+)$")
 STEP_IN_REVISION = re.compile(r"(?:^|[-_])step(\d+)(?=$|[-_])")
 TRAINER_STATE = "trainer_state.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
 
 
 @dataclass(frozen=True)
@@ -43,8 +54,18 @@ def folder_step(folder: Path) -> int | None:
     state = _trainer_state(folder)
     if isinstance(state.get("global_step"), int):
         return state["global_step"]
+    return name_step(folder)
+
+
+def name_step(folder: Path) -> int | None:
+    """The step in a checkpoint folder's name (checkpoint-N, stepN, global_stepN), else None."""
     match = _FOLDER_STEP_RE.search(folder.name)
     return int(match.group(1)) if match else None
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    """Whether a folder holds any of the files a tokenizer is saved as."""
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
 def folder_tokens(folder: Path) -> float | None:

@@ -31,27 +31,24 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
+from tokendyn.config.discover import TOKENIZER_FILES, has_tokenizer_files
 from tokendyn.config.suite import Checkpoint, Suite
 from tokendyn.errors import TokendynError
 
 # What to fetch from the hub: config, tokenizer and shard-index files, then the weights.
 META_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.py"]  # *.py: run only with --trust-remote-code
-SAFETENSORS_PATTERNS = ["*.safetensors"]
-PICKLE_PATTERNS = ["pytorch_model*.bin"]
-# Pickle files that mark a local checkpoint as pickle-only (loading them can run arbitrary code).
-PICKLE_GLOBS = ("pytorch_model*.bin", "*.pt", "*.ckpt", "*.pth")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "tokenizer.model",
-    "spiece.model",
-)
+# What a hub revision's weights are fetched by: from_pretrained's files (below) with transformers' shard names,
+# not every *.safetensors (a repository may also ship e.g. consolidated.safetensors for another runtime).
+SAFETENSORS_PATTERNS = [SAFE_WEIGHTS_NAME, "model-*-of-*.safetensors"]
+PICKLE_PATTERNS = [WEIGHTS_NAME, "pytorch_model-*-of-*.bin"]
+# The weights of a checkpoint folder are the files transformers' from_pretrained reads, per format (single
+# file, shard index): safetensors, then pickle (loading pickle can run arbitrary code). Nothing else is
+# weights: a Trainer's optimizer.pt, scheduler.pt, rng_state.pth and training_args.bin are neither loaded,
+# hashed nor refused, and a bare *.pt or *.ckpt is no checkpoint from_pretrained can load.
+SAFETENSORS_FORMAT = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)
+PICKLE_FORMAT = (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
 
 
@@ -84,7 +81,7 @@ def resolve(ckpt: Checkpoint, weights: bool = True, allow_pickle: bool = False) 
         folder = _snapshot(ckpt, PICKLE_PATTERNS)
         pickled = weight_files(folder)[1]
     # Offline, snapshot_download returns the cached snapshot without checking that the patterns' files are in it.
-    if hub_constants.HF_HUB_OFFLINE and (not (safetensors or pickled) or (safetensors and _missing_shards(folder)[0])):
+    if hub_constants.HF_HUB_OFFLINE and (not (safetensors or pickled) or _missing_shards(folder, bool(safetensors))[0]):
         raise _not_cached(ckpt)
     return folder
 
@@ -121,10 +118,28 @@ def _not_cached(ckpt: Checkpoint) -> TokendynError:
 
 
 def weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(safetensors files, pickle weight files) of a checkpoint directory, each sorted by name."""
-    safetensors = sorted(folder.glob("*.safetensors"))
-    pickled = sorted({path for pattern in PICKLE_GLOBS for path in folder.glob(pattern)})
+    """(safetensors files, pickle files) of a checkpoint directory that transformers' from_pretrained
+    reads: model.safetensors, else the shards model.safetensors.index.json lists; pytorch_model.bin,
+    else the shards pytorch_model.bin.index.json lists. Only those on disk, each sorted by name."""
+    safetensors, pickled = (
+        [folder / name for name in _format_files(folder, *names) if (folder / name).is_file()]
+        for names in (SAFETENSORS_FORMAT, PICKLE_FORMAT)
+    )
     return safetensors, pickled
+
+
+def _format_files(folder: Path, single: str, index: str) -> list[str]:
+    """The names from_pretrained reads for one format, present or not: `single` if the folder has it,
+    else the shards `index` lists (as transformers' get_checkpoint_shard_files), else none."""
+    if (folder / single).is_file():
+        return [single]
+    path = folder / index
+    if not path.is_file():
+        return []
+    try:
+        return sorted(set(json.loads(path.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
+        raise TokendynError(f"unreadable {path} ({err}); re-save or re-download the checkpoint") from err
 
 
 def _weights_to_load(ckpt: Checkpoint, folder: Path, allow_pickle: bool) -> list[Path]:
@@ -132,14 +147,15 @@ def _weights_to_load(ckpt: Checkpoint, folder: Path, allow_pickle: bool) -> list
     if safetensors:
         return safetensors
     if not pickled:
-        hint = (
-            " (pickle weights are fetched from the hub only with --allow-pickle)"
+        fix = (
+            "pass --allow-pickle if the revision has only a pytorch_model.bin you trust "
+            "(pickle weights are fetched from the hub only then)"
             if ckpt.path is None and not allow_pickle
-            else ""
+            else "save the model with save_pretrained, which writes them"
         )
         raise TokendynError(
-            f"no weights in {_label(ckpt)}{hint}; save the model with save_pretrained "
-            "(safetensors), or pass --allow-pickle for a trusted pytorch_model.bin checkpoint"
+            f"no weights in {_label(ckpt)}: no {SAFE_WEIGHTS_NAME} or {WEIGHTS_NAME} (whole, or the shards "
+            f"of its index); {fix}"
         )
     if not allow_pickle:
         raise TokendynError(
@@ -226,24 +242,19 @@ def check_local_weights(ckpt: Checkpoint, allow_pickle: bool) -> None:
         for file in files:
             if file.suffix == ".safetensors":
                 _check_safetensors(ckpt, file)
-        missing, shards = _missing_shards(Path(ckpt.path))
-        if files[0].suffix == ".safetensors" and missing:
+        missing, shards = _missing_shards(Path(ckpt.path), files[0].suffix == ".safetensors")
+        if missing:
             raise TokendynError(
                 f"weight shard {missing[0]} of {_label(ckpt)} is missing ({len(missing)} of {shards}); "
                 "finish or re-save the checkpoint"
             )
 
 
-def _missing_shards(folder: Path) -> tuple[list[str], int]:
-    """(the shards that a sharded safetensors checkpoint's index lists but the folder lacks, how many it lists)."""
-    index = folder / "model.safetensors.index.json"
-    if not index.is_file():
-        return [], 0
-    try:
-        shards = set(json.loads(index.read_text())["weight_map"].values())
-    except (OSError, ValueError, KeyError, AttributeError) as err:
-        raise TokendynError(f"unreadable {index} ({err}); re-save or re-download the checkpoint") from err
-    return sorted(s for s in shards if not (folder / s).is_file()), len(shards)
+def _missing_shards(folder: Path, safetensors: bool) -> tuple[list[str], int]:
+    """(the weight files of one format that from_pretrained would read but the folder lacks, how many it would
+    read): shards its index lists. safetensors: that format, else pickle."""
+    names = _format_files(folder, *(SAFETENSORS_FORMAT if safetensors else PICKLE_FORMAT))
+    return [name for name in names if not (folder / name).is_file()], len(names)
 
 
 def _load_tokenizer(source: str | Path, label: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
@@ -263,10 +274,6 @@ def _load_tokenizer(source: str | Path, label: str, trust_remote_code: bool) -> 
         raise TokendynError(f"cannot load the tokenizer of {label}: {_first_line(err)}; {fix}") from err
 
 
-def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in TOKENIZER_FILES)
-
-
 def load_tokenizer(suite: Suite, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """The suite's tokenizer: [eval] tokenizer (path or hub id), else the first checkpoint's.
     trust_remote_code: run a tokenizer class shipped with the checkpoint (user code; off by default)."""
@@ -274,9 +281,10 @@ def load_tokenizer(suite: Suite, trust_remote_code: bool = False) -> PreTrainedT
         return _load_tokenizer(suite.tokenizer, f"[eval] tokenizer = {suite.tokenizer}", trust_remote_code)
     first = suite.models[0].checkpoints[0]
     folder = resolve(first, weights=False)
-    if not _has_tokenizer(folder):
+    if not has_tokenizer_files(folder):
         raise TokendynError(
-            f'no tokenizer files in {_label(first)}; set [eval] tokenizer = "path or hub id" in the suite TOML'
+            f'no tokenizer files in {_label(first)}; set [eval] tokenizer = "path or hub id" in the suite TOML '
+            "(with --model: pass --tokenizer PATH_OR_HUB_ID)"
         )
     return _load_tokenizer(folder, _label(first), trust_remote_code)
 
@@ -325,7 +333,7 @@ def check_tokenizers(suite: Suite, trust_remote_code: bool = False) -> str:
     for model in suite.models:
         for ckpt in model.checkpoints:
             folder = resolve(ckpt, weights=False)
-            if _has_tokenizer(folder):
+            if has_tokenizer_files(folder):
                 digest = _files_digest([folder / name for name in TOKENIZER_FILES if (folder / name).is_file()])
                 if digest not in fingerprints:
                     fingerprints[digest] = tokenizer_fingerprint(

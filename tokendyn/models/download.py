@@ -43,7 +43,7 @@ class Revision:
     @property
     def weights_hash(self) -> str | None:
         """sha256 over weight-file names and their LFS sha256s (as `checkpoints.weights_fingerprint`)."""
-        weights = sorted(name for name in self.files if fnmatch.fnmatch(name, "*.safetensors"))
+        weights = sorted(name for name in self.files if _matches(name, checkpoints.SAFETENSORS_PATTERNS))
         if not weights or any(self.files[name][1] is None for name in weights):
             return None
         digest = hashlib.sha256()
@@ -71,10 +71,10 @@ def plan(suite: Suite, allow_pickle: bool = False, api: huggingface_hub.HfApi | 
             revision = Revision(ckpt)
             siblings = _siblings(api, ckpt)
             # as `checkpoints.resolve`: pickle weights only for a revision without safetensors
-            safetensors = any(fnmatch.fnmatch(sibling.rfilename, "*.safetensors") for sibling in siblings)
+            safetensors = any(_matches(sibling.rfilename, checkpoints.SAFETENSORS_PATTERNS) for sibling in siblings)
             wanted = patterns(allow_pickle and not safetensors)
             for sibling in siblings:
-                if any(fnmatch.fnmatch(sibling.rfilename, p) for p in wanted):
+                if _matches(sibling.rfilename, wanted):
                     sha = sibling.lfs.sha256 if sibling.lfs is not None else None
                     revision.files[sibling.rfilename] = (sibling.size or 0, sha)
                     cached = huggingface_hub.try_to_load_from_cache(
@@ -84,6 +84,10 @@ def plan(suite: Suite, allow_pickle: bool = False, api: huggingface_hub.HfApi | 
                         revision.cached.add(sibling.rfilename)
             revisions.append(revision)
     return revisions
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in patterns)
 
 
 def _siblings(api, ckpt: Checkpoint) -> list:

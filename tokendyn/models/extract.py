@@ -10,10 +10,12 @@ checkpoint's `done` flag is written last (see `tokendyn.store`).
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -133,11 +135,38 @@ def _hidden_and_head(model: torch.nn.Module, ids: torch.Tensor):
         ids = ids.pin_memory()  # lets the copy below overlap with queued GPU work
     ids = ids.to(model.device, non_blocking=True)
     config = model.config.get_text_config()
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
-        logits = model(input_ids=ids, use_cache=False).logits
-        return logits, lambda h: h
-    hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+    with _no_mask_warning():
+        if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_TRANSFORMS):
+            logits = model(input_ids=ids, use_cache=False).logits
+            return logits, lambda h: h
+        hidden = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
     return hidden, model.get_output_embeddings()
+
+
+# The warning transformers logs (modeling_utils' warn_if_padding_and_no_attention_mask, GPT-2 and other
+# models) when a pad id is the first or last input token and no attention mask is passed: every window of a
+# tokenizer whose pad id is its BOS or EOS (GPT-2's) starts with one. The mask is left out on purpose.
+MASK_WARNING = "We strongly recommend passing in an `attention_mask`"
+
+
+class _DropMaskWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(MASK_WARNING)
+
+
+@contextmanager
+def _no_mask_warning() -> Iterator[None]:
+    """Drop `MASK_WARNING` while tokendyn calls the model; everything else transformers logs goes through.
+
+    A filter on the one logger that emits it (`logging.Logger.addFilter`), removed again afterwards: a
+    program that uses tokendyn as a library keeps transformers' logging as it set it up."""
+    logger = logging.getLogger("transformers.modeling_utils")
+    drop = _DropMaskWarning()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def extract(
