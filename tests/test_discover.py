@@ -283,15 +283,20 @@ def test_a_model_without_a_step_beside_another_model_is_refused(tmp_path, capsys
     assert f"cannot tell the step of {final}" in captured.err and "{ step = N, path = ... }" in captured.err
     assert "suite written" not in captured.out and not (tmp_path / "two.suite.toml").exists()
     assert model_table(final, alone=True)["checkpoints"] == [{"step": 0, "path": final}]
+    save_checkpoint(tmp_path / "final" / "checkpoint-5", "opt", tokenizer, seed=2)  # a Trainer output_dir
+    with pytest.raises(
+        TokendynError, match=f"to score its checkpoint folders \\(checkpoint-5, ...\\), pass --model '{final}/\\*'$"
+    ):
+        model_table(final, alone=False)
 
 
-def trainer_run(root: Path, steps=(10, 20), tokenizer_in_run: bool = True) -> Path:
+def trainer_run(root: Path, steps=(10, 20), tokenizer_in_run: bool = True, vocab_size: int = 300) -> Path:
     """A Trainer output_dir without processing_class: checkpoint-N folders without tokenizer files;
     the tokenizer saved in the output_dir itself (tokenizer_in_run), or nowhere."""
     from conftest import build_tokenizer, save_checkpoint
     from tokendyn.config.discover import TOKENIZER_FILES
 
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(vocab_size=vocab_size)
     for index, step in enumerate(steps):
         folder = root / f"checkpoint-{step}"
         save_checkpoint(folder, "opt", tokenizer, seed=index)
@@ -318,6 +323,22 @@ def test_model_takes_the_tokenizer_of_the_run_folder(tmp_path, capsys, spec):
     assert main([*args, "--out", str(tmp_path / "s.zarr"), "-q"]) == 0
     assert f"suite written: {tmp_path / 's.suite.toml'} ([eval] tokenizer = {run}: " in capsys.readouterr().out
     assert tomllib.loads((tmp_path / "s.suite.toml").read_text())["eval"]["tokenizer"] == str(run)
+
+
+def test_runs_with_other_tokenizers_in_their_run_folders_are_refused(tmp_path, capsys):
+    """Two --model runs keep different tokenizers in their run folders: the second was scored with the first's
+    (its larger vocabulary passed the size check), so its numbers were wrong without a word."""
+    from conftest import SAMPLE_TEXT
+    from tokendyn.cli import main
+
+    trainer_run(tmp_path / "small", vocab_size=280)
+    big = trainer_run(tmp_path / "big")
+    (tmp_path / "valid.txt").write_text(SAMPLE_TEXT)
+    args = ["extract", "--model", str(tmp_path / "small"), "--model", str(big), "--text", str(tmp_path / "valid.txt")]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "s.zarr"), "-q"]) == 2
+    assert f"the tokenizer of {big} (the run folder of " in capsys.readouterr().err
+    assert not (tmp_path / "s.zarr").exists()
 
 
 def test_model_without_any_tokenizer_names_the_tokenizer_option(tmp_path, capsys):

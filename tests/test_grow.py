@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -152,7 +153,8 @@ def test_other_metrics_and_tokenizer_refused(folder, tmp_path):
 def test_a_scored_checkpoint_with_other_weights_is_refused(tmp_path, monkeypatch):
     """A run retrained into the same folders, or a stored step pointed at another run's checkpoint, would keep
     the old values under that step (was: silently, also when growing). A folder moved or copied with its
-    weights is accepted, and only a checkpoint at a new path or with newer weight files is hashed again."""
+    weights is accepted. File times cannot tell (`mv` and `cp -p` keep them): every scored local checkpoint
+    is hashed again."""
     write_suite(tmp_path, families=("opt",), steps=(0, 10, 20, 30))
     store = tmp_path / "s.zarr"
     extract(suite_toml(tmp_path, "first", opt_steps=(0, 10)), store, progress=False)
@@ -171,12 +173,15 @@ def test_a_scored_checkpoint_with_other_weights_is_refused(tmp_path, monkeypatch
         extract_module.checkpoints, "weights_fingerprint", lambda c, *a: hashed.append(c.step) or real(c, *a)
     )
     extract(moved((0, 10, 20)), store, progress=False)
-    assert hashed[0] == 10 and 0 not in hashed  # step 0 is where it was, its weights older than its hash
+    assert hashed[:2] == [0, 10]  # the scored ones, before anything is scored
     grown = xr.open_zarr(store)
     np.testing.assert_array_equal(grown["loss"].values[:, :2], before)
     assert str(grown["source"].values[0, 1]).endswith("moved/step10")
 
-    save_checkpoint(tmp_path / "moved" / "step10", "opt", build_tokenizer(), seed=99)  # retrained in place
+    save_checkpoint(tmp_path / "elsewhere" / "step10", "opt", build_tokenizer(), seed=99)  # another run's step 10,
+    os.utime(tmp_path / "elsewhere" / "step10" / "model.safetensors", (0, 0))  # its file times kept (cp -p)
+    shutil.rmtree(tmp_path / "moved" / "step10")
+    (tmp_path / "elsewhere" / "step10").rename(tmp_path / "moved" / "step10")  # swapped in by mv
     for steps in ((0, 10, 20), (0, 10, 20, 30)):  # up to date, and growing
         with pytest.raises(
             TokendynError, match=r"scored step 10 of model 'opt' from other weights than .*moved/step10"

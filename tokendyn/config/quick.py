@@ -53,13 +53,14 @@ def model_table(spec: str, alone: bool) -> dict:
         if not (folder / "config.json").is_file():
             return {"name": _name(folder), "checkpoints": {"glob": str(folder / "*")}}
         step = folder_step(folder)
+        inner = sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / "config.json").is_file())
         if step is None and not alone:
+            run = f"; to score its checkpoint folders ({inner[0]}, ...), pass --model '{folder}/*'" if inner else ""
             raise TokendynError(
                 f"--model {spec}: cannot tell the step of {folder} (no {TRAINER_STATE} with global_step, no "
                 "number in its name), and step 0 would make it the untrained model beside the other --model; "
-                "rename it with its step (checkpoint-N), or write a suite TOML with { step = N, path = ... }"
+                f"rename it with its step (checkpoint-N), or write a suite TOML with {{ step = N, path = ... }}{run}"
             )
-        inner = sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / "config.json").is_file())
         if inner:  # a Trainer output_dir holds the final model beside its checkpoint-* folders
             print(
                 f"tokendyn: scoring the model in {folder} alone; it also holds {len(inner)} checkpoint folders "

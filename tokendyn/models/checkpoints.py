@@ -322,8 +322,10 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 def check_tokenizers(suite: Suite, trust_remote_code: bool = False) -> str:
     """Check that every checkpoint shares the suite's tokenizer; return its fingerprint.
 
-    Checkpoints without tokenizer files are checked only for a vocabulary large enough for the
-    tokenizer. Tokenizers whose files are byte-identical are loaded once (Pythia has 154 copies).
+    A local checkpoint without tokenizer files is checked by its run folder's (the folder around it,
+    where a Trainer given no processing_class saves them) when that has them; every checkpoint by a
+    vocabulary large enough for the tokenizer. Tokenizers whose files are byte-identical are loaded
+    once (Pythia has 154 copies).
     """
     reference = load_tokenizer(suite, trust_remote_code)
     expected = tokenizer_fingerprint(reference)
@@ -333,15 +335,16 @@ def check_tokenizers(suite: Suite, trust_remote_code: bool = False) -> str:
     for model in suite.models:
         for ckpt in model.checkpoints:
             folder = resolve(ckpt, weights=False)
-            if has_tokenizer_files(folder):
-                digest = _files_digest([folder / name for name in TOKENIZER_FILES if (folder / name).is_file()])
+            own, label = folder, _label(ckpt)
+            if not has_tokenizer_files(folder) and ckpt.path is not None and has_tokenizer_files(folder.parent):
+                own, label = folder.parent, f"{folder.parent} (the run folder of {_label(ckpt)})"
+            if has_tokenizer_files(own):
+                digest = _files_digest([own / name for name in TOKENIZER_FILES if (own / name).is_file()])
                 if digest not in fingerprints:
-                    fingerprints[digest] = tokenizer_fingerprint(
-                        _load_tokenizer(folder, _label(ckpt), trust_remote_code)
-                    )
+                    fingerprints[digest] = tokenizer_fingerprint(_load_tokenizer(own, label, trust_remote_code))
                 if fingerprints[digest] != expected:
                     raise TokendynError(
-                        f"the tokenizer of {_label(ckpt)} differs from that of {reference_label}; "
+                        f"the tokenizer of {label} differs from that of {reference_label}; "
                         "all checkpoints of a suite must share one tokenizer: split the suite"
                     )
             vocab_size = _config_vocab_size(_require_config(ckpt, folder))
@@ -386,13 +389,9 @@ def weights_fingerprint(ckpt: Checkpoint, allow_pickle: bool = False) -> str:
     return _files_digest(_weights_to_load(ckpt, folder, allow_pickle=True))
 
 
-def weights_modified(ckpt: Checkpoint) -> float | None:
-    """The newest modification time of a local checkpoint's weight files (those `weights_fingerprint`
-    hashes); None for a hub checkpoint or a folder without weights."""
-    if ckpt.path is None:
-        return None
-    safetensors, pickled = weight_files(Path(ckpt.path))
-    return max((file.stat().st_mtime for file in safetensors or pickled), default=None)
+def has_weights(ckpt: Checkpoint) -> bool:
+    """Whether a local checkpoint folder still holds weight files (a hub checkpoint: True)."""
+    return ckpt.path is None or any(weight_files(Path(ckpt.path)))
 
 
 def weights_fingerprint_async(ckpt: Checkpoint, allow_pickle: bool = False) -> Future[str]:

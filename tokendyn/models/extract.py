@@ -246,7 +246,7 @@ def extract(
     summaries = {name: scored.summary(batch_tokens, batch_size) for name, scored in sets.items()}
     complete = not force and store.up_to_date(out, layout, sets)  # raises for a store of other models or text
     if not force:
-        _check_scored_weights(out, suite, allow_pickle)
+        _check_scored_weights(out, suite, allow_pickle, progress)
     if complete:
         return out  # nothing to write, so nothing written: a read-only store works
     if progress:
@@ -419,26 +419,23 @@ def _unscored(out: Path, suite: Suite) -> list[Checkpoint]:
     return [c for spec in suite.models for c in spec.checkpoints if (spec.name, float(c.step)) not in done]
 
 
-def _check_scored_weights(out: Path, suite: Suite, allow_pickle: bool) -> None:
+def _check_scored_weights(out: Path, suite: Suite, allow_pickle: bool, progress: bool) -> None:
     """Refuse a local checkpoint the store has scored whose weight files are no longer the ones scored
     (a run retrained into the same folder, a path now naming another run's checkpoint): the store would
-    keep values of other weights under its step. Only checkpoints at a new path, or with weight files
-    newer than their stored hash, are hashed again."""
-    scored = store.scored_weights(out)
-    for spec in suite.models:
-        for ckpt in spec.checkpoints:
-            source, stored_hash, written = scored.get((spec.name, float(ckpt.step)), ("", "", None))
-            if ckpt.path is None or not stored_hash:
-                continue
-            modified = checkpoints.weights_modified(ckpt)
-            if modified is None or (source == ckpt.source and written is not None and modified <= written):
-                continue  # no weights left to compare (the stored values stand), or none changed since
-            if checkpoints.weights_fingerprint(ckpt, allow_pickle) != stored_hash:
-                raise TokendynError(
-                    f"store {out} scored step {ckpt.step} of model '{spec.name}' from other weights than "
-                    f"{ckpt.source} holds now (weights hash {stored_hash[:12]}); rescore with --force, or "
-                    "write to a new --out"
-                )
+    keep values of other weights under its step. Every such checkpoint is hashed again (about a second
+    per GB): file times survive `mv` and `cp -p`, so they cannot tell. Hub revisions are named by their
+    commit and need no check."""
+    local = [(spec.name, ckpt) for spec in suite.models for ckpt in spec.checkpoints if ckpt.path is not None]
+    scored = store.scored_weights(out) if local else {}
+    local = [(name, ckpt) for name, ckpt in local if scored.get((name, float(ckpt.step)))]
+    for name, ckpt in tqdm(local, desc="checking scored weights", unit="ckpt", disable=not progress, leave=False):
+        stored_hash = scored[name, float(ckpt.step)]
+        if checkpoints.has_weights(ckpt) and checkpoints.weights_fingerprint(ckpt, allow_pickle) != stored_hash:
+            raise TokendynError(
+                f"store {out} scored step {ckpt.step} of model '{name}' from other weights than "
+                f"{ckpt.source} holds now (weights hash {stored_hash[:12]}); rescore with --force, or "
+                "write to a new --out"
+            )
 
 
 def scored_at(c: int, n: int, every: int) -> bool:

@@ -153,24 +153,15 @@ def write_zarr_json(file: Path, document: dict, indent: int | None | str = "zarr
     write_atomically(file, json.dumps(document, indent=indent, allow_nan=True))
 
 
-def scored_weights(path: Path) -> dict[tuple[str, float], tuple[str, str, float | None]]:
-    """{(model, step): (source, weights hash, when the hash was written)} for every checkpoint the main set
-    of the store at `path` has scored; empty without a readable store. The time is the modification time of
-    the hash's chunk, written when the checkpoint was committed."""
+def scored_weights(path: Path) -> dict[tuple[str, float], str]:
+    """{(model, step): weights hash} of every checkpoint the main set of the store at `path` has scored;
+    empty without a readable store."""
     try:
         root = zarr.open_group(path, mode="r")
-        done, step, model, source, hashes = (
-            np.asarray(root[name][:]) for name in ("done", "step", "model", "source", "weights_hash")
-        )
-        meta = json.loads((path / "weights_hash" / "zarr.json").read_text())
+        done, step, model, hashes = (np.asarray(root[name][:]) for name in ("done", "step", "model", "weights_hash"))
     except Exception:  # noqa: BLE001  (no store, a half-made one, or damage the writer mends)
         return {}
-    scored = {}
-    for m, c in zip(*np.nonzero(done)):
-        file = path / "weights_hash" / _chunks(meta, (int(m), int(c)))[0][0]
-        written = file.stat().st_mtime if file.is_file() else None
-        scored[str(model[m]), float(step[m, c])] = (str(source[m, c]), str(hashes[m, c]), written)
-    return scored
+    return {(str(model[m]), float(step[m, c])): str(hashes[m, c]) for m, c in zip(*np.nonzero(done))}
 
 
 def root_document(path: Path) -> dict:
