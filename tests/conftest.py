@@ -8,11 +8,14 @@ random-init configs saved as Hugging Face directories with safetensors.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# verified weight files are remembered per test session, not in the home folder (checkpoints.weights_match)
+os.environ["TOKENDYN_HASH_CACHE"] = os.path.join(tempfile.mkdtemp(prefix="tokendyn-hash-cache-"), "weights.json")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # --dtype auto runs bfloat16 on CPUs with native bfloat16 (some machines of the pool): the tests
 # compare scores with transformers' float32 numbers, so auto stands for float32 here, in every

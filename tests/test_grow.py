@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 
 import tokendyn.models.extract as extract_module
 from conftest import SAMPLE_TEXT, build_tokenizer, save_checkpoint, write_suite
@@ -153,8 +155,8 @@ def test_other_metrics_and_tokenizer_refused(folder, tmp_path):
 def test_a_scored_checkpoint_with_other_weights_is_refused(tmp_path, monkeypatch):
     """A run retrained into the same folders, or a stored step pointed at another run's checkpoint, would keep
     the old values under that step (was: silently, also when growing). A folder moved or copied with its
-    weights is accepted. File times cannot tell (`mv` and `cp -p` keep them): every scored local checkpoint
-    is hashed again."""
+    weights is accepted. File times cannot tell (`mv` and `cp -p` keep them): a scored checkpoint's files
+    are read again unless these very files (path, inode, times) were verified before."""
     write_suite(tmp_path, families=("opt",), steps=(0, 10, 20, 30))
     store = tmp_path / "s.zarr"
     extract(suite_toml(tmp_path, "first", opt_steps=(0, 10)), store, progress=False)
@@ -167,13 +169,18 @@ def test_a_scored_checkpoint_with_other_weights_is_refused(tmp_path, monkeypatch
         (tmp_path / "moved.toml").write_text(text.replace("ckpts/opt/step10", "moved/step10"))
         return tmp_path / "moved.toml"
 
-    hashed = []
-    real = extract_module.checkpoints.weights_fingerprint
+    read = []
+    real = extract_module.checkpoints._sha256
     monkeypatch.setattr(
-        extract_module.checkpoints, "weights_fingerprint", lambda c, *a: hashed.append(c.step) or real(c, *a)
+        extract_module.checkpoints,
+        "_sha256",
+        lambda file: (file.suffix == ".safetensors" and read.append(file.parent.name)) or real(file),
     )
     extract(moved((0, 10, 20)), store, progress=False)
-    assert hashed[:2] == [0, 10]  # the scored ones, before anything is scored
+    assert read == ["step10", "step20"]  # step 0's files were verified when scored; step 10 moved; 20 is new
+    read.clear()
+    extract(moved((0, 10, 20)), store, progress=False)
+    assert read == []  # verified already: nothing read again
     grown = xr.open_zarr(store)
     np.testing.assert_array_equal(grown["loss"].values[:, :2], before)
     assert str(grown["source"].values[0, 1]).endswith("moved/step10")
@@ -188,3 +195,37 @@ def test_a_scored_checkpoint_with_other_weights_is_refused(tmp_path, monkeypatch
         ):
             extract(moved(steps), store, progress=False)
     np.testing.assert_array_equal(xr.open_zarr(store)["loss"].values[:, :2], before)
+
+
+def test_hashes_of_earlier_versions_still_match(tmp_path):
+    """tokendyn before 2026-12-02 hashed every *.safetensors of a folder (also ones from_pretrained does not read):
+    such a store's checkpoints are still its own, not 'other weights'."""
+    write_suite(tmp_path, families=("opt",), steps=(0, 10))
+    store = tmp_path / "s.zarr"
+    extract(suite_toml(tmp_path, "first", opt_steps=(0, 10)), store, progress=False)
+    folder = tmp_path / "ckpts" / "opt" / "step10"
+    (folder / "consolidated.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    earlier = hashlib.sha256()
+    for name in ("consolidated.safetensors", "model.safetensors"):
+        earlier.update(f"{name}:{hashlib.sha256((folder / name).read_bytes()).hexdigest()}\n".encode())
+    zarr.open_group(store, mode="r+")["weights_hash"][0, 1] = earlier.hexdigest()
+    extract(suite_toml(tmp_path, "more", opt_steps=(0, 10)), store, progress=False)
+    zarr.open_group(store, mode="r+")["weights_hash"][0, 1] = "0" * 64
+    with pytest.raises(TokendynError, match="scored step 10 of model 'opt' from other weights"):
+        extract(suite_toml(tmp_path, "more", opt_steps=(0, 10)), store, progress=False)
+
+
+def test_a_scored_checkpoint_missing_a_shard_is_named_as_such(tmp_path):
+    """(was: 'scored from other weights; rescore with --force', which then failed on the missing file)"""
+    from transformers import AutoModelForCausalLM
+
+    write_suite(tmp_path, families=("opt",), steps=(0, 10))
+    folder = tmp_path / "ckpts" / "opt" / "step10"
+    AutoModelForCausalLM.from_pretrained(folder).save_pretrained(folder, max_shard_size="20KB")
+    (folder / "model.safetensors").unlink(missing_ok=True)
+    store = tmp_path / "s.zarr"
+    extract(suite_toml(tmp_path, "first", opt_steps=(0, 10)), store, progress=False)
+    shard = sorted(folder.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(TokendynError, match=f"^weight shard {shard.name} of .* is missing"):
+        extract(suite_toml(tmp_path, "first", opt_steps=(0, 10)), store, progress=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +34,7 @@ from transformers import (
 )
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
+from tokendyn.atomic import write_atomically
 from tokendyn.config.discover import TOKENIZER_FILES, has_tokenizer_files
 from tokendyn.config.suite import Checkpoint, Suite
 from tokendyn.errors import TokendynError
@@ -386,12 +388,85 @@ def weights_fingerprint(ckpt: Checkpoint, allow_pickle: bool = False) -> str:
     Equal fingerprints for two steps of a model mean the same weights were published twice.
     """
     folder = resolve(ckpt, weights=True, allow_pickle=allow_pickle)
-    return _files_digest(_weights_to_load(ckpt, folder, allow_pickle=True))
+    files = _weights_to_load(ckpt, folder, allow_pickle=True)
+    before = _stats(files)
+    digest = _files_digest(files)
+    if ckpt.path is not None:  # a later run's check (`weights_match`) need not read them again
+        _remember(files, before, digest)
+    return digest
 
 
 def has_weights(ckpt: Checkpoint) -> bool:
     """Whether a local checkpoint folder still holds weight files (a hub checkpoint: True)."""
     return ckpt.path is None or any(weight_files(Path(ckpt.path)))
+
+
+HASH_CACHE = "TOKENDYN_HASH_CACHE"  # environment variable: where `weights_match` remembers verified files
+HASH_CACHE_ENTRIES = 10_000
+IDENTITY_FIELDS = ("st_dev", "st_ino", "st_size", "st_mtime_ns", "st_ctime_ns")
+
+
+def weights_match(ckpt: Checkpoint, expected: str) -> bool:
+    """Whether a local checkpoint's weight files still hash to `expected` (a store's `weights_hash`).
+
+    Files whose identity (path, device, inode, size, modification and change time: a rewrite, a copy
+    and a swap each change one; the change time cannot be set back) hashed to `expected` before, here
+    or when they were scored (`weights_fingerprint`), are not read again: the identities are kept in
+    `$TOKENDYN_HASH_CACHE` (default ~/.cache/tokendyn/weights.json; losing it costs only a rehash). A
+    hash an earlier tokendyn took over every *.safetensors, or over pickle weights with *.pt, *.pth and
+    *.ckpt, also matches.
+    """
+    folder = Path(str(ckpt.path))
+    files = _weights_to_load(ckpt, folder, allow_pickle=True)
+    before = _stats(files)
+    if _identity(before, expected) in _read_hash_cache():
+        return True
+    if _files_digest(files) != expected and _files_digest(_earlier_weight_files(folder)) != expected:
+        return False
+    _remember(files, before, expected)
+    return True
+
+
+def _stats(files: list[Path]) -> list:
+    return [(str(f.absolute()), *(getattr(f.stat(), name) for name in IDENTITY_FIELDS)) for f in files]
+
+
+def _identity(stats: list, digest: str) -> str:
+    return hashlib.sha256(json.dumps([digest, stats]).encode()).hexdigest()
+
+
+def _remember(files: list[Path], before: list, digest: str) -> None:
+    """Record that the files with identities `before` hash to `digest`, if they did not change while read."""
+    if _stats(files) == before:
+        cache = _read_hash_cache()
+        cache[_identity(before, digest)] = True
+        _write_hash_cache(dict(list(cache.items())[-HASH_CACHE_ENTRIES:]))
+
+
+def _earlier_weight_files(folder: Path) -> list[Path]:
+    """The files tokendyn hashed before it took exactly what from_pretrained reads (2026-12-02)."""
+    pickled = {p for pattern in ("pytorch_model*.bin", "*.pt", "*.ckpt", "*.pth") for p in folder.glob(pattern)}
+    return sorted(folder.glob("*.safetensors")) or sorted(pickled)
+
+
+def _hash_cache_path() -> Path:
+    return Path(os.environ.get(HASH_CACHE, Path.home() / ".cache" / "tokendyn" / "weights.json"))
+
+
+def _read_hash_cache() -> dict[str, bool]:
+    try:
+        return dict(json.loads(_hash_cache_path().read_text()))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+def _write_hash_cache(cache: dict[str, bool]) -> None:
+    path = _hash_cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, json.dumps(cache))
+    except OSError:  # a read-only home: the next run hashes again
+        pass
 
 
 def weights_fingerprint_async(ckpt: Checkpoint, allow_pickle: bool = False) -> Future[str]:

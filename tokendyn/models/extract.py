@@ -158,8 +158,9 @@ class _DropMaskWarning(logging.Filter):
 def _no_mask_warning() -> Iterator[None]:
     """Drop `MASK_WARNING` while tokendyn calls the model; everything else transformers logs goes through.
 
-    A filter on the one logger that emits it (`logging.Logger.addFilter`), removed again afterwards: a
-    program that uses tokendyn as a library keeps transformers' logging as it set it up."""
+    A filter on the one logger that emits it (`logging.Logger.addFilter`), removed again afterwards.
+    transformers warns only once per process (`warning_once`), so after tokendyn has called a model, a
+    library user's own call without a mask does not warn either."""
     logger = logging.getLogger("transformers.modeling_utils")
     drop = _DropMaskWarning()
     logger.addFilter(drop)
@@ -246,7 +247,7 @@ def extract(
     summaries = {name: scored.summary(batch_tokens, batch_size) for name, scored in sets.items()}
     complete = not force and store.up_to_date(out, layout, sets)  # raises for a store of other models or text
     if not force:
-        _check_scored_weights(out, suite, allow_pickle, progress)
+        _check_scored_weights(out, suite, progress)
     if complete:
         return out  # nothing to write, so nothing written: a read-only store works
     if progress:
@@ -419,18 +420,21 @@ def _unscored(out: Path, suite: Suite) -> list[Checkpoint]:
     return [c for spec in suite.models for c in spec.checkpoints if (spec.name, float(c.step)) not in done]
 
 
-def _check_scored_weights(out: Path, suite: Suite, allow_pickle: bool, progress: bool) -> None:
+def _check_scored_weights(out: Path, suite: Suite, progress: bool) -> None:
     """Refuse a local checkpoint the store has scored whose weight files are no longer the ones scored
     (a run retrained into the same folder, a path now naming another run's checkpoint): the store would
-    keep values of other weights under its step. Every such checkpoint is hashed again (about a second
-    per GB): file times survive `mv` and `cp -p`, so they cannot tell. Hub revisions are named by their
-    commit and need no check."""
+    keep values of other weights under its step. File times cannot tell (`mv` and `cp -p` keep them):
+    each is hashed again unless `checkpoints.weights_match` verified these very files before. Hub
+    revisions are named by their commit and need no check."""
     local = [(spec.name, ckpt) for spec in suite.models for ckpt in spec.checkpoints if ckpt.path is not None]
     scored = store.scored_weights(out) if local else {}
     local = [(name, ckpt) for name, ckpt in local if scored.get((name, float(ckpt.step)))]
     for name, ckpt in tqdm(local, desc="checking scored weights", unit="ckpt", disable=not progress, leave=False):
+        if not checkpoints.has_weights(ckpt):
+            continue  # nothing left to compare: the stored values stand
+        checkpoints.check_local_weights(ckpt, allow_pickle=True)  # a missing shard is named as such
         stored_hash = scored[name, float(ckpt.step)]
-        if checkpoints.has_weights(ckpt) and checkpoints.weights_fingerprint(ckpt, allow_pickle) != stored_hash:
+        if not checkpoints.weights_match(ckpt, stored_hash):
             raise TokendynError(
                 f"store {out} scored step {ckpt.step} of model '{name}' from other weights than "
                 f"{ckpt.source} holds now (weights hash {stored_hash[:12]}); rescore with --force, or "
