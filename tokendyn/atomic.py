@@ -43,13 +43,7 @@ def create_atomically(target: Path, build: Callable[[Path], None]) -> bool:
     existing empty folder is replaced. Any failure removes the temporary folder and re-raises.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    remove_partials(target)
-    temporary = _partial(target)
-    try:
-        build(temporary)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+    temporary = _build_aside(target, build)
     try:
         os.rename(temporary, target)
     except OSError as err:
@@ -66,6 +60,15 @@ def replace_atomically(target: Path, build: Callable[[Path], None]) -> None:
     A kill between the two renames leaves no `target` (a rerun creates it) and the old one under a
     temporary name, which the next writer removes.
     """
+    temporary = _build_aside(target, build)
+    old = target.with_name(temporary.name + ".old")
+    os.rename(target, old)
+    os.rename(temporary, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _build_aside(target: Path, build: Callable[[Path], None]) -> Path:
+    """`build(folder)` under a temporary name beside `target`; the folder is removed again if it fails."""
     remove_partials(target)
     temporary = _partial(target)
     try:
@@ -73,10 +76,7 @@ def replace_atomically(target: Path, build: Callable[[Path], None]) -> None:
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
-    old = target.with_name(temporary.name + ".old")
-    os.rename(target, old)
-    os.rename(temporary, target)
-    shutil.rmtree(old, ignore_errors=True)
+    return temporary
 
 
 def remove_partials(target: Path) -> None:
