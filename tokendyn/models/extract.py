@@ -407,17 +407,9 @@ def _score_on_cluster(
 
 def _unscored(out: Path, suite: Suite) -> list[Checkpoint]:
     """The suite's checkpoints whose step the store at `out` has not scored in its main set (every one
-    without a store)."""
-    done = set()
-    try:  # the three arrays only: damage elsewhere is the repair's and the rescoring's to mend
-        root = open_group(out, mode="r")
-        flags, steps, models = (np.asarray(root[name][:]) for name in ("done", "step", "model"))
-    except Exception:  # noqa: BLE001  (no store, a half-made one, or damage the writer mends: check them all)
-        flags = None
-    if flags is not None:
-        for m, model in enumerate(models):
-            done |= {(str(model), float(step)) for step in steps[m][flags[m]]}
-    return [c for spec in suite.models for c in spec.checkpoints if (spec.name, float(c.step)) not in done]
+    without a readable store: damage elsewhere is the repair's and the rescoring's to mend)."""
+    scored = store.scored_weights(out)
+    return [c for spec in suite.models for c in spec.checkpoints if (spec.name, float(c.step)) not in scored]
 
 
 def _check_scored_weights(out: Path, suite: Suite, progress: bool) -> None:
