@@ -3,7 +3,7 @@
     python benchmarks/extract.py [--shape opt-125m] [--tokens 8192] [--seq-len 512] [--dtypes float32,bfloat16]
 
 For each dtype it prints tokens/s of
-  - tokendyn's scoring loop (batched forward, chunked float32 head),
+  - tokendyn's scoring loop (batched forward, linear layers packed for oneDNN on x86, chunked float32 head),
   - the naive loop most scripts use (one sequence at a time, `model(..., labels=)`),
   - the machine's bound: GEMM FLOP/s measured now / (2 x parameters) per token,
 and their ratios. Then the peak memory of `tokendyn extract` (a subprocess) at two corpus sizes,
@@ -13,6 +13,7 @@ and store bytes per token-checkpoint for float32 and float16 stores. Models are 
 from __future__ import annotations
 
 import argparse
+import copy
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from transformers import OPTConfig, OPTForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from tokendyn.models import onednn  # noqa: E402
 from tokendyn.models.extract import token_scores  # noqa: E402
 
 SHAPES = {
@@ -49,14 +51,23 @@ SHAPES = {
 
 
 def gemm_flops(dtype: torch.dtype, m: int, k: int, n: int, seconds: float = 3.0) -> float:
-    """Sustained matmul FLOP/s at the model's typical shape (tokens x hidden @ hidden x ffn)."""
+    """Sustained matmul FLOP/s at the model's typical shape (tokens x hidden @ hidden x ffn): the faster of
+    torch's matmul and oneDNN's linear with a packed weight (what tokendyn runs on x86 CPUs)."""
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    torch.matmul(a, b)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.matmul(a, b)
-        count += 1
-    return 2 * m * k * n * count / (time.perf_counter() - start)
+    kernels = [lambda: torch.matmul(a, b)]
+    if onednn.available() and dtype in onednn.DTYPES:
+        linear = torch.nn.Linear(k, n, bias=False, dtype=dtype).requires_grad_(False)
+        packed = onednn.PackedLinear(linear)
+        kernels.append(lambda: packed(a))
+    best = 0.0
+    for kernel in kernels:
+        kernel()
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            kernel()
+            count += 1
+        best = max(best, 2 * m * k * n * count / (time.perf_counter() - start))
+    return best
 
 
 def time_it(fn, repeats: int = 2) -> float:
@@ -79,10 +90,13 @@ def throughput(shape: str, dtype: torch.dtype, n_tokens: int, seq_len: int, batc
     score = torch.ones_like(ids, dtype=torch.bool)
     score[:, 0] = False
 
+    packed = copy.deepcopy(model)
+    onednn.pack_linear_layers(packed)  # as `tokendyn extract` loads a checkpoint
+
     def tokendyn_loop():
         with torch.inference_mode():
             for b in range(0, len(ids), batch):
-                token_scores(model, ids[b : b + batch], score[b : b + batch])
+                token_scores(packed, ids[b : b + batch], score[b : b + batch])
 
     def naive_loop():
         with torch.no_grad():
@@ -147,7 +161,8 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,bfloat16")
     args = parser.parse_args()
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    capability = torch.backends.cpu.get_cpu_capability()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability {capability}")
     for shape in dict.fromkeys([args.shape, "tiny"]):
         for name in args.dtypes.split(","):
             r = throughput(shape, getattr(torch, name), args.tokens, args.seq_len, args.batch_tokens)

@@ -18,7 +18,8 @@ each measure keeps its best, with the range of the scoring times beside it:
   - minicons: `IncrementalLMScorer.compute_stats` on the same windows (when installable),
   - a plain transformers loop: one window per forward pass, full logits, log_softmax, gather,
   - the GEMM bound: every linear layer and the head timed alone at (positions x in) @ (in x out),
-    the model's own shapes, in the run's dtype; a tool at 1.0 x bound spends its time only in those
+    the model's own shapes, in the run's dtype, by the faster of torch's linear and oneDNN's with a
+    packed weight (`tokendyn.models.onednn`, on x86 CPUs); a tool at 1.0 x bound spends its time only in those
     matrix products (attention's own products, norms and the softmax are extra work).
 
 lm-eval and minicons are not tokendyn dependencies: the benchmark runs every tool in a separate
@@ -308,6 +309,8 @@ def bound(args) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from tokendyn.models import onednn
+
     device, dtype = _device(), getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.dir, dtype=dtype)
     n_text = _n_tokens(args)
@@ -320,15 +323,20 @@ def bound(args) -> None:
     total = flops = 0.0
     for (n_in, n_out), count in shapes.items():
         x = torch.randn(positions, n_in, dtype=dtype, device=device)
-        w = torch.randn(n_out, n_in, dtype=dtype, device=device)
-        torch.nn.functional.linear(x[:64], w)  # warm-up (thread pool, allocator)
+        linear = torch.nn.Linear(n_in, n_out, bias=False, device=device, dtype=dtype).requires_grad_(False)
+        # The faster of torch's own linear and oneDNN's with a packed weight (what tokendyn runs on x86 CPUs).
+        kernels = [linear]
+        if device == "cpu" and onednn.available() and dtype in onednn.DTYPES:
+            kernels.append(onednn.PackedLinear(linear))
         best = math.inf
-        for _ in range(2 if n_in * n_out < 2**24 else 1):
-            _sync()
-            started = time.perf_counter()
-            torch.nn.functional.linear(x, w)
-            _sync()
-            best = min(best, time.perf_counter() - started)
+        for kernel in kernels:
+            kernel(x[:64])  # warm-up (thread pool, allocator)
+            for _ in range(2 if n_in * n_out < 2**24 else 1):
+                _sync()
+                started = time.perf_counter()
+                kernel(x)
+                _sync()
+                best = min(best, time.perf_counter() - started)
         total += count * best
         flops += count * 2 * positions * n_in * n_out
     _emit(positions=n_text, rate=positions / total, gflops=flops / total / 1e9)

@@ -1,6 +1,7 @@
 """The one scoring loop: every checkpoint of every model scores every evaluation set into the store.
 
-Per checkpoint: load the weights, run batched forward passes over the set's windows (see
+Per checkpoint: load the weights (on x86 CPUs with the linear layers packed for oneDNN,
+`tokendyn.models.onednn`), run batched forward passes over the set's windows (see
 `tokendyn.data.corpus`; batches group windows of similar length, `plan_batches`), and turn
 the final hidden states into per-token metrics a chunk of positions at a time (the LM head and a
 float32 log-softmax over `CHUNK_LOGITS` values at most), so memory does not grow with
@@ -30,7 +31,7 @@ from tokendyn import __version__, store
 from tokendyn.config.suite import Checkpoint, EvalSet, Suite, load_suite
 from tokendyn.data.corpus import DEFAULT_BATCH_TOKENS, PAD, ScoredSet, describe, plan_batches, tokenize_set
 from tokendyn.errors import TokendynError
-from tokendyn.models import checkpoints, gpu, hardware
+from tokendyn.models import checkpoints, gpu, hardware, onednn
 from tokendyn.models.fetch import Fetcher, cache_state
 from tokendyn.store.read import open_group
 
@@ -79,29 +80,41 @@ def token_scores(
         if buffers is None:
             logits = head(chunk).float()
         else:
-            products, logits = (buffer[: len(chunk)] for buffer in buffers)
-            torch.mm(chunk, head.weight.t(), out=products)
-            if logits is not products:
-                logits.copy_(products)  # a half-precision head: the log-softmax runs in float32
+            products, logits = (None if buffer is None else buffer[: len(chunk)] for buffer in buffers)
+            if products is None:
+                logits.copy_(head(chunk))  # a packed half-precision head allocates its product
+            else:
+                torch.mm(chunk, head.weight.t(), out=products)
+                if logits is not products:
+                    logits.copy_(products)  # a half-precision head: the log-softmax runs in float32
         for m, values in _chunk_metrics(logits, targets[start : start + rows], metrics).items():
             parts[m].append(values)
     return {m: torch.cat(parts[m]).cpu() for m in metrics}  # only the per-token results leave the device
 
 
-def _head_buffers(head, rows: int, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _head_buffers(head, rows: int, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """(products, logits): the (rows, vocab) buffers every chunk's head product and float32 logits are
-    written into, when the head is a plain linear layer in the hidden states' dtype (else None: the
+    written into, when the head is a bias-free linear layer in the hidden states' dtype (else None: the
     head allocates its output). In float32 both are one buffer; in half precision the product is
     written in that precision and copied into the float32 logits.
 
     On CPU a fresh 64 MiB tensor per chunk is a new memory map whose pages the kernel faults in and
     zeroes, twice per chunk (logits, then log-softmax): reusing one buffer made the head 20% faster.
+    A `onednn.PackedLinear` head (x86 CPUs) has no `out=`: it allocates its product (products is None).
+    In float32 that product is the logits (None is returned: the log-softmax runs in it, in place); in
+    bfloat16 it is copied into the reused float32 logits: the head took 21-29% less time than with a
+    fresh float32 copy per chunk.
     """
-    plain = isinstance(head, torch.nn.Linear) and head.bias is None
-    if not plain or head.weight.dtype != hidden.dtype or not hidden.dtype.is_floating_point:
+    if isinstance(head, onednn.PackedLinear):
+        weight_dtype, plain = head.packed.dtype, head.bias is None
+    else:
+        weight_dtype, plain = head.weight.dtype, isinstance(head, torch.nn.Linear) and head.bias is None
+    if not plain or weight_dtype != hidden.dtype or not hidden.dtype.is_floating_point:
         return None
     shape = (min(rows, len(hidden)), head.out_features)
     logits = torch.empty(shape, dtype=torch.float32, device=hidden.device)
+    if isinstance(head, onednn.PackedLinear):
+        return None if hidden.dtype == torch.float32 else (None, logits)
     if hidden.dtype == torch.float32:
         return logits, logits
     return torch.empty(shape, dtype=hidden.dtype, device=hidden.device), logits
@@ -549,6 +562,7 @@ def score_checkpoint(
     model = checkpoints.load_model(
         ckpt, device=device, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
     )
+    onednn.pack_linear_layers(model)  # on x86 CPUs: 7-16% faster linear layers (tokendyn.models.onednn)
     weights_hash = checkpoints.weights_fingerprint_async(ckpt, allow_pickle)  # overlaps with the scoring below
     store_dtype = root.attrs["store_dtype"]
     done, refused = [], {}

@@ -1,0 +1,95 @@
+"""oneDNN's packed linear layers: the same scores as transformers' own layers, and used by extract."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import tokendyn
+from conftest import save_checkpoint, write_suite
+from tokendyn.models import onednn
+from tokendyn.models.extract import extract, token_scores
+
+pytestmark = pytest.mark.skipif(not onednn.available(), reason="oneDNN's linear runs on x86 CPUs only")
+
+
+def _linears(model: torch.nn.Module) -> int:
+    return sum(type(module) is torch.nn.Linear for module in model.modules())
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt_neox", "llama"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_model_scores_as_the_plain_model(tokenizer, tmp_path, family, dtype):
+    plain = save_checkpoint(tmp_path, family, tokenizer, seed=7).to(dtype)
+    packed = copy.deepcopy(plain)
+    n_linear = _linears(plain)
+    assert onednn.pack_linear_layers(packed) == n_linear > 0
+    assert _linears(packed) == 0 and isinstance(packed.get_output_embeddings(), onednn.PackedLinear)
+    ids = torch.randint(0, len(tokenizer), (3, 20))
+    ids[2, 12:] = -1  # right padding
+    score = ids >= 0
+    score[:, 0] = False
+    with torch.inference_mode():
+        want = token_scores(plain, ids, score, ["loss", "entropy"])
+        got = token_scores(packed, ids, score, ["loss", "entropy"])
+        hidden = (m.base_model(input_ids=ids[:2]).last_hidden_state.float() for m in (plain, packed))
+        np.testing.assert_allclose(*hidden, atol=1e-5 if dtype == torch.float32 else 0.05)
+    tolerance = 1e-5 if dtype == torch.float32 else 0.02
+    for metric in want:
+        np.testing.assert_allclose(got[metric], want[metric], atol=tolerance)
+    # the tied input embedding keeps its weight; the packed head is a copy
+    assert packed.get_input_embeddings().weight.shape == (len(tokenizer), packed.config.hidden_size)
+
+
+def test_packed_head_buffers(tokenizer, tmp_path):
+    """A packed head has no `out=`: in float32 its product is the logits (no buffers); in bfloat16 the
+    product is copied into one reused float32 buffer."""
+    from tokendyn.models.extract import _head_buffers
+
+    model = save_checkpoint(tmp_path, "llama", tokenizer, seed=10)
+    onednn.pack_linear_layers(model)
+    head = model.get_output_embeddings()
+    assert _head_buffers(head, 4, torch.zeros(3, head.in_features)) is None
+    half = onednn.PackedLinear(torch.nn.Linear(head.in_features, head.out_features, bias=False, dtype=torch.bfloat16))
+    products, logits = _head_buffers(half, 4, torch.zeros(3, head.in_features, dtype=torch.bfloat16))
+    assert products is None and logits.dtype == torch.float32 and logits.shape == (3, head.out_features)
+    biased = onednn.PackedLinear(torch.nn.Linear(head.in_features, head.out_features, bias=True))
+    assert _head_buffers(biased, 4, torch.zeros(3, head.in_features)) is None
+
+
+def test_only_plain_linear_layers_in_supported_dtypes_are_packed(tokenizer, tmp_path):
+    class Adapter(torch.nn.Linear):
+        """A subclass with its own forward (as LoRA or quantized layers have): must keep it."""
+
+    model = save_checkpoint(tmp_path, "llama", tokenizer, seed=8)
+    layer = model.base_model.layers[0].mlp
+    layer.up_proj = Adapter(layer.up_proj.in_features, layer.up_proj.out_features, bias=False)
+    assert onednn.pack_linear_layers(model) == _linears(save_checkpoint(tmp_path / "b", "llama", tokenizer, 8)) - 1
+    assert type(layer.up_proj) is Adapter
+    half = save_checkpoint(tmp_path / "c", "llama", tokenizer, seed=8).to(torch.float16)
+    assert onednn.pack_linear_layers(half) == 0  # oneDNN's float16 needs AVX512-FP16: left to torch
+
+
+def test_nothing_is_packed_where_onednn_is_not_measured(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setattr(onednn.platform, "machine", lambda: "arm64")
+    model = save_checkpoint(tmp_path, "opt", tokenizer, seed=9)
+    n_linear = _linears(model)
+    assert onednn.pack_linear_layers(model) == 0 and _linears(model) == n_linear
+
+
+def test_extract_scores_through_packed_layers(tmp_path, monkeypatch):
+    """The CLI's scoring path packs the model: the packed forward runs, and the losses equal an
+    extraction with packing switched off."""
+    suite = write_suite(tmp_path, families=("llama",), steps=(0, 10))
+    calls = []
+    forward = onednn.PackedLinear.forward
+    monkeypatch.setattr(onednn.PackedLinear, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    extract(suite, tmp_path / "packed.zarr", progress=False)
+    assert calls
+    monkeypatch.setattr(onednn, "available", lambda: False)
+    extract(suite, tmp_path / "plain.zarr", progress=False)
+    packed, plain = (tokendyn.open_store(tmp_path / name).loss.values for name in ("packed.zarr", "plain.zarr"))
+    np.testing.assert_allclose(packed, plain, atol=1e-5)
