@@ -80,6 +80,16 @@ def test_nothing_is_packed_where_onednn_is_not_measured(tokenizer, tmp_path, mon
     assert onednn.pack_linear_layers(model) == 0 and _linears(model) == n_linear
 
 
+def test_a_model_too_large_for_the_available_ram_is_not_packed(tokenizer, tmp_path, monkeypatch):
+    model = save_checkpoint(tmp_path, "opt", tokenizer, seed=11)
+    n_linear = _linears(model)
+    weight_bytes = sum(m.weight.nbytes for m in model.modules() if type(m) is torch.nn.Linear)
+    monkeypatch.setattr(onednn.gpu, "free_memory", lambda device: (2 * weight_bytes - 1, "available RAM"))
+    assert onednn.pack_linear_layers(model) == 0 and _linears(model) == n_linear
+    monkeypatch.setattr(onednn.gpu, "free_memory", lambda device: (2 * weight_bytes, "available RAM"))
+    assert onednn.pack_linear_layers(model) == n_linear
+
+
 def test_extract_scores_through_packed_layers(tmp_path, monkeypatch):
     """The CLI's scoring path packs the model: the packed forward runs, and the losses equal an
     extraction with packing switched off."""

@@ -16,6 +16,8 @@ import platform
 
 import torch
 
+from tokendyn.models import gpu
+
 # Weight dtypes oneDNN's linear runs natively on x86 CPUs (float16 needs AVX512-FP16).
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -44,14 +46,21 @@ def pack_linear_layers(model: torch.nn.Module) -> int:
     place; returns how many were replaced (0 where oneDNN is not available or the model is elsewhere).
 
     Subclasses of `Linear` (quantized, adapters) keep their own forward. A tied head gets its own packed
-    copy; the input embedding keeps the original weight.
+    copy; the input embedding keeps the original weight. The packed weights are new memory, while the
+    originals may stay mapped from the checkpoint's file (clean pages the kernel can reclaim): a model
+    whose linear weights take more than half the available RAM is left unpacked.
     """
     if not available():
         return 0
-    replaced = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype in DTYPES:
-                setattr(module, name, PackedLinear(child))
-                replaced += 1
-    return replaced
+    layers = [
+        (module, name, child)
+        for module in model.modules()
+        for name, child in module.named_children()
+        if type(child) is torch.nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype in DTYPES
+    ]
+    weight_bytes = sum(child.weight.nbytes for _, _, child in layers)
+    if 2 * weight_bytes > gpu.free_memory("cpu")[0]:
+        return 0
+    for module, name, child in layers:
+        setattr(module, name, PackedLinear(child))
+    return len(layers)
