@@ -13,7 +13,7 @@ from conftest import SAMPLE_TEXT, write_suite
 from tokendyn.cli import main
 from tokendyn.data.corpus import plan_batches
 from tokendyn.errors import TokendynError
-from tokendyn.models import gpu
+from tokendyn.models import gpu, onednn
 from tokendyn.models.extract import extract
 
 
@@ -88,10 +88,11 @@ def test_batch_size_auto_follows_the_free_memory_and_scores_as_batch_size_1(tmp_
         np.testing.assert_allclose(ds.loss.values, reference.loss.values, rtol=1e-5, atol=1e-6)
         return json.loads(ds.attrs["summary"])["batch_size"], list(rows_seen)
 
-    # The sizing written out independently: 70% of the memory, less the weights (float32) and the head's
-    # 3 float32 copies of CHUNK_LOGITS logits, over 4 bytes x (6 x (hidden + intermediate) + hidden) per position.
+    # The sizing written out independently: 70% of the memory, less the weights (float32; twice on x86 CPUs,
+    # where the linear layers are also packed for oneDNN) and the head's 3 float32 copies of CHUNK_LOGITS
+    # logits, over 4 bytes x (6 x (hidden + intermediate) + hidden) per position.
     hidden, intermediate, window = 32, 64, 16
-    weights = 4 * int(reference.n_params.values[0])
+    weights = 4 * int(reference.n_params.values[0]) * (2 if onednn.available() else 1)
     per_window = window * 4 * (6 * (hidden + intermediate) + hidden)
     fixed = 3 * 4 * extract_module.CHUNK_LOGITS
     small = int(weights + (fixed + 3.5 * per_window) / 0.7)  # room for 3 windows

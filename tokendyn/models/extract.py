@@ -481,9 +481,10 @@ def auto_batch_size(
 
     The memory is the free memory of the CUDA device, else the available RAM (`gpu.free_memory`), split
     between the `workers` processes of a local cluster, less the weights of the model (n_params, one
-    per suite model, in `dtype`); the rule is `gpu.batch_tokens_for_memory`, the one that also lowers
-    every batch on CUDA (`_fit_device_memory`). The size is the smallest over the suite's models and
-    at most the number of windows of the largest set. Returns (size, one line saying why).
+    per suite model, in `dtype`; twice where they are packed for oneDNN, `onednn.weight_copies`); the
+    rule is `gpu.batch_tokens_for_memory`, the one that also lowers every batch on CUDA
+    (`_fit_device_memory`). The size is the smallest over the suite's models and at most the number of
+    windows of the largest set. Returns (size, one line saying why).
     """
     free, what = gpu.free_memory(device)
     share = free // max(1, workers or 1)
@@ -493,7 +494,7 @@ def auto_batch_size(
     size, limit = most, None
     for spec, params in zip(suite.models, n_params):
         config = checkpoints.load_config(spec.checkpoints[0], trust_remote_code)
-        room = share - int(params) * dtype_bytes
+        room = share - int(params) * dtype_bytes * onednn.weight_copies(device, dtype)
         fit = gpu.config_batch_tokens(config, room, dtype_bytes, window, most * window, CHUNK_LOGITS) // window
         if fit < size:
             size, limit = fit, spec.name

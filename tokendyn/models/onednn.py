@@ -41,6 +41,12 @@ def available() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
 
 
+def weight_copies(device: str, dtype: torch.dtype) -> int:
+    """How many copies of a model's weights scoring holds in memory on `device` in `dtype`: 2 where
+    `pack_linear_layers` may pack them (the packed copy beside the loaded weights), else 1."""
+    return 2 if torch.device(device).type == "cpu" and dtype in DTYPES and available() else 1
+
+
 def pack_linear_layers(model: torch.nn.Module) -> int:
     """Replace every plain `torch.nn.Linear` of a CPU model in float32 or bfloat16 by a `PackedLinear`, in
     place; returns how many were replaced (0 where oneDNN is not available or the model is elsewhere).
