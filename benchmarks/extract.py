@@ -55,7 +55,7 @@ def gemm_flops(dtype: torch.dtype, m: int, k: int, n: int, seconds: float = 3.0)
     torch's matmul and oneDNN's linear with a packed weight (what tokendyn runs on x86 CPUs)."""
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     kernels = [lambda: torch.matmul(a, b)]
-    if onednn.available() and dtype in onednn.DTYPES:
+    if onednn.supported(dtype):
         linear = torch.nn.Linear(k, n, bias=False, dtype=dtype).requires_grad_(False)
         packed = onednn.PackedLinear(linear)
         kernels.append(lambda: packed(a))

@@ -326,11 +326,11 @@ def bound(args) -> None:
         linear = torch.nn.Linear(n_in, n_out, bias=False, device=device, dtype=dtype).requires_grad_(False)
         # The faster of torch's own linear and oneDNN's with a packed weight (what tokendyn runs on x86 CPUs).
         kernels = [linear]
-        if device == "cpu" and onednn.available() and dtype in onednn.DTYPES:
+        if device == "cpu" and onednn.supported(dtype):
             kernels.append(onednn.PackedLinear(linear))
         best = math.inf
         for kernel in kernels:
-            kernel(x[:64])  # warm-up (thread pool, allocator)
+            kernel(x)  # warm-up at full size (thread pool, allocator, oneDNN primitive for this shape)
             for _ in range(2 if n_in * n_out < 2**24 else 1):
                 _sync()
                 started = time.perf_counter()

@@ -196,6 +196,35 @@ def test_head_with_bias_scores_through_the_model_head(tokenizer, tmp_path):
     np.testing.assert_allclose(loss, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("pack", [False, True])
+def test_softcapped_logits_equal_the_models_own(tokenizer, pack):
+    """Gemma 2 caps its logits after the head (final_logit_softcapping): scoring takes the model's own
+    logits, with and without the oneDNN-packed layers."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from tokendyn.models import onednn
+
+    config = Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=64, sliding_window=8, final_logit_softcapping=2.0,
+    )  # fmt: skip
+    torch.manual_seed(6)
+    model = Gemma2ForCausalLM(config).eval()
+    ids = torch.randint(0, len(tokenizer), (2, 12))
+    score = torch.ones_like(ids, dtype=torch.bool)
+    score[:, 0] = False
+    with torch.inference_mode():
+        logits = model(input_ids=ids[:, :-1]).logits.double()
+        assert logits.abs().max() < 2.0  # the cap is in force: scores from the bare head would differ
+        if pack and onednn.available():
+            assert onednn.pack_linear_layers(model) > 0
+        got = token_scores(model, ids, score, ["loss", "rank"])
+    logp = torch.log_softmax(logits, -1)
+    target = logp.gather(2, ids[:, 1:, None])
+    np.testing.assert_allclose(got["loss"], -target[..., 0].reshape(-1), atol=1e-5)
+    np.testing.assert_array_equal(got["rank"], (logp > target).sum(-1).reshape(-1).float())
+
+
 def test_bfloat16_head_reuses_its_buffers_and_equals_the_models_logits(tokenizer, tmp_path, monkeypatch):
     """In half precision the head's product goes to a reused bfloat16 buffer and is copied into
     float32 logits: the same numbers as the model's own (bfloat16) logits taken to float32."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,7 +24,16 @@ def _linears(model: torch.nn.Module) -> int:
 
 
 @pytest.mark.parametrize("family", ["opt", "gpt_neox", "llama"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float32,
+        pytest.param(
+            torch.bfloat16,
+            marks=pytest.mark.skipif(not onednn.supported(torch.bfloat16), reason="this CPU emulates bfloat16"),
+        ),
+    ],
+)
 def test_packed_model_scores_as_the_plain_model(tokenizer, tmp_path, family, dtype):
     plain = save_checkpoint(tmp_path, family, tokenizer, seed=7).to(dtype)
     packed = copy.deepcopy(plain)
@@ -71,6 +83,38 @@ def test_only_plain_linear_layers_in_supported_dtypes_are_packed(tokenizer, tmp_
     assert type(layer.up_proj) is Adapter
     half = save_checkpoint(tmp_path / "c", "llama", tokenizer, seed=8).to(torch.float16)
     assert onednn.pack_linear_layers(half) == 0  # oneDNN's float16 needs AVX512-FP16: left to torch
+
+
+def test_architectures_that_read_their_weights_are_not_packed(tokenizer):
+    """Mamba reads `dt_proj.weight` in its forward: its layers stay torch's, and it still scores."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    config = MambaConfig(vocab_size=len(tokenizer), hidden_size=16, state_size=4, num_hidden_layers=2)
+    model = MambaForCausalLM(config).eval()
+    n_linear = _linears(model)
+    assert config.model_type not in onednn.MODEL_TYPES and onednn.weight_copies("cpu", torch.float32, "mamba") == 1
+    assert onednn.pack_linear_layers(model) == 0 and _linears(model) == n_linear > 0
+    ids = torch.randint(0, len(tokenizer), (1, 8))
+    with torch.inference_mode():
+        assert torch.isfinite(token_scores(model, ids, ids >= 0)["loss"]).all()
+
+
+def test_bfloat16_is_not_packed_where_the_cpu_emulates_it(tmp_path):
+    """oneDNN limited to AVX2 (as on the pool's AVX2-only machines) cannot pack bfloat16 weights: those
+    stay torch's, float32 ones are packed."""
+    probe = (
+        "import torch\n"
+        "from tokendyn.models import onednn\n"
+        "from transformers import OPTConfig, OPTForCausalLM\n"
+        "config = OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, ffn_dim=32,"
+        " word_embed_proj_dim=16)\n"
+        "half = OPTForCausalLM(config).to(torch.bfloat16)\n"
+        "print(onednn.supported(torch.bfloat16), onednn.weight_copies('cpu', torch.bfloat16, 'opt'),"
+        " onednn.pack_linear_layers(half), onednn.pack_linear_layers(OPTForCausalLM(config)) > 0)\n"
+    )
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "1", "0", "True"]
 
 
 def test_nothing_is_packed_where_onednn_is_not_measured(tokenizer, tmp_path, monkeypatch):

@@ -4,10 +4,15 @@ On CPU `torch.nn.Linear` multiplies through MKL (float32) or oneDNN with the wei
 layout, on every call. oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, the kernel that
 torch.compile's inductor uses for frozen CPU models) takes a weight reordered once into its own
 blocked layout. Measured on SmolLM2-135M and Pythia-160M shapes (8 windows of 511, 2 threads): the
-forward pass plus head ran 14-16% faster in float32 on an AVX512 CPU, 7-14% with oneDNN and MKL
-limited to AVX2, and 3-5% in bfloat16; the hidden states agree to 1e-5 (docs/benchmarks.md,
-"Scoring"). Only scoring uses it (`tokendyn.models.extract`): one reorder per checkpoint pays off
-over thousands of positions, not over the one-token steps of generation.
+forward pass plus head ran 14-16% faster in float32 on an AVX512 CPU, 6-14% with oneDNN and MKL
+limited to AVX2 (float32), and 3-6% in bfloat16 on a CPU with native bfloat16; float32 hidden
+states agree to 1e-5 (docs/benchmarks.md, "Scoring"). Only scoring uses it
+(`tokendyn.models.extract`): one reorder per checkpoint pays off over thousands of positions, not
+over the one-token steps of generation.
+
+Packing is limited to the architectures in `MODEL_TYPES`, whose forward only calls their linear
+layers: some others read a layer's `.weight` inside the forward (Mamba's `dt_proj`, Falcon's
+`query_key_value`) or rescale it in place (RWKV), which a packed layer, having no `.weight`, breaks.
 """
 
 from __future__ import annotations
@@ -18,8 +23,19 @@ import torch
 
 from tokendyn.models import gpu
 
-# Weight dtypes oneDNN's linear runs natively on x86 CPUs (float16 needs AVX512-FP16).
+# Weight dtypes oneDNN's linear may run on x86 CPUs (float16 needs AVX512-FP16): bfloat16 only where
+# the CPU has native bfloat16 (`supported`).
 DTYPES = (torch.float32, torch.bfloat16)
+
+# `config.model_type` of the architectures whose modeling code (transformers 5) uses its `nn.Linear`
+# layers only by calling them; a model of any other type is scored with its own layers.
+MODEL_TYPES = frozenset(
+    {
+        "cohere", "gemma", "gemma2", "gemma3_text", "gpt_bigcode", "gpt_neox", "gptj", "granite", "llama",
+        "mistral", "mixtral", "olmo", "olmo2", "olmoe", "opt", "phi", "phi3", "qwen2", "qwen2_moe", "qwen3",
+        "qwen3_moe", "smollm3", "stablelm", "starcoder2",
+    }
+)  # fmt: skip
 
 
 class PackedLinear(torch.nn.Module):
@@ -41,28 +57,40 @@ def available() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
 
 
-def weight_copies(device: str, dtype: torch.dtype) -> int:
-    """How many copies of a model's weights scoring holds in memory on `device` in `dtype`: 2 where
-    `pack_linear_layers` may pack them (the packed copy beside the loaded weights), else 1."""
-    return 2 if torch.device(device).type == "cpu" and dtype in DTYPES and available() else 1
+def supported(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's linear runs weights of `dtype` on this CPU: float32 wherever it is `available`;
+    bfloat16 only with native bfloat16 (AVX512-BW/VL/DQ or AVX-NE-CONVERT; oneDNN refuses to pack it
+    on an AVX2-only CPU)."""
+    if dtype not in DTYPES or not available():
+        return False
+    return dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def weight_copies(device: str, dtype: torch.dtype, model_type: str) -> int:
+    """How many copies of a model's weights scoring may hold in memory on `device` in `dtype`: 2 where
+    `pack_linear_layers` may pack them (the packed copy beside the loaded weights; an upper bound, as
+    embeddings other than a tied head are not packed), else 1."""
+    packs = torch.device(device).type == "cpu" and model_type in MODEL_TYPES and supported(dtype)
+    return 2 if packs else 1
 
 
 def pack_linear_layers(model: torch.nn.Module) -> int:
-    """Replace every plain `torch.nn.Linear` of a CPU model in float32 or bfloat16 by a `PackedLinear`, in
-    place; returns how many were replaced (0 where oneDNN is not available or the model is elsewhere).
+    """Replace every plain `torch.nn.Linear` of a CPU model in a `supported` dtype by a `PackedLinear`, in
+    place; returns how many were replaced (0 where oneDNN is not available, the model is elsewhere or
+    its `config.model_type` is not in `MODEL_TYPES`).
 
     Subclasses of `Linear` (quantized, adapters) keep their own forward. A tied head gets its own packed
     copy; the input embedding keeps the original weight. The packed weights are new memory, while the
     originals may stay mapped from the checkpoint's file (clean pages the kernel can reclaim): a model
     whose linear weights take more than half the available RAM is left unpacked.
     """
-    if not available():
+    if not available() or getattr(getattr(model, "config", None), "model_type", None) not in MODEL_TYPES:
         return 0
     layers = [
         (module, name, child)
         for module in model.modules()
         for name, child in module.named_children()
-        if type(child) is torch.nn.Linear and child.weight.device.type == "cpu" and child.weight.dtype in DTYPES
+        if type(child) is torch.nn.Linear and child.weight.device.type == "cpu" and supported(child.weight.dtype)
     ]
     weight_bytes = sum(child.weight.nbytes for _, _, child in layers)
     if 2 * weight_bytes > gpu.free_memory("cpu")[0]:
