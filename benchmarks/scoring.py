@@ -20,7 +20,8 @@ each measure keeps its best, with the range of the scoring times beside it:
   - the GEMM bound: every linear layer and the head timed alone at (positions x in) @ (in x out),
     the model's own shapes, in the run's dtype, by the faster of torch's linear and oneDNN's with a
     packed weight (`tokendyn.models.onednn`, on x86 CPUs); a tool at 1.0 x bound spends its time only in those
-    matrix products (attention's own products, norms and the softmax are extra work).
+    matrix products (attention's own products, norms and the softmax are extra work). "x +attn" adds
+    attention's two products to the bound: batched matmuls at the model's head shapes, the causal half.
 
 lm-eval and minicons are not tokendyn dependencies: the benchmark runs every tool in a separate
 virtual environment, `benchmarks/.venv-bench` (created on first use from this machine's torch
@@ -152,11 +153,12 @@ def report(label: str, dtype: str, results: dict) -> None:
     bound = results["bound"]
     print(
         f"\n{label}, {dtype}: {bound['positions']} positions, GEMM bound {bound['rate']:.0f} tok/s "
-        f"({bound['gflops']:.1f} GFLOP/s at the model's shapes)"
+        f"({bound['gflops']:.1f} GFLOP/s at the model's shapes); {bound['rate_attention']:.0f} tok/s "
+        "with attention's two products too (x +attn)"
     )
     print(
         f"  {'tool':<10} {'tokens':>6} {'wall s':>7} {'start-up':>8} {'score s':>7} {'CPU s':>6} "
-        f"{'tok/s':>6} {'x bound':>7} {'sum NLL':>10}  score s, all rounds"
+        f"{'tok/s':>6} {'x bound':>7} {'x +attn':>7} {'sum NLL':>10}  score s, all rounds"
     )
     for tool in TOOLS[1:]:
         r = results[tool]
@@ -166,7 +168,8 @@ def report(label: str, dtype: str, results: dict) -> None:
         rate = r["tokens"] / r["score"]
         print(
             f"  {tool:<10} {r['tokens']:>6} {r['wall']:>7.1f} {r['startup']:>8.1f} {r['score']:>7.1f} "
-            f"{r['cpu']:>6.1f} {rate:>6.0f} {rate / bound['rate']:>7.2f} {r['nll']:>10.2f}  {r['range']}"
+            f"{r['cpu']:>6.1f} {rate:>6.0f} {rate / bound['rate']:>7.2f} {rate / bound['rate_attention']:>7.2f} "
+            f"{r['nll']:>10.2f}  {r['range']}"
         )
     ours = results["tokendyn"]
     for tool in ("lm-eval", "minicons", "loop"):
@@ -339,7 +342,37 @@ def bound(args) -> None:
                 best = min(best, time.perf_counter() - started)
         total += count * best
         flops += count * 2 * positions * n_in * n_out
-    _emit(positions=n_text, rate=positions / total, gflops=flops / total / 1e9)
+    _emit(
+        positions=n_text,
+        rate=positions / total,
+        gflops=flops / total / 1e9,
+        rate_attention=positions / (total + _attention_seconds(model.config, positions, args.window, dtype)),
+    )
+
+
+def _attention_seconds(config, positions: int, window: int, dtype) -> float:
+    """Seconds of attention's two products (scores q @ k^T, then scores @ v) over all layers for one batch
+    of `positions` in windows of `window`, at the best batched-matmul rate of their shapes and for the
+    causal half only (the half a causal kernel needs)."""
+    import torch
+
+    device, windows = _device(), max(1, positions // window)
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    q = torch.randn(windows * heads, window, head_dim, dtype=dtype, device=device)
+    scores = torch.randn(windows * heads, window, window, dtype=dtype, device=device)
+    seconds = 0.0
+    for product in (lambda: torch.bmm(q, q.transpose(1, 2)), lambda: torch.bmm(scores, q)):
+        product()  # warm-up
+        best = float("inf")
+        for _ in range(3):
+            _sync()
+            started = time.perf_counter()
+            product()
+            _sync()
+            best = min(best, time.perf_counter() - started)
+        seconds += best / 2
+    return config.num_hidden_layers * seconds
 
 
 def _n_tokens(args) -> int:
