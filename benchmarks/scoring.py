@@ -372,7 +372,7 @@ def _attention_seconds(config, positions: int, window: int, dtype) -> float:
             _sync()
             best = min(best, time.perf_counter() - started)
         seconds += best / 2
-    return config.num_hidden_layers * seconds
+    return config.num_hidden_layers * seconds * positions / (windows * window)  # a partial window: its share
 
 
 def _n_tokens(args) -> int:

@@ -93,7 +93,7 @@ def test_batch_size_auto_follows_the_free_memory_and_scores_as_batch_size_1(tmp_
     # where the linear layers are also packed for oneDNN) and the head's 3 float32 copies of CHUNK_LOGITS
     # logits, over 4 bytes x (6 x (hidden + intermediate) + hidden) per position.
     hidden, intermediate, window = 32, 64, 16
-    weights = 4 * int(reference.n_params.values[0]) * (2 if onednn.supported(torch.float32) else 1)
+    weights = 4 * int(reference.n_params.values[0]) * onednn.weight_copies("cpu", torch.float32, "gpt_neox")
     per_window = window * 4 * (6 * (hidden + intermediate) + hidden)
     fixed = 3 * 4 * extract_module.CHUNK_LOGITS
     small = int(weights + (fixed + 3.5 * per_window) / 0.7)  # room for 3 windows

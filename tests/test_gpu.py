@@ -51,7 +51,18 @@ def test_cuda_batch_tokens_reads_free_memory(monkeypatch, tokenizer, tmp_path):
 
 def test_fused_head_off_on_cpu(tokenizer, tmp_path):
     model = save_checkpoint(tmp_path, "llama", tokenizer, seed=0)
-    assert not gpu.fused_head_available(model, torch.zeros(2, model.config.hidden_size))
+    assert not gpu.fused_head_available(model.get_output_embeddings(), torch.zeros(2, model.config.hidden_size))
+
+
+def test_fused_head_only_for_a_plain_linear_head(monkeypatch, tokenizer, tmp_path):
+    """On CUDA in half precision with cut-cross-entropy installed the fused head applies to a linear head,
+    not where the model's logits are transformed after it (Gemma 2's softcap: `hidden` are the logits)."""
+    monkeypatch.setattr(gpu.importlib.util, "find_spec", lambda name: object())
+    head = save_checkpoint(tmp_path, "llama", tokenizer, seed=0).to(torch.bfloat16).get_output_embeddings()
+    hidden = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)  # no CUDA here
+    assert gpu.fused_head_available(head, hidden)
+    assert not gpu.fused_head_available(lambda logits: logits, hidden)
+    assert not gpu.fused_head_available(head, types.SimpleNamespace(device=torch.device("cpu"), dtype=torch.bfloat16))
 
 
 def test_fused_head_wiring_gives_the_chunked_losses(monkeypatch, tokenizer, tmp_path):
@@ -71,7 +82,7 @@ def test_fused_head_wiring_gives_the_chunked_losses(monkeypatch, tokenizer, tmp_
     score = ids >= 0
     with torch.inference_mode():
         chunked = token_scores(model, ids, score)["loss"]
-        monkeypatch.setattr(gpu, "fused_head_available", lambda model, hidden: True)
+        monkeypatch.setattr(gpu, "fused_head_available", lambda head, hidden: True)
         fused = token_scores(model, ids, score)["loss"]
     assert fused.shape == chunked.shape == (int(score[:, 1:].sum()),)
     torch.testing.assert_close(fused, chunked, rtol=1e-5, atol=1e-5)

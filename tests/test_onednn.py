@@ -65,13 +65,14 @@ def test_packed_head_buffers(tokenizer, tmp_path):
     onednn.pack_linear_layers(model)
     head = model.get_output_embeddings()
     assert _head_buffers(head, 4, torch.zeros(3, head.in_features)) is None
-    biased = onednn.PackedLinear(torch.nn.Linear(head.in_features, head.out_features, bias=True))
-    assert _head_buffers(biased, 4, torch.zeros(3, head.in_features)) is None
     if not onednn.supported(torch.bfloat16):
         return  # oneDNN cannot pack bfloat16 on this CPU
+    hidden = torch.zeros(3, head.in_features, dtype=torch.bfloat16)
     half = onednn.PackedLinear(torch.nn.Linear(head.in_features, head.out_features, bias=False, dtype=torch.bfloat16))
-    products, logits = _head_buffers(half, 4, torch.zeros(3, head.in_features, dtype=torch.bfloat16))
+    products, logits = _head_buffers(half, 4, hidden)
     assert products is None and logits.dtype == torch.float32 and logits.shape == (3, head.out_features)
+    biased = onednn.PackedLinear(torch.nn.Linear(head.in_features, head.out_features, dtype=torch.bfloat16))
+    assert _head_buffers(biased, 4, hidden) is None  # the bias is added by the layer: no reused buffer
 
 
 def test_only_plain_linear_layers_in_supported_dtypes_are_packed(tokenizer, tmp_path):
@@ -117,6 +118,16 @@ def test_bfloat16_is_not_packed_where_the_cpu_emulates_it(tmp_path):
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "1", "0", "True"]
+
+
+def test_remote_code_is_not_packed(tokenizer, tmp_path):
+    """A model class from outside transformers (--trust-remote-code) may read its weights in its forward,
+    whatever its config's model_type says."""
+    model = save_checkpoint(tmp_path, "llama", tokenizer, seed=12)
+    remote = type("RemoteLlama", (type(model),), {"__module__": "transformers_modules.someone.modeling"})
+    model.__class__ = remote
+    n_linear = _linears(model)
+    assert onednn.pack_linear_layers(model) == 0 and _linears(model) == n_linear
 
 
 def test_nothing_is_packed_where_onednn_is_not_measured(tokenizer, tmp_path, monkeypatch):

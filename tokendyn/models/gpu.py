@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from transformers import PretrainedConfig
 
 # Share of the free device memory a batch may use: the rest absorbs allocator fragmentation and
@@ -94,9 +96,9 @@ def free_memory(device: str) -> tuple[int, str]:
     return psutil.virtual_memory().available, "available RAM"
 
 
-def fused_head_available(model: torch.nn.Module, hidden: torch.Tensor) -> bool:
-    """True when `fused_head_loss` applies: cut-cross-entropy installed, CUDA, half precision, a plain linear head."""
-    head = model.get_output_embeddings()
+def fused_head_available(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor) -> bool:
+    """True when `fused_head_loss` applies: cut-cross-entropy installed, CUDA, half precision, and `head`
+    (what maps `hidden` to logits) a plain linear layer; not when `hidden` are already the logits."""
     return (
         hidden.device.type == "cuda"
         and hidden.dtype in (torch.float16, torch.bfloat16)
@@ -106,7 +108,7 @@ def fused_head_available(model: torch.nn.Module, hidden: torch.Tensor) -> bool:
     )
 
 
-def fused_head_loss(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def fused_head_loss(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-position NLL (nats) of `targets` given final hidden states (n, hidden), head and loss fused.
 
     `cut_cross_entropy.linear_cross_entropy` computes log-sum-exp of hidden @ head.T block by block
@@ -115,5 +117,4 @@ def fused_head_loss(model: torch.nn.Module, hidden: torch.Tensor, targets: torch
     """
     from cut_cross_entropy import linear_cross_entropy
 
-    head = model.get_output_embeddings()
     return linear_cross_entropy(hidden, head.weight, targets, bias=head.bias, reduction="none")

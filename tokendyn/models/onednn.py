@@ -27,8 +27,9 @@ from tokendyn.models import gpu
 # the CPU has native bfloat16 (`supported`).
 DTYPES = (torch.float32, torch.bfloat16)
 
-# `config.model_type` of the architectures whose modeling code (transformers 5) uses its `nn.Linear`
-# layers only by calling them; a model of any other type is scored with its own layers.
+# `config.model_type` of the architectures whose modeling code in transformers (read in 5.24) uses its
+# `nn.Linear` layers only by calling them; any other model, and any model whose class comes from
+# outside transformers (--trust-remote-code), is scored with its own layers.
 MODEL_TYPES = frozenset(
     {
         "cohere", "gemma", "gemma2", "gemma3_text", "gpt_bigcode", "gpt_neox", "gptj", "granite", "llama",
@@ -77,14 +78,15 @@ def weight_copies(device: str, dtype: torch.dtype, model_type: str) -> int:
 def pack_linear_layers(model: torch.nn.Module) -> int:
     """Replace every plain `torch.nn.Linear` of a CPU model in a `supported` dtype by a `PackedLinear`, in
     place; returns how many were replaced (0 where oneDNN is not available, the model is elsewhere or
-    its `config.model_type` is not in `MODEL_TYPES`).
+    its class is not transformers' own for a `config.model_type` in `MODEL_TYPES`).
 
     Subclasses of `Linear` (quantized, adapters) keep their own forward. A tied head gets its own packed
     copy; the input embedding keeps the original weight. The packed weights are new memory, while the
     originals may stay mapped from the checkpoint's file (clean pages the kernel can reclaim): a model
     whose linear weights take more than half the available RAM is left unpacked.
     """
-    if not available() or getattr(getattr(model, "config", None), "model_type", None) not in MODEL_TYPES:
+    audited = type(model).__module__.startswith("transformers.models.")  # not remote code
+    if not available() or not audited or getattr(getattr(model, "config", None), "model_type", None) not in MODEL_TYPES:
         return 0
     layers = [
         (module, name, child)
