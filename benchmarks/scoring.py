@@ -1,6 +1,7 @@
 """Scoring speed on real model shapes: tokendyn vs lm-eval, minicons, a plain loop and the GEMM bound, in one run.
 
     python benchmarks/scoring.py [--tokens 4096] [--window 512] [--models llama,neox] [--dtypes float32] [--rounds 1]
+                                [--inductor]
 
 Random-init models with the configs of SmolLM2-135M (Llama) and Pythia-160M (GPT-NeoX), written
 here (no hub access), score the same ~`--tokens` tokens of real English text (this repository's
@@ -21,7 +22,12 @@ each measure keeps its best, with the range of the scoring times beside it:
     the model's own shapes, in the run's dtype, by the faster of torch's linear and oneDNN's with a
     packed weight (`tokendyn.models.onednn`, on x86 CPUs); a tool at 1.0 x bound spends its time only in those
     matrix products (attention's own products, norms and the softmax are extra work). "x +attn" adds
-    attention's two products to the bound: batched matmuls at the model's head shapes, the causal half.
+    attention's two products to the bound: batched matmuls at the model's head shapes, the causal half,
+  - with --inductor, tokendyn's scoring with the model body compiled by torch.compile's inductor with
+    freezing (weights folded in as constants, element-wise ops fused, linear layers packed): the
+    compile is start-up, scoring is the compiled forward plus tokendyn's head. Not a tokendyn option:
+    it answers whether compiling would bring scoring nearer the bound, at the price of one compile
+    per checkpoint (freezing folds that checkpoint's weights in).
 
 lm-eval and minicons are not tokendyn dependencies: the benchmark runs every tool in a separate
 virtual environment, `benchmarks/.venv-bench` (created on first use from this machine's torch
@@ -78,6 +84,7 @@ CONFIGS = {
     ),
 }
 TOOLS = ("bound", "tokendyn", "lm-eval", "minicons", "loop")
+INDUCTOR = "inductor"  # opt-in: --inductor
 
 
 # --- the driver: a separate environment, one fresh process per tool ----------------------------------
@@ -123,13 +130,18 @@ def run_tool(python: Path, tool: str, args, model_dir: Path) -> dict:
     return {**result, "wall": wall - result.pop("checks", 0.0), "cpu": usage.ru_utime + usage.ru_stime}
 
 
+def tools(args) -> tuple[str, ...]:
+    return (*TOOLS, INDUCTOR) if args.inductor else TOOLS
+
+
 def best_of_rounds(python: Path, args, model_dir: Path) -> dict:
     """Each tool's best over `args.rounds` rounds, each measure on its own: the shortest wall, scoring
     and start-up times and the highest bound, with the range of the scoring times. Each round starts
     one tool later in the list, so no tool always runs first or right after the same other tool."""
-    runs: dict[str, list[dict]] = {tool: [] for tool in TOOLS}
+    order = tools(args)
+    runs: dict[str, list[dict]] = {tool: [] for tool in order}
     for r in range(args.rounds):
-        for tool in TOOLS[r % len(TOOLS) :] + TOOLS[: r % len(TOOLS)]:
+        for tool in order[r % len(order) :] + order[: r % len(order)]:
             runs[tool].append(run_tool(python, tool, args, model_dir))
     best = {}
     for tool, results in runs.items():
@@ -149,7 +161,7 @@ def best_of_rounds(python: Path, args, model_dir: Path) -> dict:
     return best
 
 
-def report(label: str, dtype: str, results: dict) -> None:
+def report(label: str, dtype: str, results: dict, args) -> None:
     bound = results["bound"]
     print(
         f"\n{label}, {dtype}: {bound['positions']} positions, GEMM bound {bound['rate']:.0f} tok/s "
@@ -160,7 +172,7 @@ def report(label: str, dtype: str, results: dict) -> None:
         f"  {'tool':<10} {'tokens':>6} {'wall s':>7} {'start-up':>8} {'score s':>7} {'CPU s':>6} "
         f"{'tok/s':>6} {'x bound':>7} {'x +attn':>7} {'sum NLL':>10}  score s, all rounds"
     )
-    for tool in TOOLS[1:]:
+    for tool in tools(args)[1:]:
         r = results[tool]
         if "skipped" in r:
             print(f"  {tool:<10} skipped: {r['skipped']}")
@@ -172,7 +184,7 @@ def report(label: str, dtype: str, results: dict) -> None:
             f"{r['nll']:>10.2f}  {r['range']}"
         )
     ours = results["tokendyn"]
-    for tool in ("lm-eval", "minicons", "loop"):
+    for tool in ("lm-eval", "minicons", "loop", *tools(args)[len(TOOLS) :]):
         other = results[tool]
         if "skipped" not in other and "skipped" not in ours:
             print(
@@ -196,8 +208,14 @@ def main() -> None:
         default=1,
         help="run every tool this many times, in a rotated order each round, and keep each measure's best",
     )
+    parser.add_argument(
+        "--inductor",
+        action="store_true",
+        help="also time tokendyn's scoring with the model compiled by inductor with freezing (about a minute of "
+        "compiling per model and dtype on 2 cores)",
+    )
     parser.add_argument("--venv", type=Path, default=VENV)
-    parser.add_argument("--worker", choices=(*TOOLS, "prepare"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=(*TOOLS, INDUCTOR, "prepare"), help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -242,7 +260,7 @@ def main() -> None:
                 args.dtype = dtype
                 results = best_of_rounds(python, args, Path(tmp) / key)
                 mark = " (auto's choice)" if dtype == facts["auto"] else " (not auto's choice here)"
-                report(CONFIGS[key][0], dtype + mark, results)
+                report(CONFIGS[key][0], dtype + mark, results, args)
 
 
 # --- workers: each runs inside the benchmark environment ---------------------------------------------
@@ -491,6 +509,39 @@ def loop(args) -> None:
     _emit(tokens=n, score=time.perf_counter() - started, nll=nll)
 
 
+def inductor(args) -> None:
+    """tokendyn's `token_scores` on lm-eval's windows with the model body compiled by inductor with freezing;
+    the first call (which compiles) is start-up."""
+    import torch
+    import torch._inductor.config
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tokendyn.models import extract
+
+    torch._inductor.config.freezing = True
+    model = AutoModelForCausalLM.from_pretrained(args.dir, dtype=getattr(torch, args.dtype)).to(_device()).eval()
+    setattr(model, model.base_model_prefix, torch.compile(model.base_model, dynamic=False))
+    windows = _windows(AutoTokenizer.from_pretrained(args.dir), args.window)
+    per_batch = max(1, args.batch_tokens // (args.window + 1))
+    batches = []
+    for b in range(0, len(windows), per_batch):
+        part = windows[b : b + per_batch]
+        ids = torch.full((len(part), args.window + 1), -1, dtype=torch.long)  # one width: no recompiles
+        score = torch.zeros(ids.shape, dtype=torch.bool)
+        for row, (window, scored) in enumerate(part):
+            ids[row, : len(window)] = torch.tensor(window)
+            score[row, len(window) - scored : len(window)] = True
+        batches.append((ids, score))
+    for ids, score in {ids.shape[0]: (ids, score) for ids, score in batches}.values():
+        extract.token_scores(model, ids, score)  # compiles, once per batch height
+    started, nll, n = time.perf_counter(), 0.0, 0
+    for ids, score in batches:
+        loss = extract.token_scores(model, ids, score)["loss"]
+        nll, n = nll + float(loss.double().sum()), n + len(loss)
+    _sync()
+    _emit(tokens=n, score=time.perf_counter() - started, nll=nll)
+
+
 def minicons(args) -> None:
     """minicons' IncrementalLMScorer on the same windows (their text; it re-tokenizes)."""
     import torch
@@ -517,6 +568,7 @@ WORKERS = {
     "lm-eval": lm_eval,
     "minicons": minicons,
     "loop": loop,
+    INDUCTOR: inductor,
 }
 
 if __name__ == "__main__":
