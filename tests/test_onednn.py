@@ -40,6 +40,8 @@ def test_packed_model_scores_as_the_plain_model(tokenizer, tmp_path, family, dty
     n_linear = _linears(plain)
     assert onednn.pack_linear_layers(packed) == n_linear > 0
     assert _linears(packed) == 0 and isinstance(packed.get_output_embeddings(), onednn.PackedLinear)
+    post_ops = {m.post_op for m in packed.modules() if isinstance(m, onednn.PackedLinear)} - {("none", "")}
+    assert post_ops == {"opt": {("relu", "")}, "gpt_neox": {("gelu", "none")}, "llama": set()}[family]
     ids = torch.randint(0, len(tokenizer), (3, 20))
     ids[2, 12:] = -1  # right padding
     score = ids >= 0
@@ -54,6 +56,27 @@ def test_packed_model_scores_as_the_plain_model(tokenizer, tmp_path, family, dty
         np.testing.assert_allclose(got[metric], want[metric], atol=tolerance)
     # the tied input embedding keeps its weight; the packed head is a copy
     assert packed.get_input_embeddings().weight.shape == (len(tokenizer), packed.config.hidden_size)
+
+
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu_pytorch_tanh", "gelu", "gelu_python", "silu"])
+def test_activations_fused_into_packed_layers_match_the_plain_model(activation):
+    """GPT-J's MLP with each kind of GELU (tanh approximation in Python or C, exact in C or Python), and
+    one oneDNN has no post-op for here (SiLU), which stays a module."""
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    config = GPTJConfig(vocab_size=97, n_embd=32, n_layer=2, n_head=2, rotary_dim=8, activation_function=activation)
+    torch.manual_seed(4)
+    plain = GPTJForCausalLM(config).eval()
+    for layer in plain.transformer.h:  # pre-activations of order 1, where the GELU variants differ by ~1e-3
+        torch.nn.init.normal_(layer.mlp.fc_in.weight, std=0.3)
+    packed = copy.deepcopy(plain)
+    onednn.pack_linear_layers(packed)
+    fused = [type(layer.mlp.act) is torch.nn.Identity for layer in packed.transformer.h]
+    assert fused == [activation != "silu"] * 2
+    ids = torch.randint(0, 97, (2, 30))
+    with torch.inference_mode():
+        want, got = (m.transformer(input_ids=ids).last_hidden_state for m in (plain, packed))
+    np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_packed_head_buffers(tokenizer, tmp_path):
