@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+import torch.nn.functional as F
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 import tokendyn
 from conftest import save_checkpoint, write_suite
@@ -33,6 +35,16 @@ def _count_delegations(monkeypatch) -> list[int]:
     return calls
 
 
+def _count_blocks(monkeypatch) -> list[int]:
+    """A list that grows by one at every block of queries `query_blocks_attention` gives torch's kernel."""
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        attention, "F", SimpleNamespace(scaled_dot_product_attention=lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    )
+    return calls
+
+
 @pytest.mark.parametrize("length", [65, 200, 512])
 @pytest.mark.parametrize("kv_heads", [3, 9])
 def test_query_blocks_equal_textbook_causal_attention(length, kv_heads):
@@ -48,16 +60,18 @@ def test_query_blocks_equal_textbook_causal_attention(length, kv_heads):
 
 @pytest.mark.parametrize(
     "case",
-    ["mask", "too long", "one block", "not causal", "cached keys", "position bias"],
+    ["mask", "too long", "one block", "not causal", "cached keys", "position bias", "grouped, torch < 2.5"],
 )
 def test_everything_but_plain_causal_self_attention_goes_to_sdpa(case, monkeypatch):
     sdpa = attention.sdpa_attention_forward
     calls = _count_delegations(monkeypatch)
+    monkeypatch.setattr(attention, "GROUPED_HEADS", case != "grouped, torch < 2.5")
     length = {"too long": attention.KEY_BLOCK + 1, "one block": attention.BLOCK}.get(case, 100)
-    query = torch.randn(1, 2, length, 8)
+    query = torch.randn(1, 2 * (1 + case.startswith("grouped")), length, 8)
     key = torch.randn(1, 2, length + (case == "cached keys"), 8)
     module = torch.nn.Module()
     module.is_causal = case != "not causal"
+    module.num_key_value_groups = query.shape[1] // key.shape[1]  # read by sdpa where it repeats key heads
     mask = torch.ones(length, key.shape[2], dtype=torch.bool).tril(key.shape[2] - length) if case == "mask" else None
     bias = torch.zeros(1, 2, length, key.shape[2]) if case == "position bias" else None
     got, _ = attention.query_blocks_attention(module, query, key, key, mask, position_bias=bias)
@@ -109,13 +123,53 @@ def test_grouped_query_model_scores_as_with_sdpa(monkeypatch):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_models_it_does_not_serve_are_left_alone(tokenizer, tmp_path):
+def test_ungrouped_heads_on_old_torch_still_run_the_blocks(monkeypatch):
+    """Without `enable_gqa` (torch < 2.5) only grouped heads go to sdpa; plain heads never pass it."""
+    monkeypatch.setattr(attention, "GROUPED_HEADS", False)
+    delegated, blocks = _count_delegations(monkeypatch), _count_blocks(monkeypatch)
+    query, key = torch.randn(1, 2, 100, 8), torch.randn(1, 2, 100, 8)
+    got, _ = attention.query_blocks_attention(torch.nn.Module(), query, key, key, None, scaling=0.5)
+    assert delegated == [] and len(blocks) == 2
+    np.testing.assert_allclose(got.double(), _causal_attention(query, key, key, 0.5), atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [8, 4096])
+def test_sliding_window_masks_go_to_sdpa(window, monkeypatch):
+    """A Mistral whose sliding window is shorter than the 20-position windows gets a mask and keeps sdpa's
+    path; one whose window covers them gets no mask and runs the blocks. Both score as with sdpa."""
+    monkeypatch.setattr(attention, "BLOCK", 4)
+    config = MistralConfig(
+        vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=48, max_position_embeddings=64, sliding_window=window,
+    )  # fmt: skip
+    torch.manual_seed(6)
+    plain = MistralForCausalLM(config).eval()
+    blocks = copy.deepcopy(plain)
+    assert attention.use_query_blocks(blocks)
+    ids = torch.randint(0, 97, (2, 20))
+    score = torch.ones_like(ids, dtype=torch.bool)
+    score[:, 0] = False
+    with torch.inference_mode():
+        want = token_scores(plain, ids, score)["loss"]
+        delegated = _count_delegations(monkeypatch)
+        got = token_scores(blocks, ids, score)["loss"]
+    assert len(delegated) == (2 if window < 20 else 0)  # one call per layer
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_models_it_does_not_serve_are_left_alone(tokenizer, tmp_path, monkeypatch):
     eager = save_checkpoint(tmp_path / "a", "llama", tokenizer, seed=1)
     eager.set_attn_implementation("eager")
     assert not attention.use_query_blocks(eager) and eager.config._attn_implementation == "eager"
     remote = save_checkpoint(tmp_path / "b", "llama", tokenizer, seed=1)
     remote.__class__ = type("RemoteLlama", (type(remote),), {"__module__": "transformers_modules.someone.modeling"})
     assert not attention.use_query_blocks(remote) and remote.config._attn_implementation == "sdpa"
+    unaudited = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    assert unaudited.config.model_type not in attention.MODEL_TYPES
+    assert not attention.use_query_blocks(unaudited) and unaudited.config._attn_implementation == "sdpa"
+    refuses = save_checkpoint(tmp_path / "c", "llama", tokenizer, seed=1)
+    monkeypatch.setattr(refuses, "set_attn_implementation", lambda name: None)  # a switch that did nothing
+    assert not attention.use_query_blocks(refuses) and refuses.config._attn_implementation == "sdpa"
 
 
 def test_extract_scores_through_query_blocks(tmp_path, monkeypatch):
@@ -126,9 +180,12 @@ def test_extract_scores_through_query_blocks(tmp_path, monkeypatch):
     switched = []
     use = attention.use_query_blocks
     monkeypatch.setattr(attention, "use_query_blocks", lambda model: switched.append(use(model)) or switched[-1])
+    delegated, blocks = _count_delegations(monkeypatch), _count_blocks(monkeypatch)
     extract(suite, tmp_path / "blocks.zarr", progress=False)
-    assert switched == [True, True]
+    assert switched == [True, True] and delegated == [] and blocks
     monkeypatch.setattr(attention, "use_query_blocks", lambda model: False)
+    blocks.clear()
     extract(suite, tmp_path / "sdpa.zarr", progress=False)
+    assert blocks == []
     blocks, sdpa = (tokendyn.open_store(tmp_path / name).loss.values for name in ("blocks.zarr", "sdpa.zarr"))
     np.testing.assert_allclose(blocks, sdpa, atol=1e-5)

@@ -79,6 +79,35 @@ def test_activations_fused_into_packed_layers_match_the_plain_model(activation):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("model_type", ["phi", "gpt_bigcode", "starcoder2"])
+def test_other_activated_mlps_fuse_and_match_the_plain_model(model_type):
+    """The `onednn.ACTIVATED` entries no other test builds: each MLP's activation moves into its packed
+    first layer, and the hidden states stay those of the plain model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = {
+        "phi": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+        "gpt_bigcode": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64),
+        "starcoder2": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2),
+    }[model_type]  # fmt: skip
+    torch.manual_seed(8)
+    plain = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, vocab_size=97, **sizes)).eval()
+    cls, linear, act = onednn.ACTIVATED[model_type]
+    mlps = [m for m in plain.modules() if type(m).__name__ == cls]
+    assert len(mlps) == 2
+    for mlp in mlps:  # pre-activations of order 1, where a wrong GELU variant would show
+        torch.nn.init.normal_(getattr(mlp, linear).weight, std=0.3)
+    packed = copy.deepcopy(plain)
+    onednn.pack_linear_layers(packed)
+    for mlp in (m for m in packed.modules() if type(m).__name__ == cls):
+        assert type(getattr(mlp, act)) is torch.nn.Identity and getattr(mlp, linear).post_op[0] == "gelu"
+    ids = torch.randint(0, 97, (2, 30))
+    with torch.inference_mode():
+        want, got = (m.base_model(input_ids=ids).last_hidden_state for m in (plain, packed))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_packed_head_buffers(tokenizer, tmp_path):
     """A packed head has no `out=`: in float32 its product is the logits (no buffers); in bfloat16 the
     product is copied into one reused float32 buffer."""

@@ -8,12 +8,14 @@ time with only the keys up to the block's end, and a boolean mask for the diagon
 past the diagonal shrinks to one block. Measured on the SmolLM2-135M and Pythia-160M shapes (8
 windows of 512, 2 threads, AVX512): attention 21-38% faster in float32 and bfloat16, the forward plus
 head 6-8% faster on the Llama shape and 2% on the NeoX shape; per-token losses agree with sdpa's to
-3e-6 (docs/benchmarks.md, "Causal attention in blocks of queries"). Longer windows gain nothing (the
-kernel then skips key blocks itself), so they keep the kernel's own path.
+3e-6 (docs/benchmarks.md, "Causal attention in blocks of queries"). Longer windows (measured at 768-2048)
+gain nothing, as the kernel then skips key blocks itself, so they keep the kernel's own path.
 
-`use_query_blocks` installs it as a transformers attention implementation (`NAME`). Every call that
-is not plain causal self-attention on CPU (a mask, a key/value cache, a position bias, softcapping,
-dropout, other devices, longer windows) goes to transformers' own `sdpa` unchanged.
+`use_query_blocks` installs it as a transformers attention implementation (`NAME`) for the
+architectures in `MODEL_TYPES`. Every call that is not plain causal self-attention on CPU goes to
+transformers' own `sdpa` unchanged: a mask (padding, sliding windows), more keys than queries (a
+key/value cache from earlier calls), a position bias, softcapping, dropout, other devices, windows
+of one block or longer than `KEY_BLOCK`, and grouped heads on torch < 2.5 (no `enable_gqa`).
 """
 
 from __future__ import annotations
@@ -23,10 +25,18 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.utils import is_torch_greater_or_equal
+
+from tokendyn.models import onednn
 
 NAME = "tokendyn_query_blocks"
 BLOCK = 64  # queries per call: 64 was fastest of 32-256 on both shapes, in float32 and bfloat16
 KEY_BLOCK = 512  # torch 2.13's CPU flash kernel's key block (kvSplitSize) for sequences of this length or more
+# The architectures whose modeling code (transformers 5.25) calls the attention function that
+# `config._attn_implementation` names and never branches on that name: the ones onednn packs. Others
+# (sparse-attention models, gemma4, ...) treat "sdpa" specially and must keep it.
+MODEL_TYPES = onednn.MODEL_TYPES
+GROUPED_HEADS = is_torch_greater_or_equal("2.5")  # scaled_dot_product_attention(enable_gqa=) exists
 
 
 def query_blocks_attention(
@@ -43,6 +53,7 @@ def query_blocks_attention(
     """transformers' attention-function signature: query (batch, heads, seq, dim), key and value
     (batch, kv_heads, seq, dim); returns (batch, seq, heads, dim) as transformers' `sdpa` does."""
     length = query.shape[2]
+    grouped = key.shape[1] != query.shape[1]
     plain = (
         query.device.type == "cpu"
         and attention_mask is None
@@ -52,6 +63,7 @@ def query_blocks_attention(
         and BLOCK < length <= KEY_BLOCK
         and kwargs.get("position_bias") is None
         and kwargs.get("softcap") is None
+        and (GROUPED_HEADS or not grouped)
     )
     if not plain:
         return sdpa_attention_forward(
@@ -59,14 +71,14 @@ def query_blocks_attention(
         )
     batch, heads, _, dim = query.shape
     out = torch.empty(batch, length, heads, value.shape[-1], dtype=query.dtype, device=query.device)
-    grouped = key.shape[1] != heads
+    gqa = {"enable_gqa": True} if grouped else {}
     for start in range(0, length, BLOCK):
         end = min(start + BLOCK, length)
         # query start + r sees keys 0 .. start + r
         mask = torch.ones(end - start, end, dtype=torch.bool).tril(start)
         keys, values = key[:, :, :end], value[:, :, :end]
         block = F.scaled_dot_product_attention(
-            query[:, :, start:end], keys, values, attn_mask=mask, scale=scaling, enable_gqa=grouped
+            query[:, :, start:end], keys, values, attn_mask=mask, scale=scaling, **gqa
         )
         out[:, start:end] = block.transpose(1, 2)
     return out, None
@@ -74,14 +86,17 @@ def query_blocks_attention(
 
 def use_query_blocks(model: torch.nn.Module) -> bool:
     """Switch a CPU model that runs transformers' `sdpa` attention to `query_blocks_attention`, in place;
-    returns whether it did. Models on other devices, with another attention implementation, or whose
-    class is not transformers' own (remote code) are left as they are."""
+    returns whether it did. Models on other devices, with another attention implementation, of an
+    architecture outside `MODEL_TYPES`, or whose class is not transformers' own (remote code) are left
+    as they are."""
     config = getattr(model, "config", None)
-    audited = type(model).__module__.startswith("transformers.models.")
+    audited = type(model).__module__.startswith("transformers.models.") and (
+        getattr(config, "model_type", None) in MODEL_TYPES
+    )
     on_cpu = next(model.parameters()).device.type == "cpu"
     if not audited or not on_cpu or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
     AttentionInterface.register(NAME, query_blocks_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)  # the same masks, so no mask where sdpa has none
     model.set_attn_implementation(NAME)
-    return True
+    return config._attn_implementation == NAME

@@ -567,7 +567,7 @@ def score_checkpoint(
         ckpt, device=device, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
     )
     onednn.pack_linear_layers(model)  # on x86 CPUs: forward plus head 3-16% faster (tokendyn.models.onednn)
-    attention.use_query_blocks(model)  # on CPU, windows of <= 512: 2-8% faster (tokendyn.models.attention)
+    attention.use_query_blocks(model)  # on CPU, windows of 65-512: 2-8% faster (tokendyn.models.attention)
     weights_hash = checkpoints.weights_fingerprint_async(ckpt, allow_pickle)  # overlaps with the scoring below
     store_dtype = root.attrs["store_dtype"]
     done, refused = [], {}

@@ -25,7 +25,7 @@ from __future__ import annotations
 import platform
 
 import torch
-from transformers.activations import GELUActivation, GELUTanh, NewGELUActivation
+from transformers import activations
 
 from tokendyn.models import gpu
 
@@ -54,12 +54,13 @@ ACTIVATED = {
     "phi": ("PhiMLP", "fc1", "activation_fn"),
     "starcoder2": ("Starcoder2MLP", "c_fc", "act"),
 }
-# transformers' activation modules -> oneDNN's post-op and its algorithm. GELUTanh and NewGELU are one
-# formula, GELU's tanh approximation; GELUActivation is the exact (erf) GELU in C or in Python.
+# transformers' activation modules -> oneDNN's post-op and its algorithm. GELUTanh (PytorchGELUTanh in
+# older transformers) and NewGELU are one formula, GELU's tanh approximation; GELUActivation is the exact
+# (erf) GELU in C or in Python.
 POST_OPS = {
-    GELUActivation: ("gelu", "none"),
-    GELUTanh: ("gelu", "tanh"),
-    NewGELUActivation: ("gelu", "tanh"),
+    activations.GELUActivation: ("gelu", "none"),
+    getattr(activations, "GELUTanh", None) or activations.PytorchGELUTanh: ("gelu", "tanh"),
+    activations.NewGELUActivation: ("gelu", "tanh"),
     torch.nn.ReLU: ("relu", ""),
 }
 
