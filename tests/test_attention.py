@@ -45,6 +45,21 @@ def _count_blocks(monkeypatch) -> list[int]:
     return calls
 
 
+def _losses_with_sdpa_and_blocks(model, width: int, monkeypatch):
+    """(losses with sdpa, losses with the query blocks, calls the blocks handed to sdpa) of `model` on
+    two random windows of `width` tokens."""
+    blocks = copy.deepcopy(model)
+    assert attention.use_query_blocks(blocks)
+    ids = torch.randint(0, model.config.vocab_size, (2, width))
+    score = torch.ones_like(ids, dtype=torch.bool)
+    score[:, 0] = False
+    with torch.inference_mode():
+        want = token_scores(model, ids, score)["loss"]
+        delegated = _count_delegations(monkeypatch)
+        got = token_scores(blocks, ids, score)["loss"]
+    return want, got, delegated
+
+
 @pytest.mark.parametrize("length", [65, 200, 512])
 @pytest.mark.parametrize("kv_heads", [3, 9])
 def test_query_blocks_equal_textbook_causal_attention(length, kv_heads):
@@ -110,15 +125,7 @@ def test_grouped_query_model_scores_as_with_sdpa(monkeypatch):
         intermediate_size=48, max_position_embeddings=256,
     )  # fmt: skip
     torch.manual_seed(5)
-    plain = LlamaForCausalLM(config).eval()
-    blocks = copy.deepcopy(plain)
-    assert attention.use_query_blocks(blocks)
-    ids = torch.randint(0, 97, (2, 151))
-    score = torch.ones_like(ids, dtype=torch.bool)
-    score[:, 0] = False
-    delegated = _count_delegations(monkeypatch)
-    with torch.inference_mode():
-        want, got = (token_scores(m, ids, score)["loss"] for m in (plain, blocks))
+    want, got, delegated = _losses_with_sdpa_and_blocks(LlamaForCausalLM(config).eval(), 151, monkeypatch)
     assert delegated == []
     np.testing.assert_allclose(got, want, atol=1e-5)
 
@@ -143,16 +150,7 @@ def test_sliding_window_masks_go_to_sdpa(window, monkeypatch):
         intermediate_size=48, max_position_embeddings=64, sliding_window=window,
     )  # fmt: skip
     torch.manual_seed(6)
-    plain = MistralForCausalLM(config).eval()
-    blocks = copy.deepcopy(plain)
-    assert attention.use_query_blocks(blocks)
-    ids = torch.randint(0, 97, (2, 20))
-    score = torch.ones_like(ids, dtype=torch.bool)
-    score[:, 0] = False
-    with torch.inference_mode():
-        want = token_scores(plain, ids, score)["loss"]
-        delegated = _count_delegations(monkeypatch)
-        got = token_scores(blocks, ids, score)["loss"]
+    want, got, delegated = _losses_with_sdpa_and_blocks(MistralForCausalLM(config).eval(), 20, monkeypatch)
     assert len(delegated) == (2 if window < 20 else 0)  # one call per layer
     np.testing.assert_allclose(got, want, atol=1e-5)
 
