@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import tokendyn
 from conftest import save_checkpoint, write_suite
-from tokendyn.models import attention
+from tokendyn.models import attention, onednn
 from tokendyn.models.extract import extract, token_scores
 
 
@@ -163,7 +163,7 @@ def test_models_it_does_not_serve_are_left_alone(tokenizer, tmp_path, monkeypatc
     remote.__class__ = type("RemoteLlama", (type(remote),), {"__module__": "transformers_modules.someone.modeling"})
     assert not attention.use_query_blocks(remote) and remote.config._attn_implementation == "sdpa"
     unaudited = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=32))
-    assert unaudited.config.model_type not in attention.MODEL_TYPES
+    assert unaudited.config.model_type not in onednn.MODEL_TYPES
     assert not attention.use_query_blocks(unaudited) and unaudited.config._attn_implementation == "sdpa"
     refuses = save_checkpoint(tmp_path / "c", "llama", tokenizer, seed=1)
     monkeypatch.setattr(refuses, "set_attn_implementation", lambda name: None)  # a switch that did nothing

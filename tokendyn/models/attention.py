@@ -12,7 +12,8 @@ head 6-8% faster on the Llama shape and 2% on the NeoX shape; per-token losses a
 gain nothing, as the kernel then skips key blocks itself, so they keep the kernel's own path.
 
 `use_query_blocks` installs it as a transformers attention implementation (`NAME`) for the
-architectures in `MODEL_TYPES`. Every call that is not plain causal self-attention on CPU goes to
+architectures in `onednn.MODEL_TYPES`; others (sparse-attention models, gemma4, ...) branch on the
+name "sdpa" and keep it. Every call that is not plain causal self-attention on CPU goes to
 transformers' own `sdpa` unchanged: a mask (padding, sliding windows), more keys than queries (a
 key/value cache from earlier calls), a position bias, softcapping, dropout, other devices, windows
 of one block or longer than `KEY_BLOCK`, and grouped heads on torch < 2.5 (no `enable_gqa`).
@@ -32,10 +33,6 @@ from tokendyn.models import onednn
 NAME = "tokendyn_query_blocks"
 BLOCK = 64  # queries per call: 64 was fastest of 32-256 on both shapes, in float32 and bfloat16
 KEY_BLOCK = 512  # torch 2.13's CPU flash kernel's key block (kvSplitSize) for sequences of this length or more
-# The architectures whose modeling code (transformers 5.25) calls the attention function that
-# `config._attn_implementation` names and never branches on that name: the ones onednn packs. Others
-# (sparse-attention models, gemma4, ...) treat "sdpa" specially and must keep it.
-MODEL_TYPES = onednn.MODEL_TYPES
 GROUPED_HEADS = is_torch_greater_or_equal("2.5")  # scaled_dot_product_attention(enable_gqa=) exists
 
 
@@ -86,15 +83,11 @@ def query_blocks_attention(
 
 def use_query_blocks(model: torch.nn.Module) -> bool:
     """Switch a CPU model that runs transformers' `sdpa` attention to `query_blocks_attention`, in place;
-    returns whether it did. Models on other devices, with another attention implementation, of an
-    architecture outside `MODEL_TYPES`, or whose class is not transformers' own (remote code) are left
-    as they are."""
+    returns whether it did. Models on other devices, with another attention implementation, or not
+    `onednn.audited` (an architecture outside `onednn.MODEL_TYPES`, remote code) are left as they are."""
     config = getattr(model, "config", None)
-    audited = type(model).__module__.startswith("transformers.models.") and (
-        getattr(config, "model_type", None) in MODEL_TYPES
-    )
     on_cpu = next(model.parameters()).device.type == "cpu"
-    if not audited or not on_cpu or getattr(config, "_attn_implementation", None) != "sdpa":
+    if not onednn.audited(model) or not on_cpu or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
     AttentionInterface.register(NAME, query_blocks_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)  # the same masks, so no mask where sdpa has none

@@ -34,8 +34,10 @@ from tokendyn.models import gpu
 DTYPES = (torch.float32, torch.bfloat16)
 
 # `config.model_type` of the architectures whose modeling code in transformers (read in 5.24) uses its
-# `nn.Linear` layers only by calling them; any other model, and any model whose class comes from
-# outside transformers (--trust-remote-code), is scored with its own layers.
+# `nn.Linear` layers only by calling them and (read in 5.25) calls the attention function that
+# `config._attn_implementation` names without branching on that name (`tokendyn.models.attention`).
+# Any other model, and any model whose class comes from outside transformers (--trust-remote-code),
+# is scored with its own layers and transformers' own attention (`audited`).
 MODEL_TYPES = frozenset(
     {
         "cohere", "gemma", "gemma2", "gemma3_text", "gpt_bigcode", "gpt_neox", "gptj", "granite", "llama",
@@ -95,6 +97,12 @@ def supported(dtype: torch.dtype) -> bool:
     return dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def audited(model: torch.nn.Module) -> bool:
+    """Whether `model`'s class is transformers' own (not remote code) for a `config.model_type` in `MODEL_TYPES`."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return type(model).__module__.startswith("transformers.models.") and model_type in MODEL_TYPES
+
+
 def weight_copies(device: str, dtype: torch.dtype, model_type: str) -> int:
     """How many copies of a model's weights scoring may hold in memory on `device` in `dtype`: 2 where
     `pack_linear_layers` may pack them (the packed copy beside the loaded weights; an upper bound, as
@@ -114,8 +122,7 @@ def pack_linear_layers(model: torch.nn.Module) -> int:
     whose linear weights take more than half the available RAM is left unpacked. The activations of
     `ACTIVATED` modules move into their packed layers as oneDNN post-ops.
     """
-    audited = type(model).__module__.startswith("transformers.models.")  # not remote code
-    if not available() or not audited or getattr(getattr(model, "config", None), "model_type", None) not in MODEL_TYPES:
+    if not available() or not audited(model):
         return 0
     layers = [
         (module, name, child)
