@@ -12,7 +12,7 @@ seconds (CPU seconds are what to compare on a shared machine) and peak memory of
   - every study as `tokendyn analyze` runs it (run, then write its results), in one process,
   - `tokendyn analyze` end to end in a child process at both sizes, each with its own peak memory,
     and what the second size added per (token, model); then the same with glibc's own malloc
-    thresholds (before `tokendyn.cli.memory` fixed them). Both sizes span several of the analyses'
+    thresholds (before `tokendyn.memory` fixed them). Both sizes span several of the analyses'
     chunks (whole checkpoints x about 0.5M tokens at 50 checkpoints), so the working memory is the
     same in both and the difference is the per-token results held until written (a few bytes per
     token and model), not the loss (100 bytes per token and model at 50 float16 checkpoints).
@@ -200,10 +200,9 @@ def per_study(ds: xr.Dataset, folder: Path, reference: float) -> list[str]:
     return ran
 
 
-# `tokendyn` with glibc's own malloc thresholds: the CLI without `tokendyn.cli.memory.return_freed_memory`.
+# `tokendyn` with glibc's own malloc thresholds: the CLI with `tokendyn.memory.use` doing nothing.
 GLIBC_DEFAULTS = (
-    "import sys, tokendyn.cli.analyze as a, tokendyn.cli;"
-    " a.return_freed_memory = lambda: False; sys.exit(tokendyn.cli.main())"
+    "import sys, tokendyn.memory, tokendyn.cli; tokendyn.memory.use = lambda _: False; sys.exit(tokendyn.cli.main())"
 )
 
 

@@ -20,7 +20,9 @@ each measure keeps its best, with the range of the scoring times beside it:
   - a plain transformers loop: one window per forward pass, full logits, log_softmax, gather,
   - the GEMM bound: every linear layer and the head timed alone at (positions x in) @ (in x out),
     the model's own shapes, in the run's dtype, by the faster of torch's linear and oneDNN's with a
-    packed weight (`tokendyn.models.onednn`, on x86 CPUs); a tool at 1.0 x bound spends its time only in those
+    packed weight (`tokendyn.models.onednn`, on x86 CPUs), all positions at once or (the head) in
+    tokendyn's chunks of rows, whichever is faster, with glibc's thresholds as in `tokendyn extract`
+    (`tokendyn.memory`); a tool at 1.0 x bound spends its time only in those
     matrix products (attention's own products, norms and the softmax are extra work). "x +attn" adds
     attention's two products to the bound: batched matmuls at the model's head shapes, the causal half,
   - with --inductor, tokendyn's scoring with the model body compiled by torch.compile's inductor with
@@ -330,8 +332,11 @@ def bound(args) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from tokendyn import memory
     from tokendyn.models import onednn
+    from tokendyn.models.extract import CHUNK_LOGITS
 
+    memory.use(memory.SCORING)  # glibc's thresholds as in `tokendyn extract`: outputs are not mapped afresh
     device, dtype = _device(), getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.dir, dtype=dtype)
     n_text = _n_tokens(args)
@@ -349,15 +354,20 @@ def bound(args) -> None:
         kernels = [linear]
         if device == "cpu" and onednn.supported(dtype):
             kernels.append(onednn.PackedLinear(linear))
+        # All positions at once and, for a wide output such as the head, in tokendyn's chunks of rows.
+        rows = sorted({positions, min(positions, max(1, CHUNK_LOGITS // n_out))})
         best = math.inf
         for kernel in kernels:
-            kernel(x)  # warm-up at full size (thread pool, allocator, oneDNN primitive for this shape)
-            for _ in range(2 if n_in * n_out < 2**24 else 1):
-                _sync()
-                started = time.perf_counter()
-                kernel(x)
-                _sync()
-                best = min(best, time.perf_counter() - started)
+            for step in rows:
+                chunks = [x[start : start + step] for start in range(0, positions, step)]
+                for repeat in range(3 if n_in * n_out < 2**24 else 2):  # the first is a warm-up
+                    _sync()
+                    started = time.perf_counter()
+                    for chunk in chunks:
+                        kernel(chunk)
+                    _sync()
+                    if repeat:
+                        best = min(best, time.perf_counter() - started)
         total += count * best
         flops += count * 2 * positions * n_in * n_out
     _emit(

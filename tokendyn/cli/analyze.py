@@ -11,7 +11,7 @@ import argparse
 import math
 from pathlib import Path
 
-from tokendyn.cli.memory import return_freed_memory
+from tokendyn import memory
 from tokendyn.cli.options import add_quiet, warn_if_damaged
 
 # option dest -> the (study, parameter) pairs it sets; the first one's default is shown in --help
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> None:
     from tokendyn.pipelines.analyze import analyze, default_folder
     from tokendyn.store import open_store
 
-    return_freed_memory()  # the peak stays flat in the number of tokens (tokendyn.cli.memory)
+    memory.use(memory.ANALYSIS)  # the peak stays flat in the number of tokens (tokendyn.memory)
     warn_if_damaged(args.store)
     ds = open_store(args.store, set=args.set)
     folder = args.out or default_folder(args.store, args.set)

@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from tokendyn import store
+from tokendyn import memory, store
 from tokendyn.cli.options import add_batch_options, add_model_options, count, model_options, seed_value, window
 from tokendyn.config.suite import EvalSet, load_suite, parse_set_table
 from tokendyn.errors import TokendynError
@@ -129,6 +129,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from tokendyn.models.extract import extract
 
+    memory.use(memory.SCORING)  # every batch's activations stay on the heap (tokendyn.memory)
     metrics = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
     if args.scheduler is not None and args.workers is not None:
         raise TokendynError("give --scheduler (an existing cluster) or --workers (a new local one), not both")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tokendyn import memory
 from tokendyn.cli.options import add_model_options, count, model_options, seed_value
 from tokendyn.errors import TokendynError
 
@@ -112,6 +113,7 @@ def run(args: argparse.Namespace) -> None:
     from tokendyn.models.generate import MIXTURES, check_out, generate, write_jsonl
 
     check_out(args.out)  # before any model loads
+    memory.use(memory.SCORING)  # as `tokendyn extract` (tokendyn.memory)
     small, small_step = parse_model(args.small)
     large, large_step = parse_model(args.large)
     mixtures = MIXTURES if args.mix is None else [parse_mixture(m) for m in args.mix]

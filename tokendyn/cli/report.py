@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tokendyn import memory
 from tokendyn.cli.analyze import StudyDefaults, add_study_options, comma_list, study_options
-from tokendyn.cli.memory import return_freed_memory
 from tokendyn.cli.options import add_quiet, warn_if_damaged
 
 
@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from tokendyn.pipelines.report import write_report
 
-    return_freed_memory()  # as `tokendyn analyze`: the studies' peak stays flat in the number of tokens
+    memory.use(memory.ANALYSIS)  # as `tokendyn analyze`: the studies' peak stays flat in the number of tokens
     warn_if_damaged(args.store)
     index = write_report(
         args.store, args.out, studies=args.studies, options=study_options(args), progress=not args.quiet, echo=print

@@ -6,6 +6,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+from tokendyn import memory
 from tokendyn.cli.options import add_batch_options, add_model_options, model_options, seed_value
 from tokendyn.data.tasks import DEFAULT_DELIMITER, DEFAULT_SEED, DEFAULT_SHOTS, read_task
 from tokendyn.errors import TokendynError
@@ -56,6 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from tokendyn.models.tasks import score_tasks
 
+    memory.use(memory.SCORING)  # as `tokendyn extract` (tokendyn.memory)
     if args.name is not None and len(args.tasks) > 1:
         raise TokendynError("--name names a single task; give one --task, or leave --name out")
     if args.max_items is not None and args.max_items < 2:

@@ -30,13 +30,15 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import zarr
 from tqdm.auto import tqdm
 
-from tokendyn import store
+from tokendyn import memory, store
 from tokendyn.config.suite import Checkpoint, Suite
 from tokendyn.data.corpus import ScoredSet
 from tokendyn.errors import TokendynError
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
 
 SCORE, FETCH = "score", "fetch"  # worker resources: scoring and downloading slots (one each per worker)
 SLOTS = {SCORE: 1, FETCH: 1}
+DASK_MALLOC = {"MALLOC_TRIM_THRESHOLD_": "65536"}  # the glibc setting distributed.nanny.pre-spawn-environ ships with
 
 
 class _TokenCounter:
@@ -168,9 +171,29 @@ def local_cluster(workers: int | None) -> LocalCluster:
     """A LocalCluster of `workers` processes (default: one per core), each with a scoring and a download slot."""
     from distributed import LocalCluster
 
-    return LocalCluster(
-        n_workers=workers, threads_per_worker=2, processes=True, dashboard_address=":0", resources=SLOTS
-    )
+    with _scoring_workers():
+        return LocalCluster(
+            n_workers=workers, threads_per_worker=2, processes=True, dashboard_address=":0", resources=SLOTS
+        )
+
+
+@contextmanager
+def _scoring_workers() -> Iterator[None]:
+    """Worker processes started in this block get glibc's `memory.SCORING` thresholds.
+
+    dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also fixes glibc's mmap
+    threshold at 128 KiB: every activation of every batch would be mapped and zeroed afresh
+    (`tokendyn.memory`). MALLOC_ settings the user put in that dask configuration are left alone.
+    """
+    import dask
+
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
+    malloc = {name: str(value) for name, value in environ.items() if name.startswith("MALLOC_")}
+    if malloc not in ({}, DASK_MALLOC):
+        yield
+        return
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ | memory.SCORING.environment()}):
+        yield
 
 
 def _gpu_cluster(workers: int | None):
@@ -181,10 +204,12 @@ def _gpu_cluster(workers: int | None):
         from dask_cuda import LocalCUDACluster
     except ImportError:
         count = workers or torch.cuda.device_count()
-        return LocalCluster(
-            n_workers=count, threads_per_worker=2, processes=True, dashboard_address=":0", resources=SLOTS
-        )
-    return LocalCUDACluster(n_workers=workers, threads_per_worker=2, dashboard_address=":0", resources=SLOTS)
+        with _scoring_workers():
+            return LocalCluster(
+                n_workers=count, threads_per_worker=2, processes=True, dashboard_address=":0", resources=SLOTS
+            )
+    with _scoring_workers():
+        return LocalCUDACluster(n_workers=workers, threads_per_worker=2, dashboard_address=":0", resources=SLOTS)
 
 
 def run_on_cluster(
