@@ -341,6 +341,7 @@ def bound(args) -> None:
     model = AutoModelForCausalLM.from_pretrained(args.dir, dtype=dtype)
     n_text = _n_tokens(args)
     positions = min(n_text, max(1, args.batch_tokens // (args.window + 1)) * args.window)
+    vocab = model.config.get_text_config().vocab_size
     shapes: dict[tuple[int, int], int] = {}
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
@@ -354,8 +355,8 @@ def bound(args) -> None:
         kernels = [linear]
         if device == "cpu" and onednn.supported(dtype):
             kernels.append(onednn.PackedLinear(linear))
-        # All positions at once and, for a wide output such as the head, in tokendyn's chunks of rows.
-        rows = sorted({positions, min(positions, max(1, CHUNK_LOGITS // n_out))})
+        # All positions at once and, for the head, also in tokendyn's chunks of rows (`token_scores`).
+        rows = sorted({positions, min(positions, max(1, CHUNK_LOGITS // n_out)) if n_out == vocab else positions})
         best = math.inf
         for kernel in kernels:
             for step in rows:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tokendyn import memory
 from tokendyn.cli.options import add_model_options, at_least_two, count, model_options, seed_value
 from tokendyn.data.tasks import DEFAULT_STOP
 
@@ -79,6 +80,7 @@ def run(args: argparse.Namespace) -> None:
     from tokendyn.models.sampling import read_generation_task, run_pass_until
     from tokendyn.store.passuntil import read_runs
 
+    memory.use(memory.SCORING)  # as `tokendyn extract` (tokendyn.memory)
     task = read_generation_task(args.task, args.name)
     out = run_pass_until(
         args.suite,

@@ -28,6 +28,7 @@ Hub checkpoints (a Hugging Face cache shared by the workers, e.g. HF_HOME on a s
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
 
 SCORE, FETCH = "score", "fetch"  # worker resources: scoring and downloading slots (one each per worker)
 SLOTS = {SCORE: 1, FETCH: 1}
-DASK_MALLOC = {"MALLOC_TRIM_THRESHOLD_": "65536"}  # the glibc setting distributed.nanny.pre-spawn-environ ships with
+PRE_SPAWN = "distributed.nanny.pre-spawn-environ"  # the environment dask's nanny starts its workers with
 
 
 class _TokenCounter:
@@ -168,7 +169,8 @@ def start_client(scheduler: str | None, workers: int | None, device: str) -> Cli
 
 
 def local_cluster(workers: int | None) -> LocalCluster:
-    """A LocalCluster of `workers` processes (default: one per core), each with a scoring and a download slot."""
+    """A LocalCluster of `workers` processes (default: one per core), each with a scoring and a download slot
+    and glibc's scoring thresholds (`_scoring_workers`)."""
     from distributed import LocalCluster
 
     with _scoring_workers():
@@ -179,21 +181,47 @@ def local_cluster(workers: int | None) -> LocalCluster:
 
 @contextmanager
 def _scoring_workers() -> Iterator[None]:
-    """Worker processes started in this block get glibc's `memory.SCORING` thresholds.
+    """Worker processes started in this block get glibc's `memory.SCORING` thresholds and one arena.
 
     dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also fixes glibc's mmap
     threshold at 128 KiB: every activation of every batch would be mapped and zeroed afresh
-    (`tokendyn.memory`). MALLOC_ settings the user put in that dask configuration are left alone.
+    (`tokendyn.memory`). Tasks run in a worker thread, whose own arena maps every block over 64 MiB
+    (a chunk of logits): MALLOC_ARENA_MAX=1 serves them from the heap too. Left alone: thresholds
+    the user set (environment or dask configuration), and a glibc that refuses them. The nanny
+    writes its workers' settings into this process's `os.environ`; those are put back afterwards.
     """
     import dask
 
-    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ"))
+    environ = dict(dask.config.get(PRE_SPAWN))
     malloc = {name: str(value) for name, value in environ.items() if name.startswith("MALLOC_")}
-    if malloc not in ({}, DASK_MALLOC):
+    if malloc not in ({}, _dask_default_malloc()) or memory.user_set() or not memory.accepted(memory.SCORING):
         yield
         return
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ | memory.SCORING.environment()}):
-        yield
+    # MALLOC_ variables this process did not start with were left by an earlier cluster's nanny; dask
+    # would prefer them to the configuration. One the user started with (MALLOC_ARENA_MAX) still wins.
+    start = memory.start_environment()
+    before = {name: value for name, value in os.environ.items() if name.startswith("MALLOC_")}
+    for name in before.keys() - start.keys():
+        del os.environ[name]
+    workers = environ | memory.SCORING.environment() | {"MALLOC_ARENA_MAX": "1"}
+    try:
+        with dask.config.set({PRE_SPAWN: workers}):
+            yield
+    finally:
+        for name in [name for name in os.environ if name.startswith("MALLOC_")]:
+            del os.environ[name]
+        os.environ.update(before)
+
+
+def _dask_default_malloc() -> dict[str, str]:
+    """The MALLOC_ settings in the pre-spawn environment that distributed ships with."""
+    import dask
+
+    for defaults in dask.config.defaults:
+        shipped = defaults.get("distributed", {}).get("nanny", {}).get("pre-spawn-environ")
+        if shipped is not None:
+            return {name: str(value) for name, value in shipped.items() if name.startswith("MALLOC_")}
+    return {}
 
 
 def _gpu_cluster(workers: int | None):
