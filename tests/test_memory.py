@@ -25,6 +25,7 @@ glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is
 scoring_accepted = pytest.mark.skipif(
     not memory.accepted(memory.SCORING), reason="this glibc caps the mmap threshold at 32 MiB"
 )
+WORKER_SETTINGS = (*memory.USER_SETTINGS, "MALLOC_ARENA_MAX")
 CHILD = """
 import json, sys
 sys.path.insert(0, {tests!r})
@@ -61,6 +62,7 @@ def test_analysis_maps_large_arrays_afresh():
 
 
 @glibc
+@scoring_accepted
 @pytest.mark.parametrize(
     "env",
     [
@@ -113,7 +115,10 @@ def test_the_other_scoring_commands_use_the_scoring_thresholds(command, tiny_sui
 
 @glibc
 @scoring_accepted
-@pytest.mark.skipif(memory.user_set(), reason="this test process started with glibc thresholds of the user's")
+@pytest.mark.skipif(
+    memory.user_set() or "MALLOC_ARENA_MAX" in memory.start_environment(),
+    reason="this test process started with glibc settings of the user's",
+)
 def test_workers_of_a_local_cluster_keep_activations_on_the_heap(monkeypatch):
     from distributed import Client
 
@@ -127,8 +132,31 @@ def test_workers_of_a_local_cluster_keep_activations_on_the_heap(monkeypatch):
         # In a task's thread, as scoring runs. The worker's other threads share the one arena and now and
         # then take the low end of a freed block, so the best of three runs: mapped afresh, none is near 0.
         runs = [client.submit(faults_per_allocation, pure=False).result() for _ in range(3)]
-    assert environ == memory.SCORING.environment() | {"MALLOC_ARENA_MAX": "1"}
+    assert {k: environ.get(k) for k in WORKER_SETTINGS} == memory.SCORING.environment() | {"MALLOC_ARENA_MAX": "1"}
     assert max(min(run[size] for run in runs) for size in runs[0]) < ON_HEAP
+
+
+def test_workers_get_the_scoring_settings_and_this_process_keeps_its_own(monkeypatch):
+    import dask
+
+    from tokendyn.models import distributed
+
+    monkeypatch.setattr(memory, "user_set", lambda: False)
+    monkeypatch.setattr(memory, "accepted", lambda thresholds: True)
+    monkeypatch.setattr(memory, "start_environment", lambda: {"MALLOC_ARENA_MAX": "4"})
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")  # the user's, from the start: dask lets it win
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")  # left by an earlier nanny: would override
+    monkeypatch.setenv("MALLOC_PERTURB_", "3")  # set at run time, not one of the workers' settings
+    with distributed._scoring_workers():
+        assert dask.config.get(distributed.PRE_SPAWN)["MALLOC_MMAP_THRESHOLD_"] == str(memory.SCORING.mmap)
+        assert "MALLOC_TRIM_THRESHOLD_" not in os.environ
+        assert os.environ["MALLOC_ARENA_MAX"] == "4" and os.environ["MALLOC_PERTURB_"] == "3"
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "1"  # what a nanny writes here when it starts a worker
+    assert {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")} == {
+        "MALLOC_ARENA_MAX": "4",
+        "MALLOC_TRIM_THRESHOLD_": "65536",
+        "MALLOC_PERTURB_": "3",
+    }
 
 
 def test_a_dask_configuration_of_the_user_is_kept():

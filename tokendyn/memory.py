@@ -11,7 +11,7 @@ opposite directions:
   freed, fit the next study's arrays of other sizes poorly, and the peak grew with the number of
   tokens (by 30-70 bytes per token and model, `benchmarks/analysis.py`). `ANALYSIS` maps and unmaps
   every array of 32 MiB or more and trims the heap once 32 MiB at its top are free.
-- Scoring (`tokendyn extract`, `generate`, `tasks`, `passuntil`, and the workers of a cluster
+- Scoring (`tokendyn extract`, `generate`, `tasks`, `passuntil`, and the CPU workers of a cluster
   tokendyn starts): every batch allocates the same activations again (one MLP activation of 8 x 512
   positions of SmolLM2-135M is 25 MB, a chunk of logits 64 MiB). Mapped afresh, or trimmed and grown
   back, their pages were faulted in and zeroed batch after batch. `SCORING` keeps blocks below
@@ -75,8 +75,10 @@ def start_environment() -> dict[str, str]:
         entries = Path("/proc/self/environ").read_bytes().split(b"\0")
     except OSError:
         return dict(os.environ)
-    pairs = (entry.decode(errors="replace").split("=", 1) for entry in entries if b"=" in entry)
-    return {name: value for name, value in pairs}
+    environ: dict[str, str] = {}
+    for name, value in (os.fsdecode(entry).split("=", 1) for entry in entries if b"=" in entry):
+        environ.setdefault(name, value)  # glibc reads the first of duplicates
+    return environ
 
 
 def user_set() -> bool:
@@ -107,4 +109,10 @@ def accepted(thresholds: Thresholds) -> bool:
         f"{thresholds.trim}) else 1)"
     )
     clean = {key: value for key, value in os.environ.items() if not key.startswith("MALLOC_")}
-    return subprocess.run([sys.executable, "-S", "-c", code], env=clean, check=False).returncode == 0
+    try:
+        done = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", code], env=clean, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+    except OSError:  # no interpreter to start (an embedded Python), or no process to spare
+        return False
+    return done.returncode == 0

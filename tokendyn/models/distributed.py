@@ -170,7 +170,7 @@ def start_client(scheduler: str | None, workers: int | None, device: str) -> Cli
 
 def local_cluster(workers: int | None) -> LocalCluster:
     """A LocalCluster of `workers` processes (default: one per core), each with a scoring and a download slot
-    and glibc's scoring thresholds (`_scoring_workers`)."""
+    and glibc's scoring thresholds (`_scoring_workers`; measured on CPUs, so GPU workers keep dask's)."""
     from distributed import LocalCluster
 
     with _scoring_workers():
@@ -187,8 +187,9 @@ def _scoring_workers() -> Iterator[None]:
     threshold at 128 KiB: every activation of every batch would be mapped and zeroed afresh
     (`tokendyn.memory`). Tasks run in a worker thread, whose own arena maps every block over 64 MiB
     (a chunk of logits): MALLOC_ARENA_MAX=1 serves them from the heap too. Left alone: thresholds
-    the user set (environment or dask configuration), and a glibc that refuses them. The nanny
-    writes its workers' settings into this process's `os.environ`; those are put back afterwards.
+    the user set (the environment this process started with, or dask's configuration), and a glibc
+    that refuses them. The nanny writes its workers' settings into this process's `os.environ`; they
+    are put back once the workers have started (a worker the nanny restarts writes them again).
     """
     import dask
 
@@ -197,14 +198,13 @@ def _scoring_workers() -> Iterator[None]:
     if malloc not in ({}, _dask_default_malloc()) or memory.user_set() or not memory.accepted(memory.SCORING):
         yield
         return
-    # MALLOC_ variables this process did not start with were left by an earlier cluster's nanny; dask
-    # would prefer them to the configuration. One the user started with (MALLOC_ARENA_MAX) still wins.
-    start = memory.start_environment()
-    before = {name: value for name, value in os.environ.items() if name.startswith("MALLOC_")}
-    for name in before.keys() - start.keys():
-        del os.environ[name]
     workers = environ | memory.SCORING.environment() | {"MALLOC_ARENA_MAX": "1"}
+    # dask prefers a variable of os.environ to the configuration's. One of these this process did not
+    # start with was left by an earlier cluster's nanny; one it started with (MALLOC_ARENA_MAX) still wins.
+    before = {name: value for name, value in os.environ.items() if name.startswith("MALLOC_")}
     try:
+        for name in (before.keys() - memory.start_environment().keys()) & workers.keys():
+            del os.environ[name]
         with dask.config.set({PRE_SPAWN: workers}):
             yield
     finally:
@@ -232,12 +232,10 @@ def _gpu_cluster(workers: int | None):
         from dask_cuda import LocalCUDACluster
     except ImportError:
         count = workers or torch.cuda.device_count()
-        with _scoring_workers():
-            return LocalCluster(
-                n_workers=count, threads_per_worker=2, processes=True, dashboard_address=":0", resources=SLOTS
-            )
-    with _scoring_workers():
-        return LocalCUDACluster(n_workers=workers, threads_per_worker=2, dashboard_address=":0", resources=SLOTS)
+        return LocalCluster(
+            n_workers=count, threads_per_worker=2, processes=True, dashboard_address=":0", resources=SLOTS
+        )
+    return LocalCUDACluster(n_workers=workers, threads_per_worker=2, dashboard_address=":0", resources=SLOTS)
 
 
 def run_on_cluster(
