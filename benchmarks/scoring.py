@@ -356,7 +356,7 @@ def bound(args) -> None:
         if device == "cpu" and onednn.supported(dtype):
             kernels.append(onednn.PackedLinear(linear))
         # All positions at once and, for the head, also in tokendyn's chunks of rows (`token_scores`).
-        rows = sorted({positions, min(positions, max(1, CHUNK_LOGITS // n_out)) if n_out == vocab else positions})
+        rows = [positions] if n_out != vocab else [positions, min(positions, max(1, CHUNK_LOGITS // vocab))]
         best = math.inf
         for kernel in kernels:
             for step in rows:
