@@ -233,12 +233,12 @@ def test_weights_fingerprint_in_background(ckpts, monkeypatch):
     """The background hash equals the foreground one, runs off the calling thread, and still tells copies apart."""
     import threading
 
-    from tokendyn.models import checkpoints
+    from tokendyn.models import fingerprint
 
     root, _ = ckpts
     threads = []
-    real = checkpoints._sha256
-    monkeypatch.setattr(checkpoints, "_sha256", lambda f: threads.append(threading.get_ident()) or real(f))
+    real = fingerprint._sha256
+    monkeypatch.setattr(fingerprint, "_sha256", lambda f: threads.append(threading.get_ident()) or real(f))
     futures = {n: weights_fingerprint_async(local(root / n)) for n in ("neox0", "neox0_again", "neox1")}
     digests = {n: f.result(timeout=60) for n, f in futures.items()}
     assert digests["neox0"] == digests["neox0_again"] == weights_fingerprint(local(root / "neox0"))

@@ -15,6 +15,7 @@ import zarr
 import tokendyn.models.extract as extract_module
 from conftest import SAMPLE_TEXT, build_tokenizer, save_checkpoint, write_suite
 from tokendyn.errors import TokendynError
+from tokendyn.models import fingerprint
 from tokendyn.models.extract import extract
 
 COMPARED = (
@@ -170,9 +171,9 @@ def test_a_scored_checkpoint_with_other_weights_is_refused(tmp_path, monkeypatch
         return tmp_path / "moved.toml"
 
     read = []
-    real = extract_module.checkpoints._sha256
+    real = fingerprint._sha256
     monkeypatch.setattr(
-        extract_module.checkpoints,
+        fingerprint,
         "_sha256",
         lambda file: (file.suffix == ".safetensors" and read.append(file.parent.name)) or real(file),
     )

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from tokendyn import memory, store
 from tokendyn.cli.options import add_batch_options, add_model_options, count, model_options, seed_value, window
-from tokendyn.config.suite import EvalSet, load_suite, parse_set_table
+from tokendyn.config.suite import EvalSet, Suite, load_suite, parse_set_table
 from tokendyn.errors import TokendynError
+from tokendyn.models import fingerprint
 
 # --model without --seq-len: windows of the model's context, capped here (long windows cost memory)
 QUICK_SEQ_LEN = 1024
@@ -127,13 +128,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from tokendyn.models.extract import extract
-
     memory.use(memory.SCORING)  # every batch's activations stay on the heap (tokendyn.memory)
     metrics = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
     if args.scheduler is not None and args.workers is not None:
         raise TokendynError("give --scheduler (an existing cluster) or --workers (a new local one), not both")
     suite, written, restore = _suite_argument(args)
+    from tokendyn.models.extract import extract  # torch and transformers: after `_hash_ahead`
+
     before = _stamp(args.out)
     try:
         extra_sets = []
@@ -165,6 +166,16 @@ def run(args: argparse.Namespace) -> None:
     print(f"{done}: {out}  (inspect with: tokendyn info {out})")
 
 
+def _hash_ahead(suite: Suite, args: argparse.Namespace) -> None:
+    """Start hashing the weights of the suite's first checkpoint before torch and transformers are imported
+    (`fingerprint.hash_ahead`: free on the idle core, where a later hash slowed packing or scoring), when it is
+    the first this process scores: a local folder (a hub blob is named by its hash), a new store (a store being
+    resumed has it scored already) and no cluster (its workers hash what they score)."""
+    first = suite.models[0].checkpoints[0]
+    if first.path is not None and not args.out.exists() and args.scheduler is None and args.workers is None:
+        fingerprint.hash_ahead(first.path)
+
+
 def _stamp(store: Path) -> int | None:
     """When the store's root metadata last changed: every commit and repair rewrites it."""
     try:
@@ -183,15 +194,18 @@ def _suite_argument(args: argparse.Namespace) -> tuple[Path, str | None, Callabl
             raise TokendynError("--seq-len applies only with --model; set seq_len in the suite file's [eval] table")
         if args.tokenizer is not None:
             raise TokendynError("--tokenizer applies only with --model; set tokenizer in the suite file's [eval] table")
+        _hash_ahead(load_suite(args.suite), args)
         return args.suite, None, lambda: None
     from tokendyn.config.quick import quick_suite, restore_generated, write_generated
     from tokendyn.config.suite import parse_suite
 
     suite = quick_suite(args.models, args.texts, args.seq_len or QUICK_SEQ_LEN, args.tokenizer)
+    parsed = parse_suite(suite, base=Path.cwd())
+    _hash_ahead(parsed, args)
     if args.seq_len is None:
         from tokendyn.models.checkpoints import context_length
 
-        first = parse_suite(suite, base=Path.cwd()).models[0].checkpoints[0]
+        first = parsed.models[0].checkpoints[0]
         suite["eval"]["seq_len"] = min(QUICK_SEQ_LEN, context_length(first) or QUICK_SEQ_LEN)
     path, previous = write_generated(args.out, suite)
     written = f"suite written: {path}"

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import pickle
-import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,12 +31,13 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 
 from tokendyn.atomic import write_atomically
 from tokendyn.config.discover import TOKENIZER_FILES, has_tokenizer_files
 from tokendyn.config.suite import Checkpoint, Suite
 from tokendyn.errors import TokendynError
+from tokendyn.models import fingerprint
+from tokendyn.models.fingerprint import PICKLE_FORMAT, SAFE_WEIGHTS_NAME, SAFETENSORS_FORMAT, WEIGHTS_NAME, weight_files
 
 # What to fetch from the hub: config, tokenizer and shard-index files, then the weights.
 META_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.py"]  # *.py: run only with --trust-remote-code
@@ -46,11 +46,9 @@ META_PATTERNS = ["*.json", "*.txt", "*.model", "*.tiktoken", "*.py"]  # *.py: ru
 SAFETENSORS_PATTERNS = [SAFE_WEIGHTS_NAME, "model-*-of-*.safetensors"]
 PICKLE_PATTERNS = [WEIGHTS_NAME, "pytorch_model-*-of-*.bin"]
 # The weights of a checkpoint folder are the files transformers' from_pretrained reads, per format (single
-# file, shard index): safetensors, then pickle (loading pickle can run arbitrary code). Nothing else is
-# weights: a Trainer's optimizer.pt, scheduler.pt, rng_state.pth and training_args.bin are neither loaded,
-# hashed nor refused, and a bare *.pt or *.ckpt is no checkpoint from_pretrained can load.
-SAFETENSORS_FORMAT = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME)
-PICKLE_FORMAT = (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+# file, shard index; `fingerprint.weight_files`): safetensors, then pickle (loading pickle can run arbitrary
+# code). Nothing else is weights: a Trainer's optimizer.pt, scheduler.pt, rng_state.pth and training_args.bin
+# are neither loaded, hashed nor refused, and a bare *.pt or *.ckpt is no checkpoint from_pretrained can load.
 CONTEXT_ATTRIBUTES = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
 
 
@@ -117,31 +115,6 @@ def _not_cached(ckpt: Checkpoint) -> TokendynError:
         f"{hub_constants.HF_HUB_CACHE} and {offline}; download it with network access, "
         "or point HF_HOME / HF_HUB_CACHE at a cache that has this revision"
     )
-
-
-def weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(safetensors files, pickle files) of a checkpoint directory that transformers' from_pretrained
-    reads: model.safetensors, else the shards model.safetensors.index.json lists; pytorch_model.bin,
-    else the shards pytorch_model.bin.index.json lists. Only those on disk, each sorted by name."""
-    safetensors, pickled = (
-        [folder / name for name in _format_files(folder, *names) if (folder / name).is_file()]
-        for names in (SAFETENSORS_FORMAT, PICKLE_FORMAT)
-    )
-    return safetensors, pickled
-
-
-def _format_files(folder: Path, single: str, index: str) -> list[str]:
-    """The names from_pretrained reads for one format, present or not: `single` if the folder has it,
-    else the shards `index` lists (as transformers' get_checkpoint_shard_files), else none."""
-    if (folder / single).is_file():
-        return [single]
-    path = folder / index
-    if not path.is_file():
-        return []
-    try:
-        return sorted(set(json.loads(path.read_text())["weight_map"].values()))
-    except (OSError, ValueError, KeyError, AttributeError, TypeError) as err:
-        raise TokendynError(f"unreadable {path} ({err}); re-save or re-download the checkpoint") from err
 
 
 def _weights_to_load(ckpt: Checkpoint, folder: Path, allow_pickle: bool) -> list[Path]:
@@ -255,7 +228,7 @@ def check_local_weights(ckpt: Checkpoint, allow_pickle: bool) -> None:
 def _missing_shards(folder: Path, safetensors: bool) -> tuple[list[str], int]:
     """(the weight files of one format that from_pretrained would read but the folder lacks, how many it would
     read): shards its index lists. safetensors: that format, else pickle."""
-    names = _format_files(folder, *(SAFETENSORS_FORMAT if safetensors else PICKLE_FORMAT))
+    names = fingerprint.format_files(folder, *(SAFETENSORS_FORMAT if safetensors else PICKLE_FORMAT))
     return [name for name in names if not (folder / name).is_file()], len(names)
 
 
@@ -341,7 +314,7 @@ def check_tokenizers(suite: Suite, trust_remote_code: bool = False) -> str:
             if not has_tokenizer_files(folder) and ckpt.path is not None and has_tokenizer_files(folder.parent):
                 own, label = folder.parent, f"{folder.parent} (the run folder of {_label(ckpt)})"
             if has_tokenizer_files(own):
-                digest = _files_digest([own / name for name in TOKENIZER_FILES if (own / name).is_file()])
+                digest = fingerprint.digest([own / name for name in TOKENIZER_FILES if (own / name).is_file()])
                 if digest not in fingerprints:
                     fingerprints[digest] = tokenizer_fingerprint(_load_tokenizer(own, label, trust_remote_code))
                 if fingerprints[digest] != expected:
@@ -363,25 +336,6 @@ def _config_vocab_size(config: dict) -> int | None:
     return size if isinstance(size, int) else None
 
 
-def _files_digest(files: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(f"{file.name}:{_sha256(file)}\n".encode())
-    return digest.hexdigest()
-
-
-def _sha256(file: Path) -> str:
-    target = file.resolve()
-    # The hub cache names each LFS blob by the sha256 of its content: no need to read gigabytes.
-    if target.parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", target.name):
-        return target.name
-    digest = hashlib.sha256()
-    with open(target, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def weights_fingerprint(ckpt: Checkpoint, allow_pickle: bool = False) -> str:
     """sha256 over the weight files' names and bytes (the files `load_model` would read).
 
@@ -389,8 +343,8 @@ def weights_fingerprint(ckpt: Checkpoint, allow_pickle: bool = False) -> str:
     """
     folder = resolve(ckpt, weights=True, allow_pickle=allow_pickle)
     files = _weights_to_load(ckpt, folder, allow_pickle=True)
-    before = _stats(files)
-    digest = _files_digest(files)
+    before = fingerprint.identities(files)
+    digest = fingerprint.digest(files)
     if ckpt.path is not None:  # a later run's check (`weights_match`) need not read them again
         _remember(files, before, digest)
     return digest
@@ -403,7 +357,6 @@ def has_weights(ckpt: Checkpoint) -> bool:
 
 HASH_CACHE = "TOKENDYN_HASH_CACHE"  # environment variable: where `weights_match` remembers verified files
 HASH_CACHE_ENTRIES = 10_000
-IDENTITY_FIELDS = ("st_dev", "st_ino", "st_size", "st_mtime_ns", "st_ctime_ns")
 
 
 def weights_match(ckpt: Checkpoint, expected: str) -> bool:
@@ -418,18 +371,14 @@ def weights_match(ckpt: Checkpoint, expected: str) -> bool:
     """
     folder = Path(str(ckpt.path))
     files = _weights_to_load(ckpt, folder, allow_pickle=True)
-    before = _stats(files)
+    before = fingerprint.identities(files)
     if _identity(before, expected) in _read_hash_cache():
         return True
     earlier = _earlier_weight_files(folder)
-    if _files_digest(files) != expected and (earlier == files or _files_digest(earlier) != expected):
+    if fingerprint.digest(files) != expected and (earlier == files or fingerprint.digest(earlier) != expected):
         return False  # (the earlier rule read the same files for most checkpoints: not read twice)
     _remember(files, before, expected)
     return True
-
-
-def _stats(files: list[Path]) -> list:
-    return [(str(f.absolute()), *(getattr(f.stat(), name) for name in IDENTITY_FIELDS)) for f in files]
 
 
 def _identity(stats: list, digest: str) -> str:
@@ -438,7 +387,7 @@ def _identity(stats: list, digest: str) -> str:
 
 def _remember(files: list[Path], before: list, digest: str) -> None:
     """Record that the files with identities `before` hash to `digest`, if they did not change while read."""
-    if _stats(files) == before:
+    if fingerprint.identities(files) == before:
         cache = _read_hash_cache()
         cache[_identity(before, digest)] = True
         _write_hash_cache(dict(list(cache.items())[-HASH_CACHE_ENTRIES:]))
@@ -474,8 +423,9 @@ def weights_fingerprint_async(ckpt: Checkpoint, allow_pickle: bool = False) -> F
     """`weights_fingerprint` computed in a background thread; `.result()` waits for it.
 
     Hashing a local checkpoint reads every weight byte (about a second per GB); hashlib releases the
-    GIL on large blocks, so the hash overlaps with scoring instead of delaying its start. Hub
-    checkpoints cost nothing either way: their blobs are named by their sha256.
+    GIL on large blocks, so the hash overlaps with scoring instead of delaying its start, or takes the
+    hash `fingerprint.hash_ahead` began during the command's imports. Hub checkpoints cost nothing
+    either way: their blobs are named by their sha256.
     """
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokendyn-fingerprint")
     future = pool.submit(weights_fingerprint, ckpt, allow_pickle)

@@ -568,7 +568,8 @@ def score_checkpoint(
     )
     onednn.pack_linear_layers(model)  # on x86 CPUs: forward plus head 3-16% faster (tokendyn.models.onednn)
     attention.use_query_blocks(model)  # on CPU, windows of 65-512: 2-8% faster (tokendyn.models.attention)
-    weights_hash = checkpoints.weights_fingerprint_async(ckpt, allow_pickle)  # overlaps with the scoring below
+    # overlaps with the scoring below, or takes the hash begun while torch imported (tokendyn.models.fingerprint)
+    weights_hash = checkpoints.weights_fingerprint_async(ckpt, allow_pickle)
     store_dtype = root.attrs["store_dtype"]
     done, refused = [], {}
     for name in sorted(sets, key=lambda n: n == "main"):  # main last: its flag follows val_ppl
