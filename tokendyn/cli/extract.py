@@ -170,7 +170,7 @@ def _hash_ahead(suite: Suite, args: argparse.Namespace) -> None:
     """Start hashing the weights of the suite's first checkpoint before torch and transformers are imported
     (`fingerprint.hash_ahead`: free on the idle core, where a later hash slowed packing or scoring), when it is
     the first this process scores: a local folder (a hub blob is named by its hash), a new store (a store being
-    resumed has it scored already) and no cluster (its workers hash what they score)."""
+    resumed or grown has mostly scored it) and no cluster (its workers hash what they score)."""
     first = suite.models[0].checkpoints[0]
     if first.path is not None and not args.out.exists() and args.scheduler is None and args.workers is None:
         fingerprint.hash_ahead(first.path)
