@@ -81,9 +81,9 @@ def test_shards_in_index_order_and_folders_without_weights(tmp_path):
 
     (tmp_path / "garbled").mkdir()
     (tmp_path / "garbled" / "model.safetensors.index.json").write_text("{")
+    (tmp_path / "nothing").mkdir()
     before = dict(fingerprint._ahead)
     for empty in (tmp_path / "nothing", tmp_path / "garbled", tmp_path / "missing"):
-        (tmp_path / "nothing").mkdir(exist_ok=True)
         fingerprint.hash_ahead(empty)  # no error here: the command reports it where it checks the checkpoint
     assert fingerprint._ahead == before
 
