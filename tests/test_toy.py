@@ -276,6 +276,29 @@ def test_training_takes_more_threads_from_a_fixed_step(small_world, tmp_path):
     assert torch.get_num_threads() == before
 
 
+def test_training_progress_ends_at_its_total(small_world, tmp_path, monkeypatch):
+    """The training bar, weighted by each size's step cost, ends exactly at its total: costs whose
+    sum over all steps is no round number once made it stop short of 100% or overshoot it."""
+    _, train_docs, tokenizer = small_world
+    tokens = token_stream([d["text"] for d in train_docs[:20]], tokenizer, 32)
+    cfg = TrainConfig(batch_size=4, warmup_steps=2, log_checkpoints=2, linear_checkpoints=1)
+    sizes = {name: dataclasses.asdict(ModelSize(hidden=8, layers=1, heads=1, lr=1e-2)) for name in ("a", "b")}
+    costs = iter([0.01234, 0.04321])
+    monkeypatch.setattr(toy_build, "step_seconds", lambda *args: next(costs))
+    monkeypatch.setattr(toy_build, "PARALLEL_MIN_SECONDS", math.inf)
+    bars = []
+
+    class Recorded(toy_build.tqdm):
+        def close(self):
+            if not self.disable:  # tqdm closes a bar again when it is collected
+                bars.append((self.n, self.total))
+            super().close()
+
+    monkeypatch.setattr(toy_build, "tqdm", Recorded)
+    toy_build.train_sizes(sizes, tokens, tokenizer, cfg, tmp_path, 0, 1, True)
+    assert len(bars) == 1 and bars[0][0] == bars[0][1] > 0
+
+
 @pytest.mark.slow
 def test_parallel_training_equals_sequential(small_world, tmp_path, monkeypatch):
     """Sizes trained in spawned processes give the same weights as in this process (a size switching to more

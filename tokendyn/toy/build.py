@@ -260,17 +260,20 @@ def train_sizes(
     cost = {name: step_seconds(ModelSize(**size), tokens, tokenizer, cfg) for name, size in sizes.items()}
     workers = min(len(sizes), os.cpu_count() or 1)
     parallel = workers > 1 and steps * sum(cost.values()) > PARALLEL_MIN_SECONDS
+    # whole milliseconds per step, so the updates add up to the total exactly (float seconds overshot
+    # or fell short of a rounded total, and tqdm warned or stopped short of 100%)
+    weight = {name: max(1, round(1000 * seconds)) for name, seconds in cost.items()}
     with tqdm(
-        total=round(steps * sum(cost.values()), 1),
+        total=steps * sum(weight.values()),
         disable=not progress,
-        unit="s",
+        unit="ms",
         smoothing=0,  # rate since the start: the two processes' reports arrive in bursts
         bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}",
         desc=f"training toy suite ({workers if parallel else 1} process{'es' if parallel else ''})",
     ) as bar:
 
         def report(name: str, n_steps: int, loss: float) -> None:
-            bar.update(n_steps * cost[name])
+            bar.update(n_steps * weight[name])
             bar.set_postfix(model=name, loss=f"{loss:.3f}", refresh=False)
 
         if not parallel:
