@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> None:
 
 def _hash_ahead(suite: Suite, args: argparse.Namespace) -> None:
     """Start hashing the weights of the suite's first checkpoint before torch and transformers are imported
-    (`fingerprint.hash_ahead`: free on the idle core, where a later hash slowed packing or scoring), when it is
+    (`fingerprint.hash_ahead`: mostly on the core the imports leave idle; a small measured gain), when it is
     the first this process scores: a local folder (a hub blob is named by its hash), a new store (a store being
     resumed or grown has mostly scored it) and no cluster (its workers hash what they score)."""
     first = suite.models[0].checkpoints[0]
