@@ -5,7 +5,8 @@
 
 Random-init models with the configs of SmolLM2-135M (Llama) and Pythia-160M (GPT-NeoX), written
 here (no hub access), score the same ~`--tokens` tokens of real English text (this repository's
-docs, tokenized by a byte-level BPE trained on them) in lm-eval's rolling windows of `--window`
+docs, tokenized by a byte-level BPE trained on them, repeated when `--tokens` asks for more than their
+~37,000 tokens) in lm-eval's rolling windows of `--window`
 (one prefix token, stride = window, no padding). Every tool runs in its own fresh process, so
 start-up (imports, loading the model, tokenizing, hashing weights, writing the store) is counted
 the same way for all; each row prints wall seconds with and without start-up, CPU seconds, and the
@@ -313,6 +314,8 @@ def prepare(args) -> None:
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator([text], trainers.BpeTrainer(vocab_size=BPE_VOCAB, special_tokens=["<|endoftext|>"]))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    copies = max(1, -(-args.tokens // len(bpe.encode(text).ids)))  # the docs hold ~37,000 tokens: repeated beyond that
+    text = "\n\n".join([text] * copies)
     encoding = bpe.encode(text)
     cut = encoding.offsets[min(args.tokens, len(encoding.ids)) - 1][1]
     (args.dir / "text.txt").write_text(text[:cut], encoding="utf-8")
