@@ -67,6 +67,26 @@ def test_changed_file_is_read_again(tmp_path, monkeypatch):
     assert reads == ["MainThread"]
 
 
+def test_failed_hash_ahead_is_read_again(tmp_path, monkeypatch):
+    """Any failure in the background thread, not only an OSError, ends the wait: `digest` then reads
+    the files itself instead of waiting forever on a result that never comes."""
+    files = weights_folder(tmp_path / "ckpt")
+    real = fingerprint._sha256
+
+    def fails_in_background(file: Path) -> str:
+        if threading.current_thread().name == "tokendyn-hash-ahead":
+            raise RuntimeError("not an OSError")
+        return real(file)
+
+    monkeypatch.setattr(fingerprint, "_sha256", fails_in_background)
+    fingerprint.hash_ahead(tmp_path / "ckpt")
+    result: list[str] = []
+    waiting = threading.Thread(target=lambda: result.append(fingerprint.digest(files)), daemon=True)
+    waiting.start()
+    waiting.join(timeout=30)
+    assert result == [expected_digest(files)]
+
+
 def test_shards_in_index_order_and_folders_without_weights(tmp_path):
     folder = tmp_path / "sharded"
     folder.mkdir()
